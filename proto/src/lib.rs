@@ -1,0 +1,9 @@
+//! The `telemetry.v1` protocol: the device gateway (`DeviceGateway.Connect`, one
+//! bidirectional stream per device) and the operator API (`Operator`).
+//!
+//! Everything here is generated from `proto/telemetry/v1/telemetry.proto`;
+//! that file is the public contract and documents every field.
+
+pub mod v1 {
+    tonic::include_proto!("telemetry.v1");
+}
