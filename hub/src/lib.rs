@@ -1,1 +1,34 @@
-pub fn x(){}
+//! telemetry-hub: devices stream readings in, the hub stores them and acks.
+//!
+//! ```text
+//! device ══Connect (bidi gRPC)══▶ grpc::session ──checked batches──▶ ingest queue (bounded)
+//!    ▲                                 │                                   │
+//!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task, group commit)
+//!                                                                          │
+//! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ──▶ query ──▶ store (SQLite, WAL)
+//! ```
+//!
+//! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
+//! - [`config`]: layered typed settings.
+//! - [`grpc`]: tonic services; the only protobuf <-> domain conversion.
+//!   [`grpc::session`] runs one device stream (reader loop + ack task).
+//! - [`registry`]: one live stream per device; a newer one takes over.
+//! - [`ingest`]: bounded queue -> single batching writer -> acks after commit.
+//! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
+//! - [`query`]: paged, merged or bucketed reading queries.
+//! - [`app`]: wires it all, owns the tasks and the shutdown order.
+//! - [`cli`]: the operator subcommands (gRPC clients) and the demo.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod ingest;
+pub mod metrics;
+pub mod query;
+pub mod registry;
+pub mod store;
+
+pub use app::Hub;
+pub use config::Settings;

@@ -1,0 +1,215 @@
+//! Builds the hub, spawns its tasks and owns shutdown. The only place that
+//! wires components together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use telemetry_proto::v1::{device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Settings;
+use crate::grpc::session::SessionContext;
+use crate::grpc::{DeviceGatewayService, OperatorService};
+use crate::ingest::{self, IngestQueue, Writer, WriterSettings};
+use crate::metrics::HubMetrics;
+use crate::registry::SessionRegistry;
+use crate::store::{self, Store};
+
+/// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
+/// cleanly; call `shutdown`.
+pub struct Hub {
+    addr: SocketAddr,
+    settings: Settings,
+    metrics: Arc<HubMetrics>,
+    ingest: IngestQueue,
+    registry: Arc<SessionRegistry>,
+    store: Store,
+    tracker: TaskTracker,
+    sessions_stop: CancellationToken,
+    server_stop: CancellationToken,
+    writer_stop: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: JoinHandle<()>,
+}
+
+impl Hub {
+    /// Opens the store, starts the writer and the gRPC server; returns once
+    /// the server is listening.
+    pub async fn start(settings: Settings) -> anyhow::Result<Hub> {
+        settings.validate()?;
+        let (store, store_writer) = store::open(&settings.storage).await.with_context(|| {
+            format!("cannot open the database {}", settings.storage.path.display())
+        })?;
+        let metrics = HubMetrics::new();
+        let registry = SessionRegistry::new();
+        let tracker = TaskTracker::new();
+
+        let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
+        let writer = Writer::new(
+            store_writer,
+            queue_rx,
+            WriterSettings {
+                max_batch_rows: settings.ingest.max_batch_rows,
+                max_batch_delay: settings.ingest.max_batch_delay,
+                max_sensors: settings.ingest.max_sensors,
+            },
+            Arc::clone(&metrics),
+        );
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(writer.run(writer_stop.clone()));
+
+        let sessions_stop = CancellationToken::new();
+        let server_settings = &settings.server;
+        let ctx = Arc::new(SessionContext {
+            ingest: ingest.clone(),
+            registry: Arc::clone(&registry),
+            metrics: Arc::clone(&metrics),
+            tracker: tracker.clone(),
+            shutdown: sessions_stop.clone(),
+            max_batch: server_settings.max_batch,
+            max_message_bytes: server_settings.max_message_bytes,
+            hello_timeout: server_settings.hello_timeout,
+            drain_timeout: server_settings.drain_timeout,
+            max_clock_skew: settings.ingest.max_clock_skew,
+        });
+        let gateway = DeviceGatewayServer::new(DeviceGatewayService::new(
+            Arc::clone(&ctx),
+            server_settings.outbound_buffer,
+        ))
+        .max_decoding_message_size(server_settings.max_message_bytes);
+        let operator = OperatorServer::new(OperatorService {
+            store: store.clone(),
+            ctx,
+        });
+
+        let listener = tokio::net::TcpListener::bind(server_settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
+        let addr = listener.local_addr()?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server_stop = CancellationToken::new();
+        let server = tokio::spawn(
+            Server::builder()
+                .http2_keepalive_interval(Some(server_settings.keepalive))
+                .http2_keepalive_timeout(Some(server_settings.keepalive))
+                .tcp_keepalive(Some(server_settings.keepalive))
+                .max_concurrent_streams(server_settings.max_concurrent_streams)
+                .add_service(gateway)
+                .add_service(operator)
+                .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),
+        );
+        tracing::info!("listening on {addr}");
+        Ok(Hub {
+            addr,
+            settings,
+            metrics,
+            ingest,
+            registry,
+            store,
+            tracker,
+            sessions_stop,
+            server_stop,
+            writer_stop,
+            server,
+            writer,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<HubMetrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Arc<SessionRegistry> {
+        &self.registry
+    }
+
+    pub fn ingest_queue_depth(&self) -> usize {
+        self.ingest.depth()
+    }
+
+    /// Serves until SIGINT or SIGTERM (or until the server fails), then
+    /// shuts down gracefully.
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            signal = shutdown_signal() => {
+                signal?;
+                tracing::info!("signal received");
+            }
+            result = &mut self.server => {
+                tracing::error!("the gRPC server stopped by itself");
+                result.context("server task")?.context("gRPC server")?;
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Graceful shutdown, bounded by `server.shutdown_timeout`: stop
+    /// accepting, let sessions flush their acks and end, commit what is
+    /// queued, close the database.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.settings.server.shutdown_timeout;
+        tracing::info!("shutting down");
+        self.server_stop.cancel();
+        self.sessions_stop.cancel();
+        self.tracker.close();
+        // Sessions wait for their last commits: the writer still runs here.
+        if timeout_at(deadline, self.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "streams and queries did not end within the shutdown timeout"
+            );
+        }
+        self.writer_stop.cancel();
+        let mut server = self.server;
+        match timeout_at(deadline, &mut server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("connections still open at the shutdown timeout; closing them");
+                server.abort();
+            }
+        }
+        drop(self.ingest);
+        let mut writer = self.writer;
+        if timeout_at(deadline, &mut writer).await.is_err() {
+            writer.abort();
+            anyhow::bail!("the writer did not finish within the shutdown timeout");
+        }
+        self.store.close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}

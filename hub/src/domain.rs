@@ -1,0 +1,253 @@
+//! Plain types of the hub. Depends on nothing else in the crate.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Longest device id and sensor name accepted, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// A device's external id: 1 to 64 characters of `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceIdError {
+    #[error("device_id must not be empty")]
+    Empty,
+    #[error("device_id is longer than {MAX_ID_LEN} characters")]
+    TooLong,
+    #[error("device_id may only contain A-Z a-z 0-9 . _ : - (found {0:?})")]
+    BadChar(char),
+}
+
+impl DeviceId {
+    pub fn parse(raw: &str) -> Result<Self, DeviceIdError> {
+        if raw.is_empty() {
+            return Err(DeviceIdError::Empty);
+        }
+        if raw.len() > MAX_ID_LEN {
+            return Err(DeviceIdError::TooLong);
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        {
+            return Err(DeviceIdError::BadChar(bad));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The integer key of a registered device in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceKey(pub i64);
+
+/// The integer key of a sensor name in the sensor dictionary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SensorKey(pub i64);
+
+/// What a device says about itself in Hello.
+#[derive(Debug, Clone)]
+pub struct DeviceHello {
+    pub device_id: DeviceId,
+    pub firmware: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One sample of one sensor, as sent by a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub seq: u64,
+    pub sensor: String,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// Why a reading is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("seq must be between 1 and 2^63-1")]
+    SeqOutOfRange,
+    #[error("sensor name is empty")]
+    EmptySensor,
+    #[error("sensor name is longer than {MAX_ID_LEN} bytes")]
+    SensorTooLong,
+    #[error("value is NaN or infinite")]
+    NotFinite,
+    #[error("timestamp is too far in the future")]
+    FromTheFuture,
+}
+
+impl Reading {
+    /// Checks a reading against the hub's rules; `latest_ts_ms` is now plus
+    /// the allowed clock skew.
+    pub fn check(&self, latest_ts_ms: i64) -> Result<(), RejectReason> {
+        if self.seq == 0 || self.seq > i64::MAX as u64 {
+            Err(RejectReason::SeqOutOfRange)
+        } else if self.sensor.is_empty() {
+            Err(RejectReason::EmptySensor)
+        } else if self.sensor.len() > MAX_ID_LEN {
+            Err(RejectReason::SensorTooLong)
+        } else if !self.value.is_finite() {
+            Err(RejectReason::NotFinite)
+        } else if self.ts_ms > latest_ts_ms {
+            Err(RejectReason::FromTheFuture)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A reading after the session checked it. Rejected readings still carry
+/// their seq: the device's high-water mark moves past them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckedReading {
+    Valid(Reading),
+    Rejected { seq: u64 },
+}
+
+impl CheckedReading {
+    pub fn seq(&self) -> u64 {
+        match self {
+            CheckedReading::Valid(r) => r.seq,
+            CheckedReading::Rejected { seq } => *seq,
+        }
+    }
+}
+
+/// A registered device as stored.
+#[derive(Debug, Clone)]
+pub struct DeviceRecord {
+    pub key: DeviceKey,
+    pub device_id: String,
+    pub firmware: String,
+    pub labels: BTreeMap<String, String>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub acked_seq: u64,
+    pub readings: u64,
+}
+
+/// One stored reading as returned by a query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReading {
+    pub sensor: String,
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// A per-bucket aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Aggregate {
+    Avg,
+    Min,
+    Max,
+    Count,
+    Sum,
+    First,
+    Last,
+}
+
+/// What a query asks for.
+#[derive(Debug, Clone)]
+pub struct ReadingQuery {
+    pub device: DeviceKey,
+    pub device_id: String,
+    pub sensor: Option<String>,
+    /// Inclusive.
+    pub since_ms: Option<i64>,
+    /// Exclusive.
+    pub until_ms: Option<i64>,
+    /// 0 = no limit.
+    pub limit: u64,
+    /// Some(width) for time buckets aligned to the epoch.
+    pub bucket_ms: Option<i64>,
+}
+
+/// Aggregates of one sensor over one time bucket. All of them are computed;
+/// the caller shows the ones asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    pub sensor: String,
+    pub start_ms: i64,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub first: f64,
+    pub last: f64,
+}
+
+impl Bucket {
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids() {
+        assert!(DeviceId::parse("sim-00001").is_ok());
+        assert!(DeviceId::parse("a.b_c:d-E9").is_ok());
+        assert_eq!(DeviceId::parse(""), Err(DeviceIdError::Empty));
+        assert_eq!(DeviceId::parse("a b"), Err(DeviceIdError::BadChar(' ')));
+        assert_eq!(DeviceId::parse("dév"), Err(DeviceIdError::BadChar('é')));
+        assert!(DeviceId::parse(&"x".repeat(64)).is_ok());
+        assert_eq!(
+            DeviceId::parse(&"x".repeat(65)),
+            Err(DeviceIdError::TooLong)
+        );
+    }
+
+    #[test]
+    fn reading_checks() {
+        let ok = Reading {
+            seq: 1,
+            sensor: "t".into(),
+            ts_ms: 1000,
+            value: 1.5,
+        };
+        assert_eq!(ok.check(2000), Ok(()));
+        let with = |f: fn(&mut Reading)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            r.check(2000)
+        };
+        assert_eq!(with(|r| r.seq = 0), Err(RejectReason::SeqOutOfRange));
+        assert_eq!(with(|r| r.seq = u64::MAX), Err(RejectReason::SeqOutOfRange));
+        assert_eq!(with(|r| r.sensor.clear()), Err(RejectReason::EmptySensor));
+        assert_eq!(
+            with(|r| r.sensor = "s".repeat(65)),
+            Err(RejectReason::SensorTooLong)
+        );
+        assert_eq!(with(|r| r.value = f64::NAN), Err(RejectReason::NotFinite));
+        assert_eq!(
+            with(|r| r.value = f64::NEG_INFINITY),
+            Err(RejectReason::NotFinite)
+        );
+        assert_eq!(with(|r| r.ts_ms = 2001), Err(RejectReason::FromTheFuture));
+    }
+}

@@ -1,0 +1,160 @@
+//! tonic services. The only place that converts protobuf <-> domain
+//! ([`convert`]).
+//!
+//! - [`DeviceGatewayService`]: one [`session`] per device stream.
+//! - [`OperatorService`]: queries, devices and stats for the CLI.
+
+pub mod convert;
+pub mod session;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use telemetry_proto::v1::{self as pb, device_gateway_server::DeviceGateway, operator_server::Operator};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::domain::ReadingQuery;
+use crate::metrics::HubMetrics;
+use crate::query::{self, QueryChunk};
+use crate::store::Store;
+use session::SessionContext;
+
+pub struct DeviceGatewayService {
+    ctx: Arc<SessionContext>,
+    outbound_buffer: usize,
+}
+
+impl DeviceGatewayService {
+    pub fn new(ctx: Arc<SessionContext>, outbound_buffer: usize) -> Self {
+        Self {
+            ctx,
+            outbound_buffer,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceGateway for DeviceGatewayService {
+    type ConnectStream = ReceiverStream<Result<pb::HubMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::DeviceMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let inbound = request.into_inner();
+        let (outbound, rx) = mpsc::channel(self.outbound_buffer);
+        // The session owns the stream from here; the tracker lets shutdown
+        // wait for it.
+        self.ctx
+            .tracker
+            .spawn(session::run(Arc::clone(&self.ctx), inbound, outbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+pub struct OperatorService {
+    pub store: Store,
+    pub ctx: Arc<SessionContext>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    type QueryReadingsStream = ChunkStream;
+
+    async fn query_readings(
+        &self,
+        request: Request<pb::QueryReadingsRequest>,
+    ) -> Result<Response<Self::QueryReadingsStream>, Status> {
+        let req = request.into_inner();
+        if req.device_id.is_empty() {
+            return Err(Status::invalid_argument("device_id is required"));
+        }
+        if req.bucket_ms < 0 {
+            return Err(Status::invalid_argument("bucket_ms must not be negative"));
+        }
+        if let (Some(since), Some(until)) = (req.since_ms, req.until_ms)
+            && since >= until
+        {
+            return Err(Status::invalid_argument("since must be before until"));
+        }
+        let wanted = convert::aggregates(&req.aggregates)?;
+        let device = self
+            .store
+            .find_device(&req.device_id)
+            .await
+            .map_err(convert::store_status)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {:?}", req.device_id)))?;
+        let q = ReadingQuery {
+            device: device.key,
+            device_id: device.device_id,
+            sensor: (!req.sensor.is_empty()).then_some(req.sensor),
+            since_ms: req.since_ms,
+            until_ms: req.until_ms,
+            limit: req.limit,
+            bucket_ms: (req.bucket_ms > 0).then_some(req.bucket_ms),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        self.ctx.tracker.spawn(query::run(self.store.clone(), q, tx));
+        let chunks = ReceiverStream::new(rx).map(move |chunk| match chunk {
+            Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
+                rows: rows.into_iter().map(convert::reading_row).collect(),
+                buckets: Vec::new(),
+            }),
+            Ok(QueryChunk::Buckets(buckets)) => Ok(pb::QueryReadingsChunk {
+                rows: Vec::new(),
+                buckets: buckets
+                    .into_iter()
+                    .map(|b| convert::bucket_row(b, &wanted))
+                    .collect(),
+            }),
+            Err(e) => Err(convert::store_status(e)),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn list_devices(
+        &self,
+        _request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let online = self.ctx.registry.online();
+        let devices = self
+            .store
+            .list_devices()
+            .await
+            .map_err(convert::store_status)?
+            .into_iter()
+            .map(|d| {
+                let since = online.get(&d.device_id).copied();
+                convert::device_info(d, since)
+            })
+            .collect();
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
+    }
+
+    async fn get_hub_stats(
+        &self,
+        _request: Request<pb::GetHubStatsRequest>,
+    ) -> Result<Response<pb::HubStats>, Status> {
+        let m = &self.ctx.metrics;
+        let stored = self
+            .store
+            .total_readings()
+            .await
+            .map_err(convert::store_status)?;
+        Ok(Response::new(pb::HubStats {
+            live_sessions: m.live_sessions(),
+            readings_committed: HubMetrics::get(&m.readings_committed),
+            duplicates: HubMetrics::get(&m.duplicates),
+            rejected: HubMetrics::get(&m.rejected),
+            commits: HubMetrics::get(&m.commits),
+            ingest_queue_depth: self.ctx.ingest.depth() as u64,
+            readings_stored: stored,
+        }))
+    }
+}

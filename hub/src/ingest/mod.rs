@@ -1,0 +1,192 @@
+//! Bounded ingest queue -> one batching writer -> acks after commit.
+//!
+//! Sessions push checked readings into [`IngestQueue`] (bounded: a full queue
+//! makes sessions wait, which reaches devices as HTTP/2 flow control). The
+//! single [`writer`] task drains it, writes a group of batches in one
+//! transaction, commits, and only then fills each session's [`AckSlot`]. The
+//! writer never waits on a session: acks for one device coalesce in its slot
+//! until the session's own task sends them.
+//!
+//! The writer is also the authority on duplicates: it keeps every device's
+//! high-water mark in memory, so readings of an old and a new stream of the
+//! same device (takeover) are never stored twice.
+
+pub mod writer;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::domain::{CheckedReading, DeviceHello, DeviceKey};
+
+pub use writer::{Writer, WriterSettings};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("the hub is shutting down")]
+    Closed,
+    #[error("storage is unavailable")]
+    Storage,
+}
+
+/// Readings of one device, in the order the device sent them.
+pub struct IngestBatch {
+    pub device: DeviceKey,
+    pub readings: Vec<CheckedReading>,
+    pub ack: Arc<AckSlot>,
+}
+
+/// A device after registration: its key and committed high-water mark.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    pub device: DeviceKey,
+    pub acked_seq: u64,
+}
+
+pub(crate) enum WriterMsg {
+    Batch(IngestBatch),
+    Register {
+        hello: DeviceHello,
+        reply: oneshot::Sender<Result<Registered, IngestError>>,
+    },
+}
+
+impl WriterMsg {
+    fn rows(&self) -> usize {
+        match self {
+            WriterMsg::Batch(b) => b.readings.len(),
+            WriterMsg::Register { .. } => 1,
+        }
+    }
+}
+
+/// The sending side of the ingest queue; cheap to clone.
+#[derive(Clone)]
+pub struct IngestQueue {
+    tx: mpsc::Sender<WriterMsg>,
+}
+
+/// Creates the bounded queue and the receiver the writer drains.
+pub(crate) fn queue(capacity: usize) -> (IngestQueue, mpsc::Receiver<WriterMsg>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (IngestQueue { tx }, rx)
+}
+
+impl IngestQueue {
+    /// Registers a device (in the writer's next commit) and returns its key
+    /// and committed high-water mark.
+    pub async fn register(&self, hello: DeviceHello) -> Result<Registered, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Register { hello, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// Queues a batch, waiting while the queue is full.
+    pub async fn push(&self, batch: IngestBatch) -> Result<(), IngestError> {
+        self.tx
+            .send(WriterMsg::Batch(batch))
+            .await
+            .map_err(|_| IngestError::Closed)
+    }
+
+    /// Messages waiting for the writer.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// What the next Ack to a device will say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingAck {
+    pub acked_seq: u64,
+    pub rejected: u32,
+    pub duplicates: u32,
+}
+
+#[derive(Default)]
+struct AckState {
+    acked_seq: u64,
+    rejected: u32,
+    duplicates: u32,
+    unsent: bool,
+    batches_done: u64,
+    failed: bool,
+}
+
+/// Where the writer leaves the outcome of a session's committed batches.
+/// Several commits between two sends coalesce into one Ack.
+#[derive(Default)]
+pub struct AckSlot {
+    state: Mutex<AckState>,
+    changed: Notify,
+}
+
+impl AckSlot {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AckState> {
+        // A panic while holding this lock cannot leave the counters torn.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the writer after the commit that holds a batch.
+    pub(crate) fn complete(&self, acked_seq: u64, rejected: u32, duplicates: u32) {
+        {
+            let mut s = self.lock();
+            s.acked_seq = s.acked_seq.max(acked_seq);
+            s.rejected = s.rejected.saturating_add(rejected);
+            s.duplicates = s.duplicates.saturating_add(duplicates);
+            s.unsent = true;
+            s.batches_done += 1;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Called by the writer when the commit holding a batch failed.
+    pub(crate) fn fail(&self) {
+        self.lock().failed = true;
+        self.changed.notify_one();
+    }
+
+    /// The Ack to send now, if anything was committed since the last one.
+    pub fn take(&self) -> Option<PendingAck> {
+        let mut s = self.lock();
+        if !s.unsent {
+            return None;
+        }
+        s.unsent = false;
+        let ack = PendingAck {
+            acked_seq: s.acked_seq,
+            rejected: s.rejected,
+            duplicates: s.duplicates,
+        };
+        s.rejected = 0;
+        s.duplicates = 0;
+        Some(ack)
+    }
+
+    /// True when there is an Ack to send or a failure to report.
+    pub fn has_news(&self) -> bool {
+        let s = self.lock();
+        s.unsent || s.failed
+    }
+
+    /// Batches of this session that the writer has finished (committed).
+    pub fn batches_done(&self) -> u64 {
+        self.lock().batches_done
+    }
+
+    pub fn failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    /// Resolves after the next change (a permit is kept, so none is missed).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}

@@ -1,0 +1,47 @@
+//! Live counters of the hub, shared by handle (no globals).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct HubMetrics {
+    live_sessions: AtomicU64,
+    pub readings_committed: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+impl HubMetrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Device streams whose tasks are still running.
+    pub fn live_sessions(&self) -> u64 {
+        self.live_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Counts a session as live until the guard is dropped, after its last
+    /// task ended.
+    pub fn session_started(self: &Arc<Self>) -> LiveSessionGuard {
+        self.live_sessions.fetch_add(1, Ordering::Relaxed);
+        LiveSessionGuard(Arc::clone(self))
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct LiveSessionGuard(Arc<HubMetrics>);
+
+impl Drop for LiveSessionGuard {
+    fn drop(&mut self) {
+        self.0.live_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
