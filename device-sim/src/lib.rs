@@ -1,1 +1,16 @@
-pub fn x(){}
+//! Simulated telemetry devices, as a library (used by the `device-sim`
+//! binary, `hub demo` and the hub's tests).
+//!
+//! - [`device`]: one device: Hello, Welcome, sample, batch, resend after a
+//!   reconnect, drain and half-close.
+//! - [`fleet`]: many devices over a few shared HTTP/2 connections.
+//! - [`signal`]: reproducible, realistic sensor values.
+//! - [`stats`]: live counters and the end-of-run summary.
+
+pub mod device;
+pub mod fleet;
+pub mod signal;
+pub mod stats;
+
+pub use fleet::{FleetConfig, FleetError, device_id, run};
+pub use stats::{FleetStats, FleetSummary};

@@ -1,0 +1,387 @@
+//! One simulated device: Hello, Welcome, sample, batch, resend what is
+//! unacked after a reconnect, and end with a clean half-close.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use telemetry_proto::v1::{
+    self as pb, device_gateway_client::DeviceGatewayClient, device_message::Msg as DeviceMsg,
+    hub_message::Msg as HubMsg,
+};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use crate::signal::SignalGen;
+use crate::stats::FleetStats;
+
+/// How one device behaves.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub device_id: String,
+    /// Index used to derive the device's own signal from the seed.
+    pub index: u64,
+    pub seed: u64,
+    /// Readings per second, all sensors together.
+    pub rate_hz: f64,
+    pub sensors: Vec<String>,
+    pub batch_max: usize,
+    pub batch_interval: Duration,
+    /// Unacked readings kept; when full the device stops sampling.
+    pub buffer: usize,
+    pub drain_timeout: Duration,
+    pub firmware: String,
+}
+
+/// How a device's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEnd {
+    /// Half-closed, every reading acked, and the hub closed with OK.
+    Clean,
+    /// Stopped with readings unacked or without the hub's OK.
+    Unclean,
+}
+
+/// Why one stream ended.
+enum StreamEnd {
+    /// The hub closed with OK after our half-close.
+    Closed,
+    /// Stop was requested and the drain ran out of time.
+    DrainTimedOut,
+    /// The stream broke; reconnect.
+    Broken(Status),
+}
+
+pub struct SimDevice {
+    cfg: DeviceConfig,
+    signal: SignalGen,
+    /// Sampled and not yet acked, in seq order.
+    unacked: VecDeque<pb::Reading>,
+    /// How many of `unacked` have been sent on the current stream.
+    sent_on_stream: usize,
+    next_seq: u64,
+    /// Highest seq ever sent (to count first sends apart from resends).
+    highest_sent: u64,
+    /// (last seq of a batch, when it was sent) for ack latency.
+    in_flight: VecDeque<(u64, Instant)>,
+    sensor_cursor: usize,
+    carry: f64,
+    /// The last stream got as far as Welcome (resets the backoff).
+    welcomed: bool,
+    stats: Arc<FleetStats>,
+}
+
+impl SimDevice {
+    pub fn new(cfg: DeviceConfig, stats: Arc<FleetStats>) -> Self {
+        let signal = SignalGen::new(cfg.seed, cfg.index);
+        Self {
+            cfg,
+            signal,
+            unacked: VecDeque::new(),
+            sent_on_stream: 0,
+            next_seq: 1,
+            highest_sent: 0,
+            in_flight: VecDeque::new(),
+            sensor_cursor: 0,
+            carry: 0.0,
+            welcomed: false,
+            stats,
+        }
+    }
+
+    /// Runs until `stop`, reconnecting with backoff, then drains and closes.
+    pub async fn run(mut self, channel: Channel, stop: CancellationToken) -> DeviceEnd {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            self.cfg.seed ^ self.cfg.index,
+        );
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let end = self.stream_once(&channel, &stop, &mut drain_deadline).await;
+            match end {
+                StreamEnd::Closed if self.unacked.is_empty() => return DeviceEnd::Clean,
+                StreamEnd::Closed | StreamEnd::DrainTimedOut => return DeviceEnd::Unclean,
+                StreamEnd::Broken(status) => {
+                    tracing::debug!(device = %self.cfg.device_id, code = ?status.code(), msg = status.message(), "stream broke");
+                    if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                        return DeviceEnd::Unclean;
+                    }
+                    FleetStats::inc(&self.stats.reconnects, 1);
+                    if std::mem::take(&mut self.welcomed) {
+                        backoff.reset();
+                    }
+                    let wait = backoff.next();
+                    let wake = match drain_deadline {
+                        Some(d) => (Instant::now() + wait).min(d),
+                        None => Instant::now() + wait,
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = stop.cancelled(), if drain_deadline.is_none() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stream_once(
+        &mut self,
+        channel: &Channel,
+        stop: &CancellationToken,
+        drain_deadline: &mut Option<Instant>,
+    ) -> StreamEnd {
+        let (tx, rx) = mpsc::channel::<pb::DeviceMessage>(16);
+        let hello = pb::DeviceMessage {
+            msg: Some(DeviceMsg::Hello(pb::Hello {
+                device_id: self.cfg.device_id.clone(),
+                token: String::new(),
+                firmware: self.cfg.firmware.clone(),
+                labels: [("sim".to_owned(), "true".to_owned())].into_iter().collect(),
+            })),
+        };
+        if tx.send(hello).await.is_err() {
+            return StreamEnd::Broken(Status::internal("local channel closed"));
+        }
+        let mut client = DeviceGatewayClient::new(channel.clone());
+        let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return StreamEnd::Broken(status),
+        };
+        let welcome = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
+            Ok(Ok(Some(pb::HubMessage { msg: Some(HubMsg::Welcome(w)) }))) => w,
+            Ok(Ok(_)) => return StreamEnd::Broken(Status::internal("expected Welcome")),
+            Ok(Err(status)) => return StreamEnd::Broken(status),
+            Err(_) => return StreamEnd::Broken(Status::deadline_exceeded("no Welcome")),
+        };
+        self.on_welcome(&welcome);
+        self.welcomed = true;
+        let batch_max = self.cfg.batch_max.min(welcome.max_batch.max(1) as usize);
+        FleetStats::inc(&self.stats.online, 1);
+        let end = self
+            .pump(&tx, &mut inbound, stop, drain_deadline, batch_max)
+            .await;
+        self.stats.online.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        match end {
+            Ok(()) => {}
+            Err(end) => return end,
+        }
+        // Half-close: end our send side and read until the hub's status.
+        drop(tx);
+        let deadline = drain_deadline.unwrap_or_else(Instant::now) + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, inbound.message()).await {
+                // Our send side is closed: a command arriving now cannot be
+                // answered; the hub redelivers it on the next stream.
+                Ok(Ok(Some(msg))) => {
+                    let _ = self.on_message(msg);
+                }
+                Ok(Ok(None)) => return StreamEnd::Closed,
+                Ok(Err(status)) => return StreamEnd::Broken(status),
+                Err(_) => return StreamEnd::DrainTimedOut,
+            }
+        }
+    }
+
+    /// Samples, sends and reads acks until stop has been asked and every
+    /// reading is acked (Ok), or the stream breaks (Err).
+    async fn pump(
+        &mut self,
+        tx: &mpsc::Sender<pb::DeviceMessage>,
+        inbound: &mut Streaming<pb::HubMessage>,
+        stop: &CancellationToken,
+        drain_deadline: &mut Option<Instant>,
+        batch_max: usize,
+    ) -> Result<(), StreamEnd> {
+        let mut tick = tokio::time::interval(self.cfg.batch_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_sample = Instant::now();
+        // Resend what the hub has not acked, right away.
+        self.send_unsent(tx, batch_max).await?;
+        loop {
+            if drain_deadline.is_some() && self.unacked.is_empty() {
+                return Ok(());
+            }
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                _ = tick.tick(), if drain_deadline.is_none() => {
+                    let now = Instant::now();
+                    self.sample(now.duration_since(last_sample));
+                    last_sample = now;
+                    self.send_unsent(tx, batch_max).await?;
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => {
+                        if let Some(reply) = self.on_message(msg) {
+                            tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
+                        }
+                    }
+                    Ok(None) => return Err(StreamEnd::Broken(Status::unavailable("hub closed the stream"))),
+                    Err(status) => return Err(StreamEnd::Broken(status)),
+                },
+                _ = stop.cancelled(), if drain_deadline.is_none() => {
+                    *drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
+                    self.send_unsent(tx, batch_max).await?;
+                }
+                _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() => {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn on_welcome(&mut self, welcome: &pb::Welcome) {
+        let acked = welcome.acked_seq;
+        self.release(acked);
+        self.next_seq = self.next_seq.max(acked + 1);
+        self.sent_on_stream = 0;
+        self.in_flight.clear();
+    }
+
+    /// Handles a hub message; returns a reply to send, if any.
+    fn on_message(&mut self, msg: pb::HubMessage) -> Option<pb::DeviceMessage> {
+        match msg.msg {
+            Some(HubMsg::Ack(ack)) => {
+                FleetStats::inc(&self.stats.duplicates, u64::from(ack.duplicates));
+                FleetStats::inc(&self.stats.rejected, u64::from(ack.rejected));
+                let now = Instant::now();
+                while let Some(&(last, sent_at)) = self.in_flight.front() {
+                    if last > ack.acked_seq {
+                        break;
+                    }
+                    self.in_flight.pop_front();
+                    self.stats.record_ack_latency(now.duration_since(sent_at));
+                }
+                self.release(ack.acked_seq);
+                None
+            }
+            Some(HubMsg::Command(cmd)) => {
+                FleetStats::inc(&self.stats.commands_received, 1);
+                // No command is implemented by the simulator yet.
+                Some(pb::DeviceMessage {
+                    msg: Some(DeviceMsg::CommandReply(pb::CommandReply {
+                        command_id: cmd.command_id,
+                        status: pb::CommandStatus::Rejected as i32,
+                        detail: format!("unknown command: {}", cmd.name),
+                        result_json: String::new(),
+                    })),
+                })
+            }
+            Some(HubMsg::Welcome(_)) | None => None,
+        }
+    }
+
+    /// Forgets every reading up to `acked_seq`.
+    fn release(&mut self, acked_seq: u64) {
+        let mut released = 0;
+        while self.unacked.front().is_some_and(|r| r.seq <= acked_seq) {
+            self.unacked.pop_front();
+            released += 1;
+        }
+        self.sent_on_stream = self.sent_on_stream.saturating_sub(released);
+        FleetStats::inc(&self.stats.acked, released as u64);
+    }
+
+    /// Takes the samples due over `elapsed`, spread evenly in time.
+    fn sample(&mut self, elapsed: Duration) {
+        let due = self.cfg.rate_hz * elapsed.as_secs_f64() + self.carry;
+        let n = due.floor() as u64;
+        self.carry = due - n as f64;
+        if n == 0 || self.cfg.sensors.is_empty() {
+            return;
+        }
+        let now_ms = now_ms();
+        let span_ms = elapsed.as_millis() as i64;
+        for i in 0..n {
+            if self.unacked.len() >= self.cfg.buffer {
+                FleetStats::inc(&self.stats.dropped_at_source, n - i);
+                return;
+            }
+            let ts_ms = now_ms - span_ms + (span_ms * (i as i64 + 1)) / n as i64;
+            let sensor = &self.cfg.sensors[self.sensor_cursor % self.cfg.sensors.len()];
+            self.sensor_cursor += 1;
+            let value = self.signal.sample(sensor, ts_ms);
+            self.unacked.push_back(pb::Reading {
+                seq: self.next_seq,
+                sensor: sensor.clone(),
+                ts_ms,
+                value,
+            });
+            self.next_seq += 1;
+        }
+    }
+
+    /// Sends the unacked readings not yet sent on this stream, in batches of
+    /// at most `batch_max` (called once per batch interval, and on drain).
+    async fn send_unsent(
+        &mut self,
+        tx: &mpsc::Sender<pb::DeviceMessage>,
+        batch_max: usize,
+    ) -> Result<(), StreamEnd> {
+        while self.sent_on_stream < self.unacked.len() {
+            let end = (self.sent_on_stream + batch_max).min(self.unacked.len());
+            let readings: Vec<pb::Reading> = self
+                .unacked
+                .range(self.sent_on_stream..end)
+                .cloned()
+                .collect();
+            let last = readings.last().map_or(0, |r| r.seq);
+            let fresh = readings.iter().filter(|r| r.seq > self.highest_sent).count();
+            let msg = pb::DeviceMessage {
+                msg: Some(DeviceMsg::Readings(pb::ReadingBatch { readings })),
+            };
+            tx.send(msg)
+                .await
+                .map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
+            FleetStats::inc(&self.stats.sent, fresh as u64);
+            self.highest_sent = self.highest_sent.max(last);
+            self.sent_on_stream = end;
+            self.in_flight.push_back((last, Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+    min: Duration,
+    rng: StdRng,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration, seed: u64) -> Self {
+        Self {
+            next: min,
+            max,
+            min,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The next wait: between half and all of the current ceiling, which
+    /// doubles up to `max`.
+    fn next(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        ceiling.mul_f64(self.rng.random_range(0.5..=1.0))
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,156 @@
+//! A fleet: many simulated devices sharing a few HTTP/2 connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::device::{DeviceConfig, DeviceEnd, SimDevice};
+use crate::stats::{FleetStats, FleetSummary};
+
+/// Devices per HTTP/2 connection when `connections` is not given.
+pub const DEVICES_PER_CONNECTION: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Hub URL, e.g. http://127.0.0.1:50051.
+    pub hub: String,
+    pub devices: usize,
+    /// Readings per second per device, all its sensors together.
+    pub rate_hz: f64,
+    pub sensors: Vec<String>,
+    pub batch_max: usize,
+    pub batch_interval: Duration,
+    /// HTTP/2 connections shared by the devices; None = one per 100 devices.
+    pub connections: Option<usize>,
+    pub id_prefix: String,
+    pub start_index: usize,
+    pub seed: u64,
+    /// Unacked readings each device keeps.
+    pub buffer: usize,
+    pub drain_timeout: Duration,
+    pub firmware: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            hub: "http://127.0.0.1:50051".into(),
+            devices: 10,
+            rate_hz: 10.0,
+            sensors: ["temperature", "humidity", "pressure", "battery"]
+                .map(String::from)
+                .to_vec(),
+            batch_max: 100,
+            batch_interval: Duration::from_millis(100),
+            connections: None,
+            id_prefix: "sim-".into(),
+            start_index: 1,
+            seed: 1,
+            buffer: 10_000,
+            drain_timeout: Duration::from_secs(10),
+            firmware: concat!("device-sim/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("invalid hub URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("invalid fleet setting: {0}")]
+    Invalid(&'static str),
+}
+
+/// The id of the device with this index: `{prefix}{index:05}`.
+pub fn device_id(prefix: &str, index: usize) -> String {
+    format!("{prefix}{index:05}")
+}
+
+impl FleetConfig {
+    fn validate(&self) -> Result<(), FleetError> {
+        if !(self.rate_hz.is_finite() && self.rate_hz >= 0.0) {
+            return Err(FleetError::Invalid("rate must be a number >= 0"));
+        }
+        if self.sensors.is_empty() {
+            return Err(FleetError::Invalid("at least one sensor is needed"));
+        }
+        if self.batch_max == 0 || self.buffer == 0 {
+            return Err(FleetError::Invalid("batch-max and buffer must be at least 1"));
+        }
+        if self.batch_interval.is_zero() {
+            return Err(FleetError::Invalid("batch-interval must be longer than 0"));
+        }
+        if self.connections == Some(0) {
+            return Err(FleetError::Invalid("connections must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .unwrap_or_else(|| self.devices.div_ceil(DEVICES_PER_CONNECTION))
+            .clamp(1, self.devices.max(1))
+    }
+}
+
+/// Runs the fleet until `stop` is cancelled, then lets every device drain
+/// and close; `stats` can be read while it runs.
+pub async fn run(
+    cfg: FleetConfig,
+    stop: CancellationToken,
+    stats: Arc<FleetStats>,
+) -> Result<FleetSummary, FleetError> {
+    cfg.validate()?;
+    let started = Instant::now();
+    let channels = (0..cfg.connection_count())
+        .map(|_| channel(&cfg.hub))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut devices = JoinSet::new();
+    for n in 0..cfg.devices {
+        let index = cfg.start_index + n;
+        let device = SimDevice::new(
+            DeviceConfig {
+                device_id: device_id(&cfg.id_prefix, index),
+                index: index as u64,
+                seed: cfg.seed,
+                rate_hz: cfg.rate_hz,
+                sensors: cfg.sensors.clone(),
+                batch_max: cfg.batch_max,
+                batch_interval: cfg.batch_interval,
+                buffer: cfg.buffer,
+                drain_timeout: cfg.drain_timeout,
+                firmware: cfg.firmware.clone(),
+            },
+            Arc::clone(&stats),
+        );
+        devices.spawn(device.run(channels[n % channels.len()].clone(), stop.clone()));
+    }
+    let mut clean = 0;
+    while let Some(end) = devices.join_next().await {
+        match end {
+            Ok(DeviceEnd::Clean) => clean += 1,
+            Ok(DeviceEnd::Unclean) => {}
+            Err(e) => tracing::error!(error = %e, "device task failed"),
+        }
+    }
+    Ok(stats.summary(cfg.devices, clean, started.elapsed()))
+}
+
+/// One HTTP/2 connection, established on first use and re-established by
+/// tonic after a failure.
+fn channel(url: &str) -> Result<Channel, FleetError> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| FleetError::BadUrl {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}

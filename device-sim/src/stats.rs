@@ -1,0 +1,110 @@
+//! Counters shared by every device of a fleet, readable while it runs.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Debug)]
+pub struct FleetStats {
+    /// Devices with a live stream (after Welcome).
+    pub online: AtomicU64,
+    /// Readings sent at least once.
+    pub sent: AtomicU64,
+    /// Readings the hub acknowledged (stored, rejected or duplicate).
+    pub acked: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Samples not taken because the unacked buffer was full.
+    pub dropped_at_source: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub commands_received: AtomicU64,
+    /// Batch sent -> covering Ack received, in microseconds.
+    ack_latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for FleetStats {
+    fn default() -> Self {
+        Self {
+            online: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            dropped_at_source: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            commands_received: AtomicU64::new(0),
+            // Three significant digits, auto-resizing: cannot fail.
+            ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
+        }
+    }
+}
+
+impl FleetStats {
+    pub fn inc(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn record_ack_latency(&self, latency: Duration) {
+        let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
+        let mut h = self.ack_latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = h.record(us.max(1));
+    }
+
+    /// Ack latency quantile in milliseconds (0 when nothing was recorded).
+    pub fn ack_latency_ms(&self, quantile: f64) -> f64 {
+        let h = self.ack_latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(quantile) as f64 / 1000.0
+        }
+    }
+
+    pub fn summary(&self, devices: usize, clean_devices: usize, elapsed: Duration) -> FleetSummary {
+        FleetSummary {
+            devices,
+            sent: Self::get(&self.sent),
+            acked: Self::get(&self.acked),
+            duplicates: Self::get(&self.duplicates),
+            rejected: Self::get(&self.rejected),
+            dropped_at_source: Self::get(&self.dropped_at_source),
+            reconnects: Self::get(&self.reconnects),
+            commands_received: Self::get(&self.commands_received),
+            elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            clean_devices,
+            ack_p50_ms: self.ack_latency_ms(0.50),
+            ack_p99_ms: self.ack_latency_ms(0.99),
+        }
+    }
+}
+
+/// What a fleet run came to; printed as one JSON line by `--summary json`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FleetSummary {
+    pub devices: usize,
+    pub sent: u64,
+    pub acked: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub dropped_at_source: u64,
+    pub reconnects: u64,
+    pub commands_received: u64,
+    pub elapsed_s: f64,
+    /// Devices that ended with everything acked and the hub's OK.
+    pub clean_devices: usize,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+}
+
+impl FleetSummary {
+    pub fn all_clean(&self) -> bool {
+        self.clean_devices == self.devices
+    }
+}

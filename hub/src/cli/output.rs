@@ -1,0 +1,254 @@
+//! Table, CSV and JSON-lines output of the client subcommands.
+
+use std::io::{self, Write};
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::ValueEnum;
+use serde_json::{Map, Value, json};
+use telemetry_proto::v1 as pb;
+
+use super::AggArg;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// RFC3339 UTC with milliseconds, e.g. 2026-11-25T12:00:00.123Z.
+pub fn rfc3339_ms(ts_ms: i64) -> String {
+    if ts_ms < 0 {
+        return ts_ms.to_string();
+    }
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ts_ms as u64)).to_string()
+}
+
+/// Which aggregate columns a bucketed query prints, in the order asked.
+pub struct BucketColumns(Vec<AggArg>);
+
+impl BucketColumns {
+    pub fn new(aggs: &[AggArg]) -> Self {
+        // count is always a column of its own.
+        let mut cols: Vec<AggArg> = Vec::new();
+        for a in aggs {
+            if *a != AggArg::Count && !cols.contains(a) {
+                cols.push(*a);
+            }
+        }
+        Self(cols)
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.0.iter().map(|a| match a {
+            AggArg::Avg => "avg",
+            AggArg::Min => "min",
+            AggArg::Max => "max",
+            AggArg::Count => "count",
+            AggArg::Sum => "sum",
+            AggArg::First => "first",
+            AggArg::Last => "last",
+        })
+    }
+
+    fn values<'b>(&'b self, b: &'b pb::BucketRow) -> impl Iterator<Item = Option<f64>> + 'b {
+        self.0.iter().map(move |a| match a {
+            AggArg::Avg => b.avg,
+            AggArg::Min => b.min,
+            AggArg::Max => b.max,
+            AggArg::Count => Some(b.count as f64),
+            AggArg::Sum => b.sum,
+            AggArg::First => b.first,
+            AggArg::Last => b.last,
+        })
+    }
+}
+
+pub struct QueryPrinter<'a> {
+    format: Format,
+    device: &'a str,
+    bucketed: bool,
+    columns: BucketColumns,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| v.to_string())
+}
+
+impl<'a> QueryPrinter<'a> {
+    pub fn new(format: Format, device: &'a str, bucketed: bool, columns: BucketColumns) -> Self {
+        Self {
+            format,
+            device,
+            bucketed,
+            columns,
+        }
+    }
+
+    pub fn header(&self, out: &mut impl Write) -> io::Result<()> {
+        let names: Vec<&str> = self.columns.names().collect();
+        match (self.format, self.bucketed) {
+            (Format::Json, _) => Ok(()),
+            (Format::Csv, false) => writeln!(out, "device,sensor,seq,ts,value"),
+            (Format::Csv, true) => {
+                let mut line = String::from("device,sensor,bucket_start,count");
+                for n in &names {
+                    line.push(',');
+                    line.push_str(n);
+                }
+                writeln!(out, "{line}")
+            }
+            (Format::Table, false) => writeln!(
+                out,
+                "{:<16} {:<14} {:>10} {:<24} {:>14}",
+                "DEVICE", "SENSOR", "SEQ", "TS", "VALUE"
+            ),
+            (Format::Table, true) => {
+                let mut line = format!(
+                    "{:<16} {:<14} {:<24} {:>8}",
+                    "DEVICE", "SENSOR", "BUCKET_START", "COUNT"
+                );
+                for n in &names {
+                    line.push_str(&format!(" {:>12}", n.to_uppercase()));
+                }
+                writeln!(out, "{line}")
+            }
+        }
+    }
+
+    pub fn row(&self, out: &mut impl Write, r: &pb::ReadingRow) -> io::Result<()> {
+        let ts = rfc3339_ms(r.ts_ms);
+        match self.format {
+            Format::Json => writeln!(
+                out,
+                "{}",
+                json!({"device": self.device, "sensor": r.sensor, "seq": r.seq, "ts": ts, "value": r.value})
+            ),
+            Format::Csv => writeln!(
+                out,
+                "{},{},{},{},{}",
+                csv_field(self.device),
+                csv_field(&r.sensor),
+                r.seq,
+                ts,
+                r.value
+            ),
+            Format::Table => writeln!(
+                out,
+                "{:<16} {:<14} {:>10} {:<24} {:>14.4}",
+                self.device, r.sensor, r.seq, ts, r.value
+            ),
+        }
+    }
+
+    pub fn bucket(&self, out: &mut impl Write, b: &pb::BucketRow) -> io::Result<()> {
+        let start = rfc3339_ms(b.bucket_start_ms);
+        match self.format {
+            Format::Json => {
+                let mut obj = Map::new();
+                obj.insert("device".into(), json!(self.device));
+                obj.insert("sensor".into(), json!(b.sensor));
+                obj.insert("bucket_start".into(), json!(start));
+                obj.insert("count".into(), json!(b.count));
+                for (name, v) in self.columns.names().zip(self.columns.values(b)) {
+                    obj.insert(name.into(), v.map_or(Value::Null, |v| json!(v)));
+                }
+                writeln!(out, "{}", Value::Object(obj))
+            }
+            Format::Csv => {
+                let mut line = format!(
+                    "{},{},{},{}",
+                    csv_field(self.device),
+                    csv_field(&b.sensor),
+                    start,
+                    b.count
+                );
+                for v in self.columns.values(b) {
+                    line.push(',');
+                    line.push_str(&num(v));
+                }
+                writeln!(out, "{line}")
+            }
+            Format::Table => {
+                let mut line = format!(
+                    "{:<16} {:<14} {:<24} {:>8}",
+                    self.device, b.sensor, start, b.count
+                );
+                for v in self.columns.values(b) {
+                    line.push_str(&format!(" {:>12}", v.map_or(String::new(), |v| format!("{v:.4}"))));
+                }
+                writeln!(out, "{line}")
+            }
+        }
+    }
+}
+
+pub fn print_devices(format: Format, devices: &[pb::DeviceInfo], out: &mut impl Write) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for d in devices {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "device_id": d.device_id,
+                        "online": d.online,
+                        "connected_since": d.connected_since_ms.map(rfc3339_ms),
+                        "last_seen": rfc3339_ms(d.last_seen_ms),
+                        "acked_seq": d.acked_seq,
+                        "readings": d.readings,
+                        "firmware": d.firmware,
+                    })
+                )?;
+            }
+        }
+        Format::Csv => {
+            writeln!(out, "device_id,online,connected_since,last_seen,acked_seq,readings,firmware")?;
+            for d in devices {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{}",
+                    csv_field(&d.device_id),
+                    d.online,
+                    d.connected_since_ms.map(rfc3339_ms).unwrap_or_default(),
+                    rfc3339_ms(d.last_seen_ms),
+                    d.acked_seq,
+                    d.readings,
+                    csv_field(&d.firmware)
+                )?;
+            }
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<20} {:<7} {:<26} {:>12} {:>12}  {}",
+                "DEVICE_ID", "ONLINE", "CONNECTED_SINCE/LAST_SEEN", "ACKED_SEQ", "READINGS", "FIRMWARE"
+            )?;
+            for d in devices {
+                let when = match d.connected_since_ms {
+                    Some(since) => rfc3339_ms(since),
+                    None => rfc3339_ms(d.last_seen_ms),
+                };
+                writeln!(
+                    out,
+                    "{:<20} {:<7} {:<26} {:>12} {:>12}  {}",
+                    d.device_id,
+                    if d.online { "yes" } else { "no" },
+                    when,
+                    d.acked_seq,
+                    d.readings,
+                    d.firmware
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
