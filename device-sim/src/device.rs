@@ -143,7 +143,9 @@ impl SimDevice {
                 device_id: self.cfg.device_id.clone(),
                 token: String::new(),
                 firmware: self.cfg.firmware.clone(),
-                labels: [("sim".to_owned(), "true".to_owned())].into_iter().collect(),
+                labels: [("sim".to_owned(), "true".to_owned())]
+                    .into_iter()
+                    .collect(),
             })),
         };
         if tx.send(hello).await.is_err() {
@@ -155,7 +157,9 @@ impl SimDevice {
             Err(status) => return StreamEnd::Broken(status),
         };
         let welcome = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
-            Ok(Ok(Some(pb::HubMessage { msg: Some(HubMsg::Welcome(w)) }))) => w,
+            Ok(Ok(Some(pb::HubMessage {
+                msg: Some(HubMsg::Welcome(w)),
+            }))) => w,
             Ok(Ok(_)) => return StreamEnd::Broken(Status::internal("expected Welcome")),
             Ok(Err(status)) => return StreamEnd::Broken(status),
             Err(_) => return StreamEnd::Broken(Status::deadline_exceeded("no Welcome")),
@@ -167,7 +171,9 @@ impl SimDevice {
         let end = self
             .pump(&tx, &mut inbound, stop, drain_deadline, batch_max)
             .await;
-        self.stats.online.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .online
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         match end {
             Ok(()) => {}
             Err(end) => return end,
@@ -332,7 +338,10 @@ impl SimDevice {
                 .cloned()
                 .collect();
             let last = readings.last().map_or(0, |r| r.seq);
-            let fresh = readings.iter().filter(|r| r.seq > self.highest_sent).count();
+            let fresh = readings
+                .iter()
+                .filter(|r| r.seq > self.highest_sent)
+                .count();
             let msg = pb::DeviceMessage {
                 msg: Some(DeviceMsg::Readings(pb::ReadingBatch { readings })),
             };

@@ -79,7 +79,9 @@ impl FleetConfig {
             return Err(FleetError::Invalid("at least one sensor is needed"));
         }
         if self.batch_max == 0 || self.buffer == 0 {
-            return Err(FleetError::Invalid("batch-max and buffer must be at least 1"));
+            return Err(FleetError::Invalid(
+                "batch-max and buffer must be at least 1",
+            ));
         }
         if self.batch_interval.is_zero() {
             return Err(FleetError::Invalid("batch-interval must be longer than 0"));

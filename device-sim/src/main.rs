@@ -21,7 +21,11 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
     /// Sensors each device samples, in turn.
-    #[arg(long, value_delimiter = ',', default_value = "temperature,humidity,pressure,battery")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "temperature,humidity,pressure,battery"
+    )]
     sensors: Vec<String>,
     /// Most readings per batch.
     #[arg(long, default_value_t = 100)]
@@ -62,8 +66,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -18,7 +18,8 @@ pub struct SignalGen {
 impl SignalGen {
     /// Same seed and device index, same signals.
     pub fn new(seed: u64, device_index: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed ^ device_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ device_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let phase = rng.random::<f64>() * std::f64::consts::TAU * 0.1;
         let battery = 80.0 + rng.random::<f64>() * 20.0;
         let pressure = 1013.0 + (rng.random::<f64>() - 0.5) * 10.0;
@@ -40,7 +41,11 @@ impl SignalGen {
 
     fn spike(&mut self, size: f64) -> f64 {
         if self.rng.random::<f64>() < 0.001 {
-            if self.rng.random::<bool>() { size } else { -size }
+            if self.rng.random::<bool>() {
+                size
+            } else {
+                -size
+            }
         } else {
             0.0
         }

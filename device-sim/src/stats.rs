@@ -53,13 +53,19 @@ impl FleetStats {
 
     pub fn record_ack_latency(&self, latency: Duration) {
         let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-        let mut h = self.ack_latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self
+            .ack_latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let _ = h.record(us.max(1));
     }
 
     /// Ack latency quantile in milliseconds (0 when nothing was recorded).
     pub fn ack_latency_ms(&self, quantile: f64) -> f64 {
-        let h = self.ack_latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let h = self
+            .ack_latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if h.is_empty() {
             0.0
         } else {

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use telemetry_proto::v1::{device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer};
+use telemetry_proto::v1::{
+    device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer,
+};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +46,10 @@ impl Hub {
     pub async fn start(settings: Settings) -> anyhow::Result<Hub> {
         settings.validate()?;
         let (store, store_writer) = store::open(&settings.storage).await.with_context(|| {
-            format!("cannot open the database {}", settings.storage.path.display())
+            format!(
+                "cannot open the database {}",
+                settings.storage.path.display()
+            )
         })?;
         let metrics = HubMetrics::new();
         let registry = SessionRegistry::new();

@@ -172,7 +172,11 @@ impl Settings {
             "ingest.max_batch_delay",
             "must be at most 10s (acks wait for it)",
         )?;
-        check(i.max_sensors >= 1, "ingest.max_sensors", "must be at least 1")?;
+        check(
+            i.max_sensors >= 1,
+            "ingest.max_sensors",
+            "must be at least 1",
+        )?;
         let st = &self.storage;
         check(
             !st.path.as_os_str().is_empty(),

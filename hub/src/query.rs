@@ -22,11 +22,7 @@ pub enum QueryChunk {
 
 /// Runs a query, sending chunks until done, the limit is reached or the
 /// receiver is gone. The caller resolved `q.device` already.
-pub async fn run(
-    store: Store,
-    q: ReadingQuery,
-    out: mpsc::Sender<Result<QueryChunk, StoreError>>,
-) {
+pub async fn run(store: Store, q: ReadingQuery, out: mpsc::Sender<Result<QueryChunk, StoreError>>) {
     if let Err(e) = stream(&store, &q, &out).await {
         let _ = out.send(Err(e)).await;
     }
@@ -75,7 +71,11 @@ struct SensorCursor {
 
 impl SensorCursor {
     /// The next reading, fetching a page when the buffer is empty.
-    async fn peek(&mut self, store: &Store, q: &ReadingQuery) -> Result<Option<ReadingPoint>, StoreError> {
+    async fn peek(
+        &mut self,
+        store: &Store,
+        q: &ReadingQuery,
+    ) -> Result<Option<ReadingPoint>, StoreError> {
         if self.page.is_empty() && !self.exhausted {
             let until = q.until_ms.unwrap_or(i64::MAX);
             let page = store
@@ -128,7 +128,9 @@ async fn merge_rows(
             value: point.value,
         });
         emitted += 1;
-        if chunk.len() == CHUNK_ROWS && !send(out, QueryChunk::Rows(std::mem::take(&mut chunk))).await {
+        if chunk.len() == CHUNK_ROWS
+            && !send(out, QueryChunk::Rows(std::mem::take(&mut chunk))).await
+        {
             return Ok(());
         }
     }

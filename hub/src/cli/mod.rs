@@ -18,7 +18,11 @@ pub use demo::{DemoArgs, demo};
 use output::{BucketColumns, Format};
 
 #[derive(Parser, Debug)]
-#[command(name = "hub", version, about = "telemetry-hub: the sensor telemetry hub and its operator CLI")]
+#[command(
+    name = "hub",
+    version,
+    about = "telemetry-hub: the sensor telemetry hub and its operator CLI"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -87,7 +91,13 @@ pub struct QueryArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub bucket: Option<Duration>,
     /// Aggregates per bucket.
-    #[arg(long, value_enum, value_delimiter = ',', requires = "bucket", default_value = "count,avg")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        requires = "bucket",
+        default_value = "count,avg"
+    )]
     pub agg: Vec<AggArg>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -111,7 +121,11 @@ pub fn parse_time(raw: &str) -> Result<i64, String> {
     }
     humantime::parse_rfc3339_weak(raw)
         .map(system_time_ms)
-        .map_err(|_| format!("{raw:?} is neither a duration (15m) nor an RFC3339 time (2026-01-02T03:04:05Z)"))
+        .map_err(|_| {
+            format!(
+                "{raw:?} is neither a duration (15m) nor an RFC3339 time (2026-01-02T03:04:05Z)"
+            )
+        })
 }
 
 fn system_time_ms(t: SystemTime) -> i64 {
@@ -165,7 +179,8 @@ pub async fn query(args: &QueryArgs, out: &mut impl Write) -> anyhow::Result<()>
         .map_err(status_error)?
         .into_inner();
     let columns = BucketColumns::new(&args.agg);
-    let printer = output::QueryPrinter::new(args.format, &args.device, args.bucket.is_some(), columns);
+    let printer =
+        output::QueryPrinter::new(args.format, &args.device, args.bucket.is_some(), columns);
     printer.header(out)?;
     while let Some(chunk) = stream.message().await.map_err(status_error)? {
         for row in &chunk.rows {
@@ -204,8 +219,14 @@ mod tests {
 
     #[test]
     fn time_arguments() {
-        assert_eq!(parse_time("2026-01-02T03:04:05Z").unwrap(), 1_767_323_045_000);
-        assert_eq!(parse_time("2026-01-02T03:04:05.250Z").unwrap(), 1_767_323_045_250);
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05Z").unwrap(),
+            1_767_323_045_000
+        );
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05.250Z").unwrap(),
+            1_767_323_045_250
+        );
         let now = system_time_ms(SystemTime::now());
         let ago = parse_time("15m").unwrap();
         assert!((now - ago - 900_000).abs() < 5_000, "{now} {ago}");

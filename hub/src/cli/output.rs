@@ -183,7 +183,10 @@ impl<'a> QueryPrinter<'a> {
                     self.device, b.sensor, start, b.count
                 );
                 for v in self.columns.values(b) {
-                    line.push_str(&format!(" {:>12}", v.map_or(String::new(), |v| format!("{v:.4}"))));
+                    line.push_str(&format!(
+                        " {:>12}",
+                        v.map_or(String::new(), |v| format!("{v:.4}"))
+                    ));
                 }
                 writeln!(out, "{line}")
             }
@@ -191,7 +194,11 @@ impl<'a> QueryPrinter<'a> {
     }
 }
 
-pub fn print_devices(format: Format, devices: &[pb::DeviceInfo], out: &mut impl Write) -> io::Result<()> {
+pub fn print_devices(
+    format: Format,
+    devices: &[pb::DeviceInfo],
+    out: &mut impl Write,
+) -> io::Result<()> {
     match format {
         Format::Json => {
             for d in devices {
@@ -211,7 +218,10 @@ pub fn print_devices(format: Format, devices: &[pb::DeviceInfo], out: &mut impl 
             }
         }
         Format::Csv => {
-            writeln!(out, "device_id,online,connected_since,last_seen,acked_seq,readings,firmware")?;
+            writeln!(
+                out,
+                "device_id,online,connected_since,last_seen,acked_seq,readings,firmware"
+            )?;
             for d in devices {
                 writeln!(
                     out,
@@ -229,8 +239,8 @@ pub fn print_devices(format: Format, devices: &[pb::DeviceInfo], out: &mut impl 
         Format::Table => {
             writeln!(
                 out,
-                "{:<20} {:<7} {:<26} {:>12} {:>12}  {}",
-                "DEVICE_ID", "ONLINE", "CONNECTED_SINCE/LAST_SEEN", "ACKED_SEQ", "READINGS", "FIRMWARE"
+                "{:<20} {:<7} {:<26} {:>12} {:>12}  FIRMWARE",
+                "DEVICE_ID", "ONLINE", "CONNECTED_SINCE/LAST_SEEN", "ACKED_SEQ", "READINGS",
             )?;
             for d in devices {
                 let when = match d.connected_since_ms {

@@ -10,8 +10,8 @@ use crate::domain::{
 use crate::store::StoreError;
 
 pub fn hello(hello: pb::Hello) -> Result<DeviceHello, Status> {
-    let device_id = DeviceId::parse(&hello.device_id)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let device_id =
+        DeviceId::parse(&hello.device_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(DeviceHello {
         device_id,
         firmware: hello.firmware,

@@ -11,7 +11,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
-use telemetry_proto::v1::{self as pb, device_gateway_server::DeviceGateway, operator_server::Operator};
+use telemetry_proto::v1::{
+    self as pb, device_gateway_server::DeviceGateway, operator_server::Operator,
+};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -100,7 +102,9 @@ impl Operator for OperatorService {
             bucket_ms: (req.bucket_ms > 0).then_some(req.bucket_ms),
         };
         let (tx, rx) = mpsc::channel(4);
-        self.ctx.tracker.spawn(query::run(self.store.clone(), q, tx));
+        self.ctx
+            .tracker
+            .spawn(query::run(self.store.clone(), q, tx));
         let chunks = ReceiverStream::new(rx).map(move |chunk| match chunk {
             Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
                 rows: rows.into_iter().map(convert::reading_row).collect(),

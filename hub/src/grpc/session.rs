@@ -14,7 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use telemetry_proto::v1::{self as pb, device_message::Msg as DeviceMsg, hub_message::Msg as HubMsg};
+use telemetry_proto::v1::{
+    self as pb, device_message::Msg as DeviceMsg, hub_message::Msg as HubMsg,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +57,11 @@ struct Finish {
 }
 
 /// Runs one device stream to its end.
-pub async fn run(ctx: Arc<SessionContext>, mut inbound: Streaming<pb::DeviceMessage>, outbound: Outbound) {
+pub async fn run(
+    ctx: Arc<SessionContext>,
+    mut inbound: Streaming<pb::DeviceMessage>,
+    outbound: Outbound,
+) {
     let _live = ctx.metrics.session_started();
     let hello = match wait_for_hello(&ctx, &mut inbound).await {
         Ok(Some(hello)) => hello,
@@ -67,7 +73,9 @@ pub async fn run(ctx: Arc<SessionContext>, mut inbound: Streaming<pb::DeviceMess
         }
     };
     let span = tracing::info_span!("session", device_id = %hello.device_id);
-    run_registered(ctx, inbound, outbound, hello).instrument(span).await;
+    run_registered(ctx, inbound, outbound, hello)
+        .instrument(span)
+        .await;
 }
 
 async fn run_registered(
@@ -119,9 +127,12 @@ async fn run_registered(
         batches_pushed: 0,
     };
     let finish = reader.read(&mut inbound, &claim.superseded).await;
-    let reason = finish.status.as_ref().map_or("closed by device".to_owned(), |s| {
-        format!("{:?}: {}", s.code(), s.message())
-    });
+    let reason = finish
+        .status
+        .as_ref()
+        .map_or("closed by device".to_owned(), |s| {
+            format!("{:?}: {}", s.code(), s.message())
+        });
     // The ack task may be gone already (peer vanished); that is fine.
     let _ = finish_tx.send(finish);
     let _ = acker.await;
@@ -150,7 +161,9 @@ async fn wait_for_hello(
     };
     match message.msg {
         Some(DeviceMsg::Hello(hello)) => convert::hello(hello).map(Some),
-        _ => Err(Status::failed_precondition("the first message must be Hello")),
+        _ => Err(Status::failed_precondition(
+            "the first message must be Hello",
+        )),
     }
 }
 
@@ -206,7 +219,8 @@ impl Reader<'_> {
                     }
                 }
                 Some(DeviceMsg::Hello(_)) => {
-                    let status = Status::failed_precondition("Hello was already received on this stream");
+                    let status =
+                        Status::failed_precondition("Hello was already received on this stream");
                     return self.finish(true, Some(status));
                 }
                 Some(DeviceMsg::CommandReply(reply)) => {
@@ -268,7 +282,10 @@ impl RejectLog {
 
     fn note(&mut self, seq: u64, sensor: &str, reason: crate::domain::RejectReason) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::INTERVAL) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::INTERVAL)
+        {
             self.suppressed += 1;
             return;
         }

@@ -196,7 +196,8 @@ impl Writer {
                         Some(mark) => *mark,
                         None => tx.device_acked_seq(device).await?,
                     };
-                    let (mut hwm, mut stored, mut rejected, mut duplicates) = (mark, 0u32, 0u32, 0u32);
+                    let (mut hwm, mut stored, mut rejected, mut duplicates) =
+                        (mark, 0u32, 0u32, 0u32);
                     for reading in &batch.readings {
                         let seq = reading.seq();
                         if seq <= hwm {

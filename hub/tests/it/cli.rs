@@ -1,0 +1,130 @@
+//! The operator CLI's output, run in-process against a real hub.
+
+use hub::cli::{self, Cli, Command};
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn parse(args: &[&str]) -> Command {
+    use clap::Parser;
+    Cli::try_parse_from(args).unwrap().command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_and_devices_print_json_lines_csv_and_tables() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-cli").await;
+    let base = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
+    dev.send(batch(vec![
+        reading(1, "temperature", base + 1, 20.5),
+        reading(2, "humidity", base + 2, 40.0),
+        reading(3, "temperature", base + 61_000, 21.5),
+    ]))
+    .await;
+    dev.ack_through(3).await;
+    let url = hub.url();
+
+    let Command::Query(args) = parse(&[
+        "hub", "query", "--hub", &url, "--device", "dev-cli", "--format", "json",
+    ]) else {
+        panic!("query args")
+    };
+    let mut out = Vec::new();
+    cli::query(&args, &mut out).await.unwrap();
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"device": "dev-cli", "sensor": "temperature", "seq": 1,
+            "ts": "2026-01-01T00:00:00.001Z", "value": 20.5})
+    );
+
+    let Command::Query(args) = parse(&[
+        "hub",
+        "query",
+        "--hub",
+        &url,
+        "--device",
+        "dev-cli",
+        "--sensor",
+        "temperature",
+        "--bucket",
+        "1m",
+        "--agg",
+        "avg,max,count",
+        "--format",
+        "json",
+    ]) else {
+        panic!("query args")
+    };
+    let mut out = Vec::new();
+    cli::query(&args, &mut out).await.unwrap();
+    let buckets: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        buckets,
+        vec![
+            serde_json::json!({"device": "dev-cli", "sensor": "temperature",
+                "bucket_start": "2026-01-01T00:00:00.000Z", "count": 1, "avg": 20.5, "max": 20.5}),
+            serde_json::json!({"device": "dev-cli", "sensor": "temperature",
+                "bucket_start": "2026-01-01T00:01:00.000Z", "count": 1, "avg": 21.5, "max": 21.5}),
+        ]
+    );
+
+    let Command::Query(args) = parse(&[
+        "hub", "query", "--hub", &url, "--device", "dev-cli", "--format", "csv", "--limit", "1",
+    ]) else {
+        panic!("query args")
+    };
+    let mut out = Vec::new();
+    cli::query(&args, &mut out).await.unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "device,sensor,seq,ts,value\ndev-cli,temperature,1,2026-01-01T00:00:00.001Z,20.5\n"
+    );
+
+    let Command::Devices(args) = parse(&["hub", "devices", "--hub", &url, "--format", "json"])
+    else {
+        panic!("devices args")
+    };
+    let mut out = Vec::new();
+    cli::devices(&args, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let device: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(device["device_id"], "dev-cli");
+    assert_eq!(device["online"], true);
+    assert_eq!(device["acked_seq"], 3);
+    assert_eq!(device["readings"], 3);
+    assert_eq!(device["firmware"], "test-fw/1");
+    assert!(device["connected_since"].is_string());
+    assert!(device["last_seen"].is_string());
+
+    let Command::Devices(args) = parse(&["hub", "devices", "--hub", &url]) else {
+        panic!("devices args")
+    };
+    let mut out = Vec::new();
+    cli::devices(&args, &mut out).await.unwrap();
+    let table = String::from_utf8(out).unwrap();
+    assert!(table.starts_with("DEVICE_ID"), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("dev-cli "),
+        "{table}"
+    );
+
+    // An unknown device is a clear error, not an empty listing.
+    let Command::Query(args) = parse(&["hub", "query", "--hub", &url, "--device", "ghost"]) else {
+        panic!("query args")
+    };
+    let err = cli::query(&args, &mut Vec::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NotFound") && err.contains("ghost"), "{err}");
+}

@@ -1,0 +1,362 @@
+//! Starting hubs, raw device streams and waiting on conditions.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hub::{Hub, Settings};
+use telemetry_proto::v1::{
+    self as pb, device_gateway_client::DeviceGatewayClient, device_message::Msg as DeviceMsg,
+    hub_message::Msg as HubMsg, operator_client::OperatorClient,
+};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct TestHub {
+    hub: Option<Hub>,
+    pub addr: SocketAddr,
+    pub settings: Settings,
+    _dir: TempDir,
+}
+
+fn test_settings(dir: &TempDir) -> Settings {
+    let mut s = Settings::defaults().unwrap();
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.storage.path = dir.path().join("hub.db");
+    s.server.shutdown_timeout = Duration::from_secs(10);
+    s
+}
+
+pub async fn spawn_hub() -> TestHub {
+    spawn_hub_with(|_| {}).await
+}
+
+pub async fn spawn_hub_with(adjust: impl FnOnce(&mut Settings)) -> TestHub {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir);
+    adjust(&mut settings);
+    let hub = Hub::start(settings.clone()).await.unwrap();
+    TestHub {
+        addr: hub.local_addr(),
+        hub: Some(hub),
+        settings,
+        _dir: dir,
+    }
+}
+
+impl TestHub {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hub(&self) -> &Hub {
+        self.hub.as_ref().expect("hub is running")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(hub) = self.hub.take() {
+            tokio::time::timeout(WAIT, hub.shutdown())
+                .await
+                .expect("shutdown within the timeout")
+                .expect("clean shutdown");
+        }
+    }
+
+    /// Stops the hub and starts it again on the same database and port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut settings = self.settings.clone();
+        settings.server.listen = self.addr;
+        let hub = Hub::start(settings).await.unwrap();
+        self.addr = hub.local_addr();
+        self.hub = Some(hub);
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn operator(&self) -> OperatorClient<Channel> {
+        OperatorClient::new(self.channel().await)
+    }
+
+    pub async fn stats(&self) -> pb::HubStats {
+        self.operator()
+            .await
+            .get_hub_stats(pb::GetHubStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Every raw reading of a device, in query order.
+    pub async fn readings(&self, device: &str) -> Vec<pb::ReadingRow> {
+        self.query(pb::QueryReadingsRequest {
+            device_id: device.into(),
+            ..Default::default()
+        })
+        .await
+        .into_iter()
+        .flat_map(|c| c.rows)
+        .collect()
+    }
+
+    pub async fn query(&self, request: pb::QueryReadingsRequest) -> Vec<pb::QueryReadingsChunk> {
+        let mut stream = self
+            .operator()
+            .await
+            .query_readings(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            chunks.push(chunk);
+        }
+        chunks
+    }
+
+    pub async fn device(&self, device: &str) -> Option<pb::DeviceInfo> {
+        self.operator()
+            .await
+            .list_devices(pb::ListDevicesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .devices
+            .into_iter()
+            .find(|d| d.device_id == device)
+    }
+}
+
+/// Polls `check` until it returns true or the deadline passes.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn reading(seq: u64, sensor: &str, ts_ms: i64, value: f64) -> pb::Reading {
+    pb::Reading {
+        seq,
+        sensor: sensor.into(),
+        ts_ms,
+        value,
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A device stream driven by hand.
+pub struct RawDevice {
+    pub tx: Option<mpsc::Sender<pb::DeviceMessage>>,
+    pub inbound: Streaming<pb::HubMessage>,
+}
+
+pub fn hello(device_id: &str) -> pb::DeviceMessage {
+    pb::DeviceMessage {
+        msg: Some(DeviceMsg::Hello(pb::Hello {
+            device_id: device_id.into(),
+            token: "ignored".into(),
+            firmware: "test-fw/1".into(),
+            labels: [("site".to_owned(), "lab".to_owned())]
+                .into_iter()
+                .collect(),
+        })),
+    }
+}
+
+pub fn batch(readings: Vec<pb::Reading>) -> pb::DeviceMessage {
+    pb::DeviceMessage {
+        msg: Some(DeviceMsg::Readings(pb::ReadingBatch { readings })),
+    }
+}
+
+impl RawDevice {
+    /// Opens a stream and sends `first` (usually a Hello).
+    pub async fn open(channel: Channel, first: pb::DeviceMessage) -> RawDevice {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(first).await.unwrap();
+        let inbound = DeviceGatewayClient::new(channel)
+            .connect(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        RawDevice {
+            tx: Some(tx),
+            inbound,
+        }
+    }
+
+    /// Opens a stream, says Hello and returns the Welcome.
+    pub async fn connect(hub: &TestHub, device_id: &str) -> (RawDevice, pb::Welcome) {
+        let mut dev = Self::open(hub.channel().await, hello(device_id)).await;
+        match dev.next().await {
+            Ok(Some(HubMsg::Welcome(w))) => (dev, w),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&self, msg: pb::DeviceMessage) {
+        self.tx
+            .as_ref()
+            .expect("send side open")
+            .send(msg)
+            .await
+            .unwrap();
+    }
+
+    /// The next hub message; Ok(None) is the end of the stream with OK.
+    pub async fn next(&mut self) -> Result<Option<HubMsg>, Status> {
+        match tokio::time::timeout(WAIT, self.inbound.message()).await {
+            Ok(Ok(Some(m))) => Ok(Some(m.msg.expect("hub messages have content"))),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(status)) => Err(status),
+            Err(_) => panic!("no message from the hub within {WAIT:?}"),
+        }
+    }
+
+    /// Reads acks until one covers `seq`; returns (acked_seq, rejected,
+    /// duplicates) summed over the acks read.
+    pub async fn ack_through(&mut self, seq: u64) -> (u64, u32, u32) {
+        let (mut rejected, mut dups) = (0, 0);
+        loop {
+            match self.next().await {
+                Ok(Some(HubMsg::Ack(a))) => {
+                    rejected += a.rejected;
+                    dups += a.duplicates;
+                    if a.acked_seq >= seq {
+                        return (a.acked_seq, rejected, dups);
+                    }
+                }
+                other => panic!("expected Ack, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the stream ends with an error status and returns its code.
+    pub async fn end_code(&mut self) -> Code {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Code::Ok,
+                Err(status) => return status.code(),
+            }
+        }
+    }
+
+    /// Ends the send side (gRPC's half-close).
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
+}
+
+/// A TCP proxy in front of the hub that can freeze (stop forwarding but keep
+/// the sockets open: a silent peer) or cut (close every connection: the
+/// network is gone).
+pub struct FaultyLink {
+    pub addr: SocketAddr,
+    freeze: tokio_util::sync::CancellationToken,
+    cut: tokio_util::sync::CancellationToken,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyLink {
+    pub async fn to(target: SocketAddr) -> FaultyLink {
+        use tokio_util::sync::CancellationToken;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let freeze = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let (f, c) = (freeze.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = c.cancelled() => return,
+                };
+                let Ok((client, _)) = accepted else { return };
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (f, c) = (f.clone(), c.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let forward = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    tokio::select! {
+                        _ = forward => {}
+                        _ = c.cancelled() => return,
+                        _ = f.cancelled() => {}
+                    }
+                    // Frozen: hold the sockets open, say nothing.
+                    c.cancelled().await;
+                    let _ = (cr, cw, sr, sw);
+                });
+            }
+        });
+        FaultyLink {
+            addr,
+            freeze,
+            cut,
+            _task: task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub fn freeze(&self) {
+        self.freeze.cancel();
+    }
+
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+impl Drop for FaultyLink {
+    fn drop(&mut self) {
+        self.cut.cancel();
+    }
+}

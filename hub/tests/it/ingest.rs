@@ -1,0 +1,267 @@
+//! Storage through the whole path: fleets, exactly-once, queries, buckets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_sim::{FleetConfig, FleetStats, FleetSummary};
+use telemetry_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::*;
+
+pub async fn run_fleet(url: String, cfg: FleetConfig, run_for: Duration) -> FleetSummary {
+    let stop = CancellationToken::new();
+    let fleet = tokio::spawn(device_sim::run(
+        FleetConfig { hub: url, ..cfg },
+        stop.clone(),
+        Arc::new(FleetStats::default()),
+    ));
+    tokio::time::sleep(run_for).await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, fleet)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
+pub fn small_fleet(devices: usize) -> FleetConfig {
+    FleetConfig {
+        devices,
+        rate_hz: 200.0,
+        batch_interval: Duration::from_millis(50),
+        connections: Some(2),
+        ..FleetConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
+    let hub = spawn_hub().await;
+    let summary = run_fleet(hub.url(), small_fleet(12), Duration::from_millis(1500)).await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert!(summary.sent > 12 * 100, "{summary:?}");
+    assert_eq!(summary.sent, summary.acked, "{summary:?}");
+    assert_eq!(
+        (
+            summary.duplicates,
+            summary.rejected,
+            summary.dropped_at_source
+        ),
+        (0, 0, 0)
+    );
+
+    let mut total = 0;
+    for i in 1..=12 {
+        let id = device_sim::device_id("sim-", i);
+        let rows = hub.readings(&id).await;
+        let info = hub.device(&id).await.unwrap();
+        assert!(!info.online, "{id} closed its stream");
+        assert_eq!(
+            rows.len() as u64,
+            info.readings,
+            "{id}: stored count kept up to date"
+        );
+        assert_eq!(
+            info.acked_seq,
+            rows.len() as u64,
+            "{id}: seqs 1..=n, no gaps"
+        );
+        let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        assert!(
+            rows.windows(2)
+                .all(|w| (w[0].ts_ms, w[0].seq) < (w[1].ts_ms, w[1].seq)),
+            "{id}: ordered by ts"
+        );
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=info.acked_seq).collect::<Vec<_>>(),
+            "{id}: each seq once"
+        );
+        total += rows.len() as u64;
+    }
+    assert_eq!(total, summary.acked);
+    let stats = hub.stats().await;
+    assert_eq!(stats.readings_stored, total);
+    assert_eq!(stats.readings_committed, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucketed_aggregates_and_ranges_match_what_the_test_computes() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-agg").await;
+    // Two sensors, one reading every 700 ms over ~70 s, in the past.
+    let base = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
+    let mut all = Vec::new();
+    for seq in 1..=200u64 {
+        let sensor = if seq % 2 == 0 {
+            "temperature"
+        } else {
+            "humidity"
+        };
+        let ts = base + 350 * seq as i64;
+        let value = ((seq * 37) % 101) as f64 / 4.0 - 5.0;
+        all.push(reading(seq, sensor, ts, value));
+    }
+    for chunk in all.chunks(64) {
+        dev.send(batch(chunk.to_vec())).await;
+    }
+    assert_eq!(dev.ack_through(200).await.0, 200);
+
+    // Raw, all sensors: ordered by ts, then seq.
+    let rows = hub.readings("dev-agg").await;
+    assert_eq!(rows.len(), 200);
+    assert!(rows.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
+
+    // Range and limit.
+    let since = base + 350 * 50;
+    let until = base + 350 * 60;
+    let ranged: Vec<u64> = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-agg".into(),
+            since_ms: Some(since),
+            until_ms: Some(until),
+            ..Default::default()
+        })
+        .await
+        .into_iter()
+        .flat_map(|c| c.rows)
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(
+        ranged,
+        (50..60).collect::<Vec<_>>(),
+        "since inclusive, until exclusive"
+    );
+    let limited: usize = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-agg".into(),
+            sensor: "temperature".into(),
+            limit: 7,
+            ..Default::default()
+        })
+        .await
+        .iter()
+        .map(|c| c.rows.len())
+        .sum();
+    assert_eq!(limited, 7);
+
+    // Buckets of 10 s for one sensor, every aggregate.
+    let width = 10_000i64;
+    let mut expected: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for r in all.iter().filter(|r| r.sensor == "temperature") {
+        expected
+            .entry(r.ts_ms.div_euclid(width) * width)
+            .or_default()
+            .push(r.value);
+    }
+    let aggs = [
+        pb::Aggregate::Avg,
+        pb::Aggregate::Min,
+        pb::Aggregate::Max,
+        pb::Aggregate::Count,
+        pb::Aggregate::Sum,
+        pb::Aggregate::First,
+        pb::Aggregate::Last,
+    ];
+    let buckets: Vec<pb::BucketRow> = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-agg".into(),
+            sensor: "temperature".into(),
+            bucket_ms: width,
+            aggregates: aggs.iter().map(|a| *a as i32).collect(),
+            ..Default::default()
+        })
+        .await
+        .into_iter()
+        .flat_map(|c| c.buckets)
+        .collect();
+    assert_eq!(buckets.len(), expected.len());
+    for (b, (start, values)) in buckets.iter().zip(&expected) {
+        let sum: f64 = values.iter().sum();
+        assert_eq!(b.sensor, "temperature");
+        assert_eq!(b.bucket_start_ms, *start);
+        assert_eq!(b.count, values.len() as u64);
+        assert!((b.sum.unwrap() - sum).abs() < 1e-9);
+        assert!((b.avg.unwrap() - sum / values.len() as f64).abs() < 1e-9);
+        assert_eq!(
+            b.min.unwrap(),
+            values.iter().copied().fold(f64::INFINITY, f64::min)
+        );
+        assert_eq!(
+            b.max.unwrap(),
+            values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        );
+        assert_eq!(b.first.unwrap(), values[0]);
+        assert_eq!(b.last.unwrap(), *values.last().unwrap());
+    }
+
+    // Only the asked-for aggregates are set; all sensors, sensor by sensor.
+    let both: Vec<pb::BucketRow> = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-agg".into(),
+            bucket_ms: width,
+            aggregates: vec![pb::Aggregate::Max as i32],
+            ..Default::default()
+        })
+        .await
+        .into_iter()
+        .flat_map(|c| c.buckets)
+        .collect();
+    assert!(
+        both.iter()
+            .all(|b| b.max.is_some() && b.avg.is_none() && b.first.is_none())
+    );
+    assert_eq!(both.iter().map(|b| b.count).sum::<u64>(), 200);
+    let sensors: Vec<&str> = both.iter().map(|b| b.sensor.as_str()).collect();
+    let switch = sensors.iter().position(|s| *s == "temperature").unwrap();
+    assert!(
+        sensors[..switch].iter().all(|s| *s == "humidity")
+            && sensors[switch..].iter().all(|s| *s == "temperature"),
+        "grouped by sensor: {sensors:?}"
+    );
+
+    // Unknown device: NOT_FOUND, not an empty answer.
+    let err = hub
+        .operator()
+        .await
+        .query_readings(pb::QueryReadingsRequest {
+            device_id: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_stream_in_chunks() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-many").await;
+    let base = now_ms() - 3_600_000;
+    let sensors = ["a", "b", "c"];
+    for start in (1..=9000u64).step_by(900) {
+        dev.send(batch(
+            (start..start + 900)
+                .map(|s| reading(s, sensors[(s % 3) as usize], base + s as i64, s as f64))
+                .collect(),
+        ))
+        .await;
+    }
+    assert_eq!(dev.ack_through(9000).await.0, 9000);
+    let chunks = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-many".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(chunks.len() > 1, "results arrive in several chunks");
+    let seqs: Vec<u64> = chunks.iter().flat_map(|c| &c.rows).map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=9000).collect::<Vec<_>>(),
+        "merged across sensors by time"
+    );
+}

@@ -1,0 +1,8 @@
+//! Black-box tests: a real hub on 127.0.0.1:0 with a temp SQLite file, real
+//! gRPC clients (raw streams and the device-sim library).
+
+mod cli;
+mod harness;
+mod ingest;
+mod lifecycle;
+mod stream;

@@ -1,0 +1,272 @@
+//! What a firmware author relies on: the stream's rules.
+
+use telemetry_proto::v1::{
+    self as pb, device_message::Msg as DeviceMsg, hub_message::Msg as HubMsg,
+};
+use tonic::Code;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_then_ack_after_commit_and_duplicates_counted() {
+    let hub = spawn_hub().await;
+    let (mut dev, welcome) = RawDevice::connect(&hub, "dev-a").await;
+    assert_eq!(welcome.acked_seq, 0);
+    assert_eq!(welcome.max_batch, hub.settings.server.max_batch);
+    let now = now_ms();
+    dev.send(batch(
+        (1..=5).map(|s| reading(s, "t", now, s as f64)).collect(),
+    ))
+    .await;
+    assert_eq!(dev.ack_through(5).await, (5, 0, 0));
+    // 4 and 5 again plus 6: two duplicates, one new.
+    dev.send(batch(
+        (4..=6).map(|s| reading(s, "t", now, s as f64)).collect(),
+    ))
+    .await;
+    assert_eq!(dev.ack_through(6).await, (6, 0, 2));
+    let rows = hub.readings("dev-a").await;
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    let info = hub.device("dev-a").await.unwrap();
+    assert!(info.online);
+    assert_eq!((info.acked_seq, info.readings), (6, 6));
+    assert_eq!(info.firmware, "test-fw/1");
+    assert_eq!(info.labels.get("site").map(String::as_str), Some("lab"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_receives_every_ack_then_ok() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-half").await;
+    let now = now_ms();
+    for b in 0..20u64 {
+        dev.send(batch(
+            (1..=50)
+                .map(|i| reading(b * 50 + i, "t", now, 1.0))
+                .collect(),
+        ))
+        .await;
+    }
+    dev.half_close();
+    let mut last_ack = 0;
+    loop {
+        match dev.next().await {
+            Ok(Some(HubMsg::Ack(a))) => {
+                assert!(a.acked_seq >= last_ack, "acks are cumulative");
+                last_ack = a.acked_seq;
+            }
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Ok(None) => break,
+            Err(status) => panic!("expected OK after half-close, got {status:?}"),
+        }
+    }
+    assert_eq!(last_ack, 1000, "every reading acked before the OK");
+    assert_eq!(hub.readings("dev-half").await.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_stream_takes_over_and_nothing_is_stored_twice() {
+    let hub = spawn_hub().await;
+    let now = now_ms();
+    let (mut old, _) = RawDevice::connect(&hub, "dev-t").await;
+    old.send(batch((1..=10).map(|s| reading(s, "t", now, 0.5)).collect()))
+        .await;
+    assert_eq!(old.ack_through(10).await.0, 10);
+    // Readings the old stream sends just before the takeover may or may not
+    // be committed when the new Welcome is computed; the resend is deduped.
+    old.send(batch(
+        (11..=15).map(|s| reading(s, "t", now, 0.5)).collect(),
+    ))
+    .await;
+
+    let (mut new, welcome) = RawDevice::connect(&hub, "dev-t").await;
+    assert!(
+        welcome.acked_seq == 10 || welcome.acked_seq == 15,
+        "{welcome:?}"
+    );
+    assert_eq!(old.end_code().await, Code::Aborted);
+
+    new.send(batch(
+        (welcome.acked_seq + 1..=20)
+            .map(|s| reading(s, "t", now, 0.5))
+            .collect(),
+    ))
+    .await;
+    assert_eq!(new.ack_through(20).await.0, 20);
+    let seqs: Vec<u64> = hub.readings("dev-t").await.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    assert!(
+        hub.device("dev-t").await.unwrap().online,
+        "the new stream is live"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_end_the_stream_with_clear_codes() {
+    let hub = spawn_hub_with(|s| s.server.max_batch = 10).await;
+    let now = now_ms();
+
+    // Readings before Hello.
+    let mut dev =
+        RawDevice::open(hub.channel().await, batch(vec![reading(1, "t", now, 1.0)])).await;
+    assert_eq!(dev.end_code().await, Code::FailedPrecondition);
+
+    // An empty message before Hello.
+    let mut dev = RawDevice::open(hub.channel().await, pb::DeviceMessage { msg: None }).await;
+    assert_eq!(dev.end_code().await, Code::FailedPrecondition);
+
+    // A second Hello.
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-v").await;
+    dev.send(hello("dev-v")).await;
+    assert_eq!(dev.end_code().await, Code::FailedPrecondition);
+
+    // Bad device ids.
+    for bad in ["", "has space", "ü", &"x".repeat(65)] {
+        let mut dev = RawDevice::open(hub.channel().await, hello(bad)).await;
+        assert_eq!(
+            dev.end_code().await,
+            Code::InvalidArgument,
+            "device id {bad:?}"
+        );
+    }
+    assert!(hub.device("has space").await.is_none(), "not registered");
+
+    // A batch over max_batch, after some good readings which stay acked.
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-big").await;
+    dev.send(batch((1..=10).map(|s| reading(s, "t", now, 1.0)).collect()))
+        .await;
+    dev.send(batch(
+        (11..=21).map(|s| reading(s, "t", now, 1.0)).collect(),
+    ))
+    .await;
+    let mut acked = 0;
+    let code = loop {
+        match dev.next().await {
+            Ok(Some(HubMsg::Ack(a))) => acked = a.acked_seq,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(code, Code::InvalidArgument);
+    assert_eq!(
+        acked, 10,
+        "the good batch was acked before the stream ended"
+    );
+    assert_eq!(hub.readings("dev-big").await.len(), 10);
+
+    // A command reply for a command the hub never sent is ignored.
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-reply").await;
+    dev.send(pb::DeviceMessage {
+        msg: Some(DeviceMsg::CommandReply(pb::CommandReply {
+            command_id: "no-such-command".into(),
+            status: pb::CommandStatus::Succeeded as i32,
+            ..Default::default()
+        })),
+    })
+    .await;
+    dev.send(batch(vec![reading(1, "t", now, 1.0)])).await;
+    assert_eq!(dev.ack_through(1).await.0, 1, "the stream goes on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_resource_exhausted_and_harms_no_one_else() {
+    let hub = spawn_hub_with(|s| s.server.max_message_bytes = 4096).await;
+    let now = now_ms();
+    let (mut bystander, _) = RawDevice::connect(&hub, "dev-small").await;
+    let (mut big, _) = RawDevice::connect(&hub, "dev-huge").await;
+    big.send(batch(
+        (1..=400)
+            .map(|s| reading(s, "temperature", now, 1.0))
+            .collect(),
+    ))
+    .await;
+    assert_eq!(big.end_code().await, Code::ResourceExhausted);
+
+    bystander.send(batch(vec![reading(1, "t", now, 2.0)])).await;
+    assert_eq!(bystander.ack_through(1).await.0, 1);
+    assert!(hub.readings("dev-huge").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_readings_are_rejected_counted_and_the_stream_goes_on() {
+    let hub = spawn_hub().await;
+    let now = now_ms();
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-nan").await;
+    dev.send(batch(vec![
+        reading(1, "t", now, 1.0),
+        reading(2, "t", now, f64::NAN),
+        reading(3, "t", now, f64::INFINITY),
+        reading(4, "", now, 1.0),
+        reading(5, &"s".repeat(65), now, 1.0),
+        reading(6, "t", now + 3_600_000, 1.0),
+        reading(7, "t", now, 7.0),
+    ]))
+    .await;
+    assert_eq!(dev.ack_through(7).await, (7, 5, 0));
+    // The high-water mark moved past the rejected ones: a resend of 2 is a
+    // duplicate, not a retry loop.
+    dev.send(batch(vec![
+        reading(2, "t", now, 2.0),
+        reading(8, "t", now, 8.0),
+    ]))
+    .await;
+    assert_eq!(dev.ack_through(8).await, (8, 0, 1));
+    let seqs: Vec<u64> = hub
+        .readings("dev-nan")
+        .await
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 7, 8]);
+    let stats = hub.stats().await;
+    assert_eq!((stats.rejected, stats.duplicates), (5, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_drop_mid_batch_loses_and_duplicates_nothing() {
+    let hub = spawn_hub().await;
+    let now = now_ms();
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-r").await;
+    dev.send(batch(
+        (1..=100)
+            .map(|s| reading(s, "t", now + s as i64, s as f64))
+            .collect(),
+    ))
+    .await;
+    assert_eq!(dev.ack_through(100).await.0, 100);
+    // The next batch goes out and the connection drops before its ack.
+    dev.send(batch(
+        (101..=200)
+            .map(|s| reading(s, "t", now + s as i64, s as f64))
+            .collect(),
+    ))
+    .await;
+    drop(dev);
+
+    let (mut dev, welcome) = RawDevice::connect(&hub, "dev-r").await;
+    assert!(
+        welcome.acked_seq == 100 || welcome.acked_seq == 200,
+        "Welcome tells the committed mark: {welcome:?}"
+    );
+    let stored_now = hub.readings("dev-r").await.len() as u64;
+    assert!(stored_now <= 200);
+    // A device that lost track resends from its last certain ack.
+    dev.send(batch(
+        (101..=250)
+            .map(|s| reading(s, "t", now + s as i64, s as f64))
+            .collect(),
+    ))
+    .await;
+    let (acked, _, dups) = dev.ack_through(250).await;
+    assert_eq!(acked, 250);
+    assert_eq!(u64::from(dups), welcome.acked_seq - 100);
+    let rows = hub.readings("dev-r").await;
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=250).collect::<Vec<_>>()
+    );
+    assert!(rows.iter().all(|r| r.value == r.seq as f64));
+}
