@@ -28,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Query(args) => cli::query(&args, &mut std::io::stdout().lock()).await,
         Command::Devices(args) => cli::devices(&args, &mut std::io::stdout().lock()).await,
+        Command::Stats(args) => cli::stats(&args, &mut std::io::stdout().lock()).await,
         Command::Demo(args) => {
             init_tracing("warn");
             cli::demo(args).await

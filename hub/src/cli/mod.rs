@@ -45,6 +45,8 @@ pub enum Command {
     Query(QueryArgs),
     /// List registered devices.
     Devices(DevicesArgs),
+    /// Show the live counters of a running hub.
+    Stats(DevicesArgs),
     /// Run a hub and a simulated fleet in one process (Ctrl-C stops).
     Demo(DemoArgs),
 }
@@ -103,6 +105,7 @@ pub struct QueryArgs {
     pub format: Format,
 }
 
+/// Arguments of the listing subcommands (`devices`, `stats`).
 #[derive(Args, Debug)]
 pub struct DevicesArgs {
     #[command(flatten)]
@@ -204,6 +207,19 @@ pub async fn devices(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result
         .into_inner()
         .devices;
     output::print_devices(args.format, &devices, out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `hub stats`.
+pub async fn stats(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut client = connect(&args.addr).await?;
+    let stats = client
+        .get_hub_stats(pb::GetHubStatsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    output::print_stats(args.format, &stats, out)?;
     out.flush()?;
     Ok(())
 }

@@ -262,3 +262,35 @@ pub fn print_devices(
     }
     Ok(())
 }
+
+pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
+    let fields = [
+        ("live_sessions", s.live_sessions),
+        ("readings_committed", s.readings_committed),
+        ("readings_stored", s.readings_stored),
+        ("duplicates", s.duplicates),
+        ("rejected", s.rejected),
+        ("commits", s.commits),
+        ("ingest_queue_depth", s.ingest_queue_depth),
+    ];
+    match format {
+        Format::Json => {
+            let obj: Map<String, Value> = fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect();
+            writeln!(out, "{}", Value::Object(obj))
+        }
+        Format::Csv => {
+            let (keys, values): (Vec<&str>, Vec<String>) =
+                fields.iter().map(|(k, v)| (*k, v.to_string())).unzip();
+            writeln!(out, "{}\n{}", keys.join(","), values.join(","))
+        }
+        Format::Table => {
+            for (k, v) in fields {
+                writeln!(out, "{k:<20} {v:>14}")?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{IngestError, Registered, WriterMsg};
 use crate::domain::{CheckedReading, DeviceKey, SensorKey, now_ms};
 use crate::metrics::HubMetrics;
-use crate::store::{RowToInsert, StoreError, StoreWriter};
+use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter};
 
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
@@ -244,10 +244,15 @@ impl Writer {
             }
         }
         tx.insert_readings(&rows).await?;
-        for (device, n) in added {
-            let mark = self.high_water.get(&device).copied().unwrap_or(0);
-            tx.record_progress(device, mark, n, now).await?;
-        }
+        let progress: Vec<DeviceProgress> = added
+            .into_iter()
+            .map(|(device, added)| DeviceProgress {
+                device,
+                acked_seq: self.high_water.get(&device).copied().unwrap_or(0),
+                added,
+            })
+            .collect();
+        tx.record_progress(&progress, now).await?;
         tx.commit().await?;
         self.rows = rows;
         Ok(outcomes)

@@ -18,7 +18,7 @@ use sqlx::{ConnectOptions, Row};
 use crate::config::{StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
-pub use write::{RowToInsert, StoreWriter};
+pub use write::{DeviceProgress, RowToInsert, StoreWriter, WriteTx};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

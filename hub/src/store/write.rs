@@ -18,34 +18,60 @@ pub struct RowToInsert {
     pub value: f64,
 }
 
-/// Rows per INSERT statement. Smaller remainders are split into powers of
-/// two so only a handful of distinct statements are ever prepared (and they
-/// stay in sqlx's statement cache).
-const INSERT_CHUNK: usize = 256;
+/// Where a device stands after a commit.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceProgress {
+    pub device: DeviceKey,
+    pub acked_seq: u64,
+    /// Readings this commit added.
+    pub added: u64,
+}
+
+/// Every statement is a round trip to sqlx's SQLite worker thread, which
+/// costs far more than the rows in it: so rows go many to a statement.
+/// Remainders are split into powers of two, so only a handful of distinct
+/// statements are ever prepared (and they stay in sqlx's statement cache).
+const INSERT_CHUNK: usize = 1024;
+const PROGRESS_CHUNK: usize = 256;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Batched {
+    Insert,
+    Progress,
+}
 
 pub struct StoreWriter {
     conn: SqliteConnection,
-    insert_sql: HashMap<usize, String>,
+    sql: HashMap<(Batched, usize), String>,
 }
 
 /// A write transaction of the writer.
 pub struct WriteTx<'c> {
     tx: Transaction<'c, Sqlite>,
-    insert_sql: &'c mut HashMap<usize, String>,
+    sql: &'c mut HashMap<(Batched, usize), String>,
+}
+
+/// How many items the next multi-row statement takes.
+fn chunk_len(remaining: usize, max: usize) -> usize {
+    if remaining >= max {
+        max
+    } else {
+        1 << (usize::BITS - 1 - remaining.leading_zeros())
+    }
 }
 
 impl StoreWriter {
     pub(super) fn new(conn: SqliteConnection) -> Self {
         Self {
             conn,
-            insert_sql: HashMap::new(),
+            sql: HashMap::new(),
         }
     }
 
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
         Ok(WriteTx {
             tx: self.conn.begin().await?,
-            insert_sql: &mut self.insert_sql,
+            sql: &mut self.sql,
         })
     }
 
@@ -122,13 +148,18 @@ impl WriteTx<'_> {
     pub async fn insert_readings(&mut self, rows: &[RowToInsert]) -> Result<(), StoreError> {
         let mut rest = rows;
         while !rest.is_empty() {
-            let n = if rest.len() >= INSERT_CHUNK {
-                INSERT_CHUNK
-            } else {
-                1 << (usize::BITS - 1 - rest.len().leading_zeros())
-            };
-            let (chunk, tail) = rest.split_at(n);
-            let sql = self.insert_sql.entry(n).or_insert_with(|| insert_sql(n));
+            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), INSERT_CHUNK));
+            let sql = self
+                .sql
+                .entry((Batched::Insert, chunk.len()))
+                .or_insert_with(|| {
+                    multi_row_sql(
+                        "INSERT INTO readings (device_id, sensor_id, ts_ms, seq, value) VALUES ",
+                        "(?,?,?,?,?)",
+                        chunk.len(),
+                        "",
+                    )
+                });
             let mut query = sqlx::query(sql.as_str());
             for r in chunk {
                 query = query
@@ -144,36 +175,80 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Moves a device's high-water mark and stored count after its readings.
+    /// Moves devices' high-water marks and stored counts, many devices to a
+    /// statement.
     pub async fn record_progress(
         &mut self,
-        device: DeviceKey,
-        acked_seq: u64,
-        added: u64,
+        progress: &[DeviceProgress],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE devices SET acked_seq = ?2, reading_count = reading_count + ?3, \
-             last_seen_ms = ?4 WHERE id = ?1",
-        )
-        .bind(device.0)
-        .bind(acked_seq as i64)
-        .bind(added as i64)
-        .bind(now_ms)
-        .execute(&mut *self.tx)
-        .await?;
+        let mut rest = progress;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), PROGRESS_CHUNK));
+            let sql = self
+                .sql
+                .entry((Batched::Progress, chunk.len()))
+                .or_insert_with(|| {
+                    multi_row_sql(
+                        "UPDATE devices SET acked_seq = v.column2, \
+                     reading_count = reading_count + v.column3, last_seen_ms = v.column4 \
+                     FROM (VALUES ",
+                        "(?,?,?,?)",
+                        chunk.len(),
+                        ") AS v WHERE devices.id = v.column1",
+                    )
+                });
+            let mut query = sqlx::query(sql.as_str());
+            for p in chunk {
+                query = query
+                    .bind(p.device.0)
+                    .bind(p.acked_seq as i64)
+                    .bind(p.added as i64)
+                    .bind(now_ms);
+            }
+            query.execute(&mut *self.tx).await?;
+            rest = tail;
+        }
         Ok(())
     }
 }
 
-fn insert_sql(rows: usize) -> String {
-    let mut sql =
-        String::from("INSERT INTO readings (device_id, sensor_id, ts_ms, seq, value) VALUES ");
-    for i in 0..rows {
+/// `head` + `n` copies of `tuple`, comma-separated, + `tail`.
+fn multi_row_sql(head: &str, tuple: &str, n: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + n * (tuple.len() + 1) + tail.len());
+    sql.push_str(head);
+    for i in 0..n {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?,?)");
+        sql.push_str(tuple);
     }
+    sql.push_str(tail);
     sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_the_max_or_powers_of_two() {
+        let sizes = |mut n: usize| {
+            let mut out = Vec::new();
+            while n > 0 {
+                let c = chunk_len(n, 1024);
+                out.push(c);
+                n -= c;
+            }
+            out
+        };
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(7), vec![4, 2, 1]);
+        assert_eq!(sizes(2500), vec![1024, 1024, 256, 128, 64, 4]);
+    }
+
+    #[test]
+    fn multi_row_statement_text() {
+        assert_eq!(multi_row_sql("V ", "(?,?)", 3, ";"), "V (?,?),(?,?),(?,?);");
+    }
 }

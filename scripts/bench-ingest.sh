@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# End-to-end ingest benchmark: `hub serve` (release, default settings,
+# synchronous=FULL) and `device-sim` as two processes on this machine.
+# Prints readings/s stored, ack latency p50/p99, hub RSS and CPU.
+#
+#   scripts/bench-ingest.sh                      # 1000 devices x 100 Hz, 60 s
+#   DEVICES=200 RATE=50 DURATION=20s scripts/bench-ingest.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICES=${DEVICES:-1000}
+RATE=${RATE:-100}
+DURATION=${DURATION:-60s}
+EXTRA_SIM_ARGS=${EXTRA_SIM_ARGS:-}
+
+cargo build --release -q -p hub -p device-sim
+work=$(mktemp -d)
+trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn,hub::app=info \
+  target/release/hub serve >"$work/hub.log" 2>&1 &
+hub_pid=$!
+addr=""
+for _ in $(seq 1 100); do
+  addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/hub.log" | head -n1)
+  [ -n "$addr" ] && break
+  sleep 0.1
+done
+[ -n "$addr" ] || { cat "$work/hub.log"; echo "hub did not start"; exit 1; }
+
+ticks=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$hub_pid/stat"; }
+cpu0=$(cpu_ticks); t0=$(date +%s.%N)
+summary=$(target/release/device-sim --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" \
+  --duration "$DURATION" --summary json --quiet $EXTRA_SIM_ARGS | tail -n1)
+cpu1=$(cpu_ticks); t1=$(date +%s.%N)
+rss_now=$(awk '/VmRSS/ {print $2}' "/proc/$hub_pid/status")
+rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$hub_pid/status")
+stats=$(target/release/hub stats --hub "http://$addr" --format json)
+kill -INT "$hub_pid"; wait "$hub_pid" || true
+db_bytes=$(du -cb "$work"/hub.db* | tail -n1 | cut -f1)
+
+python3 - "$summary" "$stats" "$cpu0" "$cpu1" "$t0" "$t1" "$ticks" "$rss_now" "$rss_peak" "$db_bytes" <<'PY'
+import json, sys
+s = json.loads(sys.argv[1]); st = json.loads(sys.argv[2])
+cpu0, cpu1, t0, t1, ticks = map(float, sys.argv[3:8])
+rss_now, rss_peak, db_bytes = map(int, sys.argv[8:11])
+wall = t1 - t0
+print(f"devices {s['devices']} clean {s['clean_devices']}  sent {s['sent']}  acked {s['acked']}  "
+      f"dropped_at_source {s['dropped_at_source']}  reconnects {s['reconnects']}")
+print(f"stored readings/s      {s['acked'] / s['elapsed_s']:.0f}  (over {s['elapsed_s']:.1f} s incl. drain)")
+print(f"ack latency            p50 {s['ack_p50_ms']:.1f} ms   p99 {s['ack_p99_ms']:.1f} ms")
+print(f"hub CPU                {100 * (cpu1 - cpu0) / ticks / wall:.0f} % of one core")
+print(f"hub RSS                {rss_now / 1024:.0f} MiB now, {rss_peak / 1024:.0f} MiB peak")
+print(f"commits                {st['commits']}  ({st['readings_committed'] / max(st['commits'], 1):.0f} rows per commit)")
+print(f"disk                   {db_bytes / max(st['readings_stored'], 1):.1f} bytes per reading (db + wal)")
+PY
