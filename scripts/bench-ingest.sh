@@ -11,12 +11,13 @@ DEVICES=${DEVICES:-1000}
 RATE=${RATE:-100}
 DURATION=${DURATION:-60s}
 EXTRA_SIM_ARGS=${EXTRA_SIM_ARGS:-}
+HUB_ENV=${HUB_ENV:-}  # extra HUB__* settings, e.g. HUB_ENV="HUB__INGEST__MAX_BATCH_ROWS=65536"
 
 cargo build --release -q -p hub -p device-sim
 work=$(mktemp -d)
 trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn,hub::app=info \
+env $HUB_ENV HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn,hub::app=info \
   target/release/hub serve >"$work/hub.log" 2>&1 &
 hub_pid=$!
 addr=""

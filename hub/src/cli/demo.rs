@@ -42,7 +42,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.rate
     );
     println!(
-        "meanwhile, in another terminal: cargo run -p hub -- devices   or   cargo run -p hub -- query --device sim-00001 --since 1m"
+        "meanwhile, in another terminal: target/release/hub devices   or   target/release/hub query --device sim-00001 --since 1m"
     );
 
     let stop = CancellationToken::new();
@@ -101,7 +101,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         summary.sent, summary.acked, summary.clean_devices, summary.devices
     );
     println!(
-        "The data is in {}. To look at it, start the hub (cargo run -p hub -- serve) and, in another terminal, run\n  cargo run -p hub -- devices\n  cargo run -p hub -- query --device sim-00001 --since 10m --limit 20\n  cargo run -p hub -- query --device sim-00001 --sensor temperature --bucket 1m --agg avg,min,max",
+        "The data is in {}. To look at it, start the hub (target/release/hub serve) and, in another terminal, run\n  target/release/hub devices\n  target/release/hub query --device sim-00001 --since 10m --limit 20\n  target/release/hub query --device sim-00001 --sensor temperature --bucket 1m --agg avg,min,max",
         db.display()
     );
     Ok(())
