@@ -15,12 +15,14 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::commands::{self, CommandSettings, Commands};
 use crate::config::Settings;
 use crate::grpc::session::SessionContext;
 use crate::grpc::{DeviceGatewayService, OperatorService};
 use crate::ingest::{self, IngestQueue, Writer, WriterSettings};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
+use crate::store::commands::CommandStore;
 use crate::store::{self, Store};
 
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
@@ -32,12 +34,16 @@ pub struct Hub {
     ingest: IngestQueue,
     registry: Arc<SessionRegistry>,
     store: Store,
+    commands: Commands,
+    command_store: CommandStore,
     tracker: TaskTracker,
     sessions_stop: CancellationToken,
     server_stop: CancellationToken,
     writer_stop: CancellationToken,
+    commands_stop: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: JoinHandle<()>,
+    commands_task: JoinHandle<()>,
 }
 
 impl Hub {
@@ -69,12 +75,32 @@ impl Hub {
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(writer.run(writer_stop.clone()));
 
+        let (command_store, command_writer) = store::commands::open(&settings.storage)
+            .await
+            .context("cannot open the command log")?;
+        let c = &settings.commands;
+        let (commands, command_actor) = commands::channel(
+            CommandSettings {
+                default_ttl: c.default_ttl,
+                max_pending_per_device: c.max_pending_per_device,
+                ack_timeout: c.ack_timeout,
+                max_attempts: c.max_attempts,
+                outbox: c.outbox,
+            },
+            command_store.clone(),
+            command_writer,
+            store.clone(),
+        );
+        let commands_stop = CancellationToken::new();
+        let commands_task = tokio::spawn(command_actor.run(commands_stop.clone()));
+
         let sessions_stop = CancellationToken::new();
         let server_settings = &settings.server;
         let ctx = Arc::new(SessionContext {
             ingest: ingest.clone(),
             registry: Arc::clone(&registry),
             metrics: Arc::clone(&metrics),
+            commands: commands.clone(),
             tracker: tracker.clone(),
             shutdown: sessions_stop.clone(),
             max_batch: server_settings.max_batch,
@@ -117,12 +143,16 @@ impl Hub {
             ingest,
             registry,
             store,
+            commands,
+            command_store,
             tracker,
             sessions_stop,
             server_stop,
             writer_stop,
+            commands_stop,
             server,
             writer,
+            commands_task,
         })
     }
 
@@ -140,6 +170,10 @@ impl Hub {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn commands(&self) -> &Commands {
+        &self.commands
     }
 
     pub fn registry(&self) -> &Arc<SessionRegistry> {
@@ -183,6 +217,7 @@ impl Hub {
             );
         }
         self.writer_stop.cancel();
+        self.commands_stop.cancel();
         let mut server = self.server;
         match timeout_at(deadline, &mut server).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
@@ -198,7 +233,14 @@ impl Hub {
             writer.abort();
             anyhow::bail!("the writer did not finish within the shutdown timeout");
         }
+        drop(self.commands);
+        let mut commands_task = self.commands_task;
+        if timeout_at(deadline, &mut commands_task).await.is_err() {
+            commands_task.abort();
+            tracing::warn!("the commands task did not finish within the shutdown timeout");
+        }
         self.store.close().await;
+        self.command_store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
     }

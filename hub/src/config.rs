@@ -25,7 +25,20 @@ pub struct Settings {
     pub server: ServerSettings,
     pub ingest: IngestSettings,
     pub storage: StorageSettings,
+    pub commands: CommandsSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsSettings {
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    pub max_pending_per_device: usize,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    pub max_attempts: u32,
+    pub outbox: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +201,24 @@ impl Settings {
             "storage.read_connections",
             "must be at least 1",
         )?;
+        let c = &self.commands;
+        check(
+            (Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&c.default_ttl),
+            "commands.default_ttl",
+            "must be between 1s and 7days",
+        )?;
+        check(
+            c.max_pending_per_device >= 1,
+            "commands.max_pending_per_device",
+            "must be at least 1",
+        )?;
+        check(
+            !c.ack_timeout.is_zero(),
+            "commands.ack_timeout",
+            "must be longer than 0s",
+        )?;
+        check(c.max_attempts >= 1, "commands.max_attempts", "must be at least 1")?;
+        check(c.outbox >= 1, "commands.outbox", "must be at least 1")?;
         Ok(())
     }
 
@@ -259,7 +290,7 @@ mod tests {
     #[test]
     fn print_config_lists_every_section() {
         let text = Settings::defaults().unwrap().to_toml();
-        for section in ["[server]", "[ingest]", "[storage]", "[log]"] {
+        for section in ["[server]", "[ingest]", "[storage]", "[commands]", "[log]"] {
             assert!(text.contains(section), "{text}");
         }
         assert!(text.contains("listen = \"127.0.0.1:50051\""), "{text}");

@@ -251,3 +251,105 @@ mod tests {
         assert_eq!(with(|r| r.ts_ms = 2001), Err(RejectReason::FromTheFuture));
     }
 }
+
+/// Where a command is in its life. Final states never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandState {
+    Queued,
+    Sent,
+    Received,
+    Succeeded,
+    Failed,
+    Rejected,
+    Expired,
+    Cancelled,
+}
+
+impl CommandState {
+    pub const ALL: [CommandState; 8] = [
+        CommandState::Queued,
+        CommandState::Sent,
+        CommandState::Received,
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Rejected,
+        CommandState::Expired,
+        CommandState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "QUEUED",
+            CommandState::Sent => "SENT",
+            CommandState::Received => "RECEIVED",
+            CommandState::Succeeded => "SUCCEEDED",
+            CommandState::Failed => "FAILED",
+            CommandState::Rejected => "REJECTED",
+            CommandState::Expired => "EXPIRED",
+            CommandState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str().eq_ignore_ascii_case(raw))
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            CommandState::Queued | CommandState::Sent | CommandState::Received
+        )
+    }
+}
+
+impl fmt::Display for CommandState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command as the hub tracks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRecord {
+    pub command_id: String,
+    pub device_id: String,
+    pub name: String,
+    /// A JSON object.
+    pub params: String,
+    pub state: CommandState,
+    pub detail: String,
+    /// A JSON value, or empty.
+    pub result: String,
+    /// Times the command was written to a device stream.
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// One persisted state change of a command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandTransition {
+    pub state: CommandState,
+    pub at_ms: i64,
+    pub detail: String,
+}
+
+/// What a device said about a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyStatus {
+    Received,
+    Succeeded,
+    Failed,
+    Rejected,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandReply {
+    pub command_id: String,
+    pub status: ReplyStatus,
+    pub detail: String,
+    pub result: String,
+}

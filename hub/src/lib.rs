@@ -6,6 +6,7 @@
 //!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task, group commit)
 //!                                                                          │
 //! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ──▶ query ──▶ store (SQLite, WAL)
+//!                                      └──▶ commands (task) ══Command══▶ session ══▶ device
 //! ```
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
@@ -14,6 +15,8 @@
 //!   [`grpc::session`] runs one device stream (reader loop + ack task).
 //! - [`registry`]: one live stream per device; a newer one takes over.
 //! - [`ingest`]: bounded queue -> single batching writer -> acks after commit.
+//! - [`commands`]: command lifecycle; one task owns open commands and the
+//!   command log, pushes commands down device streams, enforces TTL.
 //! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
 //! - [`query`]: paged, merged or bucketed reading queries.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
@@ -21,6 +24,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod grpc;

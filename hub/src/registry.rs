@@ -76,6 +76,13 @@ impl SessionRegistry {
     }
 }
 
+impl StreamClaim {
+    /// Unique per stream for the life of the hub.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for StreamClaim {
     fn drop(&mut self) {
         let mut live = self.registry.lock();

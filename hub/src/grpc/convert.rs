@@ -4,8 +4,10 @@
 use telemetry_proto::v1 as pb;
 use tonic::{Code, Status};
 
+use crate::commands::{CommandError, DeviceCommand};
 use crate::domain::{
-    Aggregate, Bucket, DeviceHello, DeviceId, DeviceRecord, Reading, StoredReading,
+    Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition, DeviceHello,
+    DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
 use crate::store::StoreError;
 
@@ -110,5 +112,98 @@ pub fn bucket_row(b: Bucket, wanted: &[Aggregate]) -> pb::BucketRow {
         sensor: b.sensor,
         bucket_start_ms: b.start_ms,
         count: b.count,
+    }
+}
+
+pub fn command_message(c: DeviceCommand) -> pb::HubMessage {
+    pb::HubMessage {
+        msg: Some(pb::hub_message::Msg::Command(pb::Command {
+            command_id: c.command_id,
+            name: c.name,
+            params_json: c.params,
+            expires_at_ms: c.expires_at_ms,
+        })),
+    }
+}
+
+pub fn command_reply(r: pb::CommandReply) -> Result<CommandReply, String> {
+    let status = match pb::CommandStatus::try_from(r.status) {
+        Ok(pb::CommandStatus::Received) => ReplyStatus::Received,
+        Ok(pb::CommandStatus::Succeeded) => ReplyStatus::Succeeded,
+        Ok(pb::CommandStatus::Failed) => ReplyStatus::Failed,
+        Ok(pb::CommandStatus::Rejected) => ReplyStatus::Rejected,
+        _ => return Err(format!("reply for {:?} has no valid status", r.command_id)),
+    };
+    Ok(CommandReply {
+        command_id: r.command_id,
+        status,
+        detail: r.detail,
+        result: r.result_json,
+    })
+}
+
+pub fn command_state(s: CommandState) -> pb::CommandState {
+    match s {
+        CommandState::Queued => pb::CommandState::Queued,
+        CommandState::Sent => pb::CommandState::Sent,
+        CommandState::Received => pb::CommandState::Received,
+        CommandState::Succeeded => pb::CommandState::Succeeded,
+        CommandState::Failed => pb::CommandState::Failed,
+        CommandState::Rejected => pb::CommandState::Rejected,
+        CommandState::Expired => pb::CommandState::Expired,
+        CommandState::Cancelled => pb::CommandState::Cancelled,
+    }
+}
+
+pub fn state_filter(raw: i32) -> Result<Option<CommandState>, Status> {
+    Ok(match pb::CommandState::try_from(raw) {
+        Ok(pb::CommandState::Unspecified) => None,
+        Ok(pb::CommandState::Queued) => Some(CommandState::Queued),
+        Ok(pb::CommandState::Sent) => Some(CommandState::Sent),
+        Ok(pb::CommandState::Received) => Some(CommandState::Received),
+        Ok(pb::CommandState::Succeeded) => Some(CommandState::Succeeded),
+        Ok(pb::CommandState::Failed) => Some(CommandState::Failed),
+        Ok(pb::CommandState::Rejected) => Some(CommandState::Rejected),
+        Ok(pb::CommandState::Expired) => Some(CommandState::Expired),
+        Ok(pb::CommandState::Cancelled) => Some(CommandState::Cancelled),
+        Err(_) => return Err(Status::invalid_argument(format!("unknown command state {raw}"))),
+    })
+}
+
+pub fn command_info(rec: CommandRecord, history: Vec<CommandTransition>) -> pb::CommandInfo {
+    pb::CommandInfo {
+        command_id: rec.command_id,
+        device_id: rec.device_id,
+        name: rec.name,
+        params_json: rec.params,
+        state: command_state(rec.state) as i32,
+        detail: rec.detail,
+        result_json: rec.result,
+        attempts: rec.attempts,
+        created_at_ms: rec.created_at_ms,
+        updated_at_ms: rec.updated_at_ms,
+        expires_at_ms: rec.expires_at_ms,
+        history: history
+            .into_iter()
+            .map(|t| pb::CommandTransition {
+                state: command_state(t.state) as i32,
+                at_ms: t.at_ms,
+                detail: t.detail,
+            })
+            .collect(),
+    }
+}
+
+/// The one mapping of command errors to a client status.
+pub fn command_status(err: CommandError) -> Status {
+    match err {
+        CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
+            Status::not_found(err.to_string())
+        }
+        CommandError::TooManyPending { .. } => Status::resource_exhausted(err.to_string()),
+        CommandError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        CommandError::AlreadyFinal { .. } => Status::failed_precondition(err.to_string()),
+        CommandError::Closed => Status::unavailable(err.to_string()),
+        CommandError::Store(e) => store_status(e),
     }
 }

@@ -19,7 +19,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::ReadingQuery;
+use crate::commands::NewCommand;
+use crate::domain::{CommandRecord, ReadingQuery};
+use crate::store::commands::CommandFilter;
 use crate::metrics::HubMetrics;
 use crate::query::{self, QueryChunk};
 use crate::store::Store;
@@ -64,10 +66,12 @@ pub struct OperatorService {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
+type CommandStream = ReceiverStream<Result<pb::CommandInfo, Status>>;
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
     type QueryReadingsStream = ChunkStream;
+    type WatchCommandStream = CommandStream;
 
     async fn query_readings(
         &self,
@@ -160,5 +164,135 @@ impl Operator for OperatorService {
             ingest_queue_depth: self.ctx.ingest.depth() as u64,
             readings_stored: stored,
         }))
+    }
+
+    async fn send_command(
+        &self,
+        request: Request<pb::SendCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let req = request.into_inner();
+        if req.ttl_ms < 0 {
+            return Err(Status::invalid_argument("ttl_ms must not be negative"));
+        }
+        let cmd = NewCommand {
+            device_id: req.device_id,
+            name: req.name,
+            params: req.params_json,
+            ttl: (req.ttl_ms > 0).then(|| std::time::Duration::from_millis(req.ttl_ms as u64)),
+        };
+        let rec = self
+            .ctx
+            .commands
+            .send(cmd)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, Vec::new())))
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<pb::GetCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let (rec, history) = self
+            .ctx
+            .commands
+            .get(&request.into_inner().command_id)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, history)))
+    }
+
+    async fn list_commands(
+        &self,
+        request: Request<pb::ListCommandsRequest>,
+    ) -> Result<Response<pb::ListCommandsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = CommandFilter {
+            device_id: (!req.device_id.is_empty()).then_some(req.device_id),
+            state: convert::state_filter(req.state)?,
+            since_ms: req.since_ms,
+            until_ms: req.until_ms,
+            limit: if req.limit == 0 { 1000 } else { req.limit.min(100_000) },
+        };
+        let commands = self
+            .ctx
+            .commands
+            .list(&filter)
+            .await
+            .map_err(convert::command_status)?
+            .into_iter()
+            .map(|rec| convert::command_info(rec, Vec::new()))
+            .collect();
+        Ok(Response::new(pb::ListCommandsResponse { commands }))
+    }
+
+    async fn cancel_command(
+        &self,
+        request: Request<pb::CancelCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let rec = self
+            .ctx
+            .commands
+            .cancel(&request.into_inner().command_id)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, Vec::new())))
+    }
+
+    async fn watch_command(
+        &self,
+        request: Request<pb::WatchCommandRequest>,
+    ) -> Result<Response<Self::WatchCommandStream>, Status> {
+        let req = request.into_inner();
+        let commands = self.ctx.commands.clone();
+        // Subscribe before reading the current state, so no change falls in
+        // between.
+        let mut events = commands.subscribe();
+        let (current, _) = commands
+            .get(&req.command_id)
+            .await
+            .map_err(convert::command_status)?;
+        let timeout = (req.timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = self.ctx.shutdown.clone();
+        self.ctx.tracker.spawn(async move {
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let id = current.command_id.clone();
+            let mut last: CommandRecord = current;
+            if tx.send(Ok(convert::command_info(last.clone(), Vec::new()))).await.is_err() {
+                return;
+            }
+            while !last.state.is_final() {
+                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+                let next = tokio::select! {
+                    event = events.recv() => event,
+                    _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => return,
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                };
+                let rec = match next {
+                    Ok(rec) if rec.command_id == id => rec,
+                    Ok(_) => continue,
+                    // Missed events: the log has the truth.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        match commands.get(&id).await {
+                            Ok((rec, _)) if rec != last => rec,
+                            Ok(_) => continue,
+                            Err(e) => {
+                                let _ = tx.send(Err(convert::command_status(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                last = rec;
+                if tx.send(Ok(convert::command_info(last.clone(), Vec::new()))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

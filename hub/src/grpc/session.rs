@@ -25,7 +25,8 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
-use crate::domain::{CheckedReading, DeviceHello, DeviceKey, now_ms};
+use crate::commands::{Commands, DeviceCommand};
+use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, now_ms};
 use crate::ingest::{AckSlot, IngestBatch, IngestQueue, PendingAck};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
@@ -37,6 +38,7 @@ pub struct SessionContext {
     pub ingest: IngestQueue,
     pub registry: Arc<SessionRegistry>,
     pub metrics: Arc<HubMetrics>,
+    pub commands: Commands,
     pub tracker: TaskTracker,
     /// Cancelled when the hub shuts down.
     pub shutdown: CancellationToken,
@@ -104,6 +106,12 @@ async fn run_registered(
         return;
     }
     tracing::info!(acked_seq = registered.acked_seq, "device connected");
+    let link = CommandLink {
+        commands: ctx.commands.clone(),
+        inbox: ctx.commands.attach(&device_id, claim.id()).await,
+        device: device_id.clone(),
+        session: claim.id(),
+    };
 
     let slot = AckSlot::new();
     let ended = CancellationToken::new();
@@ -111,6 +119,7 @@ async fn run_registered(
     let acker = ctx.tracker.spawn(
         ack_task(
             Arc::clone(&slot),
+            link,
             outbound,
             finish_rx,
             ended.clone(),
@@ -120,6 +129,7 @@ async fn run_registered(
     );
     let mut reader = Reader {
         ctx: &ctx,
+        device_id: &device_id,
         device: registered.device,
         slot: &slot,
         ended: &ended,
@@ -136,6 +146,7 @@ async fn run_registered(
     // The ack task may be gone already (peer vanished); that is fine.
     let _ = finish_tx.send(finish);
     let _ = acker.await;
+    ctx.commands.detach(&device_id, claim.id()).await;
     drop(claim);
     tracing::info!(reason, "device disconnected");
 }
@@ -169,6 +180,7 @@ async fn wait_for_hello(
 
 struct Reader<'a> {
     ctx: &'a SessionContext,
+    device_id: &'a DeviceId,
     device: DeviceKey,
     slot: &'a Arc<AckSlot>,
     ended: &'a CancellationToken,
@@ -223,9 +235,10 @@ impl Reader<'_> {
                         Status::failed_precondition("Hello was already received on this stream");
                     return self.finish(true, Some(status));
                 }
-                Some(DeviceMsg::CommandReply(reply)) => {
-                    tracing::warn!(command_id = %reply.command_id, "reply for an unknown command ignored");
-                }
+                Some(DeviceMsg::CommandReply(reply)) => match convert::command_reply(reply) {
+                    Ok(reply) => self.ctx.commands.reply(self.device_id, reply).await,
+                    Err(why) => tracing::warn!(%why, "command reply ignored"),
+                },
                 None => tracing::warn!("message without content ignored"),
             }
         }
@@ -305,16 +318,28 @@ fn ack_message(ack: PendingAck) -> pb::HubMessage {
     }
 }
 
-/// Sends Acks as the writer commits; after the reader's [`Finish`], flushes
-/// what is due (bounded by `drain_timeout`) and ends the stream.
+/// The session's end of the commands task: commands to write down the
+/// stream, and where to say they were written.
+struct CommandLink {
+    commands: Commands,
+    inbox: mpsc::Receiver<DeviceCommand>,
+    device: DeviceId,
+    session: u64,
+}
+
+/// The stream's writer: Acks as the writer commits, commands as the commands
+/// task hands them over. After the reader's [`Finish`], flushes the acks that
+/// are due (bounded by `drain_timeout`) and ends the stream.
 async fn ack_task(
     slot: Arc<AckSlot>,
+    mut link: CommandLink,
     outbound: Outbound,
     mut finish_rx: oneshot::Receiver<Finish>,
     ended: CancellationToken,
     drain_timeout: Duration,
 ) {
     let mut finish: Option<Finish> = None;
+    let mut inbox_open = true;
     // Replaced by a real deadline once the reader has finished.
     let mut deadline = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     loop {
@@ -351,6 +376,18 @@ async fn ack_task(
                     }
                 }
                 Err(_) => break,
+            },
+            command = link.inbox.recv(), if inbox_open && finish.is_none() => match command {
+                Some(command) => {
+                    let id = command.command_id.clone();
+                    if outbound.send(Ok(convert::command_message(command))).await.is_err() {
+                        break;
+                    }
+                    link.commands.written(&link.device, link.session, id).await;
+                }
+                // The commands task let go of this stream (a newer one took
+                // over, or the hub is stopping).
+                None => inbox_open = false,
             },
             _ = slot.changed(), if !news => {}
             _ = outbound.closed(), if !news => break,

@@ -4,9 +4,11 @@
 //! writer task) and a small pool of reader connections ([`Store`]) for
 //! queries. WAL mode lets readers run beside the writer.
 
+pub mod commands;
 mod write;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::sqlite::{
@@ -44,7 +46,20 @@ pub struct Store {
 /// Opens (creating if needed) the database, applies migrations and returns
 /// the read pool and the single writer connection.
 pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), StoreError> {
-    if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let options = connect_options(&settings.path, settings)?;
+    let mut writer: SqliteConnection = options.connect().await?;
+    MIGRATOR.run(&mut writer).await?;
+    let read = SqlitePoolOptions::new()
+        .max_connections(settings.read_connections)
+        .connect_with(options)
+        .await?;
+    Ok((Store { read }, StoreWriter::new(writer)))
+}
+
+/// The same settings for every database file of the hub: WAL, the
+/// configured durability, busy timeout and cache. Creates the directory.
+fn connect_options(path: &Path, settings: &StorageSettings) -> Result<SqliteConnectOptions, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.display().to_string(),
             source,
@@ -55,8 +70,8 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
         Synchronous::Normal => SqliteSynchronous::Normal,
         Synchronous::Off => SqliteSynchronous::Off,
     };
-    let options = SqliteConnectOptions::from_str("sqlite:")?
-        .filename(&settings.path)
+    Ok(SqliteConnectOptions::from_str("sqlite:")?
+        .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
@@ -67,15 +82,7 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
             format!("-{}", u64::from(settings.cache_size_mib) * 1024),
         )
         .pragma("temp_store", "memory")
-        .disable_statement_logging();
-
-    let mut writer: SqliteConnection = options.connect().await?;
-    MIGRATOR.run(&mut writer).await?;
-    let read = SqlitePoolOptions::new()
-        .max_connections(settings.read_connections)
-        .connect_with(options)
-        .await?;
-    Ok((Store { read }, StoreWriter::new(writer)))
+        .disable_statement_logging())
 }
 
 /// Position in one sensor's readings, for keyset paging: rows strictly after

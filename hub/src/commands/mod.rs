@@ -1,0 +1,734 @@
+//! Command lifecycle: persisted states, per-device ordered queues, offline
+//! delivery, TTL, ack timeouts and redelivery.
+//!
+//! One task ([`CommandActor`]) owns every command that is not final and is
+//! the command log's only writer. Operators, sessions and timers talk to it
+//! through one bounded mailbox ([`Commands`] is the handle). For each batch
+//! of requests it changes its in-memory state, writes the changes in one
+//! transaction, commits, and only then answers operators, publishes events
+//! and pushes commands to devices: every transition is persisted before
+//! anyone hears of it.
+//!
+//! A device with a live stream is *attached*: the actor holds a small
+//! bounded outbox to that stream. Commands go out in the order they were
+//! created; a full outbox delays only that device. SENT is recorded when the
+//! session has written the command to its stream, RECEIVED only when the
+//! device says so.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{
+    CommandRecord, CommandReply, CommandState, CommandTransition, DeviceId, ReplyStatus, now_ms,
+};
+use crate::store::commands::{CommandFilter, CommandStore, CommandWriter};
+use crate::store::{Store, StoreError};
+
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct CommandSettings {
+    pub default_ttl: Duration,
+    pub max_pending_per_device: usize,
+    pub ack_timeout: Duration,
+    pub max_attempts: u32,
+    /// Commands queued to one device stream before the actor waits.
+    pub outbox: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown device {0:?}")]
+    UnknownDevice(String),
+    #[error("unknown command {0:?}")]
+    UnknownCommand(String),
+    #[error(
+        "device {device} already has {limit} commands that are not final (commands.max_pending_per_device = {limit})"
+    )]
+    TooManyPending { device: String, limit: usize },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("command {id} is already {state}")]
+    AlreadyFinal { id: String, state: CommandState },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the hub is shutting down")]
+    Closed,
+}
+
+/// What an operator asks for.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub device_id: String,
+    pub name: String,
+    /// A JSON object; empty means `{}`.
+    pub params: String,
+    /// None = the default TTL.
+    pub ttl: Option<Duration>,
+}
+
+/// What goes down a device's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceCommand {
+    pub command_id: String,
+    pub name: String,
+    pub params: String,
+    pub expires_at_ms: i64,
+}
+
+enum Request {
+    Send {
+        cmd: NewCommand,
+        reply: oneshot::Sender<Result<CommandRecord, CommandError>>,
+    },
+    Cancel {
+        command_id: String,
+        reply: oneshot::Sender<Result<CommandRecord, CommandError>>,
+    },
+    Attach {
+        device: String,
+        session: u64,
+        outbox: mpsc::Sender<DeviceCommand>,
+    },
+    Detach {
+        device: String,
+        session: u64,
+    },
+    Written {
+        device: String,
+        session: u64,
+        command_id: String,
+    },
+    Reply {
+        device: String,
+        reply: CommandReply,
+    },
+}
+
+/// Handle to the commands task; cheap to clone.
+#[derive(Clone)]
+pub struct Commands {
+    tx: mpsc::Sender<Request>,
+    events: broadcast::Sender<CommandRecord>,
+    store: CommandStore,
+    outbox: usize,
+}
+
+impl Commands {
+    async fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<CommandRecord, CommandError>>) -> Request,
+    ) -> Result<CommandRecord, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CommandError::Closed)?;
+        answer.await.map_err(|_| CommandError::Closed)?
+    }
+
+    pub async fn send(&self, cmd: NewCommand) -> Result<CommandRecord, CommandError> {
+        self.ask(|reply| Request::Send { cmd, reply }).await
+    }
+
+    pub async fn cancel(&self, command_id: &str) -> Result<CommandRecord, CommandError> {
+        let command_id = command_id.to_owned();
+        self.ask(|reply| Request::Cancel { command_id, reply }).await
+    }
+
+    pub async fn get(
+        &self,
+        command_id: &str,
+    ) -> Result<(CommandRecord, Vec<CommandTransition>), CommandError> {
+        self.store
+            .get(command_id)
+            .await?
+            .ok_or_else(|| CommandError::UnknownCommand(command_id.to_owned()))
+    }
+
+    pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<CommandRecord>, CommandError> {
+        Ok(self.store.list(filter).await?)
+    }
+
+    /// Every committed state change, as it happens.
+    pub fn subscribe(&self) -> broadcast::Receiver<CommandRecord> {
+        self.events.subscribe()
+    }
+
+    /// A device stream is live: its pending commands start flowing into the
+    /// returned receiver, in order.
+    pub async fn attach(&self, device: &DeviceId, session: u64) -> mpsc::Receiver<DeviceCommand> {
+        let (outbox, commands) = mpsc::channel(self.outbox);
+        let _ = self
+            .tx
+            .send(Request::Attach {
+                device: device.as_str().to_owned(),
+                session,
+                outbox,
+            })
+            .await;
+        commands
+    }
+
+    pub async fn detach(&self, device: &DeviceId, session: u64) {
+        let _ = self
+            .tx
+            .send(Request::Detach {
+                device: device.as_str().to_owned(),
+                session,
+            })
+            .await;
+    }
+
+    /// The session wrote the command to its stream.
+    pub async fn written(&self, device: &DeviceId, session: u64, command_id: String) {
+        let _ = self
+            .tx
+            .send(Request::Written {
+                device: device.as_str().to_owned(),
+                session,
+                command_id,
+            })
+            .await;
+    }
+
+    pub async fn reply(&self, device: &DeviceId, reply: CommandReply) {
+        let _ = self
+            .tx
+            .send(Request::Reply {
+                device: device.as_str().to_owned(),
+                reply,
+            })
+            .await;
+    }
+}
+
+/// A command that is not final yet.
+struct Open {
+    rec: CommandRecord,
+    /// The session it was last pushed to; None = push it (again).
+    pushed_to: Option<u64>,
+    pushed_at: Option<Instant>,
+    /// Pushes within the current session, for the ack timeout.
+    tries: u32,
+}
+
+#[derive(Default)]
+struct DeviceQueue {
+    /// Open command ids, oldest first.
+    order: VecDeque<String>,
+    link: Option<(u64, mpsc::Sender<DeviceCommand>)>,
+}
+
+/// What a batch of requests changed, to write in one transaction.
+#[derive(Default)]
+struct Batch {
+    inserts: Vec<CommandRecord>,
+    updates: Vec<(CommandRecord, Vec<CommandTransition>)>,
+    answers: Vec<(oneshot::Sender<Result<CommandRecord, CommandError>>, CommandRecord)>,
+    events: Vec<CommandRecord>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.updates.is_empty() && self.answers.is_empty()
+    }
+}
+
+pub struct CommandActor {
+    rx: mpsc::Receiver<Request>,
+    writer: CommandWriter,
+    log: CommandStore,
+    devices: Store,
+    settings: CommandSettings,
+    events: broadcast::Sender<CommandRecord>,
+    open: HashMap<String, Open>,
+    queues: HashMap<String, DeviceQueue>,
+}
+
+/// Creates the handle and the task that serves it.
+pub fn channel(
+    settings: CommandSettings,
+    store: CommandStore,
+    writer: CommandWriter,
+    devices: Store,
+) -> (Commands, CommandActor) {
+    let (tx, rx) = mpsc::channel(1024);
+    let (events, _) = broadcast::channel(1024);
+    let handle = Commands {
+        tx,
+        events: events.clone(),
+        store: store.clone(),
+        outbox: settings.outbox,
+    };
+    let actor = CommandActor {
+        rx,
+        writer,
+        log: store,
+        devices,
+        settings,
+        events,
+        open: HashMap::new(),
+        queues: HashMap::new(),
+    };
+    (handle, actor)
+}
+
+fn transition(state: CommandState, at_ms: i64, detail: &str) -> CommandTransition {
+    CommandTransition {
+        state,
+        at_ms,
+        detail: detail.to_owned(),
+    }
+}
+
+impl CommandActor {
+    /// Serves requests until every handle is gone or `stop` is cancelled.
+    pub async fn run(mut self, stop: CancellationToken) {
+        if let Err(e) = self.reload().await {
+            tracing::error!(error = %e, "cannot load open commands");
+        }
+        loop {
+            let wake = self.next_deadline();
+            let first = tokio::select! {
+                r = self.rx.recv() => match r {
+                    Some(r) => Some(r),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake) => None,
+                _ = stop.cancelled() => break,
+            };
+            let mut batch = Batch::default();
+            if let Some(first) = first {
+                self.handle(first, &mut batch).await;
+                while batch.inserts.len() + batch.updates.len() < 256 {
+                    let Ok(next) = self.rx.try_recv() else { break };
+                    self.handle(next, &mut batch).await;
+                }
+            }
+            self.check_timers(&mut batch);
+            self.commit(batch).await;
+            self.dispatch();
+        }
+        if let Err(e) = self.writer.close().await {
+            tracing::warn!(error = %e, "closing the command log failed");
+        }
+    }
+
+    /// Rebuilds the in-memory state from the log (at start, and after a
+    /// failed commit). Links to live streams are kept.
+    async fn reload(&mut self) -> Result<(), StoreError> {
+        let open = self.writer.load_open().await?;
+        self.open.clear();
+        for q in self.queues.values_mut() {
+            q.order.clear();
+        }
+        for rec in open {
+            self.queues
+                .entry(rec.device_id.clone())
+                .or_default()
+                .order
+                .push_back(rec.command_id.clone());
+            self.open.insert(
+                rec.command_id.clone(),
+                Open {
+                    rec,
+                    pushed_to: None,
+                    pushed_at: None,
+                    tries: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, request: Request, batch: &mut Batch) {
+        match request {
+            Request::Send { cmd, reply } => match self.create(cmd).await {
+                Ok(rec) => {
+                    batch.inserts.push(rec.clone());
+                    batch.events.push(rec.clone());
+                    batch.answers.push((reply, rec));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::Cancel { command_id, reply } => {
+                let now = now_ms();
+                match self.open.get(&command_id) {
+                    Some(_) => {
+                        let rec = self.finish(
+                            &command_id,
+                            CommandState::Cancelled,
+                            "cancelled by an operator",
+                            None,
+                            Vec::new(),
+                            now,
+                            batch,
+                        );
+                        if let Some(rec) = rec {
+                            batch.answers.push((reply, rec));
+                        }
+                    }
+                    None => {
+                        let answer = match self.writer_lookup(&command_id).await {
+                            Ok(Some(rec)) => Err(CommandError::AlreadyFinal {
+                                id: command_id,
+                                state: rec.state,
+                            }),
+                            Ok(None) => Err(CommandError::UnknownCommand(command_id)),
+                            Err(e) => Err(e.into()),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
+            }
+            Request::Attach {
+                device,
+                session,
+                outbox,
+            } => {
+                let queue = self.queues.entry(device).or_default();
+                queue.link = Some((session, outbox));
+                // Everything not final goes out again on the new stream, in
+                // order: the device deduplicates by command_id.
+                for id in &queue.order {
+                    if let Some(open) = self.open.get_mut(id) {
+                        open.pushed_to = None;
+                        open.tries = 0;
+                    }
+                }
+            }
+            Request::Detach { device, session } => {
+                if let Some(queue) = self.queues.get_mut(&device)
+                    && queue.link.as_ref().is_some_and(|(s, _)| *s == session)
+                {
+                    queue.link = None;
+                }
+            }
+            Request::Written {
+                device,
+                session,
+                command_id,
+            } => {
+                let linked = self
+                    .queues
+                    .get(&device)
+                    .and_then(|q| q.link.as_ref())
+                    .is_some_and(|(s, _)| *s == session);
+                if let Some(open) = self.open.get_mut(&command_id)
+                    && linked
+                {
+                    let now = now_ms();
+                    open.rec.attempts += 1;
+                    open.rec.updated_at_ms = now;
+                    let mut transitions = Vec::new();
+                    if open.rec.state == CommandState::Queued {
+                        open.rec.state = CommandState::Sent;
+                        transitions.push(transition(CommandState::Sent, now, ""));
+                        batch.events.push(open.rec.clone());
+                    }
+                    batch.updates.push((open.rec.clone(), transitions));
+                }
+            }
+            Request::Reply { device, reply } => self.on_reply(&device, reply, batch),
+        }
+    }
+
+    /// A command that is not open: final, or unknown.
+    async fn writer_lookup(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        Ok(self.log.get(command_id).await?.map(|(rec, _)| rec))
+    }
+
+    async fn create(&mut self, cmd: NewCommand) -> Result<CommandRecord, CommandError> {
+        if cmd.name.is_empty() || cmd.name.len() > 64 {
+            return Err(CommandError::Invalid(
+                "command name must be 1 to 64 bytes".into(),
+            ));
+        }
+        let params = if cmd.params.trim().is_empty() {
+            "{}".to_owned()
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&cmd.params) {
+                Ok(v) if v.is_object() => v.to_string(),
+                _ => {
+                    return Err(CommandError::Invalid(
+                        "params must be a JSON object".into(),
+                    ));
+                }
+            }
+        };
+        let ttl = cmd.ttl.unwrap_or(self.settings.default_ttl);
+        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+            return Err(CommandError::Invalid(format!(
+                "ttl must be between 1s and 7days, not {}",
+                humantime::format_duration(ttl)
+            )));
+        }
+        if self.devices.find_device(&cmd.device_id).await?.is_none() {
+            return Err(CommandError::UnknownDevice(cmd.device_id));
+        }
+        let queue = self.queues.entry(cmd.device_id.clone()).or_default();
+        if queue.order.len() >= self.settings.max_pending_per_device {
+            return Err(CommandError::TooManyPending {
+                device: cmd.device_id,
+                limit: self.settings.max_pending_per_device,
+            });
+        }
+        let now = now_ms();
+        let rec = CommandRecord {
+            command_id: new_command_id(),
+            device_id: cmd.device_id,
+            name: cmd.name,
+            params,
+            state: CommandState::Queued,
+            detail: String::new(),
+            result: String::new(),
+            attempts: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+            expires_at_ms: now.saturating_add(ttl.as_millis() as i64),
+        };
+        queue.order.push_back(rec.command_id.clone());
+        self.open.insert(
+            rec.command_id.clone(),
+            Open {
+                rec: rec.clone(),
+                pushed_to: None,
+                pushed_at: None,
+                tries: 0,
+            },
+        );
+        Ok(rec)
+    }
+
+    /// Moves an open command to a final state and forgets it; `implied` are
+    /// the transitions the final one implies (a final reply implies
+    /// RECEIVED).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        command_id: &str,
+        state: CommandState,
+        detail: &str,
+        result: Option<String>,
+        implied: Vec<CommandTransition>,
+        now: i64,
+        batch: &mut Batch,
+    ) -> Option<CommandRecord> {
+        let mut open = self.open.remove(command_id)?;
+        if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
+            queue.order.retain(|id| id != command_id);
+        }
+        let mut transitions = implied;
+        transitions.push(transition(state, now, detail));
+        let rec = &mut open.rec;
+        rec.state = state;
+        rec.detail = detail.to_owned();
+        if let Some(result) = result {
+            rec.result = result;
+        }
+        rec.updated_at_ms = now;
+        batch.updates.push((rec.clone(), transitions));
+        batch.events.push(rec.clone());
+        Some(open.rec)
+    }
+
+    fn on_reply(&mut self, device: &str, reply: CommandReply, batch: &mut Batch) {
+        let Some(open) = self.open.get_mut(&reply.command_id) else {
+            tracing::warn!(device_id = device, command_id = %reply.command_id,
+                "reply for an unknown or already final command ignored");
+            return;
+        };
+        if open.rec.device_id != device {
+            tracing::warn!(device_id = device, command_id = %reply.command_id,
+                owner = %open.rec.device_id, "reply for another device's command ignored");
+            return;
+        }
+        let now = now_ms();
+        // The device has it, so it was sent even if the session's note that
+        // it wrote the command has not arrived yet.
+        let mut implied = Vec::new();
+        if open.rec.state == CommandState::Queued {
+            implied.push(transition(CommandState::Sent, now, ""));
+        }
+        if open.rec.state != CommandState::Received {
+            implied.push(transition(CommandState::Received, now, ""));
+        }
+        let final_state = match reply.status {
+            ReplyStatus::Received => None,
+            ReplyStatus::Succeeded => Some(CommandState::Succeeded),
+            ReplyStatus::Failed => Some(CommandState::Failed),
+            ReplyStatus::Rejected => Some(CommandState::Rejected),
+        };
+        match final_state {
+            None => {
+                if implied.is_empty() {
+                    return;
+                }
+                open.rec.state = CommandState::Received;
+                open.rec.updated_at_ms = now;
+                batch.updates.push((open.rec.clone(), implied));
+                batch.events.push(open.rec.clone());
+            }
+            Some(state) => {
+                let result = Some(reply.result);
+                self.finish(&reply.command_id, state, &reply.detail, result, implied, now, batch);
+            }
+        }
+    }
+
+    /// Expiry and the ack timeout.
+    fn check_timers(&mut self, batch: &mut Batch) {
+        let now = now_ms();
+        let instant = Instant::now();
+        let mut expired = Vec::new();
+        let mut unanswered = Vec::new();
+        for (id, open) in &mut self.open {
+            if open.rec.expires_at_ms <= now {
+                expired.push(id.clone());
+            } else if open.rec.state == CommandState::Sent
+                && open
+                    .pushed_at
+                    .is_some_and(|at| instant.duration_since(at) >= self.settings.ack_timeout)
+            {
+                if open.tries >= self.settings.max_attempts {
+                    unanswered.push(id.clone());
+                } else {
+                    // Send it again on the same stream.
+                    open.pushed_to = None;
+                    open.pushed_at = None;
+                }
+            }
+        }
+        for id in expired {
+            self.finish(&id, CommandState::Expired, "ttl passed before a final state", None, Vec::new(), now, batch);
+        }
+        for id in unanswered {
+            self.finish(&id, CommandState::Failed, "no response from device", None, Vec::new(), now, batch);
+        }
+    }
+
+    /// When the next timer is due (at most a second away).
+    fn next_deadline(&self) -> Instant {
+        let instant = Instant::now();
+        let now = now_ms();
+        let mut next = instant + Duration::from_secs(1);
+        for open in self.open.values() {
+            let expires = instant + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
+            next = next.min(expires);
+            if open.rec.state == CommandState::Sent
+                && let Some(at) = open.pushed_at
+            {
+                next = next.min(at + self.settings.ack_timeout);
+            }
+            if open.pushed_to.is_none()
+                && self
+                    .queues
+                    .get(&open.rec.device_id)
+                    .is_some_and(|q| q.link.is_some())
+            {
+                // Waiting for room in a device's outbox.
+                next = next.min(instant + Duration::from_millis(50));
+            }
+        }
+        next
+    }
+
+    /// Persists a batch, then tells: operators, watchers, devices.
+    async fn commit(&mut self, batch: Batch) {
+        if batch.is_empty() {
+            for rec in batch.events {
+                let _ = self.events.send(rec);
+            }
+            return;
+        }
+        match self.write(&batch).await {
+            Ok(()) => {
+                for (reply, rec) in batch.answers {
+                    let _ = reply.send(Ok(rec));
+                }
+                for rec in batch.events {
+                    // No subscriber is fine.
+                    let _ = self.events.send(rec);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "command log commit failed; reloading open commands");
+                for (reply, _) in batch.answers {
+                    let _ = reply.send(Err(CommandError::Store(StoreError::Sqlx(
+                        sqlx::Error::Protocol("commit failed".into()),
+                    ))));
+                }
+                if let Err(e) = self.reload().await {
+                    tracing::error!(error = %e, "cannot reload open commands");
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for rec in &batch.inserts {
+            tx.insert(rec).await?;
+            tx.history(&rec.command_id, &[transition(CommandState::Queued, rec.created_at_ms, "")])
+                .await?;
+        }
+        for (rec, transitions) in &batch.updates {
+            tx.update(rec, transitions).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Pushes open commands to attached devices, oldest first, as far as
+    /// each device's outbox has room. Expired ones never go out.
+    fn dispatch(&mut self) {
+        let now = now_ms();
+        let instant = Instant::now();
+        for queue in self.queues.values_mut() {
+            let Some((session, outbox)) = &queue.link else {
+                continue;
+            };
+            let mut closed = false;
+            for id in &queue.order {
+                let Some(open) = self.open.get_mut(id) else { continue };
+                if open.pushed_to == Some(*session) || open.rec.expires_at_ms <= now {
+                    continue;
+                }
+                let cmd = DeviceCommand {
+                    command_id: open.rec.command_id.clone(),
+                    name: open.rec.name.clone(),
+                    params: open.rec.params.clone(),
+                    expires_at_ms: open.rec.expires_at_ms,
+                };
+                match outbox.try_send(cmd) {
+                    Ok(()) => {
+                        open.pushed_to = Some(*session);
+                        open.pushed_at = Some(instant);
+                        open.tries += 1;
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => break,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed {
+                queue.link = None;
+            }
+        }
+        self.queues.retain(|_, q| q.link.is_some() || !q.order.is_empty());
+    }
+}
+
+/// A random, unique command id (UUID v4 text).
+fn new_command_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
