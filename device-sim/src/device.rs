@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
+use crate::commands::{CommandRunner, Effect};
 use crate::signal::SignalGen;
 use crate::stats::FleetStats;
 
@@ -54,6 +55,8 @@ enum StreamEnd {
     Closed,
     /// Stop was requested and the drain ran out of time.
     DrainTimedOut,
+    /// A reboot command: come back after this long.
+    Reboot(Duration),
     /// The stream broke; reconnect.
     Broken(Status),
 }
@@ -74,6 +77,9 @@ pub struct SimDevice {
     carry: f64,
     /// The last stream got as far as Welcome (resets the backoff).
     welcomed: bool,
+    commands: CommandRunner,
+    /// Set by a reboot command: end the stream after the replies.
+    reboot: Option<Duration>,
     stats: Arc<FleetStats>,
 }
 
@@ -91,6 +97,8 @@ impl SimDevice {
             sensor_cursor: 0,
             carry: 0.0,
             welcomed: false,
+            commands: CommandRunner::default(),
+            reboot: None,
             stats,
         }
     }
@@ -108,6 +116,13 @@ impl SimDevice {
             match end {
                 StreamEnd::Closed if self.unacked.is_empty() => return DeviceEnd::Clean,
                 StreamEnd::Closed | StreamEnd::DrainTimedOut => return DeviceEnd::Unclean,
+                StreamEnd::Reboot(delay) => {
+                    tracing::debug!(device = %self.cfg.device_id, ?delay, "rebooting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled(), if drain_deadline.is_none() => {}
+                    }
+                }
                 StreamEnd::Broken(status) => {
                     tracing::debug!(device = %self.cfg.device_id, code = ?status.code(), msg = status.message(), "stream broke");
                     if drain_deadline.is_some_and(|d| Instant::now() >= d) {
@@ -166,10 +181,10 @@ impl SimDevice {
         };
         self.on_welcome(&welcome);
         self.welcomed = true;
-        let batch_max = self.cfg.batch_max.min(welcome.max_batch.max(1) as usize);
+        let max_batch = welcome.max_batch.max(1) as usize;
         FleetStats::inc(&self.stats.online, 1);
         let end = self
-            .pump(&tx, &mut inbound, stop, drain_deadline, batch_max)
+            .pump(&tx, &mut inbound, stop, drain_deadline, max_batch)
             .await;
         self.stats
             .online
@@ -187,6 +202,7 @@ impl SimDevice {
                 // answered; the hub redelivers it on the next stream.
                 Ok(Ok(Some(msg))) => {
                     let _ = self.on_message(msg);
+                    self.reboot = None;
                 }
                 Ok(Ok(None)) => return StreamEnd::Closed,
                 Ok(Err(status)) => return StreamEnd::Broken(status),
@@ -203,13 +219,13 @@ impl SimDevice {
         inbound: &mut Streaming<pb::HubMessage>,
         stop: &CancellationToken,
         drain_deadline: &mut Option<Instant>,
-        batch_max: usize,
+        max_batch: usize,
     ) -> Result<(), StreamEnd> {
         let mut tick = tokio::time::interval(self.cfg.batch_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_sample = Instant::now();
         // Resend what the hub has not acked, right away.
-        self.send_unsent(tx, batch_max).await?;
+        self.send_unsent(tx, max_batch).await?;
         loop {
             if drain_deadline.is_some() && self.unacked.is_empty() {
                 return Ok(());
@@ -220,12 +236,19 @@ impl SimDevice {
                     let now = Instant::now();
                     self.sample(now.duration_since(last_sample));
                     last_sample = now;
-                    self.send_unsent(tx, batch_max).await?;
+                    self.send_unsent(tx, max_batch).await?;
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
-                        if let Some(reply) = self.on_message(msg) {
+                        for reply in self.on_message(msg) {
+                            let reply = pb::DeviceMessage { msg: Some(DeviceMsg::CommandReply(reply)) };
                             tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
+                        }
+                        if let Some(delay) = self.reboot.take() {
+                            // Let the replies reach the hub before the stream drops.
+                            let flushed = tx.reserve_many(tx.max_capacity());
+                            let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+                            return Err(StreamEnd::Reboot(delay));
                         }
                     }
                     Ok(None) => return Err(StreamEnd::Broken(Status::unavailable("hub closed the stream"))),
@@ -233,7 +256,7 @@ impl SimDevice {
                 },
                 _ = stop.cancelled(), if drain_deadline.is_none() => {
                     *drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
-                    self.send_unsent(tx, batch_max).await?;
+                    self.send_unsent(tx, max_batch).await?;
                 }
                 _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() => {
                     return Ok(());
@@ -250,8 +273,8 @@ impl SimDevice {
         self.in_flight.clear();
     }
 
-    /// Handles a hub message; returns a reply to send, if any.
-    fn on_message(&mut self, msg: pb::HubMessage) -> Option<pb::DeviceMessage> {
+    /// Handles a hub message; returns the command replies to send.
+    fn on_message(&mut self, msg: pb::HubMessage) -> Vec<pb::CommandReply> {
         match msg.msg {
             Some(HubMsg::Ack(ack)) => {
                 FleetStats::inc(&self.stats.duplicates, u64::from(ack.duplicates));
@@ -265,21 +288,23 @@ impl SimDevice {
                     self.stats.record_ack_latency(now.duration_since(sent_at));
                 }
                 self.release(ack.acked_seq);
-                None
+                Vec::new()
             }
             Some(HubMsg::Command(cmd)) => {
                 FleetStats::inc(&self.stats.commands_received, 1);
-                // No command is implemented by the simulator yet.
-                Some(pb::DeviceMessage {
-                    msg: Some(DeviceMsg::CommandReply(pb::CommandReply {
-                        command_id: cmd.command_id,
-                        status: pb::CommandStatus::Rejected as i32,
-                        detail: format!("unknown command: {}", cmd.name),
-                        result_json: String::new(),
-                    })),
-                })
+                let outcome = self.commands.handle(&cmd, now_ms());
+                if outcome.executed {
+                    FleetStats::inc(&self.stats.commands_executed, 1);
+                }
+                match outcome.effect {
+                    Some(Effect::SetRate(hz)) => self.cfg.rate_hz = hz,
+                    Some(Effect::SetBatch(max)) => self.cfg.batch_max = max,
+                    Some(Effect::Reboot(delay)) => self.reboot = Some(delay),
+                    None => {}
+                }
+                outcome.replies
             }
-            Some(HubMsg::Welcome(_)) | None => None,
+            Some(HubMsg::Welcome(_)) | None => Vec::new(),
         }
     }
 
@@ -324,12 +349,14 @@ impl SimDevice {
     }
 
     /// Sends the unacked readings not yet sent on this stream, in batches of
-    /// at most `batch_max` (called once per batch interval, and on drain).
+    /// at most the device's batch size within the hub's `max_batch` (called
+    /// once per batch interval, and on drain).
     async fn send_unsent(
         &mut self,
         tx: &mpsc::Sender<pb::DeviceMessage>,
-        batch_max: usize,
+        max_batch: usize,
     ) -> Result<(), StreamEnd> {
+        let batch_max = self.cfg.batch_max.clamp(1, max_batch);
         while self.sent_on_stream < self.unacked.len() {
             let end = (self.sent_on_stream + batch_max).min(self.unacked.len());
             let readings: Vec<pb::Reading> = self

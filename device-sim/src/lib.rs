@@ -3,10 +3,12 @@
 //!
 //! - [`device`]: one device: Hello, Welcome, sample, batch, resend after a
 //!   reconnect, drain and half-close.
+//! - [`commands`]: what a device does with commands (and deduplication).
 //! - [`fleet`]: many devices over a few shared HTTP/2 connections.
 //! - [`signal`]: reproducible, realistic sensor values.
 //! - [`stats`]: live counters and the end-of-run summary.
 
+pub mod commands;
 pub mod device;
 pub mod fleet;
 pub mod signal;

@@ -21,6 +21,8 @@ pub struct FleetStats {
     pub dropped_at_source: AtomicU64,
     pub reconnects: AtomicU64,
     pub commands_received: AtomicU64,
+    /// Commands run (duplicates of a command already run are not).
+    pub commands_executed: AtomicU64,
     /// Batch sent -> covering Ack received, in microseconds.
     ack_latency_us: Mutex<Histogram<u64>>,
 }
@@ -36,6 +38,7 @@ impl Default for FleetStats {
             dropped_at_source: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
+            commands_executed: AtomicU64::new(0),
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
         }
@@ -83,6 +86,7 @@ impl FleetStats {
             dropped_at_source: Self::get(&self.dropped_at_source),
             reconnects: Self::get(&self.reconnects),
             commands_received: Self::get(&self.commands_received),
+            commands_executed: Self::get(&self.commands_executed),
             elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             clean_devices,
             ack_p50_ms: self.ack_latency_ms(0.50),
@@ -102,6 +106,7 @@ pub struct FleetSummary {
     pub dropped_at_source: u64,
     pub reconnects: u64,
     pub commands_received: u64,
+    pub commands_executed: u64,
     pub elapsed_s: f64,
     /// Devices that ended with everything acked and the hub's OK.
     pub clean_devices: usize,

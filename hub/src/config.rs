@@ -217,7 +217,11 @@ impl Settings {
             "commands.ack_timeout",
             "must be longer than 0s",
         )?;
-        check(c.max_attempts >= 1, "commands.max_attempts", "must be at least 1")?;
+        check(
+            c.max_attempts >= 1,
+            "commands.max_attempts",
+            "must be at least 1",
+        )?;
         check(c.outbox >= 1, "commands.outbox", "must be at least 1")?;
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! `hub`: parse the command line, load settings, call into the library.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use hub::cli::{self, Cli, Command};
 use hub::{Hub, Settings};
@@ -14,24 +16,36 @@ fn init_tracing(default_filter: &str) {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the subcommand; returns the process exit code.
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let ok = |r: anyhow::Result<()>| r.map(|()| 0);
     match cli.command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
             init_tracing(&settings.log.filter);
-            Hub::start(settings).await?.run_until_signal().await
+            ok(Hub::start(settings).await?.run_until_signal().await)
         }
         Command::PrintConfig { config } => {
             print!("{}", Settings::load(config.as_deref())?.to_toml());
-            Ok(())
+            Ok(0)
         }
-        Command::Query(args) => cli::query(&args, &mut std::io::stdout().lock()).await,
-        Command::Devices(args) => cli::devices(&args, &mut std::io::stdout().lock()).await,
-        Command::Stats(args) => cli::stats(&args, &mut std::io::stdout().lock()).await,
+        Command::Query(args) => ok(cli::query(&args, &mut std::io::stdout().lock()).await),
+        Command::Devices(args) => ok(cli::devices(&args, &mut std::io::stdout().lock()).await),
+        Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
+        Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,
         Command::Demo(args) => {
             init_tracing("warn");
-            cli::demo(args).await
+            ok(cli::demo(args).await)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and `devices` are gRPC clients of a running hub; `demo` runs a hub and a
 //! simulated fleet in one process.
 
+mod command;
 mod demo;
 mod output;
 
@@ -14,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use telemetry_proto::v1::{self as pb, operator_client::OperatorClient};
 use tonic::transport::{Channel, Endpoint};
 
+pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
 use output::{BucketColumns, Format};
 
@@ -45,6 +47,9 @@ pub enum Command {
     Query(QueryArgs),
     /// List registered devices.
     Devices(DevicesArgs),
+    /// Send, list, show and cancel device commands.
+    #[command(subcommand)]
+    Command(CommandAction),
     /// Show the live counters of a running hub.
     Stats(DevicesArgs),
     /// Run a hub and a simulated fleet in one process (Ctrl-C stops).
@@ -225,7 +230,7 @@ pub async fn stats(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<(
 }
 
 /// A hub's error status as one readable line.
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("hub answered {:?}: {}", status.code(), status.message())
 }
 

@@ -294,3 +294,130 @@ pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io
         }
     }
 }
+
+fn state_name(raw: i32) -> &'static str {
+    pb::CommandState::try_from(raw)
+        .map(|s| s.as_str_name().trim_start_matches("COMMAND_STATE_"))
+        .unwrap_or("UNSPECIFIED")
+}
+
+fn json_or_null(raw: &str) -> Value {
+    if raw.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
+    }
+}
+
+fn command_json(c: &pb::CommandInfo) -> Map<String, Value> {
+    let mut obj = Map::new();
+    obj.insert("command_id".into(), json!(c.command_id));
+    obj.insert("device_id".into(), json!(c.device_id));
+    obj.insert("name".into(), json!(c.name));
+    obj.insert("params".into(), json_or_null(&c.params_json));
+    obj.insert("state".into(), json!(state_name(c.state)));
+    obj.insert("detail".into(), json!(c.detail));
+    obj.insert("result".into(), json_or_null(&c.result_json));
+    obj.insert("attempts".into(), json!(c.attempts));
+    obj.insert("created_at".into(), json!(rfc3339_ms(c.created_at_ms)));
+    obj.insert("updated_at".into(), json!(rfc3339_ms(c.updated_at_ms)));
+    obj.insert("expires_at".into(), json!(rfc3339_ms(c.expires_at_ms)));
+    obj
+}
+
+pub fn print_commands(
+    format: Format,
+    commands: &[pb::CommandInfo],
+    out: &mut impl Write,
+) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for c in commands {
+                writeln!(out, "{}", Value::Object(command_json(c)))?;
+            }
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "command_id,device_id,name,state,detail,result,created_at,updated_at"
+            )?;
+            for c in commands {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{}",
+                    c.command_id,
+                    csv_field(&c.device_id),
+                    csv_field(&c.name),
+                    state_name(c.state),
+                    csv_field(&c.detail),
+                    csv_field(&c.result_json),
+                    rfc3339_ms(c.created_at_ms),
+                    rfc3339_ms(c.updated_at_ms)
+                )?;
+            }
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<36}  {:<16} {:<12} {:<10} {:<24}  RESULT",
+                "COMMAND_ID", "DEVICE_ID", "NAME", "STATE", "UPDATED_AT"
+            )?;
+            for c in commands {
+                let mut line = format!(
+                    "{:<36}  {:<16} {:<12} {:<10} {:<24}  {}",
+                    c.command_id,
+                    c.device_id,
+                    c.name,
+                    state_name(c.state),
+                    rfc3339_ms(c.updated_at_ms),
+                    c.result_json
+                );
+                if !c.detail.is_empty() {
+                    line.push_str(&format!("  ({})", c.detail));
+                }
+                writeln!(out, "{}", line.trim_end())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn print_command_detail(
+    format: Format,
+    c: &pb::CommandInfo,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let history: Vec<Value> = c
+        .history
+        .iter()
+        .map(|t| json!({"state": state_name(t.state), "at": rfc3339_ms(t.at_ms), "detail": t.detail}))
+        .collect();
+    match format {
+        Format::Json => {
+            let mut obj = command_json(c);
+            obj.insert("history".into(), Value::Array(history));
+            writeln!(out, "{}", Value::Object(obj))
+        }
+        Format::Csv => print_commands(format, std::slice::from_ref(c), out),
+        Format::Table => {
+            for (k, v) in command_json(c) {
+                let v = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                writeln!(out, "{k:<12} {v}")?;
+            }
+            writeln!(out, "history")?;
+            for t in &c.history {
+                writeln!(
+                    out,
+                    "  {:<24} {:<10} {}",
+                    rfc3339_ms(t.at_ms),
+                    state_name(t.state),
+                    t.detail
+                )?;
+            }
+            Ok(())
+        }
+    }
+}

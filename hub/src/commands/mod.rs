@@ -138,7 +138,8 @@ impl Commands {
 
     pub async fn cancel(&self, command_id: &str) -> Result<CommandRecord, CommandError> {
         let command_id = command_id.to_owned();
-        self.ask(|reply| Request::Cancel { command_id, reply }).await
+        self.ask(|reply| Request::Cancel { command_id, reply })
+            .await
     }
 
     pub async fn get(
@@ -230,7 +231,10 @@ struct DeviceQueue {
 struct Batch {
     inserts: Vec<CommandRecord>,
     updates: Vec<(CommandRecord, Vec<CommandTransition>)>,
-    answers: Vec<(oneshot::Sender<Result<CommandRecord, CommandError>>, CommandRecord)>,
+    answers: Vec<(
+        oneshot::Sender<Result<CommandRecord, CommandError>>,
+        CommandRecord,
+    )>,
     events: Vec<CommandRecord>,
 }
 
@@ -458,9 +462,7 @@ impl CommandActor {
             match serde_json::from_str::<serde_json::Value>(&cmd.params) {
                 Ok(v) if v.is_object() => v.to_string(),
                 _ => {
-                    return Err(CommandError::Invalid(
-                        "params must be a JSON object".into(),
-                    ));
+                    return Err(CommandError::Invalid("params must be a JSON object".into()));
                 }
             }
         };
@@ -579,7 +581,15 @@ impl CommandActor {
             }
             Some(state) => {
                 let result = Some(reply.result);
-                self.finish(&reply.command_id, state, &reply.detail, result, implied, now, batch);
+                self.finish(
+                    &reply.command_id,
+                    state,
+                    &reply.detail,
+                    result,
+                    implied,
+                    now,
+                    batch,
+                );
             }
         }
     }
@@ -608,10 +618,26 @@ impl CommandActor {
             }
         }
         for id in expired {
-            self.finish(&id, CommandState::Expired, "ttl passed before a final state", None, Vec::new(), now, batch);
+            self.finish(
+                &id,
+                CommandState::Expired,
+                "ttl passed before a final state",
+                None,
+                Vec::new(),
+                now,
+                batch,
+            );
         }
         for id in unanswered {
-            self.finish(&id, CommandState::Failed, "no response from device", None, Vec::new(), now, batch);
+            self.finish(
+                &id,
+                CommandState::Failed,
+                "no response from device",
+                None,
+                Vec::new(),
+                now,
+                batch,
+            );
         }
     }
 
@@ -621,7 +647,8 @@ impl CommandActor {
         let now = now_ms();
         let mut next = instant + Duration::from_secs(1);
         for open in self.open.values() {
-            let expires = instant + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
+            let expires = instant
+                + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
             next = next.min(expires);
             if open.rec.state == CommandState::Sent
                 && let Some(at) = open.pushed_at
@@ -677,8 +704,11 @@ impl CommandActor {
         let mut tx = self.writer.begin().await?;
         for rec in &batch.inserts {
             tx.insert(rec).await?;
-            tx.history(&rec.command_id, &[transition(CommandState::Queued, rec.created_at_ms, "")])
-                .await?;
+            tx.history(
+                &rec.command_id,
+                &[transition(CommandState::Queued, rec.created_at_ms, "")],
+            )
+            .await?;
         }
         for (rec, transitions) in &batch.updates {
             tx.update(rec, transitions).await?;
@@ -697,7 +727,9 @@ impl CommandActor {
             };
             let mut closed = false;
             for id in &queue.order {
-                let Some(open) = self.open.get_mut(id) else { continue };
+                let Some(open) = self.open.get_mut(id) else {
+                    continue;
+                };
                 if open.pushed_to == Some(*session) || open.rec.expires_at_ms <= now {
                     continue;
                 }
@@ -724,7 +756,8 @@ impl CommandActor {
                 queue.link = None;
             }
         }
-        self.queues.retain(|_, q| q.link.is_some() || !q.order.is_empty());
+        self.queues
+            .retain(|_, q| q.link.is_some() || !q.order.is_empty());
     }
 }
 

@@ -166,7 +166,11 @@ pub fn state_filter(raw: i32) -> Result<Option<CommandState>, Status> {
         Ok(pb::CommandState::Rejected) => Some(CommandState::Rejected),
         Ok(pb::CommandState::Expired) => Some(CommandState::Expired),
         Ok(pb::CommandState::Cancelled) => Some(CommandState::Cancelled),
-        Err(_) => return Err(Status::invalid_argument(format!("unknown command state {raw}"))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown command state {raw}"
+            )));
+        }
     })
 }
 

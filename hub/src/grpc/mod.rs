@@ -21,10 +21,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::commands::NewCommand;
 use crate::domain::{CommandRecord, ReadingQuery};
-use crate::store::commands::CommandFilter;
 use crate::metrics::HubMetrics;
 use crate::query::{self, QueryChunk};
 use crate::store::Store;
+use crate::store::commands::CommandFilter;
 use session::SessionContext;
 
 pub struct DeviceGatewayService {
@@ -212,7 +212,11 @@ impl Operator for OperatorService {
             state: convert::state_filter(req.state)?,
             since_ms: req.since_ms,
             until_ms: req.until_ms,
-            limit: if req.limit == 0 { 1000 } else { req.limit.min(100_000) },
+            limit: if req.limit == 0 {
+                1000
+            } else {
+                req.limit.min(100_000)
+            },
         };
         let commands = self
             .ctx
@@ -252,15 +256,19 @@ impl Operator for OperatorService {
             .get(&req.command_id)
             .await
             .map_err(convert::command_status)?;
-        let timeout = (req.timeout_ms > 0)
-            .then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
+        let timeout =
+            (req.timeout_ms > 0).then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
         let (tx, rx) = mpsc::channel(8);
         let shutdown = self.ctx.shutdown.clone();
         self.ctx.tracker.spawn(async move {
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             let id = current.command_id.clone();
             let mut last: CommandRecord = current;
-            if tx.send(Ok(convert::command_info(last.clone(), Vec::new()))).await.is_err() {
+            if tx
+                .send(Ok(convert::command_info(last.clone(), Vec::new())))
+                .await
+                .is_err()
+            {
                 return;
             }
             while !last.state.is_final() {
@@ -288,7 +296,11 @@ impl Operator for OperatorService {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 last = rec;
-                if tx.send(Ok(convert::command_info(last.clone(), Vec::new()))).await.is_err() {
+                if tx
+                    .send(Ok(convert::command_info(last.clone(), Vec::new())))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -123,8 +123,9 @@ impl CommandStore {
 
     /// Newest first.
     pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE 1 = 1"));
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE 1 = 1"
+        ));
         if let Some(device) = &filter.device_id {
             q.push(" AND device_id = ").push_bind(device.clone());
         }
@@ -137,7 +138,8 @@ impl CommandStore {
         if let Some(until) = filter.until_ms {
             q.push(" AND created_at_ms < ").push_bind(until);
         }
-        q.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(filter.limit));
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
         let rows = q.build().fetch_all(&self.read).await?;
         rows.iter().map(record_from_row).collect()
     }

@@ -58,7 +58,10 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
 
 /// The same settings for every database file of the hub: WAL, the
 /// configured durability, busy timeout and cache. Creates the directory.
-fn connect_options(path: &Path, settings: &StorageSettings) -> Result<SqliteConnectOptions, StoreError> {
+fn connect_options(
+    path: &Path,
+    settings: &StorageSettings,
+) -> Result<SqliteConnectOptions, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.display().to_string(),

@@ -360,3 +360,142 @@ impl Drop for FaultyLink {
         self.cut.cancel();
     }
 }
+
+/// A fleet of simulated devices (device-sim as a library) running until
+/// `stop` is cancelled.
+pub struct SimFleet {
+    pub stop: tokio_util::sync::CancellationToken,
+    pub stats: std::sync::Arc<device_sim::FleetStats>,
+    task: tokio::task::JoinHandle<Result<device_sim::FleetSummary, device_sim::FleetError>>,
+}
+
+impl SimFleet {
+    pub async fn start(hub: &TestHub, prefix: &str, devices: usize) -> SimFleet {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stats = std::sync::Arc::new(device_sim::FleetStats::default());
+        let cfg = device_sim::FleetConfig {
+            hub: hub.url(),
+            devices,
+            rate_hz: 5.0,
+            id_prefix: prefix.into(),
+            ..Default::default()
+        };
+        let task = tokio::spawn(device_sim::run(cfg, stop.clone(), stats.clone()));
+        let fleet = SimFleet { stop, stats, task };
+        wait_until("simulated devices online", || async {
+            device_sim::FleetStats::get(&fleet.stats.online) == devices as u64
+        })
+        .await;
+        fleet
+    }
+
+    pub async fn finish(self) -> device_sim::FleetSummary {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+}
+
+impl RawDevice {
+    /// Reads until the next Command, answering nothing.
+    pub async fn next_command(&mut self) -> pb::Command {
+        loop {
+            match self.next().await {
+                Ok(Some(HubMsg::Command(c))) => return c,
+                Ok(Some(HubMsg::Ack(_))) => continue,
+                other => panic!("expected a Command, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn reply(
+        &self,
+        command_id: &str,
+        status: pb::CommandStatus,
+        detail: &str,
+        result: &str,
+    ) {
+        self.send(pb::DeviceMessage {
+            msg: Some(DeviceMsg::CommandReply(pb::CommandReply {
+                command_id: command_id.into(),
+                status: status as i32,
+                detail: detail.into(),
+                result_json: result.into(),
+            })),
+        })
+        .await;
+    }
+}
+
+impl TestHub {
+    pub async fn send_command(
+        &self,
+        device: &str,
+        name: &str,
+        params: &str,
+        ttl: Option<Duration>,
+    ) -> Result<pb::CommandInfo, Status> {
+        self.operator()
+            .await
+            .send_command(pb::SendCommandRequest {
+                device_id: device.into(),
+                name: name.into(),
+                params_json: params.into(),
+                ttl_ms: ttl.map_or(0, |t| t.as_millis() as i64),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn command(&self, id: &str) -> pb::CommandInfo {
+        self.operator()
+            .await
+            .get_command(pb::GetCommandRequest {
+                command_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Watches a command until it is final; returns every state seen.
+    pub async fn watch_until_final(&self, id: &str) -> Vec<pb::CommandInfo> {
+        let mut stream = self
+            .operator()
+            .await
+            .watch_command(pb::WatchCommandRequest {
+                command_id: id.into(),
+                timeout_ms: WAIT.as_millis() as i64,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(info) = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            seen.push(info);
+        }
+        seen
+    }
+
+    /// Registers a device (one Hello) and leaves it offline.
+    pub async fn register_offline(&self, device: &str) {
+        let (mut dev, _) = RawDevice::connect(self, device).await;
+        dev.half_close();
+        assert_eq!(dev.end_code().await, Code::Ok);
+        wait_until("device offline", || async {
+            !self.device(device).await.unwrap().online
+        })
+        .await;
+    }
+}
+
+pub fn state(info: &pb::CommandInfo) -> pb::CommandState {
+    pb::CommandState::try_from(info.state).unwrap()
+}

@@ -2,6 +2,7 @@
 //! gRPC clients (raw streams and the device-sim library).
 
 mod cli;
+mod commands;
 mod harness;
 mod ingest;
 mod lifecycle;
