@@ -191,6 +191,19 @@ impl SimDevice {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         match end {
             Ok(()) => {}
+            Err(StreamEnd::Reboot(delay)) => {
+                // A polite reboot: half-close so the hub reads our last
+                // replies, and wait (briefly) for its OK.
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(Some(msg)) = inbound.message().await {
+                        let _ = self.on_message(msg);
+                    }
+                })
+                .await;
+                self.reboot = None;
+                return StreamEnd::Reboot(delay);
+            }
             Err(end) => return end,
         }
         // Half-close: end our send side and read until the hub's status.
@@ -245,9 +258,6 @@ impl SimDevice {
                             tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
                         }
                         if let Some(delay) = self.reboot.take() {
-                            // Let the replies reach the hub before the stream drops.
-                            let flushed = tx.reserve_many(tx.max_capacity());
-                            let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
                             return Err(StreamEnd::Reboot(delay));
                         }
                     }

@@ -466,3 +466,90 @@ async fn command_send_wait_exit_codes() {
     assert!(err.contains("JSON object"), "{err}");
     fleet.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_drops_the_stream_and_the_device_comes_back_with_its_seq() {
+    let hub = spawn_hub().await;
+    let fleet = SimFleet::start(&hub, "rb-", 1).await;
+    wait_until("some readings", || async {
+        hub.device("rb-00001").await.is_some_and(|d| d.readings > 0)
+    })
+    .await;
+    let cmd = hub
+        .send_command("rb-00001", "reboot", r#"{"delay_ms": 200}"#, None)
+        .await
+        .unwrap();
+    let last = hub.watch_until_final(&cmd.command_id).await.pop().unwrap();
+    assert_eq!(state(&last), S::Succeeded);
+    wait_until("device back after the reboot", || async {
+        let d = hub.device("rb-00001").await.unwrap();
+        d.online && d.connected_since_ms.unwrap() > last.updated_at_ms
+    })
+    .await;
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    let rows = hub.readings("rb-00001").await;
+    let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=rows.len() as u64).collect::<Vec<_>>(),
+        "seq kept, nothing lost or doubled"
+    );
+    assert_eq!(rows.len() as u64, summary.acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_read_delays_only_its_own_commands() {
+    let hub = spawn_hub_with(|s| {
+        s.commands.max_pending_per_device = 500;
+        s.commands.outbox = 2;
+        s.server.outbound_buffer = 2;
+    })
+    .await;
+    // The slow device's connection has a tiny HTTP/2 window and it never
+    // reads, so its stream fills up after a few commands.
+    let slow_channel = tonic::transport::Endpoint::from_shared(hub.url())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = RawDevice::open(slow_channel, hello("dev-slow")).await;
+    assert!(matches!(slow.next().await, Ok(Some(_))), "Welcome");
+    let mut slow_ids = Vec::new();
+    for _ in 0..200 {
+        let info = hub
+            .send_command("dev-slow", "set_rate", r#"{"hz": 1}"#, None)
+            .await
+            .unwrap();
+        slow_ids.push(info.command_id);
+    }
+    let fleet = SimFleet::start(&hub, "fast-", 1).await;
+    let ping = hub
+        .send_command("fast-00001", "ping", "", None)
+        .await
+        .unwrap();
+    let last = hub.watch_until_final(&ping.command_id).await.pop().unwrap();
+    assert_eq!(
+        state(&last),
+        S::Succeeded,
+        "the other device is served at once"
+    );
+    let still_queued = {
+        let mut n = 0;
+        for id in slow_ids.iter().rev().take(20) {
+            if state(&hub.command(id).await) == S::Queued {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert_eq!(
+        still_queued, 20,
+        "the slow device's backlog waits in its own queue"
+    );
+    fleet.finish().await;
+    drop(slow);
+}
