@@ -414,6 +414,14 @@ impl CommandActor {
                     && queue.link.as_ref().is_some_and(|(s, _)| *s == session)
                 {
                     queue.link = None;
+                    // The ack timeout only runs while the device stays
+                    // connected; the next stream gets everything again.
+                    for id in &queue.order {
+                        if let Some(open) = self.open.get_mut(id) {
+                            open.pushed_to = None;
+                            open.pushed_at = None;
+                        }
+                    }
                 }
             }
             Request::Written {

@@ -433,6 +433,21 @@ async fn command_send_wait_exit_codes() {
     ])
     .await;
     assert_eq!((code, lines[0]["state"].as_str()), (3, Some("QUEUED")));
+    let (code, lines) = run(vec![
+        "--label", "sim=true", "--name", "ping", "--wait", "10s",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let mut targets: Vec<&str> = lines
+        .iter()
+        .map(|l| l["device_id"].as_str().unwrap())
+        .collect();
+    targets.sort_unstable();
+    assert_eq!(
+        targets,
+        vec!["cli-00001", "cli-00002"],
+        "every device with the label, no other"
+    );
     let (code, lines) = run(vec!["--device", "cli-00002", "--name", "ping"]).await;
     assert_eq!(
         (code, lines[0]["state"].as_str()),
@@ -552,4 +567,42 @@ async fn a_device_that_does_not_read_delays_only_its_own_commands() {
     );
     fleet.finish().await;
     drop(slow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_timeout_does_not_run_while_the_device_is_away() {
+    let hub = spawn_hub_with(|s| {
+        s.commands.ack_timeout = Duration::from_millis(200);
+        s.commands.max_attempts = 1;
+    })
+    .await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-away").await;
+    let cmd = hub
+        .send_command("dev-away", "ping", "", None)
+        .await
+        .unwrap();
+    assert_eq!(dev.next_command().await.command_id, cmd.command_id);
+    wait_until("SENT", || async {
+        state(&hub.command(&cmd.command_id).await) == S::Sent
+    })
+    .await;
+    dev.half_close();
+    assert_eq!(dev.end_code().await, Code::Ok);
+    wait_until("device offline", || async {
+        !hub.device("dev-away").await.unwrap().online
+    })
+    .await;
+    // Several ack timeouts pass while it is away: still SENT, not FAILED.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(state(&hub.command(&cmd.command_id).await), S::Sent);
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-away").await;
+    assert_eq!(
+        dev.next_command().await.command_id,
+        cmd.command_id,
+        "redelivered on return"
+    );
+    dev.reply(&cmd.command_id, CommandStatus::Succeeded, "", "")
+        .await;
+    let last = hub.watch_until_final(&cmd.command_id).await.pop().unwrap();
+    assert_eq!(state(&last), S::Succeeded);
 }
