@@ -41,6 +41,8 @@ pub struct Hub {
     server_stop: CancellationToken,
     writer_stop: CancellationToken,
     commands_stop: CancellationToken,
+    bridge_stop: CancellationToken,
+    bridge: Option<JoinHandle<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: JoinHandle<()>,
     commands_task: JoinHandle<()>,
@@ -62,6 +64,7 @@ impl Hub {
         let tracker = TaskTracker::new();
 
         let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
+        let (fanout, _) = tokio::sync::broadcast::channel(settings.ingest.fanout_capacity);
         let writer = Writer::new(
             store_writer,
             queue_rx,
@@ -71,6 +74,7 @@ impl Hub {
                 max_sensors: settings.ingest.max_sensors,
             },
             Arc::clone(&metrics),
+            fanout.clone(),
         );
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(writer.run(writer_stop.clone()));
@@ -93,6 +97,22 @@ impl Hub {
         );
         let commands_stop = CancellationToken::new();
         let commands_task = tokio::spawn(command_actor.run(commands_stop.clone()));
+
+        let bridge_stop = CancellationToken::new();
+        let bridge = settings.mqtt.enabled.then(|| {
+            let bridge = crate::mqtt::Bridge::new(
+                settings.mqtt.clone(),
+                commands.clone(),
+                Arc::clone(&registry),
+                Arc::clone(&metrics),
+            );
+            tokio::spawn(bridge.run(
+                fanout.subscribe(),
+                registry.subscribe(),
+                commands.subscribe(),
+                bridge_stop.clone(),
+            ))
+        });
 
         let sessions_stop = CancellationToken::new();
         let server_settings = &settings.server;
@@ -117,6 +137,7 @@ impl Hub {
         let operator = OperatorServer::new(OperatorService {
             store: store.clone(),
             ctx,
+            fanout: fanout.clone(),
         });
 
         let listener = tokio::net::TcpListener::bind(server_settings.listen)
@@ -150,6 +171,8 @@ impl Hub {
             server_stop,
             writer_stop,
             commands_stop,
+            bridge_stop,
+            bridge,
             server,
             writer,
             commands_task,
@@ -215,6 +238,14 @@ impl Hub {
                 left = self.tracker.len(),
                 "streams and queries did not end within the shutdown timeout"
             );
+        }
+        // Devices are offline now; the bridge says so and disconnects.
+        self.bridge_stop.cancel();
+        if let Some(mut bridge) = self.bridge
+            && timeout_at(deadline, &mut bridge).await.is_err()
+        {
+            bridge.abort();
+            tracing::warn!("the MQTT bridge did not stop within the shutdown timeout");
         }
         self.writer_stop.cancel();
         self.commands_stop.cancel();

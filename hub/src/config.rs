@@ -26,7 +26,59 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub storage: StorageSettings,
     pub commands: CommandsSettings,
+    pub mqtt: MqttSettings,
     pub log: LogSettings,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSettings {
+    pub enabled: bool,
+    pub url: String,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub username: String,
+    pub password: String,
+    pub qos: u8,
+    pub buffer: usize,
+    pub max_payload_bytes: usize,
+}
+
+/// Written by hand so the password never reaches a log.
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("enabled", &self.enabled)
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "********" })
+            .field("qos", &self.qos)
+            .field("buffer", &self.buffer)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .finish()
+    }
+}
+
+impl MqttSettings {
+    /// (host, port) from `mqtt://host:port`.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let rest = self
+            .url
+            .strip_prefix("mqtt://")
+            .or_else(|| self.url.strip_prefix("tcp://"))
+            .ok_or_else(|| format!("{:?} must start with mqtt://", self.url))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in {:?}", self.url))?),
+            None => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in {:?}", self.url));
+        }
+        Ok((host.to_owned(), port))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +121,7 @@ pub struct IngestSettings {
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
     pub max_sensors: usize,
+    pub fanout_capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,12 +276,45 @@ impl Settings {
             "must be at least 1",
         )?;
         check(c.outbox >= 1, "commands.outbox", "must be at least 1")?;
+        check(
+            self.ingest.fanout_capacity >= 1,
+            "ingest.fanout_capacity",
+            "must be at least 1",
+        )?;
+        let m = &self.mqtt;
+        if m.enabled {
+            if let Err(reason) = m.host_port() {
+                return Err(SettingsError::Invalid {
+                    key: "mqtt.url",
+                    reason,
+                });
+            }
+            check(!m.client_id.is_empty(), "mqtt.client_id", "must not be empty")?;
+        }
+        check(
+            !m.topic_prefix.is_empty()
+                && !m.topic_prefix.contains(['+', '#'])
+                && !m.topic_prefix.ends_with('/'),
+            "mqtt.topic_prefix",
+            "must be non-empty, without + or #, and not end with /",
+        )?;
+        check(m.qos <= 2, "mqtt.qos", "must be 0, 1 or 2")?;
+        check(m.buffer >= 1, "mqtt.buffer", "must be at least 1")?;
+        check(
+            m.max_payload_bytes >= 256,
+            "mqtt.max_payload_bytes",
+            "must be at least 256",
+        )?;
         Ok(())
     }
 
-    /// The effective settings as TOML, secrets masked (there are none yet).
+    /// The effective settings as TOML, secrets masked.
     pub fn to_toml(&self) -> String {
-        toml_lines(self)
+        let mut shown = self.clone();
+        if !shown.mqtt.password.is_empty() {
+            shown.mqtt.password = "********".into();
+        }
+        toml_lines(&shown)
     }
 }
 
@@ -294,9 +380,34 @@ mod tests {
     #[test]
     fn print_config_lists_every_section() {
         let text = Settings::defaults().unwrap().to_toml();
-        for section in ["[server]", "[ingest]", "[storage]", "[commands]", "[log]"] {
+        for section in ["[server]", "[ingest]", "[storage]", "[commands]", "[mqtt]", "[log]"] {
             assert!(text.contains(section), "{text}");
         }
         assert!(text.contains("listen = \"127.0.0.1:50051\""), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod mqtt_tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_prints() {
+        let mut s = Settings::defaults().unwrap();
+        s.mqtt.password = "hunter2".into();
+        let text = s.to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("password = \"********\""), "{text}");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn broker_urls() {
+        let mut m = Settings::defaults().unwrap().mqtt;
+        assert_eq!(m.host_port().unwrap(), ("127.0.0.1".to_owned(), 1883));
+        m.url = "mqtt://broker.local".into();
+        assert_eq!(m.host_port().unwrap(), ("broker.local".to_owned(), 1883));
+        m.url = "http://x:1".into();
+        assert!(m.host_port().is_err());
     }
 }

@@ -353,3 +353,39 @@ pub struct CommandReply {
     pub detail: String,
     pub result: String,
 }
+
+/// One committed reading, as the live fan-out carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveReading {
+    pub seq: u64,
+    pub sensor: std::sync::Arc<str>,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// The readings of one device in one commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReadings {
+    pub device_id: std::sync::Arc<str>,
+    pub readings: Vec<LiveReading>,
+}
+
+/// Everything one commit stored, published after the commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedBatch {
+    /// Readings published before this batch (since the hub started): a
+    /// consumer that sees a gap knows how many it missed.
+    pub first_index: u64,
+    pub count: u64,
+    pub devices: Vec<DeviceReadings>,
+}
+
+/// A device's stream came or went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence {
+    pub device_id: String,
+    pub online: bool,
+    /// When the stream started (online) or ended (offline), ms since the epoch.
+    pub since_ms: i64,
+    pub firmware: String,
+}

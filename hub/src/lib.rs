@@ -20,6 +20,8 @@
 //! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
 //! - [`query`]: paged, merged or bucketed reading queries.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
+//! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
+//!   command events out, commands in (through [`commands`]).
 //! - [`cli`]: the operator subcommands (gRPC clients) and the demo.
 
 pub mod app;
@@ -30,6 +32,7 @@ pub mod domain;
 pub mod grpc;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt;
 pub mod query;
 pub mod registry;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Live counters of the hub, shared by handle (no globals).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct HubMetrics {
@@ -10,6 +10,9 @@ pub struct HubMetrics {
     pub duplicates: AtomicU64,
     pub rejected: AtomicU64,
     pub commits: AtomicU64,
+    pub mqtt_dropped: AtomicU64,
+    pub mqtt_bad_messages: AtomicU64,
+    pub mqtt_connected: AtomicBool,
 }
 
 impl HubMetrics {

@@ -1,23 +1,26 @@
 //! Which device has a live stream: one per device, a newer one takes over.
+//! Every change is published as a [`Presence`] event.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::DeviceId;
+use crate::domain::{DeviceId, Presence, now_ms};
 
 struct LiveStream {
     id: u64,
     since_ms: i64,
+    firmware: String,
     superseded: CancellationToken,
 }
 
-#[derive(Default)]
 pub struct SessionRegistry {
     live: Mutex<HashMap<DeviceId, LiveStream>>,
     next_id: AtomicU64,
+    presence: broadcast::Sender<Presence>,
 }
 
 /// Held by a session while it is the device's live stream; dropping it
@@ -32,7 +35,30 @@ pub struct StreamClaim {
 
 impl SessionRegistry {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            live: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            presence: broadcast::channel(1024).0,
+        })
+    }
+
+    /// Presence changes from now on (a lagging receiver can re-read
+    /// [`SessionRegistry::live_streams`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+
+    /// Every live stream as an online Presence.
+    pub fn live_streams(&self) -> Vec<Presence> {
+        self.lock()
+            .iter()
+            .map(|(d, s)| Presence {
+                device_id: d.as_str().to_owned(),
+                online: true,
+                since_ms: s.since_ms,
+                firmware: s.firmware.clone(),
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, LiveStream>> {
@@ -41,17 +67,29 @@ impl SessionRegistry {
 
     /// Makes this stream the device's live one; an older stream is told to
     /// end (its `superseded` token is cancelled).
-    pub fn claim(self: &Arc<Self>, device: &DeviceId, now_ms: i64) -> StreamClaim {
+    pub fn claim(self: &Arc<Self>, device: &DeviceId, now_ms: i64, firmware: &str) -> StreamClaim {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let superseded = CancellationToken::new();
-        let previous = self.lock().insert(
-            device.clone(),
-            LiveStream {
-                id,
+        let previous = {
+            let mut live = self.lock();
+            let previous = live.insert(
+                device.clone(),
+                LiveStream {
+                    id,
+                    since_ms: now_ms,
+                    firmware: firmware.to_owned(),
+                    superseded: superseded.clone(),
+                },
+            );
+            // Sent under the lock, so events of one device keep their order.
+            let _ = self.presence.send(Presence {
+                device_id: device.as_str().to_owned(),
+                online: true,
                 since_ms: now_ms,
-                superseded: superseded.clone(),
-            },
-        );
+                firmware: firmware.to_owned(),
+            });
+            previous
+        };
         if let Some(old) = previous {
             old.superseded.cancel();
         }
@@ -86,8 +124,15 @@ impl StreamClaim {
 impl Drop for StreamClaim {
     fn drop(&mut self) {
         let mut live = self.registry.lock();
-        if live.get(&self.device).is_some_and(|s| s.id == self.id) {
-            live.remove(&self.device);
+        if live.get(&self.device).is_some_and(|s| s.id == self.id)
+            && let Some(stream) = live.remove(&self.device)
+        {
+            let _ = self.registry.presence.send(Presence {
+                device_id: self.device.as_str().to_owned(),
+                online: false,
+                since_ms: now_ms(),
+                firmware: stream.firmware,
+            });
         }
     }
 }
@@ -99,14 +144,24 @@ mod tests {
     #[test]
     fn newer_stream_takes_over_and_old_drop_keeps_it() {
         let reg = SessionRegistry::new();
+        let mut events = reg.subscribe();
         let dev = DeviceId::parse("d1").unwrap();
-        let first = reg.claim(&dev, 1);
+        let first = reg.claim(&dev, 1, "fw1");
         assert!(!first.superseded.is_cancelled());
-        let second = reg.claim(&dev, 2);
+        let second = reg.claim(&dev, 2, "fw2");
         assert!(first.superseded.is_cancelled());
         drop(first);
         assert_eq!(reg.online().get("d1"), Some(&2));
+        assert_eq!(reg.live_streams()[0].firmware, "fw2");
         drop(second);
         assert!(!reg.is_online(&dev));
+        let seen: Vec<(bool, String)> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|p| (p.online, p.firmware))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![(true, "fw1".into()), (true, "fw2".into()), (false, "fw2".into())],
+            "a takeover is one more online, never an offline in between"
+        );
     }
 }

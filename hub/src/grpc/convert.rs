@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 
 use crate::commands::{CommandError, DeviceCommand};
 use crate::domain::{
-    Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition, DeviceHello,
+    Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition, CommittedBatch, DeviceHello,
     DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
 use crate::store::StoreError;
@@ -210,4 +210,29 @@ pub fn command_status(err: CommandError) -> Status {
         CommandError::Closed => Status::unavailable(err.to_string()),
         CommandError::Store(e) => store_status(e),
     }
+}
+
+/// The readings of a committed batch that match a watcher's filter.
+pub fn live_readings(
+    batch: &CommittedBatch,
+    device: Option<&str>,
+    sensor: Option<&str>,
+) -> Vec<pb::LiveReading> {
+    batch
+        .devices
+        .iter()
+        .filter(|d| device.is_none_or(|want| *d.device_id == *want))
+        .flat_map(|d| {
+            d.readings
+                .iter()
+                .filter(|r| sensor.is_none_or(|want| *r.sensor == *want))
+                .map(|r| pb::LiveReading {
+                    device_id: d.device_id.to_string(),
+                    sensor: r.sensor.to_string(),
+                    seq: r.seq,
+                    ts_ms: r.ts_ms,
+                    value: r.value,
+                })
+        })
+        .collect()
 }

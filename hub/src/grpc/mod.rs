@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::commands::NewCommand;
-use crate::domain::{CommandRecord, ReadingQuery};
+use crate::domain::{CommandRecord, CommittedBatch, ReadingQuery};
 use crate::metrics::HubMetrics;
 use crate::query::{self, QueryChunk};
 use crate::store::Store;
@@ -63,15 +63,18 @@ impl DeviceGateway for DeviceGatewayService {
 pub struct OperatorService {
     pub store: Store,
     pub ctx: Arc<SessionContext>,
+    pub fanout: tokio::sync::broadcast::Sender<Arc<CommittedBatch>>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
 type CommandStream = ReceiverStream<Result<pb::CommandInfo, Status>>;
+type LiveStream = ReceiverStream<Result<pb::WatchReadingsEvent, Status>>;
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
     type QueryReadingsStream = ChunkStream;
     type WatchCommandStream = CommandStream;
+    type WatchReadingsStream = LiveStream;
 
     async fn query_readings(
         &self,
@@ -163,6 +166,9 @@ impl Operator for OperatorService {
             commits: HubMetrics::get(&m.commits),
             ingest_queue_depth: self.ctx.ingest.depth() as u64,
             readings_stored: stored,
+            mqtt_dropped: HubMetrics::get(&m.mqtt_dropped),
+            mqtt_bad_messages: HubMetrics::get(&m.mqtt_bad_messages),
+            mqtt_connected: m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
@@ -301,6 +307,53 @@ impl Operator for OperatorService {
                     .await
                     .is_err()
                 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn watch_readings(
+        &self,
+        request: Request<pb::WatchReadingsRequest>,
+    ) -> Result<Response<Self::WatchReadingsStream>, Status> {
+        let req = request.into_inner();
+        let device = (!req.device_id.is_empty()).then_some(req.device_id);
+        let sensor = (!req.sensor.is_empty()).then_some(req.sensor);
+        let mut batches = self.fanout.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        let shutdown = self.ctx.shutdown.clone();
+        self.ctx.tracker.spawn(async move {
+            // Index of the next reading this watcher expects; a gap is what
+            // it skipped while too slow.
+            let mut expected: Option<u64> = None;
+            let mut skipped = 0u64;
+            loop {
+                let batch = tokio::select! {
+                    b = batches.recv() => b,
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                };
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    // The gap shows in the next batch's index.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if let Some(expected) = expected {
+                    skipped += batch.first_index.saturating_sub(expected);
+                }
+                expected = Some(batch.first_index + batch.count);
+                let readings = convert::live_readings(&batch, device.as_deref(), sensor.as_deref());
+                if readings.is_empty() && skipped == 0 {
+                    continue;
+                }
+                let event = pb::WatchReadingsEvent { readings, skipped };
+                skipped = 0;
+                // A slow client makes this wait; meanwhile the broadcast
+                // moves on without us, and we count what we missed.
+                if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
             }

@@ -87,6 +87,7 @@ async fn run_registered(
     hello: DeviceHello,
 ) {
     let device_id = hello.device_id.clone();
+    let firmware = hello.firmware.clone();
     let registered = match ctx.ingest.register(hello).await {
         Ok(r) => r,
         Err(e) => {
@@ -95,7 +96,7 @@ async fn run_registered(
             return;
         }
     };
-    let claim = ctx.registry.claim(&device_id, now_ms());
+    let claim = ctx.registry.claim(&device_id, now_ms(), &firmware);
     let welcome = pb::HubMessage {
         msg: Some(HubMsg::Welcome(pb::Welcome {
             acked_seq: registered.acked_seq,

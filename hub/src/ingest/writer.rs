@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{IngestError, Registered, WriterMsg};
-use crate::domain::{CheckedReading, DeviceKey, SensorKey, now_ms};
+use crate::domain::{
+    CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, SensorKey, now_ms,
+};
 use crate::metrics::HubMetrics;
 use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter};
 
@@ -33,8 +35,14 @@ pub struct Writer {
     /// Committed (or, during a write, pending) high-water mark per device.
     high_water: HashMap<DeviceKey, u64>,
     sensors: HashMap<String, SensorKey>,
+    sensor_names: HashMap<SensorKey, Arc<str>>,
     sensors_loaded: bool,
+    device_names: HashMap<DeviceKey, Arc<str>>,
     rows: Vec<RowToInsert>,
+    /// Committed readings go here after each commit (MQTT, live watchers).
+    fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    /// Readings published to the fan-out so far (its running index).
+    published: u64,
 }
 
 /// What one queued message came to, delivered after the commit.
@@ -54,6 +62,7 @@ impl Writer {
         rx: mpsc::Receiver<WriterMsg>,
         settings: WriterSettings,
         metrics: Arc<HubMetrics>,
+        fanout: broadcast::Sender<Arc<CommittedBatch>>,
     ) -> Self {
         Self {
             store,
@@ -62,8 +71,12 @@ impl Writer {
             metrics,
             high_water: HashMap::new(),
             sensors: HashMap::new(),
+            sensor_names: HashMap::new(),
             sensors_loaded: false,
+            device_names: HashMap::new(),
             rows: Vec::new(),
+            fanout,
+            published: 0,
         }
     }
 
@@ -115,12 +128,16 @@ impl Writer {
             return;
         }
         match self.write_group(group, now_ms()).await {
-            Ok(outcomes) => self.deliver(group.drain(..).zip(outcomes)),
+            Ok(outcomes) => {
+                self.deliver(group.drain(..).zip(outcomes));
+                self.publish();
+            }
             Err(e) => {
                 tracing::error!(error = %e, messages = group.len(), "commit failed; nothing in it is acked");
                 // The in-memory marks may be ahead of the database now.
                 self.high_water.clear();
                 self.sensors.clear();
+                self.sensor_names.clear();
                 self.sensors_loaded = false;
                 for msg in group.drain(..) {
                     match msg {
@@ -168,6 +185,41 @@ impl Writer {
         HubMetrics::add(&self.metrics.commits, 1);
     }
 
+    /// Publishes what the last commit stored, grouped by device, to the
+    /// fan-out. Never waits: a consumer that falls behind skips batches. Costs
+    /// nothing when nobody listens.
+    fn publish(&mut self) {
+        let count = self.rows.len() as u64;
+        let first_index = self.published;
+        self.published += count;
+        if count == 0 || self.fanout.receiver_count() == 0 {
+            return;
+        }
+        let unknown: Arc<str> = Arc::from("");
+        let mut devices: Vec<DeviceReadings> = Vec::new();
+        let mut slots: HashMap<DeviceKey, usize> = HashMap::new();
+        for r in &self.rows {
+            let slot = *slots.entry(r.device).or_insert_with(|| {
+                devices.push(DeviceReadings {
+                    device_id: self.device_names.get(&r.device).cloned().unwrap_or_else(|| unknown.clone()),
+                    readings: Vec::new(),
+                });
+                devices.len() - 1
+            });
+            devices[slot].readings.push(LiveReading {
+                seq: r.seq as u64,
+                sensor: self.sensor_names.get(&r.sensor).cloned().unwrap_or_else(|| unknown.clone()),
+                ts_ms: r.ts_ms,
+                value: r.value,
+            });
+        }
+        let _ = self.fanout.send(Arc::new(CommittedBatch {
+            first_index,
+            count,
+            devices,
+        }));
+    }
+
     /// Writes a group in one transaction; one outcome per message, in order.
     async fn write_group(
         &mut self,
@@ -175,7 +227,12 @@ impl Writer {
         now: i64,
     ) -> Result<Vec<Outcome>, StoreError> {
         if !self.sensors_loaded {
-            self.sensors = self.store.load_sensors().await?.into_iter().collect();
+            let sensors = self.store.load_sensors().await?;
+            self.sensor_names = sensors
+                .iter()
+                .map(|(name, key)| (*key, Arc::from(name.as_str())))
+                .collect();
+            self.sensors = sensors.into_iter().collect();
             self.sensors_loaded = true;
         }
         let mut outcomes = Vec::with_capacity(group.len());
@@ -188,6 +245,9 @@ impl Writer {
                 WriterMsg::Register { hello, .. } => {
                     let (device, stored_mark) = tx.upsert_device(hello, now).await?;
                     self.high_water.entry(device).or_insert(stored_mark);
+                    self.device_names
+                        .entry(device)
+                        .or_insert_with(|| Arc::from(hello.device_id.as_str()));
                     outcomes.push(Outcome::Registered(device));
                 }
                 WriterMsg::Batch(batch) => {
@@ -220,6 +280,7 @@ impl Writer {
                             None => {
                                 let key = tx.sensor_key(&r.sensor).await?;
                                 self.sensors.insert(r.sensor.clone(), key);
+                                self.sensor_names.insert(key, Arc::from(r.sensor.as_str()));
                                 key
                             }
                         };
