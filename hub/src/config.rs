@@ -53,7 +53,14 @@ impl std::fmt::Debug for MqttSettings {
             .field("client_id", &self.client_id)
             .field("topic_prefix", &self.topic_prefix)
             .field("username", &self.username)
-            .field("password", &if self.password.is_empty() { "" } else { "********" })
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "********"
+                },
+            )
             .field("qos", &self.qos)
             .field("buffer", &self.buffer)
             .field("max_payload_bytes", &self.max_payload_bytes)
@@ -71,7 +78,11 @@ impl MqttSettings {
             .ok_or_else(|| format!("{:?} must start with mqtt://", self.url))?;
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in {:?}", self.url))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port in {:?}", self.url))?,
+            ),
             None => (rest, 1883),
         };
         if host.is_empty() {
@@ -289,7 +300,11 @@ impl Settings {
                     reason,
                 });
             }
-            check(!m.client_id.is_empty(), "mqtt.client_id", "must not be empty")?;
+            check(
+                !m.client_id.is_empty(),
+                "mqtt.client_id",
+                "must not be empty",
+            )?;
         }
         check(
             !m.topic_prefix.is_empty()
@@ -380,7 +395,14 @@ mod tests {
     #[test]
     fn print_config_lists_every_section() {
         let text = Settings::defaults().unwrap().to_toml();
-        for section in ["[server]", "[ingest]", "[storage]", "[commands]", "[mqtt]", "[log]"] {
+        for section in [
+            "[server]",
+            "[ingest]",
+            "[storage]",
+            "[commands]",
+            "[mqtt]",
+            "[log]",
+        ] {
             assert!(text.contains(section), "{text}");
         }
         assert!(text.contains("listen = \"127.0.0.1:50051\""), "{text}");

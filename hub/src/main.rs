@@ -41,6 +41,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Query(args) => ok(cli::query(&args, &mut std::io::stdout().lock()).await),
         Command::Devices(args) => ok(cli::devices(&args, &mut std::io::stdout().lock()).await),
+        Command::Watch(args) => ok(cli::watch(&args, &mut std::io::stdout().lock()).await),
         Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,
         Command::Demo(args) => {

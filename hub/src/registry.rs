@@ -160,7 +160,11 @@ mod tests {
             .collect();
         assert_eq!(
             seen,
-            vec![(true, "fw1".into()), (true, "fw2".into()), (false, "fw2".into())],
+            vec![
+                (true, "fw1".into()),
+                (true, "fw2".into()),
+                (false, "fw2".into())
+            ],
             "a takeover is one more online, never an offline in between"
         );
     }

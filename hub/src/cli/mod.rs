@@ -50,6 +50,8 @@ pub enum Command {
     /// Send, list, show and cancel device commands.
     #[command(subcommand)]
     Command(CommandAction),
+    /// Live tail of committed readings.
+    Watch(WatchArgs),
     /// Show the live counters of a running hub.
     Stats(DevicesArgs),
     /// Run a hub and a simulated fleet in one process (Ctrl-C stops).
@@ -106,6 +108,20 @@ pub struct QueryArgs {
         default_value = "count,avg"
     )]
     pub agg: Vec<AggArg>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub addr: HubAddr,
+    /// Only this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Only this sensor.
+    #[arg(long)]
+    pub sensor: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -213,6 +229,31 @@ pub async fn devices(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result
         .devices;
     output::print_devices(args.format, &devices, out)?;
     out.flush()?;
+    Ok(())
+}
+
+/// `hub watch`: prints committed readings until the hub ends the stream (or
+/// the process is stopped). Skipped readings are reported on stderr.
+pub async fn watch(args: &WatchArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut client = connect(&args.addr).await?;
+    let mut stream = client
+        .watch_readings(pb::WatchReadingsRequest {
+            device_id: args.device.clone().unwrap_or_default(),
+            sensor: args.sensor.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    output::print_live_header(args.format, out)?;
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        if event.skipped > 0 {
+            eprintln!("(too slow: skipped {} readings)", event.skipped);
+        }
+        for r in &event.readings {
+            output::print_live(args.format, r, out)?;
+        }
+        out.flush()?;
+    }
     Ok(())
 }
 

@@ -421,3 +421,40 @@ pub fn print_command_detail(
         }
     }
 }
+
+pub fn print_live_header(format: Format, out: &mut impl Write) -> io::Result<()> {
+    match format {
+        Format::Json => Ok(()),
+        Format::Csv => writeln!(out, "device,sensor,seq,ts,value"),
+        Format::Table => writeln!(
+            out,
+            "{:<16} {:<14} {:>10} {:<24} {:>14}",
+            "DEVICE", "SENSOR", "SEQ", "TS", "VALUE"
+        ),
+    }
+}
+
+pub fn print_live(format: Format, r: &pb::LiveReading, out: &mut impl Write) -> io::Result<()> {
+    let ts = rfc3339_ms(r.ts_ms);
+    match format {
+        Format::Json => writeln!(
+            out,
+            "{}",
+            json!({"device": r.device_id, "sensor": r.sensor, "seq": r.seq, "ts": ts, "value": r.value})
+        ),
+        Format::Csv => writeln!(
+            out,
+            "{},{},{},{},{}",
+            csv_field(&r.device_id),
+            csv_field(&r.sensor),
+            r.seq,
+            ts,
+            r.value
+        ),
+        Format::Table => writeln!(
+            out,
+            "{:<16} {:<14} {:>10} {:<24} {:>14.4}",
+            r.device_id, r.sensor, r.seq, ts, r.value
+        ),
+    }
+}

@@ -6,8 +6,8 @@ use tonic::{Code, Status};
 
 use crate::commands::{CommandError, DeviceCommand};
 use crate::domain::{
-    Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition, CommittedBatch, DeviceHello,
-    DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
+    Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition,
+    CommittedBatch, DeviceHello, DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
 use crate::store::StoreError;
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
 use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -201,14 +201,22 @@ impl Writer {
         for r in &self.rows {
             let slot = *slots.entry(r.device).or_insert_with(|| {
                 devices.push(DeviceReadings {
-                    device_id: self.device_names.get(&r.device).cloned().unwrap_or_else(|| unknown.clone()),
+                    device_id: self
+                        .device_names
+                        .get(&r.device)
+                        .cloned()
+                        .unwrap_or_else(|| unknown.clone()),
                     readings: Vec::new(),
                 });
                 devices.len() - 1
             });
             devices[slot].readings.push(LiveReading {
                 seq: r.seq as u64,
-                sensor: self.sensor_names.get(&r.sensor).cloned().unwrap_or_else(|| unknown.clone()),
+                sensor: self
+                    .sensor_names
+                    .get(&r.sensor)
+                    .cloned()
+                    .unwrap_or_else(|| unknown.clone()),
                 ts_ms: r.ts_ms,
                 value: r.value,
             });

@@ -37,7 +37,10 @@ pub use topics::Topics;
 enum Link {
     Connected,
     Disconnected(String),
-    Message { topic: String, payload: bytes::Bytes },
+    Message {
+        topic: String,
+        payload: bytes::Bytes,
+    },
 }
 
 struct Outgoing {
@@ -211,12 +214,21 @@ impl Bridge {
     }
 
     /// Clean shutdown: every device offline, the hub offline, disconnect.
-    async fn shut_down(&mut self, client: &AsyncClient, connected: bool, link: &mut mpsc::Receiver<Link>) {
+    async fn shut_down(
+        &mut self,
+        client: &AsyncClient,
+        connected: bool,
+        link: &mut mpsc::Receiver<Link>,
+    ) {
         let devices: Vec<Presence> = self.online.drain().map(|(_, p)| p).collect();
         for mut p in devices {
             p.online = false;
             p.since_ms = crate::domain::now_ms();
-            self.push(self.topics.device_status(&p.device_id), status_payload(&p), true);
+            self.push(
+                self.topics.device_status(&p.device_id),
+                status_payload(&p),
+                true,
+            );
         }
         self.push(self.topics.hub_status(), b"offline".to_vec(), true);
         if !connected {
@@ -325,7 +337,11 @@ impl Bridge {
         } else {
             self.online.remove(&p.device_id);
         }
-        self.push(self.topics.device_status(&p.device_id), status_payload(&p), true);
+        self.push(
+            self.topics.device_status(&p.device_id),
+            status_payload(&p),
+            true,
+        );
     }
 
     /// Missed presence events: the registry has the truth.
@@ -372,9 +388,11 @@ impl Bridge {
     /// A message on the commands topic: into the same command path as gRPC,
     /// or a reason on the errors topic.
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
-        let request_id = serde_json::from_slice::<Value>(payload)
-            .ok()
-            .and_then(|v| v.get("request_id").and_then(Value::as_str).map(str::to_owned));
+        let request_id = serde_json::from_slice::<Value>(payload).ok().and_then(|v| {
+            v.get("request_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
         if let Err(reason) = self.command_from_mqtt(topic, payload).await {
             HubMetrics::add(&self.metrics.mqtt_bad_messages, 1);
             tracing::warn!(topic, %reason, "bad MQTT command");

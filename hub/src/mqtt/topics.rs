@@ -58,7 +58,10 @@ mod tests {
             t.device_of_command_topic("plant/a/devices/pump-1/commands"),
             Some("pump-1")
         );
-        assert_eq!(t.device_of_command_topic("plant/a/devices/x/y/commands"), None);
+        assert_eq!(
+            t.device_of_command_topic("plant/a/devices/x/y/commands"),
+            None
+        );
         assert_eq!(t.device_of_command_topic("other/devices/x/commands"), None);
         assert_eq!(t.command_events("d"), "plant/a/devices/d/commands/events");
     }

@@ -6,4 +6,5 @@ mod commands;
 mod harness;
 mod ingest;
 mod lifecycle;
+mod mqtt;
 mod stream;

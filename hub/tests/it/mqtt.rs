@@ -1,0 +1,434 @@
+//! The MQTT bridge against a real Mosquitto (127.0.0.1:1883, or one the test
+//! starts itself), and the live watch stream. Each test has its own topic
+//! prefix, so they run in parallel.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use telemetry_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::harness::*;
+
+fn unique(name: &str) -> String {
+    format!(
+        "it-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// A plain MQTT client that records what it receives.
+struct Probe {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Probe {
+    async fn connect(port: u16, filter: &str) -> Probe {
+        let mut options = MqttOptions::new(unique("probe"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic, p.payload.to_vec(), p.retain));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        tokio::time::timeout(WAIT, subscribed.recv())
+            .await
+            .expect("SubAck from the broker");
+        Probe { client, rx, task }
+    }
+
+    /// The next message whose topic is `topic` (others are skipped).
+    async fn next_on(&mut self, topic: &str) -> (Value, bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (t, payload, retain) = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no message on {topic}"))
+                .unwrap();
+            if t == topic {
+                let value = serde_json::from_slice(&payload)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into()));
+                return (value, retain);
+            }
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hub_with_bridge(prefix: &str, port: u16) -> TestHub {
+    let prefix = prefix.to_owned();
+    spawn_hub_with(move |s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{port}");
+        s.mqtt.client_id = unique("hub");
+        s.mqtt.topic_prefix = prefix;
+        s.mqtt.max_payload_bytes = 512;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_readings_and_presence_reach_mqtt() {
+    let prefix = unique("readings");
+    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
+    let mut hub = hub_with_bridge(&prefix, 1883).await;
+    let (value, retained) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    assert_eq!((value, retained), (json!("online"), false));
+
+    let (mut dev, _) = RawDevice::connect(&hub, "mq-dev").await;
+    let (status, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-dev/status"))
+        .await;
+    assert_eq!(status["online"], true);
+    assert_eq!(status["firmware"], "test-fw/1");
+
+    dev.send(batch(vec![
+        reading(1, "temperature", 1_767_225_600_000, 21.5),
+        reading(2, "humidity", 1_767_225_600_010, 40.25),
+    ]))
+    .await;
+    let (msg, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-dev/readings"))
+        .await;
+    assert_eq!(
+        msg,
+        json!({"device_id": "mq-dev", "readings": [
+            {"seq": 1, "sensor": "temperature", "ts_ms": 1_767_225_600_000i64, "value": 21.5},
+            {"seq": 2, "sensor": "humidity", "ts_ms": 1_767_225_600_010i64, "value": 40.25},
+        ]})
+    );
+    // Published after the commit: the readings are stored already.
+    assert_eq!(hub.readings("mq-dev").await.len(), 2);
+    assert_eq!(dev.ack_through(2).await.0, 2);
+
+    // A late subscriber gets the retained statuses.
+    let mut late = Probe::connect(1883, &format!("{prefix}/+/+/status")).await;
+    let (status, retained) = late
+        .next_on(&format!("{prefix}/devices/mq-dev/status"))
+        .await;
+    assert!(retained, "device status is retained");
+    assert_eq!(status["online"], true);
+
+    dev.half_close();
+    assert_eq!(dev.end_code().await, tonic::Code::Ok);
+    let (status, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-dev/status"))
+        .await;
+    assert_eq!(status["online"], false);
+
+    // Clean shutdown: the hub says it is offline (retained).
+    hub.stop().await;
+    let (value, _) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    assert_eq!(value, json!("offline"));
+    let mut after = Probe::connect(1883, &format!("{prefix}/hub/status")).await;
+    let (value, retained) = after.next_on(&format!("{prefix}/hub/status")).await;
+    assert_eq!((value, retained), (json!("offline"), true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_mqtt_reach_the_device_and_events_come_back() {
+    let prefix = unique("cmd");
+    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
+    let hub = hub_with_bridge(&prefix, 1883).await;
+    probe.next_on(&format!("{prefix}/hub/status")).await;
+    let fleet = SimFleet::start(&hub, "mqc-", 1).await;
+    let events = format!("{prefix}/devices/mqc-00001/commands/events");
+    probe
+        .publish(
+            &format!("{prefix}/devices/mqc-00001/commands"),
+            r#"{"name": "ping", "request_id": "req-7", "ttl_s": 30}"#,
+        )
+        .await;
+    let mut states = Vec::new();
+    let mut last = Value::Null;
+    while states.last().map(String::as_str) != Some("SUCCEEDED") {
+        let (event, _) = probe.next_on(&events).await;
+        assert_eq!(event["request_id"], "req-7");
+        states.push(event["state"].as_str().unwrap().to_owned());
+        last = event;
+    }
+    assert_eq!(states, ["QUEUED", "SENT", "RECEIVED", "SUCCEEDED"]);
+    assert!(last["result"]["pong"].is_i64(), "{last}");
+    // The same lifecycle and persistence as gRPC.
+    let info = hub.command(last["command_id"].as_str().unwrap()).await;
+    assert_eq!(state(&info), pb::CommandState::Succeeded);
+    assert_eq!(info.expires_at_ms - info.created_at_ms, 30_000);
+    fleet.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
+    let prefix = unique("garbage");
+    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
+    let hub = hub_with_bridge(&prefix, 1883).await;
+    probe.next_on(&format!("{prefix}/hub/status")).await;
+    hub.register_offline("mq-g").await;
+    let errors = format!("{prefix}/errors");
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            format!("{prefix}/devices/mq-g/commands"),
+            b"not json".to_vec(),
+            "not a command",
+        ),
+        (
+            format!("{prefix}/devices/mq-g/commands"),
+            br#"{"params": {}}"#.to_vec(),
+            "name",
+        ),
+        (
+            format!("{prefix}/devices/mq-g/commands"),
+            br#"{"name": "x", "params": [1]}"#.to_vec(),
+            "JSON object",
+        ),
+        (
+            format!("{prefix}/devices/bad id/commands"),
+            br#"{"name": "ping"}"#.to_vec(),
+            "device_id",
+        ),
+        (
+            format!("{prefix}/devices/nobody/commands"),
+            br#"{"name": "ping"}"#.to_vec(),
+            "unknown device",
+        ),
+        (
+            format!("{prefix}/devices/mq-g/commands"),
+            format!(
+                r#"{{"name": "ping", "params": {{"pad": "{}"}}}}"#,
+                "x".repeat(600)
+            )
+            .into_bytes(),
+            "over the limit",
+        ),
+    ];
+    for (topic, payload, why) in &cases {
+        probe.publish(topic, payload.clone()).await;
+        let (error, _) = probe.next_on(&errors).await;
+        assert!(
+            error["error"].as_str().unwrap().contains(why),
+            "{why}: {error}"
+        );
+        assert_eq!(error["topic"], topic.as_str());
+    }
+    assert_eq!(hub.stats().await.mqtt_bad_messages, cases.len() as u64);
+    // And the hub goes on: a good command is accepted.
+    probe
+        .publish(
+            &format!("{prefix}/devices/mq-g/commands"),
+            r#"{"name": "ping"}"#,
+        )
+        .await;
+    let (event, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-g/commands/events"))
+        .await;
+    assert_eq!(event["state"], "QUEUED");
+}
+
+/// A Mosquitto of the test's own on a free port, to kill and restart.
+struct OwnBroker {
+    port: u16,
+    conf: tempfile::NamedTempFile,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    fn start() -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            conf.path(),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut broker = OwnBroker {
+            port,
+            conf,
+            child: None,
+        };
+        broker.restart();
+        broker
+    }
+
+    fn restart(&mut self) {
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.conf.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_rides_out_a_broker_restart_and_ingest_never_stalls() {
+    let mut broker = OwnBroker::start();
+    let prefix = unique("restart");
+    let hub = hub_with_bridge(&prefix, broker.port).await;
+    wait_until("bridge connected", || async {
+        hub.stats().await.mqtt_connected
+    })
+    .await;
+    let fleet = SimFleet::start(&hub, "mqr-", 4).await;
+
+    broker.kill();
+    wait_until("bridge notices", || async {
+        !hub.stats().await.mqtt_connected
+    })
+    .await;
+    // Ingest goes on while the broker is away: acks keep coming.
+    let acked_at_kill = device_sim::FleetStats::get(&fleet.stats.acked);
+    wait_until("acks without a broker", || async {
+        device_sim::FleetStats::get(&fleet.stats.acked) > acked_at_kill + 40
+    })
+    .await;
+
+    broker.restart();
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    // Retained statuses are published again, and readings flow.
+    let (status, _) = probe
+        .next_on(&format!("{prefix}/devices/mqr-00001/status"))
+        .await;
+    assert_eq!(status["online"], true);
+    let (msg, _) = probe
+        .next_on(&format!("{prefix}/devices/mqr-00002/readings"))
+        .await;
+    assert!(!msg["readings"].as_array().unwrap().is_empty());
+    assert!(hub.stats().await.mqtt_connected);
+
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert_eq!(summary.sent, summary.acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_committed_readings_and_a_slow_one_only_skips() {
+    let hub = spawn_hub_with(|s| s.ingest.fanout_capacity = 4).await;
+    let mut op = hub.operator().await;
+    let mut watch = op
+        .watch_readings(pb::WatchReadingsRequest {
+            device_id: "w-dev".into(),
+            sensor: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A watcher that never reads, on a connection with a tiny window.
+    let slow_channel = tonic::transport::Endpoint::from_shared(hub.url())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = pb::operator_client::OperatorClient::new(slow_channel)
+        .watch_readings(pb::WatchReadingsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let (mut dev, _) = RawDevice::connect(&hub, "w-dev").await;
+    let now = now_ms();
+    dev.send(batch(vec![
+        reading(1, "t", now, 1.0),
+        reading(2, "other", now, 2.0),
+        reading(3, "t", now, 3.0),
+    ]))
+    .await;
+    dev.ack_through(3).await;
+    let event = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let seen: Vec<(String, u64, f64)> = event
+        .readings
+        .iter()
+        .map(|r| (r.sensor.clone(), r.seq, r.value))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("t".into(), 1, 1.0), ("t".into(), 3, 3.0)],
+        "filtered by device and sensor"
+    );
+    assert_eq!(event.skipped, 0);
+
+    // Lots of readings while the slow watcher reads nothing: ingest and
+    // acks are unaffected.
+    let fleet = SimFleet::start(&hub, "w-fleet-", 8).await;
+    let before = hub.stats().await.readings_committed;
+    wait_until("plenty committed", || async {
+        hub.stats().await.readings_committed > before + 400
+    })
+    .await;
+    let summary = fleet.finish().await;
+    assert!(
+        summary.all_clean() && summary.sent == summary.acked,
+        "{summary:?}"
+    );
+
+    // Now the slow watcher reads: it is told it skipped readings.
+    let mut skipped = 0;
+    while skipped == 0 {
+        let event = tokio::time::timeout(WAIT, slow.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        skipped += event.skipped;
+    }
+    assert!(skipped > 0);
+}
