@@ -54,4 +54,6 @@ print(f"hub CPU                {100 * (cpu1 - cpu0) / ticks / wall:.0f} % of one
 print(f"hub RSS                {rss_now / 1024:.0f} MiB now, {rss_peak / 1024:.0f} MiB peak")
 print(f"commits                {st['commits']}  ({st['readings_committed'] / max(st['commits'], 1):.0f} rows per commit)")
 print(f"disk                   {db_bytes / max(st['readings_stored'], 1):.1f} bytes per reading (db + wal)")
+if st.get('mqtt_connected') or st.get('mqtt_dropped'):
+    print(f"mqtt                   connected {st.get('mqtt_connected', False)}, dropped {st.get('mqtt_dropped', 0)} messages")
 PY

@@ -272,6 +272,9 @@ pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io
         ("rejected", s.rejected),
         ("commits", s.commits),
         ("ingest_queue_depth", s.ingest_queue_depth),
+        ("mqtt_dropped", s.mqtt_dropped),
+        ("mqtt_bad_messages", s.mqtt_bad_messages),
+        ("mqtt_connected", u64::from(s.mqtt_connected)),
     ];
     match format {
         Format::Json => {
