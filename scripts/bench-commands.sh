@@ -13,20 +13,9 @@ COMMANDS=${COMMANDS:-500}
 
 cargo build --release -q -p hub -p device-sim
 cargo bench -q -p hub --bench command_rtt --no-run 2>/dev/null
-work=$(mktemp -d)
+. scripts/start-hub.sh
 sim_pid=""
 trap 'kill "$sim_pid" "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-
-HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn,hub::app=info \
-  target/release/hub serve >"$work/hub.log" 2>&1 &
-hub_pid=$!
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/hub.log" | head -n1)
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$work/hub.log"; echo "hub did not start"; exit 1; }
 url="http://$addr"
 
 run_with_rate() {

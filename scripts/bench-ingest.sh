@@ -14,19 +14,8 @@ EXTRA_SIM_ARGS=${EXTRA_SIM_ARGS:-}
 HUB_ENV=${HUB_ENV:-}  # extra HUB__* settings, e.g. HUB_ENV="HUB__INGEST__MAX_BATCH_ROWS=65536"
 
 cargo build --release -q -p hub -p device-sim
-work=$(mktemp -d)
+. scripts/start-hub.sh
 trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-
-env $HUB_ENV HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn,hub::app=info \
-  target/release/hub serve >"$work/hub.log" 2>&1 &
-hub_pid=$!
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/hub.log" | head -n1)
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$work/hub.log"; echo "hub did not start"; exit 1; }
 
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$hub_pid/stat"; }

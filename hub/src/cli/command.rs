@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use telemetry_proto::v1 as pb;
 
 use super::output::{self, Format};
-use super::{HubAddr, connect, parse_time, status_error};
+use super::{HubAddr, connect, list_devices, parse_time, status_error};
 
 #[derive(Subcommand, Debug)]
 pub enum CommandAction {
@@ -174,13 +174,7 @@ async fn send(args: &SendArgs, out: &mut impl Write) -> anyhow::Result<u8> {
     let mut client = connect(&args.addr).await?;
     let mut targets = args.devices.clone();
     if !args.labels.is_empty() {
-        let devices = client
-            .list_devices(pb::ListDevicesRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .devices;
-        for d in devices {
+        for d in list_devices(&mut client).await? {
             let matches = args
                 .labels
                 .iter()

@@ -218,15 +218,22 @@ pub async fn query(args: &QueryArgs, out: &mut impl Write) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `hub devices`.
-pub async fn devices(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut client = connect(&args.addr).await?;
-    let devices = client
+/// Every registered device.
+pub(crate) async fn list_devices(
+    client: &mut OperatorClient<Channel>,
+) -> anyhow::Result<Vec<pb::DeviceInfo>> {
+    Ok(client
         .list_devices(pb::ListDevicesRequest {})
         .await
         .map_err(status_error)?
         .into_inner()
-        .devices;
+        .devices)
+}
+
+/// `hub devices`.
+pub async fn devices(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut client = connect(&args.addr).await?;
+    let devices = list_devices(&mut client).await?;
     output::print_devices(args.format, &devices, out)?;
     out.flush()?;
     Ok(())

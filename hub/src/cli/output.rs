@@ -125,28 +125,15 @@ impl<'a> QueryPrinter<'a> {
     }
 
     pub fn row(&self, out: &mut impl Write, r: &pb::ReadingRow) -> io::Result<()> {
-        let ts = rfc3339_ms(r.ts_ms);
-        match self.format {
-            Format::Json => writeln!(
-                out,
-                "{}",
-                json!({"device": self.device, "sensor": r.sensor, "seq": r.seq, "ts": ts, "value": r.value})
-            ),
-            Format::Csv => writeln!(
-                out,
-                "{},{},{},{},{}",
-                csv_field(self.device),
-                csv_field(&r.sensor),
-                r.seq,
-                ts,
-                r.value
-            ),
-            Format::Table => writeln!(
-                out,
-                "{:<16} {:<14} {:>10} {:<24} {:>14.4}",
-                self.device, r.sensor, r.seq, ts, r.value
-            ),
-        }
+        print_reading(
+            self.format,
+            self.device,
+            &r.sensor,
+            r.seq,
+            r.ts_ms,
+            r.value,
+            out,
+        )
     }
 
     pub fn bucket(&self, out: &mut impl Write, b: &pb::BucketRow) -> io::Result<()> {
@@ -438,26 +425,47 @@ pub fn print_live_header(format: Format, out: &mut impl Write) -> io::Result<()>
 }
 
 pub fn print_live(format: Format, r: &pb::LiveReading, out: &mut impl Write) -> io::Result<()> {
-    let ts = rfc3339_ms(r.ts_ms);
+    print_reading(
+        format,
+        &r.device_id,
+        &r.sensor,
+        r.seq,
+        r.ts_ms,
+        r.value,
+        out,
+    )
+}
+
+/// One raw reading, the same way for `query` and `watch`.
+fn print_reading(
+    format: Format,
+    device: &str,
+    sensor: &str,
+    seq: u64,
+    ts_ms: i64,
+    value: f64,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let ts = rfc3339_ms(ts_ms);
     match format {
         Format::Json => writeln!(
             out,
             "{}",
-            json!({"device": r.device_id, "sensor": r.sensor, "seq": r.seq, "ts": ts, "value": r.value})
+            json!({"device": device, "sensor": sensor, "seq": seq, "ts": ts, "value": value})
         ),
         Format::Csv => writeln!(
             out,
             "{},{},{},{},{}",
-            csv_field(&r.device_id),
-            csv_field(&r.sensor),
-            r.seq,
+            csv_field(device),
+            csv_field(sensor),
+            seq,
             ts,
-            r.value
+            value
         ),
         Format::Table => writeln!(
             out,
             "{:<16} {:<14} {:>10} {:<24} {:>14.4}",
-            r.device_id, r.sensor, r.seq, ts, r.value
+            device, sensor, seq, ts, value
         ),
     }
 }

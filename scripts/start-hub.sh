@@ -1,0 +1,15 @@
+# Sourced by the bench scripts: starts `target/release/hub serve` on a free
+# port with a temp database and sets $work, $hub_pid and $addr. Extra
+# settings come from $HUB_ENV (e.g. "HUB__MQTT__ENABLED=true").
+work=$(mktemp -d)
+# shellcheck disable=SC2086
+env ${HUB_ENV:-} HUB__SERVER__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="$work/hub.db" \
+  RUST_LOG=warn,hub::app=info target/release/hub serve >"$work/hub.log" 2>&1 &
+hub_pid=$!
+addr=""
+for _ in $(seq 1 100); do
+  addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/hub.log" | head -n1)
+  [ -n "$addr" ] && break
+  sleep 0.1
+done
+[ -n "$addr" ] || { cat "$work/hub.log"; echo "hub did not start"; exit 1; }
