@@ -524,13 +524,7 @@ async fn a_device_that_does_not_read_delays_only_its_own_commands() {
     .await;
     // The slow device's connection has a tiny HTTP/2 window and it never
     // reads, so its stream fills up after a few commands.
-    let slow_channel = tonic::transport::Endpoint::from_shared(hub.url())
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
+    let slow_channel = hub.tiny_window_channel().await;
     let mut slow = RawDevice::open(slow_channel, hello("dev-slow")).await;
     assert!(matches!(slow.next().await, Ok(Some(_))), "Welcome");
     let mut slow_ids = Vec::new();

@@ -85,6 +85,18 @@ impl TestHub {
             .unwrap()
     }
 
+    /// A connection with 1 KiB HTTP/2 windows: a client that does not read
+    /// on it stops the hub's sends after very little.
+    pub async fn tiny_window_channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .initial_stream_window_size(Some(1024))
+            .initial_connection_window_size(Some(1024))
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub async fn operator(&self) -> OperatorClient<Channel> {
         OperatorClient::new(self.channel().await)
     }

@@ -367,13 +367,7 @@ async fn watchers_see_committed_readings_and_a_slow_one_only_skips() {
         .unwrap()
         .into_inner();
     // A watcher that never reads, on a connection with a tiny window.
-    let slow_channel = tonic::transport::Endpoint::from_shared(hub.url())
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
+    let slow_channel = hub.tiny_window_channel().await;
     let mut slow = pb::operator_client::OperatorClient::new(slow_channel)
         .watch_readings(pb::WatchReadingsRequest::default())
         .await
