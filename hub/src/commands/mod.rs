@@ -239,8 +239,9 @@ struct Batch {
 }
 
 impl Batch {
+    /// Nothing to write (answers and events only come with writes).
     fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.updates.is_empty() && self.answers.is_empty()
+        self.inserts.is_empty() && self.updates.is_empty()
     }
 }
 
@@ -292,11 +293,13 @@ fn transition(state: CommandState, at_ms: i64, detail: &str) -> CommandTransitio
 }
 
 impl CommandActor {
-    /// Serves requests until every handle is gone or `stop` is cancelled.
+    /// Serves requests until every handle is gone or `stop` is cancelled;
+    /// what is already in the mailbox then is still handled and committed.
     pub async fn run(mut self, stop: CancellationToken) {
         if let Err(e) = self.reload().await {
             tracing::error!(error = %e, "cannot load open commands");
         }
+        let mut stopping = false;
         loop {
             let wake = self.next_deadline();
             let first = tokio::select! {
@@ -304,8 +307,12 @@ impl CommandActor {
                     Some(r) => Some(r),
                     None => break,
                 },
-                _ = tokio::time::sleep_until(wake) => None,
-                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep_until(wake), if !stopping => None,
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    self.rx.close();
+                    None
+                }
             };
             let mut batch = Batch::default();
             if let Some(first) = first {
@@ -381,7 +388,7 @@ impl CommandActor {
                         }
                     }
                     None => {
-                        let answer = match self.writer_lookup(&command_id).await {
+                        let answer = match self.final_record(&command_id).await {
                             Ok(Some(rec)) => Err(CommandError::AlreadyFinal {
                                 id: command_id,
                                 state: rec.state,
@@ -454,7 +461,7 @@ impl CommandActor {
     }
 
     /// A command that is not open: final, or unknown.
-    async fn writer_lookup(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
+    async fn final_record(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
         Ok(self.log.get(command_id).await?.map(|(rec, _)| rec))
     }
 
@@ -679,9 +686,6 @@ impl CommandActor {
     /// Persists a batch, then tells: operators, watchers, devices.
     async fn commit(&mut self, batch: Batch) {
         if batch.is_empty() {
-            for rec in batch.events {
-                let _ = self.events.send(rec);
-            }
             return;
         }
         match self.write(&batch).await {
