@@ -1,0 +1,322 @@
+//! The operator API: queries, devices, stats, commands and live tails.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use telemetry_proto::v1::{self as pb, operator_server::Operator};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::session::SessionContext;
+use crate::commands::NewCommand;
+use crate::domain::{CommandRecord, CommittedBatch, ReadingQuery};
+use crate::metrics::HubMetrics;
+use crate::query::{self, QueryChunk};
+use crate::store::Store;
+use crate::store::commands::CommandFilter;
+
+pub struct OperatorService {
+    pub store: Store,
+    pub ctx: Arc<SessionContext>,
+    pub fanout: tokio::sync::broadcast::Sender<Arc<CommittedBatch>>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
+type CommandStream = ReceiverStream<Result<pb::CommandInfo, Status>>;
+type LiveStream = ReceiverStream<Result<pb::WatchReadingsEvent, Status>>;
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    type QueryReadingsStream = ChunkStream;
+    type WatchCommandStream = CommandStream;
+    type WatchReadingsStream = LiveStream;
+
+    async fn query_readings(
+        &self,
+        request: Request<pb::QueryReadingsRequest>,
+    ) -> Result<Response<Self::QueryReadingsStream>, Status> {
+        let req = request.into_inner();
+        if req.device_id.is_empty() {
+            return Err(Status::invalid_argument("device_id is required"));
+        }
+        if req.bucket_ms < 0 {
+            return Err(Status::invalid_argument("bucket_ms must not be negative"));
+        }
+        if let (Some(since), Some(until)) = (req.since_ms, req.until_ms)
+            && since >= until
+        {
+            return Err(Status::invalid_argument("since must be before until"));
+        }
+        let wanted = convert::aggregates(&req.aggregates)?;
+        let device = self
+            .store
+            .find_device(&req.device_id)
+            .await
+            .map_err(convert::store_status)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {:?}", req.device_id)))?;
+        let q = ReadingQuery {
+            device: device.key,
+            device_id: device.device_id,
+            sensor: (!req.sensor.is_empty()).then_some(req.sensor),
+            since_ms: req.since_ms,
+            until_ms: req.until_ms,
+            limit: req.limit,
+            bucket_ms: (req.bucket_ms > 0).then_some(req.bucket_ms),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        self.ctx
+            .tracker
+            .spawn(query::run(self.store.clone(), q, tx));
+        let chunks = ReceiverStream::new(rx).map(move |chunk| match chunk {
+            Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
+                rows: rows.into_iter().map(convert::reading_row).collect(),
+                buckets: Vec::new(),
+            }),
+            Ok(QueryChunk::Buckets(buckets)) => Ok(pb::QueryReadingsChunk {
+                rows: Vec::new(),
+                buckets: buckets
+                    .into_iter()
+                    .map(|b| convert::bucket_row(b, &wanted))
+                    .collect(),
+            }),
+            Err(e) => Err(convert::store_status(e)),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn list_devices(
+        &self,
+        _request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let online = self.ctx.registry.online();
+        let devices = self
+            .store
+            .list_devices()
+            .await
+            .map_err(convert::store_status)?
+            .into_iter()
+            .map(|d| {
+                let since = online.get(&d.device_id).copied();
+                convert::device_info(d, since)
+            })
+            .collect();
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
+    }
+
+    async fn get_hub_stats(
+        &self,
+        _request: Request<pb::GetHubStatsRequest>,
+    ) -> Result<Response<pb::HubStats>, Status> {
+        let m = &self.ctx.metrics;
+        let stored = self
+            .store
+            .total_readings()
+            .await
+            .map_err(convert::store_status)?;
+        Ok(Response::new(pb::HubStats {
+            live_sessions: m.live_sessions(),
+            readings_committed: HubMetrics::get(&m.readings_committed),
+            duplicates: HubMetrics::get(&m.duplicates),
+            rejected: HubMetrics::get(&m.rejected),
+            commits: HubMetrics::get(&m.commits),
+            ingest_queue_depth: self.ctx.ingest.depth() as u64,
+            readings_stored: stored,
+            mqtt_dropped: HubMetrics::get(&m.mqtt_dropped),
+            mqtt_bad_messages: HubMetrics::get(&m.mqtt_bad_messages),
+            mqtt_connected: m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
+        }))
+    }
+
+    async fn send_command(
+        &self,
+        request: Request<pb::SendCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let req = request.into_inner();
+        if req.ttl_ms < 0 {
+            return Err(Status::invalid_argument("ttl_ms must not be negative"));
+        }
+        let cmd = NewCommand {
+            device_id: req.device_id,
+            name: req.name,
+            params: req.params_json,
+            ttl: (req.ttl_ms > 0).then(|| std::time::Duration::from_millis(req.ttl_ms as u64)),
+        };
+        let rec = self
+            .ctx
+            .commands
+            .send(cmd)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, Vec::new())))
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<pb::GetCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let (rec, history) = self
+            .ctx
+            .commands
+            .get(&request.into_inner().command_id)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, history)))
+    }
+
+    async fn list_commands(
+        &self,
+        request: Request<pb::ListCommandsRequest>,
+    ) -> Result<Response<pb::ListCommandsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = CommandFilter {
+            device_id: (!req.device_id.is_empty()).then_some(req.device_id),
+            state: convert::state_filter(req.state)?,
+            since_ms: req.since_ms,
+            until_ms: req.until_ms,
+            limit: if req.limit == 0 {
+                1000
+            } else {
+                req.limit.min(100_000)
+            },
+        };
+        let commands = self
+            .ctx
+            .commands
+            .list(&filter)
+            .await
+            .map_err(convert::command_status)?
+            .into_iter()
+            .map(|rec| convert::command_info(rec, Vec::new()))
+            .collect();
+        Ok(Response::new(pb::ListCommandsResponse { commands }))
+    }
+
+    async fn cancel_command(
+        &self,
+        request: Request<pb::CancelCommandRequest>,
+    ) -> Result<Response<pb::CommandInfo>, Status> {
+        let rec = self
+            .ctx
+            .commands
+            .cancel(&request.into_inner().command_id)
+            .await
+            .map_err(convert::command_status)?;
+        Ok(Response::new(convert::command_info(rec, Vec::new())))
+    }
+
+    async fn watch_command(
+        &self,
+        request: Request<pb::WatchCommandRequest>,
+    ) -> Result<Response<Self::WatchCommandStream>, Status> {
+        let req = request.into_inner();
+        let commands = self.ctx.commands.clone();
+        // Subscribe before reading the current state, so no change falls in
+        // between.
+        let mut events = commands.subscribe();
+        let (current, _) = commands
+            .get(&req.command_id)
+            .await
+            .map_err(convert::command_status)?;
+        let timeout =
+            (req.timeout_ms > 0).then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
+        let (tx, rx) = mpsc::channel(8);
+        let shutdown = self.ctx.shutdown.clone();
+        self.ctx.tracker.spawn(async move {
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let id = current.command_id.clone();
+            let mut last: CommandRecord = current;
+            if tx
+                .send(Ok(convert::command_info(last.clone(), Vec::new())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while !last.state.is_final() {
+                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+                let next = tokio::select! {
+                    event = events.recv() => event,
+                    _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => return,
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                };
+                let rec = match next {
+                    Ok(rec) if rec.command_id == id => rec,
+                    Ok(_) => continue,
+                    // Missed events: the log has the truth.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        match commands.get(&id).await {
+                            Ok((rec, _)) if rec != last => rec,
+                            Ok(_) => continue,
+                            Err(e) => {
+                                let _ = tx.send(Err(convert::command_status(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                last = rec;
+                if tx
+                    .send(Ok(convert::command_info(last.clone(), Vec::new())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn watch_readings(
+        &self,
+        request: Request<pb::WatchReadingsRequest>,
+    ) -> Result<Response<Self::WatchReadingsStream>, Status> {
+        let req = request.into_inner();
+        let device = (!req.device_id.is_empty()).then_some(req.device_id);
+        let sensor = (!req.sensor.is_empty()).then_some(req.sensor);
+        let mut batches = self.fanout.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        let shutdown = self.ctx.shutdown.clone();
+        self.ctx.tracker.spawn(async move {
+            // Index of the next reading this watcher expects; a gap is what
+            // it skipped while too slow.
+            let mut expected: Option<u64> = None;
+            let mut skipped = 0u64;
+            loop {
+                let batch = tokio::select! {
+                    b = batches.recv() => b,
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                };
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    // The gap shows in the next batch's index.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if let Some(expected) = expected {
+                    skipped += batch.first_index.saturating_sub(expected);
+                }
+                expected = Some(batch.first_index + batch.count);
+                let readings = convert::live_readings(&batch, device.as_deref(), sensor.as_deref());
+                if readings.is_empty() && skipped == 0 {
+                    continue;
+                }
+                let event = pb::WatchReadingsEvent { readings, skipped };
+                skipped = 0;
+                // A slow client makes this wait; meanwhile the broadcast
+                // moves on without us, and we count what we missed.
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
