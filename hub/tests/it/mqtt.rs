@@ -328,11 +328,17 @@ async fn the_bridge_rides_out_a_broker_restart_and_ingest_never_stalls() {
     })
     .await;
     broker.restart();
-    wait_until("bridge connected", || async { hub.stats().await.mqtt_connected }).await;
+    wait_until("bridge connected", || async {
+        hub.stats().await.mqtt_connected
+    })
+    .await;
 
     // Killed mid-run.
     broker.kill();
-    wait_until("bridge notices", || async { !hub.stats().await.mqtt_connected }).await;
+    wait_until("bridge notices", || async {
+        !hub.stats().await.mqtt_connected
+    })
+    .await;
     // Ingest goes on while the broker is away: acks keep coming.
     let acked_at_kill = device_sim::FleetStats::get(&fleet.stats.acked);
     wait_until("acks without a broker", || async {
@@ -343,9 +349,13 @@ async fn the_bridge_rides_out_a_broker_restart_and_ingest_never_stalls() {
     broker.restart();
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
     // Retained statuses are published again, and readings flow.
-    let (status, _) = probe.next_on(&format!("{prefix}/devices/mqr-00001/status")).await;
+    let (status, _) = probe
+        .next_on(&format!("{prefix}/devices/mqr-00001/status"))
+        .await;
     assert_eq!(status["online"], true);
-    let (msg, _) = probe.next_on(&format!("{prefix}/devices/mqr-00002/readings")).await;
+    let (msg, _) = probe
+        .next_on(&format!("{prefix}/devices/mqr-00002/readings"))
+        .await;
     assert!(!msg["readings"].as_array().unwrap().is_empty());
     assert!(hub.stats().await.mqtt_connected);
 
