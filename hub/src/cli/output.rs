@@ -251,23 +251,23 @@ pub fn print_devices(
 }
 
 pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
-    let fields = [
-        ("live_sessions", s.live_sessions),
-        ("readings_committed", s.readings_committed),
-        ("readings_stored", s.readings_stored),
-        ("duplicates", s.duplicates),
-        ("rejected", s.rejected),
-        ("commits", s.commits),
-        ("ingest_queue_depth", s.ingest_queue_depth),
-        ("mqtt_dropped", s.mqtt_dropped),
-        ("mqtt_bad_messages", s.mqtt_bad_messages),
-        ("mqtt_connected", u64::from(s.mqtt_connected)),
+    let fields: [(&str, Value); 10] = [
+        ("live_sessions", json!(s.live_sessions)),
+        ("readings_committed", json!(s.readings_committed)),
+        ("readings_stored", json!(s.readings_stored)),
+        ("duplicates", json!(s.duplicates)),
+        ("rejected", json!(s.rejected)),
+        ("commits", json!(s.commits)),
+        ("ingest_queue_depth", json!(s.ingest_queue_depth)),
+        ("mqtt_dropped", json!(s.mqtt_dropped)),
+        ("mqtt_bad_messages", json!(s.mqtt_bad_messages)),
+        ("mqtt_connected", json!(s.mqtt_connected)),
     ];
     match format {
         Format::Json => {
             let obj: Map<String, Value> = fields
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect();
             writeln!(out, "{}", Value::Object(obj))
         }

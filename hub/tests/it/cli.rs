@@ -118,6 +118,16 @@ async fn query_and_devices_print_json_lines_csv_and_tables() {
         "{table}"
     );
 
+    let Command::Stats(args) = parse(&["hub", "stats", "--hub", &url, "--format", "json"]) else {
+        panic!("stats args")
+    };
+    let mut out = Vec::new();
+    cli::stats(&args, &mut out).await.unwrap();
+    let stats: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(stats["live_sessions"], 1);
+    assert_eq!(stats["readings_stored"], 3);
+    assert_eq!(stats["mqtt_connected"], false);
+
     // An unknown device is a clear error, not an empty listing.
     let Command::Query(args) = parse(&["hub", "query", "--hub", &url, "--device", "ghost"]) else {
         panic!("query args")
