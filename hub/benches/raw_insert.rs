@@ -1,10 +1,11 @@
 //! Raw insert rate of the readings schema through the writer's own store
-//! calls (one transaction per group, multi-row INSERTs, per-device progress
-//! updates), with no network and no sessions in front.
+//! calls (one transaction per group, multi-row INSERTs into the staging
+//! table, per-device progress updates, compaction into the clustered table
+//! every COMPACT_ROWS), with no network and no sessions in front.
 //!
 //! `cargo bench -p hub --bench raw_insert`; env knobs: ROWS_PER_COMMIT (2000),
 //! TOTAL_ROWS (2000000), DEVICES (1000), PER_BATCH (10 readings per device
-//! batch), SYNC (full|normal|off).
+//! batch), SYNC (full|normal|off), COMPACT_ROWS (the default setting).
 
 use std::time::Instant;
 
@@ -31,6 +32,7 @@ fn main() {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::defaults().expect("defaults");
+    let compact_rows = env_or("COMPACT_ROWS", settings.storage.compact_rows);
     settings.storage.path = dir.path().join("bench.db");
     settings.storage.synchronous = sync;
 
@@ -68,6 +70,10 @@ fn main() {
         let mut rows: Vec<RowToInsert> = Vec::with_capacity(rows_per_commit);
         let mut written = 0usize;
         let mut commits = 0usize;
+        let mut staged = 0u64;
+        let mut compactions = 0usize;
+        let mut commit_ms: Vec<f64> = Vec::new();
+        let mut compact_ms: Vec<f64> = Vec::new();
         let started = Instant::now();
         while written < total {
             rows.clear();
@@ -88,6 +94,7 @@ fn main() {
                 }
                 touched.push((keys[d], next_seq[d] - 1));
             }
+            let commit_started = Instant::now();
             let mut tx = writer.begin().await.expect("begin");
             tx.insert_readings(&rows).await.expect("insert");
             let progress: Vec<DeviceProgress> = touched
@@ -100,8 +107,17 @@ fn main() {
                 .collect();
             tx.record_progress(&progress, 0).await.expect("progress");
             tx.commit().await.expect("commit");
+            commit_ms.push(commit_started.elapsed().as_secs_f64() * 1000.0);
             written += rows.len();
             commits += 1;
+            staged += rows.len() as u64;
+            if staged >= compact_rows {
+                let compact_started = Instant::now();
+                writer.compact().await.expect("compact");
+                compact_ms.push(compact_started.elapsed().as_secs_f64() * 1000.0);
+                compactions += 1;
+                staged = 0;
+            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         let stored = reader.total_readings().await.expect("count");
@@ -112,8 +128,17 @@ fn main() {
             .filter_map(|e| e.ok()?.metadata().ok())
             .map(|m| m.len())
             .sum();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
         println!(
-            "raw_insert sync={sync:?} rows_per_commit={rows_per_commit} devices={devices} per_batch={per_batch}"
+            "raw_insert sync={sync:?} rows_per_commit={rows_per_commit} devices={devices} per_batch={per_batch} compact_rows={compact_rows}"
+        );
+        println!(
+            "  commit p50 {:.1} ms; {compactions} compactions, p50 {:.0} ms",
+            median(&mut commit_ms),
+            median(&mut compact_ms)
         );
         println!(
             "  rows {written} (stored {stored}) in {elapsed:.2} s: {:.0} rows/s, {:.0} commits/s, {:.1} bytes/reading on disk (db+wal)",

@@ -72,6 +72,7 @@ impl Hub {
                 max_batch_rows: settings.ingest.max_batch_rows,
                 max_batch_delay: settings.ingest.max_batch_delay,
                 max_sensors: settings.ingest.max_sensors,
+                compact_rows: settings.storage.compact_rows,
             },
             Arc::clone(&metrics),
             fanout.clone(),

@@ -152,6 +152,7 @@ pub struct StorageSettings {
     pub busy_timeout: Duration,
     pub cache_size_mib: u32,
     pub read_connections: u32,
+    pub compact_rows: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +264,11 @@ impl Settings {
         check(
             st.read_connections >= 1,
             "storage.read_connections",
+            "must be at least 1",
+        )?;
+        check(
+            st.compact_rows >= 1,
+            "storage.compact_rows",
             "must be at least 1",
         )?;
         let c = &self.commands;

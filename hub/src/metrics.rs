@@ -10,6 +10,7 @@ pub struct HubMetrics {
     pub duplicates: AtomicU64,
     pub rejected: AtomicU64,
     pub commits: AtomicU64,
+    pub compactions: AtomicU64,
     pub mqtt_dropped: AtomicU64,
     pub mqtt_bad_messages: AtomicU64,
     pub mqtt_connected: AtomicBool,

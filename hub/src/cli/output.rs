@@ -251,13 +251,14 @@ pub fn print_devices(
 }
 
 pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
-    let fields: [(&str, Value); 10] = [
+    let fields: [(&str, Value); 11] = [
         ("live_sessions", json!(s.live_sessions)),
         ("readings_committed", json!(s.readings_committed)),
         ("readings_stored", json!(s.readings_stored)),
         ("duplicates", json!(s.duplicates)),
         ("rejected", json!(s.rejected)),
         ("commits", json!(s.commits)),
+        ("compactions", json!(s.compactions)),
         ("ingest_queue_depth", json!(s.ingest_queue_depth)),
         ("mqtt_dropped", json!(s.mqtt_dropped)),
         ("mqtt_bad_messages", json!(s.mqtt_bad_messages)),

@@ -123,6 +123,7 @@ impl Operator for OperatorService {
             duplicates: HubMetrics::get(&m.duplicates),
             rejected: HubMetrics::get(&m.rejected),
             commits: HubMetrics::get(&m.commits),
+            compactions: HubMetrics::get(&m.compactions),
             ingest_queue_depth: self.ctx.ingest.depth() as u64,
             readings_stored: stored,
             mqtt_dropped: HubMetrics::get(&m.mqtt_dropped),

@@ -25,6 +25,8 @@ pub struct WriterSettings {
     pub max_batch_delay: Duration,
     /// Distinct sensor names the dictionary may hold.
     pub max_sensors: usize,
+    /// Move staged readings into the clustered table once this many wait.
+    pub compact_rows: u64,
 }
 
 pub struct Writer {
@@ -43,6 +45,8 @@ pub struct Writer {
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Readings published to the fan-out so far (its running index).
     published: u64,
+    /// Readings waiting in the staging table (None: not counted yet).
+    staged: Option<u64>,
 }
 
 /// What one queued message came to, delivered after the commit.
@@ -77,6 +81,7 @@ impl Writer {
             rows: Vec::new(),
             fanout,
             published: 0,
+            staged: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl Writer {
             Ok(outcomes) => {
                 self.deliver(group.drain(..).zip(outcomes));
                 self.publish();
+                self.compact_if_due().await;
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = group.len(), "commit failed; nothing in it is acked");
@@ -183,6 +189,43 @@ impl Writer {
         HubMetrics::add(&self.metrics.duplicates, dups_total);
         HubMetrics::add(&self.metrics.rejected, rejected_total);
         HubMetrics::add(&self.metrics.commits, 1);
+    }
+
+    /// Moves the staged readings into the clustered table once enough wait.
+    /// Acks are out already; the next group waits for this (one writer).
+    async fn compact_if_due(&mut self) {
+        let staged = match self.staged {
+            Some(n) => n + self.rows.len() as u64,
+            None => match self.store.recent_rows().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot count staged readings");
+                    return;
+                }
+            },
+        };
+        self.staged = Some(staged);
+        if staged < self.settings.compact_rows {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.store.compact().await {
+            Ok(moved) => {
+                self.staged = Some(0);
+                HubMetrics::add(&self.metrics.compactions, 1);
+                tracing::debug!(
+                    moved,
+                    ms = started.elapsed().as_millis() as u64,
+                    "compacted staged readings"
+                );
+            }
+            // They stay staged (queries read them there); the next commit
+            // tries again.
+            Err(e) => {
+                self.staged = None;
+                tracing::error!(error = %e, "compaction failed");
+            }
+        }
     }
 
     /// Publishes what the last commit stored, grouped by device, to the

@@ -132,8 +132,8 @@ impl Store {
         Ok(id.map(SensorKey))
     }
 
-    /// The sensors a device has readings for, in key order. One index seek
-    /// per sensor rather than a scan of the device's readings.
+    /// The sensors a device has readings for, in key order. Index seeks
+    /// (one per sensor, in both tables) rather than a scan of its readings.
     pub async fn device_sensors(
         &self,
         device: DeviceKey,
@@ -142,9 +142,12 @@ impl Store {
         let mut after = i64::MIN;
         loop {
             let next: Option<(i64, String)> = sqlx::query_as(
-                "SELECT r.sensor_id, s.name FROM \
-                 (SELECT sensor_id FROM readings WHERE device_id = ? AND sensor_id > ? \
-                  ORDER BY sensor_id LIMIT 1) r JOIN sensors s ON s.id = r.sensor_id",
+                "SELECT s.id, s.name FROM sensors s WHERE s.id = (SELECT min(k) FROM ( \
+                   SELECT (SELECT sensor_id FROM readings WHERE device_id = ?1 AND sensor_id > ?2 \
+                           ORDER BY sensor_id LIMIT 1) AS k \
+                   UNION ALL \
+                   SELECT (SELECT sensor_id FROM readings_recent WHERE device_id = ?1 AND sensor_id > ?2 \
+                           ORDER BY sensor_id LIMIT 1)))",
             )
             .bind(device.0)
             .bind(after)
@@ -161,8 +164,10 @@ impl Store {
     }
 
     /// Up to `limit` readings of one sensor strictly after `after`, before
-    /// `until_ms` (exclusive), ordered by (ts_ms, seq). A short query: no read
-    /// transaction stays open between pages, so the WAL can checkpoint.
+    /// `until_ms` (exclusive), ordered by (ts_ms, seq), from the clustered and
+    /// the staging table in one statement (one snapshot: a reading moved by a
+    /// compaction is seen once). A short query: no read transaction stays
+    /// open between pages, so the WAL can checkpoint.
     pub async fn reading_page(
         &self,
         device: DeviceKey,
@@ -172,8 +177,15 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<ReadingPoint>, StoreError> {
         let rows: Vec<(i64, i64, f64)> = sqlx::query_as(
-            "SELECT seq, ts_ms, value FROM readings \
-             WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
+            "SELECT seq, ts_ms, value FROM ( \
+               SELECT seq, ts_ms, value FROM readings \
+               WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
+               ORDER BY ts_ms, seq LIMIT ?6) \
+             UNION ALL \
+             SELECT seq, ts_ms, value FROM ( \
+               SELECT seq, ts_ms, value FROM readings_recent \
+               WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
+               ORDER BY ts_ms, seq LIMIT ?6) \
              ORDER BY ts_ms, seq LIMIT ?6",
         )
         .bind(device.0)

@@ -1,4 +1,8 @@
 //! The write side: only the ingest writer task holds a [`StoreWriter`].
+//!
+//! New readings go to the staging table `readings_recent` (cheap commits);
+//! [`StoreWriter::compact`] moves them into the clustered `readings` table
+//! in large sorted runs.
 
 use std::collections::HashMap;
 
@@ -85,6 +89,42 @@ impl StoreWriter {
             .collect())
     }
 
+    /// Rows waiting in the staging table.
+    pub async fn recent_rows(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_recent")
+            .fetch_one(&mut self.conn)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Moves every staged reading into the clustered table in one sorted
+    /// run, in one transaction (so a reader sees each reading in exactly one
+    /// of the two tables). Returns the rows moved.
+    pub async fn compact(&mut self) -> Result<u64, StoreError> {
+        let mut tx = self.conn.begin().await?;
+        let last: Option<i64> = sqlx::query_scalar("SELECT max(rowid) FROM readings_recent")
+            .fetch_one(&mut *tx)
+            .await?;
+        let Some(last) = last else {
+            return Ok(0);
+        };
+        let moved = sqlx::query(
+            "INSERT INTO readings (device_id, sensor_id, ts_ms, seq, value) \
+             SELECT device_id, sensor_id, ts_ms, seq, value FROM readings_recent \
+             WHERE rowid <= ? ORDER BY device_id, sensor_id, ts_ms, seq",
+        )
+        .bind(last)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM readings_recent WHERE rowid <= ?")
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     pub async fn close(self) -> Result<(), StoreError> {
         self.conn.close().await?;
         Ok(())
@@ -154,7 +194,7 @@ impl WriteTx<'_> {
                 .entry((Batched::Insert, chunk.len()))
                 .or_insert_with(|| {
                     multi_row_sql(
-                        "INSERT INTO readings (device_id, sensor_id, ts_ms, seq, value) VALUES ",
+                        "INSERT INTO readings_recent (device_id, sensor_id, ts_ms, seq, value) VALUES ",
                         "(?,?,?,?,?)",
                         chunk.len(),
                         "",

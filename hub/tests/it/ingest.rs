@@ -38,7 +38,9 @@ pub fn small_fleet(devices: usize) -> FleetConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
-    let hub = spawn_hub().await;
+    // Small compaction runs: readings are split between the staging and the
+    // clustered table, and move while the fleet streams.
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 300).await;
     let summary = run_fleet(hub.url(), small_fleet(12), Duration::from_millis(1500)).await;
     assert!(summary.all_clean(), "{summary:?}");
     assert!(summary.sent > 12 * 100, "{summary:?}");
@@ -86,11 +88,13 @@ async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
     let stats = hub.stats().await;
     assert_eq!(stats.readings_stored, total);
     assert_eq!(stats.readings_committed, total);
+    assert!(stats.compactions > 3, "compactions ran: {stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bucketed_aggregates_and_ranges_match_what_the_test_computes() {
-    let hub = spawn_hub().await;
+    // 150 of the 200 readings compacted, 50 still staged.
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 120).await;
     let (mut dev, _) = RawDevice::connect(&hub, "dev-agg").await;
     // Two sensors, one reading every 700 ms over ~70 s, in the past.
     let base = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
@@ -105,10 +109,16 @@ async fn bucketed_aggregates_and_ranges_match_what_the_test_computes() {
         let value = ((seq * 37) % 101) as f64 / 4.0 - 5.0;
         all.push(reading(seq, sensor, ts, value));
     }
-    for chunk in all.chunks(64) {
+    for chunk in all.chunks(50) {
         dev.send(batch(chunk.to_vec())).await;
+        let last = chunk.last().unwrap().seq;
+        dev.ack_through(last).await;
     }
-    assert_eq!(dev.ack_through(200).await.0, 200);
+    // Compaction runs right after the commit that fills a run (acks first).
+    wait_until("a compaction: data in both tables", || async {
+        hub.stats().await.compactions == 1
+    })
+    .await;
 
     // Raw, all sensors: ordered by ts, then seq.
     let rows = hub.readings("dev-agg").await;
@@ -238,7 +248,7 @@ async fn bucketed_aggregates_and_ranges_match_what_the_test_computes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_results_stream_in_chunks() {
-    let hub = spawn_hub().await;
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 4000).await;
     let (mut dev, _) = RawDevice::connect(&hub, "dev-many").await;
     let base = now_ms() - 3_600_000;
     let sensors = ["a", "b", "c"];

@@ -94,7 +94,7 @@ async fn acked_data_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rides_through_a_hub_restart_without_loss_or_duplicates() {
-    let mut hub = spawn_hub().await;
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 250).await;
     let url = hub.url();
     let stop = tokio_util::sync::CancellationToken::new();
     let stats = std::sync::Arc::new(device_sim::FleetStats::default());
