@@ -1,7 +1,8 @@
--- New readings land here first: an append-mostly table whose commits touch
--- few pages, so a commit costs in proportion to its rows. The writer moves
--- them into the clustered `readings` table in large sorted runs
--- (storage.compact_rows). Queries read both.
+-- New readings land here first: a plain append-only table, so a commit
+-- costs in proportion to its rows instead of dirtying a leaf page of the
+-- clustered table per active (device, sensor). The writer moves them into
+-- `readings` in large sorted runs (storage.compact_rows), which keeps this
+-- table small; queries scan it once and merge.
 
 CREATE TABLE readings_recent (
     device_id INTEGER NOT NULL,
@@ -10,5 +11,3 @@ CREATE TABLE readings_recent (
     seq       INTEGER NOT NULL,
     value     REAL    NOT NULL
 );
-
-CREATE INDEX readings_recent_key ON readings_recent (device_id, sensor_id, ts_ms, seq);

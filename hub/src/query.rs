@@ -1,6 +1,11 @@
 //! Reading queries: keyset paging per sensor, merged by time, or folded into
-//! time buckets. Memory holds at most one page per sensor, whatever the size
-//! of the result, and no read transaction stays open between pages.
+//! time buckets. Memory holds at most one page per sensor plus the device's
+//! staged readings (bounded by storage.compact_rows), whatever the size of
+//! the result, and no read transaction stays open between pages.
+//!
+//! The staged readings are read first, the clustered pages after: a reading
+//! a compaction moves in between shows up in both and is merged once (same
+//! (ts, seq)); none can be missed.
 
 use std::collections::VecDeque;
 
@@ -33,25 +38,39 @@ async fn stream(
     q: &ReadingQuery,
     out: &mpsc::Sender<Result<QueryChunk, StoreError>>,
 ) -> Result<(), StoreError> {
-    let sensors = match &q.sensor {
+    let only = match &q.sensor {
         Some(name) => match store.sensor_key(name).await? {
-            Some(key) => vec![(key, name.clone())],
-            None => Vec::new(),
+            Some(key) => Some(key),
+            None => return Ok(()),
         },
-        None => store.device_sensors(q.device).await?,
+        None => None,
+    };
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let until = q.until_ms.unwrap_or(i64::MAX);
+    let mut staged = store.staged_readings(q.device, only, since, until).await?;
+    let sensors = match (only, &q.sensor) {
+        (Some(key), Some(name)) => vec![(key, name.clone())],
+        _ => store.device_sensors(q.device).await?,
     };
     let start = ReadingCursor {
-        ts_ms: q.since_ms.unwrap_or(i64::MIN),
+        ts_ms: since,
         seq: 0,
     };
     let mut cursors: Vec<SensorCursor> = sensors
         .into_iter()
-        .map(|(key, name)| SensorCursor {
-            key,
-            name,
-            after: start,
-            page: VecDeque::new(),
-            exhausted: false,
+        .map(|(key, name)| {
+            // `staged` is ordered by sensor: split off this sensor's run.
+            let first = staged.partition_point(|(k, _)| *k < key);
+            let end = staged.partition_point(|(k, _)| *k <= key);
+            let mine: VecDeque<ReadingPoint> = staged.drain(first..end).map(|(_, p)| p).collect();
+            SensorCursor {
+                key,
+                name,
+                after: start,
+                page: VecDeque::new(),
+                exhausted: false,
+                staged: mine,
+            }
         })
         .collect();
     let limit = if q.limit == 0 { u64::MAX } else { q.limit };
@@ -65,17 +84,66 @@ struct SensorCursor {
     key: SensorKey,
     name: String,
     after: ReadingCursor,
+    /// The current page of the clustered table.
     page: VecDeque<ReadingPoint>,
     exhausted: bool,
+    /// This sensor's staged readings, ordered by (ts, seq).
+    staged: VecDeque<ReadingPoint>,
+}
+
+fn key(p: &ReadingPoint) -> (i64, u64) {
+    (p.ts_ms, p.seq)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Clustered,
+    Staged,
+}
+
+/// The earlier of the two heads. A staged reading equal to the clustered
+/// head was moved by a compaction after we read it: it is dropped, so each
+/// reading comes out once.
+fn merged_head(
+    page: &VecDeque<ReadingPoint>,
+    staged: &mut VecDeque<ReadingPoint>,
+) -> Option<(ReadingPoint, Side)> {
+    while let (Some(p), Some(s)) = (page.front(), staged.front())
+        && key(p) == key(s)
+    {
+        staged.pop_front();
+    }
+    match (page.front(), staged.front()) {
+        (Some(p), Some(s)) if key(s) < key(p) => Some((*s, Side::Staged)),
+        (Some(p), _) => Some((*p, Side::Clustered)),
+        (None, Some(s)) => Some((*s, Side::Staged)),
+        (None, None) => None,
+    }
 }
 
 impl SensorCursor {
-    /// The next reading, fetching a page when the buffer is empty.
+    /// The next reading (clustered and staged merged), fetching a page when
+    /// the buffer is empty.
     async fn peek(
         &mut self,
         store: &Store,
         q: &ReadingQuery,
     ) -> Result<Option<ReadingPoint>, StoreError> {
+        self.fill(store, q).await?;
+        Ok(merged_head(&self.page, &mut self.staged).map(|(p, _)| p))
+    }
+
+    /// Consumes what [`SensorCursor::peek`] returned.
+    fn advance(&mut self) {
+        match merged_head(&self.page, &mut self.staged) {
+            Some((_, Side::Staged)) => self.staged.pop_front(),
+            _ => self.page.pop_front(),
+        };
+    }
+
+    /// Fetches the next page of the clustered table when the current one is
+    /// used up.
+    async fn fill(&mut self, store: &Store, q: &ReadingQuery) -> Result<(), StoreError> {
         if self.page.is_empty() && !self.exhausted {
             let until = q.until_ms.unwrap_or(i64::MAX);
             let page = store
@@ -90,7 +158,7 @@ impl SensorCursor {
             }
             self.page.extend(page);
         }
-        Ok(self.page.front().copied())
+        Ok(())
     }
 }
 
@@ -120,7 +188,7 @@ async fn merge_rows(
             }
         }
         let Some((i, point)) = best else { break };
-        cursors[i].page.pop_front();
+        cursors[i].advance();
         chunk.push(StoredReading {
             sensor: cursors[i].name.clone(),
             seq: point.seq,
@@ -153,7 +221,7 @@ async fn fold_buckets(
     'sensors: for cursor in cursors.iter_mut() {
         let mut current: Option<Bucket> = None;
         while let Some(p) = cursor.peek(store, q).await? {
-            cursor.page.pop_front();
+            cursor.advance();
             let start = p.ts_ms.div_euclid(width) * width;
             match &mut current {
                 Some(b) if b.start_ms == start => {
@@ -201,4 +269,35 @@ async fn fold_buckets(
         send(out, QueryChunk::Buckets(chunk)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(keys: &[(i64, u64)]) -> VecDeque<ReadingPoint> {
+        keys.iter()
+            .map(|&(ts_ms, seq)| ReadingPoint {
+                seq,
+                ts_ms,
+                value: seq as f64,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clustered_and_staged_merge_in_order_and_once() {
+        // (20,2) and (30,3) were compacted after the staged rows were read.
+        let mut page = points(&[(10, 1), (20, 2), (30, 3), (50, 5)]);
+        let mut staged = points(&[(20, 2), (30, 3), (40, 4), (60, 6)]);
+        let mut out = Vec::new();
+        while let Some((p, side)) = merged_head(&page, &mut staged) {
+            out.push(p.seq);
+            match side {
+                Side::Staged => staged.pop_front(),
+                Side::Clustered => page.pop_front(),
+            };
+        }
+        assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
+    }
 }

@@ -132,42 +132,83 @@ impl Store {
         Ok(id.map(SensorKey))
     }
 
-    /// The sensors a device has readings for, in key order. Index seeks
-    /// (one per sensor, in both tables) rather than a scan of its readings.
+    /// The sensors a device has readings for, in key order: index seeks in
+    /// the clustered table (one per sensor, not a scan of its readings),
+    /// plus whatever is only staged.
     pub async fn device_sensors(
         &self,
         device: DeviceKey,
     ) -> Result<Vec<(SensorKey, String)>, StoreError> {
-        let mut out = Vec::new();
+        let mut out: Vec<(SensorKey, String)> = sqlx::query_as::<_, (i64, String)>(
+            "SELECT DISTINCT r.sensor_id, s.name FROM readings_recent r \
+             JOIN sensors s ON s.id = r.sensor_id WHERE r.device_id = ?",
+        )
+        .bind(device.0)
+        .fetch_all(&self.read)
+        .await?
+        .into_iter()
+        .map(|(id, name)| (SensorKey(id), name))
+        .collect();
         let mut after = i64::MIN;
         loop {
             let next: Option<(i64, String)> = sqlx::query_as(
-                "SELECT s.id, s.name FROM sensors s WHERE s.id = (SELECT min(k) FROM ( \
-                   SELECT (SELECT sensor_id FROM readings WHERE device_id = ?1 AND sensor_id > ?2 \
-                           ORDER BY sensor_id LIMIT 1) AS k \
-                   UNION ALL \
-                   SELECT (SELECT sensor_id FROM readings_recent WHERE device_id = ?1 AND sensor_id > ?2 \
-                           ORDER BY sensor_id LIMIT 1)))",
+                "SELECT r.sensor_id, s.name FROM \
+                 (SELECT sensor_id FROM readings WHERE device_id = ? AND sensor_id > ? \
+                  ORDER BY sensor_id LIMIT 1) r JOIN sensors s ON s.id = r.sensor_id",
             )
             .bind(device.0)
             .bind(after)
             .fetch_optional(&self.read)
             .await?;
-            match next {
-                Some((id, name)) => {
-                    after = id;
-                    out.push((SensorKey(id), name));
-                }
-                None => return Ok(out),
-            }
+            let Some((id, name)) = next else { break };
+            after = id;
+            out.push((SensorKey(id), name));
         }
+        out.sort_by_key(|(key, _)| *key);
+        out.dedup_by_key(|(key, _)| *key);
+        Ok(out)
     }
 
-    /// Up to `limit` readings of one sensor strictly after `after`, before
-    /// `until_ms` (exclusive), ordered by (ts_ms, seq), from the clustered and
-    /// the staging table in one statement (one snapshot: a reading moved by a
-    /// compaction is seen once). A short query: no read transaction stays
-    /// open between pages, so the WAL can checkpoint.
+    /// Staged readings of a device (one sensor, or all) with
+    /// since <= ts_ms < until, ordered by (sensor, ts_ms, seq). A scan, once
+    /// per query: the staging table holds about storage.compact_rows rows.
+    pub async fn staged_readings(
+        &self,
+        device: DeviceKey,
+        sensor: Option<SensorKey>,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(SensorKey, ReadingPoint)>, StoreError> {
+        let rows: Vec<(i64, i64, i64, f64)> = sqlx::query_as(
+            "SELECT sensor_id, seq, ts_ms, value FROM readings_recent \
+             WHERE device_id = ?1 AND (?2 IS NULL OR sensor_id = ?2) AND ts_ms >= ?3 AND ts_ms < ?4 \
+             ORDER BY sensor_id, ts_ms, seq",
+        )
+        .bind(device.0)
+        .bind(sensor.map(|s| s.0))
+        .bind(since_ms)
+        .bind(until_ms)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(sensor, seq, ts_ms, value)| {
+                (
+                    SensorKey(sensor),
+                    ReadingPoint {
+                        seq: seq as u64,
+                        ts_ms,
+                        value,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Up to `limit` readings of one sensor from the clustered table strictly
+    /// after `after`, before `until_ms` (exclusive), ordered by (ts_ms, seq).
+    /// A short query: no read transaction stays open between pages, so the
+    /// WAL can checkpoint.
     pub async fn reading_page(
         &self,
         device: DeviceKey,
@@ -177,15 +218,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<ReadingPoint>, StoreError> {
         let rows: Vec<(i64, i64, f64)> = sqlx::query_as(
-            "SELECT seq, ts_ms, value FROM ( \
-               SELECT seq, ts_ms, value FROM readings \
-               WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
-               ORDER BY ts_ms, seq LIMIT ?6) \
-             UNION ALL \
-             SELECT seq, ts_ms, value FROM ( \
-               SELECT seq, ts_ms, value FROM readings_recent \
-               WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
-               ORDER BY ts_ms, seq LIMIT ?6) \
+            "SELECT seq, ts_ms, value FROM readings \
+             WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
              ORDER BY ts_ms, seq LIMIT ?6",
         )
         .bind(device.0)
