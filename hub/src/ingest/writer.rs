@@ -205,7 +205,15 @@ impl Writer {
             },
         };
         self.staged = Some(staged);
-        if staged < self.settings.compact_rows {
+        // Under load (batches already waiting) runs grow up to 4x: a longer
+        // run costs little more than a short one, so throughput holds up.
+        let busy = !self.rx.is_empty();
+        let run = if busy {
+            self.settings.compact_rows.saturating_mul(4)
+        } else {
+            self.settings.compact_rows
+        };
+        if staged < run {
             return;
         }
         let started = std::time::Instant::now();
