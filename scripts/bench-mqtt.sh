@@ -19,8 +19,8 @@ fi
 
 rate_of() { sed -n 's/^stored readings\/s *\([0-9]*\).*/\1/p'; }
 echo "== bridge disabled"
-off=$(HUB_ENV="HUB__MQTT__ENABLED=false" scripts/bench-ingest.sh | tee /dev/stderr | rate_of)
+off=$(HUB_ENV="HUB__MQTT__ENABLED=false" scripts/bench-ingest.sh | tee -a /dev/stderr | rate_of)
 echo "== bridge enabled"
 on=$(HUB_ENV="HUB__MQTT__ENABLED=true HUB__MQTT__TOPIC_PREFIX=$prefix" \
-  scripts/bench-ingest.sh | tee /dev/stderr | rate_of)
+  scripts/bench-ingest.sh | tee -a /dev/stderr | rate_of)
 python3 -c "import sys; off, on = int(sys.argv[1]), int(sys.argv[2]); print(f'committed readings/s: bridge off {off}, on {on}, ratio {on / off:.2f}')" "$off" "$on"
