@@ -137,8 +137,19 @@ async fn committed_readings_and_presence_reach_mqtt() {
     assert!(retained, "device status is retained");
     assert_eq!(status["online"], true);
 
-    dev.half_close();
-    assert_eq!(dev.end_code().await, tonic::Code::Ok);
+    // Takeover: a newer stream is one more "online" with a later since,
+    // never an "offline" in between.
+    let first_since = status["since"].as_str().unwrap().to_owned();
+    let (mut newer, _) = RawDevice::connect(&hub, "mq-dev").await;
+    assert_eq!(dev.end_code().await, tonic::Code::Aborted);
+    let (status, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-dev/status"))
+        .await;
+    assert_eq!(status["online"], true);
+    assert!(status["since"].as_str().unwrap() >= first_since.as_str());
+
+    newer.half_close();
+    assert_eq!(newer.end_code().await, tonic::Code::Ok);
     let (status, _) = probe
         .next_on(&format!("{prefix}/devices/mq-dev/status"))
         .await;
