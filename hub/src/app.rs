@@ -184,10 +184,6 @@ impl Hub {
         self.addr
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     pub fn metrics(&self) -> &Arc<HubMetrics> {
         &self.metrics
     }
@@ -202,10 +198,6 @@ impl Hub {
 
     pub fn registry(&self) -> &Arc<SessionRegistry> {
         &self.registry
-    }
-
-    pub fn ingest_queue_depth(&self) -> usize {
-        self.ingest.depth()
     }
 
     /// Serves until SIGINT or SIGTERM (or until the server fails), then

@@ -164,7 +164,6 @@ pub enum Aggregate {
 #[derive(Debug, Clone)]
 pub struct ReadingQuery {
     pub device: DeviceKey,
-    pub device_id: String,
     pub sensor: Option<String>,
     /// Inclusive.
     pub since_ms: Option<i64>,

@@ -108,10 +108,6 @@ impl SessionRegistry {
             .map(|(d, s)| (d.as_str().to_owned(), s.since_ms))
             .collect()
     }
-
-    pub fn is_online(&self, device: &DeviceId) -> bool {
-        self.lock().contains_key(device)
-    }
 }
 
 impl StreamClaim {
@@ -154,7 +150,7 @@ mod tests {
         assert_eq!(reg.online().get("d1"), Some(&2));
         assert_eq!(reg.live_streams()[0].firmware, "fw2");
         drop(second);
-        assert!(!reg.is_online(&dev));
+        assert!(reg.online().is_empty());
         let seen: Vec<(bool, String)> = std::iter::from_fn(|| events.try_recv().ok())
             .map(|p| (p.online, p.firmware))
             .collect();

@@ -60,7 +60,6 @@ impl Operator for OperatorService {
             .ok_or_else(|| Status::not_found(format!("unknown device {:?}", req.device_id)))?;
         let q = ReadingQuery {
             device: device.key,
-            device_id: device.device_id,
             sensor: (!req.sensor.is_empty()).then_some(req.sensor),
             since_ms: req.since_ms,
             until_ms: req.until_ms,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
@@ -480,8 +480,7 @@ async fn poll_events(
             }),
             Ok(_) => None,
             Err(e) => {
-                let why = describe(&e);
-                if link.send(Link::Disconnected(why)).await.is_err() {
+                if link.send(Link::Disconnected(e.to_string())).await.is_err() {
                     return;
                 }
                 tokio::select! {
@@ -498,8 +497,4 @@ async fn poll_events(
             return;
         }
     }
-}
-
-fn describe(e: &ConnectionError) -> String {
-    e.to_string()
 }
