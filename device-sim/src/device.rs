@@ -71,6 +71,10 @@ pub struct SimDevice {
     next_seq: u64,
     /// Highest seq ever sent (to count first sends apart from resends).
     highest_sent: u64,
+    /// acked_seq of the last Welcome: the hub may ack up to it too.
+    welcome_acked: u64,
+    /// Highest seq the hub has acknowledged (Welcome or Ack).
+    acked_through: u64,
     /// (last seq of a batch, when it was sent) for ack latency.
     in_flight: VecDeque<(u64, Instant)>,
     sensor_cursor: usize,
@@ -93,6 +97,8 @@ impl SimDevice {
             sent_on_stream: 0,
             next_seq: 1,
             highest_sent: 0,
+            welcome_acked: 0,
+            acked_through: 0,
             in_flight: VecDeque::new(),
             sensor_cursor: 0,
             carry: 0.0,
@@ -197,7 +203,9 @@ impl SimDevice {
                 drop(tx);
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     while let Ok(Some(msg)) = inbound.message().await {
-                        let _ = self.on_message(msg);
+                        if self.on_message(msg).is_err() {
+                            break;
+                        }
                     }
                 })
                 .await;
@@ -214,7 +222,9 @@ impl SimDevice {
                 // Our send side is closed: a command arriving now cannot be
                 // answered; the hub redelivers it on the next stream.
                 Ok(Ok(Some(msg))) => {
-                    let _ = self.on_message(msg);
+                    if let Err(status) = self.on_message(msg) {
+                        return StreamEnd::Broken(status);
+                    }
                     self.reboot = None;
                 }
                 Ok(Ok(None)) => return StreamEnd::Closed,
@@ -253,7 +263,7 @@ impl SimDevice {
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
-                        for reply in self.on_message(msg) {
+                        for reply in self.on_message(msg).map_err(StreamEnd::Broken)? {
                             let reply = pb::DeviceMessage { msg: Some(DeviceMsg::CommandReply(reply)) };
                             tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
                         }
@@ -277,16 +287,46 @@ impl SimDevice {
 
     fn on_welcome(&mut self, welcome: &pb::Welcome) {
         let acked = welcome.acked_seq;
+        if acked < self.acked_through {
+            // The hub once acknowledged seqs it no longer has.
+            FleetStats::inc(&self.stats.lost_acks, self.acked_through - acked);
+            tracing::error!(device = %self.cfg.device_id, acked, acked_before = self.acked_through,
+                "the hub lost readings it had acknowledged");
+        }
+        if acked > self.highest_sent {
+            // The hub has seqs this device never sent (an earlier life of
+            // the same id): what is sampled but unsent moves past them.
+            let mut seq = acked;
+            for r in self
+                .unacked
+                .iter_mut()
+                .filter(|r| r.seq > self.highest_sent)
+            {
+                seq += 1;
+                r.seq = seq;
+            }
+            self.next_seq = seq + 1;
+        }
+        self.welcome_acked = acked;
         self.release(acked);
         self.next_seq = self.next_seq.max(acked + 1);
         self.sent_on_stream = 0;
         self.in_flight.clear();
     }
 
-    /// Handles a hub message; returns the command replies to send.
-    fn on_message(&mut self, msg: pb::HubMessage) -> Vec<pb::CommandReply> {
+    /// Handles a hub message; returns the command replies to send, or why
+    /// the stream cannot be trusted (an ack beyond anything sent).
+    fn on_message(&mut self, msg: pb::HubMessage) -> Result<Vec<pb::CommandReply>, Status> {
         match msg.msg {
             Some(HubMsg::Ack(ack)) => {
+                let bound = self.highest_sent.max(self.welcome_acked);
+                if ack.acked_seq > bound {
+                    FleetStats::inc(&self.stats.bad_acks, 1);
+                    return Err(Status::internal(format!(
+                        "the hub acked seq {} beyond the highest seq sent ({bound})",
+                        ack.acked_seq
+                    )));
+                }
                 FleetStats::inc(&self.stats.duplicates, u64::from(ack.duplicates));
                 FleetStats::inc(&self.stats.rejected, u64::from(ack.rejected));
                 let now = Instant::now();
@@ -298,7 +338,7 @@ impl SimDevice {
                     self.stats.record_ack_latency(now.duration_since(sent_at));
                 }
                 self.release(ack.acked_seq);
-                Vec::new()
+                Ok(Vec::new())
             }
             Some(HubMsg::Command(cmd)) => {
                 FleetStats::inc(&self.stats.commands_received, 1);
@@ -312,14 +352,15 @@ impl SimDevice {
                     Some(Effect::Reboot(delay)) => self.reboot = Some(delay),
                     None => {}
                 }
-                outcome.replies
+                Ok(outcome.replies)
             }
-            Some(HubMsg::Welcome(_)) | None => Vec::new(),
+            Some(HubMsg::Welcome(_)) | None => Ok(Vec::new()),
         }
     }
 
     /// Forgets every reading up to `acked_seq`.
     fn release(&mut self, acked_seq: u64) {
+        self.acked_through = self.acked_through.max(acked_seq);
         let mut released = 0;
         while self.unacked.front().is_some_and(|r| r.seq <= acked_seq) {
             self.unacked.pop_front();

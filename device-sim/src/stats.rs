@@ -23,6 +23,11 @@ pub struct FleetStats {
     pub commands_received: AtomicU64,
     /// Commands run (duplicates of a command already run are not).
     pub commands_executed: AtomicU64,
+    /// Acks for a seq beyond any this device sent (the stream is dropped).
+    pub bad_acks: AtomicU64,
+    /// Seqs the hub acknowledged and later, in a Welcome, no longer had: an
+    /// acked reading lost. Must stay 0.
+    pub lost_acks: AtomicU64,
     /// Batch sent -> covering Ack received, in microseconds.
     ack_latency_us: Mutex<Histogram<u64>>,
 }
@@ -39,6 +44,8 @@ impl Default for FleetStats {
             reconnects: AtomicU64::new(0),
             commands_received: AtomicU64::new(0),
             commands_executed: AtomicU64::new(0),
+            bad_acks: AtomicU64::new(0),
+            lost_acks: AtomicU64::new(0),
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
         }
@@ -87,6 +94,8 @@ impl FleetStats {
             reconnects: Self::get(&self.reconnects),
             commands_received: Self::get(&self.commands_received),
             commands_executed: Self::get(&self.commands_executed),
+            bad_acks: Self::get(&self.bad_acks),
+            lost_acks: Self::get(&self.lost_acks),
             elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             clean_devices,
             ack_p50_ms: self.ack_latency_ms(0.50),
@@ -107,6 +116,8 @@ pub struct FleetSummary {
     pub reconnects: u64,
     pub commands_received: u64,
     pub commands_executed: u64,
+    pub bad_acks: u64,
+    pub lost_acks: u64,
     pub elapsed_s: f64,
     /// Devices that ended with everything acked and the hub's OK.
     pub clean_devices: usize,

@@ -1,19 +1,27 @@
 //! Builds the hub, spawns its tasks and owns shutdown. The only place that
 //! wires components together.
+//!
+//! The writer and the commands task are critical: if either ends before
+//! shutdown (a panic, say), the hub turns NOT_SERVING in gRPC health at once
+//! and [`Hub::run_until_signal`] shuts down and returns the error, so the
+//! process exits non-zero instead of taking readings it can never store.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use telemetry_proto::v1::{
     device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer,
 };
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::commands::{self, CommandSettings, Commands};
 use crate::config::Settings;
@@ -24,6 +32,111 @@ use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
 use crate::store::commands::CommandStore;
 use crate::store::{self, Store};
+
+/// The tasks the hub cannot run without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CriticalTask {
+    Writer,
+    Commands,
+}
+
+impl CriticalTask {
+    fn name(self) -> &'static str {
+        match self {
+            CriticalTask::Writer => "the ingest writer",
+            CriticalTask::Commands => "the commands task",
+        }
+    }
+}
+
+/// Set once, when a critical task ends before shutdown.
+#[derive(Default)]
+struct Failure {
+    happened: CancellationToken,
+    reason: Mutex<Option<String>>,
+}
+
+impl Failure {
+    fn record(&self, reason: String) {
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(reason);
+        self.happened.cancel();
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// Watches a critical task: if it ends while the hub is not stopping, the
+/// failure is recorded (health turns NOT_SERVING from it).
+fn supervise(
+    task: CriticalTask,
+    handle: JoinHandle<()>,
+    stopping: CancellationToken,
+    failure: Arc<Failure>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = handle.await;
+        if stopping.is_cancelled() {
+            return;
+        }
+        let how = match result {
+            Ok(()) => "stopped".to_owned(),
+            Err(e) if e.is_panic() => format!("panicked: {e}"),
+            Err(_) => "was cancelled".to_owned(),
+        };
+        let reason = format!("{} {how}; the hub cannot go on", task.name());
+        tracing::error!("{reason}");
+        failure.record(reason);
+    })
+}
+
+/// Keeps gRPC health true: NOT_SERVING everywhere after a critical task
+/// failed; the device gateway NOT_SERVING while storage fails.
+async fn report_health(
+    reporter: HealthReporter,
+    metrics: Arc<HubMetrics>,
+    failure: Arc<Failure>,
+    stop: CancellationToken,
+) {
+    const GATEWAY: &str = "telemetry.v1.DeviceGateway";
+    const OPERATOR: &str = "telemetry.v1.Operator";
+    let mut shown: Option<(bool, bool)> = None;
+    loop {
+        let failed = failure.happened.is_cancelled();
+        let storage_ok = metrics.storage_ok();
+        if shown != Some((failed, storage_ok)) {
+            let status = |ok: bool| {
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
+            };
+            reporter.set_service_status("", status(!failed)).await;
+            reporter.set_service_status(OPERATOR, status(!failed)).await;
+            reporter
+                .set_service_status(GATEWAY, status(!failed && storage_ok))
+                .await;
+            shown = Some((failed, storage_ok));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = failure.happened.cancelled(), if !failed => {}
+            _ = stop.cancelled() => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                reporter.set_service_status(OPERATOR, ServingStatus::NotServing).await;
+                reporter.set_service_status(GATEWAY, ServingStatus::NotServing).await;
+                return;
+            }
+        }
+    }
+}
 
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
 /// cleanly; call `shutdown`.
@@ -44,8 +157,15 @@ pub struct Hub {
     bridge_stop: CancellationToken,
     bridge: Option<JoinHandle<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The supervisors of the writer and the commands task: they end when
+    /// the task does.
     writer: JoinHandle<()>,
     commands_task: JoinHandle<()>,
+    writer_abort: AbortHandle,
+    commands_abort: AbortHandle,
+    stopping: CancellationToken,
+    failure: Arc<Failure>,
+    health: JoinHandle<()>,
 }
 
 impl Hub {
@@ -72,13 +192,23 @@ impl Hub {
                 max_batch_rows: settings.ingest.max_batch_rows,
                 max_batch_delay: settings.ingest.max_batch_delay,
                 max_sensors: settings.ingest.max_sensors,
+                max_sensors_per_device: settings.ingest.max_sensors_per_device,
                 compact_rows: settings.storage.compact_rows,
             },
             Arc::clone(&metrics),
             fanout.clone(),
         );
+        let stopping = CancellationToken::new();
+        let failure = Arc::new(Failure::default());
         let writer_stop = CancellationToken::new();
         let writer = tokio::spawn(writer.run(writer_stop.clone()));
+        let writer_abort = writer.abort_handle();
+        let writer = supervise(
+            CriticalTask::Writer,
+            writer,
+            stopping.clone(),
+            Arc::clone(&failure),
+        );
 
         let (command_store, command_writer) = store::commands::open(&settings.storage)
             .await
@@ -91,6 +221,7 @@ impl Hub {
                 ack_timeout: c.ack_timeout,
                 max_attempts: c.max_attempts,
                 outbox: c.outbox,
+                max_params_bytes: c.max_params_bytes,
             },
             command_store.clone(),
             command_writer,
@@ -98,6 +229,13 @@ impl Hub {
         );
         let commands_stop = CancellationToken::new();
         let commands_task = tokio::spawn(command_actor.run(commands_stop.clone()));
+        let commands_abort = commands_task.abort_handle();
+        let commands_task = supervise(
+            CriticalTask::Commands,
+            commands_task,
+            stopping.clone(),
+            Arc::clone(&failure),
+        );
 
         let bridge_stop = CancellationToken::new();
         let bridge = settings.mqtt.enabled.then(|| {
@@ -128,6 +266,8 @@ impl Hub {
             max_message_bytes: server_settings.max_message_bytes,
             hello_timeout: server_settings.hello_timeout,
             drain_timeout: server_settings.drain_timeout,
+            send_timeout: server_settings.send_timeout,
+            max_replies_per_sec: server_settings.max_replies_per_sec,
             max_clock_skew: settings.ingest.max_clock_skew,
         });
         let gateway = DeviceGatewayServer::new(DeviceGatewayService::new(
@@ -141,6 +281,14 @@ impl Hub {
             fanout: fanout.clone(),
         });
 
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let health = tokio::spawn(report_health(
+            health_reporter,
+            Arc::clone(&metrics),
+            Arc::clone(&failure),
+            stopping.clone(),
+        ));
+
         let listener = tokio::net::TcpListener::bind(server_settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
@@ -153,6 +301,7 @@ impl Hub {
                 .http2_keepalive_timeout(Some(server_settings.keepalive))
                 .tcp_keepalive(Some(server_settings.keepalive))
                 .max_concurrent_streams(server_settings.max_concurrent_streams)
+                .add_service(health_service)
                 .add_service(gateway)
                 .add_service(operator)
                 .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),
@@ -177,6 +326,11 @@ impl Hub {
             server,
             writer,
             commands_task,
+            writer_abort,
+            commands_abort,
+            stopping,
+            failure,
+            health,
         })
     }
 
@@ -200,9 +354,31 @@ impl Hub {
         &self.registry
     }
 
-    /// Serves until SIGINT or SIGTERM (or until the server fails), then
-    /// shuts down gracefully.
+    /// Tasks running for streams and queries (two per device stream).
+    pub fn live_tasks(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Resolves when a critical task has failed, with the reason.
+    pub async fn failed(&self) -> String {
+        self.failure.happened.cancelled().await;
+        self.failure.reason()
+    }
+
+    /// Fault injection for tests: ends a critical task as a panic would.
+    #[doc(hidden)]
+    pub fn kill_for_test(&self, task: CriticalTask) {
+        match task {
+            CriticalTask::Writer => self.writer_abort.abort(),
+            CriticalTask::Commands => self.commands_abort.abort(),
+        }
+    }
+
+    /// Serves until SIGINT or SIGTERM (or until the server or a critical
+    /// task fails), then shuts down gracefully. A failure is returned as an
+    /// error after the shutdown, so the process exits non-zero.
     pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let mut failure = None;
         tokio::select! {
             signal = shutdown_signal() => {
                 signal?;
@@ -212,8 +388,15 @@ impl Hub {
                 tracing::error!("the gRPC server stopped by itself");
                 result.context("server task")?.context("gRPC server")?;
             }
+            _ = self.failure.happened.cancelled() => {
+                failure = Some(self.failure.reason());
+            }
         }
-        self.shutdown().await
+        self.shutdown().await?;
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
     }
 
     /// Graceful shutdown, bounded by `server.shutdown_timeout`: stop
@@ -222,6 +405,7 @@ impl Hub {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.settings.server.shutdown_timeout;
         tracing::info!("shutting down");
+        self.stopping.cancel();
         self.server_stop.cancel();
         self.sessions_stop.cancel();
         self.tracker.close();
@@ -254,15 +438,16 @@ impl Hub {
         drop(self.ingest);
         let mut writer = self.writer;
         if timeout_at(deadline, &mut writer).await.is_err() {
-            writer.abort();
+            self.writer_abort.abort();
             anyhow::bail!("the writer did not finish within the shutdown timeout");
         }
         drop(self.commands);
         let mut commands_task = self.commands_task;
         if timeout_at(deadline, &mut commands_task).await.is_err() {
-            commands_task.abort();
+            self.commands_abort.abort();
             tracing::warn!("the commands task did not finish within the shutdown timeout");
         }
+        let _ = self.health.await;
         self.store.close().await;
         self.command_store.close().await;
         tracing::info!("shutdown complete");

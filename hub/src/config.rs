@@ -102,6 +102,7 @@ pub struct CommandsSettings {
     pub ack_timeout: Duration,
     pub max_attempts: u32,
     pub outbox: usize,
+    pub max_params_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +121,9 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    pub max_replies_per_sec: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +136,7 @@ pub struct IngestSettings {
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
     pub max_sensors: usize,
+    pub max_sensors_per_device: usize,
     pub fanout_capacity: usize,
 }
 
@@ -153,6 +158,7 @@ pub struct StorageSettings {
     pub cache_size_mib: u32,
     pub read_connections: u32,
     pub compact_rows: u64,
+    pub max_size_mib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +240,16 @@ impl Settings {
             "server.hello_timeout",
             "must be longer than 0s",
         )?;
+        check(
+            !s.send_timeout.is_zero(),
+            "server.send_timeout",
+            "must be longer than 0s",
+        )?;
+        check(
+            s.max_replies_per_sec >= 1,
+            "server.max_replies_per_sec",
+            "must be at least 1",
+        )?;
         let i = &self.ingest;
         check(
             i.queue_capacity >= 1,
@@ -254,6 +270,11 @@ impl Settings {
             i.max_sensors >= 1,
             "ingest.max_sensors",
             "must be at least 1",
+        )?;
+        check(
+            (1..=i.max_sensors).contains(&i.max_sensors_per_device),
+            "ingest.max_sensors_per_device",
+            "must be between 1 and ingest.max_sensors",
         )?;
         let st = &self.storage;
         check(
@@ -294,6 +315,11 @@ impl Settings {
         )?;
         check(c.outbox >= 1, "commands.outbox", "must be at least 1")?;
         check(
+            (2..=1 << 20).contains(&c.max_params_bytes),
+            "commands.max_params_bytes",
+            "must be between 2 and 1048576",
+        )?;
+        check(
             self.ingest.fanout_capacity >= 1,
             "ingest.fanout_capacity",
             "must be at least 1",
@@ -322,9 +348,9 @@ impl Settings {
         check(m.qos <= 2, "mqtt.qos", "must be 0, 1 or 2")?;
         check(m.buffer >= 1, "mqtt.buffer", "must be at least 1")?;
         check(
-            m.max_payload_bytes >= 256,
+            m.max_payload_bytes >= c.max_params_bytes + 1024,
             "mqtt.max_payload_bytes",
-            "must be at least 256",
+            "must be at least commands.max_params_bytes + 1024 (room for the name and the rest)",
         )?;
         Ok(())
     }

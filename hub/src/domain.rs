@@ -7,6 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Longest device id and sensor name accepted, in bytes.
 pub const MAX_ID_LEN: usize = 64;
 
+/// Highest seq a reading may carry (2^63-1: marks are SQLite integers).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+/// Earliest reading time accepted: 2000-01-01T00:00:00Z.
+pub const MIN_TS_MS: i64 = 946_684_800_000;
+
+/// Bounds of what a device says about itself in Hello.
+pub const MAX_FIRMWARE_LEN: usize = 128;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY_LEN: usize = 64;
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// Hello.token is not checked yet (open device auth), but it is bounded.
+pub const MAX_TOKEN_LEN: usize = 1024;
+
 /// A device's external id: 1 to 64 characters of `[A-Za-z0-9._:-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
@@ -65,6 +78,64 @@ pub struct DeviceHello {
     pub labels: BTreeMap<String, String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    #[error("firmware is longer than {MAX_FIRMWARE_LEN} bytes")]
+    FirmwareTooLong,
+    #[error("more than {MAX_LABELS} labels")]
+    TooManyLabels,
+    #[error("a label key must be 1 to {MAX_LABEL_KEY_LEN} bytes (got {0} bytes)")]
+    BadLabelKey(usize),
+    #[error("the value of label {0:?} is longer than {MAX_LABEL_VALUE_LEN} bytes")]
+    LabelValueTooLong(String),
+    #[error("{0} contains a control character")]
+    ControlChar(&'static str),
+    #[error("token is longer than {MAX_TOKEN_LEN} bytes")]
+    TokenTooLong,
+}
+
+impl DeviceHello {
+    /// Checks the bounds of a Hello: its fields are stored and shown to
+    /// operators, so they are short and free of control characters (a
+    /// firmware string must not be able to drive an operator's terminal).
+    pub fn new(
+        device_id: DeviceId,
+        firmware: String,
+        labels: BTreeMap<String, String>,
+        token: &str,
+    ) -> Result<Self, HelloError> {
+        let has_control = |s: &str| s.chars().any(char::is_control);
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(HelloError::TokenTooLong);
+        }
+        if firmware.len() > MAX_FIRMWARE_LEN {
+            return Err(HelloError::FirmwareTooLong);
+        }
+        if has_control(&firmware) {
+            return Err(HelloError::ControlChar("firmware"));
+        }
+        if labels.len() > MAX_LABELS {
+            return Err(HelloError::TooManyLabels);
+        }
+        for (key, value) in &labels {
+            if key.is_empty() || key.len() > MAX_LABEL_KEY_LEN {
+                return Err(HelloError::BadLabelKey(key.len()));
+            }
+            if value.len() > MAX_LABEL_VALUE_LEN {
+                return Err(HelloError::LabelValueTooLong(key.clone()));
+            }
+            if has_control(key) || has_control(value) {
+                return Err(HelloError::ControlChar("a label"));
+            }
+        }
+        Ok(Self {
+            device_id,
+            firmware,
+            labels,
+        })
+    }
+}
+
 /// One sample of one sensor, as sent by a device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
@@ -87,13 +158,19 @@ pub enum RejectReason {
     NotFinite,
     #[error("timestamp is too far in the future")]
     FromTheFuture,
+    #[error("timestamp is before 2000-01-01")]
+    TooOld,
+    #[error("the device has reached its limit of distinct sensors")]
+    DeviceSensorLimit,
+    #[error("the hub's sensor dictionary is full")]
+    SensorDictionaryFull,
 }
 
 impl Reading {
     /// Checks a reading against the hub's rules; `latest_ts_ms` is now plus
     /// the allowed clock skew.
     pub fn check(&self, latest_ts_ms: i64) -> Result<(), RejectReason> {
-        if self.seq == 0 || self.seq > i64::MAX as u64 {
+        if !seq_in_range(self.seq) {
             Err(RejectReason::SeqOutOfRange)
         } else if self.sensor.is_empty() {
             Err(RejectReason::EmptySensor)
@@ -103,9 +180,41 @@ impl Reading {
             Err(RejectReason::NotFinite)
         } else if self.ts_ms > latest_ts_ms {
             Err(RejectReason::FromTheFuture)
+        } else if self.ts_ms < MIN_TS_MS {
+            Err(RejectReason::TooOld)
         } else {
             Ok(())
         }
+    }
+}
+
+/// A seq that can be a device's mark: 1 to 2^63-1.
+pub fn seq_in_range(seq: u64) -> bool {
+    (1..=MAX_SEQ).contains(&seq)
+}
+
+/// Where the readings mark of a device goes over one more reading, and what
+/// that reading comes to. A seq outside 1..=2^63-1 never moves the mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Store,
+    Duplicate,
+    Rejected,
+}
+
+/// Moves `mark` over one checked reading and says what to do with it.
+pub fn judge(mark: &mut u64, reading: &CheckedReading) -> Verdict {
+    let seq = reading.seq();
+    if !seq_in_range(seq) {
+        return Verdict::Rejected;
+    }
+    if seq <= *mark {
+        return Verdict::Duplicate;
+    }
+    *mark = seq;
+    match reading {
+        CheckedReading::Valid(_) => Verdict::Store,
+        CheckedReading::Rejected { .. } => Verdict::Rejected,
     }
 }
 
@@ -193,6 +302,15 @@ impl Bucket {
     pub fn avg(&self) -> f64 {
         self.sum / self.count as f64
     }
+
+    /// Start of the epoch-aligned bucket of `width` ms holding `ts_ms`;
+    /// never overflows, whatever the two are.
+    pub fn start_of(ts_ms: i64, width: i64) -> i64 {
+        let width = width.max(1);
+        ts_ms
+            .checked_sub(ts_ms.rem_euclid(width))
+            .unwrap_or(i64::MIN)
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -223,17 +341,18 @@ mod tests {
 
     #[test]
     fn reading_checks() {
+        let latest = MIN_TS_MS + 2000;
         let ok = Reading {
             seq: 1,
             sensor: "t".into(),
-            ts_ms: 1000,
+            ts_ms: MIN_TS_MS + 1000,
             value: 1.5,
         };
-        assert_eq!(ok.check(2000), Ok(()));
+        assert_eq!(ok.check(latest), Ok(()));
         let with = |f: fn(&mut Reading)| {
             let mut r = ok.clone();
             f(&mut r);
-            r.check(2000)
+            r.check(latest)
         };
         assert_eq!(with(|r| r.seq = 0), Err(RejectReason::SeqOutOfRange));
         assert_eq!(with(|r| r.seq = u64::MAX), Err(RejectReason::SeqOutOfRange));
@@ -247,7 +366,100 @@ mod tests {
             with(|r| r.value = f64::NEG_INFINITY),
             Err(RejectReason::NotFinite)
         );
-        assert_eq!(with(|r| r.ts_ms = 2001), Err(RejectReason::FromTheFuture));
+        assert_eq!(
+            with(|r| r.ts_ms = MIN_TS_MS + 2001),
+            Err(RejectReason::FromTheFuture)
+        );
+        assert_eq!(with(|r| r.ts_ms = i64::MIN), Err(RejectReason::TooOld));
+        let recent = Reading {
+            ts_ms: MIN_TS_MS,
+            ..ok.clone()
+        };
+        assert_eq!(recent.check(MIN_TS_MS + 1), Ok(()));
+        let old = Reading {
+            ts_ms: MIN_TS_MS - 1,
+            ..ok.clone()
+        };
+        assert_eq!(old.check(MIN_TS_MS + 1), Err(RejectReason::TooOld));
+        assert_eq!(with(|r| r.seq = MAX_SEQ), Ok(()));
+    }
+
+    #[test]
+    fn out_of_range_seqs_never_move_the_mark() {
+        let valid = |seq| {
+            CheckedReading::Valid(Reading {
+                seq,
+                sensor: "t".into(),
+                ts_ms: MIN_TS_MS,
+                value: 0.0,
+            })
+        };
+        let mut mark = 5;
+        assert_eq!(judge(&mut mark, &valid(0)), Verdict::Rejected);
+        assert_eq!(judge(&mut mark, &valid(1 << 63)), Verdict::Rejected);
+        assert_eq!(judge(&mut mark, &valid(u64::MAX)), Verdict::Rejected);
+        assert_eq!(mark, 5);
+        assert_eq!(judge(&mut mark, &valid(5)), Verdict::Duplicate);
+        assert_eq!(
+            judge(&mut mark, &CheckedReading::Rejected { seq: 6 }),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            (judge(&mut mark, &valid(MAX_SEQ)), mark),
+            (Verdict::Store, MAX_SEQ)
+        );
+    }
+
+    #[test]
+    fn hello_bounds() {
+        let id = || DeviceId::parse("d").unwrap();
+        let labels = |n: usize, key_len: usize, value_len: usize| -> BTreeMap<String, String> {
+            (0..n)
+                .map(|i| (format!("{i:0key_len$}"), "v".repeat(value_len)))
+                .collect()
+        };
+        let hello = |fw: &str, l: BTreeMap<String, String>, token: &str| {
+            DeviceHello::new(id(), fw.to_owned(), l, token).map(|_| ())
+        };
+        assert_eq!(
+            hello(&"f".repeat(128), labels(32, 64, 256), &"t".repeat(1024)),
+            Ok(())
+        );
+        assert_eq!(
+            hello(&"f".repeat(129), labels(0, 1, 0), ""),
+            Err(HelloError::FirmwareTooLong)
+        );
+        assert_eq!(
+            hello("fw", labels(33, 2, 1), ""),
+            Err(HelloError::TooManyLabels)
+        );
+        assert_eq!(
+            hello("fw", labels(1, 65, 1), ""),
+            Err(HelloError::BadLabelKey(65))
+        );
+        let empty_key = [(String::new(), "v".to_owned())].into_iter().collect();
+        assert_eq!(hello("fw", empty_key, ""), Err(HelloError::BadLabelKey(0)));
+        assert!(matches!(
+            hello("fw", labels(1, 1, 257), ""),
+            Err(HelloError::LabelValueTooLong(_))
+        ));
+        assert_eq!(
+            hello("fw\x1b[2J", labels(0, 1, 0), ""),
+            Err(HelloError::ControlChar("firmware"))
+        );
+        assert_eq!(
+            hello("fw", labels(0, 1, 0), &"t".repeat(1025)),
+            Err(HelloError::TokenTooLong)
+        );
+    }
+
+    #[test]
+    fn bucket_starts_never_overflow() {
+        assert_eq!(Bucket::start_of(10_500, 1000), 10_000);
+        assert_eq!(Bucket::start_of(-1, 1000), -1000);
+        assert_eq!(Bucket::start_of(i64::MIN, 3), i64::MIN);
+        assert_eq!(Bucket::start_of(i64::MAX, i64::MAX), i64::MAX);
+        assert_eq!(Bucket::start_of(i64::MIN + 1, i64::MAX), i64::MIN + 1);
     }
 }
 

@@ -23,6 +23,8 @@
 //! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
 //!   command events out, commands in (through [`commands`]).
 //! - [`cli`]: the operator subcommands (gRPC clients) and the demo.
+//! - [`throttle`]: suppressed log lines and token buckets, so one noisy
+//!   device costs the others nothing.
 
 pub mod app;
 pub mod cli;
@@ -36,6 +38,7 @@ pub mod mqtt;
 pub mod query;
 pub mod registry;
 pub mod store;
+pub mod throttle;
 
 pub use app::Hub;
 pub use config::Settings;

@@ -11,6 +11,10 @@ pub struct HubMetrics {
     pub rejected: AtomicU64,
     pub commits: AtomicU64,
     pub compactions: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub compaction_failures: AtomicU64,
+    /// False from a failed commit until the next one succeeds.
+    pub storage_ok: AtomicBool,
     pub mqtt_dropped: AtomicU64,
     pub mqtt_bad_messages: AtomicU64,
     pub mqtt_connected: AtomicBool,
@@ -18,7 +22,18 @@ pub struct HubMetrics {
 
 impl HubMetrics {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            storage_ok: AtomicBool::new(true),
+            ..Self::default()
+        })
+    }
+
+    pub fn storage_ok(&self) -> bool {
+        self.storage_ok.load(Ordering::Relaxed)
+    }
+
+    pub fn set_storage_ok(&self, ok: bool) {
+        self.storage_ok.store(ok, Ordering::Relaxed);
     }
 
     /// Device streams whose tasks are still running.

@@ -222,7 +222,7 @@ async fn fold_buckets(
         let mut current: Option<Bucket> = None;
         while let Some(p) = cursor.peek(store, q).await? {
             cursor.advance();
-            let start = p.ts_ms.div_euclid(width) * width;
+            let start = Bucket::start_of(p.ts_ms, width);
             match &mut current {
                 Some(b) if b.start_ms == start => {
                     b.count += 1;

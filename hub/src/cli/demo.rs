@@ -71,6 +71,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut until => break,
+            reason = hub.failed() => {
+                stop.cancel();
+                anyhow::bail!(reason);
+            }
             _ = tick.tick() => {
                 let committed = HubMetrics::get(&hub.metrics().readings_committed);
                 let stored = hub.store().total_readings().await.unwrap_or(0);

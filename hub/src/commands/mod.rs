@@ -27,18 +27,25 @@ use crate::domain::{
 };
 use crate::store::commands::{CommandFilter, CommandStore, CommandWriter};
 use crate::store::{Store, StoreError};
+use crate::throttle::LogThrottle;
 
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest detail of a device's reply kept, in bytes (longer is cut).
+pub const MAX_REPLY_DETAIL: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct CommandSettings {
     pub default_ttl: Duration,
     pub max_pending_per_device: usize,
     pub ack_timeout: Duration,
+    /// Writes to a device stream (across reconnects) without the device
+    /// saying RECEIVED before the command is FAILED.
     pub max_attempts: u32,
     /// Commands queued to one device stream before the actor waits.
     pub outbox: usize,
+    /// Largest params JSON (and largest result JSON kept), in bytes.
+    pub max_params_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +66,8 @@ pub enum CommandError {
     Store(#[from] StoreError),
     #[error("the hub is shutting down")]
     Closed,
+    #[error("the command log is unavailable; try again")]
+    LogUnavailable,
 }
 
 /// What an operator asks for.
@@ -215,8 +224,6 @@ struct Open {
     /// The session it was last pushed to; None = push it (again).
     pushed_to: Option<u64>,
     pushed_at: Option<Instant>,
-    /// Pushes within the current session, for the ack timeout.
-    tries: u32,
 }
 
 #[derive(Default)]
@@ -254,6 +261,14 @@ pub struct CommandActor {
     events: broadcast::Sender<CommandRecord>,
     open: HashMap<String, Open>,
     queues: HashMap<String, DeviceQueue>,
+    /// The newest stream seen per device (stream ids only grow): an Attach
+    /// from an older one that arrives late is refused.
+    newest_session: HashMap<String, u64>,
+    /// The in-memory state could not be rebuilt from the log after a failed
+    /// commit: nothing is pushed or decided until it is.
+    stale: bool,
+    reload_retry_at: Instant,
+    noise: LogThrottle,
 }
 
 /// Creates the handle and the task that serves it.
@@ -280,6 +295,10 @@ pub fn channel(
         events,
         open: HashMap::new(),
         queues: HashMap::new(),
+        newest_session: HashMap::new(),
+        stale: false,
+        reload_retry_at: Instant::now(),
+        noise: LogThrottle::new(Duration::from_secs(10)),
     };
     (handle, actor)
 }
@@ -296,11 +315,12 @@ impl CommandActor {
     /// Serves requests until every handle is gone or `stop` is cancelled;
     /// what is already in the mailbox then is still handled and committed.
     pub async fn run(mut self, stop: CancellationToken) {
-        if let Err(e) = self.reload().await {
-            tracing::error!(error = %e, "cannot load open commands");
-        }
+        self.reload_or_go_stale().await;
         let mut stopping = false;
         loop {
+            if self.stale && Instant::now() >= self.reload_retry_at {
+                self.reload_or_go_stale().await;
+            }
             let wake = self.next_deadline();
             let first = tokio::select! {
                 r = self.rx.recv() => match r {
@@ -331,6 +351,30 @@ impl CommandActor {
         }
     }
 
+    /// Rebuilds the in-memory state from the log. If the log cannot be
+    /// read, forgets every open command (so none is pushed or timed out on
+    /// the strength of a change that was never committed) and tries again a
+    /// second later; meanwhile operators get LogUnavailable.
+    async fn reload_or_go_stale(&mut self) {
+        match self.reload().await {
+            Ok(()) => {
+                if self.stale {
+                    tracing::info!("command log readable again; open commands reloaded");
+                }
+                self.stale = false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load open commands from the command log");
+                self.open.clear();
+                for q in self.queues.values_mut() {
+                    q.order.clear();
+                }
+                self.stale = true;
+                self.reload_retry_at = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
     /// Rebuilds the in-memory state from the log (at start, and after a
     /// failed commit). Links to live streams are kept.
     async fn reload(&mut self) -> Result<(), StoreError> {
@@ -351,7 +395,6 @@ impl CommandActor {
                     rec,
                     pushed_to: None,
                     pushed_at: None,
-                    tries: 0,
                 },
             );
         }
@@ -359,6 +402,23 @@ impl CommandActor {
     }
 
     async fn handle(&mut self, request: Request, batch: &mut Batch) {
+        if self.stale {
+            // Nothing can be decided without the log: operators are told,
+            // device news waits (a final reply is repeated on redelivery).
+            match request {
+                Request::Send { reply, .. } | Request::Cancel { reply, .. } => {
+                    let _ = reply.send(Err(CommandError::LogUnavailable));
+                }
+                Request::Attach {
+                    device,
+                    session,
+                    outbox,
+                } => self.attach(device, session, outbox),
+                Request::Detach { device, session } => self.detach(&device, session),
+                Request::Written { .. } | Request::Reply { .. } => {}
+            }
+            return;
+        }
         match request {
             Request::Send { cmd, reply } => match self.create(cmd).await {
                 Ok(rec) => {
@@ -404,33 +464,8 @@ impl CommandActor {
                 device,
                 session,
                 outbox,
-            } => {
-                let queue = self.queues.entry(device).or_default();
-                queue.link = Some((session, outbox));
-                // Everything not final goes out again on the new stream, in
-                // order: the device deduplicates by command_id.
-                for id in &queue.order {
-                    if let Some(open) = self.open.get_mut(id) {
-                        open.pushed_to = None;
-                        open.tries = 0;
-                    }
-                }
-            }
-            Request::Detach { device, session } => {
-                if let Some(queue) = self.queues.get_mut(&device)
-                    && queue.link.as_ref().is_some_and(|(s, _)| *s == session)
-                {
-                    queue.link = None;
-                    // The ack timeout only runs while the device stays
-                    // connected; the next stream gets everything again.
-                    for id in &queue.order {
-                        if let Some(open) = self.open.get_mut(id) {
-                            open.pushed_to = None;
-                            open.pushed_at = None;
-                        }
-                    }
-                }
-            }
+            } => self.attach(device, session, outbox),
+            Request::Detach { device, session } => self.detach(&device, session),
             Request::Written {
                 device,
                 session,
@@ -460,6 +495,43 @@ impl CommandActor {
         }
     }
 
+    /// A device stream is live. An Attach of a stream older than one already
+    /// seen arrived late (its takeover happened meanwhile): refused, so it
+    /// cannot take the live stream's commands; its outbox just closes.
+    fn attach(&mut self, device: String, session: u64, outbox: mpsc::Sender<DeviceCommand>) {
+        let newest = self.newest_session.entry(device.clone()).or_insert(session);
+        if session < *newest {
+            return;
+        }
+        *newest = session;
+        let queue = self.queues.entry(device).or_default();
+        queue.link = Some((session, outbox));
+        // Everything not final goes out again on the new stream, in order:
+        // the device deduplicates by command_id.
+        for id in &queue.order {
+            if let Some(open) = self.open.get_mut(id) {
+                open.pushed_to = None;
+                open.pushed_at = None;
+            }
+        }
+    }
+
+    fn detach(&mut self, device: &str, session: u64) {
+        if let Some(queue) = self.queues.get_mut(device)
+            && queue.link.as_ref().is_some_and(|(s, _)| *s == session)
+        {
+            queue.link = None;
+            // The ack timeout only runs while the device stays connected;
+            // the next stream gets everything again.
+            for id in &queue.order {
+                if let Some(open) = self.open.get_mut(id) {
+                    open.pushed_to = None;
+                    open.pushed_at = None;
+                }
+            }
+        }
+    }
+
     /// A command that is not open: final, or unknown.
     async fn final_record(&self, command_id: &str) -> Result<Option<CommandRecord>, StoreError> {
         Ok(self.log.get(command_id).await?.map(|(rec, _)| rec))
@@ -470,6 +542,13 @@ impl CommandActor {
             return Err(CommandError::Invalid(
                 "command name must be 1 to 64 bytes".into(),
             ));
+        }
+        if cmd.params.len() > self.settings.max_params_bytes {
+            return Err(CommandError::Invalid(format!(
+                "params of {} bytes are over the limit of {} bytes (commands.max_params_bytes)",
+                cmd.params.len(),
+                self.settings.max_params_bytes
+            )));
         }
         let params = if cmd.params.trim().is_empty() {
             "{}".to_owned()
@@ -519,7 +598,6 @@ impl CommandActor {
                 rec: rec.clone(),
                 pushed_to: None,
                 pushed_at: None,
-                tries: 0,
             },
         );
         Ok(rec)
@@ -559,15 +637,20 @@ impl CommandActor {
 
     fn on_reply(&mut self, device: &str, reply: CommandReply, batch: &mut Batch) {
         let Some(open) = self.open.get_mut(&reply.command_id) else {
-            tracing::warn!(device_id = device, command_id = %reply.command_id,
-                "reply for an unknown or already final command ignored");
+            if let Some(suppressed) = self.noise.allow() {
+                tracing::warn!(device_id = device, command_id = %reply.command_id, suppressed,
+                    "reply for an unknown or already final command ignored");
+            }
             return;
         };
         if open.rec.device_id != device {
-            tracing::warn!(device_id = device, command_id = %reply.command_id,
-                owner = %open.rec.device_id, "reply for another device's command ignored");
+            if let Some(suppressed) = self.noise.allow() {
+                tracing::warn!(device_id = device, command_id = %reply.command_id,
+                    owner = %open.rec.device_id, suppressed, "reply for another device's command ignored");
+            }
             return;
         }
+        let reply = bounded_reply(reply, self.settings.max_params_bytes);
         let now = now_ms();
         // The device has it, so it was sent even if the session's note that
         // it wrote the command has not arrived yet.
@@ -609,7 +692,9 @@ impl CommandActor {
         }
     }
 
-    /// Expiry and the ack timeout.
+    /// Expiry and the ack timeout. Attempts count every write to a device
+    /// stream, across reconnects and restarts: a command whose delivery
+    /// kills the stream is not pushed for ever.
     fn check_timers(&mut self, batch: &mut Batch) {
         let now = now_ms();
         let instant = Instant::now();
@@ -618,18 +703,21 @@ impl CommandActor {
         for (id, open) in &mut self.open {
             if open.rec.expires_at_ms <= now {
                 expired.push(id.clone());
-            } else if open.rec.state == CommandState::Sent
-                && open
-                    .pushed_at
-                    .is_some_and(|at| instant.duration_since(at) >= self.settings.ack_timeout)
-            {
-                if open.tries >= self.settings.max_attempts {
-                    unanswered.push(id.clone());
-                } else {
-                    // Send it again on the same stream.
-                    open.pushed_to = None;
-                    open.pushed_at = None;
-                }
+                continue;
+            }
+            if open.rec.state != CommandState::Sent {
+                continue;
+            }
+            let timed_out = open
+                .pushed_at
+                .is_some_and(|at| instant.duration_since(at) >= self.settings.ack_timeout);
+            if timed_out {
+                // Send it again (if attempts are left, see below).
+                open.pushed_to = None;
+                open.pushed_at = None;
+            }
+            if open.pushed_to.is_none() && !attempts_left(&open.rec, self.settings.max_attempts) {
+                unanswered.push(id.clone());
             }
         }
         for id in expired {
@@ -701,13 +789,10 @@ impl CommandActor {
             Err(e) => {
                 tracing::error!(error = %e, "command log commit failed; reloading open commands");
                 for (reply, _) in batch.answers {
-                    let _ = reply.send(Err(CommandError::Store(StoreError::Sqlx(
-                        sqlx::Error::Protocol("commit failed".into()),
-                    ))));
+                    let _ = reply.send(Err(CommandError::LogUnavailable));
                 }
-                if let Err(e) = self.reload().await {
-                    tracing::error!(error = %e, "cannot reload open commands");
-                }
+                // Forget what was not committed: back to what the log holds.
+                self.reload_or_go_stale().await;
             }
         }
     }
@@ -745,6 +830,10 @@ impl CommandActor {
                 if open.pushed_to == Some(*session) || open.rec.expires_at_ms <= now {
                     continue;
                 }
+                if !attempts_left(&open.rec, self.settings.max_attempts) {
+                    // Failed at the next timer check, never pushed again.
+                    continue;
+                }
                 let cmd = DeviceCommand {
                     command_id: open.rec.command_id.clone(),
                     name: open.rec.name.clone(),
@@ -755,7 +844,6 @@ impl CommandActor {
                     Ok(()) => {
                         open.pushed_to = Some(*session);
                         open.pushed_at = Some(instant);
-                        open.tries += 1;
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => break,
                     Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -773,7 +861,75 @@ impl CommandActor {
     }
 }
 
+/// May the command be written to a device stream again? A command the
+/// device never acknowledged has `max_attempts` writes, across reconnects.
+fn attempts_left(rec: &CommandRecord, max_attempts: u32) -> bool {
+    rec.state != CommandState::Sent || rec.attempts < max_attempts
+}
+
+/// A device's reply as stored: the detail cut to [`MAX_REPLY_DETAIL`] bytes;
+/// a result that is not JSON, or over `max_result` bytes, is not kept and
+/// the detail says so (the state the device reported is kept either way).
+fn bounded_reply(mut reply: CommandReply, max_result: usize) -> CommandReply {
+    if reply.detail.len() > MAX_REPLY_DETAIL {
+        let mut cut = MAX_REPLY_DETAIL;
+        while !reply.detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reply.detail.truncate(cut);
+        reply.detail.push('…');
+    }
+    let dropped = if reply.result.len() > max_result {
+        Some(format!("larger than {max_result} bytes"))
+    } else if !reply.result.is_empty()
+        && serde_json::from_str::<serde_json::Value>(&reply.result).is_err()
+    {
+        Some("not JSON".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = dropped {
+        reply.result.clear();
+        let sep = if reply.detail.is_empty() { "" } else { "; " };
+        reply.detail = format!("{}{sep}result dropped: {why}", reply.detail);
+    }
+    reply
+}
+
 /// A random, unique command id (UUID v4 text).
 fn new_command_id() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(detail: &str, result: &str) -> CommandReply {
+        CommandReply {
+            command_id: "c".into(),
+            status: ReplyStatus::Succeeded,
+            detail: detail.into(),
+            result: result.into(),
+        }
+    }
+
+    #[test]
+    fn replies_are_bounded_and_say_what_was_dropped() {
+        let ok = bounded_reply(reply("fine", r#"{"a":1}"#), 64);
+        assert_eq!(
+            (ok.detail.as_str(), ok.result.as_str()),
+            ("fine", r#"{"a":1}"#)
+        );
+        let big = bounded_reply(reply("", &format!("\"{}\"", "x".repeat(100))), 64);
+        assert_eq!(
+            (big.detail.as_str(), big.result.as_str()),
+            ("result dropped: larger than 64 bytes", "")
+        );
+        let bad = bounded_reply(reply("done", "{not json"), 64);
+        assert_eq!(bad.detail, "done; result dropped: not JSON");
+        let long = bounded_reply(reply(&"é".repeat(600), ""), 64);
+        assert!(long.detail.len() <= MAX_REPLY_DETAIL + '…'.len_utf8());
+        assert!(long.detail.ends_with('…'));
+    }
 }

@@ -14,11 +14,13 @@ use crate::store::StoreError;
 pub fn hello(hello: pb::Hello) -> Result<DeviceHello, Status> {
     let device_id =
         DeviceId::parse(&hello.device_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(DeviceHello {
+    DeviceHello::new(
         device_id,
-        firmware: hello.firmware,
-        labels: hello.labels.into_iter().collect(),
-    })
+        hello.firmware,
+        hello.labels.into_iter().collect(),
+        &hello.token,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 pub fn reading(r: pb::Reading) -> Reading {
@@ -207,7 +209,7 @@ pub fn command_status(err: CommandError) -> Status {
         CommandError::TooManyPending { .. } => Status::resource_exhausted(err.to_string()),
         CommandError::Invalid(_) => Status::invalid_argument(err.to_string()),
         CommandError::AlreadyFinal { .. } => Status::failed_precondition(err.to_string()),
-        CommandError::Closed => Status::unavailable(err.to_string()),
+        CommandError::Closed | CommandError::LogUnavailable => Status::unavailable(err.to_string()),
         CommandError::Store(e) => store_status(e),
     }
 }

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use futures_util::Stream;
 use telemetry_proto::v1::{self as pb, operator_server::Operator};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::convert;
 use super::session::SessionContext;
+use super::{convert, spawn_stream};
 use crate::commands::NewCommand;
 use crate::domain::{CommandRecord, CommittedBatch, ReadingQuery};
 use crate::metrics::HubMetrics;
@@ -66,23 +65,32 @@ impl Operator for OperatorService {
             limit: req.limit,
             bucket_ms: (req.bucket_ms > 0).then_some(req.bucket_ms),
         };
-        let (tx, rx) = mpsc::channel(4);
-        self.ctx
-            .tracker
-            .spawn(query::run(self.store.clone(), q, tx));
-        let chunks = ReceiverStream::new(rx).map(move |chunk| match chunk {
-            Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
-                rows: rows.into_iter().map(convert::reading_row).collect(),
-                buckets: Vec::new(),
-            }),
-            Ok(QueryChunk::Buckets(buckets)) => Ok(pb::QueryReadingsChunk {
-                rows: Vec::new(),
-                buckets: buckets
-                    .into_iter()
-                    .map(|b| convert::bucket_row(b, &wanted))
-                    .collect(),
-            }),
-            Err(e) => Err(convert::store_status(e)),
+        let store = self.store.clone();
+        let chunks = spawn_stream(&self.ctx.tracker, 4, move |out| async move {
+            let (tx, mut rx) = mpsc::channel(4);
+            let forward = async {
+                while let Some(chunk) = rx.recv().await {
+                    let chunk = match chunk {
+                        Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
+                            rows: rows.into_iter().map(convert::reading_row).collect(),
+                            buckets: Vec::new(),
+                        }),
+                        Ok(QueryChunk::Buckets(buckets)) => Ok(pb::QueryReadingsChunk {
+                            rows: Vec::new(),
+                            buckets: buckets
+                                .into_iter()
+                                .map(|b| convert::bucket_row(b, &wanted))
+                                .collect(),
+                        }),
+                        Err(e) => Err(convert::store_status(e)),
+                    };
+                    if out.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            // One task: a panic in either ends the call with INTERNAL.
+            tokio::join!(query::run(store, q, tx), forward);
         });
         Ok(Response::new(Box::pin(chunks)))
     }
@@ -128,6 +136,10 @@ impl Operator for OperatorService {
             mqtt_dropped: HubMetrics::get(&m.mqtt_dropped),
             mqtt_bad_messages: HubMetrics::get(&m.mqtt_bad_messages),
             mqtt_connected: m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
+            commit_failures: HubMetrics::get(&m.commit_failures),
+            compaction_failures: HubMetrics::get(&m.compaction_failures),
+            storage_ok: m.storage_ok(),
+            live_tasks: self.ctx.tracker.len() as u64,
         }))
     }
 
@@ -223,9 +235,8 @@ impl Operator for OperatorService {
             .map_err(convert::command_status)?;
         let timeout =
             (req.timeout_ms > 0).then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
-        let (tx, rx) = mpsc::channel(8);
         let shutdown = self.ctx.shutdown.clone();
-        self.ctx.tracker.spawn(async move {
+        let stream = spawn_stream(&self.ctx.tracker, 8, move |tx| async move {
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             let id = current.command_id.clone();
             let mut last: CommandRecord = current;
@@ -270,7 +281,7 @@ impl Operator for OperatorService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 
     async fn watch_readings(
@@ -281,9 +292,8 @@ impl Operator for OperatorService {
         let device = (!req.device_id.is_empty()).then_some(req.device_id);
         let sensor = (!req.sensor.is_empty()).then_some(req.sensor);
         let mut batches = self.fanout.subscribe();
-        let (tx, rx) = mpsc::channel(16);
         let shutdown = self.ctx.shutdown.clone();
-        self.ctx.tracker.spawn(async move {
+        let stream = spawn_stream(&self.ctx.tracker, 16, move |tx| async move {
             // Index of the next reading this watcher expects; a gap is what
             // it skipped while too slow.
             let mut expected: Option<u64> = None;
@@ -317,6 +327,6 @@ impl Operator for OperatorService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 }

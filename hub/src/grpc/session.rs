@@ -10,6 +10,11 @@
 //! vanished peer) it hands the ack task a [`Finish`]: flush the acks that are
 //! due, within `drain_timeout`, then end the stream with its status. The
 //! session counts as live until both tasks have ended.
+//!
+//! One device must not cost the others: its command replies are paced
+//! (`server.max_replies_per_sec`; past it the reader stops reading, which
+//! slows only this stream), its noise is logged with suppression counts, and
+//! a device that reads nothing for `server.send_timeout` is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +31,22 @@ use tracing::Instrument;
 
 use super::convert;
 use crate::commands::{Commands, DeviceCommand};
-use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, now_ms};
+use crate::domain::{
+    CheckedReading, DeviceHello, DeviceId, DeviceKey, MAX_SEQ, now_ms, seq_in_range,
+};
 use crate::ingest::{AckSlot, IngestBatch, IngestQueue, PendingAck};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
+use crate::throttle::{LogThrottle, TokenBucket};
 
 pub type Outbound = mpsc::Sender<Result<pb::HubMessage, Status>>;
+
+/// Ends the response stream at once with a status, dropping what is still
+/// buffered for the device: the way out when the device reads nothing.
+pub type Abort = oneshot::Sender<Status>;
+
+/// How often one kind of warning about one stream may be logged.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything a session needs, shared by all sessions.
 pub struct SessionContext {
@@ -46,6 +61,8 @@ pub struct SessionContext {
     pub max_message_bytes: usize,
     pub hello_timeout: Duration,
     pub drain_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_replies_per_sec: u32,
     pub max_clock_skew: Duration,
 }
 
@@ -63,6 +80,7 @@ pub async fn run(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,
     outbound: Outbound,
+    abort: Abort,
 ) {
     let _live = ctx.metrics.session_started();
     let hello = match wait_for_hello(&ctx, &mut inbound).await {
@@ -75,7 +93,7 @@ pub async fn run(
         }
     };
     let span = tracing::info_span!("session", device_id = %hello.device_id);
-    run_registered(ctx, inbound, outbound, hello)
+    run_registered(ctx, inbound, outbound, abort, hello)
         .instrument(span)
         .await;
 }
@@ -84,6 +102,7 @@ async fn run_registered(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,
     outbound: Outbound,
+    abort: Abort,
     hello: DeviceHello,
 ) {
     let device_id = hello.device_id.clone();
@@ -121,10 +140,16 @@ async fn run_registered(
         ack_task(
             Arc::clone(&slot),
             link,
-            outbound,
+            DeviceOutbound {
+                tx: outbound,
+                abort,
+            },
             finish_rx,
             ended.clone(),
-            ctx.drain_timeout,
+            Timeouts {
+                drain: ctx.drain_timeout,
+                send: ctx.send_timeout,
+            },
         )
         .in_current_span(),
     );
@@ -134,7 +159,10 @@ async fn run_registered(
         device: registered.device,
         slot: &slot,
         ended: &ended,
-        rejects: RejectLog::default(),
+        rejects: LogThrottle::new(LOG_INTERVAL),
+        noise: LogThrottle::new(LOG_INTERVAL),
+        replies: TokenBucket::new(ctx.max_replies_per_sec, ctx.max_replies_per_sec),
+        paused_until: None,
         batches_pushed: 0,
     };
     let finish = reader.read(&mut inbound, &claim.superseded).await;
@@ -185,7 +213,13 @@ struct Reader<'a> {
     device: DeviceKey,
     slot: &'a Arc<AckSlot>,
     ended: &'a CancellationToken,
-    rejects: RejectLog,
+    /// Rejected readings.
+    rejects: LogThrottle,
+    /// Bad replies, empty messages, pacing.
+    noise: LogThrottle,
+    /// Command replies and empty messages: past the rate, reading pauses.
+    replies: TokenBucket,
+    paused_until: Option<Instant>,
     batches_pushed: u64,
 }
 
@@ -196,6 +230,7 @@ impl Reader<'_> {
         superseded: &CancellationToken,
     ) -> Finish {
         loop {
+            let paused = self.paused_until.is_some();
             let next = tokio::select! {
                 biased;
                 _ = self.ctx.shutdown.cancelled() => {
@@ -205,7 +240,11 @@ impl Reader<'_> {
                     return self.finish(true, Some(Status::aborted("superseded by a newer connection")));
                 }
                 _ = self.ended.cancelled() => return self.finish(false, None),
-                next = inbound.message() => next,
+                _ = tokio::time::sleep_until(self.paused_until.unwrap_or_else(Instant::now)), if paused => {
+                    self.paused_until = None;
+                    continue;
+                }
+                next = inbound.message(), if !paused => next,
             };
             let message = match next {
                 Ok(Some(message)) => message,
@@ -227,6 +266,13 @@ impl Reader<'_> {
                         ));
                         return self.finish(true, Some(status));
                     }
+                    if let Some(bad) = batch.readings.iter().find(|r| !seq_in_range(r.seq)) {
+                        let status = Status::invalid_argument(format!(
+                            "reading seq {} is outside 1..={MAX_SEQ}; nothing of this batch is stored",
+                            bad.seq
+                        ));
+                        return self.finish(true, Some(status));
+                    }
                     if !self.push(batch).await {
                         return self.finish(false, None);
                     }
@@ -236,11 +282,40 @@ impl Reader<'_> {
                         Status::failed_precondition("Hello was already received on this stream");
                     return self.finish(true, Some(status));
                 }
-                Some(DeviceMsg::CommandReply(reply)) => match convert::command_reply(reply) {
-                    Ok(reply) => self.ctx.commands.reply(self.device_id, reply).await,
-                    Err(why) => tracing::warn!(%why, "command reply ignored"),
-                },
-                None => tracing::warn!("message without content ignored"),
+                Some(DeviceMsg::CommandReply(reply)) => {
+                    match convert::command_reply(reply) {
+                        Ok(reply) => self.ctx.commands.reply(self.device_id, reply).await,
+                        Err(why) => {
+                            if let Some(suppressed) = self.noise.allow() {
+                                tracing::warn!(%why, suppressed, "command reply ignored");
+                            }
+                        }
+                    }
+                    self.pace();
+                }
+                None => {
+                    // A message type this hub does not know (a newer
+                    // firmware's, perhaps): ignored, not fatal.
+                    if let Some(suppressed) = self.noise.allow() {
+                        tracing::warn!(suppressed, "message without known content ignored");
+                    }
+                    self.pace();
+                }
+            }
+        }
+    }
+
+    /// Spends a token of the reply budget; when it is used up, the next
+    /// read waits (this stream only slows down, nothing is dropped).
+    fn pace(&mut self) {
+        if let Err(wait) = self.replies.take() {
+            self.paused_until = Some(Instant::now() + wait);
+            if let Some(suppressed) = self.noise.allow() {
+                tracing::warn!(
+                    limit = self.ctx.max_replies_per_sec,
+                    suppressed,
+                    "device sends replies faster than server.max_replies_per_sec; its stream is slowed"
+                );
             }
         }
     }
@@ -254,7 +329,9 @@ impl Reader<'_> {
             match reading.check(latest) {
                 Ok(()) => readings.push(CheckedReading::Valid(reading)),
                 Err(reason) => {
-                    self.rejects.note(reading.seq, &reading.sensor, reason);
+                    if let Some(suppressed) = self.rejects.allow() {
+                        tracing::warn!(seq = reading.seq, sensor = reading.sensor, %reason, suppressed, "reading rejected");
+                    }
                     readings.push(CheckedReading::Rejected { seq: reading.seq });
                 }
             }
@@ -284,31 +361,6 @@ impl Reader<'_> {
     }
 }
 
-/// Logs rejected readings at most once per interval per session.
-#[derive(Default)]
-struct RejectLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RejectLog {
-    const INTERVAL: Duration = Duration::from_secs(10);
-
-    fn note(&mut self, seq: u64, sensor: &str, reason: crate::domain::RejectReason) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Self::INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        tracing::warn!(seq, sensor, %reason, suppressed = self.suppressed, "reading rejected");
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-}
-
 fn ack_message(ack: PendingAck) -> pb::HubMessage {
     pb::HubMessage {
         msg: Some(HubMsg::Ack(pb::Ack {
@@ -328,21 +380,42 @@ struct CommandLink {
     session: u64,
 }
 
+/// The hub's side of a device stream.
+struct DeviceOutbound {
+    tx: Outbound,
+    abort: Abort,
+}
+
+struct Timeouts {
+    /// How long a closing stream waits for its last acks.
+    drain: Duration,
+    /// How long a device may leave what the hub sends unread.
+    send: Duration,
+}
+
 /// The stream's writer: Acks as the writer commits, commands as the commands
 /// task hands them over. After the reader's [`Finish`], flushes the acks that
-/// are due (bounded by `drain_timeout`) and ends the stream.
+/// are due (bounded by the drain timeout) and ends the stream. A device that
+/// takes nothing for the send timeout is dropped.
 async fn ack_task(
     slot: Arc<AckSlot>,
     mut link: CommandLink,
-    outbound: Outbound,
+    out: DeviceOutbound,
     mut finish_rx: oneshot::Receiver<Finish>,
     ended: CancellationToken,
-    drain_timeout: Duration,
+    timeouts: Timeouts,
 ) {
+    let DeviceOutbound {
+        tx: outbound,
+        abort,
+    } = out;
+    let mut abort = Some(abort);
     let mut finish: Option<Finish> = None;
     let mut inbox_open = true;
     // Replaced by a real deadline once the reader has finished.
     let mut deadline = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    // Since when something has waited to be sent.
+    let mut waiting_since: Option<Instant> = None;
     loop {
         if let Some(f) = &finish
             && (!f.flush || slot.batches_done() >= f.batches_pushed || slot.failed())
@@ -350,11 +423,17 @@ async fn ack_task(
             break;
         }
         let news = slot.has_news();
+        if !news {
+            waiting_since = None;
+        } else if waiting_since.is_none() {
+            waiting_since = Some(Instant::now());
+        }
+        let stalled_at = waiting_since.map(|t| t + timeouts.send);
         tokio::select! {
             biased;
             f = &mut finish_rx, if finish.is_none() => match f {
                 Ok(f) => {
-                    deadline = Instant::now() + drain_timeout;
+                    deadline = Instant::now() + timeouts.drain;
                     finish = Some(f);
                 }
                 Err(_) => break,
@@ -363,8 +442,13 @@ async fn ack_task(
                 tracing::warn!("acks not flushed within the drain timeout");
                 break;
             }
+            _ = tokio::time::sleep_until(stalled_at.unwrap_or(deadline)), if stalled_at.is_some() => {
+                drop_stalled(abort.take(), &ended, timeouts.send);
+                return;
+            }
             permit = outbound.reserve(), if news => match permit {
                 Ok(permit) => {
+                    waiting_since = None;
                     if slot.failed() {
                         permit.send(Err(Status::unavailable(
                             "storage is unavailable; resend unacknowledged readings",
@@ -381,10 +465,15 @@ async fn ack_task(
             command = link.inbox.recv(), if inbox_open && finish.is_none() => match command {
                 Some(command) => {
                     let id = command.command_id.clone();
-                    if outbound.send(Ok(convert::command_message(command))).await.is_err() {
-                        break;
+                    let message = Ok(convert::command_message(command));
+                    match tokio::time::timeout(timeouts.send, outbound.send(message)).await {
+                        Ok(Ok(())) => link.commands.written(&link.device, link.session, id).await,
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            drop_stalled(abort.take(), &ended, timeouts.send);
+                            return;
+                        }
                     }
-                    link.commands.written(&link.device, link.session, id).await;
                 }
                 // The commands task let go of this stream (a newer one took
                 // over, or the hub is stopping).
@@ -411,7 +500,27 @@ async fn ack_task(
         finish.status
     };
     if let Some(status) = status {
-        // A short grace of its own: the status matters more than the last ack.
-        let _ = tokio::time::timeout(drain_timeout, outbound.send(Err(status))).await;
+        // A short grace of its own: the status matters more than the last
+        // ack. If the device does not take it, the stream ends anyway.
+        let sent = tokio::time::timeout(timeouts.drain, outbound.send(Err(status.clone()))).await;
+        if sent.is_err()
+            && let Some(abort) = abort.take()
+        {
+            let _ = abort.send(status);
+        }
     }
+}
+
+/// Ends a stream whose device takes nothing the hub sends: what is buffered
+/// for it is dropped, so a stuck device holds no more than the channel did.
+fn drop_stalled(abort: Option<Abort>, ended: &CancellationToken, send_timeout: Duration) {
+    let why = format!(
+        "the device read nothing the hub sent for {}",
+        humantime::format_duration(send_timeout)
+    );
+    tracing::info!(reason = why, "dropping a stalled stream");
+    if let Some(abort) = abort {
+        let _ = abort.send(Status::deadline_exceeded(why));
+    }
+    ended.cancel();
 }

@@ -29,7 +29,8 @@ pub enum IngestError {
     Storage,
 }
 
-/// Readings of one device, in the order the device sent them.
+/// Readings of one device, in the order the device sent them. Every seq is
+/// in 1..=2^63-1 (the session refuses a batch with any other).
 pub struct IngestBatch {
     pub device: DeviceKey,
     pub readings: Vec<CheckedReading>,

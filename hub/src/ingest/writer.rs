@@ -1,5 +1,13 @@
 //! The single writer: group commit, dedup by high-water mark, acks after
 //! commit.
+//!
+//! What the writer keeps in memory (marks, the sensor dictionary, each
+//! device's sensors, device names) is a cache of committed rows: a group's
+//! changes are collected on the side and applied only after its COMMIT
+//! succeeded. After a failed commit the caches are dropped and reloaded, and
+//! every session with a batch in the failed group is done: its later batches
+//! are skipped, so nothing of it is ever committed past the gap (its device
+//! is told UNAVAILABLE and resends from the true mark).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{IngestError, Registered, WriterMsg};
 use crate::domain::{
-    CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, SensorKey, now_ms,
+    CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
+    SensorKey, Verdict, judge, now_ms,
 };
 use crate::metrics::HubMetrics;
-use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter};
+use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter, WriteTx};
+use crate::throttle::LogThrottle;
 
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
@@ -25,8 +35,54 @@ pub struct WriterSettings {
     pub max_batch_delay: Duration,
     /// Distinct sensor names the dictionary may hold.
     pub max_sensors: usize,
+    /// Distinct sensors one device may use.
+    pub max_sensors_per_device: usize,
     /// Move staged readings into the clustered table once this many wait.
     pub compact_rows: u64,
+}
+
+/// Staged readings beyond this many compaction runs mean compaction keeps
+/// failing: new readings are refused until it succeeds (bounded growth).
+const MAX_STAGED_RUNS: u64 = 16;
+
+/// Waits between retries of something that failed: doubling, capped.
+#[derive(Debug)]
+struct Backoff {
+    failures: u32,
+    first: Duration,
+    max: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            failures: 0,
+            first,
+            max,
+            retry_at: None,
+        }
+    }
+
+    /// Records a failure; returns how long to wait before the next try.
+    fn failed(&mut self) -> Duration {
+        let wait = self
+            .first
+            .saturating_mul(1 << self.failures.min(16))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + wait);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+    }
+
+    fn waiting(&self) -> bool {
+        self.retry_at.is_some_and(|t| Instant::now() < t)
+    }
 }
 
 pub struct Writer {
@@ -34,12 +90,7 @@ pub struct Writer {
     rx: mpsc::Receiver<WriterMsg>,
     settings: WriterSettings,
     metrics: Arc<HubMetrics>,
-    /// Committed (or, during a write, pending) high-water mark per device.
-    high_water: HashMap<DeviceKey, u64>,
-    sensors: HashMap<String, SensorKey>,
-    sensor_names: HashMap<SensorKey, Arc<str>>,
-    sensors_loaded: bool,
-    device_names: HashMap<DeviceKey, Arc<str>>,
+    known: Known,
     rows: Vec<RowToInsert>,
     /// Committed readings go here after each commit (MQTT, live watchers).
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
@@ -47,17 +98,48 @@ pub struct Writer {
     published: u64,
     /// Readings waiting in the staging table (None: not counted yet).
     staged: Option<u64>,
+    commit_retry: Backoff,
+    compact_retry: Backoff,
+}
+
+/// What the writer knows of committed rows: caches, reloaded after a failure.
+struct Known {
+    /// Committed high-water mark per device (a cache of devices.acked_seq).
+    marks: HashMap<DeviceKey, u64>,
+    sensors: HashMap<String, SensorKey>,
+    sensor_names: HashMap<SensorKey, Arc<str>>,
+    sensors_loaded: bool,
+    /// Committed sensors of each device seen since the last failure.
+    device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
+    device_names: HashMap<DeviceKey, Arc<str>>,
+    max_sensors: usize,
+    max_sensors_per_device: usize,
+    limit_log: LogThrottle,
 }
 
 /// What one queued message came to, delivered after the commit.
 enum Outcome {
     Batch {
-        device: DeviceKey,
+        /// The device's mark after this batch.
+        acked_seq: u64,
         stored: u32,
         rejected: u32,
         duplicates: u32,
     },
+    /// Its session had a batch in a failed commit: nothing of it is written.
+    Skipped,
     Registered(DeviceKey),
+}
+
+/// What a group changes in the writer's memory, applied after its commit.
+#[derive(Default)]
+struct GroupChanges {
+    marks: HashMap<DeviceKey, u64>,
+    sensors: HashMap<String, SensorKey>,
+    device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
+    names: Vec<(DeviceKey, Arc<str>)>,
+    /// Readings added per device.
+    added: HashMap<DeviceKey, u64>,
 }
 
 impl Writer {
@@ -68,20 +150,29 @@ impl Writer {
         metrics: Arc<HubMetrics>,
         fanout: broadcast::Sender<Arc<CommittedBatch>>,
     ) -> Self {
+        let known = Known {
+            marks: HashMap::new(),
+            sensors: HashMap::new(),
+            sensor_names: HashMap::new(),
+            sensors_loaded: false,
+            device_sensors: HashMap::new(),
+            device_names: HashMap::new(),
+            max_sensors: settings.max_sensors,
+            max_sensors_per_device: settings.max_sensors_per_device,
+            limit_log: LogThrottle::new(Duration::from_secs(10)),
+        };
         Self {
             store,
             rx,
             settings,
             metrics,
-            high_water: HashMap::new(),
-            sensors: HashMap::new(),
-            sensor_names: HashMap::new(),
-            sensors_loaded: false,
-            device_names: HashMap::new(),
+            known,
             rows: Vec::new(),
             fanout,
             published: 0,
             staged: None,
+            commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
         }
     }
 
@@ -112,7 +203,15 @@ impl Writer {
                 rows += msg.rows();
                 group.push(msg);
             }
-            self.commit_group(&mut group).await;
+            if !self.commit_group(&mut group).await {
+                // Storage is failing: give it a moment. Batches wait in the
+                // bounded queue meanwhile (backpressure to devices).
+                let wait = self.commit_retry.failed();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
         }
         // Drain: nothing new is accepted; what was queued is committed.
         self.rx.close();
@@ -128,23 +227,34 @@ impl Writer {
         }
     }
 
-    async fn commit_group(&mut self, group: &mut Vec<WriterMsg>) {
+    /// Writes and commits a group, then acks it; false when the commit
+    /// failed (nothing of the group is acked, its sessions are told).
+    async fn commit_group(&mut self, group: &mut Vec<WriterMsg>) -> bool {
         if group.is_empty() {
-            return;
+            return true;
         }
-        match self.write_group(group, now_ms()).await {
-            Ok(outcomes) => {
+        let result = match self.make_room().await {
+            Ok(()) => self.write_group(group, now_ms()).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((outcomes, changes)) => {
+                self.apply(changes);
                 self.deliver(group.drain(..).zip(outcomes));
                 self.publish();
+                self.metrics.set_storage_ok(true);
+                self.commit_retry.succeeded();
                 self.compact_if_due().await;
+                true
             }
             Err(e) => {
-                tracing::error!(error = %e, messages = group.len(), "commit failed; nothing in it is acked");
-                // The in-memory marks may be ahead of the database now.
-                self.high_water.clear();
-                self.sensors.clear();
-                self.sensor_names.clear();
-                self.sensors_loaded = false;
+                tracing::error!(error = %e, messages = group.len(), reopened = self.store.reopened(),
+                    "commit failed; nothing in it is acked and its streams are ended");
+                HubMetrics::add(&self.metrics.commit_failures, 1);
+                self.metrics.set_storage_ok(false);
+                // A COMMIT that reported failure may still have reached the
+                // disk: the caches are reloaded from what is stored.
+                self.forget_caches();
                 for msg in group.drain(..) {
                     match msg {
                         WriterMsg::Batch(batch) => batch.ack.fail(),
@@ -153,8 +263,18 @@ impl Writer {
                         }
                     }
                 }
+                false
             }
         }
+    }
+
+    fn forget_caches(&mut self) {
+        self.known.forget();
+        self.staged = None;
+    }
+
+    fn apply(&mut self, changes: GroupChanges) {
+        self.known.apply(changes);
     }
 
     /// After the commit: acks into session slots, replies to registrations.
@@ -165,20 +285,20 @@ impl Writer {
                 (
                     WriterMsg::Batch(batch),
                     Outcome::Batch {
-                        device,
+                        acked_seq,
                         stored,
                         rejected,
                         duplicates,
                     },
                 ) => {
-                    let acked = self.high_water.get(&device).copied().unwrap_or(0);
                     stored_total += u64::from(stored);
                     dups_total += u64::from(duplicates);
                     rejected_total += u64::from(rejected);
-                    batch.ack.complete(acked, rejected, duplicates);
+                    batch.ack.complete(acked_seq, rejected, duplicates);
                 }
+                (WriterMsg::Batch(_), Outcome::Skipped) => {}
                 (WriterMsg::Register { reply, .. }, Outcome::Registered(device)) => {
-                    let acked_seq = self.high_water.get(&device).copied().unwrap_or(0);
+                    let acked_seq = self.known.marks.get(&device).copied().unwrap_or(0);
                     // The session may have gone meanwhile; nothing to tell.
                     let _ = reply.send(Ok(Registered { device, acked_seq }));
                 }
@@ -189,6 +309,34 @@ impl Writer {
         HubMetrics::add(&self.metrics.duplicates, dups_total);
         HubMetrics::add(&self.metrics.rejected, rejected_total);
         HubMetrics::add(&self.metrics.commits, 1);
+    }
+
+    /// The staging table's cap: past it (compaction keeps failing) the group
+    /// is refused rather than the table growing without bound.
+    async fn make_room(&mut self) -> Result<(), StoreError> {
+        let cap = self.settings.compact_rows.saturating_mul(MAX_STAGED_RUNS);
+        let staged = self.staged_rows().await?;
+        if staged < cap {
+            return Ok(());
+        }
+        if !self.compact_retry.waiting() {
+            self.compact().await;
+        }
+        match self.staged {
+            Some(n) if n < cap => Ok(()),
+            _ => Err(StoreError::StagingFull { staged }),
+        }
+    }
+
+    async fn staged_rows(&mut self) -> Result<u64, StoreError> {
+        match self.staged {
+            Some(n) => Ok(n),
+            None => {
+                let n = self.store.recent_rows().await?;
+                self.staged = Some(n);
+                Ok(n)
+            }
+        }
     }
 
     /// Moves the staged readings into the clustered table once enough wait.
@@ -213,13 +361,19 @@ impl Writer {
         } else {
             self.settings.compact_rows
         };
-        if staged < run {
+        if staged < run || self.compact_retry.waiting() {
             return;
         }
+        self.compact().await;
+    }
+
+    async fn compact(&mut self) {
         let started = std::time::Instant::now();
+        tracing::debug!(staged = self.staged, "compacting staged readings");
         match self.store.compact().await {
             Ok(moved) => {
                 self.staged = Some(0);
+                self.compact_retry.succeeded();
                 HubMetrics::add(&self.metrics.compactions, 1);
                 tracing::debug!(
                     moved,
@@ -227,11 +381,13 @@ impl Writer {
                     "compacted staged readings"
                 );
             }
-            // They stay staged (queries read them there); the next commit
-            // tries again.
+            // They stay staged (queries read them there); tried again after
+            // a growing wait, and past the cap new readings are refused.
             Err(e) => {
                 self.staged = None;
-                tracing::error!(error = %e, "compaction failed");
+                let wait = self.compact_retry.failed();
+                HubMetrics::add(&self.metrics.compaction_failures, 1);
+                tracing::error!(error = %e, retry_in = ?wait, "compaction failed");
             }
         }
     }
@@ -253,6 +409,7 @@ impl Writer {
             let slot = *slots.entry(r.device).or_insert_with(|| {
                 devices.push(DeviceReadings {
                     device_id: self
+                        .known
                         .device_names
                         .get(&r.device)
                         .cloned()
@@ -264,6 +421,7 @@ impl Writer {
             devices[slot].readings.push(LiveReading {
                 seq: r.seq as u64,
                 sensor: self
+                    .known
                     .sensor_names
                     .get(&r.sensor)
                     .cloned()
@@ -279,23 +437,17 @@ impl Writer {
         }));
     }
 
-    /// Writes a group in one transaction; one outcome per message, in order.
+    /// Writes a group in one transaction; one outcome per message, in order,
+    /// and the changes to apply once it is committed.
     async fn write_group(
         &mut self,
         group: &[WriterMsg],
         now: i64,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        if !self.sensors_loaded {
-            let sensors = self.store.load_sensors().await?;
-            self.sensor_names = sensors
-                .iter()
-                .map(|(name, key)| (*key, Arc::from(name.as_str())))
-                .collect();
-            self.sensors = sensors.into_iter().collect();
-            self.sensors_loaded = true;
-        }
+    ) -> Result<(Vec<Outcome>, GroupChanges), StoreError> {
+        self.known.load_sensors(&mut self.store).await?;
+        let known = &mut self.known;
         let mut outcomes = Vec::with_capacity(group.len());
-        let mut added: HashMap<DeviceKey, u64> = HashMap::new();
+        let mut changes = GroupChanges::default();
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         let mut tx = self.store.begin().await?;
@@ -303,78 +455,215 @@ impl Writer {
             match msg {
                 WriterMsg::Register { hello, .. } => {
                     let (device, stored_mark) = tx.upsert_device(hello, now).await?;
-                    self.high_water.entry(device).or_insert(stored_mark);
-                    self.device_names
-                        .entry(device)
-                        .or_insert_with(|| Arc::from(hello.device_id.as_str()));
+                    if !known.marks.contains_key(&device) {
+                        changes.marks.entry(device).or_insert(stored_mark);
+                    }
+                    if !known.device_names.contains_key(&device) {
+                        changes
+                            .names
+                            .push((device, Arc::from(hello.device_id.as_str())));
+                    }
                     outcomes.push(Outcome::Registered(device));
                 }
+                WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(batch) => {
-                    let device = batch.device;
-                    let mark = match self.high_water.get(&device) {
-                        Some(mark) => *mark,
-                        None => tx.device_acked_seq(device).await?,
-                    };
-                    let (mut hwm, mut stored, mut rejected, mut duplicates) =
-                        (mark, 0u32, 0u32, 0u32);
-                    for reading in &batch.readings {
-                        let seq = reading.seq();
-                        if seq <= hwm {
-                            duplicates += 1;
-                            continue;
-                        }
-                        hwm = seq;
-                        let CheckedReading::Valid(r) = reading else {
-                            rejected += 1;
-                            continue;
-                        };
-                        let sensor = match self.sensors.get(r.sensor.as_str()) {
-                            Some(key) => *key,
-                            None if self.sensors.len() >= self.settings.max_sensors => {
-                                tracing::warn!(sensor = %r.sensor, limit = self.settings.max_sensors,
-                                    "sensor dictionary is full; reading rejected");
-                                rejected += 1;
-                                continue;
-                            }
-                            None => {
-                                let key = tx.sensor_key(&r.sensor).await?;
-                                self.sensors.insert(r.sensor.clone(), key);
-                                self.sensor_names.insert(key, Arc::from(r.sensor.as_str()));
-                                key
-                            }
-                        };
-                        rows.push(RowToInsert {
-                            device,
-                            sensor,
-                            ts_ms: r.ts_ms,
-                            seq: seq as i64,
-                            value: r.value,
-                        });
-                        stored += 1;
-                    }
-                    self.high_water.insert(device, hwm);
-                    *added.entry(device).or_default() += u64::from(stored);
-                    outcomes.push(Outcome::Batch {
-                        device,
-                        stored,
-                        rejected,
-                        duplicates,
-                    });
+                    let outcome = known
+                        .write_batch(
+                            &mut tx,
+                            batch.device,
+                            &batch.readings,
+                            &mut changes,
+                            &mut rows,
+                        )
+                        .await?;
+                    outcomes.push(outcome);
                 }
             }
         }
         tx.insert_readings(&rows).await?;
-        let progress: Vec<DeviceProgress> = added
-            .into_iter()
+        let new_pairs: Vec<(DeviceKey, SensorKey)> = changes
+            .device_sensors
+            .iter()
+            .flat_map(|(device, sensors)| sensors.iter().map(|s| (*device, *s)))
+            .collect();
+        tx.add_device_sensors(&new_pairs).await?;
+        let progress: Vec<DeviceProgress> = changes
+            .added
+            .iter()
             .map(|(device, added)| DeviceProgress {
-                device,
-                acked_seq: self.high_water.get(&device).copied().unwrap_or(0),
-                added,
+                device: *device,
+                acked_seq: changes.marks.get(device).copied().unwrap_or(0),
+                added: *added,
             })
             .collect();
         tx.record_progress(&progress, now).await?;
         tx.commit().await?;
         self.rows = rows;
-        Ok(outcomes)
+        Ok((outcomes, changes))
+    }
+}
+
+impl Known {
+    fn forget(&mut self) {
+        self.marks.clear();
+        self.sensors.clear();
+        self.sensor_names.clear();
+        self.sensors_loaded = false;
+        self.device_sensors.clear();
+    }
+
+    /// Applies a committed group's changes.
+    fn apply(&mut self, changes: GroupChanges) {
+        self.marks.extend(changes.marks);
+        for (name, key) in changes.sensors {
+            self.sensor_names.insert(key, Arc::from(name.as_str()));
+            self.sensors.insert(name, key);
+        }
+        for (device, added) in changes.device_sensors {
+            self.device_sensors.entry(device).or_default().extend(added);
+        }
+        for (device, name) in changes.names {
+            self.device_names.insert(device, name);
+        }
+    }
+
+    async fn load_sensors(&mut self, store: &mut StoreWriter) -> Result<(), StoreError> {
+        if self.sensors_loaded {
+            return Ok(());
+        }
+        let sensors = store.load_sensors().await?;
+        self.sensor_names = sensors
+            .iter()
+            .map(|(name, key)| (*key, Arc::from(name.as_str())))
+            .collect();
+        self.sensors = sensors.into_iter().collect();
+        self.sensors_loaded = true;
+        Ok(())
+    }
+
+    /// Sorts one batch out against its device's mark: rows to insert,
+    /// duplicates and rejections. Changes go to `changes` only.
+    async fn write_batch(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        device: DeviceKey,
+        readings: &[CheckedReading],
+        changes: &mut GroupChanges,
+        rows: &mut Vec<RowToInsert>,
+    ) -> Result<Outcome, StoreError> {
+        let mark = match changes.marks.get(&device).or(self.marks.get(&device)) {
+            Some(mark) => *mark,
+            None => tx.device_acked_seq(device).await?,
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.device_sensors.entry(device) {
+            // Read before this group adds any: committed rows only.
+            slot.insert(tx.device_sensors(device).await?);
+        }
+        let (mut hwm, mut stored, mut rejected, mut duplicates) = (mark, 0u32, 0u32, 0u32);
+        for reading in readings {
+            match judge(&mut hwm, reading) {
+                Verdict::Duplicate => duplicates += 1,
+                Verdict::Rejected => rejected += 1,
+                Verdict::Store => {
+                    let CheckedReading::Valid(r) = reading else {
+                        unreachable!("judge stores only valid readings")
+                    };
+                    match self.sensor_for(tx, device, &r.sensor, changes).await? {
+                        Ok(sensor) => {
+                            rows.push(RowToInsert {
+                                device,
+                                sensor,
+                                ts_ms: r.ts_ms,
+                                seq: r.seq as i64,
+                                value: r.value,
+                            });
+                            stored += 1;
+                        }
+                        Err(reason) => {
+                            rejected += 1;
+                            if let Some(suppressed) = self.limit_log.allow() {
+                                tracing::warn!(device = %device.0, sensor = %r.sensor, %reason,
+                                    per_device = self.max_sensors_per_device,
+                                    dictionary = self.max_sensors, suppressed,
+                                    "reading rejected");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        changes.marks.insert(device, hwm);
+        *changes.added.entry(device).or_default() += u64::from(stored);
+        Ok(Outcome::Batch {
+            acked_seq: hwm,
+            stored,
+            rejected,
+            duplicates,
+        })
+    }
+
+    /// The key of a sensor for this device, learning it (within the
+    /// per-device limit and the dictionary's) if new.
+    async fn sensor_for(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        device: DeviceKey,
+        name: &str,
+        changes: &mut GroupChanges,
+    ) -> Result<Result<SensorKey, RejectReason>, StoreError> {
+        let key = self
+            .sensors
+            .get(name)
+            .or(changes.sensors.get(name))
+            .copied();
+        let committed = self
+            .device_sensors
+            .get(&device)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let pending = changes.device_sensors.get(&device);
+        let uses = |k: SensorKey| committed.contains(&k) || pending.is_some_and(|p| p.contains(&k));
+        if let Some(key) = key
+            && uses(key)
+        {
+            return Ok(Ok(key));
+        }
+        if committed.len() + pending.map_or(0, Vec::len) >= self.max_sensors_per_device {
+            return Ok(Err(RejectReason::DeviceSensorLimit));
+        }
+        let key = match key {
+            Some(key) => key,
+            None if self.sensors.len() + changes.sensors.len() >= self.max_sensors => {
+                return Ok(Err(RejectReason::SensorDictionaryFull));
+            }
+            None => {
+                let key = tx.sensor_key(name).await?;
+                changes.sensors.insert(name.to_owned(), key);
+                key
+            }
+        };
+        changes.device_sensors.entry(device).or_default().push(key);
+        Ok(Ok(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_and_reset() {
+        let mut b = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        assert_eq!(b.failed(), Duration::from_millis(50));
+        assert_eq!(b.failed(), Duration::from_millis(100));
+        assert!(b.waiting());
+        for _ in 0..10 {
+            b.failed();
+        }
+        assert_eq!(b.failed(), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!b.waiting());
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_millis(50));
     }
 }

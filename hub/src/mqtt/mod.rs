@@ -421,12 +421,14 @@ impl Bridge {
             Some(Value::Object(map)) => Value::Object(map).to_string(),
             Some(_) => return Err("params must be a JSON object".into()),
         };
+        // The range is the core's rule (commands::send); only the number
+        // itself is checked here.
         let ttl = match cmd.ttl_s {
             None => None,
-            Some(s) if s.is_finite() && s > 0.0 && s <= 7.0 * 24.0 * 3600.0 => {
-                Some(Duration::from_secs_f64(s))
-            }
-            Some(_) => return Err("ttl_s must be between 1 and 604800".into()),
+            Some(s) => Some(
+                Duration::try_from_secs_f64(s)
+                    .map_err(|_| "ttl_s must be a number of seconds".to_owned())?,
+            ),
         };
         let rec = self
             .commands

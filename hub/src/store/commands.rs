@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{StoreError, connect_options};
+use super::{StoreError, WriteConn, connect_options};
 use crate::config::StorageSettings;
 use crate::domain::{CommandRecord, CommandState, CommandTransition};
 
@@ -30,13 +30,13 @@ pub struct CommandStore {
 
 /// The command log's only writer (owned by the commands task).
 pub struct CommandWriter {
-    conn: SqliteConnection,
+    conn: WriteConn,
 }
 
 pub async fn open(settings: &StorageSettings) -> Result<(CommandStore, CommandWriter), StoreError> {
     let options = connect_options(&commands_path(&settings.path), settings)?;
-    let mut conn: SqliteConnection = options.connect().await?;
-    MIGRATOR.run(&mut conn).await?;
+    let mut conn = WriteConn::open(options.clone()).await?;
+    MIGRATOR.run(conn.conn()).await?;
     let read = SqlitePoolOptions::new()
         .max_connections(2)
         .connect_with(options)
@@ -152,14 +152,17 @@ impl CommandWriter {
             "SELECT {COMMAND_COLUMNS} FROM commands \
              WHERE state IN ('QUEUED', 'SENT', 'RECEIVED') ORDER BY seq"
         ))
-        .fetch_all(&mut self.conn)
+        .fetch_all(self.conn.conn())
         .await?;
         rows.iter().map(record_from_row).collect()
     }
 
+    /// Dropped without [`CommandTx::commit`], the transaction is rolled back
+    /// before the next one begins.
     pub async fn begin(&mut self) -> Result<CommandTx<'_>, StoreError> {
+        self.conn.begin().await?;
         Ok(CommandTx {
-            tx: self.conn.begin().await?,
+            conn: &mut self.conn,
         })
     }
 
@@ -170,7 +173,7 @@ impl CommandWriter {
 }
 
 pub struct CommandTx<'c> {
-    tx: Transaction<'c, Sqlite>,
+    conn: &'c mut WriteConn,
 }
 
 impl CommandTx<'_> {
@@ -189,7 +192,7 @@ impl CommandTx<'_> {
         .bind(rec.created_at_ms)
         .bind(rec.updated_at_ms)
         .bind(rec.expires_at_ms)
-        .execute(&mut *self.tx)
+        .execute(self.conn.conn())
         .await?;
         Ok(())
     }
@@ -210,7 +213,7 @@ impl CommandTx<'_> {
         .bind(i64::from(rec.attempts))
         .bind(rec.updated_at_ms)
         .bind(&rec.command_id)
-        .execute(&mut *self.tx)
+        .execute(self.conn.conn())
         .await?;
         self.history(&rec.command_id, transitions).await
     }
@@ -229,15 +232,14 @@ impl CommandTx<'_> {
             .bind(t.state.as_str())
             .bind(&t.detail)
             .bind(command_id)
-            .execute(&mut *self.tx)
+            .execute(self.conn.conn())
             .await?;
         }
         Ok(())
     }
 
     pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
-        Ok(())
+        self.conn.commit().await
     }
 }
 

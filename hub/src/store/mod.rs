@@ -6,14 +6,14 @@
 
 pub mod commands;
 mod write;
+mod write_conn;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Row};
 
@@ -21,6 +21,7 @@ use crate::config::{StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{DeviceProgress, RowToInsert, StoreWriter, WriteTx};
+pub(crate) use write_conn::WriteConn;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -35,6 +36,10 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{staged} new readings wait for a compaction that keeps failing; refusing more until it succeeds"
+    )]
+    StagingFull { staged: u64 },
 }
 
 /// Read side of the store: cheap to clone.
@@ -47,13 +52,25 @@ pub struct Store {
 /// the read pool and the single writer connection.
 pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), StoreError> {
     let options = connect_options(&settings.path, settings)?;
-    let mut writer: SqliteConnection = options.connect().await?;
-    MIGRATOR.run(&mut writer).await?;
+    let mut writer =
+        WriteConn::open(with_size_limit(options.clone(), settings.max_size_mib)).await?;
+    MIGRATOR.run(writer.conn()).await?;
     let read = SqlitePoolOptions::new()
         .max_connections(settings.read_connections)
         .connect_with(options)
         .await?;
     Ok((Store { read }, StoreWriter::new(writer)))
+}
+
+/// `storage.max_size_mib` as SQLite's page limit on the writer's connection:
+/// past it, a commit fails with SQLITE_FULL as on a full disk.
+fn with_size_limit(options: SqliteConnectOptions, max_size_mib: u64) -> SqliteConnectOptions {
+    if max_size_mib == 0 {
+        return options;
+    }
+    // The hub's databases use SQLite's default 4 KiB pages.
+    let pages = max_size_mib.saturating_mul(1024 * 1024) / 4096;
+    options.pragma("max_page_count", pages.max(1).to_string())
 }
 
 /// The same settings for every database file of the hub: WAL, the
@@ -132,41 +149,22 @@ impl Store {
         Ok(id.map(SensorKey))
     }
 
-    /// The sensors a device has readings for, in key order: index seeks in
-    /// the clustered table (one per sensor, not a scan of its readings),
-    /// plus whatever is only staged.
+    /// The sensors a device has readings for, in key order.
     pub async fn device_sensors(
         &self,
         device: DeviceKey,
     ) -> Result<Vec<(SensorKey, String)>, StoreError> {
-        let mut out: Vec<(SensorKey, String)> = sqlx::query_as::<_, (i64, String)>(
-            "SELECT DISTINCT r.sensor_id, s.name FROM readings_recent r \
-             JOIN sensors s ON s.id = r.sensor_id WHERE r.device_id = ?",
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT d.sensor_id, s.name FROM device_sensors d \
+             JOIN sensors s ON s.id = d.sensor_id WHERE d.device_id = ? ORDER BY d.sensor_id",
         )
         .bind(device.0)
         .fetch_all(&self.read)
-        .await?
-        .into_iter()
-        .map(|(id, name)| (SensorKey(id), name))
-        .collect();
-        let mut after = i64::MIN;
-        loop {
-            let next: Option<(i64, String)> = sqlx::query_as(
-                "SELECT r.sensor_id, s.name FROM \
-                 (SELECT sensor_id FROM readings WHERE device_id = ? AND sensor_id > ? \
-                  ORDER BY sensor_id LIMIT 1) r JOIN sensors s ON s.id = r.sensor_id",
-            )
-            .bind(device.0)
-            .bind(after)
-            .fetch_optional(&self.read)
-            .await?;
-            let Some((id, name)) = next else { break };
-            after = id;
-            out.push((SensorKey(id), name));
-        }
-        out.sort_by_key(|(key, _)| *key);
-        out.dedup_by_key(|(key, _)| *key);
-        Ok(out)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name)| (SensorKey(id), name))
+            .collect())
     }
 
     /// Staged readings of a device (one sensor, or all) with

@@ -6,10 +6,8 @@
 
 use std::collections::HashMap;
 
-use sqlx::sqlite::{Sqlite, SqliteConnection};
-use sqlx::{Connection, Transaction};
-
 use super::StoreError;
+use super::write_conn::WriteConn;
 use crate::domain::{DeviceHello, DeviceKey, SensorKey};
 
 /// One row of the readings table.
@@ -37,21 +35,24 @@ pub struct DeviceProgress {
 /// statements are ever prepared (and they stay in sqlx's statement cache).
 const INSERT_CHUNK: usize = 1024;
 const PROGRESS_CHUNK: usize = 256;
+const PAIR_CHUNK: usize = 256;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Batched {
     Insert,
     Progress,
+    DeviceSensors,
 }
 
 pub struct StoreWriter {
-    conn: SqliteConnection,
+    conn: WriteConn,
     sql: HashMap<(Batched, usize), String>,
 }
 
-/// A write transaction of the writer.
+/// A write transaction of the writer. Dropped without [`WriteTx::commit`],
+/// it is rolled back before the next one begins.
 pub struct WriteTx<'c> {
-    tx: Transaction<'c, Sqlite>,
+    conn: &'c mut WriteConn,
     sql: &'c mut HashMap<(Batched, usize), String>,
 }
 
@@ -65,7 +66,7 @@ fn chunk_len(remaining: usize, max: usize) -> usize {
 }
 
 impl StoreWriter {
-    pub(super) fn new(conn: SqliteConnection) -> Self {
+    pub(super) fn new(conn: WriteConn) -> Self {
         Self {
             conn,
             sql: HashMap::new(),
@@ -73,15 +74,22 @@ impl StoreWriter {
     }
 
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
+        self.conn.begin().await?;
         Ok(WriteTx {
-            tx: self.conn.begin().await?,
+            conn: &mut self.conn,
             sql: &mut self.sql,
         })
     }
 
+    /// Times the write connection was replaced because SQLite still held a
+    /// transaction open on it after a failure.
+    pub fn reopened(&self) -> u64 {
+        self.conn.reopened()
+    }
+
     pub async fn load_sensors(&mut self) -> Result<Vec<(String, SensorKey)>, StoreError> {
         let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM sensors")
-            .fetch_all(&mut self.conn)
+            .fetch_all(self.conn.conn())
             .await?;
         Ok(rows
             .into_iter()
@@ -92,7 +100,7 @@ impl StoreWriter {
     /// Rows waiting in the staging table.
     pub async fn recent_rows(&mut self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_recent")
-            .fetch_one(&mut self.conn)
+            .fetch_one(self.conn.conn())
             .await?;
         Ok(n as u64)
     }
@@ -101,11 +109,13 @@ impl StoreWriter {
     /// run, in one transaction (so a reader sees each reading in exactly one
     /// of the two tables). Returns the rows moved.
     pub async fn compact(&mut self) -> Result<u64, StoreError> {
-        let mut tx = self.conn.begin().await?;
+        self.conn.begin().await?;
+        let conn = &mut self.conn;
         let last: Option<i64> = sqlx::query_scalar("SELECT max(rowid) FROM readings_recent")
-            .fetch_one(&mut *tx)
+            .fetch_one(conn.conn())
             .await?;
         let Some(last) = last else {
+            conn.commit().await?;
             return Ok(0);
         };
         let moved = sqlx::query(
@@ -114,14 +124,14 @@ impl StoreWriter {
              WHERE rowid <= ? ORDER BY device_id, sensor_id, ts_ms, seq",
         )
         .bind(last)
-        .execute(&mut *tx)
+        .execute(conn.conn())
         .await?
         .rows_affected();
         sqlx::query("DELETE FROM readings_recent WHERE rowid <= ?")
             .bind(last)
-            .execute(&mut *tx)
+            .execute(conn.conn())
             .await?;
-        tx.commit().await?;
+        conn.commit().await?;
         Ok(moved)
     }
 
@@ -133,8 +143,7 @@ impl StoreWriter {
 
 impl WriteTx<'_> {
     pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
-        Ok(())
+        self.conn.commit().await
     }
 
     /// Registers the device or refreshes what it says about itself; returns
@@ -156,7 +165,7 @@ impl WriteTx<'_> {
         .bind(&hello.firmware)
         .bind(labels)
         .bind(now_ms)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.conn.conn())
         .await?;
         Ok((DeviceKey(id), acked as u64))
     }
@@ -164,23 +173,66 @@ impl WriteTx<'_> {
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
         let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?")
             .bind(device.0)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.conn.conn())
             .await?;
         Ok(acked as u64)
+    }
+
+    /// The sensors a device has used (committed rows: call it before this
+    /// transaction adds any for the device).
+    pub async fn device_sensors(
+        &mut self,
+        device: DeviceKey,
+    ) -> Result<Vec<SensorKey>, StoreError> {
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT sensor_id FROM device_sensors WHERE device_id = ?")
+                .bind(device.0)
+                .fetch_all(self.conn.conn())
+                .await?;
+        Ok(ids.into_iter().map(SensorKey).collect())
+    }
+
+    /// Records that devices use sensors, many pairs to a statement.
+    pub async fn add_device_sensors(
+        &mut self,
+        pairs: &[(DeviceKey, SensorKey)],
+    ) -> Result<(), StoreError> {
+        let mut rest = pairs;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), PAIR_CHUNK));
+            let sql = self
+                .sql
+                .entry((Batched::DeviceSensors, chunk.len()))
+                .or_insert_with(|| {
+                    multi_row_sql(
+                        "INSERT OR IGNORE INTO device_sensors (device_id, sensor_id) VALUES ",
+                        "(?,?)",
+                        chunk.len(),
+                        "",
+                    )
+                });
+            let mut query = sqlx::query(sql.as_str());
+            for (device, sensor) in chunk {
+                query = query.bind(device.0).bind(sensor.0);
+            }
+            query.execute(self.conn.conn()).await?;
+            rest = tail;
+        }
+        Ok(())
     }
 
     /// The sensor's key, adding it to the dictionary if new.
     pub async fn sensor_key(&mut self, name: &str) -> Result<SensorKey, StoreError> {
         let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM sensors WHERE name = ?")
             .bind(name)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn.conn())
             .await?;
         if let Some(id) = existing {
             return Ok(SensorKey(id));
         }
         let id: i64 = sqlx::query_scalar("INSERT INTO sensors (name) VALUES (?) RETURNING id")
             .bind(name)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.conn.conn())
             .await?;
         Ok(SensorKey(id))
     }
@@ -209,7 +261,7 @@ impl WriteTx<'_> {
                     .bind(r.seq)
                     .bind(r.value);
             }
-            query.execute(&mut *self.tx).await?;
+            query.execute(self.conn.conn()).await?;
             rest = tail;
         }
         Ok(())
@@ -246,7 +298,7 @@ impl WriteTx<'_> {
                     .bind(p.added as i64)
                     .bind(now_ms);
             }
-            query.execute(&mut *self.tx).await?;
+            query.execute(self.conn.conn()).await?;
             rest = tail;
         }
         Ok(())

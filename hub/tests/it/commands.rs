@@ -567,7 +567,7 @@ async fn a_device_that_does_not_read_delays_only_its_own_commands() {
 async fn the_ack_timeout_does_not_run_while_the_device_is_away() {
     let hub = spawn_hub_with(|s| {
         s.commands.ack_timeout = Duration::from_millis(200);
-        s.commands.max_attempts = 1;
+        s.commands.max_attempts = 2;
     })
     .await;
     let (mut dev, _) = RawDevice::connect(&hub, "dev-away").await;
@@ -586,9 +586,26 @@ async fn the_ack_timeout_does_not_run_while_the_device_is_away() {
         !hub.device("dev-away").await.unwrap().online
     })
     .await;
-    // Several ack timeouts pass while it is away: still SENT, not FAILED.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(state(&hub.command(&cmd.command_id).await), S::Sent);
+    // A device that stays connected and never answers: its command fails
+    // after two ack timeouts, which proves the timers ran meanwhile.
+    let (mut here, _) = RawDevice::connect(&hub, "dev-here").await;
+    let control = hub
+        .send_command("dev-here", "ping", "", None)
+        .await
+        .unwrap();
+    assert_eq!(here.next_command().await.command_id, control.command_id);
+    let last = hub
+        .watch_until_final(&control.command_id)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(state(&last), S::Failed);
+    assert_eq!(
+        state(&hub.command(&cmd.command_id).await),
+        S::Sent,
+        "no timeout while the device was away"
+    );
+
     let (mut dev, _) = RawDevice::connect(&hub, "dev-away").await;
     assert_eq!(
         dev.next_command().await.command_id,
@@ -598,5 +615,45 @@ async fn the_ack_timeout_does_not_run_while_the_device_is_away() {
     dev.reply(&cmd.command_id, CommandStatus::Succeeded, "", "")
         .await;
     let last = hub.watch_until_final(&cmd.command_id).await.pop().unwrap();
-    assert_eq!(state(&last), S::Succeeded);
+    assert_eq!((state(&last), last.attempts), (S::Succeeded, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_kills_its_stream_fails_after_max_attempts_across_reconnects() {
+    let hub = spawn_hub_with(|s| s.commands.max_attempts = 3).await;
+    hub.register_offline("dev-poison").await;
+    let poison = hub
+        .send_command("dev-poison", "reboot_badly", "", None)
+        .await
+        .unwrap();
+    // The device dies (drops its stream) each time the command arrives.
+    for attempt in 1..=3 {
+        let (mut dev, _) = RawDevice::connect(&hub, "dev-poison").await;
+        assert_eq!(dev.next_command().await.command_id, poison.command_id);
+        wait_until("the write is counted", || async {
+            hub.command(&poison.command_id).await.attempts == attempt
+        })
+        .await;
+        drop(dev);
+        wait_until("device offline", || async {
+            !hub.device("dev-poison").await.unwrap().online
+        })
+        .await;
+    }
+    let last = hub
+        .watch_until_final(&poison.command_id)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (state(&last), last.detail.as_str(), last.attempts),
+        (S::Failed, "no response from device", 3)
+    );
+    // The next stream is not offered it again, and other commands flow.
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-poison").await;
+    let fine = hub
+        .send_command("dev-poison", "ping", "", None)
+        .await
+        .unwrap();
+    assert_eq!(dev.next_command().await.command_id, fine.command_id);
 }

@@ -1,8 +1,10 @@
 //! Black-box tests: a real hub on 127.0.0.1:0 with a temp SQLite file, real
 //! gRPC clients (raw streams and the device-sim library).
 
+mod broker;
 mod cli;
 mod commands;
+mod faults;
 mod harness;
 mod ingest;
 mod lifecycle;

@@ -1,6 +1,6 @@
-//! The MQTT bridge against a real Mosquitto (127.0.0.1:1883, or one the test
-//! starts itself), and the live watch stream. Each test has its own topic
-//! prefix, so they run in parallel.
+//! The MQTT bridge against a real broker each test starts for itself
+//! (Mosquitto, or rumqttd in-process where Mosquitto is not installed), and
+//! the live watch stream.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use telemetry_proto::v1 as pb;
 use tokio::sync::mpsc;
 
+use crate::broker::TestBroker;
 use crate::harness::*;
 
 fn unique(name: &str) -> String {
@@ -90,16 +91,18 @@ async fn hub_with_bridge(prefix: &str, port: u16) -> TestHub {
         s.mqtt.url = format!("mqtt://127.0.0.1:{port}");
         s.mqtt.client_id = unique("hub");
         s.mqtt.topic_prefix = prefix;
-        s.mqtt.max_payload_bytes = 512;
+        s.commands.max_params_bytes = 256;
+        s.mqtt.max_payload_bytes = 1280;
     })
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_readings_and_presence_reach_mqtt() {
+    let broker = TestBroker::start();
     let prefix = unique("readings");
-    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
-    let mut hub = hub_with_bridge(&prefix, 1883).await;
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let mut hub = hub_with_bridge(&prefix, broker.port).await;
     let (value, retained) = probe.next_on(&format!("{prefix}/hub/status")).await;
     assert_eq!((value, retained), (json!("online"), false));
 
@@ -130,7 +133,7 @@ async fn committed_readings_and_presence_reach_mqtt() {
     assert_eq!(dev.ack_through(2).await.0, 2);
 
     // A late subscriber gets the retained statuses.
-    let mut late = Probe::connect(1883, &format!("{prefix}/+/+/status")).await;
+    let mut late = Probe::connect(broker.port, &format!("{prefix}/+/+/status")).await;
     let (status, retained) = late
         .next_on(&format!("{prefix}/devices/mq-dev/status"))
         .await;
@@ -159,16 +162,17 @@ async fn committed_readings_and_presence_reach_mqtt() {
     hub.stop().await;
     let (value, _) = probe.next_on(&format!("{prefix}/hub/status")).await;
     assert_eq!(value, json!("offline"));
-    let mut after = Probe::connect(1883, &format!("{prefix}/hub/status")).await;
+    let mut after = Probe::connect(broker.port, &format!("{prefix}/hub/status")).await;
     let (value, retained) = after.next_on(&format!("{prefix}/hub/status")).await;
     assert_eq!((value, retained), (json!("offline"), true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_over_mqtt_reach_the_device_and_events_come_back() {
+    let broker = TestBroker::start();
     let prefix = unique("cmd");
-    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
-    let hub = hub_with_bridge(&prefix, 1883).await;
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let hub = hub_with_bridge(&prefix, broker.port).await;
     probe.next_on(&format!("{prefix}/hub/status")).await;
     let fleet = SimFleet::start(&hub, "mqc-", 1).await;
     let events = format!("{prefix}/devices/mqc-00001/commands/events");
@@ -197,9 +201,10 @@ async fn commands_over_mqtt_reach_the_device_and_events_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
+    let broker = TestBroker::start();
     let prefix = unique("garbage");
-    let mut probe = Probe::connect(1883, &format!("{prefix}/#")).await;
-    let hub = hub_with_bridge(&prefix, 1883).await;
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let hub = hub_with_bridge(&prefix, broker.port).await;
     probe.next_on(&format!("{prefix}/hub/status")).await;
     hub.register_offline("mq-g").await;
     let errors = format!("{prefix}/errors");
@@ -236,7 +241,17 @@ async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
                 "x".repeat(600)
             )
             .into_bytes(),
-            "over the limit",
+            // The core's one cap on params, whichever door they came through.
+            "params of 610 bytes are over the limit of 256 bytes",
+        ),
+        (
+            format!("{prefix}/devices/mq-g/commands"),
+            format!(
+                r#"{{"name": "ping", "params": {{"pad": "{}"}}}}"#,
+                "x".repeat(2000)
+            )
+            .into_bytes(),
+            "payload of 2039 bytes is over the limit of 1280 bytes",
         ),
     ];
     for (topic, payload, why) in &cases {
@@ -249,6 +264,23 @@ async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
         assert_eq!(error["topic"], topic.as_str());
     }
     assert_eq!(hub.stats().await.mqtt_bad_messages, cases.len() as u64);
+    // The same params over gRPC meet the same rule and message.
+    let err = hub
+        .send_command(
+            "mq-g",
+            "ping",
+            &format!(r#"{{"pad":"{}"}}"#, "x".repeat(600)),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("params of 610 bytes are over the limit of 256 bytes"),
+        "{}",
+        err.message()
+    );
     // And the hub goes on: a good command is accepted.
     probe
         .publish(
@@ -262,72 +294,10 @@ async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
     assert_eq!(event["state"], "QUEUED");
 }
 
-/// A Mosquitto of the test's own on a free port, to kill and restart.
-struct OwnBroker {
-    port: u16,
-    conf: tempfile::NamedTempFile,
-    child: Option<std::process::Child>,
-}
-
-impl OwnBroker {
-    fn start() -> OwnBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(
-            conf.path(),
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let mut broker = OwnBroker {
-            port,
-            conf,
-            child: None,
-        };
-        broker.restart();
-        broker
-    }
-
-    fn restart(&mut self) {
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(self.conf.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_rides_out_a_broker_restart_and_ingest_never_stalls() {
     // The broker is down when the hub starts: the hub starts anyway.
-    let mut broker = OwnBroker::start();
+    let mut broker = TestBroker::start();
     broker.kill();
     let prefix = unique("restart");
     let hub = hub_with_bridge(&prefix, broker.port).await;

@@ -1,0 +1,108 @@
+//! Limits on what one noisy peer can cost everyone else: log lines that
+//! say how many like them were suppressed, and a token bucket that makes a
+//! chatty device wait.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Lets a kind of log line through at most once per interval and counts
+/// the ones held back, so the next line can say how many there were.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.interval)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate_per_sec: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate_per_sec.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token; when none is left, says how long until the next one.
+    pub fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn log_lines_are_held_back_and_counted() {
+        let mut t = LogThrottle::new(Duration::from_secs(10));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(t.allow(), Some(2));
+        assert_eq!(t.allow(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::new(10, 3);
+        for _ in 0..3 {
+            assert_eq!(b.take(), Ok(()));
+        }
+        let wait = b.take().unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(b.take(), Ok(()));
+        assert!(b.take().is_err());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            assert_eq!(b.take(), Ok(()));
+        }
+        assert!(b.take().is_err(), "no more than the burst is saved up");
+    }
+}

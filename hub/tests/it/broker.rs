@@ -1,0 +1,189 @@
+//! An MQTT broker of the test's own, on a free port, that can be killed and
+//! started again: Mosquitto when it is installed, else rumqttd in-process.
+//! `HUB_TEST_MQTT_BROKER=mosquitto|rumqttd` picks one; under
+//! `HUB_TEST_REQUIRE_ALL=1` (CI) the rumqttd fallback is not allowed unless
+//! asked for by name, so CI always tests against Mosquitto.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::harness::{WAIT, require_all};
+
+pub struct TestBroker {
+    pub port: u16,
+    kind: Kind,
+}
+
+enum Kind {
+    Mosquitto {
+        conf: tempfile::NamedTempFile,
+        child: Option<std::process::Child>,
+    },
+    Embedded {
+        stop: Option<std::sync::mpsc::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mosquitto_installed() -> bool {
+    std::process::Command::new("mosquitto")
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+impl TestBroker {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start() -> TestBroker {
+        let choice = std::env::var("HUB_TEST_MQTT_BROKER").ok();
+        let use_mosquitto = match choice.as_deref() {
+            Some("mosquitto") => true,
+            Some("rumqttd") => false,
+            Some(other) => panic!("HUB_TEST_MQTT_BROKER={other}: use mosquitto or rumqttd"),
+            None => {
+                let installed = mosquitto_installed();
+                assert!(
+                    installed || !require_all(),
+                    "mosquitto is not installed and HUB_TEST_REQUIRE_ALL=1 forbids the in-process fallback"
+                );
+                installed
+            }
+        };
+        let port = free_port();
+        let kind = if use_mosquitto {
+            let conf = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(
+                conf.path(),
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            )
+            .unwrap();
+            Kind::Mosquitto { conf, child: None }
+        } else {
+            Kind::Embedded {
+                stop: None,
+                thread: None,
+            }
+        };
+        let mut broker = TestBroker { port, kind };
+        broker.restart();
+        broker
+    }
+
+    /// Starts the broker (again), empty: no sessions, no retained messages.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        match &mut self.kind {
+            Kind::Mosquitto { conf, child } => {
+                *child = Some(
+                    std::process::Command::new("mosquitto")
+                        .arg("-c")
+                        .arg(conf.path())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .expect("mosquitto starts"),
+                );
+            }
+            Kind::Embedded { stop, thread } => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                *stop = Some(tx);
+                *thread = Some(std::thread::spawn(move || run_rumqttd(port, rx)));
+            }
+        }
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the MQTT broker did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker: every connection to it is cut.
+    pub fn kill(&mut self) {
+        match &mut self.kind {
+            Kind::Mosquitto { child, .. } => {
+                if let Some(mut child) = child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+            Kind::Embedded { stop, thread } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// rumqttd's v4 server on its own runtime; dropping the runtime when told
+/// to stop closes the listener and every connection. (Its router runs on a
+/// thread of its own that rumqttd cannot stop; it idles until the test
+/// process ends.)
+fn run_rumqttd(port: u16, stop: std::sync::mpsc::Receiver<()>) {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5_000,
+        max_payload_size: 1 << 20,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let settings = rumqttd::ServerSettings {
+        name: format!("test-{port}"),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    let router = rumqttd::RouterConfig {
+        max_connections: 1000,
+        max_outgoing_packet_count: 500,
+        max_segment_size: 16 * 1024 * 1024,
+        max_segment_count: 10,
+        ..Default::default()
+    };
+    let router_tx = rumqttd::Router::new(0, router).spawn();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut server = rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v4::V4);
+    runtime.spawn(async move {
+        if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+            eprintln!("rumqttd: {e}");
+        }
+    });
+    // The runtime runs its tasks while this thread waits in block_on.
+    runtime.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = stop.recv();
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}

@@ -1,0 +1,308 @@
+//! Storage failing under a running fleet, then recovering: a database at
+//! its size limit (SQLite's page limit, a deterministic disk-full), a
+//! database locked by another process (SQLITE_BUSY) for the readings and for
+//! the command log, and a real full disk (a tmpfs, where the test may mount
+//! one). Each ends with the same checks: nothing acked lost or stored twice,
+//! SQLite's integrity check ok, ingest back on its own, no task left over.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use telemetry_proto::v1::{self as pb, CommandState as S};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::harness::*;
+
+const GATEWAY: &str = "telemetry.v1.DeviceGateway";
+
+async fn connect(path: &Path) -> SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn fleet(hub: &TestHub, prefix: &str, devices: usize, rate_hz: f64) -> device_sim::FleetConfig {
+    device_sim::FleetConfig {
+        hub: hub.url(),
+        devices,
+        rate_hz,
+        id_prefix: prefix.into(),
+        batch_interval: Duration::from_millis(50),
+        connections: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Waits until commits fail and health says so, then until they succeed
+/// again after `recover` and health says that too.
+async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFnOnce()) {
+    wait_until("commits failing", || async {
+        hub.stats().await.commit_failures > 0
+    })
+    .await;
+    wait_until("the device gateway NOT_SERVING", || async {
+        hub.health(GATEWAY).await == ServingStatus::NotServing
+    })
+    .await;
+    assert_eq!(
+        hub.health("").await,
+        ServingStatus::Serving,
+        "the hub itself is alive"
+    );
+    recover().await;
+    wait_until("storage healthy again", || async {
+        hub.stats().await.storage_ok
+    })
+    .await;
+    // Ingest resumes on its own: devices reconnect and resend.
+    fleet.wait_for_acks(2_000).await;
+    assert_eq!(hub.health(GATEWAY).await, ServingStatus::Serving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
+    // Ballast first: a device's readings that an operator can delete later
+    // to make room.
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 5_000).await;
+    let (mut ballast, _) = RawDevice::connect(&hub, "ballast").await;
+    let base = now_ms() - 3_600_000;
+    for start in (1..=40_000u64).step_by(1000) {
+        ballast
+            .send(batch(
+                (start..start + 1000)
+                    .map(|s| reading(s, "b", base + s as i64, s as f64))
+                    .collect(),
+            ))
+            .await;
+    }
+    ballast.ack_through(40_000).await;
+    ballast.half_close();
+    assert_eq!(ballast.end_code().await, tonic::Code::Ok);
+    hub.stop().await;
+
+    // The limit: what the file holds now plus one MiB.
+    let db = hub.db_path();
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(&mut connect(&db).await)
+        .await
+        .unwrap();
+    let limit_mib = (pages as u64 * 4096).div_ceil(1 << 20) + 1;
+    hub.settings.storage.max_size_mib = limit_mib;
+    hub.restart().await;
+
+    let fleet = SimFleet::start_with(fleet(&hub, "full-", 10, 500.0)).await;
+    ride_out_failure(&hub, &fleet, async || {
+        // An operator makes room.
+        let mut conn = connect(&db).await;
+        for table in ["readings", "readings_recent"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE device_id = \
+                 (SELECT id FROM devices WHERE external_id = 'ballast')"
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert!(summary.reconnects > 0, "devices were told to come back");
+    assert_fleet_stored_exactly(&hub, "full-", &summary).await;
+    hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_fails_commits_then_readings_and_commands_recover() {
+    let hub = spawn_hub_with(|s| {
+        s.storage.busy_timeout = Duration::from_millis(200);
+        s.commands.ack_timeout = Duration::from_millis(500);
+        s.commands.max_attempts = 50;
+    })
+    .await;
+    let fleet = SimFleet::start_with(fleet(&hub, "lock-", 5, 200.0)).await;
+
+    // Another process holds the write lock of the readings database.
+    let mut holder = connect(&hub.db_path()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    ride_out_failure(&hub, &fleet, async || {
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    })
+    .await;
+
+    // Commands in flight while the command log is locked.
+    let mut sent = Vec::new();
+    for i in 1..=5 {
+        let id = device_sim::device_id("lock-", i);
+        sent.push(hub.send_command(&id, "ping", "", None).await.unwrap());
+    }
+    let log = hub.db_path().with_file_name("hub-commands.db");
+    let mut holder = connect(&log).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let refused = hub
+        .send_command("lock-00001", "ping", "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("command log"), "{refused:?}");
+    // Readings are not held up by the command log.
+    fleet.wait_for_acks(500).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    for _ in 0..3 {
+        let id = device_sim::device_id("lock-", 2);
+        sent.push(hub.send_command(&id, "ping", "", None).await.unwrap());
+    }
+    for cmd in &sent {
+        let last = hub.watch_until_final(&cmd.command_id).await.pop().unwrap();
+        assert_eq!(state(&last), S::Succeeded, "{last:?}");
+        let history: Vec<S> = hub
+            .command(&cmd.command_id)
+            .await
+            .history
+            .iter()
+            .map(|t| S::try_from(t.state).unwrap())
+            .collect();
+        assert_eq!(history.first(), Some(&S::Queued));
+        assert_eq!(history.last(), Some(&S::Succeeded));
+        assert!(
+            history.windows(2).all(|w| (w[0] as i32) < (w[1] as i32)),
+            "states only move forward: {history:?}"
+        );
+    }
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert_eq!(
+        summary.commands_executed,
+        sent.len() as u64,
+        "each command executed once, redeliveries deduplicated: {summary:?}"
+    );
+    assert_fleet_stored_exactly(&hub, "lock-", &summary).await;
+    hub.assert_no_leaks().await;
+}
+
+/// A tmpfs of `size` mounted on `dir` for the test's life (needs root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The reported case: a hub on a 12 MiB tmpfs, 40 devices x 500 Hz; the
+/// disk fills, then grows. Before the fix, every "commit" after the
+/// failures stayed in a transaction that was never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_that_grows_again_loses_no_acked_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tmpfs) = Tmpfs::mount(dir.path(), "12m") else {
+        skip("a tmpfs mount (root)", &dir.path().display().to_string());
+        return;
+    };
+    let hub = spawn_hub_in(dir, |_| {}).await;
+    let fleet = SimFleet::start_with(fleet(&hub, "disk-", 40, 500.0)).await;
+    ride_out_failure(&hub, &fleet, async || tmpfs.grow("512m")).await;
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert_fleet_stored_exactly(&hub, "disk-", &summary).await;
+    let stats = hub.stats().await;
+    assert_eq!(stats.readings_stored, summary.acked);
+    hub.assert_no_leaks().await;
+    let mut hub = hub;
+    hub.stop().await;
+    drop(tmpfs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_writer_turns_the_hub_not_serving_and_stops_it_with_an_error() {
+    for task in [
+        hub::app::CriticalTask::Writer,
+        hub::app::CriticalTask::Commands,
+    ] {
+        let mut hub = spawn_hub().await;
+        assert_eq!(hub.health("").await, ServingStatus::Serving);
+        hub.hub().kill_for_test(task);
+        wait_until("NOT_SERVING", || async {
+            hub.health("").await == ServingStatus::NotServing
+        })
+        .await;
+        assert_eq!(hub.health(GATEWAY).await, ServingStatus::NotServing);
+        let running = hub.take();
+        let result = tokio::time::timeout(WAIT, running.run_until_signal())
+            .await
+            .expect("stops by itself");
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("cannot go on"), "{task:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
+    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-q").await;
+    let now = now_ms();
+    dev.send(batch((1..=10).map(|s| reading(s, "t", now, 1.0)).collect()))
+        .await;
+    dev.ack_through(10).await;
+    let mut holder = connect(&hub.db_path()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    dev.send(batch(vec![reading(11, "t", now, 1.0)])).await;
+    // The commit holding 11 fails: no ack for it, the stream ends so the
+    // device resends from the true mark.
+    assert_eq!(dev.end_code().await, tonic::Code::Unavailable);
+    let rows = hub
+        .query(pb::QueryReadingsRequest {
+            device_id: "dev-q".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(rows.iter().map(|c| c.rows.len()).sum::<usize>(), 10);
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let (mut dev, welcome) = RawDevice::connect(&hub, "dev-q").await;
+    assert_eq!(welcome.acked_seq, 10, "the true mark");
+    dev.send(batch(vec![reading(11, "t", now, 1.0)])).await;
+    assert_eq!(dev.ack_through(11).await.0, 11);
+    let stats = hub.stats().await;
+    assert!(stats.commit_failures >= 1 && stats.storage_ok, "{stats:?}");
+    drop(dev);
+    hub.assert_no_leaks().await;
+}
