@@ -97,7 +97,7 @@ pub struct QueryArgs {
     #[arg(long)]
     pub limit: Option<u64>,
     /// Aggregate into buckets of this width ("1m", "1h").
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_bucket)]
     pub bucket: Option<Duration>,
     /// Aggregates per bucket.
     #[arg(
@@ -133,6 +133,15 @@ pub struct DevicesArgs {
     pub addr: HubAddr,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+/// A bucket width: 1 ms to 100 years.
+pub fn parse_bucket(raw: &str) -> Result<Duration, String> {
+    let width = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if width < Duration::from_millis(1) || width > Duration::from_secs(100 * 365 * 86_400) {
+        return Err(format!("a bucket is 1ms to 100years, not {raw:?}"));
+    }
+    Ok(width)
 }
 
 /// A time argument: a duration before now, or an RFC3339 timestamp; as ms

@@ -1,6 +1,5 @@
 //! Starting hubs, raw device streams and waiting on conditions.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -176,11 +175,7 @@ impl TestHub {
 }
 
 /// Polls `check` until it returns true or the deadline passes.
-pub async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
+pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if check().await {
@@ -648,8 +643,51 @@ pub async fn assert_fleet_stored_exactly(
         total += seqs.len() as u64;
     }
     assert_eq!(total, summary.acked, "stored == acked: {summary:?}");
-    let db = hub.db_path();
-    assert_eq!(integrity_check(&db).await, "ok");
-    let commands = db.with_file_name("hub-commands.db");
-    assert_eq!(integrity_check(&commands).await, "ok");
+    assert_stored_exactly(&hub.db_path(), prefix, summary).await;
+}
+
+/// The same promise checked in SQL, for any number of devices: per device
+/// the stored seqs (staged and clustered together) are exactly 1..=n, n is
+/// its mark and its count; the total is what the devices were told is
+/// acked. Both database files pass SQLite's integrity check.
+pub async fn assert_stored_exactly(
+    db: &std::path::Path,
+    prefix: &str,
+    summary: &device_sim::FleetSummary,
+) {
+    use sqlx::ConnectOptions;
+    assert_eq!((summary.lost_acks, summary.bad_acks), (0, 0), "{summary:?}");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT d.external_id, d.acked_seq, d.reading_count, count(r.seq), \
+                count(DISTINCT r.seq), coalesce(min(r.seq), 1), max(r.seq) \
+         FROM devices d LEFT JOIN \
+           (SELECT device_id, seq FROM readings UNION ALL \
+            SELECT device_id, seq FROM readings_recent) r ON r.device_id = d.id \
+         WHERE substr(d.external_id, 1, length(?1)) = ?1 GROUP BY d.id",
+    )
+    .bind(prefix)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), summary.devices, "every device registered");
+    let mut total = 0;
+    for (id, mark, counted, n, distinct, min, max) in rows {
+        assert_eq!(
+            (n, distinct, min, max.unwrap_or(0), counted),
+            (mark, mark, 1, mark, mark),
+            "{id}: seqs exactly 1..={mark}, each once"
+        );
+        total += n as u64;
+    }
+    assert_eq!(total, summary.acked, "stored == acked: {summary:?}");
+    assert_eq!(integrity_check(db).await, "ok");
+    assert_eq!(
+        integrity_check(&db.with_file_name("hub-commands.db")).await,
+        "ok"
+    );
 }

@@ -8,6 +8,8 @@ use tonic::Code;
 use crate::harness::*;
 use crate::ingest::{run_fleet, small_fleet};
 
+// (peak_rss_mib and the storm test are at the end of this file.)
+
 /// Connects `n` devices through `channel`, each with one acked reading.
 async fn connect_many(
     channel: &tonic::transport::Channel,
@@ -60,19 +62,33 @@ async fn a_cut_connection_ends_every_session_on_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_is_dropped_after_the_keepalive() {
+async fn a_silent_peer_is_dropped_after_the_keepalive_and_others_go_on() {
     let hub = spawn_hub_with(|s| s.server.keepalive = Duration::from_millis(500)).await;
+    let (mut bystander, _) = RawDevice::connect(&hub, "dev-awake").await;
     let link = FaultyLink::to(hub.addr).await;
     let devices = connect_many(&link.channel().await, "dev-silent", 5).await;
-    assert_eq!(live_sessions(&hub).await, 5);
-    // The sockets stay open but nothing gets through: only the HTTP/2
-    // keepalive can tell.
+    assert_eq!(live_sessions(&hub).await, 6);
+    // The sockets stay open but nothing gets through (a SIGSTOPped device):
+    // only the HTTP/2 keepalive can tell.
     link.freeze();
-    wait_until("live sessions back to 0", || async {
-        live_sessions(&hub).await == 0
+    let now = now_ms();
+    let mut seq = 0;
+    wait_until("only the bystander left", async || {
+        seq += 1;
+        bystander
+            .send(batch(vec![reading(seq, "t", now, 1.0)]))
+            .await;
+        bystander.ack_through(seq).await;
+        live_sessions(&hub).await == 1
     })
     .await;
+    for i in 0..5 {
+        let id = format!("dev-silent-{i}");
+        assert_eq!(hub.readings(&id).await.len(), 1, "{id}: its acked reading");
+    }
     drop(devices);
+    drop(bystander);
+    hub.assert_no_leaks().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,4 +190,122 @@ async fn shutdown_acks_what_is_in_flight_then_tells_devices_to_come_back() {
         "in-flight readings committed and acked before the close"
     );
     assert_eq!(code, Code::Unavailable);
+}
+
+/// Peak resident memory of this test process (the hub and the simulated
+/// devices together), in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_devices_reconnect_at_once_after_a_restart_and_lose_nothing() {
+    let devices = 5_000;
+    let mut hub = spawn_hub().await;
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: hub.url(),
+        devices,
+        rate_hz: 1.0,
+        batch_interval: std::time::Duration::from_millis(500),
+        connections: Some(50),
+        id_prefix: "storm-".into(),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(devices as u64).await;
+    // Every stream ends at once (UNAVAILABLE); all devices come back
+    // together, bounded only by their backoff.
+    let started = std::time::Instant::now();
+    hub.restart().await;
+    wait_until("every device back", || async {
+        hub.hub().metrics().live_sessions() == devices as u64
+    })
+    .await;
+    let recovery = started.elapsed();
+    fleet.wait_for_acks(devices as u64).await;
+    eprintln!(
+        "storm: {devices} devices back {recovery:?} after the restart began; \
+         peak RSS of hub + simulated fleet {} MiB",
+        peak_rss_mib()
+    );
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert!(summary.reconnects >= devices as u64, "{summary:?}");
+    assert_stored_exactly(&hub.db_path(), "storm-", &summary).await;
+    hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
+    let hub = spawn_hub_with(|s| {
+        s.server.send_timeout = std::time::Duration::from_secs(1);
+        s.server.outbound_buffer = 4;
+        s.commands.outbox = 2;
+        s.commands.max_pending_per_device = 500;
+    })
+    .await;
+    let (mut bystander, _) = RawDevice::connect(&hub, "dev-by").await;
+    // The stuck device: a 1 KiB window and it never reads.
+    let mut stuck = RawDevice::open(hub.tiny_window_channel().await, hello("dev-stuck")).await;
+    assert!(matches!(stuck.next().await, Ok(Some(HubMsg::Welcome(_)))));
+    let now = now_ms();
+    let mut queued = Vec::new();
+    for i in 0..200u64 {
+        stuck
+            .send(batch(vec![reading(i + 1, "t", now, i as f64)]))
+            .await;
+        let cmd = hub
+            .send_command("dev-stuck", "set_rate", r#"{"hz": 1}"#, None)
+            .await
+            .unwrap();
+        queued.push(cmd.command_id);
+    }
+    let mut seq = 0;
+    wait_until("the stuck stream dropped", async || {
+        // The bystander goes on meanwhile.
+        seq += 1;
+        bystander
+            .send(batch(vec![reading(seq, "t", now, 1.0)]))
+            .await;
+        bystander.ack_through(seq).await;
+        hub.hub().metrics().live_sessions() == 1
+    })
+    .await;
+    // What the hub took for it is bounded by its buffers: the rest of its
+    // commands still wait in its own queue.
+    let mut waiting = 0;
+    for id in &queued {
+        if state(&hub.command(id).await) == telemetry_proto::v1::CommandState::Queued {
+            waiting += 1;
+        }
+    }
+    assert!(
+        waiting >= 150,
+        "only a handful left the queue: {waiting} waiting"
+    );
+    // When it reads again, it learns why.
+    let mut acked = 0;
+    let code = loop {
+        match stuck.next().await {
+            Ok(Some(HubMsg::Ack(a))) => acked = a.acked_seq,
+            Ok(Some(_)) => continue,
+            Ok(None) => break tonic::Code::Ok,
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(code, tonic::Code::DeadlineExceeded);
+    let stored = hub.readings("dev-stuck").await;
+    assert!(stored.len() as u64 >= acked, "everything acked is stored");
+    assert_eq!(
+        stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=stored.len() as u64).collect::<Vec<_>>()
+    );
+    drop(bystander);
+    drop(stuck);
+    hub.assert_no_leaks().await;
 }

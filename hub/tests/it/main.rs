@@ -4,6 +4,7 @@
 mod broker;
 mod cli;
 mod commands;
+mod crash;
 mod faults;
 mod harness;
 mod ingest;
