@@ -662,7 +662,9 @@ pub async fn assert_stored_exactly(
         .connect()
         .await
         .unwrap();
-    let rows: Vec<(String, i64, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+    /// (device, mark, reading_count, rows, distinct seqs, min seq, max seq)
+    type DeviceSeqs = (String, i64, i64, i64, i64, i64, Option<i64>);
+    let rows: Vec<DeviceSeqs> = sqlx::query_as(
         "SELECT d.external_id, d.acked_seq, d.reading_count, count(r.seq), \
                 count(DISTINCT r.seq), coalesce(min(r.seq), 1), max(r.seq) \
          FROM devices d LEFT JOIN \
