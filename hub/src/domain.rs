@@ -600,3 +600,69 @@ pub struct Presence {
     pub since_ms: i64,
     pub firmware: String,
 }
+
+#[cfg(test)]
+mod marks {
+    //! The high-water mark over any sequence of seqs a device may send.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn checked(seq: u64, valid: bool) -> CheckedReading {
+        if valid {
+            CheckedReading::Valid(Reading {
+                seq,
+                sensor: "t".into(),
+                ts_ms: MIN_TS_MS,
+                value: 0.0,
+            })
+        } else {
+            CheckedReading::Rejected { seq }
+        }
+    }
+
+    fn any_seq() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..50,
+            any::<u64>(),
+            Just(MAX_SEQ),
+            Just(MAX_SEQ + 1),
+            Just(u64::MAX)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn the_mark_never_leaves_range_never_falls_and_stores_each_seq_once(
+            start in 0..=MAX_SEQ,
+            readings in proptest::collection::vec((any_seq(), any::<bool>()), 0..64),
+        ) {
+            let mut mark = start;
+            let mut stored = Vec::new();
+            for (seq, valid) in readings {
+                let before = mark;
+                let verdict = judge(&mut mark, &checked(seq, valid));
+                prop_assert!(mark >= before && mark <= MAX_SEQ);
+                if !seq_in_range(seq) {
+                    prop_assert_eq!((verdict, mark), (Verdict::Rejected, before));
+                }
+                if verdict == Verdict::Store {
+                    prop_assert!(valid && seq > before && seq == mark);
+                    stored.push(seq);
+                }
+                if verdict == Verdict::Duplicate {
+                    prop_assert!(seq <= before);
+                }
+            }
+            prop_assert!(stored.windows(2).all(|w| w[0] < w[1]));
+            prop_assert!(stored.iter().all(|s| *s > start));
+        }
+    }
+}

@@ -15,9 +15,25 @@ fn init_tracing(default_filter: &str) {
         .init();
 }
 
+/// Exit code of a command line that cannot be parsed (EX_USAGE): distinct
+/// from `hub command send --wait`'s 2 (FAILED) and 3 (EXPIRED).
+const USAGE_ERROR: u8 = 64;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(USAGE_ERROR)
+            } else {
+                // --help and --version.
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -39,7 +39,9 @@ impl LogThrottle {
     }
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. Each
+/// message spends one; one that finds the bucket empty puts it in debt, and
+/// the caller waits the debt off before taking the next.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
@@ -58,17 +60,17 @@ impl TokenBucket {
         }
     }
 
-    /// Takes a token; when none is left, says how long until the next one.
-    pub fn take(&mut self) -> Result<(), Duration> {
+    /// Spends a token for a message already taken; `Err(wait)` when the
+    /// bucket is in debt: nothing more before `wait` has passed.
+    pub fn spend(&mut self) -> Result<(), Duration> {
         let now = Instant::now();
         let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.burst);
+        self.tokens = (self.tokens + earned).min(self.burst) - 1.0;
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            Err(Duration::from_secs_f64(-self.tokens / self.rate))
         }
     }
 }
@@ -92,17 +94,22 @@ mod tests {
     async fn the_bucket_allows_a_burst_then_the_rate() {
         let mut b = TokenBucket::new(10, 3);
         for _ in 0..3 {
-            assert_eq!(b.take(), Ok(()));
+            assert_eq!(b.spend(), Ok(()));
         }
-        let wait = b.take().unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!(b.take(), Ok(()));
-        assert!(b.take().is_err());
+        // The fourth message puts it in debt: a tenth of a second to wait.
+        let wait = b.spend().unwrap_err();
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        // From now on, one message per wait.
+        for _ in 0..5 {
+            tokio::time::advance(wait).await;
+            let next = b.spend().unwrap_err();
+            assert!((next.as_secs_f64() - 0.1).abs() < 1e-6, "{next:?}");
+        }
         tokio::time::advance(Duration::from_secs(60)).await;
-        for _ in 0..3 {
-            assert_eq!(b.take(), Ok(()));
+        for _ in 0..2 {
+            assert_eq!(b.spend(), Ok(()));
         }
-        assert!(b.take().is_err(), "no more than the burst is saved up");
+        assert!(b.spend().is_ok(), "the burst is saved up");
+        assert!(b.spend().is_err(), "and no more than the burst");
     }
 }

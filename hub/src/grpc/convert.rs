@@ -238,3 +238,183 @@ pub fn live_readings(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Whatever bytes a device sends, decoding and validation never panic,
+    //! and what they accept is within the hub's rules.
+
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+    use crate::domain::{
+        MAX_FIRMWARE_LEN, MAX_ID_LEN, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_SEQ,
+        MIN_TS_MS,
+    };
+
+    /// Checks one decoded message the way a session does.
+    fn validate(msg: pb::DeviceMessage, latest: i64) {
+        match msg.msg {
+            Some(pb::device_message::Msg::Hello(h)) => {
+                if let Ok(hello) = hello(h) {
+                    assert!(!hello.device_id.as_str().is_empty());
+                    assert!(hello.device_id.as_str().len() <= MAX_ID_LEN);
+                    assert!(hello.firmware.len() <= MAX_FIRMWARE_LEN);
+                    assert!(hello.labels.len() <= MAX_LABELS);
+                    for (k, v) in &hello.labels {
+                        assert!(!k.is_empty() && k.len() <= MAX_LABEL_KEY_LEN);
+                        assert!(v.len() <= MAX_LABEL_VALUE_LEN);
+                    }
+                }
+            }
+            Some(pb::device_message::Msg::Readings(batch)) => {
+                for r in batch.readings {
+                    let r = reading(r);
+                    if r.check(latest).is_ok() {
+                        assert!((1..=MAX_SEQ).contains(&r.seq));
+                        assert!((MIN_TS_MS..=latest).contains(&r.ts_ms));
+                        assert!(r.value.is_finite());
+                        assert!(!r.sensor.is_empty() && r.sensor.len() <= MAX_ID_LEN);
+                    }
+                }
+            }
+            Some(pb::device_message::Msg::CommandReply(r)) => {
+                let _ = command_reply(r);
+            }
+            None => {}
+        }
+    }
+
+    /// A message as comparable text: labels sorted, values by their bits
+    /// (NaN != NaN, and a map's order is not part of the message). -0.0 is
+    /// 0.0: prost leaves a field equal to its default off the wire, and
+    /// -0.0 == 0.0, so a -0.0 from a prost client arrives as 0.0.
+    fn canonical(msg: &pb::DeviceMessage) -> String {
+        match &msg.msg {
+            Some(pb::device_message::Msg::Hello(h)) => {
+                let labels: std::collections::BTreeMap<_, _> = h.labels.iter().collect();
+                format!("{:?}", (&h.device_id, &h.token, &h.firmware, labels))
+            }
+            Some(pb::device_message::Msg::Readings(b)) => {
+                let readings: Vec<_> = b
+                    .readings
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.seq,
+                            &r.sensor,
+                            r.ts_ms,
+                            if r.value == 0.0 { 0 } else { r.value.to_bits() },
+                        )
+                    })
+                    .collect();
+                format!("{readings:?}")
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn any_reading() -> impl Strategy<Value = pb::Reading> {
+        (
+            prop_oneof![
+                any::<u64>(),
+                Just(0u64),
+                Just(MAX_SEQ),
+                Just(MAX_SEQ + 1),
+                Just(u64::MAX)
+            ],
+            prop_oneof![".{0,80}", Just(String::new())],
+            prop_oneof![
+                any::<i64>(),
+                Just(i64::MIN),
+                Just(MIN_TS_MS - 1),
+                Just(MIN_TS_MS)
+            ],
+            prop_oneof![
+                any::<f64>(),
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(-0.0),
+                Just(f64::MIN_POSITIVE / 2.0)
+            ],
+        )
+            .prop_map(|(seq, sensor, ts_ms, value)| pb::Reading {
+                seq,
+                sensor,
+                ts_ms,
+                value,
+            })
+    }
+
+    fn any_message() -> impl Strategy<Value = pb::DeviceMessage> {
+        let hello = (
+            ".{0,70}",
+            ".{0,200}",
+            ".{0,140}",
+            proptest::collection::hash_map(".{0,70}", ".{0,300}", 0..40),
+        )
+            .prop_map(|(device_id, token, firmware, labels)| {
+                pb::device_message::Msg::Hello(pb::Hello {
+                    device_id,
+                    token,
+                    firmware,
+                    labels,
+                })
+            });
+        let readings = proptest::collection::vec(any_reading(), 0..20)
+            .prop_map(|readings| pb::device_message::Msg::Readings(pb::ReadingBatch { readings }));
+        let reply = (".{0,40}", any::<i32>(), ".{0,40}", ".{0,40}").prop_map(
+            |(command_id, status, detail, result_json)| {
+                pb::device_message::Msg::CommandReply(pb::CommandReply {
+                    command_id,
+                    status,
+                    detail,
+                    result_json,
+                })
+            },
+        );
+        proptest::option::of(prop_oneof![hello, readings, reply])
+            .prop_map(|msg| pb::DeviceMessage { msg })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(msg) = pb::DeviceMessage::decode(bytes.as_slice()) {
+                validate(msg, crate::domain::now_ms());
+            }
+        }
+
+        #[test]
+        fn arbitrary_messages_round_trip_and_validate(msg in any_message()) {
+            let bytes = msg.encode_to_vec();
+            let decoded = pb::DeviceMessage::decode(bytes.as_slice()).unwrap();
+            prop_assert_eq!(canonical(&decoded), canonical(&msg));
+            validate(decoded, crate::domain::now_ms());
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            msg in any_message(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = msg.encode_to_vec();
+            for (at, byte) in flips {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] ^= byte;
+                }
+            }
+            if let Ok(msg) = pb::DeviceMessage::decode(bytes.as_slice()) {
+                validate(msg, crate::domain::now_ms());
+            }
+        }
+    }
+}

@@ -305,10 +305,10 @@ impl Reader<'_> {
         }
     }
 
-    /// Spends a token of the reply budget; when it is used up, the next
-    /// read waits (this stream only slows down, nothing is dropped).
+    /// Spends a token of the reply budget; in debt, the next read waits
+    /// (this stream only slows down, nothing is dropped).
     fn pace(&mut self) {
-        if let Err(wait) = self.replies.take() {
+        if let Err(wait) = self.replies.spend() {
             self.paused_until = Some(Instant::now() + wait);
             if let Some(suppressed) = self.noise.allow() {
                 tracing::warn!(
