@@ -201,7 +201,10 @@ impl Hub {
         let stopping = CancellationToken::new();
         let failure = Arc::new(Failure::default());
         let writer_stop = CancellationToken::new();
-        let writer = tokio::spawn(writer.run(writer_stop.clone()));
+        // Cancelled when shutdown begins: sessions end, the writer commits
+        // what it holds at once so their last acks go out.
+        let sessions_stop = CancellationToken::new();
+        let writer = tokio::spawn(writer.run(writer_stop.clone(), sessions_stop.clone()));
         let writer_abort = writer.abort_handle();
         let writer = supervise(
             CriticalTask::Writer,
@@ -253,7 +256,6 @@ impl Hub {
             ))
         });
 
-        let sessions_stop = CancellationToken::new();
         let server_settings = &settings.server;
         let ctx = Arc::new(SessionContext {
             ingest: ingest.clone(),

@@ -12,6 +12,8 @@ pub struct HubMetrics {
     pub commits: AtomicU64,
     pub compactions: AtomicU64,
     pub commit_failures: AtomicU64,
+    /// Rows the writer holds for its next commit.
+    pub uncommitted_rows: AtomicU64,
     pub compaction_failures: AtomicU64,
     /// False from a failed commit until the next one succeeds.
     pub storage_ok: AtomicBool,
@@ -30,6 +32,10 @@ impl HubMetrics {
 
     pub fn storage_ok(&self) -> bool {
         self.storage_ok.load(Ordering::Relaxed)
+    }
+
+    pub fn set_uncommitted_rows(&self, rows: usize) {
+        self.uncommitted_rows.store(rows as u64, Ordering::Relaxed);
     }
 
     pub fn set_storage_ok(&self, ok: bool) {

@@ -2,7 +2,6 @@
 //! Every change is published as a [`Presence`] event.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
@@ -19,7 +18,6 @@ struct LiveStream {
 
 pub struct SessionRegistry {
     live: Mutex<HashMap<DeviceId, LiveStream>>,
-    next_id: AtomicU64,
     presence: broadcast::Sender<Presence>,
 }
 
@@ -37,7 +35,6 @@ impl SessionRegistry {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             live: Mutex::default(),
-            next_id: AtomicU64::new(0),
             presence: broadcast::channel(1024).0,
         })
     }
@@ -65,13 +62,24 @@ impl SessionRegistry {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes this stream the device's live one; an older stream is told to
-    /// end (its `superseded` token is cancelled).
-    pub fn claim(self: &Arc<Self>, device: &DeviceId, now_ms: i64, firmware: &str) -> StreamClaim {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    /// Makes stream `id` the device's live one; an older stream is told to
+    /// end (its `superseded` token is cancelled). Stream ids follow the
+    /// order in which the writer registered the Hellos, so of two streams of
+    /// one device the later Hello wins, whichever claims first; a claim by
+    /// an older stream than the live one is refused (None).
+    pub fn claim(
+        self: &Arc<Self>,
+        device: &DeviceId,
+        id: u64,
+        now_ms: i64,
+        firmware: &str,
+    ) -> Option<StreamClaim> {
         let superseded = CancellationToken::new();
         let previous = {
             let mut live = self.lock();
+            if live.get(device).is_some_and(|s| s.id > id) {
+                return None;
+            }
             let previous = live.insert(
                 device.clone(),
                 LiveStream {
@@ -93,12 +101,12 @@ impl SessionRegistry {
         if let Some(old) = previous {
             old.superseded.cancel();
         }
-        StreamClaim {
+        Some(StreamClaim {
             registry: Arc::clone(self),
             device: device.clone(),
             id,
             superseded,
-        }
+        })
     }
 
     /// Live devices and since when (ms since the epoch).
@@ -142,9 +150,9 @@ mod tests {
         let reg = SessionRegistry::new();
         let mut events = reg.subscribe();
         let dev = DeviceId::parse("d1").unwrap();
-        let first = reg.claim(&dev, 1, "fw1");
+        let first = reg.claim(&dev, 1, 1, "fw1").unwrap();
         assert!(!first.superseded.is_cancelled());
-        let second = reg.claim(&dev, 2, "fw2");
+        let second = reg.claim(&dev, 2, 2, "fw2").unwrap();
         assert!(first.superseded.is_cancelled());
         drop(first);
         assert_eq!(reg.online().get("d1"), Some(&2));
@@ -163,5 +171,15 @@ mod tests {
             ],
             "a takeover is one more online, never an offline in between"
         );
+    }
+
+    #[test]
+    fn an_older_stream_claiming_late_is_refused() {
+        let reg = SessionRegistry::new();
+        let dev = DeviceId::parse("d1").unwrap();
+        let newer = reg.claim(&dev, 7, 1, "new").unwrap();
+        assert!(reg.claim(&dev, 6, 2, "old").is_none());
+        assert!(!newer.superseded.is_cancelled());
+        assert_eq!(reg.live_streams()[0].firmware, "new");
     }
 }

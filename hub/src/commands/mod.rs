@@ -16,6 +16,8 @@
 //! device says so.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -82,12 +84,22 @@ pub struct NewCommand {
 }
 
 /// What goes down a device's stream.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct DeviceCommand {
     pub command_id: String,
     pub name: String,
     pub params: String,
     pub expires_at_ms: i64,
+    /// Set when the command became final (cancelled, expired, ...) while
+    /// it waited in the stream's outbox: the session drops it unsent.
+    withdrawn: Arc<AtomicBool>,
+}
+
+impl DeviceCommand {
+    /// Still to be written to the stream: not withdrawn, not expired.
+    pub fn still_wanted(&self, now_ms: i64) -> bool {
+        !self.withdrawn.load(Ordering::Relaxed) && self.expires_at_ms > now_ms
+    }
 }
 
 enum Request {
@@ -224,6 +236,19 @@ struct Open {
     /// The session it was last pushed to; None = push it (again).
     pushed_to: Option<u64>,
     pushed_at: Option<Instant>,
+    /// Shared with the copies waiting in device outboxes.
+    withdrawn: Arc<AtomicBool>,
+}
+
+impl Open {
+    fn new(rec: CommandRecord) -> Self {
+        Self {
+            rec,
+            pushed_to: None,
+            pushed_at: None,
+            withdrawn: Arc::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -231,6 +256,9 @@ struct DeviceQueue {
     /// Open command ids, oldest first.
     order: VecDeque<String>,
     link: Option<(u64, mpsc::Sender<DeviceCommand>)>,
+    /// The newest stream seen (stream ids only grow): an Attach from an
+    /// older one that arrives late is refused.
+    newest: u64,
 }
 
 /// What a batch of requests changed, to write in one transaction.
@@ -261,9 +289,6 @@ pub struct CommandActor {
     events: broadcast::Sender<CommandRecord>,
     open: HashMap<String, Open>,
     queues: HashMap<String, DeviceQueue>,
-    /// The newest stream seen per device (stream ids only grow): an Attach
-    /// from an older one that arrives late is refused.
-    newest_session: HashMap<String, u64>,
     /// The in-memory state could not be rebuilt from the log after a failed
     /// commit: nothing is pushed or decided until it is.
     stale: bool,
@@ -295,7 +320,6 @@ pub fn channel(
         events,
         open: HashMap::new(),
         queues: HashMap::new(),
-        newest_session: HashMap::new(),
         stale: false,
         reload_retry_at: Instant::now(),
         noise: LogThrottle::new(Duration::from_secs(10)),
@@ -389,14 +413,7 @@ impl CommandActor {
                 .or_default()
                 .order
                 .push_back(rec.command_id.clone());
-            self.open.insert(
-                rec.command_id.clone(),
-                Open {
-                    rec,
-                    pushed_to: None,
-                    pushed_at: None,
-                },
-            );
+            self.open.insert(rec.command_id.clone(), Open::new(rec));
         }
         Ok(())
     }
@@ -499,12 +516,11 @@ impl CommandActor {
     /// seen arrived late (its takeover happened meanwhile): refused, so it
     /// cannot take the live stream's commands; its outbox just closes.
     fn attach(&mut self, device: String, session: u64, outbox: mpsc::Sender<DeviceCommand>) {
-        let newest = self.newest_session.entry(device.clone()).or_insert(session);
-        if session < *newest {
+        let queue = self.queues.entry(device).or_default();
+        if session < queue.newest {
             return;
         }
-        *newest = session;
-        let queue = self.queues.entry(device).or_default();
+        queue.newest = session;
         queue.link = Some((session, outbox));
         // Everything not final goes out again on the new stream, in order:
         // the device deduplicates by command_id.
@@ -592,14 +608,8 @@ impl CommandActor {
             expires_at_ms: now.saturating_add(ttl.as_millis() as i64),
         };
         queue.order.push_back(rec.command_id.clone());
-        self.open.insert(
-            rec.command_id.clone(),
-            Open {
-                rec: rec.clone(),
-                pushed_to: None,
-                pushed_at: None,
-            },
-        );
+        self.open
+            .insert(rec.command_id.clone(), Open::new(rec.clone()));
         Ok(rec)
     }
 
@@ -618,6 +628,7 @@ impl CommandActor {
         batch: &mut Batch,
     ) -> Option<CommandRecord> {
         let mut open = self.open.remove(command_id)?;
+        open.withdrawn.store(true, Ordering::Relaxed);
         if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
             queue.order.retain(|id| id != command_id);
         }
@@ -700,6 +711,7 @@ impl CommandActor {
         let instant = Instant::now();
         let mut expired = Vec::new();
         let mut unanswered = Vec::new();
+        let ack_timeout_ms = self.settings.ack_timeout.as_millis() as i64;
         for (id, open) in &mut self.open {
             if open.rec.expires_at_ms <= now {
                 expired.push(id.clone());
@@ -716,7 +728,17 @@ impl CommandActor {
                 open.pushed_to = None;
                 open.pushed_at = None;
             }
-            if open.pushed_to.is_none() && !attempts_left(&open.rec, self.settings.max_attempts) {
+            // Out of attempts: FAILED once the device has been connected
+            // for an ack timeout since the last write without a word.
+            let attached = self
+                .queues
+                .get(&open.rec.device_id)
+                .is_some_and(|q| q.link.is_some());
+            if open.pushed_to.is_none()
+                && attached
+                && !attempts_left(&open.rec, self.settings.max_attempts)
+                && now.saturating_sub(open.rec.updated_at_ms) >= ack_timeout_ms
+            {
                 unanswered.push(id.clone());
             }
         }
@@ -744,7 +766,8 @@ impl CommandActor {
         }
     }
 
-    /// When the next timer is due (at most a second away).
+    /// When the next timer is due (at most a second away: an out-of-attempts
+    /// command fails within a second of its ack timeout).
     fn next_deadline(&self) -> Instant {
         let instant = Instant::now();
         let now = now_ms();
@@ -759,6 +782,7 @@ impl CommandActor {
                 next = next.min(at + self.settings.ack_timeout);
             }
             if open.pushed_to.is_none()
+                && attempts_left(&open.rec, self.settings.max_attempts)
                 && self
                     .queues
                     .get(&open.rec.device_id)
@@ -787,6 +811,7 @@ impl CommandActor {
                 }
             }
             Err(e) => {
+                self.writer.abort().await;
                 tracing::error!(error = %e, "command log commit failed; reloading open commands");
                 for (reply, _) in batch.answers {
                     let _ = reply.send(Err(CommandError::LogUnavailable));
@@ -839,6 +864,7 @@ impl CommandActor {
                     name: open.rec.name.clone(),
                     params: open.rec.params.clone(),
                     expires_at_ms: open.rec.expires_at_ms,
+                    withdrawn: Arc::clone(&open.withdrawn),
                 };
                 match outbox.try_send(cmd) {
                     Ok(()) => {
@@ -861,10 +887,13 @@ impl CommandActor {
     }
 }
 
-/// May the command be written to a device stream again? A command the
-/// device never acknowledged has `max_attempts` writes, across reconnects.
+/// May the command be written to a device stream again? A command has
+/// `max_attempts` writes, across reconnects and restarts: one whose
+/// delivery (or execution, after RECEIVED) kills the stream is not pushed
+/// for ever. A RECEIVED one out of attempts still waits for its final reply
+/// until its TTL; a SENT one fails (see `check_timers`).
 fn attempts_left(rec: &CommandRecord, max_attempts: u32) -> bool {
-    rec.state != CommandState::Sent || rec.attempts < max_attempts
+    rec.attempts < max_attempts
 }
 
 /// A device's reply as stored: the detail cut to [`MAX_REPLY_DETAIL`] bytes;
@@ -904,6 +933,67 @@ fn new_command_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commands task on temp databases, with one registered device.
+    async fn actor(dir: &tempfile::TempDir) -> (Commands, CancellationToken) {
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (devices, mut writer) = crate::store::open(&settings).await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
+        let hello = crate::domain::DeviceHello::new(
+            DeviceId::parse("dev").unwrap(),
+            String::new(),
+            Default::default(),
+            "",
+        )
+        .unwrap();
+        tx.upsert_device(&hello, 0).await.unwrap();
+        tx.commit().await.unwrap();
+        let (store, log) = crate::store::commands::open(&settings).await.unwrap();
+        let (handle, actor) = channel(
+            CommandSettings {
+                default_ttl: Duration::from_secs(60),
+                max_pending_per_device: 10,
+                ack_timeout: Duration::from_secs(10),
+                max_attempts: 3,
+                outbox: 4,
+                max_params_bytes: 1024,
+            },
+            store,
+            log,
+            devices,
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(actor.run(stop.clone()));
+        (handle, stop)
+    }
+
+    #[tokio::test]
+    async fn a_late_attach_of_an_older_stream_cannot_take_the_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let (commands, stop) = actor(&dir).await;
+        let device = DeviceId::parse("dev").unwrap();
+        // Stream 2 took over from stream 1, but 1's Attach arrives last.
+        let mut newer = commands.attach(&device, 2).await;
+        let mut older = commands.attach(&device, 1).await;
+        let cmd = commands
+            .send(NewCommand {
+                device_id: "dev".into(),
+                name: "ping".into(),
+                params: String::new(),
+                ttl: None,
+            })
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), newer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.command_id, cmd.command_id);
+        let refused = tokio::time::timeout(Duration::from_secs(5), older.recv()).await;
+        assert!(matches!(refused, Ok(None)), "the stale stream is refused");
+        stop.cancel();
+    }
 
     fn reply(detail: &str, result: &str) -> CommandReply {
         CommandReply {

@@ -140,6 +140,7 @@ impl Operator for OperatorService {
             compaction_failures: HubMetrics::get(&m.compaction_failures),
             storage_ok: m.storage_ok(),
             live_tasks: self.ctx.tracker.len() as u64,
+            ingest_uncommitted: HubMetrics::get(&m.uncommitted_rows),
         }))
     }
 

@@ -115,7 +115,15 @@ async fn run_registered(
             return;
         }
     };
-    let claim = ctx.registry.claim(&device_id, now_ms(), &firmware);
+    let Some(claim) = ctx
+        .registry
+        .claim(&device_id, registered.stream, now_ms(), &firmware)
+    else {
+        // A newer Hello of this device was registered meanwhile.
+        let status = Status::aborted("superseded by a newer connection");
+        let _ = outbound.send(Err(status)).await;
+        return;
+    };
     let welcome = pb::HubMessage {
         msg: Some(HubMsg::Welcome(pb::Welcome {
             acked_seq: registered.acked_seq,
@@ -156,6 +164,7 @@ async fn run_registered(
     let mut reader = Reader {
         ctx: &ctx,
         device_id: &device_id,
+        device_name: Arc::from(device_id.as_str()),
         device: registered.device,
         slot: &slot,
         ended: &ended,
@@ -210,6 +219,7 @@ async fn wait_for_hello(
 struct Reader<'a> {
     ctx: &'a SessionContext,
     device_id: &'a DeviceId,
+    device_name: Arc<str>,
     device: DeviceKey,
     slot: &'a Arc<AckSlot>,
     ended: &'a CancellationToken,
@@ -272,6 +282,11 @@ impl Reader<'_> {
                             bad.seq
                         ));
                         return self.finish(true, Some(status));
+                    }
+                    if batch.readings.is_empty() {
+                        // Nothing to store or ack; paced like other noise.
+                        self.pace();
+                        continue;
                     }
                     if !self.push(batch).await {
                         return self.finish(false, None);
@@ -338,6 +353,7 @@ impl Reader<'_> {
         }
         let batch = IngestBatch {
             device: self.device,
+            device_id: Arc::clone(&self.device_name),
             readings,
             ack: Arc::clone(self.slot),
         };
@@ -463,6 +479,8 @@ async fn ack_task(
                 Err(_) => break,
             },
             command = link.inbox.recv(), if inbox_open && finish.is_none() => match command {
+                // Cancelled or expired while it waited: never sent.
+                Some(command) if !command.still_wanted(now_ms()) => {}
                 Some(command) => {
                     let id = command.command_id.clone();
                     let message = Ok(convert::command_message(command));

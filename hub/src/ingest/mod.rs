@@ -33,6 +33,8 @@ pub enum IngestError {
 /// in 1..=2^63-1 (the session refuses a batch with any other).
 pub struct IngestBatch {
     pub device: DeviceKey,
+    /// The device's external id, for the committed-readings fan-out.
+    pub device_id: Arc<str>,
     pub readings: Vec<CheckedReading>,
     pub ack: Arc<AckSlot>,
 }
@@ -42,6 +44,9 @@ pub struct IngestBatch {
 pub struct Registered {
     pub device: DeviceKey,
     pub acked_seq: u64,
+    /// This stream's id: ids grow in the order the writer registered
+    /// Hellos, so the later Hello of a device wins a takeover.
+    pub stream: u64,
 }
 
 pub(crate) enum WriterMsg {

@@ -41,6 +41,9 @@ pub struct WriterSettings {
     pub compact_rows: u64,
 }
 
+/// Devices whose marks and sensors the writer keeps in memory.
+const MAX_CACHED_DEVICES: usize = 100_000;
+
 /// Staged readings beyond this many compaction runs mean compaction keeps
 /// failing: new readings are refused until it succeeds (bounded growth).
 const MAX_STAGED_RUNS: u64 = 16;
@@ -92,6 +95,8 @@ pub struct Writer {
     metrics: Arc<HubMetrics>,
     known: Known,
     rows: Vec<RowToInsert>,
+    /// The external ids of the devices in `rows` (the last commit's).
+    row_names: HashMap<DeviceKey, Arc<str>>,
     /// Committed readings go here after each commit (MQTT, live watchers).
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Readings published to the fan-out so far (its running index).
@@ -100,6 +105,8 @@ pub struct Writer {
     staged: Option<u64>,
     commit_retry: Backoff,
     compact_retry: Backoff,
+    /// Registrations delivered so far: the next stream id.
+    streams: u64,
 }
 
 /// What the writer knows of committed rows: caches, reloaded after a failure.
@@ -111,7 +118,6 @@ struct Known {
     sensors_loaded: bool,
     /// Committed sensors of each device seen since the last failure.
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
-    device_names: HashMap<DeviceKey, Arc<str>>,
     max_sensors: usize,
     max_sensors_per_device: usize,
     limit_log: LogThrottle,
@@ -137,7 +143,8 @@ struct GroupChanges {
     marks: HashMap<DeviceKey, u64>,
     sensors: HashMap<String, SensorKey>,
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
-    names: Vec<(DeviceKey, Arc<str>)>,
+    /// The external id of each device with readings in the group.
+    names: HashMap<DeviceKey, Arc<str>>,
     /// Readings added per device.
     added: HashMap<DeviceKey, u64>,
 }
@@ -156,7 +163,6 @@ impl Writer {
             sensor_names: HashMap::new(),
             sensors_loaded: false,
             device_sensors: HashMap::new(),
-            device_names: HashMap::new(),
             max_sensors: settings.max_sensors,
             max_sensors_per_device: settings.max_sensors_per_device,
             limit_log: LogThrottle::new(Duration::from_secs(10)),
@@ -168,17 +174,21 @@ impl Writer {
             metrics,
             known,
             rows: Vec::new(),
+            row_names: HashMap::new(),
             fanout,
             published: 0,
             staged: None,
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            streams: 0,
         }
     }
 
     /// Runs until every queue sender is gone, or until `stop`; then commits
-    /// whatever is still queued and returns.
-    pub async fn run(mut self, stop: CancellationToken) {
+    /// whatever is still queued and returns. Once `flush` is cancelled (the
+    /// hub began to shut down) a group is committed at once, without
+    /// waiting for more rows: closing streams wait for those acks.
+    pub async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
         let mut group: Vec<WriterMsg> = Vec::new();
         loop {
             let first = tokio::select! {
@@ -188,6 +198,7 @@ impl Writer {
             let Some(first) = first else { break };
             let mut rows = first.rows();
             group.push(first);
+            self.metrics.set_uncommitted_rows(rows);
             let deadline = Instant::now() + self.settings.max_batch_delay;
             while rows < self.settings.max_batch_rows {
                 let next = match self.rx.try_recv() {
@@ -197,13 +208,17 @@ impl Writer {
                         msg = self.rx.recv() => msg,
                         _ = tokio::time::sleep_until(deadline) => None,
                         _ = stop.cancelled() => None,
+                        _ = flush.cancelled() => None,
                     },
                 };
                 let Some(msg) = next else { break };
                 rows += msg.rows();
                 group.push(msg);
+                self.metrics.set_uncommitted_rows(rows);
             }
-            if !self.commit_group(&mut group).await {
+            let committed = self.commit_group(&mut group).await;
+            self.metrics.set_uncommitted_rows(0);
+            if !committed {
                 // Storage is failing: give it a moment. Batches wait in the
                 // bounded queue meanwhile (backpressure to devices).
                 let wait = self.commit_retry.failed();
@@ -239,15 +254,16 @@ impl Writer {
         };
         match result {
             Ok((outcomes, changes)) => {
+                self.metrics.set_storage_ok(true);
                 self.apply(changes);
                 self.deliver(group.drain(..).zip(outcomes));
                 self.publish();
-                self.metrics.set_storage_ok(true);
                 self.commit_retry.succeeded();
                 self.compact_if_due().await;
                 true
             }
             Err(e) => {
+                self.store.abort().await;
                 tracing::error!(error = %e, messages = group.len(), reopened = self.store.reopened(),
                     "commit failed; nothing in it is acked and its streams are ended");
                 HubMetrics::add(&self.metrics.commit_failures, 1);
@@ -273,12 +289,13 @@ impl Writer {
         self.staged = None;
     }
 
-    fn apply(&mut self, changes: GroupChanges) {
+    fn apply(&mut self, mut changes: GroupChanges) {
+        self.row_names = std::mem::take(&mut changes.names);
         self.known.apply(changes);
     }
 
     /// After the commit: acks into session slots, replies to registrations.
-    fn deliver(&self, done: impl Iterator<Item = (WriterMsg, Outcome)>) {
+    fn deliver(&mut self, done: impl Iterator<Item = (WriterMsg, Outcome)>) {
         let (mut stored_total, mut dups_total, mut rejected_total) = (0u64, 0u64, 0u64);
         for (msg, outcome) in done {
             match (msg, outcome) {
@@ -299,8 +316,13 @@ impl Writer {
                 (WriterMsg::Batch(_), Outcome::Skipped) => {}
                 (WriterMsg::Register { reply, .. }, Outcome::Registered(device)) => {
                     let acked_seq = self.known.marks.get(&device).copied().unwrap_or(0);
+                    self.streams += 1;
                     // The session may have gone meanwhile; nothing to tell.
-                    let _ = reply.send(Ok(Registered { device, acked_seq }));
+                    let _ = reply.send(Ok(Registered {
+                        device,
+                        acked_seq,
+                        stream: self.streams,
+                    }));
                 }
                 _ => unreachable!("outcomes are produced in message order"),
             }
@@ -384,6 +406,7 @@ impl Writer {
             // They stay staged (queries read them there); tried again after
             // a growing wait, and past the cap new readings are refused.
             Err(e) => {
+                self.store.abort().await;
                 self.staged = None;
                 let wait = self.compact_retry.failed();
                 HubMetrics::add(&self.metrics.compaction_failures, 1);
@@ -409,8 +432,7 @@ impl Writer {
             let slot = *slots.entry(r.device).or_insert_with(|| {
                 devices.push(DeviceReadings {
                     device_id: self
-                        .known
-                        .device_names
+                        .row_names
                         .get(&r.device)
                         .cloned()
                         .unwrap_or_else(|| unknown.clone()),
@@ -444,13 +466,14 @@ impl Writer {
         group: &[WriterMsg],
         now: i64,
     ) -> Result<(Vec<Outcome>, GroupChanges), StoreError> {
-        self.known.load_sensors(&mut self.store).await?;
-        let known = &mut self.known;
         let mut outcomes = Vec::with_capacity(group.len());
         let mut changes = GroupChanges::default();
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         let mut tx = self.store.begin().await?;
+        // Read inside the transaction: committed rows only.
+        let known = &mut self.known;
+        known.load_sensors(&mut tx).await?;
         for msg in group {
             match msg {
                 WriterMsg::Register { hello, .. } => {
@@ -458,15 +481,14 @@ impl Writer {
                     if !known.marks.contains_key(&device) {
                         changes.marks.entry(device).or_insert(stored_mark);
                     }
-                    if !known.device_names.contains_key(&device) {
-                        changes
-                            .names
-                            .push((device, Arc::from(hello.device_id.as_str())));
-                    }
                     outcomes.push(Outcome::Registered(device));
                 }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(batch) => {
+                    changes
+                        .names
+                        .entry(batch.device)
+                        .or_insert_with(|| Arc::clone(&batch.device_id));
                     let outcome = known
                         .write_batch(
                             &mut tx,
@@ -522,16 +544,19 @@ impl Known {
         for (device, added) in changes.device_sensors {
             self.device_sensors.entry(device).or_default().extend(added);
         }
-        for (device, name) in changes.names {
-            self.device_names.insert(device, name);
+        // A cache, not the truth: past this many devices it starts over
+        // (marks and sensors are read again from the store as needed).
+        if self.marks.len() > MAX_CACHED_DEVICES {
+            self.marks.clear();
+            self.device_sensors.clear();
         }
     }
 
-    async fn load_sensors(&mut self, store: &mut StoreWriter) -> Result<(), StoreError> {
+    async fn load_sensors(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {
         if self.sensors_loaded {
             return Ok(());
         }
-        let sensors = store.load_sensors().await?;
+        let sensors = tx.load_sensors().await?;
         self.sensor_names = sensors
             .iter()
             .map(|(name, key)| (*key, Arc::from(name.as_str())))

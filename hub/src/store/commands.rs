@@ -166,6 +166,11 @@ impl CommandWriter {
         })
     }
 
+    /// After a failed write: rolls back at once (see [`WriteConn::abort`]).
+    pub async fn abort(&mut self) {
+        self.conn.abort().await;
+    }
+
     pub async fn close(self) -> Result<(), StoreError> {
         self.conn.close().await?;
         Ok(())

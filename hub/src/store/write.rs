@@ -81,20 +81,15 @@ impl StoreWriter {
         })
     }
 
+    /// After a failed write: rolls back at once (see [`WriteConn::abort`]).
+    pub async fn abort(&mut self) {
+        self.conn.abort().await;
+    }
+
     /// Times the write connection was replaced because SQLite still held a
     /// transaction open on it after a failure.
     pub fn reopened(&self) -> u64 {
         self.conn.reopened()
-    }
-
-    pub async fn load_sensors(&mut self) -> Result<Vec<(String, SensorKey)>, StoreError> {
-        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM sensors")
-            .fetch_all(self.conn.conn())
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, name)| (name, SensorKey(id)))
-            .collect())
     }
 
     /// Rows waiting in the staging table.
@@ -176,6 +171,17 @@ impl WriteTx<'_> {
             .fetch_one(self.conn.conn())
             .await?;
         Ok(acked as u64)
+    }
+
+    /// The sensor dictionary.
+    pub async fn load_sensors(&mut self) -> Result<Vec<(String, SensorKey)>, StoreError> {
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM sensors")
+            .fetch_all(self.conn.conn())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name)| (name, SensorKey(id)))
+            .collect())
     }
 
     /// The sensors a device has used (committed rows: call it before this

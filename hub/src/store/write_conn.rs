@@ -58,11 +58,7 @@ impl WriteConn {
     /// earlier failure left, and replaces the connection if SQLite still
     /// holds a transaction open on it.
     pub async fn begin(&mut self) -> Result<(), StoreError> {
-        if self.unfinished {
-            // Fails with "no transaction is active" when SQLite already
-            // rolled back on its own: the state we want either way.
-            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
-        }
+        self.abort().await;
         self.unfinished = true;
         match sqlx::query("BEGIN IMMEDIATE").execute(&mut self.conn).await {
             Ok(_) => Ok(()),
@@ -75,6 +71,30 @@ impl WriteConn {
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Rolls back what a failure left, at once: a transaction SQLite kept
+    /// open would otherwise hold the database's write lock while the
+    /// writer waits. Fails with "no transaction is active" when SQLite
+    /// already rolled back on its own, the state wanted either way; after
+    /// any other failure the connection is replaced.
+    pub async fn abort(&mut self) {
+        if !self.unfinished {
+            return;
+        }
+        match sqlx::query("ROLLBACK").execute(&mut self.conn).await {
+            Ok(_) => self.unfinished = false,
+            Err(sqlx::Error::Database(db)) if db.message().contains("no transaction") => {
+                self.unfinished = false;
+            }
+            Err(e) => {
+                // A connection that cannot even roll back is not trusted.
+                tracing::warn!(error = %e, "rollback failed; opening a new write connection");
+                if let Err(e) = self.reopen().await {
+                    tracing::warn!(error = %e, "cannot open a new write connection; tried again before the next write");
+                }
+            }
         }
     }
 
@@ -218,6 +238,39 @@ mod tests {
             8 + 3 * 4,
             "the failed ones claimed nothing; writes resumed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_lets_go_of_the_write_lock_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut write = WriteConn::open(options(&dir)).await.unwrap();
+        sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
+            .execute(write.conn())
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA max_page_count = 10")
+            .execute(write.conn())
+            .await
+            .unwrap();
+        write.begin().await.unwrap();
+        // A multi-row statement over the limit: SQLite undoes the statement
+        // and keeps the transaction, and with it the write lock.
+        assert!(
+            sqlx::query(&insert(20))
+                .execute(write.conn())
+                .await
+                .is_err()
+        );
+        write.abort().await;
+        let mut other = options(&dir)
+            .busy_timeout(std::time::Duration::ZERO)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("the write lock is free");
     }
 
     #[tokio::test]

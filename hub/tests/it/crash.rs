@@ -160,7 +160,7 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
     .await;
     fleet.wait_for_acks(3_000).await;
 
-    let kills = [
+    let points = [
         KillPoint::Anytime,
         KillPoint::DuringCompaction,
         KillPoint::Anytime,
@@ -170,8 +170,8 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
         KillPoint::DuringShutdown,
     ];
     let mut commands = Vec::new();
-    let mut mid_compaction = 0;
-    for (round, point) in kills.into_iter().enumerate() {
+    let mut kills = 0u64;
+    for (round, point) in points.into_iter().enumerate() {
         // Commands in flight when the hub dies.
         let mut op = operator(&url).await;
         for d in [round % devices + 1, (round + 3) % devices + 1] {
@@ -186,39 +186,44 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
                 .into_inner();
             commands.push(info.command_id);
         }
-        match point {
-            KillPoint::Anytime => tokio::time::sleep(jitter(700)).await,
-            KillPoint::DuringCompaction => {
-                hub.skip_backlog();
-                hub.wait_line("compacting staged readings").await;
+        // A kill meant for a compaction that came too late (the compaction
+        // had finished) is tried again on a later one.
+        for attempt in 0.. {
+            match point {
+                KillPoint::Anytime => tokio::time::sleep(jitter(700)).await,
+                KillPoint::DuringCompaction => {
+                    hub.skip_backlog();
+                    hub.wait_line("compacting staged readings").await;
+                }
+                KillPoint::DuringShutdown => {
+                    hub.terminate();
+                    hub.wait_line("shutting down").await;
+                    tokio::time::sleep(jitter(30)).await;
+                }
             }
-            KillPoint::DuringShutdown => {
-                hub.terminate();
-                hub.wait_line("shutting down").await;
-                tokio::time::sleep(jitter(30)).await;
+            let after = hub.kill().await;
+            kills += 1;
+            let missed = matches!(point, KillPoint::DuringCompaction)
+                && after
+                    .iter()
+                    .any(|l| l.contains("compacted staged readings"));
+            drop(hub);
+            hub = ChildHub::start(dir.path(), port);
+            hub.wait_line("listening on").await;
+            wait_until(
+                &format!("fleet back after kill {round} ({point:?})"),
+                || async { live_sessions(&url).await == devices as u64 },
+            )
+            .await;
+            fleet.wait_for_acks(1_000).await;
+            if !missed {
+                break;
             }
+            assert!(attempt < 10, "no kill landed inside a compaction");
         }
-        let after = hub.kill().await;
-        if let KillPoint::DuringCompaction = point
-            && !after
-                .iter()
-                .any(|l| l.contains("compacted staged readings"))
-        {
-            mid_compaction += 1;
-        }
-        drop(hub);
-        hub = ChildHub::start(dir.path(), port);
-        hub.wait_line("listening on").await;
-        wait_until(
-            &format!("fleet back after kill {round} ({point:?})"),
-            || async { live_sessions(&url).await == devices as u64 },
-        )
-        .await;
-        fleet.wait_for_acks(1_000).await;
     }
 
-    eprintln!("kills in the middle of a compaction: {mid_compaction} of 2");
-    assert!(mid_compaction >= 1, "no kill landed inside a compaction");
+    eprintln!("SIGKILLs survived: {kills}");
     // Every command ends SUCCEEDED while the devices are still there,
     // executed once however often it was delivered again.
     let op = operator(&url).await;
@@ -238,10 +243,7 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
     }
     let summary = fleet.finish().await;
     assert!(summary.all_clean(), "{summary:?}");
-    assert!(
-        summary.reconnects >= (devices * kills.len()) as u64,
-        "{summary:?}"
-    );
+    assert!(summary.reconnects >= devices as u64 * kills, "{summary:?}");
     assert_eq!(
         summary.commands_executed,
         commands.len() as u64,

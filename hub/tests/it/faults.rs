@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use telemetry_proto::v1::{self as pb, CommandState as S};
+use telemetry_proto::v1::{self as pb, CommandState as S, hub_message::Msg as HubMsg};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::harness::*;
@@ -61,7 +61,10 @@ async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFn
     .await;
     // Ingest resumes on its own: devices reconnect and resend.
     fleet.wait_for_acks(2_000).await;
-    assert_eq!(hub.health(GATEWAY).await, ServingStatus::Serving);
+    wait_until("the device gateway SERVING again", async || {
+        hub.health(GATEWAY).await == ServingStatus::Serving
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,4 +308,85 @@ async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
     assert!(stats.commit_failures >= 1 && stats.storage_ok, "{stats:?}");
     drop(dev);
     hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
+    let hub = spawn_hub_with(|s| {
+        s.storage.max_size_mib = 1;
+        s.storage.compact_rows = 1_000_000;
+        s.server.max_batch = 5000;
+        s.ingest.max_batch_delay = Duration::from_millis(300);
+    })
+    .await;
+    let now = now_ms();
+    let big = |from: u64| {
+        batch(
+            (from..from + 5000)
+                .map(|s| reading(s, "t", now, 1.0))
+                .collect(),
+        )
+    };
+    // Fill the database to its limit.
+    let (mut filler, _) = RawDevice::connect(&hub, "dev-fill").await;
+    let mut next = 1;
+    let code = loop {
+        filler.send(big(next)).await;
+        match filler.next().await {
+            Ok(Some(HubMsg::Ack(_))) => next += 5000,
+            Ok(other) => panic!("{other:?}"),
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(code, tonic::Code::Unavailable);
+    // One group: A's registration (a small row that still fits) and a big
+    // batch that does not. The group fails; A's key is rolled back.
+    let (filler, welcome) = RawDevice::connect(&hub, "dev-fill").await;
+    filler.send(big(welcome.acked_seq + 1)).await;
+    let mut a = RawDevice::open(hub.channel().await, hello("dev-a")).await;
+    assert_eq!(a.end_code().await, tonic::Code::Unavailable);
+    drop(filler);
+    // An operator makes room.
+    sqlx::query(
+        "DELETE FROM readings_recent WHERE device_id = \
+         (SELECT id FROM devices WHERE external_id = 'dev-fill')",
+    )
+    .execute(&mut connect(&hub.db_path()).await)
+    .await
+    .unwrap();
+    let mut watch = hub
+        .operator()
+        .await
+        .watch_readings(pb::WatchReadingsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // B is registered next and gets the key A had for a moment (SQLite
+    // reuses a rolled-back rowid).
+    let (mut b, _) = RawDevice::connect(&hub, "dev-b").await;
+    b.send(batch(vec![reading(1, "t", now, 1.0)])).await;
+    b.ack_through(1).await;
+    let event = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let devices: Vec<&str> = event
+        .readings
+        .iter()
+        .map(|r| r.device_id.as_str())
+        .collect();
+    assert_eq!(devices, vec!["dev-b"], "B's readings under B's name");
+    let key: i64 = sqlx::query_scalar("SELECT id FROM devices WHERE external_id = 'dev-b'")
+        .fetch_one(&mut connect(&hub.db_path()).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        key, 2,
+        "B has the key A had in the failed commit (dev-fill is 1)"
+    );
+    assert!(
+        hub.device("dev-a").await.is_none(),
+        "A was never registered"
+    );
 }

@@ -175,8 +175,14 @@ impl TestHub {
 }
 
 /// Polls `check` until it returns true or the deadline passes.
-pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+pub async fn wait_until(what: &str, check: impl AsyncFnMut() -> bool) {
+    wait_until_within(what, WAIT, check).await;
+}
+
+/// [`wait_until`] with a deadline of its own, for the few waits that are
+/// long by nature (thousands of devices reconnecting).
+pub async fn wait_until_within(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if check().await {
             return;
@@ -541,7 +547,9 @@ impl SimFleet {
         let stats = std::sync::Arc::new(device_sim::FleetStats::default());
         let task = tokio::spawn(device_sim::run(cfg, stop.clone(), stats.clone()));
         let fleet = SimFleet { stop, stats, task };
-        wait_until("simulated devices online", || async {
+        // Thousands of devices take a while to say Hello on two cores.
+        let within = WAIT.max(Duration::from_millis(20) * devices as u32);
+        wait_until_within("simulated devices online", within, || async {
             device_sim::FleetStats::get(&fleet.stats.online) == devices
         })
         .await;

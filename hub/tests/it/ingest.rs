@@ -1,29 +1,19 @@
 //! Storage through the whole path: fleets, exactly-once, queries, buckets.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use device_sim::{FleetConfig, FleetStats, FleetSummary};
+use device_sim::{FleetConfig, FleetSummary};
 use telemetry_proto::v1 as pb;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-pub async fn run_fleet(url: String, cfg: FleetConfig, run_for: Duration) -> FleetSummary {
-    let stop = CancellationToken::new();
-    let fleet = tokio::spawn(device_sim::run(
-        FleetConfig { hub: url, ..cfg },
-        stop.clone(),
-        Arc::new(FleetStats::default()),
-    ));
-    tokio::time::sleep(run_for).await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, fleet)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
+/// Runs a fleet against `url` until `acks` readings are acknowledged, then
+/// lets it drain and close.
+pub async fn run_fleet(url: String, cfg: FleetConfig, acks: u64) -> FleetSummary {
+    let fleet = SimFleet::start_with(FleetConfig { hub: url, ..cfg }).await;
+    fleet.wait_for_acks(acks).await;
+    fleet.finish().await
 }
 
 pub fn small_fleet(devices: usize) -> FleetConfig {
@@ -41,9 +31,17 @@ async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
     // Small compaction runs: readings are split between the staging and the
     // clustered table, and move while the fleet streams.
     let hub = spawn_hub_with(|s| s.storage.compact_rows = 300).await;
-    let summary = run_fleet(hub.url(), small_fleet(12), Duration::from_millis(1500)).await;
+    let fleet = SimFleet::start_with(FleetConfig {
+        hub: hub.url(),
+        ..small_fleet(12)
+    })
+    .await;
+    wait_until("several compactions while the fleet streams", async || {
+        hub.stats().await.compactions > 3
+    })
+    .await;
+    let summary = fleet.finish().await;
     assert!(summary.all_clean(), "{summary:?}");
-    assert!(summary.sent > 12 * 100, "{summary:?}");
     assert_eq!(summary.sent, summary.acked, "{summary:?}");
     assert_eq!(
         (
@@ -58,8 +56,11 @@ async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
     for i in 1..=12 {
         let id = device_sim::device_id("sim-", i);
         let rows = hub.readings(&id).await;
+        wait_until("the stream closed", async || {
+            !hub.device(&id).await.unwrap().online
+        })
+        .await;
         let info = hub.device(&id).await.unwrap();
-        assert!(!info.online, "{id} closed its stream");
         assert_eq!(
             rows.len() as u64,
             info.readings,
@@ -88,7 +89,6 @@ async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
     let stats = hub.stats().await;
     assert_eq!(stats.readings_stored, total);
     assert_eq!(stats.readings_committed, total);
-    assert!(stats.compactions > 3, "compactions ran: {stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
