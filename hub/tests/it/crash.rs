@@ -223,7 +223,6 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
         }
     }
 
-    eprintln!("SIGKILLs survived: {kills}");
     // Every command ends SUCCEEDED while the devices are still there,
     // executed once however often it was delivered again.
     let op = operator(&url).await;
@@ -256,5 +255,10 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
     drop(hub);
     let mut checker = spawn_hub_in(dir, |_| {}).await;
     assert_fleet_stored_exactly(&checker, "crash-", &summary).await;
+    eprintln!(
+        "crash: {kills} SIGKILLs survived; {} readings acked and checked; {} commands, each run once",
+        summary.acked,
+        commands.len()
+    );
     checker.stop().await;
 }
