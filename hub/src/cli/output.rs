@@ -251,15 +251,20 @@ pub fn print_devices(
 }
 
 pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
-    let fields: [(&str, Value); 11] = [
+    let fields: [(&str, Value); 16] = [
         ("live_sessions", json!(s.live_sessions)),
+        ("live_tasks", json!(s.live_tasks)),
         ("readings_committed", json!(s.readings_committed)),
         ("readings_stored", json!(s.readings_stored)),
         ("duplicates", json!(s.duplicates)),
         ("rejected", json!(s.rejected)),
         ("commits", json!(s.commits)),
         ("compactions", json!(s.compactions)),
+        ("storage_ok", json!(s.storage_ok)),
+        ("commit_failures", json!(s.commit_failures)),
+        ("compaction_failures", json!(s.compaction_failures)),
         ("ingest_queue_depth", json!(s.ingest_queue_depth)),
+        ("ingest_uncommitted", json!(s.ingest_uncommitted)),
         ("mqtt_dropped", json!(s.mqtt_dropped)),
         ("mqtt_bad_messages", json!(s.mqtt_bad_messages)),
         ("mqtt_connected", json!(s.mqtt_connected)),

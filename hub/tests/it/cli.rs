@@ -127,6 +127,12 @@ async fn query_and_devices_print_json_lines_csv_and_tables() {
     assert_eq!(stats["live_sessions"], 1);
     assert_eq!(stats["readings_stored"], 3);
     assert_eq!(stats["mqtt_connected"], false);
+    assert_eq!(stats["storage_ok"], true);
+    assert_eq!(stats["commit_failures"], 0);
+    assert!(
+        stats["live_tasks"].as_u64().unwrap() >= 2,
+        "at least the device stream's two tasks: {stats}"
+    );
 
     // An unknown device is a clear error, not an empty listing.
     let Command::Query(args) = parse(&["hub", "query", "--hub", &url, "--device", "ghost"]) else {
