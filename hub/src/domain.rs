@@ -633,11 +633,7 @@ mod marks {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 2000,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        })]
+        #![proptest_config(crate::fuzz_config())]
 
         #[test]
         fn the_mark_never_leaves_range_never_falls_and_stores_each_seq_once(

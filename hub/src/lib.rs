@@ -42,3 +42,14 @@ pub mod throttle;
 
 pub use app::Hub;
 pub use config::Settings;
+
+/// The property tests' settings: 2000 cases each, no regression files
+/// written into the source tree.
+#[cfg(test)]
+fn fuzz_config() -> proptest::prelude::ProptestConfig {
+    proptest::prelude::ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..Default::default()
+    }
+}

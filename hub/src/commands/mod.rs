@@ -419,24 +419,13 @@ impl CommandActor {
     }
 
     async fn handle(&mut self, request: Request, batch: &mut Batch) {
-        if self.stale {
+        match request {
             // Nothing can be decided without the log: operators are told,
             // device news waits (a final reply is repeated on redelivery).
-            match request {
-                Request::Send { reply, .. } | Request::Cancel { reply, .. } => {
-                    let _ = reply.send(Err(CommandError::LogUnavailable));
-                }
-                Request::Attach {
-                    device,
-                    session,
-                    outbox,
-                } => self.attach(device, session, outbox),
-                Request::Detach { device, session } => self.detach(&device, session),
-                Request::Written { .. } | Request::Reply { .. } => {}
+            Request::Send { reply, .. } | Request::Cancel { reply, .. } if self.stale => {
+                let _ = reply.send(Err(CommandError::LogUnavailable));
             }
-            return;
-        }
-        match request {
+            Request::Written { .. } | Request::Reply { .. } if self.stale => {}
             Request::Send { cmd, reply } => match self.create(cmd).await {
                 Ok(rec) => {
                     batch.inserts.push(rec.clone());

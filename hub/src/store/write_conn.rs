@@ -149,6 +149,20 @@ mod tests {
             .journal_mode(SqliteJournalMode::Wal)
     }
 
+    /// A writer on a fresh database with table `t`, limited to `pages`.
+    async fn limited_table(dir: &tempfile::TempDir, pages: u32) -> WriteConn {
+        let mut write = WriteConn::open(options(dir)).await.unwrap();
+        sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
+            .execute(write.conn())
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+            .execute(write.conn())
+            .await
+            .unwrap();
+        write
+    }
+
     async fn count(other: &mut SqliteConnection) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM t")
             .fetch_one(other)
@@ -170,16 +184,8 @@ mod tests {
     /// told were committed, rows another connection sees).
     async fn full_disk_sequence(use_sqlx_transaction: bool) -> (i64, i64) {
         let dir = tempfile::tempdir().unwrap();
-        let mut write = WriteConn::open(options(&dir)).await.unwrap();
+        let mut write = limited_table(&dir, 40).await;
         let mut other = options(&dir).connect().await.unwrap();
-        sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
-            .execute(write.conn())
-            .await
-            .unwrap();
-        sqlx::query("PRAGMA max_page_count = 40")
-            .execute(write.conn())
-            .await
-            .unwrap();
         let mut claimed = 0;
         // (rows per statement, statements): fill, fail twice, then room.
         let steps = [(1, 8), (1, 40), (8, 10), (1, 4), (1, 4), (1, 4)];
@@ -243,15 +249,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_transaction_lets_go_of_the_write_lock_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut write = WriteConn::open(options(&dir)).await.unwrap();
-        sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
-            .execute(write.conn())
-            .await
-            .unwrap();
-        sqlx::query("PRAGMA max_page_count = 10")
-            .execute(write.conn())
-            .await
-            .unwrap();
+        let mut write = limited_table(&dir, 10).await;
         write.begin().await.unwrap();
         // A multi-row statement over the limit: SQLite undoes the statement
         // and keeps the transaction, and with it the write lock.
