@@ -26,6 +26,8 @@ use crate::stats::FleetStats;
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub device_id: String,
+    /// Sent as Hello.token.
+    pub token: String,
     /// Index used to derive the device's own signal from the seed.
     pub index: u64,
     pub seed: u64,
@@ -162,7 +164,7 @@ impl SimDevice {
         let hello = pb::DeviceMessage {
             msg: Some(DeviceMsg::Hello(pb::Hello {
                 device_id: self.cfg.device_id.clone(),
-                token: String::new(),
+                token: self.cfg.token.clone(),
                 firmware: self.cfg.firmware.clone(),
                 labels: [("sim".to_owned(), "true".to_owned())]
                     .into_iter()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::device::{DeviceConfig, DeviceEnd, SimDevice};
 use crate::stats::{FleetStats, FleetSummary};
@@ -33,6 +33,50 @@ pub struct FleetConfig {
     pub buffer: usize,
     pub drain_timeout: Duration,
     pub firmware: String,
+    /// How the devices prove who they are.
+    pub credentials: Credentials,
+    /// TLS for https:// hubs.
+    pub tls: Option<TlsFiles>,
+}
+
+/// What devices send as Hello.token.
+#[derive(Debug, Clone, Default)]
+pub enum Credentials {
+    /// Nothing (open device auth, or mTLS).
+    #[default]
+    None,
+    /// One token, for a fleet of one device.
+    Token(String),
+    /// Each device's token derived from a fleet key: lowercase hex of
+    /// HMAC-SHA256(key, device_id), as the hub's auth.fleet_keys expects.
+    FleetKey(String),
+}
+
+impl Credentials {
+    fn token_for(&self, device_id: &str) -> String {
+        match self {
+            Credentials::None => String::new(),
+            Credentials::Token(token) => token.clone(),
+            Credentials::FleetKey(key) => fleet_token(key, device_id),
+        }
+    }
+}
+
+/// The token a fleet key gives a device.
+pub fn fleet_token(key: &str, device_id: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes())
+        .expect("HMAC takes keys of any size");
+    mac.update(device_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// PEM files for TLS: the CA that signed the hub's certificate and, for
+/// mTLS, the device's certificate and key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for FleetConfig {
@@ -53,6 +97,8 @@ impl Default for FleetConfig {
             buffer: 10_000,
             drain_timeout: Duration::from_secs(10),
             firmware: concat!("device-sim/", env!("CARGO_PKG_VERSION")).into(),
+            credentials: Credentials::None,
+            tls: None,
         }
     }
 }
@@ -63,6 +109,8 @@ pub enum FleetError {
     BadUrl { url: String, reason: String },
     #[error("invalid fleet setting: {0}")]
     Invalid(&'static str),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The id of the device with this index: `{prefix}{index:05}`.
@@ -89,6 +137,16 @@ impl FleetConfig {
         if self.connections == Some(0) {
             return Err(FleetError::Invalid("connections must be at least 1"));
         }
+        if matches!(self.credentials, Credentials::Token(_)) && self.devices != 1 {
+            return Err(FleetError::Invalid(
+                "one token is one device: use --devices 1, or a fleet key",
+            ));
+        }
+        if self.tls.as_ref().is_some_and(|t| t.identity.is_some()) && self.devices != 1 {
+            return Err(FleetError::Invalid(
+                "a client certificate names one device: use --devices 1",
+            ));
+        }
         Ok(())
     }
 
@@ -109,14 +167,16 @@ pub async fn run(
     cfg.validate()?;
     let started = Instant::now();
     let channels = (0..cfg.connection_count())
-        .map(|_| channel(&cfg.hub))
+        .map(|_| channel(&cfg.hub, cfg.tls.as_ref()))
         .collect::<Result<Vec<_>, _>>()?;
     let mut devices = JoinSet::new();
     for n in 0..cfg.devices {
         let index = cfg.start_index + n;
+        let id = device_id(&cfg.id_prefix, index);
         let device = SimDevice::new(
             DeviceConfig {
-                device_id: device_id(&cfg.id_prefix, index),
+                token: cfg.credentials.token_for(&id),
+                device_id: id,
                 index: index as u64,
                 seed: cfg.seed,
                 rate_hz: cfg.rate_hz,
@@ -144,11 +204,29 @@ pub async fn run(
 
 /// One HTTP/2 connection, established on first use and re-established by
 /// tonic after a failure.
-fn channel(url: &str) -> Result<Channel, FleetError> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| FleetError::BadUrl {
+fn channel(url: &str, tls: Option<&TlsFiles>) -> Result<Channel, FleetError> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| FleetError::BadUrl {
         url: url.to_owned(),
         reason: e.to_string(),
     })?;
+    if url.starts_with("https://") {
+        let files = tls.ok_or_else(|| {
+            FleetError::Tls(
+                "an https:// hub needs --ca FILE (the CA that signed its certificate)".into(),
+            )
+        })?;
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| FleetError::Tls(format!("{}: {e}", path.display())))
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&files.ca)?));
+        if let Some((cert, key)) = &files.identity {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| FleetError::Tls(e.to_string()))?;
+    }
     Ok(endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))

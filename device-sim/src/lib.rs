@@ -14,5 +14,5 @@ pub mod fleet;
 pub mod signal;
 pub mod stats;
 
-pub use fleet::{FleetConfig, FleetError, device_id, run};
+pub use fleet::{Credentials, FleetConfig, FleetError, TlsFiles, device_id, fleet_token, run};
 pub use stats::{FleetStats, FleetSummary};

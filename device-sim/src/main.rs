@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use device_sim::{FleetConfig, FleetStats};
+use device_sim::{Credentials, FleetConfig, FleetStats, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
 /// Simulated devices streaming readings to a telemetry hub.
@@ -60,6 +60,26 @@ struct Args {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Hello.token of a single device (--devices 1).
+    #[arg(
+        long,
+        env = "DEVICE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "fleet_key"
+    )]
+    token: Option<String>,
+    /// Fleet key: each device's token is hex(HMAC-SHA256(key, device_id)).
+    #[arg(long, env = "FLEET_KEY", hide_env_values = true)]
+    fleet_key: Option<String>,
+    /// CA certificate (PEM) of an https:// hub.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mTLS (--devices 1).
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -84,6 +104,15 @@ async fn main() -> anyhow::Result<()> {
         seed: args.seed,
         buffer: args.buffer,
         drain_timeout: args.drain_timeout,
+        credentials: match (args.token, args.fleet_key) {
+            (Some(token), _) => Credentials::Token(token),
+            (None, Some(key)) => Credentials::FleetKey(key),
+            (None, None) => Credentials::None,
+        },
+        tls: args.ca.map(|ca| TlsFiles {
+            ca,
+            identity: args.cert.zip(args.key),
+        }),
         ..FleetConfig::default()
     };
     let stop = CancellationToken::new();

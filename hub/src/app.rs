@@ -23,8 +23,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::{AuthPolicy, FailureLimiter};
 use crate::commands::{self, CommandSettings, Commands};
 use crate::config::Settings;
+use crate::config::TlsSettings;
+use crate::grpc::OperatorAuth;
 use crate::grpc::session::SessionContext;
 use crate::grpc::{DeviceGatewayService, OperatorService};
 use crate::ingest::{self, IngestQueue, Writer, WriterSettings};
@@ -181,6 +184,7 @@ impl Hub {
         })?;
         let metrics = HubMetrics::new();
         let registry = SessionRegistry::new();
+        let auth = Arc::new(AuthPolicy::new(&settings.auth));
         let tracker = TaskTracker::new();
 
         let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
@@ -270,18 +274,35 @@ impl Hub {
             drain_timeout: server_settings.drain_timeout,
             send_timeout: server_settings.send_timeout,
             max_replies_per_sec: server_settings.max_replies_per_sec,
+            max_readings_per_sec: server_settings.max_readings_per_sec,
+            max_devices: server_settings.max_devices,
             max_clock_skew: settings.ingest.max_clock_skew,
+            auth: Arc::clone(&auth),
+            store: store.clone(),
+            failures: FailureLimiter::new(settings.auth.max_failures_per_minute),
+            refusals: std::sync::Mutex::new(crate::throttle::LogThrottle::new(
+                Duration::from_secs(10),
+            )),
         });
         let gateway = DeviceGatewayServer::new(DeviceGatewayService::new(
             Arc::clone(&ctx),
             server_settings.outbound_buffer,
         ))
         .max_decoding_message_size(server_settings.max_message_bytes);
-        let operator = OperatorServer::new(OperatorService {
-            store: store.clone(),
-            ctx,
-            fanout: fanout.clone(),
-        });
+        let operator = OperatorAuth::new(
+            OperatorServer::new(OperatorService {
+                store: store.clone(),
+                command_store: command_store.clone(),
+                ctx,
+                fanout: fanout.clone(),
+            }),
+            Arc::clone(&auth),
+        );
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(telemetry_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("gRPC reflection")?;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health = tokio::spawn(report_health(
@@ -297,18 +318,29 @@ impl Hub {
         let addr = listener.local_addr()?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server_stop = CancellationToken::new();
+        let mut builder = Server::builder();
+        if let Some(tls) = server_tls(&server_settings.tls)? {
+            builder = builder.tls_config(tls).context("server.tls")?;
+        }
         let server = tokio::spawn(
-            Server::builder()
+            builder
                 .http2_keepalive_interval(Some(server_settings.keepalive))
                 .http2_keepalive_timeout(Some(server_settings.keepalive))
                 .tcp_keepalive(Some(server_settings.keepalive))
                 .max_concurrent_streams(server_settings.max_concurrent_streams)
                 .add_service(health_service)
+                .add_service(reflection)
                 .add_service(gateway)
                 .add_service(operator)
                 .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),
         );
-        tracing::info!("listening on {addr}");
+        let scheme = if server_settings.tls.cert.as_os_str().is_empty() {
+            "http"
+        } else {
+            "https"
+        };
+        tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
+            "listening on {addr} ({scheme})");
         Ok(Hub {
             addr,
             settings,
@@ -455,6 +487,35 @@ impl Hub {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// The server's TLS settings from `server.tls`: none without a
+/// certificate; client certificates are asked for (and must chain to
+/// `client_ca`) when one is given, but stay optional at the TLS layer so
+/// operators without one can still use their tokens; `auth.devices = "tls"`
+/// then insists on them for devices.
+fn server_tls(tls: &TlsSettings) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    if tls.cert.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, key: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {key} {}", path.display()))
+    };
+    let identity = Identity::from_pem(
+        read(&tls.cert, "server.tls.cert")?,
+        read(&tls.key, "server.tls.key")?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if !tls.client_ca.as_os_str().is_empty() {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(
+                &tls.client_ca,
+                "server.tls.client_ca",
+            )?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(config))
 }
 
 async fn shutdown_signal() -> std::io::Result<()> {

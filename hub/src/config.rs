@@ -23,11 +23,85 @@ pub enum SettingsError {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub auth: AuthSettings,
     pub ingest: IngestSettings,
     pub storage: StorageSettings,
     pub commands: CommandsSettings,
     pub mqtt: MqttSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+/// How devices prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceAuthMode {
+    Open,
+    Token,
+    Tls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    Read,
+    Admin,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorToken {
+    pub name: String,
+    pub token: String,
+    pub role: OperatorRole,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub devices: DeviceAuthMode,
+    pub allow_open: bool,
+    /// Group enrollment: name -> secret.
+    pub fleet_keys: std::collections::BTreeMap<String, String>,
+    pub operator_tokens: Vec<OperatorToken>,
+    pub max_failures_per_minute: u32,
+}
+
+/// Written by hand so no secret reaches a log.
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("devices", &self.devices)
+            .field("allow_open", &self.allow_open)
+            .field("fleet_keys", &self.fleet_keys.keys().collect::<Vec<_>>())
+            .field(
+                "operator_tokens",
+                &self
+                    .operator_tokens
+                    .iter()
+                    .map(|t| (&t.name, t.role))
+                    .collect::<Vec<_>>(),
+            )
+            .field("max_failures_per_minute", &self.max_failures_per_minute)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the hub; empty = plain HTTP/2.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM CA that client certificates must chain to (mTLS); empty = none.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -103,6 +177,9 @@ pub struct CommandsSettings {
     pub max_attempts: u32,
     pub outbox: usize,
     pub max_params_bytes: usize,
+    /// Final commands older than this are deleted (zero: kept for ever).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +201,9 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
     pub max_replies_per_sec: u32,
+    pub max_devices: usize,
+    pub max_readings_per_sec: u32,
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,12 +239,23 @@ pub struct StorageSettings {
     pub read_connections: u32,
     pub compact_rows: u64,
     pub max_size_mib: u64,
+    /// Readings older than this are deleted (zero: kept for ever).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub filter: String,
+    pub format: LogFormat,
 }
 
 impl Settings {
@@ -195,6 +286,71 @@ impl Settings {
             .try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Safe defaults: open doors only on loopback, unless asked for.
+    fn validate_auth(&self) -> Result<(), SettingsError> {
+        let a = &self.auth;
+        let invalid = |key: &'static str, reason: String| SettingsError::Invalid { key, reason };
+        let loopback = self.server.listen.ip().is_loopback();
+        if !loopback && !a.allow_open && a.devices == DeviceAuthMode::Open {
+            return Err(invalid(
+                "auth.devices",
+                format!(
+                    "is \"open\" while server.listen {} is not a loopback address: anyone could claim any device. \
+                     Set auth.devices = \"token\" (hub devices add, or auth.fleet_keys) or \"tls\", \
+                     or auth.allow_open = true to accept that",
+                    self.server.listen
+                ),
+            ));
+        }
+        if !loopback && !a.allow_open && a.operator_tokens.is_empty() {
+            return Err(invalid(
+                "auth.operator_tokens",
+                format!(
+                    "is empty while server.listen {} is not a loopback address: anyone could send commands \
+                     and read every reading. Add [[auth.operator_tokens]] (name, token, role), \
+                     or set auth.allow_open = true to accept that",
+                    self.server.listen
+                ),
+            ));
+        }
+        if a.devices == DeviceAuthMode::Tls && self.server.tls.client_ca.as_os_str().is_empty() {
+            return Err(invalid(
+                "auth.devices",
+                "is \"tls\": set server.tls.cert, server.tls.key and server.tls.client_ca".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for t in &a.operator_tokens {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return Err(invalid(
+                    "auth.operator_tokens",
+                    format!("names must be unique and not empty ({:?})", t.name),
+                ));
+            }
+            if t.token.len() < 16 {
+                return Err(invalid(
+                    "auth.operator_tokens",
+                    format!("the token of {:?} is shorter than 16 characters", t.name),
+                ));
+            }
+        }
+        for (name, key) in &a.fleet_keys {
+            if key.len() < 16 {
+                return Err(invalid(
+                    "auth.fleet_keys",
+                    format!("the key {name:?} is shorter than 16 characters"),
+                ));
+            }
+        }
+        if a.max_failures_per_minute < 1 {
+            return Err(invalid(
+                "auth.max_failures_per_minute",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// One clear sentence naming the first bad key.
@@ -250,6 +406,29 @@ impl Settings {
             "server.max_replies_per_sec",
             "must be at least 1",
         )?;
+        check(
+            s.max_devices >= 1,
+            "server.max_devices",
+            "must be at least 1",
+        )?;
+        check(
+            s.max_readings_per_sec >= 1,
+            "server.max_readings_per_sec",
+            "must be at least 1",
+        )?;
+        let tls = &s.tls;
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        check(
+            set(&tls.cert) == set(&tls.key),
+            "server.tls.key",
+            "server.tls.cert and server.tls.key go together",
+        )?;
+        check(
+            !set(&tls.client_ca) || set(&tls.cert),
+            "server.tls.client_ca",
+            "mTLS needs server.tls.cert and server.tls.key too",
+        )?;
+        self.validate_auth()?;
         let i = &self.ingest;
         check(
             i.queue_capacity >= 1,
@@ -358,30 +537,78 @@ impl Settings {
     /// The effective settings as TOML, secrets masked.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        if !shown.mqtt.password.is_empty() {
-            shown.mqtt.password = "********".into();
-        }
+        let mask = |secret: &mut String| {
+            if !secret.is_empty() {
+                *secret = "********".into();
+            }
+        };
+        mask(&mut shown.mqtt.password);
+        shown.auth.fleet_keys.values_mut().for_each(mask);
+        shown
+            .auth
+            .operator_tokens
+            .iter_mut()
+            .for_each(|t| mask(&mut t.token));
         toml_lines(&shown)
     }
 }
 
-/// Renders settings as `[section]` / `key = value` lines via serde_json, so no
-/// extra TOML serializer is needed.
+/// Renders settings as TOML (`[section]`, `[section.sub]`, `[[section.list]]`,
+/// `key = value`) via serde_json, so no extra TOML serializer is needed.
 fn toml_lines(settings: &Settings) -> String {
-    let value = serde_json::to_value(settings).unwrap_or_default();
     let mut out = String::new();
-    if let serde_json::Value::Object(sections) = value {
-        for (section, body) in sections {
-            out.push_str(&format!("[{section}]\n"));
-            if let serde_json::Value::Object(keys) = body {
-                for (key, v) in keys {
-                    out.push_str(&format!("{key} = {v}\n"));
-                }
-            }
-            out.push('\n');
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(settings) {
+        for (section, body) in &sections {
+            toml_table(&mut out, section, body);
         }
     }
     out
+}
+
+fn toml_key(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        key.to_owned()
+    } else {
+        serde_json::Value::String(key.to_owned()).to_string()
+    }
+}
+
+fn toml_table(out: &mut String, path: &str, body: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(keys) = body else { return };
+    out.push_str(&format!("[{path}]\n"));
+    let mut nested = Vec::new();
+    for (key, value) in keys {
+        match value {
+            Value::Object(_) => nested.push((key, value)),
+            Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+                nested.push((key, value))
+            }
+            _ => out.push_str(&format!("{} = {value}\n", toml_key(key))),
+        }
+    }
+    out.push('\n');
+    for (key, value) in nested {
+        let sub = format!("{path}.{}", toml_key(key));
+        match value {
+            Value::Array(items) => {
+                for item in items {
+                    out.push_str(&format!("[[{sub}]]\n"));
+                    if let Value::Object(fields) = item {
+                        for (k, v) in fields {
+                            out.push_str(&format!("{} = {v}\n", toml_key(k)));
+                        }
+                    }
+                    out.push('\n');
+                }
+            }
+            _ => toml_table(out, &sub, value),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -429,6 +656,9 @@ mod tests {
         let text = Settings::defaults().unwrap().to_toml();
         for section in [
             "[server]",
+            "[server.tls]",
+            "[auth]",
+            "[metrics]",
             "[ingest]",
             "[storage]",
             "[commands]",

@@ -154,6 +154,8 @@ pub enum RejectReason {
     EmptySensor,
     #[error("sensor name is longer than {MAX_ID_LEN} bytes")]
     SensorTooLong,
+    #[error("sensor name contains a control character")]
+    SensorControlChar,
     #[error("value is NaN or infinite")]
     NotFinite,
     #[error("timestamp is too far in the future")]
@@ -176,6 +178,8 @@ impl Reading {
             Err(RejectReason::EmptySensor)
         } else if self.sensor.len() > MAX_ID_LEN {
             Err(RejectReason::SensorTooLong)
+        } else if self.sensor.chars().any(char::is_control) {
+            Err(RejectReason::SensorControlChar)
         } else if !self.value.is_finite() {
             Err(RejectReason::NotFinite)
         } else if self.ts_ms > latest_ts_ms {
@@ -360,6 +364,10 @@ mod tests {
         assert_eq!(
             with(|r| r.sensor = "s".repeat(65)),
             Err(RejectReason::SensorTooLong)
+        );
+        assert_eq!(
+            with(|r| r.sensor = "t\u{1b}[31m".into()),
+            Err(RejectReason::SensorControlChar)
         );
         assert_eq!(with(|r| r.value = f64::NAN), Err(RejectReason::NotFinite));
         assert_eq!(

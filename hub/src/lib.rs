@@ -11,6 +11,8 @@
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
 //! - [`config`]: layered typed settings.
+//! - [`auth`]: device credentials and operator roles, decided once here.
+//! - [`devices`]: enrollment, token rotation and removal of devices.
 //! - [`grpc`]: tonic services; the only protobuf <-> domain conversion.
 //!   [`grpc::session`] runs one device stream (reader loop + ack task).
 //! - [`registry`]: one live stream per device; a newer one takes over.
@@ -27,9 +29,11 @@
 //!   device costs the others nothing.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod devices;
 pub mod domain;
 pub mod grpc;
 pub mod ingest;

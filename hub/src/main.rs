@@ -56,7 +56,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Query(args) => ok(cli::query(&args, &mut std::io::stdout().lock()).await),
-        Command::Devices(args) => ok(cli::devices(&args, &mut std::io::stdout().lock()).await),
+        Command::Devices(cmd) => match &cmd.action {
+            None => ok(cli::devices(&cmd.list, &mut std::io::stdout().lock()).await),
+            Some(action) => ok(cli::device_action(action, &mut std::io::stdout().lock()).await),
+        },
+        Command::Backup(args) => ok(cli::backup(&args, &mut std::io::stdout().lock()).await),
         Command::Watch(args) => ok(cli::watch(&args, &mut std::io::stdout().lock()).await),
         Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,

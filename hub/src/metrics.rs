@@ -12,6 +12,8 @@ pub struct HubMetrics {
     pub commits: AtomicU64,
     pub compactions: AtomicU64,
     pub commit_failures: AtomicU64,
+    /// Device Hellos refused for their credentials.
+    pub auth_failures: AtomicU64,
     /// Rows the writer holds for its next commit.
     pub uncommitted_rows: AtomicU64,
     pub compaction_failures: AtomicU64,

@@ -2,6 +2,7 @@
 //! Every change is published as a [`Presence`] event.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
@@ -14,6 +15,7 @@ struct LiveStream {
     since_ms: i64,
     firmware: String,
     superseded: CancellationToken,
+    removed: Arc<AtomicBool>,
 }
 
 pub struct SessionRegistry {
@@ -27,8 +29,10 @@ pub struct StreamClaim {
     registry: Arc<SessionRegistry>,
     device: DeviceId,
     id: u64,
-    /// Cancelled when a newer stream of the same device takes over.
+    /// Cancelled when a newer stream of the same device takes over, or the
+    /// device is removed.
     pub superseded: CancellationToken,
+    removed: Arc<AtomicBool>,
 }
 
 impl SessionRegistry {
@@ -75,6 +79,7 @@ impl SessionRegistry {
         firmware: &str,
     ) -> Option<StreamClaim> {
         let superseded = CancellationToken::new();
+        let removed = Arc::new(AtomicBool::new(false));
         let previous = {
             let mut live = self.lock();
             if live.get(device).is_some_and(|s| s.id > id) {
@@ -87,6 +92,7 @@ impl SessionRegistry {
                     since_ms: now_ms,
                     firmware: firmware.to_owned(),
                     superseded: superseded.clone(),
+                    removed: Arc::clone(&removed),
                 },
             );
             // Sent under the lock, so events of one device keep their order.
@@ -106,7 +112,31 @@ impl SessionRegistry {
             device: device.clone(),
             id,
             superseded,
+            removed,
         })
+    }
+
+    /// Ends the device's live stream because an operator removed it;
+    /// whether it had one.
+    pub fn remove(&self, device: &DeviceId) -> bool {
+        let live = self.lock();
+        match live.get(device) {
+            Some(stream) => {
+                stream.removed.store(true, Ordering::Relaxed);
+                stream.superseded.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Devices with a live stream.
+    pub fn live_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_live(&self, device: &DeviceId) -> bool {
+        self.lock().contains_key(device)
     }
 
     /// Live devices and since when (ms since the epoch).
@@ -122,6 +152,12 @@ impl StreamClaim {
     /// Unique per stream for the life of the hub.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The stream ended because an operator removed the device (not a
+    /// takeover).
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
     }
 }
 

@@ -63,9 +63,14 @@ impl TokenBucket {
     /// Spends a token for a message already taken; `Err(wait)` when the
     /// bucket is in debt: nothing more before `wait` has passed.
     pub fn spend(&mut self) -> Result<(), Duration> {
+        self.spend_n(1)
+    }
+
+    /// [`TokenBucket::spend`] for `n` messages at once.
+    pub fn spend_n(&mut self, n: usize) -> Result<(), Duration> {
         let now = Instant::now();
         let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.burst) - 1.0;
+        self.tokens = (self.tokens + earned).min(self.burst) - n as f64;
         self.at = now;
         if self.tokens >= 0.0 {
             Ok(())

@@ -6,4 +6,9 @@
 
 pub mod v1 {
     tonic::include_proto!("telemetry.v1");
+
+    /// The encoded file descriptor set of `telemetry.v1`, for server
+    /// reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/telemetry_descriptor.bin"));
 }

@@ -13,7 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use telemetry_proto::v1::{self as pb, operator_client::OperatorClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
@@ -45,8 +48,8 @@ pub enum Command {
     },
     /// Query stored readings of a device.
     Query(QueryArgs),
-    /// List registered devices.
-    Devices(DevicesArgs),
+    /// List registered devices, or add, rotate-token, remove one.
+    Devices(DevicesCmd),
     /// Send, list, show and cancel device commands.
     #[command(subcommand)]
     Command(CommandAction),
@@ -56,14 +59,85 @@ pub enum Command {
     Stats(DevicesArgs),
     /// Run a hub and a simulated fleet in one process (Ctrl-C stops).
     Demo(DemoArgs),
+    /// Copy both databases, online and consistent, into a directory on the
+    /// hub's machine (admin), and verify the copy.
+    Backup(BackupArgs),
 }
 
 /// How to reach a running hub.
 #[derive(Args, Debug, Clone)]
 pub struct HubAddr {
-    /// URL of the running hub.
+    /// URL of the running hub (https:// for TLS).
     #[arg(long, env = "HUB_ADDR", default_value = "http://127.0.0.1:50051")]
     pub hub: String,
+    /// Operator token, sent as `authorization: Bearer` (never printed).
+    #[arg(long, env = "HUB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the hub's certificate, for https://.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), when the hub asks for one (mTLS).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// `hub devices` lists; its subcommands manage enrollment (admin).
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DevicesCmd {
+    #[command(subcommand)]
+    pub action: Option<DeviceAction>,
+    #[command(flatten)]
+    pub list: DevicesArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceAction {
+    /// Add a device (or re-add a removed one) and print its token, once.
+    Add {
+        #[command(flatten)]
+        addr: HubAddr,
+        /// Device id.
+        id: String,
+        /// A label key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Give a device a new token (the old one stops working) and print it.
+    RotateToken {
+        #[command(flatten)]
+        addr: HubAddr,
+        id: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove a device: its stream ends and it is refused until added again.
+    Remove {
+        #[command(flatten)]
+        addr: HubAddr,
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub addr: HubAddr,
+    /// A new directory on the hub's machine.
+    #[arg(long)]
+    pub to: String,
+}
+
+/// `key=value`.
+pub fn parse_label(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{raw:?} is not key=value"))
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -168,14 +242,66 @@ fn system_time_ms(t: SystemTime) -> i64 {
     }
 }
 
-pub async fn connect(addr: &HubAddr) -> anyhow::Result<OperatorClient<Channel>> {
-    let channel = Endpoint::from_shared(addr.hub.clone())
+/// An Operator client that sends the operator token with every call.
+pub type OperatorApi = OperatorClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` when a token was given.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub async fn connect(addr: &HubAddr) -> anyhow::Result<OperatorApi> {
+    let mut endpoint = Endpoint::from_shared(addr.hub.clone())
         .with_context(|| format!("invalid hub URL {:?}", addr.hub))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if addr.hub.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls(addr)?)
+            .context("TLS settings")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the hub at {}", addr.hub))?;
-    Ok(OperatorClient::new(channel))
+    let bearer = match &addr.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .context("the operator token must be printable ASCII")?,
+        ),
+        None => None,
+    };
+    Ok(OperatorClient::with_interceptor(channel, Bearer(bearer)))
+}
+
+/// TLS for an https:// hub: the CA that signed its certificate (required:
+/// no system roots are trusted) and, for mTLS, a client certificate.
+fn client_tls(addr: &HubAddr) -> anyhow::Result<ClientTlsConfig> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let ca = addr
+        .ca
+        .as_ref()
+        .context("an https:// hub needs --ca FILE (the CA that signed the hub's certificate)")?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&addr.cert, &addr.key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }
 
 fn agg_to_proto(a: AggArg) -> pb::Aggregate {
@@ -227,16 +353,97 @@ pub async fn query(args: &QueryArgs, out: &mut impl Write) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Every registered device.
-pub(crate) async fn list_devices(
-    client: &mut OperatorClient<Channel>,
-) -> anyhow::Result<Vec<pb::DeviceInfo>> {
-    Ok(client
-        .list_devices(pb::ListDevicesRequest {})
+/// Every registered device, page by page.
+pub(crate) async fn list_devices(client: &mut OperatorApi) -> anyhow::Result<Vec<pb::DeviceInfo>> {
+    let mut devices = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = client
+            .list_devices(pb::ListDevicesRequest { after, limit: 0 })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        devices.extend(page.devices);
+        if page.next_after.is_empty() {
+            return Ok(devices);
+        }
+        after = page.next_after;
+    }
+}
+
+/// `hub devices add | rotate-token | remove`.
+pub async fn device_action(action: &DeviceAction, out: &mut impl Write) -> anyhow::Result<()> {
+    match action {
+        DeviceAction::Add {
+            addr,
+            id,
+            labels,
+            format,
+        } => {
+            let creds = connect(addr)
+                .await?
+                .add_device(pb::AddDeviceRequest {
+                    device_id: id.clone(),
+                    labels: labels.iter().cloned().collect(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::print_credentials(*format, &creds, out)?;
+        }
+        DeviceAction::RotateToken { addr, id, format } => {
+            let creds = connect(addr)
+                .await?
+                .rotate_device_token(pb::RotateDeviceTokenRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::print_credentials(*format, &creds, out)?;
+        }
+        DeviceAction::Remove { addr, id } => {
+            let done = connect(addr)
+                .await?
+                .remove_device(pb::RemoveDeviceRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let stream = if done.was_online {
+                "; its stream was ended"
+            } else {
+                ""
+            };
+            writeln!(out, "removed {id}{stream}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `hub backup --to DIR`.
+pub async fn backup(args: &BackupArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let report = connect(&args.addr)
+        .await?
+        .backup(pb::BackupRequest {
+            to: args.to.clone(),
+        })
         .await
         .map_err(status_error)?
-        .into_inner()
-        .devices)
+        .into_inner();
+    writeln!(
+        out,
+        "backup verified: {} ({} devices, {} readings) and {} ({} commands)",
+        report.readings_path,
+        report.devices,
+        report.readings,
+        report.commands_path,
+        report.commands
+    )?;
+    out.flush()?;
+    Ok(())
 }
 
 /// `hub devices`.

@@ -250,6 +250,27 @@ pub fn print_devices(
     Ok(())
 }
 
+/// A device's new token: shown this once.
+pub fn print_credentials(
+    format: Format,
+    creds: &pb::DeviceCredentials,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    match format {
+        Format::Json => writeln!(
+            out,
+            "{}",
+            json!({"device_id": creds.device_id, "token": creds.token})
+        ),
+        Format::Csv => writeln!(out, "device_id,token\n{},{}", creds.device_id, creds.token),
+        Format::Table => writeln!(
+            out,
+            "device  {}\ntoken   {}\n(shown once: the hub keeps only its SHA-256)",
+            creds.device_id, creds.token
+        ),
+    }
+}
+
 pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
     let fields: [(&str, Value); 16] = [
         ("live_sessions", json!(s.live_sessions)),

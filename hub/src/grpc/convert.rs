@@ -5,22 +5,26 @@ use telemetry_proto::v1 as pb;
 use tonic::{Code, Status};
 
 use crate::commands::{CommandError, DeviceCommand};
+use crate::devices::DeviceAdminError;
 use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition,
     CommittedBatch, DeviceHello, DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
 use crate::store::StoreError;
+use crate::store::backup::BackupError;
 
-pub fn hello(hello: pb::Hello) -> Result<DeviceHello, Status> {
+/// A Hello as the hub keeps it, and the token it presented.
+pub fn hello(hello: pb::Hello) -> Result<(DeviceHello, String), Status> {
     let device_id =
         DeviceId::parse(&hello.device_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    DeviceHello::new(
+    let checked = DeviceHello::new(
         device_id,
         hello.firmware,
         hello.labels.into_iter().collect(),
         &hello.token,
     )
-    .map_err(|e| Status::invalid_argument(e.to_string()))
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((checked, hello.token))
 }
 
 pub fn reading(r: pb::Reading) -> Reading {
@@ -214,6 +218,26 @@ pub fn command_status(err: CommandError) -> Status {
     }
 }
 
+/// The one mapping of device-management errors to a client status.
+pub fn device_admin_status(err: DeviceAdminError) -> Status {
+    match err {
+        DeviceAdminError::BadId(_) | DeviceAdminError::BadLabels(_) => {
+            Status::invalid_argument(err.to_string())
+        }
+        DeviceAdminError::NotFound(_) => Status::not_found(err.to_string()),
+        DeviceAdminError::Ingest(_) => Status::unavailable(err.to_string()),
+    }
+}
+
+pub fn backup_status(err: BackupError) -> Status {
+    match err {
+        BackupError::Exists(_) => Status::already_exists(err.to_string()),
+        BackupError::CreateDir(..) => Status::failed_precondition(err.to_string()),
+        BackupError::Unsound(..) => Status::internal(err.to_string()),
+        BackupError::Store(e) => store_status(e),
+    }
+}
+
 /// The readings of a committed batch that match a watcher's filter.
 pub fn live_readings(
     batch: &CommittedBatch,
@@ -257,7 +281,7 @@ mod fuzz {
     fn validate(msg: pb::DeviceMessage, latest: i64) {
         match msg.msg {
             Some(pb::device_message::Msg::Hello(h)) => {
-                if let Ok(hello) = hello(h) {
+                if let Ok((hello, _)) = hello(h) {
                     assert!(!hello.device_id.as_str().is_empty());
                     assert!(hello.device_id.as_str().len() <= MAX_ID_LEN);
                     assert!(hello.firmware.len() <= MAX_FIRMWARE_LEN);
@@ -276,6 +300,7 @@ mod fuzz {
                         assert!((MIN_TS_MS..=latest).contains(&r.ts_ms));
                         assert!(r.value.is_finite());
                         assert!(!r.sensor.is_empty() && r.sensor.len() <= MAX_ID_LEN);
+                        assert!(!r.sensor.chars().any(char::is_control));
                     }
                 }
             }

@@ -7,9 +7,11 @@
 
 pub mod convert;
 mod operator;
+mod operator_auth;
 pub mod session;
 
 pub use operator::OperatorService;
+pub use operator_auth::OperatorAuth;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,6 +49,12 @@ impl DeviceGateway for DeviceGatewayService {
         &self,
         request: Request<Streaming<pb::DeviceMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = session::Peer {
+            ip: request.remote_addr().map(|a| a.ip()),
+            certificate: request
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())),
+        };
         let inbound = request.into_inner();
         let (outbound, rx) = mpsc::channel(self.outbound_buffer);
         let (abort, aborted) = oneshot::channel();
@@ -57,6 +65,7 @@ impl DeviceGateway for DeviceGatewayService {
             inbound,
             outbound,
             abort,
+            peer,
         ));
         Ok(Response::new(HubStream::new(rx, aborted)))
     }

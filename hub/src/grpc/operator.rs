@@ -11,15 +11,18 @@ use tonic::{Request, Response, Status};
 
 use super::session::SessionContext;
 use super::{convert, spawn_stream};
+use crate::auth::Operator as OperatorIdentity;
 use crate::commands::NewCommand;
+use crate::devices;
 use crate::domain::{CommandRecord, CommittedBatch, ReadingQuery};
 use crate::metrics::HubMetrics;
 use crate::query::{self, QueryChunk};
 use crate::store::Store;
-use crate::store::commands::CommandFilter;
+use crate::store::commands::{CommandFilter, CommandStore};
 
 pub struct OperatorService {
     pub store: Store,
+    pub command_store: CommandStore,
     pub ctx: Arc<SessionContext>,
     pub fanout: tokio::sync::broadcast::Sender<Arc<CommittedBatch>>,
 }
@@ -97,21 +100,35 @@ impl Operator for OperatorService {
 
     async fn list_devices(
         &self,
-        _request: Request<pb::ListDevicesRequest>,
+        request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let online = self.ctx.registry.online();
-        let devices = self
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let page = self
             .store
-            .list_devices()
+            .list_devices(&req.after, limit)
             .await
-            .map_err(convert::store_status)?
+            .map_err(convert::store_status)?;
+        let next_after = if page.len() == limit as usize {
+            page.last().map(|d| d.device_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let online = self.ctx.registry.online();
+        let devices = page
             .into_iter()
             .map(|d| {
                 let since = online.get(&d.device_id).copied();
                 convert::device_info(d, since)
             })
             .collect();
-        Ok(Response::new(pb::ListDevicesResponse { devices }))
+        Ok(Response::new(pb::ListDevicesResponse {
+            devices,
+            next_after,
+        }))
     }
 
     async fn get_hub_stats(
@@ -148,6 +165,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::SendCommandRequest>,
     ) -> Result<Response<pb::CommandInfo>, Status> {
+        let by = caller(&request);
         let req = request.into_inner();
         if req.ttl_ms < 0 {
             return Err(Status::invalid_argument("ttl_ms must not be negative"));
@@ -164,6 +182,7 @@ impl Operator for OperatorService {
             .send(cmd)
             .await
             .map_err(convert::command_status)?;
+        tracing::info!(by, command_id = rec.command_id, device_id = ?rec.device_id, name = ?rec.name, "command sent");
         Ok(Response::new(convert::command_info(rec, Vec::new())))
     }
 
@@ -212,12 +231,14 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::CancelCommandRequest>,
     ) -> Result<Response<pb::CommandInfo>, Status> {
+        let by = caller(&request);
         let rec = self
             .ctx
             .commands
             .cancel(&request.into_inner().command_id)
             .await
             .map_err(convert::command_status)?;
+        tracing::info!(by, command_id = rec.command_id, "command cancelled");
         Ok(Response::new(convert::command_info(rec, Vec::new())))
     }
 
@@ -285,6 +306,87 @@ impl Operator for OperatorService {
         Ok(Response::new(stream))
     }
 
+    async fn add_device(
+        &self,
+        request: Request<pb::AddDeviceRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let token = devices::add(
+            &self.ctx.ingest,
+            &req.device_id,
+            req.labels.into_iter().collect(),
+        )
+        .await
+        .map_err(convert::device_admin_status)?;
+        tracing::info!(by, device_id = ?req.device_id, "device added");
+        Ok(Response::new(pb::DeviceCredentials {
+            device_id: req.device_id,
+            token,
+        }))
+    }
+
+    async fn rotate_device_token(
+        &self,
+        request: Request<pb::RotateDeviceTokenRequest>,
+    ) -> Result<Response<pb::DeviceCredentials>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let token = devices::rotate_token(&self.ctx.ingest, &req.device_id)
+            .await
+            .map_err(convert::device_admin_status)?;
+        tracing::info!(by, device_id = ?req.device_id, "device token rotated");
+        Ok(Response::new(pb::DeviceCredentials {
+            device_id: req.device_id,
+            token,
+        }))
+    }
+
+    async fn remove_device(
+        &self,
+        request: Request<pb::RemoveDeviceRequest>,
+    ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let was_online = devices::remove(&self.ctx.ingest, &self.ctx.registry, &req.device_id)
+            .await
+            .map_err(convert::device_admin_status)?;
+        tracing::info!(by, device_id = ?req.device_id, was_online, "device removed");
+        Ok(Response::new(pb::RemoveDeviceResponse { was_online }))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<pb::BackupResponse>, Status> {
+        let by = caller(&request);
+        let to = request.into_inner().to;
+        if to.is_empty() {
+            return Err(Status::invalid_argument("the backup directory is required"));
+        }
+        let report = crate::store::backup::backup(
+            &self.store,
+            &self.command_store,
+            std::path::Path::new(&to),
+        )
+        .await
+        .map_err(convert::backup_status)?;
+        tracing::info!(
+            by,
+            to,
+            readings = report.readings,
+            commands = report.commands,
+            "backup taken"
+        );
+        Ok(Response::new(pb::BackupResponse {
+            readings_path: report.readings_path.display().to_string(),
+            commands_path: report.commands_path.display().to_string(),
+            devices: report.devices,
+            readings: report.readings,
+            commands: report.commands,
+        }))
+    }
+
     async fn watch_readings(
         &self,
         request: Request<pb::WatchReadingsRequest>,
@@ -330,4 +432,13 @@ impl Operator for OperatorService {
         });
         Ok(Response::new(stream))
     }
+}
+
+/// Who made an admin call, for the log: the token's name (never its value),
+/// or "open" when the Operator API takes no tokens.
+fn caller<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<OperatorIdentity>()
+        .map_or_else(|| "open".to_owned(), |op| op.name.clone())
 }

@@ -16,6 +16,7 @@
 //! slows only this stream), its noise is logged with suppression counts, and
 //! a device that reads nothing for `server.send_timeout` is dropped.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +31,17 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
+use crate::auth::{AuthPolicy, FailureLimiter, certificate_names_device};
 use crate::commands::{Commands, DeviceCommand};
+use crate::config::DeviceAuthMode;
 use crate::domain::{
     CheckedReading, DeviceHello, DeviceId, DeviceKey, MAX_SEQ, now_ms, seq_in_range,
 };
 use crate::ingest::{AckSlot, IngestBatch, IngestQueue, PendingAck};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
+use crate::registry::StreamClaim;
+use crate::store::Store;
 use crate::throttle::{LogThrottle, TokenBucket};
 
 pub type Outbound = mpsc::Sender<Result<pb::HubMessage, Status>>;
@@ -63,7 +68,15 @@ pub struct SessionContext {
     pub drain_timeout: Duration,
     pub send_timeout: Duration,
     pub max_replies_per_sec: u32,
+    pub max_readings_per_sec: u32,
+    pub max_devices: usize,
     pub max_clock_skew: Duration,
+    pub auth: Arc<AuthPolicy>,
+    /// Device credentials are read from here.
+    pub store: Store,
+    pub failures: FailureLimiter,
+    /// Refused streams and failed authentications, logged with suppression.
+    pub refusals: std::sync::Mutex<LogThrottle>,
 }
 
 /// How the reader ended, told to the ack task.
@@ -76,18 +89,39 @@ struct Finish {
 }
 
 /// Runs one device stream to its end.
+/// Who is at the other end of a stream, as the transport saw it.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub ip: Option<IpAddr>,
+    /// The client certificate (leaf, DER), under TLS with client auth.
+    pub certificate: Option<Vec<u8>>,
+}
+
 pub async fn run(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,
     outbound: Outbound,
     abort: Abort,
+    peer: Peer,
 ) {
     let _live = ctx.metrics.session_started();
-    let hello = match wait_for_hello(&ctx, &mut inbound).await {
-        Ok(Some(hello)) => hello,
+    let checked = match wait_for_hello(&ctx, &mut inbound).await {
+        Ok(Some((hello, token))) => admit(&ctx, &hello, &token, &peer).await.map(|()| hello),
         Ok(None) => return,
+        Err(status) => Err(status),
+    };
+    let hello = match checked {
+        Ok(hello) => hello,
         Err(status) => {
-            tracing::info!(code = ?status.code(), reason = status.message(), "stream refused before Hello");
+            if let Some(suppressed) = ctx
+                .refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow()
+            {
+                tracing::info!(code = ?status.code(), reason = status.message(), peer = ?peer.ip,
+                    suppressed, "stream refused at Hello");
+            }
             let _ = outbound.send(Err(status)).await;
             return;
         }
@@ -171,10 +205,11 @@ async fn run_registered(
         rejects: LogThrottle::new(LOG_INTERVAL),
         noise: LogThrottle::new(LOG_INTERVAL),
         replies: TokenBucket::new(ctx.max_replies_per_sec, ctx.max_replies_per_sec),
+        readings: TokenBucket::new(ctx.max_readings_per_sec, ctx.max_readings_per_sec),
         paused_until: None,
         batches_pushed: 0,
     };
-    let finish = reader.read(&mut inbound, &claim.superseded).await;
+    let finish = reader.read(&mut inbound, &claim).await;
     let reason = finish
         .status
         .as_ref()
@@ -189,10 +224,56 @@ async fn run_registered(
     tracing::info!(reason, "device disconnected");
 }
 
+/// May this Hello become a session? The device's credentials (the core's
+/// policy, `auth`), the failed-attempt limit of its address, and the limit
+/// of connected devices.
+async fn admit(
+    ctx: &SessionContext,
+    hello: &DeviceHello,
+    token: &str,
+    peer: &Peer,
+) -> Result<(), Status> {
+    if !ctx.failures.allowed(peer.ip) {
+        return Err(Status::resource_exhausted(
+            "too many failed authentications from this address; try again in a minute",
+        ));
+    }
+    let id = hello.device_id.as_str();
+    let stored = ctx
+        .store
+        .credentials(id)
+        .await
+        .map_err(convert::store_status)?;
+    let ok = match ctx.auth.devices {
+        DeviceAuthMode::Open => !stored.removed,
+        DeviceAuthMode::Token => ctx.auth.device_token_ok(id, token, stored),
+        DeviceAuthMode::Tls => {
+            !stored.removed
+                && peer
+                    .certificate
+                    .as_deref()
+                    .is_some_and(|der| certificate_names_device(der, id))
+        }
+    };
+    if !ok {
+        ctx.failures.failed(peer.ip);
+        HubMetrics::add(&ctx.metrics.auth_failures, 1);
+        // The same answer whether or not the device exists.
+        return Err(Status::unauthenticated("invalid device credentials"));
+    }
+    if ctx.registry.live_count() >= ctx.max_devices && !ctx.registry.is_live(&hello.device_id) {
+        return Err(Status::resource_exhausted(format!(
+            "the hub already serves its limit of {} connected devices (server.max_devices)",
+            ctx.max_devices
+        )));
+    }
+    Ok(())
+}
+
 async fn wait_for_hello(
     ctx: &SessionContext,
     inbound: &mut Streaming<pb::DeviceMessage>,
-) -> Result<Option<DeviceHello>, Status> {
+) -> Result<Option<(DeviceHello, String)>, Status> {
     let first = tokio::select! {
         first = tokio::time::timeout(ctx.hello_timeout, inbound.message()) => first,
         _ = ctx.shutdown.cancelled() => return Err(Status::unavailable("the hub is shutting down")),
@@ -229,6 +310,8 @@ struct Reader<'a> {
     noise: LogThrottle,
     /// Command replies and empty messages: past the rate, reading pauses.
     replies: TokenBucket,
+    /// Readings: past `server.max_readings_per_sec`, reading pauses.
+    readings: TokenBucket,
     paused_until: Option<Instant>,
     batches_pushed: u64,
 }
@@ -237,7 +320,7 @@ impl Reader<'_> {
     async fn read(
         &mut self,
         inbound: &mut Streaming<pb::DeviceMessage>,
-        superseded: &CancellationToken,
+        claim: &StreamClaim,
     ) -> Finish {
         loop {
             let paused = self.paused_until.is_some();
@@ -246,8 +329,13 @@ impl Reader<'_> {
                 _ = self.ctx.shutdown.cancelled() => {
                     return self.finish(true, Some(Status::unavailable("the hub is shutting down")));
                 }
-                _ = superseded.cancelled() => {
-                    return self.finish(true, Some(Status::aborted("superseded by a newer connection")));
+                _ = claim.superseded.cancelled() => {
+                    let status = if claim.removed() {
+                        Status::unauthenticated("the device was removed by an operator")
+                    } else {
+                        Status::aborted("superseded by a newer connection")
+                    };
+                    return self.finish(true, Some(status));
                 }
                 _ = self.ended.cancelled() => return self.finish(false, None),
                 _ = tokio::time::sleep_until(self.paused_until.unwrap_or_else(Instant::now)), if paused => {
@@ -350,6 +438,11 @@ impl Reader<'_> {
                     readings.push(CheckedReading::Rejected { seq: reading.seq });
                 }
             }
+        }
+        // Past the device's reading rate the next read waits: backpressure
+        // to this device alone, nothing rejected.
+        if let Err(wait) = self.readings.spend_n(readings.len()) {
+            self.paused_until = Some(Instant::now() + wait);
         }
         let batch = IngestBatch {
             device: self.device,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::domain::{CheckedReading, DeviceHello, DeviceKey};
+use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey};
 
 pub use writer::{Writer, WriterSettings};
 
@@ -49,11 +49,34 @@ pub struct Registered {
     pub stream: u64,
 }
 
+/// An operator's change to a device's credentials, written by the writer
+/// (the one writer of the readings database).
+#[derive(Debug, Clone)]
+pub enum CredentialChange {
+    /// Add the device, or re-add a removed one, with its own token.
+    Enroll {
+        hello: DeviceHello,
+        token_sha256: [u8; 32],
+    },
+    Rotate {
+        device_id: DeviceId,
+        token_sha256: [u8; 32],
+    },
+    Remove {
+        device_id: DeviceId,
+    },
+}
+
 pub(crate) enum WriterMsg {
     Batch(IngestBatch),
     Register {
         hello: DeviceHello,
         reply: oneshot::Sender<Result<Registered, IngestError>>,
+    },
+    /// Replies whether the device was there (always true for Enroll).
+    Credentials {
+        change: CredentialChange,
+        reply: oneshot::Sender<Result<bool, IngestError>>,
     },
 }
 
@@ -61,7 +84,7 @@ impl WriterMsg {
     fn rows(&self) -> usize {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),
-            WriterMsg::Register { .. } => 1,
+            WriterMsg::Register { .. } | WriterMsg::Credentials { .. } => 1,
         }
     }
 }
@@ -85,6 +108,17 @@ impl IngestQueue {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(WriterMsg::Register { hello, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// Changes a device's credentials in the writer's next commit; whether
+    /// the device was there.
+    pub async fn change_credentials(&self, change: CredentialChange) -> Result<bool, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Credentials { change, reply })
             .await
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)?

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{IngestError, Registered, WriterMsg};
+use super::{CredentialChange, IngestError, Registered, WriterMsg};
 use crate::domain::{
     CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
     SensorKey, Verdict, judge, now_ms,
@@ -135,6 +135,8 @@ enum Outcome {
     /// Its session had a batch in a failed commit: nothing of it is written.
     Skipped,
     Registered(DeviceKey),
+    /// A credential change; whether the device was there.
+    Credentials(bool),
 }
 
 /// What a group changes in the writer's memory, applied after its commit.
@@ -277,6 +279,9 @@ impl Writer {
                         WriterMsg::Register { reply, .. } => {
                             let _ = reply.send(Err(IngestError::Storage));
                         }
+                        WriterMsg::Credentials { reply, .. } => {
+                            let _ = reply.send(Err(IngestError::Storage));
+                        }
                     }
                 }
                 false
@@ -323,6 +328,9 @@ impl Writer {
                         acked_seq,
                         stream: self.streams,
                     }));
+                }
+                (WriterMsg::Credentials { reply, .. }, Outcome::Credentials(found)) => {
+                    let _ = reply.send(Ok(found));
                 }
                 _ => unreachable!("outcomes are produced in message order"),
             }
@@ -482,6 +490,28 @@ impl Writer {
                         changes.marks.entry(device).or_insert(stored_mark);
                     }
                     outcomes.push(Outcome::Registered(device));
+                }
+                WriterMsg::Credentials { change, .. } => {
+                    let found = match change {
+                        CredentialChange::Enroll {
+                            hello,
+                            token_sha256,
+                        } => {
+                            tx.enroll_device(hello, token_sha256, now).await?;
+                            true
+                        }
+                        CredentialChange::Rotate {
+                            device_id,
+                            token_sha256,
+                        } => {
+                            tx.set_device_token(device_id.as_str(), token_sha256)
+                                .await?
+                        }
+                        CredentialChange::Remove { device_id } => {
+                            tx.remove_device(device_id.as_str(), now).await?
+                        }
+                    };
+                    outcomes.push(Outcome::Credentials(found));
                 }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(batch) => {

@@ -87,6 +87,11 @@ impl CommandStore {
         self.read.close().await;
     }
 
+    /// A consistent copy of the command log at `path`.
+    pub async fn vacuum_into(&self, path: &Path) -> Result<(), StoreError> {
+        super::vacuum_into(&self.read, path).await
+    }
+
     pub async fn get(
         &self,
         command_id: &str,

@@ -4,6 +4,7 @@
 //! writer task) and a small pool of reader connections ([`Store`]) for
 //! queries. WAL mode lets readers run beside the writer.
 
+pub mod backup;
 pub mod commands;
 mod write;
 mod write_conn;
@@ -17,6 +18,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
+use crate::auth::StoredCredentials;
 use crate::config::{StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
@@ -60,6 +62,14 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
         .connect_with(options)
         .await?;
     Ok((Store { read }, StoreWriter::new(writer)))
+}
+
+pub(crate) async fn vacuum_into(pool: &SqlitePool, path: &Path) -> Result<(), StoreError> {
+    sqlx::query("VACUUM INTO ?")
+        .bind(path.to_string_lossy().into_owned())
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// `storage.max_size_mib` as SQLite's page limit on the writer's connection:
@@ -126,19 +136,53 @@ impl Store {
         self.read.close().await;
     }
 
+    /// A consistent copy of the database (one read transaction) at `path`.
+    pub async fn vacuum_into(&self, path: &Path) -> Result<(), StoreError> {
+        vacuum_into(&self.read, path).await
+    }
+
     pub async fn find_device(&self, external_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let row = sqlx::query(&format!("{DEVICE_SELECT} WHERE external_id = ?"))
-            .bind(external_id)
-            .fetch_optional(&self.read)
-            .await?;
+        let row = sqlx::query(&format!(
+            "{DEVICE_SELECT} WHERE external_id = ? AND removed_ms IS NULL"
+        ))
+        .bind(external_id)
+        .fetch_optional(&self.read)
+        .await?;
         row.map(|r| device_from_row(&r)).transpose()
     }
 
-    pub async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let rows = sqlx::query(&format!("{DEVICE_SELECT} ORDER BY external_id"))
-            .fetch_all(&self.read)
-            .await?;
+    /// Up to `limit` devices after `after` (by id), removed ones left out.
+    pub async fn list_devices(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEVICE_SELECT} WHERE external_id > ? AND removed_ms IS NULL \
+             ORDER BY external_id LIMIT ?"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
         rows.iter().map(device_from_row).collect()
+    }
+
+    /// What is stored of a device's credentials (default: unknown device).
+    pub async fn credentials(&self, external_id: &str) -> Result<StoredCredentials, StoreError> {
+        let row: Option<(Option<Vec<u8>>, Option<i64>)> =
+            sqlx::query_as("SELECT token_sha256, removed_ms FROM devices WHERE external_id = ?")
+                .bind(external_id)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(
+            row.map_or_else(StoredCredentials::default, |(hash, removed)| {
+                StoredCredentials {
+                    token_sha256: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
+                    removed: removed.is_some(),
+                }
+            }),
+        )
     }
 
     pub async fn sensor_key(&self, name: &str) -> Result<Option<SensorKey>, StoreError> {

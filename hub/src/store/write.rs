@@ -165,6 +165,64 @@ impl WriteTx<'_> {
         Ok((DeviceKey(id), acked as u64))
     }
 
+    /// Enrolls a device with its own token (adding it, or re-adding a
+    /// removed one; its mark and readings stay).
+    pub async fn enroll_device(
+        &mut self,
+        hello: &DeviceHello,
+        token_sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
+        sqlx::query(
+            "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, token_sha256) \
+             VALUES (?1, '', ?2, ?3, ?3, ?4) \
+             ON CONFLICT (external_id) DO UPDATE SET labels = excluded.labels, \
+             token_sha256 = excluded.token_sha256, removed_ms = NULL",
+        )
+        .bind(hello.device_id.as_str())
+        .bind(labels)
+        .bind(now_ms)
+        .bind(token_sha256.as_slice())
+        .execute(self.conn.conn())
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces a device's token; false when there is no such device.
+    pub async fn set_device_token(
+        &mut self,
+        device_id: &str,
+        token_sha256: &[u8; 32],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE devices SET token_sha256 = ? WHERE external_id = ? AND removed_ms IS NULL",
+        )
+        .bind(token_sha256.as_slice())
+        .bind(device_id)
+        .execute(self.conn.conn())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks a device removed (refused until added again); false when there
+    /// is no such device.
+    pub async fn remove_device(
+        &mut self,
+        device_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE devices SET removed_ms = ?, token_sha256 = NULL \
+             WHERE external_id = ? AND removed_ms IS NULL",
+        )
+        .bind(now_ms)
+        .bind(device_id)
+        .execute(self.conn.conn())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
         let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?")
             .bind(device.0)

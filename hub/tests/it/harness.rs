@@ -161,10 +161,17 @@ impl TestHub {
         chunks
     }
 
+    /// One device as ListDevices shows it (the page that starts at it).
     pub async fn device(&self, device: &str) -> Option<pb::DeviceInfo> {
+        // Ids sort byte-wise: the page after everything below `device`.
+        let mut before = device.to_owned();
+        before.pop();
         self.operator()
             .await
-            .list_devices(pb::ListDevicesRequest {})
+            .list_devices(pb::ListDevicesRequest {
+                after: before,
+                limit: 10_000,
+            })
             .await
             .unwrap()
             .into_inner()

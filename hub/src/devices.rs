@@ -1,0 +1,79 @@
+//! Device management, the one core behind every door that offers it:
+//! individual enrollment (a new random token, shown once, stored as its
+//! SHA-256), token rotation and removal. Writes go through the ingest
+//! writer, the readings database's only writer.
+
+use std::collections::BTreeMap;
+
+use crate::auth::{new_device_token, token_hash};
+use crate::domain::{DeviceHello, DeviceId, DeviceIdError, HelloError};
+use crate::ingest::{CredentialChange, IngestError, IngestQueue};
+use crate::registry::SessionRegistry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceAdminError {
+    #[error(transparent)]
+    BadId(#[from] DeviceIdError),
+    #[error(transparent)]
+    BadLabels(#[from] HelloError),
+    #[error("unknown device {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+/// Adds a device (or re-adds a removed one) and returns its new token.
+pub async fn add(
+    ingest: &IngestQueue,
+    device_id: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<String, DeviceAdminError> {
+    let device_id = DeviceId::parse(device_id)?;
+    let hello = DeviceHello::new(device_id, String::new(), labels, "")?;
+    let token = new_device_token();
+    ingest
+        .change_credentials(CredentialChange::Enroll {
+            hello,
+            token_sha256: token_hash(&token),
+        })
+        .await?;
+    Ok(token)
+}
+
+/// A new token for a device; the old one stops working at once.
+pub async fn rotate_token(
+    ingest: &IngestQueue,
+    device_id: &str,
+) -> Result<String, DeviceAdminError> {
+    let id = DeviceId::parse(device_id)?;
+    let token = new_device_token();
+    let found = ingest
+        .change_credentials(CredentialChange::Rotate {
+            device_id: id,
+            token_sha256: token_hash(&token),
+        })
+        .await?;
+    if !found {
+        return Err(DeviceAdminError::NotFound(device_id.to_owned()));
+    }
+    Ok(token)
+}
+
+/// Removes a device and ends its live stream; whether it had one.
+pub async fn remove(
+    ingest: &IngestQueue,
+    registry: &SessionRegistry,
+    device_id: &str,
+) -> Result<bool, DeviceAdminError> {
+    let id = DeviceId::parse(device_id)?;
+    let found = ingest
+        .change_credentials(CredentialChange::Remove {
+            device_id: id.clone(),
+        })
+        .await?;
+    if !found {
+        return Err(DeviceAdminError::NotFound(device_id.to_owned()));
+    }
+    // After the commit: a reconnect from now on is refused.
+    Ok(registry.remove(&id))
+}
