@@ -158,6 +158,7 @@ impl Operator for OperatorService {
             storage_ok: m.storage_ok(),
             live_tasks: self.ctx.tracker.len() as u64,
             ingest_uncommitted: HubMetrics::get(&m.uncommitted_rows),
+            auth_failures: HubMetrics::get(&m.auth_failures),
         }))
     }
 

@@ -11,4 +11,5 @@ mod harness;
 mod ingest;
 mod lifecycle;
 mod mqtt;
+mod security;
 mod stream;

@@ -1,0 +1,712 @@
+//! Device identity, operator roles, TLS, safe defaults and the operations
+//! endpoints, against a real hub. Certificates are made in the test (rcgen).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hub::config::{DeviceAuthMode, OperatorRole, OperatorToken};
+use telemetry_proto::v1::{
+    self as pb, device_gateway_client::DeviceGatewayClient, hub_message::Msg as HubMsg,
+    operator_client::OperatorClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::harness::*;
+
+const ADMIN: &str = "admin-token-0123456789";
+const READER: &str = "read-token-0123456789";
+const FLEET_KEY: &str = "fleet-key-0123456789abcdef";
+
+fn with_tokens(s: &mut hub::Settings) {
+    s.auth.operator_tokens = vec![
+        OperatorToken {
+            name: "ops".into(),
+            token: ADMIN.into(),
+            role: OperatorRole::Admin,
+        },
+        OperatorToken {
+            name: "dashboard".into(),
+            token: READER.into(),
+            role: OperatorRole::Read,
+        },
+    ];
+}
+
+/// An Operator client that presents `token`.
+async fn operator_as(
+    channel: Channel,
+    token: Option<&str>,
+) -> OperatorClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    >,
+> {
+    let header = token.map(|t| {
+        format!("Bearer {t}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .unwrap()
+    });
+    OperatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    })
+}
+
+fn hello_token(device_id: &str, token: &str) -> pb::DeviceMessage {
+    let mut msg = hello(device_id);
+    if let Some(pb::device_message::Msg::Hello(h)) = &mut msg.msg {
+        h.token = token.into();
+    }
+    msg
+}
+
+/// Opens a stream with a Hello and returns how it went: Ok(device) after a
+/// Welcome, or the status it was refused with.
+async fn try_connect(channel: Channel, first: pb::DeviceMessage) -> Result<RawDevice, Code> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
+    let response = DeviceGatewayClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await;
+    let mut dev = match response {
+        Ok(r) => RawDevice {
+            tx: Some(tx),
+            inbound: r.into_inner(),
+        },
+        Err(status) => return Err(status.code()),
+    };
+    match dev.next().await {
+        Ok(Some(HubMsg::Welcome(_))) => Ok(dev),
+        Ok(other) => panic!("expected Welcome, got {other:?}"),
+        Err(status) => Err(status.code()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_tokens_enrollment_rotation_removal_and_no_impostor_takeover() {
+    let hub = spawn_hub_with(|s| {
+        s.auth.devices = DeviceAuthMode::Token;
+        with_tokens(s);
+    })
+    .await;
+    let mut admin = operator_as(hub.channel().await, Some(ADMIN)).await;
+    let token = admin
+        .add_device(pb::AddDeviceRequest {
+            device_id: "dev-t".into(),
+            labels: [("site".to_owned(), "lab".to_owned())]
+                .into_iter()
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(token.len(), 64);
+
+    let mut real = try_connect(hub.channel().await, hello_token("dev-t", &token))
+        .await
+        .expect("the right token is welcome");
+    let now = now_ms();
+    real.send(batch(vec![reading(1, "t", now, 1.0)])).await;
+    real.ack_through(1).await;
+
+    // Wrong token, unknown device, no token: the same answer.
+    for (id, presented) in [
+        ("dev-t", "wrong"),
+        ("nobody", token.as_str()),
+        ("dev-t", ""),
+    ] {
+        let refused = try_connect(hub.channel().await, hello_token(id, presented)).await;
+        assert_eq!(
+            refused.err(),
+            Some(Code::Unauthenticated),
+            "{id} with {presented:?}"
+        );
+    }
+    // The impostor did not take the real device's stream over.
+    real.send(batch(vec![reading(2, "t", now, 2.0)])).await;
+    assert_eq!(real.ack_through(2).await.0, 2, "the real stream goes on");
+
+    // Rotation: the old token stops working, the new one works.
+    let rotated = admin
+        .rotate_device_token(pb::RotateDeviceTokenRequest {
+            device_id: "dev-t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_ne!(rotated, token);
+    let old = try_connect(hub.channel().await, hello_token("dev-t", &token)).await;
+    assert_eq!(old.err(), Some(Code::Unauthenticated));
+    let newer = try_connect(hub.channel().await, hello_token("dev-t", &rotated))
+        .await
+        .expect("the rotated token works (a takeover with the right token)");
+    assert_eq!(real.end_code().await, Code::Aborted);
+
+    // Removal ends the live stream and refuses the device until re-added.
+    let removed = admin
+        .remove_device(pb::RemoveDeviceRequest {
+            device_id: "dev-t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(removed.was_online);
+    let mut newer = newer;
+    assert_eq!(newer.end_code().await, Code::Unauthenticated);
+    let refused = try_connect(hub.channel().await, hello_token("dev-t", &rotated)).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    let listed = admin
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    assert!(listed.is_empty(), "not listed once removed: {listed:?}");
+    let again = admin
+        .add_device(pb::AddDeviceRequest {
+            device_id: "dev-t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (back, welcome) = {
+        let mut dev = RawDevice::open(hub.channel().await, hello_token("dev-t", &again)).await;
+        match dev.next().await {
+            Ok(Some(HubMsg::Welcome(w))) => (dev, w),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        welcome.acked_seq, 2,
+        "re-added: its mark and readings stayed"
+    );
+    drop(back);
+
+    // Unknown devices and bad ids are clear errors for the operator.
+    let err = admin
+        .rotate_device_token(pb::RotateDeviceTokenRequest {
+            device_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .add_device(pb::AddDeviceRequest {
+            device_id: "bad id".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let stats = admin
+        .get_hub_stats(pb::GetHubStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.auth_failures >= 5, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_keys_admit_a_whole_fleet_without_a_per_device_step() {
+    let hub = spawn_hub_with(|s| {
+        s.auth.devices = DeviceAuthMode::Token;
+        s.auth.fleet_keys = [("lab".to_owned(), FLEET_KEY.to_owned())]
+            .into_iter()
+            .collect();
+    })
+    .await;
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: hub.url(),
+        devices: 5,
+        rate_hz: 20.0,
+        id_prefix: "fk-".into(),
+        credentials: device_sim::Credentials::FleetKey(FLEET_KEY.into()),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(50).await;
+    // Another key's token, or another device's, is refused.
+    let other_key = device_sim::fleet_token("some-other-key-0123456789", "fk-00099");
+    let refused = try_connect(hub.channel().await, hello_token("fk-00099", &other_key)).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    let borrowed = device_sim::fleet_token(FLEET_KEY, "fk-00001");
+    let refused = try_connect(hub.channel().await, hello_token("fk-00002", &borrowed)).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    let summary = fleet.finish().await;
+    assert!(
+        summary.all_clean() && summary.sent == summary.acked,
+        "{summary:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_address() {
+    let hub = spawn_hub_with(|s| {
+        s.auth.devices = DeviceAuthMode::Token;
+        s.auth.max_failures_per_minute = 3;
+        s.auth.fleet_keys = [("lab".to_owned(), FLEET_KEY.to_owned())]
+            .into_iter()
+            .collect();
+    })
+    .await;
+    for _ in 0..3 {
+        let refused = try_connect(hub.channel().await, hello_token("lim-1", "guess")).await;
+        assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    }
+    // Even the right token is refused from this address for now.
+    let right = device_sim::fleet_token(FLEET_KEY, "lim-1");
+    let refused = try_connect(hub.channel().await, hello_token("lim-1", &right)).await;
+    assert_eq!(refused.err(), Some(Code::ResourceExhausted));
+    assert!(hub.stats().await.live_sessions == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_roles_are_checked_at_the_door() {
+    let hub = spawn_hub_with(|s| {
+        s.auth.devices = DeviceAuthMode::Token;
+        s.auth.fleet_keys = [("lab".to_owned(), FLEET_KEY.to_owned())]
+            .into_iter()
+            .collect();
+        with_tokens(s);
+    })
+    .await;
+    let device_token = device_sim::fleet_token(FLEET_KEY, "op-dev");
+    let dev = try_connect(hub.channel().await, hello_token("op-dev", &device_token))
+        .await
+        .unwrap();
+    // No token, a wrong one, or a device's token: UNAUTHENTICATED.
+    for presented in [
+        None,
+        Some("nope-nope-nope-nope"),
+        Some(device_token.as_str()),
+    ] {
+        let mut op = operator_as(hub.channel().await, presented).await;
+        let err = op
+            .list_devices(pb::ListDevicesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{presented:?}");
+    }
+    // Read may look, not act.
+    let mut reader = operator_as(hub.channel().await, Some(READER)).await;
+    let listed = reader
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.devices.len(), 1);
+    assert!(
+        reader
+            .get_hub_stats(pb::GetHubStatsRequest {})
+            .await
+            .is_ok()
+    );
+    let denied = reader
+        .send_command(pb::SendCommandRequest {
+            device_id: "op-dev".into(),
+            name: "ping".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    for denied in [
+        reader
+            .add_device(pb::AddDeviceRequest {
+                device_id: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        reader
+            .backup(pb::BackupRequest {
+                to: "/tmp/x".into(),
+            })
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+    }
+    // Admin may.
+    let mut admin = operator_as(hub.channel().await, Some(ADMIN)).await;
+    assert!(
+        admin
+            .send_command(pb::SendCommandRequest {
+                device_id: "op-dev".into(),
+                name: "ping".into(),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+    );
+    // Health and reflection need no token.
+    assert_eq!(
+        hub.health("").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let services = reflected_services(hub.channel().await).await;
+    for name in [
+        "telemetry.v1.DeviceGateway",
+        "telemetry.v1.Operator",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|s| s == name), "{name} in {services:?}");
+    }
+    drop(dev);
+}
+
+/// The services a hub lists through gRPC server reflection.
+async fn reflected_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// A CA, the hub's certificate (127.0.0.1) and device certificates, in a
+/// temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca_cert,
+            ca_key,
+        };
+        std::fs::write(pki.ca_path(), pki.ca_cert.pem()).unwrap();
+        pki
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate signed by this CA: (cert path, key path).
+    fn issue(&self, name: &str, cn: &str, ip_san: bool) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if ip_san {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let cert_path = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    fn ca(&self) -> Certificate {
+        Certificate::from_pem(std::fs::read(self.ca_path()).unwrap())
+    }
+}
+
+async fn tls_channel(
+    hub: &TestHub,
+    ca: Certificate,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(ca);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{}", hub.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mtls_admit_only_the_device_the_certificate_names() {
+    let pki = Pki::new("hub test CA");
+    let (server_cert, server_key) = pki.issue("hub", "hub", true);
+    let ca_path = pki.ca_path();
+    let hub = spawn_hub_with(|s| {
+        s.server.tls.cert = server_cert;
+        s.server.tls.key = server_key;
+        s.server.tls.client_ca = ca_path;
+        s.auth.devices = DeviceAuthMode::Tls;
+    })
+    .await;
+    let mine = pki.issue("dev-m", "dev-m", false);
+    let other = pki.issue("dev-x", "dev-x", false);
+
+    // The device its certificate names.
+    let channel = tls_channel(&hub, pki.ca(), Some(mine.clone()))
+        .await
+        .unwrap();
+    let mut dev = try_connect(channel, hello("dev-m")).await.expect("welcome");
+    dev.send(batch(vec![reading(1, "t", now_ms(), 1.0)])).await;
+    assert_eq!(dev.ack_through(1).await.0, 1);
+
+    // A certificate for another device id.
+    let channel = tls_channel(&hub, pki.ca(), Some(other)).await.unwrap();
+    let refused = try_connect(channel, hello("dev-m")).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    // No client certificate at all.
+    let channel = tls_channel(&hub, pki.ca(), None).await.unwrap();
+    let refused = try_connect(channel.clone(), hello("dev-m")).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    // An operator without a certificate still gets in over TLS.
+    assert!(
+        OperatorClient::new(channel)
+            .get_hub_stats(pb::GetHubStatsRequest {})
+            .await
+            .is_ok()
+    );
+    // A client that does not trust the hub's CA, and a plain one.
+    let strange = Pki::new("another CA");
+    let wrong_ca = match tls_channel(&hub, strange.ca(), Some(mine)).await {
+        Err(_) => true,
+        Ok(channel) => OperatorClient::new(channel)
+            .get_hub_stats(pb::GetHubStatsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(wrong_ca, "a client with the wrong CA gets nothing");
+    let plain = match Endpoint::from_shared(hub.url()).unwrap().connect().await {
+        Err(_) => true,
+        Ok(channel) => OperatorClient::new(channel)
+            .get_hub_stats(pb::GetHubStatsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(plain, "plain HTTP/2 gets nothing from a TLS hub");
+    drop(dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_on_devices_and_on_a_device_reading_rate() {
+    let hub = spawn_hub_with(|s| {
+        s.server.max_devices = 2;
+        s.server.max_readings_per_sec = 1000;
+    })
+    .await;
+    let (mut a, _) = RawDevice::connect(&hub, "lim-a").await;
+    let (_b, _) = RawDevice::connect(&hub, "lim-b").await;
+    let refused = try_connect(hub.channel().await, hello("lim-c")).await;
+    assert_eq!(refused.err(), Some(Code::ResourceExhausted));
+    // A takeover of a connected device is not a new one.
+    let (mut a2, _) = RawDevice::connect(&hub, "lim-a").await;
+    assert_eq!(a.end_code().await, Code::Aborted);
+    // 3000 readings at 1000/s (a burst of 1000): paced, none rejected.
+    let now = now_ms();
+    let started = std::time::Instant::now();
+    for start in (1..=3000u64).step_by(500) {
+        a2.send(batch(
+            (start..start + 500)
+                .map(|s| reading(s, "t", now, s as f64))
+                .collect(),
+        ))
+        .await;
+    }
+    let (acked, rejected, _) = a2.ack_through(3000).await;
+    assert_eq!((acked, rejected), (3000, 0));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "paced to the rate: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_list_in_pages() {
+    let hub = spawn_hub().await;
+    for i in 0..25 {
+        hub.register_offline(&format!("page-{i:02}")).await;
+    }
+    let mut op = hub.operator().await;
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let page = op
+            .list_devices(pb::ListDevicesRequest { after, limit: 10 })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.devices.into_iter().map(|d| d.device_id));
+        if page.next_after.is_empty() {
+            break;
+        }
+        after = page.next_after;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        seen,
+        (0..25).map(|i| format!("page-{i:02}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_backup_while_ingest_runs_is_consistent_and_opens() {
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 500).await;
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: hub.url(),
+        devices: 4,
+        rate_hz: 200.0,
+        id_prefix: "bk-".into(),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("copy");
+    let report = hub
+        .operator()
+        .await
+        .backup(pb::BackupRequest {
+            to: to.display().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.devices, 4);
+    assert!(report.readings >= 1_000, "{report:?}");
+    // Into the same place again: refused, nothing overwritten.
+    let again = hub
+        .operator()
+        .await
+        .backup(pb::BackupRequest {
+            to: to.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    fleet.finish().await;
+    // The copy is a working hub database: every device's seqs are 1..=n
+    // with n its mark, as of the moment of the copy.
+    assert_eq!(integrity_check(&to.join("hub.db")).await, "ok");
+    let restored_dir = tempfile::TempDir::new_in(dir.path()).unwrap();
+    std::fs::copy(to.join("hub.db"), restored_dir.path().join("hub.db")).unwrap();
+    std::fs::copy(
+        to.join("hub-commands.db"),
+        restored_dir.path().join("hub-commands.db"),
+    )
+    .unwrap();
+    let mut restored = spawn_hub_in(restored_dir, |_| {}).await;
+    let mut total = 0;
+    for i in 1..=4 {
+        let id = device_sim::device_id("bk-", i);
+        let info = restored.device(&id).await.unwrap();
+        let seqs: Vec<u64> = restored.readings(&id).await.iter().map(|r| r.seq).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (1..=info.acked_seq).collect::<Vec<_>>(), "{id}");
+        total += seqs.len() as u64;
+    }
+    assert_eq!(total, report.readings);
+    restored.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safe_defaults_refuse_open_doors_on_a_network_address_and_secrets_stay_masked() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db").display().to_string();
+    let (code, _, err) = run(
+        &["serve"],
+        &[
+            ("HUB__SERVER__LISTEN", "0.0.0.0:0"),
+            ("HUB__STORAGE__PATH", &db),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("auth.devices") && err.contains("allow_open"),
+        "{err}"
+    );
+    let (code, _, err) = run(
+        &["print-config"],
+        &[
+            ("HUB__SERVER__LISTEN", "0.0.0.0:0"),
+            ("HUB__AUTH__DEVICES", "token"),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("auth.operator_tokens"), "{err}");
+
+    // Secrets from a config file never print.
+    let file = dir.path().join("hub.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\ndevices = \"token\"\n[auth.fleet_keys]\nlab = \"{FLEET_KEY}\"\n\
+             [[auth.operator_tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nrole = \"admin\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["print-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(FLEET_KEY) && !out.contains(ADMIN), "{out}");
+    assert!(
+        out.contains("[[auth.operator_tokens]]") && out.contains("********"),
+        "{out}"
+    );
+    // And with tokens, a network address is accepted.
+    let (code, _, err) = run(
+        &["print-config", "--config", file.to_str().unwrap()],
+        &[("HUB__SERVER__LISTEN", "0.0.0.0:0")],
+    );
+    assert_eq!(code, 0, "{err}");
+}
