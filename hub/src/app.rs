@@ -7,6 +7,7 @@
 //! process exits non-zero instead of taking readings it can never store.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,6 +170,8 @@ pub struct Hub {
     stopping: CancellationToken,
     failure: Arc<Failure>,
     health: JoinHandle<()>,
+    metrics_server: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
+    retention: Option<JoinHandle<()>>,
 }
 
 impl Hub {
@@ -229,13 +232,18 @@ impl Hub {
                 max_attempts: c.max_attempts,
                 outbox: c.outbox,
                 max_params_bytes: c.max_params_bytes,
+                retention: c.retention,
             },
             command_store.clone(),
             command_writer,
             store.clone(),
         );
         let commands_stop = CancellationToken::new();
-        let commands_task = tokio::spawn(command_actor.run(commands_stop.clone()));
+        let commands_task = tokio::spawn(
+            command_actor
+                .with_metrics(Arc::clone(&metrics))
+                .run(commands_stop.clone()),
+        );
         let commands_abort = commands_task.abort_handle();
         let commands_task = supervise(
             CriticalTask::Commands,
@@ -304,6 +312,15 @@ impl Hub {
             .build_v1()
             .context("gRPC reflection")?;
 
+        let retention = (!settings.storage.retention.is_zero()).then(|| {
+            tokio::spawn(crate::retention::run(
+                ingest.clone(),
+                store.clone(),
+                settings.storage.retention,
+                stopping.clone(),
+            ))
+        });
+
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health = tokio::spawn(report_health(
             health_reporter,
@@ -311,6 +328,44 @@ impl Hub {
             Arc::clone(&failure),
             stopping.clone(),
         ));
+
+        let metrics_server = if settings.metrics.enabled {
+            let listener = crate::prometheus::bind(settings.metrics.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (metrics.listen)",
+                        settings.metrics.listen
+                    )
+                })?;
+            let metrics_addr = listener.local_addr()?;
+            let path = &settings.storage.path;
+            let commands_path = crate::store::commands::commands_path(path);
+            let files = [path.clone(), commands_path]
+                .into_iter()
+                .flat_map(|p| {
+                    let wal = PathBuf::from(format!("{}-wal", p.display()));
+                    [p, wal]
+                })
+                .collect();
+            let registry = crate::prometheus::registry(
+                Arc::clone(&metrics),
+                tracker.clone(),
+                ingest.clone(),
+                files,
+            );
+            tracing::info!("metrics on http://{metrics_addr}/metrics");
+            Some((
+                metrics_addr,
+                tokio::spawn(crate::prometheus::serve(
+                    listener,
+                    registry,
+                    stopping.clone(),
+                )),
+            ))
+        } else {
+            None
+        };
 
         let listener = tokio::net::TcpListener::bind(server_settings.listen)
             .await
@@ -365,7 +420,14 @@ impl Hub {
             stopping,
             failure,
             health,
+            metrics_server,
+            retention,
         })
+    }
+
+    /// Where `/metrics` is served (when `metrics.enabled`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -450,6 +512,12 @@ impl Hub {
                 "streams and queries did not end within the shutdown timeout"
             );
         }
+        // Retention stopped at `stopping`; its last step is in the queue.
+        if let Some(retention) = self.retention
+            && timeout_at(deadline, retention).await.is_err()
+        {
+            tracing::warn!("retention did not stop within the shutdown timeout");
+        }
         // Devices are offline now; the bridge says so and disconnects.
         self.bridge_stop.cancel();
         if let Some(mut bridge) = self.bridge
@@ -482,6 +550,9 @@ impl Hub {
             tracing::warn!("the commands task did not finish within the shutdown timeout");
         }
         let _ = self.health.await;
+        if let Some((_, server)) = self.metrics_server {
+            let _ = server.await;
+        }
         self.store.close().await;
         self.command_store.close().await;
         tracing::info!("shutdown complete");

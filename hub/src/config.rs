@@ -13,8 +13,9 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    /// The config crate's message (not kept as a source: printed once).
     #[error("cannot load settings: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     #[error("invalid setting {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
@@ -260,16 +261,41 @@ pub struct LogSettings {
 
 impl Settings {
     /// Defaults, then `file` if given, then `HUB__*` environment variables.
+    /// Errors name where the bad value came from: an environment variable,
+    /// the `--config` file, or the built-in defaults.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        Self::load_with_env(file, Environment::with_prefix("HUB"))
+        Self::load_with_env(file, Environment::with_prefix("HUB")).map_err(|e| match e {
+            SettingsError::Invalid { key, reason } => SettingsError::Invalid {
+                key,
+                reason: format!("{reason} (set {})", origin(key, file)),
+            },
+            SettingsError::Load(message) => {
+                let key = message
+                    .split_once("for key `")
+                    .and_then(|(_, rest)| rest.split_once('`'))
+                    .map(|(key, _)| key.to_owned());
+                match key {
+                    Some(key) if std::env::var_os(env_name(&key)).is_some() => {
+                        SettingsError::Load(format!(
+                            "{message} (set by the environment variable {})",
+                            env_name(&key)
+                        ))
+                    }
+                    _ => SettingsError::Load(message),
+                }
+            }
+        })
     }
 
     /// The embedded defaults alone (tests and the demo start from these).
     pub fn defaults() -> Result<Self, SettingsError> {
+        let load = |e: config::ConfigError| SettingsError::Load(e.to_string());
         let settings: Settings = Config::builder()
             .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
-            .build()?
-            .try_deserialize()?;
+            .build()
+            .map_err(load)?
+            .try_deserialize()
+            .map_err(load)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -280,10 +306,13 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).required(true));
         }
+        let load = |e: config::ConfigError| SettingsError::Load(e.to_string());
         let settings: Settings = builder
             .add_source(env.prefix_separator("__").separator("__").try_parsing(true))
-            .build()?
-            .try_deserialize()?;
+            .build()
+            .map_err(load)?
+            .try_deserialize()
+            .map_err(load)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -551,6 +580,29 @@ impl Settings {
             .for_each(|t| mask(&mut t.token));
         toml_lines(&shown)
     }
+}
+
+/// `server.max_batch` -> `HUB__SERVER__MAX_BATCH`.
+fn env_name(key: &str) -> String {
+    format!("HUB__{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// Where a setting's value came from, for an error message.
+fn origin(key: &str, file: Option<&Path>) -> String {
+    let env = env_name(key);
+    if std::env::var_os(&env).is_some() {
+        return format!("by the environment variable {env}");
+    }
+    if let Some(path) = file {
+        let in_file = Config::builder()
+            .add_source(File::from(path))
+            .build()
+            .is_ok_and(|c| c.get::<config::Value>(key).is_ok());
+        if in_file {
+            return format!("in {}", path.display());
+        }
+    }
+    "by the built-in defaults or a setting it depends on".to_owned()
 }
 
 /// Renders settings as TOML (`[section]`, `[section.sub]`, `[[section.list]]`,

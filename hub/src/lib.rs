@@ -21,7 +21,9 @@
 //!   command log, pushes commands down device streams, enforces TTL.
 //! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
 //! - [`query`]: paged, merged or bucketed reading queries.
+//! - [`retention`]: old readings deleted in small steps through the writer.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
+//! - [`prometheus`]: the optional `/metrics` endpoint.
 //! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
 //!   command events out, commands in (through [`commands`]).
 //! - [`cli`]: the operator subcommands (gRPC clients) and the demo.
@@ -39,8 +41,10 @@ pub mod grpc;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod prometheus;
 pub mod query;
 pub mod registry;
+pub mod retention;
 pub mod store;
 pub mod throttle;
 

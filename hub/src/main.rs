@@ -4,15 +4,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hub::cli::{self, Cli, Command};
+use hub::config::LogFormat;
 use hub::{Hub, Settings};
 
-fn init_tracing(default_filter: &str) {
+fn init_tracing(default_filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // One JSON object per line, with the span's fields (device_id).
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 /// Exit code of a command line that cannot be parsed (EX_USAGE): distinct
@@ -48,7 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve { config } => {
             let settings = Settings::load(config.as_deref())?;
-            init_tracing(&settings.log.filter);
+            init_tracing(&settings.log.filter, settings.log.format);
             ok(Hub::start(settings).await?.run_until_signal().await)
         }
         Command::PrintConfig { config } => {
@@ -65,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,
         Command::Demo(args) => {
-            init_tracing("warn");
+            init_tracing("warn", LogFormat::Text);
             ok(cli::demo(args).await)
         }
     }

@@ -1,9 +1,22 @@
-//! Live counters of the hub, shared by handle (no globals).
+//! Live counters of the hub, shared by handle (no globals). `hub stats`
+//! reads them, and so does the Prometheus endpoint ([`crate::prometheus`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-#[derive(Debug, Default)]
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+/// The `state` label of command transitions.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Debug)]
 pub struct HubMetrics {
     live_sessions: AtomicU64,
     pub readings_committed: AtomicU64,
@@ -20,16 +33,47 @@ pub struct HubMetrics {
     /// False from a failed commit until the next one succeeds.
     pub storage_ok: AtomicBool,
     pub mqtt_dropped: AtomicU64,
+    pub mqtt_published: AtomicU64,
     pub mqtt_bad_messages: AtomicU64,
     pub mqtt_connected: AtomicBool,
+    /// Seconds one group takes to write and commit.
+    pub commit_seconds: Histogram,
+    /// Seconds from the hub reading a batch to the commit that acks it.
+    pub ack_seconds: Histogram,
+    pub rows_per_commit: Histogram,
+    /// Committed command transitions, by the state reached.
+    pub command_transitions: Family<StateLabel, Counter>,
 }
 
 impl HubMetrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
+            live_sessions: AtomicU64::default(),
+            readings_committed: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            rejected: AtomicU64::default(),
+            commits: AtomicU64::default(),
+            compactions: AtomicU64::default(),
+            commit_failures: AtomicU64::default(),
+            auth_failures: AtomicU64::default(),
+            uncommitted_rows: AtomicU64::default(),
+            compaction_failures: AtomicU64::default(),
             storage_ok: AtomicBool::new(true),
-            ..Self::default()
+            mqtt_dropped: AtomicU64::default(),
+            mqtt_published: AtomicU64::default(),
+            mqtt_bad_messages: AtomicU64::default(),
+            mqtt_connected: AtomicBool::default(),
+            // 1 ms to 16 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            ack_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 1 to 262,144 rows.
+            rows_per_commit: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            command_transitions: Family::default(),
         })
+    }
+
+    pub fn observe(histogram: &Histogram, elapsed: Duration) {
+        histogram.observe(elapsed.as_secs_f64());
     }
 
     pub fn storage_ok(&self) -> bool {

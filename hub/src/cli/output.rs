@@ -71,11 +71,23 @@ pub struct QueryPrinter<'a> {
     columns: BucketColumns,
 }
 
+/// A string that came from a device or an operator, made safe to print:
+/// control characters (a terminal's escape sequences) are shown escaped.
+/// The hub refuses them now; older data may still hold some.
+fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_debug).collect())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+    let s = shown(s);
+    if s.contains([',', '"']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s.into_owned()
     }
 }
 
@@ -167,7 +179,10 @@ impl<'a> QueryPrinter<'a> {
             Format::Table => {
                 let mut line = format!(
                     "{:<16} {:<14} {:<24} {:>8}",
-                    self.device, b.sensor, start, b.count
+                    self.device,
+                    shown(&b.sensor),
+                    start,
+                    b.count
                 );
                 for v in self.columns.values(b) {
                     line.push_str(&format!(
@@ -242,7 +257,7 @@ pub fn print_devices(
                     when,
                     d.acked_seq,
                     d.readings,
-                    d.firmware
+                    shown(&d.firmware)
                 )?;
             }
         }
@@ -387,10 +402,10 @@ pub fn print_commands(
                     c.name,
                     state_name(c.state),
                     rfc3339_ms(c.updated_at_ms),
-                    c.result_json
+                    shown(&c.result_json)
                 );
                 if !c.detail.is_empty() {
-                    line.push_str(&format!("  ({})", c.detail));
+                    line.push_str(&format!("  ({})", shown(&c.detail)));
                 }
                 writeln!(out, "{}", line.trim_end())?;
             }
@@ -422,7 +437,7 @@ pub fn print_command_detail(
                     Value::String(s) => s,
                     other => other.to_string(),
                 };
-                writeln!(out, "{k:<12} {v}")?;
+                writeln!(out, "{k:<12} {}", shown(&v))?;
             }
             writeln!(out, "history")?;
             for t in &c.history {
@@ -431,7 +446,7 @@ pub fn print_command_detail(
                     "  {:<24} {:<10} {}",
                     rfc3339_ms(t.at_ms),
                     state_name(t.state),
-                    t.detail
+                    shown(&t.detail)
                 )?;
             }
             Ok(())
@@ -492,7 +507,24 @@ fn print_reading(
         Format::Table => writeln!(
             out,
             "{:<16} {:<14} {:>10} {:<24} {:>14.4}",
-            device, sensor, seq, ts, value
+            device,
+            shown(sensor),
+            seq,
+            ts,
+            value
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_cannot_drive_the_terminal() {
+        assert_eq!(shown("temperature"), "temperature");
+        assert_eq!(shown("t\u{1b}[2J"), "t\\u{1b}[2J");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("x\ny"), "x\\ny");
     }
 }

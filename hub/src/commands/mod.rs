@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{
     CommandRecord, CommandReply, CommandState, CommandTransition, DeviceId, ReplyStatus, now_ms,
 };
+use crate::metrics::{HubMetrics, StateLabel};
 use crate::store::commands::{CommandFilter, CommandStore, CommandWriter};
 use crate::store::{Store, StoreError};
 use crate::throttle::LogThrottle;
@@ -48,6 +49,8 @@ pub struct CommandSettings {
     pub outbox: usize,
     /// Largest params JSON (and largest result JSON kept), in bytes.
     pub max_params_bytes: usize,
+    /// Final commands older than this are deleted (zero: kept for ever).
+    pub retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +297,9 @@ pub struct CommandActor {
     stale: bool,
     reload_retry_at: Instant,
     noise: LogThrottle,
+    metrics: Option<Arc<HubMetrics>>,
+    /// When retention next deletes old final commands.
+    next_retention: Instant,
 }
 
 /// Creates the handle and the task that serves it.
@@ -323,6 +329,8 @@ pub fn channel(
         stale: false,
         reload_retry_at: Instant::now(),
         noise: LogThrottle::new(Duration::from_secs(10)),
+        metrics: None,
+        next_retention: Instant::now(),
     };
     (handle, actor)
 }
@@ -336,6 +344,12 @@ fn transition(state: CommandState, at_ms: i64, detail: &str) -> CommandTransitio
 }
 
 impl CommandActor {
+    /// Counts committed transitions by state (Prometheus).
+    pub fn with_metrics(mut self, metrics: Arc<HubMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Serves requests until every handle is gone or `stop` is cancelled;
     /// what is already in the mailbox then is still handled and committed.
     pub async fn run(mut self, stop: CancellationToken) {
@@ -369,6 +383,7 @@ impl CommandActor {
             self.check_timers(&mut batch);
             self.commit(batch).await;
             self.dispatch();
+            self.retain().await;
         }
         if let Err(e) = self.writer.close().await {
             tracing::warn!(error = %e, "closing the command log failed");
@@ -638,14 +653,14 @@ impl CommandActor {
     fn on_reply(&mut self, device: &str, reply: CommandReply, batch: &mut Batch) {
         let Some(open) = self.open.get_mut(&reply.command_id) else {
             if let Some(suppressed) = self.noise.allow() {
-                tracing::warn!(device_id = device, command_id = %reply.command_id, suppressed,
+                tracing::warn!(device_id = device, command_id = ?reply.command_id, suppressed,
                     "reply for an unknown or already final command ignored");
             }
             return;
         };
         if open.rec.device_id != device {
             if let Some(suppressed) = self.noise.allow() {
-                tracing::warn!(device_id = device, command_id = %reply.command_id,
+                tracing::warn!(device_id = device, command_id = ?reply.command_id,
                     owner = %open.rec.device_id, suppressed, "reply for another device's command ignored");
             }
             return;
@@ -755,12 +770,40 @@ impl CommandActor {
         }
     }
 
+    /// Deletes a step of old final commands when retention is due.
+    async fn retain(&mut self) {
+        let retention = self.settings.retention;
+        if retention.is_zero() || self.stale || Instant::now() < self.next_retention {
+            return;
+        }
+        const STEP: u32 = 1_000;
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
+        let wait = match self.writer.delete_final_before(cutoff, STEP).await {
+            Ok(n) if n == u64::from(STEP) => Duration::ZERO,
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(deleted = n, "retention deleted old final commands");
+                }
+                crate::retention::interval(retention)
+            }
+            Err(e) => {
+                self.writer.abort().await;
+                tracing::warn!(error = %e, "command retention failed; tried again later");
+                crate::retention::interval(retention)
+            }
+        };
+        self.next_retention = Instant::now() + wait;
+    }
+
     /// When the next timer is due (at most a second away: an out-of-attempts
     /// command fails within a second of its ack timeout).
     fn next_deadline(&self) -> Instant {
         let instant = Instant::now();
         let now = now_ms();
         let mut next = instant + Duration::from_secs(1);
+        if !self.settings.retention.is_zero() {
+            next = next.min(self.next_retention.max(instant));
+        }
         for open in self.open.values() {
             let expires = instant
                 + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
@@ -795,6 +838,14 @@ impl CommandActor {
                     let _ = reply.send(Ok(rec));
                 }
                 for rec in batch.events {
+                    if let Some(metrics) = &self.metrics {
+                        metrics
+                            .command_transitions
+                            .get_or_create(&StateLabel {
+                                state: rec.state.as_str(),
+                            })
+                            .inc();
+                    }
                     // No subscriber is fine.
                     let _ = self.events.send(rec);
                 }
@@ -947,6 +998,7 @@ mod tests {
                 max_attempts: 3,
                 outbox: 4,
                 max_params_bytes: 1024,
+                retention: Duration::ZERO,
             },
             store,
             log,

@@ -433,7 +433,7 @@ impl Reader<'_> {
                 Ok(()) => readings.push(CheckedReading::Valid(reading)),
                 Err(reason) => {
                     if let Some(suppressed) = self.rejects.allow() {
-                        tracing::warn!(seq = reading.seq, sensor = reading.sensor, %reason, suppressed, "reading rejected");
+                        tracing::warn!(seq = reading.seq, sensor = ?reading.sensor, %reason, suppressed, "reading rejected");
                     }
                     readings.push(CheckedReading::Rejected { seq: reading.seq });
                 }
@@ -445,6 +445,7 @@ impl Reader<'_> {
             self.paused_until = Some(Instant::now() + wait);
         }
         let batch = IngestBatch {
+            received: std::time::Instant::now(),
             device: self.device,
             device_id: Arc::clone(&self.device_name),
             readings,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey};
+use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, SensorKey};
 
 pub use writer::{Writer, WriterSettings};
 
@@ -32,6 +32,8 @@ pub enum IngestError {
 /// Readings of one device, in the order the device sent them. Every seq is
 /// in 1..=2^63-1 (the session refuses a batch with any other).
 pub struct IngestBatch {
+    /// When the hub read it (for the ack latency histogram).
+    pub received: std::time::Instant,
     pub device: DeviceKey,
     /// The device's external id, for the committed-readings fan-out.
     pub device_id: Arc<str>,
@@ -78,6 +80,22 @@ pub(crate) enum WriterMsg {
         change: CredentialChange,
         reply: oneshot::Sender<Result<bool, IngestError>>,
     },
+    /// Retention: deletes up to `limit` old readings; replies how many.
+    Retain {
+        target: RetainTarget,
+        cutoff_ms: i64,
+        limit: u32,
+        reply: oneshot::Sender<Result<u64, IngestError>>,
+    },
+}
+
+/// Which readings a retention step deletes from.
+#[derive(Debug, Clone, Copy)]
+pub enum RetainTarget {
+    /// One sensor of one device, in the clustered table.
+    Series(DeviceKey, SensorKey),
+    /// The staging table.
+    Staged,
 }
 
 impl WriterMsg {
@@ -85,6 +103,7 @@ impl WriterMsg {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),
             WriterMsg::Register { .. } | WriterMsg::Credentials { .. } => 1,
+            WriterMsg::Retain { limit, .. } => *limit as usize,
         }
     }
 }
@@ -124,6 +143,27 @@ impl IngestQueue {
         answer.await.map_err(|_| IngestError::Closed)?
     }
 
+    /// One retention step, in the writer's next commit: how many readings
+    /// it deleted.
+    pub async fn retain(
+        &self,
+        target: RetainTarget,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<u64, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Retain {
+                target,
+                cutoff_ms,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
     /// Queues a batch, waiting while the queue is full.
     pub async fn push(&self, batch: IngestBatch) -> Result<(), IngestError> {
         self.tx
@@ -135,6 +175,14 @@ impl IngestQueue {
     /// Messages waiting for the writer.
     pub fn depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+impl std::fmt::Debug for IngestQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestQueue")
+            .field("depth", &self.depth())
+            .finish()
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CredentialChange, IngestError, Registered, WriterMsg};
+use super::{CredentialChange, IngestError, Registered, RetainTarget, WriterMsg};
 use crate::domain::{
     CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
     SensorKey, Verdict, judge, now_ms,
@@ -137,6 +137,8 @@ enum Outcome {
     Registered(DeviceKey),
     /// A credential change; whether the device was there.
     Credentials(bool),
+    /// Readings deleted by retention.
+    Retained(u64),
 }
 
 /// What a group changes in the writer's memory, applied after its commit.
@@ -250,12 +252,15 @@ impl Writer {
         if group.is_empty() {
             return true;
         }
+        let started = std::time::Instant::now();
         let result = match self.make_room().await {
             Ok(()) => self.write_group(group, now_ms()).await,
             Err(e) => Err(e),
         };
         match result {
             Ok((outcomes, changes)) => {
+                HubMetrics::observe(&self.metrics.commit_seconds, started.elapsed());
+                self.metrics.rows_per_commit.observe(self.rows.len() as f64);
                 self.metrics.set_storage_ok(true);
                 self.apply(changes);
                 self.deliver(group.drain(..).zip(outcomes));
@@ -280,6 +285,9 @@ impl Writer {
                             let _ = reply.send(Err(IngestError::Storage));
                         }
                         WriterMsg::Credentials { reply, .. } => {
+                            let _ = reply.send(Err(IngestError::Storage));
+                        }
+                        WriterMsg::Retain { reply, .. } => {
                             let _ = reply.send(Err(IngestError::Storage));
                         }
                     }
@@ -317,6 +325,7 @@ impl Writer {
                     dups_total += u64::from(duplicates);
                     rejected_total += u64::from(rejected);
                     batch.ack.complete(acked_seq, rejected, duplicates);
+                    HubMetrics::observe(&self.metrics.ack_seconds, batch.received.elapsed());
                 }
                 (WriterMsg::Batch(_), Outcome::Skipped) => {}
                 (WriterMsg::Register { reply, .. }, Outcome::Registered(device)) => {
@@ -331,6 +340,9 @@ impl Writer {
                 }
                 (WriterMsg::Credentials { reply, .. }, Outcome::Credentials(found)) => {
                     let _ = reply.send(Ok(found));
+                }
+                (WriterMsg::Retain { reply, .. }, Outcome::Retained(n)) => {
+                    let _ = reply.send(Ok(n));
                 }
                 _ => unreachable!("outcomes are produced in message order"),
             }
@@ -513,6 +525,25 @@ impl Writer {
                     };
                     outcomes.push(Outcome::Credentials(found));
                 }
+                WriterMsg::Retain {
+                    target,
+                    cutoff_ms,
+                    limit,
+                    ..
+                } => {
+                    let deleted = match target {
+                        RetainTarget::Series(device, sensor) => {
+                            tx.delete_old_readings(*device, *sensor, *cutoff_ms, *limit)
+                                .await?
+                        }
+                        RetainTarget::Staged => {
+                            // The count of staged rows is read again.
+                            self.staged = None;
+                            tx.delete_old_staged(*cutoff_ms, *limit).await?
+                        }
+                    };
+                    outcomes.push(Outcome::Retained(deleted));
+                }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(batch) => {
                     changes
@@ -637,7 +668,7 @@ impl Known {
                         Err(reason) => {
                             rejected += 1;
                             if let Some(suppressed) = self.limit_log.allow() {
-                                tracing::warn!(device = %device.0, sensor = %r.sensor, %reason,
+                                tracing::warn!(device = %device.0, sensor = ?r.sensor, %reason,
                                     per_device = self.max_sensors_per_device,
                                     dictionary = self.max_sensors, suppressed,
                                     "reading rejected");

@@ -280,6 +280,7 @@ impl Bridge {
             match client.try_publish(&msg.topic, self.qos, msg.retain, msg.payload.clone()) {
                 Ok(()) => {
                     self.outbox.pop_front();
+                    HubMetrics::add(&self.metrics.mqtt_published, 1);
                 }
                 // rumqttc's own queue is full: keep ours, try again soon.
                 Err(_) => break,

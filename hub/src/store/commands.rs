@@ -176,6 +176,34 @@ impl CommandWriter {
         self.conn.abort().await;
     }
 
+    /// Deletes up to `limit` final commands created before `cutoff_ms`,
+    /// with their history, in one transaction. Returns how many went.
+    pub async fn delete_final_before(
+        &mut self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        const DOOMED: &str = "SELECT seq FROM commands WHERE created_at_ms < ?1 \
+             AND state IN ('SUCCEEDED', 'FAILED', 'REJECTED', 'EXPIRED', 'CANCELLED') \
+             ORDER BY created_at_ms LIMIT ?2";
+        self.conn.begin().await?;
+        sqlx::query(&format!(
+            "DELETE FROM command_history WHERE command_seq IN ({DOOMED})"
+        ))
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(self.conn.conn())
+        .await?;
+        let deleted = sqlx::query(&format!("DELETE FROM commands WHERE seq IN ({DOOMED})"))
+            .bind(cutoff_ms)
+            .bind(limit)
+            .execute(self.conn.conn())
+            .await?
+            .rows_affected();
+        self.conn.commit().await?;
+        Ok(deleted)
+    }
+
     pub async fn close(self) -> Result<(), StoreError> {
         self.conn.close().await?;
         Ok(())

@@ -282,6 +282,26 @@ impl Store {
             .collect())
     }
 
+    /// The (device, sensor) series that hold readings stamped before
+    /// `cutoff_ms`: one index seek per series, inside SQLite.
+    pub async fn series_older_than(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<Vec<(DeviceKey, SensorKey)>, StoreError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT d.device_id, d.sensor_id FROM device_sensors d WHERE EXISTS \
+             (SELECT 1 FROM readings r WHERE r.device_id = d.device_id \
+              AND r.sensor_id = d.sensor_id AND r.ts_ms < ?)",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, s)| (DeviceKey(d), SensorKey(s)))
+            .collect())
+    }
+
     /// Readings stored in total, from the per-device counters.
     pub async fn total_readings(&self) -> Result<u64, StoreError> {
         let total: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(reading_count), 0) FROM devices")

@@ -223,6 +223,72 @@ impl WriteTx<'_> {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Deletes up to `limit` of one sensor's readings stamped before
+    /// `cutoff_ms` (the oldest first) from the clustered table, and keeps
+    /// the device's count true. Returns how many went.
+    pub async fn delete_old_readings(
+        &mut self,
+        device: DeviceKey,
+        sensor: SensorKey,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM readings WHERE (device_id, sensor_id, ts_ms, seq) IN \
+             (SELECT device_id, sensor_id, ts_ms, seq FROM readings \
+              WHERE device_id = ?1 AND sensor_id = ?2 AND ts_ms < ?3 ORDER BY ts_ms, seq LIMIT ?4)",
+        )
+        .bind(device.0)
+        .bind(sensor.0)
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(self.conn.conn())
+        .await?
+        .rows_affected();
+        if deleted > 0 {
+            sqlx::query(
+                "UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?",
+            )
+            .bind(deleted as i64)
+            .bind(device.0)
+            .execute(self.conn.conn())
+            .await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes up to `limit` staged readings stamped before `cutoff_ms`
+    /// (rare: the staging table holds what just arrived), keeping device
+    /// counts true. Returns how many went.
+    pub async fn delete_old_staged(
+        &mut self,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let devices: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM readings_recent WHERE rowid IN \
+             (SELECT rowid FROM readings_recent WHERE ts_ms < ? LIMIT ?) RETURNING device_id",
+        )
+        .bind(cutoff_ms)
+        .bind(limit)
+        .fetch_all(self.conn.conn())
+        .await?;
+        let mut per_device: HashMap<i64, i64> = HashMap::new();
+        for d in &devices {
+            *per_device.entry(*d).or_default() += 1;
+        }
+        for (device, n) in per_device {
+            sqlx::query(
+                "UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?",
+            )
+            .bind(n)
+            .bind(device)
+            .execute(self.conn.conn())
+            .await?;
+        }
+        Ok(devices.len() as u64)
+    }
+
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
         let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?")
             .bind(device.0)

@@ -707,13 +707,13 @@ async fn bad_cli_arguments_get_a_clear_error_and_exit_code() {
             vec!["print-config"],
             vec![("HUB__SERVER__MAX_BATCH", "0")],
             1,
-            "server.max_batch",
+            "invalid setting server.max_batch: must be between 1 and 100000 (set by the environment variable HUB__SERVER__MAX_BATCH)",
         ),
         (
             vec!["print-config"],
             vec![("HUB__SERVER__LISTEN", "here")],
             1,
-            "error",
+            "server.listen` (set by the environment variable HUB__SERVER__LISTEN)",
         ),
         (
             vec!["print-config"],
@@ -725,6 +725,9 @@ async fn bad_cli_arguments_get_a_clear_error_and_exit_code() {
     for (args, env, code, says) in cases {
         let (got, stderr) = hub_cli(&args, &env);
         assert_eq!(got, code, "{args:?}: {stderr}");
+        if code == 1 {
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: said once: {stderr}");
+        }
         assert!(
             stderr.contains(says),
             "{args:?}: expected {says:?} in {stderr}"

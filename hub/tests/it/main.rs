@@ -11,5 +11,6 @@ mod harness;
 mod ingest;
 mod lifecycle;
 mod mqtt;
+mod ops;
 mod security;
 mod stream;
