@@ -117,6 +117,8 @@ pub struct MqttSettings {
     pub qos: u8,
     pub buffer: usize,
     pub max_payload_bytes: usize,
+    /// PEM CA that signed the broker's certificate (mqtts://).
+    pub ca: PathBuf,
 }
 
 /// Written by hand so the password never reaches a log.
@@ -139,18 +141,30 @@ impl std::fmt::Debug for MqttSettings {
             .field("qos", &self.qos)
             .field("buffer", &self.buffer)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("ca", &self.ca)
             .finish()
     }
 }
 
 impl MqttSettings {
-    /// (host, port) from `mqtt://host:port`.
+    /// True for `mqtts://` (TLS to the broker).
+    pub fn tls(&self) -> bool {
+        self.url.starts_with("mqtts://")
+    }
+
+    /// (host, port) from `mqtt://host:port` (1883) or `mqtts://host:port`
+    /// (8883).
     pub fn host_port(&self) -> Result<(String, u16), String> {
-        let rest = self
-            .url
-            .strip_prefix("mqtt://")
-            .or_else(|| self.url.strip_prefix("tcp://"))
-            .ok_or_else(|| format!("{:?} must start with mqtt://", self.url))?;
+        let (rest, default_port) = if let Some(rest) = self.url.strip_prefix("mqtts://") {
+            (rest, 8883)
+        } else {
+            let rest = self
+                .url
+                .strip_prefix("mqtt://")
+                .or_else(|| self.url.strip_prefix("tcp://"))
+                .ok_or_else(|| format!("{:?} must start with mqtt:// or mqtts://", self.url))?;
+            (rest, 1883)
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
@@ -158,7 +172,7 @@ impl MqttSettings {
                 p.parse::<u16>()
                     .map_err(|_| format!("bad port in {:?}", self.url))?,
             ),
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         if host.is_empty() {
             return Err(format!("no host in {:?}", self.url));
@@ -544,6 +558,11 @@ impl Settings {
                 !m.client_id.is_empty(),
                 "mqtt.client_id",
                 "must not be empty",
+            )?;
+            check(
+                !m.tls() || !m.ca.as_os_str().is_empty(),
+                "mqtt.ca",
+                "an mqtts:// broker needs the CA that signed its certificate",
             )?;
         }
         check(

@@ -34,6 +34,8 @@ pub struct HubMetrics {
     pub storage_ok: AtomicBool,
     pub mqtt_dropped: AtomicU64,
     pub mqtt_published: AtomicU64,
+    /// Failed connections to the broker, and connections lost.
+    pub mqtt_connection_errors: AtomicU64,
     pub mqtt_bad_messages: AtomicU64,
     pub mqtt_connected: AtomicBool,
     /// Seconds one group takes to write and commit.
@@ -61,6 +63,7 @@ impl HubMetrics {
             storage_ok: AtomicBool::new(true),
             mqtt_dropped: AtomicU64::default(),
             mqtt_published: AtomicU64::default(),
+            mqtt_connection_errors: AtomicU64::default(),
             mqtt_bad_messages: AtomicU64::default(),
             mqtt_connected: AtomicBool::default(),
             // 1 ms to 16 s.

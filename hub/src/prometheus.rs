@@ -38,7 +38,7 @@ impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.metrics;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "hub_readings_committed",
                 "Readings stored (committed).",
@@ -88,6 +88,11 @@ impl Collector for Sources {
                 "hub_mqtt_bad_messages",
                 "Bad messages received on the MQTT commands topic.",
                 load(&m.mqtt_bad_messages),
+            ),
+            (
+                "hub_mqtt_connection_errors",
+                "Failed or lost connections to the MQTT broker.",
+                load(&m.mqtt_connection_errors),
             ),
         ];
         for (name, help, value) in counters {

@@ -287,7 +287,7 @@ pub fn print_credentials(
 }
 
 pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io::Result<()> {
-    let fields: [(&str, Value); 16] = [
+    let fields: [(&str, Value); 18] = [
         ("live_sessions", json!(s.live_sessions)),
         ("live_tasks", json!(s.live_tasks)),
         ("readings_committed", json!(s.readings_committed)),
@@ -299,6 +299,8 @@ pub fn print_stats(format: Format, s: &pb::HubStats, out: &mut impl Write) -> io
         ("storage_ok", json!(s.storage_ok)),
         ("commit_failures", json!(s.commit_failures)),
         ("compaction_failures", json!(s.compaction_failures)),
+        ("auth_failures", json!(s.auth_failures)),
+        ("mqtt_connection_errors", json!(s.mqtt_connection_errors)),
         ("ingest_queue_depth", json!(s.ingest_queue_depth)),
         ("ingest_uncommitted", json!(s.ingest_uncommitted)),
         ("mqtt_dropped", json!(s.mqtt_dropped)),

@@ -159,6 +159,7 @@ impl Operator for OperatorService {
             live_tasks: self.ctx.tracker.len() as u64,
             ingest_uncommitted: HubMetrics::get(&m.uncommitted_rows),
             auth_failures: HubMetrics::get(&m.auth_failures),
+            mqtt_connection_errors: HubMetrics::get(&m.mqtt_connection_errors),
         }))
     }
 

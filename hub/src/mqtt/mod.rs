@@ -134,6 +134,17 @@ impl Bridge {
         if !self.settings.username.is_empty() {
             options.set_credentials(&self.settings.username, &self.settings.password);
         }
+        if self.settings.tls() {
+            let ca = std::fs::read(&self.settings.ca)
+                .map_err(|e| format!("cannot read mqtt.ca {}: {e}", self.settings.ca.display()))?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Simple {
+                    ca,
+                    alpn: None,
+                    client_auth: None,
+                },
+            ));
+        }
         Ok(options)
     }
 
@@ -173,6 +184,7 @@ impl Bridge {
                         self.on_connected(&client);
                     }
                     Some(Link::Disconnected(why)) => {
+                        HubMetrics::add(&self.metrics.mqtt_connection_errors, 1);
                         if connected {
                             tracing::warn!(error = %why, "MQTT connection lost; buffering, will reconnect");
                         }

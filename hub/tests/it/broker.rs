@@ -5,6 +5,7 @@
 //! asked for by name, so CI always tests against Mosquitto.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::harness::{WAIT, require_all};
@@ -43,6 +44,40 @@ fn mosquitto_installed() -> bool {
 }
 
 impl TestBroker {
+    /// A Mosquitto with a plain listener (`port`) and a TLS one (returned),
+    /// serving `cert`/`key`; None (the test says SKIPPED) without Mosquitto:
+    /// the in-process fallback has no TLS.
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Option<(TestBroker, u16)> {
+        if !mosquitto_installed() {
+            crate::harness::skip("mosquitto (for a TLS broker)", "PATH");
+            return None;
+        }
+        let (port, tls_port) = (free_port(), free_port());
+        let conf = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            conf.path(),
+            format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                 listener {port} 127.0.0.1\n\
+                 listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut broker = TestBroker {
+            port,
+            kind: Kind::Mosquitto { conf, child: None },
+        };
+        broker.restart();
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "no TLS listener");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some((broker, tls_port))
+    }
+
     /// Starts a broker and waits until it accepts connections.
     pub fn start() -> TestBroker {
         let choice = std::env::var("HUB_TEST_MQTT_BROKER").ok();

@@ -708,3 +708,63 @@ pub async fn assert_stored_exactly(
         "ok"
     );
 }
+
+/// A CA, the hub's certificate (127.0.0.1) and device certificates, in a
+/// temp dir.
+pub struct Pki {
+    dir: tempfile::TempDir,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca_cert,
+            ca_key,
+        };
+        std::fs::write(pki.ca_path(), pki.ca_cert.pem()).unwrap();
+        pki
+    }
+
+    pub fn ca_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate signed by this CA: (cert path, key path).
+    pub fn issue(
+        &self,
+        name: &str,
+        cn: &str,
+        ip_san: bool,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if ip_san {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let cert_path = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    pub fn ca(&self) -> tonic::transport::Certificate {
+        tonic::transport::Certificate::from_pem(std::fs::read(self.ca_path()).unwrap())
+    }
+}

@@ -443,3 +443,56 @@ async fn watchers_see_committed_readings_and_a_slow_one_only_skips() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_speaks_tls_to_an_mqtts_broker() {
+    let pki = Pki::new("broker CA");
+    let (cert, key) = pki.issue("broker", "broker", true);
+    let Some((broker, tls_port)) = TestBroker::start_with_tls(&cert, &key) else {
+        return;
+    };
+    let prefix = unique("tls");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let ca = pki.ca_path();
+    let hub = spawn_hub_with(move |s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtts://127.0.0.1:{tls_port}");
+        s.mqtt.ca = ca;
+        s.mqtt.client_id = unique("hub");
+        s.mqtt.topic_prefix = prefix.clone();
+    })
+    .await;
+    let prefix = hub.settings.mqtt.topic_prefix.clone();
+    // The hub's messages come through the TLS listener.
+    let (value, _) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    assert_eq!(value, json!("online"));
+    let (dev, _) = RawDevice::connect(&hub, "tls-dev").await;
+    dev.send(batch(vec![reading(1, "t", now_ms(), 1.5)])).await;
+    let (msg, _) = probe
+        .next_on(&format!("{prefix}/devices/tls-dev/readings"))
+        .await;
+    assert_eq!(msg["readings"][0]["value"], 1.5);
+    assert!(hub.stats().await.mqtt_connected);
+
+    // A hub that does not trust the broker's CA never connects.
+    let strange = Pki::new("another CA");
+    let ca = strange.ca_path();
+    let untrusting = spawn_hub_with(move |s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtts://127.0.0.1:{tls_port}");
+        s.mqtt.ca = ca;
+        s.mqtt.client_id = unique("hub");
+    })
+    .await;
+    wait_until("its TLS handshakes fail", || async {
+        untrusting.stats().await.mqtt_connection_errors >= 2
+    })
+    .await;
+    assert!(!untrusting.stats().await.mqtt_connected);
+    // It keeps trying (backoff) and ingest is unaffected.
+    let (mut other, _) = RawDevice::connect(&untrusting, "tls-other").await;
+    other
+        .send(batch(vec![reading(1, "t", now_ms(), 1.0)]))
+        .await;
+    assert_eq!(other.ack_through(1).await.0, 1);
+}

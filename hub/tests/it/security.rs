@@ -389,61 +389,6 @@ async fn reflected_services(channel: Channel) -> Vec<String> {
     }
 }
 
-/// A CA, the hub's certificate (127.0.0.1) and device certificates, in a
-/// temp dir.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_cert: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca_cert = params.self_signed(&ca_key).unwrap();
-        let pki = Pki {
-            dir: tempfile::tempdir().unwrap(),
-            ca_cert,
-            ca_key,
-        };
-        std::fs::write(pki.ca_path(), pki.ca_cert.pem()).unwrap();
-        pki
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A certificate signed by this CA: (cert path, key path).
-    fn issue(&self, name: &str, cn: &str, ip_san: bool) -> (PathBuf, PathBuf) {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        if ip_san {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-        }
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
-        let cert_path = self.dir.path().join(format!("{name}.pem"));
-        let key_path = self.dir.path().join(format!("{name}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-
-    fn ca(&self) -> Certificate {
-        Certificate::from_pem(std::fs::read(self.ca_path()).unwrap())
-    }
-}
-
 async fn tls_channel(
     hub: &TestHub,
     ca: Certificate,
@@ -709,4 +654,216 @@ async fn safe_defaults_refuse_open_doors_on_a_network_address_and_secrets_stay_m
         &[("HUB__SERVER__LISTEN", "0.0.0.0:0")],
     );
     assert_eq!(code, 0, "{err}");
+}
+
+/// Runs the real `hub` binary with `env`; (exit code, stdout, stderr).
+fn hub_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+        .args(args)
+        .env_remove("HUB_ADDR")
+        .env_remove("HUB_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_devices_and_backups_over_tls_with_a_token() {
+    let pki = Pki::new("cli CA");
+    let (server_cert, server_key) = pki.issue("hub", "hub", true);
+    let hub = spawn_hub_with(|s| {
+        s.server.tls.cert = server_cert;
+        s.server.tls.key = server_key;
+        s.auth.devices = DeviceAuthMode::Token;
+        with_tokens(s);
+    })
+    .await;
+    let url = format!("https://{}", hub.addr);
+    let ca = pki.ca_path().display().to_string();
+    let admin = [("HUB_TOKEN", ADMIN)];
+    let (code, out, err) = hub_bin(
+        &[
+            "devices",
+            "add",
+            "cli-tls-00001",
+            "--label",
+            "site=lab",
+            "--hub",
+            &url,
+            "--ca",
+            &ca,
+            "--format",
+            "json",
+        ],
+        &admin,
+    );
+    assert_eq!(code, 0, "{err}");
+    let added: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let token = added["token"].as_str().unwrap().to_owned();
+
+    // A device with that token, over TLS, through device-sim.
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: url.clone(),
+        devices: 1,
+        rate_hz: 50.0,
+        id_prefix: "cli-tls-".into(),
+        // Removed at the end, it cannot drain: do not wait long for it.
+        drain_timeout: Duration::from_secs(1),
+        credentials: device_sim::Credentials::Token(token.clone()),
+        tls: Some(device_sim::TlsFiles {
+            ca: pki.ca_path(),
+            identity: None,
+        }),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(20).await;
+
+    // Read may list, not add; without --ca an https hub is refused clearly.
+    let (code, out, err) = hub_bin(
+        &["devices", "--hub", &url, "--ca", &ca, "--format", "json"],
+        &[("HUB_TOKEN", READER)],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"device_id\":\"cli-tls-00001\""), "{out}");
+    let (code, _, err) = hub_bin(
+        &["devices", "add", "x", "--hub", &url, "--ca", &ca],
+        &[("HUB_TOKEN", READER)],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("may not call AddDevice"), "{err}");
+    let (code, _, err) = hub_bin(&["stats", "--hub", &url], &admin);
+    assert_eq!(code, 1);
+    assert!(err.contains("--ca"), "{err}");
+
+    let backup_dir = tempfile::tempdir().unwrap();
+    let to = backup_dir.path().join("b1").display().to_string();
+    let (code, out, err) = hub_bin(&["backup", "--to", &to, "--hub", &url, "--ca", &ca], &admin);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("backup verified:"), "{out}");
+
+    let (code, out, err) = hub_bin(
+        &[
+            "devices",
+            "rotate-token",
+            "cli-tls-00001",
+            "--hub",
+            &url,
+            "--ca",
+            &ca,
+        ],
+        &admin,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("shown once"), "{out}");
+    let (code, out, err) = hub_bin(
+        &[
+            "devices",
+            "remove",
+            "cli-tls-00001",
+            "--hub",
+            &url,
+            "--ca",
+            &ca,
+        ],
+        &admin,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("its stream was ended"), "{out}");
+    let summary = fleet.finish().await;
+    assert_eq!((summary.lost_acks, summary.bad_acks), (0, 0), "{summary:?}");
+    assert_eq!(
+        summary.clean_devices, 0,
+        "removed, it could not close cleanly"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hub.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n\
+             [auth]\ndevices = \"token\"\n[auth.fleet_keys]\nlab = \"{FLEET_KEY}\"\n\
+             [[auth.operator_tokens]]\nname = \"ops\"\ntoken = \"{ADMIN}\"\nrole = \"admin\"\n\
+             [mqtt]\npassword = \"mqtt-secret-0123456789\"\n",
+            dir.path().join("hub.db").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = tokio::time::timeout(WAIT, lines.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        log.push(line.clone());
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A wrong token, a right one, and an admin action by name.
+    let refused = try_connect(channel.clone(), hello_token("sec-1", ADMIN)).await;
+    assert_eq!(refused.err(), Some(Code::Unauthenticated));
+    let good = device_sim::fleet_token(FLEET_KEY, "sec-2");
+    let dev = try_connect(channel.clone(), hello_token("sec-2", &good))
+        .await
+        .unwrap();
+    let mut admin = operator_as(channel, Some(ADMIN)).await;
+    admin
+        .add_device(pb::AddDeviceRequest {
+            device_id: "sec-3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(dev);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await {
+        log.push(line);
+    }
+    let text = log.join("\n");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("device added") && l.contains("by=\"ops\"")),
+        "admin actions are logged with the token's name:\n{text}"
+    );
+    for secret in [FLEET_KEY, ADMIN, good.as_str(), "mqtt-secret-0123456789"] {
+        assert!(
+            !text.contains(secret),
+            "{secret} appears in the log:\n{text}"
+        );
+    }
 }
