@@ -4,16 +4,19 @@
 //! a long delete. Final commands older than `commands.retention` are
 //! deleted by the commands task the same way.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::now_ms;
-use crate::ingest::{IngestError, IngestQueue, RetainTarget};
+use crate::ingest::{IngestError, IngestQueue, RetainStep};
 use crate::store::Store;
 
-/// Readings deleted per step.
-pub const STEP: u32 = 2_000;
+/// Readings deleted per step at most, and series visited per step: a
+/// step is part of one group commit, so it stays small.
+pub const STEP_ROWS: u32 = 20_000;
+pub const STEP_SERIES: usize = 512;
 
 /// How often a retention pass runs: a tenth of the retention, 1 s to 60 s.
 pub fn interval(retention: Duration) -> Duration {
@@ -31,7 +34,7 @@ pub async fn run(ingest: IngestQueue, store: Store, retention: Duration, stop: C
         let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
         match pass(&ingest, &store, cutoff, &stop).await {
             Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "retention deleted old readings"),
+            Ok(deleted) => tracing::debug!(deleted, "retention deleted old readings"),
             Err(PassError::Closed) => return,
             Err(PassError::Failed(e)) => {
                 tracing::warn!(error = %e, "retention pass failed; tried again later")
@@ -45,38 +48,39 @@ enum PassError {
     Failed(String),
 }
 
-/// One pass: the staging table, then every series with old readings.
+/// One pass: the staging table, then every series with old readings, in
+/// steps of at most `STEP_SERIES` series and `STEP_ROWS` readings.
 async fn pass(
     ingest: &IngestQueue,
     store: &Store,
     cutoff_ms: i64,
     stop: &CancellationToken,
 ) -> Result<u64, PassError> {
-    let step = |target| async move {
-        match ingest.retain(target, cutoff_ms, STEP).await {
-            Ok(n) => Ok(n),
-            Err(IngestError::Closed) => Err(PassError::Closed),
-            Err(e) => Err(PassError::Failed(e.to_string())),
-        }
-    };
-    let mut deleted = 0;
-    let series = store
+    let mut series: VecDeque<_> = store
         .series_older_than(cutoff_ms)
         .await
-        .map_err(|e| PassError::Failed(e.to_string()))?;
-    let targets = std::iter::once(RetainTarget::Staged)
-        .chain(series.into_iter().map(|(d, s)| RetainTarget::Series(d, s)));
-    for target in targets {
-        loop {
-            if stop.is_cancelled() {
-                return Ok(deleted);
-            }
-            let n = step(target).await?;
-            deleted += n;
-            if n < u64::from(STEP) {
-                break;
-            }
+        .map_err(|e| PassError::Failed(e.to_string()))?
+        .into();
+    let mut staged = true;
+    let mut deleted = 0;
+    while staged || !series.is_empty() {
+        if stop.is_cancelled() {
+            break;
         }
+        let step = RetainStep {
+            cutoff_ms,
+            limit: STEP_ROWS,
+            staged,
+            series: series.iter().take(STEP_SERIES).copied().collect(),
+        };
+        let done = match ingest.retain(step).await {
+            Ok(done) => done,
+            Err(IngestError::Closed) => return Err(PassError::Closed),
+            Err(e) => return Err(PassError::Failed(e.to_string())),
+        };
+        deleted += done.deleted;
+        staged &= !done.staged_done;
+        series.drain(..done.series_done.min(series.len()));
     }
     Ok(deleted)
 }

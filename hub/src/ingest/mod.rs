@@ -80,22 +80,34 @@ pub(crate) enum WriterMsg {
         change: CredentialChange,
         reply: oneshot::Sender<Result<bool, IngestError>>,
     },
-    /// Retention: deletes up to `limit` old readings; replies how many.
+    /// Retention: deletes up to `limit` old readings; replies how many,
+    /// and how many of the step's series were finished.
     Retain {
-        target: RetainTarget,
-        cutoff_ms: i64,
-        limit: u32,
-        reply: oneshot::Sender<Result<u64, IngestError>>,
+        step: RetainStep,
+        reply: oneshot::Sender<Result<RetainDone, IngestError>>,
     },
 }
 
-/// Which readings a retention step deletes from.
-#[derive(Debug, Clone, Copy)]
-pub enum RetainTarget {
-    /// One sensor of one device, in the clustered table.
-    Series(DeviceKey, SensorKey),
-    /// The staging table.
-    Staged,
+/// One retention step: readings stamped before `cutoff_ms`, at most
+/// `limit` of them, from the staging table and then from each series in
+/// turn.
+#[derive(Debug, Clone)]
+pub struct RetainStep {
+    pub cutoff_ms: i64,
+    pub limit: u32,
+    pub staged: bool,
+    /// (device, sensor) series of the clustered table.
+    pub series: Vec<(DeviceKey, SensorKey)>,
+}
+
+/// What a retention step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetainDone {
+    pub deleted: u64,
+    /// Whether the staging table has no more to delete.
+    pub staged_done: bool,
+    /// Series at the front of the step with nothing old left.
+    pub series_done: usize,
 }
 
 impl WriterMsg {
@@ -103,7 +115,7 @@ impl WriterMsg {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),
             WriterMsg::Register { .. } | WriterMsg::Credentials { .. } => 1,
-            WriterMsg::Retain { limit, .. } => *limit as usize,
+            WriterMsg::Retain { step, .. } => step.limit as usize,
         }
     }
 }
@@ -145,20 +157,10 @@ impl IngestQueue {
 
     /// One retention step, in the writer's next commit: how many readings
     /// it deleted.
-    pub async fn retain(
-        &self,
-        target: RetainTarget,
-        cutoff_ms: i64,
-        limit: u32,
-    ) -> Result<u64, IngestError> {
+    pub async fn retain(&self, step: RetainStep) -> Result<RetainDone, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(WriterMsg::Retain {
-                target,
-                cutoff_ms,
-                limit,
-                reply,
-            })
+            .send(WriterMsg::Retain { step, reply })
             .await
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)?

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CredentialChange, IngestError, Registered, RetainTarget, WriterMsg};
+use super::{CredentialChange, IngestError, Registered, RetainDone, WriterMsg};
 use crate::domain::{
     CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
     SensorKey, Verdict, judge, now_ms,
@@ -137,8 +137,8 @@ enum Outcome {
     Registered(DeviceKey),
     /// A credential change; whether the device was there.
     Credentials(bool),
-    /// Readings deleted by retention.
-    Retained(u64),
+    /// What a retention step deleted.
+    Retained(RetainDone),
 }
 
 /// What a group changes in the writer's memory, applied after its commit.
@@ -525,24 +525,31 @@ impl Writer {
                     };
                     outcomes.push(Outcome::Credentials(found));
                 }
-                WriterMsg::Retain {
-                    target,
-                    cutoff_ms,
-                    limit,
-                    ..
-                } => {
-                    let deleted = match target {
-                        RetainTarget::Series(device, sensor) => {
-                            tx.delete_old_readings(*device, *sensor, *cutoff_ms, *limit)
-                                .await?
+                WriterMsg::Retain { step, .. } => {
+                    let mut done = RetainDone::default();
+                    let mut left = u64::from(step.limit);
+                    if step.staged {
+                        // The count of staged rows is read again.
+                        self.staged = None;
+                        let n = tx.delete_old_staged(step.cutoff_ms, step.limit).await?;
+                        done.deleted += n;
+                        done.staged_done = n < left;
+                        left -= n;
+                    }
+                    for (device, sensor) in &step.series {
+                        if left == 0 {
+                            break;
                         }
-                        RetainTarget::Staged => {
-                            // The count of staged rows is read again.
-                            self.staged = None;
-                            tx.delete_old_staged(*cutoff_ms, *limit).await?
+                        let n = tx
+                            .delete_old_readings(*device, *sensor, step.cutoff_ms, left as u32)
+                            .await?;
+                        done.deleted += n;
+                        left -= n;
+                        if left > 0 {
+                            done.series_done += 1;
                         }
-                    };
-                    outcomes.push(Outcome::Retained(deleted));
+                    }
+                    outcomes.push(Outcome::Retained(done));
                 }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(batch) => {
