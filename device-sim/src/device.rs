@@ -120,6 +120,11 @@ impl SimDevice {
         );
         let mut drain_deadline: Option<Instant> = None;
         loop {
+            // Stopped while between streams (the hub away, or refusing us):
+            // the drain is bounded all the same.
+            if stop.is_cancelled() && drain_deadline.is_none() {
+                drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
+            }
             let end = self.stream_once(&channel, &stop, &mut drain_deadline).await;
             match end {
                 StreamEnd::Closed if self.unacked.is_empty() => return DeviceEnd::Clean,
