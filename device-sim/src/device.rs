@@ -23,7 +23,7 @@ use crate::signal::SignalGen;
 use crate::stats::FleetStats;
 
 /// How one device behaves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeviceConfig {
     pub device_id: String,
     /// Sent as Hello.token.
@@ -40,6 +40,18 @@ pub struct DeviceConfig {
     pub buffer: usize,
     pub drain_timeout: Duration,
     pub firmware: String,
+}
+
+/// Written by hand so the token never prints.
+impl std::fmt::Debug for DeviceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceConfig")
+            .field("device_id", &self.device_id)
+            .field("token", &"********")
+            .field("rate_hz", &self.rate_hz)
+            .field("sensors", &self.sensors)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a device's run ended.

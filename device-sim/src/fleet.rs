@@ -40,7 +40,7 @@ pub struct FleetConfig {
 }
 
 /// What devices send as Hello.token.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub enum Credentials {
     /// Nothing (open device auth, or mTLS).
     #[default]
@@ -50,6 +50,17 @@ pub enum Credentials {
     /// Each device's token derived from a fleet key: lowercase hex of
     /// HMAC-SHA256(key, device_id), as the hub's auth.fleet_keys expects.
     FleetKey(String),
+}
+
+/// Written by hand so no secret prints.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credentials::None => "None",
+            Credentials::Token(_) => "Token(********)",
+            Credentials::FleetKey(_) => "FleetKey(********)",
+        })
+    }
 }
 
 impl Credentials {

@@ -54,7 +54,12 @@ fn main() {
                     firmware: "bench".into(),
                     labels: Default::default(),
                 };
-                keys.push(tx.upsert_device(&hello, 0).await.expect("device").0);
+                let (key, _) = tx
+                    .upsert_device(&hello, 0, &hub::auth::Proof::Admitted)
+                    .await
+                    .expect("device")
+                    .expect("an open registration always succeeds");
+                keys.push(key);
             }
             for s in sensors {
                 sensor_keys.push(tx.sensor_key(s).await.expect("sensor"));

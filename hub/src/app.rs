@@ -301,6 +301,8 @@ impl Hub {
             OperatorServer::new(OperatorService {
                 store: store.clone(),
                 command_store: command_store.clone(),
+                backup_root: settings.storage.backup_root(),
+                backup_running: tokio::sync::Mutex::new(()),
                 ctx,
                 fanout: fanout.clone(),
             }),

@@ -93,6 +93,18 @@ pub struct AuthPolicy {
     operators: Vec<(String, [u8; 32], Role)>,
 }
 
+/// What a Hello proved, checked once more by the writer when it registers
+/// the device: an operator may have changed the credentials in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// Open or mTLS: the device must not be removed meanwhile.
+    Admitted,
+    /// Its own token: the stored hash must still be this one.
+    OwnToken([u8; 32]),
+    /// A fleet token: the device must still have no own token.
+    FleetToken,
+}
+
 /// What the store holds about a device's credentials.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StoredCredentials {
@@ -161,9 +173,15 @@ impl AuthPolicy {
         }))
     }
 
-    /// Does `token` prove `device_id` under `auth.devices = token`? The same
-    /// work and the same answer whether or not the device exists.
-    pub fn device_token_ok(&self, device_id: &str, token: &str, stored: StoredCredentials) -> bool {
+    /// What `token` proves of `device_id` under `auth.devices = token`
+    /// (None: nothing). The same work and the same answer whether or not the
+    /// device exists.
+    pub fn device_token_proof(
+        &self,
+        device_id: &str,
+        token: &str,
+        stored: StoredCredentials,
+    ) -> Option<Proof> {
         let own = stored
             .token_sha256
             .is_some_and(|hash| bool::from(hash.ct_eq(&token_hash(token))));
@@ -175,7 +193,12 @@ impl AuthPolicy {
             mac.update(device_id.as_bytes());
             fleet |= mac.verify_slice(&presented).is_ok();
         }
-        !stored.removed && (own || (stored.token_sha256.is_none() && fleet))
+        match stored.token_sha256 {
+            _ if stored.removed => None,
+            Some(hash) if own => Some(Proof::OwnToken(hash)),
+            None if fleet => Some(Proof::FleetToken),
+            _ => None,
+        }
     }
 }
 
@@ -207,8 +230,9 @@ pub fn certificate_names_device(der: &[u8], device_id: &str) -> bool {
 }
 
 /// Counts failed device authentications per peer address; past the limit
-/// within a minute, that address is refused before any check. Bounded: at
-/// most `MAX_PEERS` addresses are remembered (the oldest windows go first).
+/// within a minute, further failures from that address are answered
+/// RESOURCE_EXHAUSTED (valid credentials still get in). Bounded: at most
+/// `MAX_PEERS` addresses are remembered (the oldest windows go first).
 pub struct FailureLimiter {
     per_minute: u32,
     peers: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -237,10 +261,16 @@ impl FailureLimiter {
     pub fn failed(&self, peer: Option<IpAddr>) {
         let Some(peer) = peer else { return };
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if peers.len() >= MAX_PEERS {
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
             peers.retain(|_, (since, _)| since.elapsed() < WINDOW);
-            if peers.len() >= MAX_PEERS {
-                peers.clear();
+            // Still full: the address whose window is oldest makes room.
+            if peers.len() >= MAX_PEERS
+                && let Some(oldest) = peers
+                    .iter()
+                    .min_by_key(|(_, (since, _))| *since)
+                    .map(|(ip, _)| *ip)
+            {
+                peers.remove(&oldest);
             }
         }
         let entry = peers.entry(peer).or_insert((Instant::now(), 0));
@@ -276,6 +306,7 @@ mod tests {
                 },
             ],
             max_failures_per_minute: 10,
+            allow_plaintext: false,
         })
     }
 
@@ -288,24 +319,33 @@ mod tests {
             token_sha256: Some(token_hash(&own)),
             removed: false,
         };
-        assert!(p.device_token_ok("d1", &own, enrolled));
-        assert!(!p.device_token_ok("d1", "wrong", enrolled));
+        let ok = |id: &str, token: &str, stored| p.device_token_proof(id, token, stored);
+        assert_eq!(
+            ok("d1", &own, enrolled),
+            Some(Proof::OwnToken(token_hash(&own)))
+        );
+        assert_eq!(ok("d1", "wrong", enrolled), None);
         let fleet = fleet_token("k-lab", "d2");
-        assert!(p.device_token_ok("d2", &fleet, StoredCredentials::default()));
-        assert!(
-            !p.device_token_ok("d3", &fleet, StoredCredentials::default()),
+        assert_eq!(
+            ok("d2", &fleet, StoredCredentials::default()),
+            Some(Proof::FleetToken)
+        );
+        assert_eq!(
+            ok("d3", &fleet, StoredCredentials::default()),
+            None,
             "for d2 only"
         );
-        assert!(
-            !p.device_token_ok("d1", &fleet_token("k-lab", "d1"), enrolled),
+        assert_eq!(
+            ok("d1", &fleet_token("k-lab", "d1"), enrolled),
+            None,
             "own token wins"
         );
         let removed = StoredCredentials {
             removed: true,
             ..Default::default()
         };
-        assert!(!p.device_token_ok("d2", &fleet, removed));
-        assert!(!p.device_token_ok("d2", "", StoredCredentials::default()));
+        assert_eq!(ok("d2", &fleet, removed), None);
+        assert_eq!(ok("d2", "", StoredCredentials::default()), None);
     }
 
     #[test]

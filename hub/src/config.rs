@@ -66,6 +66,8 @@ pub struct AuthSettings {
     pub fleet_keys: std::collections::BTreeMap<String, String>,
     pub operator_tokens: Vec<OperatorToken>,
     pub max_failures_per_minute: u32,
+    /// Tokens on a non-loopback address without TLS.
+    pub allow_plaintext: bool,
 }
 
 /// Written by hand so no secret reaches a log.
@@ -84,6 +86,7 @@ impl std::fmt::Debug for AuthSettings {
                     .collect::<Vec<_>>(),
             )
             .field("max_failures_per_minute", &self.max_failures_per_minute)
+            .field("allow_plaintext", &self.allow_plaintext)
             .finish()
     }
 }
@@ -257,6 +260,19 @@ pub struct StorageSettings {
     /// Readings older than this are deleted (zero: kept for ever).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Where backups go (empty: `backups` beside `path`).
+    pub backup_dir: PathBuf,
+}
+
+impl StorageSettings {
+    /// The directory `hub backup --to NAME` writes into.
+    pub fn backup_root(&self) -> PathBuf {
+        if self.backup_dir.as_os_str().is_empty() {
+            self.path.parent().unwrap_or(Path::new(".")).join("backups")
+        } else {
+            self.backup_dir.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,7 +338,10 @@ impl Settings {
         }
         let load = |e: config::ConfigError| SettingsError::Load(e.to_string());
         let settings: Settings = builder
-            .add_source(env.prefix_separator("__").separator("__").try_parsing(true))
+            // No try_parsing: it would turn an all-digit secret ("0123")
+            // into a number ("123"); numbers and booleans still parse from
+            // their strings when the setting is deserialized.
+            .add_source(env.prefix_separator("__").separator("__"))
             .build()
             .map_err(load)?
             .try_deserialize()
@@ -354,6 +373,22 @@ impl Settings {
                     "is empty while server.listen {} is not a loopback address: anyone could send commands \
                      and read every reading. Add [[auth.operator_tokens]] (name, token, role), \
                      or set auth.allow_open = true to accept that",
+                    self.server.listen
+                ),
+            ));
+        }
+        let tokens_in_use = a.devices == DeviceAuthMode::Token || !a.operator_tokens.is_empty();
+        if !loopback
+            && tokens_in_use
+            && self.server.tls.cert.as_os_str().is_empty()
+            && !a.allow_plaintext
+        {
+            return Err(invalid(
+                "server.tls.cert",
+                format!(
+                    "is not set while tokens are in use on {}, a non-loopback address: they would \
+                     cross the network in clear. Set server.tls.cert and server.tls.key, \
+                     or auth.allow_plaintext = true (behind a TLS-terminating proxy)",
                     self.server.listen
                 ),
             ));
@@ -709,6 +744,46 @@ mod tests {
         assert_eq!(s.server.listen.port(), 0);
         assert_eq!(s.storage.path, PathBuf::from("run/x.db"));
         assert_eq!(s.ingest.max_batch_rows, 77);
+    }
+
+    #[test]
+    fn secrets_made_of_digits_stay_strings() {
+        let env = Environment::with_prefix("HUB").source(Some(
+            [
+                ("HUB__MQTT__PASSWORD".to_owned(), "0123".to_owned()),
+                ("HUB__SERVER__MAX_BATCH".to_owned(), "500".to_owned()),
+                ("HUB__MQTT__ENABLED".to_owned(), "true".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        let s = Settings::load_with_env(None, env).unwrap();
+        assert_eq!(s.mqtt.password, "0123");
+        assert_eq!(s.server.max_batch, 500);
+        assert!(s.mqtt.enabled);
+    }
+
+    #[test]
+    fn tokens_on_a_network_address_need_tls() {
+        let mut s = Settings::defaults().unwrap();
+        s.server.listen = "0.0.0.0:50051".parse().unwrap();
+        s.auth.devices = DeviceAuthMode::Token;
+        s.auth.operator_tokens = vec![OperatorToken {
+            name: "ops".into(),
+            token: "x".repeat(20),
+            role: OperatorRole::Admin,
+        }];
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("server.tls.cert") && err.contains("in clear"),
+            "{err}"
+        );
+        s.auth.allow_plaintext = true;
+        s.validate().unwrap();
+        s.auth.allow_plaintext = false;
+        s.server.tls.cert = "hub.pem".into();
+        s.server.tls.key = "hub.key".into();
+        s.validate().unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use crate::auth::{new_device_token, token_hash};
 use crate::domain::{DeviceHello, DeviceId, DeviceIdError, HelloError};
 use crate::ingest::{CredentialChange, IngestError, IngestQueue};
-use crate::registry::SessionRegistry;
+use crate::registry::{EndReason, SessionRegistry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceAdminError {
@@ -22,14 +22,16 @@ pub enum DeviceAdminError {
     Ingest(#[from] IngestError),
 }
 
-/// Adds a device (or re-adds a removed one) and returns its new token.
+/// Adds a device (or re-adds one) and returns its new token. A stream the
+/// device already has (on its old credentials) is ended.
 pub async fn add(
     ingest: &IngestQueue,
+    registry: &SessionRegistry,
     device_id: &str,
     labels: BTreeMap<String, String>,
 ) -> Result<String, DeviceAdminError> {
-    let device_id = DeviceId::parse(device_id)?;
-    let hello = DeviceHello::new(device_id, String::new(), labels, "")?;
+    let id = DeviceId::parse(device_id)?;
+    let hello = DeviceHello::new(id.clone(), String::new(), labels, "")?;
     let token = new_device_token();
     ingest
         .change_credentials(CredentialChange::Enroll {
@@ -37,25 +39,29 @@ pub async fn add(
             token_sha256: token_hash(&token),
         })
         .await?;
+    registry.end(&id, EndReason::CredentialsChanged);
     Ok(token)
 }
 
-/// A new token for a device; the old one stops working at once.
+/// A new token for a device; the old one stops working at once, and a
+/// stream that used it is ended.
 pub async fn rotate_token(
     ingest: &IngestQueue,
+    registry: &SessionRegistry,
     device_id: &str,
 ) -> Result<String, DeviceAdminError> {
     let id = DeviceId::parse(device_id)?;
     let token = new_device_token();
     let found = ingest
         .change_credentials(CredentialChange::Rotate {
-            device_id: id,
+            device_id: id.clone(),
             token_sha256: token_hash(&token),
         })
         .await?;
     if !found {
         return Err(DeviceAdminError::NotFound(device_id.to_owned()));
     }
+    registry.end(&id, EndReason::CredentialsChanged);
     Ok(token)
 }
 
@@ -74,6 +80,7 @@ pub async fn remove(
     if !found {
         return Err(DeviceAdminError::NotFound(device_id.to_owned()));
     }
-    // After the commit: a reconnect from now on is refused.
-    Ok(registry.remove(&id))
+    // After the commit: a reconnect from now on is refused (and a Hello
+    // already past its check is refused by the writer).
+    Ok(registry.end(&id, EndReason::Removed))
 }

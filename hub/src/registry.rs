@@ -2,7 +2,7 @@
 //! Every change is published as a [`Presence`] event.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
@@ -15,7 +15,29 @@ struct LiveStream {
     since_ms: i64,
     firmware: String,
     superseded: CancellationToken,
-    removed: Arc<AtomicBool>,
+    ended_by: Arc<AtomicU8>,
+}
+
+/// Why a live stream was told to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// A newer stream of the same device took over.
+    Superseded,
+    /// An operator removed the device.
+    Removed,
+    /// An operator changed the device's credentials (rotated or re-added):
+    /// the stream authenticated with the old ones.
+    CredentialsChanged,
+}
+
+impl EndReason {
+    fn from_u8(raw: u8) -> Self {
+        match raw {
+            1 => EndReason::Removed,
+            2 => EndReason::CredentialsChanged,
+            _ => EndReason::Superseded,
+        }
+    }
 }
 
 pub struct SessionRegistry {
@@ -29,10 +51,10 @@ pub struct StreamClaim {
     registry: Arc<SessionRegistry>,
     device: DeviceId,
     id: u64,
-    /// Cancelled when a newer stream of the same device takes over, or the
-    /// device is removed.
+    /// Cancelled when a newer stream of the same device takes over, or an
+    /// operator ends it ([`StreamClaim::end_reason`] says which).
     pub superseded: CancellationToken,
-    removed: Arc<AtomicBool>,
+    ended_by: Arc<AtomicU8>,
 }
 
 impl SessionRegistry {
@@ -79,7 +101,7 @@ impl SessionRegistry {
         firmware: &str,
     ) -> Option<StreamClaim> {
         let superseded = CancellationToken::new();
-        let removed = Arc::new(AtomicBool::new(false));
+        let ended_by = Arc::new(AtomicU8::new(0));
         let previous = {
             let mut live = self.lock();
             if live.get(device).is_some_and(|s| s.id > id) {
@@ -92,7 +114,7 @@ impl SessionRegistry {
                     since_ms: now_ms,
                     firmware: firmware.to_owned(),
                     superseded: superseded.clone(),
-                    removed: Arc::clone(&removed),
+                    ended_by: Arc::clone(&ended_by),
                 },
             );
             // Sent under the lock, so events of one device keep their order.
@@ -112,17 +134,17 @@ impl SessionRegistry {
             device: device.clone(),
             id,
             superseded,
-            removed,
+            ended_by,
         })
     }
 
-    /// Ends the device's live stream because an operator removed it;
+    /// Ends the device's live stream for `reason` (an operator's doing);
     /// whether it had one.
-    pub fn remove(&self, device: &DeviceId) -> bool {
+    pub fn end(&self, device: &DeviceId, reason: EndReason) -> bool {
         let live = self.lock();
         match live.get(device) {
             Some(stream) => {
-                stream.removed.store(true, Ordering::Relaxed);
+                stream.ended_by.store(reason as u8, Ordering::Relaxed);
                 stream.superseded.cancel();
                 true
             }
@@ -154,10 +176,9 @@ impl StreamClaim {
         self.id
     }
 
-    /// The stream ended because an operator removed the device (not a
-    /// takeover).
-    pub fn removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
+    /// Why the stream was told to end (a takeover unless an operator did it).
+    pub fn end_reason(&self) -> EndReason {
+        EndReason::from_u8(self.ended_by.load(Ordering::Relaxed))
     }
 }
 

@@ -59,13 +59,13 @@ pub enum Command {
     Stats(DevicesArgs),
     /// Run a hub and a simulated fleet in one process (Ctrl-C stops).
     Demo(DemoArgs),
-    /// Copy both databases, online and consistent, into a directory on the
-    /// hub's machine (admin), and verify the copy.
+    /// Copy both databases, online and consistent, into a new directory
+    /// below the hub's storage.backup_dir (admin), and verify the copy.
     Backup(BackupArgs),
 }
 
 /// How to reach a running hub.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Clone)]
 pub struct HubAddr {
     /// URL of the running hub (https:// for TLS).
     #[arg(long, env = "HUB_ADDR", default_value = "http://127.0.0.1:50051")]
@@ -82,6 +82,19 @@ pub struct HubAddr {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+}
+
+/// Written by hand so the token never prints.
+impl std::fmt::Debug for HubAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubAddr")
+            .field("hub", &self.hub)
+            .field("token", &self.token.as_ref().map(|_| "********"))
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
 }
 
 /// `hub devices` lists; its subcommands manage enrollment (admin).
@@ -128,7 +141,8 @@ pub enum DeviceAction {
 pub struct BackupArgs {
     #[command(flatten)]
     pub addr: HubAddr,
-    /// A new directory on the hub's machine.
+    /// The backup's name: a new directory below the hub's
+    /// storage.backup_dir (default: `backups` beside its database).
     #[arg(long)]
     pub to: String,
 }

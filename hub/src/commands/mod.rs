@@ -987,7 +987,9 @@ mod tests {
             "",
         )
         .unwrap();
-        tx.upsert_device(&hello, 0).await.unwrap();
+        tx.upsert_device(&hello, 0, &crate::auth::Proof::Admitted)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let (store, log) = crate::store::commands::open(&settings).await.unwrap();
         let (handle, actor) = channel(

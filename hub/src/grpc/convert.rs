@@ -231,6 +231,7 @@ pub fn device_admin_status(err: DeviceAdminError) -> Status {
 
 pub fn backup_status(err: BackupError) -> Status {
     match err {
+        BackupError::BadName(_) => Status::invalid_argument(err.to_string()),
         BackupError::Exists(_) => Status::already_exists(err.to_string()),
         BackupError::CreateDir(..) => Status::failed_precondition(err.to_string()),
         BackupError::Unsound(..) => Status::internal(err.to_string()),

@@ -23,6 +23,9 @@ use crate::store::commands::{CommandFilter, CommandStore};
 pub struct OperatorService {
     pub store: Store,
     pub command_store: CommandStore,
+    /// `storage.backup_dir`: backups go into directories below it.
+    pub backup_root: std::path::PathBuf,
+    pub backup_running: tokio::sync::Mutex<()>,
     pub ctx: Arc<SessionContext>,
     pub fanout: tokio::sync::broadcast::Sender<Arc<CommittedBatch>>,
 }
@@ -316,6 +319,7 @@ impl Operator for OperatorService {
         let req = request.into_inner();
         let token = devices::add(
             &self.ctx.ingest,
+            &self.ctx.registry,
             &req.device_id,
             req.labels.into_iter().collect(),
         )
@@ -334,7 +338,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
-        let token = devices::rotate_token(&self.ctx.ingest, &req.device_id)
+        let token = devices::rotate_token(&self.ctx.ingest, &self.ctx.registry, &req.device_id)
             .await
             .map_err(convert::device_admin_status)?;
         tracing::info!(by, device_id = ?req.device_id, "device token rotated");
@@ -363,16 +367,13 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::BackupResponse>, Status> {
         let by = caller(&request);
         let to = request.into_inner().to;
-        if to.is_empty() {
-            return Err(Status::invalid_argument("the backup directory is required"));
-        }
-        let report = crate::store::backup::backup(
-            &self.store,
-            &self.command_store,
-            std::path::Path::new(&to),
-        )
-        .await
-        .map_err(convert::backup_status)?;
+        let Ok(_one_at_a_time) = self.backup_running.try_lock() else {
+            return Err(Status::failed_precondition("a backup is running already"));
+        };
+        let report =
+            crate::store::backup::backup(&self.store, &self.command_store, &self.backup_root, &to)
+                .await
+                .map_err(convert::backup_status)?;
         tracing::info!(
             by,
             to,

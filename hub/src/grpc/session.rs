@@ -31,16 +31,16 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
-use crate::auth::{AuthPolicy, FailureLimiter, certificate_names_device};
+use crate::auth::{AuthPolicy, FailureLimiter, Proof, certificate_names_device};
 use crate::commands::{Commands, DeviceCommand};
 use crate::config::DeviceAuthMode;
 use crate::domain::{
     CheckedReading, DeviceHello, DeviceId, DeviceKey, MAX_SEQ, now_ms, seq_in_range,
 };
-use crate::ingest::{AckSlot, IngestBatch, IngestQueue, PendingAck};
+use crate::ingest::{AckSlot, IngestBatch, IngestError, IngestQueue, PendingAck};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
-use crate::registry::StreamClaim;
+use crate::registry::{EndReason, StreamClaim};
 use crate::store::Store;
 use crate::throttle::{LogThrottle, TokenBucket};
 
@@ -106,12 +106,14 @@ pub async fn run(
 ) {
     let _live = ctx.metrics.session_started();
     let checked = match wait_for_hello(&ctx, &mut inbound).await {
-        Ok(Some((hello, token))) => admit(&ctx, &hello, &token, &peer).await.map(|()| hello),
+        Ok(Some((hello, token))) => admit(&ctx, &hello, &token, &peer)
+            .await
+            .map(|proof| (hello, proof)),
         Ok(None) => return,
         Err(status) => Err(status),
     };
-    let hello = match checked {
-        Ok(hello) => hello,
+    let (hello, proof) = match checked {
+        Ok(admitted) => admitted,
         Err(status) => {
             if let Some(suppressed) = ctx
                 .refusals
@@ -127,7 +129,7 @@ pub async fn run(
         }
     };
     let span = tracing::info_span!("session", device_id = %hello.device_id);
-    run_registered(ctx, inbound, outbound, abort, hello)
+    run_registered(ctx, inbound, outbound, abort, hello, proof)
         .instrument(span)
         .await;
 }
@@ -138,11 +140,18 @@ async fn run_registered(
     outbound: Outbound,
     abort: Abort,
     hello: DeviceHello,
+    proof: Proof,
 ) {
     let device_id = hello.device_id.clone();
     let firmware = hello.firmware.clone();
-    let registered = match ctx.ingest.register(hello).await {
+    let registered = match ctx.ingest.register(hello, proof).await {
         Ok(r) => r,
+        Err(IngestError::Refused) => {
+            // Removed, or its credentials changed, since its Hello was checked.
+            let status = Status::unauthenticated("invalid device credentials");
+            let _ = outbound.send(Err(status)).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "registration failed");
             let _ = outbound.send(Err(Status::unavailable(e.to_string()))).await;
@@ -225,49 +234,50 @@ async fn run_registered(
 }
 
 /// May this Hello become a session? The device's credentials (the core's
-/// policy, `auth`), the failed-attempt limit of its address, and the limit
-/// of connected devices.
+/// policy, `auth`), and the limit of connected devices. An address with
+/// too many failures in the last minute gets RESOURCE_EXHAUSTED for each
+/// further failure, but valid credentials are always let in: devices behind
+/// one NAT cannot be locked out by a neighbour guessing.
 async fn admit(
     ctx: &SessionContext,
     hello: &DeviceHello,
     token: &str,
     peer: &Peer,
-) -> Result<(), Status> {
-    if !ctx.failures.allowed(peer.ip) {
-        return Err(Status::resource_exhausted(
-            "too many failed authentications from this address; try again in a minute",
-        ));
-    }
+) -> Result<Proof, Status> {
     let id = hello.device_id.as_str();
     let stored = ctx
         .store
         .credentials(id)
         .await
         .map_err(convert::store_status)?;
-    let ok = match ctx.auth.devices {
-        DeviceAuthMode::Open => !stored.removed,
-        DeviceAuthMode::Token => ctx.auth.device_token_ok(id, token, stored),
-        DeviceAuthMode::Tls => {
-            !stored.removed
-                && peer
-                    .certificate
-                    .as_deref()
-                    .is_some_and(|der| certificate_names_device(der, id))
-        }
+    let proof = match ctx.auth.devices {
+        DeviceAuthMode::Open => (!stored.removed).then_some(Proof::Admitted),
+        DeviceAuthMode::Token => ctx.auth.device_token_proof(id, token, stored),
+        DeviceAuthMode::Tls => (!stored.removed
+            && peer
+                .certificate
+                .as_deref()
+                .is_some_and(|der| certificate_names_device(der, id)))
+        .then_some(Proof::Admitted),
     };
-    if !ok {
-        ctx.failures.failed(peer.ip);
+    let Some(proof) = proof else {
         HubMetrics::add(&ctx.metrics.auth_failures, 1);
+        if !ctx.failures.allowed(peer.ip) {
+            return Err(Status::resource_exhausted(
+                "too many failed authentications from this address; try again in a minute",
+            ));
+        }
+        ctx.failures.failed(peer.ip);
         // The same answer whether or not the device exists.
         return Err(Status::unauthenticated("invalid device credentials"));
-    }
+    };
     if ctx.registry.live_count() >= ctx.max_devices && !ctx.registry.is_live(&hello.device_id) {
         return Err(Status::resource_exhausted(format!(
             "the hub already serves its limit of {} connected devices (server.max_devices)",
             ctx.max_devices
         )));
     }
-    Ok(())
+    Ok(proof)
 }
 
 async fn wait_for_hello(
@@ -330,10 +340,14 @@ impl Reader<'_> {
                     return self.finish(true, Some(Status::unavailable("the hub is shutting down")));
                 }
                 _ = claim.superseded.cancelled() => {
-                    let status = if claim.removed() {
-                        Status::unauthenticated("the device was removed by an operator")
-                    } else {
-                        Status::aborted("superseded by a newer connection")
+                    let status = match claim.end_reason() {
+                        EndReason::Superseded => Status::aborted("superseded by a newer connection"),
+                        EndReason::Removed => {
+                            Status::unauthenticated("the device was removed by an operator")
+                        }
+                        EndReason::CredentialsChanged => Status::unauthenticated(
+                            "the device's credentials were changed; connect with the new ones",
+                        ),
                     };
                     return self.finish(true, Some(status));
                 }

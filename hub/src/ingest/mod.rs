@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::auth::Proof;
 use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, SensorKey};
 
 pub use writer::{Writer, WriterSettings};
@@ -27,6 +28,10 @@ pub enum IngestError {
     Closed,
     #[error("storage is unavailable")]
     Storage,
+    /// The device's credentials changed (or it was removed) after its Hello
+    /// was checked.
+    #[error("invalid device credentials")]
+    Refused,
 }
 
 /// Readings of one device, in the order the device sent them. Every seq is
@@ -73,6 +78,7 @@ pub(crate) enum WriterMsg {
     Batch(IngestBatch),
     Register {
         hello: DeviceHello,
+        proof: Proof,
         reply: oneshot::Sender<Result<Registered, IngestError>>,
     },
     /// Replies whether the device was there (always true for Enroll).
@@ -135,10 +141,18 @@ pub(crate) fn queue(capacity: usize) -> (IngestQueue, mpsc::Receiver<WriterMsg>)
 impl IngestQueue {
     /// Registers a device (in the writer's next commit) and returns its key
     /// and committed high-water mark.
-    pub async fn register(&self, hello: DeviceHello) -> Result<Registered, IngestError> {
+    pub async fn register(
+        &self,
+        hello: DeviceHello,
+        proof: Proof,
+    ) -> Result<Registered, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(WriterMsg::Register { hello, reply })
+            .send(WriterMsg::Register {
+                hello,
+                proof,
+                reply,
+            })
             .await
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)?

@@ -135,6 +135,8 @@ enum Outcome {
     /// Its session had a batch in a failed commit: nothing of it is written.
     Skipped,
     Registered(DeviceKey),
+    /// Its credentials changed after its Hello was checked.
+    Refused,
     /// A credential change; whether the device was there.
     Credentials(bool),
     /// What a retention step deleted.
@@ -338,6 +340,9 @@ impl Writer {
                         stream: self.streams,
                     }));
                 }
+                (WriterMsg::Register { reply, .. }, Outcome::Refused) => {
+                    let _ = reply.send(Err(IngestError::Refused));
+                }
                 (WriterMsg::Credentials { reply, .. }, Outcome::Credentials(found)) => {
                     let _ = reply.send(Ok(found));
                 }
@@ -496,12 +501,16 @@ impl Writer {
         known.load_sensors(&mut tx).await?;
         for msg in group {
             match msg {
-                WriterMsg::Register { hello, .. } => {
-                    let (device, stored_mark) = tx.upsert_device(hello, now).await?;
-                    if !known.marks.contains_key(&device) {
-                        changes.marks.entry(device).or_insert(stored_mark);
+                WriterMsg::Register { hello, proof, .. } => {
+                    match tx.upsert_device(hello, now, proof).await? {
+                        Some((device, stored_mark)) => {
+                            if !known.marks.contains_key(&device) {
+                                changes.marks.entry(device).or_insert(stored_mark);
+                            }
+                            outcomes.push(Outcome::Registered(device));
+                        }
+                        None => outcomes.push(Outcome::Refused),
                     }
-                    outcomes.push(Outcome::Registered(device));
                 }
                 WriterMsg::Credentials { change, .. } => {
                     let found = match change {

@@ -22,8 +22,12 @@ pub struct BackupReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{0} exists already; back up into a new directory")]
-    Exists(PathBuf),
+    #[error(
+        "a backup is named by 1 to 128 characters of A-Z a-z 0-9 . _ - (not starting with a dot), not {0:?}"
+    )]
+    BadName(String),
+    #[error("a backup named {0:?} exists already")]
+    Exists(String),
     #[error("cannot create {0}: {1}")]
     CreateDir(PathBuf, std::io::Error),
     #[error("the copy {0} is not a sound database: {1}")]
@@ -32,21 +36,34 @@ pub enum BackupError {
     Store(#[from] StoreError),
 }
 
-/// Copies both databases into `dir` (`hub.db`, `hub-commands.db`) and
-/// verifies the copies.
+/// Copies both databases into `root/name` (`hub.db`, `hub-commands.db`)
+/// and verifies the copies. The name is a plain file name, so nothing is
+/// written outside `root` (`storage.backup_dir`); the directories are made
+/// readable by the hub's user only.
 pub async fn backup(
     store: &Store,
     commands: &CommandStore,
-    dir: &Path,
+    root: &Path,
+    name: &str,
 ) -> Result<BackupReport, BackupError> {
-    std::fs::create_dir_all(dir).map_err(|e| BackupError::CreateDir(dir.to_owned(), e))?;
+    let plain = (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        return Err(BackupError::BadName(name.to_owned()));
+    }
+    private_dir(root, true)?;
+    let dir = root.join(name);
+    match private_dir(&dir, false) {
+        Err(BackupError::CreateDir(_, e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(BackupError::Exists(name.to_owned()));
+        }
+        other => other?,
+    }
     let readings_path = dir.join("hub.db");
     let commands_path = dir.join("hub-commands.db");
-    for path in [&readings_path, &commands_path] {
-        if path.exists() {
-            return Err(BackupError::Exists(path.clone()));
-        }
-    }
     store.vacuum_into(&readings_path).await?;
     commands.vacuum_into(&commands_path).await?;
     let devices = count(&readings_path, "SELECT count(*) FROM devices").await?;
@@ -63,6 +80,18 @@ pub async fn backup(
         readings,
         commands,
     })
+}
+
+/// Creates a directory only the hub's user may enter (an existing one is
+/// fine when `existing_ok`).
+fn private_dir(path: &Path, existing_ok: bool) -> Result<(), BackupError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(existing_ok);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(path)
+        .map_err(|e| BackupError::CreateDir(path.to_owned(), e))
 }
 
 /// Opens a copy read-only, checks it and runs one count.

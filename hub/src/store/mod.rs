@@ -64,11 +64,15 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     Ok((Store { read }, StoreWriter::new(writer)))
 }
 
+/// `VACUUM INTO` on a connection of its own, so a long copy does not hold
+/// one of the pool's (queries and Hellos read through them).
 pub(crate) async fn vacuum_into(pool: &SqlitePool, path: &Path) -> Result<(), StoreError> {
+    let mut conn = pool.connect_options().connect().await?;
     sqlx::query("VACUUM INTO ?")
         .bind(path.to_string_lossy().into_owned())
-        .execute(pool)
+        .execute(&mut conn)
         .await?;
+    let _ = sqlx::Connection::close(conn).await;
     Ok(())
 }
 

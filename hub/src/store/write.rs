@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::StoreError;
 use super::write_conn::WriteConn;
+use crate::auth::Proof;
 use crate::domain::{DeviceHello, DeviceKey, SensorKey};
 
 /// One row of the readings table.
@@ -142,27 +143,39 @@ impl WriteTx<'_> {
     }
 
     /// Registers the device or refreshes what it says about itself; returns
-    /// its key and committed high-water mark.
+    /// its key and committed high-water mark, or None when its credentials
+    /// no longer match `proof` (removed, or rotated since its Hello).
     pub async fn upsert_device(
         &mut self,
         hello: &DeviceHello,
         now_ms: i64,
-    ) -> Result<(DeviceKey, u64), StoreError> {
+        proof: &Proof,
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
         let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
-        let (id, acked): (i64, i64) = sqlx::query_as(
+        let (kind, hash): (i64, Option<&[u8]>) = match proof {
+            Proof::Admitted => (0, None),
+            Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
+            Proof::FleetToken => (2, None),
+        };
+        let row: Option<(i64, i64)> = sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms) \
              VALUES (?1, ?2, ?3, ?4, ?4) \
              ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
              labels = excluded.labels, last_seen_ms = excluded.last_seen_ms \
+             WHERE devices.removed_ms IS NULL AND (?5 = 0 \
+               OR (?5 = 1 AND devices.token_sha256 = ?6) \
+               OR (?5 = 2 AND devices.token_sha256 IS NULL)) \
              RETURNING id, acked_seq",
         )
         .bind(hello.device_id.as_str())
         .bind(&hello.firmware)
         .bind(labels)
         .bind(now_ms)
-        .fetch_one(self.conn.conn())
+        .bind(kind)
+        .bind(hash)
+        .fetch_optional(self.conn.conn())
         .await?;
-        Ok((DeviceKey(id), acked as u64))
+        Ok(row.map(|(id, acked)| (DeviceKey(id), acked as u64)))
     }
 
     /// Enrolls a device with its own token (adding it, or re-adding a
@@ -452,6 +465,63 @@ fn multi_row_sql(head: &str, tuple: &str, n: usize, tail: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::DeviceId;
+
+    /// A Hello checked before an operator's change must not register after
+    /// it: the writer checks the proof again in the same statement.
+    #[tokio::test]
+    async fn a_registration_rechecks_the_credentials_it_was_admitted_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (_, mut writer) = crate::store::open(&settings).await.unwrap();
+        let hello = DeviceHello::new(
+            DeviceId::parse("d").unwrap(),
+            String::new(),
+            Default::default(),
+            "",
+        )
+        .unwrap();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut tx = writer.begin().await.unwrap();
+        tx.enroll_device(&hello, &a, 0).await.unwrap();
+        let own = |h| Proof::OwnToken(h);
+        assert!(
+            tx.upsert_device(&hello, 1, &own(a))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            tx.upsert_device(&hello, 1, &Proof::FleetToken)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(tx.set_device_token("d", &b).await.unwrap());
+        assert!(
+            tx.upsert_device(&hello, 1, &own(a))
+                .await
+                .unwrap()
+                .is_none(),
+            "rotated"
+        );
+        assert!(
+            tx.upsert_device(&hello, 1, &own(b))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(tx.remove_device("d", 2).await.unwrap());
+        assert!(
+            tx.upsert_device(&hello, 3, &Proof::Admitted)
+                .await
+                .unwrap()
+                .is_none(),
+            "removed"
+        );
+        tx.commit().await.unwrap();
+    }
 
     #[test]
     fn chunks_are_the_max_or_powers_of_two() {
