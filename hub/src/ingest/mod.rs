@@ -139,6 +139,20 @@ pub(crate) fn queue(capacity: usize) -> (IngestQueue, mpsc::Receiver<WriterMsg>)
 }
 
 impl IngestQueue {
+    /// Sends the writer a request and waits for its answer, given after the
+    /// commit that holds it.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, IngestError>>) -> WriterMsg,
+    ) -> Result<T, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
     /// Registers a device (in the writer's next commit) and returns its key
     /// and committed high-water mark.
     pub async fn register(
@@ -146,38 +160,25 @@ impl IngestQueue {
         hello: DeviceHello,
         proof: Proof,
     ) -> Result<Registered, IngestError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(WriterMsg::Register {
-                hello,
-                proof,
-                reply,
-            })
-            .await
-            .map_err(|_| IngestError::Closed)?;
-        answer.await.map_err(|_| IngestError::Closed)?
+        self.ask(|reply| WriterMsg::Register {
+            hello,
+            proof,
+            reply,
+        })
+        .await
     }
 
     /// Changes a device's credentials in the writer's next commit; whether
     /// the device was there.
     pub async fn change_credentials(&self, change: CredentialChange) -> Result<bool, IngestError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(WriterMsg::Credentials { change, reply })
+        self.ask(|reply| WriterMsg::Credentials { change, reply })
             .await
-            .map_err(|_| IngestError::Closed)?;
-        answer.await.map_err(|_| IngestError::Closed)?
     }
 
     /// One retention step, in the writer's next commit: how many readings
     /// it deleted.
     pub async fn retain(&self, step: RetainStep) -> Result<RetainDone, IngestError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(WriterMsg::Retain { step, reply })
-            .await
-            .map_err(|_| IngestError::Closed)?;
-        answer.await.map_err(|_| IngestError::Closed)?
+        self.ask(|reply| WriterMsg::Retain { step, reply }).await
     }
 
     /// Queues a batch, waiting while the queue is full.
