@@ -108,38 +108,42 @@ async fn report_health(
     failure: Arc<Failure>,
     stop: CancellationToken,
 ) {
-    const GATEWAY: &str = "telemetry.v1.DeviceGateway";
-    const OPERATOR: &str = "telemetry.v1.Operator";
     let mut shown: Option<(bool, bool)> = None;
     loop {
         let failed = failure.happened.is_cancelled();
         let storage_ok = metrics.storage_ok();
         if shown != Some((failed, storage_ok)) {
-            let status = |ok: bool| {
-                if ok {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                }
-            };
-            reporter.set_service_status("", status(!failed)).await;
-            reporter.set_service_status(OPERATOR, status(!failed)).await;
-            reporter
-                .set_service_status(GATEWAY, status(!failed && storage_ok))
-                .await;
+            show_health(&reporter, !failed, !failed && storage_ok).await;
             shown = Some((failed, storage_ok));
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = failure.happened.cancelled(), if !failed => {}
             _ = stop.cancelled() => {
-                reporter.set_service_status("", ServingStatus::NotServing).await;
-                reporter.set_service_status(OPERATOR, ServingStatus::NotServing).await;
-                reporter.set_service_status(GATEWAY, ServingStatus::NotServing).await;
+                show_health(&reporter, false, false).await;
                 return;
             }
         }
     }
+}
+
+/// The hub as a whole ("") and the Operator API serve while `hub` is
+/// true; the device gateway while `gateway` is.
+async fn show_health(reporter: &HealthReporter, hub: bool, gateway: bool) {
+    let status = |ok: bool| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    reporter.set_service_status("", status(hub)).await;
+    reporter
+        .set_service_status("telemetry.v1.Operator", status(hub))
+        .await;
+    reporter
+        .set_service_status("telemetry.v1.DeviceGateway", status(gateway))
+        .await;
 }
 
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
@@ -332,7 +336,7 @@ impl Hub {
         ));
 
         let metrics_server = if settings.metrics.enabled {
-            let listener = crate::prometheus::bind(settings.metrics.listen)
+            let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
                 .await
                 .with_context(|| {
                     format!(
@@ -391,10 +395,10 @@ impl Hub {
                 .add_service(operator)
                 .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),
         );
-        let scheme = if server_settings.tls.cert.as_os_str().is_empty() {
-            "http"
-        } else {
+        let scheme = if server_settings.tls.enabled() {
             "https"
+        } else {
+            "http"
         };
         tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
             "listening on {addr} ({scheme})");
@@ -569,7 +573,7 @@ impl Hub {
 /// then insists on them for devices.
 fn server_tls(tls: &TlsSettings) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    if tls.cert.as_os_str().is_empty() {
+    if !tls.enabled() {
         return Ok(None);
     }
     let read = |path: &std::path::Path, key: &str| {
@@ -580,7 +584,7 @@ fn server_tls(tls: &TlsSettings) -> anyhow::Result<Option<tonic::transport::Serv
         read(&tls.key, "server.tls.key")?,
     );
     let mut config = ServerTlsConfig::new().identity(identity);
-    if !tls.client_ca.as_os_str().is_empty() {
+    if tls.verifies_clients() {
         config = config
             .client_ca_root(Certificate::from_pem(read(
                 &tls.client_ca,

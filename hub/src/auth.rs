@@ -31,16 +31,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use crate::config::{AuthSettings, DeviceAuthMode, OperatorRole};
+use crate::config::{AuthSettings, DeviceAuthMode};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// What an operator may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Read,
-    Admin,
-}
+/// What an operator may do (`Read < Admin`).
+pub use crate::config::OperatorRole as Role;
 
 /// An authenticated operator: the token's name (logged), never its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,9 +77,14 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// The token a fleet key gives a device: lowercase hex of
 /// HMAC-SHA256(key, device_id).
 pub fn fleet_token(key: &str, device_id: &str) -> String {
+    hex::encode(fleet_mac(key, device_id).finalize().into_bytes())
+}
+
+/// HMAC-SHA256(key, device_id), ready to finalize or verify.
+fn fleet_mac(key: &str, device_id: &str) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any size");
     mac.update(device_id.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    mac
 }
 
 /// The hub's auth settings, ready to check.
@@ -126,13 +127,7 @@ impl AuthPolicy {
             operators: settings
                 .operator_tokens
                 .iter()
-                .map(|t| {
-                    let role = match t.role {
-                        OperatorRole::Read => Role::Read,
-                        OperatorRole::Admin => Role::Admin,
-                    };
-                    (t.name.clone(), token_hash(&t.token), role)
-                })
+                .map(|t| (t.name.clone(), token_hash(&t.token), t.role))
                 .collect(),
         }
     }
@@ -188,10 +183,7 @@ impl AuthPolicy {
         let mut fleet = false;
         let presented = hex::decode(token).unwrap_or_default();
         for (_, key) in &self.fleet_keys {
-            let mut mac =
-                HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any size");
-            mac.update(device_id.as_bytes());
-            fleet |= mac.verify_slice(&presented).is_ok();
+            fleet |= fleet_mac(key, device_id).verify_slice(&presented).is_ok();
         }
         match stored.token_sha256 {
             _ if stored.removed => None,
@@ -284,7 +276,7 @@ impl FailureLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OperatorToken;
+    use crate::config::{OperatorRole, OperatorToken};
 
     fn policy(devices: DeviceAuthMode) -> AuthPolicy {
         AuthPolicy::new(&AuthSettings {

@@ -42,7 +42,8 @@ pub enum DeviceAuthMode {
     Tls,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What an operator token may do; ordered, `Read < Admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OperatorRole {
     Read,
@@ -99,6 +100,18 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// PEM CA that client certificates must chain to (mTLS); empty = none.
     pub client_ca: PathBuf,
+}
+
+impl TlsSettings {
+    /// The hub speaks TLS (a certificate is configured).
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+
+    /// Client certificates are asked for (mTLS).
+    pub fn verifies_clients(&self) -> bool {
+        !self.client_ca.as_os_str().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -378,11 +391,7 @@ impl Settings {
             ));
         }
         let tokens_in_use = a.devices == DeviceAuthMode::Token || !a.operator_tokens.is_empty();
-        if !loopback
-            && tokens_in_use
-            && self.server.tls.cert.as_os_str().is_empty()
-            && !a.allow_plaintext
-        {
+        if !loopback && tokens_in_use && !self.server.tls.enabled() && !a.allow_plaintext {
             return Err(invalid(
                 "server.tls.cert",
                 format!(
@@ -393,7 +402,7 @@ impl Settings {
                 ),
             ));
         }
-        if a.devices == DeviceAuthMode::Tls && self.server.tls.client_ca.as_os_str().is_empty() {
+        if a.devices == DeviceAuthMode::Tls && !self.server.tls.verifies_clients() {
             return Err(invalid(
                 "auth.devices",
                 "is \"tls\": set server.tls.cert, server.tls.key and server.tls.client_ca".into(),
@@ -495,14 +504,13 @@ impl Settings {
             "must be at least 1",
         )?;
         let tls = &s.tls;
-        let set = |p: &PathBuf| !p.as_os_str().is_empty();
         check(
-            set(&tls.cert) == set(&tls.key),
+            tls.enabled() != tls.key.as_os_str().is_empty(),
             "server.tls.key",
             "server.tls.cert and server.tls.key go together",
         )?;
         check(
-            !set(&tls.client_ca) || set(&tls.cert),
+            !tls.verifies_clients() || tls.enabled(),
             "server.tls.client_ca",
             "mTLS needs server.tls.cert and server.tls.key too",
         )?;

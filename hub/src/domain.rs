@@ -17,7 +17,7 @@ pub const MAX_FIRMWARE_LEN: usize = 128;
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_KEY_LEN: usize = 64;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
-/// Hello.token is not checked yet (open device auth), but it is bounded.
+/// Longest Hello.token looked at (`auth` checks what it proves).
 pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// A device's external id: 1 to 64 characters of `[A-Za-z0-9._:-]`.

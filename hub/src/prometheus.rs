@@ -3,7 +3,6 @@
 //! Counters and gauges are read from [`HubMetrics`] at each scrape, so
 //! `hub stats` and Prometheus never disagree.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -223,9 +222,4 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         )],
         body,
     )
-}
-
-/// Binds the metrics address (fails start-up with a clear error if taken).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

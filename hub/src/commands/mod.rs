@@ -252,6 +252,22 @@ impl Open {
             withdrawn: Arc::default(),
         }
     }
+
+    /// Not on any stream now: it is pushed again at the next chance.
+    fn unpush(&mut self) {
+        self.pushed_to = None;
+        self.pushed_at = None;
+    }
+}
+
+/// Every open command of a device queue goes out again (in order) on the
+/// next stream it has.
+fn unpush_all(open: &mut HashMap<String, Open>, order: &VecDeque<String>) {
+    for id in order {
+        if let Some(open) = open.get_mut(id) {
+            open.unpush();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -528,12 +544,7 @@ impl CommandActor {
         queue.link = Some((session, outbox));
         // Everything not final goes out again on the new stream, in order:
         // the device deduplicates by command_id.
-        for id in &queue.order {
-            if let Some(open) = self.open.get_mut(id) {
-                open.pushed_to = None;
-                open.pushed_at = None;
-            }
-        }
+        unpush_all(&mut self.open, &queue.order);
     }
 
     fn detach(&mut self, device: &str, session: u64) {
@@ -543,12 +554,7 @@ impl CommandActor {
             queue.link = None;
             // The ack timeout only runs while the device stays connected;
             // the next stream gets everything again.
-            for id in &queue.order {
-                if let Some(open) = self.open.get_mut(id) {
-                    open.pushed_to = None;
-                    open.pushed_at = None;
-                }
-            }
+            unpush_all(&mut self.open, &queue.order);
         }
     }
 
@@ -729,8 +735,7 @@ impl CommandActor {
                 .is_some_and(|at| instant.duration_since(at) >= self.settings.ack_timeout);
             if timed_out {
                 // Send it again (if attempts are left, see below).
-                open.pushed_to = None;
-                open.pushed_at = None;
+                open.unpush();
             }
             // Out of attempts: FAILED once the device has been connected
             // for an ack timeout since the last write without a word.

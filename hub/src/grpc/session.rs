@@ -88,7 +88,6 @@ struct Finish {
     status: Option<Status>,
 }
 
-/// Runs one device stream to its end.
 /// Who is at the other end of a stream, as the transport saw it.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
@@ -97,6 +96,7 @@ pub struct Peer {
     pub certificate: Option<Vec<u8>>,
 }
 
+/// Runs one device stream to its end.
 pub async fn run(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,

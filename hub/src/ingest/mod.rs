@@ -124,6 +124,23 @@ impl WriterMsg {
             WriterMsg::Retain { step, .. } => step.limit as usize,
         }
     }
+
+    /// Tells the sender its message was not committed (storage failed).
+    fn fail(self) {
+        // A sender that went meanwhile has nobody left to tell.
+        match self {
+            WriterMsg::Batch(batch) => batch.ack.fail(),
+            WriterMsg::Register { reply, .. } => {
+                let _ = reply.send(Err(IngestError::Storage));
+            }
+            WriterMsg::Credentials { reply, .. } => {
+                let _ = reply.send(Err(IngestError::Storage));
+            }
+            WriterMsg::Retain { reply, .. } => {
+                let _ = reply.send(Err(IngestError::Storage));
+            }
+        }
+    }
 }
 
 /// The sending side of the ingest queue; cheap to clone.

@@ -2,7 +2,7 @@
 //! commit.
 //!
 //! What the writer keeps in memory (marks, the sensor dictionary, each
-//! device's sensors, device names) is a cache of committed rows: a group's
+//! device's sensors) is a cache of committed rows: a group's
 //! changes are collected on the side and applied only after its COMMIT
 //! succeeded. After a failed commit the caches are dropped and reloaded, and
 //! every session with a batch in the failed group is done: its later batches
@@ -280,20 +280,7 @@ impl Writer {
                 // A COMMIT that reported failure may still have reached the
                 // disk: the caches are reloaded from what is stored.
                 self.forget_caches();
-                for msg in group.drain(..) {
-                    match msg {
-                        WriterMsg::Batch(batch) => batch.ack.fail(),
-                        WriterMsg::Register { reply, .. } => {
-                            let _ = reply.send(Err(IngestError::Storage));
-                        }
-                        WriterMsg::Credentials { reply, .. } => {
-                            let _ = reply.send(Err(IngestError::Storage));
-                        }
-                        WriterMsg::Retain { reply, .. } => {
-                            let _ = reply.send(Err(IngestError::Storage));
-                        }
-                    }
-                }
+                group.drain(..).for_each(WriterMsg::fail);
                 false
             }
         }
@@ -391,7 +378,7 @@ impl Writer {
     async fn compact_if_due(&mut self) {
         let staged = match self.staged {
             Some(n) => n + self.rows.len() as u64,
-            None => match self.store.recent_rows().await {
+            None => match self.staged_rows().await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot count staged readings");

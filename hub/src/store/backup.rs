@@ -66,13 +66,15 @@ pub async fn backup(
     let commands_path = dir.join("hub-commands.db");
     store.vacuum_into(&readings_path).await?;
     commands.vacuum_into(&commands_path).await?;
-    let devices = count(&readings_path, "SELECT count(*) FROM devices").await?;
-    let readings = count(
+    let [devices, readings] = verify(
         &readings_path,
-        "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM readings_recent)",
+        [
+            "SELECT count(*) FROM devices",
+            "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM readings_recent)",
+        ],
     )
     .await?;
-    let commands = count(&commands_path, "SELECT count(*) FROM commands").await?;
+    let [commands] = verify(&commands_path, ["SELECT count(*) FROM commands"]).await?;
     Ok(BackupReport {
         readings_path,
         commands_path,
@@ -94,8 +96,8 @@ fn private_dir(path: &Path, existing_ok: bool) -> Result<(), BackupError> {
         .map_err(|e| BackupError::CreateDir(path.to_owned(), e))
 }
 
-/// Opens a copy read-only, checks it and runs one count.
-async fn count(path: &Path, sql: &str) -> Result<u64, BackupError> {
+/// Opens a copy read-only, checks it once and runs the counts.
+async fn verify<const N: usize>(path: &Path, counts: [&str; N]) -> Result<[u64; N], BackupError> {
     let unsound = |e: sqlx::Error| BackupError::Unsound(path.to_owned(), e.to_string());
     let mut conn = SqliteConnectOptions::new()
         .filename(path)
@@ -110,10 +112,14 @@ async fn count(path: &Path, sql: &str) -> Result<u64, BackupError> {
     if check != "ok" {
         return Err(BackupError::Unsound(path.to_owned(), check));
     }
-    let n: i64 = sqlx::query_scalar(sql)
-        .fetch_one(&mut conn)
-        .await
-        .map_err(unsound)?;
+    let mut found = [0u64; N];
+    for (sql, n) in counts.into_iter().zip(&mut found) {
+        let count: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(unsound)?;
+        *n = count as u64;
+    }
     let _ = conn.close().await;
-    Ok(n as u64)
+    Ok(found)
 }

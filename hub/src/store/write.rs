@@ -38,12 +38,53 @@ const INSERT_CHUNK: usize = 1024;
 const PROGRESS_CHUNK: usize = 256;
 const PAIR_CHUNK: usize = 256;
 
+/// The writer's multi-row statements.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Batched {
     Insert,
     Progress,
     DeviceSensors,
 }
+
+impl Batched {
+    /// Most items one statement takes.
+    fn max(self) -> usize {
+        match self {
+            Batched::Insert => INSERT_CHUNK,
+            Batched::Progress => PROGRESS_CHUNK,
+            Batched::DeviceSensors => PAIR_CHUNK,
+        }
+    }
+
+    /// The statement for `n` items.
+    fn sql(self, n: usize) -> String {
+        match self {
+            Batched::Insert => multi_row_sql(
+                "INSERT INTO readings_recent (device_id, sensor_id, ts_ms, seq, value) VALUES ",
+                "(?,?,?,?,?)",
+                n,
+                "",
+            ),
+            Batched::Progress => multi_row_sql(
+                "UPDATE devices SET acked_seq = v.column2, \
+                 reading_count = reading_count + v.column3, last_seen_ms = v.column4 \
+                 FROM (VALUES ",
+                "(?,?,?,?)",
+                n,
+                ") AS v WHERE devices.id = v.column1",
+            ),
+            Batched::DeviceSensors => multi_row_sql(
+                "INSERT OR IGNORE INTO device_sensors (device_id, sensor_id) VALUES ",
+                "(?,?)",
+                n,
+                "",
+            ),
+        }
+    }
+}
+
+/// A statement being bound.
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 pub struct StoreWriter {
     conn: WriteConn,
@@ -259,15 +300,19 @@ impl WriteTx<'_> {
         .await?
         .rows_affected();
         if deleted > 0 {
-            sqlx::query(
-                "UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?",
-            )
-            .bind(deleted as i64)
-            .bind(device.0)
-            .execute(self.conn.conn())
-            .await?;
+            self.subtract_readings(device.0, deleted as i64).await?;
         }
         Ok(deleted)
+    }
+
+    /// Keeps a device's stored count true after `n` of its readings went.
+    async fn subtract_readings(&mut self, device: i64, n: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?")
+            .bind(n)
+            .bind(device)
+            .execute(self.conn.conn())
+            .await?;
+        Ok(())
     }
 
     /// Deletes up to `limit` staged readings stamped before `cutoff_ms`
@@ -291,13 +336,7 @@ impl WriteTx<'_> {
             *per_device.entry(*d).or_default() += 1;
         }
         for (device, n) in per_device {
-            sqlx::query(
-                "UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?",
-            )
-            .bind(n)
-            .bind(device)
-            .execute(self.conn.conn())
-            .await?;
+            self.subtract_readings(device, n).await?;
         }
         Ok(devices.len() as u64)
     }
@@ -340,28 +379,10 @@ impl WriteTx<'_> {
         &mut self,
         pairs: &[(DeviceKey, SensorKey)],
     ) -> Result<(), StoreError> {
-        let mut rest = pairs;
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), PAIR_CHUNK));
-            let sql = self
-                .sql
-                .entry((Batched::DeviceSensors, chunk.len()))
-                .or_insert_with(|| {
-                    multi_row_sql(
-                        "INSERT OR IGNORE INTO device_sensors (device_id, sensor_id) VALUES ",
-                        "(?,?)",
-                        chunk.len(),
-                        "",
-                    )
-                });
-            let mut query = sqlx::query(sql.as_str());
-            for (device, sensor) in chunk {
-                query = query.bind(device.0).bind(sensor.0);
-            }
-            query.execute(self.conn.conn()).await?;
-            rest = tail;
-        }
-        Ok(())
+        self.execute_batched(Batched::DeviceSensors, pairs, |q, (device, sensor)| {
+            q.bind(device.0).bind(sensor.0)
+        })
+        .await
     }
 
     /// The sensor's key, adding it to the dictionary if new.
@@ -381,33 +402,14 @@ impl WriteTx<'_> {
     }
 
     pub async fn insert_readings(&mut self, rows: &[RowToInsert]) -> Result<(), StoreError> {
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), INSERT_CHUNK));
-            let sql = self
-                .sql
-                .entry((Batched::Insert, chunk.len()))
-                .or_insert_with(|| {
-                    multi_row_sql(
-                        "INSERT INTO readings_recent (device_id, sensor_id, ts_ms, seq, value) VALUES ",
-                        "(?,?,?,?,?)",
-                        chunk.len(),
-                        "",
-                    )
-                });
-            let mut query = sqlx::query(sql.as_str());
-            for r in chunk {
-                query = query
-                    .bind(r.device.0)
-                    .bind(r.sensor.0)
-                    .bind(r.ts_ms)
-                    .bind(r.seq)
-                    .bind(r.value);
-            }
-            query.execute(self.conn.conn()).await?;
-            rest = tail;
-        }
-        Ok(())
+        self.execute_batched(Batched::Insert, rows, |q, r| {
+            q.bind(r.device.0)
+                .bind(r.sensor.0)
+                .bind(r.ts_ms)
+                .bind(r.seq)
+                .bind(r.value)
+        })
+        .await
     }
 
     /// Moves devices' high-water marks and stored counts, many devices to a
@@ -417,29 +419,33 @@ impl WriteTx<'_> {
         progress: &[DeviceProgress],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut rest = progress;
+        self.execute_batched(Batched::Progress, progress, |q, p| {
+            q.bind(p.device.0)
+                .bind(p.acked_seq as i64)
+                .bind(p.added as i64)
+                .bind(now_ms)
+        })
+        .await
+    }
+
+    /// Runs `kind`'s statement over `items`: `kind.max()` of them at a time,
+    /// the rest in powers of two; `bind` binds one item's values.
+    async fn execute_batched<T>(
+        &mut self,
+        kind: Batched,
+        items: &[T],
+        bind: impl for<'q> Fn(SqliteQuery<'q>, &T) -> SqliteQuery<'q>,
+    ) -> Result<(), StoreError> {
+        let mut rest = items;
         while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), PROGRESS_CHUNK));
+            let (chunk, tail) = rest.split_at(chunk_len(rest.len(), kind.max()));
             let sql = self
                 .sql
-                .entry((Batched::Progress, chunk.len()))
-                .or_insert_with(|| {
-                    multi_row_sql(
-                        "UPDATE devices SET acked_seq = v.column2, \
-                     reading_count = reading_count + v.column3, last_seen_ms = v.column4 \
-                     FROM (VALUES ",
-                        "(?,?,?,?)",
-                        chunk.len(),
-                        ") AS v WHERE devices.id = v.column1",
-                    )
-                });
+                .entry((kind, chunk.len()))
+                .or_insert_with(|| kind.sql(chunk.len()));
             let mut query = sqlx::query(sql.as_str());
-            for p in chunk {
-                query = query
-                    .bind(p.device.0)
-                    .bind(p.acked_seq as i64)
-                    .bind(p.added as i64)
-                    .bind(now_ms);
+            for item in chunk {
+                query = bind(query, item);
             }
             query.execute(self.conn.conn()).await?;
             rest = tail;
