@@ -637,9 +637,18 @@ async fn a_command_that_kills_its_stream_fails_after_max_attempts_across_reconne
         .await
         .unwrap();
     // The device dies (drops its stream) each time the command arrives.
-    while hub.command(&poison.command_id).await.attempts < 3 {
+    let mut attempts = 0;
+    while attempts < 3 {
         let (mut dev, _) = RawDevice::connect(&hub, "dev-poison").await;
         assert_eq!(dev.next_command().await.command_id, poison.command_id);
+        // The write is recorded (committed) before the device goes: read
+        // too early, the count would send the test round once more for a
+        // command that is, rightly, not offered again.
+        wait_until("the attempt recorded", || async {
+            hub.command(&poison.command_id).await.attempts > attempts
+        })
+        .await;
+        attempts = hub.command(&poison.command_id).await.attempts;
         drop(dev);
         wait_until("device offline", || async {
             !hub.device("dev-poison").await.unwrap().online
