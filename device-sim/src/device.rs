@@ -40,6 +40,9 @@ pub struct DeviceConfig {
     pub buffer: usize,
     pub drain_timeout: Duration,
     pub firmware: String,
+    pub full_precision: bool,
+    /// Readings stamped over this much of the past go first.
+    pub backfill: Option<Duration>,
 }
 
 /// Written by hand so the token never prints.
@@ -93,6 +96,8 @@ pub struct SimDevice {
     in_flight: VecDeque<(u64, Instant)>,
     sensor_cursor: usize,
     carry: f64,
+    /// While backfilling: the ts (ms, fractional) of the next past reading.
+    backfill_ms: Option<f64>,
     /// The last stream got as far as Welcome (resets the backoff).
     welcomed: bool,
     commands: CommandRunner,
@@ -103,8 +108,12 @@ pub struct SimDevice {
 
 impl SimDevice {
     pub fn new(cfg: DeviceConfig, stats: Arc<FleetStats>) -> Self {
-        let signal = SignalGen::new(cfg.seed, cfg.index);
+        let signal = SignalGen::new(cfg.seed, cfg.index, cfg.full_precision);
+        let backfill_ms = cfg
+            .backfill
+            .map(|past| (now_ms() - past.as_millis() as i64) as f64);
         Self {
+            backfill_ms,
             cfg,
             signal,
             unacked: VecDeque::new(),
@@ -389,8 +398,13 @@ impl SimDevice {
         FleetStats::inc(&self.stats.acked, released as u64);
     }
 
-    /// Takes the samples due over `elapsed`, spread evenly in time.
+    /// Takes the samples due over `elapsed`, spread evenly in time; while
+    /// backfilling, fills the buffer with past readings instead.
     fn sample(&mut self, elapsed: Duration) {
+        if self.backfill_ms.is_some() {
+            self.sample_past();
+            return;
+        }
         let due = self.cfg.rate_hz * elapsed.as_secs_f64() + self.carry;
         let n = due.floor() as u64;
         self.carry = due - n as f64;
@@ -416,6 +430,34 @@ impl SimDevice {
             });
             self.next_seq += 1;
         }
+    }
+
+    /// Past readings, `rate_hz` apart, until the buffer is full or the
+    /// present is reached (then sampling goes on live).
+    fn sample_past(&mut self) {
+        let Some(mut ts) = self.backfill_ms else {
+            return;
+        };
+        let step = 1000.0 / self.cfg.rate_hz.max(1e-3);
+        let now = now_ms() as f64;
+        while self.unacked.len() < self.cfg.buffer && !self.cfg.sensors.is_empty() {
+            if ts >= now {
+                self.backfill_ms = None;
+                return;
+            }
+            let sensor = &self.cfg.sensors[self.sensor_cursor % self.cfg.sensors.len()];
+            self.sensor_cursor += 1;
+            let value = self.signal.sample(sensor, ts as i64);
+            self.unacked.push_back(pb::Reading {
+                seq: self.next_seq,
+                sensor: sensor.clone(),
+                ts_ms: ts as i64,
+                value,
+            });
+            self.next_seq += 1;
+            ts += step;
+        }
+        self.backfill_ms = Some(ts);
     }
 
     /// Sends the unacked readings not yet sent on this stream, in batches of

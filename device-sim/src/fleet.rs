@@ -37,6 +37,11 @@ pub struct FleetConfig {
     pub credentials: Credentials,
     /// TLS for https:// hubs.
     pub tls: Option<TlsFiles>,
+    /// Values at full f64 precision instead of each sensor's resolution.
+    pub full_precision: bool,
+    /// Each device first uploads readings stamped over this much of the
+    /// past (a device back from being offline), as fast as acks allow.
+    pub backfill: Option<Duration>,
 }
 
 /// What devices send as Hello.token.
@@ -110,6 +115,8 @@ impl Default for FleetConfig {
             firmware: concat!("device-sim/", env!("CARGO_PKG_VERSION")).into(),
             credentials: Credentials::None,
             tls: None,
+            full_precision: false,
+            backfill: None,
         }
     }
 }
@@ -197,6 +204,8 @@ pub async fn run(
                 buffer: cfg.buffer,
                 drain_timeout: cfg.drain_timeout,
                 firmware: cfg.firmware.clone(),
+                full_precision: cfg.full_precision,
+                backfill: cfg.backfill,
             },
             Arc::clone(&stats),
         );

@@ -77,6 +77,15 @@ struct Args {
     /// Client certificate (PEM) for mTLS (--devices 1).
     #[arg(long, requires_all = ["key", "ca"])]
     cert: Option<std::path::PathBuf>,
+    /// Values at full f64 precision instead of each sensor's resolution
+    /// (0.01 °C, 0.1 %, 0.01 hPa, 0.1 % battery).
+    #[arg(long)]
+    full_precision: bool,
+    /// First upload readings stamped over this much of the past, `--rate`
+    /// apart, as fast as acks allow (a device back from being offline);
+    /// then sample live.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    backfill: Option<Duration>,
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<std::path::PathBuf>,
@@ -113,6 +122,8 @@ async fn main() -> anyhow::Result<()> {
             ca,
             identity: args.cert.zip(args.key),
         }),
+        full_precision: args.full_precision,
+        backfill: args.backfill,
         ..FleetConfig::default()
     };
     let stop = CancellationToken::new();

@@ -9,6 +9,7 @@ const DAY_MS: f64 = 86_400_000.0;
 
 pub struct SignalGen {
     rng: StdRng,
+    full_precision: bool,
     phase: f64,
     temperature: f64,
     pressure: f64,
@@ -17,7 +18,9 @@ pub struct SignalGen {
 
 impl SignalGen {
     /// Same seed and device index, same signals.
-    pub fn new(seed: u64, device_index: u64) -> Self {
+    /// `full_precision`: values as computed, not rounded to the sensor's
+    /// resolution.
+    pub fn new(seed: u64, device_index: u64, full_precision: bool) -> Self {
         let mut rng =
             StdRng::seed_from_u64(seed ^ device_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let phase = rng.random::<f64>() * std::f64::consts::TAU * 0.1;
@@ -25,6 +28,7 @@ impl SignalGen {
         let pressure = 1013.0 + (rng.random::<f64>() - 0.5) * 10.0;
         Self {
             rng,
+            full_precision,
             phase,
             temperature: 20.0,
             pressure,
@@ -51,8 +55,22 @@ impl SignalGen {
         }
     }
 
-    /// The value of `sensor` at `ts_ms`.
+    /// The value of `sensor` at `ts_ms`, at the sensor's resolution (as a
+    /// device that prints "21.37" would send it) unless full precision.
     pub fn sample(&mut self, sensor: &str, ts_ms: i64) -> f64 {
+        let v = self.raw(sensor, ts_ms);
+        if self.full_precision {
+            return v;
+        }
+        let scale = match sensor {
+            "temperature" | "pressure" => 100.0,
+            "humidity" | "battery" => 10.0,
+            _ => 100.0,
+        };
+        (v * scale).round() / scale
+    }
+
+    fn raw(&mut self, sensor: &str, ts_ms: i64) -> f64 {
         let day = (ts_ms as f64 / DAY_MS) * std::f64::consts::TAU + self.phase;
         match sensor {
             "temperature" => {
@@ -82,9 +100,9 @@ mod tests {
 
     #[test]
     fn same_seed_same_signal_and_plausible_ranges() {
-        let mut a = SignalGen::new(7, 3);
-        let mut b = SignalGen::new(7, 3);
-        let mut c = SignalGen::new(8, 3);
+        let mut a = SignalGen::new(7, 3, false);
+        let mut b = SignalGen::new(7, 3, false);
+        let mut c = SignalGen::new(8, 3, false);
         let mut differs = false;
         for i in 0..1000 {
             let ts = 1_700_000_000_000 + i * 1000;
@@ -102,5 +120,17 @@ mod tests {
             }
         }
         assert!(differs, "another seed gives another signal");
+    }
+
+    #[test]
+    fn values_come_at_the_sensor_resolution() {
+        let mut q = SignalGen::new(7, 3, false);
+        for i in 0..100 {
+            let ts = 1_700_000_000_000 + i * 1000;
+            let t = q.sample("temperature", ts);
+            assert_eq!(t, (t * 100.0).round() / 100.0);
+            let h = q.sample("humidity", ts);
+            assert_eq!(h, (h * 10.0).round() / 10.0);
+        }
     }
 }

@@ -327,6 +327,12 @@ impl Hub {
             ))
         });
 
+        tokio::spawn(crate::metrics::log_summary(
+            Arc::clone(&metrics),
+            settings.log.summary_interval,
+            stopping.clone(),
+        ));
+
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health = tokio::spawn(report_health(
             health_reporter,

@@ -300,6 +300,10 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub filter: String,
     pub format: LogFormat,
+    /// How often an INFO line sums up the fleet (0: never). Connects and
+    /// disconnects of single devices are DEBUG.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Settings {

@@ -24,6 +24,11 @@ pub struct HubMetrics {
     pub rejected: AtomicU64,
     pub commits: AtomicU64,
     pub compactions: AtomicU64,
+    /// Device sessions admitted, and ended.
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    /// Series whose blocks of one level were merged.
+    pub merges: AtomicU64,
     pub commit_failures: AtomicU64,
     /// Device Hellos refused for their credentials.
     pub auth_failures: AtomicU64,
@@ -56,6 +61,9 @@ impl HubMetrics {
             rejected: AtomicU64::default(),
             commits: AtomicU64::default(),
             compactions: AtomicU64::default(),
+            connects: AtomicU64::default(),
+            disconnects: AtomicU64::default(),
+            merges: AtomicU64::default(),
             commit_failures: AtomicU64::default(),
             auth_failures: AtomicU64::default(),
             uncommitted_rows: AtomicU64::default(),
@@ -117,5 +125,48 @@ pub struct LiveSessionGuard(Arc<HubMetrics>);
 impl Drop for LiveSessionGuard {
     fn drop(&mut self) {
         self.0.live_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Logs one INFO line every `every` while anything is online or moving:
+/// devices online, connects/s, disconnects/s and readings/s since the last.
+pub async fn log_summary(
+    metrics: Arc<HubMetrics>,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if every.is_zero() {
+        return;
+    }
+    let counters = |m: &HubMetrics| {
+        [
+            HubMetrics::get(&m.connects),
+            HubMetrics::get(&m.disconnects),
+            HubMetrics::get(&m.readings_committed),
+        ]
+    };
+    let mut last = counters(&metrics);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = counters(&metrics);
+        let online = metrics.live_sessions();
+        let secs = every.as_secs_f64();
+        let rate = |i: usize| ((now[i] - last[i]) as f64 / secs).round() as u64;
+        if online > 0 || now != last {
+            tracing::info!(
+                online,
+                connects_per_s = rate(0),
+                disconnects_per_s = rate(1),
+                readings_per_s = rate(2),
+                "fleet"
+            );
+        }
+        last = now;
     }
 }

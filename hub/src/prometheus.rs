@@ -37,7 +37,7 @@ impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.metrics;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "hub_readings_committed",
                 "Readings stored (committed).",
@@ -65,8 +65,13 @@ impl Collector for Sources {
             ),
             (
                 "hub_compactions",
-                "Runs of staged readings moved into the clustered table.",
+                "Runs of staged readings encoded into compressed blocks.",
                 load(&m.compactions),
+            ),
+            (
+                "hub_block_merges",
+                "Series whose blocks of one level were merged into one.",
+                load(&m.merges),
             ),
             (
                 "hub_auth_failures",

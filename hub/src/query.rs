@@ -1,21 +1,28 @@
-//! Reading queries: keyset paging per sensor, merged by time, or folded into
-//! time buckets. Memory holds at most one page per sensor plus the device's
-//! staged readings (bounded by storage.compact_rows), whatever the size of
-//! the result, and no read transaction stays open between pages.
+//! Reading queries over compressed blocks, merged by time or folded into
+//! time buckets. Memory holds at most a page of blocks per sensor (each a
+//! few KiB, decoded one at a time as the merge reaches it) plus the
+//! device's staged readings (bounded by storage.compact_rows), whatever the
+//! size of the result, and no read transaction stays open between pages.
 //!
-//! The staged readings are read first, the clustered pages after: a reading
-//! a compaction moves in between shows up in both and is merged once (same
-//! (ts, seq)); none can be missed.
+//! The staged readings are read first, the blocks after. Compaction and
+//! merges may rewrite blocks meanwhile: each page also fetches every block
+//! created since the previous page (`BlockCursor::high`), and a reading at
+//! or before the last one handed out is dropped, so each reading comes out
+//! once and none is missed. A bucket query folds a block that lies inside
+//! one bucket, and overlaps nothing else, from its header without decoding
+//! it.
 
 use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
-use crate::domain::{Bucket, ReadingQuery, SensorKey, StoredReading};
-use crate::store::{ReadingCursor, ReadingPoint, Store, StoreError};
+use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading};
+use crate::store::blocks::{BlockCursor, BlockRow};
+use crate::store::codec::{self, BlockStats, Point};
+use crate::store::{Store, StoreError};
 
-/// Rows read from SQLite per query.
-const PAGE_ROWS: u32 = 2048;
+/// Blocks read from SQLite per page.
+const PAGE_BLOCKS: u32 = 16;
 /// Rows or buckets per chunk sent to the client.
 const CHUNK_ROWS: usize = 1024;
 
@@ -52,114 +59,176 @@ async fn stream(
         (Some(key), Some(name)) => vec![(key, name.clone())],
         _ => store.device_sensors(q.device).await?,
     };
-    let start = ReadingCursor {
-        ts_ms: since,
-        seq: 0,
-    };
     let mut cursors: Vec<SensorCursor> = sensors
         .into_iter()
         .map(|(key, name)| {
             // `staged` is ordered by sensor: split off this sensor's run.
             let first = staged.partition_point(|(k, _)| *k < key);
             let end = staged.partition_point(|(k, _)| *k <= key);
-            let mine: VecDeque<ReadingPoint> = staged.drain(first..end).map(|(_, p)| p).collect();
+            let mine: VecDeque<Point> = staged.drain(first..end).map(|(_, p)| p).collect();
             SensorCursor {
+                device: q.device,
                 key,
                 name,
-                after: start,
-                page: VecDeque::new(),
+                since,
+                until,
+                cursor: BlockCursor::START,
+                pending: VecDeque::new(),
                 exhausted: false,
+                active: Vec::new(),
                 staged: mine,
+                emitted: None,
             }
         })
         .collect();
     let limit = if q.limit == 0 { u64::MAX } else { q.limit };
     match q.bucket_ms {
-        None => merge_rows(store, q, &mut cursors, limit, out).await,
-        Some(width) => fold_buckets(store, q, &mut cursors, width, limit, out).await,
+        None => merge_rows(store, &mut cursors, limit, out).await,
+        Some(width) => fold_buckets(store, &mut cursors, width, limit, out).await,
     }
 }
 
+/// One sensor's readings in (ts, seq) order: its staged readings and its
+/// blocks, each block decoded once the merge reaches its first reading.
 struct SensorCursor {
+    device: DeviceKey,
     key: SensorKey,
     name: String,
-    after: ReadingCursor,
-    /// The current page of the clustered table.
-    page: VecDeque<ReadingPoint>,
+    since: i64,
+    until: i64,
+    cursor: BlockCursor,
+    /// Blocks fetched and not yet decoded, by (first_ts, id).
+    pending: VecDeque<BlockRow>,
     exhausted: bool,
-    /// This sensor's staged readings, ordered by (ts, seq).
-    staged: VecDeque<ReadingPoint>,
+    /// Decoded blocks' readings still to come, each in (ts, seq) order.
+    active: Vec<VecDeque<Point>>,
+    /// Staged readings, in (ts, seq) order.
+    staged: VecDeque<Point>,
+    /// The key of the last reading handed out.
+    emitted: Option<(i64, u64)>,
 }
 
-fn key(p: &ReadingPoint) -> (i64, u64) {
-    (p.ts_ms, p.seq)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Clustered,
-    Staged,
-}
-
-/// The earlier of the two heads. A staged reading equal to the clustered
-/// head was moved by a compaction after we read it: it is dropped, so each
-/// reading comes out once.
-fn merged_head(
-    page: &VecDeque<ReadingPoint>,
-    staged: &mut VecDeque<ReadingPoint>,
-) -> Option<(ReadingPoint, Side)> {
-    while let (Some(p), Some(s)) = (page.front(), staged.front())
-        && key(p) == key(s)
-    {
-        staged.pop_front();
-    }
-    match (page.front(), staged.front()) {
-        (Some(p), Some(s)) if key(s) < key(p) => Some((*s, Side::Staged)),
-        (Some(p), _) => Some((*p, Side::Clustered)),
-        (None, Some(s)) => Some((*s, Side::Staged)),
-        (None, None) => None,
-    }
+/// What a bucket fold takes next.
+enum Item {
+    Point(Point),
+    /// A whole block, from its header.
+    Block(i64, BlockStats),
 }
 
 impl SensorCursor {
-    /// The next reading (clustered and staged merged), fetching a page when
-    /// the buffer is empty.
-    async fn peek(
-        &mut self,
-        store: &Store,
-        q: &ReadingQuery,
-    ) -> Result<Option<ReadingPoint>, StoreError> {
-        self.fill(store, q).await?;
-        Ok(merged_head(&self.page, &mut self.staged).map(|(p, _)| p))
-    }
-
-    /// Consumes what [`SensorCursor::peek`] returned.
-    fn advance(&mut self) {
-        match merged_head(&self.page, &mut self.staged) {
-            Some((_, Side::Staged)) => self.staged.pop_front(),
-            _ => self.page.pop_front(),
-        };
-    }
-
-    /// Fetches the next page of the clustered table when the current one is
-    /// used up.
-    async fn fill(&mut self, store: &Store, q: &ReadingQuery) -> Result<(), StoreError> {
-        if self.page.is_empty() && !self.exhausted {
-            let until = q.until_ms.unwrap_or(i64::MAX);
-            let page = store
-                .reading_page(q.device, self.key, self.after, until, PAGE_ROWS)
-                .await?;
-            self.exhausted = page.len() < PAGE_ROWS as usize;
-            if let Some(last) = page.last() {
-                self.after = ReadingCursor {
-                    ts_ms: last.ts_ms,
-                    seq: last.seq as i64,
-                };
+    /// The earliest reading of the staged ones and the decoded blocks'
+    /// (dropping any at or before the last handed out).
+    fn head(&mut self) -> Option<Point> {
+        let emitted = self.emitted;
+        let seen = |p: &Point| emitted.is_some_and(|e| p.key() <= e);
+        let mut best: Option<Point> = None;
+        for source in self
+            .active
+            .iter_mut()
+            .chain(std::iter::once(&mut self.staged))
+        {
+            while source.front().is_some_and(seen) {
+                source.pop_front();
             }
-            self.page.extend(page);
+            if let Some(p) = source.front()
+                && best.is_none_or(|b| p.key() < b.key())
+            {
+                best = Some(*p);
+            }
+        }
+        self.active.retain(|a| !a.is_empty());
+        best
+    }
+
+    async fn fetch(&mut self, store: &Store) -> Result<(), StoreError> {
+        if self.pending.is_empty() && !self.exhausted {
+            let (page, next) = store
+                .block_page(
+                    (self.device, self.key),
+                    self.since,
+                    self.until,
+                    self.cursor,
+                    PAGE_BLOCKS,
+                )
+                .await?;
+            self.exhausted = page.len() < PAGE_BLOCKS as usize;
+            self.cursor = next;
+            self.pending.extend(page);
         }
         Ok(())
     }
+
+    /// Decodes the front pending block into `active` (its readings inside
+    /// the query's range).
+    fn activate(&mut self) -> Result<(), StoreError> {
+        let Some(block) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let mut points = codec::decode(&block.data).map_err(corrupt)?;
+        let (since, until) = (self.since, self.until);
+        points.retain(|p| p.ts_ms >= since && p.ts_ms < until);
+        self.active.push(points.into());
+        Ok(())
+    }
+
+    /// The next reading, not consumed: blocks are decoded until none still
+    /// pending can hold an earlier one.
+    async fn peek(&mut self, store: &Store) -> Result<Option<Point>, StoreError> {
+        loop {
+            let head = self.head();
+            self.fetch(store).await?;
+            match self.pending.front() {
+                Some(b) if head.is_none_or(|h| b.first_ts <= h.ts_ms) => self.activate()?,
+                _ => return Ok(head),
+            }
+        }
+    }
+
+    /// The next reading, or a whole block that lies inside one bucket of
+    /// `width` and overlaps nothing still to come; consumed.
+    async fn next_item(&mut self, store: &Store, width: i64) -> Result<Option<Item>, StoreError> {
+        loop {
+            let head = self.head();
+            self.fetch(store).await?;
+            match self.pending.front() {
+                Some(b) if head.is_none_or(|h| b.first_ts <= h.ts_ms) => {
+                    if head.is_none_or(|h| h.ts_ms > b.last_ts) && self.whole_block_fits(b, width) {
+                        let block = self.pending.pop_front().expect("front exists");
+                        let stats = codec::stats(&block.data).map_err(corrupt)?;
+                        self.emitted = Some((stats.last_ts, stats.last_seq));
+                        return Ok(Some(Item::Block(block.first_ts, stats)));
+                    }
+                    self.activate()?;
+                }
+                _ => return Ok(head.map(|p| self.take(p))),
+            }
+        }
+    }
+
+    /// Whether `block` (the front of `pending`) can be folded whole: inside
+    /// the query's range and one bucket, after what was handed out, and
+    /// clear of the next block.
+    fn whole_block_fits(&self, block: &BlockRow, width: i64) -> bool {
+        let clear_of_next = match self.pending.get(1) {
+            Some(next) => next.first_ts > block.last_ts,
+            None => false,
+        };
+        clear_of_next
+            && block.first_ts >= self.since
+            && block.last_ts < self.until
+            && self.emitted.is_none_or(|(ts, _)| block.first_ts > ts)
+            && Bucket::start_of(block.first_ts, width) == Bucket::start_of(block.last_ts, width)
+    }
+
+    /// Hands out `p` (the head): later copies of it are dropped.
+    fn take(&mut self, p: Point) -> Item {
+        self.emitted = Some(p.key());
+        Item::Point(p)
+    }
+}
+
+fn corrupt(e: codec::CodecError) -> StoreError {
+    StoreError::Corrupt(e.to_string())
 }
 
 /// Sends a chunk; false when the client has gone.
@@ -169,7 +238,6 @@ async fn send(out: &mpsc::Sender<Result<QueryChunk, StoreError>>, chunk: QueryCh
 
 async fn merge_rows(
     store: &Store,
-    q: &ReadingQuery,
     cursors: &mut [SensorCursor],
     limit: u64,
     out: &mpsc::Sender<Result<QueryChunk, StoreError>>,
@@ -179,16 +247,16 @@ async fn merge_rows(
     while emitted < limit {
         // Few sensors per device: a linear scan for the earliest head is
         // cheaper than a heap.
-        let mut best: Option<(usize, ReadingPoint)> = None;
+        let mut best: Option<(usize, Point)> = None;
         for (i, cursor) in cursors.iter_mut().enumerate() {
-            if let Some(p) = cursor.peek(store, q).await?
-                && best.is_none_or(|(_, b)| (p.ts_ms, p.seq) < (b.ts_ms, b.seq))
+            if let Some(p) = cursor.peek(store).await?
+                && best.is_none_or(|(_, b)| p.key() < b.key())
             {
                 best = Some((i, p));
             }
         }
         let Some((i, point)) = best else { break };
-        cursors[i].advance();
+        cursors[i].take(point);
         chunk.push(StoredReading {
             sensor: cursors[i].name.clone(),
             seq: point.seq,
@@ -210,7 +278,6 @@ async fn merge_rows(
 
 async fn fold_buckets(
     store: &Store,
-    q: &ReadingQuery,
     cursors: &mut [SensorCursor],
     width: i64,
     limit: u64,
@@ -220,27 +287,42 @@ async fn fold_buckets(
     let mut emitted = 0u64;
     'sensors: for cursor in cursors.iter_mut() {
         let mut current: Option<Bucket> = None;
-        while let Some(p) = cursor.peek(store, q).await? {
-            cursor.advance();
-            let start = Bucket::start_of(p.ts_ms, width);
+        while let Some(item) = cursor.next_item(store, width).await? {
+            let (ts, part) = match item {
+                Item::Point(p) => (
+                    p.ts_ms,
+                    BlockStats {
+                        count: 1,
+                        last_ts: p.ts_ms,
+                        last_seq: p.seq,
+                        min: p.value,
+                        max: p.value,
+                        sum: p.value,
+                        first: p.value,
+                        last: p.value,
+                    },
+                ),
+                Item::Block(first_ts, stats) => (first_ts, stats),
+            };
+            let start = Bucket::start_of(ts, width);
             match &mut current {
                 Some(b) if b.start_ms == start => {
-                    b.count += 1;
-                    b.sum += p.value;
-                    b.min = b.min.min(p.value);
-                    b.max = b.max.max(p.value);
-                    b.last = p.value;
+                    b.count += u64::from(part.count);
+                    b.sum += part.sum;
+                    b.min = b.min.min(part.min);
+                    b.max = b.max.max(part.max);
+                    b.last = part.last;
                 }
                 _ => {
                     let fresh = Bucket {
                         sensor: cursor.name.clone(),
                         start_ms: start,
-                        count: 1,
-                        sum: p.value,
-                        min: p.value,
-                        max: p.value,
-                        first: p.value,
-                        last: p.value,
+                        count: u64::from(part.count),
+                        sum: part.sum,
+                        min: part.min,
+                        max: part.max,
+                        first: part.first,
+                        last: part.last,
                     };
                     if let Some(done) = current.replace(fresh) {
                         chunk.push(done);
@@ -275,9 +357,9 @@ async fn fold_buckets(
 mod tests {
     use super::*;
 
-    fn points(keys: &[(i64, u64)]) -> VecDeque<ReadingPoint> {
+    fn points(keys: &[(i64, u64)]) -> VecDeque<Point> {
         keys.iter()
-            .map(|&(ts_ms, seq)| ReadingPoint {
+            .map(|&(ts_ms, seq)| Point {
                 seq,
                 ts_ms,
                 value: seq as f64,
@@ -286,18 +368,30 @@ mod tests {
     }
 
     #[test]
-    fn clustered_and_staged_merge_in_order_and_once() {
-        // (20,2) and (30,3) were compacted after the staged rows were read.
-        let mut page = points(&[(10, 1), (20, 2), (30, 3), (50, 5)]);
-        let mut staged = points(&[(20, 2), (30, 3), (40, 4), (60, 6)]);
+    fn blocks_and_staged_merge_in_order_and_once() {
+        // (20,2) and (30,3) were compacted after the staged rows were read;
+        // a merged block repeats (10,1) and (50,5).
+        let mut cursor = SensorCursor {
+            device: DeviceKey(1),
+            key: SensorKey(1),
+            name: "t".into(),
+            since: i64::MIN,
+            until: i64::MAX,
+            cursor: BlockCursor::START,
+            pending: VecDeque::new(),
+            exhausted: true,
+            active: vec![
+                points(&[(10, 1), (20, 2), (30, 3), (50, 5)]),
+                points(&[(10, 1), (50, 5), (70, 7)]),
+            ],
+            staged: points(&[(20, 2), (30, 3), (40, 4), (60, 6)]),
+            emitted: None,
+        };
         let mut out = Vec::new();
-        while let Some((p, side)) = merged_head(&page, &mut staged) {
+        while let Some(p) = cursor.head() {
+            cursor.take(p);
             out.push(p.seq);
-            match side {
-                Side::Staged => staged.pop_front(),
-                Side::Clustered => page.pop_front(),
-            };
         }
-        assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(out, vec![1, 2, 3, 4, 5, 6, 7]);
     }
 }

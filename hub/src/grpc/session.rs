@@ -176,7 +176,8 @@ async fn run_registered(
     if outbound.send(Ok(welcome)).await.is_err() {
         return;
     }
-    tracing::info!(acked_seq = registered.acked_seq, "device connected");
+    HubMetrics::add(&ctx.metrics.connects, 1);
+    tracing::debug!(acked_seq = registered.acked_seq, "device connected");
     let link = CommandLink {
         commands: ctx.commands.clone(),
         inbox: ctx.commands.attach(&device_id, claim.id()).await,
@@ -230,7 +231,8 @@ async fn run_registered(
     let _ = acker.await;
     ctx.commands.detach(&device_id, claim.id()).await;
     drop(claim);
-    tracing::info!(reason, "device disconnected");
+    HubMetrics::add(&ctx.metrics.disconnects, 1);
+    tracing::debug!(reason, "device disconnected");
 }
 
 /// May this Hello become a session? The device's credentials (the core's

@@ -24,6 +24,7 @@ use crate::domain::{
     SensorKey, Verdict, judge, now_ms,
 };
 use crate::metrics::HubMetrics;
+use crate::store::blocks::{self, MergePlan};
 use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter, WriteTx};
 use crate::throttle::LogThrottle;
 
@@ -47,6 +48,8 @@ const MAX_CACHED_DEVICES: usize = 100_000;
 /// Staged readings beyond this many compaction runs mean compaction keeps
 /// failing: new readings are refused until it succeeds (bounded growth).
 const MAX_STAGED_RUNS: u64 = 16;
+/// Series merged per merge step: one short transaction between commits.
+const MERGES_PER_STEP: usize = 32;
 
 /// Waits between retries of something that failed: doubling, capped.
 #[derive(Debug)]
@@ -101,8 +104,13 @@ pub struct Writer {
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Readings published to the fan-out so far (its running index).
     published: u64,
-    /// Readings waiting in the staging table (None: not counted yet).
-    staged: Option<u64>,
+    /// The committed rows of the staging table, in memory too, so that a
+    /// compaction encodes blocks without reading them back (None: not
+    /// loaded yet, or unknown after a failure).
+    staged: Option<Vec<RowToInsert>>,
+    /// Which series have blocks to merge (None: not loaded yet).
+    merges: Option<MergePlan>,
+    merge_retry: Backoff,
     commit_retry: Backoff,
     compact_retry: Backoff,
     /// Registrations delivered so far: the next stream id.
@@ -184,6 +192,8 @@ impl Writer {
             fanout,
             published: 0,
             staged: None,
+            merges: None,
+            merge_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             streams: 0,
@@ -197,6 +207,11 @@ impl Writer {
     pub async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
         let mut group: Vec<WriterMsg> = Vec::new();
         loop {
+            // Idle: merge blocks, a step at a time, while nothing waits.
+            if self.rx.is_empty() && !stop.is_cancelled() && self.merges_due().await {
+                self.merge_step().await;
+                continue;
+            }
             let first = tokio::select! {
                 msg = self.rx.recv() => msg,
                 _ = stop.cancelled() => None,
@@ -269,6 +284,9 @@ impl Writer {
                 self.publish();
                 self.commit_retry.succeeded();
                 self.compact_if_due().await;
+                if self.merges_due().await {
+                    self.merge_step().await;
+                }
                 true
             }
             Err(e) => {
@@ -289,6 +307,7 @@ impl Writer {
     fn forget_caches(&mut self) {
         self.known.forget();
         self.staged = None;
+        self.merges = None;
     }
 
     fn apply(&mut self, mut changes: GroupChanges) {
@@ -356,37 +375,32 @@ impl Writer {
         if !self.compact_retry.waiting() {
             self.compact().await;
         }
-        match self.staged {
-            Some(n) if n < cap => Ok(()),
+        match &self.staged {
+            Some(rows) if (rows.len() as u64) < cap => Ok(()),
             _ => Err(StoreError::StagingFull { staged }),
         }
     }
 
     async fn staged_rows(&mut self) -> Result<u64, StoreError> {
-        match self.staged {
-            Some(n) => Ok(n),
-            None => {
-                let n = self.store.recent_rows().await?;
-                self.staged = Some(n);
-                Ok(n)
-            }
+        if self.staged.is_none() {
+            self.staged = Some(self.store.staged_rows().await?);
         }
+        Ok(self.staged.as_ref().map_or(0, |rows| rows.len() as u64))
     }
 
-    /// Moves the staged readings into the clustered table once enough wait.
-    /// Acks are out already; the next group waits for this (one writer).
+    /// Encodes the staged readings into blocks once enough wait. Acks are
+    /// out already; the next group waits for this (one writer).
     async fn compact_if_due(&mut self) {
-        let staged = match self.staged {
-            Some(n) => n + self.rows.len() as u64,
-            None => match self.staged_rows().await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot count staged readings");
+        match &mut self.staged {
+            Some(staged) => staged.extend_from_slice(&self.rows),
+            None => {
+                if let Err(e) = self.staged_rows().await {
+                    tracing::warn!(error = %e, "cannot read the staged readings");
                     return;
                 }
-            },
-        };
-        self.staged = Some(staged);
+            }
+        }
+        let staged = self.staged.as_ref().map_or(0, Vec::len) as u64;
         // Under load (batches already waiting) runs grow up to 4x: a longer
         // run costs little more than a short one, so throughput holds up.
         let busy = !self.rx.is_empty();
@@ -395,22 +409,38 @@ impl Writer {
         } else {
             self.settings.compact_rows
         };
-        if staged < run || self.compact_retry.waiting() {
-            return;
+        if staged >= run && !self.compact_retry.waiting() {
+            self.compact().await;
         }
-        self.compact().await;
     }
 
     async fn compact(&mut self) {
         let started = std::time::Instant::now();
-        tracing::debug!(staged = self.staged, "compacting staged readings");
-        match self.store.compact().await {
-            Ok(moved) => {
-                self.staged = Some(0);
+        let Some(mut rows) = self.staged.take() else {
+            return;
+        };
+        tracing::debug!(staged = rows.len(), "compacting staged readings");
+        let blocks = blocks::blocks_of(&mut rows);
+        let result = match self.store.begin().await {
+            Ok(mut tx) => match tx.compact_staged(&blocks, rows.len() as u64).await {
+                Ok(()) => tx.commit().await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                rows.clear();
+                self.staged = Some(rows);
                 self.compact_retry.succeeded();
                 HubMetrics::add(&self.metrics.compactions, 1);
+                if let Some(plan) = &mut self.merges {
+                    for b in &blocks {
+                        plan.add((b.device, b.sensor), b.level, 1);
+                    }
+                }
                 tracing::debug!(
-                    moved,
+                    blocks = blocks.len(),
                     ms = started.elapsed().as_millis() as u64,
                     "compacted staged readings"
                 );
@@ -423,6 +453,47 @@ impl Writer {
                 let wait = self.compact_retry.failed();
                 HubMetrics::add(&self.metrics.compaction_failures, 1);
                 tracing::error!(error = %e, retry_in = ?wait, "compaction failed");
+            }
+        }
+    }
+
+    /// Whether merges wait (loading the plan first if needed).
+    async fn merges_due(&mut self) -> bool {
+        if self.merge_retry.waiting() {
+            return false;
+        }
+        if self.merges.is_none() {
+            match self.store.open_blocks().await {
+                Ok(rows) => self.merges = Some(MergePlan::load(rows)),
+                Err(e) => {
+                    self.store.abort().await;
+                    let wait = self.merge_retry.failed();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot plan block merges");
+                    return false;
+                }
+            }
+        }
+        self.merges.as_ref().is_some_and(MergePlan::is_due)
+    }
+
+    /// One step of merges: a few series, one short transaction, so a group
+    /// commit never waits long behind it.
+    async fn merge_step(&mut self) {
+        let Some(plan) = &self.merges else { return };
+        let jobs = plan.next(MERGES_PER_STEP);
+        match self.store.merge(&jobs).await {
+            Ok(done) => {
+                self.merge_retry.succeeded();
+                HubMetrics::add(&self.metrics.merges, done.len() as u64);
+                if let Some(plan) = &mut self.merges {
+                    plan.done(&done);
+                }
+            }
+            Err(e) => {
+                self.store.abort().await;
+                self.merges = None;
+                let wait = self.merge_retry.failed();
+                tracing::error!(error = %e, retry_in = ?wait, "merging blocks failed");
             }
         }
     }

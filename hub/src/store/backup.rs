@@ -70,7 +70,7 @@ pub async fn backup(
         &readings_path,
         [
             "SELECT count(*) FROM devices",
-            "SELECT (SELECT count(*) FROM readings) + (SELECT count(*) FROM readings_recent)",
+            "SELECT (SELECT coalesce(sum(count), 0) FROM blocks) + (SELECT count(*) FROM readings_recent)",
         ],
     )
     .await?;

@@ -5,6 +5,8 @@
 //! queries. WAL mode lets readers run beside the writer.
 
 pub mod backup;
+pub mod blocks;
+pub mod codec;
 pub mod commands;
 mod write;
 mod write_conn;
@@ -42,6 +44,10 @@ pub enum StoreError {
         "{staged} new readings wait for a compaction that keeps failing; refusing more until it succeeds"
     )]
     StagingFull { staged: u64 },
+    #[error("the staging table holds {found} readings where the writer counted {expected}")]
+    StagingChanged { expected: u64, found: u64 },
+    #[error("a stored block cannot be decoded: {0}")]
+    Corrupt(String),
 }
 
 /// Read side of the store: cheap to clone.
@@ -57,11 +63,19 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     let mut writer =
         WriteConn::open(with_size_limit(options.clone(), settings.max_size_mib)).await?;
     MIGRATOR.run(writer.conn()).await?;
+    let mut writer = StoreWriter::new(writer);
+    let converted = writer.convert_legacy().await?;
+    if converted > 0 {
+        tracing::info!(
+            converted,
+            "stored readings converted into compressed blocks"
+        );
+    }
     let read = SqlitePoolOptions::new()
         .max_connections(settings.read_connections)
         .connect_with(options)
         .await?;
-    Ok((Store { read }, StoreWriter::new(writer)))
+    Ok((Store { read }, writer))
 }
 
 /// `VACUUM INTO` on a connection of its own, so a long copy does not hold
@@ -117,22 +131,6 @@ fn connect_options(
         )
         .pragma("temp_store", "memory")
         .disable_statement_logging())
-}
-
-/// Position in one sensor's readings, for keyset paging: rows strictly after
-/// (ts_ms, seq).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ReadingCursor {
-    pub ts_ms: i64,
-    pub seq: i64,
-}
-
-/// A stored reading without its device and sensor (known to the caller).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReadingPoint {
-    pub seq: u64,
-    pub ts_ms: i64,
-    pub value: f64,
 }
 
 impl Store {
@@ -224,7 +222,7 @@ impl Store {
         sensor: Option<SensorKey>,
         since_ms: i64,
         until_ms: i64,
-    ) -> Result<Vec<(SensorKey, ReadingPoint)>, StoreError> {
+    ) -> Result<Vec<(SensorKey, codec::Point)>, StoreError> {
         let rows: Vec<(i64, i64, i64, f64)> = sqlx::query_as(
             "SELECT sensor_id, seq, ts_ms, value FROM readings_recent \
              WHERE device_id = ?1 AND (?2 IS NULL OR sensor_id = ?2) AND ts_ms >= ?3 AND ts_ms < ?4 \
@@ -241,47 +239,12 @@ impl Store {
             .map(|(sensor, seq, ts_ms, value)| {
                 (
                     SensorKey(sensor),
-                    ReadingPoint {
+                    codec::Point {
                         seq: seq as u64,
                         ts_ms,
                         value,
                     },
                 )
-            })
-            .collect())
-    }
-
-    /// Up to `limit` readings of one sensor from the clustered table strictly
-    /// after `after`, before `until_ms` (exclusive), ordered by (ts_ms, seq).
-    /// A short query: no read transaction stays open between pages, so the
-    /// WAL can checkpoint.
-    pub async fn reading_page(
-        &self,
-        device: DeviceKey,
-        sensor: SensorKey,
-        after: ReadingCursor,
-        until_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<ReadingPoint>, StoreError> {
-        let rows: Vec<(i64, i64, f64)> = sqlx::query_as(
-            "SELECT seq, ts_ms, value FROM readings \
-             WHERE device_id = ?1 AND sensor_id = ?2 AND (ts_ms, seq) > (?3, ?4) AND ts_ms < ?5 \
-             ORDER BY ts_ms, seq LIMIT ?6",
-        )
-        .bind(device.0)
-        .bind(sensor.0)
-        .bind(after.ts_ms)
-        .bind(after.seq)
-        .bind(until_ms)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(seq, ts_ms, value)| ReadingPoint {
-                seq: seq as u64,
-                ts_ms,
-                value,
             })
             .collect())
     }
@@ -294,8 +257,8 @@ impl Store {
     ) -> Result<Vec<(DeviceKey, SensorKey)>, StoreError> {
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT d.device_id, d.sensor_id FROM device_sensors d WHERE EXISTS \
-             (SELECT 1 FROM readings r WHERE r.device_id = d.device_id \
-              AND r.sensor_id = d.sensor_id AND r.ts_ms < ?)",
+             (SELECT 1 FROM blocks b WHERE b.device_id = d.device_id \
+              AND b.sensor_id = d.sensor_id AND b.first_ts < ?)",
         )
         .bind(cutoff_ms)
         .fetch_all(&self.read)

@@ -1,8 +1,7 @@
 //! The write side: only the ingest writer task holds a [`StoreWriter`].
 //!
 //! New readings go to the staging table `readings_recent` (cheap commits);
-//! [`StoreWriter::compact`] moves them into the clustered `readings` table
-//! in large sorted runs.
+//! compaction encodes them into compressed blocks (`store::blocks`).
 
 use std::collections::HashMap;
 
@@ -37,13 +36,15 @@ pub struct DeviceProgress {
 const INSERT_CHUNK: usize = 1024;
 const PROGRESS_CHUNK: usize = 256;
 const PAIR_CHUNK: usize = 256;
+const BLOCK_CHUNK: usize = 256;
 
 /// The writer's multi-row statements.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Batched {
+pub(super) enum Batched {
     Insert,
     Progress,
     DeviceSensors,
+    Blocks,
 }
 
 impl Batched {
@@ -53,6 +54,7 @@ impl Batched {
             Batched::Insert => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
             Batched::DeviceSensors => PAIR_CHUNK,
+            Batched::Blocks => BLOCK_CHUNK,
         }
     }
 
@@ -79,12 +81,19 @@ impl Batched {
                 n,
                 "",
             ),
+            Batched::Blocks => multi_row_sql(
+                "INSERT INTO blocks (device_id, sensor_id, level, first_ts, last_ts, count, data) VALUES ",
+                "(?,?,?,?,?,?,?)",
+                n,
+                "",
+            ),
         }
     }
 }
 
 /// A statement being bound.
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+pub(super) type SqliteQuery<'q> =
+    sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 pub struct StoreWriter {
     conn: WriteConn,
@@ -94,7 +103,7 @@ pub struct StoreWriter {
 /// A write transaction of the writer. Dropped without [`WriteTx::commit`],
 /// it is rolled back before the next one begins.
 pub struct WriteTx<'c> {
-    conn: &'c mut WriteConn,
+    pub(super) conn: &'c mut WriteConn,
     sql: &'c mut HashMap<(Batched, usize), String>,
 }
 
@@ -115,6 +124,10 @@ impl StoreWriter {
         }
     }
 
+    pub(super) fn conn(&mut self) -> &mut WriteConn {
+        &mut self.conn
+    }
+
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
         self.conn.begin().await?;
         Ok(WriteTx {
@@ -132,44 +145,6 @@ impl StoreWriter {
     /// transaction open on it after a failure.
     pub fn reopened(&self) -> u64 {
         self.conn.reopened()
-    }
-
-    /// Rows waiting in the staging table.
-    pub async fn recent_rows(&mut self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_recent")
-            .fetch_one(self.conn.conn())
-            .await?;
-        Ok(n as u64)
-    }
-
-    /// Moves every staged reading into the clustered table in one sorted
-    /// run, in one transaction (so a reader sees each reading in exactly one
-    /// of the two tables). Returns the rows moved.
-    pub async fn compact(&mut self) -> Result<u64, StoreError> {
-        self.conn.begin().await?;
-        let conn = &mut self.conn;
-        let last: Option<i64> = sqlx::query_scalar("SELECT max(rowid) FROM readings_recent")
-            .fetch_one(conn.conn())
-            .await?;
-        let Some(last) = last else {
-            conn.commit().await?;
-            return Ok(0);
-        };
-        let moved = sqlx::query(
-            "INSERT INTO readings (device_id, sensor_id, ts_ms, seq, value) \
-             SELECT device_id, sensor_id, ts_ms, seq, value FROM readings_recent \
-             WHERE rowid <= ? ORDER BY device_id, sensor_id, ts_ms, seq",
-        )
-        .bind(last)
-        .execute(conn.conn())
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM readings_recent WHERE rowid <= ?")
-            .bind(last)
-            .execute(conn.conn())
-            .await?;
-        conn.commit().await?;
-        Ok(moved)
     }
 
     pub async fn close(self) -> Result<(), StoreError> {
@@ -277,36 +252,12 @@ impl WriteTx<'_> {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Deletes up to `limit` of one sensor's readings stamped before
-    /// `cutoff_ms` (the oldest first) from the clustered table, and keeps
-    /// the device's count true. Returns how many went.
-    pub async fn delete_old_readings(
-        &mut self,
-        device: DeviceKey,
-        sensor: SensorKey,
-        cutoff_ms: i64,
-        limit: u32,
-    ) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(
-            "DELETE FROM readings WHERE (device_id, sensor_id, ts_ms, seq) IN \
-             (SELECT device_id, sensor_id, ts_ms, seq FROM readings \
-              WHERE device_id = ?1 AND sensor_id = ?2 AND ts_ms < ?3 ORDER BY ts_ms, seq LIMIT ?4)",
-        )
-        .bind(device.0)
-        .bind(sensor.0)
-        .bind(cutoff_ms)
-        .bind(limit)
-        .execute(self.conn.conn())
-        .await?
-        .rows_affected();
-        if deleted > 0 {
-            self.subtract_readings(device.0, deleted as i64).await?;
-        }
-        Ok(deleted)
-    }
-
     /// Keeps a device's stored count true after `n` of its readings went.
-    async fn subtract_readings(&mut self, device: i64, n: i64) -> Result<(), StoreError> {
+    pub(super) async fn subtract_readings(
+        &mut self,
+        device: i64,
+        n: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?")
             .bind(n)
             .bind(device)
@@ -430,7 +381,7 @@ impl WriteTx<'_> {
 
     /// Runs `kind`'s statement over `items`: `kind.max()` of them at a time,
     /// the rest in powers of two; `bind` binds one item's values.
-    async fn execute_batched<T>(
+    pub(super) async fn execute_batched<T>(
         &mut self,
         kind: Batched,
         items: &[T],

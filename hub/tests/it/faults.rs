@@ -70,8 +70,10 @@ async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     // Ballast first: a device's readings that an operator can delete later
-    // to make room.
-    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 5_000).await;
+    // to make room. Nothing is compacted: staged readings take ~30 bytes
+    // each (blocks a few), so the ballast frees room and the limit is met
+    // soon.
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
     let (mut ballast, _) = RawDevice::connect(&hub, "ballast").await;
     let base = now_ms() - 3_600_000;
     for start in (1..=40_000u64).step_by(1000) {
@@ -102,7 +104,7 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     ride_out_failure(&hub, &fleet, async || {
         // An operator makes room.
         let mut conn = connect(&db).await;
-        for table in ["readings", "readings_recent"] {
+        for table in ["blocks", "readings_recent"] {
             sqlx::query(&format!(
                 "DELETE FROM {table} WHERE device_id = \
                  (SELECT id FROM devices WHERE external_id = 'ballast')"
@@ -238,7 +240,9 @@ async fn a_full_disk_that_grows_again_loses_no_acked_reading() {
         skip("a tmpfs mount (root)", &dir.path().display().to_string());
         return;
     };
-    let hub = spawn_hub_in(dir, |_| {}).await;
+    // Uncompacted readings (~30 bytes each, blocks take a few) fill the
+    // 12 MiB in seconds.
+    let hub = spawn_hub_in(dir, |s| s.storage.compact_rows = 1_000_000).await;
     let fleet = SimFleet::start_with(fleet(&hub, "disk-", 40, 500.0)).await;
     ride_out_failure(&hub, &fleet, async || tmpfs.grow("512m")).await;
     let summary = fleet.finish().await;

@@ -1,0 +1,512 @@
+//! Compressed series storage: readings live in blocks, one (device, sensor)
+//! series' points of a stretch of time each, encoded by [`super::codec`].
+//!
+//! - **Compaction** (the writer, [`WriteTx::compact_staged`]) turns every
+//!   staged reading into level-0 blocks, one per series, and empties the
+//!   staging table in the same transaction.
+//! - **Merging** ([`StoreWriter::merge`]): once a series has [`FANIN`]
+//!   blocks of one level, they become one block of the next level. A block
+//!   of [`SEALED`] level or of [`SEAL_POINTS`] points is never merged again,
+//!   so a reading is rewritten at most three times and blocks stay small
+//!   enough to decode for a short query.
+//! - **Retention** deletes whole blocks, and rewrites the one block that
+//!   straddles the cutoff.
+//!
+//! Each of these is one transaction: a reading is in exactly one block, or
+//! staged, at every commit.
+
+use std::collections::HashMap;
+
+use super::codec::{self, Point};
+use super::write::{Batched, RowToInsert, StoreWriter, WriteTx};
+use super::{Store, StoreError};
+use crate::domain::{DeviceKey, SensorKey};
+
+/// Blocks of one level merged into one of the next.
+pub const FANIN: usize = 8;
+/// The last level: never merged again.
+pub const SEALED: u8 = 3;
+/// A block with this many points is sealed whatever its level.
+pub const SEAL_POINTS: usize = 4096;
+/// Most points written to one block (a long staged run is split).
+pub const MAX_BLOCK_POINTS: usize = 8192;
+/// Readings of the old layout converted per transaction.
+const LEGACY_RUN: i64 = 16 * MAX_BLOCK_POINTS as i64;
+/// Most blocks one merge reads.
+const MAX_MERGE_BLOCKS: i64 = 64;
+
+pub type Series = (DeviceKey, SensorKey);
+
+/// A block to insert.
+#[derive(Debug)]
+pub struct NewBlock {
+    pub device: DeviceKey,
+    pub sensor: SensorKey,
+    pub level: u8,
+    pub first_ts: i64,
+    pub last_ts: i64,
+    pub count: u32,
+    pub data: Vec<u8>,
+}
+
+impl NewBlock {
+    /// Encodes points sorted by (ts, seq), at least one.
+    pub fn encode(series: Series, level: u8, points: &[Point]) -> Self {
+        let level = if points.len() >= SEAL_POINTS {
+            SEALED
+        } else {
+            level.min(SEALED)
+        };
+        Self {
+            device: series.0,
+            sensor: series.1,
+            level,
+            first_ts: points[0].ts_ms,
+            last_ts: points[points.len() - 1].ts_ms,
+            count: points.len() as u32,
+            data: codec::encode(points),
+        }
+    }
+}
+
+/// Level-0 blocks for staged rows: sorted, one block per series (split
+/// every [`MAX_BLOCK_POINTS`]).
+pub fn blocks_of(rows: &mut [RowToInsert]) -> Vec<NewBlock> {
+    rows.sort_unstable_by_key(|r| (r.device, r.sensor, r.ts_ms, r.seq));
+    let mut blocks = Vec::new();
+    let mut points = Vec::new();
+    for run in rows.chunk_by(|a, b| (a.device, a.sensor) == (b.device, b.sensor)) {
+        let series = (run[0].device, run[0].sensor);
+        for part in run.chunks(MAX_BLOCK_POINTS) {
+            points.clear();
+            points.extend(part.iter().map(|r| Point {
+                ts_ms: r.ts_ms,
+                seq: r.seq as u64,
+                value: r.value,
+            }));
+            blocks.push(NewBlock::encode(series, 0, &points));
+        }
+    }
+    blocks
+}
+
+/// What one merge did, for the writer's bookkeeping.
+#[derive(Debug, Clone, Copy)]
+pub struct Merged {
+    pub series: Series,
+    pub from_level: u8,
+    /// Blocks of `from_level` found (all merged when ≥ 2).
+    pub found: usize,
+    /// The level of the new block (when ≥ 2 were merged).
+    pub into: Option<u8>,
+}
+
+/// A stored block, as a query reads it.
+#[derive(Debug)]
+pub struct BlockRow {
+    pub id: i64,
+    pub first_ts: i64,
+    pub last_ts: i64,
+    pub data: Vec<u8>,
+}
+
+/// Where a query's block paging stands: blocks after (first_ts, id), and
+/// every block newer than `high` (a merge or compaction since the last page
+/// may have put readings not yet seen into a block that sorts earlier).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCursor {
+    pub first_ts: i64,
+    pub id: i64,
+    pub high: i64,
+}
+
+impl BlockCursor {
+    pub const START: Self = Self {
+        first_ts: i64::MIN,
+        id: i64::MIN,
+        high: i64::MAX,
+    };
+}
+
+fn corrupt(e: codec::CodecError) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl WriteTx<'_> {
+    /// Compaction: inserts the blocks made of every staged row and empties
+    /// the staging table. `staged` is how many rows the writer encoded; if
+    /// the table holds another number, nothing is changed (an error).
+    pub async fn compact_staged(
+        &mut self,
+        blocks: &[NewBlock],
+        staged: u64,
+    ) -> Result<(), StoreError> {
+        self.insert_blocks(blocks).await?;
+        // No WHERE: SQLite's truncate optimisation frees the pages at once.
+        let deleted = sqlx::query("DELETE FROM readings_recent")
+            .execute(self.conn.conn())
+            .await?
+            .rows_affected();
+        if deleted != staged {
+            return Err(StoreError::StagingChanged {
+                expected: staged,
+                found: deleted,
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn insert_blocks(&mut self, blocks: &[NewBlock]) -> Result<(), StoreError> {
+        self.execute_batched(Batched::Blocks, blocks, |q, b| {
+            q.bind(b.device.0)
+                .bind(b.sensor.0)
+                .bind(i64::from(b.level))
+                .bind(b.first_ts)
+                .bind(b.last_ts)
+                .bind(i64::from(b.count))
+                .bind(b.data.clone())
+        })
+        .await
+    }
+
+    /// Merges one series' blocks of `level` (up to [`MAX_MERGE_BLOCKS`],
+    /// oldest first) into one block.
+    async fn merge_series(&mut self, series: Series, level: u8) -> Result<Merged, StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, data FROM blocks WHERE device_id = ? AND sensor_id = ? AND level = ? \
+             ORDER BY first_ts, id LIMIT ?",
+        )
+        .bind(series.0.0)
+        .bind(series.1.0)
+        .bind(i64::from(level))
+        .bind(MAX_MERGE_BLOCKS)
+        .fetch_all(self.conn.conn())
+        .await?;
+        let mut merged = Merged {
+            series,
+            from_level: level,
+            found: rows.len(),
+            into: None,
+        };
+        if rows.len() < 2 {
+            return Ok(merged);
+        }
+        let mut points = Vec::new();
+        for (_, data) in &rows {
+            codec::decode_into(data, &mut points).map_err(corrupt)?;
+        }
+        points.sort_unstable_by_key(Point::key);
+        let mut blocks: Vec<NewBlock> = points
+            .chunks(MAX_BLOCK_POINTS)
+            .map(|part| NewBlock::encode(series, level + 1, part))
+            .collect();
+        merged.into = blocks.first().map(|b| b.level);
+        self.insert_blocks(&blocks).await?;
+        blocks.clear();
+        for (id, _) in &rows {
+            sqlx::query("DELETE FROM blocks WHERE id = ?")
+                .bind(id)
+                .execute(self.conn.conn())
+                .await?;
+        }
+        Ok(merged)
+    }
+
+    /// Deletes one series' readings stamped before `cutoff_ms`, whole blocks
+    /// first; a block that straddles the cutoff is rewritten with what stays.
+    /// Stops once `limit` are gone (a whole block may take it past). Keeps
+    /// the device's count true. Returns how many went.
+    pub async fn delete_old_readings(
+        &mut self,
+        device: DeviceKey,
+        sensor: SensorKey,
+        cutoff_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, level, last_ts, count, data FROM blocks \
+             WHERE device_id = ? AND sensor_id = ? AND first_ts < ? ORDER BY first_ts, id LIMIT 64",
+        )
+        .bind(device.0)
+        .bind(sensor.0)
+        .bind(cutoff_ms)
+        .fetch_all(self.conn.conn())
+        .await?;
+        let mut deleted = 0u64;
+        for (id, level, last_ts, count, data) in rows {
+            if deleted >= u64::from(limit) {
+                break;
+            }
+            sqlx::query("DELETE FROM blocks WHERE id = ?")
+                .bind(id)
+                .execute(self.conn.conn())
+                .await?;
+            if last_ts < cutoff_ms {
+                deleted += count as u64;
+                continue;
+            }
+            let mut points = codec::decode(&data).map_err(corrupt)?;
+            let before = points.len();
+            points.retain(|p| p.ts_ms >= cutoff_ms);
+            deleted += (before - points.len()) as u64;
+            if !points.is_empty() {
+                let kept = NewBlock::encode((device, sensor), level as u8, &points);
+                self.insert_blocks(std::slice::from_ref(&kept)).await?;
+            }
+        }
+        if deleted > 0 {
+            self.subtract_readings(device.0, deleted as i64).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+impl StoreWriter {
+    /// Every staged row (the writer's copy of the staging table).
+    pub async fn staged_rows(&mut self) -> Result<Vec<RowToInsert>, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64, f64)> =
+            sqlx::query_as("SELECT device_id, sensor_id, ts_ms, seq, value FROM readings_recent")
+                .fetch_all(self.conn().conn())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
+                device: DeviceKey(device),
+                sensor: SensorKey(sensor),
+                ts_ms,
+                seq,
+                value,
+            })
+            .collect())
+    }
+
+    /// Blocks below the sealed level, counted per series and level: what
+    /// the writer merges.
+    pub async fn open_blocks(&mut self) -> Result<Vec<(Series, u8, u32)>, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT device_id, sensor_id, level, count(*) FROM blocks WHERE level < ? \
+             GROUP BY device_id, sensor_id, level",
+        )
+        .bind(i64::from(SEALED))
+        .fetch_all(self.conn().conn())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, s, level, n)| ((DeviceKey(d), SensorKey(s)), level as u8, n as u32))
+            .collect())
+    }
+
+    /// Merges each (series, level) in one transaction.
+    pub async fn merge(&mut self, jobs: &[(Series, u8)]) -> Result<Vec<Merged>, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut done = Vec::with_capacity(jobs.len());
+        for &(series, level) in jobs {
+            done.push(tx.merge_series(series, level).await?);
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Converts readings of the old clustered `readings` table into sealed
+    /// blocks, a few series per transaction, then drops the table. Runs at
+    /// start-up, before the hub serves; safe to interrupt (each step moves
+    /// its readings in one transaction).
+    pub async fn convert_legacy(&mut self) -> Result<u64, StoreError> {
+        let exists: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'readings'",
+        )
+        .fetch_optional(self.conn().conn())
+        .await?;
+        if exists.is_none() {
+            return Ok(0);
+        }
+        let mut converted = 0u64;
+        loop {
+            let next: Option<(i64, i64)> =
+                sqlx::query_as("SELECT device_id, sensor_id FROM readings LIMIT 1")
+                    .fetch_optional(self.conn().conn())
+                    .await?;
+            let Some((device, sensor)) = next else { break };
+            let series = (DeviceKey(device), SensorKey(sensor));
+            // The series' oldest readings, a bounded run per transaction.
+            let mut tx = self.begin().await?;
+            let rows: Vec<(i64, i64, f64)> = sqlx::query_as(
+                "SELECT ts_ms, seq, value FROM readings WHERE device_id = ? AND sensor_id = ? \
+                 ORDER BY ts_ms, seq LIMIT ?",
+            )
+            .bind(device)
+            .bind(sensor)
+            .bind(LEGACY_RUN)
+            .fetch_all(tx.conn.conn())
+            .await?;
+            let points: Vec<Point> = rows
+                .into_iter()
+                .map(|(ts_ms, seq, value)| Point {
+                    ts_ms,
+                    seq: seq as u64,
+                    value,
+                })
+                .collect();
+            let Some(last) = points.last().copied() else {
+                break;
+            };
+            let blocks: Vec<NewBlock> = points
+                .chunks(MAX_BLOCK_POINTS)
+                .map(|part| NewBlock::encode(series, SEALED, part))
+                .collect();
+            tx.insert_blocks(&blocks).await?;
+            sqlx::query(
+                "DELETE FROM readings WHERE device_id = ? AND sensor_id = ? AND (ts_ms, seq) <= (?, ?)",
+            )
+            .bind(device)
+            .bind(sensor)
+            .bind(last.ts_ms)
+            .bind(last.seq as i64)
+            .execute(tx.conn.conn())
+            .await?;
+            tx.commit().await?;
+            let before = converted;
+            converted += points.len() as u64;
+            if converted / 1_000_000 > before / 1_000_000 {
+                tracing::info!(
+                    converted,
+                    "converting stored readings into compressed blocks"
+                );
+            }
+        }
+        sqlx::query("DROP TABLE readings")
+            .execute(self.conn().conn())
+            .await?;
+        Ok(converted)
+    }
+}
+
+impl Store {
+    /// Up to `limit` blocks of one series that may hold readings in
+    /// [since, until), after `cursor` (see [`BlockCursor`]), ordered by
+    /// (first_ts, id); and the cursor for the next page.
+    pub async fn block_page(
+        &self,
+        series: Series,
+        since_ms: i64,
+        until_ms: i64,
+        cursor: BlockCursor,
+        limit: u32,
+    ) -> Result<(Vec<BlockRow>, BlockCursor), StoreError> {
+        let rows: Vec<(i64, i64, i64, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT id, first_ts, last_ts, data, (SELECT max(id) FROM blocks) FROM blocks \
+             WHERE device_id = ?1 AND sensor_id = ?2 AND first_ts < ?4 AND last_ts >= ?3 \
+             AND ((first_ts, id) > (?5, ?6) OR id > ?7) \
+             ORDER BY first_ts, id LIMIT ?8",
+        )
+        .bind(series.0.0)
+        .bind(series.1.0)
+        .bind(since_ms)
+        .bind(until_ms)
+        .bind(cursor.first_ts)
+        .bind(cursor.id)
+        .bind(cursor.high)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        let mut next = cursor;
+        let mut blocks = Vec::with_capacity(rows.len());
+        for (id, first_ts, last_ts, data, high) in rows {
+            if (first_ts, id) > (next.first_ts, next.id) {
+                (next.first_ts, next.id) = (first_ts, id);
+            }
+            next.high = high;
+            blocks.push(BlockRow {
+                id,
+                first_ts,
+                last_ts,
+                data,
+            });
+        }
+        Ok((blocks, next))
+    }
+
+    /// Bytes and readings in blocks, for `hub stats`.
+    pub async fn block_totals(&self) -> Result<(u64, u64, u64), StoreError> {
+        let (blocks, readings, bytes): (i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT count(*), sum(count), sum(length(data)) FROM blocks")
+                .fetch_one(&self.read)
+                .await?;
+        Ok((
+            blocks as u64,
+            readings.unwrap_or(0) as u64,
+            bytes.unwrap_or(0) as u64,
+        ))
+    }
+}
+
+/// Which merges the writer should run: per series, the open blocks of each
+/// level. A hint kept in memory (loaded from the store at start and after
+/// a failure, then counted up by compactions and merges); a merge checks
+/// the real count, so a hint that is too high costs one lookup.
+#[derive(Default)]
+pub struct MergePlan {
+    open: HashMap<Series, [u32; SEALED as usize]>,
+    due: std::collections::VecDeque<(Series, u8)>,
+}
+
+impl MergePlan {
+    pub fn load(rows: Vec<(Series, u8, u32)>) -> Self {
+        let mut plan = Self::default();
+        for (series, level, n) in rows {
+            plan.add(series, level, n);
+        }
+        plan
+    }
+
+    pub fn add(&mut self, series: Series, level: u8, n: u32) {
+        if level >= SEALED {
+            return;
+        }
+        let slot = &mut self.open.entry(series).or_default()[level as usize];
+        let before = *slot;
+        *slot += n;
+        if before < FANIN as u32 && *slot >= FANIN as u32 {
+            self.due.push_back((series, level));
+        }
+    }
+
+    pub fn is_due(&self) -> bool {
+        !self.due.is_empty()
+    }
+
+    /// Up to `n` merges to run next.
+    pub fn next(&self, n: usize) -> Vec<(Series, u8)> {
+        self.due.iter().take(n).copied().collect()
+    }
+
+    /// After their transaction committed.
+    pub fn done(&mut self, merged: &[Merged]) {
+        for m in merged {
+            if self
+                .due
+                .front()
+                .is_some_and(|d| *d == (m.series, m.from_level))
+            {
+                self.due.pop_front();
+            }
+            if let Some(open) = self.open.get_mut(&m.series) {
+                open[m.from_level as usize] = 0;
+            }
+            if let Some(level) = m.into {
+                self.add(m.series, level, 1);
+            }
+            if self
+                .open
+                .get(&m.series)
+                .is_some_and(|o| o.iter().all(|n| *n == 0))
+            {
+                self.open.remove(&m.series);
+            }
+        }
+    }
+
+    pub fn series(&self) -> usize {
+        self.open.len()
+    }
+}
