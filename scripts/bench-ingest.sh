@@ -13,27 +13,29 @@ DURATION=${DURATION:-60s}
 EXTRA_SIM_ARGS=${EXTRA_SIM_ARGS:-}
 HUB_ENV=${HUB_ENV:-}  # extra HUB__* settings, e.g. HUB_ENV="HUB__INGEST__MAX_BATCH_ROWS=65536"
 
-cargo build --release -q -p hub -p device-sim
+BIN=${BIN:-target/release}
+[ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$hub_pid/stat"; }
 cpu0=$(cpu_ticks); t0=$(date +%s.%N)
-summary=$(target/release/device-sim --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" \
+summary=$("$BIN/device-sim" --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" \
   --duration "$DURATION" --summary json --quiet $EXTRA_SIM_ARGS | tail -n1)
 cpu1=$(cpu_ticks); t1=$(date +%s.%N)
 rss_now=$(awk '/VmRSS/ {print $2}' "/proc/$hub_pid/status")
 rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$hub_pid/status")
-stats=$(target/release/hub stats --hub "http://$addr" --format json)
+stats=$("$BIN/hub" stats --hub "http://$addr" --format json)
 kill -INT "$hub_pid"; wait "$hub_pid" || true
 db_bytes=$(du -cb "$work"/hub.db* | tail -n1 | cut -f1)
+info_lines=$(grep -c " INFO " "$work/hub.log" || true)
 
-python3 - "$summary" "$stats" "$cpu0" "$cpu1" "$t0" "$t1" "$ticks" "$rss_now" "$rss_peak" "$db_bytes" <<'PY'
+python3 - "$summary" "$stats" "$cpu0" "$cpu1" "$t0" "$t1" "$ticks" "$rss_now" "$rss_peak" "$db_bytes" "$info_lines" <<'PY'
 import json, sys
 s = json.loads(sys.argv[1]); st = json.loads(sys.argv[2])
 cpu0, cpu1, t0, t1, ticks = map(float, sys.argv[3:8])
-rss_now, rss_peak, db_bytes = map(int, sys.argv[8:11])
+rss_now, rss_peak, db_bytes, info_lines = map(int, sys.argv[8:12])
 wall = t1 - t0
 print(f"devices {s['devices']} clean {s['clean_devices']}  sent {s['sent']}  acked {s['acked']}  "
       f"dropped_at_source {s['dropped_at_source']}  reconnects {s['reconnects']}")
@@ -43,6 +45,7 @@ print(f"hub CPU                {100 * (cpu1 - cpu0) / ticks / wall:.0f} % of one
 print(f"hub RSS                {rss_now / 1024:.0f} MiB now, {rss_peak / 1024:.0f} MiB peak")
 print(f"commits                {st['commits']}  ({st['readings_committed'] / max(st['commits'], 1):.0f} rows per commit)")
 print(f"disk                   {db_bytes / max(st['readings_stored'], 1):.1f} bytes per reading (db + wal)")
+print(f"hub log                {info_lines} INFO lines")
 if st.get('mqtt_connected') or st.get('mqtt_dropped'):
     print(f"mqtt                   connected {st.get('mqtt_connected', False)}, dropped {st.get('mqtt_dropped', 0)} messages")
 PY
