@@ -12,7 +12,7 @@
 -- drops it.
 
 CREATE TABLE blocks (
-    id        INTEGER PRIMARY KEY,
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: queries page by id
     device_id INTEGER NOT NULL,
     sensor_id INTEGER NOT NULL,
     level     INTEGER NOT NULL,
@@ -22,4 +22,4 @@ CREATE TABLE blocks (
     data      BLOB    NOT NULL
 );
 
-CREATE INDEX blocks_series ON blocks (device_id, sensor_id, first_ts);
+CREATE INDEX blocks_series ON blocks (device_id, sensor_id, first_ts, last_ts);

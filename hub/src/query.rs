@@ -142,7 +142,7 @@ impl SensorCursor {
 
     async fn fetch(&mut self, store: &Store) -> Result<(), StoreError> {
         if self.pending.is_empty() && !self.exhausted {
-            let (page, next) = store
+            let (page, next, full) = store
                 .block_page(
                     (self.device, self.key),
                     self.since,
@@ -151,7 +151,7 @@ impl SensorCursor {
                     PAGE_BLOCKS,
                 )
                 .await?;
-            self.exhausted = page.len() < PAGE_BLOCKS as usize;
+            self.exhausted = !full;
             self.cursor = next;
             self.pending.extend(page);
         }

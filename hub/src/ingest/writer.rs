@@ -607,14 +607,15 @@ impl Writer {
                         if left == 0 {
                             break;
                         }
-                        let n = tx
+                        let (n, finished) = tx
                             .delete_old_readings(*device, *sensor, step.cutoff_ms, left as u32)
                             .await?;
                         done.deleted += n;
-                        left -= n;
-                        if left > 0 {
-                            done.series_done += 1;
+                        left = left.saturating_sub(n);
+                        if !finished {
+                            break;
                         }
+                        done.series_done += 1;
                     }
                     outcomes.push(Outcome::Retained(done));
                 }

@@ -32,6 +32,8 @@ pub const SEAL_POINTS: usize = 4096;
 pub const MAX_BLOCK_POINTS: usize = 8192;
 /// Readings of the old layout converted per transaction.
 const LEGACY_RUN: i64 = 16 * MAX_BLOCK_POINTS as i64;
+/// Blocks one retention step looks at per series.
+const RETAIN_BLOCKS: i64 = 64;
 /// Most blocks one merge reads.
 const MAX_MERGE_BLOCKS: i64 = 64;
 
@@ -128,10 +130,6 @@ impl BlockCursor {
     };
 }
 
-fn corrupt(e: codec::CodecError) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
 impl WriteTx<'_> {
     /// Compaction: inserts the blocks made of every staged row and empties
     /// the staging table. `staged` is how many rows the writer encoded; if
@@ -192,8 +190,13 @@ impl WriteTx<'_> {
             return Ok(merged);
         }
         let mut points = Vec::new();
-        for (_, data) in &rows {
-            codec::decode_into(data, &mut points).map_err(corrupt)?;
+        for (id, data) in &rows {
+            if let Err(e) = codec::decode_into(data, &mut points) {
+                // Left as it is (queries report it); the other series merge.
+                tracing::error!(block = id, error = %e, "a stored block cannot be decoded; its series is not merged");
+                merged.found = 0;
+                return Ok(merged);
+            }
         }
         points.sort_unstable_by_key(Point::key);
         let mut blocks: Vec<NewBlock> = points
@@ -214,38 +217,52 @@ impl WriteTx<'_> {
 
     /// Deletes one series' readings stamped before `cutoff_ms`, whole blocks
     /// first; a block that straddles the cutoff is rewritten with what stays.
-    /// Stops once `limit` are gone (a whole block may take it past). Keeps
-    /// the device's count true. Returns how many went.
+    /// Stops before a block would take it past `limit` (the first block is
+    /// always taken). Keeps the device's count true. Returns how many went
+    /// and whether the series has nothing older than the cutoff left.
     pub async fn delete_old_readings(
         &mut self,
         device: DeviceKey,
         sensor: SensorKey,
         cutoff_ms: i64,
         limit: u32,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, bool), StoreError> {
         let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
             "SELECT id, level, last_ts, count, data FROM blocks \
-             WHERE device_id = ? AND sensor_id = ? AND first_ts < ? ORDER BY first_ts, id LIMIT 64",
+             WHERE device_id = ? AND sensor_id = ? AND first_ts < ? ORDER BY first_ts, id LIMIT ?",
         )
         .bind(device.0)
         .bind(sensor.0)
         .bind(cutoff_ms)
+        .bind(RETAIN_BLOCKS)
         .fetch_all(self.conn.conn())
         .await?;
+        let mut done = rows.len() < RETAIN_BLOCKS as usize;
         let mut deleted = 0u64;
         for (id, level, last_ts, count, data) in rows {
-            if deleted >= u64::from(limit) {
+            if deleted > 0 && deleted + count as u64 > u64::from(limit) {
+                done = false;
                 break;
             }
+            let points = if last_ts < cutoff_ms {
+                None
+            } else {
+                match codec::decode(&data) {
+                    Ok(points) => Some(points),
+                    Err(e) => {
+                        tracing::error!(block = id, error = %e, "a stored block cannot be decoded; retention leaves it");
+                        continue;
+                    }
+                }
+            };
             sqlx::query("DELETE FROM blocks WHERE id = ?")
                 .bind(id)
                 .execute(self.conn.conn())
                 .await?;
-            if last_ts < cutoff_ms {
+            let Some(mut points) = points else {
                 deleted += count as u64;
                 continue;
-            }
-            let mut points = codec::decode(&data).map_err(corrupt)?;
+            };
             let before = points.len();
             points.retain(|p| p.ts_ms >= cutoff_ms);
             deleted += (before - points.len()) as u64;
@@ -257,7 +274,9 @@ impl WriteTx<'_> {
         if deleted > 0 {
             self.subtract_readings(device.0, deleted as i64).await?;
         }
-        Ok(deleted)
+        // Nothing deletable (only undecodable blocks left): done, or the
+        // pass would come back to it forever.
+        Ok((deleted, done || deleted == 0))
     }
 }
 
@@ -383,8 +402,10 @@ impl StoreWriter {
 
 impl Store {
     /// Up to `limit` blocks of one series that may hold readings in
-    /// [since, until), after `cursor` (see [`BlockCursor`]), ordered by
-    /// (first_ts, id); and the cursor for the next page.
+    /// [since, until), after `cursor` (see [`BlockCursor`]), plus every block
+    /// created since the last page that sorts before it, ordered by
+    /// (first_ts, id); the cursor for the next page; whether the page was
+    /// full (more may follow).
     pub async fn block_page(
         &self,
         series: Series,
@@ -392,12 +413,16 @@ impl Store {
         until_ms: i64,
         cursor: BlockCursor,
         limit: u32,
-    ) -> Result<(Vec<BlockRow>, BlockCursor), StoreError> {
-        let rows: Vec<(i64, i64, i64, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT id, first_ts, last_ts, data, (SELECT max(id) FROM blocks) FROM blocks \
+    ) -> Result<(Vec<BlockRow>, BlockCursor, bool), StoreError> {
+        // One short read transaction: the two statements and the newest id
+        // see the same table.
+        let mut tx = self.read.begin().await?;
+        // Blocks created since the last page that sort at or before the
+        // cursor (a merge or compaction put readings there): all of them.
+        let mut rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, first_ts, last_ts, data FROM blocks \
              WHERE device_id = ?1 AND sensor_id = ?2 AND first_ts < ?4 AND last_ts >= ?3 \
-             AND ((first_ts, id) > (?5, ?6) OR id > ?7) \
-             ORDER BY first_ts, id LIMIT ?8",
+             AND first_ts <= ?5 AND (first_ts, id) <= (?5, ?6) AND id > ?7 ORDER BY first_ts, id",
         )
         .bind(series.0.0)
         .bind(series.1.0)
@@ -406,16 +431,35 @@ impl Store {
         .bind(cursor.first_ts)
         .bind(cursor.id)
         .bind(cursor.high)
-        .bind(limit)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *tx)
         .await?;
+        let page: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, first_ts, last_ts, data FROM blocks \
+             WHERE device_id = ?1 AND sensor_id = ?2 AND first_ts < ?4 AND last_ts >= ?3 \
+             AND first_ts >= ?5 AND (first_ts, id) > (?5, ?6) ORDER BY first_ts, id LIMIT ?7",
+        )
+        .bind(series.0.0)
+        .bind(series.1.0)
+        .bind(since_ms)
+        .bind(until_ms)
+        .bind(cursor.first_ts)
+        .bind(cursor.id)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let high: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM blocks")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let full = page.len() >= limit as usize;
+        rows.extend(page);
         let mut next = cursor;
+        next.high = high.unwrap_or(0);
         let mut blocks = Vec::with_capacity(rows.len());
-        for (id, first_ts, last_ts, data, high) in rows {
+        for (id, first_ts, last_ts, data) in rows {
             if (first_ts, id) > (next.first_ts, next.id) {
                 (next.first_ts, next.id) = (first_ts, id);
             }
-            next.high = high;
             blocks.push(BlockRow {
                 id,
                 first_ts,
@@ -423,7 +467,7 @@ impl Store {
                 data,
             });
         }
-        Ok((blocks, next))
+        Ok((blocks, next, full))
     }
 
     /// Bytes and readings in blocks, for `hub stats`.

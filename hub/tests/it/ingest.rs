@@ -275,3 +275,115 @@ async fn large_results_stream_in_chunks() {
         "merged across sensors by time"
     );
 }
+
+/// Readings in blocks of every level (merged while ingest runs) and readings
+/// of the old clustered layout (converted at start-up) answer raw and
+/// bucket queries exactly as the test computes them; wide buckets fold
+/// whole blocks from their headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_blocks_and_converted_old_readings_answer_queries_exactly() {
+    use sqlx::ConnectOptions;
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 100).await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-blk").await;
+    let base = 1_767_225_600_000i64;
+    let value = |s: u64| ((s * 7919) % 1000) as f64 / 100.0;
+    let ts = |s: u64| base + 1000 * s as i64;
+    // 60 commits of 100: a compaction each, merged 8 at a time.
+    for start in (1..=6000u64).step_by(100) {
+        let rs = (start..start + 100)
+            .map(|s| reading(s, "t", ts(s), value(s)))
+            .collect();
+        dev.send(batch(rs)).await;
+        dev.ack_through(start + 99).await;
+    }
+    drop(dev);
+    let db = hub.db_path();
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let open = || options.connect();
+    wait_until("blocks merged to level 1", async || {
+        let level: Option<i64> = sqlx::query_scalar("SELECT max(level) FROM blocks")
+            .fetch_one(&mut open().await.unwrap())
+            .await
+            .unwrap();
+        level >= Some(1)
+    })
+    .await;
+    hub.stop().await;
+    // 3,000 more readings as an older hub stored them.
+    let mut conn = open().await.unwrap();
+    for sql in [
+        "CREATE TABLE readings (device_id INTEGER NOT NULL, sensor_id INTEGER NOT NULL, \
+         ts_ms INTEGER NOT NULL, seq INTEGER NOT NULL, value REAL NOT NULL, \
+         PRIMARY KEY (device_id, sensor_id, ts_ms, seq)) WITHOUT ROWID",
+        "UPDATE devices SET acked_seq = 9000, reading_count = 9000 WHERE external_id = 'dev-blk'",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    for s in 6001..=9000u64 {
+        sqlx::query(
+            "INSERT INTO readings SELECT d.id, x.id, ?, ?, ? FROM devices d, sensors x \
+             WHERE d.external_id = 'dev-blk' AND x.name = 't'",
+        )
+        .bind(ts(s))
+        .bind(s as i64)
+        .bind(value(s))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    drop(conn);
+    hub.restart().await;
+    let gone: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name = 'readings'")
+            .fetch_optional(&mut open().await.unwrap())
+            .await
+            .unwrap();
+    assert_eq!(gone, None, "the old table is converted and dropped");
+
+    let rows = hub.readings("dev-blk").await;
+    let got: Vec<(u64, i64, f64)> = rows.iter().map(|r| (r.seq, r.ts_ms, r.value)).collect();
+    let want: Vec<(u64, i64, f64)> = (1..=9000).map(|s| (s, ts(s), value(s))).collect();
+    assert!(
+        got == want,
+        "raw readings: {} rows, first {:?}",
+        got.len(),
+        got.first()
+    );
+
+    for width in [600_000i64, 86_400_000] {
+        let buckets: Vec<pb::BucketRow> = hub
+            .query(pb::QueryReadingsRequest {
+                device_id: "dev-blk".into(),
+                sensor: "t".into(),
+                bucket_ms: width,
+                aggregates: (1..=7).collect(),
+                ..Default::default()
+            })
+            .await
+            .into_iter()
+            .flat_map(|c| c.buckets)
+            .collect();
+        let mut want: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+        for s in 1..=9000u64 {
+            want.entry(ts(s) - ts(s).rem_euclid(width))
+                .or_default()
+                .push(value(s));
+        }
+        assert_eq!(buckets.len(), want.len(), "buckets of {width} ms");
+        for (b, (start, values)) in buckets.iter().zip(&want) {
+            assert_eq!(b.bucket_start_ms, *start);
+            assert_eq!(b.count, values.len() as u64);
+            assert_eq!(b.min, Some(values.iter().copied().fold(f64::MAX, f64::min)));
+            assert_eq!(b.max, Some(values.iter().copied().fold(f64::MIN, f64::max)));
+            assert_eq!(b.first, values.first().copied());
+            assert_eq!(b.last, values.last().copied());
+            let sum: f64 = values.iter().sum();
+            assert!(
+                (b.sum.unwrap() - sum).abs() < 1e-6 * sum.abs().max(1.0),
+                "{b:?}"
+            );
+        }
+    }
+    let stats = hub.stats().await;
+    assert_eq!(stats.readings_stored, 9000);
+}
