@@ -23,6 +23,19 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 const CHUNK: usize = 1024;
 
+/// One INSERT of `n` rows.
+fn insert_sql(n: usize) -> String {
+    let mut sql = String::from("INSERT INTO raw VALUES ");
+    for i in 0..n {
+        sql.push_str(if i == 0 {
+            "(?,?,?,?,?)"
+        } else {
+            ",(?,?,?,?,?)"
+        });
+    }
+    sql
+}
+
 fn main() {
     let rows_per_commit = env_or("ROWS_PER_COMMIT", 4000) as usize;
     let total = env_or("TOTAL_ROWS", 3_000_000) as usize;
@@ -50,10 +63,7 @@ fn main() {
         .execute(&mut conn)
         .await
         .expect("create");
-        let mut sql = String::from("INSERT INTO raw VALUES ");
-        for i in 0..CHUNK {
-            sql.push_str(if i == 0 { "(?,?,?,?,?)" } else { ",(?,?,?,?,?)" });
-        }
+        let full = insert_sql(CHUNK);
         // The rows the simulator would send: devices interleaved, four
         // sensors each, quantized values.
         let base_ts = 1_767_225_600_000i64;
@@ -71,13 +81,9 @@ fn main() {
             while at < end {
                 let n = CHUNK.min(end - at);
                 let stmt = if n == CHUNK {
-                    sql.clone()
+                    full.clone()
                 } else {
-                    let mut s = String::from("INSERT INTO raw VALUES ");
-                    for i in 0..n {
-                        s.push_str(if i == 0 { "(?,?,?,?,?)" } else { ",(?,?,?,?,?)" });
-                    }
-                    s
+                    insert_sql(n)
                 };
                 let mut q = sqlx::query(&stmt);
                 for i in at..at + n {

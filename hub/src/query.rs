@@ -164,7 +164,7 @@ impl SensorCursor {
         let Some(block) = self.pending.pop_front() else {
             return Ok(());
         };
-        let mut points = codec::decode(&block.data).map_err(corrupt)?;
+        let mut points = codec::decode(&block.data)?;
         let (since, until) = (self.since, self.until);
         points.retain(|p| p.ts_ms >= since && p.ts_ms < until);
         self.active.push(points.into());
@@ -190,17 +190,18 @@ impl SensorCursor {
         loop {
             let head = self.head();
             self.fetch(store).await?;
-            match self.pending.front() {
+            let whole = match self.pending.front() {
                 Some(b) if head.is_none_or(|h| b.first_ts <= h.ts_ms) => {
-                    if head.is_none_or(|h| h.ts_ms > b.last_ts) && self.whole_block_fits(b, width) {
-                        let block = self.pending.pop_front().expect("front exists");
-                        let stats = codec::stats(&block.data).map_err(corrupt)?;
-                        self.emitted = Some((stats.last_ts, stats.last_seq));
-                        return Ok(Some(Item::Block(block.first_ts, stats)));
-                    }
-                    self.activate()?;
+                    head.is_none_or(|h| h.ts_ms > b.last_ts) && self.whole_block_fits(b, width)
                 }
                 _ => return Ok(head.map(|p| self.take(p))),
+            };
+            if !whole {
+                self.activate()?;
+            } else if let Some(block) = self.pending.pop_front() {
+                let stats = codec::stats(&block.data)?;
+                self.emitted = Some((stats.last_ts, stats.last_seq));
+                return Ok(Some(Item::Block(block.first_ts, stats)));
             }
         }
     }
@@ -225,10 +226,6 @@ impl SensorCursor {
         self.emitted = Some(p.key());
         Item::Point(p)
     }
-}
-
-fn corrupt(e: codec::CodecError) -> StoreError {
-    StoreError::Corrupt(e.to_string())
 }
 
 /// Sends a chunk; false when the client has gone.

@@ -71,6 +71,14 @@ impl NewBlock {
     }
 }
 
+/// Blocks of `level` holding `points` (sorted by (ts, seq)), one every
+/// [`MAX_BLOCK_POINTS`].
+fn blocks_from(series: Series, level: u8, points: &[Point]) -> impl Iterator<Item = NewBlock> {
+    points
+        .chunks(MAX_BLOCK_POINTS)
+        .map(move |part| NewBlock::encode(series, level, part))
+}
+
 /// Level-0 blocks for staged rows: sorted, one block per series (split
 /// every [`MAX_BLOCK_POINTS`]).
 pub fn blocks_of(rows: &mut [RowToInsert]) -> Vec<NewBlock> {
@@ -78,16 +86,13 @@ pub fn blocks_of(rows: &mut [RowToInsert]) -> Vec<NewBlock> {
     let mut blocks = Vec::new();
     let mut points = Vec::new();
     for run in rows.chunk_by(|a, b| (a.device, a.sensor) == (b.device, b.sensor)) {
-        let series = (run[0].device, run[0].sensor);
-        for part in run.chunks(MAX_BLOCK_POINTS) {
-            points.clear();
-            points.extend(part.iter().map(|r| Point {
-                ts_ms: r.ts_ms,
-                seq: r.seq as u64,
-                value: r.value,
-            }));
-            blocks.push(NewBlock::encode(series, 0, &points));
-        }
+        points.clear();
+        points.extend(run.iter().map(|r| Point {
+            ts_ms: r.ts_ms,
+            seq: r.seq as u64,
+            value: r.value,
+        }));
+        blocks.extend(blocks_from((run[0].device, run[0].sensor), 0, &points));
     }
     blocks
 }
@@ -199,13 +204,9 @@ impl WriteTx<'_> {
             }
         }
         points.sort_unstable_by_key(Point::key);
-        let mut blocks: Vec<NewBlock> = points
-            .chunks(MAX_BLOCK_POINTS)
-            .map(|part| NewBlock::encode(series, level + 1, part))
-            .collect();
+        let blocks: Vec<NewBlock> = blocks_from(series, level + 1, &points).collect();
         merged.into = blocks.first().map(|b| b.level);
         self.insert_blocks(&blocks).await?;
-        blocks.clear();
         for (id, _) in &rows {
             sqlx::query("DELETE FROM blocks WHERE id = ?")
                 .bind(id)
@@ -369,10 +370,7 @@ impl StoreWriter {
             let Some(last) = points.last().copied() else {
                 break;
             };
-            let blocks: Vec<NewBlock> = points
-                .chunks(MAX_BLOCK_POINTS)
-                .map(|part| NewBlock::encode(series, SEALED, part))
-                .collect();
+            let blocks: Vec<NewBlock> = blocks_from(series, SEALED, &points).collect();
             tx.insert_blocks(&blocks).await?;
             sqlx::query(
                 "DELETE FROM readings WHERE device_id = ? AND sensor_id = ? AND (ts_ms, seq) <= (?, ?)",

@@ -47,7 +47,7 @@ pub enum StoreError {
     #[error("the staging table holds {found} readings where the writer counted {expected}")]
     StagingChanged { expected: u64, found: u64 },
     #[error("a stored block cannot be decoded: {0}")]
-    Corrupt(String),
+    Corrupt(#[from] codec::CodecError),
 }
 
 /// Read side of the store: cheap to clone.
