@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // clash with the `Connect` rpc; clients are built from a `Channel` instead.
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! bidirectional stream per device) and the operator API (`Operator`).
 //!
 //! Everything here is generated from `proto/telemetry/v1/telemetry.proto`;
-//! that file is the public contract and documents every field.
+//! that file is the public contract and documents every field. The generated
+//! code uses [`codec::SmallBufferCodec`].
+
+pub mod codec;
 
 pub mod v1 {
     tonic::include_proto!("telemetry.v1");

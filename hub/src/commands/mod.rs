@@ -117,7 +117,7 @@ enum Request {
     Attach {
         device: String,
         session: u64,
-        outbox: mpsc::Sender<DeviceCommand>,
+        outbox: mpsc::Sender<Box<DeviceCommand>>,
     },
     Detach {
         device: String,
@@ -186,8 +186,13 @@ impl Commands {
     }
 
     /// A device stream is live: its pending commands start flowing into the
-    /// returned receiver, in order.
-    pub async fn attach(&self, device: &DeviceId, session: u64) -> mpsc::Receiver<DeviceCommand> {
+    /// returned receiver, in order. Boxed: a channel allocates 32 slots
+    /// up front, and every live session holds one.
+    pub async fn attach(
+        &self,
+        device: &DeviceId,
+        session: u64,
+    ) -> mpsc::Receiver<Box<DeviceCommand>> {
         let (outbox, commands) = mpsc::channel(self.outbox);
         let _ = self
             .tx
@@ -274,7 +279,7 @@ fn unpush_all(open: &mut HashMap<String, Open>, order: &VecDeque<String>) {
 struct DeviceQueue {
     /// Open command ids, oldest first.
     order: VecDeque<String>,
-    link: Option<(u64, mpsc::Sender<DeviceCommand>)>,
+    link: Option<(u64, mpsc::Sender<Box<DeviceCommand>>)>,
     /// The newest stream seen (stream ids only grow): an Attach from an
     /// older one that arrives late is refused.
     newest: u64,
@@ -535,7 +540,7 @@ impl CommandActor {
     /// A device stream is live. An Attach of a stream older than one already
     /// seen arrived late (its takeover happened meanwhile): refused, so it
     /// cannot take the live stream's commands; its outbox just closes.
-    fn attach(&mut self, device: String, session: u64, outbox: mpsc::Sender<DeviceCommand>) {
+    fn attach(&mut self, device: String, session: u64, outbox: mpsc::Sender<Box<DeviceCommand>>) {
         let queue = self.queues.entry(device).or_default();
         if session < queue.newest {
             return;
@@ -911,7 +916,7 @@ impl CommandActor {
                     expires_at_ms: open.rec.expires_at_ms,
                     withdrawn: Arc::clone(&open.withdrawn),
                 };
-                match outbox.try_send(cmd) {
+                match outbox.try_send(Box::new(cmd)) {
                     Ok(()) => {
                         open.pushed_to = Some(*session);
                         open.pushed_at = Some(instant);

@@ -501,7 +501,7 @@ fn ack_message(ack: PendingAck) -> pb::HubMessage {
 /// stream, and where to say they were written.
 struct CommandLink {
     commands: Commands,
-    inbox: mpsc::Receiver<DeviceCommand>,
+    inbox: mpsc::Receiver<Box<DeviceCommand>>,
     device: DeviceId,
     session: u64,
 }
@@ -593,7 +593,7 @@ async fn ack_task(
                 Some(command) if !command.still_wanted(now_ms()) => {}
                 Some(command) => {
                     let id = command.command_id.clone();
-                    let message = Ok(convert::command_message(command));
+                    let message = Ok(convert::command_message(*command));
                     match tokio::time::timeout(timeouts.send, outbound.send(message)).await {
                         Ok(Ok(())) => link.commands.written(&link.device, link.session, id).await,
                         Ok(Err(_)) => break,
