@@ -25,7 +25,9 @@ use crate::domain::{
 };
 use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
-use crate::store::{DeviceProgress, RowToInsert, StoreError, StoreWriter, WriteTx};
+use crate::store::{
+    DeviceProgress, RowToInsert, STAGING_PARTS, StoreError, StoreWriter, WriteTx, staging_part,
+};
 use crate::throttle::LogThrottle;
 
 #[derive(Debug, Clone)]
@@ -104,10 +106,10 @@ pub struct Writer {
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Readings published to the fan-out so far (its running index).
     published: u64,
-    /// The committed rows of the staging table, in memory too, so that a
+    /// The committed rows of the staging tables, in memory too, so that a
     /// compaction encodes blocks without reading them back (None: not
     /// loaded yet, or unknown after a failure).
-    staged: Option<Vec<RowToInsert>>,
+    staged: Option<Staged>,
     /// Which series have blocks to merge (None: not loaded yet).
     merges: Option<MergePlan>,
     merge_retry: Backoff,
@@ -115,6 +117,33 @@ pub struct Writer {
     compact_retry: Backoff,
     /// Registrations delivered so far: the next stream id.
     streams: u64,
+}
+
+/// The writer's copy of the staging tables, by part.
+struct Staged {
+    parts: Vec<Vec<RowToInsert>>,
+}
+
+impl Staged {
+    fn rows(&self) -> u64 {
+        self.parts.iter().map(|p| p.len() as u64).sum()
+    }
+
+    fn add(&mut self, rows: &[RowToInsert]) {
+        for r in rows {
+            self.parts[staging_part(r.device)].push(*r);
+        }
+    }
+
+    /// The part holding the most rows, and how many.
+    fn fullest(&self) -> (usize, u64) {
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.len() as u64))
+            .max_by_key(|&(_, n)| n)
+            .unwrap_or((0, 0))
+    }
 }
 
 /// What the writer knows of committed rows: caches, reloaded after a failure.
@@ -364,43 +393,49 @@ impl Writer {
         HubMetrics::add(&self.metrics.commits, 1);
     }
 
-    /// The staging table's cap: past it (compaction keeps failing) the group
-    /// is refused rather than the table growing without bound.
+    /// The staging tables' cap: past it (compaction keeps failing) the
+    /// group is refused rather than the tables growing without bound.
     async fn make_room(&mut self) -> Result<(), StoreError> {
         let cap = self.settings.compact_rows.saturating_mul(MAX_STAGED_RUNS);
-        let staged = self.staged_rows().await?;
+        let staged = self.staged().await?.rows();
         if staged < cap {
             return Ok(());
         }
         if !self.compact_retry.waiting() {
-            self.compact().await;
+            let (part, _) = self.staged().await?.fullest();
+            self.compact(part).await;
         }
         match &self.staged {
-            Some(rows) if (rows.len() as u64) < cap => Ok(()),
+            Some(staged) if staged.rows() < cap => Ok(()),
             _ => Err(StoreError::StagingFull { staged }),
         }
     }
 
-    async fn staged_rows(&mut self) -> Result<u64, StoreError> {
+    async fn staged(&mut self) -> Result<&mut Staged, StoreError> {
         if self.staged.is_none() {
-            self.staged = Some(self.store.staged_rows().await?);
+            let parts = self.store.staged_rows().await?;
+            self.staged = Some(Staged { parts });
         }
-        Ok(self.staged.as_ref().map_or(0, |rows| rows.len() as u64))
+        Ok(self.staged.as_mut().expect("loaded above"))
     }
 
-    /// Encodes the staged readings into blocks once enough wait. Acks are
-    /// out already; the next group waits for this (one writer).
+    /// Encodes a staging part into blocks once enough rows wait in it: the
+    /// fullest part, at most one per group commit, so a compaction delays
+    /// the next group by an eighth of what encoding every staged row at
+    /// once did. Acks are out already.
     async fn compact_if_due(&mut self) {
         match &mut self.staged {
-            Some(staged) => staged.extend_from_slice(&self.rows),
+            Some(staged) => staged.add(&self.rows),
             None => {
-                if let Err(e) = self.staged_rows().await {
+                if let Err(e) = self.staged().await {
                     tracing::warn!(error = %e, "cannot read the staged readings");
                     return;
                 }
             }
         }
-        let staged = self.staged.as_ref().map_or(0, Vec::len) as u64;
+        let Some((part, rows)) = self.staged.as_ref().map(Staged::fullest) else {
+            return;
+        };
         // Under load (batches already waiting) runs grow up to 4x: a longer
         // run costs little more than a short one, so throughput holds up.
         let busy = !self.rx.is_empty();
@@ -409,20 +444,22 @@ impl Writer {
         } else {
             self.settings.compact_rows
         };
-        if staged >= run && !self.compact_retry.waiting() {
-            self.compact().await;
+        let part_run = (run / STAGING_PARTS as u64).max(1);
+        if rows >= part_run && !self.compact_retry.waiting() {
+            self.compact(part).await;
         }
     }
 
-    async fn compact(&mut self) {
+    async fn compact(&mut self, part: usize) {
         let started = std::time::Instant::now();
-        let Some(mut rows) = self.staged.take() else {
+        let Some(staged) = &mut self.staged else {
             return;
         };
-        tracing::debug!(staged = rows.len(), "compacting staged readings");
+        let mut rows = std::mem::take(&mut staged.parts[part]);
+        tracing::debug!(part, staged = rows.len(), "compacting staged readings");
         let blocks = blocks::blocks_of(&mut rows);
         let result = match self.store.begin().await {
-            Ok(mut tx) => match tx.compact_staged(&blocks, rows.len() as u64).await {
+            Ok(mut tx) => match tx.compact_staged(part, &blocks, rows.len() as u64).await {
                 Ok(()) => tx.commit().await,
                 Err(e) => Err(e),
             },
@@ -431,7 +468,9 @@ impl Writer {
         match result {
             Ok(()) => {
                 rows.clear();
-                self.staged = Some(rows);
+                if let Some(staged) = &mut self.staged {
+                    staged.parts[part] = rows;
+                }
                 self.compact_retry.succeeded();
                 HubMetrics::add(&self.metrics.compactions, 1);
                 if let Some(plan) = &mut self.merges {
@@ -638,7 +677,11 @@ impl Writer {
                 }
             }
         }
-        tx.insert_readings(&rows).await?;
+        let mut parts = vec![Vec::new(); STAGING_PARTS];
+        for r in &rows {
+            parts[staging_part(r.device)].push(*r);
+        }
+        tx.insert_readings(&parts).await?;
         let new_pairs: Vec<(DeviceKey, SensorKey)> = changes
             .device_sensors
             .iter()

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use super::codec::{self, Point};
-use super::write::{Batched, RowToInsert, StoreWriter, WriteTx};
+use super::write::{Batched, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_table};
 use super::{Store, StoreError};
 use crate::domain::{DeviceKey, SensorKey};
 
@@ -136,17 +136,18 @@ impl BlockCursor {
 }
 
 impl WriteTx<'_> {
-    /// Compaction: inserts the blocks made of every staged row and empties
-    /// the staging table. `staged` is how many rows the writer encoded; if
-    /// the table holds another number, nothing is changed (an error).
+    /// Compaction of one staging part: inserts the blocks made of its rows
+    /// and empties its table. `staged` is how many rows the writer encoded;
+    /// if the table holds another number, nothing is changed (an error).
     pub async fn compact_staged(
         &mut self,
+        part: usize,
         blocks: &[NewBlock],
         staged: u64,
     ) -> Result<(), StoreError> {
         self.insert_blocks(blocks).await?;
         // No WHERE: SQLite's truncate optimisation frees the pages at once.
-        let deleted = sqlx::query("DELETE FROM readings_recent")
+        let deleted = sqlx::query(&format!("DELETE FROM {}", staging_table(part)))
             .execute(self.conn.conn())
             .await?
             .rows_affected();
@@ -282,22 +283,29 @@ impl WriteTx<'_> {
 }
 
 impl StoreWriter {
-    /// Every staged row (the writer's copy of the staging table).
-    pub async fn staged_rows(&mut self) -> Result<Vec<RowToInsert>, StoreError> {
-        let rows: Vec<(i64, i64, i64, i64, f64)> =
-            sqlx::query_as("SELECT device_id, sensor_id, ts_ms, seq, value FROM readings_recent")
-                .fetch_all(self.conn().conn())
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
-                device: DeviceKey(device),
-                sensor: SensorKey(sensor),
-                ts_ms,
-                seq,
-                value,
-            })
-            .collect())
+    /// Every staged row, by part (the writer's copy of the staging tables).
+    pub async fn staged_rows(&mut self) -> Result<Vec<Vec<RowToInsert>>, StoreError> {
+        let mut parts = Vec::with_capacity(STAGING_PARTS);
+        for part in 0..STAGING_PARTS {
+            let rows: Vec<(i64, i64, i64, i64, f64)> = sqlx::query_as(&format!(
+                "SELECT device_id, sensor_id, ts_ms, seq, value FROM {}",
+                staging_table(part)
+            ))
+            .fetch_all(self.conn().conn())
+            .await?;
+            parts.push(
+                rows.into_iter()
+                    .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
+                        device: DeviceKey(device),
+                        sensor: SensorKey(sensor),
+                        ts_ms,
+                        seq,
+                        value,
+                    })
+                    .collect(),
+            );
+        }
+        Ok(parts)
     }
 
     /// Blocks below the sealed level, counted per series and level: what

@@ -24,7 +24,7 @@ use crate::auth::StoredCredentials;
 use crate::config::{StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
-pub use write::{DeviceProgress, RowToInsert, StoreWriter, WriteTx};
+pub use write::{DeviceProgress, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_part};
 pub(crate) use write_conn::WriteConn;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -215,7 +215,8 @@ impl Store {
 
     /// Staged readings of a device (one sensor, or all) with
     /// since <= ts_ms < until, ordered by (sensor, ts_ms, seq). A scan, once
-    /// per query: the staging table holds about storage.compact_rows rows.
+    /// per query, of the device's staging part (about storage.compact_rows /
+    /// STAGING_PARTS rows).
     pub async fn staged_readings(
         &self,
         device: DeviceKey,
@@ -223,11 +224,12 @@ impl Store {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<(SensorKey, codec::Point)>, StoreError> {
-        let rows: Vec<(i64, i64, i64, f64)> = sqlx::query_as(
-            "SELECT sensor_id, seq, ts_ms, value FROM readings_recent \
+        let rows: Vec<(i64, i64, i64, f64)> = sqlx::query_as(&format!(
+            "SELECT sensor_id, seq, ts_ms, value FROM {} \
              WHERE device_id = ?1 AND (?2 IS NULL OR sensor_id = ?2) AND ts_ms >= ?3 AND ts_ms < ?4 \
              ORDER BY sensor_id, ts_ms, seq",
-        )
+            write::staging_table(staging_part(device))
+        ))
         .bind(device.0)
         .bind(sensor.map(|s| s.0))
         .bind(since_ms)

@@ -1,7 +1,8 @@
 //! The write side: only the ingest writer task holds a [`StoreWriter`].
 //!
-//! New readings go to the staging table `readings_recent` (cheap commits);
-//! compaction encodes them into compressed blocks (`store::blocks`).
+//! New readings go to the staging tables `readings_recent_{part}` (cheap
+//! commits); compaction encodes them into compressed blocks
+//! (`store::blocks`), one part at a time.
 
 use std::collections::HashMap;
 
@@ -18,6 +19,21 @@ pub struct RowToInsert {
     pub ts_ms: i64,
     pub seq: i64,
     pub value: f64,
+}
+
+/// Staging is split by device into this many tables, so that a compaction
+/// encodes and truncates one of them at a time: each is a short pause
+/// between group commits instead of one long one (migration 6).
+pub const STAGING_PARTS: usize = 8;
+
+/// The staging table of a device.
+pub fn staging_part(device: DeviceKey) -> usize {
+    device.0.rem_euclid(STAGING_PARTS as i64) as usize
+}
+
+/// The name of a staging table.
+pub(super) fn staging_table(part: usize) -> String {
+    format!("readings_recent_{part}")
 }
 
 /// Where a device stands after a commit.
@@ -41,7 +57,8 @@ const BLOCK_CHUNK: usize = 256;
 /// The writer's multi-row statements.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Batched {
-    Insert,
+    /// Into one staging table.
+    Insert(usize),
     Progress,
     DeviceSensors,
     Blocks,
@@ -51,7 +68,7 @@ impl Batched {
     /// Most items one statement takes.
     fn max(self) -> usize {
         match self {
-            Batched::Insert => INSERT_CHUNK,
+            Batched::Insert(_) => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
             Batched::DeviceSensors => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
@@ -61,8 +78,11 @@ impl Batched {
     /// The statement for `n` items.
     fn sql(self, n: usize) -> String {
         match self {
-            Batched::Insert => multi_row_sql(
-                "INSERT INTO readings_recent (device_id, sensor_id, ts_ms, seq, value) VALUES ",
+            Batched::Insert(part) => multi_row_sql(
+                &format!(
+                    "INSERT INTO {} (device_id, sensor_id, ts_ms, seq, value) VALUES ",
+                    staging_table(part)
+                ),
                 "(?,?,?,?,?)",
                 n,
                 "",
@@ -274,14 +294,23 @@ impl WriteTx<'_> {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let devices: Vec<i64> = sqlx::query_scalar(
-            "DELETE FROM readings_recent WHERE rowid IN \
-             (SELECT rowid FROM readings_recent WHERE ts_ms < ? LIMIT ?) RETURNING device_id",
-        )
-        .bind(cutoff_ms)
-        .bind(limit)
-        .fetch_all(self.conn.conn())
-        .await?;
+        let mut devices: Vec<i64> = Vec::new();
+        for part in 0..STAGING_PARTS {
+            let left = limit.saturating_sub(devices.len() as u32);
+            if left == 0 {
+                break;
+            }
+            let table = staging_table(part);
+            let deleted: Vec<i64> = sqlx::query_scalar(&format!(
+                "DELETE FROM {table} WHERE rowid IN \
+                 (SELECT rowid FROM {table} WHERE ts_ms < ? LIMIT ?) RETURNING device_id"
+            ))
+            .bind(cutoff_ms)
+            .bind(left)
+            .fetch_all(self.conn.conn())
+            .await?;
+            devices.extend(deleted);
+        }
         let mut per_device: HashMap<i64, i64> = HashMap::new();
         for d in &devices {
             *per_device.entry(*d).or_default() += 1;
@@ -352,15 +381,20 @@ impl WriteTx<'_> {
         Ok(SensorKey(id))
     }
 
-    pub async fn insert_readings(&mut self, rows: &[RowToInsert]) -> Result<(), StoreError> {
-        self.execute_batched(Batched::Insert, rows, |q, r| {
-            q.bind(r.device.0)
-                .bind(r.sensor.0)
-                .bind(r.ts_ms)
-                .bind(r.seq)
-                .bind(r.value)
-        })
-        .await
+    /// Stages rows already split by [`staging_part`] (`parts[p]` goes to
+    /// part p).
+    pub async fn insert_readings(&mut self, parts: &[Vec<RowToInsert>]) -> Result<(), StoreError> {
+        for (part, rows) in parts.iter().enumerate() {
+            self.execute_batched(Batched::Insert(part), rows, |q, r| {
+                q.bind(r.device.0)
+                    .bind(r.sensor.0)
+                    .bind(r.ts_ms)
+                    .bind(r.seq)
+                    .bind(r.value)
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Moves devices' high-water marks and stored counts, many devices to a

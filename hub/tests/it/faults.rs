@@ -104,7 +104,7 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     ride_out_failure(&hub, &fleet, async || {
         // An operator makes room.
         let mut conn = connect(&db).await;
-        for table in ["blocks", "readings_recent"] {
+        for table in staging_and_blocks() {
             sqlx::query(&format!(
                 "DELETE FROM {table} WHERE device_id = \
                  (SELECT id FROM devices WHERE external_id = 'ballast')"
@@ -351,13 +351,16 @@ async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
     assert_eq!(a.end_code().await, tonic::Code::Unavailable);
     drop(filler);
     // An operator makes room.
-    sqlx::query(
-        "DELETE FROM readings_recent WHERE device_id = \
-         (SELECT id FROM devices WHERE external_id = 'dev-fill')",
-    )
-    .execute(&mut connect(&hub.db_path()).await)
-    .await
-    .unwrap();
+    let mut conn = connect(&hub.db_path()).await;
+    for table in staging_and_blocks() {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE device_id = \
+             (SELECT id FROM devices WHERE external_id = 'dev-fill')"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
     let mut watch = hub
         .operator()
         .await
@@ -393,4 +396,10 @@ async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
         hub.device("dev-a").await.is_none(),
         "A was never registered"
     );
+}
+
+/// The tables that hold readings: blocks and every staging part.
+fn staging_and_blocks() -> Vec<String> {
+    let parts = (0..hub::store::STAGING_PARTS).map(|p| format!("readings_recent_{p}"));
+    std::iter::once("blocks".to_owned()).chain(parts).collect()
 }

@@ -93,8 +93,12 @@ async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bucketed_aggregates_and_ranges_match_what_the_test_computes() {
-    // 150 of the 200 readings compacted, 50 still staged.
-    let hub = spawn_hub_with(|s| s.storage.compact_rows = 120).await;
+    // 150 of the 200 readings compacted, 50 still staged: one device's
+    // staging part is compacted once it holds compact_rows / STAGING_PARTS.
+    let hub = spawn_hub_with(|s| {
+        s.storage.compact_rows = 120 * hub::store::STAGING_PARTS as u64;
+    })
+    .await;
     let (mut dev, _) = RawDevice::connect(&hub, "dev-agg").await;
     // Two sensors, one reading every 700 ms over ~70 s, in the past.
     let base = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
@@ -386,4 +390,98 @@ async fn merged_blocks_and_converted_old_readings_answer_queries_exactly() {
     }
     let stats = hub.stats().await;
     assert_eq!(stats.readings_stored, 9000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_staged_by_an_older_hub_move_into_the_staging_parts() {
+    use sqlx::ConnectOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    // The schema as it was before staging was split.
+    let mut older = sqlx::migrate!("../migrations");
+    older.migrations = older
+        .migrations
+        .iter()
+        .filter(|m| m.version < 20261126000006)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    older.run(&mut conn).await.unwrap();
+    let base = 1_767_225_600_000i64;
+    let value = |d: i64, s: i64| (d * 1000 + s) as f64 / 10.0;
+    sqlx::query("INSERT INTO sensors (id, name) VALUES (1, 't')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Ten devices (ids 1..=10: every part and two that share one), 25
+    // staged readings each.
+    for d in 1..=10i64 {
+        sqlx::query(
+            "INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms, acked_seq, \
+             reading_count) VALUES (?, ?, 0, 0, 25, 25)",
+        )
+        .bind(d)
+        .bind(format!("old-{d:02}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO device_sensors (device_id, sensor_id) VALUES (?, 1)")
+            .bind(d)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for s in 1..=25i64 {
+            sqlx::query("INSERT INTO readings_recent VALUES (?, 1, ?, ?, ?)")
+                .bind(d)
+                .bind(base + 1000 * s)
+                .bind(s)
+                .bind(value(d, s))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    drop(conn);
+
+    let hub = spawn_hub_in(dir, |_| {}).await;
+    for d in 1..=10i64 {
+        let rows = hub.readings(&format!("old-{d:02}")).await;
+        let got: Vec<(u64, i64, f64)> = rows.iter().map(|r| (r.seq, r.ts_ms, r.value)).collect();
+        let want: Vec<(u64, i64, f64)> = (1..=25i64)
+            .map(|s| (s as u64, base + 1000 * s, value(d, s)))
+            .collect();
+        assert_eq!(got, want, "old-{d:02}");
+    }
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .connect()
+        .await
+        .unwrap();
+    let mut total = 0;
+    for part in 0..hub::store::STAGING_PARTS {
+        let (n, misplaced): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE device_id % {} != {part}) \
+             FROM readings_recent_{part}",
+            hub::store::STAGING_PARTS
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(misplaced, 0, "part {part} holds only its devices");
+        total += n;
+    }
+    assert_eq!(total, 250);
+    // A device carries on from its mark.
+    let (mut dev, welcome) = RawDevice::connect(&hub, "old-03").await;
+    assert_eq!(welcome.acked_seq, 25);
+    dev.send(batch(vec![reading(26, "t", base + 26_000, 1.5)]))
+        .await;
+    dev.ack_through(26).await;
+    assert_eq!(hub.readings("old-03").await.len(), 26);
 }
