@@ -395,19 +395,22 @@ impl Writer {
 
     /// The staging tables' cap: past it (compaction keeps failing) the
     /// group is refused rather than the tables growing without bound.
+    /// A group over the cap first compacts parts, fullest first, until
+    /// staging is under it: only a failing compaction refuses groups.
     async fn make_room(&mut self) -> Result<(), StoreError> {
         let cap = self.settings.compact_rows.saturating_mul(MAX_STAGED_RUNS);
-        let staged = self.staged().await?.rows();
-        if staged < cap {
-            return Ok(());
-        }
-        if !self.compact_retry.waiting() {
-            let (part, _) = self.staged().await?.fullest();
+        loop {
+            let staged = self.staged().await?;
+            let total = staged.rows();
+            if total < cap {
+                return Ok(());
+            }
+            let (part, rows) = staged.fullest();
+            if rows == 0 || self.compact_retry.waiting() {
+                return Err(StoreError::StagingFull { staged: total });
+            }
+            // Empties the part, or fails and starts the retry wait.
             self.compact(part).await;
-        }
-        match &self.staged {
-            Some(staged) if staged.rows() < cap => Ok(()),
-            _ => Err(StoreError::StagingFull { staged }),
         }
     }
 

@@ -1,9 +1,9 @@
 //! Compressed series storage: readings live in blocks, one (device, sensor)
 //! series' points of a stretch of time each, encoded by [`super::codec`].
 //!
-//! - **Compaction** (the writer, [`WriteTx::compact_staged`]) turns every
-//!   staged reading into level-0 blocks, one per series, and empties the
-//!   staging table in the same transaction.
+//! - **Compaction** (the writer, [`WriteTx::compact_staged`]) turns the
+//!   readings of one staging part into level-0 blocks, one per series, and
+//!   empties that part's table in the same transaction.
 //! - **Merging** ([`StoreWriter::merge`]): once a series has [`FANIN`]
 //!   blocks of one level, they become one block of the next level. A block
 //!   of [`SEALED`] level or of [`SEAL_POINTS`] points is never merged again,
@@ -558,5 +558,111 @@ impl MergePlan {
 
     pub fn series(&self) -> usize {
         self.open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{STAGING_PARTS, staging_part};
+
+    const SERIES: Series = (DeviceKey(3), SensorKey(1));
+
+    /// Stages `n` full-precision readings of SERIES from seq `from`.
+    async fn stage(writer: &mut StoreWriter, from: i64, n: i64) {
+        let mut parts = vec![Vec::new(); STAGING_PARTS];
+        parts[staging_part(SERIES.0)] = (from..from + n)
+            .map(|seq| RowToInsert {
+                device: SERIES.0,
+                sensor: SERIES.1,
+                ts_ms: 1_700_000_000_000 + seq * 1000,
+                seq,
+                value: (seq as f64).sqrt(),
+            })
+            .collect();
+        let mut tx = writer.begin().await.unwrap();
+        tx.insert_readings(&parts).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Encodes the series' part into blocks and empties it.
+    async fn compact(writer: &mut StoreWriter) -> Result<(), StoreError> {
+        let part = staging_part(SERIES.0);
+        let mut rows = writer.staged_rows().await?.swap_remove(part);
+        let blocks = blocks_of(&mut rows);
+        let mut tx = writer.begin().await?;
+        tx.compact_staged(part, &blocks, rows.len() as u64).await?;
+        tx.commit().await
+    }
+
+    /// Every seq stored for SERIES, staged or in blocks, sorted.
+    async fn stored(writer: &mut StoreWriter) -> Vec<u64> {
+        let blocks: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blocks")
+            .fetch_all(writer.conn().conn())
+            .await
+            .unwrap();
+        let mut seqs: Vec<u64> = blocks
+            .iter()
+            .flat_map(|b| codec::decode(b).unwrap())
+            .map(|p| p.seq)
+            .collect();
+        let staged = writer.staged_rows().await.unwrap();
+        seqs.extend(staged.iter().flatten().map(|r| r.seq as u64));
+        seqs.sort_unstable();
+        seqs
+    }
+
+    async fn pragma(writer: &mut StoreWriter, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(writer.conn().conn())
+            .await
+            .unwrap()
+    }
+
+    /// At the size limit a compaction and a merge fail whole (SQLITE_FULL):
+    /// the staged rows and the input blocks are all still there, and the
+    /// same work succeeds once there is room.
+    #[tokio::test]
+    async fn compaction_and_merge_at_the_size_limit_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        // Eight level-0 blocks (a merge is due), then 3,000 more staged.
+        for run in 0..FANIN as i64 {
+            stage(&mut writer, 1 + run * 500, 500).await;
+            compact(&mut writer).await.unwrap();
+        }
+        stage(&mut writer, 4001, 3000).await;
+        let all: Vec<u64> = (1..=7000).collect();
+        assert_eq!(stored(&mut writer).await, all);
+
+        // No free page left, and the file may not grow.
+        sqlx::query("VACUUM")
+            .execute(writer.conn().conn())
+            .await
+            .unwrap();
+        assert_eq!(pragma(&mut writer, "PRAGMA freelist_count").await, 0);
+        let pages = pragma(&mut writer, "PRAGMA page_count").await;
+        pragma(&mut writer, &format!("PRAGMA max_page_count = {pages}")).await;
+
+        let full = compact(&mut writer).await.unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        writer.abort().await;
+        let merge = writer.merge(&[(SERIES, 0)]).await.unwrap_err();
+        assert!(merge.to_string().contains("full"), "{merge}");
+        writer.abort().await;
+        assert_eq!(stored(&mut writer).await, all, "nothing lost or doubled");
+        let level0 = "SELECT count(*) FROM blocks WHERE level = 0";
+        assert_eq!(pragma(&mut writer, level0).await, FANIN as i64);
+
+        pragma(&mut writer, "PRAGMA max_page_count = 1000000").await;
+        let merged = writer.merge(&[(SERIES, 0)]).await.unwrap();
+        assert_eq!(merged.len(), 1);
+        compact(&mut writer).await.unwrap();
+        assert_eq!(stored(&mut writer).await, all, "nothing lost or doubled");
+        assert_eq!(pragma(&mut writer, level0).await, 1, "the new run");
+        let staged = writer.staged_rows().await.unwrap();
+        assert!(staged.iter().all(Vec::is_empty));
     }
 }

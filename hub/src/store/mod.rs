@@ -44,7 +44,7 @@ pub enum StoreError {
         "{staged} new readings wait for a compaction that keeps failing; refusing more until it succeeds"
     )]
     StagingFull { staged: u64 },
-    #[error("the staging table holds {found} readings where the writer counted {expected}")]
+    #[error("a staging table holds {found} readings where the writer counted {expected}")]
     StagingChanged { expected: u64, found: u64 },
     #[error("a stored block cannot be decoded: {0}")]
     Corrupt(#[from] codec::CodecError),
@@ -130,6 +130,10 @@ fn connect_options(
             format!("-{}", u64::from(settings.cache_size_mib) * 1024),
         )
         .pragma("temp_store", "memory")
+        // The writer alone prepares ~130 distinct statements (multi-row
+        // shapes, 8 staging parts); past sqlx's default of 100 the busiest
+        // ones would be prepared again and again.
+        .statement_cache_capacity(256)
         .disable_statement_logging())
 }
 

@@ -123,6 +123,118 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
+    // 40,000 full-precision readings stay staged (nothing is compacted).
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
+    let (mut ballast, _) = RawDevice::connect(&hub, "ballast").await;
+    let base = now_ms() - 3_600_000;
+    for start in (1..=40_000u64).step_by(1000) {
+        ballast
+            .send(batch(
+                (start..start + 1000)
+                    .map(|s| reading(s, "b", base + s as i64, (s as f64).sqrt()))
+                    .collect(),
+            ))
+            .await;
+    }
+    ballast.ack_through(40_000).await;
+    ballast.half_close();
+    assert_eq!(ballast.end_code().await, tonic::Code::Ok);
+    let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
+    probe.send(batch(vec![reading(1, "p", base, 1.0)])).await;
+    probe.ack_through(1).await;
+    drop(probe);
+    hub.stop().await;
+
+    // Pad the file to 20-40 pages short of a whole MiB, the limit: room
+    // for small commits, none for the ~80 pages of blocks the ballast's
+    // compaction writes.
+    let db = hub.db_path();
+    let mut conn = connect(&db).await;
+    for sql in ["VACUUM", "CREATE TABLE pad (b BLOB)"] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let limit_pages = loop {
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let limit = (pages as u64).div_ceil(256) * 256;
+        let free = limit - pages as u64;
+        if (20..=40).contains(&free) {
+            break limit;
+        }
+        let fill = if free < 20 {
+            free + 256 - 30
+        } else {
+            free - 30
+        };
+        sqlx::query("INSERT INTO pad VALUES (zeroblob(?))")
+            .bind((fill * 4000) as i64)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    };
+    drop(conn);
+    hub.settings.storage.max_size_mib = limit_pages / 256;
+    // A part is compacted once it holds 500 rows; the cap (16 x 4000) is
+    // above what is staged, so commits go on while compactions fail.
+    hub.settings.storage.compact_rows = 4000;
+    hub.restart().await;
+
+    // The probe's next reading commits; the compaction after it fails.
+    let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
+    probe
+        .send(batch(vec![reading(2, "p", base + 1, 2.0)]))
+        .await;
+    probe.ack_through(2).await;
+    wait_until("a compaction failing", || async {
+        hub.stats().await.compaction_failures > 0
+    })
+    .await;
+    assert_eq!(hub.stats().await.compactions, 0);
+    assert!(hub.stats().await.storage_ok, "commits still succeed");
+    assert_eq!(hub.readings("ballast").await.len(), 40_000, "still staged");
+
+    // An operator makes room; after its retry wait the compaction
+    // succeeds (it runs after a commit, so the probe keeps sending).
+    sqlx::query("DROP TABLE pad")
+        .execute(&mut connect(&db).await)
+        .await
+        .unwrap();
+    let mut seq = 2;
+    wait_until("a compaction succeeding", async || {
+        seq += 1;
+        probe
+            .send(batch(vec![reading(seq, "p", base + seq as i64, 3.0)]))
+            .await;
+        probe.ack_through(seq).await;
+        hub.stats().await.compactions > 0
+    })
+    .await;
+    let got: Vec<u64> = hub
+        .readings("ballast")
+        .await
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(got, (1..=40_000).collect::<Vec<_>>(), "each once");
+    let probe_seqs: Vec<u64> = hub.readings("probe").await.iter().map(|r| r.seq).collect();
+    assert_eq!(probe_seqs, (1..=seq).collect::<Vec<_>>());
+    let staged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM readings_recent WHERE device_id = \
+         (SELECT id FROM devices WHERE external_id = 'ballast')",
+    )
+    .fetch_one(&mut connect(&db).await)
+    .await
+    .unwrap();
+    assert_eq!(staged, 0, "the ballast's part is in blocks now");
+    probe.half_close();
+    assert_eq!(probe.end_code().await, tonic::Code::Ok);
+    hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_fails_commits_then_readings_and_commands_recover() {
     let hub = spawn_hub_with(|s| {
         s.storage.busy_timeout = Duration::from_millis(200);
