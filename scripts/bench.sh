@@ -2,14 +2,15 @@
 # Every figure of the performance table in one run, on this machine:
 # the raw sqlx insert baseline, 1000 devices x 100 Hz (ack p50/p99, RSS,
 # bytes per reading, quantized and full precision), saturation, 10,000
-# devices x 5 Hz, and queries on a backfilled database (a day of 1-minute
+# devices x 5 Hz (100 and 20 devices per HTTP/2 connection), the hub's
+# memory per idle device, and queries on a backfilled database (a day of 1-minute
 # buckets, the same day raw, `hub devices` with 100,000 devices, ingest
 # with and without a dashboard load of 20 bucket queries/s).
 #
 #   scripts/bench.sh              # the full run (~15 min, 50M readings)
 #   SMOKE=1 scripts/bench.sh      # tiny sizes, debug build: CI runs this
 #
-# Knobs: INGEST_S (60), SAT_S (30), FLEET_S (25), QDEVICES (100),
+# Knobs: INGEST_S (60), SAT_S (30), SAT_RATE (600 Hz per device), FLEET_S (25), QDEVICES (100),
 # BACKFILL_S (126000 = 35 h at 4 readings/s per device: 50.4M readings),
 # EXTRA_DEVICES (to reach 100,000 registered), RAW_ROWS (3000000).
 set -euo pipefail
@@ -40,11 +41,19 @@ section "the same, full-precision values (noise in every bit)"
 DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$(( INGEST_S / 2 + 1 ))s EXTRA_SIM_ARGS=--full-precision \
   scripts/bench-ingest.sh | grep -E "stored|disk"
 
-section "saturation: $DEVICES_HEADLINE devices x 400 Hz, ${SAT_S}s"
-DEVICES=$DEVICES_HEADLINE RATE=400 DURATION=${SAT_S}s scripts/bench-ingest.sh | grep -E "devices|stored|ack|CPU|RSS"
+SAT_RATE=${SAT_RATE:-600}
+section "saturation: $DEVICES_HEADLINE devices x $SAT_RATE Hz offered, ${SAT_S}s"
+DEVICES=$DEVICES_HEADLINE RATE=$SAT_RATE DURATION=${SAT_S}s scripts/bench-ingest.sh | grep -E "devices|stored|ack|CPU|RSS"
 
 section "$FLEET_DEVICES devices x 5 Hz, ${FLEET_S}s (hub log at its default, INFO)"
 DEVICES=$FLEET_DEVICES RATE=5 DURATION=${FLEET_S}s HUB_RUST_LOG=info scripts/bench-ingest.sh
+
+section "the same over 20 HTTP/2 connections instead of one per 100 devices"
+DEVICES=$FLEET_DEVICES RATE=5 DURATION=${FLEET_S}s EXTRA_SIM_ARGS="--connections 20" \
+  scripts/bench-ingest.sh | grep -E "devices|stored|ack|CPU|RSS"
+
+section "hub memory per connected, idle device ($FLEET_DEVICES devices)"
+DEVICES=$FLEET_DEVICES scripts/bench-devices.sh
 
 section "queries: $QDEVICES devices x 4 sensors backfill ${BACKFILL_S}s of history at 1 Hz per sensor"
 db_dir=$(mktemp -d)
