@@ -75,14 +75,15 @@ impl DeviceGateway for DeviceGatewayService {
 /// session aborts the stream, which ends it at once with that status and
 /// drops what is still queued (a device that reads nothing cannot pin it).
 pub struct HubStream {
-    /// None once aborted.
-    messages: Option<ReceiverStream<Result<pb::HubMessage, Status>>>,
+    /// None once aborted. Boxed messages: a channel allocates 32 slots up
+    /// front, and every device holds one for the life of its stream.
+    messages: Option<ReceiverStream<Result<Box<pb::HubMessage>, Status>>>,
     aborted: Option<oneshot::Receiver<Status>>,
 }
 
 impl HubStream {
     fn new(
-        messages: mpsc::Receiver<Result<pb::HubMessage, Status>>,
+        messages: mpsc::Receiver<Result<Box<pb::HubMessage>, Status>>,
         aborted: oneshot::Receiver<Status>,
     ) -> Self {
         Self {
@@ -109,7 +110,9 @@ impl Stream for HubStream {
             }
         }
         match self.messages.as_mut() {
-            Some(messages) => Pin::new(messages).poll_next(cx),
+            Some(messages) => Pin::new(messages)
+                .poll_next(cx)
+                .map(|m| m.map(|m| m.map(|boxed| *boxed))),
             None => Poll::Ready(None),
         }
     }
@@ -171,7 +174,7 @@ mod tests {
         let (abort, aborted) = oneshot::channel();
         let mut stream = HubStream::new(rx, aborted);
         for _ in 0..4 {
-            tx.send(Ok(pb::HubMessage::default())).await.unwrap();
+            tx.send(Ok(Box::default())).await.unwrap();
         }
         abort.send(Status::deadline_exceeded("stalled")).unwrap();
         let end = stream.next().await.unwrap().unwrap_err();

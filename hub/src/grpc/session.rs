@@ -44,7 +44,7 @@ use crate::registry::{EndReason, StreamClaim};
 use crate::store::Store;
 use crate::throttle::{LogThrottle, TokenBucket};
 
-pub type Outbound = mpsc::Sender<Result<pb::HubMessage, Status>>;
+pub type Outbound = mpsc::Sender<Result<Box<pb::HubMessage>, Status>>;
 
 /// Ends the response stream at once with a status, dropping what is still
 /// buffered for the device: the way out when the device reads nothing.
@@ -173,7 +173,7 @@ async fn run_registered(
             max_batch: ctx.max_batch,
         })),
     };
-    if outbound.send(Ok(welcome)).await.is_err() {
+    if outbound.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
     HubMetrics::add(&ctx.metrics.connects, 1);
@@ -583,7 +583,7 @@ async fn ack_task(
                         return;
                     }
                     if let Some(ack) = slot.take() {
-                        permit.send(Ok(ack_message(ack)));
+                        permit.send(Ok(Box::new(ack_message(ack))));
                     }
                 }
                 Err(_) => break,
@@ -593,7 +593,7 @@ async fn ack_task(
                 Some(command) if !command.still_wanted(now_ms()) => {}
                 Some(command) => {
                     let id = command.command_id.clone();
-                    let message = Ok(convert::command_message(*command));
+                    let message = Ok(Box::new(convert::command_message(*command)));
                     match tokio::time::timeout(timeouts.send, outbound.send(message)).await {
                         Ok(Ok(())) => link.commands.written(&link.device, link.session, id).await,
                         Ok(Err(_)) => break,
@@ -618,7 +618,7 @@ async fn ack_task(
         && !slot.failed()
         && let Some(ack) = slot.take()
     {
-        let _ = tokio::time::timeout_at(deadline, outbound.send(Ok(ack_message(ack)))).await;
+        let _ = tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
     }
     let status = if slot.failed() {
         Some(Status::unavailable(
