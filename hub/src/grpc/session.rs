@@ -618,7 +618,8 @@ async fn ack_task(
         && !slot.failed()
         && let Some(ack) = slot.take()
     {
-        let _ = tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
+        let _ =
+            tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
     }
     let status = if slot.failed() {
         Some(Status::unavailable(
