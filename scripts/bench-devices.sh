@@ -14,7 +14,14 @@ BIN=${BIN:-target/release}
 [ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 sim_pid=""
-trap 'kill "$hub_pid" $sim_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+# Stop both and wait for them: the next benchmark must not share the
+# machine with a hub still closing 10,000 streams.
+cleanup() {
+  kill -INT $sim_pid "$hub_pid" 2>/dev/null || true
+  wait $sim_pid "$hub_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$hub_pid/status"; }
 live() {

@@ -182,7 +182,8 @@ async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_r
     hub.settings.storage.compact_rows = 4000;
     hub.restart().await;
 
-    // The probe's next reading commits; the compaction after it fails.
+    // The probe's registration and reading commit; the compaction after
+    // them (of the ballast's part) fails.
     let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
     probe
         .send(batch(vec![reading(2, "p", base + 1, 2.0)]))
@@ -194,7 +195,11 @@ async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_r
     .await;
     assert_eq!(hub.stats().await.compactions, 0);
     assert!(hub.stats().await.storage_ok, "commits still succeed");
-    assert_eq!(hub.readings("ballast").await.len(), 40_000, "still staged");
+    assert_eq!(
+        ballast_rows(&db).await,
+        (40_000, 0),
+        "all staged, none in blocks"
+    );
 
     // An operator makes room; after its retry wait the compaction
     // succeeds (it runs after a commit, so the probe keeps sending).
@@ -229,8 +234,58 @@ async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_r
     .await
     .unwrap();
     assert_eq!(staged, 0, "the ballast's part is in blocks now");
+    // Counted in the tables, not through a query (which would hide a
+    // reading stored twice).
+    assert_eq!(ballast_rows(&db).await, (0, 40_000), "each once, in blocks");
     probe.half_close();
     assert_eq!(probe.end_code().await, tonic::Code::Ok);
+    hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_over_its_cap_is_compacted_not_refused() {
+    // A part is compacted at 10 rows and staging is capped at 16 x 80 =
+    // 1,280 rows, far below one round of eight 1,000-reading batches: a
+    // healthy hub must compact its way under the cap, part after part,
+    // rather than refuse the group (its devices would hear UNAVAILABLE).
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 80).await;
+    let base = now_ms() - 3_600_000;
+    let mut devices = Vec::new();
+    for d in 0..hub::store::STAGING_PARTS {
+        // Registered one after the other: ids 1..=8, every part.
+        devices.push(RawDevice::connect(&hub, &format!("cap-{d}")).await.0);
+    }
+    for round in 0..3u64 {
+        for dev in &mut devices {
+            let first = round * 1000 + 1;
+            dev.send(batch(
+                (first..first + 1000)
+                    .map(|s| reading(s, "c", base + s as i64, s as f64 / 8.0))
+                    .collect(),
+            ))
+            .await;
+        }
+        for dev in &mut devices {
+            dev.ack_through((round + 1) * 1000).await;
+        }
+    }
+    let stats = hub.stats().await;
+    assert_eq!(stats.commit_failures, 0, "no group was refused");
+    assert_eq!(stats.compaction_failures, 0);
+    assert!(stats.compactions >= 8, "{} compactions", stats.compactions);
+    for d in 0..hub::store::STAGING_PARTS {
+        let seqs: Vec<u64> = hub
+            .readings(&format!("cap-{d}"))
+            .await
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (1..=3000).collect::<Vec<_>>(), "cap-{d}");
+    }
+    for mut dev in devices {
+        dev.half_close();
+        assert_eq!(dev.end_code().await, tonic::Code::Ok);
+    }
     hub.assert_no_leaks().await;
 }
 
@@ -514,4 +569,16 @@ async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
 fn staging_and_blocks() -> Vec<String> {
     let parts = (0..hub::store::STAGING_PARTS).map(|p| format!("readings_recent_{p}"));
     std::iter::once("blocks".to_owned()).chain(parts).collect()
+}
+
+/// The ballast device's readings as stored: (staged rows, points in blocks).
+async fn ballast_rows(db: &Path) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM readings_recent WHERE device_id = d.id), \
+                (SELECT coalesce(sum(count), 0) FROM blocks WHERE device_id = d.id) \
+         FROM devices d WHERE external_id = 'ballast'",
+    )
+    .fetch_one(&mut connect(db).await)
+    .await
+    .unwrap()
 }
