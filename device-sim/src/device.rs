@@ -272,7 +272,7 @@ impl SimDevice {
         drain_deadline: &mut Option<Instant>,
         max_batch: usize,
     ) -> Result<(), StreamEnd> {
-        let mut tick = tokio::time::interval(self.cfg.batch_interval);
+        let mut tick = tokio::time::interval(self.tick_period());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_sample = Instant::now();
         // Resend what the hub has not acked, right away.
@@ -400,6 +400,19 @@ impl SimDevice {
 
     /// Takes the samples due over `elapsed`, spread evenly in time; while
     /// backfilling, fills the buffer with past readings instead.
+    /// How often the device wakes to sample and send: every batch
+    /// interval, or, for a device sampling less often than that, once per
+    /// reading (up to a second apart). Its messages are the same either way
+    /// (a batch interval without a new reading sends nothing); a fleet of
+    /// slow devices just wakes half as often at 5 Hz.
+    fn tick_period(&self) -> Duration {
+        if self.backfill_ms.is_some() || self.cfg.rate_hz <= 0.0 {
+            return self.cfg.batch_interval;
+        }
+        let per_reading = Duration::from_secs_f64((1.0 / self.cfg.rate_hz).min(1.0));
+        self.cfg.batch_interval.max(per_reading)
+    }
+
     fn sample(&mut self, elapsed: Duration) {
         if self.backfill_ms.is_some() {
             self.sample_past();
