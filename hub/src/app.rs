@@ -33,6 +33,7 @@ use crate::grpc::session::SessionContext;
 use crate::grpc::{DeviceGatewayService, OperatorService};
 use crate::ingest::{self, IngestQueue, Writer, WriterSettings};
 use crate::metrics::HubMetrics;
+use crate::operator::Operations;
 use crate::registry::SessionRegistry;
 use crate::store::commands::CommandStore;
 use crate::store::{self, Store};
@@ -303,6 +304,13 @@ impl Hub {
         .max_decoding_message_size(server_settings.max_message_bytes);
         let operator = OperatorAuth::new(
             OperatorServer::new(OperatorService {
+                ops: Arc::new(Operations::new(
+                    store.clone(),
+                    Arc::clone(&ctx.registry),
+                    Arc::clone(&ctx.metrics),
+                    ctx.ingest.clone(),
+                    ctx.tracker.clone(),
+                )),
                 store: store.clone(),
                 command_store: command_store.clone(),
                 backup_root: settings.storage.backup_root(),

@@ -20,6 +20,8 @@
 //! - [`commands`]: command lifecycle; one task owns open commands and the
 //!   command log, pushes commands down device streams, enforces TTL.
 //! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
+//! - [`operator`]: what an operator may ask (validation, limits, errors),
+//!   shared by every door to the hub.
 //! - [`query`]: paged, merged or bucketed reading queries.
 //! - [`retention`]: old readings deleted in small steps through the writer.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
@@ -41,6 +43,7 @@ pub mod grpc;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod operator;
 pub mod prometheus;
 pub mod query;
 pub mod registry;

@@ -10,6 +10,7 @@ use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition,
     CommittedBatch, DeviceHello, DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
+use crate::operator::{HubStats, OpError};
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
 
@@ -62,6 +63,39 @@ pub fn inbound_error(status: Status, max_message_bytes: usize) -> (Status, bool)
 pub fn store_status(err: StoreError) -> Status {
     tracing::error!(error = %err, "storage error");
     Status::internal("storage error; see the hub's log")
+}
+
+/// An operator request that failed, as a status: the same codes and
+/// messages whichever door it came through.
+pub fn op_status(err: OpError) -> Status {
+    match err {
+        OpError::Invalid(why) => Status::invalid_argument(why),
+        OpError::NotFound(what) => Status::not_found(what),
+        OpError::Store(e) => store_status(e),
+    }
+}
+
+pub fn hub_stats(s: HubStats) -> pb::HubStats {
+    pb::HubStats {
+        live_sessions: s.live_sessions,
+        readings_committed: s.readings_committed,
+        duplicates: s.duplicates,
+        rejected: s.rejected,
+        commits: s.commits,
+        compactions: s.compactions,
+        ingest_queue_depth: s.ingest_queue_depth,
+        readings_stored: s.readings_stored,
+        mqtt_dropped: s.mqtt_dropped,
+        mqtt_bad_messages: s.mqtt_bad_messages,
+        mqtt_connected: s.mqtt_connected,
+        commit_failures: s.commit_failures,
+        compaction_failures: s.compaction_failures,
+        storage_ok: s.storage_ok,
+        live_tasks: s.live_tasks,
+        ingest_uncommitted: s.ingest_uncommitted,
+        auth_failures: s.auth_failures,
+        mqtt_connection_errors: s.mqtt_connection_errors,
+    }
 }
 
 pub fn device_info(d: DeviceRecord, connected_since_ms: Option<i64>) -> pb::DeviceInfo {

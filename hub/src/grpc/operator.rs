@@ -1,4 +1,6 @@
-//! The operator API: queries, devices, stats, commands and live tails.
+//! The operator API: queries, devices, stats, commands and live tails. What
+//! is shared with other doors is in `crate::operator`; here requests and
+//! answers are translated to and from protobuf.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,13 +16,14 @@ use super::{convert, spawn_stream};
 use crate::auth::Operator as OperatorIdentity;
 use crate::commands::NewCommand;
 use crate::devices;
-use crate::domain::{CommandRecord, CommittedBatch, ReadingQuery};
-use crate::metrics::HubMetrics;
+use crate::domain::{CommandRecord, CommittedBatch};
+use crate::operator::{Operations, ReadingsRequest};
 use crate::query::{self, QueryChunk};
 use crate::store::Store;
 use crate::store::commands::{CommandFilter, CommandStore};
 
 pub struct OperatorService {
+    pub ops: Arc<Operations>,
     pub store: Store,
     pub command_store: CommandStore,
     /// `storage.backup_dir`: backups go into directories below it.
@@ -45,32 +48,19 @@ impl Operator for OperatorService {
         request: Request<pb::QueryReadingsRequest>,
     ) -> Result<Response<Self::QueryReadingsStream>, Status> {
         let req = request.into_inner();
-        if req.device_id.is_empty() {
-            return Err(Status::invalid_argument("device_id is required"));
-        }
-        if req.bucket_ms < 0 {
-            return Err(Status::invalid_argument("bucket_ms must not be negative"));
-        }
-        if let (Some(since), Some(until)) = (req.since_ms, req.until_ms)
-            && since >= until
-        {
-            return Err(Status::invalid_argument("since must be before until"));
-        }
         let wanted = convert::aggregates(&req.aggregates)?;
-        let device = self
-            .store
-            .find_device(&req.device_id)
+        let q = self
+            .ops
+            .readings_query(ReadingsRequest {
+                device_id: req.device_id,
+                sensor: Some(req.sensor),
+                since_ms: req.since_ms,
+                until_ms: req.until_ms,
+                limit: req.limit,
+                bucket_ms: req.bucket_ms,
+            })
             .await
-            .map_err(convert::store_status)?
-            .ok_or_else(|| Status::not_found(format!("unknown device {:?}", req.device_id)))?;
-        let q = ReadingQuery {
-            device: device.key,
-            sensor: (!req.sensor.is_empty()).then_some(req.sensor),
-            since_ms: req.since_ms,
-            until_ms: req.until_ms,
-            limit: req.limit,
-            bucket_ms: (req.bucket_ms > 0).then_some(req.bucket_ms),
-        };
+            .map_err(convert::op_status)?;
         let store = self.store.clone();
         let chunks = spawn_stream(&self.ctx.tracker, 4, move |out| async move {
             let (tx, mut rx) = mpsc::channel(4);
@@ -106,31 +96,18 @@ impl Operator for OperatorService {
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         let req = request.into_inner();
-        let limit = match req.limit {
-            0 => 1000,
-            n => n.min(10_000),
-        };
         let page = self
-            .store
-            .list_devices(&req.after, limit)
+            .ops
+            .list_devices(&req.after, req.limit)
             .await
-            .map_err(convert::store_status)?;
-        let next_after = if page.len() == limit as usize {
-            page.last().map(|d| d.device_id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let online = self.ctx.registry.online();
-        let devices = page
-            .into_iter()
-            .map(|d| {
-                let since = online.get(&d.device_id).copied();
-                convert::device_info(d, since)
-            })
-            .collect();
+            .map_err(convert::op_status)?;
         Ok(Response::new(pb::ListDevicesResponse {
-            devices,
-            next_after,
+            devices: page
+                .devices
+                .into_iter()
+                .map(|(d, since)| convert::device_info(d, since))
+                .collect(),
+            next_after: page.next_after,
         }))
     }
 
@@ -138,32 +115,8 @@ impl Operator for OperatorService {
         &self,
         _request: Request<pb::GetHubStatsRequest>,
     ) -> Result<Response<pb::HubStats>, Status> {
-        let m = &self.ctx.metrics;
-        let stored = self
-            .store
-            .total_readings()
-            .await
-            .map_err(convert::store_status)?;
-        Ok(Response::new(pb::HubStats {
-            live_sessions: m.live_sessions(),
-            readings_committed: HubMetrics::get(&m.readings_committed),
-            duplicates: HubMetrics::get(&m.duplicates),
-            rejected: HubMetrics::get(&m.rejected),
-            commits: HubMetrics::get(&m.commits),
-            compactions: HubMetrics::get(&m.compactions),
-            ingest_queue_depth: self.ctx.ingest.depth() as u64,
-            readings_stored: stored,
-            mqtt_dropped: HubMetrics::get(&m.mqtt_dropped),
-            mqtt_bad_messages: HubMetrics::get(&m.mqtt_bad_messages),
-            mqtt_connected: m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
-            commit_failures: HubMetrics::get(&m.commit_failures),
-            compaction_failures: HubMetrics::get(&m.compaction_failures),
-            storage_ok: m.storage_ok(),
-            live_tasks: self.ctx.tracker.len() as u64,
-            ingest_uncommitted: HubMetrics::get(&m.uncommitted_rows),
-            auth_failures: HubMetrics::get(&m.auth_failures),
-            mqtt_connection_errors: HubMetrics::get(&m.mqtt_connection_errors),
-        }))
+        let stats = self.ops.stats().await.map_err(convert::op_status)?;
+        Ok(Response::new(convert::hub_stats(stats)))
     }
 
     async fn send_command(

@@ -735,3 +735,62 @@ async fn bad_cli_arguments_get_a_clear_error_and_exit_code() {
     }
     assert_eq!(hub.stats().await.live_sessions, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reading_queries_get_precise_statuses() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "q-dev").await;
+    dev.send(batch(vec![reading(1, "t", now_ms(), 1.0)])).await;
+    dev.ack_through(1).await;
+    let mut op = hub.operator().await;
+    let query = |f: fn(&mut pb::QueryReadingsRequest)| {
+        let mut req = pb::QueryReadingsRequest {
+            device_id: "q-dev".into(),
+            ..Default::default()
+        };
+        f(&mut req);
+        req
+    };
+    let cases = [
+        (
+            query(|r| r.device_id.clear()),
+            tonic::Code::InvalidArgument,
+            "device_id is required",
+        ),
+        (
+            query(|r| r.bucket_ms = -1),
+            tonic::Code::InvalidArgument,
+            "bucket_ms must not be negative",
+        ),
+        (
+            query(|r| {
+                r.since_ms = Some(10);
+                r.until_ms = Some(10);
+            }),
+            tonic::Code::InvalidArgument,
+            "since must be before until",
+        ),
+        (
+            query(|r| r.device_id = "nobody".into()),
+            tonic::Code::NotFound,
+            "unknown device \"nobody\"",
+        ),
+    ];
+    for (req, code, message) in cases {
+        let status = op.query_readings(req.clone()).await.err();
+        let status = status.unwrap_or_else(|| panic!("{req:?} was answered"));
+        assert_eq!(status.code(), code, "{req:?}");
+        assert_eq!(status.message(), message, "{req:?}");
+    }
+    // And a good one is answered.
+    let rows: usize = op
+        .query_readings(query(|_| {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .map_or(0, |chunk| chunk.rows.len());
+    assert_eq!(rows, 1);
+}
