@@ -306,6 +306,7 @@ impl Hub {
             OperatorServer::new(OperatorService {
                 ops: Arc::new(Operations::new(
                     store.clone(),
+                    ctx.commands.clone(),
                     Arc::clone(&ctx.registry),
                     Arc::clone(&ctx.metrics),
                     ctx.ingest.clone(),

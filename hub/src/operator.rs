@@ -7,16 +7,22 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{DeviceRecord, ReadingQuery};
+use crate::commands::{CommandError, Commands, NewCommand};
+use crate::domain::{CommandRecord, DeviceRecord, ReadingQuery};
 use crate::ingest::IngestQueue;
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
+use crate::store::commands::CommandFilter;
 use crate::store::{Store, StoreError};
 
 /// Devices per page when the caller names no limit.
 pub const DEVICE_PAGE: u32 = 1000;
 /// The most devices one page may hold.
 pub const MAX_DEVICE_PAGE: u32 = 10_000;
+/// Commands listed when the caller names no limit.
+pub const COMMAND_PAGE: u32 = 1000;
+/// The most commands one listing may hold.
+pub const MAX_COMMAND_PAGE: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -28,6 +34,10 @@ pub enum OpError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Refused or failed by the commands task (its own codes: unknown
+    /// device or command, bad name or params, a full queue, ...).
+    #[error(transparent)]
+    Command(#[from] CommandError),
 }
 
 /// A readings query as an operator asks it.
@@ -80,6 +90,7 @@ pub struct HubStats {
 
 pub struct Operations {
     store: Store,
+    commands: Commands,
     registry: Arc<SessionRegistry>,
     metrics: Arc<HubMetrics>,
     ingest: IngestQueue,
@@ -89,6 +100,7 @@ pub struct Operations {
 impl Operations {
     pub fn new(
         store: Store,
+        commands: Commands,
         registry: Arc<SessionRegistry>,
         metrics: Arc<HubMetrics>,
         ingest: IngestQueue,
@@ -96,6 +108,7 @@ impl Operations {
     ) -> Self {
         Self {
             store,
+            commands,
             registry,
             metrics,
             ingest,
@@ -181,5 +194,39 @@ impl Operations {
             mqtt_bad_messages: HubMetrics::get(&m.mqtt_bad_messages),
             mqtt_connection_errors: HubMetrics::get(&m.mqtt_connection_errors),
         })
+    }
+
+    /// Queues a command; `ttl_ms` 0 takes the hub's default, and the
+    /// commands task checks the rest (name, params, TTL range, device).
+    pub async fn send_command(
+        &self,
+        device_id: String,
+        name: String,
+        params_json: String,
+        ttl_ms: i64,
+    ) -> Result<CommandRecord, OpError> {
+        if ttl_ms < 0 {
+            return Err(OpError::Invalid("ttl_ms must not be negative".into()));
+        }
+        let cmd = NewCommand {
+            device_id,
+            name,
+            params: params_json,
+            ttl: (ttl_ms > 0).then(|| std::time::Duration::from_millis(ttl_ms as u64)),
+        };
+        Ok(self.commands.send(cmd).await?)
+    }
+
+    /// Commands matching `filter`; its limit 0 means [`COMMAND_PAGE`], and
+    /// at most [`MAX_COMMAND_PAGE`].
+    pub async fn list_commands(
+        &self,
+        mut filter: CommandFilter,
+    ) -> Result<Vec<CommandRecord>, OpError> {
+        filter.limit = match filter.limit {
+            0 => COMMAND_PAGE,
+            n => n.min(MAX_COMMAND_PAGE),
+        };
+        Ok(self.commands.list(&filter).await?)
     }
 }

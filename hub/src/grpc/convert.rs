@@ -72,6 +72,7 @@ pub fn op_status(err: OpError) -> Status {
         OpError::Invalid(why) => Status::invalid_argument(why),
         OpError::NotFound(what) => Status::not_found(what),
         OpError::Store(e) => store_status(e),
+        OpError::Command(e) => command_status(e),
     }
 }
 

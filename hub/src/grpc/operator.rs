@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 use super::session::SessionContext;
 use super::{convert, spawn_stream};
 use crate::auth::Operator as OperatorIdentity;
-use crate::commands::NewCommand;
 use crate::devices;
 use crate::domain::{CommandRecord, CommittedBatch};
 use crate::operator::{Operations, ReadingsRequest};
@@ -125,21 +124,11 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::CommandInfo>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
-        if req.ttl_ms < 0 {
-            return Err(Status::invalid_argument("ttl_ms must not be negative"));
-        }
-        let cmd = NewCommand {
-            device_id: req.device_id,
-            name: req.name,
-            params: req.params_json,
-            ttl: (req.ttl_ms > 0).then(|| std::time::Duration::from_millis(req.ttl_ms as u64)),
-        };
         let rec = self
-            .ctx
-            .commands
-            .send(cmd)
+            .ops
+            .send_command(req.device_id, req.name, req.params_json, req.ttl_ms)
             .await
-            .map_err(convert::command_status)?;
+            .map_err(convert::op_status)?;
         tracing::info!(by, command_id = rec.command_id, device_id = ?rec.device_id, name = ?rec.name, "command sent");
         Ok(Response::new(convert::command_info(rec, Vec::new())))
     }
@@ -167,18 +156,13 @@ impl Operator for OperatorService {
             state: convert::state_filter(req.state)?,
             since_ms: req.since_ms,
             until_ms: req.until_ms,
-            limit: if req.limit == 0 {
-                1000
-            } else {
-                req.limit.min(100_000)
-            },
+            limit: req.limit,
         };
         let commands = self
-            .ctx
-            .commands
-            .list(&filter)
+            .ops
+            .list_commands(filter)
             .await
-            .map_err(convert::command_status)?
+            .map_err(convert::op_status)?
             .into_iter()
             .map(|rec| convert::command_info(rec, Vec::new()))
             .collect();

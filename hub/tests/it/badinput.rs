@@ -737,7 +737,7 @@ async fn bad_cli_arguments_get_a_clear_error_and_exit_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_reading_queries_get_precise_statuses() {
+async fn bad_reading_queries_and_commands_get_precise_statuses() {
     let hub = spawn_hub().await;
     let (mut dev, _) = RawDevice::connect(&hub, "q-dev").await;
     dev.send(batch(vec![reading(1, "t", now_ms(), 1.0)])).await;
@@ -782,7 +782,19 @@ async fn bad_reading_queries_get_precise_statuses() {
         assert_eq!(status.code(), code, "{req:?}");
         assert_eq!(status.message(), message, "{req:?}");
     }
-    // And a good one is answered.
+    // A command with a negative TTL is refused the same way.
+    let status = op
+        .send_command(pb::SendCommandRequest {
+            device_id: "q-dev".into(),
+            name: "ping".into(),
+            ttl_ms: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "ttl_ms must not be negative");
+    // And a good query is answered.
     let rows: usize = op
         .query_readings(query(|_| {}))
         .await
