@@ -398,8 +398,6 @@ impl SimDevice {
         FleetStats::inc(&self.stats.acked, released as u64);
     }
 
-    /// Takes the samples due over `elapsed`, spread evenly in time; while
-    /// backfilling, fills the buffer with past readings instead.
     /// How often the device wakes to sample and send: every batch
     /// interval, or, for a device sampling less often than that, once per
     /// reading (up to a second apart). Its messages are the same either way
@@ -413,6 +411,8 @@ impl SimDevice {
         self.cfg.batch_interval.max(per_reading)
     }
 
+    /// Takes the samples due over `elapsed`, spread evenly in time; while
+    /// backfilling, fills the buffer with past readings instead.
     fn sample(&mut self, elapsed: Duration) {
         if self.backfill_ms.is_some() {
             self.sample_past();

@@ -44,7 +44,7 @@ pub enum OpError {
 #[derive(Debug, Clone, Default)]
 pub struct ReadingsRequest {
     pub device_id: String,
-    /// None: every sensor of the device.
+    /// None or empty: every sensor of the device.
     pub sensor: Option<String>,
     /// Inclusive.
     pub since_ms: Option<i64>,

@@ -99,7 +99,10 @@ pub struct Writer {
     settings: WriterSettings,
     metrics: Arc<HubMetrics>,
     known: Known,
+    /// The last commit's rows, in commit order (published)...
     rows: Vec<RowToInsert>,
+    /// ...and by staging part (inserted, then moved into `staged`).
+    row_parts: Vec<Vec<RowToInsert>>,
     /// The external ids of the devices in `rows` (the last commit's).
     row_names: HashMap<DeviceKey, Arc<str>>,
     /// Committed readings go here after each commit (MQTT, live watchers).
@@ -129,9 +132,10 @@ impl Staged {
         self.parts.iter().map(|p| p.len() as u64).sum()
     }
 
-    fn add(&mut self, rows: &[RowToInsert]) {
-        for r in rows {
-            self.parts[staging_part(r.device)].push(*r);
+    /// Moves a commit's rows, already split by part, in.
+    fn append(&mut self, committed: &mut [Vec<RowToInsert>]) {
+        for (part, rows) in self.parts.iter_mut().zip(committed) {
+            part.append(rows);
         }
     }
 
@@ -217,6 +221,7 @@ impl Writer {
             metrics,
             known,
             rows: Vec::new(),
+            row_parts: Vec::new(),
             row_names: HashMap::new(),
             fanout,
             published: 0,
@@ -415,11 +420,13 @@ impl Writer {
     }
 
     async fn staged(&mut self) -> Result<&mut Staged, StoreError> {
-        if self.staged.is_none() {
-            let parts = self.store.staged_rows().await?;
-            self.staged = Some(Staged { parts });
-        }
-        Ok(self.staged.as_mut().expect("loaded above"))
+        let staged = match self.staged.take() {
+            Some(staged) => staged,
+            None => Staged {
+                parts: self.store.staged_rows().await?,
+            },
+        };
+        Ok(self.staged.insert(staged))
     }
 
     /// Encodes a staging part into blocks once enough rows wait in it: the
@@ -428,7 +435,7 @@ impl Writer {
     /// once did. Acks are out already.
     async fn compact_if_due(&mut self) {
         match &mut self.staged {
-            Some(staged) => staged.add(&self.rows),
+            Some(staged) => staged.append(&mut self.row_parts),
             None => {
                 if let Err(e) = self.staged().await {
                     tracing::warn!(error = %e, "cannot read the staged readings");
@@ -461,14 +468,7 @@ impl Writer {
         let mut rows = std::mem::take(&mut staged.parts[part]);
         tracing::debug!(part, staged = rows.len(), "compacting staged readings");
         let blocks = blocks::blocks_of(&mut rows);
-        let result = match self.store.begin().await {
-            Ok(mut tx) => match tx.compact_staged(part, &blocks, rows.len() as u64).await {
-                Ok(()) => tx.commit().await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        match result {
+        match self.store.compact(part, &blocks, rows.len() as u64).await {
             Ok(()) => {
                 rows.clear();
                 if let Some(staged) = &mut self.staged {
@@ -680,7 +680,9 @@ impl Writer {
                 }
             }
         }
-        let mut parts = vec![Vec::new(); STAGING_PARTS];
+        let mut parts = std::mem::take(&mut self.row_parts);
+        parts.resize_with(STAGING_PARTS, Vec::new);
+        parts.iter_mut().for_each(Vec::clear);
         for r in &rows {
             parts[staging_part(r.device)].push(*r);
         }
@@ -703,6 +705,7 @@ impl Writer {
         tx.record_progress(&progress, now).await?;
         tx.commit().await?;
         self.rows = rows;
+        self.row_parts = parts;
         Ok((outcomes, changes))
     }
 }

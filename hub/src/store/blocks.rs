@@ -139,7 +139,7 @@ impl WriteTx<'_> {
     /// Compaction of one staging part: inserts the blocks made of its rows
     /// and empties its table. `staged` is how many rows the writer encoded;
     /// if the table holds another number, nothing is changed (an error).
-    pub async fn compact_staged(
+    async fn compact_staged(
         &mut self,
         part: usize,
         blocks: &[NewBlock],
@@ -322,6 +322,20 @@ impl StoreWriter {
             .into_iter()
             .map(|(d, s, level, n)| ((DeviceKey(d), SensorKey(s)), level as u8, n as u32))
             .collect())
+    }
+
+    /// Compacts one staging part in one transaction (see
+    /// [`WriteTx::compact_staged`]): `blocks` are the part's `staged` rows,
+    /// encoded.
+    pub async fn compact(
+        &mut self,
+        part: usize,
+        blocks: &[NewBlock],
+        staged: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        tx.compact_staged(part, blocks, staged).await?;
+        tx.commit().await
     }
 
     /// Merges each (series, level) in one transaction.
@@ -590,9 +604,7 @@ mod tests {
         let part = staging_part(SERIES.0);
         let mut rows = writer.staged_rows().await?.swap_remove(part);
         let blocks = blocks_of(&mut rows);
-        let mut tx = writer.begin().await?;
-        tx.compact_staged(part, &blocks, rows.len() as u64).await?;
-        tx.commit().await
+        writer.compact(part, &blocks, rows.len() as u64).await
     }
 
     /// Every seq stored for SERIES, staged or in blocks, sorted.

@@ -74,20 +74,7 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     // each (blocks a few), so the ballast frees room and the limit is met
     // soon.
     let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
-    let (mut ballast, _) = RawDevice::connect(&hub, "ballast").await;
-    let base = now_ms() - 3_600_000;
-    for start in (1..=40_000u64).step_by(1000) {
-        ballast
-            .send(batch(
-                (start..start + 1000)
-                    .map(|s| reading(s, "b", base + s as i64, s as f64))
-                    .collect(),
-            ))
-            .await;
-    }
-    ballast.ack_through(40_000).await;
-    ballast.half_close();
-    assert_eq!(ballast.end_code().await, tonic::Code::Ok);
+    store_ballast(&hub, |s| s as f64).await;
     hub.stop().await;
 
     // The limit: what the file holds now plus one MiB.
@@ -126,20 +113,7 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
 async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
     // 40,000 full-precision readings stay staged (nothing is compacted).
     let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
-    let (mut ballast, _) = RawDevice::connect(&hub, "ballast").await;
-    let base = now_ms() - 3_600_000;
-    for start in (1..=40_000u64).step_by(1000) {
-        ballast
-            .send(batch(
-                (start..start + 1000)
-                    .map(|s| reading(s, "b", base + s as i64, (s as f64).sqrt()))
-                    .collect(),
-            ))
-            .await;
-    }
-    ballast.ack_through(40_000).await;
-    ballast.half_close();
-    assert_eq!(ballast.end_code().await, tonic::Code::Ok);
+    let base = store_ballast(&hub, |s| (s as f64).sqrt()).await;
     let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
     probe.send(batch(vec![reading(1, "p", base, 1.0)])).await;
     probe.ack_through(1).await;
@@ -581,4 +555,25 @@ async fn ballast_rows(db: &Path) -> (i64, i64) {
     .fetch_one(&mut connect(db).await)
     .await
     .unwrap()
+}
+
+/// 40,000 readings of device "ballast" (seqs 1..=40,000, sensor "b", an
+/// hour ago, `value` of the seq), acked, and its stream closed. Returns the
+/// base timestamp.
+async fn store_ballast(hub: &TestHub, value: fn(u64) -> f64) -> i64 {
+    let (mut ballast, _) = RawDevice::connect(hub, "ballast").await;
+    let base = now_ms() - 3_600_000;
+    for start in (1..=40_000u64).step_by(1000) {
+        ballast
+            .send(batch(
+                (start..start + 1000)
+                    .map(|s| reading(s, "b", base + s as i64, value(s)))
+                    .collect(),
+            ))
+            .await;
+    }
+    ballast.ack_through(40_000).await;
+    ballast.half_close();
+    assert_eq!(ballast.end_code().await, tonic::Code::Ok);
+    base
 }
