@@ -22,7 +22,7 @@ sim_pid=""
 trap 'kill -9 "$hub_pid" "$sim_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 start_hub() {
-  HUB__SERVER__LISTEN="127.0.0.1:$port" HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn \
+  HUB__SERVER__LISTEN="127.0.0.1:$port" HUB__HTTP__ENABLED=false HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn \
     target/release/hub serve >>"$work/hub.log" 2>&1 &
   hub_pid=$!
 }

@@ -176,6 +176,7 @@ pub struct Hub {
     failure: Arc<Failure>,
     health: JoinHandle<()>,
     metrics_server: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
+    http: Option<crate::http::HttpServer>,
     retention: Option<JoinHandle<()>>,
 }
 
@@ -302,16 +303,18 @@ impl Hub {
             server_settings.outbound_buffer,
         ))
         .max_decoding_message_size(server_settings.max_message_bytes);
+        let ops = Arc::new(Operations::new(
+            store.clone(),
+            ctx.commands.clone(),
+            Arc::clone(&ctx.registry),
+            Arc::clone(&ctx.metrics),
+            ctx.ingest.clone(),
+            ctx.tracker.clone(),
+            fanout.clone(),
+        ));
         let operator = OperatorAuth::new(
             OperatorServer::new(OperatorService {
-                ops: Arc::new(Operations::new(
-                    store.clone(),
-                    ctx.commands.clone(),
-                    Arc::clone(&ctx.registry),
-                    Arc::clone(&ctx.metrics),
-                    ctx.ingest.clone(),
-                    ctx.tracker.clone(),
-                )),
+                ops: Arc::clone(&ops),
                 store: store.clone(),
                 command_store: command_store.clone(),
                 backup_root: settings.storage.backup_root(),
@@ -388,6 +391,23 @@ impl Hub {
             None
         };
 
+        let http = if settings.http.enabled {
+            let server = crate::http::start(
+                &settings.http,
+                Arc::clone(&ops),
+                Arc::clone(&auth),
+                tracker.clone(),
+                sessions_stop.clone(),
+                stopping.clone(),
+            )
+            .await
+            .with_context(|| format!("cannot listen on {} (http.listen)", settings.http.listen))?;
+            tracing::info!("web console on http://{}/", server.addr);
+            Some(server)
+        } else {
+            None
+        };
+
         let listener = tokio::net::TcpListener::bind(server_settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
@@ -442,6 +462,7 @@ impl Hub {
             failure,
             health,
             metrics_server,
+            http,
             retention,
         })
     }
@@ -449,6 +470,11 @@ impl Hub {
     /// Where `/metrics` is served (when `metrics.enabled`).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_server.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// Where the web console and its API are served (when `http.enabled`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -573,6 +599,13 @@ impl Hub {
         let _ = self.health.await;
         if let Some((_, server)) = self.metrics_server {
             let _ = server.await;
+        }
+        if let Some(http) = self.http {
+            let mut task = http.task;
+            if timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                tracing::warn!("HTTP connections still open at the shutdown timeout; closed them");
+            }
         }
         self.store.close().await;
         self.command_store.close().await;

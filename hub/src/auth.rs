@@ -144,6 +144,17 @@ impl AuthPolicy {
         bearer: Option<&str>,
         method: &str,
     ) -> Result<Option<Operator>, AuthError> {
+        self.authorize(bearer, required_role(method), method)
+    }
+
+    /// Who is doing `what`, which needs the role `needed`, with this bearer
+    /// token, if allowed. `Ok(None)`: no operator tokens are configured.
+    pub fn authorize(
+        &self,
+        bearer: Option<&str>,
+        needed: Role,
+        what: &str,
+    ) -> Result<Option<Operator>, AuthError> {
         if self.operators.is_empty() {
             return Ok(None);
         }
@@ -156,10 +167,10 @@ impl AuthPolicy {
             }
         }
         let (name, role) = found.ok_or(AuthError::Unauthenticated)?;
-        if role < required_role(method) {
+        if role < needed {
             return Err(AuthError::Forbidden {
                 role,
-                method: method.to_owned(),
+                method: what.to_owned(),
             });
         }
         Ok(Some(Operator {

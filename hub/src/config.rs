@@ -30,6 +30,7 @@ pub struct Settings {
     pub commands: CommandsSettings,
     pub mqtt: MqttSettings,
     pub metrics: MetricsSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
 }
 
@@ -119,6 +120,18 @@ impl TlsSettings {
 pub struct MetricsSettings {
     pub enabled: bool,
     pub listen: SocketAddr,
+}
+
+/// The web console and its HTTP/JSON API (`crate::http`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Live `/api/v1/events` streams open at once; more are refused (503).
+    pub max_event_streams: usize,
+    /// The largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -406,6 +419,31 @@ impl Settings {
                 ),
             ));
         }
+        let h = &self.http;
+        if h.enabled && !h.listen.ip().is_loopback() {
+            if !a.allow_open && a.operator_tokens.is_empty() {
+                return Err(invalid(
+                    "auth.operator_tokens",
+                    format!(
+                        "is empty while http.listen {} is not a loopback address: anyone could send \
+                         commands and read every reading through the console. Add \
+                         [[auth.operator_tokens]], or set auth.allow_open = true to accept that",
+                        h.listen
+                    ),
+                ));
+            }
+            if !a.operator_tokens.is_empty() && !a.allow_plaintext {
+                return Err(invalid(
+                    "http.listen",
+                    format!(
+                        "is {}, a non-loopback address, and the console speaks plain HTTP: operator \
+                         tokens would cross the network in clear. Keep it on loopback, or put it \
+                         behind a TLS-terminating proxy and set auth.allow_plaintext = true",
+                        h.listen
+                    ),
+                ));
+            }
+        }
         if a.devices == DeviceAuthMode::Tls && !self.server.tls.verifies_clients() {
             return Err(invalid(
                 "auth.devices",
@@ -519,6 +557,16 @@ impl Settings {
             "mTLS needs server.tls.cert and server.tls.key too",
         )?;
         self.validate_auth()?;
+        check(
+            self.http.max_event_streams >= 1,
+            "http.max_event_streams",
+            "must be at least 1",
+        )?;
+        check(
+            self.http.max_body_bytes >= 1024,
+            "http.max_body_bytes",
+            "must be at least 1024",
+        )?;
         let i = &self.ingest;
         check(
             i.queue_capacity >= 1,
@@ -817,6 +865,7 @@ mod tests {
             "[server.tls]",
             "[auth]",
             "[metrics]",
+            "[http]",
             "[ingest]",
             "[storage]",
             "[commands]",

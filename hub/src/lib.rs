@@ -40,6 +40,7 @@ pub mod config;
 pub mod devices;
 pub mod domain;
 pub mod grpc;
+pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;

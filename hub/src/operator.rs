@@ -1,14 +1,20 @@
 //! What an operator can ask of the hub, whichever door the request comes
 //! through. Validation, limits and errors live here once; a door (the gRPC
-//! Operator service today, an HTTP API next) only translates its own
-//! request and response types.
+//! Operator service, the HTTP API in `crate::http`, the CLI's argument
+//! parsing) only translates its own request and response types.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::broadcast;
 use tokio_util::task::TaskTracker;
 
 use crate::commands::{CommandError, Commands, NewCommand};
-use crate::domain::{CommandRecord, DeviceRecord, ReadingQuery};
+use crate::domain::{
+    Aggregate, CommandRecord, CommandTransition, CommittedBatch, DeviceRecord, LiveReading,
+    Presence, ReadingQuery,
+};
 use crate::ingest::IngestQueue;
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
@@ -24,6 +30,37 @@ pub const COMMAND_PAGE: u32 = 1000;
 /// The most commands one listing may hold.
 pub const MAX_COMMAND_PAGE: u32 = 100_000;
 
+/// The most devices one command sent by label selector may reach.
+pub const MAX_SELECTOR_DEVICES: usize = 10_000;
+/// What aggregates a bucketed query shows when it names none.
+pub const DEFAULT_AGGREGATES: [Aggregate; 2] = [Aggregate::Count, Aggregate::Avg];
+
+/// The kind of failure, which each door turns into its own status (gRPC
+/// code, HTTP status); the names are gRPC's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The snake-case name an HTTP error body carries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     /// The request itself is wrong; the message says how.
@@ -38,6 +75,178 @@ pub enum OpError {
     /// device or command, bad name or params, a full queue, ...).
     #[error(transparent)]
     Command(#[from] CommandError),
+}
+
+impl OpError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpError::Invalid(_) => ErrorCode::InvalidArgument,
+            OpError::NotFound(_) => ErrorCode::NotFound,
+            OpError::Store(_) => ErrorCode::Internal,
+            OpError::Command(e) => match e {
+                CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
+                    ErrorCode::NotFound
+                }
+                CommandError::TooManyPending { .. } => ErrorCode::ResourceExhausted,
+                CommandError::Invalid(_) => ErrorCode::InvalidArgument,
+                CommandError::AlreadyFinal { .. } => ErrorCode::FailedPrecondition,
+                CommandError::Closed | CommandError::LogUnavailable => ErrorCode::Unavailable,
+                CommandError::Store(_) => ErrorCode::Internal,
+            },
+        }
+    }
+
+    /// What the caller is told. A storage error is logged here and told as
+    /// a generic message: its details (paths, SQL) stay in the hub's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            OpError::Store(e) | OpError::Command(CommandError::Store(e)) => {
+                tracing::error!(error = %e, "storage error");
+                "storage error; see the hub's log".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A time as an operator writes it: a duration before now (`15m`), an
+/// RFC3339 time (`2026-01-02T03:04:05Z`) or milliseconds since the epoch;
+/// as ms since the epoch.
+pub fn parse_time(raw: &str) -> Result<i64, String> {
+    let raw = raw.trim();
+    if !raw.is_empty()
+        && raw
+            .trim_start_matches('-')
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        && let Ok(ms) = raw.parse::<i64>()
+    {
+        return Ok(ms);
+    }
+    if let Ok(ago) = humantime::parse_duration(raw) {
+        let now = SystemTime::now();
+        let at = now.checked_sub(ago).unwrap_or(UNIX_EPOCH);
+        return Ok(system_time_ms(at));
+    }
+    humantime::parse_rfc3339_weak(raw)
+        .map(system_time_ms)
+        .map_err(|_| {
+            format!(
+                "{raw:?} is neither a duration (15m), an RFC3339 time (2026-01-02T03:04:05Z) \
+                 nor milliseconds since the epoch"
+            )
+        })
+}
+
+fn system_time_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// A bucket width (`1m`, `250ms`): 1 ms to 100 years.
+pub fn parse_bucket(raw: &str) -> Result<Duration, String> {
+    let width = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if width < Duration::from_millis(1) || width > Duration::from_secs(100 * 365 * 86_400) {
+        return Err(format!("a bucket is 1ms to 100years, not {raw:?}"));
+    }
+    Ok(width)
+}
+
+/// Aggregates named in a comma-separated list (`avg,min,max`); empty: the
+/// defaults.
+pub fn parse_aggregates(raw: &str) -> Result<Vec<Aggregate>, String> {
+    let mut out = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let agg = match name.to_ascii_lowercase().as_str() {
+            "avg" => Aggregate::Avg,
+            "min" => Aggregate::Min,
+            "max" => Aggregate::Max,
+            "count" => Aggregate::Count,
+            "sum" => Aggregate::Sum,
+            "first" => Aggregate::First,
+            "last" => Aggregate::Last,
+            _ => {
+                return Err(format!(
+                    "unknown aggregate {name:?} (avg, min, max, count, sum, first, last)"
+                ));
+            }
+        };
+        if !out.contains(&agg) {
+            out.push(agg);
+        }
+    }
+    if out.is_empty() {
+        out.extend(DEFAULT_AGGREGATES);
+    }
+    Ok(out)
+}
+
+/// Which devices a listing or a command selector means. Labels must all
+/// match; `online` None means either.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub labels: BTreeMap<String, String>,
+    pub online: Option<bool>,
+}
+
+impl DeviceFilter {
+    fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.online.is_none()
+    }
+
+    fn matches(&self, d: &DeviceRecord, online: bool) -> bool {
+        self.online.is_none_or(|want| want == online)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| d.labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+/// Parses `key=value` label selectors.
+pub fn parse_labels<'a>(
+    raw: impl IntoIterator<Item = &'a str>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for item in raw {
+        let (k, v) = item
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("a label selector is key=value, not {item:?}"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(labels)
+}
+
+/// One committed reading with its device, as a live watcher sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReading<'a> {
+    pub device_id: &'a str,
+    pub reading: &'a LiveReading,
+}
+
+/// The readings of a committed batch that a watcher of `device` and
+/// `sensor` (None: all) wants.
+pub fn live_readings<'a>(
+    batch: &'a CommittedBatch,
+    device: Option<&'a str>,
+    sensor: Option<&'a str>,
+) -> impl Iterator<Item = DeviceReading<'a>> + 'a {
+    batch
+        .devices
+        .iter()
+        .filter(move |d| device.is_none_or(|want| *d.device_id == *want))
+        .flat_map(move |d| {
+            d.readings
+                .iter()
+                .filter(move |r| sensor.is_none_or(|want| *r.sensor == *want))
+                .map(move |reading| DeviceReading {
+                    device_id: &d.device_id,
+                    reading,
+                })
+        })
 }
 
 /// A readings query as an operator asks it.
@@ -66,7 +275,7 @@ pub struct DevicePage {
 }
 
 /// The hub's counters and gauges, as an operator sees them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct HubStats {
     pub live_sessions: u64,
     pub readings_committed: u64,
@@ -95,6 +304,7 @@ pub struct Operations {
     metrics: Arc<HubMetrics>,
     ingest: IngestQueue,
     tracker: TaskTracker,
+    fanout: broadcast::Sender<Arc<CommittedBatch>>,
 }
 
 impl Operations {
@@ -105,6 +315,7 @@ impl Operations {
         metrics: Arc<HubMetrics>,
         ingest: IngestQueue,
         tracker: TaskTracker,
+        fanout: broadcast::Sender<Arc<CommittedBatch>>,
     ) -> Self {
         Self {
             store,
@@ -113,7 +324,33 @@ impl Operations {
             metrics,
             ingest,
             tracker,
+            fanout,
         }
+    }
+
+    /// Every commit's readings from now on.
+    pub fn watch_readings(&self) -> broadcast::Receiver<Arc<CommittedBatch>> {
+        self.fanout.subscribe()
+    }
+
+    /// Every command state change from now on.
+    pub fn watch_commands(&self) -> broadcast::Receiver<CommandRecord> {
+        self.commands.subscribe()
+    }
+
+    /// Devices' streams coming and going from now on.
+    pub fn watch_presence(&self) -> broadcast::Receiver<Presence> {
+        self.registry.subscribe()
+    }
+
+    /// Devices with a stream open now.
+    pub fn online_count(&self) -> usize {
+        self.registry.live_count()
+    }
+
+    /// The store answers readings queries (`query::run`).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Checks a readings query and resolves its device; `query::run`
@@ -130,11 +367,7 @@ impl Operations {
         {
             return Err(OpError::Invalid("since must be before until".into()));
         }
-        let device = self
-            .store
-            .find_device(&req.device_id)
-            .await?
-            .ok_or_else(|| OpError::NotFound(format!("unknown device {:?}", req.device_id)))?;
+        let device = self.device(&req.device_id).await?;
         Ok(ReadingQuery {
             device: device.key,
             sensor: req.sensor.filter(|s| !s.is_empty()),
@@ -148,28 +381,86 @@ impl Operations {
     /// Devices after `after` in id order; `limit` 0 means [`DEVICE_PAGE`],
     /// and at most [`MAX_DEVICE_PAGE`].
     pub async fn list_devices(&self, after: &str, limit: u32) -> Result<DevicePage, OpError> {
+        self.find_devices(after, limit, &DeviceFilter::default())
+            .await
+    }
+
+    /// Like [`Self::list_devices`], of the devices `filter` matches: the
+    /// store is read page by page until the page is full or the list ends.
+    pub async fn find_devices(
+        &self,
+        after: &str,
+        limit: u32,
+        filter: &DeviceFilter,
+    ) -> Result<DevicePage, OpError> {
         let limit = match limit {
             0 => DEVICE_PAGE,
             n => n.min(MAX_DEVICE_PAGE),
-        };
-        let page = self.store.list_devices(after, limit).await?;
-        let next_after = if page.len() == limit as usize {
-            page.last().map(|d| d.device_id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        } as usize;
         let online = self.registry.online();
-        let devices = page
-            .into_iter()
-            .map(|d| {
+        let mut devices = Vec::new();
+        let mut cursor = after.to_owned();
+        let mut exhausted = false;
+        while devices.len() < limit {
+            let want = if filter.is_empty() {
+                limit - devices.len()
+            } else {
+                MAX_DEVICE_PAGE as usize
+            };
+            let page = self.store.list_devices(&cursor, want as u32).await?;
+            exhausted = page.len() < want;
+            let Some(last) = page.last() else { break };
+            cursor = last.device_id.clone();
+            for d in page {
+                if devices.len() == limit {
+                    // More of this page is unread: the list goes on.
+                    exhausted = false;
+                    break;
+                }
                 let since = online.get(&d.device_id).copied();
-                (d, since)
-            })
-            .collect();
+                if filter.matches(&d, since.is_some()) {
+                    devices.push((d, since));
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let next_after = match devices.last() {
+            Some((d, _)) if devices.len() == limit && !exhausted => d.device_id.clone(),
+            _ => String::new(),
+        };
         Ok(DevicePage {
             devices,
             next_after,
         })
+    }
+
+    /// One device, with when its live stream began if it has one.
+    pub async fn get_device(
+        &self,
+        device_id: &str,
+    ) -> Result<(DeviceRecord, Option<i64>), OpError> {
+        let device = self.device(device_id).await?;
+        let since = self.registry.online().get(&device.device_id).copied();
+        Ok((device, since))
+    }
+
+    /// The names of the sensors a device has readings for.
+    pub async fn device_sensors(&self, device_id: &str) -> Result<Vec<String>, OpError> {
+        let device = self.device(device_id).await?;
+        let sensors = self.store.device_sensors(device.key).await?;
+        Ok(sensors.into_iter().map(|(_, name)| name).collect())
+    }
+
+    async fn device(&self, device_id: &str) -> Result<DeviceRecord, OpError> {
+        if device_id.is_empty() {
+            return Err(OpError::Invalid("device_id is required".into()));
+        }
+        self.store
+            .find_device(device_id)
+            .await?
+            .ok_or_else(|| OpError::NotFound(format!("unknown device {device_id:?}")))
     }
 
     pub async fn stats(&self) -> Result<HubStats, OpError> {
@@ -217,6 +508,65 @@ impl Operations {
         Ok(self.commands.send(cmd).await?)
     }
 
+    /// Sends one command to every device `selector` matches (at most
+    /// [`MAX_SELECTOR_DEVICES`]); each device's result, in id order. No
+    /// device matching is an error, so a typo in a label is not a silent
+    /// no-op.
+    pub async fn send_command_to_selector(
+        &self,
+        selector: &DeviceFilter,
+        name: String,
+        params_json: String,
+        ttl_ms: i64,
+    ) -> Result<Vec<(String, Result<CommandRecord, OpError>)>, OpError> {
+        if selector.labels.is_empty() {
+            return Err(OpError::Invalid(
+                "a selector names at least one label".into(),
+            ));
+        }
+        if ttl_ms < 0 {
+            return Err(OpError::Invalid("ttl_ms must not be negative".into()));
+        }
+        let mut targets = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.find_devices(&after, MAX_DEVICE_PAGE, selector).await?;
+            targets.extend(page.devices.into_iter().map(|(d, _)| d.device_id));
+            if targets.len() > MAX_SELECTOR_DEVICES {
+                return Err(OpError::Invalid(format!(
+                    "the selector matches more than {MAX_SELECTOR_DEVICES} devices"
+                )));
+            }
+            if page.next_after.is_empty() {
+                break;
+            }
+            after = page.next_after;
+        }
+        if targets.is_empty() {
+            return Err(OpError::NotFound("no device matches the selector".into()));
+        }
+        let mut sent = Vec::with_capacity(targets.len());
+        for device_id in targets {
+            let result = self
+                .send_command(device_id.clone(), name.clone(), params_json.clone(), ttl_ms)
+                .await;
+            sent.push((device_id, result));
+        }
+        Ok(sent)
+    }
+
+    /// A command and its history of state changes.
+    pub async fn get_command(
+        &self,
+        command_id: &str,
+    ) -> Result<(CommandRecord, Vec<CommandTransition>), OpError> {
+        Ok(self.commands.get(command_id).await?)
+    }
+
+    pub async fn cancel_command(&self, command_id: &str) -> Result<CommandRecord, OpError> {
+        Ok(self.commands.cancel(command_id).await?)
+    }
+
     /// Commands matching `filter`; its limit 0 means [`COMMAND_PAGE`], and
     /// at most [`MAX_COMMAND_PAGE`].
     pub async fn list_commands(
@@ -228,5 +578,45 @@ impl Operations {
             n => n.min(MAX_COMMAND_PAGE),
         };
         Ok(self.commands.list(&filter).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_arguments() {
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05Z").unwrap(),
+            1_767_323_045_000
+        );
+        assert_eq!(
+            parse_time("2026-01-02T03:04:05.250Z").unwrap(),
+            1_767_323_045_250
+        );
+        assert_eq!(parse_time("1767323045250").unwrap(), 1_767_323_045_250);
+        assert_eq!(parse_time("-5").unwrap(), -5);
+        let now = system_time_ms(SystemTime::now());
+        let ago = parse_time("15m").unwrap();
+        assert!((now - ago - 900_000).abs() < 5_000, "{now} {ago}");
+        for bad in ["yesterday-ish", "", "-", "99999999999999999999"] {
+            assert!(parse_time(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn aggregates_and_label_selectors() {
+        assert_eq!(parse_aggregates("").unwrap(), DEFAULT_AGGREGATES.to_vec());
+        assert_eq!(
+            parse_aggregates("MIN, max,min").unwrap(),
+            vec![Aggregate::Min, Aggregate::Max]
+        );
+        assert!(parse_aggregates("median").unwrap_err().contains("median"));
+        let labels = parse_labels(["site=a", "rack="]).unwrap();
+        assert_eq!(labels.get("site").map(String::as_str), Some("a"));
+        assert_eq!(labels.get("rack").map(String::as_str), Some(""));
+        assert!(parse_labels(["=a"]).is_err());
+        assert!(parse_labels(["site"]).is_err());
     }
 }

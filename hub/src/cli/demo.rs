@@ -41,6 +41,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.devices,
         args.rate
     );
+    match hub.http_addr() {
+        Some(addr) => println!("web console: http://{addr}/"),
+        None => println!("web console: off (http.enabled = false)"),
+    }
     println!(
         "meanwhile, in another terminal: target/release/hub devices   or   target/release/hub query --device sim-00001 --since 1m"
     );

@@ -8,7 +8,7 @@ mod output;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -18,6 +18,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub use crate::operator::{parse_bucket, parse_time};
 pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
 use output::{BucketColumns, Format};
@@ -221,39 +222,6 @@ pub struct DevicesArgs {
     pub addr: HubAddr,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-}
-
-/// A bucket width: 1 ms to 100 years.
-pub fn parse_bucket(raw: &str) -> Result<Duration, String> {
-    let width = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e}"))?;
-    if width < Duration::from_millis(1) || width > Duration::from_secs(100 * 365 * 86_400) {
-        return Err(format!("a bucket is 1ms to 100years, not {raw:?}"));
-    }
-    Ok(width)
-}
-
-/// A time argument: a duration before now, or an RFC3339 timestamp; as ms
-/// since the epoch.
-pub fn parse_time(raw: &str) -> Result<i64, String> {
-    if let Ok(ago) = humantime::parse_duration(raw) {
-        let now = SystemTime::now();
-        let at = now.checked_sub(ago).unwrap_or(UNIX_EPOCH);
-        return Ok(system_time_ms(at));
-    }
-    humantime::parse_rfc3339_weak(raw)
-        .map(system_time_ms)
-        .map_err(|_| {
-            format!(
-                "{raw:?} is neither a duration (15m) nor an RFC3339 time (2026-01-02T03:04:05Z)"
-            )
-        })
-}
-
-fn system_time_ms(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i64,
-        Err(e) => -(e.duration().as_millis() as i64),
-    }
 }
 
 /// An Operator client that sends the operator token with every call.
@@ -510,25 +478,4 @@ pub async fn stats(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<(
 /// A hub's error status as one readable line.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("hub answered {:?}: {}", status.code(), status.message())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn time_arguments() {
-        assert_eq!(
-            parse_time("2026-01-02T03:04:05Z").unwrap(),
-            1_767_323_045_000
-        );
-        assert_eq!(
-            parse_time("2026-01-02T03:04:05.250Z").unwrap(),
-            1_767_323_045_250
-        );
-        let now = system_time_ms(SystemTime::now());
-        let ago = parse_time("15m").unwrap();
-        assert!((now - ago - 900_000).abs() < 5_000, "{now} {ago}");
-        assert!(parse_time("yesterday-ish").is_err());
-    }
 }

@@ -10,7 +10,7 @@ use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition,
     CommittedBatch, DeviceHello, DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
-use crate::operator::{HubStats, OpError};
+use crate::operator::{ErrorCode, HubStats, OpError};
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
 
@@ -68,12 +68,16 @@ pub fn store_status(err: StoreError) -> Status {
 /// An operator request that failed, as a status: the same codes and
 /// messages whichever door it came through.
 pub fn op_status(err: OpError) -> Status {
-    match err {
-        OpError::Invalid(why) => Status::invalid_argument(why),
-        OpError::NotFound(what) => Status::not_found(what),
-        OpError::Store(e) => store_status(e),
-        OpError::Command(e) => command_status(e),
-    }
+    let message = err.public_message();
+    let code = match err.code() {
+        ErrorCode::InvalidArgument => Code::InvalidArgument,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+        ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+        ErrorCode::Unavailable => Code::Unavailable,
+        ErrorCode::Internal => Code::Internal,
+    };
+    Status::new(code, message)
 }
 
 pub fn hub_stats(s: HubStats) -> pb::HubStats {
@@ -124,7 +128,7 @@ pub fn reading_row(r: StoredReading) -> pb::ReadingRow {
 
 pub fn aggregates(raw: &[i32]) -> Result<Vec<Aggregate>, Status> {
     if raw.is_empty() {
-        return Ok(vec![Aggregate::Count, Aggregate::Avg]);
+        return Ok(crate::operator::DEFAULT_AGGREGATES.to_vec());
     }
     raw.iter()
         .map(|a| match pb::Aggregate::try_from(*a) {
@@ -241,16 +245,7 @@ pub fn command_info(rec: CommandRecord, history: Vec<CommandTransition>) -> pb::
 
 /// The one mapping of command errors to a client status.
 pub fn command_status(err: CommandError) -> Status {
-    match err {
-        CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
-            Status::not_found(err.to_string())
-        }
-        CommandError::TooManyPending { .. } => Status::resource_exhausted(err.to_string()),
-        CommandError::Invalid(_) => Status::invalid_argument(err.to_string()),
-        CommandError::AlreadyFinal { .. } => Status::failed_precondition(err.to_string()),
-        CommandError::Closed | CommandError::LogUnavailable => Status::unavailable(err.to_string()),
-        CommandError::Store(e) => store_status(e),
-    }
+    op_status(OpError::Command(err))
 }
 
 /// The one mapping of device-management errors to a client status.
@@ -280,21 +275,13 @@ pub fn live_readings(
     device: Option<&str>,
     sensor: Option<&str>,
 ) -> Vec<pb::LiveReading> {
-    batch
-        .devices
-        .iter()
-        .filter(|d| device.is_none_or(|want| *d.device_id == *want))
-        .flat_map(|d| {
-            d.readings
-                .iter()
-                .filter(|r| sensor.is_none_or(|want| *r.sensor == *want))
-                .map(|r| pb::LiveReading {
-                    device_id: d.device_id.to_string(),
-                    sensor: r.sensor.to_string(),
-                    seq: r.seq,
-                    ts_ms: r.ts_ms,
-                    value: r.value,
-                })
+    crate::operator::live_readings(batch, device, sensor)
+        .map(|r| pb::LiveReading {
+            device_id: r.device_id.to_owned(),
+            sensor: r.reading.sensor.to_string(),
+            seq: r.reading.seq,
+            ts_ms: r.reading.ts_ms,
+            value: r.reading.value,
         })
         .collect()
 }

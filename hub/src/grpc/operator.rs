@@ -138,11 +138,10 @@ impl Operator for OperatorService {
         request: Request<pb::GetCommandRequest>,
     ) -> Result<Response<pb::CommandInfo>, Status> {
         let (rec, history) = self
-            .ctx
-            .commands
-            .get(&request.into_inner().command_id)
+            .ops
+            .get_command(&request.into_inner().command_id)
             .await
-            .map_err(convert::command_status)?;
+            .map_err(convert::op_status)?;
         Ok(Response::new(convert::command_info(rec, history)))
     }
 
@@ -175,11 +174,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::CommandInfo>, Status> {
         let by = caller(&request);
         let rec = self
-            .ctx
-            .commands
-            .cancel(&request.into_inner().command_id)
+            .ops
+            .cancel_command(&request.into_inner().command_id)
             .await
-            .map_err(convert::command_status)?;
+            .map_err(convert::op_status)?;
         tracing::info!(by, command_id = rec.command_id, "command cancelled");
         Ok(Response::new(convert::command_info(rec, Vec::new())))
     }

@@ -582,7 +582,7 @@ async fn garbage_on_the_port_does_not_disturb_the_hub() {
 
 /// Runs the real `hub` binary; returns (exit code, stderr).
 fn hub_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+    let out = crate::harness::hub_process()
         .args(args)
         .envs(env.iter().copied())
         .env_remove("HUB_ADDR")

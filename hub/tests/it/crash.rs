@@ -22,7 +22,7 @@ struct ChildHub {
 
 impl ChildHub {
     fn start(dir: &Path, port: u16) -> ChildHub {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hub"))
+        let mut child = crate::harness::hub_process()
             .arg("serve")
             .env("HUB__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("HUB__STORAGE__PATH", dir.join("hub.db"))

@@ -42,6 +42,7 @@ pub struct TestHub {
 fn test_settings(dir: &TempDir) -> Settings {
     let mut s = Settings::defaults().unwrap();
     s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.http.listen = "127.0.0.1:0".parse().unwrap();
     s.storage.path = dir.path().join("hub.db");
     s.server.shutdown_timeout = Duration::from_secs(10);
     s
@@ -68,9 +69,23 @@ pub async fn spawn_hub_in(dir: TempDir, adjust: impl FnOnce(&mut Settings)) -> T
     }
 }
 
+/// The `hub` binary, with its HTTP console on a free port (parallel tests
+/// would collide on the default 8080).
+pub fn hub_process() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hub"));
+    command.env("HUB__HTTP__LISTEN", "127.0.0.1:0");
+    command
+}
+
 impl TestHub {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The web console's base URL, e.g. `http://127.0.0.1:PORT`.
+    pub fn http_url(&self) -> String {
+        let addr = self.hub().http_addr().expect("http.enabled");
+        format!("http://{addr}")
     }
 
     pub fn hub(&self) -> &Hub {

@@ -1,10 +1,12 @@
 //! Black-box tests: a real hub on 127.0.0.1:0 with a temp SQLite file, real
 //! gRPC clients (raw streams and the device-sim library).
 
+mod api;
 mod badinput;
 mod broker;
 mod cli;
 mod commands;
+mod console;
 mod crash;
 mod faults;
 mod harness;

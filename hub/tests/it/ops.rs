@@ -92,7 +92,7 @@ async fn prometheus_metrics_show_what_the_hub_did() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_device_id() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+    let mut child = crate::harness::hub_process()
         .arg("serve")
         .env("HUB__LOG__FORMAT", "json")
         .env("HUB__SERVER__LISTEN", "127.0.0.1:0")
@@ -118,8 +118,14 @@ async fn json_logs_carry_the_device_id() {
             .unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     };
-    let listening = next_json().await;
-    let message = listening["fields"]["message"].as_str().unwrap().to_owned();
+    // The web console's line comes first; the gRPC listener's is last.
+    let (listening, message) = loop {
+        let line = next_json().await;
+        let message = line["fields"]["message"].as_str().unwrap().to_owned();
+        if message.starts_with("listening on ") {
+            break (line, message);
+        }
+    };
     let addr = message
         .strip_prefix("listening on ")
         .and_then(|rest| rest.split_whitespace().next())

@@ -623,7 +623,7 @@ async fn an_online_backup_while_ingest_runs_is_consistent_and_opens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safe_defaults_refuse_open_doors_on_a_network_address_and_secrets_stay_masked() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+        let out = crate::harness::hub_process()
             .args(args)
             .envs(env.iter().copied())
             .output()
@@ -698,7 +698,7 @@ async fn safe_defaults_refuse_open_doors_on_a_network_address_and_secrets_stay_m
 
 /// Runs the real `hub` binary with `env`; (exit code, stdout, stderr).
 fn hub_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+    let out = crate::harness::hub_process()
         .args(args)
         .env_remove("HUB_ADDR")
         .env_remove("HUB_TOKEN")
@@ -844,7 +844,7 @@ async fn secrets_never_reach_the_log() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+    let mut child = crate::harness::hub_process()
         .args(["serve", "--config", file.to_str().unwrap()])
         .env("RUST_LOG", "debug")
         .stderr(std::process::Stdio::piped())

@@ -1,0 +1,731 @@
+// telemetry-hub web console: plain JavaScript over the hub's /api/v1.
+// Pages: fleet (#/), device (#/devices/ID), commands (#/commands), hub (#/hub).
+// Everything shown comes from the API; every failure shows as a message.
+"use strict";
+
+const API = "/api/v1";
+const TOKEN_KEY = "telemetry-hub-token";
+
+// ---- small helpers ----
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function fmtTime(ms) {
+  if (!ms) return "—";
+  return new Date(ms).toLocaleString();
+}
+
+function fmtAgo(ms) {
+  if (!ms) return "never";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return Math.round(s / 86400) + " d ago";
+}
+
+function fmtNum(n) {
+  return typeof n === "number" ? n.toLocaleString() : String(n);
+}
+
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+}
+
+// ---- errors and the connection indicator ----
+
+const errorBox = document.getElementById("error");
+const conn = document.getElementById("conn");
+const errors = new Map(); // source -> message
+
+function setError(source, message) {
+  if (message) errors.set(source, message);
+  else errors.delete(source);
+  errorBox.hidden = errors.size === 0;
+  errorBox.textContent = [...errors.values()].join(" ");
+}
+
+function setLive(state) {
+  conn.className = "conn " + state;
+  conn.title = state === "live" ? "live updates" : "not connected";
+}
+
+// ---- the API ----
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function authHeaders() {
+  const token = localStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = Object.assign({ Accept: "application/json" }, authHeaders(), opts.headers || {});
+  let res;
+  try {
+    res = await fetch(API + path, opts);
+  } catch (e) {
+    setError("hub", "The hub is not answering: " + (e.message || e) + ". Retrying…");
+    setLive("down");
+    throw new ApiError(0, "unreachable", "the hub is not answering");
+  }
+  setError("hub", null);
+  let body = null;
+  try {
+    body = await res.json();
+  } catch (e) {
+    body = null;
+  }
+  if (res.status === 401) showLogin();
+  if (!res.ok) {
+    const err = body && body.error ? body.error : { code: "http_" + res.status, message: res.statusText };
+    throw new ApiError(res.status, err.code, err.message);
+  }
+  return body;
+}
+
+function showLogin() {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  setError("auth", "This hub asks for an operator token.");
+}
+
+document.getElementById("login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const token = document.getElementById("token").value.trim();
+  if (token) localStorage.setItem(TOKEN_KEY, token);
+  document.getElementById("login").hidden = true;
+  setError("auth", null);
+  route();
+});
+
+// ---- live events: Server-Sent Events read with fetch (so the token goes
+// in a header), reconnecting after a pause when the stream ends ----
+
+function openEvents(query, handlers) {
+  const controller = new AbortController();
+  let closed = false;
+  async function run() {
+    while (!closed) {
+      try {
+        const res = await fetch(API + "/events?" + query, {
+          headers: Object.assign({ Accept: "text/event-stream" }, authHeaders()),
+          signal: controller.signal,
+        });
+        if (!res.ok) {
+          let msg = res.statusText;
+          try { msg = (await res.json()).error.message; } catch (e) { /* keep statusText */ }
+          if (res.status === 401) showLogin();
+          throw new Error(msg);
+        }
+        setLive("live");
+        setError("events", null);
+        if (handlers.open) handlers.open();
+        const reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            let name = "message";
+            const data = [];
+            for (const line of block.split("\n")) {
+              if (line.startsWith("event:")) name = line.slice(6).trim();
+              else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+            }
+            if (data.length && handlers[name]) {
+              try {
+                handlers[name](JSON.parse(data.join("\n")));
+              } catch (e) {
+                console.error("event", name, e);
+              }
+            }
+          }
+        }
+        throw new Error("the stream ended");
+      } catch (e) {
+        if (closed) return;
+        setLive("down");
+        setError("events", "Lost the live connection to the hub (" + (e.message || e) + "). Reconnecting…");
+      }
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+  }
+  run();
+  return () => {
+    closed = true;
+    controller.abort();
+  };
+}
+
+// ---- charts (uPlot) ----
+
+function makeChart(el, title, seriesNames, withBand) {
+  const fg = cssVar("--fg");
+  const line = cssVar("--line");
+  const accent = cssVar("--accent");
+  const series = [{}];
+  series.push({ label: seriesNames[0], stroke: accent, width: 1.5, spanGaps: false });
+  if (withBand) {
+    series.push({ label: "min", stroke: "transparent", points: { show: false } });
+    series.push({ label: "max", stroke: "transparent", points: { show: false } });
+  }
+  const axis = { stroke: fg, grid: { stroke: line, width: 1 }, ticks: { stroke: line } };
+  const opts = {
+    title,
+    width: Math.max(280, el.clientWidth || 500),
+    height: 220,
+    scales: { x: { time: true } },
+    series,
+    axes: [axis, Object.assign({ size: 60 }, axis)],
+    legend: { show: true },
+  };
+  if (withBand) opts.bands = [{ series: [3, 2], fill: cssVar("--band") }];
+  const empty = series.map(() => []);
+  const chart = new uPlot(opts, empty, el);
+  return chart;
+}
+
+const charts = new Set();
+window.addEventListener("resize", () => {
+  for (const c of charts) {
+    const el = c.root.parentElement;
+    if (el) c.setSize({ width: Math.max(280, el.clientWidth), height: 220 });
+  }
+});
+
+// ---- pages ----
+
+let leave = () => {};
+const view = document.getElementById("view");
+
+function route() {
+  leave();
+  leave = () => {};
+  for (const c of charts) c.destroy();
+  charts.clear();
+  setError("page", null);
+  const hash = location.hash || "#/";
+  let nav = "fleet";
+  let m;
+  if ((m = hash.match(/^#\/devices\/(.+)$/))) {
+    nav = "fleet";
+    leave = devicePage(decodeURIComponent(m[1]));
+  } else if (hash.startsWith("#/commands")) {
+    nav = "commands";
+    leave = commandsPage();
+  } else if (hash.startsWith("#/hub")) {
+    nav = "hub";
+    leave = hubPage();
+  } else {
+    leave = fleetPage();
+  }
+  for (const a of document.querySelectorAll("[data-nav]")) {
+    a.classList.toggle("active", a.dataset.nav === nav);
+  }
+}
+
+window.addEventListener("hashchange", route);
+
+function pageError(e) {
+  if (e && e.code === "unreachable") return; // already shown
+  setError("page", (e && e.message) || String(e));
+}
+
+// Fleet: counts, readings/s, the device table.
+function fleetPage() {
+  const online = h("div", { class: "value", id: "online-count" }, "…");
+  const total = h("div", { class: "value", id: "device-count" }, "…");
+  const rate = h("div", { class: "value", id: "readings-rate" }, "…");
+  const stored = h("div", { class: "value", id: "readings-stored" }, "…");
+  const rateChartEl = h("div", { class: "chart", id: "rate-chart" });
+  const search = h("input", { type: "search", placeholder: "Search id, firmware or label", id: "device-search" });
+  const tbody = h("tbody", { id: "device-rows" });
+  const columns = [
+    ["device_id", "Device"],
+    ["online", "Online"],
+    ["last_seen_ms", "Last seen"],
+    ["readings", "Readings", "num"],
+    ["firmware", "Firmware", "hide-narrow"],
+    ["labels", "Labels", "hide-narrow"],
+  ];
+  let sortKey = "device_id";
+  let sortDir = 1;
+  const heads = columns.map(([key, label, cls]) =>
+    h("th", {
+      class: "sortable " + (cls || ""),
+      "data-key": key,
+      onclick: () => {
+        sortDir = sortKey === key ? -sortDir : 1;
+        sortKey = key;
+        draw();
+      },
+    }, label),
+  );
+  view.replaceChildren(
+    h("div", { class: "cards" },
+      h("div", { class: "card" }, online, h("div", { class: "label" }, "devices online")),
+      h("div", { class: "card" }, total, h("div", { class: "label" }, "devices")),
+      h("div", { class: "card" }, rate, h("div", { class: "label" }, "readings/s")),
+      h("div", { class: "card" }, stored, h("div", { class: "label" }, "readings stored"))),
+    h("div", { class: "panel" }, h("h2", {}, "Readings per second"), rateChartEl),
+    h("div", { class: "panel" },
+      h("div", { class: "toolbar" }, search),
+      h("table", {}, h("thead", {}, h("tr", {}, heads)), tbody)),
+  );
+  search.addEventListener("input", () => draw());
+
+  let devices = [];
+  const rateChart = makeChart(rateChartEl, "", ["readings/s"], false);
+  charts.add(rateChart);
+  const xs = [];
+  const ys = [];
+  let lastCommitted = null;
+  let lastAt = null;
+
+  function draw() {
+    const q = search.value.trim().toLowerCase();
+    const rows = devices.filter((d) => {
+      if (!q) return true;
+      const labels = Object.entries(d.labels).map(([k, v]) => k + "=" + v).join(" ");
+      return (d.device_id + " " + d.firmware + " " + labels).toLowerCase().includes(q);
+    });
+    rows.sort((a, b) => {
+      let x = a[sortKey];
+      let y = b[sortKey];
+      if (sortKey === "labels") {
+        x = JSON.stringify(x);
+        y = JSON.stringify(y);
+      }
+      return (x < y ? -1 : x > y ? 1 : 0) * sortDir;
+    });
+    for (const th of heads) {
+      th.classList.toggle("sorted-asc", th.dataset.key === sortKey && sortDir > 0);
+      th.classList.toggle("sorted-desc", th.dataset.key === sortKey && sortDir < 0);
+    }
+    tbody.replaceChildren(...rows.slice(0, 2000).map((d) =>
+      h("tr", { "data-device": d.device_id },
+        h("td", {}, h("a", { href: "#/devices/" + encodeURIComponent(d.device_id) }, d.device_id)),
+        h("td", {}, h("span", { class: "badge " + (d.online ? "online" : "offline") }, d.online ? "online" : "offline")),
+        h("td", { title: fmtTime(d.last_seen_ms) }, d.online ? "now" : fmtAgo(d.last_seen_ms)),
+        h("td", { class: "num" }, fmtNum(d.readings)),
+        h("td", { class: "hide-narrow" }, d.firmware),
+        h("td", { class: "hide-narrow" }, Object.entries(d.labels).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))))));
+    online.textContent = fmtNum(devices.filter((d) => d.online).length);
+    total.textContent = fmtNum(devices.length);
+  }
+
+  async function load() {
+    try {
+      const all = [];
+      let after = "";
+      for (let page = 0; page < 10; page++) {
+        const res = await api("/devices?limit=10000&after=" + encodeURIComponent(after));
+        all.push(...res.devices);
+        if (!res.next_after) break;
+        after = res.next_after;
+      }
+      devices = all;
+      draw();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  load();
+  const refresh = setInterval(load, 10000);
+  const stop = openEvents("kinds=presence,stats", {
+    open: load,
+    presence: (p) => {
+      const d = devices.find((x) => x.device_id === p.device_id);
+      if (d) {
+        d.online = p.online;
+        if (!p.online) d.last_seen_ms = p.since_ms;
+        draw();
+      } else {
+        load();
+      }
+    },
+    resync: load,
+    stats: (s) => {
+      const now = Date.now() / 1000;
+      if (lastCommitted !== null && now > lastAt) {
+        const r = Math.max(0, (s.readings_committed - lastCommitted) / (now - lastAt));
+        rate.textContent = fmtNum(Math.round(r));
+        xs.push(now);
+        ys.push(r);
+        while (xs.length && xs[0] < now - 600) {
+          xs.shift();
+          ys.shift();
+        }
+        rateChart.setData([xs, ys]);
+      }
+      lastCommitted = s.readings_committed;
+      lastAt = now;
+      stored.textContent = fmtNum(s.readings_stored);
+      online.textContent = fmtNum(s.live_sessions);
+    },
+  });
+  return () => {
+    clearInterval(refresh);
+    stop();
+  };
+}
+
+// Device: one chart per sensor (live last hour, or a longer bucketed
+// range), and its commands.
+const RANGES = {
+  "1h": { ms: 3600e3, bucket: 10e3, live: true },
+  "6h": { ms: 6 * 3600e3, bucket: 60e3 },
+  "1d": { ms: 86400e3, bucket: 300e3 },
+  "7d": { ms: 7 * 86400e3, bucket: 1800e3 },
+};
+const FINAL = new Set(["SUCCEEDED", "FAILED", "REJECTED", "EXPIRED", "CANCELLED"]);
+const ORDER = { QUEUED: 0, SENT: 1, RECEIVED: 2 };
+function rank(state) {
+  return state in ORDER ? ORDER[state] : 3;
+}
+
+function devicePage(id) {
+  const enc = encodeURIComponent(id);
+  const head = h("div", { class: "panel", id: "device-head" }, h("h2", {}, id), h("p", { class: "muted" }, "Loading…"));
+  const rangeBar = h("div", { class: "toolbar", id: "ranges" });
+  const chartsEl = h("div", { class: "charts", id: "charts" });
+  const cmdRows = h("tbody", { id: "command-rows" });
+  const nameIn = h("input", { id: "cmd-name", value: "ping", list: "cmd-names", required: true });
+  const paramsIn = h("input", { id: "cmd-params", value: "{}", placeholder: "{}" });
+  const ttlIn = h("input", { id: "cmd-ttl", value: "", placeholder: "default" });
+  const sendBtn = h("button", { type: "submit", id: "cmd-send" }, "Send");
+  const form = h("form", { class: "send-form", id: "send-form" },
+    h("label", {}, "Command", nameIn),
+    h("label", {}, "Params (JSON)", paramsIn),
+    h("label", {}, "TTL", ttlIn),
+    sendBtn,
+    h("datalist", { id: "cmd-names" }, ["ping", "set_rate", "set_batch", "reboot"].map((n) => h("option", { value: n }))));
+  view.replaceChildren(
+    h("p", {}, h("a", { href: "#/" }, "← Fleet")),
+    head,
+    h("div", { class: "panel" }, rangeBar, chartsEl),
+    h("div", { class: "panel" }, h("h2", {}, "Commands"), form,
+      h("table", {}, h("thead", {}, h("tr", {},
+        h("th", {}, "Command"), h("th", {}, "State"), h("th", {}, "Progress"), h("th", { class: "hide-narrow" }, "Created"), h("th", {}, ""))), cmdRows)),
+  );
+
+  let range = "1h";
+  let sensors = [];
+  const series = new Map(); // sensor -> { chart, el, xs, avg, min, max, count }
+  const commands = new Map(); // command_id -> { rec, trail: [] }
+  let stopEvents = () => {};
+
+  for (const name of Object.keys(RANGES)) {
+    rangeBar.append(h("button", {
+      type: "button", class: "secondary" + (name === range ? " active" : ""), "data-range": name,
+      onclick: (ev) => {
+        range = name;
+        for (const b of rangeBar.children) b.classList.toggle("active", b === ev.target);
+        loadCharts();
+      },
+    }, name === "1h" ? "1 h (live)" : name));
+  }
+
+  async function loadHead() {
+    try {
+      const d = await api("/devices/" + enc);
+      head.replaceChildren(
+        h("h2", {}, d.device_id, " ", h("span", { class: "badge " + (d.online ? "online" : "offline"), id: "device-online" }, d.online ? "online" : "offline")),
+        h("dl", { class: "kv" },
+          h("dt", {}, "Firmware"), h("dd", {}, d.firmware || "—"),
+          h("dt", {}, "Labels"), h("dd", {}, Object.entries(d.labels).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))),
+          h("dt", {}, "Last seen"), h("dd", {}, d.online ? "now (since " + fmtTime(d.online_since_ms) + ")" : fmtTime(d.last_seen_ms)),
+          h("dt", {}, "Readings"), h("dd", {}, fmtNum(d.readings))));
+    } catch (e) {
+      pageError(e);
+    }
+  }
+
+  function setChartData(s) {
+    const band = s.count.map((c) => c > 1);
+    s.chart.setData([s.xs, s.avg, s.min.map((v, i) => (band[i] ? v : null)), s.max.map((v, i) => (band[i] ? v : null))]);
+    s.el.dataset.points = String(s.xs.length);
+    s.el.dataset.readings = String(s.count.reduce((a, b) => a + b, 0));
+    s.el.dataset.lastTs = s.xs.length ? String(s.xs[s.xs.length - 1]) : "";
+  }
+
+  async function loadCharts() {
+    for (const s of series.values()) {
+      charts.delete(s.chart);
+      s.chart.destroy();
+    }
+    series.clear();
+    chartsEl.replaceChildren();
+    try {
+      sensors = (await api("/devices/" + enc + "/sensors")).sensors;
+    } catch (e) {
+      pageError(e);
+      return;
+    }
+    if (!sensors.length) chartsEl.append(h("p", { class: "muted" }, "No readings stored for this device yet."));
+    const r = RANGES[range];
+    const since = Date.now() - r.ms;
+    for (const sensor of sensors) {
+      const el = h("div", { class: "chart", "data-sensor": sensor });
+      chartsEl.append(el);
+      const chart = makeChart(el, sensor, ["avg"], true);
+      charts.add(chart);
+      const s = { chart, el, xs: [], avg: [], min: [], max: [], count: [], sum: [] };
+      series.set(sensor, s);
+      try {
+        const res = await api("/devices/" + enc + "/readings?sensor=" + encodeURIComponent(sensor) +
+          "&since=" + Math.floor(since) + "&bucket=" + r.bucket + "ms&agg=avg,min,max,count,sum");
+        for (const b of res.buckets) {
+          s.xs.push(b.start_ms / 1000);
+          s.avg.push(b.avg);
+          s.min.push(b.min);
+          s.max.push(b.max);
+          s.count.push(b.count);
+          s.sum.push(b.sum);
+        }
+        setChartData(s);
+      } catch (e) {
+        pageError(e);
+      }
+    }
+  }
+
+  // A live reading folds into its bucket of the 1 h chart.
+  function addReading(rd) {
+    if (!RANGES[range].live) return;
+    const s = series.get(rd.sensor);
+    if (!s) {
+      if (!sensors.includes(rd.sensor)) loadCharts();
+      return;
+    }
+    const width = RANGES[range].bucket;
+    const start = Math.floor(rd.ts_ms / width) * width / 1000;
+    const last = s.xs.length - 1;
+    if (last >= 0 && s.xs[last] === start) {
+      s.count[last] += 1;
+      s.sum[last] += rd.value;
+      s.avg[last] = s.sum[last] / s.count[last];
+      s.min[last] = Math.min(s.min[last], rd.value);
+      s.max[last] = Math.max(s.max[last], rd.value);
+    } else if (last < 0 || start > s.xs[last]) {
+      s.xs.push(start);
+      s.avg.push(rd.value);
+      s.min.push(rd.value);
+      s.max.push(rd.value);
+      s.count.push(1);
+      s.sum.push(rd.value);
+    } else {
+      return; // older than the newest bucket: the next reload has it
+    }
+    const cutoff = (Date.now() - RANGES[range].ms) / 1000;
+    while (s.xs.length && s.xs[0] < cutoff) {
+      for (const a of [s.xs, s.avg, s.min, s.max, s.count, s.sum]) a.shift();
+    }
+    s.dirty = true;
+  }
+  const redraw = setInterval(() => {
+    for (const s of series.values()) {
+      if (s.dirty) {
+        s.dirty = false;
+        setChartData(s);
+      }
+    }
+  }, 500);
+
+  function drawCommands() {
+    const list = [...commands.values()].sort((a, b) => b.rec.created_at_ms - a.rec.created_at_ms).slice(0, 50);
+    cmdRows.replaceChildren(...list.map(({ rec, trail }) =>
+      h("tr", { "data-command": rec.command_id },
+        h("td", { title: rec.command_id }, rec.name, " ", h("span", { class: "muted" }, JSON.stringify(rec.params))),
+        h("td", {}, h("span", { class: "badge " + rec.state, "data-state": rec.state }, rec.state)),
+        h("td", { class: "trail" }, trail.join(" → "), rec.detail ? h("span", { class: "muted" }, " (" + rec.detail + ")") : null,
+          rec.result !== null && rec.result !== undefined ? h("span", { class: "muted" }, " " + JSON.stringify(rec.result)) : null),
+        h("td", { class: "hide-narrow" }, fmtTime(rec.created_at_ms)),
+        h("td", {}, FINAL.has(rec.state) ? "" : h("button", {
+          type: "button", class: "secondary",
+          onclick: async () => {
+            try {
+              noteCommand(await api("/commands/" + encodeURIComponent(rec.command_id) + "/cancel", { method: "POST" }));
+            } catch (e) {
+              pageError(e);
+            }
+          },
+        }, "Cancel")))));
+  }
+
+  // Keeps the newest state of each command and the states it went
+  // through; events and answers may arrive in any order.
+  function noteCommand(rec, history) {
+    let c = commands.get(rec.command_id);
+    if (!c) {
+      c = { rec, trail: [] };
+      commands.set(rec.command_id, c);
+    }
+    if (history) {
+      for (const t of history) if (!c.trail.includes(t.state)) c.trail.push(t.state);
+    }
+    const newer = rec.updated_at_ms > c.rec.updated_at_ms ||
+      (rec.updated_at_ms === c.rec.updated_at_ms && rank(rec.state) >= rank(c.rec.state));
+    if (newer) c.rec = rec;
+    if (!c.trail.includes(rec.state)) {
+      c.trail.push(rec.state);
+      c.trail.sort((a, b) => rank(a) - rank(b));
+    }
+    drawCommands();
+  }
+
+  async function loadCommands() {
+    try {
+      const res = await api("/commands?limit=20&device=" + enc);
+      for (const rec of res.commands) {
+        if (!commands.has(rec.command_id)) noteCommand(rec, [{ state: rec.state }]);
+      }
+      drawCommands();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    let params;
+    try {
+      params = paramsIn.value.trim() ? JSON.parse(paramsIn.value) : {};
+    } catch (e) {
+      setError("page", "Params are not JSON: " + e.message);
+      return;
+    }
+    const body = { device_id: id, name: nameIn.value.trim(), params };
+    if (ttlIn.value.trim()) body.ttl = ttlIn.value.trim();
+    sendBtn.disabled = true;
+    try {
+      const res = await api("/commands", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      setError("page", null);
+      for (const rec of res.commands) noteCommand(rec);
+    } catch (e) {
+      pageError(e);
+    } finally {
+      sendBtn.disabled = false;
+    }
+  });
+
+  loadHead();
+  loadCharts().then(() => {
+    stopEvents = openEvents("device=" + enc, {
+      open: () => {
+        loadHead();
+        loadCommands();
+      },
+      readings: (ev) => ev.readings.forEach(addReading),
+      skipped: () => {},
+      command: (rec) => noteCommand(rec),
+      presence: () => loadHead(),
+      resync: () => {
+        loadHead();
+        loadCommands();
+      },
+    });
+  });
+  return () => {
+    clearInterval(redraw);
+    stopEvents();
+  };
+}
+
+// Commands: the list, filterable by device and state, live.
+function commandsPage() {
+  const device = h("input", { type: "search", placeholder: "Device id", id: "filter-device" });
+  const state = h("select", { id: "filter-state" }, h("option", { value: "" }, "any state"),
+    ["QUEUED", "SENT", "RECEIVED", "SUCCEEDED", "FAILED", "REJECTED", "EXPIRED", "CANCELLED"].map((s) => h("option", { value: s }, s)));
+  const tbody = h("tbody", { id: "commands-rows" });
+  view.replaceChildren(h("div", { class: "panel" }, h("h2", {}, "Commands"),
+    h("div", { class: "toolbar" }, device, state),
+    h("table", {}, h("thead", {}, h("tr", {},
+      h("th", {}, "Created"), h("th", {}, "Device"), h("th", {}, "Command"), h("th", {}, "State"),
+      h("th", { class: "hide-narrow" }, "Attempts"), h("th", { class: "hide-narrow" }, "Detail"))), tbody)));
+  let rows = [];
+  function draw() {
+    tbody.replaceChildren(...rows.map((c) => h("tr", { "data-command": c.command_id },
+      h("td", {}, fmtTime(c.created_at_ms)),
+      h("td", {}, h("a", { href: "#/devices/" + encodeURIComponent(c.device_id) }, c.device_id)),
+      h("td", { title: c.command_id }, c.name),
+      h("td", {}, h("span", { class: "badge " + c.state }, c.state)),
+      h("td", { class: "num hide-narrow" }, c.attempts),
+      h("td", { class: "hide-narrow" }, c.detail))));
+  }
+  async function load() {
+    const q = new URLSearchParams({ limit: "200" });
+    if (device.value.trim()) q.set("device", device.value.trim());
+    if (state.value) q.set("state", state.value);
+    try {
+      rows = (await api("/commands?" + q)).commands;
+      draw();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  device.addEventListener("change", load);
+  state.addEventListener("change", load);
+  load();
+  const stop = openEvents("kinds=commands", {
+    command: (rec) => {
+      const i = rows.findIndex((c) => c.command_id === rec.command_id);
+      const wanted = (!device.value.trim() || rec.device_id === device.value.trim()) && (!state.value || rec.state === state.value);
+      if (i >= 0) {
+        if (wanted) rows[i] = rec;
+        else rows.splice(i, 1);
+      } else if (wanted) {
+        rows.unshift(rec);
+      }
+      draw();
+    },
+    resync: load,
+  });
+  return stop;
+}
+
+// Hub: the live counters.
+function hubPage() {
+  const dl = h("dl", { class: "kv", id: "hub-stats" });
+  view.replaceChildren(h("div", { class: "panel" }, h("h2", {}, "Hub"), dl));
+  function draw(s) {
+    dl.replaceChildren(...Object.entries(s).flatMap(([k, v]) => [
+      h("dt", {}, k.replaceAll("_", " ")),
+      h("dd", { "data-stat": k }, typeof v === "boolean" ? (v ? "yes" : "no") : fmtNum(v)),
+    ]));
+  }
+  api("/stats").then(draw, pageError);
+  return openEvents("kinds=stats", { stats: draw });
+}
+
+route();

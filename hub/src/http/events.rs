@@ -1,0 +1,281 @@
+//! `GET /api/v1/events`: Server-Sent Events of committed readings, command
+//! state changes, presence changes and (on request) the hub's counters.
+//!
+//! One task per stream reads the hub's broadcasts and writes events into a
+//! small bounded channel that the response drains. A slow client fills the
+//! channel, the task waits, and the broadcasts move on without it: it then
+//! tells the client what it missed (`skipped` for readings, `resync` for
+//! commands and presence, whose current state the client reads again)
+//! instead of holding memory for it. Streams past `http.max_event_streams`
+//! are refused with 503; every stream ends when the hub shuts down.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use utoipa::{IntoParams, ToSchema};
+
+use super::api::CommandJson;
+use super::{ApiError, ApiState};
+use crate::domain::Presence;
+use crate::operator::live_readings;
+
+/// Events buffered per stream before its task waits for the client.
+const STREAM_BUFFER: usize = 16;
+/// Readings per `readings` event at most: a large commit is split.
+const READINGS_PER_EVENT: usize = 500;
+
+pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
+    axum::Router::new().route("/events", get(events))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct EventParams {
+    /// Only this device's readings, commands and presence.
+    device: Option<String>,
+    /// Only this sensor's readings.
+    sensor: Option<String>,
+    /// Comma-separated kinds: readings, commands, presence, stats (default
+    /// readings,commands,presence; stats sends the counters every second).
+    kinds: Option<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Kinds {
+    readings: bool,
+    commands: bool,
+    presence: bool,
+    stats: bool,
+}
+
+impl Kinds {
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+            return Ok(Kinds {
+                readings: true,
+                commands: true,
+                presence: true,
+                stats: false,
+            });
+        };
+        let mut kinds = Kinds::default();
+        for kind in raw.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            match kind {
+                "readings" => kinds.readings = true,
+                "commands" => kinds.commands = true,
+                "presence" => kinds.presence = true,
+                "stats" => kinds.stats = true,
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "unknown event kind {other:?} (readings, commands, presence, stats)"
+                    )));
+                }
+            }
+        }
+        Ok(kinds)
+    }
+}
+
+/// One committed reading (the `readings` event's `readings`).
+#[derive(Serialize, ToSchema)]
+pub(super) struct LiveReadingJson<'a> {
+    device_id: &'a str,
+    sensor: &'a str,
+    seq: u64,
+    ts_ms: i64,
+    value: f64,
+}
+
+/// A device's stream came or went (the `presence` event).
+#[derive(Serialize, ToSchema)]
+pub(super) struct PresenceJson<'a> {
+    device_id: &'a str,
+    online: bool,
+    since_ms: i64,
+    firmware: &'a str,
+}
+
+/// Counts a stream as open until dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(Arc::clone(count)))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Live events, as `text/event-stream`. Event names: `readings`
+/// (`{"readings": [LiveReadingJson]}`), `skipped` (`{"readings": n}`,
+/// committed readings this stream missed while the client was slow),
+/// `command` (a command, as `GET /commands/{id}` without history),
+/// `presence` (PresenceJson), `resync` (`{"kind": "commands" | "presence"}`:
+/// changes were missed; read the current state again) and `stats` (as
+/// `GET /stats`).
+#[utoipa::path(get, path = "/events", params(EventParams), responses(
+    (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"),
+    (status = 400, body = super::api::ErrorBody),
+    (status = 503, body = super::api::ErrorBody, description = "too many event streams are open")
+))]
+pub(super) async fn events(
+    State(state): State<Arc<ApiState>>,
+    params: Result<Query<EventParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params?;
+    let kinds = Kinds::parse(p.kinds.as_deref())?;
+    let device = p.device.filter(|d| !d.is_empty());
+    let sensor = p.sensor.filter(|s| !s.is_empty());
+    let Some(slot) = StreamSlot::take(&state.event_streams, state.max_event_streams) else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "{} event streams are open (http.max_event_streams); try again later",
+                state.max_event_streams
+            ),
+        ));
+    };
+    // Subscribe before answering, so nothing committed after the answer
+    // is missed.
+    let mut readings = kinds.readings.then(|| state.ops.watch_readings());
+    let mut commands = kinds.commands.then(|| state.ops.watch_commands());
+    let mut presence = kinds.presence.then(|| state.ops.watch_presence());
+    let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER);
+    let shutdown = state.shutdown.clone();
+    let ops = Arc::clone(&state.ops);
+    state.tracker.spawn(async move {
+        let _slot = slot;
+        let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Index of the next committed reading expected; a gap is what this
+        // stream missed.
+        let mut expected: Option<u64> = None;
+        loop {
+            let events: Vec<Event> = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                batch = recv(&mut readings) => match batch {
+                    Ok(batch) => {
+                        let mut out = Vec::new();
+                        if let Some(expected) = expected
+                            && batch.first_index > expected
+                        {
+                            out.push(json_event("skipped", &serde_json::json!({
+                                "readings": batch.first_index - expected
+                            })));
+                        }
+                        expected = Some(batch.first_index + batch.count);
+                        let rows: Vec<LiveReadingJson> =
+                            live_readings(&batch, device.as_deref(), sensor.as_deref())
+                                .map(|r| LiveReadingJson {
+                                    device_id: r.device_id,
+                                    sensor: &r.reading.sensor,
+                                    seq: r.reading.seq,
+                                    ts_ms: r.reading.ts_ms,
+                                    value: r.reading.value,
+                                })
+                                .collect();
+                        for part in rows.chunks(READINGS_PER_EVENT) {
+                            out.push(json_event("readings", &serde_json::json!({ "readings": part })));
+                        }
+                        out
+                    }
+                    // The gap shows in the next batch's index.
+                    Err(RecvError::Lagged(_)) => Vec::new(),
+                    Err(RecvError::Closed) => return,
+                },
+                rec = recv(&mut commands) => match rec {
+                    Ok(rec) if device.as_ref().is_none_or(|d| *d == rec.device_id) => {
+                        vec![json_event("command", &CommandJson::new(rec, None))]
+                    }
+                    Ok(_) => Vec::new(),
+                    Err(RecvError::Lagged(_)) => {
+                        vec![json_event("resync", &serde_json::json!({ "kind": "commands" }))]
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                change = recv(&mut presence) => match change {
+                    Ok(p) if device.as_ref().is_none_or(|d| *d == p.device_id) => {
+                        vec![json_event("presence", &presence_json(&p))]
+                    }
+                    Ok(_) => Vec::new(),
+                    Err(RecvError::Lagged(_)) => {
+                        vec![json_event("resync", &serde_json::json!({ "kind": "presence" }))]
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = stats_tick.tick(), if kinds.stats => match ops.stats().await {
+                    Ok(stats) => vec![json_event("stats", &stats)],
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stats for an event stream");
+                        Vec::new()
+                    }
+                },
+            };
+            for event in events {
+                // A slow client makes this wait; meanwhile the broadcasts
+                // move on, and what is missed is told when it resumes.
+                let sent = tokio::select! {
+                    sent = tx.send(event) => sent.is_ok(),
+                    _ = shutdown.cancelled() => false,
+                };
+                if !sent {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, Infallible>,
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// The next message of an optional subscription; never ready without one.
+async fn recv<T: Clone>(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<T>>,
+) -> Result<T, RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn presence_json(p: &Presence) -> PresenceJson<'_> {
+    PresenceJson {
+        device_id: &p.device_id,
+        online: p.online,
+        since_ms: p.since_ms,
+        firmware: &p.firmware,
+    }
+}
+
+fn json_event(name: &str, data: &impl Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(data).unwrap_or_else(|_| "null".to_owned()))
+}

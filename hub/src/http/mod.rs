@@ -1,0 +1,214 @@
+//! The web console and its HTTP/JSON API (`http.enabled`), on
+//! `http.listen`: a door to the same operator core (`crate::operator`) as
+//! the gRPC Operator service, so validation, limits and errors are the
+//! same. Routes live under `/api/v1` (described by the OpenAPI document at
+//! `/api/v1/openapi.json`); the console's embedded pages are at `/`.
+//!
+//! Auth: with operator tokens configured, every API call needs
+//! `Authorization: Bearer <token>`; reads need the read role, anything
+//! that changes state needs admin. Without tokens the API is open, which
+//! the settings allow only on loopback.
+
+mod api;
+mod console;
+mod events;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, AuthPolicy, Role};
+use crate::config::HttpSettings;
+use crate::operator::{ErrorCode, OpError, Operations};
+
+/// What every handler shares.
+pub(crate) struct ApiState {
+    ops: Arc<Operations>,
+    auth: Arc<AuthPolicy>,
+    /// Event streams and query bodies run here; shutdown waits for them.
+    tracker: TaskTracker,
+    /// Cancelled when the hub begins to shut down: event streams end.
+    shutdown: CancellationToken,
+    /// Event streams open now, and the most allowed.
+    event_streams: Arc<AtomicUsize>,
+    max_event_streams: usize,
+}
+
+/// A running HTTP server.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `http.listen` and serves until `stop`; event streams end at
+/// `shutdown` (the hub's session shutdown, which comes first).
+pub async fn start(
+    settings: &HttpSettings,
+    ops: Arc<Operations>,
+    auth: Arc<AuthPolicy>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) -> std::io::Result<HttpServer> {
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(ApiState {
+        ops,
+        auth,
+        tracker,
+        shutdown,
+        event_streams: Arc::new(AtomicUsize::new(0)),
+        max_event_streams: settings.max_event_streams,
+    });
+    let app = router(state, settings.max_body_bytes);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    Ok(HttpServer { addr, task })
+}
+
+fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
+    let api = api::routes()
+        .merge(events::routes())
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorize,
+        ))
+        .with_state(state);
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(console::routes())
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("an HTTP handler panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the hub failed while answering; see its log",
+                )
+                .into_response()
+            },
+        ))
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// Checks the operator token for the role the call needs: reads (GET) the
+/// read role, everything else admin. The operator goes on to the handler.
+async fn authorize(
+    State(state): State<Arc<ApiState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let needed = if request.method() == axum::http::Method::GET {
+        Role::Read
+    } else {
+        Role::Admin
+    };
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let what = format!("{} {}", request.method(), request.uri().path());
+    match state.auth.authorize(bearer, needed, &what) {
+        Ok(operator) => {
+            if let Some(operator) = operator {
+                request.extensions_mut().insert(operator);
+            }
+            next.run(request).await
+        }
+        Err(AuthError::Unauthenticated) => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "a valid operator token is required (Authorization: Bearer ...)",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+        Err(e @ AuthError::Forbidden { .. }) => {
+            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", e.to_string()).into_response()
+        }
+    }
+}
+
+/// Every answer: no sniffing, no framing by other sites, and nothing from
+/// elsewhere (the console loads only its own assets).
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+/// An error answer: `{"error": {"code", "message"}}` with its status.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(err: OpError) -> Self {
+        let code = err.code();
+        let status = match code {
+            ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, code.as_str(), err.public_message())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code, "message": self.message }
+        });
+        (self.status, axum::Json(body)).into_response()
+    }
+}

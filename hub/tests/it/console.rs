@@ -1,0 +1,363 @@
+//! The web console in a real browser: Debian's chromium driven through
+//! chromedriver's WebDriver protocol, against a real hub and simulated
+//! devices. Screenshots go to `target/console-screenshots/`; with
+//! `HUB_UPDATE_SCREENSHOT=1` the device page's also replaces the README's
+//! `docs/console-device.png`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// chromedriver and one headless chromium session, ended on drop.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    client: reqwest::Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// None (after saying SKIPPED, or failing under HUB_TEST_REQUIRE_ALL)
+    /// when chromium or chromedriver is not installed.
+    async fn start() -> Option<Browser> {
+        if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
+            skip("chromium + chromium-driver", CHROMEDRIVER);
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        wait_until("chromedriver is ready", || async {
+            match client.get(format!("{base}/status")).send().await {
+                Ok(res) => res
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true),
+                Err(_) => false,
+            }
+        })
+        .await;
+        let profile = tempfile::tempdir().unwrap();
+        let args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,1000",
+            &format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args}
+        }}});
+        let res: Value = client
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = res["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {res}"))
+            .to_owned();
+        Some(Browser {
+            driver,
+            base,
+            session,
+            client,
+            _profile: profile,
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut req = self.client.request(method, url);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res: Value = req.send().await.unwrap().json().await.unwrap();
+        if let Some(error) = res["value"]["error"].as_str() {
+            panic!("WebDriver {path}: {error}: {}", res["value"]["message"]);
+        }
+        res["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+            .await;
+    }
+
+    /// Runs `script` (a function body) in the page; its return value.
+    async fn js(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+        .await
+    }
+
+    /// Waits until `script` returns true in the page.
+    async fn wait_for(&self, what: &str, script: &str) {
+        wait_until(what, || async { self.js(script).await == true }).await;
+    }
+
+    async fn click(&self, css: &str) {
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .expect("an element id")
+            .to_owned();
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/click"),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    async fn resize(&self, width: u32, height: u32) {
+        self.call(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
+    /// Saves a PNG of the window as `target/console-screenshots/<name>.png`.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        use base64::Engine;
+        let png = self.call(reqwest::Method::GET, "/screenshot", None).await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ends chromium with the session; then the driver.
+        let url = format!("{}/session/{}", self.base, self.session);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    reqwest::Client::new().delete(url).send(),
+                )
+                .await;
+            });
+        })
+        .join();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_fleet_live_charts_and_a_ping_to_success() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let hub = spawn_hub().await;
+    let fleet = SimFleet::start(&hub, "web-", 3).await;
+    fleet.wait_for_acks(30).await;
+    let console = hub.http_url();
+
+    // Fleet: the simulated devices, online, and the counts.
+    browser.goto(&format!("{console}/#/")).await;
+    browser
+        .wait_for(
+            "the fleet table lists the devices",
+            "const ids = [...document.querySelectorAll('#device-rows tr')].map(r => r.dataset.device);
+             return ids.join(',') === 'web-00001,web-00002,web-00003'
+                 && document.querySelectorAll('#device-rows .badge.online').length === 3
+                 && document.getElementById('online-count').textContent === '3';",
+        )
+        .await;
+    browser
+        .wait_for(
+            "readings/s is shown",
+            "return Number(document.getElementById('readings-rate').textContent.replace(/\\D/g, '')) > 0;",
+        )
+        .await;
+    // Sorting by a column and searching.
+    browser.click("th[data-key='device_id']").await;
+    browser
+        .wait_for(
+            "descending order",
+            "return document.querySelector('#device-rows tr').dataset.device === 'web-00003';",
+        )
+        .await;
+    browser.screenshot("fleet").await;
+
+    // Device: a chart per sensor whose data grows while the fleet streams.
+    browser
+        .goto(&format!("{console}/#/devices/web-00001"))
+        .await;
+    browser
+        .wait_for(
+            "a chart per sensor, with data",
+            "const charts = document.querySelectorAll('#charts [data-sensor]');
+             return charts.length === 4
+                 && [...charts].every(c => Number(c.dataset.readings || 0) > 0
+                                        && c.querySelector('canvas'));",
+        )
+        .await;
+    let readings = |v: Value| v.as_f64().unwrap();
+    let count =
+        "return Number(document.querySelector(\"[data-sensor='temperature']\").dataset.readings);";
+    let before = readings(browser.js(count).await);
+    browser
+        .wait_for(
+            "the temperature chart grows with live readings",
+            &format!(
+                "return Number(document.querySelector(\"[data-sensor='temperature']\").dataset.readings) >= {};",
+                before + 5.0
+            ),
+        )
+        .await;
+
+    // A ping from the page runs to SUCCEEDED, every state shown.
+    browser.click("#cmd-send").await;
+    browser
+        .wait_for(
+            "the ping succeeded on the page",
+            "const row = document.querySelector('#command-rows tr');
+             return !!row && row.querySelector('[data-state]').dataset.state === 'SUCCEEDED'
+                 && row.querySelector('.trail').textContent.startsWith('QUEUED → SENT → RECEIVED → SUCCEEDED');",
+        )
+        .await;
+    let shot = browser.screenshot("device").await;
+    if std::env::var("HUB_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
+        let readme_image = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console-device.png");
+        std::fs::create_dir_all(readme_image.parent().unwrap()).unwrap();
+        std::fs::copy(&shot, readme_image).unwrap();
+    }
+    // Another range is a bucketed query.
+    browser.click("[data-range='6h']").await;
+    browser
+        .wait_for(
+            "the 6 h range is drawn",
+            "const c = document.querySelector(\"[data-sensor='temperature']\");
+             return !!c && Number(c.dataset.points) >= 1
+                 && document.querySelector(\"[data-range='6h']\").classList.contains('active');",
+        )
+        .await;
+
+    // Commands page, and the hub's counters.
+    browser.goto(&format!("{console}/#/commands")).await;
+    browser
+        .wait_for(
+            "the commands page lists the ping",
+            "return [...document.querySelectorAll('#commands-rows tr')].some(r => r.textContent.includes('ping') && r.textContent.includes('SUCCEEDED'));",
+        )
+        .await;
+    browser.goto(&format!("{console}/#/hub")).await;
+    browser
+        .wait_for(
+            "the hub page shows live counters",
+            "const v = document.querySelector(\"[data-stat='live_sessions']\");
+             return !!v && v.textContent === '3';",
+        )
+        .await;
+
+    // A phone-sized screen: nothing wider than the window.
+    browser.resize(390, 844).await;
+    browser
+        .goto(&format!("{console}/#/devices/web-00002"))
+        .await;
+    browser
+        .wait_for(
+            "the device page fits a phone",
+            "return document.querySelectorAll('#charts canvas').length === 4
+                 && document.documentElement.scrollWidth <= window.innerWidth + 1;",
+        )
+        .await;
+    browser.screenshot("device-phone").await;
+    browser.resize(1280, 1000).await;
+
+    assert!(
+        browser
+            .js("return document.getElementById('error').hidden;")
+            .await
+            == true,
+        "no error was shown: {}",
+        browser
+            .js("return document.getElementById('error').textContent;")
+            .await
+    );
+    fleet.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_says_so_when_the_hub_goes_away() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let mut hub = spawn_hub().await;
+    hub.register_offline("still-1").await;
+    let console = hub.http_url();
+    browser.goto(&format!("{console}/#/")).await;
+    browser
+        .wait_for(
+            "the fleet page is up",
+            "return document.querySelectorAll('#device-rows tr').length === 1
+                 && document.getElementById('conn').classList.contains('live');",
+        )
+        .await;
+    hub.stop().await;
+    browser
+        .wait_for(
+            "an error message instead of a blank page",
+            "const e = document.getElementById('error');
+             return !e.hidden && e.textContent.includes('hub')
+                 && document.getElementById('conn').classList.contains('down')
+                 && document.querySelectorAll('#device-rows tr').length === 1;",
+        )
+        .await;
+    browser.screenshot("hub-gone").await;
+}
