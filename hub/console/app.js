@@ -185,7 +185,9 @@ function openEvents(query, handlers) {
 
 // ---- charts (uPlot) ----
 
-function makeChart(el, title, seriesNames, withBand) {
+// A chart in `el`, as wide as it; `spanMs` fixes the x axis to the last
+// spanMs up to now.
+function makeChart(el, title, seriesNames, withBand, spanMs) {
   const fg = cssVar("--fg");
   const line = cssVar("--line");
   const accent = cssVar("--accent");
@@ -200,7 +202,11 @@ function makeChart(el, title, seriesNames, withBand) {
     title,
     width: Math.max(280, el.clientWidth || 500),
     height: 220,
-    scales: { x: { time: true } },
+    scales: {
+      x: spanMs
+        ? { time: true, range: () => [(Date.now() - spanMs) / 1000, Date.now() / 1000] }
+        : { time: true },
+    },
     series,
     axes: [axis, Object.assign({ size: 60 }, axis)],
     legend: { show: true },
@@ -208,16 +214,21 @@ function makeChart(el, title, seriesNames, withBand) {
   if (withBand) opts.bands = [{ series: [3, 2], fill: cssVar("--band") }];
   const empty = series.map(() => []);
   const chart = new uPlot(opts, empty, el);
+  // Follows its box as the grid or the window changes.
+  const fit = new ResizeObserver(() => {
+    const width = Math.max(280, el.clientWidth);
+    if (Math.abs(width - chart.width) > 1) chart.setSize({ width, height: 220 });
+  });
+  fit.observe(el);
+  const destroy = chart.destroy.bind(chart);
+  chart.destroy = () => {
+    fit.disconnect();
+    destroy();
+  };
   return chart;
 }
 
 const charts = new Set();
-window.addEventListener("resize", () => {
-  for (const c of charts) {
-    const el = c.root.parentElement;
-    if (el) c.setSize({ width: Math.max(280, el.clientWidth), height: 220 });
-  }
-});
 
 // ---- pages ----
 
@@ -301,7 +312,7 @@ function fleetPage() {
   search.addEventListener("input", () => draw());
 
   let devices = [];
-  const rateChart = makeChart(rateChartEl, "", ["readings/s"], false);
+  const rateChart = makeChart(rateChartEl, "", ["readings/s"], false, 600e3);
   charts.add(rateChart);
   const xs = [];
   const ys = [];
@@ -473,6 +484,7 @@ function devicePage(id) {
     s.el.dataset.points = String(s.xs.length);
     s.el.dataset.readings = String(s.count.reduce((a, b) => a + b, 0));
     s.el.dataset.lastTs = s.xs.length ? String(s.xs[s.xs.length - 1]) : "";
+    s.el.dataset.live = String(s.live);
   }
 
   async function loadCharts() {
@@ -491,12 +503,14 @@ function devicePage(id) {
     if (!sensors.length) chartsEl.append(h("p", { class: "muted" }, "No readings stored for this device yet."));
     const r = RANGES[range];
     const since = Date.now() - r.ms;
-    for (const sensor of sensors) {
-      const el = h("div", { class: "chart", "data-sensor": sensor });
-      chartsEl.append(el);
-      const chart = makeChart(el, sensor, ["avg"], true);
+    const boxes = sensors.map((sensor) => h("div", { class: "chart", "data-sensor": sensor }));
+    chartsEl.append(...boxes);
+    for (const [i, sensor] of sensors.entries()) {
+      const el = boxes[i];
+      const chart = makeChart(el, sensor, ["avg"], true, r.ms);
       charts.add(chart);
-      const s = { chart, el, xs: [], avg: [], min: [], max: [], count: [], sum: [] };
+      // live: readings that arrived as events since the chart loaded.
+      const s = { chart, el, xs: [], avg: [], min: [], max: [], count: [], sum: [], live: 0 };
       series.set(sensor, s);
       try {
         const res = await api("/devices/" + enc + "/readings?sensor=" + encodeURIComponent(sensor) +
@@ -543,6 +557,7 @@ function devicePage(id) {
     } else {
       return; // older than the newest bucket: the next reload has it
     }
+    s.live += 1;
     const cutoff = (Date.now() - RANGES[range].ms) / 1000;
     while (s.xs.length && s.xs[0] < cutoff) {
       for (const a of [s.xs, s.avg, s.min, s.max, s.count, s.sum]) a.shift();

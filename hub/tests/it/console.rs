@@ -203,8 +203,20 @@ async fn the_console_shows_the_fleet_live_charts_and_a_ping_to_success() {
         return;
     };
     let hub = spawn_hub().await;
-    let fleet = SimFleet::start(&hub, "web-", 3).await;
-    fleet.wait_for_acks(30).await;
+    // An hour of history first (for charts worth looking at), then live.
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: hub.url(),
+        devices: 3,
+        rate_hz: 5.0,
+        id_prefix: "web-".into(),
+        backfill: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .await;
+    wait_until("the hour of history is stored", || async {
+        fleet.acked() >= 3 * 5 * 3600
+    })
+    .await;
     let console = hub.http_url();
 
     // Fleet: the simulated devices, online, and the counts.
@@ -247,16 +259,16 @@ async fn the_console_shows_the_fleet_live_charts_and_a_ping_to_success() {
                                         && c.querySelector('canvas'));",
         )
         .await;
-    let readings = |v: Value| v.as_f64().unwrap();
-    let count =
-        "return Number(document.querySelector(\"[data-sensor='temperature']\").dataset.readings);";
-    let before = readings(browser.js(count).await);
+    // Live readings fold into the newest bucket, or start a later one.
+    let last_ts =
+        "return Number(document.querySelector(\"[data-sensor='temperature']\").dataset.lastTs);";
+    let before = browser.js(last_ts).await.as_f64().unwrap();
     browser
         .wait_for(
             "the temperature chart grows with live readings",
             &format!(
-                "return Number(document.querySelector(\"[data-sensor='temperature']\").dataset.readings) >= {};",
-                before + 5.0
+                "const c = document.querySelector(\"[data-sensor='temperature']\");
+                 return Number(c.dataset.live) >= 3 && Number(c.dataset.lastTs) >= {before};"
             ),
         )
         .await;
@@ -271,6 +283,7 @@ async fn the_console_shows_the_fleet_live_charts_and_a_ping_to_success() {
                  && row.querySelector('.trail').textContent.startsWith('QUEUED → SENT → RECEIVED → SUCCEEDED');",
         )
         .await;
+    browser.js("window.scrollTo(0, 0); return true;").await;
     let shot = browser.screenshot("device").await;
     if std::env::var("HUB_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
         let readme_image = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console-device.png");
