@@ -369,6 +369,16 @@ function fleetPage() {
   }
   load();
   const refresh = setInterval(load, 10000);
+  // Devices never seen before reload the list, at most once a second.
+  let reloadSoon = null;
+  function reloadLater() {
+    if (!reloadSoon) {
+      reloadSoon = setTimeout(() => {
+        reloadSoon = null;
+        load();
+      }, 1000);
+    }
+  }
   const stop = openEvents("kinds=presence,stats", {
     open: load,
     presence: (p) => {
@@ -378,10 +388,10 @@ function fleetPage() {
         if (!p.online) d.last_seen_ms = p.since_ms;
         draw();
       } else {
-        load();
+        reloadLater();
       }
     },
-    resync: load,
+    resync: reloadLater,
     stats: (s) => {
       const now = Date.now() / 1000;
       if (lastCommitted !== null && now > lastAt) {
@@ -403,6 +413,7 @@ function fleetPage() {
   });
   return () => {
     clearInterval(refresh);
+    clearTimeout(reloadSoon);
     stop();
   };
 }
@@ -487,7 +498,25 @@ function devicePage(id) {
     s.el.dataset.live = String(s.live);
   }
 
-  async function loadCharts() {
+  // One load at a time; a request during one runs once after it.
+  let loading = null;
+  let again = false;
+  function loadCharts() {
+    if (loading) {
+      again = true;
+      return loading;
+    }
+    loading = drawCharts().finally(() => {
+      loading = null;
+      if (again) {
+        again = false;
+        loadCharts();
+      }
+    });
+    return loading;
+  }
+
+  async function drawCharts() {
     for (const s of series.values()) {
       charts.delete(s.chart);
       s.chart.destroy();
@@ -535,7 +564,11 @@ function devicePage(id) {
     if (!RANGES[range].live) return;
     const s = series.get(rd.sensor);
     if (!s) {
-      if (!sensors.includes(rd.sensor)) loadCharts();
+      // A new sensor: once the current load is done, reload.
+      if (!loading && !sensors.includes(rd.sensor)) {
+        sensors.push(rd.sensor);
+        loadCharts();
+      }
       return;
     }
     const width = RANGES[range].bucket;

@@ -30,6 +30,9 @@ pub const COMMAND_PAGE: u32 = 1000;
 /// The most commands one listing may hold.
 pub const MAX_COMMAND_PAGE: u32 = 100_000;
 
+/// The most devices one filtered listing reads from the store before it
+/// answers (with a cursor to go on from when its page is not full yet).
+pub const MAX_DEVICE_SCAN: usize = 100_000;
 /// The most devices one command sent by label selector may reach.
 pub const MAX_SELECTOR_DEVICES: usize = 10_000;
 /// What aggregates a bucketed query shows when it names none.
@@ -69,6 +72,9 @@ pub enum OpError {
     /// It names something the hub does not have.
     #[error("{0}")]
     NotFound(String),
+    /// The hub failed while answering (the log has the details).
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Refused or failed by the commands task (its own codes: unknown
@@ -82,7 +88,7 @@ impl OpError {
         match self {
             OpError::Invalid(_) => ErrorCode::InvalidArgument,
             OpError::NotFound(_) => ErrorCode::NotFound,
-            OpError::Store(_) => ErrorCode::Internal,
+            OpError::Internal(_) | OpError::Store(_) => ErrorCode::Internal,
             OpError::Command(e) => match e {
                 CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
                     ErrorCode::NotFound
@@ -145,10 +151,13 @@ fn system_time_ms(t: SystemTime) -> i64 {
     }
 }
 
-/// A bucket width (`1m`, `250ms`): 1 ms to 100 years.
+/// The widest bucket a query may ask for: 100 years.
+pub const MAX_BUCKET_MS: i64 = 100 * 365 * 86_400 * 1000;
+
+/// A bucket width written as text (`1m`, `250ms`): 1 ms to 100 years.
 pub fn parse_bucket(raw: &str) -> Result<Duration, String> {
     let width = humantime::parse_duration(raw).map_err(|e| format!("{raw:?}: {e}"))?;
-    if width < Duration::from_millis(1) || width > Duration::from_secs(100 * 365 * 86_400) {
+    if width < Duration::from_millis(1) || width.as_millis() > MAX_BUCKET_MS as u128 {
         return Err(format!("a bucket is 1ms to 100years, not {raw:?}"));
     }
     Ok(width)
@@ -359,6 +368,8 @@ impl Operations {
         if req.device_id.is_empty() {
             return Err(OpError::Invalid("device_id is required".into()));
         }
+        // Any positive width is answered (buckets never overflow); text
+        // doors bound what they parse with `parse_bucket`.
         if req.bucket_ms < 0 {
             return Err(OpError::Invalid("bucket_ms must not be negative".into()));
         }
@@ -386,7 +397,10 @@ impl Operations {
     }
 
     /// Like [`Self::list_devices`], of the devices `filter` matches: the
-    /// store is read page by page until the page is full or the list ends.
+    /// store is read page by page until the page is full, the list ends, or
+    /// [`MAX_DEVICE_SCAN`] devices were read. `next_after` is where to go
+    /// on from (empty when the list is done), so a page may hold fewer
+    /// than `limit` devices and still have a next one.
     pub async fn find_devices(
         &self,
         after: &str,
@@ -400,23 +414,24 @@ impl Operations {
         let online = self.registry.online();
         let mut devices = Vec::new();
         let mut cursor = after.to_owned();
+        let mut scanned = 0;
         let mut exhausted = false;
-        while devices.len() < limit {
+        while devices.len() < limit && scanned < MAX_DEVICE_SCAN {
             let want = if filter.is_empty() {
                 limit - devices.len()
             } else {
-                MAX_DEVICE_PAGE as usize
+                (MAX_DEVICE_PAGE as usize).min(MAX_DEVICE_SCAN - scanned)
             };
             let page = self.store.list_devices(&cursor, want as u32).await?;
             exhausted = page.len() < want;
-            let Some(last) = page.last() else { break };
-            cursor = last.device_id.clone();
             for d in page {
                 if devices.len() == limit {
-                    // More of this page is unread: the list goes on.
+                    // The rest of this page is unread: the list goes on.
                     exhausted = false;
                     break;
                 }
+                scanned += 1;
+                cursor.clone_from(&d.device_id);
                 let since = online.get(&d.device_id).copied();
                 if filter.matches(&d, since.is_some()) {
                     devices.push((d, since));
@@ -426,10 +441,7 @@ impl Operations {
                 break;
             }
         }
-        let next_after = match devices.last() {
-            Some((d, _)) if devices.len() == limit && !exhausted => d.device_id.clone(),
-            _ => String::new(),
-        };
+        let next_after = if exhausted { String::new() } else { cursor };
         Ok(DevicePage {
             devices,
             next_after,
@@ -487,23 +499,20 @@ impl Operations {
         })
     }
 
-    /// Queues a command; `ttl_ms` 0 takes the hub's default, and the
+    /// Queues a command; `ttl` None takes the hub's default, and the
     /// commands task checks the rest (name, params, TTL range, device).
     pub async fn send_command(
         &self,
         device_id: String,
         name: String,
         params_json: String,
-        ttl_ms: i64,
+        ttl: Option<Duration>,
     ) -> Result<CommandRecord, OpError> {
-        if ttl_ms < 0 {
-            return Err(OpError::Invalid("ttl_ms must not be negative".into()));
-        }
         let cmd = NewCommand {
             device_id,
             name,
             params: params_json,
-            ttl: (ttl_ms > 0).then(|| std::time::Duration::from_millis(ttl_ms as u64)),
+            ttl,
         };
         Ok(self.commands.send(cmd).await?)
     }
@@ -511,21 +520,21 @@ impl Operations {
     /// Sends one command to every device `selector` matches (at most
     /// [`MAX_SELECTOR_DEVICES`]); each device's result, in id order. No
     /// device matching is an error, so a typo in a label is not a silent
-    /// no-op.
+    /// no-op; so is a command the first device refuses as invalid (name,
+    /// params or TTL, the same for all), before any other is sent. The
+    /// sending runs on the hub's tracker: a caller that goes away midway
+    /// does not leave an arbitrary subset sent.
     pub async fn send_command_to_selector(
-        &self,
+        self: &Arc<Self>,
         selector: &DeviceFilter,
         name: String,
         params_json: String,
-        ttl_ms: i64,
+        ttl: Option<Duration>,
     ) -> Result<Vec<(String, Result<CommandRecord, OpError>)>, OpError> {
         if selector.labels.is_empty() {
             return Err(OpError::Invalid(
                 "a selector names at least one label".into(),
             ));
-        }
-        if ttl_ms < 0 {
-            return Err(OpError::Invalid("ttl_ms must not be negative".into()));
         }
         let mut targets = Vec::new();
         let mut after = String::new();
@@ -545,14 +554,26 @@ impl Operations {
         if targets.is_empty() {
             return Err(OpError::NotFound("no device matches the selector".into()));
         }
-        let mut sent = Vec::with_capacity(targets.len());
-        for device_id in targets {
-            let result = self
-                .send_command(device_id.clone(), name.clone(), params_json.clone(), ttl_ms)
-                .await;
-            sent.push((device_id, result));
-        }
-        Ok(sent)
+        let ops = Arc::clone(self);
+        let sending = self.tracker.spawn(async move {
+            let mut sent = Vec::with_capacity(targets.len());
+            for device_id in targets {
+                let result = ops
+                    .send_command(device_id.clone(), name.clone(), params_json.clone(), ttl)
+                    .await;
+                if let Err(OpError::Command(CommandError::Invalid(why))) = &result
+                    && sent.is_empty()
+                {
+                    return Err(OpError::Invalid(why.clone()));
+                }
+                sent.push((device_id, result));
+            }
+            Ok(sent)
+        });
+        sending.await.map_err(|e| {
+            tracing::error!(error = %e, "sending a command to a selector failed");
+            OpError::Internal("the hub failed while sending; see its log".into())
+        })?
     }
 
     /// A command and its history of state changes.

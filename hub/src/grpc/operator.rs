@@ -124,9 +124,13 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::CommandInfo>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
+        if req.ttl_ms < 0 {
+            return Err(Status::invalid_argument("ttl_ms must not be negative"));
+        }
+        let ttl = (req.ttl_ms > 0).then(|| std::time::Duration::from_millis(req.ttl_ms as u64));
         let rec = self
             .ops
-            .send_command(req.device_id, req.name, req.params_json, req.ttl_ms)
+            .send_command(req.device_id, req.name, req.params_json, ttl)
             .await
             .map_err(convert::op_status)?;
         tracing::info!(by, command_id = rec.command_id, device_id = ?rec.device_id, name = ?rec.name, "command sent");

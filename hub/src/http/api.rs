@@ -309,6 +309,7 @@ struct ReadingJson<'a> {
 struct BucketJson<'a> {
     sensor: &'a str,
     start_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     avg: Option<f64>,
@@ -423,9 +424,8 @@ async fn answer_readings(
             .as_millis() as i64,
         None => 0,
     };
-    if p.agg.is_some() && bucket_ms == 0 {
-        return Err(ApiError::invalid("agg needs a bucket"));
-    }
+    // As over gRPC, aggregates without a bucket are not an error: raw
+    // readings have none to show.
     let wanted = parse_aggregates(p.agg.as_deref().unwrap_or("")).map_err(ApiError::invalid)?;
     let q = state
         .ops
@@ -439,14 +439,27 @@ async fn answer_readings(
         })
         .await?;
     let bucketed = q.bucket_ms.is_some();
+    let Ok(permit) = Arc::clone(&state.readings_bodies).try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{MAX_READINGS_BODIES} readings answers are being sent; try again shortly"),
+        ));
+    };
     let (tx, mut rx) = mpsc::channel(4);
     let store = state.ops.store().clone();
-    state.tracker.spawn(query::run(store, q, tx));
+    let query = state.tracker.spawn(query::run(store, q, tx));
     // The first chunk decides the status: an error before any data is an
     // error answer, not a 200 with a broken body.
     let first = rx.recv().await;
-    if let Some(Err(e)) = first {
-        return Err(OpError::from(e).into());
+    let mut query = Some(query);
+    match &first {
+        Some(Err(_)) => {
+            let Some(Err(e)) = first else { unreachable!() };
+            return Err(OpError::from(e).into());
+        }
+        None => finished(query.take()).await?,
+        Some(Ok(_)) => {}
     }
     let mut encoder = Encoder {
         csv,
@@ -454,13 +467,12 @@ async fn answer_readings(
         rows: 0,
     };
     let head = encoder.head(&device_id, bucketed.then_some(bucket_ms));
-    let (body_tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (body_tx, body_rx) = mpsc::channel::<Piece>(4);
     let shutdown = state.shutdown.clone();
     state.tracker.spawn(async move {
-        // A body that ends without its tail is broken for the client (the
-        // connection is reset), so a truncated answer is never taken as
-        // complete.
-        let broken = |why: &str| Err(std::io::Error::other(why.to_owned()));
+        let _permit = permit;
+        // The body ends without `Piece::End` (broken, for the client) when
+        // this returns early: a failed query, shutdown, a stalled client.
         let mut next = first;
         let mut out = head;
         loop {
@@ -471,30 +483,32 @@ async fn answer_readings(
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "a readings query failed while streaming");
-                    let _ = body_tx
-                        .send(broken("the query failed; see the hub's log"))
-                        .await;
                     return;
                 }
                 None => {
+                    if finished(query.take()).await.is_err() {
+                        return;
+                    }
                     encoder.tail(&mut out);
                     true
                 }
             };
-            let piece = Ok(Bytes::from(std::mem::take(&mut out)));
+            let piece = Piece::Data(Bytes::from(std::mem::take(&mut out)));
             tokio::select! {
-                sent = body_tx.send(piece) => if sent.is_err() || last { return },
-                _ = shutdown.cancelled() => {
-                    let _ = body_tx.try_send(broken("the hub is shutting down"));
-                    return;
-                }
+                sent = tokio::time::timeout(STALLED_CLIENT, body_tx.send(piece)) => match sent {
+                    Ok(Ok(())) => {}
+                    // Gone, or not reading: drop it.
+                    _ => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
+            if last {
+                let _ = body_tx.send(Piece::End).await;
+                return;
             }
             next = tokio::select! {
                 chunk = rx.recv() => chunk,
-                _ = shutdown.cancelled() => {
-                    let _ = body_tx.try_send(broken("the hub is shutting down"));
-                    return;
-                }
+                _ = shutdown.cancelled() => return,
             };
         }
     });
@@ -503,8 +517,49 @@ async fn answer_readings(
     } else {
         "application/json"
     };
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    let body = futures_util::stream::unfold(Some(body_rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(Piece::Data(bytes)) => Some((Ok(bytes), Some(rx))),
+            Some(Piece::End) => None,
+            None => Some((
+                Err(std::io::Error::other(
+                    "the answer was cut short; see the hub's log",
+                )),
+                None,
+            )),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Readings answers being sent at once; more get 503.
+pub(super) const MAX_READINGS_BODIES: usize = 32;
+/// A client that takes no part of an answer for this long is dropped.
+pub(super) const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the body of a readings answer is made of; a body whose sender goes
+/// away before `End` ends broken, so a cut-short answer never looks whole.
+enum Piece {
+    Data(Bytes),
+    End,
+}
+
+/// Waits for the query task, whose channel closed: did it end normally?
+async fn finished(query: Option<tokio::task::JoinHandle<()>>) -> Result<(), ApiError> {
+    let Some(query) = query else { return Ok(()) };
+    query.await.map_err(|e| {
+        tracing::error!(error = %e, "a readings query failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the hub failed while answering; see its log",
+        )
+    })
 }
 
 /// Writes query chunks as one JSON document or as CSV lines.
@@ -627,10 +682,13 @@ fn aggregate_name(a: Aggregate) -> &'static str {
     }
 }
 
-/// A CSV field, quoted when it must be.
+/// A CSV field, quoted when it must be; one a spreadsheet would take for
+/// a formula starts with `'`.
 fn csv_field(raw: &str) -> std::borrow::Cow<'_, str> {
-    if raw.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", raw.replace('"', "\"\"")).into()
+    let formula = raw.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || raw.contains([',', '"', '\n', '\r']) {
+        let quote = if formula { "'" } else { "" };
+        format!("\"{quote}{}\"", raw.replace('"', "\"\"")).into()
     } else {
         raw.into()
     }
@@ -770,23 +828,20 @@ async fn send_command(
     let Json(req) = body?;
     // The core checks it is an object, as for every door.
     let params = req.params.map(|v| v.to_string()).unwrap_or_default();
-    let ttl_ms = match &req.ttl {
-        Some(raw) => {
-            let ttl = humantime::parse_duration(raw)
-                .map_err(|e| ApiError::invalid(format!("ttl {raw:?}: {e}")))?;
-            if ttl.is_zero() {
-                return Err(ApiError::invalid("ttl must be longer than 0s"));
-            }
-            i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
-        }
-        None => 0,
+    // The core checks the TTL's range, as for every door.
+    let ttl = match &req.ttl {
+        Some(raw) => Some(
+            humantime::parse_duration(raw)
+                .map_err(|e| ApiError::invalid(format!("ttl {raw:?}: {e}")))?,
+        ),
+        None => None,
     };
     let by = operator.map_or_else(|| "open".to_owned(), |op| op.0.name);
     let (commands, errors) = match (req.device_id, req.selector) {
         (Some(device_id), None) => {
             let rec = state
                 .ops
-                .send_command(device_id, req.name, params, ttl_ms)
+                .send_command(device_id, req.name, params, ttl)
                 .await?;
             (vec![CommandJson::new(rec, None)], Vec::new())
         }
@@ -797,7 +852,7 @@ async fn send_command(
             };
             let sent = state
                 .ops
-                .send_command_to_selector(&filter, req.name, params, ttl_ms)
+                .send_command_to_selector(&filter, req.name, params, ttl)
                 .await?;
             let mut commands = Vec::new();
             let mut errors = Vec::new();

@@ -25,7 +25,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
-use super::api::CommandJson;
+use super::api::{CommandJson, STALLED_CLIENT};
 use super::{ApiError, ApiState};
 use crate::domain::Presence;
 use crate::operator::live_readings;
@@ -127,8 +127,10 @@ impl Drop for StreamSlot {
 }
 
 /// Live events, as `text/event-stream`. Event names: `readings`
-/// (`{"readings": [LiveReadingJson]}`), `skipped` (`{"readings": n}`,
-/// committed readings this stream missed while the client was slow),
+/// (`{"readings": [LiveReadingJson]}`), `skipped` (`{"readings": n}`:
+/// committed readings of the whole hub, matching the filter or not, this
+/// stream missed while the client was slow; `{"readings": null,
+/// "commits": n}` when it fell behind before its first batch),
 /// `command` (a command, as `GET /commands/{id}` without history),
 /// `presence` (PresenceJson), `resync` (`{"kind": "commands" | "presence"}`:
 /// changes were missed; read the current state again) and `stats` (as
@@ -201,7 +203,13 @@ pub(super) async fn events(
                         }
                         out
                     }
-                    // The gap shows in the next batch's index.
+                    // The gap shows in the next batch's index, once there is
+                    // one to count from; before that, only commits are known.
+                    Err(RecvError::Lagged(commits)) if expected.is_none() => {
+                        vec![json_event("skipped", &serde_json::json!({
+                            "readings": null, "commits": commits
+                        }))]
+                    }
                     Err(RecvError::Lagged(_)) => Vec::new(),
                     Err(RecvError::Closed) => return,
                 },
@@ -235,9 +243,12 @@ pub(super) async fn events(
             };
             for event in events {
                 // A slow client makes this wait; meanwhile the broadcasts
-                // move on, and what is missed is told when it resumes.
+                // move on, and what is missed is told when it resumes. One
+                // that takes nothing for STALLED_CLIENT is dropped.
                 let sent = tokio::select! {
-                    sent = tx.send(event) => sent.is_ok(),
+                    sent = tokio::time::timeout(STALLED_CLIENT, tx.send(event)) => {
+                        matches!(sent, Ok(Ok(())))
+                    }
                     _ = shutdown.cancelled() => false,
                 };
                 if !sent {

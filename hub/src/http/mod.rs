@@ -41,6 +41,11 @@ pub(crate) struct ApiState {
     /// Event streams open now, and the most allowed.
     event_streams: Arc<AtomicUsize>,
     max_event_streams: usize,
+    /// Readings answers being sent now (`api::MAX_READINGS_BODIES`).
+    readings_bodies: Arc<tokio::sync::Semaphore>,
+    /// Host names the API answers to when it is open (no operator tokens)
+    /// on loopback; None: any.
+    allowed_hosts: Option<Vec<String>>,
 }
 
 /// A running HTTP server.
@@ -61,6 +66,21 @@ pub async fn start(
 ) -> std::io::Result<HttpServer> {
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
+    // An open API on loopback is open to this machine, not to every web
+    // page its browser shows: a page that rebinds its own name to
+    // 127.0.0.1 still sends its own Host, which is refused.
+    let allowed_hosts = (auth.operators_open() && addr.ip().is_loopback()).then(|| {
+        let mut hosts = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "[::1]".to_owned(),
+        ];
+        hosts.push(match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        });
+        hosts
+    });
     let state = Arc::new(ApiState {
         ops,
         auth,
@@ -68,6 +88,8 @@ pub async fn start(
         shutdown,
         event_streams: Arc::new(AtomicUsize::new(0)),
         max_event_streams: settings.max_event_streams,
+        readings_bodies: Arc::new(tokio::sync::Semaphore::new(api::MAX_READINGS_BODIES)),
+        allowed_hosts,
     });
     let app = router(state, settings.max_body_bytes);
     let task = tokio::spawn(async move {
@@ -105,14 +127,19 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .layer(axum::middleware::from_fn(security_headers))
 }
 
-/// Checks the operator token for the role the call needs: reads (GET) the
-/// read role, everything else admin. The operator goes on to the handler.
+/// Checks where a call comes from and the operator token for the role it
+/// needs: reads (GET, HEAD) the read role, everything else admin. The
+/// operator goes on to the handler.
 async fn authorize(
     State(state): State<Arc<ApiState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let needed = if request.method() == axum::http::Method::GET {
+    if let Err(refused) = check_origin(&state, &request) {
+        return refused.into_response();
+    }
+    let method = request.method();
+    let needed = if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Role::Read
     } else {
         Role::Admin
@@ -121,7 +148,10 @@ async fn authorize(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     let what = format!("{} {}", request.method(), request.uri().path());
     match state.auth.authorize(bearer, needed, &what) {
         Ok(operator) => {
@@ -146,6 +176,50 @@ async fn authorize(
             ApiError::new(StatusCode::FORBIDDEN, "permission_denied", e.to_string()).into_response()
         }
     }
+}
+
+/// Refuses a call from a page of another site: a Host the open API does
+/// not answer to (DNS rebinding), or a change (any method but GET and
+/// HEAD) whose Origin is not this host (a cross-site form).
+fn check_origin(state: &ApiState, request: &Request) -> Result<(), ApiError> {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if let Some(allowed) = &state.allowed_hosts {
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !port.contains(']') => name,
+            _ => host,
+        };
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                format!(
+                    "the open API answers only to localhost, not to the host {host:?} \
+                     (configure auth.operator_tokens to serve other names)"
+                ),
+            ));
+        }
+    }
+    let method = request.method();
+    if method != axum::http::Method::GET
+        && method != axum::http::Method::HEAD
+        && let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+    {
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host));
+        if !same {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                format!("a change from another site ({origin}) is refused"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Every answer: no sniffing, no framing by other sites, and nothing from
