@@ -27,7 +27,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::api::{CommandJson, STALLED_CLIENT};
 use super::{ApiError, ApiState};
-use crate::domain::Presence;
+use crate::domain::{CommittedBatch, Presence};
 use crate::operator::live_readings;
 
 /// Events buffered per stream before its task waits for the client.
@@ -166,6 +166,7 @@ pub(super) async fn events(
     let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER);
     let shutdown = state.shutdown.clone();
     let ops = Arc::clone(&state.ops);
+    let shared = Arc::clone(&state.all_readings);
     state.tracker.spawn(async move {
         let _slot = slot;
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
@@ -188,19 +189,12 @@ pub(super) async fn events(
                             })));
                         }
                         expected = Some(batch.first_index + batch.count);
-                        let rows: Vec<LiveReadingJson> =
-                            live_readings(&batch, device.as_deref(), sensor.as_deref())
-                                .map(|r| LiveReadingJson {
-                                    device_id: r.device_id,
-                                    sensor: &r.reading.sensor,
-                                    seq: r.reading.seq,
-                                    ts_ms: r.reading.ts_ms,
-                                    value: r.reading.value,
-                                })
-                                .collect();
-                        for part in rows.chunks(READINGS_PER_EVENT) {
-                            out.push(json_event("readings", &serde_json::json!({ "readings": part })));
-                        }
+                        let data = if device.is_none() && sensor.is_none() {
+                            shared.encode(&batch)
+                        } else {
+                            readings_data(&batch, device.as_deref(), sensor.as_deref()).into()
+                        };
+                        out.extend(data.iter().map(|d| Event::default().event("readings").data(d)));
                         out
                     }
                     // The gap shows in the next batch's index, once there is
@@ -264,6 +258,64 @@ pub(super) async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+#[derive(Serialize)]
+struct ReadingsData<'a> {
+    readings: &'a [LiveReadingJson<'a>],
+}
+
+/// The data of the `readings` events for a batch: the readings a watcher
+/// of `device` and `sensor` wants, READINGS_PER_EVENT per event.
+fn readings_data(
+    batch: &CommittedBatch,
+    device: Option<&str>,
+    sensor: Option<&str>,
+) -> Vec<String> {
+    let rows: Vec<LiveReadingJson> = live_readings(batch, device, sensor)
+        .map(|r| LiveReadingJson {
+            device_id: r.device_id,
+            sensor: &r.reading.sensor,
+            seq: r.reading.seq,
+            ts_ms: r.reading.ts_ms,
+            value: r.reading.value,
+        })
+        .collect();
+    rows.chunks(READINGS_PER_EVENT)
+        .map(|part| serde_json::to_string(&ReadingsData { readings: part }).unwrap_or_default())
+        .collect()
+}
+
+/// The `readings` events of the latest batch for every stream without a
+/// filter, encoded by the first stream that needs them: twenty open
+/// streams cost one encoding per commit, not twenty.
+#[derive(Default)]
+pub(super) struct AllReadings {
+    latest: std::sync::Mutex<Option<(u64, Arc<[String]>)>>,
+}
+
+impl AllReadings {
+    fn encode(&self, batch: &CommittedBatch) -> Arc<[String]> {
+        let cached = |latest: &Option<(u64, Arc<[String]>)>| {
+            latest
+                .as_ref()
+                .filter(|(index, _)| *index == batch.first_index)
+                .map(|(_, data)| Arc::clone(data))
+        };
+        if let Some(data) = cached(&self.latest.lock().unwrap_or_else(|p| p.into_inner())) {
+            return data;
+        }
+        // Encoded outside the lock; two streams may both encode a batch.
+        let data: Arc<[String]> = readings_data(batch, None, None).into();
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if latest
+            .as_ref()
+            .is_none_or(|(index, _)| *index < batch.first_index)
+        {
+            *latest = Some((batch.first_index, Arc::clone(&data)));
+        }
+        data
+    }
 }
 
 /// The next message of an optional subscription; never ready without one.

@@ -41,6 +41,8 @@ pub(crate) struct ApiState {
     /// Event streams open now, and the most allowed.
     event_streams: Arc<AtomicUsize>,
     max_event_streams: usize,
+    /// The latest batch's readings events for streams without a filter.
+    all_readings: Arc<events::AllReadings>,
     /// Readings answers being sent now (`api::MAX_READINGS_BODIES`).
     readings_bodies: Arc<tokio::sync::Semaphore>,
     /// Host names the API answers to when it is open (no operator tokens)
@@ -88,6 +90,7 @@ pub async fn start(
         shutdown,
         event_streams: Arc::new(AtomicUsize::new(0)),
         max_event_streams: settings.max_event_streams,
+        all_readings: Arc::default(),
         readings_bodies: Arc::new(tokio::sync::Semaphore::new(api::MAX_READINGS_BODIES)),
         allowed_hosts,
     });
