@@ -19,12 +19,15 @@ BIN=${BIN:-target/release}
 [ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 watcher_pids=()
-# Waits for the curls (they stop at --max-time) and their counts.
+# Waits for the curls (they stop at --max-time), then for their counts.
 stop_watchers() {
   for pid in "${watcher_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for i in $(seq 1 "${#watcher_pids[@]}"); do
+    for _ in $(seq 1 50); do [ -s "$work/watch-$i.bytes" ] && break; sleep 0.1; done
+  done
   watcher_pids=()
 }
-trap 'pkill -f "curl -sN --max-time" 2>/dev/null || true; kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill "${watcher_pids[@]}" "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 [ -n "$http_addr" ] || { cat "$work/hub.log"; echo "no web console address in the hub's log"; exit 1; }
 
 ticks=$(getconf CLK_TCK)
@@ -39,8 +42,8 @@ phase() {
     for i in $(seq 1 "$WATCHERS"); do
       q=${query//\{i\}/$(printf '%05d' "$i")}
       # curl streams for the phase and a little more; wc counts what arrived.
-      (curl -sN --max-time "$(( ${DURATION%s} + 4 ))" "http://$http_addr/api/v1/events?$q" |
-        wc -c > "$work/watch-$i.bytes") &
+      curl -sN --max-time "$(( ${DURATION%s} + 4 ))" "http://$http_addr/api/v1/events?$q" \
+        > >(wc -c > "$work/watch-$i.bytes") &
       watcher_pids+=("$!")
     done
     sleep 1

@@ -500,6 +500,7 @@ function devicePage(id) {
 
   // One load at a time; a request during one runs once after it.
   let loading = null;
+  let retry = null;
   let again = false;
   function loadCharts() {
     if (loading) {
@@ -527,6 +528,8 @@ function devicePage(id) {
       sensors = (await api("/devices/" + enc + "/sensors")).sensors;
     } catch (e) {
       pageError(e);
+      chartsEl.append(h("p", { class: "muted" }, "Charts could not be loaded; trying again…"));
+      retry = setTimeout(loadCharts, 5000);
       return;
     }
     if (!sensors.length) chartsEl.append(h("p", { class: "muted" }, "No readings stored for this device yet."));
@@ -540,7 +543,6 @@ function devicePage(id) {
       charts.add(chart);
       // live: readings that arrived as events since the chart loaded.
       const s = { chart, el, xs: [], avg: [], min: [], max: [], count: [], sum: [], live: 0 };
-      series.set(sensor, s);
       try {
         const res = await api("/devices/" + enc + "/readings?sensor=" + encodeURIComponent(sensor) +
           "&since=" + Math.floor(since) + "&bucket=" + r.bucket + "ms&agg=avg,min,max,count,sum");
@@ -556,6 +558,8 @@ function devicePage(id) {
       } catch (e) {
         pageError(e);
       }
+      // Live readings fold in only after the history, in time order.
+      series.set(sensor, s);
     }
   }
 
@@ -564,11 +568,9 @@ function devicePage(id) {
     if (!RANGES[range].live) return;
     const s = series.get(rd.sensor);
     if (!s) {
-      // A new sensor: once the current load is done, reload.
-      if (!loading && !sensors.includes(rd.sensor)) {
-        sensors.push(rd.sensor);
-        loadCharts();
-      }
+      // A sensor without a chart: load them again (once the current load
+      // is done, if one runs).
+      if (!sensors.includes(rd.sensor)) loadCharts();
       return;
     }
     const width = RANGES[range].bucket;
@@ -706,6 +708,7 @@ function devicePage(id) {
   });
   return () => {
     clearInterval(redraw);
+    clearTimeout(retry);
     stopEvents();
   };
 }

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -366,6 +366,7 @@ struct ReadingsJson<'a> {
     ))]
 async fn readings(
     state: Shared,
+    version: Version,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadingsParams>, QueryRejection>,
     headers: HeaderMap,
@@ -384,7 +385,7 @@ async fn readings(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|accept| accept.contains("text/csv")),
     };
-    answer_readings(state, id, p, csv).await
+    answer_readings(state, version, id, p, csv).await
 }
 
 /// The same as `readings`, always as CSV.
@@ -396,19 +397,28 @@ async fn readings(
     ))]
 async fn readings_csv(
     state: Shared,
+    version: Version,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadingsParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(p) = params?;
-    answer_readings(state, id, p, true).await
+    answer_readings(state, version, id, p, true).await
 }
 
 async fn answer_readings(
     State(state): Shared,
+    version: Version,
     id: Result<Path<String>, PathRejection>,
     p: ReadingsParams,
     csv: bool,
 ) -> Result<Response, ApiError> {
+    if version < Version::HTTP_11 {
+        return Err(ApiError::new(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "invalid_argument",
+            "readings stream in chunks: use HTTP/1.1 or later, so a cut-short answer shows as one",
+        ));
+    }
     let Path(device_id) = id?;
     let time = |raw: &Option<String>, what: &str| {
         raw.as_deref()
@@ -471,7 +481,7 @@ async fn answer_readings(
     let shutdown = state.shutdown.clone();
     state.tracker.spawn(async move {
         let _permit = permit;
-        // The body ends without `Piece::End` (broken, for the client) when
+        // The body ends without `Piece::Last` (broken, for the client) when
         // this returns early: a failed query, shutdown, a stalled client.
         let mut next = first;
         let mut out = head;
@@ -493,18 +503,21 @@ async fn answer_readings(
                     true
                 }
             };
-            let piece = Piece::Data(Bytes::from(std::mem::take(&mut out)));
+            // The last piece carries the end, so it is sent (or not) under
+            // the same timeout and shutdown as every other.
+            let bytes = Bytes::from(std::mem::take(&mut out));
+            let piece = if last {
+                Piece::Last(bytes)
+            } else {
+                Piece::Data(bytes)
+            };
             tokio::select! {
                 sent = tokio::time::timeout(STALLED_CLIENT, body_tx.send(piece)) => match sent {
-                    Ok(Ok(())) => {}
-                    // Gone, or not reading: drop it.
+                    Ok(Ok(())) if !last => {}
+                    // Done; or gone, or not reading: drop it.
                     _ => return,
                 },
                 _ = shutdown.cancelled() => return,
-            }
-            if last {
-                let _ = body_tx.send(Piece::End).await;
-                return;
             }
             next = tokio::select! {
                 chunk = rx.recv() => chunk,
@@ -521,7 +534,7 @@ async fn answer_readings(
         let mut rx = rx?;
         match rx.recv().await {
             Some(Piece::Data(bytes)) => Some((Ok(bytes), Some(rx))),
-            Some(Piece::End) => None,
+            Some(Piece::Last(bytes)) => Some((Ok(bytes), None)),
             None => Some((
                 Err(std::io::Error::other(
                     "the answer was cut short; see the hub's log",
@@ -543,10 +556,12 @@ pub(super) const MAX_READINGS_BODIES: usize = 32;
 pub(super) const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the body of a readings answer is made of; a body whose sender goes
-/// away before `End` ends broken, so a cut-short answer never looks whole.
+/// away before `Last` ends broken, so a cut-short answer never looks whole
+/// (to HTTP/1.1 and later: HTTP/1.0 is refused, as its only end of a body
+/// is a closed connection).
 enum Piece {
     Data(Bytes),
-    End,
+    Last(Bytes),
 }
 
 /// Waits for the query task, whose channel closed: did it end normally?

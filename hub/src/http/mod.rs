@@ -181,16 +181,19 @@ async fn authorize(
     }
 }
 
-/// Refuses a call from a page of another site: a Host the open API does
-/// not answer to (DNS rebinding), or a change (any method but GET and
-/// HEAD) whose Origin is not this host (a cross-site form).
+/// Refuses a call to the open API (no operator tokens) from a page of
+/// another site: a Host it does not answer to on loopback (DNS
+/// rebinding), or a change (any method but GET and HEAD) whose Origin is
+/// not this host (a cross-site form). An open API on a network address
+/// (`auth.allow_open`) answers to any Host, as its operator chose.
 fn check_origin(state: &ApiState, request: &Request) -> Result<(), ApiError> {
     let headers = request.headers();
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if let Some(allowed) = &state.allowed_hosts {
+    // Browsers always send a Host; a tool without one is no web page.
+    if let Some(allowed) = state.allowed_hosts.as_ref().filter(|_| !host.is_empty()) {
         let name = match host.rsplit_once(':') {
             Some((name, port)) if !port.contains(']') => name,
             _ => host,
@@ -206,8 +209,12 @@ fn check_origin(state: &ApiState, request: &Request) -> Result<(), ApiError> {
             ));
         }
     }
+    // With operator tokens, a cross-site page has no token to send (a
+    // bearer header needs CORS, which this API does not grant), and a
+    // proxy in front may rewrite Host: only the open API checks Origin.
     let method = request.method();
-    if method != axum::http::Method::GET
+    if state.auth.operators_open()
+        && method != axum::http::Method::GET
         && method != axum::http::Method::HEAD
         && let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
     {

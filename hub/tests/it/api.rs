@@ -221,6 +221,20 @@ async fn devices_readings_and_stats_answer_with_the_core_s_data() {
     let (_, none) = api.get("/devices/lab-1/readings?sensor=nothing").await;
     assert_eq!(none["readings"], json!([]));
 
+    // A streamed answer needs a way to show it was cut short: chunked
+    // encoding, HTTP/1.1.
+    let old = api
+        .request(reqwest::Method::GET, "/devices/lab-1/readings")
+        .version(reqwest::Version::HTTP_10)
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &answer(old).await,
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        "invalid_argument",
+        "HTTP/1.1",
+    );
     let (status, content_type, csv) = api
         .text("/devices/lab-1/readings?limit=2", "text/csv")
         .await;
@@ -801,6 +815,17 @@ async fn the_api_takes_operator_tokens_and_roles() {
     let admin = Api::with_token(&hub, ADMIN);
     let (status, sent) = admin.post("/commands", &ping).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
+    // Behind a proxy that rewrites Host and Origin, the token is what
+    // counts: a cross-site page has none to send.
+    let proxied = admin
+        .request(reqwest::Method::POST, "/commands")
+        .header("host", "hub.example")
+        .header("origin", "https://console.example")
+        .json(&ping)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), StatusCode::ACCEPTED);
     // The console's pages hold no data and need no token.
     let page = reqwest::get(format!("{}/", hub.http_url())).await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
