@@ -93,6 +93,15 @@ async fn openapi() -> Response {
     }
 }
 
+/// An empty query parameter (`since=`, as an HTML form sends it) is an
+/// absent one.
+pub(super) fn empty_as_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let raw = Option::<String>::deserialize(d)?;
+    Ok(raw.filter(|s| !s.is_empty()))
+}
+
 /// The body of every error answer.
 #[derive(Serialize, ToSchema)]
 pub(super) struct ErrorBody {
@@ -185,10 +194,13 @@ struct DevicePageJson {
 #[into_params(parameter_in = Query)]
 struct DeviceListParams {
     /// Devices after this id (paging).
+    #[serde(default, deserialize_with = "empty_as_none")]
     after: Option<String>,
     /// Devices per page (default 1000, at most 10000).
     limit: Option<u32>,
     /// `key=value` label selectors, comma-separated; all must match.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    #[param(pattern = r"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$")]
     label: Option<String>,
     /// Only devices online (true) or offline (false).
     online: Option<bool>,
@@ -276,21 +288,27 @@ async fn device_sensors(
 #[into_params(parameter_in = Query)]
 struct ReadingsParams {
     /// One sensor; all of the device's when absent.
+    #[serde(default, deserialize_with = "empty_as_none")]
     sensor: Option<String>,
     /// From (inclusive): a duration before now (`1h`), an RFC3339 time or
     /// ms since the epoch.
+    #[serde(default, deserialize_with = "empty_as_none")]
     since: Option<String>,
     /// Until (exclusive), in the same forms.
+    #[serde(default, deserialize_with = "empty_as_none")]
     until: Option<String>,
     /// Most rows (or buckets); 0 or absent: no limit.
     limit: Option<u64>,
     /// Bucket width (`1m`, `250ms`): aggregates per bucket instead of raw
     /// readings.
+    #[serde(default, deserialize_with = "empty_as_none")]
     bucket: Option<String>,
     /// Aggregates per bucket, comma-separated: avg, min, max, count, sum,
     /// first, last (default count,avg).
+    #[serde(default, deserialize_with = "empty_as_none")]
     agg: Option<String>,
     /// `csv` for CSV (also chosen by `Accept: text/csv`).
+    #[serde(default, deserialize_with = "empty_as_none")]
     format: Option<String>,
 }
 
@@ -359,8 +377,8 @@ struct ReadingsJson<'a> {
 /// `Accept: text/csv` or `format=csv`.
 #[utoipa::path(get, path = "/devices/{id}/readings", params(("id" = String, Path), ReadingsParams),
     responses(
-        (status = 200, body = ReadingsJson, content_type = "application/json"),
-        (status = 200, description = "CSV: sensor,seq,ts_ms,time,value (raw) or sensor,start_ms,time,<aggregates> (buckets)", content_type = "text/csv"),
+        (status = 200, description = "JSON; or CSV: sensor,seq,ts_ms,time,value (raw) or sensor,start_ms,time,<aggregates> (buckets)",
+            content((ReadingsJson = "application/json"), (String = "text/csv"))),
         (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody)
     ))]
@@ -803,6 +821,8 @@ struct Selector {
 struct SendCommandJson {
     device_id: Option<String>,
     selector: Option<Selector>,
+    /// 1 to 64 bytes.
+    #[schema(min_length = 1, max_length = 64)]
     name: String,
     /// A JSON object (default `{}`).
     #[schema(value_type = Object)]
@@ -829,6 +849,8 @@ struct SendErrorJson {
 /// Sends a command to one device, or to every device a label selector
 /// matches.
 #[utoipa::path(post, path = "/commands", request_body = SendCommandJson, responses(
+    (status = 415, body = ErrorBody, description = "the body is not application/json"),
+    (status = 422, body = ErrorBody, description = "the JSON is not a command (wrong shape, unknown field)"),
     (status = 202, body = SentCommandsJson),
     (status = 400, body = ErrorBody),
     (status = 404, body = ErrorBody),
@@ -904,12 +926,16 @@ async fn send_command(
 #[into_params(parameter_in = Query)]
 struct CommandListParams {
     /// One device's commands.
+    #[serde(default, deserialize_with = "empty_as_none")]
     device: Option<String>,
     /// One state (QUEUED, SENT, ..., CANCELLED).
+    #[serde(default, deserialize_with = "empty_as_none")]
     state: Option<String>,
     /// Created from (a duration before now, RFC3339 or ms).
+    #[serde(default, deserialize_with = "empty_as_none")]
     since: Option<String>,
     /// Created before.
+    #[serde(default, deserialize_with = "empty_as_none")]
     until: Option<String>,
     /// Most commands, newest first (default 1000, at most 100000).
     limit: Option<u32>,

@@ -25,7 +25,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
-use super::api::{CommandJson, STALLED_CLIENT};
+use super::api::{CommandJson, STALLED_CLIENT, empty_as_none};
 use super::{ApiError, ApiState};
 use crate::domain::{CommittedBatch, Presence};
 use crate::operator::live_readings;
@@ -43,11 +43,14 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
 #[into_params(parameter_in = Query)]
 pub(super) struct EventParams {
     /// Only this device's readings, commands and presence.
+    #[serde(default, deserialize_with = "empty_as_none")]
     device: Option<String>,
     /// Only this sensor's readings.
+    #[serde(default, deserialize_with = "empty_as_none")]
     sensor: Option<String>,
     /// Comma-separated kinds: readings, commands, presence, stats (default
     /// readings,commands,presence; stats sends the counters every second).
+    #[serde(default, deserialize_with = "empty_as_none")]
     kinds: Option<String>,
 }
 

@@ -218,6 +218,12 @@ async fn devices_readings_and_stats_answer_with_the_core_s_data() {
     assert_eq!(counted, 20);
     assert!(b[0].get("avg").is_none(), "only what was asked: {}", b[0]);
     assert_eq!(b.last().unwrap()["max"], 20.0);
+    // Empty parameters, as an HTML form sends them, are absent ones.
+    let (status, same) = api
+        .get("/devices/lab-1/readings?sensor=&since=&until=&bucket=&agg=&format=")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{same}");
+    assert_eq!(same["readings"].as_array().unwrap().len(), 20);
     let (_, none) = api.get("/devices/lab-1/readings?sensor=nothing").await;
     assert_eq!(none["readings"], json!([]));
 
