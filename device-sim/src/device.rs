@@ -133,7 +133,11 @@ impl SimDevice {
     }
 
     /// Runs until `stop`, reconnecting with backoff, then drains and closes.
-    pub async fn run(mut self, channel: Channel, stop: CancellationToken) -> DeviceEnd {
+    /// With several hubs it starts at one picked by its index (a fleet
+    /// spreads over them) and, when a stream breaks, tries the next one.
+    pub async fn run(mut self, hubs: Vec<Channel>, stop: CancellationToken) -> DeviceEnd {
+        assert!(!hubs.is_empty(), "at least one hub");
+        let mut at = self.cfg.index as usize % hubs.len();
         let mut backoff = Backoff::new(
             Duration::from_millis(100),
             Duration::from_secs(5),
@@ -146,7 +150,9 @@ impl SimDevice {
             if stop.is_cancelled() && drain_deadline.is_none() {
                 drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
             }
-            let end = self.stream_once(&channel, &stop, &mut drain_deadline).await;
+            let end = self
+                .stream_once(&hubs[at], &stop, &mut drain_deadline)
+                .await;
             match end {
                 StreamEnd::Closed if self.unacked.is_empty() => return DeviceEnd::Clean,
                 StreamEnd::Closed | StreamEnd::DrainTimedOut => return DeviceEnd::Unclean,
@@ -166,6 +172,8 @@ impl SimDevice {
                     if std::mem::take(&mut self.welcomed) {
                         backoff.reset();
                     }
+                    // The next attempt goes to the next hub, if there are more.
+                    at = (at + 1) % hubs.len();
                     let wait = backoff.next();
                     let wake = match drain_deadline {
                         Some(d) => (Instant::now() + wait).min(d),

@@ -16,7 +16,8 @@ pub const DEVICES_PER_CONNECTION: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    /// Hub URL, e.g. http://127.0.0.1:50051.
+    /// Hub URL, e.g. http://127.0.0.1:50051; several, comma-separated, to
+    /// fail over between.
     pub hub: String,
     pub devices: usize,
     /// Readings per second per device, all its sensors together.
@@ -152,6 +153,9 @@ impl FleetConfig {
         if self.batch_interval.is_zero() {
             return Err(FleetError::Invalid("batch-interval must be longer than 0"));
         }
+        if self.hub_urls().is_empty() {
+            return Err(FleetError::Invalid("at least one hub URL is needed"));
+        }
         if self.connections == Some(0) {
             return Err(FleetError::Invalid("connections must be at least 1"));
         }
@@ -166,6 +170,16 @@ impl FleetConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The hubs of `hub`: one URL, or several separated by commas that the
+    /// devices fail over between.
+    pub fn hub_urls(&self) -> Vec<&str> {
+        self.hub
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -184,8 +198,14 @@ pub async fn run(
 ) -> Result<FleetSummary, FleetError> {
     cfg.validate()?;
     let started = Instant::now();
+    // Per connection slot, one channel to each hub.
+    let hubs = cfg.hub_urls();
     let channels = (0..cfg.connection_count())
-        .map(|_| channel(&cfg.hub, cfg.tls.as_ref()))
+        .map(|_| {
+            hubs.iter()
+                .map(|url| channel(url, cfg.tls.as_ref()))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut devices = JoinSet::new();
     for n in 0..cfg.devices {

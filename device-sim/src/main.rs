@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Hub URL.
+    /// Hub URL; several, comma-separated, and each device fails over to the
+    /// next when its stream breaks (devices start spread over them).
     #[arg(long, env = "HUB_ADDR", default_value = "http://127.0.0.1:50051")]
     hub: String,
     /// Number of devices.

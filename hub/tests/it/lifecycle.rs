@@ -317,3 +317,34 @@ async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
     drop(stuck);
     hub.assert_no_leaks().await;
 }
+
+/// `device-sim --hub A,B`: the devices that start at a hub that is not
+/// there move on to the next one, and the fleet's readings are all stored
+/// there exactly once. (Groundwork of issue 12's failover between hubs
+/// that share one database.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_fail_over_to_the_next_hub_url() {
+    let hub = spawn_hub().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The listener is gone: connecting to it is refused.
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        hub: format!("http://{dead}, {}", hub.url()),
+        devices: 4,
+        rate_hz: 20.0,
+        id_prefix: "fo-".into(),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(40).await;
+    let summary = fleet.finish().await;
+    assert_eq!(summary.clean_devices, 4, "{summary:?}");
+    assert!(
+        summary.reconnects >= 2,
+        "half the devices started at the dead hub: {summary:?}"
+    );
+    assert_fleet_stored_exactly(&hub, "fo-", &summary).await;
+    hub.assert_no_leaks().await;
+}
