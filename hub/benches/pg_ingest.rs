@@ -8,7 +8,8 @@
 //!
 //! - multi-row INSERT, 1000 rows per statement (5 binds a row);
 //! - INSERT … SELECT FROM UNNEST of 5 arrays, one statement per commit;
-//! - COPY FROM STDIN (text), one per commit;
+//! - COPY FROM STDIN (text), one per commit; then the same from 2 and 4
+//!   connections at once, each with its share of the devices;
 //! - blocks: every series' rows encoded by `store::codec` (as compaction
 //!   does), one row per block, written with COPY (binary data as hex).
 //!
@@ -259,6 +260,43 @@ fn main() {
             t,
             table_bytes(&mut conn, "readings").await,
         );
+
+        // The same COPY from several connections at once, each with its
+        // share of the devices (as one staging writer per part, or one per
+        // hub, would).
+        for writers in [2usize, 4] {
+            reset_rows(&mut conn).await;
+            let mut conns = Vec::with_capacity(writers);
+            for _ in 0..writers {
+                let mut c = PgConnection::connect(&url).await.expect("connect");
+                sqlx::query(&format!("SET search_path TO {schema}"))
+                    .execute(&mut c)
+                    .await
+                    .expect("search_path");
+                conns.push(c);
+            }
+            let shares: Vec<Vec<Row>> = (0..writers)
+                .map(|w| {
+                    data.iter()
+                        .filter(|r| r.device as usize % writers == w)
+                        .copied()
+                        .collect()
+                })
+                .collect();
+            let t = Instant::now();
+            let runs = conns.iter_mut().zip(&shares).map(|(c, share)| async move {
+                for commit in share.chunks(per_commit / writers) {
+                    copy_rows(c, commit).await;
+                }
+            });
+            futures_util::future::join_all(runs).await;
+            report(
+                &format!("COPY, {writers} connections at once"),
+                total,
+                t,
+                table_bytes(&mut conn, "readings").await,
+            );
+        }
 
         // Blocks: each series' points encoded as compaction would (rows
         // grouped by series, sorted by (ts, seq)), at most 4096 a block.
