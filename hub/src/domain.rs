@@ -273,6 +273,31 @@ pub enum Aggregate {
     Last,
 }
 
+impl Aggregate {
+    pub const ALL: [Aggregate; 7] = [
+        Aggregate::Avg,
+        Aggregate::Min,
+        Aggregate::Max,
+        Aggregate::Count,
+        Aggregate::Sum,
+        Aggregate::First,
+        Aggregate::Last,
+    ];
+
+    /// Its lowercase name, as operators write it (`avg`, `min`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregate::Avg => "avg",
+            Aggregate::Min => "min",
+            Aggregate::Max => "max",
+            Aggregate::Count => "count",
+            Aggregate::Sum => "sum",
+            Aggregate::First => "first",
+            Aggregate::Last => "last",
+        }
+    }
+}
+
 /// What a query asks for.
 #[derive(Debug, Clone)]
 pub struct ReadingQuery {
@@ -307,6 +332,19 @@ impl Bucket {
         self.sum / self.count as f64
     }
 
+    /// The value of one aggregate (count as a float).
+    pub fn value(&self, a: Aggregate) -> f64 {
+        match a {
+            Aggregate::Avg => self.avg(),
+            Aggregate::Min => self.min,
+            Aggregate::Max => self.max,
+            Aggregate::Count => self.count as f64,
+            Aggregate::Sum => self.sum,
+            Aggregate::First => self.first,
+            Aggregate::Last => self.last,
+        }
+    }
+
     /// Start of the epoch-aligned bucket of `width` ms holding `ts_ms`;
     /// never overflows, whatever the two are.
     pub fn start_of(ts_ms: i64, width: i64) -> i64 {
@@ -315,6 +353,22 @@ impl Bucket {
             .checked_sub(ts_ms.rem_euclid(width))
             .unwrap_or(i64::MIN)
     }
+}
+
+/// RFC3339 UTC with milliseconds (2026-11-25T12:00:00.123Z); a time
+/// before 1970 or after 9999 (which humantime would panic on), as its
+/// number of ms.
+pub fn rfc3339_ms(ts_ms: i64) -> String {
+    /// 9999-12-31T23:59:59.999Z, the last time humantime prints.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    u64::try_from(ts_ms)
+        .ok()
+        .filter(|ms| *ms <= LAST_MS)
+        .and_then(|ms| UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)))
+        .map_or_else(
+            || ts_ms.to_string(),
+            |t| humantime::format_rfc3339_millis(t).to_string(),
+        )
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -468,6 +522,16 @@ mod tests {
         assert_eq!(Bucket::start_of(i64::MIN, 3), i64::MIN);
         assert_eq!(Bucket::start_of(i64::MAX, i64::MAX), i64::MAX);
         assert_eq!(Bucket::start_of(i64::MIN + 1, i64::MAX), i64::MIN + 1);
+    }
+
+    #[test]
+    fn rfc3339_never_panics() {
+        assert_eq!(rfc3339_ms(1_767_323_045_250), "2026-01-02T03:04:05.250Z");
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(-5), "-5");
+        // Past what humantime prints (year 9999), or SystemTime holds.
+        assert_eq!(rfc3339_ms(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(i64::MAX), i64::MAX.to_string());
     }
 }
 

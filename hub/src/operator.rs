@@ -168,20 +168,12 @@ pub fn parse_bucket(raw: &str) -> Result<Duration, String> {
 pub fn parse_aggregates(raw: &str) -> Result<Vec<Aggregate>, String> {
     let mut out = Vec::new();
     for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let agg = match name.to_ascii_lowercase().as_str() {
-            "avg" => Aggregate::Avg,
-            "min" => Aggregate::Min,
-            "max" => Aggregate::Max,
-            "count" => Aggregate::Count,
-            "sum" => Aggregate::Sum,
-            "first" => Aggregate::First,
-            "last" => Aggregate::Last,
-            _ => {
-                return Err(format!(
-                    "unknown aggregate {name:?} (avg, min, max, count, sum, first, last)"
-                ));
-            }
-        };
+        let agg = Aggregate::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!("unknown aggregate {name:?} (avg, min, max, count, sum, first, last)")
+            })?;
         if !out.contains(&agg) {
             out.push(agg);
         }

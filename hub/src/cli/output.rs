@@ -1,7 +1,6 @@
 //! Table, CSV and JSON-lines output of the client subcommands.
 
 use std::io::{self, Write};
-use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
 use serde_json::{Map, Value, json};
@@ -16,13 +15,7 @@ pub enum Format {
     Json,
 }
 
-/// RFC3339 UTC with milliseconds, e.g. 2026-11-25T12:00:00.123Z.
-pub fn rfc3339_ms(ts_ms: i64) -> String {
-    if ts_ms < 0 {
-        return ts_ms.to_string();
-    }
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ts_ms as u64)).to_string()
-}
+pub use crate::domain::rfc3339_ms;
 
 /// Which aggregate columns a bucketed query prints, in the order asked.
 pub struct BucketColumns(Vec<AggArg>);

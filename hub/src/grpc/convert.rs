@@ -146,14 +146,14 @@ pub fn aggregates(raw: &[i32]) -> Result<Vec<Aggregate>, Status> {
 
 /// A bucket with only the requested aggregates set (count is always set).
 pub fn bucket_row(b: Bucket, wanted: &[Aggregate]) -> pb::BucketRow {
-    let pick = |a: Aggregate, v: f64| wanted.contains(&a).then_some(v);
+    let pick = |a: Aggregate| wanted.contains(&a).then(|| b.value(a));
     pb::BucketRow {
-        avg: pick(Aggregate::Avg, b.avg()),
-        min: pick(Aggregate::Min, b.min),
-        max: pick(Aggregate::Max, b.max),
-        sum: pick(Aggregate::Sum, b.sum),
-        first: pick(Aggregate::First, b.first),
-        last: pick(Aggregate::Last, b.last),
+        avg: pick(Aggregate::Avg),
+        min: pick(Aggregate::Min),
+        max: pick(Aggregate::Max),
+        sum: pick(Aggregate::Sum),
+        first: pick(Aggregate::First),
+        last: pick(Aggregate::Last),
         sensor: b.sensor,
         bucket_start_ms: b.start_ms,
         count: b.count,

@@ -20,6 +20,7 @@ use super::{ApiError, ApiState};
 use crate::auth::Operator;
 use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandState, CommandTransition, DeviceRecord, StoredReading,
+    rfc3339_ms,
 };
 use crate::operator::{
     DeviceFilter, HubStats, OpError, ReadingsRequest, parse_aggregates, parse_bucket, parse_labels,
@@ -100,6 +101,21 @@ pub(super) fn empty_as_none<'de, D: serde::Deserializer<'de>>(
 ) -> Result<Option<String>, D::Error> {
     let raw = Option::<String>::deserialize(d)?;
     Ok(raw.filter(|s| !s.is_empty()))
+}
+
+/// A time query parameter (`since`, `until`), parsed as every door parses
+/// times.
+fn time_param(raw: &Option<String>, what: &str) -> Result<Option<i64>, ApiError> {
+    raw.as_deref()
+        .map(parse_time)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+}
+
+/// Who made a change, for the log: the token's name (never its value), or
+/// "open" when the API takes no tokens.
+fn caller(operator: Option<axum::Extension<Operator>>) -> String {
+    operator.map_or_else(|| "open".to_owned(), |op| op.0.name)
 }
 
 /// The body of every error answer.
@@ -345,17 +361,17 @@ struct BucketJson<'a> {
 
 impl<'a> BucketJson<'a> {
     fn new(b: &'a Bucket, wanted: &[Aggregate]) -> Self {
-        let pick = |a: Aggregate, v: f64| wanted.contains(&a).then_some(v);
+        let pick = |a: Aggregate| wanted.contains(&a).then(|| b.value(a));
         Self {
             sensor: &b.sensor,
             start_ms: b.start_ms,
             count: wanted.contains(&Aggregate::Count).then_some(b.count),
-            avg: pick(Aggregate::Avg, b.avg()),
-            min: pick(Aggregate::Min, b.min),
-            max: pick(Aggregate::Max, b.max),
-            sum: pick(Aggregate::Sum, b.sum),
-            first: pick(Aggregate::First, b.first),
-            last: pick(Aggregate::Last, b.last),
+            avg: pick(Aggregate::Avg),
+            min: pick(Aggregate::Min),
+            max: pick(Aggregate::Max),
+            sum: pick(Aggregate::Sum),
+            first: pick(Aggregate::First),
+            last: pick(Aggregate::Last),
         }
     }
 }
@@ -438,14 +454,8 @@ async fn answer_readings(
         ));
     }
     let Path(device_id) = id?;
-    let time = |raw: &Option<String>, what: &str| {
-        raw.as_deref()
-            .map(parse_time)
-            .transpose()
-            .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
-    };
-    let since_ms = time(&p.since, "since")?;
-    let until_ms = time(&p.until, "until")?;
+    let since_ms = time_param(&p.since, "since")?;
+    let until_ms = time_param(&p.until, "until")?;
     let bucket_ms = match &p.bucket {
         Some(raw) => parse_bucket(raw)
             .map_err(|e| ApiError::invalid(format!("bucket: {e}")))?
@@ -479,16 +489,15 @@ async fn answer_readings(
     let query = state.tracker.spawn(query::run(store, q, tx));
     // The first chunk decides the status: an error before any data is an
     // error answer, not a 200 with a broken body.
-    let first = rx.recv().await;
     let mut query = Some(query);
-    match &first {
-        Some(Err(_)) => {
-            let Some(Err(e)) = first else { unreachable!() };
-            return Err(OpError::from(e).into());
+    let first = match rx.recv().await {
+        Some(Err(e)) => return Err(OpError::from(e).into()),
+        None => {
+            finished(query.take()).await?;
+            None
         }
-        None => finished(query.take()).await?,
-        Some(Ok(_)) => {}
-    }
+        chunk => chunk,
+    };
     let mut encoder = Encoder {
         csv,
         wanted,
@@ -611,7 +620,7 @@ impl Encoder {
                 out.extend_from_slice(b"sensor,start_ms,time");
                 for a in &self.wanted {
                     out.push(b',');
-                    out.extend_from_slice(aggregate_name(*a).as_bytes());
+                    out.extend_from_slice(a.name().as_bytes());
                 }
                 out.push(b'\n');
             } else {
@@ -651,7 +660,7 @@ impl Encoder {
                     csv_field(&r.sensor),
                     r.seq,
                     r.ts_ms,
-                    rfc3339(r.ts_ms),
+                    rfc3339_ms(r.ts_ms),
                     r.value
                 )
                 .as_bytes(),
@@ -674,20 +683,14 @@ impl Encoder {
                 "{},{},{}",
                 csv_field(&b.sensor),
                 b.start_ms,
-                rfc3339(b.start_ms)
+                rfc3339_ms(b.start_ms)
             );
             for a in &self.wanted {
-                let v = match a {
-                    Aggregate::Count => b.count.to_string(),
-                    Aggregate::Avg => b.avg().to_string(),
-                    Aggregate::Min => b.min.to_string(),
-                    Aggregate::Max => b.max.to_string(),
-                    Aggregate::Sum => b.sum.to_string(),
-                    Aggregate::First => b.first.to_string(),
-                    Aggregate::Last => b.last.to_string(),
-                };
                 line.push(',');
-                line.push_str(&v);
+                match a {
+                    Aggregate::Count => line.push_str(&b.count.to_string()),
+                    other => line.push_str(&b.value(*other).to_string()),
+                }
             }
             line.push('\n');
             out.extend_from_slice(line.as_bytes());
@@ -703,18 +706,6 @@ impl Encoder {
     }
 }
 
-fn aggregate_name(a: Aggregate) -> &'static str {
-    match a {
-        Aggregate::Avg => "avg",
-        Aggregate::Min => "min",
-        Aggregate::Max => "max",
-        Aggregate::Count => "count",
-        Aggregate::Sum => "sum",
-        Aggregate::First => "first",
-        Aggregate::Last => "last",
-    }
-}
-
 /// A CSV field, quoted when it must be; one a spreadsheet would take for
 /// a formula starts with `'`.
 fn csv_field(raw: &str) -> std::borrow::Cow<'_, str> {
@@ -725,16 +716,6 @@ fn csv_field(raw: &str) -> std::borrow::Cow<'_, str> {
     } else {
         raw.into()
     }
-}
-
-fn rfc3339(ms: i64) -> String {
-    let at = if ms >= 0 {
-        std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms as u64))
-    } else {
-        std::time::UNIX_EPOCH.checked_sub(std::time::Duration::from_millis(ms.unsigned_abs()))
-    };
-    at.map(|t| humantime::format_rfc3339_millis(t).to_string())
-        .unwrap_or_default()
 }
 
 // ---- commands ----
@@ -873,7 +854,7 @@ async fn send_command(
         ),
         None => None,
     };
-    let by = operator.map_or_else(|| "open".to_owned(), |op| op.0.name);
+    let by = caller(operator);
     let (commands, errors) = match (req.device_id, req.selector) {
         (Some(device_id), None) => {
             let rec = state
@@ -956,13 +937,7 @@ async fn list_commands(
     params: Result<Query<CommandListParams>, QueryRejection>,
 ) -> Result<Json<CommandListJson>, ApiError> {
     let Query(p) = params?;
-    let time = |raw: &Option<String>, what: &str| {
-        raw.as_deref()
-            .map(parse_time)
-            .transpose()
-            .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
-    };
-    let state_filter = match p.state.as_deref().filter(|s| !s.is_empty()) {
+    let state_filter = match p.state.as_deref() {
         Some(raw) => Some(CommandState::parse(raw).ok_or_else(|| {
             ApiError::invalid(format!(
                 "unknown state {raw:?} (QUEUED, SENT, RECEIVED, SUCCEEDED, FAILED, REJECTED, EXPIRED, CANCELLED)"
@@ -971,10 +946,10 @@ async fn list_commands(
         None => None,
     };
     let filter = CommandFilter {
-        device_id: p.device.filter(|d| !d.is_empty()),
+        device_id: p.device,
         state: state_filter,
-        since_ms: time(&p.since, "since")?,
-        until_ms: time(&p.until, "until")?,
+        since_ms: time_param(&p.since, "since")?,
+        until_ms: time_param(&p.until, "until")?,
         limit: p.limit.unwrap_or(0),
     };
     let commands = state.ops.list_commands(filter).await?;
@@ -1013,7 +988,7 @@ async fn cancel_command(
 ) -> Result<Json<CommandJson>, ApiError> {
     let Path(id) = id?;
     let rec = state.ops.cancel_command(&id).await?;
-    let by = operator.map_or_else(|| "open".to_owned(), |op| op.0.name);
+    let by = caller(operator);
     tracing::info!(by, command_id = rec.command_id, "command cancelled (http)");
     Ok(Json(CommandJson::new(rec, None)))
 }

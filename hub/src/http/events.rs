@@ -149,8 +149,7 @@ pub(super) async fn events(
 ) -> Result<Response, ApiError> {
     let Query(p) = params?;
     let kinds = Kinds::parse(p.kinds.as_deref())?;
-    let device = p.device.filter(|d| !d.is_empty());
-    let sensor = p.sensor.filter(|s| !s.is_empty());
+    let (device, sensor) = (p.device, p.sensor);
     let Some(slot) = StreamSlot::take(&state.event_streams, state.max_event_streams) else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

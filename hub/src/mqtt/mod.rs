@@ -88,11 +88,6 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-fn rfc3339_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl Bridge {
     pub fn new(
         settings: MqttSettings,
@@ -467,7 +462,7 @@ impl Bridge {
 }
 
 fn status_payload(p: &Presence) -> Vec<u8> {
-    json!({"online": p.online, "since": rfc3339_ms(p.since_ms), "firmware": p.firmware})
+    json!({"online": p.online, "since": crate::domain::rfc3339_ms(p.since_ms), "firmware": p.firmware})
         .to_string()
         .into_bytes()
 }
