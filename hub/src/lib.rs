@@ -5,8 +5,9 @@
 //!    ▲                                 │                                   │
 //!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task, group commit)
 //!                                                                          │
-//! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ──▶ query ──▶ store (SQLite, WAL)
-//!                                      └──▶ commands (task) ══Command══▶ session ══▶ device
+//! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ─┐
+//! browser ══HTTP /api/v1, SSE══▶ http ─────────────────┴▶ operator ──▶ query ──▶ store (SQLite, WAL)
+//!                                                          └──▶ commands (task) ══Command══▶ session ══▶ device
 //! ```
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
@@ -25,6 +26,8 @@
 //! - [`query`]: paged, merged or bucketed reading queries.
 //! - [`retention`]: old readings deleted in small steps through the writer.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
+//! - [`http`]: the web console and its HTTP/JSON API (axum), another door
+//!   to [`operator`]; live events by Server-Sent Events.
 //! - [`prometheus`]: the optional `/metrics` endpoint.
 //! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
 //!   command events out, commands in (through [`commands`]).
