@@ -275,6 +275,12 @@ pub enum Synchronous {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
+    /// Where readings and commands are kept: the embedded SQLite file at
+    /// `path` (the default) or a PostgreSQL database at `url`.
+    pub backend: Backend,
+    /// `postgres://user:password@host:port/database` (backend = "postgres").
+    pub url: DatabaseUrl,
+    /// The SQLite database file (backend = "sqlite").
     pub path: PathBuf,
     pub synchronous: Synchronous,
     #[serde(with = "humantime_serde")]
@@ -288,6 +294,36 @@ pub struct StorageSettings {
     pub retention: Duration,
     /// Where backups go (empty: `backups` beside `path`).
     pub backup_dir: PathBuf,
+}
+
+/// A database URL, which may hold a password: printed masked.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&masked_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&masked_url(&self.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
 }
 
 impl StorageSettings {
@@ -595,9 +631,16 @@ impl Settings {
         )?;
         let st = &self.storage;
         check(
-            !st.path.as_os_str().is_empty(),
+            st.backend == Backend::Postgres || !st.path.as_os_str().is_empty(),
             "storage.path",
             "must not be empty",
+        )?;
+        check(
+            st.backend == Backend::Sqlite
+                || st.url.0.starts_with("postgres://")
+                || st.url.0.starts_with("postgresql://"),
+            "storage.url",
+            "must be postgres://user@host:port/database when storage.backend = \"postgres\"",
         )?;
         check(
             st.read_connections >= 1,
@@ -686,6 +729,7 @@ impl Settings {
             }
         };
         mask(&mut shown.mqtt.password);
+        shown.storage.url = DatabaseUrl(masked_url(shown.storage.url.as_str()));
         shown.auth.fleet_keys.values_mut().for_each(mask);
         shown
             .auth
@@ -693,6 +737,20 @@ impl Settings {
             .iter_mut()
             .for_each(|t| mask(&mut t.token));
         toml_lines(&shown)
+    }
+}
+
+/// A database URL with its password (if any) masked, for printing.
+pub fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -886,8 +944,10 @@ mod mqtt_tests {
     fn the_password_never_prints() {
         let mut s = Settings::defaults().unwrap();
         s.mqtt.password = "hunter2".into();
+        s.storage.url = DatabaseUrl("postgres://hub:hunter2@db:5432/hub".into());
         let text = s.to_toml();
         assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("postgres://hub:********@db:5432/hub"), "{text}");
         assert!(text.contains("password = \"********\""), "{text}");
         assert!(!format!("{s:?}").contains("hunter2"));
     }

@@ -265,6 +265,9 @@ pub fn backup_status(err: BackupError) -> Status {
         BackupError::Exists(_) => Status::already_exists(err.to_string()),
         BackupError::CreateDir(..) => Status::failed_precondition(err.to_string()),
         BackupError::Unsound(..) => Status::internal(err.to_string()),
+        BackupError::Store(e @ StoreError::NotOnPostgres(..)) => {
+            Status::failed_precondition(e.to_string())
+        }
         BackupError::Store(e) => store_status(e),
     }
 }

@@ -54,6 +54,13 @@ pub async fn backup(
     if !plain {
         return Err(BackupError::BadName(name.to_owned()));
     }
+    if store.backend() != crate::config::Backend::Sqlite {
+        return Err(StoreError::NotOnPostgres(
+            "hub backup",
+            "back the database up with pg_dump (see the README)",
+        )
+        .into());
+    }
     private_dir(root, true)?;
     let dir = root.join(name);
     match private_dir(&dir, false) {

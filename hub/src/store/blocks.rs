@@ -18,8 +18,10 @@
 use std::collections::HashMap;
 
 use super::codec::{self, Point};
+use super::db::{Val, with_conn, with_pool};
 use super::write::{Batched, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_table};
 use super::{Store, StoreError};
+use crate::config::Backend;
 use crate::domain::{DeviceKey, SensorKey};
 
 /// Blocks of one level merged into one of the next.
@@ -147,10 +149,11 @@ impl WriteTx<'_> {
     ) -> Result<(), StoreError> {
         self.insert_blocks(blocks).await?;
         // No WHERE: SQLite's truncate optimisation frees the pages at once.
-        let deleted = sqlx::query(&format!("DELETE FROM {}", staging_table(part)))
-            .execute(self.conn.conn())
-            .await?
-            .rows_affected();
+        // (On PostgreSQL a DELETE, not a TRUNCATE: readers keep reading.)
+        let sql = format!("DELETE FROM {}", staging_table(part));
+        let deleted = with_conn!(self.conn.conn(), c => {
+            sqlx::query(&sql).execute(c).await?.rows_affected()
+        });
         if deleted != staged {
             return Err(StoreError::StagingChanged {
                 expected: staged,
@@ -161,14 +164,16 @@ impl WriteTx<'_> {
     }
 
     pub async fn insert_blocks(&mut self, blocks: &[NewBlock]) -> Result<(), StoreError> {
-        self.execute_batched(Batched::Blocks, blocks, |q, b| {
-            q.bind(b.device.0)
-                .bind(b.sensor.0)
-                .bind(i64::from(b.level))
-                .bind(b.first_ts)
-                .bind(b.last_ts)
-                .bind(i64::from(b.count))
-                .bind(b.data.clone())
+        self.execute_batched(Batched::Blocks, blocks, |b, out| {
+            out.extend([
+                Val::I(b.device.0),
+                Val::I(b.sensor.0),
+                Val::I(i64::from(b.level)),
+                Val::I(b.first_ts),
+                Val::I(b.last_ts),
+                Val::I(i64::from(b.count)),
+                Val::B(&b.data),
+            ]);
         })
         .await
     }
@@ -176,16 +181,16 @@ impl WriteTx<'_> {
     /// Merges one series' blocks of `level` (up to [`MAX_MERGE_BLOCKS`],
     /// oldest first) into one block.
     async fn merge_series(&mut self, series: Series, level: u8) -> Result<Merged, StoreError> {
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, data FROM blocks WHERE device_id = ? AND sensor_id = ? AND level = ? \
-             ORDER BY first_ts, id LIMIT ?",
+        let rows: Vec<(i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
+            "SELECT id, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 AND level = $3 \
+             ORDER BY first_ts, id LIMIT $4",
         )
         .bind(series.0.0)
         .bind(series.1.0)
         .bind(i64::from(level))
         .bind(MAX_MERGE_BLOCKS)
-        .fetch_all(self.conn.conn())
-        .await?;
+        .fetch_all(c)
+        .await?);
         let mut merged = Merged {
             series,
             from_level: level,
@@ -209,10 +214,7 @@ impl WriteTx<'_> {
         merged.into = blocks.first().map(|b| b.level);
         self.insert_blocks(&blocks).await?;
         for (id, _) in &rows {
-            sqlx::query("DELETE FROM blocks WHERE id = ?")
-                .bind(id)
-                .execute(self.conn.conn())
-                .await?;
+            self.delete_block(*id).await?;
         }
         Ok(merged)
     }
@@ -229,16 +231,18 @@ impl WriteTx<'_> {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<(u64, bool), StoreError> {
-        let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, level, last_ts, count, data FROM blocks \
-             WHERE device_id = ? AND sensor_id = ? AND first_ts < ? ORDER BY first_ts, id LIMIT ?",
-        )
-        .bind(device.0)
-        .bind(sensor.0)
-        .bind(cutoff_ms)
-        .bind(RETAIN_BLOCKS)
-        .fetch_all(self.conn.conn())
-        .await?;
+        let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_as(
+                "SELECT id, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
+                 AND sensor_id = $2 AND first_ts < $3 ORDER BY first_ts, id LIMIT $4",
+            )
+            .bind(device.0)
+            .bind(sensor.0)
+            .bind(cutoff_ms)
+            .bind(RETAIN_BLOCKS)
+            .fetch_all(c)
+            .await?
+        });
         let mut done = rows.len() < RETAIN_BLOCKS as usize;
         let mut deleted = 0u64;
         for (id, level, last_ts, count, data) in rows {
@@ -257,10 +261,7 @@ impl WriteTx<'_> {
                     }
                 }
             };
-            sqlx::query("DELETE FROM blocks WHERE id = ?")
-                .bind(id)
-                .execute(self.conn.conn())
-                .await?;
+            self.delete_block(id).await?;
             let Some(mut points) = points else {
                 deleted += count as u64;
                 continue;
@@ -280,6 +281,17 @@ impl WriteTx<'_> {
         // pass would come back to it forever.
         Ok((deleted, done || deleted == 0))
     }
+
+    async fn delete_block(&mut self, id: i64) -> Result<(), StoreError> {
+        with_conn!(self.conn.conn(), c => {
+            sqlx::query("DELETE FROM blocks WHERE id = $1")
+                .bind(id)
+                .execute(c)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
 }
 
 impl StoreWriter {
@@ -287,12 +299,13 @@ impl StoreWriter {
     pub async fn staged_rows(&mut self) -> Result<Vec<Vec<RowToInsert>>, StoreError> {
         let mut parts = Vec::with_capacity(STAGING_PARTS);
         for part in 0..STAGING_PARTS {
-            let rows: Vec<(i64, i64, i64, i64, f64)> = sqlx::query_as(&format!(
+            let sql = format!(
                 "SELECT device_id, sensor_id, ts_ms, seq, value FROM {}",
                 staging_table(part)
-            ))
-            .fetch_all(self.conn().conn())
-            .await?;
+            );
+            let rows: Vec<(i64, i64, i64, i64, f64)> = with_conn!(self.conn().conn(), c => {
+                sqlx::query_as(&sql).fetch_all(c).await?
+            });
             parts.push(
                 rows.into_iter()
                     .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
@@ -311,13 +324,15 @@ impl StoreWriter {
     /// Blocks below the sealed level, counted per series and level: what
     /// the writer merges.
     pub async fn open_blocks(&mut self) -> Result<Vec<(Series, u8, u32)>, StoreError> {
-        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-            "SELECT device_id, sensor_id, level, count(*) FROM blocks WHERE level < ? \
-             GROUP BY device_id, sensor_id, level",
-        )
-        .bind(i64::from(SEALED))
-        .fetch_all(self.conn().conn())
-        .await?;
+        let rows: Vec<(i64, i64, i64, i64)> = with_conn!(self.conn().conn(), c => {
+            sqlx::query_as(
+                "SELECT device_id, sensor_id, level, count(*) FROM blocks WHERE level < $1 \
+                 GROUP BY device_id, sensor_id, level",
+            )
+            .bind(i64::from(SEALED))
+            .fetch_all(c)
+            .await?
+        });
         Ok(rows
             .into_iter()
             .map(|(d, s, level, n)| ((DeviceKey(d), SensorKey(s)), level as u8, n as u32))
@@ -354,10 +369,14 @@ impl StoreWriter {
     /// start-up, before the hub serves; safe to interrupt (each step moves
     /// its readings in one transaction).
     pub async fn convert_legacy(&mut self) -> Result<u64, StoreError> {
+        if self.conn().backend() != Backend::Sqlite {
+            // PostgreSQL databases began with blocks.
+            return Ok(0);
+        }
         let exists: Option<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'readings'",
         )
-        .fetch_optional(self.conn().conn())
+        .fetch_optional(self.sqlite())
         .await?;
         if exists.is_none() {
             return Ok(0);
@@ -366,7 +385,7 @@ impl StoreWriter {
         loop {
             let next: Option<(i64, i64)> =
                 sqlx::query_as("SELECT device_id, sensor_id FROM readings LIMIT 1")
-                    .fetch_optional(self.conn().conn())
+                    .fetch_optional(self.sqlite())
                     .await?;
             let Some((device, sensor)) = next else { break };
             let series = (DeviceKey(device), SensorKey(sensor));
@@ -379,7 +398,7 @@ impl StoreWriter {
             .bind(device)
             .bind(sensor)
             .bind(LEGACY_RUN)
-            .fetch_all(tx.conn.conn())
+            .fetch_all(tx.sqlite())
             .await?;
             let points: Vec<Point> = rows
                 .into_iter()
@@ -401,7 +420,7 @@ impl StoreWriter {
             .bind(sensor)
             .bind(last.ts_ms)
             .bind(last.seq as i64)
-            .execute(tx.conn.conn())
+            .execute(tx.sqlite())
             .await?;
             tx.commit().await?;
             let before = converted;
@@ -414,9 +433,22 @@ impl StoreWriter {
             }
         }
         sqlx::query("DROP TABLE readings")
-            .execute(self.conn().conn())
+            .execute(self.sqlite())
             .await?;
         Ok(converted)
+    }
+}
+
+impl StoreWriter {
+    /// The SQLite connection, for the legacy conversion (SQLite only).
+    fn sqlite(&mut self) -> &mut sqlx::SqliteConnection {
+        self.conn().conn().sqlite().expect("called on SQLite only")
+    }
+}
+
+impl WriteTx<'_> {
+    fn sqlite(&mut self) -> &mut sqlx::SqliteConnection {
+        self.conn.conn().sqlite().expect("called on SQLite only")
     }
 }
 
@@ -435,42 +467,53 @@ impl Store {
         limit: u32,
     ) -> Result<(Vec<BlockRow>, BlockCursor, bool), StoreError> {
         // One short read transaction: the two statements and the newest id
-        // see the same table.
-        let mut tx = self.read.begin().await?;
-        // Blocks created since the last page that sort at or before the
-        // cursor (a merge or compaction put readings there): all of them.
-        let mut rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, first_ts, last_ts, data FROM blocks \
-             WHERE device_id = ?1 AND sensor_id = ?2 AND first_ts < ?4 AND last_ts >= ?3 \
-             AND first_ts <= ?5 AND (first_ts, id) <= (?5, ?6) AND id > ?7 ORDER BY first_ts, id",
-        )
-        .bind(series.0.0)
-        .bind(series.1.0)
-        .bind(since_ms)
-        .bind(until_ms)
-        .bind(cursor.first_ts)
-        .bind(cursor.id)
-        .bind(cursor.high)
-        .fetch_all(&mut *tx)
-        .await?;
-        let page: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, first_ts, last_ts, data FROM blocks \
-             WHERE device_id = ?1 AND sensor_id = ?2 AND first_ts < ?4 AND last_ts >= ?3 \
-             AND first_ts >= ?5 AND (first_ts, id) > (?5, ?6) ORDER BY first_ts, id LIMIT ?7",
-        )
-        .bind(series.0.0)
-        .bind(series.1.0)
-        .bind(since_ms)
-        .bind(until_ms)
-        .bind(cursor.first_ts)
-        .bind(cursor.id)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let high: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM blocks")
-            .fetch_one(&mut *tx)
+        // see the same table (PostgreSQL needs REPEATABLE READ for that;
+        // a SQLite read transaction is a snapshot).
+        let snapshot = self.read.backend() == Backend::Postgres;
+        let (mut rows, page, high) = with_pool!(&self.read, pool, _Db => {
+            let mut tx = pool.begin().await?;
+            if snapshot {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // Blocks created since the last page that sort at or before the
+            // cursor (a merge or compaction put readings there): all of them.
+            let rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT id, first_ts, last_ts, data FROM blocks \
+                 WHERE device_id = $1 AND sensor_id = $2 AND first_ts < $4 AND last_ts >= $3 \
+                 AND first_ts <= $5 AND (first_ts, id) <= ($5, $6) AND id > $7 \
+                 ORDER BY first_ts, id",
+            )
+            .bind(series.0.0)
+            .bind(series.1.0)
+            .bind(since_ms)
+            .bind(until_ms)
+            .bind(cursor.first_ts)
+            .bind(cursor.id)
+            .bind(cursor.high)
+            .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
+            let page: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT id, first_ts, last_ts, data FROM blocks \
+                 WHERE device_id = $1 AND sensor_id = $2 AND first_ts < $4 AND last_ts >= $3 \
+                 AND first_ts >= $5 AND (first_ts, id) > ($5, $6) ORDER BY first_ts, id LIMIT $7",
+            )
+            .bind(series.0.0)
+            .bind(series.1.0)
+            .bind(since_ms)
+            .bind(until_ms)
+            .bind(cursor.first_ts)
+            .bind(cursor.id)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            let high: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM blocks")
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            (rows, page, high)
+        });
         let full = page.len() >= limit as usize;
         rows.extend(page);
         let mut next = cursor;
@@ -493,9 +536,14 @@ impl Store {
     /// Bytes and readings in blocks, for `hub stats`.
     pub async fn block_totals(&self) -> Result<(u64, u64, u64), StoreError> {
         let (blocks, readings, bytes): (i64, Option<i64>, Option<i64>) =
-            sqlx::query_as("SELECT count(*), sum(count), sum(length(data)) FROM blocks")
-                .fetch_one(&self.read)
-                .await?;
+            with_pool!(&self.read, pool, _Db => {
+                sqlx::query_as(
+                    "SELECT count(*), CAST(sum(count) AS BIGINT), \
+                     CAST(sum(length(data)) AS BIGINT) FROM blocks",
+                )
+                .fetch_one(pool)
+                .await?
+            });
         Ok((
             blocks as u64,
             readings.unwrap_or(0) as u64,
@@ -610,7 +658,7 @@ mod tests {
     /// Every seq stored for SERIES, staged or in blocks, sorted.
     async fn stored(writer: &mut StoreWriter) -> Vec<u64> {
         let blocks: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blocks")
-            .fetch_all(writer.conn().conn())
+            .fetch_all(writer.sqlite())
             .await
             .unwrap();
         let mut seqs: Vec<u64> = blocks
@@ -626,7 +674,7 @@ mod tests {
 
     async fn pragma(writer: &mut StoreWriter, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
-            .fetch_one(writer.conn().conn())
+            .fetch_one(writer.sqlite())
             .await
             .unwrap()
     }
@@ -651,7 +699,7 @@ mod tests {
 
         // No free page left, and the file may not grow.
         sqlx::query("VACUUM")
-            .execute(writer.conn().conn())
+            .execute(writer.sqlite())
             .await
             .unwrap();
         assert_eq!(pragma(&mut writer, "PRAGMA freelist_count").await, 0);

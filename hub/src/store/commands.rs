@@ -1,14 +1,16 @@
-//! The command log: its own database file next to the readings database, so
-//! a command's transitions commit in milliseconds even while readings commit
-//! in large groups (SQLite has one writer per file).
+//! The command log: on SQLite its own database file next to the readings
+//! database, so a command's transitions commit in milliseconds even while
+//! readings commit in large groups (SQLite has one writer per file). On
+//! PostgreSQL two tables of the one database, written through a connection
+//! of their own.
 
 use std::path::{Path, PathBuf};
 
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::QueryBuilder;
 
+use super::db::{Connector, Pool, with_conn, with_pool};
 use super::{StoreError, WriteConn, connect_options};
-use crate::config::StorageSettings;
+use crate::config::{Backend, StorageSettings};
 use crate::domain::{CommandRecord, CommandState, CommandTransition};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/commands");
@@ -25,7 +27,7 @@ pub fn commands_path(readings_path: &Path) -> PathBuf {
 /// Read side of the command log; cheap to clone.
 #[derive(Clone)]
 pub struct CommandStore {
-    read: SqlitePool,
+    read: Pool,
 }
 
 /// The command log's only writer (owned by the commands task).
@@ -34,13 +36,21 @@ pub struct CommandWriter {
 }
 
 pub async fn open(settings: &StorageSettings) -> Result<(CommandStore, CommandWriter), StoreError> {
-    let options = connect_options(&commands_path(&settings.path), settings)?;
+    let options = match settings.backend {
+        Backend::Sqlite => {
+            Connector::Sqlite(connect_options(&commands_path(&settings.path), settings)?)
+        }
+        Backend::Postgres => {
+            Connector::Postgres(super::db::postgres_options(settings.url.as_str())?)
+        }
+    };
     let mut conn = WriteConn::open(options.clone()).await?;
-    MIGRATOR.run(conn.conn()).await?;
-    let read = SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await?;
+    match conn.conn() {
+        super::db::Conn::Sqlite(c) => MIGRATOR.run(c).await?,
+        // The commands' tables are part of the one schema (store::open).
+        super::db::Conn::Postgres(c) => super::PG_MIGRATOR.run(c).await?,
+    }
+    let read = options.pool(2).await?;
     Ok((CommandStore { read }, CommandWriter { conn }))
 }
 
@@ -57,21 +67,38 @@ pub struct CommandFilter {
 const COMMAND_COLUMNS: &str = "command_id, device_id, name, params, state, detail, result, \
      attempts, created_at_ms, updated_at_ms, expires_at_ms";
 
-fn record_from_row(row: &SqliteRow) -> Result<CommandRecord, StoreError> {
-    let state: String = row.try_get("state")?;
-    Ok(CommandRecord {
-        command_id: row.try_get("command_id")?,
-        device_id: row.try_get("device_id")?,
-        name: row.try_get("name")?,
-        params: row.try_get("params")?,
-        state: parse_state(&state)?,
-        detail: row.try_get("detail")?,
-        result: row.try_get("result")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        created_at_ms: row.try_get("created_at_ms")?,
-        updated_at_ms: row.try_get("updated_at_ms")?,
-        expires_at_ms: row.try_get("expires_at_ms")?,
-    })
+/// A row of [`COMMAND_COLUMNS`], decoded the same way from either backend.
+#[derive(sqlx::FromRow)]
+struct CommandRow {
+    command_id: String,
+    device_id: String,
+    name: String,
+    params: String,
+    state: String,
+    detail: String,
+    result: String,
+    attempts: i64,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl CommandRow {
+    fn into_record(self) -> Result<CommandRecord, StoreError> {
+        Ok(CommandRecord {
+            state: parse_state(&self.state)?,
+            command_id: self.command_id,
+            device_id: self.device_id,
+            name: self.name,
+            params: self.params,
+            detail: self.detail,
+            result: self.result,
+            attempts: self.attempts as u32,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        })
+    }
 }
 
 fn parse_state(raw: &str) -> Result<CommandState, StoreError> {
@@ -96,70 +123,74 @@ impl CommandStore {
         &self,
         command_id: &str,
     ) -> Result<Option<(CommandRecord, Vec<CommandTransition>)>, StoreError> {
-        let Some(row) = sqlx::query(&format!(
-            "SELECT seq, {COMMAND_COLUMNS} FROM commands WHERE command_id = ?"
-        ))
-        .bind(command_id)
-        .fetch_optional(&self.read)
-        .await?
-        else {
+        let sql = format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = $1");
+        let Some(row): Option<CommandRow> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(&sql).bind(command_id).fetch_optional(pool).await?
+        }) else {
             return Ok(None);
         };
-        let record = record_from_row(&row)?;
-        let seq: i64 = row.try_get("seq")?;
-        let history = sqlx::query(
-            "SELECT state, at_ms, detail FROM command_history WHERE command_seq = ? ORDER BY rowid",
-        )
-        .bind(seq)
-        .fetch_all(&self.read)
-        .await?
-        .iter()
-        .map(|r| {
-            let state: String = r.try_get("state")?;
-            Ok(CommandTransition {
-                state: parse_state(&state)?,
-                at_ms: r.try_get("at_ms")?,
-                detail: r.try_get("detail")?,
+        // In the order they were written: SQLite's rowid, PostgreSQL's id.
+        let order = match self.read.backend() {
+            Backend::Sqlite => "h.rowid",
+            Backend::Postgres => "h.id",
+        };
+        let sql = format!(
+            "SELECT h.state, h.at_ms, h.detail FROM command_history h \
+             JOIN commands c ON c.seq = h.command_seq WHERE c.command_id = $1 ORDER BY {order}"
+        );
+        let rows: Vec<(String, i64, String)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(&sql).bind(command_id).fetch_all(pool).await?
+        });
+        let history = rows
+            .into_iter()
+            .map(|(state, at_ms, detail)| {
+                Ok(CommandTransition {
+                    state: parse_state(&state)?,
+                    at_ms,
+                    detail,
+                })
             })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some((record, history)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some((row.into_record()?, history)))
     }
 
     /// Newest first.
     pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {COMMAND_COLUMNS} FROM commands WHERE 1 = 1"
-        ));
-        if let Some(device) = &filter.device_id {
-            q.push(" AND device_id = ").push_bind(device.clone());
-        }
-        if let Some(state) = filter.state {
-            q.push(" AND state = ").push_bind(state.as_str());
-        }
-        if let Some(since) = filter.since_ms {
-            q.push(" AND created_at_ms >= ").push_bind(since);
-        }
-        if let Some(until) = filter.until_ms {
-            q.push(" AND created_at_ms < ").push_bind(until);
-        }
-        q.push(" ORDER BY seq DESC LIMIT ")
-            .push_bind(i64::from(filter.limit));
-        let rows = q.build().fetch_all(&self.read).await?;
-        rows.iter().map(record_from_row).collect()
+        let rows: Vec<CommandRow> = with_pool!(&self.read, pool, Db => {
+            let mut q: QueryBuilder<Db> = QueryBuilder::new(format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands WHERE 1 = 1"
+            ));
+            if let Some(device) = &filter.device_id {
+                q.push(" AND device_id = ").push_bind(device.clone());
+            }
+            if let Some(state) = filter.state {
+                q.push(" AND state = ").push_bind(state.as_str());
+            }
+            if let Some(since) = filter.since_ms {
+                q.push(" AND created_at_ms >= ").push_bind(since);
+            }
+            if let Some(until) = filter.until_ms {
+                q.push(" AND created_at_ms < ").push_bind(until);
+            }
+            q.push(" ORDER BY seq DESC LIMIT ")
+                .push_bind(i64::from(filter.limit));
+            q.build_query_as().fetch_all(pool).await?
+        });
+        rows.into_iter().map(CommandRow::into_record).collect()
     }
 }
 
 impl CommandWriter {
     /// Every command that is not final, oldest first.
     pub async fn load_open(&mut self) -> Result<Vec<CommandRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {COMMAND_COLUMNS} FROM commands \
              WHERE state IN ('QUEUED', 'SENT', 'RECEIVED') ORDER BY seq"
-        ))
-        .fetch_all(self.conn.conn())
-        .await?;
-        rows.iter().map(record_from_row).collect()
+        );
+        let rows: Vec<CommandRow> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_as(&sql).fetch_all(c).await?
+        });
+        rows.into_iter().map(CommandRow::into_record).collect()
     }
 
     /// Dropped without [`CommandTx::commit`], the transaction is rolled back
@@ -183,23 +214,25 @@ impl CommandWriter {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        const DOOMED: &str = "SELECT seq FROM commands WHERE created_at_ms < ?1 \
+        const DOOMED: &str = "SELECT seq FROM commands WHERE created_at_ms < $1 \
              AND state IN ('SUCCEEDED', 'FAILED', 'REJECTED', 'EXPIRED', 'CANCELLED') \
-             ORDER BY created_at_ms LIMIT ?2";
+             ORDER BY created_at_ms LIMIT $2";
         self.conn.begin().await?;
-        sqlx::query(&format!(
-            "DELETE FROM command_history WHERE command_seq IN ({DOOMED})"
-        ))
-        .bind(cutoff_ms)
-        .bind(limit)
-        .execute(self.conn.conn())
-        .await?;
-        let deleted = sqlx::query(&format!("DELETE FROM commands WHERE seq IN ({DOOMED})"))
-            .bind(cutoff_ms)
-            .bind(limit)
-            .execute(self.conn.conn())
-            .await?
-            .rows_affected();
+        let history = format!("DELETE FROM command_history WHERE command_seq IN ({DOOMED})");
+        let commands = format!("DELETE FROM commands WHERE seq IN ({DOOMED})");
+        let deleted = with_conn!(self.conn.conn(), c => {
+            sqlx::query(&history)
+                .bind(cutoff_ms)
+                .bind(i64::from(limit))
+                .execute(&mut *c)
+                .await?;
+            sqlx::query(&commands)
+                .bind(cutoff_ms)
+                .bind(i64::from(limit))
+                .execute(c)
+                .await?
+                .rows_affected()
+        });
         self.conn.commit().await?;
         Ok(deleted)
     }
@@ -216,22 +249,25 @@ pub struct CommandTx<'c> {
 
 impl CommandTx<'_> {
     pub async fn insert(&mut self, rec: &CommandRecord) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO commands ({COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&rec.command_id)
-        .bind(&rec.device_id)
-        .bind(&rec.name)
-        .bind(&rec.params)
-        .bind(rec.state.as_str())
-        .bind(&rec.detail)
-        .bind(&rec.result)
-        .bind(i64::from(rec.attempts))
-        .bind(rec.created_at_ms)
-        .bind(rec.updated_at_ms)
-        .bind(rec.expires_at_ms)
-        .execute(self.conn.conn())
-        .await?;
+        let sql = format!(
+            "INSERT INTO commands ({COMMAND_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        );
+        with_conn!(self.conn.conn(), c => sqlx::query(&sql)
+            .bind(&rec.command_id)
+            .bind(&rec.device_id)
+            .bind(&rec.name)
+            .bind(&rec.params)
+            .bind(rec.state.as_str())
+            .bind(&rec.detail)
+            .bind(&rec.result)
+            .bind(i64::from(rec.attempts))
+            .bind(rec.created_at_ms)
+            .bind(rec.updated_at_ms)
+            .bind(rec.expires_at_ms)
+            .execute(c)
+            .await?
+            .rows_affected());
         Ok(())
     }
 
@@ -241,9 +277,9 @@ impl CommandTx<'_> {
         rec: &CommandRecord,
         transitions: &[CommandTransition],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE commands SET state = ?, detail = ?, result = ?, attempts = ?, updated_at_ms = ? \
-             WHERE command_id = ?",
+        with_conn!(self.conn.conn(), c => sqlx::query(
+            "UPDATE commands SET state = $1, detail = $2, result = $3, attempts = $4, \
+             updated_at_ms = $5 WHERE command_id = $6",
         )
         .bind(rec.state.as_str())
         .bind(&rec.detail)
@@ -251,8 +287,9 @@ impl CommandTx<'_> {
         .bind(i64::from(rec.attempts))
         .bind(rec.updated_at_ms)
         .bind(&rec.command_id)
-        .execute(self.conn.conn())
-        .await?;
+        .execute(c)
+        .await?
+        .rows_affected());
         self.history(&rec.command_id, transitions).await
     }
 
@@ -262,16 +299,17 @@ impl CommandTx<'_> {
         transitions: &[CommandTransition],
     ) -> Result<(), StoreError> {
         for t in transitions {
-            sqlx::query(
+            with_conn!(self.conn.conn(), c => sqlx::query(
                 "INSERT INTO command_history (command_seq, at_ms, state, detail) \
-                 SELECT seq, ?, ?, ? FROM commands WHERE command_id = ?",
+                 SELECT seq, $1, $2, $3 FROM commands WHERE command_id = $4",
             )
             .bind(t.at_ms)
             .bind(t.state.as_str())
             .bind(&t.detail)
             .bind(command_id)
-            .execute(self.conn.conn())
-            .await?;
+            .execute(c)
+            .await?
+            .rows_affected());
         }
         Ok(())
     }

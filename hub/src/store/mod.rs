@@ -1,9 +1,12 @@
-//! SQLite storage through sqlx. Returns domain types; its own error type.
+//! Storage through sqlx, on SQLite (embedded, the default) or PostgreSQL
+//! (`storage.backend`; see [`db`]). Returns domain types; its own error
+//! type.
 //!
 //! There is one writer connection ([`StoreWriter`], owned by the ingest
 //! writer task) and a small pool of reader connections ([`Store`]) for
-//! queries. WAL mode lets readers run beside the writer.
+//! queries. On SQLite, WAL mode lets readers run beside the writer.
 
+mod db;
 pub mod backup;
 pub mod blocks;
 pub mod codec;
@@ -15,19 +18,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Row};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
+use self::db::{Connector, Pool, with_pool};
 use crate::auth::StoredCredentials;
-use crate::config::{StorageSettings, Synchronous};
+use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{DeviceProgress, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_part};
 pub(crate) use write_conn::WriteConn;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+/// PostgreSQL's schema: readings and the command log in one database.
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,21 +52,32 @@ pub enum StoreError {
     StagingChanged { expected: u64, found: u64 },
     #[error("a stored block cannot be decoded: {0}")]
     Corrupt(#[from] codec::CodecError),
+    #[error("{0} is not possible on PostgreSQL: {1}")]
+    NotOnPostgres(&'static str, &'static str),
 }
 
 /// Read side of the store: cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    read: SqlitePool,
+    read: Pool,
 }
 
 /// Opens (creating if needed) the database, applies migrations and returns
 /// the read pool and the single writer connection.
 pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), StoreError> {
-    let options = connect_options(&settings.path, settings)?;
-    let mut writer =
-        WriteConn::open(with_size_limit(options.clone(), settings.max_size_mib)).await?;
-    MIGRATOR.run(writer.conn()).await?;
+    let (writer, read) = match settings.backend {
+        Backend::Sqlite => {
+            let options = connect_options(&settings.path, settings)?;
+            let writer = Connector::Sqlite(with_size_limit(options.clone(), settings.max_size_mib));
+            (writer, Connector::Sqlite(options))
+        }
+        Backend::Postgres => {
+            let options = Connector::Postgres(db::postgres_options(settings.url.as_str())?);
+            (options.clone(), options)
+        }
+    };
+    let mut writer = WriteConn::open(writer).await?;
+    migrate(writer.conn()).await?;
     let mut writer = StoreWriter::new(writer);
     let converted = writer.convert_legacy().await?;
     if converted > 0 {
@@ -71,16 +86,35 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
             "stored readings converted into compressed blocks"
         );
     }
-    let read = SqlitePoolOptions::new()
-        .max_connections(settings.read_connections)
-        .connect_with(options)
-        .await?;
+    let read = read.pool(settings.read_connections).await?;
     Ok((Store { read }, writer))
 }
 
+/// Brings the readings database's schema (on PostgreSQL, the one database's)
+/// up to date. sqlx holds an advisory lock on PostgreSQL while it migrates,
+/// so hubs starting together do not race.
+async fn migrate(conn: &mut db::Conn) -> Result<(), StoreError> {
+    match conn {
+        db::Conn::Sqlite(c) => MIGRATOR.run(c).await?,
+        db::Conn::Postgres(c) => PG_MIGRATOR.run(c).await?,
+    }
+    Ok(())
+}
+
 /// `VACUUM INTO` on a connection of its own, so a long copy does not hold
-/// one of the pool's (queries and Hellos read through them).
-pub(crate) async fn vacuum_into(pool: &SqlitePool, path: &Path) -> Result<(), StoreError> {
+/// one of the pool's (queries and Hellos read through them). SQLite only:
+/// a PostgreSQL database is backed up with pg_dump.
+pub(crate) async fn vacuum_into(pool: &Pool, path: &Path) -> Result<(), StoreError> {
+    let Pool::Sqlite(pool) = pool else {
+        return Err(StoreError::NotOnPostgres(
+            "hub backup",
+            "back the database up with pg_dump (see the README)",
+        ));
+    };
+    sqlite_vacuum_into(pool, path).await
+}
+
+async fn sqlite_vacuum_into(pool: &SqlitePool, path: &Path) -> Result<(), StoreError> {
     let mut conn = pool.connect_options().connect().await?;
     sqlx::query("VACUUM INTO ?")
         .bind(path.to_string_lossy().into_owned())
@@ -142,19 +176,21 @@ impl Store {
         self.read.close().await;
     }
 
+    pub fn backend(&self) -> Backend {
+        self.read.backend()
+    }
+
     /// A consistent copy of the database (one read transaction) at `path`.
     pub async fn vacuum_into(&self, path: &Path) -> Result<(), StoreError> {
         vacuum_into(&self.read, path).await
     }
 
     pub async fn find_device(&self, external_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "{DEVICE_SELECT} WHERE external_id = ? AND removed_ms IS NULL"
-        ))
-        .bind(external_id)
-        .fetch_optional(&self.read)
-        .await?;
-        row.map(|r| device_from_row(&r)).transpose()
+        let sql = format!("{DEVICE_SELECT} WHERE external_id = $1 AND removed_ms IS NULL");
+        let row: Option<DeviceRow> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(&sql).bind(external_id).fetch_optional(pool).await?
+        });
+        Ok(row.map(DeviceRow::into_record))
     }
 
     /// Up to `limit` devices after `after` (by id), removed ones left out.
@@ -163,24 +199,28 @@ impl Store {
         after: &str,
         limit: u32,
     ) -> Result<Vec<DeviceRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "{DEVICE_SELECT} WHERE external_id > ? AND removed_ms IS NULL \
-             ORDER BY external_id LIMIT ?"
-        ))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(device_from_row).collect()
+        let sql = format!(
+            "{DEVICE_SELECT} WHERE external_id > $1 AND removed_ms IS NULL \
+             ORDER BY external_id LIMIT $2"
+        );
+        let rows: Vec<DeviceRow> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(&sql)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows.into_iter().map(DeviceRow::into_record).collect())
     }
 
     /// What is stored of a device's credentials (default: unknown device).
     pub async fn credentials(&self, external_id: &str) -> Result<StoredCredentials, StoreError> {
-        let row: Option<(Option<Vec<u8>>, Option<i64>)> =
-            sqlx::query_as("SELECT token_sha256, removed_ms FROM devices WHERE external_id = ?")
+        let row: Option<(Option<Vec<u8>>, Option<i64>)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as("SELECT token_sha256, removed_ms FROM devices WHERE external_id = $1")
                 .bind(external_id)
-                .fetch_optional(&self.read)
-                .await?;
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(
             row.map_or_else(StoredCredentials::default, |(hash, removed)| {
                 StoredCredentials {
@@ -192,10 +232,12 @@ impl Store {
     }
 
     pub async fn sensor_key(&self, name: &str) -> Result<Option<SensorKey>, StoreError> {
-        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM sensors WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.read)
-            .await?;
+        let id: Option<i64> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_scalar("SELECT id FROM sensors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(id.map(SensorKey))
     }
 
@@ -204,13 +246,15 @@ impl Store {
         &self,
         device: DeviceKey,
     ) -> Result<Vec<(SensorKey, String)>, StoreError> {
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT d.sensor_id, s.name FROM device_sensors d \
-             JOIN sensors s ON s.id = d.sensor_id WHERE d.device_id = ? ORDER BY d.sensor_id",
-        )
-        .bind(device.0)
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<(i64, String)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(
+                "SELECT d.sensor_id, s.name FROM device_sensors d \
+                 JOIN sensors s ON s.id = d.sensor_id WHERE d.device_id = $1 ORDER BY d.sensor_id",
+            )
+            .bind(device.0)
+            .fetch_all(pool)
+            .await?
+        });
         Ok(rows
             .into_iter()
             .map(|(id, name)| (SensorKey(id), name))
@@ -228,18 +272,21 @@ impl Store {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<(SensorKey, codec::Point)>, StoreError> {
-        let rows: Vec<(i64, i64, i64, f64)> = sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT sensor_id, seq, ts_ms, value FROM {} \
-             WHERE device_id = ?1 AND (?2 IS NULL OR sensor_id = ?2) AND ts_ms >= ?3 AND ts_ms < ?4 \
+             WHERE device_id = $1 AND ($2 IS NULL OR sensor_id = $2) AND ts_ms >= $3 AND ts_ms < $4 \
              ORDER BY sensor_id, ts_ms, seq",
             write::staging_table(staging_part(device))
-        ))
-        .bind(device.0)
-        .bind(sensor.map(|s| s.0))
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_all(&self.read)
-        .await?;
+        );
+        let rows: Vec<(i64, i64, i64, f64)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(&sql)
+                .bind(device.0)
+                .bind(sensor.map(|s| s.0))
+                .bind(since_ms)
+                .bind(until_ms)
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows
             .into_iter()
             .map(|(sensor, seq, ts_ms, value)| {
@@ -261,14 +308,16 @@ impl Store {
         &self,
         cutoff_ms: i64,
     ) -> Result<Vec<(DeviceKey, SensorKey)>, StoreError> {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT d.device_id, d.sensor_id FROM device_sensors d WHERE EXISTS \
-             (SELECT 1 FROM blocks b WHERE b.device_id = d.device_id \
-              AND b.sensor_id = d.sensor_id AND b.first_ts < ?)",
-        )
-        .bind(cutoff_ms)
-        .fetch_all(&self.read)
-        .await?;
+        let rows: Vec<(i64, i64)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(
+                "SELECT d.device_id, d.sensor_id FROM device_sensors d WHERE EXISTS \
+                 (SELECT 1 FROM blocks b WHERE b.device_id = d.device_id \
+                  AND b.sensor_id = d.sensor_id AND b.first_ts < $1)",
+            )
+            .bind(cutoff_ms)
+            .fetch_all(pool)
+            .await?
+        });
         Ok(rows
             .into_iter()
             .map(|(d, s)| (DeviceKey(d), SensorKey(s)))
@@ -277,9 +326,11 @@ impl Store {
 
     /// Readings stored in total, from the per-device counters.
     pub async fn total_readings(&self) -> Result<u64, StoreError> {
-        let total: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(reading_count), 0) FROM devices")
-            .fetch_one(&self.read)
-            .await?;
+        let total: i64 = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(reading_count), 0) AS BIGINT) FROM devices")
+                .fetch_one(pool)
+                .await?
+        });
         Ok(total as u64)
     }
 }
@@ -287,18 +338,33 @@ impl Store {
 const DEVICE_SELECT: &str = "SELECT id, external_id, firmware, labels, first_seen_ms, \
      last_seen_ms, acked_seq, reading_count FROM devices";
 
-fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeviceRecord, StoreError> {
-    let labels: String = row.try_get("labels")?;
-    Ok(DeviceRecord {
-        key: DeviceKey(row.try_get("id")?),
-        device_id: row.try_get("external_id")?,
-        firmware: row.try_get("firmware")?,
-        // Labels are written by the hub as a JSON object; a hand-edited bad
-        // value shows as no labels rather than failing the listing.
-        labels: serde_json::from_str::<BTreeMap<String, String>>(&labels).unwrap_or_default(),
-        first_seen_ms: row.try_get("first_seen_ms")?,
-        last_seen_ms: row.try_get("last_seen_ms")?,
-        acked_seq: row.try_get::<i64, _>("acked_seq")? as u64,
-        readings: row.try_get::<i64, _>("reading_count")? as u64,
-    })
+/// A row of [`DEVICE_SELECT`], decoded the same way from either backend.
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    id: i64,
+    external_id: String,
+    firmware: String,
+    labels: String,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    acked_seq: i64,
+    reading_count: i64,
+}
+
+impl DeviceRow {
+    fn into_record(self) -> DeviceRecord {
+        DeviceRecord {
+            key: DeviceKey(self.id),
+            device_id: self.external_id,
+            firmware: self.firmware,
+            // Labels are written by the hub as a JSON object; a hand-edited
+            // bad value shows as no labels rather than failing the listing.
+            labels: serde_json::from_str::<BTreeMap<String, String>>(&self.labels)
+                .unwrap_or_default(),
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            acked_seq: self.acked_seq as u64,
+            readings: self.reading_count as u64,
+        }
+    }
 }

@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 
 use super::StoreError;
+use super::db::{Val, bind_vals, with_conn};
 use super::write_conn::WriteConn;
 use crate::auth::Proof;
+use crate::config::Backend;
 use crate::domain::{DeviceHello, DeviceKey, SensorKey};
 
 /// One row of the readings table.
@@ -75,45 +77,42 @@ impl Batched {
         }
     }
 
-    /// The statement for `n` items.
-    fn sql(self, n: usize) -> String {
-        match self {
-            Batched::Insert(part) => multi_row_sql(
-                &format!(
+    /// The statement for `n` items (the same text for both backends, but
+    /// for the parameters: `?` on SQLite, `$1`… on PostgreSQL).
+    fn sql(self, n: usize, backend: Backend) -> String {
+        let (head, arity, tail) = match self {
+            Batched::Insert(part) => (
+                format!(
                     "INSERT INTO {} (device_id, sensor_id, ts_ms, seq, value) VALUES ",
                     staging_table(part)
                 ),
-                "(?,?,?,?,?)",
-                n,
+                5,
                 "",
             ),
-            Batched::Progress => multi_row_sql(
+            Batched::Progress => (
                 "UPDATE devices SET acked_seq = v.column2, \
                  reading_count = reading_count + v.column3, last_seen_ms = v.column4 \
-                 FROM (VALUES ",
-                "(?,?,?,?)",
-                n,
+                 FROM (VALUES "
+                    .to_owned(),
+                4,
                 ") AS v WHERE devices.id = v.column1",
             ),
-            Batched::DeviceSensors => multi_row_sql(
-                "INSERT OR IGNORE INTO device_sensors (device_id, sensor_id) VALUES ",
-                "(?,?)",
-                n,
+            Batched::DeviceSensors => (
+                "INSERT INTO device_sensors (device_id, sensor_id) VALUES ".to_owned(),
+                2,
+                " ON CONFLICT DO NOTHING",
+            ),
+            Batched::Blocks => (
+                "INSERT INTO blocks (device_id, sensor_id, level, first_ts, last_ts, count, data) \
+                 VALUES "
+                    .to_owned(),
+                7,
                 "",
             ),
-            Batched::Blocks => multi_row_sql(
-                "INSERT INTO blocks (device_id, sensor_id, level, first_ts, last_ts, count, data) VALUES ",
-                "(?,?,?,?,?,?,?)",
-                n,
-                "",
-            ),
-        }
+        };
+        multi_row_sql(&head, arity, n, tail, backend == Backend::Postgres)
     }
 }
-
-/// A statement being bound.
-pub(super) type SqliteQuery<'q> =
-    sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 pub struct StoreWriter {
     conn: WriteConn,
@@ -193,14 +192,14 @@ impl WriteTx<'_> {
             Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
             Proof::FleetToken => (2, None),
         };
-        let row: Option<(i64, i64)> = sqlx::query_as(
+        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?4) \
+             VALUES ($1, $2, $3, $4, $4) \
              ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
              labels = excluded.labels, last_seen_ms = excluded.last_seen_ms \
-             WHERE devices.removed_ms IS NULL AND (?5 = 0 \
-               OR (?5 = 1 AND devices.token_sha256 = ?6) \
-               OR (?5 = 2 AND devices.token_sha256 IS NULL)) \
+             WHERE devices.removed_ms IS NULL AND ($5 = 0 \
+               OR ($5 = 1 AND devices.token_sha256 = $6) \
+               OR ($5 = 2 AND devices.token_sha256 IS NULL)) \
              RETURNING id, acked_seq",
         )
         .bind(hello.device_id.as_str())
@@ -209,8 +208,8 @@ impl WriteTx<'_> {
         .bind(now_ms)
         .bind(kind)
         .bind(hash)
-        .fetch_optional(self.conn.conn())
-        .await?;
+        .fetch_optional(c)
+        .await?);
         Ok(row.map(|(id, acked)| (DeviceKey(id), acked as u64)))
     }
 
@@ -223,9 +222,9 @@ impl WriteTx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
-        sqlx::query(
+        with_conn!(self.conn.conn(), c => sqlx::query(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, token_sha256) \
-             VALUES (?1, '', ?2, ?3, ?3, ?4) \
+             VALUES ($1, '', $2, $3, $3, $4) \
              ON CONFLICT (external_id) DO UPDATE SET labels = excluded.labels, \
              token_sha256 = excluded.token_sha256, removed_ms = NULL",
         )
@@ -233,8 +232,9 @@ impl WriteTx<'_> {
         .bind(labels)
         .bind(now_ms)
         .bind(token_sha256.as_slice())
-        .execute(self.conn.conn())
-        .await?;
+        .execute(c)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -244,14 +244,15 @@ impl WriteTx<'_> {
         device_id: &str,
         token_sha256: &[u8; 32],
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE devices SET token_sha256 = ? WHERE external_id = ? AND removed_ms IS NULL",
+        let done = with_conn!(self.conn.conn(), c => sqlx::query(
+            "UPDATE devices SET token_sha256 = $1 WHERE external_id = $2 AND removed_ms IS NULL",
         )
         .bind(token_sha256.as_slice())
         .bind(device_id)
-        .execute(self.conn.conn())
-        .await?;
-        Ok(done.rows_affected() > 0)
+        .execute(c)
+        .await?
+        .rows_affected());
+        Ok(done > 0)
     }
 
     /// Marks a device removed (refused until added again); false when there
@@ -261,15 +262,16 @@ impl WriteTx<'_> {
         device_id: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE devices SET removed_ms = ?, token_sha256 = NULL \
-             WHERE external_id = ? AND removed_ms IS NULL",
+        let done = with_conn!(self.conn.conn(), c => sqlx::query(
+            "UPDATE devices SET removed_ms = $1, token_sha256 = NULL \
+             WHERE external_id = $2 AND removed_ms IS NULL",
         )
         .bind(now_ms)
         .bind(device_id)
-        .execute(self.conn.conn())
-        .await?;
-        Ok(done.rows_affected() > 0)
+        .execute(c)
+        .await?
+        .rows_affected());
+        Ok(done > 0)
     }
 
     /// Keeps a device's stored count true after `n` of its readings went.
@@ -278,11 +280,15 @@ impl WriteTx<'_> {
         device: i64,
         n: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE devices SET reading_count = max(reading_count - ?, 0) WHERE id = ?")
-            .bind(n)
-            .bind(device)
-            .execute(self.conn.conn())
-            .await?;
+        with_conn!(self.conn.conn(), c => sqlx::query(
+            "UPDATE devices SET reading_count = \
+             CASE WHEN reading_count > $1 THEN reading_count - $1 ELSE 0 END WHERE id = $2",
+        )
+        .bind(n)
+        .bind(device)
+        .execute(c)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -301,14 +307,21 @@ impl WriteTx<'_> {
                 break;
             }
             let table = staging_table(part);
-            let deleted: Vec<i64> = sqlx::query_scalar(&format!(
-                "DELETE FROM {table} WHERE rowid IN \
-                 (SELECT rowid FROM {table} WHERE ts_ms < ? LIMIT ?) RETURNING device_id"
-            ))
-            .bind(cutoff_ms)
-            .bind(left)
-            .fetch_all(self.conn.conn())
-            .await?;
+            // The staging tables have no key: a row is its SQLite rowid or
+            // its PostgreSQL ctid.
+            let row = match self.conn.backend() {
+                Backend::Sqlite => "rowid",
+                Backend::Postgres => "ctid",
+            };
+            let sql = format!(
+                "DELETE FROM {table} WHERE {row} IN \
+                 (SELECT {row} FROM {table} WHERE ts_ms < $1 LIMIT $2) RETURNING device_id"
+            );
+            let deleted: Vec<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(&sql)
+                .bind(cutoff_ms)
+                .bind(i64::from(left))
+                .fetch_all(c)
+                .await?);
             devices.extend(deleted);
         }
         let mut per_device: HashMap<i64, i64> = HashMap::new();
@@ -322,18 +335,20 @@ impl WriteTx<'_> {
     }
 
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
-        let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = ?")
-            .bind(device.0)
-            .fetch_one(self.conn.conn())
-            .await?;
+        let acked: i64 = with_conn!(self.conn.conn(), c => {
+            sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = $1")
+                .bind(device.0)
+                .fetch_one(c)
+                .await?
+        });
         Ok(acked as u64)
     }
 
     /// The sensor dictionary.
     pub async fn load_sensors(&mut self) -> Result<Vec<(String, SensorKey)>, StoreError> {
-        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM sensors")
-            .fetch_all(self.conn.conn())
-            .await?;
+        let rows: Vec<(i64, String)> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_as("SELECT id, name FROM sensors").fetch_all(c).await?
+        });
         Ok(rows
             .into_iter()
             .map(|(id, name)| (name, SensorKey(id)))
@@ -346,11 +361,12 @@ impl WriteTx<'_> {
         &mut self,
         device: DeviceKey,
     ) -> Result<Vec<SensorKey>, StoreError> {
-        let ids: Vec<i64> =
-            sqlx::query_scalar("SELECT sensor_id FROM device_sensors WHERE device_id = ?")
+        let ids: Vec<i64> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_scalar("SELECT sensor_id FROM device_sensors WHERE device_id = $1")
                 .bind(device.0)
-                .fetch_all(self.conn.conn())
-                .await?;
+                .fetch_all(c)
+                .await?
+        });
         Ok(ids.into_iter().map(SensorKey).collect())
     }
 
@@ -359,25 +375,29 @@ impl WriteTx<'_> {
         &mut self,
         pairs: &[(DeviceKey, SensorKey)],
     ) -> Result<(), StoreError> {
-        self.execute_batched(Batched::DeviceSensors, pairs, |q, (device, sensor)| {
-            q.bind(device.0).bind(sensor.0)
+        self.execute_batched(Batched::DeviceSensors, pairs, |(device, sensor), out| {
+            out.extend([Val::I(device.0), Val::I(sensor.0)]);
         })
         .await
     }
 
     /// The sensor's key, adding it to the dictionary if new.
     pub async fn sensor_key(&mut self, name: &str) -> Result<SensorKey, StoreError> {
-        let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM sensors WHERE name = ?")
-            .bind(name)
-            .fetch_optional(self.conn.conn())
-            .await?;
+        let existing: Option<i64> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_scalar("SELECT id FROM sensors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(c)
+                .await?
+        });
         if let Some(id) = existing {
             return Ok(SensorKey(id));
         }
-        let id: i64 = sqlx::query_scalar("INSERT INTO sensors (name) VALUES (?) RETURNING id")
-            .bind(name)
-            .fetch_one(self.conn.conn())
-            .await?;
+        let id: i64 = with_conn!(self.conn.conn(), c => {
+            sqlx::query_scalar("INSERT INTO sensors (name) VALUES ($1) RETURNING id")
+                .bind(name)
+                .fetch_one(c)
+                .await?
+        });
         Ok(SensorKey(id))
     }
 
@@ -385,12 +405,14 @@ impl WriteTx<'_> {
     /// part p).
     pub async fn insert_readings(&mut self, parts: &[Vec<RowToInsert>]) -> Result<(), StoreError> {
         for (part, rows) in parts.iter().enumerate() {
-            self.execute_batched(Batched::Insert(part), rows, |q, r| {
-                q.bind(r.device.0)
-                    .bind(r.sensor.0)
-                    .bind(r.ts_ms)
-                    .bind(r.seq)
-                    .bind(r.value)
+            self.execute_batched(Batched::Insert(part), rows, |r, out| {
+                out.extend([
+                    Val::I(r.device.0),
+                    Val::I(r.sensor.0),
+                    Val::I(r.ts_ms),
+                    Val::I(r.seq),
+                    Val::F(r.value),
+                ]);
             })
             .await?;
         }
@@ -404,50 +426,69 @@ impl WriteTx<'_> {
         progress: &[DeviceProgress],
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.execute_batched(Batched::Progress, progress, |q, p| {
-            q.bind(p.device.0)
-                .bind(p.acked_seq as i64)
-                .bind(p.added as i64)
-                .bind(now_ms)
+        self.execute_batched(Batched::Progress, progress, |p, out| {
+            out.extend([
+                Val::I(p.device.0),
+                Val::I(p.acked_seq as i64),
+                Val::I(p.added as i64),
+                Val::I(now_ms),
+            ]);
         })
         .await
     }
 
     /// Runs `kind`'s statement over `items`: `kind.max()` of them at a time,
-    /// the rest in powers of two; `bind` binds one item's values.
+    /// the rest in powers of two; `values` gives one item's values.
     pub(super) async fn execute_batched<T>(
         &mut self,
         kind: Batched,
         items: &[T],
-        bind: impl for<'q> Fn(SqliteQuery<'q>, &T) -> SqliteQuery<'q>,
+        values: impl for<'t> Fn(&'t T, &mut Vec<Val<'t>>),
     ) -> Result<(), StoreError> {
+        let backend = self.conn.backend();
         let mut rest = items;
+        let mut vals = Vec::new();
         while !rest.is_empty() {
             let (chunk, tail) = rest.split_at(chunk_len(rest.len(), kind.max()));
             let sql = self
                 .sql
                 .entry((kind, chunk.len()))
-                .or_insert_with(|| kind.sql(chunk.len()));
-            let mut query = sqlx::query(sql.as_str());
+                .or_insert_with(|| kind.sql(chunk.len(), backend));
+            vals.clear();
             for item in chunk {
-                query = bind(query, item);
+                values(item, &mut vals);
             }
-            query.execute(self.conn.conn()).await?;
+            with_conn!(self.conn.conn(), c => {
+                bind_vals(sqlx::query(sql.as_str()), &vals).execute(c).await?.rows_affected()
+            });
             rest = tail;
         }
         Ok(())
     }
 }
 
-/// `head` + `n` copies of `tuple`, comma-separated, + `tail`.
-fn multi_row_sql(head: &str, tuple: &str, n: usize, tail: &str) -> String {
-    let mut sql = String::with_capacity(head.len() + n * (tuple.len() + 1) + tail.len());
+/// `head` + `n` tuples of `arity` parameters, comma-separated, + `tail`;
+/// `?` each, or `$1`, `$2`… when `numbered`.
+fn multi_row_sql(head: &str, arity: usize, n: usize, tail: &str, numbered: bool) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(head.len() + n * arity * 7 + tail.len());
     sql.push_str(head);
     for i in 0..n {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str(tuple);
+        sql.push('(');
+        for j in 0..arity {
+            if j > 0 {
+                sql.push(',');
+            }
+            if numbered {
+                let _ = write!(sql, "${}", i * arity + j + 1);
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
     }
     sql.push_str(tail);
     sql
@@ -532,6 +573,13 @@ mod tests {
 
     #[test]
     fn multi_row_statement_text() {
-        assert_eq!(multi_row_sql("V ", "(?,?)", 3, ";"), "V (?,?),(?,?),(?,?);");
+        assert_eq!(
+            multi_row_sql("V ", 2, 3, ";", false),
+            "V (?,?),(?,?),(?,?);"
+        );
+        assert_eq!(
+            multi_row_sql("V ", 2, 2, "", true),
+            "V ($1,$2),($3,$4)"
+        );
     }
 }

@@ -12,17 +12,20 @@
 //! reports success and nothing reaches the disk (issue 8; the store tests
 //! reproduce it). Here a `BEGIN` that succeeds proves the connection was in
 //! autocommit, so the `COMMIT` that follows makes everything since durable.
+//!
+//! On PostgreSQL the same discipline holds: a failed statement leaves the
+//! transaction aborted until ROLLBACK, which [`WriteConn::abort`] sends,
+//! and a connection that cannot roll back is replaced.
 
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection};
-
 use super::StoreError;
+use super::db::{Conn, Connector, with_conn};
+use crate::config::Backend;
 
 pub struct WriteConn {
-    conn: SqliteConnection,
-    options: SqliteConnectOptions,
+    conn: Conn,
+    options: Connector,
     /// A transaction was begun and not committed: roll back before the next.
     unfinished: bool,
     /// Times the connection was thrown away and opened again.
@@ -33,7 +36,7 @@ pub struct WriteConn {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl WriteConn {
-    pub async fn open(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    pub async fn open(options: Connector) -> Result<Self, StoreError> {
         let conn = options.connect().await?;
         Ok(Self {
             conn,
@@ -44,8 +47,12 @@ impl WriteConn {
     }
 
     /// The connection, for statements inside a transaction or reads outside.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
+    pub fn conn(&mut self) -> &mut Conn {
         &mut self.conn
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.conn.backend()
     }
 
     /// Times the connection was replaced because it could not be trusted.
@@ -60,18 +67,21 @@ impl WriteConn {
     pub async fn begin(&mut self) -> Result<(), StoreError> {
         self.abort().await;
         self.unfinished = true;
-        match sqlx::query("BEGIN IMMEDIATE").execute(&mut self.conn).await {
-            Ok(_) => Ok(()),
-            Err(e) if still_in_transaction(&e) => {
+        match self.execute(begin_sql(self.backend())).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Sqlx(e)) if still_in_transaction(&e) => {
                 tracing::warn!(error = %e, "the write connection is stuck in a transaction; opening a new one");
                 self.reopen().await?;
-                sqlx::query("BEGIN IMMEDIATE")
-                    .execute(&mut self.conn)
-                    .await?;
-                Ok(())
+                self.execute(begin_sql(self.backend())).await
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
+    }
+
+    /// One statement without parameters.
+    async fn execute(&mut self, sql: &str) -> Result<(), StoreError> {
+        with_conn!(&mut self.conn, c => sqlx::query(sql).execute(c).await?.rows_affected());
+        Ok(())
     }
 
     /// Rolls back what a failure left, at once: a transaction SQLite kept
@@ -83,9 +93,11 @@ impl WriteConn {
         if !self.unfinished {
             return;
         }
-        match sqlx::query("ROLLBACK").execute(&mut self.conn).await {
-            Ok(_) => self.unfinished = false,
-            Err(sqlx::Error::Database(db)) if db.message().contains("no transaction") => {
+        match self.execute("ROLLBACK").await {
+            Ok(()) => self.unfinished = false,
+            Err(StoreError::Sqlx(sqlx::Error::Database(db)))
+                if db.message().contains("no transaction") =>
+            {
                 self.unfinished = false;
             }
             Err(e) => {
@@ -101,7 +113,7 @@ impl WriteConn {
     /// Commits the transaction [`WriteConn::begin`] started. On error the
     /// transaction counts as unfinished and is rolled back before the next.
     pub async fn commit(&mut self) -> Result<(), StoreError> {
-        sqlx::query("COMMIT").execute(&mut self.conn).await?;
+        self.execute("COMMIT").await?;
         self.unfinished = false;
         Ok(())
     }
@@ -128,6 +140,15 @@ impl WriteConn {
     }
 }
 
+/// Takes SQLite's write lock at once, so a busy database fails here rather
+/// than halfway; PostgreSQL locks rows as it writes them.
+fn begin_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        Backend::Postgres => "BEGIN",
+    }
+}
+
 /// SQLite refuses a BEGIN inside a transaction with this message (SQLITE_ERROR).
 fn still_in_transaction(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.message().contains("within a transaction"))
@@ -137,9 +158,16 @@ fn still_in_transaction(e: &sqlx::Error) -> bool {
 mod tests {
     use std::str::FromStr;
 
-    use sqlx::sqlite::SqliteJournalMode;
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 
     use super::*;
+
+    impl WriteConn {
+        fn sqlite(&mut self) -> &mut SqliteConnection {
+            self.conn.sqlite().expect("a SQLite connection")
+        }
+    }
 
     fn options(dir: &tempfile::TempDir) -> SqliteConnectOptions {
         SqliteConnectOptions::from_str("sqlite:")
@@ -151,13 +179,13 @@ mod tests {
 
     /// A writer on a fresh database with table `t`, limited to `pages`.
     async fn limited_table(dir: &tempfile::TempDir, pages: u32) -> WriteConn {
-        let mut write = WriteConn::open(options(dir)).await.unwrap();
+        let mut write = WriteConn::open(Connector::Sqlite(options(dir))).await.unwrap();
         sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
-            .execute(write.conn())
+            .execute(write.sqlite())
             .await
             .unwrap();
         sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
-            .execute(write.conn())
+            .execute(write.sqlite())
             .await
             .unwrap();
         write
@@ -192,13 +220,13 @@ mod tests {
         for (i, (per_statement, statements)) in steps.into_iter().enumerate() {
             if i == 3 {
                 sqlx::query("PRAGMA max_page_count = 100000")
-                    .execute(write.conn())
+                    .execute(write.sqlite())
                     .await
                     .unwrap();
             }
             let result: Result<(), StoreError> = async {
                 if use_sqlx_transaction {
-                    let mut tx = write.conn().begin().await?;
+                    let mut tx = sqlx::Connection::begin(write.sqlite()).await?;
                     for _ in 0..statements {
                         sqlx::query(&insert(per_statement))
                             .execute(&mut *tx)
@@ -209,7 +237,7 @@ mod tests {
                     write.begin().await?;
                     for _ in 0..statements {
                         sqlx::query(&insert(per_statement))
-                            .execute(write.conn())
+                            .execute(write.sqlite())
                             .await?;
                     }
                     write.commit().await?;
@@ -255,7 +283,7 @@ mod tests {
         // and keeps the transaction, and with it the write lock.
         assert!(
             sqlx::query(&insert(20))
-                .execute(write.conn())
+                .execute(write.sqlite())
                 .await
                 .is_err()
         );
@@ -274,18 +302,18 @@ mod tests {
     #[tokio::test]
     async fn a_connection_stuck_in_a_transaction_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let mut write = WriteConn::open(options(&dir)).await.unwrap();
+        let mut write = WriteConn::open(Connector::Sqlite(options(&dir))).await.unwrap();
         let mut other = options(&dir).connect().await.unwrap();
         sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
-            .execute(write.conn())
+            .execute(write.sqlite())
             .await
             .unwrap();
         // A transaction left open behind the writer's back.
-        sqlx::query("BEGIN").execute(write.conn()).await.unwrap();
-        sqlx::query(&insert(1)).execute(write.conn()).await.unwrap();
+        sqlx::query("BEGIN").execute(write.sqlite()).await.unwrap();
+        sqlx::query(&insert(1)).execute(write.sqlite()).await.unwrap();
         write.begin().await.unwrap();
         assert_eq!(write.reopened(), 1);
-        sqlx::query(&insert(2)).execute(write.conn()).await.unwrap();
+        sqlx::query(&insert(2)).execute(write.sqlite()).await.unwrap();
         write.commit().await.unwrap();
         assert_eq!(count(&mut other).await, 2, "only the new transaction");
     }

@@ -4,7 +4,6 @@
 //! every command ends in a true state, executed once.
 
 use std::io::BufRead;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,11 +20,11 @@ struct ChildHub {
 }
 
 impl ChildHub {
-    fn start(dir: &Path, port: u16) -> ChildHub {
+    fn start(db: &TestDb, port: u16) -> ChildHub {
         let mut child = crate::harness::hub_process()
             .arg("serve")
+            .envs(db.env())
             .env("HUB__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("HUB__STORAGE__PATH", dir.join("hub.db"))
             .env("HUB__STORAGE__COMPACT_ROWS", "3000")
             .env("HUB__COMMANDS__MAX_ATTEMPTS", "50")
             .env("HUB__COMMANDS__ACK_TIMEOUT", "2s")
@@ -137,14 +136,14 @@ enum KillPoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
-    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut hub = ChildHub::start(dir.path(), port);
+    let mut hub = ChildHub::start(&db, port);
     hub.wait_line("listening on").await;
 
     let devices = 10;
@@ -208,7 +207,7 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
                     .iter()
                     .any(|l| l.contains("compacted staged readings"));
             drop(hub);
-            hub = ChildHub::start(dir.path(), port);
+            hub = ChildHub::start(&db, port);
             hub.wait_line("listening on").await;
             wait_until(
                 &format!("fleet back after kill {round} ({point:?})"),
@@ -253,7 +252,7 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
     hub.terminate();
     assert!(hub.child.wait().unwrap().success(), "SIGTERM exits 0");
     drop(hub);
-    let mut checker = spawn_hub_in(dir, |_| {}).await;
+    let mut checker = spawn_hub_in(db, |_| {}).await;
     assert_fleet_stored_exactly(&checker, "crash-", &summary).await;
     eprintln!(
         "crash: {kills} SIGKILLs survived; {} readings acked and checked; {} commands, each run once",

@@ -69,6 +69,9 @@ async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
+    if sqlite_only("storage.max_size_mib, a page limit") {
+        return;
+    }
     // Ballast first: a device's readings that an operator can delete later
     // to make room. Nothing is compacted: staged readings take ~30 bytes
     // each (blocks a few), so the ballast frees room and the limit is met
@@ -111,6 +114,9 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
+    if sqlite_only("storage.max_size_mib, a page limit") {
+        return;
+    }
     // 40,000 full-precision readings stay staged (nothing is compacted).
     let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
     let base = store_ballast(&hub, |s| (s as f64).sqrt()).await;
@@ -265,6 +271,9 @@ async fn staging_over_its_cap_is_compacted_not_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_fails_commits_then_readings_and_commands_recover() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
     let hub = spawn_hub_with(|s| {
         s.storage.busy_timeout = Duration::from_millis(200);
         s.commands.ack_timeout = Duration::from_millis(500);
@@ -376,6 +385,9 @@ impl Drop for Tmpfs {
 /// failures stayed in a transaction that was never committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_that_grows_again_loses_no_acked_reading() {
+    if sqlite_only("the database file on a tmpfs") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let Some(tmpfs) = Tmpfs::mount(dir.path(), "12m") else {
         skip("a tmpfs mount (root)", &dir.path().display().to_string());
@@ -383,7 +395,10 @@ async fn a_full_disk_that_grows_again_loses_no_acked_reading() {
     };
     // Uncompacted readings (~30 bytes each, blocks take a few) fill the
     // 12 MiB in seconds.
-    let hub = spawn_hub_in(dir, |s| s.storage.compact_rows = 1_000_000).await;
+    let hub = spawn_hub_in(TestDb::sqlite_in(dir), |s| {
+        s.storage.compact_rows = 1_000_000;
+    })
+    .await;
     let fleet = SimFleet::start_with(fleet(&hub, "disk-", 40, 500.0)).await;
     ride_out_failure(&hub, &fleet, async || tmpfs.grow("512m")).await;
     let summary = fleet.finish().await;
@@ -422,6 +437,9 @@ async fn a_dead_writer_turns_the_hub_not_serving_and_stops_it_with_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
     let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
     let (mut dev, _) = RawDevice::connect(&hub, "dev-q").await;
     let now = now_ms();
@@ -457,6 +475,9 @@ async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
     let hub = spawn_hub_with(|s| {
         s.storage.max_size_mib = 1;
         s.storage.compact_rows = 1_000_000;

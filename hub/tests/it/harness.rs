@@ -32,18 +32,146 @@ pub fn skip(service: &str, addr: &str) {
     eprintln!("SKIPPED: {service} not reachable at {addr}");
 }
 
+/// The suite runs against one storage backend: SQLite (the default) or,
+/// with `HUB_TEST_BACKEND=postgres`, PostgreSQL at `HUB_TEST_PG_URL`
+/// (default postgres://postgres@127.0.0.1:5432/test), each test in a
+/// database of its own that is dropped after it. CI runs the suite once
+/// per backend.
+pub fn on_postgres() -> bool {
+    std::env::var("HUB_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+/// Says that a test of a SQLite-only mechanism (its file, its PRAGMAs,
+/// VACUUM INTO backups) does not apply; true when the test should return.
+pub fn sqlite_only(what: &str) -> bool {
+    if on_postgres() {
+        eprintln!("SQLite only ({what}): nothing to test on PostgreSQL");
+    }
+    on_postgres()
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("HUB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Where a test hub keeps its data: a temp dir (SQLite's files, backups,
+/// certificates) and, on PostgreSQL, a database made for this test.
+pub struct TestDb {
+    dir: TempDir,
+    pg: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        if !on_postgres() {
+            return TestDb { dir, pg: None };
+        }
+        use sqlx::Connection;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "hub_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let admin = pg_admin_url();
+        let mut conn = match sqlx::PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(e) => panic!("HUB_TEST_BACKEND=postgres but PostgreSQL at {admin}: {e}"),
+        };
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        TestDb {
+            dir,
+            pg: Some(name),
+        }
+    }
+
+    /// A SQLite database the test prepared in `dir` (`dir/hub.db`).
+    pub fn sqlite_in(dir: TempDir) -> TestDb {
+        TestDb { dir, pg: None }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The database's URL on PostgreSQL.
+    pub fn pg_url(&self) -> Option<String> {
+        let name = self.pg.as_ref()?;
+        let admin = pg_admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Some(format!("{base}/{name}"))
+    }
+
+    /// Points settings at this database.
+    pub fn apply(&self, s: &mut Settings) {
+        s.storage.path = self.dir.path().join("hub.db");
+        if let Some(url) = self.pg_url() {
+            s.storage.backend = hub::config::Backend::Postgres;
+            s.storage.url = hub::config::DatabaseUrl(url);
+        }
+    }
+
+    /// The same as environment variables, for a `hub` process.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![(
+            "HUB__STORAGE__PATH",
+            self.dir.path().join("hub.db").display().to_string(),
+        )];
+        if let Some(url) = self.pg_url() {
+            env.push(("HUB__STORAGE__BACKEND", "postgres".to_owned()));
+            env.push(("HUB__STORAGE__URL", url));
+        }
+        env
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg.take() else { return };
+        // On a thread of its own: Drop cannot await, and may run inside the
+        // test's runtime.
+        let admin = pg_admin_url();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&admin).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test database: {dropped:?}");
+        }
+    }
+}
+
 pub struct TestHub {
     hub: Option<Hub>,
     pub addr: SocketAddr,
     pub settings: Settings,
-    _dir: TempDir,
+    /// Kept for the hub's life: dropping it deletes the data.
+    _db: TestDb,
 }
 
-fn test_settings(dir: &TempDir) -> Settings {
+fn test_settings(db: &TestDb) -> Settings {
     let mut s = Settings::defaults().unwrap();
     s.server.listen = "127.0.0.1:0".parse().unwrap();
     s.http.listen = "127.0.0.1:0".parse().unwrap();
-    s.storage.path = dir.path().join("hub.db");
+    db.apply(&mut s);
     s.server.shutdown_timeout = Duration::from_secs(10);
     s
 }
@@ -53,19 +181,19 @@ pub async fn spawn_hub() -> TestHub {
 }
 
 pub async fn spawn_hub_with(adjust: impl FnOnce(&mut Settings)) -> TestHub {
-    spawn_hub_in(tempfile::tempdir().unwrap(), adjust).await
+    spawn_hub_in(TestDb::new().await, adjust).await
 }
 
-/// A hub on the database in `dir` (`dir/hub.db`), which it may already hold.
-pub async fn spawn_hub_in(dir: TempDir, adjust: impl FnOnce(&mut Settings)) -> TestHub {
-    let mut settings = test_settings(&dir);
+/// A hub on the database `db`, which it may already hold.
+pub async fn spawn_hub_in(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> TestHub {
+    let mut settings = test_settings(&db);
     adjust(&mut settings);
     let hub = Hub::start(settings.clone()).await.unwrap();
     TestHub {
         addr: hub.local_addr(),
         hub: Some(hub),
         settings,
-        _dir: dir,
+        _db: db,
     }
 }
 
@@ -673,37 +801,26 @@ pub async fn assert_fleet_stored_exactly(
         total += seqs.len() as u64;
     }
     assert_eq!(total, summary.acked, "stored == acked: {summary:?}");
-    assert_stored_exactly(&hub.db_path(), prefix, summary).await;
+    assert_stored_exactly(hub, prefix, summary).await;
 }
 
-/// The same promise checked in the database files, for any number of
-/// devices: per device the stored seqs (staged and in blocks together) are exactly 1..=n, n is
-/// its mark and its count; the total is what the devices were told is
-/// acked. Both database files pass SQLite's integrity check.
+/// The same promise checked in the database itself, for any number of
+/// devices: per device the stored seqs (staged and in blocks together) are
+/// exactly 1..=n, n is its mark and its count; the total is what the devices
+/// were told is acked. On SQLite both database files pass its integrity
+/// check.
 pub async fn assert_stored_exactly(
-    db: &std::path::Path,
+    hub: &TestHub,
     prefix: &str,
     summary: &device_sim::FleetSummary,
 ) {
-    use sqlx::ConnectOptions;
     assert_eq!((summary.lost_acks, summary.bad_acks), (0, 0), "{summary:?}");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .connect()
-        .await
-        .unwrap();
-    let devices: Vec<(i64, String, i64, i64)> = sqlx::query_as(
-        "SELECT id, external_id, acked_seq, reading_count FROM devices \
-         WHERE substr(external_id, 1, length(?1)) = ?1",
-    )
-    .bind(prefix)
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
+    let mut db = DbConn::open(&hub.settings).await;
+    let devices = db.devices(prefix).await;
     assert_eq!(devices.len(), summary.devices, "every device registered");
     let mut total = 0;
     for (key, id, mark, counted) in devices {
-        let mut seqs = stored_seqs(&mut conn, key).await;
+        let mut seqs = db.stored_seqs(key).await;
         seqs.sort_unstable();
         let n = seqs.len() as i64;
         seqs.dedup();
@@ -720,31 +837,87 @@ pub async fn assert_stored_exactly(
         total += n as u64;
     }
     assert_eq!(total, summary.acked, "stored == acked: {summary:?}");
-    assert_eq!(integrity_check(db).await, "ok");
-    assert_eq!(
-        integrity_check(&db.with_file_name("hub-commands.db")).await,
-        "ok"
-    );
+    if !on_postgres() {
+        let path = &hub.settings.storage.path;
+        assert_eq!(integrity_check(path).await, "ok");
+        assert_eq!(
+            integrity_check(&path.with_file_name("hub-commands.db")).await,
+            "ok"
+        );
+    }
 }
 
-/// Every seq stored for a device (database key), staged or in blocks.
-pub async fn stored_seqs(conn: &mut sqlx::SqliteConnection, device: i64) -> Vec<i64> {
-    let mut seqs: Vec<i64> =
-        sqlx::query_scalar("SELECT seq FROM readings_recent WHERE device_id = ?")
-            .bind(device)
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-    let blocks: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blocks WHERE device_id = ?")
-        .bind(device)
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-    for block in blocks {
-        let points = hub::store::codec::decode(&block).expect("every stored block decodes");
-        seqs.extend(points.iter().map(|p| p.seq as i64));
+/// A connection of the test's own to a hub's readings database.
+pub enum DbConn {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl DbConn {
+    pub async fn open(settings: &Settings) -> DbConn {
+        use sqlx::{ConnectOptions, Connection};
+        match settings.storage.backend {
+            hub::config::Backend::Sqlite => DbConn::Sqlite(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&settings.storage.path)
+                    .connect()
+                    .await
+                    .unwrap(),
+            ),
+            hub::config::Backend::Postgres => DbConn::Postgres(
+                sqlx::PgConnection::connect(settings.storage.url.as_str())
+                    .await
+                    .unwrap(),
+            ),
+        }
     }
-    seqs
+
+    /// (key, external id, mark, count) of the devices whose id starts
+    /// with `prefix`.
+    pub async fn devices(&mut self, prefix: &str) -> Vec<(i64, String, i64, i64)> {
+        const SQL: &str = "SELECT id, external_id, acked_seq, reading_count FROM devices \
+             WHERE substr(external_id, 1, length($1)) = $1";
+        match self {
+            DbConn::Sqlite(c) => sqlx::query_as(SQL).bind(prefix).fetch_all(c).await,
+            DbConn::Postgres(c) => sqlx::query_as(SQL).bind(prefix).fetch_all(c).await,
+        }
+        .unwrap()
+    }
+
+    /// A query's one value.
+    pub async fn scalar<T>(&mut self, sql: &str) -> T
+    where
+        T: Send + Unpin,
+        for<'r> T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        for<'r> T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        match self {
+            DbConn::Sqlite(c) => sqlx::query_scalar(sql).fetch_one(c).await,
+            DbConn::Postgres(c) => sqlx::query_scalar(sql).fetch_one(c).await,
+        }
+        .unwrap()
+    }
+
+    /// Every seq stored for a device (database key), staged or in blocks.
+    pub async fn stored_seqs(&mut self, device: i64) -> Vec<i64> {
+        const STAGED: &str = "SELECT seq FROM readings_recent WHERE device_id = $1";
+        const BLOCKS: &str = "SELECT data FROM blocks WHERE device_id = $1";
+        let (mut seqs, blocks): (Vec<i64>, Vec<Vec<u8>>) = match self {
+            DbConn::Sqlite(c) => (
+                sqlx::query_scalar(STAGED).bind(device).fetch_all(&mut *c).await.unwrap(),
+                sqlx::query_scalar(BLOCKS).bind(device).fetch_all(c).await.unwrap(),
+            ),
+            DbConn::Postgres(c) => (
+                sqlx::query_scalar(STAGED).bind(device).fetch_all(&mut *c).await.unwrap(),
+                sqlx::query_scalar(BLOCKS).bind(device).fetch_all(c).await.unwrap(),
+            ),
+        };
+        for block in blocks {
+            let points = hub::store::codec::decode(&block).expect("every stored block decodes");
+            seqs.extend(points.iter().map(|p| p.seq as i64));
+        }
+        seqs
+    }
 }
 
 /// A CA, the hub's certificate (127.0.0.1) and device certificates, in a

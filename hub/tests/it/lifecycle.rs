@@ -237,7 +237,7 @@ async fn five_thousand_devices_reconnect_at_once_after_a_restart_and_lose_nothin
     let summary = fleet.finish().await;
     assert!(summary.all_clean(), "{summary:?}");
     assert!(summary.reconnects >= devices as u64, "{summary:?}");
-    assert_stored_exactly(&hub.db_path(), "storm-", &summary).await;
+    assert_stored_exactly(&hub, "storm-", &summary).await;
     hub.assert_no_leaks().await;
 }
 

@@ -568,6 +568,19 @@ async fn an_online_backup_while_ingest_runs_is_consistent_and_opens() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
     }
+    if on_postgres() {
+        // PostgreSQL is backed up with pg_dump: the hub says so.
+        let refused = hub
+            .operator()
+            .await
+            .backup(pb::BackupRequest { to: "copy".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.message().contains("pg_dump"), "{refused:?}");
+        fleet.finish().await;
+        return;
+    }
     let report = hub
         .operator()
         .await
@@ -598,14 +611,15 @@ async fn an_online_backup_while_ingest_runs_is_consistent_and_opens() {
     // The copy is a working hub database: every device's seqs are 1..=n
     // with n its mark, as of the moment of the copy.
     assert_eq!(integrity_check(&to.join("hub.db")).await, "ok");
-    let restored_dir = tempfile::tempdir().unwrap();
-    std::fs::copy(to.join("hub.db"), restored_dir.path().join("hub.db")).unwrap();
+    let restored_db = TestDb::new().await;
+    let restored_dir = restored_db.path();
+    std::fs::copy(to.join("hub.db"), restored_dir.join("hub.db")).unwrap();
     std::fs::copy(
         to.join("hub-commands.db"),
-        restored_dir.path().join("hub-commands.db"),
+        restored_dir.join("hub-commands.db"),
     )
     .unwrap();
-    let mut restored = spawn_hub_in(restored_dir, |_| {}).await;
+    let mut restored = spawn_hub_in(restored_db, |_| {}).await;
     let mut total = 0;
     for i in 1..=4 {
         let id = device_sim::device_id("bk-", i);
@@ -785,8 +799,13 @@ async fn the_cli_manages_devices_and_backups_over_tls_with_a_token() {
         &["backup", "--to", "b1", "--hub", &url, "--ca", &ca],
         &admin,
     );
-    assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("backup verified:"), "{out}");
+    if on_postgres() {
+        assert_eq!(code, 1, "{out}");
+        assert!(err.contains("pg_dump"), "{err}");
+    } else {
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("backup verified:"), "{out}");
+    }
 
     let (code, out, err) = hub_bin(
         &[
