@@ -186,10 +186,18 @@ impl Hub {
     pub async fn start(settings: Settings) -> anyhow::Result<Hub> {
         settings.validate()?;
         let (store, store_writer) = store::open(&settings.storage).await.with_context(|| {
-            format!(
-                "cannot open the database {}",
-                settings.storage.path.display()
-            )
+            let st = &settings.storage;
+            match st.backend {
+                crate::config::Backend::Sqlite => {
+                    format!("cannot open the database {}", st.path.display())
+                }
+                crate::config::Backend::Postgres => {
+                    format!(
+                        "cannot open the PostgreSQL database {} (storage.url)",
+                        st.url
+                    )
+                }
+            }
         })?;
         let metrics = HubMetrics::new();
         let registry = SessionRegistry::new();
@@ -363,20 +371,32 @@ impl Hub {
                     )
                 })?;
             let metrics_addr = listener.local_addr()?;
-            let path = &settings.storage.path;
-            let commands_path = crate::store::commands::commands_path(path);
-            let files = [path.clone(), commands_path]
-                .into_iter()
-                .flat_map(|p| {
-                    let wal = PathBuf::from(format!("{}-wal", p.display()));
-                    [p, wal]
-                })
-                .collect();
+            let (db_size, sized) = match settings.storage.backend {
+                crate::config::Backend::Sqlite => {
+                    let path = &settings.storage.path;
+                    let commands_path = crate::store::commands::commands_path(path);
+                    let files = [path.clone(), commands_path]
+                        .into_iter()
+                        .flat_map(|p| {
+                            let wal = PathBuf::from(format!("{}-wal", p.display()));
+                            [p, wal]
+                        })
+                        .collect();
+                    (crate::prometheus::DbSize::Files(files), None)
+                }
+                crate::config::Backend::Postgres => {
+                    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    (
+                        crate::prometheus::DbSize::Postgres(Arc::clone(&bytes)),
+                        Some((store.clone(), bytes)),
+                    )
+                }
+            };
             let registry = crate::prometheus::registry(
                 Arc::clone(&metrics),
                 tracker.clone(),
                 ingest.clone(),
-                files,
+                db_size,
             );
             tracing::info!("metrics on http://{metrics_addr}/metrics");
             Some((
@@ -384,6 +404,7 @@ impl Hub {
                 tokio::spawn(crate::prometheus::serve(
                     listener,
                     registry,
+                    sized,
                     stopping.clone(),
                 )),
             ))

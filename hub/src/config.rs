@@ -947,7 +947,10 @@ mod mqtt_tests {
         s.storage.url = DatabaseUrl("postgres://hub:hunter2@db:5432/hub".into());
         let text = s.to_toml();
         assert!(!text.contains("hunter2"), "{text}");
-        assert!(text.contains("postgres://hub:********@db:5432/hub"), "{text}");
+        assert!(
+            text.contains("postgres://hub:********@db:5432/hub"),
+            "{text}"
+        );
         assert!(text.contains("password = \"********\""), "{text}");
         assert!(!format!("{s:?}").contains("hunter2"));
     }

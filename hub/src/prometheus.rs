@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -29,8 +29,17 @@ struct Sources {
     metrics: Arc<HubMetrics>,
     tracker: TaskTracker,
     ingest: IngestQueue,
-    /// The database files (and their WAL) whose size is reported.
-    files: Vec<PathBuf>,
+    db_size: DbSize,
+}
+
+/// Where `hub_db_bytes` comes from.
+#[derive(Debug, Clone)]
+pub enum DbSize {
+    /// SQLite: the database files and their WAL.
+    Files(Vec<PathBuf>),
+    /// PostgreSQL: `pg_database_size`, read by each scrape before encoding
+    /// (a collector cannot wait on a query).
+    Postgres(Arc<AtomicU64>),
 }
 
 impl Collector for Sources {
@@ -108,12 +117,14 @@ impl Collector for Sources {
                 counter.metric_type(),
             )?)?;
         }
-        let db_bytes: u64 = self
-            .files
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).ok())
-            .map(|meta| meta.len())
-            .sum();
+        let db_bytes: u64 = match &self.db_size {
+            DbSize::Files(files) => files
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|meta| meta.len())
+                .sum(),
+            DbSize::Postgres(bytes) => bytes.load(Ordering::Relaxed),
+        };
         let gauges: [(&str, &str, i64); 7] = [
             (
                 "hub_live_sessions",
@@ -147,7 +158,7 @@ impl Collector for Sources {
             ),
             (
                 "hub_db_bytes",
-                "Size of the database files with their WAL.",
+                "Size of the database: SQLite's files with their WAL, or the PostgreSQL database.",
                 db_bytes as i64,
             ),
         ];
@@ -164,7 +175,7 @@ pub fn registry(
     metrics: Arc<HubMetrics>,
     tracker: TaskTracker,
     ingest: IngestQueue,
-    files: Vec<PathBuf>,
+    db_size: DbSize,
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register(
@@ -191,28 +202,42 @@ pub fn registry(
         metrics,
         tracker,
         ingest,
-        files,
+        db_size,
     }));
     registry
+}
+
+/// Serves `/metrics` until `stop`.
+/// What a scrape needs: the registry and, on PostgreSQL, the store to size.
+struct Scrape {
+    registry: Registry,
+    db_size: Option<(crate::store::Store, Arc<AtomicU64>)>,
 }
 
 /// Serves `/metrics` until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
+    db_size: Option<(crate::store::Store, Arc<AtomicU64>)>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(Arc::new(registry));
+        .with_state(Arc::new(Scrape { registry, db_size }));
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }
 
-async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+async fn scrape(State(scrape): State<Arc<Scrape>>) -> impl IntoResponse {
+    if let Some((store, bytes)) = &scrape.db_size {
+        match store.database_bytes().await {
+            Ok(n) => bytes.store(n, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "cannot read the database's size"),
+        }
+    }
     let mut body = String::new();
-    if prometheus_client::encoding::text::encode(&mut body, &registry).is_err() {
+    if prometheus_client::encoding::text::encode(&mut body, &scrape.registry).is_err() {
         return (
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             [(CONTENT_TYPE, "text/plain")],

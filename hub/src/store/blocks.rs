@@ -535,15 +535,14 @@ impl Store {
 
     /// Bytes and readings in blocks, for `hub stats`.
     pub async fn block_totals(&self) -> Result<(u64, u64, u64), StoreError> {
-        let (blocks, readings, bytes): (i64, Option<i64>, Option<i64>) =
-            with_pool!(&self.read, pool, _Db => {
-                sqlx::query_as(
-                    "SELECT count(*), CAST(sum(count) AS BIGINT), \
-                     CAST(sum(length(data)) AS BIGINT) FROM blocks",
-                )
-                .fetch_one(pool)
-                .await?
-            });
+        let (blocks, readings, bytes): (i64, Option<i64>, Option<i64>) = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(
+                "SELECT count(*), CAST(sum(count) AS BIGINT), \
+                 CAST(sum(length(data)) AS BIGINT) FROM blocks",
+            )
+            .fetch_one(pool)
+            .await?
+        });
         Ok((
             blocks as u64,
             readings.unwrap_or(0) as u64,

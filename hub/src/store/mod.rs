@@ -6,11 +6,11 @@
 //! writer task) and a small pool of reader connections ([`Store`]) for
 //! queries. On SQLite, WAL mode lets readers run beside the writer.
 
-mod db;
 pub mod backup;
 pub mod blocks;
 pub mod codec;
 pub mod commands;
+mod db;
 mod write;
 mod write_conn;
 
@@ -322,6 +322,18 @@ impl Store {
             .into_iter()
             .map(|(d, s)| (DeviceKey(d), SensorKey(s)))
             .collect())
+    }
+
+    /// The PostgreSQL database's size on disk (0 on SQLite, whose files
+    /// the caller measures).
+    pub async fn database_bytes(&self) -> Result<u64, StoreError> {
+        let Pool::Postgres(pool) = &self.read else {
+            return Ok(0);
+        };
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(pool)
+            .await?;
+        Ok(bytes.max(0) as u64)
     }
 
     /// Readings stored in total, from the per-device counters.

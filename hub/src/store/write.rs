@@ -577,9 +577,6 @@ mod tests {
             multi_row_sql("V ", 2, 3, ";", false),
             "V (?,?),(?,?),(?,?);"
         );
-        assert_eq!(
-            multi_row_sql("V ", 2, 2, "", true),
-            "V ($1,$2),($3,$4)"
-        );
+        assert_eq!(multi_row_sql("V ", 2, 2, "", true), "V ($1,$2),($3,$4)");
     }
 }

@@ -179,7 +179,9 @@ mod tests {
 
     /// A writer on a fresh database with table `t`, limited to `pages`.
     async fn limited_table(dir: &tempfile::TempDir, pages: u32) -> WriteConn {
-        let mut write = WriteConn::open(Connector::Sqlite(options(dir))).await.unwrap();
+        let mut write = WriteConn::open(Connector::Sqlite(options(dir)))
+            .await
+            .unwrap();
         sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
             .execute(write.sqlite())
             .await
@@ -302,7 +304,9 @@ mod tests {
     #[tokio::test]
     async fn a_connection_stuck_in_a_transaction_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let mut write = WriteConn::open(Connector::Sqlite(options(&dir))).await.unwrap();
+        let mut write = WriteConn::open(Connector::Sqlite(options(&dir)))
+            .await
+            .unwrap();
         let mut other = options(&dir).connect().await.unwrap();
         sqlx::query("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
             .execute(write.sqlite())
@@ -310,10 +314,16 @@ mod tests {
             .unwrap();
         // A transaction left open behind the writer's back.
         sqlx::query("BEGIN").execute(write.sqlite()).await.unwrap();
-        sqlx::query(&insert(1)).execute(write.sqlite()).await.unwrap();
+        sqlx::query(&insert(1))
+            .execute(write.sqlite())
+            .await
+            .unwrap();
         write.begin().await.unwrap();
         assert_eq!(write.reopened(), 1);
-        sqlx::query(&insert(2)).execute(write.sqlite()).await.unwrap();
+        sqlx::query(&insert(2))
+            .execute(write.sqlite())
+            .await
+            .unwrap();
         write.commit().await.unwrap();
         assert_eq!(count(&mut other).await, 2, "only the new transaction");
     }

@@ -904,12 +904,28 @@ impl DbConn {
         const BLOCKS: &str = "SELECT data FROM blocks WHERE device_id = $1";
         let (mut seqs, blocks): (Vec<i64>, Vec<Vec<u8>>) = match self {
             DbConn::Sqlite(c) => (
-                sqlx::query_scalar(STAGED).bind(device).fetch_all(&mut *c).await.unwrap(),
-                sqlx::query_scalar(BLOCKS).bind(device).fetch_all(c).await.unwrap(),
+                sqlx::query_scalar(STAGED)
+                    .bind(device)
+                    .fetch_all(&mut *c)
+                    .await
+                    .unwrap(),
+                sqlx::query_scalar(BLOCKS)
+                    .bind(device)
+                    .fetch_all(c)
+                    .await
+                    .unwrap(),
             ),
             DbConn::Postgres(c) => (
-                sqlx::query_scalar(STAGED).bind(device).fetch_all(&mut *c).await.unwrap(),
-                sqlx::query_scalar(BLOCKS).bind(device).fetch_all(c).await.unwrap(),
+                sqlx::query_scalar(STAGED)
+                    .bind(device)
+                    .fetch_all(&mut *c)
+                    .await
+                    .unwrap(),
+                sqlx::query_scalar(BLOCKS)
+                    .bind(device)
+                    .fetch_all(c)
+                    .await
+                    .unwrap(),
             ),
         };
         for block in blocks {
