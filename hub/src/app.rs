@@ -178,6 +178,9 @@ pub struct Hub {
     metrics_server: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
     http: Option<crate::http::HttpServer>,
     retention: Option<JoinHandle<()>>,
+    /// PostgreSQL: ends streams of devices other hubs claim.
+    claims: Option<JoinHandle<()>>,
+    hub_id: Arc<str>,
 }
 
 impl Hub {
@@ -201,6 +204,7 @@ impl Hub {
         })?;
         let metrics = HubMetrics::new();
         let registry = SessionRegistry::new();
+        let hub_id = crate::cluster::new_hub_id();
         let auth = Arc::new(AuthPolicy::new(&settings.auth));
         let tracker = TaskTracker::new();
 
@@ -215,6 +219,7 @@ impl Hub {
                 max_sensors: settings.ingest.max_sensors,
                 max_sensors_per_device: settings.ingest.max_sensors_per_device,
                 compact_rows: settings.storage.compact_rows,
+                hub_id: Arc::clone(&hub_id),
             },
             Arc::clone(&metrics),
             fanout.clone(),
@@ -456,8 +461,17 @@ impl Hub {
         } else {
             "http"
         };
+        let claims = crate::cluster::listen_claims(
+            &store,
+            Arc::clone(&hub_id),
+            Arc::clone(&registry),
+            stopping.clone(),
+        )
+        .await
+        .context("cannot listen for other hubs' claims")?
+        .map(tokio::spawn);
         tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
-            "listening on {addr} ({scheme})");
+            hub_id = %hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
         Ok(Hub {
             addr,
             settings,
@@ -485,7 +499,15 @@ impl Hub {
             metrics_server,
             http,
             retention,
+            claims,
+            hub_id,
         })
+    }
+
+    /// This hub's id for the life of its process (written into the devices
+    /// it claims).
+    pub fn hub_id(&self) -> &str {
+        &self.hub_id
     }
 
     /// Where `/metrics` is served (when `metrics.enabled`).
@@ -579,6 +601,11 @@ impl Hub {
                 left = self.tracker.len(),
                 "streams and queries did not end within the shutdown timeout"
             );
+        }
+        if let Some(claims) = self.claims
+            && timeout_at(deadline, claims).await.is_err()
+        {
+            tracing::warn!("the claims listener did not stop within the shutdown timeout");
         }
         // Retention stopped at `stopping`; its last step is in the queue.
         if let Some(retention) = self.retention

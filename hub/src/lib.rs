@@ -38,6 +38,7 @@
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod devices;

@@ -30,6 +30,9 @@ pub struct HubMetrics {
     /// Series whose blocks of one level were merged.
     pub merges: AtomicU64,
     pub commit_failures: AtomicU64,
+    /// Batches not written because another hub (or a newer stream) had
+    /// claimed their device (PostgreSQL's session fencing).
+    pub fenced: AtomicU64,
     /// Device Hellos refused for their credentials.
     pub auth_failures: AtomicU64,
     /// Rows the writer holds for its next commit.
@@ -58,6 +61,7 @@ impl HubMetrics {
             live_sessions: AtomicU64::default(),
             readings_committed: AtomicU64::default(),
             duplicates: AtomicU64::default(),
+            fenced: AtomicU64::default(),
             rejected: AtomicU64::default(),
             commits: AtomicU64::default(),
             compactions: AtomicU64::default(),

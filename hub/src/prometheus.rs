@@ -46,7 +46,7 @@ impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.metrics;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "hub_readings_committed",
                 "Readings stored (committed).",
@@ -56,6 +56,11 @@ impl Collector for Sources {
                 "hub_readings_duplicate",
                 "Readings dropped as duplicates.",
                 load(&m.duplicates),
+            ),
+            (
+                "hub_batches_fenced",
+                "Batches not written: another hub had claimed their device.",
+                load(&m.fenced),
             ),
             (
                 "hub_readings_rejected",

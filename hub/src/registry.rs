@@ -12,6 +12,8 @@ use crate::domain::{DeviceId, Presence, now_ms};
 
 struct LiveStream {
     id: u64,
+    /// The device's session epoch when this stream registered.
+    epoch: u64,
     since_ms: i64,
     firmware: String,
     superseded: CancellationToken,
@@ -28,6 +30,8 @@ pub enum EndReason {
     /// An operator changed the device's credentials (rotated or re-added):
     /// the stream authenticated with the old ones.
     CredentialsChanged,
+    /// The device connected to another hub (on a shared PostgreSQL database).
+    MovedAway,
 }
 
 impl EndReason {
@@ -35,6 +39,7 @@ impl EndReason {
         match raw {
             1 => EndReason::Removed,
             2 => EndReason::CredentialsChanged,
+            3 => EndReason::MovedAway,
             _ => EndReason::Superseded,
         }
     }
@@ -97,6 +102,7 @@ impl SessionRegistry {
         self: &Arc<Self>,
         device: &DeviceId,
         id: u64,
+        epoch: u64,
         now_ms: i64,
         firmware: &str,
     ) -> Option<StreamClaim> {
@@ -111,6 +117,7 @@ impl SessionRegistry {
                 device.clone(),
                 LiveStream {
                     id,
+                    epoch,
                     since_ms: now_ms,
                     firmware: firmware.to_owned(),
                     superseded: superseded.clone(),
@@ -149,6 +156,22 @@ impl SessionRegistry {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Ends the device's live stream if it registered before session
+    /// `epoch` (another hub claimed the device with it); whether it did.
+    pub fn end_if_older(&self, device: &DeviceId, epoch: u64) -> bool {
+        let live = self.lock();
+        match live.get(device) {
+            Some(stream) if stream.epoch < epoch => {
+                stream
+                    .ended_by
+                    .store(EndReason::MovedAway as u8, Ordering::Relaxed);
+                stream.superseded.cancel();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -207,9 +230,9 @@ mod tests {
         let reg = SessionRegistry::new();
         let mut events = reg.subscribe();
         let dev = DeviceId::parse("d1").unwrap();
-        let first = reg.claim(&dev, 1, 1, "fw1").unwrap();
+        let first = reg.claim(&dev, 1, 1, 1, "fw1").unwrap();
         assert!(!first.superseded.is_cancelled());
-        let second = reg.claim(&dev, 2, 2, "fw2").unwrap();
+        let second = reg.claim(&dev, 2, 2, 2, "fw2").unwrap();
         assert!(first.superseded.is_cancelled());
         drop(first);
         assert_eq!(reg.online().get("d1"), Some(&2));
@@ -234,8 +257,8 @@ mod tests {
     fn an_older_stream_claiming_late_is_refused() {
         let reg = SessionRegistry::new();
         let dev = DeviceId::parse("d1").unwrap();
-        let newer = reg.claim(&dev, 7, 1, "new").unwrap();
-        assert!(reg.claim(&dev, 6, 2, "old").is_none());
+        let newer = reg.claim(&dev, 7, 7, 1, "new").unwrap();
+        assert!(reg.claim(&dev, 6, 6, 2, "old").is_none());
         assert!(!newer.superseded.is_cancelled());
         assert_eq!(reg.live_streams()[0].firmware, "new");
     }

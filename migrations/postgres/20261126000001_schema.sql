@@ -14,7 +14,9 @@ CREATE TABLE devices (
     acked_seq     BIGINT  NOT NULL DEFAULT 0,     -- committed high-water mark
     reading_count BIGINT  NOT NULL DEFAULT 0,     -- kept up to date by the writer
     token_sha256  BYTEA,                          -- the device's own token, hashed
-    removed_ms    BIGINT                          -- removed by an operator
+    removed_ms    BIGINT,                         -- removed by an operator
+    epoch         BIGINT  NOT NULL DEFAULT 0,     -- bumped by every accepted Hello: fences other hubs
+    hub           TEXT                            -- the hub that accepted the last Hello
 );
 
 CREATE TABLE sensors (

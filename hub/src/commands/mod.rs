@@ -997,7 +997,7 @@ mod tests {
             "",
         )
         .unwrap();
-        tx.upsert_device(&hello, 0, &crate::auth::Proof::Admitted)
+        tx.upsert_device(&hello, 0, &crate::auth::Proof::Admitted, "test")
             .await
             .unwrap();
         tx.commit().await.unwrap();

@@ -158,10 +158,13 @@ async fn run_registered(
             return;
         }
     };
-    let Some(claim) = ctx
-        .registry
-        .claim(&device_id, registered.stream, now_ms(), &firmware)
-    else {
+    let Some(claim) = ctx.registry.claim(
+        &device_id,
+        registered.stream,
+        registered.epoch,
+        now_ms(),
+        &firmware,
+    ) else {
         // A newer Hello of this device was registered meanwhile.
         let status = Status::aborted("superseded by a newer connection");
         let _ = outbound.send(Err(status)).await;
@@ -210,6 +213,7 @@ async fn run_registered(
         device_id: &device_id,
         device_name: Arc::from(device_id.as_str()),
         device: registered.device,
+        epoch: registered.epoch,
         slot: &slot,
         ended: &ended,
         rejects: LogThrottle::new(LOG_INTERVAL),
@@ -314,6 +318,8 @@ struct Reader<'a> {
     device_id: &'a DeviceId,
     device_name: Arc<str>,
     device: DeviceKey,
+    /// The session epoch this stream registered with.
+    epoch: u64,
     slot: &'a Arc<AckSlot>,
     ended: &'a CancellationToken,
     /// Rejected readings.
@@ -344,6 +350,9 @@ impl Reader<'_> {
                 _ = claim.superseded.cancelled() => {
                     let status = match claim.end_reason() {
                         EndReason::Superseded => Status::aborted("superseded by a newer connection"),
+                        EndReason::MovedAway => {
+                            Status::aborted("the device connected to another hub")
+                        }
                         EndReason::Removed => {
                             Status::unauthenticated("the device was removed by an operator")
                         }
@@ -466,6 +475,7 @@ impl Reader<'_> {
             device_id: Arc::clone(&self.device_name),
             readings,
             ack: Arc::clone(self.slot),
+            epoch: self.epoch,
         };
         // A full queue makes this wait: backpressure to the device.
         let pushed = tokio::select! {
@@ -576,9 +586,7 @@ async fn ack_task(
                 Ok(permit) => {
                     waiting_since = None;
                     if slot.failed() {
-                        permit.send(Err(Status::unavailable(
-                            "storage is unavailable; resend unacknowledged readings",
-                        )));
+                        permit.send(Err(failure_status(&slot)));
                         ended.cancel();
                         return;
                     }
@@ -622,9 +630,7 @@ async fn ack_task(
             tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
     }
     let status = if slot.failed() {
-        Some(Status::unavailable(
-            "storage is unavailable; resend unacknowledged readings",
-        ))
+        Some(failure_status(&slot))
     } else {
         finish.status
     };
@@ -637,6 +643,15 @@ async fn ack_task(
         {
             let _ = abort.send(status);
         }
+    }
+}
+
+/// How a stream whose batch was not written ends.
+fn failure_status(slot: &AckSlot) -> Status {
+    if slot.fenced() {
+        Status::aborted("the device connected to another hub")
+    } else {
+        Status::unavailable("storage is unavailable; resend unacknowledged readings")
     }
 }
 

@@ -44,6 +44,9 @@ pub struct IngestBatch {
     pub device_id: Arc<str>,
     pub readings: Vec<CheckedReading>,
     pub ack: Arc<AckSlot>,
+    /// The device's session epoch when this stream registered: on
+    /// PostgreSQL the batch is written only while it is still the device's.
+    pub epoch: u64,
 }
 
 /// A device after registration: its key and committed high-water mark.
@@ -54,6 +57,9 @@ pub struct Registered {
     /// This stream's id: ids grow in the order the writer registered
     /// Hellos, so the later Hello of a device wins a takeover.
     pub stream: u64,
+    /// The device's session epoch, bumped by this Hello (shared by every
+    /// hub on one PostgreSQL database).
+    pub epoch: u64,
 }
 
 /// An operator's change to a device's credentials, written by the writer
@@ -236,6 +242,8 @@ struct AckState {
     unsent: bool,
     batches_done: u64,
     failed: bool,
+    /// Failed because another hub claimed the device.
+    fenced: bool,
 }
 
 /// Where the writer leaves the outcome of a session's committed batches.
@@ -273,6 +281,21 @@ impl AckSlot {
     pub(crate) fn fail(&self) {
         self.lock().failed = true;
         self.changed.notify_one();
+    }
+
+    /// Called by the writer when a batch was not written because the
+    /// device was claimed by another hub: the session must end.
+    pub(crate) fn fence(&self) {
+        let mut s = self.lock();
+        s.failed = true;
+        s.fenced = true;
+        drop(s);
+        self.changed.notify_one();
+    }
+
+    /// Whether the failure was a claim by another hub.
+    pub fn fenced(&self) -> bool {
+        self.lock().fenced
     }
 
     /// The Ack to send now, if anything was committed since the last one.

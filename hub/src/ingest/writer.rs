@@ -42,6 +42,8 @@ pub struct WriterSettings {
     pub max_sensors_per_device: usize,
     /// Move staged readings into the clustered table once this many wait.
     pub compact_rows: u64,
+    /// This hub's id, written into the devices it claims.
+    pub hub_id: Arc<str>,
 }
 
 /// Devices whose marks and sensors the writer keeps in memory.
@@ -175,7 +177,13 @@ enum Outcome {
     },
     /// Its session had a batch in a failed commit: nothing of it is written.
     Skipped,
-    Registered(DeviceKey),
+    Registered {
+        device: DeviceKey,
+        epoch: u64,
+    },
+    /// Its session's epoch is no longer the device's: another hub (or a
+    /// newer stream) claimed the device. Nothing of it is written.
+    Fenced,
     /// Its credentials changed after its Hello was checked.
     Refused,
     /// A credential change; whether the device was there.
@@ -370,7 +378,11 @@ impl Writer {
                     HubMetrics::observe(&self.metrics.ack_seconds, batch.received.elapsed());
                 }
                 (WriterMsg::Batch(_), Outcome::Skipped) => {}
-                (WriterMsg::Register { reply, .. }, Outcome::Registered(device)) => {
+                (WriterMsg::Batch(batch), Outcome::Fenced) => {
+                    HubMetrics::add(&self.metrics.fenced, 1);
+                    batch.ack.fence();
+                }
+                (WriterMsg::Register { reply, .. }, Outcome::Registered { device, epoch }) => {
                     let acked_seq = self.known.marks.get(&device).copied().unwrap_or(0);
                     self.streams += 1;
                     // The session may have gone meanwhile; nothing to tell.
@@ -378,6 +390,7 @@ impl Writer {
                         device,
                         acked_seq,
                         stream: self.streams,
+                        epoch,
                     }));
                 }
                 (WriterMsg::Register { reply, .. }, Outcome::Refused) => {
@@ -596,18 +609,42 @@ impl Writer {
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         let mut tx = self.store.begin().await?;
+        // PostgreSQL: the epochs of the devices with batches here, their
+        // rows locked until the commit (another hub's Hello waits for it).
+        let batch_devices: Vec<DeviceKey> = group
+            .iter()
+            .filter_map(|msg| match msg {
+                WriterMsg::Batch(batch) if !batch.ack.failed() => Some(batch.device),
+                _ => None,
+            })
+            .collect();
+        let mut epochs = tx.lock_epochs(&batch_devices).await?;
         // Read inside the transaction: committed rows only.
         let known = &mut self.known;
         known.load_sensors(&mut tx).await?;
         for msg in group {
             match msg {
                 WriterMsg::Register { hello, proof, .. } => {
-                    match tx.upsert_device(hello, now, proof).await? {
-                        Some((device, stored_mark)) => {
-                            if !known.marks.contains_key(&device) {
-                                changes.marks.entry(device).or_insert(stored_mark);
+                    match tx
+                        .upsert_device(hello, now, proof, &self.settings.hub_id)
+                        .await?
+                    {
+                        Some(r) => {
+                            if let Some(epochs) = epochs.as_mut() {
+                                // Another hub may have moved the mark and
+                                // the device's sensors since this one's
+                                // caches were filled: the stored ones count.
+                                epochs.insert(r.device, r.epoch);
+                                changes.marks.entry(r.device).or_insert(r.acked_seq);
+                                known.marks.remove(&r.device);
+                                known.device_sensors.remove(&r.device);
+                            } else if !known.marks.contains_key(&r.device) {
+                                changes.marks.entry(r.device).or_insert(r.acked_seq);
                             }
-                            outcomes.push(Outcome::Registered(device));
+                            outcomes.push(Outcome::Registered {
+                                device: r.device,
+                                epoch: r.epoch,
+                            });
                         }
                         None => outcomes.push(Outcome::Refused),
                     }
@@ -662,6 +699,13 @@ impl Writer {
                     outcomes.push(Outcome::Retained(done));
                 }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
+                WriterMsg::Batch(batch)
+                    if epochs
+                        .as_ref()
+                        .is_some_and(|e| e.get(&batch.device) != Some(&batch.epoch)) =>
+                {
+                    outcomes.push(Outcome::Fenced);
+                }
                 WriterMsg::Batch(batch) => {
                     changes
                         .names

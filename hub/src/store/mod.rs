@@ -26,7 +26,10 @@ use crate::auth::StoredCredentials;
 use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
-pub use write::{DeviceProgress, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_part};
+pub use write::{
+    CLAIMS_CHANNEL, Claim, DeviceProgress, Registration, RowToInsert, STAGING_PARTS, StoreWriter,
+    WriteTx, staging_part,
+};
 pub(crate) use write_conn::WriteConn;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -334,6 +337,21 @@ impl Store {
             .fetch_one(pool)
             .await?;
         Ok(bytes.max(0) as u64)
+    }
+
+    /// PostgreSQL: a listener of other hubs' device claims, on a connection
+    /// of its own (not one of the read pool's). None on SQLite.
+    pub async fn listen_claims(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        let Pool::Postgres(pool) = &self.read else {
+            return Ok(None);
+        };
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone())
+            .await?;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+        listener.listen(CLAIMS_CHANNEL).await?;
+        Ok(Some(listener))
     }
 
     /// Readings stored in total, from the per-device counters.

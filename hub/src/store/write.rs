@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::StoreError;
-use super::db::{Val, bind_vals, with_conn};
+use super::db::{Conn, Val, bind_vals, with_conn};
 use super::write_conn::WriteConn;
 use crate::auth::Proof;
 use crate::config::Backend;
@@ -36,6 +36,43 @@ pub fn staging_part(device: DeviceKey) -> usize {
 /// The name of a staging table.
 pub(super) fn staging_table(part: usize) -> String {
     format!("readings_recent_{part}")
+}
+
+/// A device as a Hello registered it.
+#[derive(Debug, Clone, Copy)]
+pub struct Registration {
+    pub device: DeviceKey,
+    /// Its committed high-water mark.
+    pub acked_seq: u64,
+    /// Its session epoch, bumped by this Hello.
+    pub epoch: u64,
+}
+
+/// The channel on which PostgreSQL hubs announce the devices they claim.
+pub const CLAIMS_CHANNEL: &str = "hub_claims";
+
+/// A hub's claim of a device, as announced on [`CLAIMS_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: u64,
+    pub hub: String,
+    pub device_id: String,
+}
+
+impl Claim {
+    /// `epoch hub device_id` (hub ids hold no spaces).
+    pub fn payload(&self) -> String {
+        format!("{} {} {}", self.epoch, self.hub, self.device_id)
+    }
+
+    pub fn parse(payload: &str) -> Option<Claim> {
+        let mut parts = payload.splitn(3, ' ');
+        Some(Claim {
+            epoch: parts.next()?.parse().ok()?,
+            hub: parts.next()?.to_owned(),
+            device_id: parts.next()?.to_owned(),
+        })
+    }
 }
 
 /// Where a device stands after a commit.
@@ -177,30 +214,35 @@ impl WriteTx<'_> {
         self.conn.commit().await
     }
 
-    /// Registers the device or refreshes what it says about itself; returns
-    /// its key and committed high-water mark, or None when its credentials
-    /// no longer match `proof` (removed, or rotated since its Hello).
+    /// Registers the device or refreshes what it says about itself, claims
+    /// it for hub `hub` (its epoch goes up by one); returns its key,
+    /// committed high-water mark and new epoch, or None when its
+    /// credentials no longer match `proof` (removed, or rotated since its
+    /// Hello). On PostgreSQL the claim is announced to the other hubs
+    /// (NOTIFY [`CLAIMS_CHANNEL`]) when the transaction commits.
     pub async fn upsert_device(
         &mut self,
         hello: &DeviceHello,
         now_ms: i64,
         proof: &Proof,
-    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
+        hub: &str,
+    ) -> Result<Option<Registration>, StoreError> {
         let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
         let (kind, hash): (i64, Option<&[u8]>) = match proof {
             Proof::Admitted => (0, None),
             Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
             Proof::FleetToken => (2, None),
         };
-        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms) \
-             VALUES ($1, $2, $3, $4, $4) \
+        let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
+            "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, \
+             epoch, hub) VALUES ($1, $2, $3, $4, $4, 1, $7) \
              ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
-             labels = excluded.labels, last_seen_ms = excluded.last_seen_ms \
+             labels = excluded.labels, last_seen_ms = excluded.last_seen_ms, \
+             epoch = devices.epoch + 1, hub = excluded.hub \
              WHERE devices.removed_ms IS NULL AND ($5 = 0 \
                OR ($5 = 1 AND devices.token_sha256 = $6) \
                OR ($5 = 2 AND devices.token_sha256 IS NULL)) \
-             RETURNING id, acked_seq",
+             RETURNING id, acked_seq, epoch",
         )
         .bind(hello.device_id.as_str())
         .bind(&hello.firmware)
@@ -208,9 +250,29 @@ impl WriteTx<'_> {
         .bind(now_ms)
         .bind(kind)
         .bind(hash)
+        .bind(hub)
         .fetch_optional(c)
         .await?);
-        Ok(row.map(|(id, acked)| (DeviceKey(id), acked as u64)))
+        let Some((id, acked, epoch)) = row else {
+            return Ok(None);
+        };
+        if let Conn::Postgres(c) = self.conn.conn() {
+            let claim = Claim {
+                epoch: epoch as u64,
+                hub: hub.to_owned(),
+                device_id: hello.device_id.as_str().to_owned(),
+            };
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CLAIMS_CHANNEL)
+                .bind(claim.payload())
+                .execute(c)
+                .await?;
+        }
+        Ok(Some(Registration {
+            device: DeviceKey(id),
+            acked_seq: acked as u64,
+            epoch: epoch as u64,
+        }))
     }
 
     /// Enrolls a device with its own token (adding it, or re-adding a
@@ -383,22 +445,59 @@ impl WriteTx<'_> {
 
     /// The sensor's key, adding it to the dictionary if new.
     pub async fn sensor_key(&mut self, name: &str) -> Result<SensorKey, StoreError> {
+        const FIND: &str = "SELECT id FROM sensors WHERE name = $1";
         let existing: Option<i64> = with_conn!(self.conn.conn(), c => {
-            sqlx::query_scalar("SELECT id FROM sensors WHERE name = $1")
-                .bind(name)
-                .fetch_optional(c)
-                .await?
+            sqlx::query_scalar(FIND).bind(name).fetch_optional(c).await?
         });
         if let Some(id) = existing {
             return Ok(SensorKey(id));
         }
+        // Another hub on the same PostgreSQL database may add the same name
+        // at the same time: the loser's insert waits for the winner's commit,
+        // does nothing, and the name is read again.
         let id: i64 = with_conn!(self.conn.conn(), c => {
-            sqlx::query_scalar("INSERT INTO sensors (name) VALUES ($1) RETURNING id")
-                .bind(name)
-                .fetch_one(c)
-                .await?
+            let added: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO sensors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id",
+            )
+            .bind(name)
+            .fetch_optional(&mut *c)
+            .await?;
+            match added {
+                Some(id) => id,
+                None => sqlx::query_scalar(FIND).bind(name).fetch_one(c).await?,
+            }
         });
         Ok(SensorKey(id))
+    }
+
+    /// PostgreSQL: locks the rows of `devices` (in key order, so two hubs'
+    /// writers cannot deadlock on them) until this transaction ends, and
+    /// returns their epochs. A Hello on another hub waits for the commit,
+    /// then reads the mark it made. None on SQLite, where the hub is alone.
+    pub async fn lock_epochs(
+        &mut self,
+        devices: &[DeviceKey],
+    ) -> Result<Option<HashMap<DeviceKey, u64>>, StoreError> {
+        let Conn::Postgres(c) = self.conn.conn() else {
+            return Ok(None);
+        };
+        let mut keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(Some(HashMap::new()));
+        }
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT id, epoch FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&keys)
+        .fetch_all(c)
+        .await?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(id, epoch)| (DeviceKey(id), epoch as u64))
+                .collect(),
+        ))
     }
 
     /// Stages rows already split by [`staging_part`] (`parts[p]` goes to
@@ -519,34 +618,34 @@ mod tests {
         tx.enroll_device(&hello, &a, 0).await.unwrap();
         let own = |h| Proof::OwnToken(h);
         assert!(
-            tx.upsert_device(&hello, 1, &own(a))
+            tx.upsert_device(&hello, 1, &own(a), "h")
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
-            tx.upsert_device(&hello, 1, &Proof::FleetToken)
+            tx.upsert_device(&hello, 1, &Proof::FleetToken, "h")
                 .await
                 .unwrap()
                 .is_none()
         );
         assert!(tx.set_device_token("d", &b).await.unwrap());
         assert!(
-            tx.upsert_device(&hello, 1, &own(a))
+            tx.upsert_device(&hello, 1, &own(a), "h")
                 .await
                 .unwrap()
                 .is_none(),
             "rotated"
         );
         assert!(
-            tx.upsert_device(&hello, 1, &own(b))
+            tx.upsert_device(&hello, 1, &own(b), "h")
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(tx.remove_device("d", 2).await.unwrap());
         assert!(
-            tx.upsert_device(&hello, 3, &Proof::Admitted)
+            tx.upsert_device(&hello, 3, &Proof::Admitted, "h")
                 .await
                 .unwrap()
                 .is_none(),

@@ -14,13 +14,13 @@ use tonic::transport::{Channel, Endpoint};
 use crate::harness::*;
 
 /// `hub serve` as a child process, with its log lines on a channel.
-struct ChildHub {
+pub(crate) struct ChildHub {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
 }
 
 impl ChildHub {
-    fn start(db: &TestDb, port: u16) -> ChildHub {
+    pub(crate) fn start(db: &TestDb, port: u16) -> ChildHub {
         let mut child = crate::harness::hub_process()
             .arg("serve")
             .envs(db.env())
@@ -53,7 +53,7 @@ impl ChildHub {
     }
 
     /// Reads log lines until one contains `what`.
-    async fn wait_line(&mut self, what: &str) {
+    pub(crate) async fn wait_line(&mut self, what: &str) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.recv())
@@ -67,7 +67,7 @@ impl ChildHub {
     }
 
     /// SIGKILL; returns the log lines it wrote that were not read yet.
-    async fn kill(&mut self) -> Vec<String> {
+    pub(crate) async fn kill(&mut self) -> Vec<String> {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let mut rest = Vec::new();
@@ -77,7 +77,7 @@ impl ChildHub {
         rest
     }
 
-    fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -94,7 +94,7 @@ impl Drop for ChildHub {
     }
 }
 
-async fn operator(url: &str) -> OperatorClient<Channel> {
+pub(crate) async fn operator(url: &str) -> OperatorClient<Channel> {
     let channel = Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()

@@ -64,11 +64,34 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let dir = tempfile::tempdir().unwrap();
         if !on_postgres() {
+            let dir = tempfile::tempdir().unwrap();
             return TestDb { dir, pg: None };
         }
+        Self::create_postgres().await
+    }
+
+    /// A PostgreSQL database whatever HUB_TEST_BACKEND says (tests of
+    /// several hubs on one database); None, after saying SKIPPED, when
+    /// PostgreSQL is not reachable.
+    pub async fn postgres() -> Option<TestDb> {
         use sqlx::Connection;
+        let admin = pg_admin_url();
+        match sqlx::PgConnection::connect(&admin).await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                Some(Self::create_postgres().await)
+            }
+            Err(_) => {
+                skip("PostgreSQL", &admin);
+                None
+            }
+        }
+    }
+
+    async fn create_postgres() -> TestDb {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!(
             "hub_test_{}_{}_{}",
@@ -163,8 +186,9 @@ pub struct TestHub {
     hub: Option<Hub>,
     pub addr: SocketAddr,
     pub settings: Settings,
-    /// Kept for the hub's life: dropping it deletes the data.
-    _db: TestDb,
+    /// Kept for the hub's life (shared with its peers): dropping the last
+    /// reference deletes the data.
+    db: std::sync::Arc<TestDb>,
 }
 
 fn test_settings(db: &TestDb) -> Settings {
@@ -186,6 +210,10 @@ pub async fn spawn_hub_with(adjust: impl FnOnce(&mut Settings)) -> TestHub {
 
 /// A hub on the database `db`, which it may already hold.
 pub async fn spawn_hub_in(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> TestHub {
+    spawn_hub_on(std::sync::Arc::new(db), adjust).await
+}
+
+async fn spawn_hub_on(db: std::sync::Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> TestHub {
     let mut settings = test_settings(&db);
     adjust(&mut settings);
     let hub = Hub::start(settings.clone()).await.unwrap();
@@ -193,7 +221,7 @@ pub async fn spawn_hub_in(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> Tes
         addr: hub.local_addr(),
         hub: Some(hub),
         settings,
-        _db: db,
+        db,
     }
 }
 
@@ -218,6 +246,11 @@ impl TestHub {
 
     pub fn hub(&self) -> &Hub {
         self.hub.as_ref().expect("hub is running")
+    }
+
+    /// Another hub on the same (PostgreSQL) database, with ports of its own.
+    pub async fn spawn_peer(&self, adjust: impl FnOnce(&mut Settings)) -> TestHub {
+        spawn_hub_on(std::sync::Arc::clone(&self.db), adjust).await
     }
 
     /// The running hub itself, to drive its shutdown by hand.
@@ -837,7 +870,7 @@ pub async fn assert_stored_exactly(
         total += n as u64;
     }
     assert_eq!(total, summary.acked, "stored == acked: {summary:?}");
-    if !on_postgres() {
+    if hub.settings.storage.backend == hub::config::Backend::Sqlite {
         let path = &hub.settings.storage.path;
         assert_eq!(integrity_check(path).await, "ok");
         assert_eq!(

@@ -5,6 +5,7 @@ mod api;
 mod badinput;
 mod broker;
 mod cli;
+mod cluster;
 mod commands;
 mod console;
 mod crash;

@@ -1,0 +1,224 @@
+//! Several hubs on one PostgreSQL database (issue 12): a device may connect
+//! to any of them, the hub that accepts its Hello claims it, and a hub
+//! whose claim is stale can commit nothing for it. These tests always use
+//! PostgreSQL (whatever HUB_TEST_BACKEND says) and skip without it.
+
+use std::time::{Duration, Instant};
+
+use telemetry_proto::v1 as pb;
+use tonic::Code;
+
+use crate::crash::{ChildHub, operator};
+use crate::harness::*;
+
+/// Two in-process hubs on one fresh PostgreSQL database.
+async fn two_hubs() -> Option<(TestHub, TestHub)> {
+    let db = TestDb::postgres().await?;
+    let a = spawn_hub_in(db, |_| {}).await;
+    let b = a.spawn_peer(|_| {}).await;
+    assert_ne!(a.hub().hub_id(), b.hub().hub_id());
+    Some((a, b))
+}
+
+fn readings(seqs: std::ops::RangeInclusive<u64>) -> pb::DeviceMessage {
+    let base = now_ms() - 3_600_000;
+    batch(
+        seqs.map(|s| reading(s, "t", base + s as i64, s as f64))
+            .collect(),
+    )
+}
+
+/// The seqs a hub returns for a device, sorted.
+async fn seqs(hub: &TestHub, device: &str) -> Vec<u64> {
+    let mut seqs: Vec<u64> = hub.readings(device).await.iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_moves_to_another_hub_mid_stream_loses_and_doubles_nothing() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut on_a, welcome) = RawDevice::connect(&a, "mover").await;
+    assert_eq!(welcome.acked_seq, 0);
+    on_a.send(readings(1..=100)).await;
+    assert_eq!(on_a.ack_through(100).await.0, 100);
+
+    // The device turns up at hub B while its stream to A is still open
+    // (a load balancer moved it): B welcomes it with A's mark, and A ends
+    // the old stream.
+    let (mut on_b, welcome) = RawDevice::connect(&b, "mover").await;
+    assert_eq!(welcome.acked_seq, 100, "B knows what A stored");
+    assert_eq!(on_a.end_code().await, Code::Aborted, "A let go of it");
+
+    // It resends from its last ack and a bit before: duplicates, not rows.
+    on_b.send(readings(51..=200)).await;
+    let (acked, _, duplicates) = on_b.ack_through(200).await;
+    assert_eq!((acked, duplicates), (200, 50));
+
+    // And back to A.
+    let (mut back, welcome) = RawDevice::connect(&a, "mover").await;
+    assert_eq!(welcome.acked_seq, 200);
+    assert_eq!(on_b.end_code().await, Code::Aborted);
+    back.send(readings(201..=250)).await;
+    assert_eq!(back.ack_through(250).await.0, 250);
+
+    let all: Vec<u64> = (1..=250).collect();
+    assert_eq!(seqs(&a, "mover").await, all, "each once, seen from A");
+    assert_eq!(seqs(&b, "mover").await, all, "each once, seen from B");
+    let mut db = DbConn::open(&a.settings).await;
+    let devices = db.devices("mover").await;
+    assert_eq!(devices.len(), 1);
+    let (key, _, mark, count) = devices[0].clone();
+    assert_eq!((mark, count), (250, 250));
+    let mut stored = db.stored_seqs(key).await;
+    stored.sort_unstable();
+    assert_eq!(stored, (1..=250).collect::<Vec<i64>>());
+    back.half_close();
+    assert_eq!(back.end_code().await, Code::Ok);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Fencing holds without the notice: another hub's claim that A never
+/// heard of (its notice lost) still stops A from writing for the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_whose_claim_is_stale_writes_nothing_for_the_device() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let mut a = spawn_hub_in(db, |_| {}).await;
+    let (mut dev, _) = RawDevice::connect(&a, "fenced").await;
+    dev.send(readings(1..=10)).await;
+    assert_eq!(dev.ack_through(10).await.0, 10);
+    // A claim by a hub that sent no notice: the epoch moves, nothing else.
+    let mut conn = DbConn::open(&a.settings).await;
+    let claimed: i64 = conn
+        .scalar(
+            "UPDATE devices SET epoch = epoch + 1, hub = 'elsewhere' \
+             WHERE external_id = 'fenced' RETURNING epoch",
+        )
+        .await;
+    assert_eq!(claimed, 2);
+    dev.send(readings(11..=20)).await;
+    assert_eq!(dev.end_code().await, Code::Aborted, "fenced at its commit");
+    assert_eq!(seqs(&a, "fenced").await, (1..=10).collect::<Vec<_>>());
+    let stats = a.stats().await;
+    assert_eq!(stats.readings_stored, 10, "nothing of the fenced batch");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_racing_for_one_device_leave_exactly_one_stream_that_writes() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let mut next_seq = 1u64;
+    for round in 0..10 {
+        let device = format!("race-{round}");
+        let (first, second) = tokio::join!(
+            RawDevice::connect(&a, &device),
+            RawDevice::connect(&b, &device)
+        );
+        // Both sent a batch after their Welcome: one is written and acked,
+        // the other stream ends ABORTED (told by the winner's claim, or
+        // fenced at its commit) and writes nothing.
+        let mut streams = [first.0, second.0];
+        for stream in &streams {
+            // The loser may be ended before it sends: that is a win too.
+            if let Some(tx) = &stream.tx {
+                let _ = tx.send(readings(next_seq..=next_seq + 9)).await;
+            }
+        }
+        let mut outcomes = Vec::new();
+        for stream in &mut streams {
+            outcomes.push(match stream.next().await {
+                Ok(Some(pb::hub_message::Msg::Ack(ack))) => Ok(ack.acked_seq),
+                Err(status) => Err(status.code()),
+                other => panic!("{device}: expected an Ack or an end, got {other:?}"),
+            });
+        }
+        let acked: Vec<u64> = outcomes.iter().filter_map(|o| (*o).ok()).collect();
+        let aborted = outcomes
+            .iter()
+            .filter(|o| **o == Err(Code::Aborted))
+            .count();
+        assert_eq!(
+            (acked.len(), aborted),
+            (1, 1),
+            "{device}: exactly one winner: {outcomes:?}"
+        );
+        assert_eq!(acked[0], next_seq + 9);
+        let want: Vec<u64> = (next_seq..=next_seq + 9).collect();
+        assert_eq!(seqs(&a, &device).await, want, "{device}");
+        next_seq += 10;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port_a, port_b) = (port(), port());
+    let mut hub_a = ChildHub::start(&db, port_a);
+    hub_a.wait_line("listening on").await;
+    let mut hub_b = ChildHub::start(&db, port_b);
+    hub_b.wait_line("listening on").await;
+
+    let devices = 10;
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        // Half the fleet starts on each hub.
+        hub: format!("http://127.0.0.1:{port_a},http://127.0.0.1:{port_b}"),
+        devices,
+        rate_hz: 200.0,
+        id_prefix: "ha-".into(),
+        batch_interval: Duration::from_millis(50),
+        connections: Some(2),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(4_000).await;
+
+    let killed = Instant::now();
+    hub_a.kill().await;
+    // Every device streams again, on B.
+    let mut op = operator(&format!("http://127.0.0.1:{port_b}")).await;
+    wait_until("every device online at B", async || {
+        let listed = op
+            .list_devices(pb::ListDevicesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        listed.devices.iter().filter(|d| d.online).count() == devices
+    })
+    .await;
+    let failover = killed.elapsed();
+    fleet.wait_for_acks(2_000).await;
+    let summary = fleet.finish().await;
+    eprintln!(
+        "failover: every device streamed to B {failover:?} after A's SIGKILL; \
+         {} readings acked, {} reconnects",
+        summary.acked, summary.reconnects
+    );
+    assert!(summary.all_clean(), "{summary:?}");
+    assert!(
+        summary.reconnects >= devices as u64 / 2,
+        "A's devices moved: {summary:?}"
+    );
+    hub_b.terminate();
+    drop(hub_b);
+    let mut checker = spawn_hub_in(db, |_| {}).await;
+    assert_fleet_stored_exactly(&checker, "ha-", &summary).await;
+    checker.stop().await;
+}
