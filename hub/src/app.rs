@@ -178,7 +178,7 @@ pub struct Hub {
     metrics_server: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
     http: Option<crate::http::HttpServer>,
     retention: Option<JoinHandle<()>>,
-    /// PostgreSQL: ends streams of devices other hubs claim.
+    /// PostgreSQL: hears other hubs' claims and command changes.
     claims: Option<JoinHandle<()>>,
     hub_id: Arc<str>,
 }
@@ -261,6 +261,7 @@ impl Hub {
         let commands_task = tokio::spawn(
             command_actor
                 .with_metrics(Arc::clone(&metrics))
+                .with_hub_id(Arc::clone(&hub_id))
                 .run(commands_stop.clone()),
         );
         let commands_abort = commands_task.abort_handle();
@@ -461,14 +462,15 @@ impl Hub {
         } else {
             "http"
         };
-        let claims = crate::cluster::listen_claims(
+        let claims = crate::cluster::listen(
             &store,
             Arc::clone(&hub_id),
             Arc::clone(&registry),
+            commands.clone(),
             stopping.clone(),
         )
         .await
-        .context("cannot listen for other hubs' claims")?
+        .context("cannot listen for other hubs' notices")?
         .map(tokio::spawn);
         tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
             hub_id = %hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
@@ -605,7 +607,7 @@ impl Hub {
         if let Some(claims) = self.claims
             && timeout_at(deadline, claims).await.is_err()
         {
-            tracing::warn!("the claims listener did not stop within the shutdown timeout");
+            tracing::warn!("the cluster listener did not stop within the shutdown timeout");
         }
         // Retention stopped at `stopping`; its last step is in the queue.
         if let Some(retention) = self.retention

@@ -14,6 +14,14 @@
 //! created; a full outbox delays only that device. SENT is recorded when the
 //! session has written the command to its stream, RECEIVED only when the
 //! device says so.
+//!
+//! Several hubs on one PostgreSQL database each run an actor over the same
+//! log. Every update is conditional on the command being as this hub last
+//! knew it ([`Expected`]): of two hubs deciding at once (both expiring it,
+//! one expiring while the holder records the device's reply) one wins and
+//! the other reloads the command and says nothing. Every committed change
+//! is announced (NOTIFY); the other hubs reload the command, tell their
+//! watchers, and the hub holding the device's stream delivers it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,7 +36,7 @@ use crate::domain::{
     CommandRecord, CommandReply, CommandState, CommandTransition, DeviceId, ReplyStatus, now_ms,
 };
 use crate::metrics::{HubMetrics, StateLabel};
-use crate::store::commands::{CommandFilter, CommandStore, CommandWriter};
+use crate::store::commands::{CommandFilter, CommandStore, CommandWriter, Expected};
 use crate::store::{Store, StoreError};
 use crate::throttle::LogThrottle;
 
@@ -132,6 +140,10 @@ enum Request {
         device: String,
         reply: CommandReply,
     },
+    /// Another hub changed the command (PostgreSQL): reload it.
+    Refresh {
+        command_id: String,
+    },
 }
 
 /// Handle to the commands task; cheap to clone.
@@ -227,6 +239,11 @@ impl Commands {
             .await;
     }
 
+    /// Another hub on the same database changed (or created) the command.
+    pub async fn refresh(&self, command_id: String) {
+        let _ = self.tx.send(Request::Refresh { command_id }).await;
+    }
+
     pub async fn reply(&self, device: &DeviceId, reply: CommandReply) {
         let _ = self
             .tx
@@ -289,7 +306,9 @@ struct DeviceQueue {
 #[derive(Default)]
 struct Batch {
     inserts: Vec<CommandRecord>,
-    updates: Vec<(CommandRecord, Vec<CommandTransition>)>,
+    /// The command as it is to be stored, its new transitions, and what
+    /// the log must still hold for the update to apply.
+    updates: Vec<(CommandRecord, Vec<CommandTransition>, Expected)>,
     answers: Vec<(
         oneshot::Sender<Result<CommandRecord, CommandError>>,
         CommandRecord,
@@ -321,6 +340,8 @@ pub struct CommandActor {
     metrics: Option<Arc<HubMetrics>>,
     /// When retention next deletes old final commands.
     next_retention: Instant,
+    /// This hub's id, in the change notices it sends (PostgreSQL).
+    hub_id: Arc<str>,
 }
 
 /// Creates the handle and the task that serves it.
@@ -352,6 +373,7 @@ pub fn channel(
         noise: LogThrottle::new(Duration::from_secs(10)),
         metrics: None,
         next_retention: Instant::now(),
+        hub_id: Arc::from("local"),
     };
     (handle, actor)
 }
@@ -368,6 +390,12 @@ impl CommandActor {
     /// Counts committed transitions by state (Prometheus).
     pub fn with_metrics(mut self, metrics: Arc<HubMetrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// The hub's id, for the change notices other hubs receive.
+    pub fn with_hub_id(mut self, hub_id: Arc<str>) -> Self {
+        self.hub_id = hub_id;
         self
     }
 
@@ -461,7 +489,8 @@ impl CommandActor {
             Request::Send { reply, .. } | Request::Cancel { reply, .. } if self.stale => {
                 let _ = reply.send(Err(CommandError::LogUnavailable));
             }
-            Request::Written { .. } | Request::Reply { .. } if self.stale => {}
+            Request::Written { .. } | Request::Reply { .. } | Request::Refresh { .. }
+                if self.stale => {}
             Request::Send { cmd, reply } => match self.create(cmd).await {
                 Ok(rec) => {
                     batch.inserts.push(rec.clone());
@@ -491,6 +520,26 @@ impl CommandActor {
                     }
                     None => {
                         let answer = match self.final_record(&command_id).await {
+                            // Open, but this hub had not heard of it (another
+                            // hub's notice was lost): it is now.
+                            Ok(Some(rec)) if !rec.state.is_final() => {
+                                self.reconcile(rec);
+                                match self.finish(
+                                    &command_id,
+                                    CommandState::Cancelled,
+                                    "cancelled by an operator",
+                                    None,
+                                    Vec::new(),
+                                    now,
+                                    batch,
+                                ) {
+                                    Some(rec) => {
+                                        batch.answers.push((reply, rec));
+                                        return;
+                                    }
+                                    None => Err(CommandError::UnknownCommand(command_id)),
+                                }
+                            }
                             Ok(Some(rec)) => Err(CommandError::AlreadyFinal {
                                 id: command_id,
                                 state: rec.state,
@@ -506,7 +555,31 @@ impl CommandActor {
                 device,
                 session,
                 outbox,
-            } => self.attach(device, session, outbox),
+            } => {
+                // Commands other hubs created or changed while the device
+                // was theirs (a notice may have been lost): from the log.
+                if self.writer.backend() == crate::config::Backend::Postgres {
+                    match self.writer.load_open_for(&device).await {
+                        Ok(open) => open.into_iter().for_each(|rec| self.reconcile(rec)),
+                        Err(e) => {
+                            tracing::warn!(device_id = device, error = %e,
+                                "cannot load the device's open commands; the next change brings them")
+                        }
+                    }
+                }
+                self.attach(device, session, outbox)
+            }
+            Request::Refresh { command_id } => match self.log.get(&command_id).await {
+                Ok(Some((rec, _))) => {
+                    // Watchers on this hub hear of it too.
+                    let _ = self.events.send(rec.clone());
+                    self.reconcile(rec);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(command_id, error = %e, "cannot reload a command another hub changed")
+                }
+            },
             Request::Detach { device, session } => self.detach(&device, session),
             Request::Written {
                 device,
@@ -522,6 +595,7 @@ impl CommandActor {
                     && linked
                 {
                     let now = now_ms();
+                    let expected = Expected::of(&open.rec);
                     open.rec.attempts += 1;
                     open.rec.updated_at_ms = now;
                     let mut transitions = Vec::new();
@@ -530,7 +604,9 @@ impl CommandActor {
                         transitions.push(transition(CommandState::Sent, now, ""));
                         batch.events.push(open.rec.clone());
                     }
-                    batch.updates.push((open.rec.clone(), transitions));
+                    batch
+                        .updates
+                        .push((open.rec.clone(), transitions, expected));
                 }
             }
             Request::Reply { device, reply } => self.on_reply(&device, reply, batch),
@@ -643,6 +719,7 @@ impl CommandActor {
         batch: &mut Batch,
     ) -> Option<CommandRecord> {
         let mut open = self.open.remove(command_id)?;
+        let expected = Expected::of(&open.rec);
         open.withdrawn.store(true, Ordering::Relaxed);
         if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
             queue.order.retain(|id| id != command_id);
@@ -656,7 +733,7 @@ impl CommandActor {
             rec.result = result;
         }
         rec.updated_at_ms = now;
-        batch.updates.push((rec.clone(), transitions));
+        batch.updates.push((rec.clone(), transitions, expected));
         batch.events.push(rec.clone());
         Some(open.rec)
     }
@@ -698,9 +775,10 @@ impl CommandActor {
                 if implied.is_empty() {
                     return;
                 }
+                let expected = Expected::of(&open.rec);
                 open.rec.state = CommandState::Received;
                 open.rec.updated_at_ms = now;
-                batch.updates.push((open.rec.clone(), implied));
+                batch.updates.push((open.rec.clone(), implied, expected));
                 batch.events.push(open.rec.clone());
             }
             Some(state) => {
@@ -843,11 +921,42 @@ impl CommandActor {
             return;
         }
         match self.write(&batch).await {
-            Ok(()) => {
+            Ok(conflicts) => {
+                // Commands another hub changed first: nothing of this
+                // batch's change to them is stored, so nobody hears of it;
+                // they are reloaded as the log holds them.
+                let mut current = HashMap::new();
+                for id in &conflicts {
+                    match self.log.get(id).await {
+                        Ok(Some((rec, _))) => {
+                            current.insert(id.clone(), rec.clone());
+                            self.reconcile(rec);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(command_id = id, error = %e, "cannot reload a command changed elsewhere");
+                            self.forget(id);
+                        }
+                    }
+                }
                 for (reply, rec) in batch.answers {
-                    let _ = reply.send(Ok(rec));
+                    let answer = if !conflicts.contains(&rec.command_id) {
+                        Ok(rec)
+                    } else {
+                        match current.remove(&rec.command_id) {
+                            Some(now) if now.state.is_final() => Err(CommandError::AlreadyFinal {
+                                id: now.command_id,
+                                state: now.state,
+                            }),
+                            _ => Err(CommandError::LogUnavailable),
+                        }
+                    };
+                    let _ = reply.send(answer);
                 }
                 for rec in batch.events {
+                    if conflicts.contains(&rec.command_id) {
+                        continue;
+                    }
                     if let Some(metrics) = &self.metrics {
                         metrics
                             .command_transitions
@@ -872,7 +981,10 @@ impl CommandActor {
         }
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), StoreError> {
+    /// Writes a batch in one transaction; returns the commands whose
+    /// update did not apply (another hub changed them first).
+    async fn write(&mut self, batch: &Batch) -> Result<Vec<String>, StoreError> {
+        let mut conflicts: Vec<String> = Vec::new();
         let mut tx = self.writer.begin().await?;
         for rec in &batch.inserts {
             tx.insert(rec).await?;
@@ -881,11 +993,59 @@ impl CommandActor {
                 &[transition(CommandState::Queued, rec.created_at_ms, "")],
             )
             .await?;
+            tx.notify(&self.hub_id, &rec.command_id).await?;
         }
-        for (rec, transitions) in &batch.updates {
-            tx.update(rec, transitions).await?;
+        for (rec, transitions, expected) in &batch.updates {
+            if conflicts.contains(&rec.command_id) {
+                continue;
+            }
+            if tx.update(rec, transitions, *expected).await? {
+                tx.notify(&self.hub_id, &rec.command_id).await?;
+            } else {
+                conflicts.push(rec.command_id.clone());
+            }
         }
-        tx.commit().await
+        tx.commit().await?;
+        if !conflicts.is_empty() {
+            tracing::debug!(?conflicts, "commands changed by another hub first");
+        }
+        Ok(conflicts)
+    }
+
+    /// Takes in a command as the log holds it: a final one is withdrawn and
+    /// forgotten, an open one is kept (in creation order) to be delivered
+    /// if its device's stream is on this hub.
+    fn reconcile(&mut self, rec: CommandRecord) {
+        if rec.state.is_final() {
+            self.forget(&rec.command_id);
+            return;
+        }
+        if let Some(open) = self.open.get_mut(&rec.command_id) {
+            open.rec = rec;
+            return;
+        }
+        let queue = self.queues.entry(rec.device_id.clone()).or_default();
+        let at = queue
+            .order
+            .iter()
+            .position(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|o| o.rec.created_at_ms > rec.created_at_ms)
+            })
+            .unwrap_or(queue.order.len());
+        queue.order.insert(at, rec.command_id.clone());
+        self.open.insert(rec.command_id.clone(), Open::new(rec));
+    }
+
+    /// Drops a command from memory (withdrawn from any outbox).
+    fn forget(&mut self, command_id: &str) {
+        if let Some(open) = self.open.remove(command_id) {
+            open.withdrawn.store(true, Ordering::Relaxed);
+            if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
+                queue.order.retain(|id| id != command_id);
+            }
+        }
     }
 
     /// Pushes open commands to attached devices, oldest first, as far as

@@ -180,7 +180,49 @@ impl CommandStore {
     }
 }
 
+/// What an update expects to find: the command as this hub last knew it.
+/// Another hub on the same PostgreSQL database may have changed it since
+/// (every change moves `updated_at_ms`); then the update is not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub state: CommandState,
+    pub attempts: u32,
+    pub updated_at_ms: i64,
+}
+
+impl Expected {
+    pub fn of(rec: &CommandRecord) -> Self {
+        Self {
+            state: rec.state,
+            attempts: rec.attempts,
+            updated_at_ms: rec.updated_at_ms,
+        }
+    }
+}
+
+/// The channel on which PostgreSQL hubs announce command changes.
+pub const COMMANDS_CHANNEL: &str = "hub_commands";
+
 impl CommandWriter {
+    pub fn backend(&self) -> Backend {
+        self.conn.backend()
+    }
+
+    /// The open commands of one device, oldest first.
+    pub async fn load_open_for(
+        &mut self,
+        device_id: &str,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = $1 \
+             AND state IN ('QUEUED', 'SENT', 'RECEIVED') ORDER BY seq"
+        );
+        let rows: Vec<CommandRow> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_as(&sql).bind(device_id).fetch_all(c).await?
+        });
+        rows.into_iter().map(CommandRow::into_record).collect()
+    }
+
     /// Every command that is not final, oldest first.
     pub async fn load_open(&mut self) -> Result<Vec<CommandRecord>, StoreError> {
         let sql = format!(
@@ -271,15 +313,18 @@ impl CommandTx<'_> {
         Ok(())
     }
 
-    /// Stores the command's current fields and appends its transitions.
+    /// Stores the command's current fields and appends its transitions, if
+    /// the stored command is still as `expected`; whether it was.
     pub async fn update(
         &mut self,
         rec: &CommandRecord,
         transitions: &[CommandTransition],
-    ) -> Result<(), StoreError> {
-        with_conn!(self.conn.conn(), c => sqlx::query(
+        expected: Expected,
+    ) -> Result<bool, StoreError> {
+        let updated = with_conn!(self.conn.conn(), c => sqlx::query(
             "UPDATE commands SET state = $1, detail = $2, result = $3, attempts = $4, \
-             updated_at_ms = $5 WHERE command_id = $6",
+             updated_at_ms = $5 WHERE command_id = $6 \
+             AND state = $7 AND attempts = $8 AND updated_at_ms = $9",
         )
         .bind(rec.state.as_str())
         .bind(&rec.detail)
@@ -287,10 +332,30 @@ impl CommandTx<'_> {
         .bind(i64::from(rec.attempts))
         .bind(rec.updated_at_ms)
         .bind(&rec.command_id)
+        .bind(expected.state.as_str())
+        .bind(i64::from(expected.attempts))
+        .bind(expected.updated_at_ms)
         .execute(c)
         .await?
         .rows_affected());
-        self.history(&rec.command_id, transitions).await
+        if updated == 0 {
+            return Ok(false);
+        }
+        self.history(&rec.command_id, transitions).await?;
+        Ok(true)
+    }
+
+    /// PostgreSQL: tells the other hubs, when this transaction commits,
+    /// that hub `hub` changed the command. Nothing on SQLite.
+    pub async fn notify(&mut self, hub: &str, command_id: &str) -> Result<(), StoreError> {
+        if let super::db::Conn::Postgres(c) = self.conn.conn() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMANDS_CHANNEL)
+                .bind(format!("{hub} {command_id}"))
+                .execute(c)
+                .await?;
+        }
+        Ok(())
     }
 
     pub async fn history(

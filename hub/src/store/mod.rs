@@ -339,9 +339,10 @@ impl Store {
         Ok(bytes.max(0) as u64)
     }
 
-    /// PostgreSQL: a listener of other hubs' device claims, on a connection
-    /// of its own (not one of the read pool's). None on SQLite.
-    pub async fn listen_claims(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    /// PostgreSQL: a listener of other hubs' device claims and command
+    /// changes, on a connection of its own (not one of the read pool's).
+    /// None on SQLite.
+    pub async fn listen_cluster(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
         let Pool::Postgres(pool) = &self.read else {
             return Ok(None);
         };
@@ -350,7 +351,9 @@ impl Store {
             .connect_with((*pool.connect_options()).clone())
             .await?;
         let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
-        listener.listen(CLAIMS_CHANNEL).await?;
+        listener
+            .listen_all([CLAIMS_CHANNEL, commands::COMMANDS_CHANNEL])
+            .await?;
         Ok(Some(listener))
     }
 

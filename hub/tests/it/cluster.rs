@@ -159,6 +159,91 @@ async fn two_hubs_racing_for_one_device_leave_exactly_one_stream_that_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_through_one_hub_reaches_the_device_on_another_and_both_see_it() {
+    use pb::{CommandState as S, CommandStatus};
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut dev, _) = RawDevice::connect(&b, "cmd-dev").await;
+    let sent = a
+        .send_command("cmd-dev", "reboot", r#"{"delay":1}"#, None)
+        .await
+        .unwrap();
+    assert_eq!(state(&sent), S::Queued);
+    let id = sent.command_id.clone();
+    let device_side = async {
+        let command = dev.next_command().await;
+        assert_eq!(
+            (command.command_id.as_str(), command.name.as_str()),
+            (id.as_str(), "reboot")
+        );
+        dev.reply(&id, CommandStatus::Received, "", "").await;
+        dev.reply(&id, CommandStatus::Succeeded, "done", r#"{"ok":true}"#)
+            .await;
+    };
+    let (seen_a, seen_b, ()) = tokio::join!(
+        a.watch_until_final(&id),
+        b.watch_until_final(&id),
+        device_side
+    );
+    for (hub, seen) in [("A", &seen_a), ("B", &seen_b)] {
+        assert_eq!(
+            seen.last().map(state),
+            Some(S::Succeeded),
+            "watched from {hub}: {seen:?}"
+        );
+    }
+    let history = |info: &pb::CommandInfo| -> Vec<S> {
+        info.history
+            .iter()
+            .map(|t| S::try_from(t.state).unwrap())
+            .collect()
+    };
+    let (from_a, from_b) = (a.command(&id).await, b.command(&id).await);
+    assert_eq!(from_a, from_b, "one log, the same answer from each hub");
+    assert_eq!(
+        history(&from_a),
+        vec![S::Queued, S::Sent, S::Received, S::Succeeded]
+    );
+    assert_eq!(from_a.attempts, 1);
+
+    // Created through A while the device is on neither hub, delivered when
+    // it comes back to B; cancelled through B, seen as such from A.
+    dev.half_close();
+    assert_eq!(dev.end_code().await, Code::Ok);
+    let later = a
+        .send_command("cmd-dev", "calibrate", "", None)
+        .await
+        .unwrap();
+    let doomed = a.send_command("cmd-dev", "wipe", "", None).await.unwrap();
+    let cancelled = b
+        .operator()
+        .await
+        .cancel_command(pb::CancelCommandRequest {
+            command_id: doomed.command_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&cancelled), S::Cancelled);
+    let (mut dev, _) = RawDevice::connect(&b, "cmd-dev").await;
+    let command = dev.next_command().await;
+    assert_eq!(
+        command.command_id, later.command_id,
+        "the cancelled one never goes out"
+    );
+    dev.reply(&later.command_id, CommandStatus::Succeeded, "", "")
+        .await;
+    let seen = a.watch_until_final(&later.command_id).await;
+    assert_eq!(seen.last().map(state), Some(S::Succeeded), "{seen:?}");
+    assert_eq!(state(&a.command(&doomed.command_id).await), S::Cancelled);
+    dev.half_close();
+    assert_eq!(dev.end_code().await, Code::Ok);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     let Some(db) = TestDb::postgres().await else {
         return;
@@ -190,10 +275,25 @@ async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     .await;
     fleet.wait_for_acks(4_000).await;
 
+    // A command for every device, sent through B just before A dies: half
+    // of them are for A's devices, in flight there.
+    let mut op = operator(&format!("http://127.0.0.1:{port_b}")).await;
+    let mut commands = Vec::new();
+    for d in 1..=devices {
+        let info = op
+            .send_command(pb::SendCommandRequest {
+                device_id: device_sim::device_id("ha-", d),
+                name: "ping".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        commands.push(info.command_id);
+    }
     let killed = Instant::now();
     hub_a.kill().await;
     // Every device streams again, on B.
-    let mut op = operator(&format!("http://127.0.0.1:{port_b}")).await;
     wait_until("every device online at B", async || {
         let listed = op
             .list_devices(pb::ListDevicesRequest::default())
@@ -205,6 +305,20 @@ async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     .await;
     let failover = killed.elapsed();
     fleet.wait_for_acks(2_000).await;
+    // Every command ends in a true state: run once, SUCCEEDED.
+    for id in &commands {
+        wait_until("the command is final", async || {
+            let info = op
+                .get_command(pb::GetCommandRequest {
+                    command_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            info.state == pb::CommandState::Succeeded as i32
+        })
+        .await;
+    }
     let summary = fleet.finish().await;
     eprintln!(
         "failover: every device streamed to B {failover:?} after A's SIGKILL; \
@@ -212,6 +326,10 @@ async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
         summary.acked, summary.reconnects
     );
     assert!(summary.all_clean(), "{summary:?}");
+    assert_eq!(
+        summary.commands_executed, devices as u64,
+        "each command run once: {summary:?}"
+    );
     assert!(
         summary.reconnects >= devices as u64 / 2,
         "A's devices moved: {summary:?}"
