@@ -1,7 +1,15 @@
--- Which hub holds a device's stream, and the session epoch that fences the
--- others: every accepted Hello bumps the epoch (issue 12). With several hubs
--- on PostgreSQL a hub commits a device's readings only while the epoch it
--- got at the Hello is still the device's; on SQLite (one hub) the columns
--- are kept the same way, for one schema.
+-- Which hub holds a device's stream, the session epoch that fences the
+-- others (every accepted Hello bumps it), and since when the device is
+-- connected there; the hubs and their heartbeats (issue 12). These matter
+-- with several hubs on one PostgreSQL database: a device is online while
+-- online_since_ms is set and its hub's heartbeat is fresh. On SQLite (one
+-- hub) the same schema is kept and the hub's own sessions say who is online.
 ALTER TABLE devices ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN hub TEXT;
+ALTER TABLE devices ADD COLUMN online_since_ms INTEGER;
+
+CREATE TABLE hubs (
+    id           TEXT    PRIMARY KEY,
+    started_ms   INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+);

@@ -180,6 +180,8 @@ pub struct Hub {
     retention: Option<JoinHandle<()>>,
     /// PostgreSQL: hears other hubs' claims and command changes.
     claims: Option<JoinHandle<()>>,
+    /// PostgreSQL: this hub's heartbeat and its devices' presence.
+    presence: Option<JoinHandle<()>>,
     hub_id: Arc<str>,
 }
 
@@ -274,16 +276,20 @@ impl Hub {
 
         let bridge_stop = CancellationToken::new();
         let bridge = settings.mqtt.enabled.then(|| {
+            let cluster =
+                (settings.storage.backend == crate::config::Backend::Postgres).then_some(&*hub_id);
             let bridge = crate::mqtt::Bridge::new(
                 settings.mqtt.clone(),
                 commands.clone(),
                 Arc::clone(&registry),
                 Arc::clone(&metrics),
+                cluster,
             );
+            // Each hub publishes the command changes it committed itself.
             tokio::spawn(bridge.run(
                 fanout.subscribe(),
                 registry.subscribe(),
-                commands.subscribe(),
+                commands.subscribe_local(),
                 bridge_stop.clone(),
             ))
         });
@@ -472,6 +478,15 @@ impl Hub {
         .await
         .context("cannot listen for other hubs' notices")?
         .map(tokio::spawn);
+        let presence = crate::cluster::keep_presence(
+            store.clone(),
+            Arc::clone(&hub_id),
+            Arc::clone(&registry),
+            stopping.clone(),
+        )
+        .await
+        .context("cannot record this hub's heartbeat")?
+        .map(tokio::spawn);
         tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
             hub_id = %hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
         Ok(Hub {
@@ -502,6 +517,7 @@ impl Hub {
             http,
             retention,
             claims,
+            presence,
             hub_id,
         })
     }
@@ -608,6 +624,11 @@ impl Hub {
             && timeout_at(deadline, claims).await.is_err()
         {
             tracing::warn!("the cluster listener did not stop within the shutdown timeout");
+        }
+        if let Some(presence) = self.presence
+            && timeout_at(deadline, presence).await.is_err()
+        {
+            tracing::warn!("the presence task did not stop within the shutdown timeout");
         }
         // Retention stopped at `stopping`; its last step is in the queue.
         if let Some(retention) = self.retention

@@ -20,9 +20,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::Commands;
-use crate::domain::DeviceId;
+use crate::domain::{DeviceId, now_ms};
 use crate::registry::SessionRegistry;
 use crate::store::{CLAIMS_CHANNEL, Claim, Store, StoreError};
+
+/// A hub whose heartbeat is older than this is presumed dead: its devices
+/// show offline on every hub.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How often a hub renews its heartbeat (a third of the lease).
+const HEARTBEAT: Duration = Duration::from_secs(3);
 
 /// A hub's id for the life of its process, written into the devices it
 /// claims: no spaces (it is a field of the claim notice).
@@ -92,6 +98,57 @@ pub async fn listen(
                     }
                 }
             }
+        }
+    }))
+}
+
+/// PostgreSQL: keeps this hub's heartbeat fresh and the devices' presence
+/// in the database true (a stream that ends clears its device's
+/// `online_since_ms`), until `stop`; then the heartbeat is withdrawn, so
+/// whatever this hub still showed online is offline at once. The first
+/// heartbeat is written before this returns. None on SQLite.
+pub async fn keep_presence(
+    store: Store,
+    hub_id: Arc<str>,
+    registry: Arc<SessionRegistry>,
+    stop: CancellationToken,
+) -> Result<Option<impl Future<Output = ()> + use<>>, StoreError> {
+    if store.backend() != crate::config::Backend::Postgres {
+        return Ok(None);
+    }
+    store.heartbeat(&hub_id, now_ms()).await?;
+    let mut presence = registry.subscribe();
+    Ok(Some(async move {
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = beat.tick() => {
+                    if let Err(e) = store.heartbeat(&hub_id, now_ms()).await {
+                        tracing::warn!(error = %e, "cannot renew this hub's heartbeat");
+                    }
+                }
+                event = presence.recv() => match event {
+                    Ok(p) if !p.online => {
+                        if let Err(e) = store.went_offline(&hub_id, &p.device_id).await {
+                            tracing::warn!(device_id = p.device_id, error = %e, "cannot record a device offline");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let live: Vec<String> = registry.online().into_keys().collect();
+                        if let Err(e) = store.only_online(&hub_id, &live).await {
+                            tracing::warn!(error = %e, "cannot resync devices' presence");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        // Gone: every device still shown on this hub is offline now.
+        if let Err(e) = store.heartbeat(&hub_id, 0).await {
+            tracing::warn!(error = %e, "cannot withdraw this hub's heartbeat");
         }
     }))
 }

@@ -250,6 +250,9 @@ pub struct DeviceRecord {
     pub last_seen_ms: i64,
     pub acked_seq: u64,
     pub readings: u64,
+    /// Since when the device has a stream to some hub, as the database
+    /// says (several hubs on PostgreSQL: a hub's heartbeat must be fresh).
+    pub online_since_ms: Option<i64>,
 }
 
 /// One stored reading as returned by a query.

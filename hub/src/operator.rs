@@ -424,7 +424,7 @@ impl Operations {
                 }
                 scanned += 1;
                 cursor.clone_from(&d.device_id);
-                let since = online.get(&d.device_id).copied();
+                let since = online.get(&d.device_id).copied().or(d.online_since_ms);
                 if filter.matches(&d, since.is_some()) {
                     devices.push((d, since));
                 }
@@ -446,7 +446,12 @@ impl Operations {
         device_id: &str,
     ) -> Result<(DeviceRecord, Option<i64>), OpError> {
         let device = self.device(device_id).await?;
-        let since = self.registry.online().get(&device.device_id).copied();
+        let since = self
+            .registry
+            .online()
+            .get(&device.device_id)
+            .copied()
+            .or(device.online_since_ms);
         Ok((device, since))
     }
 

@@ -210,6 +210,9 @@ impl Drop for StreamClaim {
         let mut live = self.registry.lock();
         if live.get(&self.device).is_some_and(|s| s.id == self.id)
             && let Some(stream) = live.remove(&self.device)
+            // A device that moved to another hub is not offline: that hub
+            // said it is online.
+            && self.end_reason() != EndReason::MovedAway
         {
             let _ = self.registry.presence.send(Presence {
                 device_id: self.device.as_str().to_owned(),

@@ -16,7 +16,16 @@ CREATE TABLE devices (
     token_sha256  BYTEA,                          -- the device's own token, hashed
     removed_ms    BIGINT,                         -- removed by an operator
     epoch         BIGINT  NOT NULL DEFAULT 0,     -- bumped by every accepted Hello: fences other hubs
-    hub           TEXT                            -- the hub that accepted the last Hello
+    hub           TEXT,                           -- the hub that accepted the last Hello
+    online_since_ms BIGINT                        -- set while that hub holds its stream
+);
+
+-- The hubs sharing this database: a device is online while its hub's
+-- heartbeat is fresh (cluster::LEASE).
+CREATE TABLE hubs (
+    id           TEXT   PRIMARY KEY,
+    started_ms   BIGINT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL
 );
 
 CREATE TABLE sensors (

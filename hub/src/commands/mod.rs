@@ -151,6 +151,8 @@ enum Request {
 pub struct Commands {
     tx: mpsc::Sender<Request>,
     events: broadcast::Sender<CommandRecord>,
+    /// Only the changes this hub committed (not other hubs' it heard of).
+    local_events: broadcast::Sender<CommandRecord>,
     store: CommandStore,
     outbox: usize,
 }
@@ -192,9 +194,16 @@ impl Commands {
         Ok(self.store.list(filter).await?)
     }
 
-    /// Every committed state change, as it happens.
+    /// Every committed state change, as it happens (on PostgreSQL, also
+    /// those other hubs committed).
     pub fn subscribe(&self) -> broadcast::Receiver<CommandRecord> {
         self.events.subscribe()
+    }
+
+    /// The state changes this hub committed: what it publishes on MQTT
+    /// (every hub publishes its own).
+    pub fn subscribe_local(&self) -> broadcast::Receiver<CommandRecord> {
+        self.local_events.subscribe()
     }
 
     /// A device stream is live: its pending commands start flowing into the
@@ -330,6 +339,7 @@ pub struct CommandActor {
     devices: Store,
     settings: CommandSettings,
     events: broadcast::Sender<CommandRecord>,
+    local_events: broadcast::Sender<CommandRecord>,
     open: HashMap<String, Open>,
     queues: HashMap<String, DeviceQueue>,
     /// The in-memory state could not be rebuilt from the log after a failed
@@ -353,9 +363,11 @@ pub fn channel(
 ) -> (Commands, CommandActor) {
     let (tx, rx) = mpsc::channel(1024);
     let (events, _) = broadcast::channel(1024);
+    let (local_events, _) = broadcast::channel(1024);
     let handle = Commands {
         tx,
         events: events.clone(),
+        local_events: local_events.clone(),
         store: store.clone(),
         outbox: settings.outbox,
     };
@@ -366,6 +378,7 @@ pub fn channel(
         devices,
         settings,
         events,
+        local_events,
         open: HashMap::new(),
         queues: HashMap::new(),
         stale: false,
@@ -966,6 +979,7 @@ impl CommandActor {
                             .inc();
                     }
                     // No subscriber is fine.
+                    let _ = self.local_events.send(rec.clone());
                     let _ = self.events.send(rec);
                 }
             }

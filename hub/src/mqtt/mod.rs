@@ -89,14 +89,27 @@ fn qos(level: u8) -> QoS {
 }
 
 impl Bridge {
+    /// `cluster` is this hub's id when it is one of several on a PostgreSQL
+    /// database: its MQTT client id and status topic are then its own, and
+    /// commands come through a shared subscription.
     pub fn new(
-        settings: MqttSettings,
+        mut settings: MqttSettings,
         commands: Commands,
         registry: Arc<SessionRegistry>,
         metrics: Arc<HubMetrics>,
+        cluster: Option<&str>,
     ) -> Self {
+        let topics = match cluster {
+            Some(hub_id) => {
+                let topics =
+                    Topics::in_cluster(&settings.topic_prefix, hub_id, &settings.client_id);
+                settings.client_id = format!("{}-{hub_id}", settings.client_id);
+                topics
+            }
+            None => Topics::new(&settings.topic_prefix),
+        };
         Self {
-            topics: Topics::new(&settings.topic_prefix),
+            topics,
             qos: qos(settings.qos),
             settings,
             commands,
@@ -261,7 +274,7 @@ impl Bridge {
     }
 
     fn on_connected(&mut self, client: &AsyncClient) {
-        if let Err(e) = client.try_subscribe(self.topics.command_filter(), self.qos) {
+        if let Err(e) = client.try_subscribe(self.topics.command_subscription(), self.qos) {
             tracing::error!(error = %e, "cannot subscribe to MQTT commands");
         }
         // Retained statuses first, ahead of anything buffered.
@@ -381,6 +394,7 @@ impl Bridge {
             "command_id": rec.command_id,
             "request_id": self.request_ids.get(&rec.command_id),
             "state": rec.state.as_str(),
+            "at_ms": rec.updated_at_ms,
             "detail": rec.detail,
             "result": if rec.result.is_empty() { Value::Null } else {
                 serde_json::from_str(&rec.result).unwrap_or_else(|_| Value::String(rec.result.clone()))

@@ -3,12 +3,25 @@
 #[derive(Debug, Clone)]
 pub struct Topics {
     prefix: String,
+    /// Several hubs on one PostgreSQL database: this hub's id (its status
+    /// topic is its own) and the shared-subscription group for commands.
+    cluster: Option<(String, String)>,
 }
 
 impl Topics {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            cluster: None,
+        }
+    }
+
+    /// Topics of hub `hub_id`, one of several in `group` (the MQTT client
+    /// id the hubs share as a prefix).
+    pub fn in_cluster(prefix: &str, hub_id: &str, group: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            cluster: Some((hub_id.to_owned(), group.to_owned())),
         }
     }
 
@@ -28,8 +41,20 @@ impl Topics {
         format!("{}/devices/+/commands", self.prefix)
     }
 
+    /// What the hub subscribes to for commands: with several hubs a shared
+    /// subscription, so each command message reaches one of them.
+    pub fn command_subscription(&self) -> String {
+        match &self.cluster {
+            Some((_, group)) => format!("$share/{group}/{}", self.command_filter()),
+            None => self.command_filter(),
+        }
+    }
+
     pub fn hub_status(&self) -> String {
-        format!("{}/hub/status", self.prefix)
+        match &self.cluster {
+            Some((hub, _)) => format!("{}/hubs/{hub}/status", self.prefix),
+            None => format!("{}/hub/status", self.prefix),
+        }
     }
 
     pub fn errors(&self) -> String {
@@ -64,5 +89,13 @@ mod tests {
         );
         assert_eq!(t.device_of_command_topic("other/devices/x/commands"), None);
         assert_eq!(t.command_events("d"), "plant/a/devices/d/commands/events");
+        assert_eq!(t.hub_status(), "plant/a/hub/status");
+        assert_eq!(t.command_subscription(), "plant/a/devices/+/commands");
+        let c = Topics::in_cluster("plant/a", "h1", "telemetry-hub");
+        assert_eq!(c.hub_status(), "plant/a/hubs/h1/status");
+        assert_eq!(
+            c.command_subscription(),
+            "$share/telemetry-hub/plant/a/devices/+/commands"
+        );
     }
 }

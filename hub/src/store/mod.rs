@@ -189,9 +189,16 @@ impl Store {
     }
 
     pub async fn find_device(&self, external_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let sql = format!("{DEVICE_SELECT} WHERE external_id = $1 AND removed_ms IS NULL");
+        let sql = format!(
+            "{} WHERE external_id = $1 AND removed_ms IS NULL",
+            device_select(2)
+        );
         let row: Option<DeviceRow> = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_as(&sql).bind(external_id).fetch_optional(pool).await?
+            sqlx::query_as(&sql)
+                .bind(external_id)
+                .bind(lease_cutoff())
+                .fetch_optional(pool)
+                .await?
         });
         Ok(row.map(DeviceRow::into_record))
     }
@@ -203,13 +210,14 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DeviceRecord>, StoreError> {
         let sql = format!(
-            "{DEVICE_SELECT} WHERE external_id > $1 AND removed_ms IS NULL \
-             ORDER BY external_id LIMIT $2"
+            "{} WHERE external_id > $1 AND removed_ms IS NULL ORDER BY external_id LIMIT $2",
+            device_select(3)
         );
         let rows: Vec<DeviceRow> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(&sql)
                 .bind(after)
                 .bind(i64::from(limit))
+                .bind(lease_cutoff())
                 .fetch_all(pool)
                 .await?
         });
@@ -357,6 +365,55 @@ impl Store {
         Ok(Some(listener))
     }
 
+    /// PostgreSQL: this hub is alive (its row in `hubs`, heartbeat now).
+    pub async fn heartbeat(&self, hub: &str, now_ms: i64) -> Result<(), StoreError> {
+        with_pool!(&self.read, pool, _Db => {
+            sqlx::query(
+                "INSERT INTO hubs (id, started_ms, heartbeat_ms) VALUES ($1, $2, $2) \
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
+            )
+            .bind(hub)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// The device's stream to hub `hub` ended (unless another hub holds it
+    /// by now).
+    pub async fn went_offline(&self, hub: &str, device_id: &str) -> Result<(), StoreError> {
+        with_pool!(&self.read, pool, _Db => {
+            sqlx::query(
+                "UPDATE devices SET online_since_ms = NULL WHERE external_id = $1 AND hub = $2",
+            )
+            .bind(device_id)
+            .bind(hub)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// Hub `hub` holds exactly the streams of `live`: every other device
+    /// the database shows on it is offline (after missed presence events).
+    pub async fn only_online(&self, hub: &str, live: &[String]) -> Result<(), StoreError> {
+        let Pool::Postgres(pool) = &self.read else {
+            return Ok(());
+        };
+        sqlx::query(
+            "UPDATE devices SET online_since_ms = NULL WHERE hub = $1 \
+             AND online_since_ms IS NOT NULL AND NOT (external_id = ANY($2))",
+        )
+        .bind(hub)
+        .bind(live)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
     /// Readings stored in total, from the per-device counters.
     pub async fn total_readings(&self) -> Result<u64, StoreError> {
         let total: i64 = with_pool!(&self.read, pool, _Db => {
@@ -368,10 +425,23 @@ impl Store {
     }
 }
 
-const DEVICE_SELECT: &str = "SELECT id, external_id, firmware, labels, first_seen_ms, \
-     last_seen_ms, acked_seq, reading_count FROM devices";
+/// The devices' columns, with `online_since_ms` only while the device's
+/// hub has a heartbeat newer than parameter `$cutoff` (see [`lease_cutoff`]).
+fn device_select(cutoff: usize) -> String {
+    format!(
+        "SELECT id, external_id, firmware, labels, first_seen_ms, last_seen_ms, acked_seq, \
+         reading_count, CASE WHEN online_since_ms IS NOT NULL AND EXISTS \
+         (SELECT 1 FROM hubs h WHERE h.id = devices.hub AND h.heartbeat_ms >= ${cutoff}) \
+         THEN online_since_ms END AS online_since_ms FROM devices"
+    )
+}
 
-/// A row of [`DEVICE_SELECT`], decoded the same way from either backend.
+/// Heartbeats older than this (ms since the epoch) are of hubs presumed dead.
+fn lease_cutoff() -> i64 {
+    crate::domain::now_ms().saturating_sub(crate::cluster::LEASE.as_millis() as i64)
+}
+
+/// A row of [`device_select`], decoded the same way from either backend.
 #[derive(sqlx::FromRow)]
 struct DeviceRow {
     id: i64,
@@ -382,6 +452,7 @@ struct DeviceRow {
     last_seen_ms: i64,
     acked_seq: i64,
     reading_count: i64,
+    online_since_ms: Option<i64>,
 }
 
 impl DeviceRow {
@@ -398,6 +469,7 @@ impl DeviceRow {
             last_seen_ms: self.last_seen_ms,
             acked_seq: self.acked_seq as u64,
             readings: self.reading_count as u64,
+            online_since_ms: self.online_since_ms,
         }
     }
 }

@@ -235,10 +235,11 @@ impl WriteTx<'_> {
         };
         let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, \
-             epoch, hub) VALUES ($1, $2, $3, $4, $4, 1, $7) \
+             epoch, hub, online_since_ms) VALUES ($1, $2, $3, $4, $4, 1, $7, $4) \
              ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
              labels = excluded.labels, last_seen_ms = excluded.last_seen_ms, \
-             epoch = devices.epoch + 1, hub = excluded.hub \
+             epoch = devices.epoch + 1, hub = excluded.hub, \
+             online_since_ms = excluded.online_since_ms \
              WHERE devices.removed_ms IS NULL AND ($5 = 0 \
                OR ($5 = 1 AND devices.token_sha256 = $6) \
                OR ($5 = 2 AND devices.token_sha256 IS NULL)) \

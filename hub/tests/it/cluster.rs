@@ -244,6 +244,74 @@ async fn a_command_sent_through_one_hub_reaches_the_device_on_another_and_both_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hub_shows_where_devices_are_and_a_dead_hubs_devices_go_offline_within_the_lease() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut dev, _) = RawDevice::connect(&b, "where").await;
+    let online = |info: Option<pb::DeviceInfo>| info.unwrap().online;
+    assert!(online(a.device("where").await), "A sees it on B");
+    assert!(online(b.device("where").await));
+    // A stream that ends is offline everywhere at once.
+    dev.half_close();
+    assert_eq!(dev.end_code().await, Code::Ok);
+    wait_until("offline on A", async || !online(a.device("where").await)).await;
+    // Moving to A: online on both, not flickering offline from B's end.
+    let (_on_b, _) = RawDevice::connect(&b, "where").await;
+    let (_on_a, _) = RawDevice::connect(&a, "where").await;
+    for hub in [&a, &b] {
+        let listed = hub
+            .operator()
+            .await
+            .list_devices(pb::ListDevicesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.devices.iter().all(|d| d.online), "{listed:?}");
+    }
+    b.stop().await;
+
+    // A hub that dies holding a stream: its device is offline within the
+    // lease (10 s) on the hubs that live on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = ChildHub::start_with(&a.settings, port);
+    child.wait_line("listening on").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut orphan = RawDevice::open(channel, hello("orphan")).await;
+    assert!(matches!(
+        orphan.next().await,
+        Ok(Some(pb::hub_message::Msg::Welcome(_)))
+    ));
+    assert!(
+        online(a.device("orphan").await),
+        "A sees it on the child hub"
+    );
+    let killed = Instant::now();
+    child.kill().await;
+    wait_until_within(
+        "offline after the lease",
+        Duration::from_secs(20),
+        async || !online(a.device("orphan").await),
+    )
+    .await;
+    let gone = killed.elapsed();
+    assert!(
+        gone >= Duration::from_secs(5),
+        "not before the lease: {gone:?}"
+    );
+    eprintln!("a dead hub's device showed offline {gone:?} after its SIGKILL");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     let Some(db) = TestDb::postgres().await else {
         return;

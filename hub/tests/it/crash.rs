@@ -21,9 +21,26 @@ pub(crate) struct ChildHub {
 
 impl ChildHub {
     pub(crate) fn start(db: &TestDb, port: u16) -> ChildHub {
+        Self::spawn(db.env(), port)
+    }
+
+    /// A `hub serve` on the storage `settings` name.
+    pub(crate) fn start_with(settings: &hub::Settings, port: u16) -> ChildHub {
+        let st = &settings.storage;
+        let mut env = vec![
+            ("HUB__STORAGE__PATH", st.path.display().to_string()),
+            ("HUB__STORAGE__URL", st.url.as_str().to_owned()),
+        ];
+        if st.backend == hub::config::Backend::Postgres {
+            env.push(("HUB__STORAGE__BACKEND", "postgres".to_owned()));
+        }
+        Self::spawn(env, port)
+    }
+
+    fn spawn(env: Vec<(&'static str, String)>, port: u16) -> ChildHub {
         let mut child = crate::harness::hub_process()
             .arg("serve")
-            .envs(db.env())
+            .envs(env)
             .env("HUB__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("HUB__STORAGE__COMPACT_ROWS", "3000")
             .env("HUB__COMMANDS__MAX_ATTEMPTS", "50")

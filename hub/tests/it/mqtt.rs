@@ -84,6 +84,17 @@ impl Drop for Probe {
     }
 }
 
+/// The hub's retained status topic: its own when it is on PostgreSQL (one
+/// of possibly several hubs there).
+fn hub_status(hub: &TestHub, prefix: &str) -> String {
+    match hub.settings.storage.backend {
+        hub::config::Backend::Sqlite => format!("{prefix}/hub/status"),
+        hub::config::Backend::Postgres => {
+            format!("{prefix}/hubs/{}/status", hub.hub().hub_id())
+        }
+    }
+}
+
 async fn hub_with_bridge(prefix: &str, port: u16) -> TestHub {
     let prefix = prefix.to_owned();
     spawn_hub_with(move |s| {
@@ -103,7 +114,7 @@ async fn committed_readings_and_presence_reach_mqtt() {
     let prefix = unique("readings");
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
     let mut hub = hub_with_bridge(&prefix, broker.port).await;
-    let (value, retained) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    let (value, retained) = probe.next_on(&hub_status(&hub, &prefix)).await;
     assert_eq!((value, retained), (json!("online"), false));
 
     let (mut dev, _) = RawDevice::connect(&hub, "mq-dev").await;
@@ -168,11 +179,12 @@ async fn committed_readings_and_presence_reach_mqtt() {
     assert_eq!(status["online"], false);
 
     // Clean shutdown: the hub says it is offline (retained).
+    let status_topic = hub_status(&hub, &prefix);
     hub.stop().await;
-    let (value, _) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    let (value, _) = probe.next_on(&status_topic).await;
     assert_eq!(value, json!("offline"));
-    let mut after = Probe::connect(broker.port, &format!("{prefix}/hub/status")).await;
-    let (value, retained) = after.next_on(&format!("{prefix}/hub/status")).await;
+    let mut after = Probe::connect(broker.port, &status_topic).await;
+    let (value, retained) = after.next_on(&status_topic).await;
     assert_eq!((value, retained), (json!("offline"), true));
 }
 
@@ -182,7 +194,7 @@ async fn commands_over_mqtt_reach_the_device_and_events_come_back() {
     let prefix = unique("cmd");
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
     let hub = hub_with_bridge(&prefix, broker.port).await;
-    probe.next_on(&format!("{prefix}/hub/status")).await;
+    probe.next_on(&hub_status(&hub, &prefix)).await;
     let fleet = SimFleet::start(&hub, "mqc-", 1).await;
     let events = format!("{prefix}/devices/mqc-00001/commands/events");
     probe
@@ -214,7 +226,7 @@ async fn garbage_on_the_commands_topic_lands_on_the_errors_topic() {
     let prefix = unique("garbage");
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
     let hub = hub_with_bridge(&prefix, broker.port).await;
-    probe.next_on(&format!("{prefix}/hub/status")).await;
+    probe.next_on(&hub_status(&hub, &prefix)).await;
     hub.register_offline("mq-g").await;
     let errors = format!("{prefix}/errors");
     let cases: Vec<(String, Vec<u8>, &str)> = vec![
@@ -464,7 +476,7 @@ async fn the_bridge_speaks_tls_to_an_mqtts_broker() {
     .await;
     let prefix = hub.settings.mqtt.topic_prefix.clone();
     // The hub's messages come through the TLS listener.
-    let (value, _) = probe.next_on(&format!("{prefix}/hub/status")).await;
+    let (value, _) = probe.next_on(&hub_status(&hub, &prefix)).await;
     assert_eq!(value, json!("online"));
     let (dev, _) = RawDevice::connect(&hub, "tls-dev").await;
     dev.send(batch(vec![reading(1, "t", now_ms(), 1.5)])).await;
@@ -495,4 +507,75 @@ async fn the_bridge_speaks_tls_to_an_mqtts_broker() {
         .send(batch(vec![reading(1, "t", now_ms(), 1.0)]))
         .await;
     assert_eq!(other.ack_through(1).await.0, 1);
+}
+
+/// Two hubs on one PostgreSQL database, bridged to one broker: each has its
+/// own status topic, a command published once is created once (the hubs
+/// share one subscription) and reaches the device on either hub, and each
+/// state change is published once, by the hub that committed it (hubs
+/// publish independently: events of one command may arrive out of order
+/// across hubs, and say when they happened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_one_broker_create_each_mqtt_command_once() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let broker = TestBroker::start();
+    let prefix = unique("pair");
+    let group = unique("hubs");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let bridged = |s: &mut hub::Settings| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
+        s.mqtt.client_id = group.clone();
+        s.mqtt.topic_prefix = prefix.clone();
+    };
+    let mut a = spawn_hub_in(db, bridged).await;
+    let mut b = a.spawn_peer(bridged).await;
+    for hub in [&a, &b] {
+        let topic = format!("{prefix}/hubs/{}/status", hub.hub().hub_id());
+        assert_eq!(probe.next_on(&topic).await.0, "online");
+    }
+    let fleet = SimFleet::start(&b, "pair-", 1).await;
+    fleet.wait_for_acks(1).await;
+    let events = format!("{prefix}/devices/pair-00001/commands/events");
+    probe
+        .publish(
+            &format!("{prefix}/devices/pair-00001/commands"),
+            r#"{"name": "ping"}"#,
+        )
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let (event, _) = probe.next_on(&events).await;
+        seen.push((
+            event["at_ms"].as_i64().unwrap(),
+            event["state"].as_str().unwrap().to_owned(),
+        ));
+    }
+    // Each state once, whichever hub's connection delivered it first.
+    let order = ["QUEUED", "SENT", "RECEIVED", "SUCCEEDED"];
+    let mut states: Vec<&str> = seen.iter().map(|(_, s)| s.as_str()).collect();
+    states.sort_by_key(|s| order.iter().position(|x| x == s));
+    assert_eq!(states, order, "each once: {seen:?}");
+    // And their times say in which order they happened.
+    seen.sort_by_key(|(_, s)| order.iter().position(|x| x == s));
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    let listed = a
+        .operator()
+        .await
+        .list_commands(pb::ListCommandsRequest {
+            device_id: "pair-00001".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.commands.len(), 1, "created once: {listed:?}");
+    // Nothing published twice: no more events for it.
+    let extra = tokio::time::timeout(Duration::from_millis(500), probe.next_on(&events)).await;
+    assert!(extra.is_err(), "an event published twice: {extra:?}");
+    fleet.finish().await;
+    a.stop().await;
+    b.stop().await;
 }
