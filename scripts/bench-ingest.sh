@@ -12,6 +12,11 @@ RATE=${RATE:-100}
 DURATION=${DURATION:-60s}
 EXTRA_SIM_ARGS=${EXTRA_SIM_ARGS:-}
 HUB_ENV=${HUB_ENV:-}  # extra HUB__* settings, e.g. HUB_ENV="HUB__INGEST__MAX_BATCH_ROWS=65536"
+# PG_DB: a PostgreSQL database (at 127.0.0.1:5432, user postgres) to store
+# into instead of SQLite; it should be empty.
+if [ -n "${PG_DB:-}" ]; then
+  HUB_ENV="$HUB_ENV HUB__STORAGE__BACKEND=postgres HUB__STORAGE__URL=postgres://postgres@127.0.0.1:5432/$PG_DB"
+fi
 
 BIN=${BIN:-target/release}
 [ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
@@ -28,7 +33,11 @@ rss_now=$(awk '/VmRSS/ {print $2}' "/proc/$hub_pid/status")
 rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$hub_pid/status")
 stats=$("$BIN/hub" stats --hub "http://$addr" --format json)
 kill -INT "$hub_pid"; wait "$hub_pid" || true
-db_bytes=$(du -cb "$work"/hub.db* | tail -n1 | cut -f1)
+if [ -n "${PG_DB:-}" ]; then
+  db_bytes=$(psql -qtA -h 127.0.0.1 -U postgres -d "$PG_DB" -c "SELECT pg_database_size(current_database())")
+else
+  db_bytes=$(du -cb "$work"/hub.db* | tail -n1 | cut -f1)
+fi
 info_lines=$(grep -c " INFO " "$work/hub.log" || true)
 
 python3 - "$summary" "$stats" "$cpu0" "$cpu1" "$t0" "$t1" "$ticks" "$rss_now" "$rss_peak" "$db_bytes" "$info_lines" <<'PY'

@@ -480,9 +480,23 @@ impl Writer {
         };
         let mut rows = std::mem::take(&mut staged.parts[part]);
         tracing::debug!(part, staged = rows.len(), "compacting staged readings");
-        let blocks = blocks::blocks_of(&mut rows);
-        match self.store.compact(part, &blocks, rows.len() as u64).await {
-            Ok(()) => {
+        let result = if self.store.backend() == crate::config::Backend::Postgres {
+            // Other hubs stage into the same tables: the part is compacted
+            // as the database holds it, not as this writer remembers it.
+            self.store.compact_taking(part).await
+        } else {
+            let blocks = blocks::blocks_of(&mut rows);
+            let written = blocks
+                .iter()
+                .map(|b| ((b.device, b.sensor), b.level))
+                .collect();
+            self.store
+                .compact(part, &blocks, rows.len() as u64)
+                .await
+                .map(|()| written)
+        };
+        match result {
+            Ok(blocks) => {
                 rows.clear();
                 if let Some(staged) = &mut self.staged {
                     staged.parts[part] = rows;
@@ -490,8 +504,8 @@ impl Writer {
                 self.compact_retry.succeeded();
                 HubMetrics::add(&self.metrics.compactions, 1);
                 if let Some(plan) = &mut self.merges {
-                    for b in &blocks {
-                        plan.add((b.device, b.sensor), b.level, 1);
+                    for (series, level) in &blocks {
+                        plan.add(*series, *level, 1);
                     }
                 }
                 tracing::debug!(

@@ -181,10 +181,12 @@ impl WriteTx<'_> {
     /// Merges one series' blocks of `level` (up to [`MAX_MERGE_BLOCKS`],
     /// oldest first) into one block.
     async fn merge_series(&mut self, series: Series, level: u8) -> Result<Merged, StoreError> {
-        let rows: Vec<(i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
+        let sql = format!(
             "SELECT id, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 AND level = $3 \
-             ORDER BY first_ts, id LIMIT $4",
-        )
+             ORDER BY first_ts, id LIMIT $4{}",
+            self.lock_rows()
+        );
+        let rows: Vec<(i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
         .bind(series.0.0)
         .bind(series.1.0)
         .bind(i64::from(level))
@@ -231,11 +233,13 @@ impl WriteTx<'_> {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<(u64, bool), StoreError> {
+        let sql = format!(
+            "SELECT id, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
+             AND sensor_id = $2 AND first_ts < $3 ORDER BY first_ts, id LIMIT $4{}",
+            self.lock_rows()
+        );
         let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
-            sqlx::query_as(
-                "SELECT id, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
-                 AND sensor_id = $2 AND first_ts < $3 ORDER BY first_ts, id LIMIT $4",
-            )
+            sqlx::query_as(&sql)
             .bind(device.0)
             .bind(sensor.0)
             .bind(cutoff_ms)
@@ -280,6 +284,16 @@ impl WriteTx<'_> {
         // Nothing deletable (only undecodable blocks left): done, or the
         // pass would come back to it forever.
         Ok((deleted, done || deleted == 0))
+    }
+
+    /// PostgreSQL: the blocks a merge or retention step reads are locked
+    /// until it commits; another hub's step on the same series waits, then
+    /// finds them gone, so no reading is merged or kept twice.
+    fn lock_rows(&mut self) -> &'static str {
+        match self.conn.backend() {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
     }
 
     async fn delete_block(&mut self, id: i64) -> Result<(), StoreError> {
@@ -351,6 +365,39 @@ impl StoreWriter {
         let mut tx = self.begin().await?;
         tx.compact_staged(part, blocks, staged).await?;
         tx.commit().await
+    }
+
+    /// PostgreSQL's compaction of one staging part, in one transaction:
+    /// takes every committed row of it (`DELETE … RETURNING`), whichever
+    /// hub staged it, and inserts their blocks. Another hub compacting the
+    /// same part at once waits for the rows this one took and finds them
+    /// gone. Returns the (series, level) of the blocks written.
+    pub async fn compact_taking(&mut self, part: usize) -> Result<Vec<(Series, u8)>, StoreError> {
+        let sql = format!(
+            "DELETE FROM {} RETURNING device_id, sensor_id, ts_ms, seq, value",
+            staging_table(part)
+        );
+        let mut tx = self.begin().await?;
+        let taken: Vec<(i64, i64, i64, i64, f64)> = with_conn!(tx.conn.conn(), c => {
+            sqlx::query_as(&sql).fetch_all(c).await?
+        });
+        let mut rows: Vec<RowToInsert> = taken
+            .into_iter()
+            .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
+                device: DeviceKey(device),
+                sensor: SensorKey(sensor),
+                ts_ms,
+                seq,
+                value,
+            })
+            .collect();
+        let blocks = blocks_of(&mut rows);
+        tx.insert_blocks(&blocks).await?;
+        tx.commit().await?;
+        Ok(blocks
+            .iter()
+            .map(|b| ((b.device, b.sensor), b.level))
+            .collect())
     }
 
     /// Merges each (series, level) in one transaction.

@@ -197,6 +197,10 @@ impl StoreWriter {
         self.conn.abort().await;
     }
 
+    pub fn backend(&self) -> Backend {
+        self.conn.backend()
+    }
+
     /// Times the write connection was replaced because SQLite still held a
     /// transaction open on it after a failure.
     pub fn reopened(&self) -> u64 {

@@ -311,6 +311,44 @@ async fn every_hub_shows_where_devices_are_and_a_dead_hubs_devices_go_offline_wi
     a.stop().await;
 }
 
+/// Both hubs stage into the same tables and compact and merge the same
+/// parts and series: every reading ends in exactly one place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_compacting_and_merging_the_same_tables_store_every_reading_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let small = |s: &mut hub::Settings| s.storage.compact_rows = 80;
+    let mut a = spawn_hub_in(db, small).await;
+    let mut b = a.spawn_peer(small).await;
+    let fleet = SimFleet::start_with(device_sim::FleetConfig {
+        // Devices spread over A, B, A: devices that share a staging part
+        // (key mod 8) are on different hubs.
+        hub: format!("{},{},{}", a.url(), b.url(), a.url()),
+        devices: 16,
+        rate_hz: 200.0,
+        id_prefix: "both-".into(),
+        batch_interval: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    fleet.wait_for_acks(30_000).await;
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    for hub in [&a, &b] {
+        let m = hub.hub().metrics();
+        assert!(m.compactions.load(Relaxed) > 0, "both compact");
+        assert_eq!(m.compaction_failures.load(Relaxed), 0);
+        assert_eq!(m.commit_failures.load(Relaxed), 0);
+    }
+    let merges = a.hub().metrics().merges.load(Relaxed) + b.hub().metrics().merges.load(Relaxed);
+    assert!(merges > 0, "blocks were merged");
+    assert_fleet_stored_exactly(&a, "both-", &summary).await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     let Some(db) = TestDb::postgres().await else {
