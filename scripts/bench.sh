@@ -4,7 +4,8 @@
 # bytes per reading, quantized and full precision), saturation, 10,000
 # devices x 5 Hz (100 and 20 devices per HTTP/2 connection), the hub's
 # memory per idle device, the cost of 20 SSE watchers on ingest, the
-# machine's PostgreSQL taking the same rows (groundwork for issue 12), and
+# machine's PostgreSQL taking the same rows, the hub on PostgreSQL against
+# SQLite, one against two hubs, failover after a SIGKILL (issue 12), and
 # queries on a backfilled database (a day of 1-minute
 # buckets, the same day raw, `hub devices` with 100,000 devices, ingest
 # with and without a dashboard load of 20 bucket queries/s).
@@ -21,13 +22,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   export BIN=target/debug; bench_profile=(--profile dev)
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000
+  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
   cargo build -q -p hub -p device-sim
 else
   export BIN=target/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000
+  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
@@ -56,6 +57,9 @@ DEVICES=$FLEET_DEVICES RATE=5 DURATION=${FLEET_S}s EXTRA_SIM_ARGS="--connections
 
 section "PostgreSQL groundwork: the same rows as multi-row INSERT, UNNEST, COPY, and as encoded blocks"
 TOTAL_ROWS=$PG_ROWS bench pg_ingest
+
+section "PostgreSQL backend and several hubs: SQLite vs PostgreSQL, one vs two hubs, failover after a SIGKILL"
+DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$CLUSTER_DURATION scripts/bench-cluster.sh
 
 section "SSE watchers: ingest with 0 and with 20 watchers of /api/v1/events, one hub"
 DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$SSE_DURATION scripts/bench-sse.sh

@@ -294,6 +294,27 @@ impl Hub {
             ))
         });
 
+        // Before the first stream: other hubs' notices and this hub's
+        // heartbeat (PostgreSQL).
+        let claims = crate::cluster::listen(
+            &store,
+            Arc::clone(&hub_id),
+            Arc::clone(&registry),
+            commands.clone(),
+            stopping.clone(),
+        )
+        .await
+        .context("cannot listen for other hubs' notices")?
+        .map(tokio::spawn);
+        let presence = crate::cluster::keep_presence(
+            store.clone(),
+            Arc::clone(&hub_id),
+            Arc::clone(&registry),
+            stopping.clone(),
+        )
+        .await
+        .context("cannot record this hub's heartbeat")?
+        .map(tokio::spawn);
         let server_settings = &settings.server;
         let ctx = Arc::new(SessionContext {
             ingest: ingest.clone(),
@@ -468,25 +489,6 @@ impl Hub {
         } else {
             "http"
         };
-        let claims = crate::cluster::listen(
-            &store,
-            Arc::clone(&hub_id),
-            Arc::clone(&registry),
-            commands.clone(),
-            stopping.clone(),
-        )
-        .await
-        .context("cannot listen for other hubs' notices")?
-        .map(tokio::spawn);
-        let presence = crate::cluster::keep_presence(
-            store.clone(),
-            Arc::clone(&hub_id),
-            Arc::clone(&registry),
-            stopping.clone(),
-        )
-        .await
-        .context("cannot record this hub's heartbeat")?
-        .map(tokio::spawn);
         tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
             hub_id = %hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
         Ok(Hub {

@@ -117,6 +117,11 @@ pub async fn keep_presence(
         return Ok(None);
     }
     store.heartbeat(&hub_id, now_ms()).await?;
+    // Hubs gone for a day: their rows are of no use (their devices have
+    // been offline since their lease ran out).
+    store
+        .forget_hubs_before(now_ms().saturating_sub(24 * 3600 * 1000))
+        .await?;
     let mut presence = registry.subscribe();
     Ok(Some(async move {
         let mut beat = tokio::time::interval(HEARTBEAT);

@@ -48,7 +48,14 @@ impl EndReason {
 pub struct SessionRegistry {
     live: Mutex<HashMap<DeviceId, LiveStream>>,
     presence: broadcast::Sender<Presence>,
+    /// The newest epoch other hubs claimed each device with (bounded): a
+    /// stream of this hub registered with an older one, whose claim comes
+    /// after the notice, is refused at once.
+    claimed_elsewhere: Mutex<HashMap<DeviceId, u64>>,
 }
+
+/// Devices whose claims by other hubs are remembered, at most.
+const MAX_REMEMBERED_CLAIMS: usize = 100_000;
 
 /// Held by a session while it is the device's live stream; dropping it
 /// unregisters the stream unless a newer one took over already.
@@ -67,6 +74,7 @@ impl SessionRegistry {
         Arc::new(Self {
             live: Mutex::default(),
             presence: broadcast::channel(1024).0,
+            claimed_elsewhere: Mutex::default(),
         })
     }
 
@@ -108,6 +116,15 @@ impl SessionRegistry {
     ) -> Option<StreamClaim> {
         let superseded = CancellationToken::new();
         let ended_by = Arc::new(AtomicU8::new(0));
+        let elsewhere = self
+            .claimed_elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .copied();
+        if elsewhere.is_some_and(|newer| newer > epoch) {
+            return None;
+        }
         let previous = {
             let mut live = self.lock();
             if live.get(device).is_some_and(|s| s.id > id) {
@@ -162,9 +179,21 @@ impl SessionRegistry {
     /// Ends the device's live stream if it registered before session
     /// `epoch` (another hub claimed the device with it); whether it did.
     pub fn end_if_older(&self, device: &DeviceId, epoch: u64) -> bool {
+        {
+            let mut heard = self
+                .claimed_elsewhere
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if heard.len() >= MAX_REMEMBERED_CLAIMS {
+                heard.clear();
+            }
+            let newest = heard.entry(device.clone()).or_default();
+            *newest = (*newest).max(epoch);
+        }
         let live = self.lock();
         match live.get(device) {
-            Some(stream) if stream.epoch < epoch => {
+            // One an operator ended already keeps its reason.
+            Some(stream) if stream.epoch < epoch && !stream.superseded.is_cancelled() => {
                 stream
                     .ended_by
                     .store(EndReason::MovedAway as u8, Ordering::Relaxed);
@@ -194,6 +223,13 @@ impl SessionRegistry {
 }
 
 impl StreamClaim {
+    /// The stream ends because another hub claimed its device (its batch
+    /// was fenced): no offline event, the other hub said it is online.
+    pub fn moved_away(&self) {
+        self.ended_by
+            .store(EndReason::MovedAway as u8, Ordering::Relaxed);
+    }
+
     /// Unique per stream for the life of the hub.
     pub fn id(&self) -> u64 {
         self.id

@@ -352,7 +352,12 @@ pub struct CommandActor {
     next_retention: Instant,
     /// This hub's id, in the change notices it sends (PostgreSQL).
     hub_id: Arc<str>,
+    /// When the open commands are next compared with the log (PostgreSQL).
+    next_resync: Instant,
 }
+
+/// How often a hub on PostgreSQL compares its open commands with the log.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Creates the handle and the task that serves it.
 pub fn channel(
@@ -387,6 +392,7 @@ pub fn channel(
         metrics: None,
         next_retention: Instant::now(),
         hub_id: Arc::from("local"),
+        next_resync: Instant::now() + RESYNC_EVERY,
     };
     (handle, actor)
 }
@@ -444,6 +450,7 @@ impl CommandActor {
             }
             self.check_timers(&mut batch);
             self.commit(batch).await;
+            self.resync_if_due().await;
             self.dispatch();
             self.retain().await;
         }
@@ -569,11 +576,12 @@ impl CommandActor {
                 session,
                 outbox,
             } => {
-                // Commands other hubs created or changed while the device
-                // was theirs (a notice may have been lost): from the log.
+                // The device's open commands as the log holds them: other
+                // hubs may have created, changed or finished some while it
+                // was theirs, and a notice may have been lost.
                 if self.writer.backend() == crate::config::Backend::Postgres {
                     match self.writer.load_open_for(&device).await {
-                        Ok(open) => open.into_iter().for_each(|rec| self.reconcile(rec)),
+                        Ok(open) => self.resync(Some(&device), open),
                         Err(e) => {
                             tracing::warn!(device_id = device, error = %e,
                                 "cannot load the device's open commands; the next change brings them")
@@ -1050,6 +1058,43 @@ impl CommandActor {
             .unwrap_or(queue.order.len());
         queue.order.insert(at, rec.command_id.clone());
         self.open.insert(rec.command_id.clone(), Open::new(rec));
+    }
+
+    /// Makes the open commands in memory (of one device, or all) those of
+    /// the log: the others are forgotten, these reconciled.
+    fn resync(&mut self, device: Option<&str>, open: Vec<CommandRecord>) {
+        let ids: std::collections::HashSet<&str> =
+            open.iter().map(|r| r.command_id.as_str()).collect();
+        let gone: Vec<String> = self
+            .open
+            .values()
+            .filter(|o| device.is_none_or(|d| o.rec.device_id == d))
+            .filter(|o| !ids.contains(o.rec.command_id.as_str()))
+            .map(|o| o.rec.command_id.clone())
+            .collect();
+        for id in gone {
+            self.forget(&id);
+        }
+        for rec in open {
+            self.reconcile(rec);
+        }
+    }
+
+    /// PostgreSQL: every few seconds the open commands are compared with
+    /// the log, in case notices of other hubs' changes were lost (the
+    /// listener reconnects without saying so).
+    async fn resync_if_due(&mut self) {
+        if self.stale
+            || self.writer.backend() != crate::config::Backend::Postgres
+            || Instant::now() < self.next_resync
+        {
+            return;
+        }
+        self.next_resync = Instant::now() + RESYNC_EVERY;
+        match self.writer.load_open().await {
+            Ok(open) => self.resync(None, open),
+            Err(e) => tracing::warn!(error = %e, "cannot compare open commands with the log"),
+        }
     }
 
     /// Drops a command from memory (withdrawn from any outbox).

@@ -233,6 +233,9 @@ async fn run_registered(
     // The ack task may be gone already (peer vanished); that is fine.
     let _ = finish_tx.send(finish);
     let _ = acker.await;
+    if slot.fenced() {
+        claim.moved_away();
+    }
     ctx.commands.detach(&device_id, claim.id()).await;
     drop(claim);
     HubMetrics::add(&ctx.metrics.disconnects, 1);

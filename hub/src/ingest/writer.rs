@@ -623,6 +623,11 @@ impl Writer {
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         let mut tx = self.store.begin().await?;
+        // Retention rewrites blocks: the block writers' lock comes first,
+        // before any row lock (see `WriteTx::lock_blocks`).
+        if group.iter().any(|m| matches!(m, WriterMsg::Retain { .. })) {
+            tx.lock_blocks().await?;
+        }
         // PostgreSQL: the epochs of the devices with batches here, their
         // rows locked until the commit (another hub's Hello waits for it).
         let batch_devices: Vec<DeviceKey> = group

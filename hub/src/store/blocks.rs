@@ -363,6 +363,7 @@ impl StoreWriter {
         staged: u64,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
+        tx.lock_blocks().await?;
         tx.compact_staged(part, blocks, staged).await?;
         tx.commit().await
     }
@@ -378,6 +379,7 @@ impl StoreWriter {
             staging_table(part)
         );
         let mut tx = self.begin().await?;
+        tx.lock_blocks().await?;
         let taken: Vec<(i64, i64, i64, i64, f64)> = with_conn!(tx.conn.conn(), c => {
             sqlx::query_as(&sql).fetch_all(c).await?
         });
@@ -403,6 +405,7 @@ impl StoreWriter {
     /// Merges each (series, level) in one transaction.
     pub async fn merge(&mut self, jobs: &[(Series, u8)]) -> Result<Vec<Merged>, StoreError> {
         let mut tx = self.begin().await?;
+        tx.lock_blocks().await?;
         let mut done = Vec::with_capacity(jobs.len());
         for &(series, level) in jobs {
             done.push(tx.merge_series(series, level).await?);

@@ -260,21 +260,28 @@ impl CommandWriter {
              AND state IN ('SUCCEEDED', 'FAILED', 'REJECTED', 'EXPIRED', 'CANCELLED') \
              ORDER BY created_at_ms LIMIT $2";
         self.conn.begin().await?;
-        let history = format!("DELETE FROM command_history WHERE command_seq IN ({DOOMED})");
-        let commands = format!("DELETE FROM commands WHERE seq IN ({DOOMED})");
-        let deleted = with_conn!(self.conn.conn(), c => {
-            sqlx::query(&history)
+        // The commands first, then the history of exactly those (another
+        // hub's retention may pick a different set meanwhile).
+        let commands = format!("DELETE FROM commands WHERE seq IN ({DOOMED}) RETURNING seq");
+        let seqs: Vec<i64> = with_conn!(self.conn.conn(), c => {
+            sqlx::query_scalar(&commands)
                 .bind(cutoff_ms)
                 .bind(i64::from(limit))
-                .execute(&mut *c)
-                .await?;
-            sqlx::query(&commands)
-                .bind(cutoff_ms)
-                .bind(i64::from(limit))
-                .execute(c)
+                .fetch_all(c)
                 .await?
-                .rows_affected()
         });
+        for chunk in seqs.chunks(500) {
+            let list = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let history = format!("DELETE FROM command_history WHERE command_seq IN ({list})");
+            with_conn!(self.conn.conn(), c => {
+                sqlx::query(&history).execute(c).await?.rows_affected()
+            });
+        }
+        let deleted = seqs.len() as u64;
         self.conn.commit().await?;
         Ok(deleted)
     }

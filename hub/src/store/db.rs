@@ -159,10 +159,18 @@ where
     query
 }
 
-/// PostgreSQL connection settings from `storage.url`.
+/// PostgreSQL connection settings from `storage.url`. A statement waits
+/// at most 5 s for a row lock (a group that cannot get one fails like any
+/// failed commit: nothing acked, devices resend), and the server ends a
+/// transaction left idle for 30 s, so a hub that dies or is cut off
+/// mid-transaction does not hold the rows of its devices for the others.
 pub(crate) fn postgres_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     use std::str::FromStr;
     Ok(PgConnectOptions::from_str(url)?
+        .options([
+            ("lock_timeout", "5s"),
+            ("idle_in_transaction_session_timeout", "30s"),
+        ])
         .application_name("telemetry-hub")
         .statement_cache_capacity(256)
         .disable_statement_logging())

@@ -381,6 +381,19 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets hubs silent since before `cutoff_ms` (one row per process
+    /// start would pile up otherwise).
+    pub async fn forget_hubs_before(&self, cutoff_ms: i64) -> Result<(), StoreError> {
+        with_pool!(&self.read, pool, _Db => {
+            sqlx::query("DELETE FROM hubs WHERE heartbeat_ms < $1")
+                .bind(cutoff_ms)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
     /// The device's stream to hub `hub` ended (unless another hub holds it
     /// by now).
     pub async fn went_offline(&self, hub: &str, device_id: &str) -> Result<(), StoreError> {

@@ -48,6 +48,9 @@ pub struct Registration {
     pub epoch: u64,
 }
 
+/// The advisory lock of block writers (PostgreSQL): an arbitrary constant.
+const BLOCKS_LOCK: i64 = 0x7e1e_b10c;
+
 /// The channel on which PostgreSQL hubs announce the devices they claim.
 pub const CLAIMS_CHANNEL: &str = "hub_claims";
 
@@ -311,15 +314,16 @@ impl WriteTx<'_> {
         device_id: &str,
         token_sha256: &[u8; 32],
     ) -> Result<bool, StoreError> {
-        let done = with_conn!(self.conn.conn(), c => sqlx::query(
-            "UPDATE devices SET token_sha256 = $1 WHERE external_id = $2 AND removed_ms IS NULL",
+        let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+            "UPDATE devices SET token_sha256 = $1, epoch = epoch + 1 \
+             WHERE external_id = $2 AND removed_ms IS NULL RETURNING epoch",
         )
         .bind(token_sha256.as_slice())
         .bind(device_id)
-        .execute(c)
-        .await?
-        .rows_affected());
-        Ok(done > 0)
+        .fetch_optional(c)
+        .await?);
+        self.announce_end(device_id, epoch).await?;
+        Ok(epoch.is_some())
     }
 
     /// Marks a device removed (refused until added again); false when there
@@ -329,16 +333,39 @@ impl WriteTx<'_> {
         device_id: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = with_conn!(self.conn.conn(), c => sqlx::query(
-            "UPDATE devices SET removed_ms = $1, token_sha256 = NULL \
-             WHERE external_id = $2 AND removed_ms IS NULL",
+        let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+            "UPDATE devices SET removed_ms = $1, token_sha256 = NULL, epoch = epoch + 1 \
+             WHERE external_id = $2 AND removed_ms IS NULL RETURNING epoch",
         )
         .bind(now_ms)
         .bind(device_id)
-        .execute(c)
-        .await?
-        .rows_affected());
-        Ok(done > 0)
+        .fetch_optional(c)
+        .await?);
+        self.announce_end(device_id, epoch).await?;
+        Ok(epoch.is_some())
+    }
+
+    /// After an operator's change to a device's credentials (its epoch
+    /// bumped): on PostgreSQL, every hub's stream of it is fenced, and told
+    /// by a claim notice naming no hub, so it ends at once wherever it is.
+    async fn announce_end(
+        &mut self,
+        device_id: &str,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
+        if let (Conn::Postgres(c), Some(epoch)) = (self.conn.conn(), epoch) {
+            let claim = Claim {
+                epoch: epoch as u64,
+                hub: "-".to_owned(),
+                device_id: device_id.to_owned(),
+            };
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CLAIMS_CHANNEL)
+                .bind(claim.payload())
+                .execute(c)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Keeps a device's stored count true after `n` of its readings went.
@@ -473,6 +500,22 @@ impl WriteTx<'_> {
             }
         });
         Ok(SensorKey(id))
+    }
+
+    /// PostgreSQL: takes the lock every transaction that writes blocks
+    /// holds (compaction, merges, retention), first, until it ends. Block
+    /// ids are then handed out and committed in the same order on every
+    /// hub, which query paging by id relies on (`BlockCursor`), and two
+    /// hubs' retention steps cannot deadlock on each other's rows. Nothing
+    /// on SQLite, where one writer holds the whole database.
+    pub async fn lock_blocks(&mut self) -> Result<(), StoreError> {
+        if let Conn::Postgres(c) = self.conn.conn() {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(BLOCKS_LOCK)
+                .execute(c)
+                .await?;
+        }
+        Ok(())
     }
 
     /// PostgreSQL: locks the rows of `devices` (in key order, so two hubs'

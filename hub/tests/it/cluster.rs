@@ -81,6 +81,30 @@ async fn a_device_that_moves_to_another_hub_mid_stream_loses_and_doubles_nothing
     b.stop().await;
 }
 
+/// An operator's removal through one hub ends the device's stream on
+/// another, which writes nothing more for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_removed_through_one_hub_is_cut_off_on_the_other() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut dev, _) = RawDevice::connect(&a, "gone").await;
+    dev.send(readings(1..=5)).await;
+    assert_eq!(dev.ack_through(5).await.0, 5);
+    b.operator()
+        .await
+        .remove_device(pb::RemoveDeviceRequest {
+            device_id: "gone".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(dev.end_code().await, Code::Aborted, "A let go of it");
+    let mut again = RawDevice::open(a.channel().await, hello("gone")).await;
+    assert_eq!(again.end_code().await, Code::Unauthenticated, "refused now");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Fencing holds without the notice: another hub's claim that A never
 /// heard of (its notice lost) still stops A from writing for the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
