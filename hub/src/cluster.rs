@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::Commands;
 use crate::domain::{DeviceId, now_ms};
+use crate::registry::EndReason;
 use crate::registry::SessionRegistry;
-use crate::store::{CLAIMS_CHANNEL, Claim, Store, StoreError};
+use crate::store::{CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, Store, StoreError};
 
 /// A hub whose heartbeat is older than this is presumed dead: its devices
 /// show offline on every hub.
@@ -65,11 +66,17 @@ pub async fn listen(
                         );
                         continue;
                     };
-                    if claim.hub == *hub_id {
+                    // A Hello on another hub, or an operator's credential
+                    // change through some hub.
+                    let (by, reason) = match claim.hub.strip_suffix(CREDENTIALS_CHANGED) {
+                        Some(by) => (by, EndReason::CredentialsChanged),
+                        None => (claim.hub.as_str(), EndReason::MovedAway),
+                    };
+                    if by == &*hub_id {
                         continue;
                     }
                     if let Ok(device) = DeviceId::parse(&claim.device_id)
-                        && registry.end_if_older(&device, claim.epoch)
+                        && registry.end_if_older(&device, claim.epoch, reason)
                     {
                         tracing::debug!(device_id = %device, by = claim.hub, "device moved to another hub");
                     }

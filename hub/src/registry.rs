@@ -178,7 +178,7 @@ impl SessionRegistry {
 
     /// Ends the device's live stream if it registered before session
     /// `epoch` (another hub claimed the device with it); whether it did.
-    pub fn end_if_older(&self, device: &DeviceId, epoch: u64) -> bool {
+    pub fn end_if_older(&self, device: &DeviceId, epoch: u64, reason: EndReason) -> bool {
         {
             let mut heard = self
                 .claimed_elsewhere
@@ -194,9 +194,7 @@ impl SessionRegistry {
         match live.get(device) {
             // One an operator ended already keeps its reason.
             Some(stream) if stream.epoch < epoch && !stream.superseded.is_cancelled() => {
-                stream
-                    .ended_by
-                    .store(EndReason::MovedAway as u8, Ordering::Relaxed);
+                stream.ended_by.store(reason as u8, Ordering::Relaxed);
                 stream.superseded.cancel();
                 true
             }

@@ -39,17 +39,27 @@ CREATE TABLE device_sensors (
     PRIMARY KEY (device_id, sensor_id)
 );
 
--- Compressed series: ids are never reused (queries page by id).
+-- Compressed series, partitioned by month of first_ts: the hub creates a
+-- month's partition (blocks_pYYYYMM) with its first block, and retention
+-- drops whole months (hub/src/store/partitions.rs). Ids come from a
+-- sequence and are never reused (queries page by id); a partitioned
+-- table's key must hold the partition key.
+CREATE SEQUENCE blocks_id_seq AS BIGINT;
 CREATE TABLE blocks (
-    id        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id        BIGINT NOT NULL DEFAULT nextval('blocks_id_seq'),
     device_id BIGINT NOT NULL,
     sensor_id BIGINT NOT NULL,
     level     BIGINT NOT NULL,
     first_ts  BIGINT NOT NULL,
     last_ts   BIGINT NOT NULL,
     count     BIGINT NOT NULL,
-    data      BYTEA  NOT NULL
-);
+    data      BYTEA  NOT NULL,
+    PRIMARY KEY (id, first_ts)
+) PARTITION BY RANGE (first_ts);
+-- No DEFAULT partition: a block always has its month's partition, made in
+-- its own transaction (a writer whose cache of months is stale, because
+-- retention on another hub dropped one, fails that transaction once and
+-- makes the partition again when it retries).
 
 CREATE INDEX blocks_series ON blocks (device_id, sensor_id, first_ts, last_ts);
 

@@ -681,11 +681,16 @@ impl Writer {
                             device_id,
                             token_sha256,
                         } => {
-                            tx.set_device_token(device_id.as_str(), token_sha256)
-                                .await?
+                            tx.set_device_token(
+                                device_id.as_str(),
+                                token_sha256,
+                                &self.settings.hub_id,
+                            )
+                            .await?
                         }
                         CredentialChange::Remove { device_id } => {
-                            tx.remove_device(device_id.as_str(), now).await?
+                            tx.remove_device(device_id.as_str(), now, &self.settings.hub_id)
+                                .await?
                         }
                     };
                     outcomes.push(Outcome::Credentials(found));
@@ -693,6 +698,11 @@ impl Writer {
                 WriterMsg::Retain { step, .. } => {
                     let mut done = RetainDone::default();
                     let mut left = u64::from(step.limit);
+                    if step.staged {
+                        // A pass begins: on PostgreSQL whole months of
+                        // blocks go first (nothing on SQLite).
+                        done.deleted += tx.drop_old_partitions(step.cutoff_ms).await?;
+                    }
                     if step.staged {
                         // The count of staged rows is read again.
                         self.staged = None;

@@ -164,6 +164,8 @@ impl WriteTx<'_> {
     }
 
     pub async fn insert_blocks(&mut self, blocks: &[NewBlock]) -> Result<(), StoreError> {
+        self.ensure_partitions(blocks.iter().map(|b| b.first_ts))
+            .await?;
         self.execute_batched(Batched::Blocks, blocks, |b, out| {
             out.extend([
                 Val::I(b.device.0),
@@ -182,11 +184,11 @@ impl WriteTx<'_> {
     /// oldest first) into one block.
     async fn merge_series(&mut self, series: Series, level: u8) -> Result<Merged, StoreError> {
         let sql = format!(
-            "SELECT id, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 AND level = $3 \
-             ORDER BY first_ts, id LIMIT $4{}",
+            "SELECT id, first_ts, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 \
+             AND level = $3 ORDER BY first_ts, id LIMIT $4{}",
             self.lock_rows()
         );
-        let rows: Vec<(i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
+        let rows: Vec<(i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
         .bind(series.0.0)
         .bind(series.1.0)
         .bind(i64::from(level))
@@ -203,7 +205,7 @@ impl WriteTx<'_> {
             return Ok(merged);
         }
         let mut points = Vec::new();
-        for (id, data) in &rows {
+        for (id, _, data) in &rows {
             if let Err(e) = codec::decode_into(data, &mut points) {
                 // Left as it is (queries report it); the other series merge.
                 tracing::error!(block = id, error = %e, "a stored block cannot be decoded; its series is not merged");
@@ -215,8 +217,8 @@ impl WriteTx<'_> {
         let blocks: Vec<NewBlock> = blocks_from(series, level + 1, &points).collect();
         merged.into = blocks.first().map(|b| b.level);
         self.insert_blocks(&blocks).await?;
-        for (id, _) in &rows {
-            self.delete_block(*id).await?;
+        for (id, first_ts, _) in &rows {
+            self.delete_block(*id, *first_ts).await?;
         }
         Ok(merged)
     }
@@ -234,11 +236,11 @@ impl WriteTx<'_> {
         limit: u32,
     ) -> Result<(u64, bool), StoreError> {
         let sql = format!(
-            "SELECT id, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
+            "SELECT id, first_ts, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
              AND sensor_id = $2 AND first_ts < $3 ORDER BY first_ts, id LIMIT $4{}",
             self.lock_rows()
         );
-        let rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
+        let rows: Vec<(i64, i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
             sqlx::query_as(&sql)
             .bind(device.0)
             .bind(sensor.0)
@@ -249,7 +251,7 @@ impl WriteTx<'_> {
         });
         let mut done = rows.len() < RETAIN_BLOCKS as usize;
         let mut deleted = 0u64;
-        for (id, level, last_ts, count, data) in rows {
+        for (id, first_ts, level, last_ts, count, data) in rows {
             if deleted > 0 && deleted + count as u64 > u64::from(limit) {
                 done = false;
                 break;
@@ -265,7 +267,7 @@ impl WriteTx<'_> {
                     }
                 }
             };
-            self.delete_block(id).await?;
+            self.delete_block(id, first_ts).await?;
             let Some(mut points) = points else {
                 deleted += count as u64;
                 continue;
@@ -296,10 +298,12 @@ impl WriteTx<'_> {
         }
     }
 
-    async fn delete_block(&mut self, id: i64) -> Result<(), StoreError> {
+    /// Deletes a block; its `first_ts` finds its partition on PostgreSQL.
+    async fn delete_block(&mut self, id: i64, first_ts: i64) -> Result<(), StoreError> {
         with_conn!(self.conn.conn(), c => {
-            sqlx::query("DELETE FROM blocks WHERE id = $1")
+            sqlx::query("DELETE FROM blocks WHERE id = $1 AND first_ts = $2")
                 .bind(id)
+                .bind(first_ts)
                 .execute(c)
                 .await?
                 .rows_affected()

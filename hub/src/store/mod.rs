@@ -11,6 +11,7 @@ pub mod blocks;
 pub mod codec;
 pub mod commands;
 mod db;
+mod partitions;
 mod write;
 mod write_conn;
 
@@ -27,8 +28,8 @@ use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{
-    CLAIMS_CHANNEL, Claim, DeviceProgress, Registration, RowToInsert, STAGING_PARTS, StoreWriter,
-    WriteTx, staging_part,
+    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, Registration, RowToInsert,
+    STAGING_PARTS, StoreWriter, WriteTx, staging_part,
 };
 pub(crate) use write_conn::WriteConn;
 

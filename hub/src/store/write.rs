@@ -51,6 +51,10 @@ pub struct Registration {
 /// The advisory lock of block writers (PostgreSQL): an arbitrary constant.
 const BLOCKS_LOCK: i64 = 0x7e1e_b10c;
 
+/// Appended to the hub of a claim notice that an operator's credential
+/// change sent (not a Hello).
+pub const CREDENTIALS_CHANGED: &str = "/credentials";
+
 /// The channel on which PostgreSQL hubs announce the devices they claim.
 pub const CLAIMS_CHANNEL: &str = "hub_claims";
 
@@ -157,6 +161,8 @@ impl Batched {
 pub struct StoreWriter {
     conn: WriteConn,
     sql: HashMap<(Batched, usize), String>,
+    /// PostgreSQL: the months of `blocks` known to have a partition.
+    partitions: std::collections::HashSet<i64>,
 }
 
 /// A write transaction of the writer. Dropped without [`WriteTx::commit`],
@@ -164,6 +170,7 @@ pub struct StoreWriter {
 pub struct WriteTx<'c> {
     pub(super) conn: &'c mut WriteConn,
     sql: &'c mut HashMap<(Batched, usize), String>,
+    pub(super) partitions: &'c mut std::collections::HashSet<i64>,
 }
 
 /// How many items the next multi-row statement takes.
@@ -180,6 +187,7 @@ impl StoreWriter {
         Self {
             conn,
             sql: HashMap::new(),
+            partitions: std::collections::HashSet::new(),
         }
     }
 
@@ -192,12 +200,15 @@ impl StoreWriter {
         Ok(WriteTx {
             conn: &mut self.conn,
             sql: &mut self.sql,
+            partitions: &mut self.partitions,
         })
     }
 
     /// After a failed write: rolls back at once (see [`WriteConn::abort`]).
+    /// Partitions it made are rolled back too: they are looked for again.
     pub async fn abort(&mut self) {
         self.conn.abort().await;
+        self.partitions.clear();
     }
 
     pub fn backend(&self) -> Backend {
@@ -313,6 +324,7 @@ impl WriteTx<'_> {
         &mut self,
         device_id: &str,
         token_sha256: &[u8; 32],
+        hub: &str,
     ) -> Result<bool, StoreError> {
         let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
             "UPDATE devices SET token_sha256 = $1, epoch = epoch + 1 \
@@ -322,7 +334,7 @@ impl WriteTx<'_> {
         .bind(device_id)
         .fetch_optional(c)
         .await?);
-        self.announce_end(device_id, epoch).await?;
+        self.announce_end(device_id, epoch, hub).await?;
         Ok(epoch.is_some())
     }
 
@@ -332,6 +344,7 @@ impl WriteTx<'_> {
         &mut self,
         device_id: &str,
         now_ms: i64,
+        hub: &str,
     ) -> Result<bool, StoreError> {
         let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
             "UPDATE devices SET removed_ms = $1, token_sha256 = NULL, epoch = epoch + 1 \
@@ -341,22 +354,25 @@ impl WriteTx<'_> {
         .bind(device_id)
         .fetch_optional(c)
         .await?);
-        self.announce_end(device_id, epoch).await?;
+        self.announce_end(device_id, epoch, hub).await?;
         Ok(epoch.is_some())
     }
 
-    /// After an operator's change to a device's credentials (its epoch
-    /// bumped): on PostgreSQL, every hub's stream of it is fenced, and told
-    /// by a claim notice naming no hub, so it ends at once wherever it is.
+    /// After an operator's change to a device's credentials through hub
+    /// `hub` (the device's epoch bumped): on PostgreSQL every hub's stream
+    /// of it is fenced, and the other hubs are told by a claim notice from
+    /// `{hub}/credentials`, so it ends at once wherever it is (hub `hub`
+    /// ends its own).
     async fn announce_end(
         &mut self,
         device_id: &str,
         epoch: Option<i64>,
+        hub: &str,
     ) -> Result<(), StoreError> {
         if let (Conn::Postgres(c), Some(epoch)) = (self.conn.conn(), epoch) {
             let claim = Claim {
                 epoch: epoch as u64,
-                hub: "-".to_owned(),
+                hub: format!("{hub}{CREDENTIALS_CHANGED}"),
                 device_id: device_id.to_owned(),
             };
             sqlx::query("SELECT pg_notify($1, $2)")
@@ -677,7 +693,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        assert!(tx.set_device_token("d", &b).await.unwrap());
+        assert!(tx.set_device_token("d", &b, "h").await.unwrap());
         assert!(
             tx.upsert_device(&hello, 1, &own(a), "h")
                 .await
@@ -691,7 +707,7 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        assert!(tx.remove_device("d", 2).await.unwrap());
+        assert!(tx.remove_device("d", 2, "h").await.unwrap());
         assert!(
             tx.upsert_device(&hello, 3, &Proof::Admitted, "h")
                 .await

@@ -1,0 +1,178 @@
+//! PostgreSQL: `blocks` is partitioned by month of `first_ts` (native
+//! declarative partitioning). A partition is created when the first block
+//! of its month is written, inside that transaction (block writers hold
+//! one advisory lock, so hubs do not race to create it), and retention
+//! drops a whole month once every block in it is older than the cutoff.
+//! Readings are stamped from 2000 on (`domain::MIN_TS_MS`), so there are at
+//! most a dozen partitions a year.
+
+use std::collections::HashSet;
+
+use super::StoreError;
+use super::db::Conn;
+use super::write::WriteTx;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Months since 0000-03 style civil arithmetic (Howard Hinnant's
+/// algorithms): the month a time falls in, as `year * 12 + month - 1`.
+pub fn month_of(ts_ms: i64) -> i64 {
+    let z = ts_ms.div_euclid(DAY_MS) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    year * 12 + month - 1
+}
+
+/// The first ms of month `index` (see [`month_of`]).
+pub fn month_start_ms(index: i64) -> i64 {
+    let (mut year, month) = (index.div_euclid(12), index.rem_euclid(12) + 1);
+    if month <= 2 {
+        year -= 1;
+    }
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe - 719_468) * DAY_MS
+}
+
+/// `blocks_p202611` for November 2026.
+fn partition_name(index: i64) -> String {
+    format!(
+        "blocks_p{:04}{:02}",
+        index.div_euclid(12),
+        index.rem_euclid(12) + 1
+    )
+}
+
+fn parse_partition(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("blocks_p")?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let year: i64 = digits[..4].parse().ok()?;
+    let month: i64 = digits[4..].parse().ok()?;
+    (1..=12).contains(&month).then_some(year * 12 + month - 1)
+}
+
+impl WriteTx<'_> {
+    /// PostgreSQL: makes sure the months of `first_ts` have partitions
+    /// (`self.partitions` caches those this writer made or saw; it is
+    /// cleared when a transaction fails, since the DDL is rolled back too).
+    pub(super) async fn ensure_partitions(
+        &mut self,
+        first_ts: impl Iterator<Item = i64>,
+    ) -> Result<(), StoreError> {
+        let Conn::Postgres(c) = self.conn.conn() else {
+            return Ok(());
+        };
+        let months: HashSet<i64> = first_ts.map(month_of).collect();
+        for month in months {
+            if self.partitions.contains(&month) {
+                continue;
+            }
+            sqlx::query(&format!(
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF blocks FOR VALUES FROM ({}) TO ({})",
+                partition_name(month),
+                month_start_ms(month),
+                month_start_ms(month + 1)
+            ))
+            .execute(&mut *c)
+            .await?;
+            self.partitions.insert(month);
+        }
+        Ok(())
+    }
+
+    /// PostgreSQL retention: drops every monthly partition that ends by
+    /// `cutoff_ms` and holds no block reaching past it, keeping the
+    /// devices' counts true. Returns how many readings went. Blocks that
+    /// straddle the cutoff are left to the per-series path.
+    pub(crate) async fn drop_old_partitions(&mut self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let names: Vec<String> = match self.conn.conn() {
+            Conn::Sqlite(_) => return Ok(0),
+            Conn::Postgres(c) => sqlx::query_scalar(
+                "SELECT c.relname::TEXT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = 'blocks'::regclass",
+            )
+            .fetch_all(c)
+            .await?,
+        };
+        let mut deleted = 0u64;
+        for name in names {
+            let Some(month) = parse_partition(&name) else {
+                continue;
+            };
+            if month_start_ms(month + 1) > cutoff_ms {
+                continue;
+            }
+            let Conn::Postgres(c) = self.conn.conn() else {
+                return Ok(deleted);
+            };
+            let newest: Option<i64> =
+                sqlx::query_scalar(&format!("SELECT max(last_ts) FROM {name}"))
+                    .fetch_one(&mut *c)
+                    .await?;
+            if newest.is_some_and(|t| t >= cutoff_ms) {
+                continue;
+            }
+            let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "SELECT device_id, CAST(sum(count) AS BIGINT) FROM {name} GROUP BY device_id"
+            ))
+            .fetch_all(&mut *c)
+            .await?;
+            sqlx::query(&format!("DROP TABLE {name}"))
+                .execute(c)
+                .await?;
+            self.partitions.remove(&month);
+            let mut readings = 0u64;
+            for (device, n) in counts {
+                self.subtract_readings(device, n).await?;
+                readings += n as u64;
+            }
+            deleted += readings;
+            tracing::info!(
+                partition = name,
+                readings,
+                "retention dropped a month of blocks"
+            );
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_and_their_starts() {
+        // 2026-11-26T12:00:00Z
+        let t = 1_795_694_400_000;
+        let m = month_of(t);
+        assert_eq!(partition_name(m), "blocks_p202611");
+        assert_eq!(month_start_ms(m), 1_793_491_200_000, "2026-11-01T00:00Z");
+        assert_eq!(
+            month_start_ms(m + 1),
+            1_796_083_200_000,
+            "2026-12-01T00:00Z"
+        );
+        assert_eq!(partition_name(m + 2), "blocks_p202701");
+        assert_eq!(month_of(0), 1970 * 12);
+        assert_eq!(month_of(-1), 1969 * 12 + 11);
+        assert_eq!(month_of(month_start_ms(m) - 1), m - 1);
+        assert_eq!(parse_partition("blocks_p202611"), Some(m));
+        assert_eq!(parse_partition("blocks_other"), None);
+        // Every month start from 2000 to 2100 maps back to its month.
+        for month in 2000 * 12..2100 * 12 {
+            assert_eq!(month_of(month_start_ms(month)), month);
+            assert_eq!(month_of(month_start_ms(month + 1) - 1), month);
+        }
+    }
+}
