@@ -72,7 +72,10 @@ pub async fn listen(
                         Some(by) => (by, EndReason::CredentialsChanged),
                         None => (claim.hub.as_str(), EndReason::MovedAway),
                     };
-                    if by == &*hub_id {
+                    // This hub's own Hellos are no news; its own credential
+                    // changes are (a stream registered just after the
+                    // operator's change ended local streams).
+                    if by == &*hub_id && reason == EndReason::MovedAway {
                         continue;
                     }
                     if let Ok(device) = DeviceId::parse(&claim.device_id)
@@ -124,6 +127,8 @@ pub async fn keep_presence(
         return Ok(None);
     }
     store.heartbeat(&hub_id, now_ms()).await?;
+    store.prepare_partitions(now_ms()).await?;
+    let mut prepared = crate::store::month_of(now_ms());
     // Hubs gone for a day: their rows are of no use (their devices have
     // been offline since their lease ran out).
     store
@@ -139,6 +144,14 @@ pub async fn keep_presence(
                 _ = beat.tick() => {
                     if let Err(e) = store.heartbeat(&hub_id, now_ms()).await {
                         tracing::warn!(error = %e, "cannot renew this hub's heartbeat");
+                    }
+                    // A new month: its partition and the next one's, ahead.
+                    let month = crate::store::month_of(now_ms());
+                    if month != prepared {
+                        match store.prepare_partitions(now_ms()).await {
+                            Ok(()) => prepared = month,
+                            Err(e) => tracing::warn!(error = %e, "cannot make the next months' partitions"),
+                        }
                     }
                 }
                 event = presence.recv() => match event {

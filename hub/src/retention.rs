@@ -56,13 +56,20 @@ async fn pass(
     cutoff_ms: i64,
     stop: &CancellationToken,
 ) -> Result<u64, PassError> {
+    // PostgreSQL: whole months first, beside ingest (nothing on SQLite).
+    let mut deleted = match store.drop_old_partitions(cutoff_ms).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot drop old months of blocks; tried again next pass");
+            0
+        }
+    };
     let mut series: VecDeque<_> = store
         .series_older_than(cutoff_ms)
         .await
         .map_err(|e| PassError::Failed(e.to_string()))?
         .into();
     let mut staged = true;
-    let mut deleted = 0;
     while staged || !series.is_empty() {
         if stop.is_cancelled() {
             break;

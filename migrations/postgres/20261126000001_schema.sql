@@ -62,6 +62,7 @@ CREATE TABLE blocks (
 -- makes the partition again when it retries).
 
 CREATE INDEX blocks_series ON blocks (device_id, sensor_id, first_ts, last_ts);
+ALTER SEQUENCE blocks_id_seq OWNED BY blocks.id;
 
 -- Staging, split by device (store::STAGING_PARTS). No key: the writer
 -- empties a part as it compacts it.

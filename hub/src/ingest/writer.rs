@@ -699,11 +699,6 @@ impl Writer {
                     let mut done = RetainDone::default();
                     let mut left = u64::from(step.limit);
                     if step.staged {
-                        // A pass begins: on PostgreSQL whole months of
-                        // blocks go first (nothing on SQLite).
-                        done.deleted += tx.drop_old_partitions(step.cutoff_ms).await?;
-                    }
-                    if step.staged {
                         // The count of staged rows is read again.
                         self.staged = None;
                         let n = tx.delete_old_staged(step.cutoff_ms, step.limit).await?;

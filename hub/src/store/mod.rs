@@ -15,6 +15,8 @@ mod partitions;
 mod write;
 mod write_conn;
 
+pub use partitions::month_of;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;

@@ -1,16 +1,17 @@
 //! PostgreSQL: `blocks` is partitioned by month of `first_ts` (native
-//! declarative partitioning). A partition is created when the first block
-//! of its month is written, inside that transaction (block writers hold
-//! one advisory lock, so hubs do not race to create it), and retention
-//! drops a whole month once every block in it is older than the cutoff.
+//! declarative partitioning). This month's and the next are made ahead by
+//! each hub's heartbeat task; an older month is made when its first block
+//! is written, inside that transaction (block writers hold one advisory
+//! lock, so hubs do not race to make it). Retention drops a whole month
+//! once every block in it is older than the cutoff.
 //! Readings are stamped from 2000 on (`domain::MIN_TS_MS`), so there are at
 //! most a dozen partitions a year.
 
 use std::collections::HashSet;
 
-use super::StoreError;
-use super::db::Conn;
-use super::write::WriteTx;
+use super::db::{Conn, Pool};
+use super::write::{BLOCKS_LOCK, WriteTx};
+use super::{Store, StoreError};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -61,10 +62,22 @@ fn parse_partition(name: &str) -> Option<i64> {
     (1..=12).contains(&month).then_some(year * 12 + month - 1)
 }
 
+/// The statement that makes month `month`'s partition (if it is not there).
+fn create_sql(month: i64) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} PARTITION OF blocks FOR VALUES FROM ({}) TO ({})",
+        partition_name(month),
+        month_start_ms(month),
+        month_start_ms(month + 1)
+    )
+}
+
 impl WriteTx<'_> {
     /// PostgreSQL: makes sure the months of `first_ts` have partitions
     /// (`self.partitions` caches those this writer made or saw; it is
     /// cleared when a transaction fails, since the DDL is rolled back too).
+    /// This month's and the next are normally made ahead
+    /// ([`Store::prepare_partitions`]); this is for older readings.
     pub(super) async fn ensure_partitions(
         &mut self,
         first_ts: impl Iterator<Item = i64>,
@@ -77,33 +90,53 @@ impl WriteTx<'_> {
             if self.partitions.contains(&month) {
                 continue;
             }
-            sqlx::query(&format!(
-                "CREATE TABLE IF NOT EXISTS {} PARTITION OF blocks FOR VALUES FROM ({}) TO ({})",
-                partition_name(month),
-                month_start_ms(month),
-                month_start_ms(month + 1)
-            ))
-            .execute(&mut *c)
-            .await?;
+            sqlx::query(&create_sql(month))
+                .persistent(false)
+                .execute(&mut *c)
+                .await?;
             self.partitions.insert(month);
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// PostgreSQL: makes this month's and next month's partitions, each in
+    /// a short transaction of its own (making a partition locks `blocks`
+    /// for a moment), so the writer's compactions never have to. Nothing
+    /// on SQLite.
+    pub async fn prepare_partitions(&self, now_ms: i64) -> Result<(), StoreError> {
+        let Pool::Postgres(pool) = &self.read else {
+            return Ok(());
+        };
+        let month = month_of(now_ms);
+        for m in [month, month + 1] {
+            sqlx::query(&create_sql(m))
+                .persistent(false)
+                .execute(pool)
+                .await?;
         }
         Ok(())
     }
 
     /// PostgreSQL retention: drops every monthly partition that ends by
-    /// `cutoff_ms` and holds no block reaching past it, keeping the
-    /// devices' counts true. Returns how many readings went. Blocks that
-    /// straddle the cutoff are left to the per-series path.
-    pub(crate) async fn drop_old_partitions(&mut self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        let names: Vec<String> = match self.conn.conn() {
-            Conn::Sqlite(_) => return Ok(0),
-            Conn::Postgres(c) => sqlx::query_scalar(
-                "SELECT c.relname::TEXT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-                     WHERE i.inhparent = 'blocks'::regclass",
-            )
-            .fetch_all(c)
-            .await?,
+    /// `cutoff_ms` and holds no block reaching past it, one transaction
+    /// each, keeping the devices' counts true. Returns how many readings
+    /// went. It runs beside ingest, not in a writer group: it takes the
+    /// block writers' lock, then the devices' rows in key order, then drops
+    /// the month (which locks `blocks` for a moment); it waits at most a
+    /// second for a lock and otherwise leaves the month to the next pass.
+    /// Blocks that straddle the cutoff go the per-series way.
+    pub async fn drop_old_partitions(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let Pool::Postgres(pool) = &self.read else {
+            return Ok(0);
         };
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::TEXT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'blocks'::regclass",
+        )
+        .fetch_all(pool)
+        .await?;
         let mut deleted = 0u64;
         for name in names {
             let Some(month) = parse_partition(&name) else {
@@ -112,34 +145,54 @@ impl WriteTx<'_> {
             if month_start_ms(month + 1) > cutoff_ms {
                 continue;
             }
-            let Conn::Postgres(c) = self.conn.conn() else {
-                return Ok(deleted);
-            };
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET LOCAL lock_timeout = '1s'")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(BLOCKS_LOCK)
+                .execute(&mut *tx)
+                .await?;
             let newest: Option<i64> =
                 sqlx::query_scalar(&format!("SELECT max(last_ts) FROM {name}"))
-                    .fetch_one(&mut *c)
+                    .persistent(false)
+                    .fetch_one(&mut *tx)
                     .await?;
             if newest.is_some_and(|t| t >= cutoff_ms) {
                 continue;
             }
             let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
-                "SELECT device_id, CAST(sum(count) AS BIGINT) FROM {name} GROUP BY device_id"
+                "SELECT device_id, CAST(sum(count) AS BIGINT) FROM {name} \
+                 GROUP BY device_id ORDER BY device_id"
             ))
-            .fetch_all(&mut *c)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
+            let (devices, readings): (Vec<i64>, Vec<i64>) = counts.into_iter().unzip();
+            sqlx::query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&devices)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE devices SET reading_count = CASE WHEN reading_count > v.n \
+                 THEN reading_count - v.n ELSE 0 END \
+                 FROM (SELECT unnest($1::BIGINT[]) AS id, unnest($2::BIGINT[]) AS n) v \
+                 WHERE devices.id = v.id",
+            )
+            .bind(&devices)
+            .bind(&readings)
+            .execute(&mut *tx)
             .await?;
             sqlx::query(&format!("DROP TABLE {name}"))
-                .execute(c)
+                .persistent(false)
+                .execute(&mut *tx)
                 .await?;
-            self.partitions.remove(&month);
-            let mut readings = 0u64;
-            for (device, n) in counts {
-                self.subtract_readings(device, n).await?;
-                readings += n as u64;
-            }
-            deleted += readings;
+            tx.commit().await?;
+            let n: u64 = readings.iter().map(|&n| n.max(0) as u64).sum();
+            deleted += n;
             tracing::info!(
                 partition = name,
-                readings,
+                readings = n,
                 "retention dropped a month of blocks"
             );
         }

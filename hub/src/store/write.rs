@@ -49,7 +49,7 @@ pub struct Registration {
 }
 
 /// The advisory lock of block writers (PostgreSQL): an arbitrary constant.
-const BLOCKS_LOCK: i64 = 0x7e1e_b10c;
+pub(super) const BLOCKS_LOCK: i64 = 0x7e1e_b10c;
 
 /// Appended to the hub of a claim notice that an operator's credential
 /// change sent (not a Hello).
