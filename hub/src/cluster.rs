@@ -72,10 +72,9 @@ pub async fn listen(
                         Some(by) => (by, EndReason::CredentialsChanged),
                         None => (claim.hub.as_str(), EndReason::MovedAway),
                     };
-                    // This hub's own Hellos are no news; its own credential
-                    // changes are (a stream registered just after the
-                    // operator's change ended local streams).
-                    if by == &*hub_id && reason == EndReason::MovedAway {
+                    // This hub's own notices are no news: it ended its own
+                    // streams when it made the change (`crate::devices`).
+                    if by == &*hub_id {
                         continue;
                     }
                     if let Ok(device) = DeviceId::parse(&claim.device_id)
