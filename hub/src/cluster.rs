@@ -126,7 +126,11 @@ pub async fn keep_presence(
         return Ok(None);
     }
     store.heartbeat(&hub_id, now_ms()).await?;
-    store.prepare_partitions(now_ms()).await?;
+    // Made ahead here; if it fails now, the writer makes the month with its
+    // first block (and this task tries again next month).
+    if let Err(e) = store.prepare_partitions(now_ms()).await {
+        tracing::warn!(error = %e, "cannot make this month's partitions ahead");
+    }
     let mut prepared = crate::store::month_of(now_ms());
     // Hubs gone for a day: their rows are of no use (their devices have
     // been offline since their lease ran out).

@@ -101,21 +101,28 @@ impl WriteTx<'_> {
 }
 
 impl Store {
-    /// PostgreSQL: makes this month's and next month's partitions, each in
-    /// a short transaction of its own (making a partition locks `blocks`
-    /// for a moment), so the writer's compactions never have to. Nothing
-    /// on SQLite.
+    /// PostgreSQL: makes this month's and next month's partitions, in a
+    /// short transaction of its own (making a partition locks `blocks` for
+    /// a moment), so the writer's compactions never have to. It holds the
+    /// block writers' lock: `IF NOT EXISTS` alone does not stop two hubs
+    /// starting together from both creating the table. Nothing on SQLite.
     pub async fn prepare_partitions(&self, now_ms: i64) -> Result<(), StoreError> {
         let Pool::Postgres(pool) = &self.read else {
             return Ok(());
         };
         let month = month_of(now_ms);
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(BLOCKS_LOCK)
+            .execute(&mut *tx)
+            .await?;
         for m in [month, month + 1] {
             sqlx::query(&create_sql(m))
                 .persistent(false)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
