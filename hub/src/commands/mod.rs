@@ -522,52 +522,40 @@ impl CommandActor {
                 }
             },
             Request::Cancel { command_id, reply } => {
-                let now = now_ms();
-                match self.open.get(&command_id) {
-                    Some(_) => {
-                        let rec = self.finish(
-                            &command_id,
-                            CommandState::Cancelled,
-                            "cancelled by an operator",
-                            None,
-                            Vec::new(),
-                            now,
-                            batch,
-                        );
-                        if let Some(rec) = rec {
-                            batch.answers.push((reply, rec));
+                if !self.open.contains_key(&command_id) {
+                    let refusal = match self.final_record(&command_id).await {
+                        // Open, but this hub had not heard of it (another
+                        // hub's notice was lost): it is now.
+                        Ok(Some(rec)) if !rec.state.is_final() => {
+                            self.reconcile(rec);
+                            None
                         }
+                        Ok(Some(rec)) => Some(CommandError::AlreadyFinal {
+                            id: command_id.clone(),
+                            state: rec.state,
+                        }),
+                        Ok(None) => Some(CommandError::UnknownCommand(command_id.clone())),
+                        Err(e) => Some(e.into()),
+                    };
+                    if let Some(refusal) = refusal {
+                        let _ = reply.send(Err(refusal));
+                        return;
                     }
+                }
+                let cancelled = self.finish(
+                    &command_id,
+                    CommandState::Cancelled,
+                    "cancelled by an operator",
+                    None,
+                    Vec::new(),
+                    now_ms(),
+                    batch,
+                );
+                match cancelled {
+                    Some(rec) => batch.answers.push((reply, rec)),
+                    // Open was checked (or reconciled) just above.
                     None => {
-                        let answer = match self.final_record(&command_id).await {
-                            // Open, but this hub had not heard of it (another
-                            // hub's notice was lost): it is now.
-                            Ok(Some(rec)) if !rec.state.is_final() => {
-                                self.reconcile(rec);
-                                match self.finish(
-                                    &command_id,
-                                    CommandState::Cancelled,
-                                    "cancelled by an operator",
-                                    None,
-                                    Vec::new(),
-                                    now,
-                                    batch,
-                                ) {
-                                    Some(rec) => {
-                                        batch.answers.push((reply, rec));
-                                        return;
-                                    }
-                                    None => Err(CommandError::UnknownCommand(command_id)),
-                                }
-                            }
-                            Ok(Some(rec)) => Err(CommandError::AlreadyFinal {
-                                id: command_id,
-                                state: rec.state,
-                            }),
-                            Ok(None) => Err(CommandError::UnknownCommand(command_id)),
-                            Err(e) => Err(e.into()),
-                        };
-                        let _ = reply.send(answer);
+                        let _ = reply.send(Err(CommandError::UnknownCommand(command_id)));
                     }
                 }
             }

@@ -430,7 +430,7 @@ impl StoreWriter {
         let exists: Option<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'readings'",
         )
-        .fetch_optional(self.sqlite())
+        .fetch_optional(self.sqlite()?)
         .await?;
         if exists.is_none() {
             return Ok(0);
@@ -439,7 +439,7 @@ impl StoreWriter {
         loop {
             let next: Option<(i64, i64)> =
                 sqlx::query_as("SELECT device_id, sensor_id FROM readings LIMIT 1")
-                    .fetch_optional(self.sqlite())
+                    .fetch_optional(self.sqlite()?)
                     .await?;
             let Some((device, sensor)) = next else { break };
             let series = (DeviceKey(device), SensorKey(sensor));
@@ -452,7 +452,7 @@ impl StoreWriter {
             .bind(device)
             .bind(sensor)
             .bind(LEGACY_RUN)
-            .fetch_all(tx.sqlite())
+            .fetch_all(tx.sqlite()?)
             .await?;
             let points: Vec<Point> = rows
                 .into_iter()
@@ -474,7 +474,7 @@ impl StoreWriter {
             .bind(sensor)
             .bind(last.ts_ms)
             .bind(last.seq as i64)
-            .execute(tx.sqlite())
+            .execute(tx.sqlite()?)
             .await?;
             tx.commit().await?;
             let before = converted;
@@ -487,22 +487,30 @@ impl StoreWriter {
             }
         }
         sqlx::query("DROP TABLE readings")
-            .execute(self.sqlite())
+            .execute(self.sqlite()?)
             .await?;
         Ok(converted)
     }
 }
 
+/// What the SQLite-only paths (the legacy conversion) answer on PostgreSQL.
+fn not_sqlite() -> StoreError {
+    StoreError::NotOnPostgres(
+        "converting the old readings table",
+        "PostgreSQL databases began with blocks",
+    )
+}
+
 impl StoreWriter {
     /// The SQLite connection, for the legacy conversion (SQLite only).
-    fn sqlite(&mut self) -> &mut sqlx::SqliteConnection {
-        self.conn().conn().sqlite().expect("called on SQLite only")
+    fn sqlite(&mut self) -> Result<&mut sqlx::SqliteConnection, StoreError> {
+        self.conn().conn().sqlite().ok_or_else(not_sqlite)
     }
 }
 
 impl WriteTx<'_> {
-    fn sqlite(&mut self) -> &mut sqlx::SqliteConnection {
-        self.conn.conn().sqlite().expect("called on SQLite only")
+    fn sqlite(&mut self) -> Result<&mut sqlx::SqliteConnection, StoreError> {
+        self.conn.conn().sqlite().ok_or_else(not_sqlite)
     }
 }
 
@@ -711,7 +719,7 @@ mod tests {
     /// Every seq stored for SERIES, staged or in blocks, sorted.
     async fn stored(writer: &mut StoreWriter) -> Vec<u64> {
         let blocks: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blocks")
-            .fetch_all(writer.sqlite())
+            .fetch_all(writer.sqlite().unwrap())
             .await
             .unwrap();
         let mut seqs: Vec<u64> = blocks
@@ -727,7 +735,7 @@ mod tests {
 
     async fn pragma(writer: &mut StoreWriter, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
-            .fetch_one(writer.sqlite())
+            .fetch_one(writer.sqlite().unwrap())
             .await
             .unwrap()
     }
@@ -752,7 +760,7 @@ mod tests {
 
         // No free page left, and the file may not grow.
         sqlx::query("VACUUM")
-            .execute(writer.sqlite())
+            .execute(writer.sqlite().unwrap())
             .await
             .unwrap();
         assert_eq!(pragma(&mut writer, "PRAGMA freelist_count").await, 0);
