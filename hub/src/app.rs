@@ -222,6 +222,7 @@ impl Hub {
                 max_sensors_per_device: settings.ingest.max_sensors_per_device,
                 compact_rows: settings.storage.compact_rows,
                 hub_id: Arc::clone(&hub_id),
+                cached_devices: settings.ingest.cached_devices,
             },
             Arc::clone(&metrics),
             fanout.clone(),
@@ -404,6 +405,11 @@ impl Hub {
                     )
                 })?;
             let metrics_addr = listener.local_addr()?;
+            if !metrics_addr.ip().is_loopback() {
+                tracing::warn!(%metrics_addr,
+                    "metrics.listen is not a loopback address: anyone who reaches it reads the \
+                     fleet's figures (no token is asked); keep it on loopback or firewall it");
+            }
             let (db_size, sized) = match settings.storage.backend {
                 crate::config::Backend::Sqlite => {
                     let path = &settings.storage.path;

@@ -262,6 +262,8 @@ pub struct IngestSettings {
     pub max_sensors: usize,
     pub max_sensors_per_device: usize,
     pub fanout_capacity: usize,
+    /// Devices whose marks, epochs and sensors the writer keeps in memory.
+    pub cached_devices: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -607,6 +609,11 @@ impl Settings {
         check(
             i.queue_capacity >= 1,
             "ingest.queue_capacity",
+            "must be at least 1",
+        )?;
+        check(
+            i.cached_devices >= 1,
+            "ingest.cached_devices",
             "must be at least 1",
         )?;
         check(

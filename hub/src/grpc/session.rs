@@ -404,7 +404,7 @@ impl Reader<'_> {
                         self.pace();
                         continue;
                     }
-                    if !self.push(batch).await {
+                    if !self.push(batch, claim).await {
                         return self.finish(false, None);
                     }
                 }
@@ -451,8 +451,10 @@ impl Reader<'_> {
         }
     }
 
-    /// Checks and queues a batch; false when the session must end.
-    async fn push(&mut self, batch: pb::ReadingBatch) -> bool {
+    /// Checks and queues a batch; false when the session must end. A push
+    /// waiting for room gives up when a newer stream takes over: the batch
+    /// is not queued (nor acked), and the loop then ends the stream.
+    async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> bool {
         let latest = now_ms().saturating_add(self.ctx.max_clock_skew.as_millis() as i64);
         let mut readings = Vec::with_capacity(batch.readings.len());
         for reading in batch.readings {
@@ -481,14 +483,17 @@ impl Reader<'_> {
             epoch: self.epoch,
         };
         // A full queue makes this wait: backpressure to the device.
-        let pushed = tokio::select! {
-            pushed = self.ctx.ingest.push(batch) => pushed.is_ok(),
+        tokio::select! {
+            pushed = self.ctx.ingest.push(batch) => {
+                if pushed.is_ok() {
+                    self.batches_pushed += 1;
+                }
+                pushed.is_ok()
+            }
             _ = self.ended.cancelled() => false,
-        };
-        if pushed {
-            self.batches_pushed += 1;
+            // The reader's next turn sees the takeover first (biased).
+            _ = claim.superseded.cancelled() => true,
         }
-        pushed
     }
 
     fn finish(&self, flush: bool, status: Option<Status>) -> Finish {
@@ -555,6 +560,8 @@ async fn ack_task(
     let mut deadline = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     // Since when something has waited to be sent.
     let mut waiting_since: Option<Instant> = None;
+    // The drain timeout passed with batches of this stream not yet acked.
+    let mut undrained = false;
     loop {
         if let Some(f) = &finish
             && (!f.flush || slot.batches_done() >= f.batches_pushed || slot.failed())
@@ -579,6 +586,7 @@ async fn ack_task(
             },
             _ = tokio::time::sleep_until(deadline), if finish.is_some() => {
                 tracing::warn!("acks not flushed within the drain timeout");
+                undrained = true;
                 break;
             }
             _ = tokio::time::sleep_until(stalled_at.unwrap_or(deadline)), if stalled_at.is_some() => {
@@ -629,11 +637,17 @@ async fn ack_task(
         && !slot.failed()
         && let Some(ack) = slot.take()
     {
-        let _ =
+        let sent =
             tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
+        undrained |= !matches!(sent, Ok(Ok(())));
     }
     let status = if slot.failed() {
         Some(failure_status(&slot))
+    } else if undrained && finish.flush && finish.status.is_none() {
+        // OK promises that every due Ack was sent: this stream's were not.
+        Some(Status::unavailable(
+            "the hub could not ack every batch before closing; resend unacknowledged readings",
+        ))
     } else {
         finish.status
     };

@@ -44,10 +44,10 @@ pub struct WriterSettings {
     pub compact_rows: u64,
     /// This hub's id, written into the devices it claims.
     pub hub_id: Arc<str>,
+    /// Devices whose marks, epochs and sensors the writer keeps in memory;
+    /// past it the caches start over (`ingest.cached_devices`).
+    pub cached_devices: usize,
 }
-
-/// Devices whose marks and sensors the writer keeps in memory.
-const MAX_CACHED_DEVICES: usize = 100_000;
 
 /// Staged readings beyond this many compaction runs mean compaction keeps
 /// failing: new readings are refused until it succeeds (bounded growth).
@@ -156,6 +156,10 @@ impl Staged {
 struct Known {
     /// Committed high-water mark per device (a cache of devices.acked_seq).
     marks: HashMap<DeviceKey, u64>,
+    /// SQLite: each device's session epoch (a cache of devices.epoch; on
+    /// SQLite only this writer changes it). PostgreSQL reads and locks the
+    /// epochs in every group instead: other hubs change them.
+    epochs: HashMap<DeviceKey, u64>,
     sensors: HashMap<String, SensorKey>,
     sensor_names: HashMap<SensorKey, Arc<str>>,
     sensors_loaded: bool,
@@ -163,6 +167,7 @@ struct Known {
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
     max_sensors: usize,
     max_sensors_per_device: usize,
+    cached_devices: usize,
     limit_log: LogThrottle,
 }
 
@@ -180,6 +185,9 @@ enum Outcome {
     Registered {
         device: DeviceKey,
         epoch: u64,
+        /// The device's committed mark, as this group's registration read
+        /// it (with the group's earlier batches of the device): the Welcome.
+        acked_seq: u64,
     },
     /// Its session's epoch is no longer the device's: another hub (or a
     /// newer stream) claimed the device. Nothing of it is written.
@@ -196,6 +204,10 @@ enum Outcome {
 #[derive(Default)]
 struct GroupChanges {
     marks: HashMap<DeviceKey, u64>,
+    /// Epochs read or bumped in the group (SQLite's cache).
+    epochs: HashMap<DeviceKey, u64>,
+    /// A credential change bumped epochs the cache does not follow by key.
+    epochs_stale: bool,
     sensors: HashMap<String, SensorKey>,
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
     /// The external id of each device with readings in the group.
@@ -214,12 +226,14 @@ impl Writer {
     ) -> Self {
         let known = Known {
             marks: HashMap::new(),
+            epochs: HashMap::new(),
             sensors: HashMap::new(),
             sensor_names: HashMap::new(),
             sensors_loaded: false,
             device_sensors: HashMap::new(),
             max_sensors: settings.max_sensors,
             max_sensors_per_device: settings.max_sensors_per_device,
+            cached_devices: settings.cached_devices,
             limit_log: LogThrottle::new(Duration::from_secs(10)),
         };
         Self {
@@ -382,8 +396,14 @@ impl Writer {
                     HubMetrics::add(&self.metrics.fenced, 1);
                     batch.ack.fence();
                 }
-                (WriterMsg::Register { reply, .. }, Outcome::Registered { device, epoch }) => {
-                    let acked_seq = self.known.marks.get(&device).copied().unwrap_or(0);
+                (
+                    WriterMsg::Register { reply, .. },
+                    Outcome::Registered {
+                        device,
+                        epoch,
+                        acked_seq,
+                    },
+                ) => {
                     self.streams += 1;
                     // The session may have gone meanwhile; nothing to tell.
                     let _ = reply.send(Ok(Registered {
@@ -628,8 +648,8 @@ impl Writer {
         if group.iter().any(|m| matches!(m, WriterMsg::Retain { .. })) {
             tx.lock_blocks().await?;
         }
-        // PostgreSQL: the epochs of the devices with batches here, their
-        // rows locked until the commit (another hub's Hello waits for it).
+        // The epochs of the devices with batches here: a batch is written
+        // only while its stream's epoch is still the device's.
         let batch_devices: Vec<DeviceKey> = group
             .iter()
             .filter_map(|msg| match msg {
@@ -637,9 +657,12 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        let mut epochs = tx.lock_epochs(&batch_devices).await?;
         // Read inside the transaction: committed rows only.
         let known = &mut self.known;
+        let shared = tx.shared();
+        let mut epochs = known
+            .epochs_of(&mut tx, &batch_devices, &mut changes)
+            .await?;
         known.load_sensors(&mut tx).await?;
         for msg in group {
             match msg {
@@ -649,20 +672,24 @@ impl Writer {
                         .await?
                     {
                         Some(r) => {
-                            if let Some(epochs) = epochs.as_mut() {
+                            // Later batches of an older stream are fenced.
+                            epochs.insert(r.device, r.epoch);
+                            changes.epochs.insert(r.device, r.epoch);
+                            if shared {
                                 // Another hub may have moved the mark and
                                 // the device's sensors since this one's
                                 // caches were filled: the stored ones count.
-                                epochs.insert(r.device, r.epoch);
-                                changes.marks.entry(r.device).or_insert(r.acked_seq);
                                 known.marks.remove(&r.device);
                                 known.device_sensors.remove(&r.device);
-                            } else if !known.marks.contains_key(&r.device) {
-                                changes.marks.entry(r.device).or_insert(r.acked_seq);
                             }
+                            // The stored mark, or the one this group's
+                            // earlier batches of the device moved it to;
+                            // never a cache that may have been cleared.
+                            let acked_seq = *changes.marks.entry(r.device).or_insert(r.acked_seq);
                             outcomes.push(Outcome::Registered {
                                 device: r.device,
                                 epoch: r.epoch,
+                                acked_seq,
                             });
                         }
                         None => outcomes.push(Outcome::Refused),
@@ -693,6 +720,8 @@ impl Writer {
                                 .await?
                         }
                     };
+                    // Rotate and remove bump the device's epoch.
+                    changes.epochs_stale = true;
                     outcomes.push(Outcome::Credentials(found));
                 }
                 WriterMsg::Retain { step, .. } => {
@@ -723,11 +752,7 @@ impl Writer {
                     outcomes.push(Outcome::Retained(done));
                 }
                 WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
-                WriterMsg::Batch(batch)
-                    if epochs
-                        .as_ref()
-                        .is_some_and(|e| e.get(&batch.device) != Some(&batch.epoch)) =>
-                {
+                WriterMsg::Batch(batch) if epochs.get(&batch.device) != Some(&batch.epoch) => {
                     outcomes.push(Outcome::Fenced);
                 }
                 WriterMsg::Batch(batch) => {
@@ -781,6 +806,7 @@ impl Writer {
 impl Known {
     fn forget(&mut self) {
         self.marks.clear();
+        self.epochs.clear();
         self.sensors.clear();
         self.sensor_names.clear();
         self.sensors_loaded = false;
@@ -790,6 +816,11 @@ impl Known {
     /// Applies a committed group's changes.
     fn apply(&mut self, changes: GroupChanges) {
         self.marks.extend(changes.marks);
+        if changes.epochs_stale {
+            self.epochs.clear();
+        } else {
+            self.epochs.extend(changes.epochs);
+        }
         for (name, key) in changes.sensors {
             self.sensor_names.insert(key, Arc::from(name.as_str()));
             self.sensors.insert(name, key);
@@ -799,10 +830,42 @@ impl Known {
         }
         // A cache, not the truth: past this many devices it starts over
         // (marks and sensors are read again from the store as needed).
-        if self.marks.len() > MAX_CACHED_DEVICES {
+        if self.marks.len().max(self.epochs.len()) > self.cached_devices {
             self.marks.clear();
+            self.epochs.clear();
             self.device_sensors.clear();
         }
+    }
+
+    /// The session epochs of `devices`. PostgreSQL: read and locked (rows
+    /// in key order) until the commit, so another hub's Hello waits for it
+    /// and then reads the mark it made. SQLite: from the cache, the missing
+    /// ones read (and remembered once the group commits).
+    async fn epochs_of(
+        &self,
+        tx: &mut WriteTx<'_>,
+        devices: &[DeviceKey],
+        changes: &mut GroupChanges,
+    ) -> Result<HashMap<DeviceKey, u64>, StoreError> {
+        if tx.shared() {
+            return tx.lock_epochs(devices).await;
+        }
+        let mut epochs = HashMap::with_capacity(devices.len());
+        let mut missing = Vec::new();
+        for device in devices {
+            match self.epochs.get(device) {
+                Some(epoch) => {
+                    epochs.insert(*device, *epoch);
+                }
+                None => missing.push(*device),
+            }
+        }
+        if !missing.is_empty() {
+            let read = tx.lock_epochs(&missing).await?;
+            changes.epochs.extend(read.iter().map(|(d, e)| (*d, *e)));
+            epochs.extend(read);
+        }
+        Ok(epochs)
     }
 
     async fn load_sensors(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {

@@ -163,7 +163,31 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Inserts blocks. On PostgreSQL their months' partitions are made
+    /// first where this writer's cache does not know them; a month another
+    /// hub's retention dropped since is a cache miss: the insert is rolled
+    /// back to before it, the months made again, and it is tried once more.
     pub async fn insert_blocks(&mut self, blocks: &[NewBlock]) -> Result<(), StoreError> {
+        if !self.shared() {
+            return self.insert_blocks_once(blocks).await;
+        }
+        self.savepoint("SAVEPOINT insert_blocks").await?;
+        match self.insert_blocks_once(blocks).await {
+            Err(e) if super::partitions::is_missing_partition(&e) => {
+                tracing::info!(
+                    "a month of blocks was dropped since this hub made it; making it again"
+                );
+                self.savepoint("ROLLBACK TO SAVEPOINT insert_blocks")
+                    .await?;
+                self.forget_partitions(blocks.iter().map(|b| b.first_ts));
+                self.insert_blocks_once(blocks).await?;
+            }
+            result => result?,
+        }
+        self.savepoint("RELEASE SAVEPOINT insert_blocks").await
+    }
+
+    async fn insert_blocks_once(&mut self, blocks: &[NewBlock]) -> Result<(), StoreError> {
         self.ensure_partitions(blocks.iter().map(|b| b.first_ts))
             .await?;
         self.execute_batched(Batched::Blocks, blocks, |b, out| {

@@ -50,6 +50,16 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot prepare the database file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "another hub process is serving the database {path} (its lock file is held); \
+         stop it first: two processes on one SQLite file would store readings twice"
+    )]
+    InUse { path: String },
     #[error(
         "{staged} new readings wait for a compaction that keeps failing; refusing more until it succeeds"
     )]
@@ -71,9 +81,11 @@ pub struct Store {
 /// Opens (creating if needed) the database, applies migrations and returns
 /// the read pool and the single writer connection.
 pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), StoreError> {
+    let mut lock = None;
     let (writer, read) = match settings.backend {
         Backend::Sqlite => {
             let options = connect_options(&settings.path, settings)?;
+            lock = Some(lock_database(&settings.path)?);
             let writer = Connector::Sqlite(with_size_limit(options.clone(), settings.max_size_mib));
             (writer, Connector::Sqlite(options))
         }
@@ -84,7 +96,7 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     };
     let mut writer = WriteConn::open(writer).await?;
     migrate(writer.conn()).await?;
-    let mut writer = StoreWriter::new(writer);
+    let mut writer = StoreWriter::new(writer, lock);
     let converted = writer.convert_legacy().await?;
     if converted > 0 {
         tracing::info!(
@@ -141,18 +153,77 @@ fn with_size_limit(options: SqliteConnectOptions, max_size_mib: u64) -> SqliteCo
     options.pragma("max_page_count", pages.max(1).to_string())
 }
 
+/// Makes the database's directory (0700 when this makes it) and file
+/// (0600; an existing one is narrowed to it): readings, tokens' hashes and
+/// commands are nobody else's to read. SQLite gives its WAL and shared
+/// memory files the database file's mode.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+    }
+    let file_error = |source| StoreError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_error)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(file_error)?;
+    Ok(())
+}
+
+/// Holds `{path}.lock` exclusively (flock) for as long as the writer lives:
+/// a second hub process on the same SQLite file refuses to start, naming
+/// the path. A lock file beside the database, not the database itself:
+/// closing a descriptor of the database would drop SQLite's own locks.
+fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| StoreError::File {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::File {
+            path: lock_path.display().to_string(),
+            source,
+        }),
+    }
+}
+
 /// The same settings for every database file of the hub: WAL, the
 /// configured durability, busy timeout and cache. Creates the directory.
 fn connect_options(
     path: &Path,
     settings: &StorageSettings,
 ) -> Result<SqliteConnectOptions, StoreError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-    }
+    private_file(path)?;
     let synchronous = match settings.synchronous {
         Synchronous::Full => SqliteSynchronous::Full,
         Synchronous::Normal => SqliteSynchronous::Normal,

@@ -72,7 +72,32 @@ fn create_sql(month: i64) -> String {
     )
 }
 
+/// PostgreSQL's answer to a row whose month has no partition (SQLSTATE
+/// 23514, check_violation, "no partition of relation ... found for row").
+pub(super) fn is_missing_partition(e: &StoreError) -> bool {
+    let StoreError::Sqlx(sqlx::Error::Database(db)) = e else {
+        return false;
+    };
+    db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation")
+}
+
 impl WriteTx<'_> {
+    /// Forgets that the months of `first_ts` have partitions (one was
+    /// dropped by another hub): they are made again before the next insert.
+    pub(super) fn forget_partitions(&mut self, first_ts: impl Iterator<Item = i64>) {
+        for month in first_ts.map(month_of) {
+            self.partitions.remove(&month);
+        }
+    }
+
+    /// A SAVEPOINT statement (PostgreSQL), not prepared.
+    pub(super) async fn savepoint(&mut self, sql: &str) -> Result<(), StoreError> {
+        if let Conn::Postgres(c) = self.conn.conn() {
+            sqlx::query(sql).persistent(false).execute(&mut *c).await?;
+        }
+        Ok(())
+    }
+
     /// PostgreSQL: makes sure the months of `first_ts` have partitions
     /// (`self.partitions` caches those this writer made or saw; it is
     /// cleared when a transaction fails, since the DDL is rolled back too).

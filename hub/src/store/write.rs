@@ -163,6 +163,8 @@ pub struct StoreWriter {
     sql: HashMap<(Batched, usize), String>,
     /// PostgreSQL: the months of `blocks` known to have a partition.
     partitions: std::collections::HashSet<i64>,
+    /// SQLite: the database's lock file, held while this writer lives.
+    _lock: Option<std::fs::File>,
 }
 
 /// A write transaction of the writer. Dropped without [`WriteTx::commit`],
@@ -183,11 +185,12 @@ fn chunk_len(remaining: usize, max: usize) -> usize {
 }
 
 impl StoreWriter {
-    pub(super) fn new(conn: WriteConn) -> Self {
+    pub(super) fn new(conn: WriteConn, lock: Option<std::fs::File>) -> Self {
         Self {
             conn,
             sql: HashMap::new(),
             partitions: std::collections::HashSet::new(),
+            _lock: lock,
         }
     }
 
@@ -534,34 +537,49 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// PostgreSQL: locks the rows of `devices` (in key order, so two hubs'
-    /// writers cannot deadlock on them) until this transaction ends, and
-    /// returns their epochs. A Hello on another hub waits for the commit,
-    /// then reads the mark it made. None on SQLite, where the hub is alone.
+    /// Whether other hubs write the same database (PostgreSQL): then this
+    /// writer's caches of devices' rows are not the truth.
+    pub fn shared(&self) -> bool {
+        self.conn.backend() == crate::config::Backend::Postgres
+    }
+
+    /// The session epochs of `devices`. On PostgreSQL their rows are
+    /// locked (in key order, so two hubs' writers cannot deadlock on them)
+    /// until this transaction ends: a Hello on another hub waits for the
+    /// commit, then reads the mark it made.
     pub async fn lock_epochs(
         &mut self,
         devices: &[DeviceKey],
-    ) -> Result<Option<HashMap<DeviceKey, u64>>, StoreError> {
-        let Conn::Postgres(c) = self.conn.conn() else {
-            return Ok(None);
-        };
+    ) -> Result<HashMap<DeviceKey, u64>, StoreError> {
         let mut keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {
-            return Ok(Some(HashMap::new()));
+            return Ok(HashMap::new());
         }
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT id, epoch FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&keys)
-        .fetch_all(c)
-        .await?;
-        Ok(Some(
-            rows.into_iter()
-                .map(|(id, epoch)| (DeviceKey(id), epoch as u64))
-                .collect(),
-        ))
+        let rows: Vec<(i64, i64)> = match self.conn.conn() {
+            Conn::Postgres(c) => {
+                sqlx::query_as(
+                    "SELECT id, epoch FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .bind(&keys)
+                .fetch_all(c)
+                .await?
+            }
+            Conn::Sqlite(c) => {
+                let ids = serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into());
+                sqlx::query_as(
+                    "SELECT id, epoch FROM devices WHERE id IN (SELECT value FROM json_each($1))",
+                )
+                .bind(ids)
+                .fetch_all(c)
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(id, epoch)| (DeviceKey(id), epoch as u64))
+            .collect())
     }
 
     /// Stages rows already split by [`staging_part`] (`parts[p]` goes to

@@ -540,3 +540,58 @@ async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     assert_fleet_stored_exactly(&checker, "ha-", &summary).await;
     checker.stop().await;
 }
+
+/// Another hub's retention may drop a month this hub still believes it
+/// made: the next compaction into it makes the month again at once, with
+/// no failed compaction and nothing refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_dropped_elsewhere_is_made_again_by_the_next_compaction() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let hub = spawn_hub_in(db, |s| s.storage.compact_rows = 8).await;
+    let jan_2020 = 1_577_836_800_000i64;
+    let old = |seqs: std::ops::RangeInclusive<u64>| {
+        batch(
+            seqs.map(|s| reading(s, "t", jan_2020 + s as i64 * 60_000, s as f64))
+                .collect(),
+        )
+    };
+    let mut conn = DbConn::open(&hub.settings).await;
+    let staged = async |conn: &mut DbConn| -> i64 {
+        let mut total = 0;
+        for part in 0..8 {
+            total += conn
+                .scalar::<i64>(&format!("SELECT count(*) FROM readings_recent_{part}"))
+                .await;
+        }
+        total
+    };
+    let (mut dev, _) = RawDevice::connect(&hub, "dropped-month").await;
+    dev.send(old(1..=100)).await;
+    assert_eq!(dev.ack_through(100).await.0, 100);
+    wait_until("January 2020 compacted into", async || {
+        staged(&mut conn).await == 0
+    })
+    .await;
+    // As another hub's retention would (its blocks go with it).
+    let DbConn::Postgres(c) = &mut conn else {
+        unreachable!("a PostgreSQL test")
+    };
+    sqlx::query("DROP TABLE blocks_p202001")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+
+    dev.send(old(101..=200)).await;
+    assert_eq!(dev.ack_through(200).await.0, 200);
+    wait_until("the new readings compacted", async || {
+        staged(&mut conn).await == 0
+    })
+    .await;
+    let stats = hub.stats().await;
+    assert_eq!(stats.compaction_failures, 0, "{stats:?}");
+    assert!(stats.storage_ok, "{stats:?}");
+    let kept: Vec<u64> = seqs(&hub, "dropped-month").await;
+    assert_eq!(kept, (101..=200).collect::<Vec<_>>());
+}

@@ -24,6 +24,27 @@ impl ChildHub {
         Self::spawn(db.env(), port)
     }
 
+    /// `start` with more settings (`HUB__...` variables).
+    pub(crate) fn start_with_env(
+        db: &TestDb,
+        port: u16,
+        extra: &[(&'static str, &str)],
+    ) -> ChildHub {
+        let mut env = db.env();
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        Self::spawn(env, port)
+    }
+
+    /// Waits for the process to exit; its status and the log lines not
+    /// read yet.
+    pub(crate) async fn exit(&mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = tokio::time::timeout(WAIT, self.lines.recv()).await {
+            lines.push(line);
+        }
+        (self.child.wait().unwrap(), lines)
+    }
+
     /// A `hub serve` on the storage `settings` name.
     pub(crate) fn start_with(settings: &hub::Settings, port: u16) -> ChildHub {
         let st = &settings.storage;
@@ -277,4 +298,63 @@ async fn sigkill_at_any_moment_loses_no_acked_reading_and_no_command() {
         commands.len()
     );
     checker.stop().await;
+}
+
+/// The SQLite database is the hub's alone: its files are 0600 in a 0700
+/// directory the hub made, and a second `hub serve` on it refuses to start,
+/// naming the file (two writers would each trust their own marks and store
+/// readings twice). Metrics off loopback start with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_is_private_and_served_by_one_process() {
+    use std::os::unix::fs::PermissionsExt;
+    if sqlite_only("file modes and the lock file") {
+        return;
+    }
+    let db = TestDb::new().await;
+    let data_dir = db.path().parent().unwrap().join("private");
+    let path = data_dir.join("hub.db");
+    let path_text = path.display().to_string();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let port = free_port();
+    let mut first = ChildHub::start_with_env(
+        &db,
+        port,
+        &[
+            ("HUB__STORAGE__PATH", &path_text),
+            ("HUB__METRICS__ENABLED", "true"),
+            ("HUB__METRICS__LISTEN", "0.0.0.0:0"),
+        ],
+    );
+    first
+        .wait_line("metrics.listen is not a loopback address")
+        .await;
+    first.wait_line("listening on").await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700, "the directory the hub made");
+    for file in ["hub.db", "hub.db-wal", "hub-commands.db", "hub.db.lock"] {
+        let file = data_dir.join(file);
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+
+    let mut second =
+        ChildHub::start_with_env(&db, free_port(), &[("HUB__STORAGE__PATH", &path_text)]);
+    let (status, lines) = second.exit().await;
+    assert!(!status.success(), "a second hub on one file must not start");
+    let text = lines.join("\n");
+    assert!(
+        text.contains(&path_text) && text.contains("another hub process"),
+        "{text}"
+    );
+    // The first one still serves.
+    let stats = operator(&format!("http://127.0.0.1:{port}"))
+        .await
+        .get_hub_stats(pb::GetHubStatsRequest {})
+        .await;
+    assert!(stats.is_ok(), "{stats:?}");
 }

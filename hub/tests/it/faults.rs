@@ -598,3 +598,41 @@ async fn store_ballast(hub: &TestHub, value: fn(u64) -> f64) -> i64 {
     assert_eq!(ballast.end_code().await, tonic::Code::Ok);
     base
 }
+
+/// OK promises every due Ack was sent: a stream closing while its last
+/// batch waits on storage past the drain timeout ends UNAVAILABLE instead,
+/// so the device resends what was not acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_whose_acks_miss_the_drain_timeout_is_unavailable_not_ok() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
+    let hub = spawn_hub_with(|s| {
+        s.storage.busy_timeout = Duration::from_secs(3);
+        s.server.drain_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-drain").await;
+    let now = now_ms();
+    dev.send(batch((1..=10).map(|s| reading(s, "t", now, 1.0)).collect()))
+        .await;
+    dev.ack_through(10).await;
+    let mut holder = connect(&hub.db_path()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    dev.send(batch(vec![reading(11, "t", now, 1.0)])).await;
+    dev.half_close();
+    let status = match dev.next().await {
+        Ok(Some(other)) => panic!("no ack can come while storage waits: {other:?}"),
+        Ok(None) => panic!("the stream ended OK with batch 11 not acked"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("before closing"),
+        "ended by the drain timeout, not by the failed commit: {status:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+}

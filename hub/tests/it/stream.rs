@@ -276,3 +276,113 @@ async fn resume_after_a_drop_mid_batch_loses_and_duplicates_nothing() {
     );
     assert!(rows.iter().all(|r| r.value == r.seq as f64));
 }
+
+/// A takeover while the old stream still floods a full queue: what the old
+/// stream queues after the new Welcome is fenced, never stored, so a device
+/// that lost its state and continues from the Welcome loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_fences_what_the_old_stream_queues_after_the_welcome() {
+    // One batch a commit and a queue of two: the old stream's reader is
+    // nearly always waiting for room, with a batch queued behind the Hello.
+    let hub = spawn_hub_with(|s| {
+        s.ingest.queue_capacity = 2;
+        s.ingest.max_batch_rows = 100;
+    })
+    .await;
+    let now = now_ms();
+    let (mut old, _) = RawDevice::connect(&hub, "dev-race").await;
+    old.send(batch(
+        (1..=100).map(|s| reading(s, "t", now, 1.0)).collect(),
+    ))
+    .await;
+    old.ack_through(100).await;
+    // The old stream sends flat out: its reader waits for room in the queue.
+    let tx = old.tx.take().expect("send side open");
+    let flood = tokio::spawn(async move {
+        for b in 1..300u64 {
+            let readings = (1..=100)
+                .map(|i| reading(b * 100 + i, "t", now, 1.0))
+                .collect();
+            if tx.send(batch(readings)).await.is_err() {
+                break;
+            }
+        }
+    });
+    old.ack_through(2000).await;
+
+    let (mut new, welcome) = RawDevice::connect(&hub, "dev-race").await;
+    let w = welcome.acked_seq;
+    new.send(batch(
+        (w + 1..=w + 10)
+            .map(|s| reading(s, "t", now, 777.0))
+            .collect(),
+    ))
+    .await;
+    let (acked, rejected, duplicates) = new.ack_through(w + 10).await;
+    assert_eq!(
+        (acked, rejected, duplicates),
+        (w + 10, 0, 0),
+        "the new stream's readings after its Welcome are new"
+    );
+    assert_eq!(old.end_code().await, Code::Aborted);
+    flood.abort();
+    let rows = hub.readings("dev-race").await;
+    let after: Vec<(u64, f64)> = rows
+        .iter()
+        .filter(|r| r.seq > w)
+        .map(|r| (r.seq, r.value))
+        .collect();
+    assert_eq!(
+        after,
+        (w + 1..=w + 10).map(|s| (s, 777.0)).collect::<Vec<_>>(),
+        "past the Welcome only the new stream's readings are stored"
+    );
+    assert_eq!(rows.len() as u64, w + 10, "nothing lost before the Welcome");
+}
+
+/// The Welcome is the stored mark even when the writer's cache of marks
+/// starts over (here past 2 devices; 100,000 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcomes_carry_the_stored_mark_when_the_writers_cache_starts_over() {
+    let hub = spawn_hub_with(|s| s.ingest.cached_devices = 2).await;
+    let now = now_ms();
+    let ids: Vec<String> = (0..5).map(|i| format!("dev-cache-{i}")).collect();
+    for id in &ids {
+        let (mut dev, welcome) = RawDevice::connect(&hub, id).await;
+        assert_eq!(welcome.acked_seq, 0);
+        dev.send(batch((1..=5).map(|s| reading(s, "t", now, 1.0)).collect()))
+            .await;
+        dev.ack_through(5).await;
+    }
+    for _round in 0..2 {
+        for id in &ids {
+            let (_dev, welcome) = RawDevice::connect(&hub, id).await;
+            assert_eq!(welcome.acked_seq, 5, "{id}'s stored mark");
+        }
+    }
+}
+
+/// Two hub processes on one SQLite file would each trust their own marks
+/// and store readings twice: the second refuses to start, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hub_on_the_same_sqlite_file_refuses_to_start() {
+    if sqlite_only("one process per database file") {
+        return;
+    }
+    let hub = spawn_hub().await;
+    let mut second = hub.settings.clone();
+    second.server.listen = "127.0.0.1:0".parse().unwrap();
+    let refused = match hub::Hub::start(second).await {
+        Ok(_) => panic!("a second hub started on the same database"),
+        Err(e) => format!("{e:#}"),
+    };
+    let path = hub.settings.storage.path.display().to_string();
+    assert!(
+        refused.contains(&path) && refused.contains("another hub process"),
+        "{refused}"
+    );
+    // The first hub is unharmed.
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-one").await;
+    dev.send(batch(vec![reading(1, "t", now_ms(), 1.0)])).await;
+    assert_eq!(dev.ack_through(1).await.0, 1);
+}
