@@ -366,11 +366,15 @@ impl Hub {
             }),
             Arc::clone(&auth),
         );
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(telemetry_proto::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("gRPC reflection")?;
+        // Both versions of reflection: grpcurl and grpcui ask v1, Python's
+        // grpcio-reflection and many GUI clients still ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(telemetry_proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
+        let reflection = reflection().build_v1().context("gRPC reflection")?;
 
         let retention = (!settings.storage.retention.is_zero()).then(|| {
             tokio::spawn(crate::retention::run(
@@ -486,6 +490,7 @@ impl Hub {
                 .max_concurrent_streams(server_settings.max_concurrent_streams)
                 .add_service(health_service)
                 .add_service(reflection)
+                .add_service(reflection_v1alpha)
                 .add_service(gateway)
                 .add_service(operator)
                 .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),

@@ -20,6 +20,33 @@ pub enum SettingsError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// Settings whose values are secrets (or hold one): an error about them
+/// never quotes the value.
+fn is_secret_key(key: &str) -> bool {
+    [
+        "auth.operator_tokens",
+        "auth.fleet_keys",
+        "mqtt.password",
+        "storage.url",
+    ]
+    .iter()
+    .any(|secret| key.starts_with(secret))
+}
+
+/// `invalid type: string "s3cret", expected ...` -> `string "********"`.
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        out.push('"');
+        out.push_str(if i % 2 == 0 { "********" } else { part });
+    }
+    out
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -148,6 +175,9 @@ pub struct MqttSettings {
     pub max_payload_bytes: usize,
     /// PEM CA that signed the broker's certificate (mqtts://).
     pub ca: PathBuf,
+    /// Take commands from `{prefix}/devices/+/commands`: a door for anyone
+    /// who may publish there, so off unless asked for.
+    pub commands: bool,
 }
 
 /// Written by hand so the password never reaches a log.
@@ -158,6 +188,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("url", &self.url)
             .field("client_id", &self.client_id)
             .field("topic_prefix", &self.topic_prefix)
+            .field("commands", &self.commands)
             .field("username", &self.username)
             .field(
                 "password",
@@ -372,6 +403,11 @@ impl Settings {
                     .split_once("for key `")
                     .and_then(|(_, rest)| rest.split_once('`'))
                     .map(|(key, _)| key.to_owned());
+                // serde quotes the value it could not take: never a secret.
+                let message = match &key {
+                    Some(key) if is_secret_key(key) => mask_quoted(&message),
+                    _ => message,
+                };
                 match key {
                     Some(key) if std::env::var_os(env_name(&key)).is_some() => {
                         SettingsError::Load(format!(
@@ -419,6 +455,52 @@ impl Settings {
     }
 
     /// Safe defaults: open doors only on loopback, unless asked for.
+    /// MQTT commands are a door: whoever may publish on the broker's
+    /// commands topic sends commands. Off loopback the broker must know who
+    /// publishes (credentials; else auth.allow_open) and the link must be
+    /// private (mqtts://; else auth.allow_plaintext).
+    fn validate_mqtt_commands(&self) -> Result<(), SettingsError> {
+        let (m, a) = (&self.mqtt, &self.auth);
+        if !m.commands {
+            return Ok(());
+        }
+        let loopback = m.host_port().is_ok_and(|(host, _)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if loopback {
+            return Ok(());
+        }
+        let invalid = |key: &'static str, reason: String| SettingsError::Invalid { key, reason };
+        if (m.username.is_empty() || m.password.is_empty()) && !a.allow_open {
+            return Err(invalid(
+                "mqtt.commands",
+                format!(
+                    "is true with the broker {} off loopback and no mqtt.username/mqtt.password: \
+                     anyone who can reach the broker could send commands. Give the hub broker \
+                     credentials (and restrict the commands topic with the broker's ACL), \
+                     or set auth.allow_open = true to accept that",
+                    m.url
+                ),
+            ));
+        }
+        if !m.tls() && !a.allow_plaintext {
+            return Err(invalid(
+                "mqtt.url",
+                format!(
+                    "is {}, plain MQTT off loopback, while mqtt.commands is true: commands and \
+                     credentials would cross the network in clear. Use mqtts://, or set \
+                     auth.allow_plaintext = true to accept that",
+                    m.url
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), SettingsError> {
         let a = &self.auth;
         let invalid = |key: &'static str, reason: String| SettingsError::Invalid { key, reason };
@@ -709,6 +791,7 @@ impl Settings {
                 "mqtt.ca",
                 "an mqtts:// broker needs the CA that signed its certificate",
             )?;
+            self.validate_mqtt_commands()?;
         }
         check(
             !m.topic_prefix.is_empty()
@@ -992,5 +1075,53 @@ mod mqtt_tests {
         assert_eq!(m.host_port().unwrap(), ("broker.local".to_owned(), 1883));
         m.url = "http://x:1".into();
         assert!(m.host_port().is_err());
+    }
+
+    #[test]
+    fn errors_about_secret_settings_do_not_quote_them() {
+        assert_eq!(
+            mask_quoted(
+                "invalid type: string \"s3cret-token\", expected struct OperatorToken for key `auth.operator_tokens[0]`"
+            ),
+            "invalid type: string \"********\", expected struct OperatorToken for key `auth.operator_tokens[0]`"
+        );
+        assert!(is_secret_key("auth.operator_tokens[0]"));
+        assert!(is_secret_key("mqtt.password"));
+        assert!(!is_secret_key("mqtt.url"));
+    }
+
+    #[test]
+    fn commands_over_mqtt_off_loopback_need_credentials_and_tls() {
+        let key = |s: &Settings| match s.validate() {
+            Ok(()) => None,
+            Err(SettingsError::Invalid { key, .. }) => Some(key),
+            Err(e) => panic!("{e}"),
+        };
+        let mut s = Settings::defaults().unwrap();
+        s.mqtt.enabled = true;
+        s.mqtt.url = "mqtt://broker.example:1883".into();
+        assert_eq!(key(&s), None, "readings only: no door");
+        s.mqtt.commands = true;
+        assert_eq!(key(&s), Some("mqtt.commands"), "anyone could publish");
+        s.mqtt.username = "hub".into();
+        s.mqtt.password = "secret".into();
+        assert_eq!(key(&s), Some("mqtt.url"), "in clear");
+        s.mqtt.url = "mqtts://broker.example".into();
+        s.mqtt.ca = "ca.pem".into();
+        assert_eq!(key(&s), None);
+        s.mqtt.username.clear();
+        s.auth.allow_open = true;
+        assert_eq!(key(&s), None, "allowed knowingly");
+        for url in [
+            "mqtt://127.0.0.1:1883",
+            "mqtt://localhost",
+            "mqtt://[::1]:1883",
+        ] {
+            let mut s = Settings::defaults().unwrap();
+            s.mqtt.enabled = true;
+            s.mqtt.commands = true;
+            s.mqtt.url = url.into();
+            assert_eq!(key(&s), None, "{url}");
+        }
     }
 }

@@ -358,6 +358,32 @@ impl Bucket {
     }
 }
 
+/// Text from a device or an operator, made safe for a terminal: control
+/// characters (escape sequences, title-setting, screen clears) are shown
+/// escaped. Every door refuses them in what it stores; older data may
+/// still hold some.
+pub fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_debug).collect())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// A CSV field, the one rule of every door that writes CSV: quoted when it
+/// holds a separator (`,`, or `;` where a locale splits on it), a quote or
+/// a line break; one a spreadsheet would take for a formula (`=`, `+`, `-`,
+/// `@`, tab, CR first) is quoted and starts with `'`.
+pub fn csv_field(raw: &str) -> std::borrow::Cow<'_, str> {
+    let formula = raw.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || raw.contains([',', ';', '"', '\n', '\r', '\t']) {
+        let quote = if formula { "'" } else { "" };
+        format!("\"{quote}{}\"", raw.replace('"', "\"\"")).into()
+    } else {
+        raw.into()
+    }
+}
+
 /// RFC3339 UTC with milliseconds (2026-11-25T12:00:00.123Z); a time
 /// before 1970 or after 9999 (which humantime would panic on), as its
 /// number of ms.

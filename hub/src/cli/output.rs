@@ -16,6 +16,7 @@ pub enum Format {
 }
 
 pub use crate::domain::rfc3339_ms;
+use crate::domain::shown;
 
 /// Which aggregate columns a bucketed query prints, in the order asked.
 pub struct BucketColumns(Vec<AggArg>);
@@ -64,24 +65,10 @@ pub struct QueryPrinter<'a> {
     columns: BucketColumns,
 }
 
-/// A string that came from a device or an operator, made safe to print:
-/// control characters (a terminal's escape sequences) are shown escaped.
-/// The hub refuses them now; older data may still hold some.
-fn shown(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_debug).collect())
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
-}
-
+/// A CSV field for the terminal: control characters shown escaped, then
+/// the hub's one CSV rule (quoting, the formula guard).
 fn csv_field(s: &str) -> String {
-    let s = shown(s);
-    if s.contains([',', '"']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.into_owned()
-    }
+    crate::domain::csv_field(&shown(s)).into_owned()
 }
 
 fn num(v: Option<f64>) -> String {
@@ -393,8 +380,8 @@ pub fn print_commands(
                 let mut line = format!(
                     "{:<36}  {:<16} {:<12} {:<10} {:<24}  {}",
                     c.command_id,
-                    c.device_id,
-                    c.name,
+                    shown(&c.device_id),
+                    shown(&c.name),
                     state_name(c.state),
                     rfc3339_ms(c.updated_at_ms),
                     shown(&c.result_json)
@@ -521,5 +508,16 @@ mod tests {
         assert_eq!(shown("t\u{1b}[2J"), "t\\u{1b}[2J");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("x\ny"), "x\\ny");
+        // Spreadsheets: a formula anywhere a locale may start a cell.
+        assert_eq!(
+            csv_field("=HYPERLINK(\"http://x\")"),
+            "\"'=HYPERLINK(\"\"http://x\"\")\""
+        );
+        assert_eq!(
+            csv_field("x;=cmd|' /C calc'!A0"),
+            "\"x;=cmd|' /C calc'!A0\""
+        );
+        assert_eq!(csv_field("-2+3"), "\"'-2+3\"");
+        assert_eq!(csv_field("temperature"), "temperature");
     }
 }

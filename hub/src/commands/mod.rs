@@ -659,6 +659,12 @@ impl CommandActor {
                 "command name must be 1 to 64 bytes".into(),
             ));
         }
+        if cmd.name.chars().any(char::is_control) {
+            // It reaches operators' terminals and devices' logs.
+            return Err(CommandError::Invalid(
+                "command name must not contain control characters".into(),
+            ));
+        }
         if cmd.params.len() > self.settings.max_params_bytes {
             return Err(CommandError::Invalid(format!(
                 "params of {} bytes are over the limit of {} bytes (commands.max_params_bytes)",

@@ -20,7 +20,7 @@ use super::{ApiError, ApiState};
 use crate::auth::Operator;
 use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandState, CommandTransition, DeviceRecord, StoredReading,
-    rfc3339_ms,
+    csv_field, rfc3339_ms,
 };
 use crate::operator::{
     DeviceFilter, HubStats, OpError, ReadingsRequest, parse_aggregates, parse_bucket, parse_labels,
@@ -703,18 +703,6 @@ impl Encoder {
         if !self.csv {
             out.extend_from_slice(b"]}");
         }
-    }
-}
-
-/// A CSV field, quoted when it must be; one a spreadsheet would take for
-/// a formula starts with `'`.
-fn csv_field(raw: &str) -> std::borrow::Cow<'_, str> {
-    let formula = raw.starts_with(['=', '+', '-', '@', '\t', '\r']);
-    if formula || raw.contains([',', '"', '\n', '\r']) {
-        let quote = if formula { "'" } else { "" };
-        format!("\"{quote}{}\"", raw.replace('"', "\"\"")).into()
-    } else {
-        raw.into()
     }
 }
 

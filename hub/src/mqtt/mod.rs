@@ -1,9 +1,12 @@
 //! The optional MQTT bridge (rumqttc). Never touches tonic or sqlx.
 //!
 //! Out: committed readings (one message per device per commit), retained
-//! device and hub presence, command state changes. In: commands on
+//! device and hub presence, command state changes. In (only with
+//! `mqtt.commands = true`: whoever may publish there sends commands, so the
+//! broker's credentials and ACL are this door's auth): commands on
 //! `{prefix}/devices/+/commands`, which take exactly the gRPC path
-//! ([`Commands::send`]). Bad input is answered on `{prefix}/errors`.
+//! ([`Commands::send`]), logged `by=mqtt`. Bad input is answered on
+//! `{prefix}/errors`.
 //!
 //! Ingest and acks never wait on the broker: the bridge reads the committed
 //! fan-out like any consumer, and what it produces while the broker is away
@@ -274,7 +277,9 @@ impl Bridge {
     }
 
     fn on_connected(&mut self, client: &AsyncClient) {
-        if let Err(e) = client.try_subscribe(self.topics.command_subscription(), self.qos) {
+        if self.settings.commands
+            && let Err(e) = client.try_subscribe(self.topics.command_subscription(), self.qos)
+        {
             tracing::error!(error = %e, "cannot subscribe to MQTT commands");
         }
         // Retained statuses first, ahead of anything buffered.
@@ -410,6 +415,10 @@ impl Bridge {
     /// A message on the commands topic: into the same command path as gRPC,
     /// or a reason on the errors topic.
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if !self.settings.commands {
+            // Not subscribed; a broker's stored session may still deliver.
+            return;
+        }
         let request_id = serde_json::from_slice::<Value>(payload).ok().and_then(|v| {
             v.get("request_id")
                 .and_then(Value::as_str)
@@ -462,6 +471,8 @@ impl Bridge {
             })
             .await
             .map_err(|e| e.to_string())?;
+        tracing::info!(by = "mqtt", command_id = rec.command_id, device_id = ?rec.device_id,
+            name = ?rec.name, "command sent (mqtt)");
         if let Some(request_id) = cmd.request_id {
             if self.request_order.len() >= REMEMBERED_REQUESTS
                 && let Some(old) = self.request_order.pop_front()

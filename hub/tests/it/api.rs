@@ -4,6 +4,9 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use hub::cli::Command;
+
+use crate::cli::parse;
 use crate::harness::*;
 
 /// A JSON client of one hub's API.
@@ -913,4 +916,81 @@ async fn an_open_api_answers_only_to_pages_of_this_machine() {
         .unwrap();
     assert_eq!(same.status(), StatusCode::ACCEPTED);
     drop(dev);
+}
+
+/// One rule for text that reaches a spreadsheet or a terminal, at every
+/// door: CSV fields a spreadsheet would take for a formula (first, or
+/// after a `;` where a locale splits there) are quoted and guarded, and
+/// command names with control characters are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formulas_and_escape_sequences_reach_no_spreadsheet_or_terminal() {
+    let hub = spawn_hub().await;
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-evil").await;
+    let now = now_ms() - 1_000;
+    let hyperlink = "=HYPERLINK(\"http://x\")";
+    let after_semicolon = "x;=cmd|' /C calc'!A0";
+    dev.send(batch(vec![
+        reading(1, hyperlink, now, 1.0),
+        reading(2, after_semicolon, now + 1, 2.0),
+    ]))
+    .await;
+    dev.ack_through(2).await;
+
+    let api = Api::new(&hub);
+    let (status, _, csv) = api.text("/devices/dev-evil/readings", "text/csv").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        csv.contains("\"'=HYPERLINK(\"\"http://x\"\")\",1,"),
+        "{csv}"
+    );
+    assert!(csv.contains("\"x;=cmd|' /C calc'!A0\",2,"), "{csv}");
+
+    let Command::Query(args) = parse(&[
+        "hub",
+        "query",
+        "--hub",
+        &hub.url(),
+        "--device",
+        "dev-evil",
+        "--format",
+        "csv",
+    ]) else {
+        panic!("query args")
+    };
+    let mut out = Vec::new();
+    hub::cli::query(&args, &mut out).await.unwrap();
+    let csv = String::from_utf8(out).unwrap();
+    assert!(
+        csv.contains("dev-evil,\"'=HYPERLINK(\"\"http://x\"\")\",1,"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("dev-evil,\"x;=cmd|' /C calc'!A0\",2,"),
+        "{csv}"
+    );
+
+    let clear_screen = "reboot\u{1b}[2J\u{1b}]0;pwned\u{7}";
+    let (status, body) = api
+        .post(
+            "/commands",
+            &json!({"device_id": "dev-evil", "name": clear_screen}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("control characters"),
+        "{body}"
+    );
+    let refused = hub
+        .send_command("dev-evil", clear_screen, "", None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("control characters"),
+        "{refused:?}"
+    );
 }

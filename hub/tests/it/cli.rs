@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-fn parse(args: &[&str]) -> Command {
+pub(crate) fn parse(args: &[&str]) -> Command {
     use clap::Parser;
     Cli::try_parse_from(args).unwrap().command
 }

@@ -76,6 +76,16 @@ impl Probe {
             .await
             .unwrap();
     }
+
+    /// Publishes a retained message and waits until the broker routed it
+    /// back (the probe hears its own topics): the broker holds it.
+    async fn publish_retained(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+        self.next_on(topic).await;
+    }
 }
 
 impl Drop for Probe {
@@ -99,6 +109,7 @@ async fn hub_with_bridge(prefix: &str, port: u16) -> TestHub {
     let prefix = prefix.to_owned();
     spawn_hub_with(move |s| {
         s.mqtt.enabled = true;
+        s.mqtt.commands = true;
         s.mqtt.url = format!("mqtt://127.0.0.1:{port}");
         s.mqtt.client_id = unique("hub");
         s.mqtt.topic_prefix = prefix;
@@ -529,6 +540,7 @@ async fn two_hubs_on_one_broker_create_each_mqtt_command_once() {
         s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
         s.mqtt.client_id = group.clone();
         s.mqtt.topic_prefix = prefix.clone();
+        s.mqtt.commands = true;
     };
     let mut a = spawn_hub_in(db, bridged).await;
     let mut b = a.spawn_peer(bridged).await;
@@ -578,4 +590,57 @@ async fn two_hubs_on_one_broker_create_each_mqtt_command_once() {
     fleet.finish().await;
     a.stop().await;
     b.stop().await;
+}
+
+/// MQTT commands are a door of their own: off unless `mqtt.commands`, so a
+/// bridge for readings does not let anyone on the broker send commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_mqtt_are_refused_unless_the_door_is_opened() {
+    let broker = TestBroker::start();
+    let prefix = unique("closed");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    // Retained: the broker hands it to the hub the moment the hub
+    // subscribes, before the hub's own status (published after it). (On
+    // PostgreSQL the hub's subscription is shared, which gets no retained
+    // messages: there the test shows less.)
+    probe
+        .publish_retained(
+            &format!("{prefix}/devices/mq-closed/commands"),
+            r#"{"name": "reboot"}"#,
+        )
+        .await;
+    let port = broker.port;
+    let bridge_prefix = prefix.clone();
+    let hub = spawn_hub_with(move |s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{port}");
+        s.mqtt.client_id = unique("hub");
+        s.mqtt.topic_prefix = bridge_prefix;
+    })
+    .await;
+    probe.next_on(&hub_status(&hub, &prefix)).await;
+    hub.register_offline("mq-closed").await;
+    // A command through the operator API after it: its events are told on
+    // MQTT, and by then an MQTT command would have been created too.
+    let sent = hub
+        .send_command("mq-closed", "ping", "", None)
+        .await
+        .unwrap();
+    let (event, _) = probe
+        .next_on(&format!("{prefix}/devices/mq-closed/commands/events"))
+        .await;
+    assert_eq!(event["command_id"], sent.command_id.as_str(), "{event}");
+    let listed = hub
+        .operator()
+        .await
+        .list_commands(pb::ListCommandsRequest {
+            device_id: "mq-closed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed.commands.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["ping"], "nothing came in over MQTT");
+    assert_eq!(hub.stats().await.mqtt_bad_messages, 0);
 }

@@ -16,6 +16,35 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::harness::*;
 
+/// The services a hub lists through gRPC server reflection, of version
+/// `v1` or `v1alpha` (the same messages in two packages).
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect(concat!("reflection ", stringify!($version), " is served"))
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }};
+}
+
 const ADMIN: &str = "admin-token-0123456789";
 const READER: &str = "read-token-0123456789";
 const FLEET_KEY: &str = "fleet-key-0123456789abcdef";
@@ -361,7 +390,7 @@ async fn operator_roles_are_checked_at_the_door() {
         hub.health("").await,
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
-    let services = reflected_services(hub.channel().await).await;
+    let services = reflected_services!(v1, hub.channel().await);
     for name in [
         "telemetry.v1.DeviceGateway",
         "telemetry.v1.Operator",
@@ -369,31 +398,13 @@ async fn operator_roles_are_checked_at_the_door() {
     ] {
         assert!(services.iter().any(|s| s == name), "{name} in {services:?}");
     }
+    // Older clients (Python's grpcio-reflection, many GUIs) ask v1alpha.
+    let services = reflected_services!(v1alpha, hub.channel().await);
+    assert!(
+        services.iter().any(|s| s == "telemetry.v1.Operator"),
+        "{services:?}"
+    );
     drop(dev);
-}
-
-/// The services a hub lists through gRPC server reflection.
-async fn reflected_services(channel: Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
 }
 
 async fn tls_channel(
@@ -688,6 +699,13 @@ async fn safe_defaults_refuse_open_doors_on_a_network_address_and_secrets_stay_m
     assert!(
         out.contains("[[auth.operator_tokens]]") && out.contains("********"),
         "{out}"
+    );
+    // Nor from an error about them: a token written where a table belongs.
+    let (code, _, err) = run(&["print-config"], &[("HUB__AUTH__OPERATOR_TOKENS", ADMIN)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("auth.operator_tokens") && !err.contains(ADMIN),
+        "{err}"
     );
     // With tokens, a network address needs TLS (or a knowing opt-out for
     // a TLS-terminating proxy): tokens must not cross the network in clear.
