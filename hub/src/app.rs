@@ -333,6 +333,8 @@ impl Hub {
             max_readings_per_sec: server_settings.max_readings_per_sec,
             max_devices: server_settings.max_devices,
             max_clock_skew: settings.ingest.max_clock_skew,
+            retention: (!settings.storage.retention.is_zero())
+                .then_some(settings.storage.retention),
             auth: Arc::clone(&auth),
             store: store.clone(),
             failures: FailureLimiter::new(settings.auth.max_failures_per_minute),

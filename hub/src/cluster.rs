@@ -158,8 +158,8 @@ pub async fn keep_presence(
                     }
                 }
                 event = presence.recv() => match event {
-                    Ok(p) if !p.online => {
-                        if let Err(e) = store.went_offline(&hub_id, &p.device_id).await {
+                    Ok(p) if !p.online && !p.moved_away => {
+                        if let Err(e) = store.went_offline(&hub_id, &p.device_id, p.epoch).await {
                             tracing::warn!(device_id = p.device_id, error = %e, "cannot record a device offline");
                         }
                     }

@@ -162,6 +162,8 @@ pub enum RejectReason {
     FromTheFuture,
     #[error("timestamp is before 2000-01-01")]
     TooOld,
+    #[error("timestamp is older than the hub keeps readings (storage.retention)")]
+    PastRetention,
     #[error("the device has reached its limit of distinct sensors")]
     DeviceSensorLimit,
     #[error("the hub's sensor dictionary is full")]
@@ -170,8 +172,10 @@ pub enum RejectReason {
 
 impl Reading {
     /// Checks a reading against the hub's rules; `latest_ts_ms` is now plus
-    /// the allowed clock skew.
-    pub fn check(&self, latest_ts_ms: i64) -> Result<(), RejectReason> {
+    /// the allowed clock skew, `earliest_ts_ms` the retention cutoff (a
+    /// reading retention would delete at once is refused: a device with a
+    /// wrong clock must not fill the store, or make a partition a month).
+    pub fn check(&self, earliest_ts_ms: i64, latest_ts_ms: i64) -> Result<(), RejectReason> {
         if !seq_in_range(self.seq) {
             Err(RejectReason::SeqOutOfRange)
         } else if self.sensor.is_empty() {
@@ -186,6 +190,8 @@ impl Reading {
             Err(RejectReason::FromTheFuture)
         } else if self.ts_ms < MIN_TS_MS {
             Err(RejectReason::TooOld)
+        } else if self.ts_ms < earliest_ts_ms {
+            Err(RejectReason::PastRetention)
         } else {
             Ok(())
         }
@@ -435,11 +441,11 @@ mod tests {
             ts_ms: MIN_TS_MS + 1000,
             value: 1.5,
         };
-        assert_eq!(ok.check(latest), Ok(()));
+        assert_eq!(ok.check(MIN_TS_MS, latest), Ok(()));
         let with = |f: fn(&mut Reading)| {
             let mut r = ok.clone();
             f(&mut r);
-            r.check(latest)
+            r.check(MIN_TS_MS, latest)
         };
         assert_eq!(with(|r| r.seq = 0), Err(RejectReason::SeqOutOfRange));
         assert_eq!(with(|r| r.seq = u64::MAX), Err(RejectReason::SeqOutOfRange));
@@ -466,12 +472,19 @@ mod tests {
             ts_ms: MIN_TS_MS,
             ..ok.clone()
         };
-        assert_eq!(recent.check(MIN_TS_MS + 1), Ok(()));
+        assert_eq!(recent.check(MIN_TS_MS, MIN_TS_MS + 1), Ok(()));
+        assert_eq!(
+            recent.check(MIN_TS_MS + 1, MIN_TS_MS + 1),
+            Err(RejectReason::PastRetention)
+        );
         let old = Reading {
             ts_ms: MIN_TS_MS - 1,
             ..ok.clone()
         };
-        assert_eq!(old.check(MIN_TS_MS + 1), Err(RejectReason::TooOld));
+        assert_eq!(
+            old.check(MIN_TS_MS + 1, MIN_TS_MS + 1),
+            Err(RejectReason::TooOld)
+        );
         assert_eq!(with(|r| r.seq = MAX_SEQ), Ok(()));
     }
 
@@ -697,6 +710,11 @@ pub struct CommittedBatch {
 pub struct Presence {
     pub device_id: String,
     pub online: bool,
+    /// Offline because another hub claimed the device: that hub says it is
+    /// online, so nobody here announces it offline.
+    pub moved_away: bool,
+    /// The session epoch of the stream that came or went.
+    pub epoch: u64,
     /// When the stream started (online) or ended (offline), ms since the epoch.
     pub since_ms: i64,
     pub firmware: String,

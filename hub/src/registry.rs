@@ -91,6 +91,8 @@ impl SessionRegistry {
             .map(|(d, s)| Presence {
                 device_id: d.as_str().to_owned(),
                 online: true,
+                moved_away: false,
+                epoch: s.epoch,
                 since_ms: s.since_ms,
                 firmware: s.firmware.clone(),
             })
@@ -145,6 +147,8 @@ impl SessionRegistry {
             let _ = self.presence.send(Presence {
                 device_id: device.as_str().to_owned(),
                 online: true,
+                moved_away: false,
+                epoch,
                 since_ms: now_ms,
                 firmware: firmware.to_owned(),
             });
@@ -244,13 +248,14 @@ impl Drop for StreamClaim {
         let mut live = self.registry.lock();
         if live.get(&self.device).is_some_and(|s| s.id == self.id)
             && let Some(stream) = live.remove(&self.device)
-            // A device that moved to another hub is not offline: that hub
-            // said it is online.
-            && self.end_reason() != EndReason::MovedAway
         {
             let _ = self.registry.presence.send(Presence {
                 device_id: self.device.as_str().to_owned(),
                 online: false,
+                // A device that moved to another hub is not offline: that
+                // hub said it is online.
+                moved_away: self.end_reason() == EndReason::MovedAway,
+                epoch: stream.epoch,
                 since_ms: now_ms(),
                 firmware: stream.firmware,
             });

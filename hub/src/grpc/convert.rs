@@ -321,7 +321,7 @@ mod fuzz {
             Some(pb::device_message::Msg::Readings(batch)) => {
                 for r in batch.readings {
                     let r = reading(r);
-                    if r.check(latest).is_ok() {
+                    if r.check(MIN_TS_MS, latest).is_ok() {
                         assert!((1..=MAX_SEQ).contains(&r.seq));
                         assert!((MIN_TS_MS..=latest).contains(&r.ts_ms));
                         assert!(r.value.is_finite());

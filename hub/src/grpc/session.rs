@@ -71,6 +71,8 @@ pub struct SessionContext {
     pub max_readings_per_sec: u32,
     pub max_devices: usize,
     pub max_clock_skew: Duration,
+    /// `storage.retention`: readings older than this are refused.
+    pub retention: Option<Duration>,
     pub auth: Arc<AuthPolicy>,
     /// Device credentials are read from here.
     pub store: Store,
@@ -455,11 +457,16 @@ impl Reader<'_> {
     /// waiting for room gives up when a newer stream takes over: the batch
     /// is not queued (nor acked), and the loop then ends the stream.
     async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> bool {
-        let latest = now_ms().saturating_add(self.ctx.max_clock_skew.as_millis() as i64);
+        let now = now_ms();
+        let latest = now.saturating_add(self.ctx.max_clock_skew.as_millis() as i64);
+        let earliest = match self.ctx.retention {
+            Some(retention) => now.saturating_sub(retention.as_millis() as i64),
+            None => i64::MIN,
+        };
         let mut readings = Vec::with_capacity(batch.readings.len());
         for reading in batch.readings {
             let reading = convert::reading(reading);
-            match reading.check(latest) {
+            match reading.check(earliest, latest) {
                 Ok(()) => readings.push(CheckedReading::Valid(reading)),
                 Err(reason) => {
                     if let Some(suppressed) = self.rejects.allow() {

@@ -220,7 +220,9 @@ pub(super) async fn events(
                     Err(RecvError::Closed) => return,
                 },
                 change = recv(&mut presence) => match change {
-                    Ok(p) if device.as_ref().is_none_or(|d| *d == p.device_id) => {
+                    // A move to another hub is that hub's to announce.
+                    Ok(p) if !p.moved_away
+                        && device.as_ref().is_none_or(|d| *d == p.device_id) => {
                         vec![json_event("presence", &presence_json(&p))]
                     }
                     Ok(_) => Vec::new(),

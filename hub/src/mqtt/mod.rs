@@ -230,6 +230,15 @@ impl Bridge {
                 self.flush(&client);
             }
         }
+        // Streams ended before the stop: their presence changes (a move
+        // to another hub among them) count, even those not read yet.
+        loop {
+            match presence.try_recv() {
+                Ok(p) => self.on_presence(p),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.resync_presence(),
+                Err(_) => break,
+            }
+        }
         self.shut_down(&client, connected, &mut link).await;
         poll_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
@@ -358,6 +367,12 @@ impl Bridge {
     }
 
     fn on_presence(&mut self, p: Presence) {
+        if p.moved_away {
+            // Another hub holds it and says so; nothing to take back on
+            // this hub's shutdown either.
+            self.online.remove(&p.device_id);
+            return;
+        }
         if p.online {
             self.online.insert(p.device_id.clone(), p.clone());
         } else {

@@ -468,15 +468,22 @@ impl Store {
         Ok(())
     }
 
-    /// The device's stream to hub `hub` ended (unless another hub holds it
-    /// by now).
-    pub async fn went_offline(&self, hub: &str, device_id: &str) -> Result<(), StoreError> {
+    /// The device's stream of session `epoch` to hub `hub` ended (unless a
+    /// newer stream, on this hub or another, holds it by now).
+    pub async fn went_offline(
+        &self,
+        hub: &str,
+        device_id: &str,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
         with_pool!(&self.read, pool, _Db => {
             sqlx::query(
-                "UPDATE devices SET online_since_ms = NULL WHERE external_id = $1 AND hub = $2",
+                "UPDATE devices SET online_since_ms = NULL \
+                 WHERE external_id = $1 AND hub = $2 AND epoch = $3",
             )
             .bind(device_id)
             .bind(hub)
+            .bind(epoch as i64)
             .execute(pool)
             .await?
             .rows_affected()

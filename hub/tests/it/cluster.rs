@@ -347,11 +347,9 @@ async fn blocks_are_partitioned_by_month_and_retention_drops_old_months() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
-    let mut hub = spawn_hub_in(db, |s| {
-        s.storage.compact_rows = 8;
-        s.storage.retention = Duration::from_secs(30);
-    })
-    .await;
+    // Readings of 2020, stored before retention is switched on (with it,
+    // the hub refuses readings it would delete at once).
+    let mut hub = spawn_hub_in(db, |s| s.storage.compact_rows = 8).await;
     let jan_2020 = 1_577_836_800_000i64;
     let (mut dev, _) = RawDevice::connect(&hub, "old-and-new").await;
     dev.send(batch(
@@ -368,6 +366,7 @@ async fn blocks_are_partitioned_by_month_and_retention_drops_old_months() {
     ))
     .await;
     assert_eq!(dev.ack_through(200).await.0, 200);
+    drop(dev);
     let partitions = async |hub: &TestHub| -> Vec<String> {
         let mut conn = DbConn::open(&hub.settings).await;
         let DbConn::Postgres(c) = &mut conn else {
@@ -381,12 +380,14 @@ async fn blocks_are_partitioned_by_month_and_retention_drops_old_months() {
         .await
         .unwrap()
     };
-    // The 2020 month is made, compacted into (right after the commit;
-    // retention's first pass is 3 s away), and dropped by retention.
+    // The 2020 month is made and compacted into (right after the commit),
+    // then dropped by retention (its first pass 3 s after the start).
     wait_until("January 2020 made", async || {
         partitions(&hub).await.iter().any(|n| n == "blocks_p202001")
     })
     .await;
+    hub.settings.storage.retention = Duration::from_secs(30);
+    hub.restart().await;
     wait_until("January 2020 dropped", async || {
         let names = partitions(&hub).await;
         !names.iter().any(|n| n == "blocks_p202001")
@@ -594,4 +595,47 @@ async fn a_month_dropped_elsewhere_is_made_again_by_the_next_compaction() {
     assert!(stats.storage_ok, "{stats:?}");
     let kept: Vec<u64> = seqs(&hub, "dropped-month").await;
     assert_eq!(kept, (101..=200).collect::<Vec<_>>());
+}
+
+/// A stream's end clears its device's presence only while no newer stream
+/// (of this hub or another) holds it: an old stream's offline write racing
+/// a quick reconnect must not show the live device offline elsewhere. (A
+/// race: each device here closes a stream and opens the next at once, and
+/// every one must end up online as B sees it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_streams_end_never_shows_a_reconnected_device_offline() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let a = spawn_hub_in(db, |s| s.ingest.max_batch_delay = Duration::ZERO).await;
+    let b = a.spawn_peer(|_| {}).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("flicker-{i:02}")).collect();
+    let mut first = Vec::new();
+    for id in &ids {
+        first.push(RawDevice::connect(&a, id).await.0);
+    }
+    let mut live = Vec::new();
+    for (id, old) in ids.iter().zip(first) {
+        let channel = a.channel();
+        drop(old);
+        live.push(RawDevice::open(channel.await, hello(id)).await);
+    }
+    for dev in &mut live {
+        assert!(matches!(
+            dev.next().await,
+            Ok(Some(pb::hub_message::Msg::Welcome(_)))
+        ));
+    }
+    // Presence changes are written in order: once a later device's end
+    // shows on B, every earlier end has been written.
+    let (mut marker, _) = RawDevice::connect(&a, "flicker-marker").await;
+    marker.half_close();
+    assert_eq!(marker.end_code().await, Code::Ok);
+    wait_until("the marker offline on B", async || {
+        !b.device("flicker-marker").await.unwrap().online
+    })
+    .await;
+    for id in &ids {
+        assert!(b.device(id).await.unwrap().online, "{id} is live on A");
+    }
 }

@@ -644,3 +644,43 @@ async fn commands_over_mqtt_are_refused_unless_the_door_is_opened() {
     assert_eq!(names, ["ping"], "nothing came in over MQTT");
     assert_eq!(hub.stats().await.mqtt_bad_messages, 0);
 }
+
+/// A device that moved to another hub is that hub's to announce: the hub it
+/// left does not take its retained status back to offline when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopping_leaves_a_moved_devices_status_to_its_new_hub() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let broker = TestBroker::start();
+    let prefix = unique("moved");
+    let group = unique("hubs");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let bridged = |s: &mut hub::Settings| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
+        s.mqtt.client_id = group.clone();
+        s.mqtt.topic_prefix = prefix.clone();
+    };
+    let mut a = spawn_hub_in(db, bridged).await;
+    let mut b = a.spawn_peer(bridged).await;
+    let status = format!("{prefix}/devices/roamer/status");
+    let (mut on_a, _) = RawDevice::connect(&a, "roamer").await;
+    assert_eq!(probe.next_on(&status).await.0["online"], true);
+    let (mut on_b, _) = RawDevice::connect(&b, "roamer").await;
+    assert_eq!(
+        on_a.end_code().await,
+        tonic::Code::Aborted,
+        "A let go of it"
+    );
+    assert_eq!(probe.next_on(&status).await.0["online"], true);
+    a.stop().await;
+    // What a newcomer to the broker reads is B's word.
+    let mut after = Probe::connect(broker.port, &status).await;
+    let (value, retained) = after.next_on(&status).await;
+    assert!(retained);
+    assert_eq!(value["online"], true, "{value}");
+    on_b.half_close();
+    assert_eq!(on_b.end_code().await, tonic::Code::Ok);
+    b.stop().await;
+}

@@ -156,13 +156,9 @@ async fn json_logs_carry_the_device_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_readings_and_commands_while_ingest_goes_on() {
-    let hub = spawn_hub_with(|s| {
-        // A pass every 3 s; readings made now stay for 30 s.
-        s.storage.retention = Duration::from_secs(30);
-        s.storage.compact_rows = 2_000;
-        s.commands.retention = Duration::from_secs(2);
-    })
-    .await;
+    // Readings an hour old, stored before retention is switched on (with
+    // it, the hub refuses readings it would delete at once).
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 2_000).await;
     let (mut dev, _) = RawDevice::connect(&hub, "ret-dev").await;
     let old = now_ms() - 3_600_000;
     for start in (1..=6_000u64).step_by(1_000) {
@@ -179,6 +175,30 @@ async fn retention_deletes_old_readings_and_commands_while_ingest_goes_on() {
     ))
     .await;
     dev.ack_through(6_010).await;
+    drop(dev);
+    // A pass every 3 s; readings made now stay for 30 s.
+    hub.settings.storage.retention = Duration::from_secs(30);
+    hub.settings.commands.retention = Duration::from_secs(2);
+    hub.restart().await;
+    let (dev, _) = RawDevice::connect(&hub, "ret-dev").await;
+    // A device with a wrong clock: readings older than retention keeps
+    // are refused (counted), never stored.
+    let (mut late, welcome) = RawDevice::connect(&hub, "ret-late").await;
+    late.send(batch(vec![
+        reading(1, "a", old, 1.0),
+        reading(2, "a", now_ms(), 2.0),
+    ]))
+    .await;
+    assert_eq!(late.ack_through(2).await, (2, 1, 0), "{welcome:?}");
+    assert_eq!(
+        hub.readings("ret-late")
+            .await
+            .iter()
+            .map(|r| r.seq)
+            .collect::<Vec<_>>(),
+        [2]
+    );
+    drop((dev, late));
     hub.register_offline("ret-off").await;
     let open = hub.send_command("ret-off", "ping", "", None).await.unwrap();
 
