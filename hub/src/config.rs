@@ -33,18 +33,20 @@ fn is_secret_key(key: &str) -> bool {
     .any(|secret| key.starts_with(secret))
 }
 
-/// `invalid type: string "s3cret", expected ...` -> `string "********"`.
+/// An error about a secret setting without its value: serde quotes the
+/// value it could not take (`invalid type: string "s3cret", expected ...`),
+/// escaped quotes and all; only what was expected, and where, is kept.
+/// (The last ", expected" and "for key `" are serde's and config's own: the
+/// value comes before them.)
 fn mask_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
+    const HIDDEN: &str = "invalid value (not shown: it may be a secret)";
+    if let Some(at) = message.rfind(", expected") {
+        format!("{HIDDEN}{}", &message[at..])
+    } else if let Some(at) = message.rfind("for key `") {
+        format!("{HIDDEN} {}", &message[at..])
+    } else {
+        HIDDEN.to_owned()
     }
-    for (i, part) in parts.enumerate() {
-        out.push('"');
-        out.push_str(if i % 2 == 0 { "********" } else { part });
-    }
-    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1081,9 +1083,9 @@ mod mqtt_tests {
     fn errors_about_secret_settings_do_not_quote_them() {
         assert_eq!(
             mask_quoted(
-                "invalid type: string \"s3cret-token\", expected struct OperatorToken for key `auth.operator_tokens[0]`"
+                "invalid type: string \"s3\\\"cret, expected x\", expected struct OperatorToken for key `auth.operator_tokens[0]`"
             ),
-            "invalid type: string \"********\", expected struct OperatorToken for key `auth.operator_tokens[0]`"
+            "invalid value (not shown: it may be a secret), expected struct OperatorToken for key `auth.operator_tokens[0]`"
         );
         assert!(is_secret_key("auth.operator_tokens[0]"));
         assert!(is_secret_key("mqtt.password"));

@@ -36,6 +36,7 @@ pub enum EndReason {
 
 impl EndReason {
     fn from_u8(raw: u8) -> Self {
+        // Superseded is 0, what a stream's cell starts as.
         match raw {
             1 => EndReason::Removed,
             2 => EndReason::CredentialsChanged,
@@ -224,12 +225,43 @@ impl SessionRegistry {
     }
 }
 
+/// Why a stream was told to end, as its tasks read it.
+#[derive(Clone)]
+pub struct EndProbe {
+    ended_by: Arc<AtomicU8>,
+    superseded: CancellationToken,
+}
+
+impl EndProbe {
+    /// Why the stream's batch was fenced (its epoch is no longer the
+    /// device's): what ended it here, or, when nothing here did, another
+    /// hub's claim whose notice has not come yet.
+    pub fn fenced_because(&self) -> EndReason {
+        match EndReason::from_u8(self.ended_by.load(Ordering::Relaxed)) {
+            EndReason::Superseded if !self.superseded.is_cancelled() => EndReason::MovedAway,
+            reason => reason,
+        }
+    }
+}
+
 impl StreamClaim {
     /// The stream ends because another hub claimed its device (its batch
-    /// was fenced): no offline event, the other hub said it is online.
+    /// was fenced): no offline event, the other hub said it is online. An
+    /// operator's reason, set already, stays.
     pub fn moved_away(&self) {
-        self.ended_by
-            .store(EndReason::MovedAway as u8, Ordering::Relaxed);
+        let _ = self.ended_by.compare_exchange(
+            EndReason::Superseded as u8,
+            EndReason::MovedAway as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn probe(&self) -> EndProbe {
+        EndProbe {
+            ended_by: Arc::clone(&self.ended_by),
+            superseded: self.superseded.clone(),
+        }
     }
 
     /// Unique per stream for the life of the hub.

@@ -40,7 +40,7 @@ use crate::domain::{
 use crate::ingest::{AckSlot, IngestBatch, IngestError, IngestQueue, PendingAck};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
-use crate::registry::{EndReason, StreamClaim};
+use crate::registry::{EndProbe, EndReason, StreamClaim};
 use crate::store::Store;
 use crate::throttle::{LogThrottle, TokenBucket};
 
@@ -200,6 +200,7 @@ async fn run_registered(
             DeviceOutbound {
                 tx: outbound,
                 abort,
+                why_ended: claim.probe(),
             },
             finish_rx,
             ended.clone(),
@@ -235,7 +236,7 @@ async fn run_registered(
     // The ack task may be gone already (peer vanished); that is fine.
     let _ = finish_tx.send(finish);
     let _ = acker.await;
-    if slot.fenced() {
+    if slot.fenced() && claim.probe().fenced_because() == EndReason::MovedAway {
         claim.moved_away();
     }
     ctx.commands.detach(&device_id, claim.id()).await;
@@ -353,19 +354,7 @@ impl Reader<'_> {
                     return self.finish(true, Some(Status::unavailable("the hub is shutting down")));
                 }
                 _ = claim.superseded.cancelled() => {
-                    let status = match claim.end_reason() {
-                        EndReason::Superseded => Status::aborted("superseded by a newer connection"),
-                        EndReason::MovedAway => {
-                            Status::aborted("the device connected to another hub")
-                        }
-                        EndReason::Removed => {
-                            Status::unauthenticated("the device was removed by an operator")
-                        }
-                        EndReason::CredentialsChanged => Status::unauthenticated(
-                            "the device's credentials were changed; connect with the new ones",
-                        ),
-                    };
-                    return self.finish(true, Some(status));
+                    return self.finish(true, Some(end_status(claim.end_reason())));
                 }
                 _ = self.ended.cancelled() => return self.finish(false, None),
                 _ = tokio::time::sleep_until(self.paused_until.unwrap_or_else(Instant::now)), if paused => {
@@ -406,8 +395,16 @@ impl Reader<'_> {
                         self.pace();
                         continue;
                     }
-                    if !self.push(batch, claim).await {
-                        return self.finish(false, None);
+                    match self.push(batch, claim).await {
+                        // A takeover: the loop's next turn ends the stream.
+                        Pushed::Queued | Pushed::Superseded => {}
+                        Pushed::PeerGone => return self.finish(false, None),
+                        Pushed::Closed => {
+                            let status = Status::unavailable(
+                                "the hub is shutting down; resend unacknowledged readings",
+                            );
+                            return self.finish(true, Some(status));
+                        }
                     }
                 }
                 Some(DeviceMsg::Hello(_)) => {
@@ -453,10 +450,9 @@ impl Reader<'_> {
         }
     }
 
-    /// Checks and queues a batch; false when the session must end. A push
-    /// waiting for room gives up when a newer stream takes over: the batch
-    /// is not queued (nor acked), and the loop then ends the stream.
-    async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> bool {
+    /// Checks and queues a batch. A push waiting for room gives up when a
+    /// newer stream takes over: the batch is not queued (nor acked).
+    async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> Pushed {
         let now = now_ms();
         let latest = now.saturating_add(self.ctx.max_clock_skew.as_millis() as i64);
         let earliest = match self.ctx.retention {
@@ -491,15 +487,15 @@ impl Reader<'_> {
         };
         // A full queue makes this wait: backpressure to the device.
         tokio::select! {
-            pushed = self.ctx.ingest.push(batch) => {
-                if pushed.is_ok() {
+            pushed = self.ctx.ingest.push(batch) => match pushed {
+                Ok(()) => {
                     self.batches_pushed += 1;
+                    Pushed::Queued
                 }
-                pushed.is_ok()
-            }
-            _ = self.ended.cancelled() => false,
-            // The reader's next turn sees the takeover first (biased).
-            _ = claim.superseded.cancelled() => true,
+                Err(_) => Pushed::Closed,
+            },
+            _ = self.ended.cancelled() => Pushed::PeerGone,
+            _ = claim.superseded.cancelled() => Pushed::Superseded,
         }
     }
 
@@ -509,6 +505,29 @@ impl Reader<'_> {
             flush,
             status,
         }
+    }
+}
+
+/// What became of a batch the reader pushed.
+enum Pushed {
+    Queued,
+    /// A newer stream took over while it waited for room: not queued.
+    Superseded,
+    /// The ack task ended (the device vanished or stalled).
+    PeerGone,
+    /// The writer takes nothing more: the hub is stopping.
+    Closed,
+}
+
+/// How a stream that was told to end ends, by why.
+fn end_status(reason: EndReason) -> Status {
+    match reason {
+        EndReason::Superseded => Status::aborted("superseded by a newer connection"),
+        EndReason::MovedAway => Status::aborted("the device connected to another hub"),
+        EndReason::Removed => Status::unauthenticated("the device was removed by an operator"),
+        EndReason::CredentialsChanged => Status::unauthenticated(
+            "the device's credentials were changed; connect with the new ones",
+        ),
     }
 }
 
@@ -535,6 +554,8 @@ struct CommandLink {
 struct DeviceOutbound {
     tx: Outbound,
     abort: Abort,
+    /// Why the stream was told to end: how a fenced one ends.
+    why_ended: EndProbe,
 }
 
 struct Timeouts {
@@ -559,6 +580,7 @@ async fn ack_task(
     let DeviceOutbound {
         tx: outbound,
         abort,
+        why_ended,
     } = out;
     let mut abort = Some(abort);
     let mut finish: Option<Finish> = None;
@@ -604,7 +626,7 @@ async fn ack_task(
                 Ok(permit) => {
                     waiting_since = None;
                     if slot.failed() {
-                        permit.send(Err(failure_status(&slot)));
+                        permit.send(Err(failure_status(&slot, &why_ended)));
                         ended.cancel();
                         return;
                     }
@@ -649,7 +671,7 @@ async fn ack_task(
         undrained |= !matches!(sent, Ok(Ok(())));
     }
     let status = if slot.failed() {
-        Some(failure_status(&slot))
+        Some(failure_status(&slot, &why_ended))
     } else if undrained && finish.flush && finish.status.is_none() {
         // OK promises that every due Ack was sent: this stream's were not.
         Some(Status::unavailable(
@@ -671,9 +693,9 @@ async fn ack_task(
 }
 
 /// How a stream whose batch was not written ends.
-fn failure_status(slot: &AckSlot) -> Status {
+fn failure_status(slot: &AckSlot, why_ended: &EndProbe) -> Status {
     if slot.fenced() {
-        Status::aborted("the device connected to another hub")
+        end_status(why_ended.fenced_because())
     } else {
         Status::unavailable("storage is unavailable; resend unacknowledged readings")
     }

@@ -206,8 +206,6 @@ struct GroupChanges {
     marks: HashMap<DeviceKey, u64>,
     /// Epochs read or bumped in the group (SQLite's cache).
     epochs: HashMap<DeviceKey, u64>,
-    /// A credential change bumped epochs the cache does not follow by key.
-    epochs_stale: bool,
     sensors: HashMap<String, SensorKey>,
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
     /// The external id of each device with readings in the group.
@@ -696,13 +694,13 @@ impl Writer {
                     }
                 }
                 WriterMsg::Credentials { change, .. } => {
-                    let found = match change {
+                    let changed = match change {
                         CredentialChange::Enroll {
                             hello,
                             token_sha256,
                         } => {
                             tx.enroll_device(hello, token_sha256, now).await?;
-                            true
+                            None
                         }
                         CredentialChange::Rotate {
                             device_id,
@@ -720,8 +718,17 @@ impl Writer {
                                 .await?
                         }
                     };
-                    // Rotate and remove bump the device's epoch.
-                    changes.epochs_stale = true;
+                    // Rotate and remove bump the device's epoch: the old
+                    // streams' later batches, in this group too, are fenced.
+                    let found = match (change, changed) {
+                        (CredentialChange::Enroll { .. }, _) => true,
+                        (_, Some((device, epoch))) => {
+                            epochs.insert(device, epoch);
+                            changes.epochs.insert(device, epoch);
+                            true
+                        }
+                        (_, None) => false,
+                    };
                     outcomes.push(Outcome::Credentials(found));
                 }
                 WriterMsg::Retain { step, .. } => {
@@ -816,11 +823,7 @@ impl Known {
     /// Applies a committed group's changes.
     fn apply(&mut self, changes: GroupChanges) {
         self.marks.extend(changes.marks);
-        if changes.epochs_stale {
-            self.epochs.clear();
-        } else {
-            self.epochs.extend(changes.epochs);
-        }
+        self.epochs.extend(changes.epochs);
         for (name, key) in changes.sensors {
             self.sensor_names.insert(key, Arc::from(name.as_str()));
             self.sensors.insert(name, key);

@@ -72,13 +72,14 @@ fn create_sql(month: i64) -> String {
     )
 }
 
-/// PostgreSQL's answer to a row whose month has no partition (SQLSTATE
-/// 23514, check_violation, "no partition of relation ... found for row").
+/// PostgreSQL's answer to a row whose month has no partition: SQLSTATE
+/// 23514 (check_violation) naming no constraint, "no partition of relation
+/// ... found for row" in English (the text depends on lc_messages).
 pub(super) fn is_missing_partition(e: &StoreError) -> bool {
     let StoreError::Sqlx(sqlx::Error::Database(db)) = e else {
         return false;
     };
-    db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation")
+    db.code().as_deref() == Some("23514") && db.constraint().is_none()
 }
 
 impl WriteTx<'_> {

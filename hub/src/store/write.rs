@@ -322,43 +322,43 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Replaces a device's token; false when there is no such device.
+    /// Replaces a device's token (its epoch bumped); the device and its
+    /// new epoch, or None when there is no such device.
     pub async fn set_device_token(
         &mut self,
         device_id: &str,
         token_sha256: &[u8; 32],
         hub: &str,
-    ) -> Result<bool, StoreError> {
-        let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
+        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "UPDATE devices SET token_sha256 = $1, epoch = epoch + 1 \
-             WHERE external_id = $2 AND removed_ms IS NULL RETURNING epoch",
+             WHERE external_id = $2 AND removed_ms IS NULL RETURNING id, epoch",
         )
         .bind(token_sha256.as_slice())
         .bind(device_id)
         .fetch_optional(c)
         .await?);
-        self.announce_end(device_id, epoch, hub).await?;
-        Ok(epoch.is_some())
+        self.announce_end(device_id, row, hub).await
     }
 
-    /// Marks a device removed (refused until added again); false when there
-    /// is no such device.
+    /// Marks a device removed (refused until added again; its epoch
+    /// bumped); the device and its new epoch, or None when there is no
+    /// such device.
     pub async fn remove_device(
         &mut self,
         device_id: &str,
         now_ms: i64,
         hub: &str,
-    ) -> Result<bool, StoreError> {
-        let epoch: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
+        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "UPDATE devices SET removed_ms = $1, token_sha256 = NULL, epoch = epoch + 1 \
-             WHERE external_id = $2 AND removed_ms IS NULL RETURNING epoch",
+             WHERE external_id = $2 AND removed_ms IS NULL RETURNING id, epoch",
         )
         .bind(now_ms)
         .bind(device_id)
         .fetch_optional(c)
         .await?);
-        self.announce_end(device_id, epoch, hub).await?;
-        Ok(epoch.is_some())
+        self.announce_end(device_id, row, hub).await
     }
 
     /// After an operator's change to a device's credentials through hub
@@ -369,10 +369,13 @@ impl WriteTx<'_> {
     async fn announce_end(
         &mut self,
         device_id: &str,
-        epoch: Option<i64>,
+        changed: Option<(i64, i64)>,
         hub: &str,
-    ) -> Result<(), StoreError> {
-        if let (Conn::Postgres(c), Some(epoch)) = (self.conn.conn(), epoch) {
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
+        let Some((key, epoch)) = changed else {
+            return Ok(None);
+        };
+        if let Conn::Postgres(c) = self.conn.conn() {
             let claim = Claim {
                 epoch: epoch as u64,
                 hub: format!("{hub}{CREDENTIALS_CHANGED}"),
@@ -384,7 +387,7 @@ impl WriteTx<'_> {
                 .execute(c)
                 .await?;
         }
-        Ok(())
+        Ok(Some((DeviceKey(key), epoch as u64)))
     }
 
     /// Keeps a device's stored count true after `n` of its readings went.
@@ -711,7 +714,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        assert!(tx.set_device_token("d", &b, "h").await.unwrap());
+        assert!(tx.set_device_token("d", &b, "h").await.unwrap().is_some());
         assert!(
             tx.upsert_device(&hello, 1, &own(a), "h")
                 .await
@@ -725,7 +728,7 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        assert!(tx.remove_device("d", 2, "h").await.unwrap());
+        assert!(tx.remove_device("d", 2, "h").await.unwrap().is_some());
         assert!(
             tx.upsert_device(&hello, 3, &Proof::Admitted, "h")
                 .await
