@@ -33,7 +33,7 @@ use crate::grpc::session::SessionContext;
 use crate::grpc::{DeviceGatewayService, OperatorService};
 use crate::ingest::{self, IngestQueue, Writer, WriterSettings};
 use crate::metrics::HubMetrics;
-use crate::operator::Operations;
+use crate::operator::{Backups, Operations, OperationsParts};
 use crate::registry::SessionRegistry;
 use crate::store::commands::CommandStore;
 use crate::store::{self, Store};
@@ -347,24 +347,27 @@ impl Hub {
             server_settings.outbound_buffer,
         ))
         .max_decoding_message_size(server_settings.max_message_bytes);
-        let ops = Arc::new(Operations::new(
-            store.clone(),
-            ctx.commands.clone(),
-            Arc::clone(&ctx.registry),
-            Arc::clone(&ctx.metrics),
-            ctx.ingest.clone(),
-            ctx.tracker.clone(),
-            fanout.clone(),
-        ));
+        let ops = Arc::new(Operations::new(OperationsParts {
+            store: store.clone(),
+            commands: ctx.commands.clone(),
+            registry: Arc::clone(&ctx.registry),
+            metrics: Arc::clone(&ctx.metrics),
+            ingest: ctx.ingest.clone(),
+            tracker: ctx.tracker.clone(),
+            shutdown: ctx.shutdown.clone(),
+            fanout: fanout.clone(),
+            backups: Backups {
+                command_store: command_store.clone(),
+                root: settings.storage.backup_root(),
+                running: tokio::sync::Mutex::new(()),
+            },
+            max_watches: settings.server.max_watches,
+            max_queries: settings.server.max_queries,
+        }));
         let operator = OperatorAuth::new(
             OperatorServer::new(OperatorService {
                 ops: Arc::clone(&ops),
-                store: store.clone(),
-                command_store: command_store.clone(),
-                backup_root: settings.storage.backup_root(),
-                backup_running: tokio::sync::Mutex::new(()),
-                ctx,
-                fanout: fanout.clone(),
+                tracker: ctx.tracker.clone(),
             }),
             Arc::clone(&auth),
         );

@@ -157,10 +157,14 @@ pub struct MetricsSettings {
 pub struct HttpSettings {
     pub enabled: bool,
     pub listen: SocketAddr,
-    /// Live `/api/v1/events` streams open at once; more are refused (503).
-    pub max_event_streams: usize,
     /// The largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// A request's head must arrive within this, and an idle keep-alive
+    /// connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -280,6 +284,11 @@ pub struct ServerSettings {
     pub max_replies_per_sec: u32,
     pub max_devices: usize,
     pub max_readings_per_sec: u32,
+    /// Live streams operators hold open at once, over every door (HTTP
+    /// event streams, gRPC WatchReadings and WatchCommand).
+    pub max_watches: usize,
+    /// Readings answers streamed at once, over every door.
+    pub max_queries: usize,
     pub tls: TlsSettings,
 }
 
@@ -680,9 +689,24 @@ impl Settings {
         )?;
         self.validate_auth()?;
         check(
-            self.http.max_event_streams >= 1,
-            "http.max_event_streams",
+            self.server.max_watches >= 1,
+            "server.max_watches",
             "must be at least 1",
+        )?;
+        check(
+            self.server.max_queries >= 1,
+            "server.max_queries",
+            "must be at least 1",
+        )?;
+        check(
+            self.http.max_connections >= 1,
+            "http.max_connections",
+            "must be at least 1",
+        )?;
+        check(
+            !self.http.header_timeout.is_zero(),
+            "http.header_timeout",
+            "must be more than 0s",
         )?;
         check(
             self.http.max_body_bytes >= 1024,

@@ -4,15 +4,13 @@
 use telemetry_proto::v1 as pb;
 use tonic::{Code, Status};
 
-use crate::commands::{CommandError, DeviceCommand};
-use crate::devices::DeviceAdminError;
+use crate::commands::DeviceCommand;
 use crate::domain::{
     Aggregate, Bucket, CommandRecord, CommandReply, CommandState, CommandTransition,
     CommittedBatch, DeviceHello, DeviceId, DeviceRecord, Reading, ReplyStatus, StoredReading,
 };
 use crate::operator::{ErrorCode, HubStats, OpError};
 use crate::store::StoreError;
-use crate::store::backup::BackupError;
 
 /// A Hello as the hub keeps it, and the token it presented.
 pub fn hello(hello: pb::Hello) -> Result<(DeviceHello, String), Status> {
@@ -72,8 +70,9 @@ pub fn op_status(err: OpError) -> Status {
     let code = match err.code() {
         ErrorCode::InvalidArgument => Code::InvalidArgument,
         ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::FailedPrecondition => Code::FailedPrecondition,
-        ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+        ErrorCode::ResourceExhausted | ErrorCode::Busy => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     };
@@ -240,35 +239,6 @@ pub fn command_info(rec: CommandRecord, history: Vec<CommandTransition>) -> pb::
                 detail: t.detail,
             })
             .collect(),
-    }
-}
-
-/// The one mapping of command errors to a client status.
-pub fn command_status(err: CommandError) -> Status {
-    op_status(OpError::Command(err))
-}
-
-/// The one mapping of device-management errors to a client status.
-pub fn device_admin_status(err: DeviceAdminError) -> Status {
-    match err {
-        DeviceAdminError::BadId(_) | DeviceAdminError::BadLabels(_) => {
-            Status::invalid_argument(err.to_string())
-        }
-        DeviceAdminError::NotFound(_) => Status::not_found(err.to_string()),
-        DeviceAdminError::Ingest(_) => Status::unavailable(err.to_string()),
-    }
-}
-
-pub fn backup_status(err: BackupError) -> Status {
-    match err {
-        BackupError::BadName(_) => Status::invalid_argument(err.to_string()),
-        BackupError::Exists(_) => Status::already_exists(err.to_string()),
-        BackupError::CreateDir(..) => Status::failed_precondition(err.to_string()),
-        BackupError::Unsound(..) => Status::internal(err.to_string()),
-        BackupError::Store(e @ StoreError::NotOnPostgres(..)) => {
-            Status::failed_precondition(e.to_string())
-        }
-        BackupError::Store(e) => store_status(e),
     }
 }
 

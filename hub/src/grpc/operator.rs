@@ -7,29 +7,19 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use telemetry_proto::v1::{self as pb, operator_server::Operator};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::session::SessionContext;
 use super::{convert, spawn_stream};
 use crate::auth::Operator as OperatorIdentity;
-use crate::devices;
-use crate::domain::{CommandRecord, CommittedBatch};
-use crate::operator::{Operations, ReadingsRequest};
-use crate::query::{self, QueryChunk};
-use crate::store::Store;
-use crate::store::commands::{CommandFilter, CommandStore};
+use crate::operator::{LiveEvent, Operations, ReadingsRequest};
+use crate::query::QueryChunk;
+use crate::store::commands::CommandFilter;
 
 pub struct OperatorService {
     pub ops: Arc<Operations>,
-    pub store: Store,
-    pub command_store: CommandStore,
-    /// `storage.backup_dir`: backups go into directories below it.
-    pub backup_root: std::path::PathBuf,
-    pub backup_running: tokio::sync::Mutex<()>,
-    pub ctx: Arc<SessionContext>,
-    pub fanout: tokio::sync::broadcast::Sender<Arc<CommittedBatch>>,
+    /// Where the bodies of streamed answers run (shutdown waits for them).
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
@@ -60,11 +50,10 @@ impl Operator for OperatorService {
             })
             .await
             .map_err(convert::op_status)?;
-        let store = self.store.clone();
-        let chunks = spawn_stream(&self.ctx.tracker, 4, move |out| async move {
-            let (tx, mut rx) = mpsc::channel(4);
+        let mut run = self.ops.run_query(q).map_err(convert::op_status)?;
+        let chunks = spawn_stream(&self.tracker, 4, move |out| async move {
             let forward = async {
-                while let Some(chunk) = rx.recv().await {
+                while let Some(chunk) = run.chunks.recv().await {
                     let chunk = match chunk {
                         Ok(QueryChunk::Rows(rows)) => Ok(pb::QueryReadingsChunk {
                             rows: rows.into_iter().map(convert::reading_row).collect(),
@@ -83,9 +72,17 @@ impl Operator for OperatorService {
                         return;
                     }
                 }
+                // The channel closed: a query that ended by a panic (not
+                // normally) must not pass a cut-short answer off as whole.
+                if !run.ended_whole().await {
+                    let _ = out
+                        .send(Err(Status::internal(
+                            "the hub failed while answering; the answer is incomplete",
+                        )))
+                        .await;
+                }
             };
-            // One task: a panic in either ends the call with INTERNAL.
-            tokio::join!(query::run(store, q, tx), forward);
+            forward.await;
         });
         Ok(Response::new(Box::pin(chunks)))
     }
@@ -191,58 +188,28 @@ impl Operator for OperatorService {
         request: Request<pb::WatchCommandRequest>,
     ) -> Result<Response<Self::WatchCommandStream>, Status> {
         let req = request.into_inner();
-        let commands = self.ctx.commands.clone();
-        // Subscribe before reading the current state, so no change falls in
-        // between.
-        let mut events = commands.subscribe();
-        let (current, _) = commands
-            .get(&req.command_id)
-            .await
-            .map_err(convert::command_status)?;
+        let slot = self.ops.watch_slot().map_err(convert::op_status)?;
         let timeout =
             (req.timeout_ms > 0).then(|| std::time::Duration::from_millis(req.timeout_ms as u64));
-        let shutdown = self.ctx.shutdown.clone();
-        let stream = spawn_stream(&self.ctx.tracker, 8, move |tx| async move {
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            let id = current.command_id.clone();
-            let mut last: CommandRecord = current;
-            if tx
-                .send(Ok(convert::command_info(last.clone(), Vec::new())))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            while !last.state.is_final() {
-                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+        let mut watch = self
+            .ops
+            .watch_command(&slot, &req.command_id, timeout)
+            .await
+            .map_err(convert::op_status)?;
+        let stream = spawn_stream(&self.tracker, 8, move |tx| async move {
+            let _slot = slot;
+            loop {
                 let next = tokio::select! {
-                    event = events.recv() => event,
-                    _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => return,
-                    _ = shutdown.cancelled() => return,
+                    next = watch.next() => next,
                     _ = tx.closed() => return,
                 };
-                let rec = match next {
-                    Ok(rec) if rec.command_id == id => rec,
-                    Ok(_) => continue,
-                    // Missed events: the log has the truth.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        match commands.get(&id).await {
-                            Ok((rec, _)) if rec != last => rec,
-                            Ok(_) => continue,
-                            Err(e) => {
-                                let _ = tx.send(Err(convert::command_status(e))).await;
-                                return;
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                let info = match next {
+                    Ok(Some(rec)) => Ok(convert::command_info(rec, Vec::new())),
+                    Ok(None) => return,
+                    Err(e) => Err(convert::op_status(e)),
                 };
-                last = rec;
-                if tx
-                    .send(Ok(convert::command_info(last.clone(), Vec::new())))
-                    .await
-                    .is_err()
-                {
+                let failed = info.is_err();
+                if tx.send(info).await.is_err() || failed {
                     return;
                 }
             }
@@ -256,14 +223,11 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
-        let token = devices::add(
-            &self.ctx.ingest,
-            &self.ctx.registry,
-            &req.device_id,
-            req.labels.into_iter().collect(),
-        )
-        .await
-        .map_err(convert::device_admin_status)?;
+        let token = self
+            .ops
+            .add_device(&req.device_id, req.labels.into_iter().collect())
+            .await
+            .map_err(convert::op_status)?;
         tracing::info!(by, device_id = ?req.device_id, "device added");
         Ok(Response::new(pb::DeviceCredentials {
             device_id: req.device_id,
@@ -277,9 +241,11 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::DeviceCredentials>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
-        let token = devices::rotate_token(&self.ctx.ingest, &self.ctx.registry, &req.device_id)
+        let token = self
+            .ops
+            .rotate_device_token(&req.device_id)
             .await
-            .map_err(convert::device_admin_status)?;
+            .map_err(convert::op_status)?;
         tracing::info!(by, device_id = ?req.device_id, "device token rotated");
         Ok(Response::new(pb::DeviceCredentials {
             device_id: req.device_id,
@@ -293,9 +259,11 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
-        let was_online = devices::remove(&self.ctx.ingest, &self.ctx.registry, &req.device_id)
+        let was_online = self
+            .ops
+            .remove_device(&req.device_id)
             .await
-            .map_err(convert::device_admin_status)?;
+            .map_err(convert::op_status)?;
         tracing::info!(by, device_id = ?req.device_id, was_online, "device removed");
         Ok(Response::new(pb::RemoveDeviceResponse { was_online }))
     }
@@ -306,13 +274,7 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::BackupResponse>, Status> {
         let by = caller(&request);
         let to = request.into_inner().to;
-        let Ok(_one_at_a_time) = self.backup_running.try_lock() else {
-            return Err(Status::failed_precondition("a backup is running already"));
-        };
-        let report =
-            crate::store::backup::backup(&self.store, &self.command_store, &self.backup_root, &to)
-                .await
-                .map_err(convert::backup_status)?;
+        let report = self.ops.backup(&to).await.map_err(convert::op_status)?;
         tracing::info!(
             by,
             to,
@@ -336,37 +298,39 @@ impl Operator for OperatorService {
         let req = request.into_inner();
         let device = (!req.device_id.is_empty()).then_some(req.device_id);
         let sensor = (!req.sensor.is_empty()).then_some(req.sensor);
-        let mut batches = self.fanout.subscribe();
-        let shutdown = self.ctx.shutdown.clone();
-        let stream = spawn_stream(&self.ctx.tracker, 16, move |tx| async move {
-            // Index of the next reading this watcher expects; a gap is what
-            // it skipped while too slow.
-            let mut expected: Option<u64> = None;
-            let mut skipped = 0u64;
+        let slot = self.ops.watch_slot().map_err(convert::op_status)?;
+        let mut watch = self.ops.watch_readings(&slot);
+        let stream = spawn_stream(&self.tracker, 16, move |tx| async move {
+            let _slot = slot;
+            // What was missed since the last event, told with the next one.
+            let (mut skipped, mut skipped_commits) = (0u64, 0u64);
             loop {
-                let batch = tokio::select! {
-                    b = batches.recv() => b,
-                    _ = shutdown.cancelled() => return,
+                let event = tokio::select! {
+                    event = watch.next() => event,
                     _ = tx.closed() => return,
                 };
-                let batch = match batch {
-                    Ok(batch) => batch,
-                    // The gap shows in the next batch's index.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                let batch = match event {
+                    Some(LiveEvent::Batch(batch)) => batch,
+                    Some(LiveEvent::Missed { readings, commits }) => {
+                        match readings {
+                            Some(n) => skipped += n,
+                            None => skipped_commits += commits,
+                        }
+                        continue;
+                    }
+                    None => return,
                 };
-                if let Some(expected) = expected {
-                    skipped += batch.first_index.saturating_sub(expected);
-                }
-                expected = Some(batch.first_index + batch.count);
                 let readings = convert::live_readings(&batch, device.as_deref(), sensor.as_deref());
-                if readings.is_empty() && skipped == 0 {
+                if readings.is_empty() && skipped == 0 && skipped_commits == 0 {
                     continue;
                 }
-                let event = pb::WatchReadingsEvent { readings, skipped };
-                skipped = 0;
+                let event = pb::WatchReadingsEvent {
+                    readings,
+                    skipped: std::mem::take(&mut skipped),
+                    skipped_commits: std::mem::take(&mut skipped_commits),
+                };
                 // A slow client makes this wait; meanwhile the broadcast
-                // moves on without us, and we count what we missed.
+                // moves on without us, and the watch counts what we missed.
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }

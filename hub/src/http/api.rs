@@ -26,7 +26,7 @@ use crate::operator::{
     DeviceFilter, HubStats, OpError, ReadingsRequest, parse_aggregates, parse_bucket, parse_labels,
     parse_time,
 };
-use crate::query::{self, QueryChunk};
+use crate::query::QueryChunk;
 use crate::store::commands::CommandFilter;
 
 type Shared = State<Arc<ApiState>>;
@@ -64,7 +64,10 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
         get_command,
         cancel_command,
         stats,
-        super::events::events
+        super::events::events,
+        super::admin::add_device,
+        super::admin::rotate_device_token,
+        super::admin::remove_device
     ),
     components(schemas(
         ErrorBody,
@@ -114,7 +117,7 @@ fn time_param(raw: &Option<String>, what: &str) -> Result<Option<i64>, ApiError>
 
 /// Who made a change, for the log: the token's name (never its value), or
 /// "open" when the API takes no tokens.
-fn caller(operator: Option<axum::Extension<Operator>>) -> String {
+pub(super) fn caller(operator: Option<axum::Extension<Operator>>) -> String {
     operator.map_or_else(|| "open".to_owned(), |op| op.0.name)
 }
 
@@ -477,23 +480,15 @@ async fn answer_readings(
         })
         .await?;
     let bucketed = q.bucket_ms.is_some();
-    let Ok(permit) = Arc::clone(&state.readings_bodies).try_acquire_owned() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("{MAX_READINGS_BODIES} readings answers are being sent; try again shortly"),
-        ));
-    };
-    let (tx, mut rx) = mpsc::channel(4);
-    let store = state.ops.store().clone();
-    let query = state.tracker.spawn(query::run(store, q, tx));
+    let mut run = state.ops.run_query(q)?;
     // The first chunk decides the status: an error before any data is an
     // error answer, not a 200 with a broken body.
-    let mut query = Some(query);
-    let first = match rx.recv().await {
+    let first = match run.chunks.recv().await {
         Some(Err(e)) => return Err(OpError::from(e).into()),
         None => {
-            finished(query.take()).await?;
+            if !run.ended_whole().await {
+                return Err(cut_short());
+            }
             None
         }
         chunk => chunk,
@@ -507,7 +502,6 @@ async fn answer_readings(
     let (body_tx, body_rx) = mpsc::channel::<Piece>(4);
     let shutdown = state.shutdown.clone();
     state.tracker.spawn(async move {
-        let _permit = permit;
         // The body ends without `Piece::Last` (broken, for the client) when
         // this returns early: a failed query, shutdown, a stalled client.
         let mut next = first;
@@ -523,7 +517,7 @@ async fn answer_readings(
                     return;
                 }
                 None => {
-                    if finished(query.take()).await.is_err() {
+                    if !run.ended_whole().await {
                         return;
                     }
                     encoder.tail(&mut out);
@@ -547,7 +541,7 @@ async fn answer_readings(
                 _ = shutdown.cancelled() => return,
             }
             next = tokio::select! {
-                chunk = rx.recv() => chunk,
+                chunk = run.chunks.recv() => chunk,
                 _ = shutdown.cancelled() => return,
             };
         }
@@ -577,8 +571,6 @@ async fn answer_readings(
         .into_response())
 }
 
-/// Readings answers being sent at once; more get 503.
-pub(super) const MAX_READINGS_BODIES: usize = 32;
 /// A client that takes no part of an answer for this long is dropped.
 pub(super) const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -591,17 +583,13 @@ enum Piece {
     Last(Bytes),
 }
 
-/// Waits for the query task, whose channel closed: did it end normally?
-async fn finished(query: Option<tokio::task::JoinHandle<()>>) -> Result<(), ApiError> {
-    let Some(query) = query else { return Ok(()) };
-    query.await.map_err(|e| {
-        tracing::error!(error = %e, "a readings query failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the hub failed while answering; see its log",
-        )
-    })
+/// The answer to a query that failed before its first chunk.
+fn cut_short() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the hub failed while answering; see its log",
+    )
 }
 
 /// Writes query chunks as one JSON document or as CSV lines.

@@ -6,17 +6,17 @@
 //! channel, the task waits, and the broadcasts move on without it: it then
 //! tells the client what it missed (`skipped` for readings, `resync` for
 //! commands and presence, whose current state the client reads again)
-//! instead of holding memory for it. Streams past `http.max_event_streams`
-//! are refused with 503; every stream ends when the hub shuts down.
+//! instead of holding memory for it. Each stream holds a slot of the
+//! hub's live streams (`server.max_watches`, shared with gRPC's watches):
+//! past it a stream is refused with 503; every stream ends when the hub
+//! shuts down.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -28,7 +28,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::api::{CommandJson, STALLED_CLIENT, empty_as_none};
 use super::{ApiError, ApiState};
 use crate::domain::{CommittedBatch, Presence};
-use crate::operator::live_readings;
+use crate::operator::{LiveEvent, ReadingsWatch, live_readings};
 
 /// Events buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 16;
@@ -109,26 +109,6 @@ pub(super) struct PresenceJson<'a> {
     firmware: &'a str,
 }
 
-/// Counts a stream as open until dropped.
-struct StreamSlot(Arc<AtomicUsize>);
-
-impl StreamSlot {
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| StreamSlot(Arc::clone(count)))
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Live events, as `text/event-stream`. Event names: `readings`
 /// (`{"readings": [LiveReadingJson]}`), `skipped` (`{"readings": n}`:
 /// committed readings of the whole hub, matching the filter or not, this
@@ -150,21 +130,12 @@ pub(super) async fn events(
     let Query(p) = params?;
     let kinds = Kinds::parse(p.kinds.as_deref())?;
     let (device, sensor) = (p.device, p.sensor);
-    let Some(slot) = StreamSlot::take(&state.event_streams, state.max_event_streams) else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!(
-                "{} event streams are open (http.max_event_streams); try again later",
-                state.max_event_streams
-            ),
-        ));
-    };
+    let slot = state.ops.watch_slot()?;
     // Subscribe before answering, so nothing committed after the answer
     // is missed.
-    let mut readings = kinds.readings.then(|| state.ops.watch_readings());
-    let mut commands = kinds.commands.then(|| state.ops.watch_commands());
-    let mut presence = kinds.presence.then(|| state.ops.watch_presence());
+    let mut readings = kinds.readings.then(|| state.ops.watch_readings(&slot));
+    let mut commands = kinds.commands.then(|| state.ops.watch_commands(&slot));
+    let mut presence = kinds.presence.then(|| state.ops.watch_presence(&slot));
     let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER);
     let shutdown = state.shutdown.clone();
     let ops = Arc::clone(&state.ops);
@@ -173,41 +144,28 @@ pub(super) async fn events(
         let _slot = slot;
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // Index of the next committed reading expected; a gap is what this
-        // stream missed.
-        let mut expected: Option<u64> = None;
         loop {
             let events: Vec<Event> = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tx.closed() => return,
-                batch = recv(&mut readings) => match batch {
-                    Ok(batch) => {
-                        let mut out = Vec::new();
-                        if let Some(expected) = expected
-                            && batch.first_index > expected
-                        {
-                            out.push(json_event("skipped", &serde_json::json!({
-                                "readings": batch.first_index - expected
-                            })));
-                        }
-                        expected = Some(batch.first_index + batch.count);
+                event = next_readings(&mut readings) => match event {
+                    Some(LiveEvent::Batch(batch)) => {
                         let data = if device.is_none() && sensor.is_none() {
                             shared.encode(&batch)
                         } else {
                             readings_data(&batch, device.as_deref(), sensor.as_deref()).into()
                         };
-                        out.extend(data.iter().map(|d| Event::default().event("readings").data(d)));
-                        out
+                        data.iter().map(|d| Event::default().event("readings").data(d)).collect()
                     }
-                    // The gap shows in the next batch's index, once there is
-                    // one to count from; before that, only commits are known.
-                    Err(RecvError::Lagged(commits)) if expected.is_none() => {
+                    Some(LiveEvent::Missed { readings: Some(n), .. }) => {
+                        vec![json_event("skipped", &serde_json::json!({ "readings": n }))]
+                    }
+                    Some(LiveEvent::Missed { readings: None, commits }) => {
                         vec![json_event("skipped", &serde_json::json!({
                             "readings": null, "commits": commits
                         }))]
                     }
-                    Err(RecvError::Lagged(_)) => Vec::new(),
-                    Err(RecvError::Closed) => return,
+                    None => return,
                 },
                 rec = recv(&mut commands) => match rec {
                     Ok(rec) if device.as_ref().is_none_or(|d| *d == rec.device_id) => {
@@ -323,6 +281,13 @@ impl AllReadings {
 }
 
 /// The next message of an optional subscription; never ready without one.
+async fn next_readings(watch: &mut Option<ReadingsWatch>) -> Option<LiveEvent> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv<T: Clone>(
     rx: &mut Option<tokio::sync::broadcast::Receiver<T>>,
 ) -> Result<T, RecvError> {

@@ -9,13 +9,14 @@
 //! that changes state needs admin. Without tokens the API is open, which
 //! the settings allow only on loopback.
 
+mod admin;
 mod api;
 mod console;
 mod events;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -38,13 +39,8 @@ pub(crate) struct ApiState {
     tracker: TaskTracker,
     /// Cancelled when the hub begins to shut down: event streams end.
     shutdown: CancellationToken,
-    /// Event streams open now, and the most allowed.
-    event_streams: Arc<AtomicUsize>,
-    max_event_streams: usize,
     /// The latest batch's readings events for streams without a filter.
     all_readings: Arc<events::AllReadings>,
-    /// Readings answers being sent now (`api::MAX_READINGS_BODIES`).
-    readings_bodies: Arc<tokio::sync::Semaphore>,
     /// Host names the API answers to when it is open (no operator tokens)
     /// on loopback; None: any.
     allowed_hosts: Option<Vec<String>>,
@@ -88,24 +84,24 @@ pub async fn start(
         auth,
         tracker,
         shutdown,
-        event_streams: Arc::new(AtomicUsize::new(0)),
-        max_event_streams: settings.max_event_streams,
         all_readings: Arc::default(),
-        readings_bodies: Arc::new(tokio::sync::Semaphore::new(api::MAX_READINGS_BODIES)),
         allowed_hosts,
     });
     let app = router(state, settings.max_body_bytes);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let task = tokio::spawn(serve::serve(
+        listener,
+        app,
+        settings.max_connections,
+        settings.header_timeout,
+        stop,
+    ));
     Ok(HttpServer { addr, task })
 }
 
 fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     let api = api::routes()
         .merge(events::routes())
+        .merge(admin::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -279,9 +275,10 @@ impl From<OpError> for ApiError {
         let status = match code {
             ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
             ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, code.as_str(), err.public_message())

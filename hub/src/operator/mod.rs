@@ -2,15 +2,27 @@
 //! through. Validation, limits and errors live here once; a door (the gRPC
 //! Operator service, the HTTP API in `crate::http`, the CLI's argument
 //! parsing) only translates its own request and response types.
+//!
+//! `live` holds what stays open (watches, streamed answers) and the one
+//! budget of them every door shares; `admin` changes devices and takes
+//! backups.
+
+mod admin;
+mod live;
+
+pub use admin::Backups;
+pub use live::{CommandWatch, LiveEvent, QueryRun, ReadingsWatch, WatchSlot};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::commands::{CommandError, Commands, NewCommand};
+use crate::devices::DeviceAdminError;
 use crate::domain::{
     Aggregate, CommandRecord, CommandTransition, CommittedBatch, DeviceRecord, LiveReading,
     Presence, ReadingQuery,
@@ -18,6 +30,7 @@ use crate::domain::{
 use crate::ingest::IngestQueue;
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
+use crate::store::backup::BackupError;
 use crate::store::commands::CommandFilter;
 use crate::store::{Store, StoreError};
 
@@ -44,8 +57,13 @@ pub const DEFAULT_AGGREGATES: [Aggregate; 2] = [Aggregate::Count, Aggregate::Avg
 pub enum ErrorCode {
     InvalidArgument,
     NotFound,
+    AlreadyExists,
     FailedPrecondition,
     ResourceExhausted,
+    /// Too many at once of what the hub serves a few of at a time (live
+    /// streams, streamed answers): come back later. gRPC's
+    /// RESOURCE_EXHAUSTED, HTTP's 503.
+    Busy,
     Unavailable,
     Internal,
 }
@@ -56,9 +74,10 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::FailedPrecondition => "failed_precondition",
             ErrorCode::ResourceExhausted => "resource_exhausted",
-            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Busy | ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -75,12 +94,23 @@ pub enum OpError {
     /// The hub failed while answering (the log has the details).
     #[error("{0}")]
     Internal(String),
+    /// Over one of the hub's budgets of long-lived calls.
+    #[error("{0}")]
+    Busy(String),
+    /// The operation cannot be done here (a backup on PostgreSQL, one
+    /// already running).
+    #[error("{0}")]
+    Precondition(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Refused or failed by the commands task (its own codes: unknown
     /// device or command, bad name or params, a full queue, ...).
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    DeviceAdmin(#[from] DeviceAdminError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
 }
 
 impl OpError {
@@ -89,6 +119,8 @@ impl OpError {
             OpError::Invalid(_) => ErrorCode::InvalidArgument,
             OpError::NotFound(_) => ErrorCode::NotFound,
             OpError::Internal(_) | OpError::Store(_) => ErrorCode::Internal,
+            OpError::Busy(_) => ErrorCode::Busy,
+            OpError::Precondition(_) => ErrorCode::FailedPrecondition,
             OpError::Command(e) => match e {
                 CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
                     ErrorCode::NotFound
@@ -99,6 +131,21 @@ impl OpError {
                 CommandError::Closed | CommandError::LogUnavailable => ErrorCode::Unavailable,
                 CommandError::Store(_) => ErrorCode::Internal,
             },
+            OpError::DeviceAdmin(e) => match e {
+                DeviceAdminError::BadId(_) | DeviceAdminError::BadLabels(_) => {
+                    ErrorCode::InvalidArgument
+                }
+                DeviceAdminError::NotFound(_) => ErrorCode::NotFound,
+                DeviceAdminError::Ingest(_) => ErrorCode::Unavailable,
+            },
+            OpError::Backup(e) => match e {
+                BackupError::BadName(_) => ErrorCode::InvalidArgument,
+                BackupError::Exists(_) => ErrorCode::AlreadyExists,
+                BackupError::CreateDir(..) | BackupError::Store(StoreError::NotOnPostgres(..)) => {
+                    ErrorCode::FailedPrecondition
+                }
+                BackupError::Unsound(..) | BackupError::Store(_) => ErrorCode::Internal,
+            },
         }
     }
 
@@ -106,7 +153,11 @@ impl OpError {
     /// a generic message: its details (paths, SQL) stay in the hub's log.
     pub fn public_message(&self) -> String {
         match self {
-            OpError::Store(e) | OpError::Command(CommandError::Store(e)) => {
+            OpError::Store(e)
+            | OpError::Command(CommandError::Store(e))
+            | OpError::Backup(BackupError::Store(e))
+                if !matches!(e, StoreError::NotOnPostgres(..)) =>
+            {
                 tracing::error!(error = %e, "storage error");
                 "storage error; see the hub's log".to_owned()
             }
@@ -298,6 +349,24 @@ pub struct HubStats {
     pub mqtt_connection_errors: u64,
 }
 
+/// What the core works with: the hub's parts, as `app` made them.
+pub struct OperationsParts {
+    pub store: Store,
+    pub commands: Commands,
+    pub registry: Arc<SessionRegistry>,
+    pub metrics: Arc<HubMetrics>,
+    pub ingest: IngestQueue,
+    /// Long-lived work (watches, answers, fan-outs) runs here.
+    pub tracker: TaskTracker,
+    /// Cancelled when the hub begins to shut down: watches end.
+    pub shutdown: CancellationToken,
+    pub fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    pub backups: Backups,
+    /// `server.max_watches`, `server.max_queries`.
+    pub max_watches: usize,
+    pub max_queries: usize,
+}
+
 pub struct Operations {
     store: Store,
     commands: Commands,
@@ -305,42 +374,36 @@ pub struct Operations {
     metrics: Arc<HubMetrics>,
     ingest: IngestQueue,
     tracker: TaskTracker,
+    shutdown: CancellationToken,
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    backups: Backups,
+    budgets: live::Budgets,
 }
 
 impl Operations {
-    pub fn new(
-        store: Store,
-        commands: Commands,
-        registry: Arc<SessionRegistry>,
-        metrics: Arc<HubMetrics>,
-        ingest: IngestQueue,
-        tracker: TaskTracker,
-        fanout: broadcast::Sender<Arc<CommittedBatch>>,
-    ) -> Self {
+    pub fn new(parts: OperationsParts) -> Self {
         Self {
-            store,
-            commands,
-            registry,
-            metrics,
-            ingest,
-            tracker,
-            fanout,
+            store: parts.store,
+            commands: parts.commands,
+            registry: parts.registry,
+            metrics: parts.metrics,
+            ingest: parts.ingest,
+            tracker: parts.tracker,
+            shutdown: parts.shutdown,
+            fanout: parts.fanout,
+            backups: parts.backups,
+            budgets: live::Budgets::new(parts.max_watches, parts.max_queries),
         }
     }
 
-    /// Every commit's readings from now on.
-    pub fn watch_readings(&self) -> broadcast::Receiver<Arc<CommittedBatch>> {
-        self.fanout.subscribe()
-    }
-
-    /// Every command state change from now on.
-    pub fn watch_commands(&self) -> broadcast::Receiver<CommandRecord> {
+    /// Every command state change from now on, for the holder of `_slot`.
+    pub fn watch_commands(&self, _slot: &WatchSlot) -> broadcast::Receiver<CommandRecord> {
         self.commands.subscribe()
     }
 
-    /// Devices' streams coming and going from now on.
-    pub fn watch_presence(&self) -> broadcast::Receiver<Presence> {
+    /// Devices' streams coming and going from now on, for the holder of
+    /// `_slot`.
+    pub fn watch_presence(&self, _slot: &WatchSlot) -> broadcast::Receiver<Presence> {
         self.registry.subscribe()
     }
 
@@ -349,13 +412,8 @@ impl Operations {
         self.registry.live_count()
     }
 
-    /// The store answers readings queries (`query::run`).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Checks a readings query and resolves its device; `query::run`
-    /// answers it.
+    /// Checks a readings query and resolves its device;
+    /// [`Operations::run_query`] answers it.
     pub async fn readings_query(&self, req: ReadingsRequest) -> Result<ReadingQuery, OpError> {
         if req.device_id.is_empty() {
             return Err(OpError::Invalid("device_id is required".into()));

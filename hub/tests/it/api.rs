@@ -3,6 +3,7 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use telemetry_proto::v1 as pb;
 
 use hub::cli::Command;
 
@@ -699,7 +700,7 @@ async fn events_stream_committed_readings_commands_and_presence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_capped_and_a_slow_reader_is_told_what_it_missed() {
     let hub = spawn_hub_with(|s| {
-        s.http.max_event_streams = 2;
+        s.server.max_watches = 2;
         s.ingest.fanout_capacity = 4;
         s.server.max_readings_per_sec = 1_000_000;
         // One commit (one broadcast) per message.
@@ -708,12 +709,36 @@ async fn event_streams_are_capped_and_a_slow_reader_is_told_what_it_missed() {
     .await;
     let api = Api::new(&hub);
     let slow = EventReader::open(&api, "kinds=readings").await;
-    let second = EventReader::open(&api, "kinds=commands").await;
+    // One budget for every door: a gRPC watch takes the second slot.
+    let second = hub
+        .operator()
+        .await
+        .watch_readings(pb::WatchReadingsRequest::default())
+        .await
+        .unwrap();
     assert_error(
         &api.get("/events").await,
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
-        "http.max_event_streams",
+        "server.max_watches",
+    );
+    let refused = hub
+        .operator()
+        .await
+        .watch_command(pb::WatchCommandRequest {
+            command_id: "nothing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("server.max_watches"),
+        "{refused:?}"
     );
     drop(second);
     // The slot comes back once the stream's task notices the close.
@@ -992,5 +1017,186 @@ async fn formulas_and_escape_sequences_reach_no_spreadsheet_or_terminal() {
     assert!(
         refused.message().contains("control characters"),
         "{refused:?}"
+    );
+}
+
+/// Readings answers share one budget over every door: a gRPC query whose
+/// client reads nothing holds its slot, and an HTTP one is refused until it
+/// is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_answers_share_one_budget_over_every_door() {
+    let hub = spawn_hub_with(|s| s.server.max_queries = 1).await;
+    let (mut dev, _) = RawDevice::connect(&hub, "big").await;
+    let t = now_ms() - 100_000;
+    for b in 0..20u64 {
+        dev.send(batch(
+            (1..=1000)
+                .map(|i| reading(b * 1000 + i, "v", t + (b * 1000 + i) as i64, 1.0))
+                .collect(),
+        ))
+        .await;
+    }
+    dev.ack_through(20_000).await;
+    // 20,000 rows: more than the HTTP/2 window and the buffers hold, so
+    // the query waits for a reader that never comes.
+    let held = hub
+        .operator()
+        .await
+        .query_readings(pb::QueryReadingsRequest {
+            device_id: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let api = Api::new(&hub);
+    assert_error(
+        &api.get("/devices/big/readings?limit=1").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "server.max_queries",
+    );
+    drop(held);
+    wait_until("the slot is let go", async || {
+        api.get("/devices/big/readings?limit=1").await.0 == StatusCode::OK
+    })
+    .await;
+}
+
+/// The HTTP door bounds what a client may hold: a half-sent request is
+/// closed after `http.header_timeout`, an idle keep-alive connection too,
+/// and past `http.max_connections` a connection is answered 503 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_too_many_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = spawn_hub_with(|s| {
+        s.http.header_timeout = std::time::Duration::from_secs(1);
+        s.http.max_connections = 2;
+    })
+    .await;
+    let addr = hub.hub().http_addr().unwrap();
+    let connect = || tokio::net::TcpStream::connect(addr);
+    // Reads until the server closes; what it sent. Bounded: a server that
+    // never closes fails the test.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "still open after {WAIT:?}");
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    let mut half = connect().await.unwrap();
+    half.write_all(b"GET /api/v1/stats HTTP/1.1\r\nHost: 127.0")
+        .await
+        .unwrap();
+    let mut idle = connect().await.unwrap();
+    // Both slots are taken: one more is refused at once.
+    let mut third = connect().await.unwrap();
+    let refused = until_closed(&mut third).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("http.max_connections"), "{refused}");
+    let started = std::time::Instant::now();
+    let answer = until_closed(&mut half).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    until_closed(&mut idle).await;
+    eprintln!(
+        "half-sent and idle connections closed after {:?}",
+        started.elapsed()
+    );
+    // Slots are free again.
+    let api = Api::new(&hub);
+    wait_until("a connection is taken again", async || {
+        api.get("/stats").await.0 == StatusCode::OK
+    })
+    .await;
+}
+
+/// Device administration over HTTP, for admins only, through the same core
+/// as gRPC: the token it returns admits the device, a rotation ends the
+/// stream on the old one, a removal says whether the device was online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_enroll_rotate_and_remove_devices_over_http() {
+    const ADMIN: &str = "admin-token-0123456789";
+    const READER: &str = "read-token-0123456789";
+    let hub = spawn_hub_with(|s| {
+        s.auth.devices = hub::config::DeviceAuthMode::Token;
+        s.auth.operator_tokens = [("ops", ADMIN, true), ("dash", READER, false)]
+            .into_iter()
+            .map(|(name, token, admin)| hub::config::OperatorToken {
+                name: name.into(),
+                token: token.into(),
+                role: if admin {
+                    hub::config::OperatorRole::Admin
+                } else {
+                    hub::config::OperatorRole::Read
+                },
+            })
+            .collect();
+    })
+    .await;
+    let reader = Api::with_token(&hub, READER);
+    assert_error(
+        &reader
+            .post("/devices", &json!({"device_id": "http-dev"}))
+            .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+        "Read",
+    );
+    let admin = Api::with_token(&hub, ADMIN);
+    let (status, added) = admin
+        .post(
+            "/devices",
+            &json!({"device_id": "http-dev", "labels": {"site": "lab"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{added}");
+    let token = added["token"].as_str().unwrap().to_owned();
+    let hello = |token: &str| hello_token("http-dev", token);
+    let mut dev = RawDevice::open(hub.channel().await, hello(&token)).await;
+    assert!(matches!(
+        dev.next().await,
+        Ok(Some(pb::hub_message::Msg::Welcome(_)))
+    ));
+
+    let (status, rotated) = admin.post("/devices/http-dev/token", &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert_ne!(rotated["token"], token.as_str());
+    assert_eq!(dev.end_code().await, tonic::Code::Unauthenticated);
+    let mut dev = RawDevice::open(
+        hub.channel().await,
+        hello(rotated["token"].as_str().unwrap()),
+    )
+    .await;
+    assert!(matches!(
+        dev.next().await,
+        Ok(Some(pb::hub_message::Msg::Welcome(_)))
+    ));
+
+    let removed = answer(
+        admin
+            .request(reqwest::Method::DELETE, "/devices/http-dev")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(removed, (StatusCode::OK, json!({"was_online": true})));
+    assert_eq!(dev.end_code().await, tonic::Code::Unauthenticated);
+    let gone = answer(
+        admin
+            .request(reqwest::Method::DELETE, "/devices/http-dev")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "not_found", "http-dev");
+    assert_error(
+        &admin
+            .post("/devices", &json!({"device_id": "bad id"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "device_id",
     );
 }

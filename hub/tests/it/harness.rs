@@ -413,6 +413,15 @@ pub fn hello(device_id: &str) -> pb::DeviceMessage {
     }
 }
 
+/// A Hello with a token.
+pub fn hello_token(device_id: &str, token: &str) -> pb::DeviceMessage {
+    let mut msg = hello(device_id);
+    if let Some(DeviceMsg::Hello(h)) = &mut msg.msg {
+        h.token = token.into();
+    }
+    msg
+}
+
 pub fn batch(readings: Vec<pb::Reading>) -> pb::DeviceMessage {
     pb::DeviceMessage {
         msg: Some(DeviceMsg::Readings(pb::ReadingBatch { readings })),

@@ -87,14 +87,6 @@ async fn operator_as(
     })
 }
 
-fn hello_token(device_id: &str, token: &str) -> pb::DeviceMessage {
-    let mut msg = hello(device_id);
-    if let Some(pb::device_message::Msg::Hello(h)) = &mut msg.msg {
-        h.token = token.into();
-    }
-    msg
-}
-
 /// Opens a stream with a Hello and returns how it went: Ok(device) after a
 /// Welcome, or the status it was refused with.
 async fn try_connect(channel: Channel, first: pb::DeviceMessage) -> Result<RawDevice, Code> {
