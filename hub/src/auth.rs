@@ -6,7 +6,12 @@
 //! - `token`: Hello.token must be the device's own token (`hub devices
 //!   add`), whose SHA-256 is stored, or a fleet token: lowercase hex of
 //!   HMAC-SHA256(fleet key, device_id) for one of `auth.fleet_keys`.
-//! - `tls`: the client certificate's CN or a SAN must equal the device id.
+//! - `tls`: the client certificate must name the device id in exactly one
+//!   place, `auth.tls_identity` (its CN, a DNS SAN or a URI SAN), and name
+//!   no other id there. An operator may pin a device to one certificate
+//!   (its SHA-256) and revoke certificates: a revoked one is refused
+//!   whatever device it names, also after the device is removed and added
+//!   again.
 //!
 //! Tokens are 256 random bits, so a plain SHA-256 is enough to keep them
 //! from being read back from the database: nothing can be brute-forced, and
@@ -31,7 +36,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use crate::config::{AuthSettings, DeviceAuthMode};
+use crate::config::{AuthSettings, DeviceAuthMode, TlsIdentity};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -90,6 +95,7 @@ fn fleet_mac(key: &str, device_id: &str) -> HmacSha256 {
 /// The hub's auth settings, ready to check.
 pub struct AuthPolicy {
     pub devices: DeviceAuthMode,
+    tls_identity: TlsIdentity,
     fleet_keys: Vec<(String, String)>,
     operators: Vec<(String, [u8; 32], Role)>,
 }
@@ -104,6 +110,48 @@ pub enum Proof {
     OwnToken([u8; 32]),
     /// A fleet token: the device must still have no own token.
     FleetToken,
+    /// A client certificate (its SHA-256): not revoked, and the device
+    /// pinned to no other.
+    Certificate([u8; 32]),
+}
+
+/// Why a Hello was refused: for the hub's log. The device is told only
+/// "invalid device credentials", whatever the reason, so nobody learns
+/// which devices exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("wrong or missing token")]
+    BadToken,
+    #[error("the device was removed by an operator")]
+    Removed,
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("the client certificate cannot be read")]
+    UnreadableCertificate,
+    #[error("the client certificate names no device in its {0:?}")]
+    NoIdentity(TlsIdentity),
+    #[error("the client certificate names {0} devices in its {1:?}; it must name one")]
+    SeveralIdentities(usize, TlsIdentity),
+    #[error("the client certificate names {named:?}, not this device")]
+    OtherDevice { named: String },
+    #[error("the client certificate is revoked")]
+    Revoked,
+    #[error("the device is pinned to another certificate")]
+    NotPinned,
+}
+
+/// What a device presented with its Hello.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'a> {
+    pub device_id: &'a str,
+    pub token: &'a str,
+    /// The client certificate (leaf, DER), under TLS with client auth.
+    pub certificate: Option<&'a [u8]>,
+}
+
+/// The SHA-256 of a certificate (DER): what pins and revocations name.
+pub fn certificate_sha256(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
 }
 
 /// What the store holds about a device's credentials.
@@ -113,12 +161,17 @@ pub struct StoredCredentials {
     pub token_sha256: Option<[u8; 32]>,
     /// Removed by an operator: refused even with a valid fleet token.
     pub removed: bool,
+    /// The certificate the device is pinned to, if any.
+    pub cert_sha256: Option<[u8; 32]>,
+    /// The certificate presented is revoked.
+    pub cert_revoked: bool,
 }
 
 impl AuthPolicy {
     pub fn new(settings: &AuthSettings) -> Self {
         Self {
             devices: settings.devices,
+            tls_identity: settings.tls_identity,
             fleet_keys: settings
                 .fleet_keys
                 .iter()
@@ -179,6 +232,43 @@ impl AuthPolicy {
         }))
     }
 
+    /// May this Hello become a session, by `auth.devices`? What it proved
+    /// (checked again when the writer registers it), or why not.
+    pub fn admit(
+        &self,
+        presented: Presented<'_>,
+        stored: StoredCredentials,
+    ) -> Result<Proof, Refusal> {
+        match self.devices {
+            DeviceAuthMode::Open if stored.removed => Err(Refusal::Removed),
+            DeviceAuthMode::Open => Ok(Proof::Admitted),
+            DeviceAuthMode::Token => self
+                .device_token_proof(presented.device_id, presented.token, stored)
+                .ok_or(if stored.removed {
+                    Refusal::Removed
+                } else {
+                    Refusal::BadToken
+                }),
+            DeviceAuthMode::Tls => {
+                let der = presented.certificate.ok_or(Refusal::NoCertificate)?;
+                let named = certificate_identity(der, self.tls_identity)?;
+                if named != presented.device_id {
+                    return Err(Refusal::OtherDevice { named });
+                }
+                let sha256 = certificate_sha256(der);
+                if stored.removed {
+                    Err(Refusal::Removed)
+                } else if stored.cert_revoked {
+                    Err(Refusal::Revoked)
+                } else if stored.cert_sha256.is_some_and(|pin| pin != sha256) {
+                    Err(Refusal::NotPinned)
+                } else {
+                    Ok(Proof::Certificate(sha256))
+                }
+            }
+        }
+    }
+
     /// What `token` proves of `device_id` under `auth.devices = token`
     /// (None: nothing). The same work and the same answer whether or not the
     /// device exists.
@@ -205,31 +295,41 @@ impl AuthPolicy {
     }
 }
 
-/// Does a client certificate name this device (CN or a DNS/URI/other SAN
-/// equal to the id)? `der` is the leaf certificate.
-pub fn certificate_names_device(der: &[u8], device_id: &str) -> bool {
+/// The one device id a client certificate names in `place` (`der` is the
+/// leaf): none there, or more than one (a certificate for several devices
+/// would let one leak cost them all), is a refusal.
+pub fn certificate_identity(der: &[u8], place: TlsIdentity) -> Result<String, Refusal> {
     use x509_parser::prelude::*;
-    let Ok((_, cert)) = X509Certificate::from_der(der) else {
-        return false;
-    };
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok())
-        .any(|cn| cn == device_id);
-    let san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value.general_names.iter().any(|name| match name {
-                GeneralName::DNSName(n) | GeneralName::URI(n) | GeneralName::RFC822Name(n) => {
-                    *n == device_id
-                }
-                _ => false,
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| Refusal::UnreadableCertificate)?;
+    let mut ids: Vec<&str> = match place {
+        TlsIdentity::Cn => cert
+            .subject()
+            .iter_common_name()
+            .map(|cn| cn.as_str().map_err(|_| Refusal::UnreadableCertificate))
+            .collect::<Result<_, _>>()?,
+        TlsIdentity::SanDns | TlsIdentity::SanUri => cert
+            .subject_alternative_name()
+            .map_err(|_| Refusal::UnreadableCertificate)?
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match (name, place) {
+                        (GeneralName::DNSName(n), TlsIdentity::SanDns)
+                        | (GeneralName::URI(n), TlsIdentity::SanUri) => Some(*n),
+                        _ => None,
+                    })
+                    .collect()
             })
-        });
-    cn || san
+            .unwrap_or_default(),
+    };
+    ids.sort_unstable();
+    ids.dedup();
+    match ids.as_slice() {
+        [] => Err(Refusal::NoIdentity(place)),
+        [one] => Ok((*one).to_owned()),
+        several => Err(Refusal::SeveralIdentities(several.len(), place)),
+    }
 }
 
 /// Counts failed device authentications per peer address; past the limit
@@ -292,6 +392,7 @@ mod tests {
     fn policy(devices: DeviceAuthMode) -> AuthPolicy {
         AuthPolicy::new(&AuthSettings {
             devices,
+            tls_identity: TlsIdentity::Cn,
             allow_open: false,
             fleet_keys: [("lab".to_owned(), "k-lab".to_owned())]
                 .into_iter()
@@ -320,7 +421,7 @@ mod tests {
         assert_eq!(own.len(), 64);
         let enrolled = StoredCredentials {
             token_sha256: Some(token_hash(&own)),
-            removed: false,
+            ..Default::default()
         };
         let ok = |id: &str, token: &str, stored| p.device_token_proof(id, token, stored);
         assert_eq!(
@@ -349,6 +450,86 @@ mod tests {
         };
         assert_eq!(ok("d2", &fleet, removed), None);
         assert_eq!(ok("d2", "", StoredCredentials::default()), None);
+    }
+
+    /// A certificate (DER) with this CN and SANs.
+    fn certificate(cn: &str, sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_names_one_device_in_one_place() {
+        use rcgen::SanType;
+        let dns = |n: &str| SanType::DnsName(n.try_into().unwrap());
+        let uri = |n: &str| SanType::URI(n.try_into().unwrap());
+        let broad = certificate("dev-a", vec![dns("dev-b"), uri("dev-c")]);
+        let id = |der: &[u8], place| certificate_identity(der, place);
+        assert_eq!(id(&broad, TlsIdentity::Cn), Ok("dev-a".into()));
+        assert_eq!(id(&broad, TlsIdentity::SanDns), Ok("dev-b".into()));
+        assert_eq!(id(&broad, TlsIdentity::SanUri), Ok("dev-c".into()));
+        let two = certificate("x", vec![dns("dev-e"), dns("dev-f")]);
+        assert_eq!(
+            id(&two, TlsIdentity::SanDns),
+            Err(Refusal::SeveralIdentities(2, TlsIdentity::SanDns))
+        );
+        assert_eq!(
+            id(&certificate("a", vec![]), TlsIdentity::SanUri),
+            Err(Refusal::NoIdentity(TlsIdentity::SanUri))
+        );
+        assert_eq!(
+            id(b"not a certificate", TlsIdentity::Cn),
+            Err(Refusal::UnreadableCertificate)
+        );
+    }
+
+    #[test]
+    fn tls_admits_the_named_device_unless_revoked_or_pinned_elsewhere() {
+        let p = policy(DeviceAuthMode::Tls);
+        let der = certificate("dev-t", vec![]);
+        let sha256 = certificate_sha256(&der);
+        let presented = |id| Presented {
+            device_id: id,
+            token: "",
+            certificate: Some(&der),
+        };
+        let stored = StoredCredentials::default();
+        assert_eq!(
+            p.admit(presented("dev-t"), stored),
+            Ok(Proof::Certificate(sha256))
+        );
+        assert!(matches!(
+            p.admit(presented("dev-u"), stored),
+            Err(Refusal::OtherDevice { .. })
+        ));
+        let revoked = StoredCredentials {
+            cert_revoked: true,
+            ..stored
+        };
+        assert_eq!(p.admit(presented("dev-t"), revoked), Err(Refusal::Revoked));
+        let pinned_elsewhere = StoredCredentials {
+            cert_sha256: Some([7; 32]),
+            ..stored
+        };
+        assert_eq!(
+            p.admit(presented("dev-t"), pinned_elsewhere),
+            Err(Refusal::NotPinned)
+        );
+        let pinned_here = StoredCredentials {
+            cert_sha256: Some(sha256),
+            ..stored
+        };
+        assert!(p.admit(presented("dev-t"), pinned_here).is_ok());
+        let none = Presented {
+            certificate: None,
+            ..presented("dev-t")
+        };
+        assert_eq!(p.admit(none, stored), Err(Refusal::NoCertificate));
     }
 
     #[test]

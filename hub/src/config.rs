@@ -63,6 +63,18 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
+/// The one place of a client certificate that names its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsIdentity {
+    /// The subject's common name.
+    Cn,
+    /// A DNS name among the subject alternative names.
+    SanDns,
+    /// A URI among the subject alternative names.
+    SanUri,
+}
+
 /// How devices prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +104,8 @@ pub struct OperatorToken {
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub devices: DeviceAuthMode,
+    /// Where a client certificate names its device (auth.devices = "tls").
+    pub tls_identity: TlsIdentity,
     pub allow_open: bool,
     /// Group enrollment: name -> secret.
     pub fleet_keys: std::collections::BTreeMap<String, String>,
@@ -106,6 +120,7 @@ impl std::fmt::Debug for AuthSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthSettings")
             .field("devices", &self.devices)
+            .field("tls_identity", &self.tls_identity)
             .field("allow_open", &self.allow_open)
             .field("fleet_keys", &self.fleet_keys.keys().collect::<Vec<_>>())
             .field(

@@ -84,3 +84,38 @@ pub async fn remove(
     // already past its check is refused by the writer).
     Ok(registry.end(&id, EndReason::Removed))
 }
+
+/// Pins a device to one client certificate (its SHA-256), or unpins it
+/// (None); a stream on another certificate is ended.
+pub async fn pin_certificate(
+    ingest: &IngestQueue,
+    registry: &SessionRegistry,
+    device_id: &str,
+    sha256: Option<[u8; 32]>,
+) -> Result<(), DeviceAdminError> {
+    let id = DeviceId::parse(device_id)?;
+    let found = ingest
+        .change_credentials(CredentialChange::PinCertificate {
+            device_id: id.clone(),
+            sha256,
+        })
+        .await?;
+    if !found {
+        return Err(DeviceAdminError::NotFound(device_id.to_owned()));
+    }
+    registry.end(&id, EndReason::CredentialsChanged);
+    Ok(())
+}
+
+/// Refuses a client certificate from now on; whether it was newly revoked,
+/// and how many live streams that presented it were ended.
+pub async fn revoke_certificate(
+    ingest: &IngestQueue,
+    registry: &SessionRegistry,
+    sha256: [u8; 32],
+) -> Result<(bool, u32), DeviceAdminError> {
+    let added = ingest
+        .change_credentials(CredentialChange::RevokeCertificate { sha256 })
+        .await?;
+    Ok((added, registry.end_presenting(&sha256)))
+}

@@ -18,6 +18,8 @@ struct LiveStream {
     firmware: String,
     superseded: CancellationToken,
     ended_by: Arc<AtomicU8>,
+    /// The SHA-256 of the client certificate it presented (mTLS).
+    certificate: Option<[u8; 32]>,
 }
 
 /// Why a live stream was told to end.
@@ -142,6 +144,7 @@ impl SessionRegistry {
                     firmware: firmware.to_owned(),
                     superseded: superseded.clone(),
                     ended_by: Arc::clone(&ended_by),
+                    certificate: None,
                 },
             );
             // Sent under the lock, so events of one device keep their order.
@@ -207,6 +210,23 @@ impl SessionRegistry {
         }
     }
 
+    /// Ends every live stream that presented this client certificate (it
+    /// was revoked); how many.
+    pub fn end_presenting(&self, certificate: &[u8; 32]) -> u32 {
+        let live = self.lock();
+        let mut ended = 0;
+        for stream in live.values() {
+            if stream.certificate.as_ref() == Some(certificate) {
+                stream
+                    .ended_by
+                    .store(EndReason::CredentialsChanged as u8, Ordering::Relaxed);
+                stream.superseded.cancel();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
     /// Devices with a live stream.
     pub fn live_count(&self) -> usize {
         self.lock().len()
@@ -255,6 +275,17 @@ impl StreamClaim {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// Remembers the client certificate this stream presented (its
+    /// SHA-256), so revoking it ends the stream.
+    pub fn presented(&self, certificate: [u8; 32]) {
+        let mut live = self.registry.lock();
+        if let Some(stream) = live.get_mut(&self.device)
+            && stream.id == self.id
+        {
+            stream.certificate = Some(certificate);
+        }
     }
 
     pub fn probe(&self) -> EndProbe {

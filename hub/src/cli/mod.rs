@@ -136,6 +136,53 @@ pub enum DeviceAction {
         addr: HubAddr,
         id: String,
     },
+    /// auth.devices = "tls": pin a device to one client certificate (or
+    /// unpin it with --none); its stream ends and reconnects under the pin.
+    PinCert {
+        #[command(flatten)]
+        addr: HubAddr,
+        id: String,
+        #[command(flatten)]
+        cert: CertArg,
+        /// Unpin: any certificate naming the device is accepted again.
+        #[arg(long, conflicts_with_all = ["pem", "fingerprint"])]
+        none: bool,
+    },
+    /// Refuse a client certificate from now on, whatever device it names,
+    /// also after the device is removed and added again.
+    RevokeCert {
+        #[command(flatten)]
+        addr: HubAddr,
+        #[command(flatten)]
+        cert: CertArg,
+    },
+}
+
+/// A client certificate: its PEM file, or its SHA-256 fingerprint.
+#[derive(Args, Debug)]
+pub struct CertArg {
+    /// The certificate's PEM file (its fingerprint is computed here).
+    #[arg(long, conflicts_with = "fingerprint")]
+    pub pem: Option<std::path::PathBuf>,
+    /// The SHA-256 of the certificate's DER: 64 hex digits, `:` allowed
+    /// (`openssl x509 -noout -fingerprint -sha256 -in FILE`).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+}
+
+impl CertArg {
+    /// The fingerprint as hex; None when neither was given.
+    fn sha256(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.pem {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
+            return Ok(Some(hex::encode(crate::auth::certificate_sha256(
+                &pem.contents,
+            ))));
+        }
+        Ok(self.fingerprint.clone())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -399,6 +446,56 @@ pub async fn device_action(action: &DeviceAction, out: &mut impl Write) -> anyho
                 ""
             };
             writeln!(out, "removed {id}{stream}")?;
+        }
+        DeviceAction::PinCert {
+            addr,
+            id,
+            cert,
+            none,
+        } => {
+            let sha256 = match (cert.sha256()?, none) {
+                (Some(sha256), false) => sha256,
+                (None, true) => String::new(),
+                _ => anyhow::bail!(
+                    "name the certificate (--pem FILE or --fingerprint HEX), or --none"
+                ),
+            };
+            connect(addr)
+                .await?
+                .pin_device_certificate(pb::PinDeviceCertificateRequest {
+                    device_id: id.clone(),
+                    sha256: sha256.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            if sha256.is_empty() {
+                writeln!(out, "unpinned {id}")?;
+            } else {
+                writeln!(out, "pinned {id} to {sha256}")?;
+            }
+        }
+        DeviceAction::RevokeCert { addr, cert } => {
+            let Some(sha256) = cert.sha256()? else {
+                anyhow::bail!("name the certificate: --pem FILE or --fingerprint HEX");
+            };
+            let done = connect(addr)
+                .await?
+                .revoke_certificate(pb::RevokeCertificateRequest {
+                    sha256: sha256.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let already = if done.newly_revoked {
+                ""
+            } else {
+                " (it was revoked already)"
+            };
+            writeln!(
+                out,
+                "revoked {sha256}{already}; {} stream(s) ended",
+                done.streams_ended
+            )?;
         }
     }
     out.flush()?;

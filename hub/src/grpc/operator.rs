@@ -268,6 +268,44 @@ impl Operator for OperatorService {
         Ok(Response::new(pb::RemoveDeviceResponse { was_online }))
     }
 
+    async fn pin_device_certificate(
+        &self,
+        request: Request<pb::PinDeviceCertificateRequest>,
+    ) -> Result<Response<pb::PinDeviceCertificateResponse>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        self.ops
+            .pin_device_certificate(&req.device_id, &req.sha256)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(by, device_id = ?req.device_id, sha256 = req.sha256, "device certificate pinned");
+        Ok(Response::new(pb::PinDeviceCertificateResponse {}))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let (newly_revoked, streams_ended) = self
+            .ops
+            .revoke_certificate(&req.sha256)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(
+            by,
+            sha256 = req.sha256,
+            newly_revoked,
+            streams_ended,
+            "certificate revoked"
+        );
+        Ok(Response::new(pb::RevokeCertificateResponse {
+            newly_revoked,
+            streams_ended,
+        }))
+    }
+
     async fn backup(
         &self,
         request: Request<pb::BackupRequest>,

@@ -31,7 +31,7 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
-use crate::auth::{AuthPolicy, FailureLimiter, Proof, certificate_names_device};
+use crate::auth::{AuthPolicy, FailureLimiter, Presented, Proof, certificate_sha256};
 use crate::commands::{Commands, DeviceCommand};
 use crate::config::DeviceAuthMode;
 use crate::domain::{
@@ -172,6 +172,9 @@ async fn run_registered(
         let _ = outbound.send(Err(status)).await;
         return;
     };
+    if let Proof::Certificate(sha256) = proof {
+        claim.presented(sha256);
+    }
     let welcome = pb::HubMessage {
         msg: Some(HubMsg::Welcome(pb::Welcome {
             acked_seq: registered.acked_seq,
@@ -257,31 +260,26 @@ async fn admit(
     peer: &Peer,
 ) -> Result<Proof, Status> {
     let id = hello.device_id.as_str();
+    let certificate = peer
+        .certificate
+        .as_deref()
+        .filter(|_| ctx.auth.devices == DeviceAuthMode::Tls);
     let stored = ctx
         .store
-        .credentials(id)
+        .credentials(id, certificate.map(certificate_sha256).as_ref())
         .await
         .map_err(convert::store_status)?;
-    let proof = match ctx.auth.devices {
-        DeviceAuthMode::Open => (!stored.removed).then_some(Proof::Admitted),
-        DeviceAuthMode::Token => ctx.auth.device_token_proof(id, token, stored),
-        DeviceAuthMode::Tls => (!stored.removed
-            && peer
-                .certificate
-                .as_deref()
-                .is_some_and(|der| certificate_names_device(der, id)))
-        .then_some(Proof::Admitted),
+    let presented = Presented {
+        device_id: id,
+        token,
+        certificate,
     };
-    let Some(proof) = proof else {
-        HubMetrics::add(&ctx.metrics.auth_failures, 1);
-        if !ctx.failures.allowed(peer.ip) {
-            return Err(Status::resource_exhausted(
-                "too many failed authentications from this address; try again in a minute",
-            ));
+    let proof = match ctx.auth.admit(presented, stored) {
+        Ok(proof) => proof,
+        Err(why) => {
+            tracing::debug!(device_id = id, reason = %why, "device credentials refused");
+            return Err(refuse(ctx, peer));
         }
-        ctx.failures.failed(peer.ip);
-        // The same answer whether or not the device exists.
-        return Err(Status::unauthenticated("invalid device credentials"));
     };
     if ctx.registry.live_count() >= ctx.max_devices && !ctx.registry.is_live(&hello.device_id) {
         return Err(Status::resource_exhausted(format!(
@@ -290,6 +288,20 @@ async fn admit(
         )));
     }
     Ok(proof)
+}
+
+/// A refused Hello: counted, and from an address with too many failures in
+/// the last minute RESOURCE_EXHAUSTED; else the same answer whatever the
+/// reason, whether or not the device exists.
+fn refuse(ctx: &SessionContext, peer: &Peer) -> Status {
+    HubMetrics::add(&ctx.metrics.auth_failures, 1);
+    if !ctx.failures.allowed(peer.ip) {
+        return Status::resource_exhausted(
+            "too many failed authentications from this address; try again in a minute",
+        );
+    }
+    ctx.failures.failed(peer.ip);
+    Status::unauthenticated("invalid device credentials")
 }
 
 async fn wait_for_hello(

@@ -1,5 +1,6 @@
 //! Device administration over HTTP (admin role, like every call that is
-//! not a read): enroll, rotate a token, remove. The core (`crate::operator`)
+//! not a read): enroll, rotate a token, remove, pin a device to a client
+//! certificate and revoke certificates. The core (`crate::operator`)
 //! decides; this only translates.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, post};
+use axum::routing::{delete, post, put};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -22,6 +23,108 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
         .route("/devices", post(add_device))
         .route("/devices/{id}", delete(remove_device))
         .route("/devices/{id}/token", post(rotate_device_token))
+        .route(
+            "/devices/{id}/certificate",
+            put(pin_device_certificate).delete(unpin_device_certificate),
+        )
+        .route("/certificates/revoked", post(revoke_certificate))
+}
+
+/// A client certificate, by the SHA-256 of its DER.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertificateJson {
+    /// 64 hex digits (`:` between bytes allowed, as openssl prints them).
+    sha256: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct RevokedJson {
+    /// False when it was revoked already.
+    newly_revoked: bool,
+    /// Live streams on this hub that presented it, now ended.
+    streams_ended: u32,
+}
+
+/// Pins a device to one client certificate (auth.devices = "tls"); its
+/// live stream ends and reconnects under the pin.
+#[utoipa::path(put, path = "/devices/{id}/certificate", params(("id" = String, Path)),
+    request_body = CertificateJson, responses(
+    (status = 204),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 415, body = ErrorBody, description = "the body is not application/json"),
+    (status = 422, body = ErrorBody, description = "the JSON is not a certificate"),
+    (status = 503, body = ErrorBody)
+))]
+pub(super) async fn pin_device_certificate(
+    State(state): State<Arc<ApiState>>,
+    operator: Option<axum::Extension<Operator>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<CertificateJson>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(device_id) = id?;
+    let Json(req) = body?;
+    if req.sha256.is_empty() {
+        return Err(ApiError::invalid(
+            "sha256 is empty: DELETE the certificate to unpin".to_owned(),
+        ));
+    }
+    state
+        .ops
+        .pin_device_certificate(&device_id, &req.sha256)
+        .await?;
+    tracing::info!(by = caller(operator), device_id = ?device_id, sha256 = req.sha256,
+        "device certificate pinned (http)");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Unpins a device: any certificate naming it is accepted again (unless
+/// revoked).
+#[utoipa::path(delete, path = "/devices/{id}/certificate", params(("id" = String, Path)), responses(
+    (status = 204),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 503, body = ErrorBody)
+))]
+pub(super) async fn unpin_device_certificate(
+    State(state): State<Arc<ApiState>>,
+    operator: Option<axum::Extension<Operator>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(device_id) = id?;
+    state.ops.pin_device_certificate(&device_id, "").await?;
+    tracing::info!(by = caller(operator), device_id = ?device_id, "device certificate unpinned (http)");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses a client certificate from now on, whatever device it names;
+/// live streams on it end.
+#[utoipa::path(post, path = "/certificates/revoked", request_body = CertificateJson, responses(
+    (status = 200, body = RevokedJson),
+    (status = 400, body = ErrorBody),
+    (status = 415, body = ErrorBody, description = "the body is not application/json"),
+    (status = 422, body = ErrorBody, description = "the JSON is not a certificate"),
+    (status = 503, body = ErrorBody)
+))]
+pub(super) async fn revoke_certificate(
+    State(state): State<Arc<ApiState>>,
+    operator: Option<axum::Extension<Operator>>,
+    body: Result<Json<CertificateJson>, JsonRejection>,
+) -> Result<Json<RevokedJson>, ApiError> {
+    let Json(req) = body?;
+    let (newly_revoked, streams_ended) = state.ops.revoke_certificate(&req.sha256).await?;
+    tracing::info!(
+        by = caller(operator),
+        sha256 = req.sha256,
+        newly_revoked,
+        streams_ended,
+        "certificate revoked (http)"
+    );
+    Ok(Json(RevokedJson {
+        newly_revoked,
+        streams_ended,
+    }))
 }
 
 /// A device to enroll (or re-add after removal).

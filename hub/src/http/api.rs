@@ -67,7 +67,10 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
         super::events::events,
         super::admin::add_device,
         super::admin::rotate_device_token,
-        super::admin::remove_device
+        super::admin::remove_device,
+        super::admin::pin_device_certificate,
+        super::admin::unpin_device_certificate,
+        super::admin::revoke_certificate
     ),
     components(schemas(
         ErrorBody,

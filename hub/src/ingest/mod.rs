@@ -78,6 +78,15 @@ pub enum CredentialChange {
     Remove {
         device_id: DeviceId,
     },
+    /// Pin a device to one client certificate, or unpin it (None).
+    PinCertificate {
+        device_id: DeviceId,
+        sha256: Option<[u8; 32]>,
+    },
+    /// Refuse a client certificate from now on (replies whether it was new).
+    RevokeCertificate {
+        sha256: [u8; 32],
+    },
 }
 
 pub(crate) enum WriterMsg {

@@ -717,6 +717,19 @@ impl Writer {
                             tx.remove_device(device_id.as_str(), now, &self.settings.hub_id)
                                 .await?
                         }
+                        CredentialChange::PinCertificate { device_id, sha256 } => {
+                            tx.pin_certificate(
+                                device_id.as_str(),
+                                sha256.as_ref(),
+                                &self.settings.hub_id,
+                            )
+                            .await?
+                        }
+                        CredentialChange::RevokeCertificate { sha256 } => {
+                            let added = tx.revoke_certificate(sha256, now).await?;
+                            outcomes.push(Outcome::Credentials(added));
+                            continue;
+                        }
                     };
                     // Rotate and remove bump the device's epoch: the old
                     // streams' later batches, in this group too, are fenced.

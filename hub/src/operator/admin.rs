@@ -39,6 +39,27 @@ impl Operations {
         Ok(devices::remove(&self.ingest, &self.registry, device_id).await?)
     }
 
+    /// Pins a device to one client certificate (`sha256`: 64 hex digits of
+    /// the SHA-256 of its DER), or unpins it (empty).
+    pub async fn pin_device_certificate(
+        &self,
+        device_id: &str,
+        sha256: &str,
+    ) -> Result<(), OpError> {
+        let sha256 = match sha256 {
+            "" => None,
+            hex => Some(parse_sha256(hex)?),
+        };
+        Ok(devices::pin_certificate(&self.ingest, &self.registry, device_id, sha256).await?)
+    }
+
+    /// Refuses a client certificate from now on (`sha256`: 64 hex digits);
+    /// whether it was newly revoked, and the live streams on it ended.
+    pub async fn revoke_certificate(&self, sha256: &str) -> Result<(bool, u32), OpError> {
+        let sha256 = parse_sha256(sha256)?;
+        Ok(devices::revoke_certificate(&self.ingest, &self.registry, sha256).await?)
+    }
+
     /// A consistent copy of both databases into backup `name`; one at a
     /// time (FAILED_PRECONDITION while another runs).
     pub async fn backup(&self, name: &str) -> Result<BackupReport, OpError> {
@@ -52,5 +73,35 @@ impl Operations {
             name,
         )
         .await?)
+    }
+}
+
+/// A certificate's SHA-256 as 64 hex digits (upper or lower case; `:`
+/// between bytes, as openssl prints fingerprints, is allowed).
+pub fn parse_sha256(raw: &str) -> Result<[u8; 32], OpError> {
+    let digits: String = raw.chars().filter(|c| *c != ':').collect();
+    hex::decode(&digits)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| {
+            OpError::Invalid(format!(
+                "a certificate's SHA-256 is 64 hex digits, not {:?}",
+                crate::domain::shown(raw)
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_as_people_paste_them() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_sha256(&hex).unwrap(), [0xab; 32]);
+        let openssl = vec!["AB"; 32].join(":");
+        assert_eq!(parse_sha256(&openssl).unwrap(), [0xab; 32]);
+        assert!(parse_sha256("abc").is_err());
+        assert!(parse_sha256(&"ab".repeat(31)).is_err());
     }
 }

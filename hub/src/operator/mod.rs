@@ -10,7 +10,7 @@
 mod admin;
 mod live;
 
-pub use admin::Backups;
+pub use admin::{Backups, parse_sha256};
 pub use live::{CommandWatch, LiveEvent, QueryRun, ReadingsWatch, WatchSlot};
 
 use std::collections::BTreeMap;

@@ -298,22 +298,42 @@ impl Store {
         Ok(rows.into_iter().map(DeviceRow::into_record).collect())
     }
 
-    /// What is stored of a device's credentials (default: unknown device).
-    pub async fn credentials(&self, external_id: &str) -> Result<StoredCredentials, StoreError> {
-        let row: Option<(Option<Vec<u8>>, Option<i64>)> = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_as("SELECT token_sha256, removed_ms FROM devices WHERE external_id = $1")
-                .bind(external_id)
-                .fetch_optional(pool)
-                .await?
+    /// What is stored of a device's credentials (default: unknown device),
+    /// and whether `certificate` (the SHA-256 of the one it presented, if
+    /// any) is revoked.
+    pub async fn credentials(
+        &self,
+        external_id: &str,
+        certificate: Option<&[u8; 32]>,
+    ) -> Result<StoredCredentials, StoreError> {
+        type Row = (Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>);
+        let row: Option<Row> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(
+                "SELECT token_sha256, removed_ms, cert_sha256 FROM devices WHERE external_id = $1",
+            )
+            .bind(external_id)
+            .fetch_optional(pool)
+            .await?
         });
-        Ok(
-            row.map_or_else(StoredCredentials::default, |(hash, removed)| {
-                StoredCredentials {
-                    token_sha256: hash.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()),
-                    removed: removed.is_some(),
-                }
-            }),
-        )
+        let sha256 = |h: Option<Vec<u8>>| h.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok());
+        let mut stored = row.map_or_else(StoredCredentials::default, |(token, removed, cert)| {
+            StoredCredentials {
+                token_sha256: sha256(token),
+                removed: removed.is_some(),
+                cert_sha256: sha256(cert),
+                cert_revoked: false,
+            }
+        });
+        if let Some(certificate) = certificate {
+            let revoked: i64 = with_pool!(&self.read, pool, _Db => {
+                sqlx::query_scalar("SELECT count(*) FROM revoked_certs WHERE sha256 = $1")
+                    .bind(certificate.as_slice())
+                    .fetch_one(pool)
+                    .await?
+            });
+            stored.cert_revoked = revoked > 0;
+        }
+        Ok(stored)
     }
 
     pub async fn sensor_key(&self, name: &str) -> Result<Option<SensorKey>, StoreError> {

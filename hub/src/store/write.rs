@@ -253,6 +253,7 @@ impl WriteTx<'_> {
             Proof::Admitted => (0, None),
             Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
             Proof::FleetToken => (2, None),
+            Proof::Certificate(sha256) => (3, Some(sha256.as_slice())),
         };
         let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, \
@@ -263,7 +264,9 @@ impl WriteTx<'_> {
              online_since_ms = excluded.online_since_ms \
              WHERE devices.removed_ms IS NULL AND ($5 = 0 \
                OR ($5 = 1 AND devices.token_sha256 = $6) \
-               OR ($5 = 2 AND devices.token_sha256 IS NULL)) \
+               OR ($5 = 2 AND devices.token_sha256 IS NULL) \
+               OR ($5 = 3 AND (devices.cert_sha256 IS NULL OR devices.cert_sha256 = $6) \
+                   AND NOT EXISTS (SELECT 1 FROM revoked_certs WHERE sha256 = $6))) \
              RETURNING id, acked_seq, epoch",
         )
         .bind(hello.device_id.as_str())
@@ -320,6 +323,46 @@ impl WriteTx<'_> {
         .await?
         .rows_affected());
         Ok(())
+    }
+
+    /// Pins a device to one client certificate (its SHA-256), or unpins it
+    /// (None); its epoch is bumped, so a stream on another certificate is
+    /// fenced. The device and its new epoch, or None when there is no such
+    /// device.
+    pub async fn pin_certificate(
+        &mut self,
+        device_id: &str,
+        sha256: Option<&[u8; 32]>,
+        hub: &str,
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
+        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
+            "UPDATE devices SET cert_sha256 = $1, epoch = epoch + 1 \
+             WHERE external_id = $2 AND removed_ms IS NULL RETURNING id, epoch",
+        )
+        .bind(sha256.map(|s| s.as_slice()))
+        .bind(device_id)
+        .fetch_optional(c)
+        .await?);
+        self.announce_end(device_id, row, hub).await
+    }
+
+    /// Refuses a client certificate (its SHA-256) from now on, whichever
+    /// device it names; false when it was revoked already.
+    pub async fn revoke_certificate(
+        &mut self,
+        sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let added = with_conn!(self.conn.conn(), c => sqlx::query(
+            "INSERT INTO revoked_certs (sha256, revoked_ms) VALUES ($1, $2) \
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(sha256.as_slice())
+        .bind(now_ms)
+        .execute(c)
+        .await?
+        .rows_affected());
+        Ok(added == 1)
     }
 
     /// Replaces a device's token (its epoch bumped); the device and its

@@ -1015,15 +1015,26 @@ impl Pki {
         cn: &str,
         ip_san: bool,
     ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let sans = if ip_san {
+            vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())]
+        } else {
+            Vec::new()
+        };
+        self.issue_with(name, cn, sans)
+    }
+
+    /// A certificate with subject alternative names of its own.
+    pub fn issue_with(
+        &self,
+        name: &str,
+        cn: &str,
+        sans: Vec<rcgen::SanType>,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
-        if ip_san {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-        }
+        params.subject_alt_names = sans;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         let cert_path = self.dir.path().join(format!("{name}.pem"));

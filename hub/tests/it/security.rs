@@ -478,6 +478,146 @@ async fn tls_and_mtls_admit_only_the_device_the_certificate_names() {
     drop(dev);
 }
 
+/// A certificate names its device in one configured place (the CN by
+/// default), so one that also lists other ids in its SANs is not theirs;
+/// pins bind a device to one certificate, and a revoked certificate stays
+/// refused after its device is removed and added again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_one_device_and_can_be_pinned_and_revoked() {
+    use rcgen::SanType;
+    let pki = Pki::new("hub test CA");
+    let (server_cert, server_key) = pki.issue("hub", "hub", true);
+    let ca_path = pki.ca_path();
+    let hub = spawn_hub_with(|s| {
+        s.server.tls.cert = server_cert;
+        s.server.tls.key = server_key;
+        s.server.tls.client_ca = ca_path;
+        s.auth.devices = DeviceAuthMode::Tls;
+    })
+    .await;
+    let connect = async |cert: &(PathBuf, PathBuf), id: &str| {
+        let channel = tls_channel(&hub, pki.ca(), Some(cert.clone()))
+            .await
+            .unwrap();
+        try_connect(channel, hello(id)).await
+    };
+    let broad = pki.issue_with(
+        "broad",
+        "dev-a",
+        vec![
+            SanType::DnsName("dev-b".try_into().unwrap()),
+            SanType::URI("dev-c".try_into().unwrap()),
+            SanType::Rfc822Name("dev-d".try_into().unwrap()),
+        ],
+    );
+    assert!(connect(&broad, "dev-a").await.is_ok(), "its CN");
+    for other in ["dev-b", "dev-c", "dev-d"] {
+        assert_eq!(
+            connect(&broad, other).await.err(),
+            Some(Code::Unauthenticated),
+            "{other} is only in a SAN"
+        );
+    }
+
+    // Revoked: its stream ends, and removing and re-adding the device does
+    // not bring it back; a new certificate does.
+    let leaked = pki.issue("leaked", "dev-r", false);
+    let mut on_leaked = connect(&leaked, "dev-r").await.expect("welcome");
+    let sha256 = hex::encode(hub::auth::certificate_sha256(&pem_der(&leaked.0)));
+    let mut admin = OperatorClient::new(tls_channel(&hub, pki.ca(), None).await.unwrap());
+    let revoked = admin
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            sha256: sha256.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((revoked.newly_revoked, revoked.streams_ended), (true, 1));
+    assert_eq!(on_leaked.end_code().await, Code::Unauthenticated);
+    assert_eq!(
+        connect(&leaked, "dev-r").await.err(),
+        Some(Code::Unauthenticated)
+    );
+    admin
+        .remove_device(pb::RemoveDeviceRequest {
+            device_id: "dev-r".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .add_device(pb::AddDeviceRequest {
+            device_id: "dev-r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        connect(&leaked, "dev-r").await.err(),
+        Some(Code::Unauthenticated),
+        "still revoked after remove and add"
+    );
+    let renewed = pki.issue("renewed", "dev-r", false);
+    assert!(connect(&renewed, "dev-r").await.is_ok());
+
+    // Pinned through the CLI, by the certificate's file: another
+    // certificate for the same id is refused until the pin is lifted.
+    let first = pki.issue("first", "dev-p", false);
+    let second = pki.issue("second", "dev-p", false);
+    assert!(connect(&second, "dev-p").await.is_ok());
+    let ca = pki.ca_path().display().to_string();
+    let url = format!("https://{}", hub.addr);
+    let cert = first.0.display().to_string();
+    let hub::cli::Command::Devices(args) = crate::cli::parse(&[
+        "hub", "devices", "pin-cert", "--hub", &url, "--ca", &ca, "dev-p", "--pem", &cert,
+    ]) else {
+        panic!("devices args")
+    };
+    let mut out = Vec::new();
+    hub::cli::device_action(args.action.as_ref().unwrap(), &mut out)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("pinned dev-p to "));
+    assert_eq!(
+        connect(&second, "dev-p").await.err(),
+        Some(Code::Unauthenticated)
+    );
+    assert!(connect(&first, "dev-p").await.is_ok());
+    admin
+        .pin_device_certificate(pb::PinDeviceCertificateRequest {
+            device_id: "dev-p".into(),
+            sha256: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(connect(&second, "dev-p").await.is_ok(), "unpinned");
+    let unknown = admin
+        .pin_device_certificate(pb::PinDeviceCertificateRequest {
+            device_id: "nobody".into(),
+            sha256: sha256.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad = admin
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            sha256: "xyz".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+/// The DER of the first certificate in a PEM file.
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    let pem = std::fs::read(path).unwrap();
+    let text = String::from_utf8(pem).unwrap();
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_on_devices_and_on_a_device_reading_rate() {
     let hub = spawn_hub_with(|s| {
