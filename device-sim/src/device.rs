@@ -165,6 +165,9 @@ impl SimDevice {
                 }
                 StreamEnd::Broken(status) => {
                     tracing::debug!(device = %self.cfg.device_id, code = ?status.code(), msg = status.message(), "stream broke");
+                    if let Some(why) = crate::tls::failure(&status) {
+                        self.tls_failed(&why);
+                    }
                     if drain_deadline.is_some_and(|d| Instant::now() >= d) {
                         return DeviceEnd::Unclean;
                     }
@@ -185,6 +188,20 @@ impl SimDevice {
                     }
                 }
             }
+        }
+    }
+
+    /// A TLS handshake failed: the fleet cannot work until someone fixes a
+    /// certificate, so it is an ERROR that says what to do (the first, then
+    /// one in a thousand: a fleet fails as one).
+    fn tls_failed(&self, why: &str) {
+        let n = self
+            .stats
+            .tls_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(1000) {
+            tracing::error!(device = %self.cfg.device_id, failures = n + 1, error = why,
+                "TLS with the hub failed: {}", crate::tls::ADVICE);
         }
     }
 

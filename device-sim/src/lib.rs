@@ -13,6 +13,7 @@ pub mod device;
 pub mod fleet;
 pub mod signal;
 pub mod stats;
+pub mod tls;
 
 pub use fleet::{Credentials, FleetConfig, FleetError, TlsFiles, device_id, fleet_token, run};
 pub use stats::{FleetStats, FleetSummary};

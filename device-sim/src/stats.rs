@@ -25,6 +25,8 @@ pub struct FleetStats {
     pub commands_executed: AtomicU64,
     /// Acks for a seq beyond any this device sent (the stream is dropped).
     pub bad_acks: AtomicU64,
+    /// Connections that failed in the TLS handshake.
+    pub tls_failures: AtomicU64,
     /// Seqs the hub acknowledged and later, in a Welcome, no longer had: an
     /// acked reading lost. Must stay 0.
     pub lost_acks: AtomicU64,
@@ -45,6 +47,7 @@ impl Default for FleetStats {
             commands_received: AtomicU64::new(0),
             commands_executed: AtomicU64::new(0),
             bad_acks: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
             lost_acks: AtomicU64::new(0),
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),

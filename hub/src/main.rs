@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(action) => ok(cli::device_action(action, &mut std::io::stdout().lock()).await),
         },
         Command::Backup(args) => ok(cli::backup(&args, &mut std::io::stdout().lock()).await),
+        Command::Certs(args) => ok(cli::certs::run(&args, &mut std::io::stdout().lock())),
         Command::Watch(args) => ok(cli::watch(&args, &mut std::io::stdout().lock()).await),
         Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,

@@ -2,6 +2,7 @@
 //! and `devices` are gRPC clients of a running hub; `demo` runs a hub and a
 //! simulated fleet in one process.
 
+pub mod certs;
 mod command;
 mod demo;
 mod output;
@@ -63,6 +64,9 @@ pub enum Command {
     /// Copy both databases, online and consistent, into a new directory
     /// below the hub's storage.backup_dir (admin), and verify the copy.
     Backup(BackupArgs),
+    /// Write a CA, the hub's TLS certificate and device certificates (for
+    /// auth.devices = "tls") that work together, and print the settings.
+    Certs(certs::CertsArgs),
 }
 
 /// How to reach a running hub.

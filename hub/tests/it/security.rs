@@ -607,6 +607,94 @@ async fn a_certificate_is_one_device_and_can_be_pinned_and_revoked() {
     assert_eq!(bad.code(), Code::InvalidArgument);
 }
 
+/// `hub certs` writes a set that works: a TLS hub on its hub certificate
+/// admits a simulated device on its device certificate; run again, it
+/// reuses the CA for a new device. A TLS failure is told as one, with what
+/// to do, however tonic wraps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_certs_writes_a_working_set_and_tls_failures_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    let out = out_dir.display().to_string();
+    let certs = |device: &str| {
+        let hub::cli::Command::Certs(args) =
+            crate::cli::parse(&["hub", "certs", "--out", &out, "--device", device])
+        else {
+            panic!("certs args")
+        };
+        let mut printed = Vec::new();
+        hub::cli::certs::run(&args, &mut printed).unwrap();
+        String::from_utf8(printed).unwrap()
+    };
+    let first = certs("cert-00001");
+    assert!(first.contains("devices = \"tls\""), "{first}");
+    let file = |name: &str| out_dir.join(name);
+    let hub = spawn_hub_with(|s| {
+        s.server.tls.cert = file("hub.pem");
+        s.server.tls.key = file("hub.key");
+        s.server.tls.client_ca = file("ca.pem");
+        s.auth.devices = DeviceAuthMode::Tls;
+    })
+    .await;
+    let device = |prefix: &str, start_index| device_sim::FleetConfig {
+        hub: format!("https://{}", hub.addr),
+        devices: 1,
+        id_prefix: prefix.into(),
+        start_index,
+        tls: Some(device_sim::TlsFiles {
+            ca: file("ca.pem"),
+            identity: Some((
+                file(&format!("{prefix}{start_index:05}.pem")),
+                file(&format!("{prefix}{start_index:05}.key")),
+            )),
+        }),
+        ..Default::default()
+    };
+    let fleet = SimFleet::start_with(device("cert-", 1)).await;
+    fleet.wait_for_acks(10).await;
+    let again = certs("cert-00002");
+    assert!(again.contains("reused"), "{again}");
+    assert!(again.contains("kept"), "{again}");
+    let second = SimFleet::start_with(device("cert-", 2)).await;
+    second.wait_for_acks(10).await;
+    for f in [fleet, second] {
+        let summary = f.finish().await;
+        assert!(summary.all_clean(), "{summary:?}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the CA's key is private");
+
+    // A client trusting another CA: the failure is a TLS one, and says so.
+    let strange = Pki::new("another CA");
+    let channel = Endpoint::from_shared(format!("https://{}", hub.addr))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(strange.ca()))
+        .unwrap()
+        .connect_lazy();
+    let status = OperatorClient::new(channel)
+        .get_hub_stats(pb::GetHubStatsRequest {})
+        .await
+        .unwrap_err();
+    let why = device_sim::tls::failure(&status).expect("a TLS failure");
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+    // A plain connection refused is not one.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_lazy();
+    let status = OperatorClient::new(channel)
+        .get_hub_stats(pb::GetHubStatsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(device_sim::tls::failure(&status), None, "{status:?}");
+}
+
 /// The DER of the first certificate in a PEM file.
 fn pem_der(path: &std::path::Path) -> Vec<u8> {
     let pem = std::fs::read(path).unwrap();
