@@ -1,6 +1,13 @@
 //! Builds the hub, spawns its tasks and owns shutdown. The only place that
 //! wires components together.
 //!
+//! Each component (storage and the writer, commands, the cluster tasks, the
+//! MQTT bridge, background jobs, metrics, HTTP, gRPC and its device
+//! streams) has one start function that returns a [`Component`]: its task,
+//! how to tell it to stop, and the [`Phase`] at which shutdown does so and
+//! at which it waits for it. [`Hub::shutdown`] walks the phases in order;
+//! adding a background job is one more component in [`Hub::start`]'s list.
+//!
 //! The writer and the commands task are critical: if either ends before
 //! shutdown (a panic, say), the hub turns NOT_SERVING in gRPC health at once
 //! and [`Hub::run_until_signal`] shuts down and returns the error, so the
@@ -15,6 +22,7 @@ use anyhow::Context;
 use telemetry_proto::v1::{
     device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer,
 };
+use tokio::sync::broadcast;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +36,7 @@ use crate::auth::{AuthPolicy, FailureLimiter};
 use crate::commands::{self, CommandSettings, Commands};
 use crate::config::Settings;
 use crate::config::TlsSettings;
+use crate::domain::CommittedBatch;
 use crate::grpc::OperatorAuth;
 use crate::grpc::session::SessionContext;
 use crate::grpc::{DeviceGatewayService, OperatorService};
@@ -147,396 +156,188 @@ async fn show_health(reporter: &HealthReporter, hub: bool, gateway: bool) {
         .await;
 }
 
+/// When shutdown tells a component to stop, and when it waits for it: the
+/// phases run in this order, each stopping its components, then waiting
+/// for those whose wait falls in it (bounded by `server.shutdown_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Stop taking work: the doors stop accepting, device streams flush
+    /// their acks and end (the writer still runs), jobs stop.
+    Intake,
+    /// The jobs that ride on the writer or the database end.
+    Background,
+    /// The MQTT bridge tells the broker every device and the hub are
+    /// offline, and disconnects.
+    Bridges,
+    /// The writer commits what is queued, the commands task its last batch.
+    Storage,
+    /// Whatever still holds a connection: servers, health.
+    Last,
+}
+
+const PHASES: [Phase; 5] = [
+    Phase::Intake,
+    Phase::Background,
+    Phase::Bridges,
+    Phase::Storage,
+    Phase::Last,
+];
+
+/// What shutdown does with a component still running at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// Abort it and go on, with a warning.
+    Abort,
+    /// Abort it and fail the shutdown (the writer: readings may be lost).
+    Fail,
+}
+
+/// A started component, as shutdown sees it.
+struct Component {
+    name: &'static str,
+    /// Tells it to stop (at `stop_at`).
+    stop: Box<dyn FnOnce() + Send>,
+    stop_at: Phase,
+    task: JoinHandle<()>,
+    wait_at: Phase,
+    overdue: Overdue,
+}
+
+impl Component {
+    fn new(name: &'static str, task: JoinHandle<()>) -> Self {
+        Self {
+            name,
+            stop: Box::new(|| {}),
+            stop_at: Phase::Intake,
+            task,
+            wait_at: Phase::Intake,
+            overdue: Overdue::Abort,
+        }
+    }
+
+    /// Told to stop by cancelling `token` at `phase`.
+    fn stopped_by(mut self, phase: Phase, token: CancellationToken) -> Self {
+        self.stop = Box::new(move || token.cancel());
+        self.stop_at = phase;
+        self
+    }
+
+    fn awaited_at(mut self, phase: Phase) -> Self {
+        self.wait_at = phase;
+        self
+    }
+
+    fn critical(mut self) -> Self {
+        self.overdue = Overdue::Fail;
+        self
+    }
+}
+
+/// What every component may need: built first, shared by the start
+/// functions below.
+struct Core {
+    settings: Settings,
+    metrics: Arc<HubMetrics>,
+    registry: Arc<SessionRegistry>,
+    hub_id: Arc<str>,
+    auth: Arc<AuthPolicy>,
+    /// Device streams, queries and event streams run here.
+    tracker: TaskTracker,
+    /// Cancelled when shutdown begins: jobs and listeners stop.
+    stopping: CancellationToken,
+    /// Cancelled when device streams and watches must end (Intake).
+    sessions_stop: CancellationToken,
+    failure: Arc<Failure>,
+    fanout: broadcast::Sender<Arc<CommittedBatch>>,
+}
+
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
 /// cleanly; call `shutdown`.
 pub struct Hub {
     addr: SocketAddr,
     settings: Settings,
     metrics: Arc<HubMetrics>,
-    ingest: IngestQueue,
     registry: Arc<SessionRegistry>,
     store: Store,
     commands: Commands,
     command_store: CommandStore,
     tracker: TaskTracker,
-    sessions_stop: CancellationToken,
-    server_stop: CancellationToken,
-    writer_stop: CancellationToken,
-    commands_stop: CancellationToken,
-    bridge_stop: CancellationToken,
-    bridge: Option<JoinHandle<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    /// The supervisors of the writer and the commands task: they end when
-    /// the task does.
-    writer: JoinHandle<()>,
-    commands_task: JoinHandle<()>,
-    writer_abort: AbortHandle,
-    commands_abort: AbortHandle,
     stopping: CancellationToken,
     failure: Arc<Failure>,
-    health: JoinHandle<()>,
-    metrics_server: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
-    http: Option<crate::http::HttpServer>,
-    retention: Option<JoinHandle<()>>,
-    /// PostgreSQL: hears other hubs' claims and command changes.
-    claims: Option<JoinHandle<()>>,
-    /// PostgreSQL: this hub's heartbeat and its devices' presence.
-    presence: Option<JoinHandle<()>>,
+    /// Every component, in the order they were started.
+    components: Vec<Component>,
+    writer_abort: AbortHandle,
+    commands_abort: AbortHandle,
+    metrics_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     hub_id: Arc<str>,
 }
 
 impl Hub {
-    /// Opens the store, starts the writer and the gRPC server; returns once
-    /// the server is listening.
+    /// Opens the store, starts every component; returns once the gRPC
+    /// server is listening.
     pub async fn start(settings: Settings) -> anyhow::Result<Hub> {
         settings.validate()?;
-        let (store, store_writer) = store::open(&settings.storage).await.with_context(|| {
-            let st = &settings.storage;
-            match st.backend {
-                crate::config::Backend::Sqlite => {
-                    format!("cannot open the database {}", st.path.display())
-                }
-                crate::config::Backend::Postgres => {
-                    format!(
-                        "cannot open the PostgreSQL database {} (storage.url)",
-                        st.url
-                    )
-                }
+        let (fanout, _) = broadcast::channel(settings.ingest.fanout_capacity);
+        let core = Core {
+            metrics: HubMetrics::new(),
+            registry: SessionRegistry::new(),
+            hub_id: crate::cluster::new_hub_id(),
+            auth: Arc::new(AuthPolicy::new(&settings.auth)),
+            tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            sessions_stop: CancellationToken::new(),
+            failure: Arc::new(Failure::default()),
+            fanout,
+            settings,
+        };
+        let mut components = Vec::new();
+        let storage = start_storage(&core, &mut components).await?;
+        let commands = start_commands(&core, &storage, &mut components).await?;
+        let ops = Arc::new(operations(&core, &storage, &commands));
+        components.extend(start_bridge(&core, &ops, &commands));
+        components.extend(start_cluster(&core, &storage.store, &commands).await?);
+        components.extend(start_jobs(&core, &storage));
+        let metrics_addr = match start_metrics(&core, &storage).await? {
+            Some((addr, component)) => {
+                components.push(component);
+                Some(addr)
             }
-        })?;
-        let metrics = HubMetrics::new();
-        let registry = SessionRegistry::new();
-        let hub_id = crate::cluster::new_hub_id();
-        let auth = Arc::new(AuthPolicy::new(&settings.auth));
-        let tracker = TaskTracker::new();
-
-        let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
-        let (fanout, _) = tokio::sync::broadcast::channel(settings.ingest.fanout_capacity);
-        let writer = Writer::new(
-            store_writer,
-            queue_rx,
-            WriterSettings {
-                max_batch_rows: settings.ingest.max_batch_rows,
-                max_batch_delay: settings.ingest.max_batch_delay,
-                max_sensors: settings.ingest.max_sensors,
-                max_sensors_per_device: settings.ingest.max_sensors_per_device,
-                compact_rows: settings.storage.compact_rows,
-                hub_id: Arc::clone(&hub_id),
-                cached_devices: settings.ingest.cached_devices,
-            },
-            Arc::clone(&metrics),
-            fanout.clone(),
-        );
-        let stopping = CancellationToken::new();
-        let failure = Arc::new(Failure::default());
-        let writer_stop = CancellationToken::new();
-        // Cancelled when shutdown begins: sessions end, the writer commits
-        // what it holds at once so their last acks go out.
-        let sessions_stop = CancellationToken::new();
-        let writer = tokio::spawn(writer.run(writer_stop.clone(), sessions_stop.clone()));
-        let writer_abort = writer.abort_handle();
-        let writer = supervise(
-            CriticalTask::Writer,
-            writer,
-            stopping.clone(),
-            Arc::clone(&failure),
-        );
-
-        let (command_store, command_writer) = store::commands::open(&settings.storage)
-            .await
-            .context("cannot open the command log")?;
-        let c = &settings.commands;
-        let (commands, command_actor) = commands::channel(
-            CommandSettings {
-                default_ttl: c.default_ttl,
-                max_pending_per_device: c.max_pending_per_device,
-                ack_timeout: c.ack_timeout,
-                max_attempts: c.max_attempts,
-                outbox: c.outbox,
-                max_params_bytes: c.max_params_bytes,
-                retention: c.retention,
-            },
-            command_store.clone(),
-            command_writer,
-            store.clone(),
-        );
-        let commands_stop = CancellationToken::new();
-        let commands_task = tokio::spawn(
-            command_actor
-                .with_metrics(Arc::clone(&metrics))
-                .with_hub_id(Arc::clone(&hub_id))
-                .run(commands_stop.clone()),
-        );
-        let commands_abort = commands_task.abort_handle();
-        let commands_task = supervise(
-            CriticalTask::Commands,
-            commands_task,
-            stopping.clone(),
-            Arc::clone(&failure),
-        );
-
-        let bridge_stop = CancellationToken::new();
-        let bridge = settings.mqtt.enabled.then(|| {
-            let cluster =
-                (settings.storage.backend == crate::config::Backend::Postgres).then_some(&*hub_id);
-            let bridge = crate::mqtt::Bridge::new(
-                settings.mqtt.clone(),
-                commands.clone(),
-                Arc::clone(&registry),
-                Arc::clone(&metrics),
-                cluster,
-            );
-            // Each hub publishes the command changes it committed itself.
-            tokio::spawn(bridge.run(
-                fanout.subscribe(),
-                registry.subscribe(),
-                commands.subscribe_local(),
-                bridge_stop.clone(),
-            ))
-        });
-
-        // Before the first stream: other hubs' notices and this hub's
-        // heartbeat (PostgreSQL).
-        let claims = crate::cluster::listen(
-            &store,
-            Arc::clone(&hub_id),
-            Arc::clone(&registry),
-            commands.clone(),
-            stopping.clone(),
-        )
-        .await
-        .context("cannot listen for other hubs' notices")?
-        .map(tokio::spawn);
-        let presence = crate::cluster::keep_presence(
-            store.clone(),
-            Arc::clone(&hub_id),
-            Arc::clone(&registry),
-            stopping.clone(),
-        )
-        .await
-        .context("cannot record this hub's heartbeat")?
-        .map(tokio::spawn);
-        let server_settings = &settings.server;
-        let ctx = Arc::new(SessionContext {
-            ingest: ingest.clone(),
-            registry: Arc::clone(&registry),
-            metrics: Arc::clone(&metrics),
-            commands: commands.clone(),
-            tracker: tracker.clone(),
-            shutdown: sessions_stop.clone(),
-            max_batch: server_settings.max_batch,
-            max_message_bytes: server_settings.max_message_bytes,
-            hello_timeout: server_settings.hello_timeout,
-            drain_timeout: server_settings.drain_timeout,
-            send_timeout: server_settings.send_timeout,
-            max_replies_per_sec: server_settings.max_replies_per_sec,
-            max_readings_per_sec: server_settings.max_readings_per_sec,
-            max_devices: server_settings.max_devices,
-            max_clock_skew: settings.ingest.max_clock_skew,
-            retention: (!settings.storage.retention.is_zero())
-                .then_some(settings.storage.retention),
-            auth: Arc::clone(&auth),
-            store: store.clone(),
-            failures: FailureLimiter::new(settings.auth.max_failures_per_minute),
-            refusals: std::sync::Mutex::new(crate::throttle::LogThrottle::new(
-                Duration::from_secs(10),
-            )),
-        });
-        let gateway = DeviceGatewayServer::new(DeviceGatewayService::new(
-            Arc::clone(&ctx),
-            server_settings.outbound_buffer,
-        ))
-        .max_decoding_message_size(server_settings.max_message_bytes);
-        let ops = Arc::new(Operations::new(OperationsParts {
-            store: store.clone(),
-            commands: ctx.commands.clone(),
-            registry: Arc::clone(&ctx.registry),
-            metrics: Arc::clone(&ctx.metrics),
-            ingest: ctx.ingest.clone(),
-            tracker: ctx.tracker.clone(),
-            shutdown: ctx.shutdown.clone(),
-            fanout: fanout.clone(),
-            backups: Backups {
-                command_store: command_store.clone(),
-                root: settings.storage.backup_root(),
-                running: tokio::sync::Mutex::new(()),
-            },
-            max_watches: settings.server.max_watches,
-            max_queries: settings.server.max_queries,
-        }));
-        let operator = OperatorAuth::new(
-            OperatorServer::new(OperatorService {
-                ops: Arc::clone(&ops),
-                tracker: ctx.tracker.clone(),
-            }),
-            Arc::clone(&auth),
-        );
-        // Both versions of reflection: grpcurl and grpcui ask v1, Python's
-        // grpcio-reflection and many GUI clients still ask v1alpha.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(telemetry_proto::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            None => None,
         };
-        let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
-        let reflection = reflection().build_v1().context("gRPC reflection")?;
-
-        let retention = (!settings.storage.retention.is_zero()).then(|| {
-            tokio::spawn(crate::retention::run(
-                ingest.clone(),
-                store.clone(),
-                settings.storage.retention,
-                stopping.clone(),
-            ))
-        });
-
-        tokio::spawn(crate::metrics::log_summary(
-            Arc::clone(&metrics),
-            settings.log.summary_interval,
-            stopping.clone(),
-        ));
-
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let health = tokio::spawn(report_health(
-            health_reporter,
-            Arc::clone(&metrics),
-            Arc::clone(&failure),
-            stopping.clone(),
-        ));
-
-        let metrics_server = if settings.metrics.enabled {
-            let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot listen on {} (metrics.listen)",
-                        settings.metrics.listen
-                    )
-                })?;
-            let metrics_addr = listener.local_addr()?;
-            if !metrics_addr.ip().is_loopback() {
-                tracing::warn!(%metrics_addr,
-                    "metrics.listen is not a loopback address: anyone who reaches it reads the \
-                     fleet's figures (no token is asked); keep it on loopback or firewall it");
+        let http_addr = match start_http(&core, &ops).await? {
+            Some((addr, component)) => {
+                components.push(component);
+                Some(addr)
             }
-            let (db_size, sized) = match settings.storage.backend {
-                crate::config::Backend::Sqlite => {
-                    let path = &settings.storage.path;
-                    let commands_path = crate::store::commands::commands_path(path);
-                    let files = [path.clone(), commands_path]
-                        .into_iter()
-                        .flat_map(|p| {
-                            let wal = PathBuf::from(format!("{}-wal", p.display()));
-                            [p, wal]
-                        })
-                        .collect();
-                    (crate::prometheus::DbSize::Files(files), None)
-                }
-                crate::config::Backend::Postgres => {
-                    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                    (
-                        crate::prometheus::DbSize::Postgres(Arc::clone(&bytes)),
-                        Some((store.clone(), bytes)),
-                    )
-                }
-            };
-            let registry = crate::prometheus::registry(
-                Arc::clone(&metrics),
-                tracker.clone(),
-                ingest.clone(),
-                db_size,
-            );
-            tracing::info!("metrics on http://{metrics_addr}/metrics");
-            Some((
-                metrics_addr,
-                tokio::spawn(crate::prometheus::serve(
-                    listener,
-                    registry,
-                    sized,
-                    stopping.clone(),
-                )),
-            ))
-        } else {
-            None
+            None => None,
         };
-
-        let http = if settings.http.enabled {
-            let server = crate::http::start(
-                &settings.http,
-                Arc::clone(&ops),
-                Arc::clone(&auth),
-                tracker.clone(),
-                sessions_stop.clone(),
-                stopping.clone(),
-            )
-            .await
-            .with_context(|| format!("cannot listen on {} (http.listen)", settings.http.listen))?;
-            tracing::info!("web console on http://{}/", server.addr);
-            Some(server)
-        } else {
-            None
-        };
-
-        let listener = tokio::net::TcpListener::bind(server_settings.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
-        let addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server_stop = CancellationToken::new();
-        let mut builder = Server::builder();
-        if let Some(tls) = server_tls(&server_settings.tls)? {
-            builder = builder.tls_config(tls).context("server.tls")?;
-        }
-        let server = tokio::spawn(
-            builder
-                .http2_keepalive_interval(Some(server_settings.keepalive))
-                .http2_keepalive_timeout(Some(server_settings.keepalive))
-                .tcp_keepalive(Some(server_settings.keepalive))
-                .max_concurrent_streams(server_settings.max_concurrent_streams)
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(reflection_v1alpha)
-                .add_service(gateway)
-                .add_service(operator)
-                .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned()),
-        );
-        let scheme = if server_settings.tls.enabled() {
+        let addr = start_grpc(&core, &storage, &commands, ops, &mut components).await?;
+        let settings = &core.settings;
+        let scheme = if settings.server.tls.enabled() {
             "https"
         } else {
             "http"
         };
-        tracing::info!(devices = ?settings.auth.devices, operators_open = auth.operators_open(),
-            hub_id = %hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
+        tracing::info!(devices = ?settings.auth.devices, operators_open = core.auth.operators_open(),
+            hub_id = %core.hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
         Ok(Hub {
             addr,
-            settings,
-            metrics,
-            ingest,
-            registry,
-            store,
-            commands,
-            command_store,
-            tracker,
-            sessions_stop,
-            server_stop,
-            writer_stop,
-            commands_stop,
-            bridge_stop,
-            bridge,
-            server,
-            writer,
-            commands_task,
-            writer_abort,
-            commands_abort,
-            stopping,
-            failure,
-            health,
-            metrics_server,
-            http,
-            retention,
-            claims,
-            presence,
-            hub_id,
+            metrics: core.metrics,
+            registry: core.registry,
+            store: storage.store,
+            commands: commands.commands,
+            command_store: commands.store,
+            tracker: core.tracker,
+            stopping: core.stopping,
+            failure: core.failure,
+            components,
+            writer_abort: storage.writer_abort,
+            commands_abort: commands.abort,
+            metrics_addr,
+            http_addr,
+            hub_id: core.hub_id,
+            settings: core.settings,
         })
     }
 
@@ -548,12 +349,12 @@ impl Hub {
 
     /// Where `/metrics` is served (when `metrics.enabled`).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_server.as_ref().map(|(addr, _)| *addr)
+        self.metrics_addr
     }
 
     /// Where the web console and its API are served (when `http.enabled`).
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().map(|h| h.addr)
+        self.http_addr
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -596,19 +397,16 @@ impl Hub {
         }
     }
 
-    /// Serves until SIGINT or SIGTERM (or until the server or a critical
-    /// task fails), then shuts down gracefully. A failure is returned as an
-    /// error after the shutdown, so the process exits non-zero.
-    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+    /// Serves until SIGINT or SIGTERM (or until a critical task or the
+    /// gRPC server fails), then shuts down gracefully. A failure is
+    /// returned as an error after the shutdown, so the process exits
+    /// non-zero.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
         let mut failure = None;
         tokio::select! {
             signal = shutdown_signal() => {
                 signal?;
                 tracing::info!("signal received");
-            }
-            result = &mut self.server => {
-                tracing::error!("the gRPC server stopped by itself");
-                result.context("server task")?.context("gRPC server")?;
             }
             _ = self.failure.happened.cancelled() => {
                 failure = Some(self.failure.reason());
@@ -621,86 +419,522 @@ impl Hub {
         }
     }
 
-    /// Graceful shutdown, bounded by `server.shutdown_timeout`: stop
-    /// accepting, let sessions flush their acks and end, commit what is
-    /// queued, close the database.
+    /// Graceful shutdown, bounded by `server.shutdown_timeout`: the phases
+    /// in order (see [`Phase`]), then the databases are closed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.settings.server.shutdown_timeout;
         tracing::info!("shutting down");
         self.stopping.cancel();
-        self.server_stop.cancel();
-        self.sessions_stop.cancel();
-        self.tracker.close();
-        // Sessions wait for their last commits: the writer still runs here.
-        if timeout_at(deadline, self.tracker.wait()).await.is_err() {
-            tracing::warn!(
-                left = self.tracker.len(),
-                "streams and queries did not end within the shutdown timeout"
-            );
-        }
-        if let Some(claims) = self.claims
-            && timeout_at(deadline, claims).await.is_err()
-        {
-            tracing::warn!("the cluster listener did not stop within the shutdown timeout");
-        }
-        if let Some(presence) = self.presence
-            && timeout_at(deadline, presence).await.is_err()
-        {
-            tracing::warn!("the presence task did not stop within the shutdown timeout");
-        }
-        // Retention stopped at `stopping`; its last step is in the queue.
-        if let Some(retention) = self.retention
-            && timeout_at(deadline, retention).await.is_err()
-        {
-            tracing::warn!("retention did not stop within the shutdown timeout");
-        }
-        // Devices are offline now; the bridge says so and disconnects.
-        self.bridge_stop.cancel();
-        if let Some(mut bridge) = self.bridge
-            && timeout_at(deadline, &mut bridge).await.is_err()
-        {
-            bridge.abort();
-            tracing::warn!("the MQTT bridge did not stop within the shutdown timeout");
-        }
-        self.writer_stop.cancel();
-        self.commands_stop.cancel();
-        let mut server = self.server;
-        match timeout_at(deadline, &mut server).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!("connections still open at the shutdown timeout; closing them");
-                server.abort();
+        let mut left = self.components;
+        let mut result = Ok(());
+        for phase in PHASES {
+            for component in left.iter_mut().filter(|c| c.stop_at == phase) {
+                let stop = std::mem::replace(&mut component.stop, Box::new(|| {}));
+                stop();
+            }
+            let (due, later): (Vec<_>, Vec<_>) = left.into_iter().partition(|c| c.wait_at == phase);
+            left = later;
+            for mut component in due {
+                if timeout_at(deadline, &mut component.task).await.is_ok() {
+                    continue;
+                }
+                component.task.abort();
+                match component.overdue {
+                    Overdue::Abort => tracing::warn!(
+                        component = component.name,
+                        "did not stop within the shutdown timeout; aborted"
+                    ),
+                    Overdue::Fail => {
+                        result = Err(anyhow::anyhow!(
+                            "{} did not finish within the shutdown timeout",
+                            component.name
+                        ));
+                    }
+                }
             }
         }
-        drop(self.ingest);
-        let mut writer = self.writer;
-        if timeout_at(deadline, &mut writer).await.is_err() {
-            self.writer_abort.abort();
-            anyhow::bail!("the writer did not finish within the shutdown timeout");
-        }
-        drop(self.commands);
-        let mut commands_task = self.commands_task;
-        if timeout_at(deadline, &mut commands_task).await.is_err() {
-            self.commands_abort.abort();
-            tracing::warn!("the commands task did not finish within the shutdown timeout");
-        }
-        let _ = self.health.await;
-        if let Some((_, server)) = self.metrics_server {
-            let _ = server.await;
-        }
-        if let Some(http) = self.http {
-            let mut task = http.task;
-            if timeout_at(deadline, &mut task).await.is_err() {
-                task.abort();
-                tracing::warn!("HTTP connections still open at the shutdown timeout; closed them");
-            }
-        }
+        result?;
         self.store.close().await;
         self.command_store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// The readings database and its one writer.
+struct Storage {
+    store: Store,
+    ingest: IngestQueue,
+    writer_abort: AbortHandle,
+}
+
+/// Opens the readings database (migrations, the SQLite lock) and starts
+/// the writer: critical, stopped and awaited at [`Phase::Storage`]; at
+/// [`Phase::Intake`] it commits at once what it holds, so closing streams
+/// get their last acks.
+async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::Result<Storage> {
+    let settings = &core.settings;
+    let (store, store_writer) = store::open(&settings.storage).await.with_context(|| {
+        let st = &settings.storage;
+        match st.backend {
+            crate::config::Backend::Sqlite => {
+                format!("cannot open the database {}", st.path.display())
+            }
+            crate::config::Backend::Postgres => {
+                format!(
+                    "cannot open the PostgreSQL database {} (storage.url)",
+                    st.url
+                )
+            }
+        }
+    })?;
+    let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
+    let writer = Writer::new(
+        store_writer,
+        queue_rx,
+        WriterSettings {
+            max_batch_rows: settings.ingest.max_batch_rows,
+            max_batch_delay: settings.ingest.max_batch_delay,
+            max_sensors: settings.ingest.max_sensors,
+            max_sensors_per_device: settings.ingest.max_sensors_per_device,
+            compact_rows: settings.storage.compact_rows,
+            hub_id: Arc::clone(&core.hub_id),
+            cached_devices: settings.ingest.cached_devices,
+        },
+        Arc::clone(&core.metrics),
+        core.fanout.clone(),
+    );
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(writer.run(writer_stop.clone(), core.sessions_stop.clone()));
+    let writer_abort = writer.abort_handle();
+    let supervisor = supervise(
+        CriticalTask::Writer,
+        writer,
+        core.stopping.clone(),
+        Arc::clone(&core.failure),
+    );
+    components.push(
+        Component::new("the ingest writer", supervisor)
+            .stopped_by(Phase::Storage, writer_stop)
+            .awaited_at(Phase::Storage)
+            .critical(),
+    );
+    Ok(Storage {
+        store,
+        ingest,
+        writer_abort,
+    })
+}
+
+/// The command log and the task that owns open commands.
+struct CommandsPart {
+    commands: Commands,
+    store: CommandStore,
+    abort: AbortHandle,
+}
+
+/// Opens the command log and starts the commands task: critical, stopped
+/// and awaited at [`Phase::Storage`], after the writer.
+async fn start_commands(
+    core: &Core,
+    storage: &Storage,
+    components: &mut Vec<Component>,
+) -> anyhow::Result<CommandsPart> {
+    let (command_store, command_writer) = store::commands::open(&core.settings.storage)
+        .await
+        .context("cannot open the command log")?;
+    let c = &core.settings.commands;
+    let (commands, command_actor) = commands::channel(
+        CommandSettings {
+            default_ttl: c.default_ttl,
+            max_pending_per_device: c.max_pending_per_device,
+            ack_timeout: c.ack_timeout,
+            max_attempts: c.max_attempts,
+            outbox: c.outbox,
+            max_params_bytes: c.max_params_bytes,
+            retention: c.retention,
+        },
+        command_store.clone(),
+        command_writer,
+        storage.store.clone(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        command_actor
+            .with_metrics(Arc::clone(&core.metrics))
+            .with_hub_id(Arc::clone(&core.hub_id))
+            .run(stop.clone()),
+    );
+    let abort = task.abort_handle();
+    let supervisor = supervise(
+        CriticalTask::Commands,
+        task,
+        core.stopping.clone(),
+        Arc::clone(&core.failure),
+    );
+    components.push(
+        Component::new("the commands task", supervisor)
+            .stopped_by(Phase::Storage, stop)
+            .awaited_at(Phase::Storage),
+    );
+    Ok(CommandsPart {
+        commands,
+        store: command_store,
+        abort,
+    })
+}
+
+/// The operator core every door calls.
+fn operations(core: &Core, storage: &Storage, commands: &CommandsPart) -> Operations {
+    Operations::new(OperationsParts {
+        store: storage.store.clone(),
+        commands: commands.commands.clone(),
+        registry: Arc::clone(&core.registry),
+        metrics: Arc::clone(&core.metrics),
+        ingest: storage.ingest.clone(),
+        tracker: core.tracker.clone(),
+        shutdown: core.sessions_stop.clone(),
+        fanout: core.fanout.clone(),
+        backups: Backups {
+            command_store: commands.store.clone(),
+            root: core.settings.storage.backup_root(),
+            running: tokio::sync::Mutex::new(()),
+        },
+        max_watches: core.settings.server.max_watches,
+        max_queries: core.settings.server.max_queries,
+    })
+}
+
+/// The MQTT bridge (`mqtt.enabled`): stopped at [`Phase::Bridges`], when
+/// every device stream has ended, so it can say they are offline.
+fn start_bridge(core: &Core, ops: &Arc<Operations>, commands: &CommandsPart) -> Option<Component> {
+    let settings = &core.settings;
+    if !settings.mqtt.enabled {
+        return None;
+    }
+    let cluster =
+        (settings.storage.backend == crate::config::Backend::Postgres).then_some(&*core.hub_id);
+    let bridge = crate::mqtt::Bridge::new(
+        settings.mqtt.clone(),
+        Arc::clone(ops),
+        Arc::clone(&core.registry),
+        Arc::clone(&core.metrics),
+        cluster,
+    );
+    let stop = CancellationToken::new();
+    // Each hub publishes the command changes it committed itself.
+    let task = tokio::spawn(bridge.run(
+        core.fanout.subscribe(),
+        core.registry.subscribe(),
+        commands.commands.subscribe_local(),
+        stop.clone(),
+    ));
+    Some(
+        Component::new("the MQTT bridge", task)
+            .stopped_by(Phase::Bridges, stop)
+            .awaited_at(Phase::Bridges),
+    )
+}
+
+/// PostgreSQL: the listener of other hubs' notices and this hub's
+/// heartbeat and presence, started before the first stream; they stop when
+/// shutdown begins.
+async fn start_cluster(
+    core: &Core,
+    store: &Store,
+    commands: &CommandsPart,
+) -> anyhow::Result<Vec<Component>> {
+    let mut started = Vec::new();
+    let claims = crate::cluster::listen(
+        store,
+        Arc::clone(&core.hub_id),
+        Arc::clone(&core.registry),
+        commands.commands.clone(),
+        core.stopping.clone(),
+    )
+    .await
+    .context("cannot listen for other hubs' notices")?;
+    if let Some(claims) = claims {
+        started.push(
+            Component::new("the cluster listener", tokio::spawn(claims))
+                .awaited_at(Phase::Background),
+        );
+    }
+    let presence = crate::cluster::keep_presence(
+        store.clone(),
+        Arc::clone(&core.hub_id),
+        Arc::clone(&core.registry),
+        core.stopping.clone(),
+    )
+    .await
+    .context("cannot record this hub's heartbeat")?;
+    if let Some(presence) = presence {
+        started.push(
+            Component::new("the presence task", tokio::spawn(presence))
+                .awaited_at(Phase::Background),
+        );
+    }
+    Ok(started)
+}
+
+/// Jobs that run beside ingest: retention (its steps ride in the writer's
+/// groups, so it ends before the writer) and the periodic summary line.
+fn start_jobs(core: &Core, storage: &Storage) -> Vec<Component> {
+    let settings = &core.settings;
+    let mut started = vec![
+        Component::new(
+            "the summary log",
+            tokio::spawn(crate::metrics::log_summary(
+                Arc::clone(&core.metrics),
+                settings.log.summary_interval,
+                core.stopping.clone(),
+            )),
+        )
+        .awaited_at(Phase::Background),
+    ];
+    if !settings.storage.retention.is_zero() {
+        started.push(
+            Component::new(
+                "retention",
+                tokio::spawn(crate::retention::run(
+                    storage.ingest.clone(),
+                    storage.store.clone(),
+                    settings.storage.retention,
+                    core.stopping.clone(),
+                )),
+            )
+            .awaited_at(Phase::Background),
+        );
+    }
+    started
+}
+
+/// gRPC health's reporter: NOT_SERVING from the start of shutdown.
+fn start_health(core: &Core, reporter: HealthReporter) -> Component {
+    let task = tokio::spawn(report_health(
+        reporter,
+        Arc::clone(&core.metrics),
+        Arc::clone(&core.failure),
+        core.stopping.clone(),
+    ));
+    Component::new("health", task).awaited_at(Phase::Last)
+}
+
+/// Prometheus `/metrics` (`metrics.enabled`); its address.
+async fn start_metrics(
+    core: &Core,
+    storage: &Storage,
+) -> anyhow::Result<Option<(SocketAddr, Component)>> {
+    let settings = &core.settings;
+    if !settings.metrics.enabled {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (metrics.listen)",
+                settings.metrics.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(metrics_addr = %addr,
+            "metrics.listen is not a loopback address: anyone who reaches it reads the \
+             fleet's figures (no token is asked); keep it on loopback or firewall it");
+    }
+    let (db_size, sized) = match settings.storage.backend {
+        crate::config::Backend::Sqlite => {
+            let path = &settings.storage.path;
+            let commands_path = crate::store::commands::commands_path(path);
+            let files = [path.clone(), commands_path]
+                .into_iter()
+                .flat_map(|p| {
+                    let wal = PathBuf::from(format!("{}-wal", p.display()));
+                    [p, wal]
+                })
+                .collect();
+            (crate::prometheus::DbSize::Files(files), None)
+        }
+        crate::config::Backend::Postgres => {
+            let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            (
+                crate::prometheus::DbSize::Postgres(Arc::clone(&bytes)),
+                Some((storage.store.clone(), bytes)),
+            )
+        }
+    };
+    let registry = crate::prometheus::registry(
+        Arc::clone(&core.metrics),
+        core.tracker.clone(),
+        storage.ingest.clone(),
+        db_size,
+    );
+    tracing::info!("metrics on http://{addr}/metrics");
+    let serve = crate::prometheus::serve(listener, registry, sized, core.stopping.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "the metrics endpoint failed");
+        }
+    });
+    Ok(Some((
+        addr,
+        Component::new("the metrics endpoint", task).awaited_at(Phase::Last),
+    )))
+}
+
+/// The web console and its API (`http.enabled`): it stops accepting when
+/// shutdown begins, its event streams end with the device streams.
+async fn start_http(
+    core: &Core,
+    ops: &Arc<Operations>,
+) -> anyhow::Result<Option<(SocketAddr, Component)>> {
+    let settings = &core.settings;
+    if !settings.http.enabled {
+        return Ok(None);
+    }
+    let server = crate::http::start(
+        &settings.http,
+        Arc::clone(ops),
+        Arc::clone(&core.auth),
+        core.tracker.clone(),
+        core.sessions_stop.clone(),
+        core.stopping.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {} (http.listen)", settings.http.listen))?;
+    tracing::info!("web console on http://{}/", server.addr);
+    let served = server.task;
+    let task = tokio::spawn(async move {
+        if let Ok(Err(e)) = served.await {
+            tracing::warn!(error = %e, "the HTTP server failed");
+        }
+    });
+    Ok(Some((
+        server.addr,
+        Component::new("the HTTP server", task).awaited_at(Phase::Last),
+    )))
+}
+
+/// The gRPC server (device gateway, Operator API, health, reflection) and
+/// its device streams. Intake: it stops accepting, the streams flush their
+/// acks and end (they are waited for there); its connections are waited
+/// for with the writer's phase. A server that stops by itself is a failure.
+async fn start_grpc(
+    core: &Core,
+    storage: &Storage,
+    commands: &CommandsPart,
+    ops: Arc<Operations>,
+    components: &mut Vec<Component>,
+) -> anyhow::Result<SocketAddr> {
+    let settings = &core.settings;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    components.push(start_health(core, reporter));
+    let server_settings = &settings.server;
+    let ctx = Arc::new(SessionContext {
+        ingest: storage.ingest.clone(),
+        registry: Arc::clone(&core.registry),
+        metrics: Arc::clone(&core.metrics),
+        commands: commands.commands.clone(),
+        tracker: core.tracker.clone(),
+        shutdown: core.sessions_stop.clone(),
+        max_batch: server_settings.max_batch,
+        max_message_bytes: server_settings.max_message_bytes,
+        hello_timeout: server_settings.hello_timeout,
+        drain_timeout: server_settings.drain_timeout,
+        send_timeout: server_settings.send_timeout,
+        max_replies_per_sec: server_settings.max_replies_per_sec,
+        max_readings_per_sec: server_settings.max_readings_per_sec,
+        max_devices: server_settings.max_devices,
+        max_clock_skew: settings.ingest.max_clock_skew,
+        retention: (!settings.storage.retention.is_zero()).then_some(settings.storage.retention),
+        auth: Arc::clone(&core.auth),
+        store: storage.store.clone(),
+        failures: FailureLimiter::new(settings.auth.max_failures_per_minute),
+        refusals: std::sync::Mutex::new(crate::throttle::LogThrottle::new(Duration::from_secs(10))),
+    });
+    let gateway = DeviceGatewayServer::new(DeviceGatewayService::new(
+        Arc::clone(&ctx),
+        server_settings.outbound_buffer,
+    ))
+    .max_decoding_message_size(server_settings.max_message_bytes);
+    let operator = OperatorAuth::new(
+        OperatorServer::new(OperatorService {
+            ops,
+            tracker: core.tracker.clone(),
+        }),
+        Arc::clone(&core.auth),
+    );
+    // Both versions of reflection: grpcurl and grpcui ask v1, Python's
+    // grpcio-reflection and many GUI clients still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(telemetry_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection")?;
+    let reflection = reflection().build_v1().context("gRPC reflection")?;
+
+    let listener = tokio::net::TcpListener::bind(server_settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = Server::builder();
+    if let Some(tls) = server_tls(&server_settings.tls)? {
+        builder = builder.tls_config(tls).context("server.tls")?;
+    }
+    let server_stop = CancellationToken::new();
+    let serve = builder
+        .http2_keepalive_interval(Some(server_settings.keepalive))
+        .http2_keepalive_timeout(Some(server_settings.keepalive))
+        .tcp_keepalive(Some(server_settings.keepalive))
+        .max_concurrent_streams(server_settings.max_concurrent_streams)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(gateway)
+        .add_service(operator)
+        .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
+    let (stopping, failure) = (core.stopping.clone(), Arc::clone(&core.failure));
+    let server = tokio::spawn(async move {
+        let ended = serve.await;
+        if stopping.is_cancelled() {
+            if let Err(e) = ended {
+                tracing::warn!(error = %e, "gRPC server ended with an error");
+            }
+            return;
+        }
+        let how = match ended {
+            Ok(()) => "stopped by itself".to_owned(),
+            Err(e) => format!("failed: {e}"),
+        };
+        let reason = format!("the gRPC server {how}");
+        tracing::error!("{reason}");
+        failure.record(reason);
+    });
+    // Device streams (and queries, watches) end at Intake, and are waited
+    // for there: the writer still runs, so their last acks go out.
+    let (sessions_stop, tracker) = (core.sessions_stop.clone(), core.tracker.clone());
+    let streams = core.tracker.clone();
+    let waiting = tokio::spawn(async move { streams.wait().await });
+    components.push(Component {
+        name: "device streams and queries",
+        stop: Box::new(move || {
+            sessions_stop.cancel();
+            tracker.close();
+        }),
+        stop_at: Phase::Intake,
+        task: waiting,
+        wait_at: Phase::Intake,
+        overdue: Overdue::Abort,
+    });
+    components.push(
+        Component::new("the gRPC server", server)
+            .stopped_by(Phase::Intake, server_stop)
+            .awaited_at(Phase::Storage),
+    );
+    Ok(addr)
 }
 
 /// The server's TLS settings from `server.tls`: none without a

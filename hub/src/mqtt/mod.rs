@@ -5,7 +5,7 @@
 //! `mqtt.commands = true`: whoever may publish there sends commands, so the
 //! broker's credentials and ACL are this door's auth): commands on
 //! `{prefix}/devices/+/commands`, which take exactly the gRPC path
-//! ([`Commands::send`]), logged `by=mqtt`. Bad input is answered on
+//! ([`Operations::send_command`]), logged `by=mqtt`. Bad input is answered on
 //! `{prefix}/errors`.
 //!
 //! Ingest and acks never wait on the broker: the bridge reads the committed
@@ -29,10 +29,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{Commands, NewCommand};
 use crate::config::MqttSettings;
 use crate::domain::{CommandRecord, CommittedBatch, DeviceId, Presence};
 use crate::metrics::HubMetrics;
+use crate::operator::Operations;
 use crate::registry::SessionRegistry;
 pub use topics::Topics;
 
@@ -59,7 +59,9 @@ pub struct Bridge {
     settings: MqttSettings,
     topics: Topics,
     qos: QoS,
-    commands: Commands,
+    /// The operator core: commands from MQTT take the path every door
+    /// takes.
+    ops: Arc<Operations>,
     registry: Arc<SessionRegistry>,
     metrics: Arc<HubMetrics>,
     outbox: VecDeque<Outgoing>,
@@ -97,7 +99,7 @@ impl Bridge {
     /// commands come through a shared subscription.
     pub fn new(
         mut settings: MqttSettings,
-        commands: Commands,
+        ops: Arc<Operations>,
         registry: Arc<SessionRegistry>,
         metrics: Arc<HubMetrics>,
         cluster: Option<&str>,
@@ -115,7 +117,7 @@ impl Bridge {
             topics,
             qos: qos(settings.qos),
             settings,
-            commands,
+            ops,
             registry,
             metrics,
             outbox: VecDeque::new(),
@@ -477,15 +479,10 @@ impl Bridge {
             ),
         };
         let rec = self
-            .commands
-            .send(NewCommand {
-                device_id: device.as_str().to_owned(),
-                name: cmd.name,
-                params,
-                ttl,
-            })
+            .ops
+            .send_command(device.as_str().to_owned(), cmd.name, params, ttl)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.public_message())?;
         tracing::info!(by = "mqtt", command_id = rec.command_id, device_id = ?rec.device_id,
             name = ?rec.name, "command sent (mqtt)");
         if let Some(request_id) = cmd.request_id {
