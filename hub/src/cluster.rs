@@ -25,9 +25,7 @@ use crate::registry::EndReason;
 use crate::registry::SessionRegistry;
 use crate::store::{CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, Store, StoreError};
 
-/// A hub whose heartbeat is older than this is presumed dead: its devices
-/// show offline on every hub.
-pub const LEASE: Duration = Duration::from_secs(10);
+pub use crate::domain::HUB_LEASE as LEASE;
 /// How often a hub renews its heartbeat (a third of the lease).
 const HEARTBEAT: Duration = Duration::from_secs(3);
 

@@ -406,6 +406,10 @@ pub fn rfc3339_ms(ts_ms: i64) -> String {
         )
 }
 
+/// A hub whose heartbeat is older than this is presumed dead: its devices
+/// show offline on every hub (several hubs on one PostgreSQL database).
+pub const HUB_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     SystemTime::now()

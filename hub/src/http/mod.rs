@@ -13,6 +13,7 @@ mod admin;
 mod api;
 mod console;
 mod events;
+mod openapi;
 mod serve;
 
 use std::net::SocketAddr;
@@ -102,6 +103,7 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     let api = api::routes()
         .merge(events::routes())
         .merge(admin::routes())
+        .route("/openapi.json", axum::routing::get(openapi::openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

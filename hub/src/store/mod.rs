@@ -552,7 +552,7 @@ fn device_select(cutoff: usize) -> String {
 
 /// Heartbeats older than this (ms since the epoch) are of hubs presumed dead.
 fn lease_cutoff() -> i64 {
-    crate::domain::now_ms().saturating_sub(crate::cluster::LEASE.as_millis() as i64)
+    crate::domain::now_ms().saturating_sub(crate::domain::HUB_LEASE.as_millis() as i64)
 }
 
 /// A row of [`device_select`], decoded the same way from either backend.

@@ -1,0 +1,63 @@
+//! The OpenAPI document of `/api/v1`, generated from the handlers of every
+//! route module (`api`, `events`, `admin`), served at `/api/v1/openapi.json`.
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+
+use super::{ApiError, api};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "telemetry-hub",
+        description = "The hub's HTTP/JSON API: devices, their readings, commands and live events. \
+            With operator tokens configured, send `Authorization: Bearer <token>`: reads need the \
+            read role, the rest admin. Errors are `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    paths(
+        api::list_devices,
+        api::get_device,
+        api::device_sensors,
+        api::readings,
+        api::readings_csv,
+        api::list_commands,
+        api::send_command,
+        api::get_command,
+        api::cancel_command,
+        api::stats,
+        super::events::events,
+        super::admin::add_device,
+        super::admin::rotate_device_token,
+        super::admin::remove_device,
+        super::admin::pin_device_certificate,
+        super::admin::unpin_device_certificate,
+        super::admin::revoke_certificate
+    ),
+    components(schemas(
+        api::ErrorBody,
+        api::ErrorDetail,
+        super::events::LiveReadingJson,
+        super::events::PresenceJson
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of this API, generated from the code.
+pub(crate) fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
+    doc
+}
+
+pub(super) async fn openapi() -> Response {
+    match openapi_document().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode the OpenAPI document: {e}"),
+        )
+        .into_response(),
+    }
+}
