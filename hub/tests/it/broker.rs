@@ -26,12 +26,13 @@ enum Kind {
     },
 }
 
+/// A port held for the broker's life: a restart finds it free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let reserved = crate::harness::reserve_port();
+    let port = reserved.port;
+    // Held until the test process exits: a broker lives as long as its test.
+    std::mem::forget(reserved);
+    port
 }
 
 fn mosquitto_installed() -> bool {

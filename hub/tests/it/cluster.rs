@@ -301,11 +301,8 @@ async fn every_hub_shows_where_devices_are_and_a_dead_hubs_devices_go_offline_wi
 
     // A hub that dies holding a stream: its device is offline within the
     // lease (10 s) on the hubs that live on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let reserved = reserve_port();
+    let port = reserved.port;
     let mut child = ChildHub::start_with(&a.settings, port);
     child.wait_line("listening on").await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
@@ -449,14 +446,8 @@ async fn a_hub_killed_under_load_loses_no_acked_reading_and_its_devices_move() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port_a, port_b) = (port(), port());
+    let (reserved_a, reserved_b) = (reserve_port(), reserve_port());
+    let (port_a, port_b) = (reserved_a.port, reserved_b.port);
     let mut hub_a = ChildHub::start(&db, port_a);
     hub_a.wait_line("listening on").await;
     let mut hub_b = ChildHub::start(&db, port_b);

@@ -32,11 +32,10 @@ impl Browser {
             skip("chromium + chromium-driver", CHROMEDRIVER);
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Held for the test process: chromedriver listens on it.
+        let reserved = reserve_port();
+        let port = reserved.port;
+        std::mem::forget(reserved);
         let driver = std::process::Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -68,7 +68,7 @@ async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
+async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     if sqlite_only("storage.max_size_mib, a page limit") {
         return;
     }
@@ -113,7 +113,7 @@ async fn a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
+async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
     if sqlite_only("storage.max_size_mib, a page limit") {
         return;
     }
@@ -270,7 +270,7 @@ async fn staging_over_its_cap_is_compacted_not_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_locked_database_fails_commits_then_readings_and_commands_recover() {
+async fn sqlite_a_locked_database_fails_commits_then_readings_and_commands_recover() {
     if sqlite_only("a file lock held by another connection") {
         return;
     }
@@ -384,7 +384,7 @@ impl Drop for Tmpfs {
 /// disk fills, then grows. Before the fix, every "commit" after the
 /// failures stayed in a transaction that was never committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_that_grows_again_loses_no_acked_reading() {
+async fn sqlite_a_full_disk_that_grows_again_loses_no_acked_reading() {
     if sqlite_only("the database file on a tmpfs") {
         return;
     }
@@ -436,7 +436,7 @@ async fn a_dead_writer_turns_the_hub_not_serving_and_stops_it_with_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
+async fn sqlite_stats_count_failures_and_queries_still_answer_while_storage_fails() {
     if sqlite_only("a file lock held by another connection") {
         return;
     }
@@ -474,7 +474,7 @@ async fn stats_count_failures_and_queries_still_answer_while_storage_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
+async fn sqlite_a_registration_in_a_failed_commit_leaves_no_trace_in_live_readings() {
     if sqlite_only("a file lock held by another connection") {
         return;
     }
@@ -603,7 +603,7 @@ async fn store_ballast(hub: &TestHub, value: fn(u64) -> f64) -> i64 {
 /// batch waits on storage past the drain timeout ends UNAVAILABLE instead,
 /// so the device resends what was not acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_whose_acks_miss_the_drain_timeout_is_unavailable_not_ok() {
+async fn sqlite_a_close_whose_acks_miss_the_drain_timeout_is_unavailable_not_ok() {
     if sqlite_only("a file lock held by another connection") {
         return;
     }

@@ -43,6 +43,8 @@ pub fn on_postgres() -> bool {
 
 /// Says that a test of a SQLite-only mechanism (its file, its PRAGMAs,
 /// VACUUM INTO backups) does not apply; true when the test should return.
+/// Such tests are named `sqlite_*`, so CI's PostgreSQL pass leaves them out
+/// by name (`--skip sqlite_`) and they show as skipped, not passed.
 pub fn sqlite_only(what: &str) -> bool {
     if on_postgres() {
         eprintln!("SQLite only ({what}): nothing to test on PostgreSQL");
@@ -53,6 +55,50 @@ pub fn sqlite_only(what: &str) -> bool {
 fn pg_admin_url() -> String {
     std::env::var("HUB_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A port held for a test: no other test (in any process) and no `:0`
+/// bind of the kernel's can take it while this lives, so a hub restarted
+/// on it, a broker restarted on it or a child process told to listen on it
+/// finds it free. Picked below the kernel's ephemeral range (which `:0`
+/// binds draw from) and locked by a file under the temp dir (tests run in
+/// several processes).
+pub struct ReservedPort {
+    pub port: u16,
+    _lock: std::fs::File,
+}
+
+pub fn reserve_port() -> ReservedPort {
+    let dir = std::env::temp_dir().join("telemetry-hub-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (first, last) = (10_000u16, ephemeral_from.saturating_sub(1).max(10_001));
+    let span = u32::from(last - first);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    for step in 0..span {
+        let port = first + ((seed.wrapping_add(step)) % span) as u16;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        // Someone outside this scheme may hold it.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return ReservedPort { port, _lock: lock };
+        }
+    }
+    panic!("no free port between {first} and {last}");
 }
 
 /// Where a test hub keeps its data: a temp dir (SQLite's files, backups,
@@ -185,6 +231,8 @@ impl Drop for TestDb {
 pub struct TestHub {
     hub: Option<Hub>,
     pub addr: SocketAddr,
+    /// The gRPC port, held so that a restart finds it free.
+    _port: ReservedPort,
     pub settings: Settings,
     /// Kept for the hub's life (shared with its peers): dropping the last
     /// reference deletes the data.
@@ -215,10 +263,13 @@ pub async fn spawn_hub_in(db: TestDb, adjust: impl FnOnce(&mut Settings)) -> Tes
 
 async fn spawn_hub_on(db: std::sync::Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> TestHub {
     let mut settings = test_settings(&db);
+    let port = reserve_port();
+    settings.server.listen = SocketAddr::from(([127, 0, 0, 1], port.port));
     adjust(&mut settings);
     let hub = Hub::start(settings.clone()).await.unwrap();
     TestHub {
         addr: hub.local_addr(),
+        _port: port,
         hub: Some(hub),
         settings,
         db,

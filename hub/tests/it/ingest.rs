@@ -412,7 +412,7 @@ async fn add_legacy_readings(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readings_staged_by_an_older_hub_move_into_the_staging_parts() {
+async fn sqlite_readings_staged_by_an_older_hub_move_into_the_staging_parts() {
     use sqlx::ConnectOptions;
     if sqlite_only("an older hub's SQLite schema") {
         return;

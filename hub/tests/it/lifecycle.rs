@@ -325,11 +325,9 @@ async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_devices_fail_over_to_the_next_hub_url() {
     let hub = spawn_hub().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    // The listener is gone: connecting to it is refused.
+    // Reserved and never listened on.
+    let reserved = reserve_port();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], reserved.port));
     let fleet = SimFleet::start_with(device_sim::FleetConfig {
         hub: format!("http://{dead}, {}", hub.url()),
         devices: 4,

@@ -14,6 +14,7 @@ mod harness;
 mod ingest;
 mod lifecycle;
 mod mqtt;
+mod openapi;
 mod ops;
 mod security;
 mod stream;

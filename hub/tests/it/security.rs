@@ -682,9 +682,9 @@ async fn hub_certs_writes_a_working_set_and_tls_failures_say_why() {
     let why = device_sim::tls::failure(&status).expect("a TLS failure");
     assert!(why.to_lowercase().contains("certificate"), "{why}");
     // A plain connection refused is not one.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    // Reserved and never listened on: the connection is refused.
+    let reserved = reserve_port();
+    let port = reserved.port;
     let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect_lazy();

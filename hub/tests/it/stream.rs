@@ -365,7 +365,7 @@ async fn welcomes_carry_the_stored_mark_when_the_writers_cache_starts_over() {
 /// Two hub processes on one SQLite file would each trust their own marks
 /// and store readings twice: the second refuses to start, naming the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_hub_on_the_same_sqlite_file_refuses_to_start() {
+async fn sqlite_one_file_one_hub_a_second_refuses_to_start() {
     if sqlite_only("one process per database file") {
         return;
     }
