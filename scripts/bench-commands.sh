@@ -7,6 +7,7 @@
 #   DEVICES=200 LOAD_RATE=50 scripts/bench-commands.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/target-dir.sh
 DEVICES=${DEVICES:-1000}
 LOAD_RATE=${LOAD_RATE:-100}
 COMMANDS=${COMMANDS:-500}
@@ -20,19 +21,19 @@ url="http://$addr"
 
 run_with_rate() {
   local rate=$1 label=$2
-  target/release/device-sim --hub "$url" --devices "$DEVICES" --rate "$rate" --duration 1h --quiet \
+  "$TARGET"/release/device-sim --hub "$url" --devices "$DEVICES" --rate "$rate" --duration 1h --quiet \
     >"$work/sim.log" 2>&1 &
   sim_pid=$!
   for _ in $(seq 1 300); do
-    live=$(target/release/hub stats --hub "$url" --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_sessions"])')
+    live=$("$TARGET"/release/hub stats --hub "$url" --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_sessions"])')
     [ "$live" -ge "$DEVICES" ] && break
     sleep 0.1
   done
   sleep 3  # let the load settle
-  before=$(target/release/hub stats --hub "$url" --format json)
+  before=$("$TARGET"/release/hub stats --hub "$url" --format json)
   printf '%-28s ' "$label:"
   HUB_ADDR="$url" DEVICES="$DEVICES" COMMANDS="$COMMANDS" cargo bench -q -p hub --bench command_rtt 2>/dev/null
-  after=$(target/release/hub stats --hub "$url" --format json)
+  after=$("$TARGET"/release/hub stats --hub "$url" --format json)
   python3 - "$before" "$after" <<'PY'
 import json, sys
 b, a = json.loads(sys.argv[1]), json.loads(sys.argv[2])

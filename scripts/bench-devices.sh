@@ -10,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${DEVICES:-10000}
-BIN=${BIN:-target/release}
-[ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
+. scripts/target-dir.sh
+BIN=${BIN:-$TARGET/release}
+[ "$BIN" = "$TARGET/release" ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 sim_pid=""
 # Stop both and wait for them: the next benchmark must not share the

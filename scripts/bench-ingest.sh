@@ -18,8 +18,9 @@ if [ -n "${PG_DB:-}" ]; then
   HUB_ENV="$HUB_ENV HUB__STORAGE__BACKEND=postgres HUB__STORAGE__URL=postgres://postgres@127.0.0.1:5432/$PG_DB"
 fi
 
-BIN=${BIN:-target/release}
-[ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
+. scripts/target-dir.sh
+BIN=${BIN:-$TARGET/release}
+[ "$BIN" = "$TARGET/release" ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 

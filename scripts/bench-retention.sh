@@ -8,6 +8,7 @@
 #   scripts/bench-retention.sh           # 1000 devices x 300 Hz, 20 s retention, 70 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/target-dir.sh
 DEVICES=${DEVICES:-1000}
 RATE=${RATE:-300}
 RETENTION=${RETENTION:-20}
@@ -19,13 +20,13 @@ HUB_ENV="HUB__STORAGE__RETENTION=${RETENTION}s ${HUB_ENV:-}"
 trap 'kill "$hub_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 samples="$work/samples"
-target/release/device-sim --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" \
+"$TARGET"/release/device-sim --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" \
   --duration "${DURATION}s" --summary json --quiet >"$work/sim.json" &
 sim_pid=$!
 t0=$(date +%s.%N)
 while kill -0 "$sim_pid" 2>/dev/null; do
   now=$(date +%s.%N)
-  target/release/hub stats --hub "http://$addr" --format json 2>/dev/null |
+  "$TARGET"/release/hub stats --hub "http://$addr" --format json 2>/dev/null |
     python3 -c "import json, sys; s = json.load(sys.stdin); print($now - $t0, s['readings_committed'], s['readings_stored'])" \
     >>"$samples" || true
   sleep 2

@@ -15,8 +15,9 @@ RATE=${RATE:-100}
 DURATION=${DURATION:-20s}
 WATCHERS=${WATCHERS:-20}
 
-BIN=${BIN:-target/release}
-[ "$BIN" = target/release ] && cargo build --release -q -p hub -p device-sim
+. scripts/target-dir.sh
+BIN=${BIN:-$TARGET/release}
+[ "$BIN" = "$TARGET/release" ] && cargo build --release -q -p hub -p device-sim
 . scripts/start-hub.sh
 watcher_pids=()
 # Waits for the curls (they stop at --max-time), then for their counts.

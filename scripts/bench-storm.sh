@@ -9,6 +9,7 @@
 #   DEVICES=10000 RATE=5 scripts/bench-storm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/target-dir.sh
 DEVICES=${DEVICES:-5000}
 RATE=${RATE:-1}
 DURATION=${DURATION:-90s}
@@ -23,11 +24,11 @@ trap 'kill -9 "$hub_pid" "$sim_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 start_hub() {
   HUB__SERVER__LISTEN="127.0.0.1:$port" HUB__HTTP__ENABLED=false HUB__STORAGE__PATH="$work/hub.db" RUST_LOG=warn \
-    target/release/hub serve >>"$work/hub.log" 2>&1 &
+    "$TARGET"/release/hub serve >>"$work/hub.log" 2>&1 &
   hub_pid=$!
 }
 live() {
-  target/release/hub stats --hub "$url" --format json 2>/dev/null |
+  "$TARGET"/release/hub stats --hub "$url" --format json 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["live_sessions"])' 2>/dev/null || echo 0
 }
 now() { date +%s.%N; }
@@ -40,7 +41,7 @@ wait_all_online() {
 }
 
 start_hub
-target/release/device-sim --hub "$url" --devices "$DEVICES" --rate "$RATE" \
+"$TARGET"/release/device-sim --hub "$url" --devices "$DEVICES" --rate "$RATE" \
   --duration "$DURATION" --summary json --quiet >"$work/sim.json" &
 sim_pid=$!
 t_start=$(now)

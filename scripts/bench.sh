@@ -18,14 +18,15 @@
 # EXTRA_DEVICES (to reach 100,000 registered), RAW_ROWS (3000000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/target-dir.sh
 if [ "${SMOKE:-0}" = 1 ]; then
-  export BIN=target/debug; bench_profile=(--profile dev)
+  export BIN=$TARGET/debug; bench_profile=(--profile dev)
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
   EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
   cargo build -q -p hub -p device-sim
 else
-  export BIN=target/release; bench_profile=()
+  export BIN=$TARGET/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
   EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s

@@ -5,7 +5,7 @@
 # BIN: where the binaries are (target/release); HUB_DB: an existing
 # database to open instead of a new one; HUB_RUST_LOG: the log filter.
 work=$(mktemp -d)
-BIN=${BIN:-target/release}
+BIN=${BIN:-${TARGET:-target}/release}
 # shellcheck disable=SC2086
 env ${HUB_ENV:-} HUB__SERVER__LISTEN=127.0.0.1:0 HUB__HTTP__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="${HUB_DB:-$work/hub.db}" \
   RUST_LOG="${HUB_RUST_LOG:-warn,hub::app=info}" "$BIN/hub" serve >"$work/hub.log" 2>&1 &
