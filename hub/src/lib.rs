@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! device ══Connect (bidi gRPC)══▶ grpc::session ──checked batches──▶ ingest queue (bounded)
-//!    ▲                                 │                                   │
-//!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task, group commit)
+//!    ▲                (auth admits)    │                                   │
+//!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task per hub, group commit)
 //!                                                                          │
-//! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ─┐
-//! browser ══HTTP /api/v1, SSE══▶ http ─────────────────┴▶ operator ──▶ query ──▶ store (SQLite, WAL)
-//!                                                          └──▶ commands (task) ══Command══▶ session ══▶ device
+//! hub CLI ══Operator (gRPC)══▶ grpc::OperatorService ─┐                    ▼
+//! browser ══HTTP /api/v1, SSE══▶ http ─────────────────┼▶ operator ──▶ query ──▶ store (SQLite or PostgreSQL)
+//! broker  ══MQTT commands═════▶ mqtt ──────────────────┘      └──▶ commands (task) ══Command══▶ session ══▶ device
+//! committed readings, presence, command events ──▶ mqtt, http events, watchers (bounded broadcasts)
 //! ```
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
@@ -20,9 +21,15 @@
 //! - [`ingest`]: bounded queue -> single batching writer -> acks after commit.
 //! - [`commands`]: command lifecycle; one task owns open commands and the
 //!   command log, pushes commands down device streams, enforces TTL.
-//! - [`store`]: sqlx/SQLite; one writer connection, a reader pool.
-//! - [`operator`]: what an operator may ask (validation, limits, errors),
-//!   shared by every door to the hub.
+//! - [`store`]: sqlx on SQLite (the default) or PostgreSQL; one writer
+//!   connection per hub, a reader pool.
+//! - [`cluster`]: several hubs on one PostgreSQL database: claims and
+//!   command notices between hubs, heartbeats and presence.
+//! - [`operator`]: what an operator may ask (validation, limits, errors,
+//!   the budgets of long calls, device admin, backups), the only API of
+//!   every door to the hub.
+//! - [`metrics`]: the hub's counters and histograms (read by `hub stats`
+//!   and by [`prometheus`]).
 //! - [`query`]: paged, merged or bucketed reading queries.
 //! - [`retention`]: old readings deleted in small steps through the writer.
 //! - [`app`]: wires it all, owns the tasks and the shutdown order.
@@ -30,7 +37,8 @@
 //!   to [`operator`]; live events by Server-Sent Events.
 //! - [`prometheus`]: the optional `/metrics` endpoint.
 //! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
-//!   command events out, commands in (through [`commands`]).
+//!   command events out, commands in (with `mqtt.commands`, through
+//!   [`commands`]).
 //! - [`cli`]: the operator subcommands (gRPC clients) and the demo.
 //! - [`throttle`]: suppressed log lines and token buckets, so one noisy
 //!   device costs the others nothing.
