@@ -23,7 +23,9 @@
 //! is announced (NOTIFY); the other hubs reload the command, tell their
 //! watchers, and the hub holding the device's stream delivers it.
 
-use std::collections::{HashMap, VecDeque};
+mod book;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,17 +35,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
-    CommandRecord, CommandReply, CommandState, CommandTransition, DeviceId, ReplyStatus, now_ms,
+    CommandRecord, CommandReply, CommandState, CommandTransition, DeviceId, now_ms,
 };
 use crate::metrics::{HubMetrics, StateLabel};
-use crate::store::commands::{CommandFilter, CommandStore, CommandWriter, Expected};
+use crate::store::commands::{CommandFilter, CommandStore, CommandWriter};
 use crate::store::{Store, StoreError};
-use crate::throttle::LogThrottle;
+
+pub use self::book::MAX_REPLY_DETAIL;
+use self::book::{Batch, CommandBook, transition};
 
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Longest detail of a device's reply kept, in bytes (longer is cut).
-pub const MAX_REPLY_DETAIL: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct CommandSettings {
@@ -264,74 +266,6 @@ impl Commands {
     }
 }
 
-/// A command that is not final yet.
-struct Open {
-    rec: CommandRecord,
-    /// The session it was last pushed to; None = push it (again).
-    pushed_to: Option<u64>,
-    pushed_at: Option<Instant>,
-    /// Shared with the copies waiting in device outboxes.
-    withdrawn: Arc<AtomicBool>,
-}
-
-impl Open {
-    fn new(rec: CommandRecord) -> Self {
-        Self {
-            rec,
-            pushed_to: None,
-            pushed_at: None,
-            withdrawn: Arc::default(),
-        }
-    }
-
-    /// Not on any stream now: it is pushed again at the next chance.
-    fn unpush(&mut self) {
-        self.pushed_to = None;
-        self.pushed_at = None;
-    }
-}
-
-/// Every open command of a device queue goes out again (in order) on the
-/// next stream it has.
-fn unpush_all(open: &mut HashMap<String, Open>, order: &VecDeque<String>) {
-    for id in order {
-        if let Some(open) = open.get_mut(id) {
-            open.unpush();
-        }
-    }
-}
-
-#[derive(Default)]
-struct DeviceQueue {
-    /// Open command ids, oldest first.
-    order: VecDeque<String>,
-    link: Option<(u64, mpsc::Sender<Box<DeviceCommand>>)>,
-    /// The newest stream seen (stream ids only grow): an Attach from an
-    /// older one that arrives late is refused.
-    newest: u64,
-}
-
-/// What a batch of requests changed, to write in one transaction.
-#[derive(Default)]
-struct Batch {
-    inserts: Vec<CommandRecord>,
-    /// The command as it is to be stored, its new transitions, and what
-    /// the log must still hold for the update to apply.
-    updates: Vec<(CommandRecord, Vec<CommandTransition>, Expected)>,
-    answers: Vec<(
-        oneshot::Sender<Result<CommandRecord, CommandError>>,
-        CommandRecord,
-    )>,
-    events: Vec<CommandRecord>,
-}
-
-impl Batch {
-    /// Nothing to write (answers and events only come with writes).
-    fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.updates.is_empty()
-    }
-}
-
 pub struct CommandActor {
     rx: mpsc::Receiver<Request>,
     writer: CommandWriter,
@@ -340,13 +274,12 @@ pub struct CommandActor {
     settings: CommandSettings,
     events: broadcast::Sender<CommandRecord>,
     local_events: broadcast::Sender<CommandRecord>,
-    open: HashMap<String, Open>,
-    queues: HashMap<String, DeviceQueue>,
+    /// The open commands and the device queues: every decision.
+    book: CommandBook,
     /// The in-memory state could not be rebuilt from the log after a failed
     /// commit: nothing is pushed or decided until it is.
     stale: bool,
     reload_retry_at: Instant,
-    noise: LogThrottle,
     metrics: Option<Arc<HubMetrics>>,
     /// When retention next deletes old final commands.
     next_retention: Instant,
@@ -377,6 +310,7 @@ pub fn channel(
         outbox: settings.outbox,
     };
     let actor = CommandActor {
+        book: CommandBook::new(&settings),
         rx,
         writer,
         log: store,
@@ -384,25 +318,14 @@ pub fn channel(
         settings,
         events,
         local_events,
-        open: HashMap::new(),
-        queues: HashMap::new(),
         stale: false,
         reload_retry_at: Instant::now(),
-        noise: LogThrottle::new(Duration::from_secs(10)),
         metrics: None,
         next_retention: Instant::now(),
         hub_id: Arc::from("local"),
         next_resync: Instant::now() + RESYNC_EVERY,
     };
     (handle, actor)
-}
-
-fn transition(state: CommandState, at_ms: i64, detail: &str) -> CommandTransition {
-    CommandTransition {
-        state,
-        at_ms,
-        detail: detail.to_owned(),
-    }
 }
 
 impl CommandActor {
@@ -443,15 +366,15 @@ impl CommandActor {
             let mut batch = Batch::default();
             if let Some(first) = first {
                 self.handle(first, &mut batch).await;
-                while batch.inserts.len() + batch.updates.len() < 256 {
+                while batch.writes() < 256 {
                     let Ok(next) = self.rx.try_recv() else { break };
                     self.handle(next, &mut batch).await;
                 }
             }
-            self.check_timers(&mut batch);
+            self.book.check_timers(now_ms(), Instant::now(), &mut batch);
             self.commit(batch).await;
             self.resync_if_due().await;
-            self.dispatch();
+            self.book.dispatch(now_ms(), Instant::now());
             self.retain().await;
         }
         if let Err(e) = self.writer.close().await {
@@ -473,10 +396,7 @@ impl CommandActor {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load open commands from the command log");
-                self.open.clear();
-                for q in self.queues.values_mut() {
-                    q.order.clear();
-                }
+                self.book.clear();
                 self.stale = true;
                 self.reload_retry_at = Instant::now() + Duration::from_secs(1);
             }
@@ -487,18 +407,7 @@ impl CommandActor {
     /// failed commit). Links to live streams are kept.
     async fn reload(&mut self) -> Result<(), StoreError> {
         let open = self.writer.load_open().await?;
-        self.open.clear();
-        for q in self.queues.values_mut() {
-            q.order.clear();
-        }
-        for rec in open {
-            self.queues
-                .entry(rec.device_id.clone())
-                .or_default()
-                .order
-                .push_back(rec.command_id.clone());
-            self.open.insert(rec.command_id.clone(), Open::new(rec));
-        }
+        self.book.replace_all(open);
         Ok(())
     }
 
@@ -511,23 +420,19 @@ impl CommandActor {
             }
             Request::Written { .. } | Request::Reply { .. } | Request::Refresh { .. }
                 if self.stale => {}
-            Request::Send { cmd, reply } => match self.create(cmd).await {
-                Ok(rec) => {
-                    batch.inserts.push(rec.clone());
-                    batch.events.push(rec.clone());
-                    batch.answers.push((reply, rec));
-                }
+            Request::Send { cmd, reply } => match self.create(cmd, batch).await {
+                Ok(rec) => batch.answers.push((reply, rec)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
             Request::Cancel { command_id, reply } => {
-                if !self.open.contains_key(&command_id) {
+                if !self.book.is_open(&command_id) {
                     let refusal = match self.final_record(&command_id).await {
                         // Open, but this hub had not heard of it (another
                         // hub's notice was lost): it is now.
                         Ok(Some(rec)) if !rec.state.is_final() => {
-                            self.reconcile(rec);
+                            self.book.reconcile(rec);
                             None
                         }
                         Ok(Some(rec)) => Some(CommandError::AlreadyFinal {
@@ -542,16 +447,7 @@ impl CommandActor {
                         return;
                     }
                 }
-                let cancelled = self.finish(
-                    &command_id,
-                    CommandState::Cancelled,
-                    "cancelled by an operator",
-                    None,
-                    Vec::new(),
-                    now_ms(),
-                    batch,
-                );
-                match cancelled {
+                match self.book.cancel(&command_id, now_ms(), batch) {
                     Some(rec) => batch.answers.push((reply, rec)),
                     // Open was checked (or reconciled) just above.
                     None => {
@@ -569,82 +465,35 @@ impl CommandActor {
                 // was theirs, and a notice may have been lost.
                 if self.writer.backend() == crate::config::Backend::Postgres {
                     match self.writer.load_open_for(&device).await {
-                        Ok(open) => self.resync(Some(&device), open),
+                        Ok(open) => self.book.resync(Some(&device), open),
                         Err(e) => {
                             tracing::warn!(device_id = device, error = %e,
                                 "cannot load the device's open commands; the next change brings them")
                         }
                     }
                 }
-                self.attach(device, session, outbox)
+                self.book.attach(device, session, outbox)
             }
             Request::Refresh { command_id } => match self.log.get(&command_id).await {
                 Ok(Some((rec, _))) => {
                     // Watchers on this hub hear of it too.
                     let _ = self.events.send(rec.clone());
-                    self.reconcile(rec);
+                    self.book.reconcile(rec);
                 }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(command_id, error = %e, "cannot reload a command another hub changed")
                 }
             },
-            Request::Detach { device, session } => self.detach(&device, session),
+            Request::Detach { device, session } => self.book.detach(&device, session),
             Request::Written {
                 device,
                 session,
                 command_id,
-            } => {
-                let linked = self
-                    .queues
-                    .get(&device)
-                    .and_then(|q| q.link.as_ref())
-                    .is_some_and(|(s, _)| *s == session);
-                if let Some(open) = self.open.get_mut(&command_id)
-                    && linked
-                {
-                    let now = now_ms();
-                    let expected = Expected::of(&open.rec);
-                    open.rec.attempts += 1;
-                    open.rec.updated_at_ms = now;
-                    let mut transitions = Vec::new();
-                    if open.rec.state == CommandState::Queued {
-                        open.rec.state = CommandState::Sent;
-                        transitions.push(transition(CommandState::Sent, now, ""));
-                        batch.events.push(open.rec.clone());
-                    }
-                    batch
-                        .updates
-                        .push((open.rec.clone(), transitions, expected));
-                }
-            }
-            Request::Reply { device, reply } => self.on_reply(&device, reply, batch),
-        }
-    }
-
-    /// A device stream is live. An Attach of a stream older than one already
-    /// seen arrived late (its takeover happened meanwhile): refused, so it
-    /// cannot take the live stream's commands; its outbox just closes.
-    fn attach(&mut self, device: String, session: u64, outbox: mpsc::Sender<Box<DeviceCommand>>) {
-        let queue = self.queues.entry(device).or_default();
-        if session < queue.newest {
-            return;
-        }
-        queue.newest = session;
-        queue.link = Some((session, outbox));
-        // Everything not final goes out again on the new stream, in order:
-        // the device deduplicates by command_id.
-        unpush_all(&mut self.open, &queue.order);
-    }
-
-    fn detach(&mut self, device: &str, session: u64) {
-        if let Some(queue) = self.queues.get_mut(device)
-            && queue.link.as_ref().is_some_and(|(s, _)| *s == session)
-        {
-            queue.link = None;
-            // The ack timeout only runs while the device stays connected;
-            // the next stream gets everything again.
-            unpush_all(&mut self.open, &queue.order);
+            } => self
+                .book
+                .written(&device, session, &command_id, now_ms(), batch),
+            Request::Reply { device, reply } => self.book.on_reply(&device, reply, now_ms(), batch),
         }
     }
 
@@ -653,224 +502,19 @@ impl CommandActor {
         Ok(self.log.get(command_id).await?.map(|(rec, _)| rec))
     }
 
-    async fn create(&mut self, cmd: NewCommand) -> Result<CommandRecord, CommandError> {
-        if cmd.name.is_empty() || cmd.name.len() > 64 {
-            return Err(CommandError::Invalid(
-                "command name must be 1 to 64 bytes".into(),
-            ));
-        }
-        if cmd.name.chars().any(char::is_control) {
-            // It reaches operators' terminals and devices' logs.
-            return Err(CommandError::Invalid(
-                "command name must not contain control characters".into(),
-            ));
-        }
-        if cmd.params.len() > self.settings.max_params_bytes {
-            return Err(CommandError::Invalid(format!(
-                "params of {} bytes are over the limit of {} bytes (commands.max_params_bytes)",
-                cmd.params.len(),
-                self.settings.max_params_bytes
-            )));
-        }
-        let params = if cmd.params.trim().is_empty() {
-            "{}".to_owned()
-        } else {
-            match serde_json::from_str::<serde_json::Value>(&cmd.params) {
-                Ok(v) if v.is_object() => v.to_string(),
-                _ => {
-                    return Err(CommandError::Invalid("params must be a JSON object".into()));
-                }
-            }
-        };
-        let ttl = cmd.ttl.unwrap_or(self.settings.default_ttl);
-        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
-            return Err(CommandError::Invalid(format!(
-                "ttl must be between 1s and 7days, not {}",
-                humantime::format_duration(ttl)
-            )));
-        }
+    /// Checks a command (the core's rules, [`book::checked`]) and that its
+    /// device exists, then queues it.
+    async fn create(
+        &mut self,
+        cmd: NewCommand,
+        batch: &mut Batch,
+    ) -> Result<CommandRecord, CommandError> {
+        let (params, ttl) = book::checked(&cmd, &self.settings)?;
         if self.devices.find_device(&cmd.device_id).await?.is_none() {
             return Err(CommandError::UnknownDevice(cmd.device_id));
         }
-        let queue = self.queues.entry(cmd.device_id.clone()).or_default();
-        if queue.order.len() >= self.settings.max_pending_per_device {
-            return Err(CommandError::TooManyPending {
-                device: cmd.device_id,
-                limit: self.settings.max_pending_per_device,
-            });
-        }
-        let now = now_ms();
-        let rec = CommandRecord {
-            command_id: new_command_id(),
-            device_id: cmd.device_id,
-            name: cmd.name,
-            params,
-            state: CommandState::Queued,
-            detail: String::new(),
-            result: String::new(),
-            attempts: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            expires_at_ms: now.saturating_add(ttl.as_millis() as i64),
-        };
-        queue.order.push_back(rec.command_id.clone());
-        self.open
-            .insert(rec.command_id.clone(), Open::new(rec.clone()));
-        Ok(rec)
-    }
-
-    /// Moves an open command to a final state and forgets it; `implied` are
-    /// the transitions the final one implies (a final reply implies
-    /// RECEIVED).
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        command_id: &str,
-        state: CommandState,
-        detail: &str,
-        result: Option<String>,
-        implied: Vec<CommandTransition>,
-        now: i64,
-        batch: &mut Batch,
-    ) -> Option<CommandRecord> {
-        let mut open = self.open.remove(command_id)?;
-        let expected = Expected::of(&open.rec);
-        open.withdrawn.store(true, Ordering::Relaxed);
-        if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
-            queue.order.retain(|id| id != command_id);
-        }
-        let mut transitions = implied;
-        transitions.push(transition(state, now, detail));
-        let rec = &mut open.rec;
-        rec.state = state;
-        rec.detail = detail.to_owned();
-        if let Some(result) = result {
-            rec.result = result;
-        }
-        rec.updated_at_ms = now;
-        batch.updates.push((rec.clone(), transitions, expected));
-        batch.events.push(rec.clone());
-        Some(open.rec)
-    }
-
-    fn on_reply(&mut self, device: &str, reply: CommandReply, batch: &mut Batch) {
-        let Some(open) = self.open.get_mut(&reply.command_id) else {
-            if let Some(suppressed) = self.noise.allow() {
-                tracing::warn!(device_id = device, command_id = ?reply.command_id, suppressed,
-                    "reply for an unknown or already final command ignored");
-            }
-            return;
-        };
-        if open.rec.device_id != device {
-            if let Some(suppressed) = self.noise.allow() {
-                tracing::warn!(device_id = device, command_id = ?reply.command_id,
-                    owner = %open.rec.device_id, suppressed, "reply for another device's command ignored");
-            }
-            return;
-        }
-        let reply = bounded_reply(reply, self.settings.max_params_bytes);
-        let now = now_ms();
-        // The device has it, so it was sent even if the session's note that
-        // it wrote the command has not arrived yet.
-        let mut implied = Vec::new();
-        if open.rec.state == CommandState::Queued {
-            implied.push(transition(CommandState::Sent, now, ""));
-        }
-        if open.rec.state != CommandState::Received {
-            implied.push(transition(CommandState::Received, now, ""));
-        }
-        let final_state = match reply.status {
-            ReplyStatus::Received => None,
-            ReplyStatus::Succeeded => Some(CommandState::Succeeded),
-            ReplyStatus::Failed => Some(CommandState::Failed),
-            ReplyStatus::Rejected => Some(CommandState::Rejected),
-        };
-        match final_state {
-            None => {
-                if implied.is_empty() {
-                    return;
-                }
-                let expected = Expected::of(&open.rec);
-                open.rec.state = CommandState::Received;
-                open.rec.updated_at_ms = now;
-                batch.updates.push((open.rec.clone(), implied, expected));
-                batch.events.push(open.rec.clone());
-            }
-            Some(state) => {
-                let result = Some(reply.result);
-                self.finish(
-                    &reply.command_id,
-                    state,
-                    &reply.detail,
-                    result,
-                    implied,
-                    now,
-                    batch,
-                );
-            }
-        }
-    }
-
-    /// Expiry and the ack timeout. Attempts count every write to a device
-    /// stream, across reconnects and restarts: a command whose delivery
-    /// kills the stream is not pushed for ever.
-    fn check_timers(&mut self, batch: &mut Batch) {
-        let now = now_ms();
-        let instant = Instant::now();
-        let mut expired = Vec::new();
-        let mut unanswered = Vec::new();
-        let ack_timeout_ms = self.settings.ack_timeout.as_millis() as i64;
-        for (id, open) in &mut self.open {
-            if open.rec.expires_at_ms <= now {
-                expired.push(id.clone());
-                continue;
-            }
-            if open.rec.state != CommandState::Sent {
-                continue;
-            }
-            let timed_out = open
-                .pushed_at
-                .is_some_and(|at| instant.duration_since(at) >= self.settings.ack_timeout);
-            if timed_out {
-                // Send it again (if attempts are left, see below).
-                open.unpush();
-            }
-            // Out of attempts: FAILED once the device has been connected
-            // for an ack timeout since the last write without a word.
-            let attached = self
-                .queues
-                .get(&open.rec.device_id)
-                .is_some_and(|q| q.link.is_some());
-            if open.pushed_to.is_none()
-                && attached
-                && !attempts_left(&open.rec, self.settings.max_attempts)
-                && now.saturating_sub(open.rec.updated_at_ms) >= ack_timeout_ms
-            {
-                unanswered.push(id.clone());
-            }
-        }
-        for id in expired {
-            self.finish(
-                &id,
-                CommandState::Expired,
-                "ttl passed before a final state",
-                None,
-                Vec::new(),
-                now,
-                batch,
-            );
-        }
-        for id in unanswered {
-            self.finish(
-                &id,
-                CommandState::Failed,
-                "no response from device",
-                None,
-                Vec::new(),
-                now,
-                batch,
-            );
-        }
+        self.book
+            .create(cmd, params, ttl, new_command_id(), now_ms(), batch)
     }
 
     /// Deletes a step of old final commands when retention is due.
@@ -898,36 +542,15 @@ impl CommandActor {
         self.next_retention = Instant::now() + wait;
     }
 
-    /// When the next timer is due (at most a second away: an out-of-attempts
-    /// command fails within a second of its ack timeout).
+    /// When the next timer is due: an open command's, or retention's.
     fn next_deadline(&self) -> Instant {
         let instant = Instant::now();
-        let now = now_ms();
-        let mut next = instant + Duration::from_secs(1);
-        if !self.settings.retention.is_zero() {
-            next = next.min(self.next_retention.max(instant));
+        let next = self.book.next_deadline(now_ms(), instant);
+        if self.settings.retention.is_zero() {
+            next
+        } else {
+            next.min(self.next_retention.max(instant))
         }
-        for open in self.open.values() {
-            let expires = instant
-                + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
-            next = next.min(expires);
-            if open.rec.state == CommandState::Sent
-                && let Some(at) = open.pushed_at
-            {
-                next = next.min(at + self.settings.ack_timeout);
-            }
-            if open.pushed_to.is_none()
-                && attempts_left(&open.rec, self.settings.max_attempts)
-                && self
-                    .queues
-                    .get(&open.rec.device_id)
-                    .is_some_and(|q| q.link.is_some())
-            {
-                // Waiting for room in a device's outbox.
-                next = next.min(instant + Duration::from_millis(50));
-            }
-        }
-        next
     }
 
     /// Persists a batch, then tells: operators, watchers, devices.
@@ -945,12 +568,12 @@ impl CommandActor {
                     match self.log.get(id).await {
                         Ok(Some((rec, _))) => {
                             current.insert(id.clone(), rec.clone());
-                            self.reconcile(rec);
+                            self.book.reconcile(rec);
                         }
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(command_id = id, error = %e, "cannot reload a command changed elsewhere");
-                            self.forget(id);
+                            self.book.forget(id);
                         }
                     }
                 }
@@ -1028,52 +651,6 @@ impl CommandActor {
         Ok(conflicts)
     }
 
-    /// Takes in a command as the log holds it: a final one is withdrawn and
-    /// forgotten, an open one is kept (in creation order) to be delivered
-    /// if its device's stream is on this hub.
-    fn reconcile(&mut self, rec: CommandRecord) {
-        if rec.state.is_final() {
-            self.forget(&rec.command_id);
-            return;
-        }
-        if let Some(open) = self.open.get_mut(&rec.command_id) {
-            open.rec = rec;
-            return;
-        }
-        let queue = self.queues.entry(rec.device_id.clone()).or_default();
-        let at = queue
-            .order
-            .iter()
-            .position(|id| {
-                self.open
-                    .get(id)
-                    .is_some_and(|o| o.rec.created_at_ms > rec.created_at_ms)
-            })
-            .unwrap_or(queue.order.len());
-        queue.order.insert(at, rec.command_id.clone());
-        self.open.insert(rec.command_id.clone(), Open::new(rec));
-    }
-
-    /// Makes the open commands in memory (of one device, or all) those of
-    /// the log: the others are forgotten, these reconciled.
-    fn resync(&mut self, device: Option<&str>, open: Vec<CommandRecord>) {
-        let ids: std::collections::HashSet<&str> =
-            open.iter().map(|r| r.command_id.as_str()).collect();
-        let gone: Vec<String> = self
-            .open
-            .values()
-            .filter(|o| device.is_none_or(|d| o.rec.device_id == d))
-            .filter(|o| !ids.contains(o.rec.command_id.as_str()))
-            .map(|o| o.rec.command_id.clone())
-            .collect();
-        for id in gone {
-            self.forget(&id);
-        }
-        for rec in open {
-            self.reconcile(rec);
-        }
-    }
-
     /// PostgreSQL: every few seconds the open commands are compared with
     /// the log, in case notices of other hubs' changes were lost (the
     /// listener reconnects without saying so).
@@ -1086,106 +663,10 @@ impl CommandActor {
         }
         self.next_resync = Instant::now() + RESYNC_EVERY;
         match self.writer.load_open().await {
-            Ok(open) => self.resync(None, open),
+            Ok(open) => self.book.resync(None, open),
             Err(e) => tracing::warn!(error = %e, "cannot compare open commands with the log"),
         }
     }
-
-    /// Drops a command from memory (withdrawn from any outbox).
-    fn forget(&mut self, command_id: &str) {
-        if let Some(open) = self.open.remove(command_id) {
-            open.withdrawn.store(true, Ordering::Relaxed);
-            if let Some(queue) = self.queues.get_mut(&open.rec.device_id) {
-                queue.order.retain(|id| id != command_id);
-            }
-        }
-    }
-
-    /// Pushes open commands to attached devices, oldest first, as far as
-    /// each device's outbox has room. Expired ones never go out.
-    fn dispatch(&mut self) {
-        let now = now_ms();
-        let instant = Instant::now();
-        for queue in self.queues.values_mut() {
-            let Some((session, outbox)) = &queue.link else {
-                continue;
-            };
-            let mut closed = false;
-            for id in &queue.order {
-                let Some(open) = self.open.get_mut(id) else {
-                    continue;
-                };
-                if open.pushed_to == Some(*session) || open.rec.expires_at_ms <= now {
-                    continue;
-                }
-                if !attempts_left(&open.rec, self.settings.max_attempts) {
-                    // Failed at the next timer check, never pushed again.
-                    continue;
-                }
-                let cmd = DeviceCommand {
-                    command_id: open.rec.command_id.clone(),
-                    name: open.rec.name.clone(),
-                    params: open.rec.params.clone(),
-                    expires_at_ms: open.rec.expires_at_ms,
-                    withdrawn: Arc::clone(&open.withdrawn),
-                };
-                match outbox.try_send(Box::new(cmd)) {
-                    Ok(()) => {
-                        open.pushed_to = Some(*session);
-                        open.pushed_at = Some(instant);
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => break,
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            if closed {
-                queue.link = None;
-            }
-        }
-        self.queues
-            .retain(|_, q| q.link.is_some() || !q.order.is_empty());
-    }
-}
-
-/// May the command be written to a device stream again? A command has
-/// `max_attempts` writes, across reconnects and restarts: one whose
-/// delivery (or execution, after RECEIVED) kills the stream is not pushed
-/// for ever. A RECEIVED one out of attempts still waits for its final reply
-/// until its TTL; a SENT one fails (see `check_timers`).
-fn attempts_left(rec: &CommandRecord, max_attempts: u32) -> bool {
-    rec.attempts < max_attempts
-}
-
-/// A device's reply as stored: the detail cut to [`MAX_REPLY_DETAIL`] bytes;
-/// a result that is not JSON, or over `max_result` bytes, is not kept and
-/// the detail says so (the state the device reported is kept either way).
-fn bounded_reply(mut reply: CommandReply, max_result: usize) -> CommandReply {
-    if reply.detail.len() > MAX_REPLY_DETAIL {
-        let mut cut = MAX_REPLY_DETAIL;
-        while !reply.detail.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reply.detail.truncate(cut);
-        reply.detail.push('…');
-    }
-    let dropped = if reply.result.len() > max_result {
-        Some(format!("larger than {max_result} bytes"))
-    } else if !reply.result.is_empty()
-        && serde_json::from_str::<serde_json::Value>(&reply.result).is_err()
-    {
-        Some("not JSON".to_owned())
-    } else {
-        None
-    };
-    if let Some(why) = dropped {
-        reply.result.clear();
-        let sep = if reply.detail.is_empty() { "" } else { "; " };
-        reply.detail = format!("{}{sep}result dropped: {why}", reply.detail);
-    }
-    reply
 }
 
 /// A random, unique command id (UUID v4 text).
@@ -1259,33 +740,5 @@ mod tests {
         let refused = tokio::time::timeout(Duration::from_secs(5), older.recv()).await;
         assert!(matches!(refused, Ok(None)), "the stale stream is refused");
         stop.cancel();
-    }
-
-    fn reply(detail: &str, result: &str) -> CommandReply {
-        CommandReply {
-            command_id: "c".into(),
-            status: ReplyStatus::Succeeded,
-            detail: detail.into(),
-            result: result.into(),
-        }
-    }
-
-    #[test]
-    fn replies_are_bounded_and_say_what_was_dropped() {
-        let ok = bounded_reply(reply("fine", r#"{"a":1}"#), 64);
-        assert_eq!(
-            (ok.detail.as_str(), ok.result.as_str()),
-            ("fine", r#"{"a":1}"#)
-        );
-        let big = bounded_reply(reply("", &format!("\"{}\"", "x".repeat(100))), 64);
-        assert_eq!(
-            (big.detail.as_str(), big.result.as_str()),
-            ("result dropped: larger than 64 bytes", "")
-        );
-        let bad = bounded_reply(reply("done", "{not json"), 64);
-        assert_eq!(bad.detail, "done; result dropped: not JSON");
-        let long = bounded_reply(reply(&"é".repeat(600), ""), 64);
-        assert!(long.detail.len() <= MAX_REPLY_DETAIL + '…'.len_utf8());
-        assert!(long.detail.ends_with('…'));
     }
 }
