@@ -435,13 +435,11 @@ async fn a_dead_writer_turns_the_hub_not_serving_and_stops_it_with_an_error() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_stats_count_failures_and_queries_still_answer_while_storage_fails() {
-    if sqlite_only("a file lock held by another connection") {
-        return;
-    }
-    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
-    let (mut dev, _) = RawDevice::connect(&hub, "dev-q").await;
+/// A device with readings 1..=10 acked, then the readings database locked
+/// by a connection of the test's own (BEGIN IMMEDIATE): the writer's next
+/// commit waits for it. The device, the holder, and the readings' time.
+async fn ten_acked_then_locked(hub: &TestHub, id: &str) -> (RawDevice, SqliteConnection, i64) {
+    let (mut dev, _) = RawDevice::connect(hub, id).await;
     let now = now_ms();
     dev.send(batch((1..=10).map(|s| reading(s, "t", now, 1.0)).collect()))
         .await;
@@ -451,6 +449,16 @@ async fn sqlite_stats_count_failures_and_queries_still_answer_while_storage_fail
         .execute(&mut holder)
         .await
         .unwrap();
+    (dev, holder, now)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_stats_count_failures_and_queries_still_answer_while_storage_fails() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
+    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
+    let (mut dev, mut holder, now) = ten_acked_then_locked(&hub, "dev-q").await;
     dev.send(batch(vec![reading(11, "t", now, 1.0)])).await;
     // The commit holding 11 fails: no ack for it, the stream ends so the
     // device resends from the true mark.
@@ -612,16 +620,7 @@ async fn sqlite_a_close_whose_acks_miss_the_drain_timeout_is_unavailable_not_ok(
         s.server.drain_timeout = Duration::from_millis(300);
     })
     .await;
-    let (mut dev, _) = RawDevice::connect(&hub, "dev-drain").await;
-    let now = now_ms();
-    dev.send(batch((1..=10).map(|s| reading(s, "t", now, 1.0)).collect()))
-        .await;
-    dev.ack_through(10).await;
-    let mut holder = connect(&hub.db_path()).await;
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let (mut dev, mut holder, now) = ten_acked_then_locked(&hub, "dev-drain").await;
     dev.send(batch(vec![reading(11, "t", now, 1.0)])).await;
     dev.half_close();
     let status = match dev.next().await {

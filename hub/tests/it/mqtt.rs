@@ -105,6 +105,22 @@ fn hub_status(hub: &TestHub, prefix: &str) -> String {
     }
 }
 
+/// Two hubs on one PostgreSQL database, bridged to one broker (commands
+/// taken), as one MQTT client group.
+async fn bridged_pair(db: TestDb, broker: &TestBroker, prefix: &str) -> (TestHub, TestHub) {
+    let group = unique("hubs");
+    let bridged = |s: &mut hub::Settings| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
+        s.mqtt.client_id = group.clone();
+        s.mqtt.topic_prefix = prefix.to_owned();
+        s.mqtt.commands = true;
+    };
+    let a = spawn_hub_in(db, bridged).await;
+    let b = a.spawn_peer(bridged).await;
+    (a, b)
+}
+
 async fn hub_with_bridge(prefix: &str, port: u16) -> TestHub {
     let prefix = prefix.to_owned();
     spawn_hub_with(move |s| {
@@ -533,17 +549,8 @@ async fn two_hubs_on_one_broker_create_each_mqtt_command_once() {
     };
     let broker = TestBroker::start();
     let prefix = unique("pair");
-    let group = unique("hubs");
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
-    let bridged = |s: &mut hub::Settings| {
-        s.mqtt.enabled = true;
-        s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
-        s.mqtt.client_id = group.clone();
-        s.mqtt.topic_prefix = prefix.clone();
-        s.mqtt.commands = true;
-    };
-    let mut a = spawn_hub_in(db, bridged).await;
-    let mut b = a.spawn_peer(bridged).await;
+    let (mut a, mut b) = bridged_pair(db, &broker, &prefix).await;
     for hub in [&a, &b] {
         let topic = format!("{prefix}/hubs/{}/status", hub.hub().hub_id());
         assert_eq!(probe.next_on(&topic).await.0, "online");
@@ -686,16 +693,8 @@ async fn a_hub_stopping_leaves_a_moved_devices_status_to_its_new_hub() {
     };
     let broker = TestBroker::start();
     let prefix = unique("moved");
-    let group = unique("hubs");
     let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
-    let bridged = |s: &mut hub::Settings| {
-        s.mqtt.enabled = true;
-        s.mqtt.url = format!("mqtt://127.0.0.1:{}", broker.port);
-        s.mqtt.client_id = group.clone();
-        s.mqtt.topic_prefix = prefix.clone();
-    };
-    let mut a = spawn_hub_in(db, bridged).await;
-    let mut b = a.spawn_peer(bridged).await;
+    let (mut a, mut b) = bridged_pair(db, &broker, &prefix).await;
     let status = format!("{prefix}/devices/roamer/status");
     let (mut on_a, _) = RawDevice::connect(&a, "roamer").await;
     assert_eq!(probe.next_on(&status).await.0["online"], true);

@@ -419,18 +419,24 @@ async fn tls_channel(
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_and_mtls_admit_only_the_device_the_certificate_names() {
-    let pki = Pki::new("hub test CA");
+/// A hub on TLS with a certificate of `pki`'s, devices proving their ids
+/// by client certificates of the same CA.
+async fn mtls_hub(pki: &Pki) -> TestHub {
     let (server_cert, server_key) = pki.issue("hub", "hub", true);
     let ca_path = pki.ca_path();
-    let hub = spawn_hub_with(|s| {
+    spawn_hub_with(|s| {
         s.server.tls.cert = server_cert;
         s.server.tls.key = server_key;
         s.server.tls.client_ca = ca_path;
         s.auth.devices = DeviceAuthMode::Tls;
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mtls_admit_only_the_device_the_certificate_names() {
+    let pki = Pki::new("hub test CA");
+    let hub = mtls_hub(&pki).await;
     let mine = pki.issue("dev-m", "dev-m", false);
     let other = pki.issue("dev-x", "dev-x", false);
 
@@ -486,15 +492,7 @@ async fn tls_and_mtls_admit_only_the_device_the_certificate_names() {
 async fn a_certificate_is_one_device_and_can_be_pinned_and_revoked() {
     use rcgen::SanType;
     let pki = Pki::new("hub test CA");
-    let (server_cert, server_key) = pki.issue("hub", "hub", true);
-    let ca_path = pki.ca_path();
-    let hub = spawn_hub_with(|s| {
-        s.server.tls.cert = server_cert;
-        s.server.tls.key = server_key;
-        s.server.tls.client_ca = ca_path;
-        s.auth.devices = DeviceAuthMode::Tls;
-    })
-    .await;
+    let hub = mtls_hub(&pki).await;
     let connect = async |cert: &(PathBuf, PathBuf), id: &str| {
         let channel = tls_channel(&hub, pki.ca(), Some(cert.clone()))
             .await
