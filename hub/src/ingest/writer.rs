@@ -200,6 +200,60 @@ enum Outcome {
     Retained(RetainDone),
 }
 
+/// What the writer does with one message of a group, decided before any
+/// of the group is written ([`plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A Hello, a credential change or a retention step: done as it is.
+    Run,
+    /// Its session had a batch in a failed commit: nothing of it is written.
+    Skip,
+    /// Its stream's epoch is no longer the device's: not written.
+    Fence,
+    /// Sorted against the device's mark and written.
+    Write,
+}
+
+/// Plans a group: a batch is written only while its stream's epoch is the
+/// device's, as `epochs` held it when the group began and with no Hello or
+/// credential change of the same device (rotate, remove, pin: each bumps
+/// the epoch) earlier in the group; what an older stream queued after such
+/// a change is fenced. The new stream of a Hello sends nothing before its
+/// Welcome, so every batch after it in the group is an older stream's.
+fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
+    let mut bumped: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    group
+        .iter()
+        .map(|msg| match msg {
+            WriterMsg::Register { hello, .. } => {
+                bumped.insert(hello.device_id.as_str());
+                Step::Run
+            }
+            WriterMsg::Credentials { change, .. } => {
+                match change {
+                    CredentialChange::Rotate { device_id, .. }
+                    | CredentialChange::Remove { device_id }
+                    | CredentialChange::PinCertificate { device_id, .. } => {
+                        bumped.insert(device_id.as_str());
+                    }
+                    CredentialChange::Enroll { .. }
+                    | CredentialChange::RevokeCertificate { .. } => {}
+                }
+                Step::Run
+            }
+            WriterMsg::Retain { .. } => Step::Run,
+            WriterMsg::Batch(batch) if batch.ack.failed() => Step::Skip,
+            WriterMsg::Batch(batch)
+                if epochs.get(&batch.device) != Some(&batch.epoch)
+                    || bumped.contains(&*batch.device_id) =>
+            {
+                Step::Fence
+            }
+            WriterMsg::Batch(_) => Step::Write,
+        })
+        .collect()
+}
+
 /// What a group changes in the writer's memory, applied after its commit.
 #[derive(Default)]
 struct GroupChanges {
@@ -658,11 +712,12 @@ impl Writer {
         // Read inside the transaction: committed rows only.
         let known = &mut self.known;
         let shared = tx.shared();
-        let mut epochs = known
+        let epochs = known
             .epochs_of(&mut tx, &batch_devices, &mut changes)
             .await?;
+        let steps = plan(group, &epochs);
         known.load_sensors(&mut tx).await?;
-        for msg in group {
+        for (msg, step) in group.iter().zip(steps) {
             match msg {
                 WriterMsg::Register { hello, proof, .. } => {
                     match tx
@@ -670,8 +725,6 @@ impl Writer {
                         .await?
                     {
                         Some(r) => {
-                            // Later batches of an older stream are fenced.
-                            epochs.insert(r.device, r.epoch);
                             changes.epochs.insert(r.device, r.epoch);
                             if shared {
                                 // Another hub may have moved the mark and
@@ -731,12 +784,11 @@ impl Writer {
                             continue;
                         }
                     };
-                    // Rotate and remove bump the device's epoch: the old
-                    // streams' later batches, in this group too, are fenced.
+                    // Rotate, remove and pin bump the device's epoch (the
+                    // plan fenced what follows in this group).
                     let found = match (change, changed) {
                         (CredentialChange::Enroll { .. }, _) => true,
                         (_, Some((device, epoch))) => {
-                            epochs.insert(device, epoch);
                             changes.epochs.insert(device, epoch);
                             true
                         }
@@ -771,10 +823,8 @@ impl Writer {
                     }
                     outcomes.push(Outcome::Retained(done));
                 }
-                WriterMsg::Batch(batch) if batch.ack.failed() => outcomes.push(Outcome::Skipped),
-                WriterMsg::Batch(batch) if epochs.get(&batch.device) != Some(&batch.epoch) => {
-                    outcomes.push(Outcome::Fenced);
-                }
+                WriterMsg::Batch(_) if step == Step::Skip => outcomes.push(Outcome::Skipped),
+                WriterMsg::Batch(_) if step == Step::Fence => outcomes.push(Outcome::Fenced),
                 WriterMsg::Batch(batch) => {
                     changes
                         .names
@@ -1007,6 +1057,101 @@ impl Known {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch(device: i64, name: &str, epoch: u64) -> WriterMsg {
+        WriterMsg::Batch(crate::ingest::IngestBatch {
+            received: std::time::Instant::now(),
+            device: DeviceKey(device),
+            device_id: Arc::from(name),
+            readings: Vec::new(),
+            ack: crate::ingest::AckSlot::new(),
+            epoch,
+        })
+    }
+
+    fn hello(name: &str) -> WriterMsg {
+        let hello = crate::domain::DeviceHello::new(
+            crate::domain::DeviceId::parse(name).unwrap(),
+            String::new(),
+            Default::default(),
+            "",
+        )
+        .unwrap();
+        WriterMsg::Register {
+            hello,
+            proof: crate::auth::Proof::Admitted,
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn change(change: CredentialChange) -> WriterMsg {
+        WriterMsg::Credentials {
+            change,
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn id(name: &str) -> crate::domain::DeviceId {
+        crate::domain::DeviceId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_group_writes_only_batches_of_the_devices_current_streams() {
+        let epochs: HashMap<DeviceKey, u64> = [(DeviceKey(1), 5), (DeviceKey(2), 7)].into();
+        let failed = batch(2, "b", 7);
+        if let WriterMsg::Batch(b) = &failed {
+            b.ack.fail();
+        }
+        let group = [
+            batch(1, "a", 5),
+            batch(1, "a", 4), // an older stream's
+            failed,
+            batch(3, "c", 1), // a device whose row is gone
+            hello("a"),
+            batch(1, "a", 5), // queued by the old stream after the new Hello
+            batch(2, "b", 7),
+        ];
+        use Step::*;
+        assert_eq!(
+            plan(&group, &epochs),
+            [Write, Fence, Skip, Fence, Run, Fence, Write]
+        );
+    }
+
+    #[test]
+    fn credential_changes_that_bump_the_epoch_fence_what_follows() {
+        let epochs: HashMap<DeviceKey, u64> = [(DeviceKey(1), 5), (DeviceKey(2), 5)].into();
+        let cases = [
+            (
+                change(CredentialChange::Rotate {
+                    device_id: id("a"),
+                    token_sha256: [0; 32],
+                }),
+                Step::Fence,
+            ),
+            (
+                change(CredentialChange::Remove { device_id: id("a") }),
+                Step::Fence,
+            ),
+            (
+                change(CredentialChange::PinCertificate {
+                    device_id: id("a"),
+                    sha256: None,
+                }),
+                Step::Fence,
+            ),
+            (
+                change(CredentialChange::RevokeCertificate { sha256: [0; 32] }),
+                Step::Write,
+            ),
+            (hello("b"), Step::Write),
+        ];
+        for (case, (first, then)) in cases.into_iter().enumerate() {
+            let group = [batch(1, "a", 5), first, batch(1, "a", 5), batch(2, "b", 5)];
+            let steps = plan(&group, &epochs);
+            assert_eq!(steps[..3], [Step::Write, Step::Run, then], "case {case}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_back_off_and_reset() {
