@@ -199,6 +199,9 @@ struct Component {
     stop: Box<dyn FnOnce() + Send>,
     stop_at: Phase,
     task: JoinHandle<()>,
+    /// The task `task` watches, when it is a wrapper (a supervisor): an
+    /// abort must reach it too.
+    inner: Option<AbortHandle>,
     wait_at: Phase,
     overdue: Overdue,
 }
@@ -210,8 +213,24 @@ impl Component {
             stop: Box::new(|| {}),
             stop_at: Phase::Intake,
             task,
+            inner: None,
             wait_at: Phase::Intake,
             overdue: Overdue::Abort,
+        }
+    }
+
+    /// `task` watches this one: aborting the component aborts it too.
+    fn wrapping(mut self, inner: AbortHandle) -> Self {
+        self.inner = Some(inner);
+        self
+    }
+
+    /// Ends it now: told to stop, and aborted.
+    fn abort(self) {
+        (self.stop)();
+        self.task.abort();
+        if let Some(inner) = self.inner {
+            inner.abort();
         }
     }
 
@@ -292,27 +311,27 @@ impl Hub {
             settings,
         };
         let mut components = Vec::new();
-        let storage = start_storage(&core, &mut components).await?;
-        let commands = start_commands(&core, &storage, &mut components).await?;
-        let ops = Arc::new(operations(&core, &storage, &commands));
-        components.extend(start_bridge(&core, &ops, &commands));
-        components.extend(start_cluster(&core, &storage.store, &commands).await?);
-        components.extend(start_jobs(&core, &storage));
-        let metrics_addr = match start_metrics(&core, &storage).await? {
-            Some((addr, component)) => {
-                components.push(component);
-                Some(addr)
+        match start_all(&core, &mut components).await {
+            Ok(started) => Ok(Hub::started(core, started, components)),
+            Err(e) => {
+                // Nothing started may outlive a failed start: the writer
+                // would hold the database's lock, HTTP would serve on.
+                core.stopping.cancel();
+                core.sessions_stop.cancel();
+                components.into_iter().for_each(Component::abort);
+                Err(e)
             }
-            None => None,
-        };
-        let http_addr = match start_http(&core, &ops).await? {
-            Some((addr, component)) => {
-                components.push(component);
-                Some(addr)
-            }
-            None => None,
-        };
-        let addr = start_grpc(&core, &storage, &commands, ops, &mut components).await?;
+        }
+    }
+
+    fn started(core: Core, started: Started, components: Vec<Component>) -> Hub {
+        let Started {
+            addr,
+            storage,
+            commands,
+            metrics_addr,
+            http_addr,
+        } = started;
         let settings = &core.settings;
         let scheme = if settings.server.tls.enabled() {
             "https"
@@ -321,7 +340,7 @@ impl Hub {
         };
         tracing::info!(devices = ?settings.auth.devices, operators_open = core.auth.operators_open(),
             hub_id = %core.hub_id, backend = ?settings.storage.backend, "listening on {addr} ({scheme})");
-        Ok(Hub {
+        Hub {
             addr,
             metrics: core.metrics,
             registry: core.registry,
@@ -338,7 +357,7 @@ impl Hub {
             http_addr,
             hub_id: core.hub_id,
             settings: core.settings,
-        })
+        }
     }
 
     /// This hub's id for the life of its process (written into the devices
@@ -439,6 +458,9 @@ impl Hub {
                     continue;
                 }
                 component.task.abort();
+                if let Some(inner) = &component.inner {
+                    inner.abort();
+                }
                 match component.overdue {
                     Overdue::Abort => tracing::warn!(
                         component = component.name,
@@ -459,6 +481,48 @@ impl Hub {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// What [`start_all`] hands the hub besides its components.
+struct Started {
+    addr: SocketAddr,
+    storage: Storage,
+    commands: CommandsPart,
+    metrics_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+}
+
+/// Every component, in start order, into `components` (which a failed
+/// start then stops).
+async fn start_all(core: &Core, components: &mut Vec<Component>) -> anyhow::Result<Started> {
+    let storage = start_storage(core, components).await?;
+    let commands = start_commands(core, &storage, components).await?;
+    let ops = Arc::new(operations(core, &storage, &commands));
+    components.extend(start_bridge(core, &ops, &commands));
+    components.extend(start_cluster(core, &storage.store, &commands).await?);
+    components.extend(start_jobs(core, &storage));
+    let metrics_addr = match start_metrics(core, &storage).await? {
+        Some((addr, component)) => {
+            components.push(component);
+            Some(addr)
+        }
+        None => None,
+    };
+    let http_addr = match start_http(core, &ops).await? {
+        Some((addr, component)) => {
+            components.push(component);
+            Some(addr)
+        }
+        None => None,
+    };
+    let addr = start_grpc(core, &storage, &commands, ops, components).await?;
+    Ok(Started {
+        addr,
+        storage,
+        commands,
+        metrics_addr,
+        http_addr,
+    })
 }
 
 /// The readings database and its one writer.
@@ -515,6 +579,7 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
     );
     components.push(
         Component::new("the ingest writer", supervisor)
+            .wrapping(writer_abort.clone())
             .stopped_by(Phase::Storage, writer_stop)
             .awaited_at(Phase::Storage)
             .critical(),
@@ -574,6 +639,7 @@ async fn start_commands(
     );
     components.push(
         Component::new("the commands task", supervisor)
+            .wrapping(abort.clone())
             .stopped_by(Phase::Storage, stop)
             .awaited_at(Phase::Storage),
     );
@@ -805,6 +871,7 @@ async fn start_http(
     .with_context(|| format!("cannot listen on {} (http.listen)", settings.http.listen))?;
     tracing::info!("web console on http://{}/", server.addr);
     let served = server.task;
+    let inner = served.abort_handle();
     let task = tokio::spawn(async move {
         if let Ok(Err(e)) = served.await {
             tracing::warn!(error = %e, "the HTTP server failed");
@@ -812,7 +879,9 @@ async fn start_http(
     });
     Ok(Some((
         server.addr,
-        Component::new("the HTTP server", task).awaited_at(Phase::Last),
+        Component::new("the HTTP server", task)
+            .wrapping(inner)
+            .awaited_at(Phase::Last),
     )))
 }
 
@@ -926,6 +995,7 @@ async fn start_grpc(
         }),
         stop_at: Phase::Intake,
         task: waiting,
+        inner: None,
         wait_at: Phase::Intake,
         overdue: Overdue::Abort,
     });

@@ -714,9 +714,9 @@ impl Settings {
             "must be at least 1",
         )?;
         check(
-            self.http.max_connections >= 1,
+            !self.http.enabled || self.http.max_connections > self.server.max_watches,
             "http.max_connections",
-            "must be at least 1",
+            "must be more than server.max_watches (every event stream holds a connection)",
         )?;
         check(
             !self.http.header_timeout.is_zero(),

@@ -111,6 +111,9 @@ impl SessionRegistry {
     /// order in which the writer registered the Hellos, so of two streams of
     /// one device the later Hello wins, whichever claims first; a claim by
     /// an older stream than the live one is refused (None).
+    /// `certificate`: the SHA-256 of the client certificate the stream
+    /// presented, so revoking it ends the stream (set with the claim: a
+    /// revocation cannot fall in between).
     pub fn claim(
         self: &Arc<Self>,
         device: &DeviceId,
@@ -118,6 +121,7 @@ impl SessionRegistry {
         epoch: u64,
         now_ms: i64,
         firmware: &str,
+        certificate: Option<[u8; 32]>,
     ) -> Option<StreamClaim> {
         let superseded = CancellationToken::new();
         let ended_by = Arc::new(AtomicU8::new(0));
@@ -144,7 +148,7 @@ impl SessionRegistry {
                     firmware: firmware.to_owned(),
                     superseded: superseded.clone(),
                     ended_by: Arc::clone(&ended_by),
-                    certificate: None,
+                    certificate,
                 },
             );
             // Sent under the lock, so events of one device keep their order.
@@ -250,15 +254,24 @@ impl SessionRegistry {
 pub struct EndProbe {
     ended_by: Arc<AtomicU8>,
     superseded: CancellationToken,
+    moves: bool,
 }
 
 impl EndProbe {
     /// Why the stream's batch was fenced (its epoch is no longer the
-    /// device's): what ended it here, or, when nothing here did, another
-    /// hub's claim whose notice has not come yet.
+    /// device's): what ended it here; when nothing here has said yet,
+    /// another hub's claim whose notice has not come (if devices can move)
+    /// or an operator's change whose end has not come (a local one bumped
+    /// the epoch).
     pub fn fenced_because(&self) -> EndReason {
         match EndReason::from_u8(self.ended_by.load(Ordering::Relaxed)) {
-            EndReason::Superseded if !self.superseded.is_cancelled() => EndReason::MovedAway,
+            EndReason::Superseded if !self.superseded.is_cancelled() => {
+                if self.moves {
+                    EndReason::MovedAway
+                } else {
+                    EndReason::CredentialsChanged
+                }
+            }
             reason => reason,
         }
     }
@@ -277,21 +290,13 @@ impl StreamClaim {
         );
     }
 
-    /// Remembers the client certificate this stream presented (its
-    /// SHA-256), so revoking it ends the stream.
-    pub fn presented(&self, certificate: [u8; 32]) {
-        let mut live = self.registry.lock();
-        if let Some(stream) = live.get_mut(&self.device)
-            && stream.id == self.id
-        {
-            stream.certificate = Some(certificate);
-        }
-    }
-
-    pub fn probe(&self) -> EndProbe {
+    /// How the stream's tasks read why it ended; `moves`: whether another
+    /// hub may claim the device (several hubs on PostgreSQL).
+    pub fn probe(&self, moves: bool) -> EndProbe {
         EndProbe {
             ended_by: Arc::clone(&self.ended_by),
             superseded: self.superseded.clone(),
+            moves,
         }
     }
 
@@ -335,9 +340,9 @@ mod tests {
         let reg = SessionRegistry::new();
         let mut events = reg.subscribe();
         let dev = DeviceId::parse("d1").unwrap();
-        let first = reg.claim(&dev, 1, 1, 1, "fw1").unwrap();
+        let first = reg.claim(&dev, 1, 1, 1, "fw1", None).unwrap();
         assert!(!first.superseded.is_cancelled());
-        let second = reg.claim(&dev, 2, 2, 2, "fw2").unwrap();
+        let second = reg.claim(&dev, 2, 2, 2, "fw2", None).unwrap();
         assert!(first.superseded.is_cancelled());
         drop(first);
         assert_eq!(reg.online().get("d1"), Some(&2));
@@ -362,8 +367,8 @@ mod tests {
     fn an_older_stream_claiming_late_is_refused() {
         let reg = SessionRegistry::new();
         let dev = DeviceId::parse("d1").unwrap();
-        let newer = reg.claim(&dev, 7, 7, 1, "new").unwrap();
-        assert!(reg.claim(&dev, 6, 6, 2, "old").is_none());
+        let newer = reg.claim(&dev, 7, 7, 1, "new", None).unwrap();
+        assert!(reg.claim(&dev, 6, 6, 2, "old", None).is_none());
         assert!(!newer.superseded.is_cancelled());
         assert_eq!(reg.live_streams()[0].firmware, "new");
     }

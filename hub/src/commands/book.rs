@@ -284,7 +284,11 @@ impl CommandBook {
         outbox: mpsc::Sender<Box<DeviceCommand>>,
     ) {
         let queue = self.queues.entry(device).or_default();
-        if session < queue.newest {
+        // An older stream's late Attach, or the live one's again (its
+        // commands are out already: pushing them twice would spend its
+        // attempts twice).
+        let live = queue.link.as_ref().is_some_and(|(s, _)| *s == session);
+        if session < queue.newest || live {
             return;
         }
         queue.newest = session;
@@ -946,8 +950,13 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Event {
         Send,
-        Attach(u64),
-        Detach(u64),
+        /// A new stream of the device: its Attach waits to be delivered.
+        Connect,
+        /// A waiting Attach arrives (by index: an older stream's may come
+        /// after a newer one's). Each stream attaches once.
+        Attach(usize),
+        /// A stream ends (by index among the attached).
+        Detach(usize),
         Dispatch,
         /// A session writes one of the commands it was handed (by index).
         Written(usize),
@@ -959,8 +968,9 @@ mod tests {
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Send),
-            (1..4u64).prop_map(Event::Attach),
-            (1..4u64).prop_map(Event::Detach),
+            Just(Event::Connect),
+            (0..3usize).prop_map(Event::Attach),
+            (0..3usize).prop_map(Event::Detach),
             Just(Event::Dispatch),
             (0..6usize).prop_map(Event::Written),
             (0..6usize, 0..4u8).prop_map(|(i, r)| Event::Reply(i, r)),
@@ -992,6 +1002,7 @@ mod tests {
             let mut outboxes: Vec<(u64, mpsc::Receiver<Box<DeviceCommand>>)> = Vec::new();
             // Commands sessions were handed and have not written yet.
             let mut handed: Vec<(u64, String)> = Vec::new();
+            let (mut streams, mut waiting, mut attached) = (0u64, Vec::new(), Vec::new());
             let max_attempts = settings().max_attempts;
             for event in events {
                 let mut batch = Batch::default();
@@ -1004,12 +1015,23 @@ mod tests {
                             batch.updates.clear();
                         }
                     }
-                    Event::Attach(s) => {
+                    Event::Connect => {
+                        streams += 1;
+                        waiting.push(streams);
+                    }
+                    Event::Attach(i) => if i < waiting.len() {
+                        let s = waiting.remove(i);
                         let (tx, rx) = mpsc::channel(2);
                         w.book.attach("d".into(), s, tx);
                         outboxes.push((s, rx));
-                    }
-                    Event::Detach(s) => w.book.detach("d", s),
+                        attached.push(s);
+                    },
+                    Event::Detach(i) => if i < attached.len() {
+                        let s = attached.remove(i);
+                        // A stream's writes are reported before it ends.
+                        handed.retain(|(h, _)| *h != s);
+                        w.book.detach("d", s);
+                    },
                     Event::Dispatch => w.dispatch(),
                     Event::Written(i) => if i < handed.len() {
                         let (s, id) = handed.remove(i);

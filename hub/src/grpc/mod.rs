@@ -27,6 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use session::SessionContext;
 
+use crate::operator::STALLED_CLIENT;
+
 pub struct DeviceGatewayService {
     ctx: Arc<SessionContext>,
     outbound_buffer: usize,
@@ -72,13 +74,19 @@ impl DeviceGateway for DeviceGatewayService {
 }
 
 /// The hub's messages to one device: what the session queued, unless the
-/// session aborts the stream, which ends it at once with that status and
-/// drops what is still queued (a device that reads nothing cannot pin it).
-pub struct HubStream {
-    /// None once aborted. Boxed messages: a channel allocates 32 slots up
-    /// front, and every device holds one for the life of its stream.
-    messages: Option<ReceiverStream<Result<Box<pb::HubMessage>, Status>>>,
+/// session aborts the stream (a device that reads nothing cannot pin it).
+/// Boxed messages: a channel allocates 32 slots up front, and every device
+/// holds one for the life of its stream.
+pub type HubStream = CutStream<Box<pb::HubMessage>, pb::HubMessage>;
+
+/// A server stream: what its task queued, unless the task aborts it, which
+/// ends it at once with that status and drops what is still queued. Items
+/// are queued as `T` and sent as `U` (`map`).
+pub struct CutStream<T, U> {
+    /// None once aborted.
+    messages: Option<ReceiverStream<Result<T, Status>>>,
     aborted: Option<oneshot::Receiver<Status>>,
+    map: fn(T) -> U,
 }
 
 impl HubStream {
@@ -86,15 +94,26 @@ impl HubStream {
         messages: mpsc::Receiver<Result<Box<pb::HubMessage>, Status>>,
         aborted: oneshot::Receiver<Status>,
     ) -> Self {
+        CutStream::with_map(messages, aborted, |boxed| *boxed)
+    }
+}
+
+impl<T, U> CutStream<T, U> {
+    fn with_map(
+        messages: mpsc::Receiver<Result<T, Status>>,
+        aborted: oneshot::Receiver<Status>,
+        map: fn(T) -> U,
+    ) -> Self {
         Self {
             messages: Some(ReceiverStream::new(messages)),
             aborted: Some(aborted),
+            map,
         }
     }
 }
 
-impl Stream for HubStream {
-    type Item = Result<pb::HubMessage, Status>;
+impl<T, U> Stream for CutStream<T, U> {
+    type Item = Result<U, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(aborted) = self.aborted.as_mut() {
@@ -109,14 +128,50 @@ impl Stream for HubStream {
                 Poll::Pending => {}
             }
         }
+        let map = self.map;
         match self.messages.as_mut() {
             Some(messages) => Pin::new(messages)
                 .poll_next(cx)
-                .map(|m| m.map(|m| m.map(|boxed| *boxed))),
+                .map(|m| m.map(|m| m.map(map))),
             None => Poll::Ready(None),
         }
     }
 }
+
+/// The sending end of an operator call's answer: a send waits for the
+/// client at most [`STALLED_CLIENT`]; past it the answer ends at once with
+/// DEADLINE_EXCEEDED (what is queued is dropped), so a client that reads
+/// nothing cannot hold a slot of the hub's budgets of long calls.
+pub(crate) struct AnswerSender<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    abort: Option<oneshot::Sender<Status>>,
+}
+
+impl<T> AnswerSender<T> {
+    /// False when the answer is over: the client went away or stalled.
+    pub async fn send(&mut self, item: Result<T, Status>) -> bool {
+        match tokio::time::timeout(STALLED_CLIENT, self.tx.send(item)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                if let Some(abort) = self.abort.take() {
+                    let _ = abort.send(Status::deadline_exceeded(format!(
+                        "the client read nothing of the answer for {}",
+                        humantime::format_duration(STALLED_CLIENT)
+                    )));
+                }
+                false
+            }
+        }
+    }
+
+    /// Resolves when the client has gone away.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// An operator call's answer stream.
+pub(crate) type AnswerStream<T> = CutStream<T, T>;
 
 /// Runs the body of a server-streaming call on the tracker. If it panics,
 /// the client gets INTERNAL rather than an OK that would pass a truncated
@@ -125,15 +180,19 @@ pub(crate) fn spawn_stream<T, F, Fut>(
     tracker: &TaskTracker,
     capacity: usize,
     body: F,
-) -> ReceiverStream<Result<T, Status>>
+) -> AnswerStream<T>
 where
     T: Send + 'static,
-    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    F: FnOnce(AnswerSender<T>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(capacity);
+    let (abort, aborted) = oneshot::channel();
     let on_panic = tx.clone();
-    let task = tracker.spawn(body(tx));
+    let task = tracker.spawn(body(AnswerSender {
+        tx,
+        abort: Some(abort),
+    }));
     tracker.spawn(async move {
         if let Err(e) = task.await
             && e.is_panic()
@@ -146,7 +205,7 @@ where
                 .await;
         }
     });
-    ReceiverStream::new(rx)
+    CutStream::with_map(rx, aborted, |item| item)
 }
 
 #[cfg(test)]
@@ -158,8 +217,8 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_stream_ends_with_internal_not_ok() {
         let tracker = TaskTracker::new();
-        let mut stream = spawn_stream(&tracker, 4, |tx| async move {
-            tx.send(Ok(1u32)).await.unwrap();
+        let mut stream = spawn_stream(&tracker, 4, |mut tx| async move {
+            assert!(tx.send(Ok(1u32)).await);
             panic!("bug in a query");
         });
         assert_eq!(stream.next().await.unwrap().unwrap(), 1);

@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use telemetry_proto::v1::{self as pb, operator_server::Operator};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{convert, spawn_stream};
+use super::{AnswerStream, convert, spawn_stream};
 use crate::auth::Operator as OperatorIdentity;
 use crate::operator::{LiveEvent, Operations, ReadingsRequest};
 use crate::query::QueryChunk;
@@ -23,8 +22,8 @@ pub struct OperatorService {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
-type CommandStream = ReceiverStream<Result<pb::CommandInfo, Status>>;
-type LiveStream = ReceiverStream<Result<pb::WatchReadingsEvent, Status>>;
+type CommandStream = AnswerStream<pb::CommandInfo>;
+type LiveStream = AnswerStream<pb::WatchReadingsEvent>;
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
@@ -51,7 +50,7 @@ impl Operator for OperatorService {
             .await
             .map_err(convert::op_status)?;
         let mut run = self.ops.run_query(q).map_err(convert::op_status)?;
-        let chunks = spawn_stream(&self.tracker, 4, move |out| async move {
+        let chunks = spawn_stream(&self.tracker, 4, move |mut out| async move {
             let forward = async {
                 while let Some(chunk) = run.chunks.recv().await {
                     let chunk = match chunk {
@@ -68,18 +67,17 @@ impl Operator for OperatorService {
                         }),
                         Err(e) => Err(convert::store_status(e)),
                     };
-                    if out.send(chunk).await.is_err() {
+                    if !out.send(chunk).await {
                         return;
                     }
                 }
                 // The channel closed: a query that ended by a panic (not
                 // normally) must not pass a cut-short answer off as whole.
                 if !run.ended_whole().await {
-                    let _ = out
-                        .send(Err(Status::internal(
-                            "the hub failed while answering; the answer is incomplete",
-                        )))
-                        .await;
+                    out.send(Err(Status::internal(
+                        "the hub failed while answering; the answer is incomplete",
+                    )))
+                    .await;
                 }
             };
             forward.await;
@@ -196,7 +194,7 @@ impl Operator for OperatorService {
             .watch_command(&slot, &req.command_id, timeout)
             .await
             .map_err(convert::op_status)?;
-        let stream = spawn_stream(&self.tracker, 8, move |tx| async move {
+        let stream = spawn_stream(&self.tracker, 8, move |mut tx| async move {
             let _slot = slot;
             loop {
                 let next = tokio::select! {
@@ -209,7 +207,7 @@ impl Operator for OperatorService {
                     Err(e) => Err(convert::op_status(e)),
                 };
                 let failed = info.is_err();
-                if tx.send(info).await.is_err() || failed {
+                if !tx.send(info).await || failed {
                     return;
                 }
             }
@@ -274,8 +272,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::PinDeviceCertificateResponse>, Status> {
         let by = caller(&request);
         let req = request.into_inner();
+        // The protocol's empty fingerprint means unpin.
+        let sha256 = (!req.sha256.is_empty()).then_some(req.sha256.as_str());
         self.ops
-            .pin_device_certificate(&req.device_id, &req.sha256)
+            .pin_device_certificate(&req.device_id, sha256)
             .await
             .map_err(convert::op_status)?;
         tracing::info!(by, device_id = ?req.device_id, sha256 = req.sha256, "device certificate pinned");
@@ -338,7 +338,7 @@ impl Operator for OperatorService {
         let sensor = (!req.sensor.is_empty()).then_some(req.sensor);
         let slot = self.ops.watch_slot().map_err(convert::op_status)?;
         let mut watch = self.ops.watch_readings(&slot);
-        let stream = spawn_stream(&self.tracker, 16, move |tx| async move {
+        let stream = spawn_stream(&self.tracker, 16, move |mut tx| async move {
             let _slot = slot;
             // What was missed since the last event, told with the next one.
             let (mut skipped, mut skipped_commits) = (0u64, 0u64);
@@ -369,7 +369,7 @@ impl Operator for OperatorService {
                 };
                 // A slow client makes this wait; meanwhile the broadcast
                 // moves on without us, and the watch counts what we missed.
-                if tx.send(Ok(event)).await.is_err() {
+                if !tx.send(Ok(event)).await {
                     return;
                 }
             }

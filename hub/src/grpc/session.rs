@@ -160,21 +160,26 @@ async fn run_registered(
             return;
         }
     };
+    let certificate = match proof {
+        Proof::Certificate(sha256) => Some(sha256),
+        _ => None,
+    };
     let Some(claim) = ctx.registry.claim(
         &device_id,
         registered.stream,
         registered.epoch,
         now_ms(),
         &firmware,
+        certificate,
     ) else {
         // A newer Hello of this device was registered meanwhile.
         let status = Status::aborted("superseded by a newer connection");
         let _ = outbound.send(Err(status)).await;
         return;
     };
-    if let Proof::Certificate(sha256) = proof {
-        claim.presented(sha256);
-    }
+    // Whether another hub may claim the device: then a fence nothing here
+    // explains is a move.
+    let moves = ctx.store.backend() == crate::config::Backend::Postgres;
     let welcome = pb::HubMessage {
         msg: Some(HubMsg::Welcome(pb::Welcome {
             acked_seq: registered.acked_seq,
@@ -203,7 +208,7 @@ async fn run_registered(
             DeviceOutbound {
                 tx: outbound,
                 abort,
-                why_ended: claim.probe(),
+                why_ended: claim.probe(moves),
             },
             finish_rx,
             ended.clone(),
@@ -239,7 +244,7 @@ async fn run_registered(
     // The ack task may be gone already (peer vanished); that is fine.
     let _ = finish_tx.send(finish);
     let _ = acker.await;
-    if slot.fenced() && claim.probe().fenced_because() == EndReason::MovedAway {
+    if slot.fenced() && claim.probe(moves).fenced_because() == EndReason::MovedAway {
         claim.moved_away();
     }
     ctx.commands.detach(&device_id, claim.id()).await;

@@ -65,14 +65,9 @@ pub(super) async fn pin_device_certificate(
 ) -> Result<StatusCode, ApiError> {
     let Path(device_id) = id?;
     let Json(req) = body?;
-    if req.sha256.is_empty() {
-        return Err(ApiError::invalid(
-            "sha256 is empty: DELETE the certificate to unpin".to_owned(),
-        ));
-    }
     state
         .ops
-        .pin_device_certificate(&device_id, &req.sha256)
+        .pin_device_certificate(&device_id, Some(&req.sha256))
         .await?;
     tracing::info!(by = caller(operator), device_id = ?device_id, sha256 = req.sha256,
         "device certificate pinned (http)");
@@ -93,7 +88,7 @@ pub(super) async fn unpin_device_certificate(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Path(device_id) = id?;
-    state.ops.pin_device_certificate(&device_id, "").await?;
+    state.ops.pin_device_certificate(&device_id, None).await?;
     tracing::info!(by = caller(operator), device_id = ?device_id, "device certificate unpinned (http)");
     Ok(StatusCode::NO_CONTENT)
 }

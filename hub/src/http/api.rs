@@ -520,8 +520,7 @@ async fn answer_readings(
         .into_response())
 }
 
-/// A client that takes no part of an answer for this long is dropped.
-pub(super) const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(super) use crate::operator::STALLED_CLIENT;
 
 /// What the body of a readings answer is made of; a body whose sender goes
 /// away before `Last` ends broken, so a cut-short answer never looks whole

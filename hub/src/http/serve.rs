@@ -29,6 +29,9 @@ content-length: 88\r\n\
 
 /// How long a refused connection may take to hear its 503.
 const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+/// Refusals being told at once; past them a connection is just closed (a
+/// flood of connections must not cost a descriptor each for 2 s).
+const MAX_REFUSALS: usize = 64;
 
 /// Serves `app` until `stop`: then stops accepting, closes idle
 /// connections and lets those with a request in flight finish (the hub's
@@ -44,6 +47,7 @@ pub(super) async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let permits = Arc::new(Semaphore::new(max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     // Owned here: when this task is aborted, every connection goes too.
     let mut connections = JoinSet::new();
     loop {
@@ -62,7 +66,12 @@ pub(super) async fn serve(
             },
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            connections.spawn(refuse(stream));
+            if let Ok(telling) = Arc::clone(&refusals).try_acquire_owned() {
+                connections.spawn(async move {
+                    let _telling = telling;
+                    refuse(stream).await;
+                });
+            }
             continue;
         };
         let connection =

@@ -40,16 +40,13 @@ impl Operations {
     }
 
     /// Pins a device to one client certificate (`sha256`: 64 hex digits of
-    /// the SHA-256 of its DER), or unpins it (empty).
+    /// the SHA-256 of its DER), or unpins it (None).
     pub async fn pin_device_certificate(
         &self,
         device_id: &str,
-        sha256: &str,
+        sha256: Option<&str>,
     ) -> Result<(), OpError> {
-        let sha256 = match sha256 {
-            "" => None,
-            hex => Some(parse_sha256(hex)?),
-        };
+        let sha256 = sha256.map(parse_sha256).transpose()?;
         Ok(devices::pin_certificate(&self.ingest, &self.registry, device_id, sha256).await?)
     }
 

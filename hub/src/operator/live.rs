@@ -159,13 +159,13 @@ impl CommandWatch {
 }
 
 /// A readings answer being produced: its chunks in order, then the end of
-/// the channel. Holds a slot of `server.max_queries` until dropped.
+/// the channel. Its task holds a slot of `server.max_queries` until it
+/// ends (a dropped `QueryRun` ends it at its next chunk).
 pub struct QueryRun {
     pub chunks: mpsc::Receiver<Result<QueryChunk, StoreError>>,
     /// The query's task: whether it ended normally (not by a panic) tells a
     /// whole answer from a cut-short one.
     task: Option<tokio::task::JoinHandle<()>>,
-    _slot: OwnedSemaphorePermit,
 }
 
 impl QueryRun {
@@ -245,11 +245,14 @@ impl Operations {
                 ))
             })?;
         let (tx, chunks) = mpsc::channel(4);
-        let task = self.tracker.spawn(query::run(self.store.clone(), q, tx));
+        let store = self.store.clone();
+        let task = self.tracker.spawn(async move {
+            let _slot = slot;
+            query::run(store, q, tx).await;
+        });
         Ok(QueryRun {
             chunks,
             task: Some(task),
-            _slot: slot,
         })
     }
 }

@@ -48,6 +48,11 @@ pub const MAX_COMMAND_PAGE: u32 = 100_000;
 pub const MAX_DEVICE_SCAN: usize = 100_000;
 /// The most devices one command sent by label selector may reach.
 pub const MAX_SELECTOR_DEVICES: usize = 10_000;
+/// A client that takes no part of a streamed answer (a readings body, an
+/// event or watch stream) for this long is dropped, whatever its door: it
+/// must not hold a slot of the budgets of long calls.
+pub const STALLED_CLIENT: Duration = Duration::from_secs(30);
+
 /// What aggregates a bucketed query shows when it names none.
 pub const DEFAULT_AGGREGATES: [Aggregate; 2] = [Aggregate::Count, Aggregate::Avg];
 

@@ -1071,6 +1071,7 @@ async fn slow_and_idle_connections_are_closed_and_too_many_refused() {
     let hub = spawn_hub_with(|s| {
         s.http.header_timeout = std::time::Duration::from_secs(1);
         s.http.max_connections = 2;
+        s.server.max_watches = 1;
     })
     .await;
     let addr = hub.hub().http_addr().unwrap();
