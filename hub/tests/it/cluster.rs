@@ -630,3 +630,41 @@ async fn an_old_streams_end_never_shows_a_reconnected_device_offline() {
         assert!(b.device(id).await.unwrap().online, "{id} is live on A");
     }
 }
+
+/// With retention on, a device with a wrong clock cannot make a monthly
+/// partition for every month back to 2000 on a shared database: readings
+/// older than the cutoff are refused by whichever hub takes them (counted
+/// in the ack), and neither hub makes their month.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_older_than_retention_make_no_partition_on_any_hub() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let retained = |s: &mut hub::Settings| {
+        s.storage.retention = Duration::from_secs(3600);
+        s.storage.compact_rows = 8;
+    };
+    let a = spawn_hub_in(db, retained).await;
+    let b = a.spawn_peer(retained).await;
+    let jan_2001 = 978_307_200_000i64;
+    for (hub, device) in [(&a, "clock-a"), (&b, "clock-b")] {
+        let (mut dev, _) = RawDevice::connect(hub, device).await;
+        dev.send(batch(vec![
+            reading(1, "t", jan_2001, 1.0),
+            reading(2, "t", now_ms(), 2.0),
+        ]))
+        .await;
+        assert_eq!(dev.ack_through(2).await, (2, 1, 0), "{device}");
+        assert_eq!(seqs(hub, device).await, [2]);
+    }
+    let mut conn = DbConn::open(&a.settings).await;
+    let DbConn::Postgres(c) = &mut conn else {
+        unreachable!("a PostgreSQL test")
+    };
+    let old: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname = 'blocks_p200101'")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+    assert_eq!(old, 0, "no partition for January 2001");
+}
