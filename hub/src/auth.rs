@@ -37,6 +37,9 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 use crate::config::{AuthSettings, DeviceAuthMode, TlsIdentity};
+/// Plain types (in `domain`, so the store can hold them without knowing
+/// the policy).
+pub use crate::domain::{Proof, StoredCredentials};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -100,21 +103,6 @@ pub struct AuthPolicy {
     operators: Vec<(String, [u8; 32], Role)>,
 }
 
-/// What a Hello proved, checked once more by the writer when it registers
-/// the device: an operator may have changed the credentials in between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proof {
-    /// Open or mTLS: the device must not be removed meanwhile.
-    Admitted,
-    /// Its own token: the stored hash must still be this one.
-    OwnToken([u8; 32]),
-    /// A fleet token: the device must still have no own token.
-    FleetToken,
-    /// A client certificate (its SHA-256): not revoked, and the device
-    /// pinned to no other.
-    Certificate([u8; 32]),
-}
-
 /// Why a Hello was refused: for the hub's log. The device is told only
 /// "invalid device credentials", whatever the reason, so nobody learns
 /// which devices exist.
@@ -152,19 +140,6 @@ pub struct Presented<'a> {
 /// The SHA-256 of a certificate (DER): what pins and revocations name.
 pub fn certificate_sha256(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
-}
-
-/// What the store holds about a device's credentials.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StoredCredentials {
-    /// SHA-256 of its own token, when enrolled individually.
-    pub token_sha256: Option<[u8; 32]>,
-    /// Removed by an operator: refused even with a valid fleet token.
-    pub removed: bool,
-    /// The certificate the device is pinned to, if any.
-    pub cert_sha256: Option<[u8; 32]>,
-    /// The certificate presented is revoked.
-    pub cert_revoked: bool,
 }
 
 impl AuthPolicy {

@@ -406,6 +406,34 @@ pub fn rfc3339_ms(ts_ms: i64) -> String {
         )
 }
 
+/// What a Hello proved, checked once more by the writer when it registers
+/// the device: an operator may have changed the credentials in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// Open or mTLS: the device must not be removed meanwhile.
+    Admitted,
+    /// Its own token: the stored hash must still be this one.
+    OwnToken([u8; 32]),
+    /// A fleet token: the device must still have no own token.
+    FleetToken,
+    /// A client certificate (its SHA-256): not revoked, and the device
+    /// pinned to no other.
+    Certificate([u8; 32]),
+}
+
+/// What the store holds about a device's credentials.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoredCredentials {
+    /// SHA-256 of its own token, when enrolled individually.
+    pub token_sha256: Option<[u8; 32]>,
+    /// Removed by an operator: refused even with a valid fleet token.
+    pub removed: bool,
+    /// The certificate the device is pinned to, if any.
+    pub cert_sha256: Option<[u8; 32]>,
+    /// The certificate presented is revoked.
+    pub cert_revoked: bool,
+}
+
 /// A hub whose heartbeat is older than this is presumed dead: its devices
 /// show offline on every hub (several hubs on one PostgreSQL database).
 pub const HUB_LEASE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -25,9 +25,8 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
 use self::db::{Connector, Pool, with_pool};
-use crate::auth::StoredCredentials;
 use crate::config::{Backend, StorageSettings, Synchronous};
-use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
+use crate::domain::{DeviceKey, DeviceRecord, SensorKey, StoredCredentials};
 
 pub use write::{
     CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, Registration, RowToInsert,

@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use super::StoreError;
 use super::db::{Conn, Val, bind_vals, with_conn};
 use super::write_conn::WriteConn;
-use crate::auth::Proof;
 use crate::config::Backend;
-use crate::domain::{DeviceHello, DeviceKey, SensorKey};
+use crate::domain::{DeviceHello, DeviceKey, Proof, SensorKey};
 
 /// One row of the readings table.
 #[derive(Debug, Clone, Copy)]
