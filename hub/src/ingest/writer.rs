@@ -216,8 +216,8 @@ enum Step {
 
 /// Plans a group: a batch is written only while its stream's epoch is the
 /// device's, as `epochs` held it when the group began and with no Hello or
-/// credential change of the same device (rotate, remove, pin: each bumps
-/// the epoch) earlier in the group; what an older stream queued after such
+/// credential change of the same device (enroll, rotate, remove, pin: each
+/// bumps the epoch) earlier in the group; what an older stream queued after such
 /// a change is fenced. The new stream of a Hello sends nothing before its
 /// Welcome, so every batch after it in the group is an older stream's.
 fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
@@ -236,8 +236,10 @@ fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
                     | CredentialChange::PinCertificate { device_id, .. } => {
                         bumped.insert(device_id.as_str());
                     }
-                    CredentialChange::Enroll { .. }
-                    | CredentialChange::RevokeCertificate { .. } => {}
+                    CredentialChange::Enroll { hello, .. } => {
+                        bumped.insert(hello.device_id.as_str());
+                    }
+                    CredentialChange::RevokeCertificate { .. } => {}
                 }
                 Step::Run
             }
@@ -752,8 +754,8 @@ impl Writer {
                             hello,
                             token_sha256,
                         } => {
-                            tx.enroll_device(hello, token_sha256, now).await?;
-                            None
+                            tx.enroll_device(hello, token_sha256, now, &self.settings.hub_id)
+                                .await?
                         }
                         CredentialChange::Rotate {
                             device_id,
@@ -784,15 +786,14 @@ impl Writer {
                             continue;
                         }
                     };
-                    // Rotate, remove and pin bump the device's epoch (the
-                    // plan fenced what follows in this group).
-                    let found = match (change, changed) {
-                        (CredentialChange::Enroll { .. }, _) => true,
-                        (_, Some((device, epoch))) => {
+                    // Enroll, rotate, remove and pin bump the device's
+                    // epoch (the plan fenced what follows in this group).
+                    let found = match changed {
+                        Some((device, epoch)) => {
                             changes.epochs.insert(device, epoch);
                             true
                         }
-                        (_, None) => false,
+                        None => false,
                     };
                     outcomes.push(Outcome::Credentials(found));
                 }
@@ -1137,6 +1138,16 @@ mod tests {
                 change(CredentialChange::PinCertificate {
                     device_id: id("a"),
                     sha256: None,
+                }),
+                Step::Fence,
+            ),
+            (
+                change(CredentialChange::Enroll {
+                    hello: match hello("a") {
+                        WriterMsg::Register { hello, .. } => hello,
+                        _ => unreachable!("a Hello"),
+                    },
+                    token_sha256: [0; 32],
                 }),
                 Step::Fence,
             ),

@@ -301,27 +301,30 @@ impl WriteTx<'_> {
 
     /// Enrolls a device with its own token (adding it, or re-adding a
     /// removed one; its mark and readings stay).
+    /// Its epoch is bumped: a stream still on the old credentials, on any
+    /// hub, is fenced and told. The device and its epoch.
     pub async fn enroll_device(
         &mut self,
         hello: &DeviceHello,
         token_sha256: &[u8; 32],
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+        hub: &str,
+    ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
         let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
-        with_conn!(self.conn.conn(), c => sqlx::query(
+        let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, token_sha256) \
              VALUES ($1, '', $2, $3, $3, $4) \
              ON CONFLICT (external_id) DO UPDATE SET labels = excluded.labels, \
-             token_sha256 = excluded.token_sha256, removed_ms = NULL",
+             token_sha256 = excluded.token_sha256, removed_ms = NULL, epoch = devices.epoch + 1 \
+             RETURNING id, epoch",
         )
         .bind(hello.device_id.as_str())
         .bind(labels)
         .bind(now_ms)
         .bind(token_sha256.as_slice())
-        .execute(c)
-        .await?
-        .rows_affected());
-        Ok(())
+        .fetch_optional(c)
+        .await?);
+        self.announce_end(hello.device_id.as_str(), row, hub).await
     }
 
     /// Pins a device to one client certificate (its SHA-256), or unpins it
@@ -742,7 +745,7 @@ mod tests {
         .unwrap();
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let mut tx = writer.begin().await.unwrap();
-        tx.enroll_device(&hello, &a, 0).await.unwrap();
+        tx.enroll_device(&hello, &a, 0, "h").await.unwrap();
         let own = |h| Proof::OwnToken(h);
         assert!(
             tx.upsert_device(&hello, 1, &own(a), "h")

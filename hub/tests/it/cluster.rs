@@ -109,6 +109,33 @@ async fn a_device_removed_through_one_hub_is_cut_off_on_the_other() {
     b.stop().await;
 }
 
+/// Re-adding a device (a new token) through one hub ends its stream on
+/// another, which was on the old credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_re_added_through_one_hub_is_cut_off_on_the_other() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut dev, _) = RawDevice::connect(&b, "readded").await;
+    dev.send(readings(1..=5)).await;
+    assert_eq!(dev.ack_through(5).await.0, 5);
+    a.operator()
+        .await
+        .add_device(pb::AddDeviceRequest {
+            device_id: "readded".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        dev.end_code().await,
+        Code::Unauthenticated,
+        "B let go of the stream on the old credentials"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Fencing holds without the notice: another hub's claim that A never
 /// heard of (its notice lost) still stops A from writing for the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
