@@ -23,7 +23,7 @@ use crate::commands::Commands;
 use crate::domain::{DeviceId, now_ms};
 use crate::registry::EndReason;
 use crate::registry::SessionRegistry;
-use crate::store::{CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, Store, StoreError};
+use crate::store::{CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, REVOKED, Store, StoreError};
 
 pub use crate::domain::HUB_LEASE as LEASE;
 /// How often a hub renews its heartbeat (a third of the lease).
@@ -57,6 +57,10 @@ pub async fn listen(
             };
             match notice {
                 Ok(notice) if notice.channel() == CLAIMS_CHANNEL => {
+                    if let Some(revoked) = notice.payload().strip_prefix(REVOKED) {
+                        on_revoked(revoked, &hub_id, &registry);
+                        continue;
+                    }
                     let Some(claim) = Claim::parse(notice.payload()) else {
                         tracing::warn!(
                             payload = notice.payload(),
@@ -107,6 +111,27 @@ pub async fn listen(
             }
         }
     }))
+}
+
+/// Another hub revoked a client certificate (`" {hub} {sha256 hex}"`):
+/// this hub's streams that presented it end too. The hub that revoked it
+/// ended its own.
+fn on_revoked(notice: &str, hub_id: &str, registry: &SessionRegistry) {
+    let Some((by, sha256)) = notice.trim_start().split_once(' ') else {
+        tracing::warn!(notice, "a revocation notice that does not parse");
+        return;
+    };
+    let Some(sha256) = hex::decode(sha256)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    else {
+        tracing::warn!(notice, "a revocation notice that does not parse");
+        return;
+    };
+    if by != hub_id {
+        let ended = registry.end_presenting(&sha256);
+        tracing::info!(by, ended, "a certificate revoked through another hub");
+    }
 }
 
 /// PostgreSQL: keeps this hub's heartbeat fresh and the devices' presence

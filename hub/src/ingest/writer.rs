@@ -781,7 +781,9 @@ impl Writer {
                             .await?
                         }
                         CredentialChange::RevokeCertificate { sha256 } => {
-                            let added = tx.revoke_certificate(sha256, now).await?;
+                            let added = tx
+                                .revoke_certificate(sha256, now, &self.settings.hub_id)
+                                .await?;
                             outcomes.push(Outcome::Credentials(added));
                             continue;
                         }

@@ -29,7 +29,7 @@ use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey, StoredCredentials};
 
 pub use write::{
-    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, Registration, RowToInsert,
+    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, REVOKED, Registration, RowToInsert,
     STAGING_PARTS, StoreWriter, WriteTx, staging_part,
 };
 pub(crate) use write_conn::WriteConn;

@@ -54,6 +54,10 @@ pub(super) const BLOCKS_LOCK: i64 = 0x7e1e_b10c;
 /// change sent (not a Hello).
 pub const CREDENTIALS_CHANGED: &str = "/credentials";
 
+/// The first word of a revocation notice on [`CLAIMS_CHANNEL`]:
+/// `revoked {hub} {sha256 hex}`.
+pub const REVOKED: &str = "revoked";
+
 /// The channel on which PostgreSQL hubs announce the devices they claim.
 pub const CLAIMS_CHANNEL: &str = "hub_claims";
 
@@ -349,11 +353,14 @@ impl WriteTx<'_> {
     }
 
     /// Refuses a client certificate (its SHA-256) from now on, whichever
-    /// device it names; false when it was revoked already.
+    /// device it names; false when it was revoked already. On PostgreSQL a
+    /// new revocation is announced (`revoked {hub} {sha256}` on
+    /// [`CLAIMS_CHANNEL`]): every hub ends its streams that presented it.
     pub async fn revoke_certificate(
         &mut self,
         sha256: &[u8; 32],
         now_ms: i64,
+        hub: &str,
     ) -> Result<bool, StoreError> {
         let added = with_conn!(self.conn.conn(), c => sqlx::query(
             "INSERT INTO revoked_certs (sha256, revoked_ms) VALUES ($1, $2) \
@@ -364,6 +371,13 @@ impl WriteTx<'_> {
         .execute(c)
         .await?
         .rows_affected());
+        if let (Conn::Postgres(c), 1) = (self.conn.conn(), added) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CLAIMS_CHANNEL)
+                .bind(format!("{REVOKED} {hub} {}", hex::encode(sha256)))
+                .execute(c)
+                .await?;
+        }
         Ok(added == 1)
     }
 

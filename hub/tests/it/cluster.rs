@@ -695,3 +695,53 @@ async fn readings_older_than_retention_make_no_partition_on_any_hub() {
             .unwrap();
     assert_eq!(old, 0, "no partition for January 2001");
 }
+
+/// A certificate revoked through one hub ends the streams that presented
+/// it on the others too (the revocation is announced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_through_one_hub_is_cut_off_on_the_other() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let pki = Pki::new("cluster CA");
+    let (server_cert, server_key) = pki.issue("hub", "hub", true);
+    let ca_path = pki.ca_path();
+    let tls = |s: &mut hub::Settings| {
+        s.server.tls.cert = server_cert.clone();
+        s.server.tls.key = server_key.clone();
+        s.server.tls.client_ca = ca_path.clone();
+        s.auth.devices = hub::config::DeviceAuthMode::Tls;
+    };
+    let a = spawn_hub_in(db, tls).await;
+    let b = a.spawn_peer(tls).await;
+    let channel = |hub: &TestHub, identity: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        let mut config = tonic::transport::ClientTlsConfig::new().ca_certificate(pki.ca());
+        if let Some((cert, key)) = identity {
+            config = config.identity(tonic::transport::Identity::from_pem(
+                std::fs::read(cert).unwrap(),
+                std::fs::read(key).unwrap(),
+            ));
+        }
+        tonic::transport::Endpoint::from_shared(format!("https://{}", hub.addr))
+            .unwrap()
+            .tls_config(config)
+            .unwrap()
+            .connect_lazy()
+    };
+    let leaked = pki.issue("leaked", "cut-dev", false);
+    let mut dev = RawDevice::open(channel(&b, Some(leaked.clone())), hello("cut-dev")).await;
+    assert!(matches!(
+        dev.next().await,
+        Ok(Some(pb::hub_message::Msg::Welcome(_)))
+    ));
+    let der = crate::security::pem_der(&leaked.0);
+    let answer = pb::operator_client::OperatorClient::new(channel(&a, None))
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            sha256: hex::encode(hub::auth::certificate_sha256(&der)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.streams_ended, 0, "A held no stream on it");
+    assert_eq!(dev.end_code().await, Code::Unauthenticated, "B ended it");
+}

@@ -694,7 +694,7 @@ async fn hub_certs_writes_a_working_set_and_tls_failures_say_why() {
 }
 
 /// The DER of the first certificate in a PEM file.
-fn pem_der(path: &std::path::Path) -> Vec<u8> {
+pub(crate) fn pem_der(path: &std::path::Path) -> Vec<u8> {
     let pem = std::fs::read(path).unwrap();
     let text = String::from_utf8(pem).unwrap();
     let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
