@@ -23,8 +23,8 @@ use crate::domain::{
     csv_field, rfc3339_ms,
 };
 use crate::operator::{
-    DeviceFilter, HubStats, OpError, ReadingsRequest, parse_aggregates, parse_bucket, parse_labels,
-    parse_time,
+    DeviceFilter, HubStats, OpError, ReadingsRequest, STALLED_CLIENT, parse_aggregates,
+    parse_bucket, parse_labels, parse_time,
 };
 use crate::query::QueryChunk;
 use crate::store::commands::CommandFilter;
@@ -519,8 +519,6 @@ async fn answer_readings(
     )
         .into_response())
 }
-
-pub(super) use crate::operator::STALLED_CLIENT;
 
 /// What the body of a readings answer is made of; a body whose sender goes
 /// away before `Last` ends broken, so a cut-short answer never looks whole

@@ -25,10 +25,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
-use super::api::{CommandJson, STALLED_CLIENT, empty_as_none};
+use super::api::{CommandJson, empty_as_none};
 use super::{ApiError, ApiState};
 use crate::domain::{CommittedBatch, Presence};
-use crate::operator::{LiveEvent, ReadingsWatch, live_readings};
+use crate::operator::{LiveEvent, ReadingsWatch, STALLED_CLIENT, live_readings};
 
 /// Events buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 16;

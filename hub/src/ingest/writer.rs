@@ -1,8 +1,9 @@
 //! The single writer: group commit, dedup by high-water mark, acks after
 //! commit.
 //!
-//! What the writer keeps in memory (marks, the sensor dictionary, each
-//! device's sensors) is a cache of committed rows: a group's
+//! What the writer keeps in memory (marks, on SQLite the session epochs,
+//! the sensor dictionary, each device's sensors) is a cache of committed
+//! rows: a group's
 //! changes are collected on the side and applied only after its COMMIT
 //! succeeded. After a failed commit the caches are dropped and reloaded, and
 //! every session with a batch in the failed group is done: its later batches
@@ -727,7 +728,9 @@ impl Writer {
                         .await?
                     {
                         Some(r) => {
-                            changes.epochs.insert(r.device, r.epoch);
+                            if !shared {
+                                changes.epochs.insert(r.device, r.epoch);
+                            }
                             if shared {
                                 // Another hub may have moved the mark and
                                 // the device's sensors since this one's
@@ -792,7 +795,10 @@ impl Writer {
                     // epoch (the plan fenced what follows in this group).
                     let found = match changed {
                         Some((device, epoch)) => {
-                            changes.epochs.insert(device, epoch);
+                            // SQLite's cache (PostgreSQL reads them).
+                            if !shared {
+                                changes.epochs.insert(device, epoch);
+                            }
                             true
                         }
                         None => false,
