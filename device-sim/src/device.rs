@@ -21,6 +21,7 @@ use tonic::{Status, Streaming};
 use crate::commands::{CommandRunner, Effect};
 use crate::signal::SignalGen;
 use crate::stats::FleetStats;
+use crate::twin::SimTwin;
 
 /// How one device behaves.
 #[derive(Clone)]
@@ -43,6 +44,10 @@ pub struct DeviceConfig {
     pub full_precision: bool,
     /// Readings stamped over this much of the past go first.
     pub backfill: Option<Duration>,
+    /// Keep a twin (Hello.twin).
+    pub twin: bool,
+    /// How long applying a desired change takes.
+    pub twin_apply_delay: Duration,
 }
 
 /// Written by hand so the token never prints.
@@ -103,6 +108,9 @@ pub struct SimDevice {
     commands: CommandRunner,
     /// Set by a reboot command: end the stream after the replies.
     reboot: Option<Duration>,
+    /// The sensors sampled (the twin can switch some off).
+    active: Vec<String>,
+    twin: Option<SimTwin>,
     stats: Arc<FleetStats>,
 }
 
@@ -112,8 +120,13 @@ impl SimDevice {
         let backfill_ms = cfg
             .backfill
             .map(|past| (now_ms() - past.as_millis() as i64) as f64);
+        let twin = cfg
+            .twin
+            .then(|| SimTwin::new(&cfg.firmware, cfg.twin_apply_delay));
         Self {
             backfill_ms,
+            active: cfg.sensors.clone(),
+            twin,
             cfg,
             signal,
             unacked: VecDeque::new(),
@@ -220,6 +233,8 @@ impl SimDevice {
                 labels: [("sim".to_owned(), "true".to_owned())]
                     .into_iter()
                     .collect(),
+                twin: self.twin.is_some(),
+                desired_version: self.twin.as_ref().map_or(0, SimTwin::applied_version),
             })),
         };
         if tx.send(hello).await.is_err() {
@@ -239,6 +254,9 @@ impl SimDevice {
             Err(_) => return StreamEnd::Broken(Status::deadline_exceeded("no Welcome")),
         };
         self.on_welcome(&welcome);
+        if let Some(twin) = &mut self.twin {
+            twin.on_welcome(&welcome);
+        }
         self.welcomed = true;
         let max_batch = welcome.max_batch.max(1) as usize;
         FleetStats::inc(&self.stats.online, 1);
@@ -302,12 +320,19 @@ impl SimDevice {
         let mut last_sample = Instant::now();
         // Resend what the hub has not acked, right away.
         self.send_unsent(tx, max_batch).await?;
+        self.send_reported(tx).await?;
         loop {
-            if drain_deadline.is_some() && self.unacked.is_empty() {
+            let reports_pending = self.twin.as_ref().is_some_and(|t| t.pending() > 0);
+            if drain_deadline.is_some() && self.unacked.is_empty() && !reports_pending {
                 return Ok(());
             }
             let far = Instant::now() + Duration::from_secs(3600);
+            let twin_wake = self.twin.as_ref().and_then(SimTwin::next_wake);
             tokio::select! {
+                _ = tokio::time::sleep_until(twin_wake.unwrap_or(far)), if twin_wake.is_some() && drain_deadline.is_none() => {
+                    self.twin_wake();
+                    self.send_reported(tx).await?;
+                }
                 _ = tick.tick(), if drain_deadline.is_none() => {
                     let now = Instant::now();
                     self.sample(now.duration_since(last_sample));
@@ -320,6 +345,7 @@ impl SimDevice {
                             let reply = pb::DeviceMessage { msg: Some(DeviceMsg::CommandReply(reply)) };
                             tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
                         }
+                        self.send_reported(tx).await?;
                         if let Some(delay) = self.reboot.take() {
                             return Err(StreamEnd::Reboot(delay));
                         }
@@ -407,8 +433,64 @@ impl SimDevice {
                 }
                 Ok(outcome.replies)
             }
+            Some(HubMsg::Desired(desired)) => {
+                if let Some(twin) = &mut self.twin {
+                    twin.on_desired(&desired, Instant::now());
+                    // Applied at once when the device has no delay.
+                    self.twin_wake();
+                }
+                Ok(Vec::new())
+            }
+            Some(HubMsg::ReportedAck(ack)) => {
+                if let Some(twin) = &mut self.twin {
+                    let released = twin.on_ack(&ack);
+                    FleetStats::inc(&self.stats.reports_acked, released as u64);
+                }
+                Ok(Vec::new())
+            }
             Some(HubMsg::Welcome(_)) | None => Ok(Vec::new()),
         }
+    }
+
+    /// Lets the twin do what is due, and takes on its effects.
+    fn twin_wake(&mut self) {
+        let Some(twin) = &mut self.twin else { return };
+        let before = twin.applied_version();
+        let effects = twin.wake(Instant::now());
+        if twin.applied_version() != before {
+            FleetStats::inc(&self.stats.twin_applied, 1);
+        }
+        if let Some(hz) = effects.rate_hz {
+            self.cfg.rate_hz = hz;
+        }
+        if let Some(disabled) = effects.disabled {
+            self.active = self
+                .cfg
+                .sensors
+                .iter()
+                .filter(|s| !disabled.contains(s))
+                .cloned()
+                .collect();
+        }
+    }
+
+    /// Sends the reported patches not yet sent on this stream.
+    async fn send_reported(
+        &mut self,
+        tx: &mpsc::Sender<pb::DeviceMessage>,
+    ) -> Result<(), StreamEnd> {
+        let Some(twin) = &mut self.twin else {
+            return Ok(());
+        };
+        for patch in twin.unsent() {
+            let msg = pb::DeviceMessage {
+                msg: Some(DeviceMsg::Reported(patch)),
+            };
+            tx.send(msg)
+                .await
+                .map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
+        }
+        Ok(())
     }
 
     /// Forgets every reading up to `acked_seq`.
@@ -446,7 +528,7 @@ impl SimDevice {
         let due = self.cfg.rate_hz * elapsed.as_secs_f64() + self.carry;
         let n = due.floor() as u64;
         self.carry = due - n as f64;
-        if n == 0 || self.cfg.sensors.is_empty() {
+        if n == 0 || self.active.is_empty() {
             return;
         }
         let now_ms = now_ms();
@@ -457,7 +539,7 @@ impl SimDevice {
                 return;
             }
             let ts_ms = now_ms - span_ms + (span_ms * (i as i64 + 1)) / n as i64;
-            let sensor = &self.cfg.sensors[self.sensor_cursor % self.cfg.sensors.len()];
+            let sensor = &self.active[self.sensor_cursor % self.active.len()];
             self.sensor_cursor += 1;
             let value = self.signal.sample(sensor, ts_ms);
             self.unacked.push_back(pb::Reading {
@@ -478,12 +560,12 @@ impl SimDevice {
         };
         let step = 1000.0 / self.cfg.rate_hz.max(1e-3);
         let now = now_ms() as f64;
-        while self.unacked.len() < self.cfg.buffer && !self.cfg.sensors.is_empty() {
+        while self.unacked.len() < self.cfg.buffer && !self.active.is_empty() {
             if ts >= now {
                 self.backfill_ms = None;
                 return;
             }
-            let sensor = &self.cfg.sensors[self.sensor_cursor % self.cfg.sensors.len()];
+            let sensor = &self.active[self.sensor_cursor % self.active.len()];
             self.sensor_cursor += 1;
             let value = self.signal.sample(sensor, ts as i64);
             self.unacked.push_back(pb::Reading {

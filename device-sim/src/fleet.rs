@@ -43,6 +43,11 @@ pub struct FleetConfig {
     /// Each device first uploads readings stamped over this much of the
     /// past (a device back from being offline), as fast as acks allow.
     pub backfill: Option<Duration>,
+    /// Devices keep a twin (Hello.twin): they apply desired state and
+    /// report it. False behaves like firmware from before twins.
+    pub twin: bool,
+    /// How long a device takes to apply a desired change (a slow device).
+    pub twin_apply_delay: Duration,
 }
 
 /// What devices send as Hello.token.
@@ -118,6 +123,8 @@ impl Default for FleetConfig {
             tls: None,
             full_precision: false,
             backfill: None,
+            twin: true,
+            twin_apply_delay: Duration::ZERO,
         }
     }
 }
@@ -226,6 +233,8 @@ pub async fn run(
                 firmware: cfg.firmware.clone(),
                 full_precision: cfg.full_precision,
                 backfill: cfg.backfill,
+                twin: cfg.twin,
+                twin_apply_delay: cfg.twin_apply_delay,
             },
             Arc::clone(&stats),
         );

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod signal;
 pub mod stats;
 pub mod tls;
+pub mod twin;
 
 pub use fleet::{Credentials, FleetConfig, FleetError, TlsFiles, device_id, fleet_token, run};
 pub use stats::{FleetStats, FleetSummary};

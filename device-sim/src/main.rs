@@ -87,6 +87,13 @@ struct Args {
     /// then sample live.
     #[arg(long, value_parser = humantime::parse_duration)]
     backfill: Option<Duration>,
+    /// Behave like firmware from before twins: no Hello.twin, no reported
+    /// state, desired state never sent.
+    #[arg(long)]
+    no_twin: bool,
+    /// How long a device takes to apply a desired change (a slow device).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    twin_apply_delay: Duration,
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<std::path::PathBuf>,
@@ -125,6 +132,8 @@ async fn main() -> anyhow::Result<()> {
         }),
         full_precision: args.full_precision,
         backfill: args.backfill,
+        twin: !args.no_twin,
+        twin_apply_delay: args.twin_apply_delay,
         ..FleetConfig::default()
     };
     let stop = CancellationToken::new();

@@ -30,6 +30,10 @@ pub struct FleetStats {
     /// Seqs the hub acknowledged and later, in a Welcome, no longer had: an
     /// acked reading lost. Must stay 0.
     pub lost_acks: AtomicU64,
+    /// Desired versions applied by devices' twins.
+    pub twin_applied: AtomicU64,
+    /// Reported patches the hub acknowledged.
+    pub reports_acked: AtomicU64,
     /// Batch sent -> covering Ack received, in microseconds.
     ack_latency_us: Mutex<Histogram<u64>>,
 }
@@ -49,6 +53,8 @@ impl Default for FleetStats {
             bad_acks: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
             lost_acks: AtomicU64::new(0),
+            twin_applied: AtomicU64::new(0),
+            reports_acked: AtomicU64::new(0),
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
         }

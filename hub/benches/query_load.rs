@@ -46,6 +46,7 @@ async fn list_devices(client: &mut OperatorClient<Channel>) -> usize {
             .list_devices(pb::ListDevicesRequest {
                 after,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .expect("list")

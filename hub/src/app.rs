@@ -268,6 +268,8 @@ struct Core {
     sessions_stop: CancellationToken,
     failure: Arc<Failure>,
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    /// Committed twin changes: to device streams and watchers.
+    twins: Arc<crate::twin::TwinHub>,
 }
 
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
@@ -308,6 +310,7 @@ impl Hub {
             sessions_stop: CancellationToken::new(),
             failure: Arc::new(Failure::default()),
             fanout,
+            twins: crate::twin::TwinHub::new(settings.twin.events_capacity),
             settings,
         };
         let mut components = Vec::new();
@@ -564,9 +567,11 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
             compact_rows: settings.storage.compact_rows,
             hub_id: Arc::clone(&core.hub_id),
             cached_devices: settings.ingest.cached_devices,
+            twin_limits: settings.twin.limits(),
         },
         Arc::clone(&core.metrics),
         core.fanout.clone(),
+        Arc::clone(&core.twins),
     );
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(writer.run(writer_stop.clone(), core.sessions_stop.clone()));
@@ -661,6 +666,8 @@ fn operations(core: &Core, storage: &Storage, commands: &CommandsPart) -> Operat
         tracker: core.tracker.clone(),
         shutdown: core.sessions_stop.clone(),
         fanout: core.fanout.clone(),
+        twins: Arc::clone(&core.twins),
+        twin_limits: core.settings.twin.limits(),
         backups: Backups {
             command_store: commands.store.clone(),
             root: core.settings.storage.backup_root(),
@@ -716,6 +723,7 @@ async fn start_cluster(
         Arc::clone(&core.hub_id),
         Arc::clone(&core.registry),
         commands.commands.clone(),
+        Arc::clone(&core.twins),
         core.stopping.clone(),
     )
     .await
@@ -919,6 +927,8 @@ async fn start_grpc(
         retention: (!settings.storage.retention.is_zero()).then_some(settings.storage.retention),
         auth: Arc::clone(&core.auth),
         store: storage.store.clone(),
+        twins: Arc::clone(&core.twins),
+        twin_limits: settings.twin.limits(),
         failures: FailureLimiter::new(settings.auth.max_failures_per_minute),
         refusals: std::sync::Mutex::new(crate::throttle::LogThrottle::new(Duration::from_secs(10))),
     });

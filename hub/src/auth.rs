@@ -65,7 +65,7 @@ pub enum AuthError {
 pub fn required_role(method: &str) -> Role {
     match method {
         "QueryReadings" | "ListDevices" | "GetHubStats" | "WatchReadings" | "GetCommand"
-        | "ListCommands" | "WatchCommand" => Role::Read,
+        | "ListCommands" | "WatchCommand" | "GetTwin" | "WatchTwin" => Role::Read,
         _ => Role::Admin,
     }
 }

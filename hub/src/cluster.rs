@@ -7,6 +7,9 @@
 //! - [`listen`] ends this hub's stream of a device another hub claimed
 //!   (ABORTED), so the device's old stream does not linger, and passes
 //!   other hubs' command changes to the commands task (`crate::commands`);
+//! - passes other hubs' twin changes ([`crate::store::TWINS_CHANNEL`]) to
+//!   this hub's [`TwinHub`]: the twin is read as committed, so a device
+//!   stream here gets the desired document and watchers the change;
 //! - fencing does not depend on the notice: a hub's writer locks the rows
 //!   of the devices it commits for and writes a batch only while its
 //!   session's epoch is still the device's (`ingest::writer`).
@@ -23,7 +26,11 @@ use crate::commands::Commands;
 use crate::domain::{DeviceId, now_ms};
 use crate::registry::EndReason;
 use crate::registry::SessionRegistry;
-use crate::store::{CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, REVOKED, Store, StoreError};
+use crate::store::{
+    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, REVOKED, Store, StoreError, TWINS_CHANNEL,
+    TwinNotice,
+};
+use crate::twin::TwinHub;
 
 pub use crate::domain::HUB_LEASE as LEASE;
 /// How often a hub renews its heartbeat (a third of the lease).
@@ -44,11 +51,13 @@ pub async fn listen(
     hub_id: Arc<str>,
     registry: Arc<SessionRegistry>,
     commands: Commands,
+    twins: Arc<TwinHub>,
     stop: CancellationToken,
 ) -> Result<Option<impl Future<Output = ()> + use<>>, StoreError> {
     let Some(mut listener) = store.listen_cluster().await? else {
         return Ok(None);
     };
+    let store = store.clone();
     Ok(Some(async move {
         loop {
             let notice = tokio::select! {
@@ -85,6 +94,16 @@ pub async fn listen(
                         tracing::debug!(device_id = %device, by = claim.hub, "device moved to another hub");
                     }
                 }
+                Ok(notice) if notice.channel() == TWINS_CHANNEL => {
+                    match TwinNotice::parse(notice.payload()) {
+                        Some(n) if n.hub == *hub_id => {}
+                        Some(n) => on_twin(&store, &twins, n).await,
+                        None => tracing::warn!(
+                            payload = notice.payload(),
+                            "a twin notice that does not parse"
+                        ),
+                    }
+                }
                 Ok(notice) => {
                     // `hub command_id` on COMMANDS_CHANNEL.
                     match notice.payload().split_once(' ') {
@@ -111,6 +130,20 @@ pub async fn listen(
             }
         }
     }))
+}
+
+/// Another hub committed a change of a device's twin: read as it is now
+/// and handed to this hub's streams and watchers (a desired change as the
+/// whole document: this hub does not know the patch).
+async fn on_twin(store: &Store, twins: &TwinHub, notice: TwinNotice) {
+    match store.twin(&notice.device_id).await {
+        Ok(Some(view)) => twins.committed(notice.part, Arc::new(view), None),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(device_id = notice.device_id, error = %e,
+                "cannot read a twin another hub changed; its stream here gets it at its next Hello")
+        }
+    }
 }
 
 /// Another hub revoked a client certificate (`" {hub} {sha256 hex}"`):

@@ -57,10 +57,32 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub storage: StorageSettings,
     pub commands: CommandsSettings,
+    pub twin: TwinSettings,
     pub mqtt: MqttSettings,
     pub metrics: MetricsSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+}
+
+/// What a twin document may be, and how far a twin watcher may fall
+/// behind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwinSettings {
+    pub max_document_bytes: usize,
+    pub max_depth: usize,
+    pub max_key_bytes: usize,
+    pub events_capacity: usize,
+}
+
+impl TwinSettings {
+    pub fn limits(&self) -> crate::twin::DocLimits {
+        crate::twin::DocLimits {
+            max_bytes: self.max_document_bytes,
+            max_depth: self.max_depth,
+            max_key_bytes: self.max_key_bytes,
+        }
+    }
 }
 
 /// The one place of a client certificate that names its device.
@@ -640,6 +662,27 @@ impl Settings {
                 })
             }
         }
+        let t = &self.twin;
+        check(
+            (16..=1 << 20).contains(&t.max_document_bytes),
+            "twin.max_document_bytes",
+            "must be between 16 and 1048576",
+        )?;
+        check(
+            (1..=64).contains(&t.max_depth),
+            "twin.max_depth",
+            "must be between 1 and 64",
+        )?;
+        check(
+            (1..=1024).contains(&t.max_key_bytes),
+            "twin.max_key_bytes",
+            "must be between 1 and 1024",
+        )?;
+        check(
+            t.events_capacity >= 1,
+            "twin.events_capacity",
+            "must be at least 1",
+        )?;
         let s = &self.server;
         check(
             s.max_message_bytes >= 1024,

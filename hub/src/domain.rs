@@ -76,6 +76,8 @@ pub struct DeviceHello {
     pub device_id: DeviceId,
     pub firmware: String,
     pub labels: BTreeMap<String, String>,
+    /// The device keeps a twin: Some(the desired version it last applied).
+    pub twin: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +134,7 @@ impl DeviceHello {
             device_id,
             firmware,
             labels,
+            twin: None,
         })
     }
 }
@@ -251,7 +254,8 @@ pub struct DeviceRecord {
     pub key: DeviceKey,
     pub device_id: String,
     pub firmware: String,
-    pub labels: BTreeMap<String, String>,
+    /// Operator-owned (a device's Hello never changes them).
+    pub tags: BTreeMap<String, String>,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub acked_seq: u64,
@@ -259,6 +263,10 @@ pub struct DeviceRecord {
     /// Since when the device has a stream to some hub, as the database
     /// says (several hubs on PostgreSQL: a hub's heartbeat must be fresh).
     pub online_since_ms: Option<i64>,
+    /// Its twin's delta is empty.
+    pub in_sync: bool,
+    pub desired_version: u64,
+    pub reported_version: u64,
 }
 
 /// One stored reading as returned by a query.

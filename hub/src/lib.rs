@@ -63,6 +63,7 @@ pub mod registry;
 pub mod retention;
 pub mod store;
 pub mod throttle;
+pub mod twin;
 
 pub use app::Hub;
 pub use config::Settings;

@@ -65,7 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Query(args) => ok(cli::query(&args, &mut std::io::stdout().lock()).await),
         Command::Devices(cmd) => match &cmd.action {
-            None => ok(cli::devices(&cmd.list, &mut std::io::stdout().lock()).await),
+            None => ok(cli::devices(&cmd.list, &cmd.filter, &mut std::io::stdout().lock()).await),
             Some(action) => ok(cli::device_action(action, &mut std::io::stdout().lock()).await),
         },
         Command::Backup(args) => ok(cli::backup(&args, &mut std::io::stdout().lock()).await),
@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => ok(cli::watch(&args, &mut std::io::stdout().lock()).await),
         Command::Stats(args) => ok(cli::stats(&args, &mut std::io::stdout().lock()).await),
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,
+        Command::Twin(action) => ok(cli::twin(&action, &mut std::io::stdout().lock()).await),
         Command::Demo(args) => {
             init_tracing("warn", LogFormat::Text);
             ok(cli::demo(args).await)

@@ -30,9 +30,14 @@ pub struct SendArgs {
     /// Target device (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
-    /// Target every device with this label (key=value; repeatable, all must match).
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Target every device with this tag (key=value; repeatable, all must
+    /// match; `--label` is the older name).
+    #[arg(long = "tag", alias = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// With --tag: only the devices this fleet filter also matches
+    /// (`reported.battery < 20 and online = true`).
+    #[arg(long = "where", requires = "labels")]
+    pub filter: Option<String>,
     /// Command name, e.g. ping, set_rate.
     #[arg(long)]
     pub name: String,
@@ -174,19 +179,18 @@ async fn send(args: &SendArgs, out: &mut impl Write) -> anyhow::Result<u8> {
     let mut client = connect(&args.addr).await?;
     let mut targets = args.devices.clone();
     if !args.labels.is_empty() {
-        for d in list_devices(&mut client).await? {
-            let matches = args
-                .labels
-                .iter()
-                .all(|(k, v)| d.labels.get(k).is_some_and(|have| have == v));
-            if matches && !targets.contains(&d.device_id) {
+        // The hub filters: tags (which devices cannot change) and --where.
+        let mut clauses = super::twin::tag_clauses(&args.labels);
+        clauses.extend(args.filter.clone());
+        for d in list_devices(&mut client, &clauses.join(" and ")).await? {
+            if !targets.contains(&d.device_id) {
                 targets.push(d.device_id);
             }
         }
     }
     anyhow::ensure!(
         !targets.is_empty(),
-        "no target device: give --device, or a --label that some device has"
+        "no target device: give --device, or a --tag that some device has"
     );
     let mut sent = Vec::new();
     for device in &targets {

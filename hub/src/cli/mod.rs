@@ -6,6 +6,7 @@ pub mod certs;
 mod command;
 mod demo;
 mod output;
+mod twin;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ pub use crate::operator::{parse_bucket, parse_time};
 pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
 use output::{BucketColumns, Format};
+pub use twin::{TagArgs, TwinAction, run as twin, tag};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,6 +57,9 @@ pub enum Command {
     /// Send, list, show and cancel device commands.
     #[command(subcommand)]
     Command(CommandAction),
+    /// A device's twin: get it, change its desired state, watch it.
+    #[command(subcommand)]
+    Twin(TwinAction),
     /// Live tail of committed readings.
     Watch(WatchArgs),
     /// Show the live counters of a running hub.
@@ -110,6 +115,28 @@ pub struct DevicesCmd {
     pub action: Option<DeviceAction>,
     #[command(flatten)]
     pub list: DevicesArgs,
+    #[command(flatten)]
+    pub filter: ListFilter,
+}
+
+/// Which devices `hub devices` lists.
+#[derive(Args, Debug, Default)]
+pub struct ListFilter {
+    /// Only devices with this tag (key=value; repeatable, all must match).
+    #[arg(long = "tag", value_parser = parse_label)]
+    pub tags: Vec<(String, String)>,
+    /// A fleet filter: `tags.site = plant-7 and in_sync = false`,
+    /// `reported.battery < 20`, `reported.hello.firmware != 1.4`.
+    #[arg(long = "where")]
+    pub filter: Option<String>,
+}
+
+impl ListFilter {
+    fn text(&self) -> String {
+        let mut clauses = twin::tag_clauses(&self.tags);
+        clauses.extend(self.filter.clone());
+        clauses.join(" and ")
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,12 +147,14 @@ pub enum DeviceAction {
         addr: HubAddr,
         /// Device id.
         id: String,
-        /// A label key=value (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        /// A tag key=value (repeatable; `--label` is the older name).
+        #[arg(long = "tag", alias = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Set (`key=value`) and remove (`key-`) a device's tags.
+    Tag(TagArgs),
     /// Give a device a new token (the old one stops working) and print it.
     RotateToken {
         #[command(flatten)]
@@ -386,13 +415,21 @@ pub async fn query(args: &QueryArgs, out: &mut impl Write) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Every registered device, page by page.
-pub(crate) async fn list_devices(client: &mut OperatorApi) -> anyhow::Result<Vec<pb::DeviceInfo>> {
+/// Every registered device a fleet filter matches (empty: all), page by
+/// page.
+pub(crate) async fn list_devices(
+    client: &mut OperatorApi,
+    filter: &str,
+) -> anyhow::Result<Vec<pb::DeviceInfo>> {
     let mut devices = Vec::new();
     let mut after = String::new();
     loop {
         let page = client
-            .list_devices(pb::ListDevicesRequest { after, limit: 0 })
+            .list_devices(pb::ListDevicesRequest {
+                after,
+                limit: 0,
+                r#where: filter.to_owned(),
+            })
             .await
             .map_err(status_error)?
             .into_inner();
@@ -424,6 +461,7 @@ pub async fn device_action(action: &DeviceAction, out: &mut impl Write) -> anyho
                 .into_inner();
             output::print_credentials(*format, &creds, out)?;
         }
+        DeviceAction::Tag(args) => tag(args, out).await?,
         DeviceAction::RotateToken { addr, id, format } => {
             let creds = connect(addr)
                 .await?
@@ -530,9 +568,13 @@ pub async fn backup(args: &BackupArgs, out: &mut impl Write) -> anyhow::Result<(
 }
 
 /// `hub devices`.
-pub async fn devices(args: &DevicesArgs, out: &mut impl Write) -> anyhow::Result<()> {
+pub async fn devices(
+    args: &DevicesArgs,
+    filter: &ListFilter,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let mut client = connect(&args.addr).await?;
-    let devices = list_devices(&mut client).await?;
+    let devices = list_devices(&mut client, &filter.text()).await?;
     output::print_devices(args.format, &devices, out)?;
     out.flush()?;
     Ok(())

@@ -195,6 +195,10 @@ pub fn print_devices(
                         "acked_seq": d.acked_seq,
                         "readings": d.readings,
                         "firmware": d.firmware,
+                        "tags": d.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                        "in_sync": d.in_sync,
+                        "desired_version": d.desired_version,
+                        "reported_version": d.reported_version,
                     })
                 )?;
             }

@@ -16,14 +16,38 @@ use crate::store::StoreError;
 pub fn hello(hello: pb::Hello) -> Result<(DeviceHello, String), Status> {
     let device_id =
         DeviceId::parse(&hello.device_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let checked = DeviceHello::new(
+    let mut checked = DeviceHello::new(
         device_id,
         hello.firmware,
         hello.labels.into_iter().collect(),
         &hello.token,
     )
     .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    checked.twin = hello.twin.then_some(hello.desired_version);
     Ok((checked, hello.token))
+}
+
+/// A twin as operators get it.
+pub fn twin(view: &crate::twin::TwinView) -> pb::Twin {
+    let t = &view.twin;
+    pb::Twin {
+        device_id: view.device_id.clone(),
+        tags: view.tags.clone().into_iter().collect(),
+        desired_json: crate::twin::doc::encode(&t.desired),
+        desired_version: t.desired_version,
+        reported_json: crate::twin::doc::encode(&t.reported),
+        reported_version: t.reported_version,
+        delta_json: crate::twin::doc::encode(&t.delta()),
+        metadata_json: t.metadata().to_string(),
+    }
+}
+
+pub fn twin_part(part: crate::twin::TwinPart) -> pb::TwinPart {
+    match part {
+        crate::twin::TwinPart::Desired => pb::TwinPart::Desired,
+        crate::twin::TwinPart::Reported => pb::TwinPart::Reported,
+        crate::twin::TwinPart::Tags => pb::TwinPart::Tags,
+    }
 }
 
 pub fn reading(r: pb::Reading) -> Reading {
@@ -112,7 +136,10 @@ pub fn device_info(d: DeviceRecord, connected_since_ms: Option<i64>) -> pb::Devi
         acked_seq: d.acked_seq,
         readings: d.readings,
         firmware: d.firmware,
-        labels: d.labels.into_iter().collect(),
+        labels: d.tags.into_iter().collect(),
+        in_sync: d.in_sync,
+        desired_version: d.desired_version,
+        reported_version: d.reported_version,
     }
 }
 
@@ -303,6 +330,13 @@ mod fuzz {
             Some(pb::device_message::Msg::CommandReply(r)) => {
                 let _ = command_reply(r);
             }
+            Some(pb::device_message::Msg::Reported(p)) => {
+                let limits = crate::twin::DocLimits::default();
+                if let Ok(patch) = crate::twin::doc::parse_patch(&p.patch_json, &limits) {
+                    let mut doc = crate::twin::Doc::new();
+                    crate::twin::doc::merge(&mut doc, &patch);
+                }
+            }
             None => {}
         }
     }
@@ -315,7 +349,17 @@ mod fuzz {
         match &msg.msg {
             Some(pb::device_message::Msg::Hello(h)) => {
                 let labels: std::collections::BTreeMap<_, _> = h.labels.iter().collect();
-                format!("{:?}", (&h.device_id, &h.token, &h.firmware, labels))
+                format!(
+                    "{:?}",
+                    (
+                        &h.device_id,
+                        &h.token,
+                        &h.firmware,
+                        labels,
+                        h.twin,
+                        h.desired_version
+                    )
+                )
             }
             Some(pb::device_message::Msg::Readings(b)) => {
                 let readings: Vec<_> = b
@@ -374,14 +418,27 @@ mod fuzz {
             ".{0,200}",
             ".{0,140}",
             proptest::collection::hash_map(".{0,70}", ".{0,300}", 0..40),
+            any::<bool>(),
+            any::<u64>(),
         )
-            .prop_map(|(device_id, token, firmware, labels)| {
-                pb::device_message::Msg::Hello(pb::Hello {
-                    device_id,
-                    token,
-                    firmware,
-                    labels,
-                })
+            .prop_map(
+                |(device_id, token, firmware, labels, twin, desired_version)| {
+                    pb::device_message::Msg::Hello(pb::Hello {
+                        device_id,
+                        token,
+                        firmware,
+                        labels,
+                        twin,
+                        desired_version,
+                    })
+                },
+            );
+        let reported = (
+            any::<u64>(),
+            prop_oneof![".{0,60}", Just("{\"a\":{\"b\":null}}".to_owned())],
+        )
+            .prop_map(|(seq, patch_json)| {
+                pb::device_message::Msg::Reported(pb::ReportedPatch { seq, patch_json })
             });
         let readings = proptest::collection::vec(any_reading(), 0..20)
             .prop_map(|readings| pb::device_message::Msg::Readings(pb::ReadingBatch { readings }));
@@ -395,7 +452,7 @@ mod fuzz {
                 })
             },
         );
-        proptest::option::of(prop_oneof![hello, readings, reply])
+        proptest::option::of(prop_oneof![hello, readings, reply, reported])
             .prop_map(|msg| pb::DeviceMessage { msg })
     }
 

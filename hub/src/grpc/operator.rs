@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::{AnswerStream, convert, spawn_stream};
 use crate::auth::Operator as OperatorIdentity;
-use crate::operator::{LiveEvent, Operations, ReadingsRequest};
+use crate::operator::{LiveEvent, Operations, ReadingsRequest, TwinWatchEvent};
 use crate::query::QueryChunk;
 use crate::store::commands::CommandFilter;
 
@@ -24,12 +24,14 @@ pub struct OperatorService {
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::QueryReadingsChunk, Status>> + Send>>;
 type CommandStream = AnswerStream<pb::CommandInfo>;
 type LiveStream = AnswerStream<pb::WatchReadingsEvent>;
+type TwinStream = AnswerStream<pb::TwinEvent>;
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
     type QueryReadingsStream = ChunkStream;
     type WatchCommandStream = CommandStream;
     type WatchReadingsStream = LiveStream;
+    type WatchTwinStream = TwinStream;
 
     async fn query_readings(
         &self,
@@ -90,9 +92,11 @@ impl Operator for OperatorService {
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         let req = request.into_inner();
+        let filter = crate::operator::parse_filter(&req.r#where)
+            .map_err(|e| Status::invalid_argument(format!("where: {e}")))?;
         let page = self
             .ops
-            .list_devices(&req.after, req.limit)
+            .find_devices(&req.after, req.limit, &filter)
             .await
             .map_err(convert::op_status)?;
         Ok(Response::new(pb::ListDevicesResponse {
@@ -103,6 +107,99 @@ impl Operator for OperatorService {
                 .collect(),
             next_after: page.next_after,
         }))
+    }
+
+    async fn get_twin(
+        &self,
+        request: Request<pb::GetTwinRequest>,
+    ) -> Result<Response<pb::Twin>, Status> {
+        let view = self
+            .ops
+            .get_twin(&request.into_inner().device_id)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(convert::twin(&view)))
+    }
+
+    async fn update_desired(
+        &self,
+        request: Request<pb::UpdateDesiredRequest>,
+    ) -> Result<Response<pb::Twin>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let view = self
+            .ops
+            .update_desired(&req.device_id, &req.patch_json, req.if_version)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(device_id = %crate::domain::shown(&req.device_id), version = view.twin.desired_version, by, "desired state changed");
+        Ok(Response::new(convert::twin(&view)))
+    }
+
+    async fn update_tags(
+        &self,
+        request: Request<pb::UpdateTagsRequest>,
+    ) -> Result<Response<pb::Twin>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let view = self
+            .ops
+            .update_tags(&req.device_id, req.set.into_iter().collect(), req.remove)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(device_id = %crate::domain::shown(&req.device_id), by, "tags changed");
+        Ok(Response::new(convert::twin(&view)))
+    }
+
+    async fn watch_twin(
+        &self,
+        request: Request<pb::WatchTwinRequest>,
+    ) -> Result<Response<Self::WatchTwinStream>, Status> {
+        let req = request.into_inner();
+        let device = (!req.device_id.is_empty()).then_some(req.device_id);
+        let slot = self.ops.watch_slot().map_err(convert::op_status)?;
+        let (now, mut watch) = self
+            .ops
+            .watch_twin(&slot, device.as_deref())
+            .await
+            .map_err(convert::op_status)?;
+        let stream = spawn_stream(&self.tracker, 16, move |mut tx| async move {
+            let _slot = slot;
+            if let Some(view) = now {
+                let first = pb::TwinEvent {
+                    part: pb::TwinPart::Unspecified as i32,
+                    twin: Some(convert::twin(&view)),
+                    skipped: 0,
+                };
+                if !tx.send(Ok(first)).await {
+                    return;
+                }
+            }
+            let mut skipped = 0u64;
+            loop {
+                let event = tokio::select! {
+                    event = watch.next() => event,
+                    _ = tx.closed() => return,
+                };
+                let change = match event {
+                    Some(TwinWatchEvent::Change(change)) => change,
+                    Some(TwinWatchEvent::Missed(n)) => {
+                        skipped += n;
+                        continue;
+                    }
+                    None => return,
+                };
+                let event = pb::TwinEvent {
+                    part: convert::twin_part(change.part) as i32,
+                    twin: Some(convert::twin(&change.view)),
+                    skipped: std::mem::take(&mut skipped),
+                };
+                if !tx.send(Ok(event)).await {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn get_hub_stats(

@@ -11,6 +11,13 @@
 //! due, within `drain_timeout`, then end the stream with its status. The
 //! session counts as live until both tasks have ended.
 //!
+//! A twin-aware device (its Hello set `twin`) also gets its desired
+//! state: the whole document after the Welcome when the version it holds
+//! is not the current one, then every change this hub hands over
+//! ([`crate::twin::DesiredFeed`], taken before the registration reads the
+//! twin, so no change slips between). Its reported patches go through the
+//! ingest queue like batches and are acked (ReportedAck) after the commit.
+//!
 //! One device must not cost the others: its command replies are paced
 //! (`server.max_replies_per_sec`; past it the reader stops reading, which
 //! slows only this stream), its noise is logged with suppression counts, and
@@ -37,12 +44,15 @@ use crate::config::DeviceAuthMode;
 use crate::domain::{
     CheckedReading, DeviceHello, DeviceId, DeviceKey, MAX_SEQ, now_ms, seq_in_range,
 };
-use crate::ingest::{AckSlot, IngestBatch, IngestError, IngestQueue, PendingAck};
+use crate::ingest::{
+    AckSlot, IngestBatch, IngestError, IngestQueue, PendingAck, PendingReported, ReportedBatch,
+};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
 use crate::registry::{EndProbe, EndReason, StreamClaim};
 use crate::store::Store;
 use crate::throttle::{LogThrottle, TokenBucket};
+use crate::twin::{DesiredFeed, DesiredUpdate, DocLimits, TwinHub, doc};
 
 pub type Outbound = mpsc::Sender<Result<Box<pb::HubMessage>, Status>>;
 
@@ -76,6 +86,10 @@ pub struct SessionContext {
     pub auth: Arc<AuthPolicy>,
     /// Device credentials are read from here.
     pub store: Store,
+    /// Desired changes for twin-aware streams come from here.
+    pub twins: Arc<TwinHub>,
+    /// What a reported document may be.
+    pub twin_limits: DocLimits,
     pub failures: FailureLimiter,
     /// Refused streams and failed authentications, logged with suppression.
     pub refusals: std::sync::Mutex<LogThrottle>,
@@ -146,6 +160,10 @@ async fn run_registered(
 ) {
     let device_id = hello.device_id.clone();
     let firmware = hello.firmware.clone();
+    // Followed before the registration reads the twin: a change committed
+    // after that read is handed over here.
+    let holds = hello.twin;
+    let feed = holds.map(|_| ctx.twins.follow(device_id.as_str()));
     let registered = match ctx.ingest.register(hello, proof).await {
         Ok(r) => r,
         Err(IngestError::Refused) => {
@@ -180,15 +198,34 @@ async fn run_registered(
     // Whether another hub may claim the device: then a fence nothing here
     // explains is a move.
     let moves = ctx.store.backend() == crate::config::Backend::Postgres;
+    let twin = registered.twin.as_ref();
     let welcome = pb::HubMessage {
         msg: Some(HubMsg::Welcome(pb::Welcome {
             acked_seq: registered.acked_seq,
             max_batch: ctx.max_batch,
+            reported_seq: twin.map_or(0, |t| t.reported_seq),
+            reported_version: twin.map_or(0, |t| t.reported_version),
         })),
     };
     if outbound.send(Ok(Box::new(welcome))).await.is_err() {
         return;
     }
+    // A device that holds another desired version gets the whole document.
+    let desired = match (feed, twin, holds) {
+        (Some(feed), Some(start), Some(held)) => {
+            if held != start.desired_version {
+                let full = desired_message(start.desired_version, true, &start.desired);
+                if outbound.send(Ok(Box::new(full))).await.is_err() {
+                    return;
+                }
+            }
+            Some(DesiredLink {
+                feed,
+                sent: start.desired_version,
+            })
+        }
+        _ => None,
+    };
     HubMetrics::add(&ctx.metrics.connects, 1);
     tracing::debug!(acked_seq = registered.acked_seq, "device connected");
     let link = CommandLink {
@@ -210,6 +247,7 @@ async fn run_registered(
                 abort,
                 why_ended: claim.probe(moves),
             },
+            desired,
             finish_rx,
             ended.clone(),
             Timeouts {
@@ -429,6 +467,35 @@ impl Reader<'_> {
                         Status::failed_precondition("Hello was already received on this stream");
                     return self.finish(true, Some(status));
                 }
+                Some(DeviceMsg::Reported(patch)) => {
+                    if !seq_in_range(patch.seq) {
+                        let status = Status::invalid_argument(format!(
+                            "reported patch seq {} is outside 1..={MAX_SEQ}",
+                            patch.seq
+                        ));
+                        return self.finish(true, Some(status));
+                    }
+                    // A bad patch is committed as rejected (its seq moves
+                    // the mark) and the device is told why in its ack.
+                    let parsed = doc::parse_patch(&patch.patch_json, &self.ctx.twin_limits)
+                        .map_err(|e| e.to_string());
+                    if let Err(why) = &parsed
+                        && let Some(suppressed) = self.rejects.allow()
+                    {
+                        tracing::warn!(seq = patch.seq, %why, suppressed, "reported patch rejected");
+                    }
+                    self.pace();
+                    match self.push_reported(patch.seq, parsed, claim).await {
+                        Pushed::Queued | Pushed::Superseded => {}
+                        Pushed::PeerGone => return self.finish(false, None),
+                        Pushed::Closed => {
+                            let status = Status::unavailable(
+                                "the hub is shutting down; resend unacknowledged reported patches",
+                            );
+                            return self.finish(true, Some(status));
+                        }
+                    }
+                }
                 Some(DeviceMsg::CommandReply(reply)) => {
                     match convert::command_reply(reply) {
                         Ok(reply) => self.ctx.commands.reply(self.device_id, reply).await,
@@ -516,6 +583,35 @@ impl Reader<'_> {
         }
     }
 
+    /// Queues a reported patch like a batch (acked after its commit).
+    async fn push_reported(
+        &mut self,
+        seq: u64,
+        patch: Result<doc::Doc, String>,
+        claim: &StreamClaim,
+    ) -> Pushed {
+        let patch = ReportedBatch {
+            received: std::time::Instant::now(),
+            device: self.device,
+            device_id: Arc::clone(&self.device_name),
+            seq,
+            patch,
+            ack: Arc::clone(self.slot),
+            epoch: self.epoch,
+        };
+        tokio::select! {
+            pushed = self.ctx.ingest.push_reported(patch) => match pushed {
+                Ok(()) => {
+                    self.batches_pushed += 1;
+                    Pushed::Queued
+                }
+                Err(_) => Pushed::Closed,
+            },
+            _ = self.ended.cancelled() => Pushed::PeerGone,
+            _ = claim.superseded.cancelled() => Pushed::Superseded,
+        }
+    }
+
     fn finish(&self, flush: bool, status: Option<Status>) -> Finish {
         Finish {
             batches_pushed: self.batches_pushed,
@@ -558,6 +654,60 @@ fn ack_message(ack: PendingAck) -> pb::HubMessage {
     }
 }
 
+fn reported_ack_message(ack: PendingReported) -> pb::HubMessage {
+    pb::HubMessage {
+        msg: Some(HubMsg::ReportedAck(pb::ReportedAck {
+            seq: ack.seq,
+            version: ack.version,
+            rejected: ack.rejected,
+            error: ack.error,
+        })),
+    }
+}
+
+fn desired_message(version: u64, full: bool, json: &str) -> pb::HubMessage {
+    pb::HubMessage {
+        msg: Some(HubMsg::Desired(pb::DesiredState {
+            version,
+            full,
+            json: json.to_owned(),
+        })),
+    }
+}
+
+/// A twin-aware stream's desired versions, and the last one it was sent.
+struct DesiredLink {
+    feed: DesiredFeed,
+    sent: u64,
+}
+
+impl DesiredLink {
+    /// What to send for a version handed over: nothing if the device has
+    /// it already, the patch if it holds the version before, else the
+    /// whole document.
+    fn message(&mut self, update: &DesiredUpdate) -> Option<pb::HubMessage> {
+        if update.version <= self.sent {
+            return None;
+        }
+        let message = match &update.patch {
+            Some(patch) if update.version == self.sent + 1 => {
+                desired_message(update.version, false, patch)
+            }
+            _ => desired_message(update.version, true, &update.full),
+        };
+        self.sent = update.version;
+        Some(message)
+    }
+}
+
+/// The next desired version handed over (never, without a link).
+async fn next_desired(link: &mut Option<DesiredLink>) -> Option<Arc<DesiredUpdate>> {
+    match link {
+        Some(link) => link.feed.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The session's end of the commands task: commands to write down the
 /// stream, and where to say they were written.
 struct CommandLink {
@@ -590,6 +740,7 @@ async fn ack_task(
     slot: Arc<AckSlot>,
     mut link: CommandLink,
     out: DeviceOutbound,
+    mut desired: Option<DesiredLink>,
     mut finish_rx: oneshot::Receiver<Finish>,
     ended: CancellationToken,
     timeouts: Timeouts,
@@ -649,9 +800,27 @@ async fn ack_task(
                     }
                     if let Some(ack) = slot.take() {
                         permit.send(Ok(Box::new(ack_message(ack))));
+                    } else if let Some(ack) = slot.take_reported() {
+                        permit.send(Ok(Box::new(reported_ack_message(ack))));
                     }
                 }
                 Err(_) => break,
+            },
+            update = next_desired(&mut desired), if finish.is_none() => match update {
+                Some(update) => {
+                    let Some(message) = desired.as_mut().and_then(|l| l.message(&update)) else {
+                        continue;
+                    };
+                    match tokio::time::timeout(timeouts.send, outbound.send(Ok(Box::new(message)))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            drop_stalled(abort.take(), &ended, timeouts.send);
+                            return;
+                        }
+                    }
+                }
+                None => desired = None,
             },
             command = link.inbox.recv(), if inbox_open && finish.is_none() => match command {
                 // Cancelled or expired while it waited: never sent.
@@ -679,13 +848,16 @@ async fn ack_task(
     // The reader stops at once if it is still running (peer gone, timeout).
     ended.cancel();
     let Some(finish) = finish else { return };
-    if finish.flush
-        && !slot.failed()
-        && let Some(ack) = slot.take()
-    {
-        let sent =
-            tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(ack_message(ack))))).await;
-        undrained |= !matches!(sent, Ok(Ok(())));
+    if finish.flush && !slot.failed() {
+        let last = [
+            slot.take().map(ack_message),
+            slot.take_reported().map(reported_ack_message),
+        ];
+        for message in last.into_iter().flatten() {
+            let sent =
+                tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(message)))).await;
+            undrained |= !matches!(sent, Ok(Ok(())));
+        }
     }
     let status = if slot.failed() {
         Some(failure_status(&slot, &why_ended))

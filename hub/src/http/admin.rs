@@ -127,7 +127,7 @@ pub(super) async fn revoke_certificate(
 #[serde(deny_unknown_fields)]
 pub(super) struct NewDeviceJson {
     device_id: String,
-    /// Labels selectors and the console filter on.
+    /// Its tags (operator-owned): selectors and filters match on them.
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }

@@ -24,7 +24,7 @@ use crate::domain::{
 };
 use crate::operator::{
     DeviceFilter, HubStats, OpError, ReadingsRequest, STALLED_CLIENT, parse_aggregates,
-    parse_bucket, parse_labels, parse_time,
+    parse_bucket, parse_filter, parse_labels, parse_time,
 };
 use crate::query::QueryChunk;
 use crate::store::commands::CommandFilter;
@@ -122,7 +122,12 @@ pub(super) struct DeviceJson {
     /// When the open stream began (ms since the epoch).
     online_since_ms: Option<i64>,
     firmware: String,
-    labels: BTreeMap<String, String>,
+    /// Operator-owned: selectors and filters match on them.
+    tags: BTreeMap<String, String>,
+    /// Its twin's delta is empty.
+    in_sync: bool,
+    desired_version: u64,
+    reported_version: u64,
     first_seen_ms: i64,
     last_seen_ms: i64,
     /// Readings stored for it.
@@ -138,7 +143,10 @@ impl DeviceJson {
             online: since.is_some(),
             online_since_ms: since,
             firmware: d.firmware,
-            labels: d.labels,
+            tags: d.tags,
+            in_sync: d.in_sync,
+            desired_version: d.desired_version,
+            reported_version: d.reported_version,
             first_seen_ms: d.first_seen_ms,
             last_seen_ms: d.last_seen_ms,
             readings: d.readings,
@@ -164,10 +172,14 @@ struct DeviceListParams {
     after: Option<String>,
     /// Devices per page (default 1000, at most 10000).
     limit: Option<u32>,
-    /// `key=value` label selectors, comma-separated; all must match.
-    #[serde(default, deserialize_with = "empty_as_none")]
+    /// `key=value` tag selectors, comma-separated; all must match.
+    /// (`label` is the older name.)
+    #[serde(default, alias = "label", deserialize_with = "empty_as_none")]
     #[param(pattern = r"^[^=,]+=[^,]*(,[^=,]+=[^,]*)*$")]
-    label: Option<String>,
+    tag: Option<String>,
+    /// A fleet filter (`tags.site = plant-7 and reported.battery < 20`).
+    #[serde(default, rename = "where", deserialize_with = "empty_as_none")]
+    filter: Option<String>,
     /// Only devices online (true) or offline (false).
     online: Option<bool>,
 }
@@ -182,16 +194,21 @@ async fn list_devices(
     params: Result<Query<DeviceListParams>, QueryRejection>,
 ) -> Result<Json<DevicePageJson>, ApiError> {
     let Query(p) = params?;
-    let labels = match &p.label {
+    let tags = match &p.tag {
         Some(raw) => {
             parse_labels(raw.split(',').filter(|s| !s.is_empty())).map_err(ApiError::invalid)?
         }
         None => BTreeMap::new(),
     };
-    let filter = DeviceFilter {
-        labels,
-        online: p.online,
-    };
+    let mut filter = DeviceFilter::tags(&tags);
+    if let Some(text) = &p.filter {
+        filter =
+            filter.and(parse_filter(text).map_err(|e| ApiError::invalid(format!("where: {e}")))?);
+    }
+    if let Some(online) = p.online {
+        filter =
+            filter.and(parse_filter(&format!("online = {online}")).map_err(ApiError::invalid)?);
+    }
     let page = state
         .ops
         .find_devices(
@@ -709,12 +726,17 @@ impl CommandJson {
     }
 }
 
-/// Which devices a command goes to, by label.
+/// Which devices a command goes to: tags that must all match, and a fleet
+/// filter; at least one tag must be named (devices cannot change tags).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Selector {
-    /// Every label must match.
-    labels: BTreeMap<String, String>,
+    /// Every tag must match (`labels` is the older name).
+    #[serde(default, alias = "labels")]
+    tags: BTreeMap<String, String>,
+    /// A fleet filter, ANDed with the tags.
+    #[serde(default, rename = "where")]
+    filter: Option<String>,
 }
 
 /// A command to send: to `device_id`, or to every device `selector`
@@ -786,10 +808,11 @@ async fn send_command(
             (vec![CommandJson::new(rec, None)], Vec::new())
         }
         (None, Some(selector)) => {
-            let filter = DeviceFilter {
-                labels: selector.labels,
-                online: None,
-            };
+            let mut filter = DeviceFilter::tags(&selector.tags);
+            if let Some(text) = selector.filter.as_deref().filter(|t| !t.is_empty()) {
+                filter = filter
+                    .and(parse_filter(text).map_err(|e| ApiError::invalid(format!("where: {e}")))?);
+            }
             let sent = state
                 .ops
                 .send_command_to_selector(&filter, req.name, params, ttl)

@@ -1,5 +1,6 @@
 //! `GET /api/v1/events`: Server-Sent Events of committed readings, command
-//! state changes, presence changes and (on request) the hub's counters.
+//! state changes, presence changes, twin changes and (on request) the
+//! hub's counters.
 //!
 //! One task per stream reads the hub's broadcasts and writes events into a
 //! small bounded channel that the response drains. A slow client fills the
@@ -28,7 +29,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::api::{CommandJson, empty_as_none};
 use super::{ApiError, ApiState};
 use crate::domain::{CommittedBatch, Presence};
-use crate::operator::{LiveEvent, ReadingsWatch, STALLED_CLIENT, live_readings};
+use crate::operator::{
+    LiveEvent, ReadingsWatch, STALLED_CLIENT, TwinWatch, TwinWatchEvent, live_readings,
+};
 
 /// Events buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 16;
@@ -48,8 +51,9 @@ pub(super) struct EventParams {
     /// Only this sensor's readings.
     #[serde(default, deserialize_with = "empty_as_none")]
     sensor: Option<String>,
-    /// Comma-separated kinds: readings, commands, presence, stats (default
-    /// readings,commands,presence; stats sends the counters every second).
+    /// Comma-separated kinds: readings, commands, presence, twin, stats
+    /// (default readings,commands,presence,twin; stats sends the counters
+    /// every second).
     #[serde(default, deserialize_with = "empty_as_none")]
     kinds: Option<String>,
 }
@@ -59,6 +63,7 @@ struct Kinds {
     readings: bool,
     commands: bool,
     presence: bool,
+    twin: bool,
     stats: bool,
 }
 
@@ -69,6 +74,7 @@ impl Kinds {
                 readings: true,
                 commands: true,
                 presence: true,
+                twin: true,
                 stats: false,
             });
         };
@@ -78,10 +84,11 @@ impl Kinds {
                 "readings" => kinds.readings = true,
                 "commands" => kinds.commands = true,
                 "presence" => kinds.presence = true,
+                "twin" => kinds.twin = true,
                 "stats" => kinds.stats = true,
                 other => {
                     return Err(ApiError::invalid(format!(
-                        "unknown event kind {other:?} (readings, commands, presence, stats)"
+                        "unknown event kind {other:?} (readings, commands, presence, twin, stats)"
                     )));
                 }
             }
@@ -115,9 +122,10 @@ pub(super) struct PresenceJson<'a> {
 /// stream missed while the client was slow; `{"readings": null,
 /// "commits": n}` when it fell behind before its first batch),
 /// `command` (a command, as `GET /commands/{id}` without history),
-/// `presence` (PresenceJson), `resync` (`{"kind": "commands" | "presence"}`:
-/// changes were missed; read the current state again) and `stats` (as
-/// `GET /stats`).
+/// `presence` (PresenceJson), `twin` (`{"part": "desired" | "reported" |
+/// "tags", "twin": TwinJson}`: a committed change and the twin after it),
+/// `resync` (`{"kind": "commands" | "presence" | "twin"}`: changes were
+/// missed; read the current state again) and `stats` (as `GET /stats`).
 #[utoipa::path(get, path = "/events", params(EventParams), responses(
     (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"),
     (status = 400, body = super::api::ErrorBody),
@@ -136,6 +144,10 @@ pub(super) async fn events(
     let mut readings = kinds.readings.then(|| state.ops.watch_readings(&slot));
     let mut commands = kinds.commands.then(|| state.ops.watch_commands(&slot));
     let mut presence = kinds.presence.then(|| state.ops.watch_presence(&slot));
+    let mut twins = match kinds.twin {
+        true => Some(state.ops.watch_twin(&slot, None).await?.1),
+        false => None,
+    };
     let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER);
     let shutdown = state.shutdown.clone();
     let ops = Arc::clone(&state.ops);
@@ -188,6 +200,19 @@ pub(super) async fn events(
                         vec![json_event("resync", &serde_json::json!({ "kind": "presence" }))]
                     }
                     Err(RecvError::Closed) => return,
+                },
+                change = next_twin(&mut twins) => match change {
+                    Some(TwinWatchEvent::Change(c)) if device.as_ref().is_none_or(|d| *d == c.view.device_id) => {
+                        vec![json_event("twin", &serde_json::json!({
+                            "part": c.part.as_str(),
+                            "twin": super::twin::TwinJson::new(&c.view),
+                        }))]
+                    }
+                    Some(TwinWatchEvent::Change(_)) => Vec::new(),
+                    Some(TwinWatchEvent::Missed(_)) => {
+                        vec![json_event("resync", &serde_json::json!({ "kind": "twin" }))]
+                    }
+                    None => return,
                 },
                 _ = stats_tick.tick(), if kinds.stats => match ops.stats().await {
                     Ok(stats) => vec![json_event("stats", &stats)],
@@ -282,6 +307,13 @@ impl AllReadings {
 
 /// The next message of an optional subscription; never ready without one.
 async fn next_readings(watch: &mut Option<ReadingsWatch>) -> Option<LiveEvent> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_twin(watch: &mut Option<TwinWatch>) -> Option<TwinWatchEvent> {
     match watch {
         Some(watch) => watch.next().await,
         None => std::future::pending().await,

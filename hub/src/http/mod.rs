@@ -15,6 +15,7 @@ mod console;
 mod events;
 mod openapi;
 mod serve;
+mod twin;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +104,7 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     let api = api::routes()
         .merge(events::routes())
         .merge(admin::routes())
+        .merge(twin::routes())
         .route("/openapi.json", axum::routing::get(openapi::openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(

@@ -32,7 +32,9 @@ use super::{ApiError, api};
         super::admin::remove_device,
         super::admin::pin_device_certificate,
         super::admin::unpin_device_certificate,
-        super::admin::revoke_certificate
+        super::admin::revoke_certificate,
+        super::twin::get_twin,
+        super::twin::patch_twin
     ),
     components(schemas(
         api::ErrorBody,

@@ -13,12 +13,14 @@
 
 pub mod writer;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth::Proof;
 use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, SensorKey};
+use crate::twin::{Doc, TwinView};
 
 pub use writer::{Writer, WriterSettings};
 
@@ -49,8 +51,63 @@ pub struct IngestBatch {
     pub epoch: u64,
 }
 
+/// A reported patch of a device's twin, checked by its session; written
+/// and acked like a batch (the same epoch fence, the same slot).
+pub struct ReportedBatch {
+    pub received: std::time::Instant,
+    pub device: DeviceKey,
+    pub device_id: Arc<str>,
+    /// ReportedPatch.seq, in 1..=2^63-1.
+    pub seq: u64,
+    /// The patch, or why the session refused it (committed as rejected,
+    /// so the device's mark moves past it).
+    pub patch: Result<Doc, String>,
+    pub ack: Arc<AckSlot>,
+    pub epoch: u64,
+}
+
+/// An operator's change of a twin, written by the writer.
+#[derive(Debug, Clone)]
+pub enum TwinOp {
+    /// A merge patch of the desired document; with `if_version`, only if
+    /// that is its version.
+    Desired {
+        device: DeviceKey,
+        patch: Doc,
+        if_version: Option<u64>,
+    },
+    /// Tags set and removed (both checked by the operator core).
+    Tags {
+        device: DeviceKey,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+}
+
+/// What became of a [`TwinOp`].
+#[derive(Debug, Clone)]
+pub enum TwinOutcome {
+    /// Committed: the twin right after it.
+    Done(Arc<TwinView>),
+    /// No such device (any more).
+    Gone,
+    /// `if_version` is not the desired version, which is `current`.
+    Stale { current: u64 },
+    /// The document it makes is over the limits, or too many tags.
+    Invalid(String),
+}
+
+/// Where a twin-aware device's stream starts (its Hello set `twin`).
+#[derive(Debug, Clone)]
+pub struct TwinStart {
+    pub desired_version: u64,
+    pub desired: Arc<str>,
+    pub reported_seq: u64,
+    pub reported_version: u64,
+}
+
 /// A device after registration: its key and committed high-water mark.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Registered {
     pub device: DeviceKey,
     pub acked_seq: u64,
@@ -60,6 +117,8 @@ pub struct Registered {
     /// The device's session epoch, bumped by this Hello (shared by every
     /// hub on one PostgreSQL database).
     pub epoch: u64,
+    /// With a twin-aware Hello: its twin as the registration read it.
+    pub twin: Option<TwinStart>,
 }
 
 /// An operator's change to a device's credentials, written by the writer
@@ -91,6 +150,11 @@ pub enum CredentialChange {
 
 pub(crate) enum WriterMsg {
     Batch(IngestBatch),
+    Reported(ReportedBatch),
+    Twin {
+        op: TwinOp,
+        reply: oneshot::Sender<Result<TwinOutcome, IngestError>>,
+    },
     Register {
         hello: DeviceHello,
         proof: Proof,
@@ -135,7 +199,10 @@ impl WriterMsg {
     fn rows(&self) -> usize {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),
-            WriterMsg::Register { .. } | WriterMsg::Credentials { .. } => 1,
+            WriterMsg::Register { .. }
+            | WriterMsg::Credentials { .. }
+            | WriterMsg::Reported(_)
+            | WriterMsg::Twin { .. } => 1,
             WriterMsg::Retain { step, .. } => step.limit as usize,
         }
     }
@@ -145,6 +212,10 @@ impl WriterMsg {
         // A sender that went meanwhile has nobody left to tell.
         match self {
             WriterMsg::Batch(batch) => batch.ack.fail(),
+            WriterMsg::Reported(patch) => patch.ack.fail(),
+            WriterMsg::Twin { reply, .. } => {
+                let _ = reply.send(Err(IngestError::Storage));
+            }
             WriterMsg::Register { reply, .. } => {
                 let _ = reply.send(Err(IngestError::Storage));
             }
@@ -207,6 +278,19 @@ impl IngestQueue {
             .await
     }
 
+    /// An operator's twin change, in the writer's next commit.
+    pub async fn change_twin(&self, op: TwinOp) -> Result<TwinOutcome, IngestError> {
+        self.ask(|reply| WriterMsg::Twin { op, reply }).await
+    }
+
+    /// Queues a reported patch, waiting while the queue is full.
+    pub async fn push_reported(&self, patch: ReportedBatch) -> Result<(), IngestError> {
+        self.tx
+            .send(WriterMsg::Reported(patch))
+            .await
+            .map_err(|_| IngestError::Closed)
+    }
+
     /// One retention step, in the writer's next commit: how many readings
     /// it deleted.
     pub async fn retain(&self, step: RetainStep) -> Result<RetainDone, IngestError> {
@@ -243,12 +327,32 @@ pub struct PendingAck {
     pub duplicates: u32,
 }
 
+/// What the next ReportedAck to a device will say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReported {
+    pub seq: u64,
+    pub version: u64,
+    pub rejected: u32,
+    /// Why the last rejected patch was; empty when none was.
+    pub error: String,
+}
+
+#[derive(Default)]
+struct ReportedState {
+    seq: u64,
+    version: u64,
+    rejected: u32,
+    error: String,
+    unsent: bool,
+}
+
 #[derive(Default)]
 struct AckState {
     acked_seq: u64,
     rejected: u32,
     duplicates: u32,
     unsent: bool,
+    reported: ReportedState,
     batches_done: u64,
     failed: bool,
     /// Failed because another hub claimed the device.
@@ -284,6 +388,44 @@ impl AckSlot {
             s.batches_done += 1;
         }
         self.changed.notify_one();
+    }
+
+    /// Called by the writer after the commit that holds a reported patch:
+    /// the device's mark and version after it, and why it was rejected if
+    /// it was.
+    pub(crate) fn complete_reported(&self, seq: u64, version: u64, rejected: Option<String>) {
+        {
+            let mut s = self.lock();
+            let r = &mut s.reported;
+            r.seq = r.seq.max(seq);
+            r.version = r.version.max(version);
+            if let Some(why) = rejected {
+                r.rejected = r.rejected.saturating_add(1);
+                r.error = why;
+            }
+            r.unsent = true;
+            s.batches_done += 1;
+        }
+        self.changed.notify_one();
+    }
+
+    /// The ReportedAck to send now, if a patch was committed since the
+    /// last one.
+    pub fn take_reported(&self) -> Option<PendingReported> {
+        let mut s = self.lock();
+        let r = &mut s.reported;
+        if !r.unsent {
+            return None;
+        }
+        r.unsent = false;
+        let ack = PendingReported {
+            seq: r.seq,
+            version: r.version,
+            rejected: r.rejected,
+            error: std::mem::take(&mut r.error),
+        };
+        r.rejected = 0;
+        Some(ack)
     }
 
     /// Called by the writer when the commit holding a batch failed.
@@ -327,7 +469,7 @@ impl AckSlot {
     /// True when there is an Ack to send or a failure to report.
     pub fn has_news(&self) -> bool {
         let s = self.lock();
-        s.unsent || s.failed
+        s.unsent || s.reported.unsent || s.failed
     }
 
     /// Batches of this session that the writer has finished (committed).

@@ -19,7 +19,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CredentialChange, IngestError, Registered, RetainDone, WriterMsg};
+use super::{
+    CredentialChange, IngestError, Registered, RetainDone, TwinOp, TwinOutcome, TwinStart,
+    WriterMsg,
+};
 use crate::domain::{
     CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
     SensorKey, Verdict, judge, now_ms,
@@ -30,6 +33,7 @@ use crate::store::{
     DeviceProgress, RowToInsert, STAGING_PARTS, StoreError, StoreWriter, WriteTx, staging_part,
 };
 use crate::throttle::LogThrottle;
+use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
 
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
@@ -48,6 +52,8 @@ pub struct WriterSettings {
     /// Devices whose marks, epochs and sensors the writer keeps in memory;
     /// past it the caches start over (`ingest.cached_devices`).
     pub cached_devices: usize,
+    /// What a twin document may be (`twin.*`).
+    pub twin_limits: DocLimits,
 }
 
 /// Staged readings beyond this many compaction runs mean compaction keeps
@@ -123,6 +129,8 @@ pub struct Writer {
     compact_retry: Backoff,
     /// Registrations delivered so far: the next stream id.
     streams: u64,
+    /// Committed twin changes go here (device streams, watchers).
+    twins: Arc<TwinHub>,
 }
 
 /// The writer's copy of the staging tables, by part.
@@ -189,7 +197,16 @@ enum Outcome {
         /// The device's committed mark, as this group's registration read
         /// it (with the group's earlier batches of the device): the Welcome.
         acked_seq: u64,
+        twin: Option<TwinStart>,
     },
+    /// A reported patch: the device's mark and version after it, and why
+    /// it was rejected if it was.
+    Reported {
+        seq: u64,
+        version: u64,
+        rejected: Option<String>,
+    },
+    Twin(TwinOutcome),
     /// Its session's epoch is no longer the device's: another hub (or a
     /// newer stream) claimed the device. Nothing of it is written.
     Fenced,
@@ -244,7 +261,15 @@ fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
                 }
                 Step::Run
             }
-            WriterMsg::Retain { .. } => Step::Run,
+            WriterMsg::Retain { .. } | WriterMsg::Twin { .. } => Step::Run,
+            WriterMsg::Reported(patch) if patch.ack.failed() => Step::Skip,
+            WriterMsg::Reported(patch)
+                if epochs.get(&patch.device) != Some(&patch.epoch)
+                    || bumped.contains(&*patch.device_id) =>
+            {
+                Step::Fence
+            }
+            WriterMsg::Reported(_) => Step::Write,
             WriterMsg::Batch(batch) if batch.ack.failed() => Step::Skip,
             WriterMsg::Batch(batch)
                 if epochs.get(&batch.device) != Some(&batch.epoch)
@@ -269,6 +294,181 @@ struct GroupChanges {
     names: HashMap<DeviceKey, Arc<str>>,
     /// Readings added per device.
     added: HashMap<DeviceKey, u64>,
+    /// Twin changes to hand over after the commit, in order: the part, the
+    /// twin after the group, and the patch when it was the group's only
+    /// change of that part.
+    twins: Vec<(TwinPart, Arc<TwinView>, Option<Arc<str>>)>,
+}
+
+/// A twin the group changes, read once and written once.
+struct GroupTwin {
+    view: TwinView,
+    dirty: bool,
+    /// The group's changes of it: the part, and the patch.
+    changes: Vec<(TwinPart, Option<Arc<str>>)>,
+}
+
+impl GroupTwin {
+    fn changed(&mut self, part: TwinPart, patch: Option<Arc<str>>) {
+        self.dirty |= part != TwinPart::Tags;
+        self.changes.push((part, patch));
+    }
+
+    /// Sets `reported.hello` from a Hello, when it says something new.
+    fn hello(&mut self, hello: &crate::domain::DeviceHello, now: i64) {
+        let said = twin::hello_doc(&hello.firmware, &hello.labels);
+        let t = &mut self.view.twin;
+        if t.reported.get("hello") == Some(&said) {
+            return;
+        }
+        t.reported.insert("hello".into(), said.clone());
+        t.reported_meta.remove("hello");
+        let mut patch = doc::Doc::new();
+        patch.insert("hello".into(), said);
+        doc::stamp(&mut t.reported_meta, &patch, now);
+        t.reported_version += 1;
+        self.changed(TwinPart::Reported, Some(Arc::from(doc::encode(&patch))));
+    }
+
+    /// A device's reported patch; None when applied or a duplicate, else
+    /// why it was rejected.
+    fn report(
+        &mut self,
+        seq: u64,
+        patch: &Result<doc::Doc, String>,
+        limits: &DocLimits,
+        now: i64,
+    ) -> Option<String> {
+        let t = &mut self.view.twin;
+        if seq <= t.reported_seq {
+            return None;
+        }
+        t.reported_seq = seq;
+        self.dirty = true;
+        let patch = match patch {
+            Ok(patch) => patch,
+            Err(why) => return Some(why.clone()),
+        };
+        let mut next = t.reported.clone();
+        doc::merge(&mut next, patch);
+        if let Err(e) = doc::check(&next, limits) {
+            return Some(e.to_string());
+        }
+        t.reported = next;
+        doc::stamp(&mut t.reported_meta, patch, now);
+        t.reported_version += 1;
+        self.changed(TwinPart::Reported, Some(Arc::from(doc::encode(patch))));
+        None
+    }
+
+    /// An operator's change.
+    fn apply(&mut self, op: &TwinOp, limits: &DocLimits, now: i64) -> TwinOutcome {
+        match op {
+            TwinOp::Desired {
+                patch, if_version, ..
+            } => {
+                let t = &mut self.view.twin;
+                if let Some(want) = if_version
+                    && *want != t.desired_version
+                {
+                    return TwinOutcome::Stale {
+                        current: t.desired_version,
+                    };
+                }
+                let mut next = t.desired.clone();
+                doc::merge(&mut next, patch);
+                if let Err(e) = doc::check(&next, limits) {
+                    return TwinOutcome::Invalid(e.to_string());
+                }
+                t.desired = next;
+                doc::stamp(&mut t.desired_meta, patch, now);
+                t.desired_version += 1;
+                self.changed(TwinPart::Desired, Some(Arc::from(doc::encode(patch))));
+            }
+            TwinOp::Tags { set, remove, .. } => {
+                let mut tags = self.view.tags.clone();
+                tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for key in remove {
+                    tags.remove(key);
+                }
+                if tags.len() > crate::domain::MAX_LABELS {
+                    return TwinOutcome::Invalid(format!(
+                        "a device has at most {} tags",
+                        crate::domain::MAX_LABELS
+                    ));
+                }
+                self.view.tags = tags;
+                self.changed(TwinPart::Tags, None);
+            }
+        }
+        TwinOutcome::Done(Arc::new(self.view.clone()))
+    }
+}
+
+/// The twins a group changes, by device.
+#[derive(Default)]
+struct GroupTwins {
+    twins: HashMap<DeviceKey, GroupTwin>,
+}
+
+impl GroupTwins {
+    /// The device's twin as this group has it (read on first use); None
+    /// for an unknown device.
+    async fn of(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        device: DeviceKey,
+    ) -> Result<Option<&mut GroupTwin>, StoreError> {
+        match self.twins.entry(device) {
+            std::collections::hash_map::Entry::Occupied(entry) => Ok(Some(entry.into_mut())),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let Some(view) = tx.load_twin(device).await? else {
+                    return Ok(None);
+                };
+                Ok(Some(entry.insert(GroupTwin {
+                    view,
+                    dirty: false,
+                    changes: Vec::new(),
+                })))
+            }
+        }
+    }
+
+    /// Writes what changed and announces it; what to hand over after the
+    /// commit.
+    async fn save(
+        self,
+        tx: &mut WriteTx<'_>,
+        hub: &str,
+    ) -> Result<Vec<(TwinPart, Arc<TwinView>, Option<Arc<str>>)>, StoreError> {
+        let mut out = Vec::new();
+        for (device, g) in self.twins {
+            if g.dirty {
+                tx.save_twin(device, &g.view.twin).await?;
+            }
+            if g.changes.is_empty() {
+                continue;
+            }
+            if g.changes.iter().any(|(p, _)| *p == TwinPart::Tags) {
+                tx.set_tags(device, &g.view.tags).await?;
+            }
+            let view = Arc::new(g.view);
+            for part in [TwinPart::Tags, TwinPart::Reported, TwinPart::Desired] {
+                let mut of_part = g.changes.iter().filter(|(p, _)| *p == part);
+                let Some((_, patch)) = of_part.next() else {
+                    continue;
+                };
+                let patch = if of_part.next().is_none() {
+                    patch.clone()
+                } else {
+                    None
+                };
+                tx.announce_twin(hub, part, &view.device_id).await?;
+                out.push((part, Arc::clone(&view), patch));
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Writer {
@@ -278,6 +478,7 @@ impl Writer {
         settings: WriterSettings,
         metrics: Arc<HubMetrics>,
         fanout: broadcast::Sender<Arc<CommittedBatch>>,
+        twins: Arc<TwinHub>,
     ) -> Self {
         let known = Known {
             marks: HashMap::new(),
@@ -308,6 +509,7 @@ impl Writer {
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             streams: 0,
+            twins,
         }
     }
 
@@ -423,6 +625,9 @@ impl Writer {
 
     fn apply(&mut self, mut changes: GroupChanges) {
         self.row_names = std::mem::take(&mut changes.names);
+        for (part, view, patch) in std::mem::take(&mut changes.twins) {
+            self.twins.committed(part, view, patch);
+        }
         self.known.apply(changes);
     }
 
@@ -446,7 +651,24 @@ impl Writer {
                     batch.ack.complete(acked_seq, rejected, duplicates);
                     HubMetrics::observe(&self.metrics.ack_seconds, batch.received.elapsed());
                 }
-                (WriterMsg::Batch(_), Outcome::Skipped) => {}
+                (WriterMsg::Batch(_) | WriterMsg::Reported(_), Outcome::Skipped) => {}
+                (
+                    WriterMsg::Reported(patch),
+                    Outcome::Reported {
+                        seq,
+                        version,
+                        rejected,
+                    },
+                ) => {
+                    patch.ack.complete_reported(seq, version, rejected);
+                }
+                (WriterMsg::Reported(patch), Outcome::Fenced) => {
+                    HubMetrics::add(&self.metrics.fenced, 1);
+                    patch.ack.fence();
+                }
+                (WriterMsg::Twin { reply, .. }, Outcome::Twin(outcome)) => {
+                    let _ = reply.send(Ok(outcome));
+                }
                 (WriterMsg::Batch(batch), Outcome::Fenced) => {
                     HubMetrics::add(&self.metrics.fenced, 1);
                     batch.ack.fence();
@@ -457,6 +679,7 @@ impl Writer {
                         device,
                         epoch,
                         acked_seq,
+                        twin,
                     },
                 ) => {
                     self.streams += 1;
@@ -466,6 +689,7 @@ impl Writer {
                         acked_seq,
                         stream: self.streams,
                         epoch,
+                        twin,
                     }));
                 }
                 (WriterMsg::Register { reply, .. }, Outcome::Refused) => {
@@ -705,13 +929,22 @@ impl Writer {
         }
         // The epochs of the devices with batches here: a batch is written
         // only while its stream's epoch is still the device's.
+        // Twin changes lock their devices' rows here too (PostgreSQL: all
+        // in key order, before any other row lock of the group).
         let batch_devices: Vec<DeviceKey> = group
             .iter()
             .filter_map(|msg| match msg {
                 WriterMsg::Batch(batch) if !batch.ack.failed() => Some(batch.device),
+                WriterMsg::Reported(patch) if !patch.ack.failed() => Some(patch.device),
+                WriterMsg::Twin {
+                    op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
+                    ..
+                } => Some(*device),
                 _ => None,
             })
             .collect();
+        let mut twins = GroupTwins::default();
+        let limits = self.settings.twin_limits;
         // Read inside the transaction: committed rows only.
         let known = &mut self.known;
         let shared = tx.shared();
@@ -742,10 +975,26 @@ impl Writer {
                             // earlier batches of the device moved it to;
                             // never a cache that may have been cleared.
                             let acked_seq = *changes.marks.entry(r.device).or_insert(r.acked_seq);
+                            // The Hello's firmware and labels are reported
+                            // state (never tags).
+                            let twin = match twins.of(&mut tx, r.device).await? {
+                                Some(g) => {
+                                    g.hello(hello, now);
+                                    let t = &g.view.twin;
+                                    hello.twin.map(|_| TwinStart {
+                                        desired_version: t.desired_version,
+                                        desired: Arc::from(doc::encode(&t.desired)),
+                                        reported_seq: t.reported_seq,
+                                        reported_version: t.reported_version,
+                                    })
+                                }
+                                None => None,
+                            };
                             outcomes.push(Outcome::Registered {
                                 device: r.device,
                                 epoch: r.epoch,
                                 acked_seq,
+                                twin,
                             });
                         }
                         None => outcomes.push(Outcome::Refused),
@@ -832,6 +1081,32 @@ impl Writer {
                     }
                     outcomes.push(Outcome::Retained(done));
                 }
+                WriterMsg::Twin { op, .. } => {
+                    let (TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. }) = op;
+                    let outcome = match twins.of(&mut tx, *device).await? {
+                        Some(g) => g.apply(op, &limits, now),
+                        None => TwinOutcome::Gone,
+                    };
+                    outcomes.push(Outcome::Twin(outcome));
+                }
+                WriterMsg::Reported(_) if step == Step::Skip => outcomes.push(Outcome::Skipped),
+                WriterMsg::Reported(_) if step == Step::Fence => outcomes.push(Outcome::Fenced),
+                WriterMsg::Reported(patch) => {
+                    let outcome = match twins.of(&mut tx, patch.device).await? {
+                        Some(g) => {
+                            let rejected = g.report(patch.seq, &patch.patch, &limits, now);
+                            Outcome::Reported {
+                                seq: g.view.twin.reported_seq,
+                                version: g.view.twin.reported_version,
+                                rejected,
+                            }
+                        }
+                        // Registered a moment ago: not gone unless removed,
+                        // which bumped the epoch (fenced above).
+                        None => Outcome::Fenced,
+                    };
+                    outcomes.push(outcome);
+                }
                 WriterMsg::Batch(_) if step == Step::Skip => outcomes.push(Outcome::Skipped),
                 WriterMsg::Batch(_) if step == Step::Fence => outcomes.push(Outcome::Fenced),
                 WriterMsg::Batch(batch) => {
@@ -875,6 +1150,7 @@ impl Writer {
             })
             .collect();
         tx.record_progress(&progress, now).await?;
+        changes.twins = twins.save(&mut tx, &self.settings.hub_id).await?;
         tx.commit().await?;
         self.rows = rows;
         self.row_parts = parts;

@@ -9,9 +9,11 @@
 
 mod admin;
 mod live;
+mod twin;
 
 pub use admin::{Backups, parse_sha256};
 pub use live::{CommandWatch, LiveEvent, QueryRun, ReadingsWatch, WatchSlot};
+pub use twin::{TwinWatch, TwinWatchEvent, check_tags};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -102,6 +104,9 @@ pub enum OpError {
     /// Over one of the hub's budgets of long-lived calls.
     #[error("{0}")]
     Busy(String),
+    /// Not done now (storage failing, the hub stopping): try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The operation cannot be done here (a backup on PostgreSQL, one
     /// already running).
     #[error("{0}")]
@@ -125,6 +130,7 @@ impl OpError {
             OpError::NotFound(_) => ErrorCode::NotFound,
             OpError::Internal(_) | OpError::Store(_) => ErrorCode::Internal,
             OpError::Busy(_) => ErrorCode::Busy,
+            OpError::Unavailable(_) => ErrorCode::Unavailable,
             OpError::Precondition(_) => ErrorCode::FailedPrecondition,
             OpError::Command(e) => match e {
                 CommandError::UnknownDevice(_) | CommandError::UnknownCommand(_) => {
@@ -240,29 +246,16 @@ pub fn parse_aggregates(raw: &str) -> Result<Vec<Aggregate>, String> {
     Ok(out)
 }
 
-/// Which devices a listing or a command selector means. Labels must all
-/// match; `online` None means either.
-#[derive(Debug, Clone, Default)]
-pub struct DeviceFilter {
-    pub labels: BTreeMap<String, String>,
-    pub online: Option<bool>,
+/// Which devices a listing or a selector means: a fleet filter
+/// (`crate::twin::filter`; tag selectors `key=value` are its tag clauses).
+pub use crate::twin::filter::Filter as DeviceFilter;
+
+/// Parses a fleet filter (`tags.site = plant-7 and in_sync = false`).
+pub fn parse_filter(text: &str) -> Result<DeviceFilter, String> {
+    crate::twin::filter::parse(text)
 }
 
-impl DeviceFilter {
-    fn is_empty(&self) -> bool {
-        self.labels.is_empty() && self.online.is_none()
-    }
-
-    fn matches(&self, d: &DeviceRecord, online: bool) -> bool {
-        self.online.is_none_or(|want| want == online)
-            && self
-                .labels
-                .iter()
-                .all(|(k, v)| d.labels.get(k).is_some_and(|have| have == v))
-    }
-}
-
-/// Parses `key=value` label selectors.
+/// Parses `key=value` tag selectors.
 pub fn parse_labels<'a>(
     raw: impl IntoIterator<Item = &'a str>,
 ) -> Result<BTreeMap<String, String>, String> {
@@ -271,7 +264,7 @@ pub fn parse_labels<'a>(
         let (k, v) = item
             .split_once('=')
             .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| format!("a label selector is key=value, not {item:?}"))?;
+            .ok_or_else(|| format!("a tag selector is key=value, not {item:?}"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
     Ok(labels)
@@ -366,6 +359,8 @@ pub struct OperationsParts {
     /// Cancelled when the hub begins to shut down: watches end.
     pub shutdown: CancellationToken,
     pub fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    pub twins: Arc<crate::twin::TwinHub>,
+    pub twin_limits: crate::twin::DocLimits,
     pub backups: Backups,
     /// `server.max_watches`, `server.max_queries`.
     pub max_watches: usize,
@@ -381,6 +376,8 @@ pub struct Operations {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
+    twins: Arc<crate::twin::TwinHub>,
+    twin_limits: crate::twin::DocLimits,
     backups: Backups,
     budgets: live::Budgets,
 }
@@ -396,6 +393,8 @@ impl Operations {
             tracker: parts.tracker,
             shutdown: parts.shutdown,
             fanout: parts.fanout,
+            twins: parts.twins,
+            twin_limits: parts.twin_limits,
             backups: parts.backups,
             budgets: live::Budgets::new(parts.max_watches, parts.max_queries),
         }
@@ -471,13 +470,19 @@ impl Operations {
         let mut cursor = after.to_owned();
         let mut scanned = 0;
         let mut exhausted = false;
+        // The store filters by everything but `online`, which this hub's
+        // registry (or, of other hubs' devices, the database) answers.
+        let by_online = filter.online().next().is_some();
         while devices.len() < limit && scanned < MAX_DEVICE_SCAN {
-            let want = if filter.is_empty() {
+            let want = if !by_online {
                 limit - devices.len()
             } else {
                 (MAX_DEVICE_PAGE as usize).min(MAX_DEVICE_SCAN - scanned)
             };
-            let page = self.store.list_devices(&cursor, want as u32).await?;
+            let page = self
+                .store
+                .list_devices(&cursor, want as u32, filter)
+                .await?;
             exhausted = page.len() < want;
             for d in page {
                 if devices.len() == limit {
@@ -488,7 +493,7 @@ impl Operations {
                 scanned += 1;
                 cursor.clone_from(&d.device_id);
                 let since = online.get(&d.device_id).copied().or(d.online_since_ms);
-                if filter.matches(&d, since.is_some()) {
+                if filter.online().all(|c| c.flag(since.is_some())) {
                     devices.push((d, since));
                 }
             }
@@ -591,9 +596,11 @@ impl Operations {
         params_json: String,
         ttl: Option<Duration>,
     ) -> Result<Vec<(String, Result<CommandRecord, OpError>)>, OpError> {
-        if selector.labels.is_empty() {
+        // Devices cannot change tags: a selector that names one cannot be
+        // joined by a device reporting something.
+        if !selector.names_a_tag() {
             return Err(OpError::Invalid(
-                "a selector names at least one label".into(),
+                "a selector names at least one tag (tags.KEY = VALUE)".into(),
             ));
         }
         let mut targets = Vec::new();

@@ -136,6 +136,7 @@ pub(crate) enum Val<'a> {
     I(i64),
     F(f64),
     B(&'a [u8]),
+    T(&'a str),
 }
 
 /// Binds `vals` in order.
@@ -148,12 +149,14 @@ where
     i64: Encode<'q, DB> + Type<DB>,
     f64: Encode<'q, DB> + Type<DB>,
     &'q [u8]: Encode<'q, DB> + Type<DB>,
+    &'q str: Encode<'q, DB> + Type<DB>,
 {
     for v in vals {
         query = match *v {
             Val::I(i) => query.bind(i),
             Val::F(f) => query.bind(f),
             Val::B(b) => query.bind(b),
+            Val::T(t) => query.bind(t),
         };
     }
     query

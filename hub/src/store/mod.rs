@@ -12,12 +12,13 @@ pub mod codec;
 pub mod commands;
 mod db;
 mod partitions;
+pub mod twins;
 mod write;
 mod write_conn;
 
 pub use partitions::month_of;
+pub use twins::{TWINS_CHANNEL, TwinNotice};
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -263,7 +264,7 @@ impl Store {
 
     pub async fn find_device(&self, external_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         let sql = format!(
-            "{} WHERE external_id = $1 AND removed_ms IS NULL",
+            "{} WHERE d.external_id = $1 AND d.removed_ms IS NULL",
             device_select(2)
         );
         let row: Option<DeviceRow> = with_pool!(&self.read, pool, _Db => {
@@ -276,23 +277,32 @@ impl Store {
         Ok(row.map(DeviceRow::into_record))
     }
 
-    /// Up to `limit` devices after `after` (by id), removed ones left out.
+    /// Up to `limit` devices after `after` (by id) that `filter` matches
+    /// (but for its `online` clauses, which the caller answers), removed
+    /// ones left out.
     pub async fn list_devices(
         &self,
         after: &str,
         limit: u32,
+        filter: &crate::twin::filter::Filter,
     ) -> Result<Vec<DeviceRecord>, StoreError> {
+        let (cond, vals) = twins::filter_sql(filter, self.backend(), 4);
         let sql = format!(
-            "{} WHERE external_id > $1 AND removed_ms IS NULL ORDER BY external_id LIMIT $2",
+            "{} WHERE d.external_id > $1 AND d.removed_ms IS NULL AND {cond} \
+             ORDER BY d.external_id LIMIT $2",
             device_select(3)
         );
+        let vals: Vec<db::Val<'_>> = vals.iter().map(twins::Text::val).collect();
         let rows: Vec<DeviceRow> = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_as(&sql)
+            let q = sqlx::query(&sql)
                 .bind(after)
                 .bind(i64::from(limit))
-                .bind(lease_cutoff())
-                .fetch_all(pool)
-                .await?
+                .bind(lease_cutoff());
+            let q = db::bind_vals(q, &vals);
+            let rows = q.fetch_all(pool).await?;
+            rows.iter()
+                .map(<DeviceRow as sqlx::FromRow<_>>::from_row)
+                .collect::<Result<Vec<_>, _>>()?
         });
         Ok(rows.into_iter().map(DeviceRow::into_record).collect())
     }
@@ -453,7 +463,7 @@ impl Store {
             .await?;
         let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
         listener
-            .listen_all([CLAIMS_CHANNEL, commands::COMMANDS_CHANNEL])
+            .listen_all([CLAIMS_CHANNEL, commands::COMMANDS_CHANNEL, TWINS_CHANNEL])
             .await?;
         Ok(Some(listener))
     }
@@ -542,10 +552,13 @@ impl Store {
 /// hub has a heartbeat newer than parameter `$cutoff` (see [`lease_cutoff`]).
 fn device_select(cutoff: usize) -> String {
     format!(
-        "SELECT id, external_id, firmware, labels, first_seen_ms, last_seen_ms, acked_seq, \
-         reading_count, CASE WHEN online_since_ms IS NOT NULL AND EXISTS \
-         (SELECT 1 FROM hubs h WHERE h.id = devices.hub AND h.heartbeat_ms >= ${cutoff}) \
-         THEN online_since_ms END AS online_since_ms FROM devices"
+        "SELECT d.id, d.external_id, d.firmware, d.tags, d.first_seen_ms, d.last_seen_ms, \
+         d.acked_seq, d.reading_count, CASE WHEN d.online_since_ms IS NOT NULL AND EXISTS \
+         (SELECT 1 FROM hubs h WHERE h.id = d.hub AND h.heartbeat_ms >= ${cutoff}) \
+         THEN d.online_since_ms END AS online_since_ms, COALESCE(t.in_sync, 1) AS in_sync, \
+         COALESCE(t.desired_version, 0) AS desired_version, \
+         COALESCE(t.reported_version, 0) AS reported_version \
+         FROM devices d LEFT JOIN twins t ON t.device_id = d.id"
     )
 }
 
@@ -560,12 +573,15 @@ struct DeviceRow {
     id: i64,
     external_id: String,
     firmware: String,
-    labels: String,
+    tags: String,
     first_seen_ms: i64,
     last_seen_ms: i64,
     acked_seq: i64,
     reading_count: i64,
     online_since_ms: Option<i64>,
+    in_sync: i64,
+    desired_version: i64,
+    reported_version: i64,
 }
 
 impl DeviceRow {
@@ -574,15 +590,15 @@ impl DeviceRow {
             key: DeviceKey(self.id),
             device_id: self.external_id,
             firmware: self.firmware,
-            // Labels are written by the hub as a JSON object; a hand-edited
-            // bad value shows as no labels rather than failing the listing.
-            labels: serde_json::from_str::<BTreeMap<String, String>>(&self.labels)
-                .unwrap_or_default(),
+            tags: twins::decode_tags(&self.tags),
             first_seen_ms: self.first_seen_ms,
             last_seen_ms: self.last_seen_ms,
             acked_seq: self.acked_seq as u64,
             readings: self.reading_count as u64,
             online_since_ms: self.online_since_ms,
+            in_sync: self.in_sync != 0,
+            desired_version: self.desired_version as u64,
+            reported_version: self.reported_version as u64,
         }
     }
 }

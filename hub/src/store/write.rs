@@ -251,7 +251,6 @@ impl WriteTx<'_> {
         proof: &Proof,
         hub: &str,
     ) -> Result<Option<Registration>, StoreError> {
-        let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
         let (kind, hash): (i64, Option<&[u8]>) = match proof {
             Proof::Admitted => (0, None),
             Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
@@ -259,22 +258,21 @@ impl WriteTx<'_> {
             Proof::Certificate(sha256) => (3, Some(sha256.as_slice())),
         };
         let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, \
-             epoch, hub, online_since_ms) VALUES ($1, $2, $3, $4, $4, 1, $7, $4) \
+            "INSERT INTO devices (external_id, firmware, first_seen_ms, last_seen_ms, \
+             epoch, hub, online_since_ms) VALUES ($1, $2, $3, $3, 1, $6, $3) \
              ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
-             labels = excluded.labels, last_seen_ms = excluded.last_seen_ms, \
+             last_seen_ms = excluded.last_seen_ms, \
              epoch = devices.epoch + 1, hub = excluded.hub, \
              online_since_ms = excluded.online_since_ms \
-             WHERE devices.removed_ms IS NULL AND ($5 = 0 \
-               OR ($5 = 1 AND devices.token_sha256 = $6) \
-               OR ($5 = 2 AND devices.token_sha256 IS NULL) \
-               OR ($5 = 3 AND (devices.cert_sha256 IS NULL OR devices.cert_sha256 = $6) \
-                   AND NOT EXISTS (SELECT 1 FROM revoked_certs WHERE sha256 = $6))) \
+             WHERE devices.removed_ms IS NULL AND ($4 = 0 \
+               OR ($4 = 1 AND devices.token_sha256 = $5) \
+               OR ($4 = 2 AND devices.token_sha256 IS NULL) \
+               OR ($4 = 3 AND (devices.cert_sha256 IS NULL OR devices.cert_sha256 = $5) \
+                   AND NOT EXISTS (SELECT 1 FROM revoked_certs WHERE sha256 = $5))) \
              RETURNING id, acked_seq, epoch",
         )
         .bind(hello.device_id.as_str())
         .bind(&hello.firmware)
-        .bind(labels)
         .bind(now_ms)
         .bind(kind)
         .bind(hash)
@@ -314,16 +312,16 @@ impl WriteTx<'_> {
         now_ms: i64,
         hub: &str,
     ) -> Result<Option<(DeviceKey, u64)>, StoreError> {
-        let labels = serde_json::to_string(&hello.labels).unwrap_or_else(|_| "{}".into());
+        let tags = super::twins::encode_tags(&hello.labels);
         let row: Option<(i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms, token_sha256) \
+            "INSERT INTO devices (external_id, firmware, tags, first_seen_ms, last_seen_ms, token_sha256) \
              VALUES ($1, '', $2, $3, $3, $4) \
-             ON CONFLICT (external_id) DO UPDATE SET labels = excluded.labels, \
+             ON CONFLICT (external_id) DO UPDATE SET tags = excluded.tags, \
              token_sha256 = excluded.token_sha256, removed_ms = NULL, epoch = devices.epoch + 1 \
              RETURNING id, epoch",
         )
         .bind(hello.device_id.as_str())
-        .bind(labels)
+        .bind(tags)
         .bind(now_ms)
         .bind(token_sha256.as_slice())
         .fetch_optional(c)

@@ -56,6 +56,15 @@ impl Api {
         answer(req.send().await.unwrap()).await
     }
 
+    /// A PATCH, conditional on `if_match` when given.
+    async fn patch(&self, path: &str, body: &Value, if_match: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.request(reqwest::Method::PATCH, path).json(body);
+        if let Some(etag) = if_match {
+            req = req.header("if-match", etag);
+        }
+        answer(req.send().await.unwrap()).await
+    }
+
     async fn text(&self, path: &str, accept: &str) -> (StatusCode, String, String) {
         let res = self
             .request(reqwest::Method::GET, path)
@@ -133,24 +142,45 @@ async fn devices_readings_and_stats_answer_with_the_core_s_data() {
     assert_eq!(ids, ["api-00001", "api-00002", "api-00003", "lab-1"]);
     assert_eq!(page["online_total"], 4);
     assert!(page["next_after"].is_null());
+    // A Hello's labels are reported state, never tags: only an operator
+    // puts a device in a tag group.
+    let (_, lab) = api.get("/devices?tag=site=lab").await;
+    assert_eq!(lab["devices"], json!([]), "{lab}");
+    let (status, twin) = api
+        .patch(
+            "/devices/lab-1/twin",
+            &json!({"tags": {"site": "lab"}}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{twin}");
+    assert_eq!(twin["reported"]["hello"]["labels"], json!({"site": "lab"}));
     let (_, lab) = api.get("/devices?label=site=lab").await;
     assert_eq!(lab["devices"].as_array().unwrap().len(), 1, "{lab}");
-    assert_eq!(lab["devices"][0]["labels"], json!({"site": "lab"}));
+    assert_eq!(lab["devices"][0]["tags"], json!({"site": "lab"}));
     let (_, offline) = api.get("/devices?online=false").await;
     assert_eq!(offline["devices"], json!([]));
-    let (_, first) = api.get("/devices?limit=2&label=sim=true").await;
-    assert_eq!(first["devices"].as_array().unwrap().len(), 2);
+    // Fleet filters reach into the reported document.
+    let by_hello = "where=reported.hello.labels.sim%3Dtrue";
+    let (_, first) = api.get(&format!("/devices?limit=2&{by_hello}")).await;
+    assert_eq!(first["devices"].as_array().unwrap().len(), 2, "{first}");
     assert_eq!(first["next_after"], "api-00002");
     let (_, rest) = api
-        .get("/devices?limit=2&label=sim=true&after=api-00002")
+        .get(&format!("/devices?limit=2&{by_hello}&after=api-00002"))
         .await;
     assert_eq!(rest["devices"][0]["device_id"], "api-00003");
     assert!(rest["next_after"].is_null(), "{rest}");
     assert_error(
-        &api.get("/devices?label=site").await,
+        &api.get("/devices?tag=site").await,
         StatusCode::BAD_REQUEST,
         "invalid_argument",
         "key=value",
+    );
+    assert_error(
+        &api.get("/devices?where=battery%3C20").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "unknown field",
     );
     assert_error(
         &api.get("/devices?online=maybe").await,
@@ -368,12 +398,33 @@ async fn commands_are_sent_by_device_and_selector_tracked_listed_and_cancelled()
     assert_eq!(trail, ["QUEUED", "SENT", "RECEIVED", "SUCCEEDED"]);
     assert!(done["result"].is_object(), "{done}");
 
-    // To every device a selector matches (the two simulated ones).
+    // To every device a selector matches (the two simulated ones, tagged
+    // by an operator: a selector names tags, which devices cannot set).
+    for id in ["cmd-00001", "cmd-00002"] {
+        let (status, twin) = api
+            .patch(
+                &format!("/devices/{id}/twin"),
+                &json!({"tags": {"sim": "true"}}),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{twin}");
+    }
+    assert_error(
+        &api.post(
+            "/commands",
+            &json!({"selector": {"where": "reported.hello.labels.sim = true"}, "name": "ping"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "at least one tag",
+    );
     let (status, sent) = api
         .post(
             "/commands",
-            &json!({"selector": {"labels": {"sim": "true"}}, "name": "set_rate",
-                    "params": {"hz": 2.0}, "ttl": "30s"}),
+            &json!({"selector": {"tags": {"sim": "true"}, "where": "online = true"},
+                    "name": "set_rate", "params": {"hz": 2.0}, "ttl": "30s"}),
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
@@ -482,7 +533,7 @@ async fn commands_are_sent_by_device_and_selector_tracked_listed_and_cancelled()
             json!({"selector": {"labels": {}}, "name": "ping"}),
             StatusCode::BAD_REQUEST,
             "invalid_argument",
-            "label",
+            "tag",
         ),
         (
             json!({"device_id": "cmd-00001", "name": "ping", "params": [1]}),

@@ -95,7 +95,9 @@ async fn query_and_devices_print_json_lines_csv_and_tables() {
         panic!("devices args")
     };
     let mut out = Vec::new();
-    cli::devices(&args.list, &mut out).await.unwrap();
+    cli::devices(&args.list, &args.filter, &mut out)
+        .await
+        .unwrap();
     let text = String::from_utf8(out).unwrap();
     let device: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(device["device_id"], "dev-cli");
@@ -110,7 +112,9 @@ async fn query_and_devices_print_json_lines_csv_and_tables() {
         panic!("devices args")
     };
     let mut out = Vec::new();
-    cli::devices(&args.list, &mut out).await.unwrap();
+    cli::devices(&args.list, &args.filter, &mut out)
+        .await
+        .unwrap();
     let table = String::from_utf8(out).unwrap();
     assert!(table.starts_with("DEVICE_ID"), "{table}");
     assert!(

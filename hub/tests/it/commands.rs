@@ -433,6 +433,18 @@ async fn command_send_wait_exit_codes() {
     ])
     .await;
     assert_eq!((code, lines[0]["state"].as_str()), (3, Some("QUEUED")));
+    // Tag selectors: the devices are tagged by an operator.
+    for id in ["cli-00001", "cli-00002"] {
+        hub.operator()
+            .await
+            .update_tags(pb::UpdateTagsRequest {
+                device_id: id.into(),
+                set: [("sim".to_owned(), "true".to_owned())].into(),
+                remove: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
     let (code, lines) = run(vec![
         "--label", "sim=true", "--name", "ping", "--wait", "10s",
     ])

@@ -398,6 +398,7 @@ impl TestHub {
             .list_devices(pb::ListDevicesRequest {
                 after: before,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -460,6 +461,27 @@ pub fn hello(device_id: &str) -> pb::DeviceMessage {
             labels: [("site".to_owned(), "lab".to_owned())]
                 .into_iter()
                 .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A Hello of a twin-aware device that holds desired version `held`.
+pub fn hello_twin(device_id: &str, held: u64) -> pb::DeviceMessage {
+    let mut msg = hello(device_id);
+    if let Some(DeviceMsg::Hello(h)) = &mut msg.msg {
+        h.twin = true;
+        h.desired_version = held;
+    }
+    msg
+}
+
+/// A reported patch.
+pub fn reported(seq: u64, patch: serde_json::Value) -> pb::DeviceMessage {
+    pb::DeviceMessage {
+        msg: Some(DeviceMsg::Reported(pb::ReportedPatch {
+            seq,
+            patch_json: patch.to_string(),
         })),
     }
 }

@@ -18,3 +18,4 @@ mod openapi;
 mod ops;
 mod security;
 mod stream;
+mod twin;

@@ -750,7 +750,11 @@ async fn devices_list_in_pages() {
     let mut pages = 0;
     loop {
         let page = op
-            .list_devices(pb::ListDevicesRequest { after, limit: 10 })
+            .list_devices(pb::ListDevicesRequest {
+                after,
+                limit: 10,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
