@@ -1252,3 +1252,119 @@ async fn admins_enroll_rotate_and_remove_devices_over_http() {
         "device_id",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_are_read_and_changed_over_http_with_etags_and_events() {
+    let hub = spawn_hub().await;
+    hub.register_offline("tw-http").await;
+    let api = Api::new(&hub);
+    let mut events = EventReader::open(&api, "kinds=twin&device=tw-http").await;
+    let res = api
+        .request(reqwest::Method::GET, "/devices/tw-http/twin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, "\"0\"");
+    let twin: Value = res.json().await.unwrap();
+    assert_eq!(twin["desired"], json!({}));
+    assert_eq!(twin["reported"]["hello"]["firmware"], "test-fw/1");
+
+    let (status, twin) = api
+        .patch(
+            "/devices/tw-http/twin",
+            &json!({"desired": {"rate": 2, "led": {"on": true}}, "tags": {"site": "a"}}),
+            Some(&etag),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{twin}");
+    assert_eq!(twin["desired_version"], 1);
+    assert_eq!(twin["delta"], json!({"rate": 2, "led": {"on": true}}));
+    assert_eq!(twin["tags"], json!({"site": "a"}));
+    assert!(twin["metadata"]["desired"]["led"]["on"].is_i64(), "{twin}");
+    // The old ETag is stale now: 412, nothing changed.
+    assert_error(
+        &api.patch(
+            "/devices/tw-http/twin",
+            &json!({"desired": {"rate": 3}}),
+            Some(&etag),
+        )
+        .await,
+        StatusCode::PRECONDITION_FAILED,
+        "failed_precondition",
+        "version 1",
+    );
+    let (status, twin) = api
+        .patch(
+            "/devices/tw-http/twin",
+            &json!({"tags": {"site": null, "rack": "r2"}}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{twin}");
+    assert_eq!(twin["tags"], json!({"rack": "r2"}));
+    assert_eq!(twin["desired"], json!({"rate": 2, "led": {"on": true}}));
+    let mut deep = json!(1);
+    for _ in 0..11 {
+        deep = json!({ "k": deep });
+    }
+    for (body, if_match, status, mentions) in [
+        (
+            json!({"tags": {"a": "b"}}),
+            Some("\"1\""),
+            StatusCode::BAD_REQUEST,
+            "If-Match",
+        ),
+        (
+            json!({"desired": {"a": 1}}),
+            Some("soon"),
+            StatusCode::BAD_REQUEST,
+            "If-Match",
+        ),
+        (
+            json!({"desired": deep}),
+            None,
+            StatusCode::BAD_REQUEST,
+            "levels",
+        ),
+        (
+            json!({"desired": [1]}),
+            None,
+            StatusCode::BAD_REQUEST,
+            "object",
+        ),
+        (json!({}), None, StatusCode::BAD_REQUEST, "desired, tags"),
+        (
+            json!({"tags": {"": "x"}}),
+            None,
+            StatusCode::BAD_REQUEST,
+            "tag key",
+        ),
+        (
+            json!({"colour": 1}),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "colour",
+        ),
+    ] {
+        let got = api.patch("/devices/tw-http/twin", &body, if_match).await;
+        assert_eq!(got.0, status, "{body}: {}", got.1);
+        let message = got.1["error"]["message"].as_str().unwrap();
+        assert!(message.contains(mentions), "{body}: {message:?}");
+    }
+    assert_error(
+        &api.patch("/devices/nobody/twin", &json!({"desired": {"a": 1}}), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "nobody",
+    );
+    let event = events.until("twin", |d| d["part"] == "desired").await;
+    assert_eq!(
+        event["twin"]["desired"],
+        json!({"rate": 2, "led": {"on": true}})
+    );
+    let event = events.until("twin", |d| d["part"] == "tags").await;
+    assert_eq!(event["twin"]["device_id"], "tw-http");
+}

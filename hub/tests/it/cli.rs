@@ -148,3 +148,112 @@ async fn query_and_devices_print_json_lines_csv_and_tables() {
         .to_string();
     assert!(err.contains("NotFound") && err.contains("ghost"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_and_tag_commands_change_and_show_the_twin() {
+    let hub = spawn_hub().await;
+    hub.register_offline("dev-tw").await;
+    hub.register_offline("dev-other").await;
+    let url = hub.url();
+    let Command::Devices(cmd) = parse(&[
+        "hub",
+        "devices",
+        "tag",
+        "--hub",
+        &url,
+        "dev-tw",
+        "site=plant-7",
+        "rack=r1",
+    ]) else {
+        panic!("devices tag args")
+    };
+    let mut out = Vec::new();
+    cli::device_action(cmd.action.as_ref().unwrap(), &mut out)
+        .await
+        .unwrap();
+    let tags: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(tags, serde_json::json!({"rack": "r1", "site": "plant-7"}));
+    let Command::Devices(cmd) = parse(&["hub", "devices", "tag", "--hub", &url, "dev-tw", "rack-"])
+    else {
+        panic!("devices tag args")
+    };
+    let mut out = Vec::new();
+    cli::device_action(cmd.action.as_ref().unwrap(), &mut out)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap().trim(),
+        r#"{"site":"plant-7"}"#
+    );
+
+    let Command::Twin(action) = parse(&[
+        "hub",
+        "twin",
+        "set",
+        "--hub",
+        &url,
+        "dev-tw",
+        r#"{"sample_rate_hz": 2}"#,
+        "--if-version",
+        "0",
+    ]) else {
+        panic!("twin set args")
+    };
+    let mut out = Vec::new();
+    cli::twin(&action, &mut out).await.unwrap();
+    let twin: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(twin["desired_version"], 1);
+    assert_eq!(twin["delta"], serde_json::json!({"sample_rate_hz": 2}));
+    // The same version again is stale now.
+    let err = cli::twin(&action, &mut Vec::new()).await.unwrap_err();
+    assert!(err.to_string().contains("FailedPrecondition"), "{err}");
+
+    let Command::Twin(action) = parse(&["hub", "twin", "get", "--hub", &url, "dev-tw"]) else {
+        panic!("twin get args")
+    };
+    let mut out = Vec::new();
+    cli::twin(&action, &mut out).await.unwrap();
+    let twin: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(twin["desired"], serde_json::json!({"sample_rate_hz": 2}));
+    assert_eq!(twin["tags"], serde_json::json!({"site": "plant-7"}));
+    assert_eq!(twin["reported"]["hello"]["firmware"], "test-fw/1");
+
+    let Command::Devices(cmd) = parse(&[
+        "hub",
+        "devices",
+        "--hub",
+        &url,
+        "--format",
+        "json",
+        "--where",
+        "tags.site = plant-7 and in_sync = false",
+    ]) else {
+        panic!("devices args")
+    };
+    let mut out = Vec::new();
+    cli::devices(&cmd.list, &cmd.filter, &mut out)
+        .await
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["device_id"], "dev-tw");
+    assert_eq!(lines[0]["in_sync"], false);
+    let Command::Devices(cmd) = parse(&[
+        "hub",
+        "devices",
+        "--hub",
+        &url,
+        "--where",
+        "tags.site = x = y",
+    ]) else {
+        panic!("devices args")
+    };
+    let err = cli::devices(&cmd.list, &cmd.filter, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("where"), "{err}");
+}

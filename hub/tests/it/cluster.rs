@@ -10,6 +10,8 @@ use tonic::Code;
 
 use crate::crash::{ChildHub, operator};
 use crate::harness::*;
+use crate::twin::{connect_twin, get_twin, next_desired, parsed, reported_through, set_desired};
+use serde_json::json;
 
 /// Two in-process hubs on one fresh PostgreSQL database.
 async fn two_hubs() -> Option<(TestHub, TestHub)> {
@@ -744,4 +746,95 @@ async fn a_certificate_revoked_through_one_hub_is_cut_off_on_the_other() {
         .into_inner();
     assert_eq!(answer.streams_ended, 0, "A held no stream on it");
     assert_eq!(dev.end_code().await, Code::Unauthenticated, "B ended it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_change_through_one_hub_reaches_the_device_on_another_and_a_mover_converges() {
+    let Some((a, b)) = two_hubs().await else {
+        return;
+    };
+    let (mut on_b, _) = connect_twin(&b, "tw-cl", 0).await;
+    let mut watch_a = a
+        .operator()
+        .await
+        .watch_twin(pb::WatchTwinRequest {
+            device_id: "tw-cl".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch_a.message().await.unwrap().is_some(), "the twin now");
+
+    // Changes through A reach the stream on B in order, each within a
+    // second (as whole documents: B does not know A's patches).
+    for version in 1..=3u64 {
+        let started = Instant::now();
+        let twin = set_desired(&a, "tw-cl", json!({"step": version}), Some(version - 1))
+            .await
+            .unwrap();
+        assert_eq!(twin.desired_version, version);
+        let desired = next_desired(&mut on_b).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(desired.version, version);
+        assert_eq!(parsed(&desired.json)["step"], json!(version));
+    }
+    // Both hubs at once: the versions stay gap-free and ordered.
+    let (x, y) = tokio::join!(
+        set_desired(&a, "tw-cl", json!({"x": 1}), None),
+        set_desired(&b, "tw-cl", json!({"y": 1}), None)
+    );
+    let mut versions = [x.unwrap().desired_version, y.unwrap().desired_version];
+    versions.sort_unstable();
+    assert_eq!(versions, [4, 5]);
+    // What the device holds: whole documents replace, patches merge.
+    let mut held = json!({"step": 3});
+    loop {
+        let desired = next_desired(&mut on_b).await;
+        if desired.full {
+            held = parsed(&desired.json);
+        } else {
+            for (k, v) in parsed(&desired.json).as_object().unwrap() {
+                held[k] = v.clone();
+            }
+        }
+        if desired.version == 5 {
+            break;
+        }
+        assert_eq!(desired.version, 4);
+    }
+    assert_eq!(held, json!({"step": 3, "x": 1, "y": 1}));
+
+    // Reported through B: seen from A (its watchers too), in sync.
+    on_b.send(reported(1, json!({"step": 3, "x": 1, "y": 1})))
+        .await;
+    reported_through(&mut on_b, 1).await;
+    assert_eq!(parsed(&get_twin(&a, "tw-cl").await.delta_json), json!({}));
+    let seen = loop {
+        let event = tokio::time::timeout(WAIT, watch_a.message())
+            .await
+            .expect("a twin event on A")
+            .unwrap()
+            .unwrap();
+        if event.part == pb::TwinPart::Reported as i32
+            && parsed(&event.twin.as_ref().unwrap().reported_json)["step"] == json!(3)
+        {
+            break event;
+        }
+    };
+    assert!(seen.twin.is_some());
+
+    // A change while the device moves to A: it converges there.
+    set_desired(&b, "tw-cl", json!({"z": 1}), Some(5))
+        .await
+        .unwrap();
+    let (mut on_a, welcome) = connect_twin(&a, "tw-cl", 5).await;
+    assert_eq!(welcome.reported_seq, 1);
+    let desired = next_desired(&mut on_a).await;
+    assert_eq!((desired.version, desired.full), (6, true));
+    assert_eq!(parsed(&desired.json)["z"], json!(1));
+    assert_eq!(on_b.end_code().await, Code::Aborted);
+    drop(watch_a);
+    on_a.half_close();
+    assert_eq!(on_a.end_code().await, Code::Ok);
 }

@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 use telemetry_proto::v1::{self as pb, hub_message::Msg as HubMsg};
 use tonic::Code;
 
+use crate::crash::ChildHub;
 use crate::harness::*;
 
-async fn connect_twin(hub: &TestHub, id: &str, held: u64) -> (RawDevice, pb::Welcome) {
+pub(crate) async fn connect_twin(hub: &TestHub, id: &str, held: u64) -> (RawDevice, pb::Welcome) {
     let mut dev = RawDevice::open(hub.channel().await, hello_twin(id, held)).await;
     match dev.next().await {
         Ok(Some(HubMsg::Welcome(w))) => (dev, w),
@@ -21,7 +22,7 @@ async fn connect_twin(hub: &TestHub, id: &str, held: u64) -> (RawDevice, pb::Wel
 }
 
 /// The next DesiredState (acks in between are passed over).
-async fn next_desired(dev: &mut RawDevice) -> pb::DesiredState {
+pub(crate) async fn next_desired(dev: &mut RawDevice) -> pb::DesiredState {
     loop {
         match dev.next().await {
             Ok(Some(HubMsg::Desired(d))) => return d,
@@ -33,7 +34,7 @@ async fn next_desired(dev: &mut RawDevice) -> pb::DesiredState {
 
 /// ReportedAcks until one covers `seq`: the last, with the rejections of
 /// all of them and the last error.
-async fn reported_through(dev: &mut RawDevice, seq: u64) -> pb::ReportedAck {
+pub(crate) async fn reported_through(dev: &mut RawDevice, seq: u64) -> pb::ReportedAck {
     let mut rejected = 0;
     let mut error = String::new();
     loop {
@@ -65,7 +66,7 @@ async fn only_ack_follows(dev: &mut RawDevice, seq: u64) {
     }
 }
 
-async fn get_twin(hub: &TestHub, id: &str) -> pb::Twin {
+pub(crate) async fn get_twin(hub: &TestHub, id: &str) -> pb::Twin {
     hub.operator()
         .await
         .get_twin(pb::GetTwinRequest {
@@ -76,7 +77,7 @@ async fn get_twin(hub: &TestHub, id: &str) -> pb::Twin {
         .into_inner()
 }
 
-async fn set_desired(
+pub(crate) async fn set_desired(
     hub: &TestHub,
     id: &str,
     patch: Value,
@@ -93,7 +94,7 @@ async fn set_desired(
         .map(tonic::Response::into_inner)
 }
 
-fn parsed(text: &str) -> Value {
+pub(crate) fn parsed(text: &str) -> Value {
     serde_json::from_str(text).unwrap()
 }
 
@@ -539,4 +540,82 @@ async fn watchers_see_twin_changes_and_the_simulator_converges() {
     drop(watch);
     fleet.finish().await;
     hub.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_between_reported_patches_and_their_acks_loses_and_doubles_nothing() {
+    let db = TestDb::new().await;
+    let reserved = reserve_port();
+    let url = format!("http://127.0.0.1:{}", reserved.port);
+    let channel = || async {
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let mut hub = ChildHub::start(&db, reserved.port);
+    hub.wait_line("listening on").await;
+    let total = 400u64;
+    let mut dev = RawDevice::open(channel().await, hello_twin("tw-kill", 0)).await;
+    assert!(matches!(dev.next().await, Ok(Some(HubMsg::Welcome(_)))));
+    // Patches go out as fast as the stream takes them; the hub dies while
+    // some are committed and acked, some committed and not acked, some
+    // not committed.
+    let mut acked = 0;
+    for seq in 1..=total {
+        dev.send(reported(
+            seq,
+            json!({"n": seq, format!("k{}", seq % 7): seq}),
+        ))
+        .await;
+        if seq == total / 2 {
+            acked = reported_through(&mut dev, 1).await.seq;
+            break;
+        }
+    }
+    let (_, killed) = hub.kill().await;
+    assert!(killed, "the kill ended it");
+    drop(dev);
+    let mut hub = ChildHub::start(&db, reserved.port);
+    hub.wait_line("listening on").await;
+
+    // Back: the Welcome says how far the hub got; never below an ack.
+    let mut dev = RawDevice::open(channel().await, hello_twin("tw-kill", 0)).await;
+    let welcome = match dev.next().await {
+        Ok(Some(HubMsg::Welcome(w))) => w,
+        other => panic!("expected Welcome, got {other:?}"),
+    };
+    assert!(
+        welcome.reported_seq >= acked,
+        "{} < {acked}",
+        welcome.reported_seq
+    );
+    for seq in 1..=total {
+        // The device resends everything it holds; the hub takes each once.
+        dev.send(reported(
+            seq,
+            json!({"n": seq, format!("k{}", seq % 7): seq}),
+        ))
+        .await;
+    }
+    let last = reported_through(&mut dev, total).await;
+    let twin = crate::crash::operator(&url)
+        .await
+        .get_twin(pb::GetTwinRequest {
+            device_id: "tw-kill".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first Hello wrote reported.hello (version 1), then one version
+    // per patch: a patch applied twice would show as a version more.
+    assert_eq!(twin.reported_version, 1 + total, "each patch applied once");
+    assert_eq!(last.version, 1 + total);
+    assert_eq!(parsed(&twin.reported_json)["n"], json!(total));
+    dev.half_close();
+    assert_eq!(dev.end_code().await, Code::Ok);
+    hub.terminate();
+    let (status, _) = hub.exit().await;
+    assert!(status.success());
 }
