@@ -137,7 +137,7 @@ pub async fn listen(
 /// whole document: this hub does not know the patch).
 async fn on_twin(store: &Store, twins: &TwinHub, notice: TwinNotice) {
     match store.twin(&notice.device_id).await {
-        Ok(Some(view)) => twins.committed(notice.part, Arc::new(view), None),
+        Ok(Some(view)) => twins.committed(notice.part, Arc::new(view), None, false),
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(device_id = notice.device_id, error = %e,

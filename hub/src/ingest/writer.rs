@@ -626,7 +626,7 @@ impl Writer {
     fn apply(&mut self, mut changes: GroupChanges) {
         self.row_names = std::mem::take(&mut changes.names);
         for (part, view, patch) in std::mem::take(&mut changes.twins) {
-            self.twins.committed(part, view, patch);
+            self.twins.committed(part, view, patch, true);
         }
         self.known.apply(changes);
     }

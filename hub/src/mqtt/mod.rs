@@ -1,12 +1,15 @@
 //! The optional MQTT bridge (rumqttc). Never touches tonic or sqlx.
 //!
 //! Out: committed readings (one message per device per commit), retained
-//! device and hub presence, command state changes. In (only with
-//! `mqtt.commands = true`: whoever may publish there sends commands, so the
-//! broker's credentials and ACL are this door's auth): commands on
-//! `{prefix}/devices/+/commands`, which take exactly the gRPC path
-//! ([`Operations::send_command`]), logged `by=mqtt`. Bad input is answered on
-//! `{prefix}/errors`.
+//! device and hub presence, command state changes, and retained twin
+//! documents (`{prefix}/devices/{id}/twin/desired` and `…/reported`, each
+//! with its version, published by the hub that committed the change). In
+//! (only with `mqtt.commands = true`: whoever may publish there sends
+//! commands, so the broker's credentials and ACL are this door's auth):
+//! commands on `{prefix}/devices/+/commands` and desired changes on
+//! `{prefix}/devices/+/twin/desired/set`, which take exactly the gRPC path
+//! ([`Operations::send_command`], [`Operations::update_desired`]), logged
+//! `by=mqtt`. Bad input is answered on `{prefix}/errors`.
 //!
 //! Ingest and acks never wait on the broker: the bridge reads the committed
 //! fan-out like any consumer, and what it produces while the broker is away
@@ -34,6 +37,7 @@ use crate::domain::{CommandRecord, CommittedBatch, DeviceId, Presence};
 use crate::metrics::HubMetrics;
 use crate::operator::Operations;
 use crate::registry::SessionRegistry;
+use crate::twin::{TwinEvent, TwinPart};
 pub use topics::Topics;
 
 /// What the rumqttc event loop tells the bridge.
@@ -83,6 +87,19 @@ struct MqttCommand {
     ttl_s: Option<f64>,
     #[serde(default)]
     request_id: Option<String>,
+}
+
+/// What a desired change on MQTT may say.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MqttDesired {
+    /// A JSON merge patch of the desired document.
+    desired: Value,
+    #[serde(default)]
+    if_version: Option<u64>,
+    /// Echoed on the errors topic (read there from the raw payload).
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<String>,
 }
 
 fn qos(level: u8) -> QoS {
@@ -168,6 +185,7 @@ impl Bridge {
         mut committed: broadcast::Receiver<Arc<CommittedBatch>>,
         mut presence: broadcast::Receiver<Presence>,
         mut command_events: broadcast::Receiver<CommandRecord>,
+        mut twins: broadcast::Receiver<TwinEvent>,
         stop: CancellationToken,
     ) {
         let options = match self.options() {
@@ -223,6 +241,14 @@ impl Bridge {
                 rec = command_events.recv() => match rec {
                     Ok(rec) => self.on_command_event(&rec),
                     Err(broadcast::error::RecvError::Lagged(n)) => self.count_dropped(n),
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
+                event = twins.recv() => match event {
+                    Ok(event) => self.on_twin(&event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(changes = n, "MQTT bridge fell behind the twin changes; some were not published");
+                        self.count_dropped(n);
+                    }
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
                 _ = retry.tick(), if connected && !self.outbox.is_empty() => {}
@@ -292,6 +318,11 @@ impl Bridge {
             && let Err(e) = client.try_subscribe(self.topics.command_subscription(), self.qos)
         {
             tracing::error!(error = %e, "cannot subscribe to MQTT commands");
+        }
+        if self.settings.commands
+            && let Err(e) = client.try_subscribe(self.topics.twin_set_subscription(), self.qos)
+        {
+            tracing::error!(error = %e, "cannot subscribe to MQTT desired changes");
         }
         // Retained statuses first, ahead of anything buffered.
         let mut statuses = vec![Outgoing {
@@ -429,6 +460,27 @@ impl Bridge {
         );
     }
 
+    /// A twin change this hub committed: its document, retained (another
+    /// hub's change is that hub's to publish).
+    fn on_twin(&mut self, event: &TwinEvent) {
+        if !event.local {
+            return;
+        }
+        let (view, twin) = (&event.view, &event.view.twin);
+        let (topic, payload) = match event.part {
+            TwinPart::Desired => (
+                self.topics.twin_desired(&view.device_id),
+                json!({"version": twin.desired_version, "desired": twin.desired}),
+            ),
+            TwinPart::Reported => (
+                self.topics.twin_reported(&view.device_id),
+                json!({"version": twin.reported_version, "reported": twin.reported}),
+            ),
+            TwinPart::Tags => return,
+        };
+        self.push(topic, payload.to_string().into_bytes(), true);
+    }
+
     /// A message on the commands topic: into the same command path as gRPC,
     /// or a reason on the errors topic.
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
@@ -441,12 +493,48 @@ impl Bridge {
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         });
-        if let Err(reason) = self.command_from_mqtt(topic, payload).await {
+        let handled = if self.topics.device_of_twin_set_topic(topic).is_some() {
+            self.desired_from_mqtt(topic, payload).await
+        } else {
+            self.command_from_mqtt(topic, payload).await
+        };
+        if let Err(reason) = handled {
             HubMetrics::add(&self.metrics.mqtt_bad_messages, 1);
             tracing::warn!(topic, %reason, "bad MQTT command");
             let error = json!({"error": reason, "topic": topic, "request_id": request_id});
             self.push(self.topics.errors(), error.to_string().into_bytes(), false);
         }
+    }
+
+    /// `{"desired": {merge patch}, "if_version": n}` on a device's
+    /// `twin/desired/set`: the gRPC path of a desired change.
+    async fn desired_from_mqtt(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        let device = self
+            .topics
+            .device_of_twin_set_topic(topic)
+            .ok_or_else(|| "not a twin topic".to_owned())?;
+        let device = DeviceId::parse(device).map_err(|e| e.to_string())?;
+        if payload.len() > self.settings.max_payload_bytes {
+            return Err(format!(
+                "payload of {} bytes is over the limit of {} bytes",
+                payload.len(),
+                self.settings.max_payload_bytes
+            ));
+        }
+        let change: MqttDesired =
+            serde_json::from_slice(payload).map_err(|e| format!("not a desired change: {e}"))?;
+        let view = self
+            .ops
+            .update_desired(
+                device.as_str(),
+                &change.desired.to_string(),
+                change.if_version,
+            )
+            .await
+            .map_err(|e| e.public_message())?;
+        tracing::info!(by = "mqtt", device_id = ?view.device_id,
+            version = view.twin.desired_version, "desired state changed (mqtt)");
+        Ok(())
     }
 
     async fn command_from_mqtt(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {

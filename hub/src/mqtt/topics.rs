@@ -50,6 +50,38 @@ impl Topics {
         }
     }
 
+    /// Retained: the desired document and its version.
+    pub fn twin_desired(&self, device: &str) -> String {
+        format!("{}/devices/{device}/twin/desired", self.prefix)
+    }
+
+    /// Retained: the reported document and its version.
+    pub fn twin_reported(&self, device: &str) -> String {
+        format!("{}/devices/{device}/twin/reported", self.prefix)
+    }
+
+    /// Where desired changes come in (with `mqtt.commands`).
+    pub fn twin_set_filter(&self) -> String {
+        format!("{}/devices/+/twin/desired/set", self.prefix)
+    }
+
+    /// Like [`Self::command_subscription`], for desired changes.
+    pub fn twin_set_subscription(&self) -> String {
+        match &self.cluster {
+            Some((_, group)) => format!("$share/{group}/{}", self.twin_set_filter()),
+            None => self.twin_set_filter(),
+        }
+    }
+
+    /// The device id in `{prefix}/devices/{id}/twin/desired/set`.
+    pub fn device_of_twin_set_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/devices/")?
+            .strip_suffix("/twin/desired/set")
+            .filter(|id| !id.contains('/'))
+    }
+
     pub fn hub_status(&self) -> String {
         match &self.cluster {
             Some((hub, _)) => format!("{}/hubs/{hub}/status", self.prefix),
@@ -91,6 +123,15 @@ mod tests {
         assert_eq!(t.command_events("d"), "plant/a/devices/d/commands/events");
         assert_eq!(t.hub_status(), "plant/a/hub/status");
         assert_eq!(t.command_subscription(), "plant/a/devices/+/commands");
+        assert_eq!(
+            t.device_of_twin_set_topic("plant/a/devices/pump-1/twin/desired/set"),
+            Some("pump-1")
+        );
+        assert_eq!(
+            t.device_of_twin_set_topic("plant/a/devices/pump-1/commands"),
+            None
+        );
+        assert_eq!(t.twin_reported("d"), "plant/a/devices/d/twin/reported");
         let c = Topics::in_cluster("plant/a", "h1", "telemetry-hub");
         assert_eq!(c.hub_status(), "plant/a/hubs/h1/status");
         assert_eq!(

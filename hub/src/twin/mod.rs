@@ -92,6 +92,8 @@ impl TwinPart {
 pub struct TwinEvent {
     pub part: TwinPart,
     pub view: Arc<TwinView>,
+    /// Committed by this hub (not read after another hub's notice).
+    pub local: bool,
 }
 
 /// A desired version for a device's stream: the patch from the version
@@ -147,7 +149,13 @@ impl TwinHub {
     /// A committed change: to the device's stream on this hub (desired
     /// only; an older version than one already handed over is ignored)
     /// and to the watchers.
-    pub fn committed(&self, part: TwinPart, view: Arc<TwinView>, patch: Option<Arc<str>>) {
+    pub fn committed(
+        &self,
+        part: TwinPart,
+        view: Arc<TwinView>,
+        patch: Option<Arc<str>>,
+        local: bool,
+    ) {
         if part == TwinPart::Desired
             && let Some(slot) = self.feeds().get(&view.device_id)
         {
@@ -165,7 +173,7 @@ impl TwinHub {
             });
         }
         if self.events.receiver_count() > 0 {
-            let _ = self.events.send(TwinEvent { part, view });
+            let _ = self.events.send(TwinEvent { part, view, local });
         }
     }
 
@@ -245,11 +253,12 @@ mod tests {
             TwinPart::Desired,
             view("d1", 1),
             Some(Arc::from("{\"v\":1}")),
+            true,
         );
-        hub.committed(TwinPart::Desired, view("d1", 3), None);
+        hub.committed(TwinPart::Desired, view("d1", 3), None, true);
         // An older version after a newer one is not news.
-        hub.committed(TwinPart::Desired, view("d1", 2), None);
-        hub.committed(TwinPart::Desired, view("d2", 9), None);
+        hub.committed(TwinPart::Desired, view("d1", 2), None, true);
+        hub.committed(TwinPart::Desired, view("d2", 9), None, true);
         let got = feed.next().await.unwrap();
         assert_eq!(got.version, 3);
         assert!(got.patch.is_none());

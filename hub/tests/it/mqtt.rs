@@ -715,3 +715,61 @@ async fn a_hub_stopping_leaves_a_moved_devices_status_to_its_new_hub() {
     assert_eq!(on_b.end_code().await, tonic::Code::Ok);
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_are_retained_on_mqtt_and_desired_changes_come_in_through_its_door() {
+    let broker = TestBroker::start();
+    let prefix = unique("twin");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/#")).await;
+    let hub = hub_with_bridge(&prefix, broker.port).await;
+    probe.next_on(&hub_status(&hub, &prefix)).await;
+    let fleet = SimFleet::start(&hub, "mqt-", 1).await;
+    let reported_topic = format!("{prefix}/devices/mqt-00001/twin/reported");
+    let (first, retained) = probe.next_on(&reported_topic).await;
+    assert!(!retained, "published live");
+    assert!(first["version"].as_u64().unwrap() >= 1, "{first}");
+
+    // A desired change through MQTT: the core's path (versions, limits).
+    probe
+        .publish(
+            &format!("{prefix}/devices/mqt-00001/twin/desired/set"),
+            r#"{"desired": {"sample_rate_hz": 10}, "if_version": 0}"#,
+        )
+        .await;
+    let (desired, _) = probe
+        .next_on(&format!("{prefix}/devices/mqt-00001/twin/desired"))
+        .await;
+    assert_eq!(
+        desired,
+        serde_json::json!({"version": 1, "desired": {"sample_rate_hz": 10}})
+    );
+    // The simulator applies it and reports it.
+    loop {
+        let (report, _) = probe.next_on(&reported_topic).await;
+        if report["reported"]["sample_rate_hz"] == 10 {
+            break;
+        }
+    }
+    // A stale version is refused on the errors topic.
+    probe
+        .publish(
+            &format!("{prefix}/devices/mqt-00001/twin/desired/set"),
+            r#"{"desired": {"sample_rate_hz": 1}, "if_version": 0, "request_id": "r-9"}"#,
+        )
+        .await;
+    let (error, _) = probe.next_on(&format!("{prefix}/errors")).await;
+    assert_eq!(error["request_id"], "r-9");
+    assert!(
+        error["error"].as_str().unwrap().contains("version 1"),
+        "{error}"
+    );
+    fleet.finish().await;
+
+    // Retained: a client that comes later reads both documents at once.
+    let mut late = Probe::connect(broker.port, &format!("{prefix}/devices/mqt-00001/twin/+")).await;
+    let (desired, retained) = late
+        .next_on(&format!("{prefix}/devices/mqt-00001/twin/desired"))
+        .await;
+    assert!(retained);
+    assert_eq!(desired["version"], 1);
+}
