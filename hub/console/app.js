@@ -1,5 +1,6 @@
 // telemetry-hub web console: plain JavaScript over the hub's /api/v1.
-// Pages: fleet (#/), device (#/devices/ID), commands (#/commands), hub (#/hub).
+// Pages: fleet (#/, with the out-of-sync count and fleet filters), device
+// (#/devices/ID, with its twin), commands (#/commands), hub (#/hub).
 // Everything shown comes from the API; every failure shows as a message.
 "use strict";
 
@@ -274,16 +275,22 @@ function fleetPage() {
   const total = h("div", { class: "value", id: "device-count" }, "…");
   const rate = h("div", { class: "value", id: "readings-rate" }, "…");
   const stored = h("div", { class: "value", id: "readings-stored" }, "…");
+  const unsynced = h("div", { class: "value", id: "out-of-sync-count" }, "…");
   const rateChartEl = h("div", { class: "chart", id: "rate-chart" });
-  const search = h("input", { type: "search", placeholder: "Search id, firmware or label", id: "device-search" });
+  const search = h("input", { type: "search", placeholder: "Search id, firmware or tag", id: "device-search" });
+  // A fleet filter, answered by the hub (README "Fleet filters").
+  const where = h("input", { type: "search", id: "device-where",
+    placeholder: "Filter: tags.site = plant-7 and reported.battery < 20" });
+  const onlyUnsynced = h("input", { type: "checkbox", id: "only-out-of-sync" });
   const tbody = h("tbody", { id: "device-rows" });
   const columns = [
     ["device_id", "Device"],
     ["online", "Online"],
     ["last_seen_ms", "Last seen"],
     ["readings", "Readings", "num"],
+    ["in_sync", "Twin"],
     ["firmware", "Firmware", "hide-narrow"],
-    ["labels", "Labels", "hide-narrow"],
+    ["tags", "Tags", "hide-narrow"],
   ];
   let sortKey = "device_id";
   let sortDir = 1;
@@ -303,13 +310,17 @@ function fleetPage() {
       h("div", { class: "card" }, online, h("div", { class: "label" }, "devices online")),
       h("div", { class: "card" }, total, h("div", { class: "label" }, "devices")),
       h("div", { class: "card" }, rate, h("div", { class: "label" }, "readings/s")),
-      h("div", { class: "card" }, stored, h("div", { class: "label" }, "readings stored"))),
+      h("div", { class: "card" }, stored, h("div", { class: "label" }, "readings stored")),
+      h("div", { class: "card" }, unsynced, h("div", { class: "label" }, "out of sync"))),
     h("div", { class: "panel" }, h("h2", {}, "Readings per second"), rateChartEl),
     h("div", { class: "panel" },
-      h("div", { class: "toolbar" }, search),
+      h("div", { class: "toolbar" }, search, where,
+        h("label", { class: "check" }, onlyUnsynced, " out of sync only")),
       h("table", {}, h("thead", {}, h("tr", {}, heads)), tbody)),
   );
   search.addEventListener("input", () => draw());
+  where.addEventListener("change", () => load());
+  onlyUnsynced.addEventListener("change", () => load());
 
   let devices = [];
   const rateChart = makeChart(rateChartEl, "", ["readings/s"], false, 600e3);
@@ -323,13 +334,13 @@ function fleetPage() {
     const q = search.value.trim().toLowerCase();
     const rows = devices.filter((d) => {
       if (!q) return true;
-      const labels = Object.entries(d.labels).map(([k, v]) => k + "=" + v).join(" ");
-      return (d.device_id + " " + d.firmware + " " + labels).toLowerCase().includes(q);
+      const tags = Object.entries(d.tags).map(([k, v]) => k + "=" + v).join(" ");
+      return (d.device_id + " " + d.firmware + " " + tags).toLowerCase().includes(q);
     });
     rows.sort((a, b) => {
       let x = a[sortKey];
       let y = b[sortKey];
-      if (sortKey === "labels") {
+      if (sortKey === "tags") {
         x = JSON.stringify(x);
         y = JSON.stringify(y);
       }
@@ -345,18 +356,35 @@ function fleetPage() {
         h("td", {}, h("span", { class: "badge " + (d.online ? "online" : "offline") }, d.online ? "online" : "offline")),
         h("td", { title: fmtTime(d.last_seen_ms) }, d.online ? "now" : fmtAgo(d.last_seen_ms)),
         h("td", { class: "num" }, fmtNum(d.readings)),
+        h("td", {}, h("span", { class: "badge " + (d.in_sync ? "in-sync" : "out-of-sync") }, d.in_sync ? "in sync" : "out of sync")),
         h("td", { class: "hide-narrow" }, d.firmware),
-        h("td", { class: "hide-narrow" }, Object.entries(d.labels).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))))));
-    online.textContent = fmtNum(devices.filter((d) => d.online).length);
-    total.textContent = fmtNum(devices.length);
+        h("td", { class: "hide-narrow" }, Object.entries(d.tags).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))))));
+    if (!filtered()) {
+      online.textContent = fmtNum(devices.filter((d) => d.online).length);
+      total.textContent = fmtNum(devices.length);
+      unsynced.textContent = fmtNum(devices.filter((d) => !d.in_sync).length);
+    }
+  }
+
+  function filtered() {
+    return where.value.trim() !== "" || onlyUnsynced.checked;
+  }
+
+  function filterText() {
+    const clauses = [];
+    if (where.value.trim()) clauses.push(where.value.trim());
+    if (onlyUnsynced.checked) clauses.push("in_sync = false");
+    return clauses.join(" and ");
   }
 
   async function load() {
     try {
       const all = [];
       let after = "";
+      const filter = filterText();
       for (let page = 0; page < 10; page++) {
-        const res = await api("/devices?limit=10000&after=" + encodeURIComponent(after));
+        const res = await api("/devices?limit=10000&after=" + encodeURIComponent(after) +
+          (filter ? "&where=" + encodeURIComponent(filter) : ""));
         all.push(...res.devices);
         if (!res.next_after) break;
         after = res.next_after;
@@ -448,9 +476,20 @@ function devicePage(id) {
     h("label", {}, "TTL", ttlIn),
     sendBtn,
     h("datalist", { id: "cmd-names" }, ["ping", "set_rate", "set_batch", "reboot"].map((n) => h("option", { value: n }))));
+  // The twin: desired, reported and delta side by side, desired and tags
+  // editable (a desired change is conditional on the version shown).
+  const twinDocs = h("div", { class: "twin-docs", id: "twin-docs" });
+  const patchIn = h("textarea", { id: "desired-patch", rows: 3, placeholder: '{"sample_rate_hz": 2}' });
+  const tagsIn = h("textarea", { id: "tags-edit", rows: 3, placeholder: "site=plant-7" });
+  const twinForm = h("div", { class: "twin-edit" },
+    h("label", {}, "Desired change (JSON merge patch; null deletes a key)", patchIn,
+      h("button", { type: "button", id: "desired-apply", onclick: () => applyDesired() }, "Apply")),
+    h("label", {}, "Tags (one key=value per line)", tagsIn,
+      h("button", { type: "button", id: "tags-apply", class: "secondary", onclick: () => applyTags() }, "Save tags")));
   view.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← Fleet")),
     head,
+    h("div", { class: "panel", id: "twin" }, h("h2", {}, "Twin"), twinDocs, twinForm),
     h("div", { class: "panel" }, rangeBar, chartsEl),
     h("div", { class: "panel" }, h("h2", {}, "Commands"), form,
       h("table", {}, h("thead", {}, h("tr", {},
@@ -481,9 +520,86 @@ function devicePage(id) {
         h("h2", {}, d.device_id, " ", h("span", { class: "badge " + (d.online ? "online" : "offline"), id: "device-online" }, d.online ? "online" : "offline")),
         h("dl", { class: "kv" },
           h("dt", {}, "Firmware"), h("dd", {}, d.firmware || "—"),
-          h("dt", {}, "Labels"), h("dd", {}, Object.entries(d.labels).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))),
+          h("dt", {}, "Tags"), h("dd", {}, Object.entries(d.tags).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))),
           h("dt", {}, "Last seen"), h("dd", {}, d.online ? "now (since " + fmtTime(d.online_since_ms) + ")" : fmtTime(d.last_seen_ms)),
           h("dt", {}, "Readings"), h("dd", {}, fmtNum(d.readings))));
+    } catch (e) {
+      pageError(e);
+    }
+  }
+
+  let twin = null;
+  function drawTwin(t) {
+    // Events and answers may come in any order: keep the newest.
+    if (twin && (t.desired_version < twin.desired_version || t.reported_version < twin.reported_version)) return;
+    const tagsChanged = !twin || JSON.stringify(twin.tags) !== JSON.stringify(t.tags);
+    twin = t;
+    const doc = (title, id, version, value) => h("div", { class: "twin-doc" },
+      h("h3", {}, title, version === null ? "" : h("span", { class: "muted" }, " v" + version)),
+      h("pre", { id }, JSON.stringify(value, null, 2)));
+    const inSync = Object.keys(t.delta).length === 0;
+    twinDocs.replaceChildren(
+      doc("Desired", "twin-desired", t.desired_version, t.desired),
+      doc("Reported", "twin-reported", t.reported_version, t.reported),
+      h("div", { class: "twin-doc" },
+        h("h3", {}, "Delta ", h("span", { class: "badge " + (inSync ? "in-sync" : "out-of-sync"), id: "twin-sync" }, inSync ? "in sync" : "out of sync")),
+        h("pre", { id: "twin-delta" }, JSON.stringify(t.delta, null, 2))));
+    if (tagsChanged && document.activeElement !== tagsIn) {
+      tagsIn.value = Object.entries(t.tags).map(([k, v]) => k + "=" + v).join("\n");
+    }
+  }
+
+  async function loadTwin() {
+    try {
+      drawTwin(await api("/devices/" + enc + "/twin"));
+    } catch (e) {
+      pageError(e);
+    }
+  }
+
+  async function patchTwin(body, ifMatch) {
+    const headers = { "Content-Type": "application/merge-patch+json" };
+    if (ifMatch !== undefined) headers["If-Match"] = '"' + ifMatch + '"';
+    const t = await api("/devices/" + enc + "/twin", { method: "PATCH", headers, body: JSON.stringify(body) });
+    setError("page", null);
+    drawTwin(t);
+  }
+
+  async function applyDesired() {
+    let patch;
+    try {
+      patch = JSON.parse(patchIn.value);
+    } catch (e) {
+      setError("page", "The desired change is not JSON: " + e.message);
+      return;
+    }
+    try {
+      await patchTwin({ desired: patch }, twin ? twin.desired_version : undefined);
+      patchIn.value = "";
+    } catch (e) {
+      if (e.status === 412) {
+        setError("page", "The desired state changed meanwhile; it is shown again. Apply once more to change it.");
+        loadTwin();
+      } else {
+        pageError(e);
+      }
+    }
+  }
+
+  async function applyTags() {
+    const wanted = {};
+    for (const line of tagsIn.value.split("\n").map((l) => l.trim()).filter(Boolean)) {
+      const at = line.indexOf("=");
+      if (at <= 0) {
+        setError("page", "A tag is key=value, not " + JSON.stringify(line));
+        return;
+      }
+      wanted[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+    }
+    const change = Object.assign({}, wanted);
+    for (const k of Object.keys((twin && twin.tags) || {})) if (!(k in wanted)) change[k] = null;
+    try {
+      await patchTwin({ tags: change });
     } catch (e) {
       pageError(e);
     }
@@ -690,11 +806,17 @@ function devicePage(id) {
   });
 
   loadHead();
+  loadTwin();
   loadCharts().then(() => {
     stopEvents = openEvents("device=" + enc, {
       open: () => {
         loadHead();
+        loadTwin();
         loadCommands();
+      },
+      twin: (ev) => {
+        drawTwin(ev.twin);
+        if (ev.part === "tags") loadHead();
       },
       readings: (ev) => ev.readings.forEach(addReading),
       skipped: () => {},
@@ -702,6 +824,7 @@ function devicePage(id) {
       presence: () => loadHead(),
       resync: () => {
         loadHead();
+        loadTwin();
         loadCommands();
       },
     });
