@@ -700,7 +700,7 @@ fn start_bridge(core: &Core, ops: &Arc<Operations>, commands: &CommandsPart) -> 
         core.fanout.subscribe(),
         core.registry.subscribe(),
         commands.commands.subscribe_local(),
-        core.twins.subscribe(),
+        core.twins.subscribe_local(),
         stop.clone(),
     ));
     Some(

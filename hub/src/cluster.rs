@@ -136,6 +136,9 @@ pub async fn listen(
 /// and handed to this hub's streams and watchers (a desired change as the
 /// whole document: this hub does not know the patch).
 async fn on_twin(store: &Store, twins: &TwinHub, notice: TwinNotice) {
+    if !twins.wants(notice.part, &notice.device_id) {
+        return;
+    }
     match store.twin(&notice.device_id).await {
         Ok(Some(view)) => twins.committed(notice.part, Arc::new(view), None, false),
         Ok(None) => {}

@@ -683,6 +683,13 @@ impl Settings {
             "twin.events_capacity",
             "must be at least 1",
         )?;
+        // A watcher that falls behind pins up to this many twins, each up
+        // to four documents (desired, reported and their metadata).
+        check(
+            t.events_capacity.saturating_mul(t.max_document_bytes) <= 256 << 20,
+            "twin.events_capacity",
+            "times twin.max_document_bytes must be at most 256 MiB (what a slow watcher may hold)",
+        )?;
         let s = &self.server;
         check(
             s.max_message_bytes >= 1024,

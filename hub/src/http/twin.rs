@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use super::api::{ErrorBody, caller};
 use super::{ApiError, ApiState};
 use crate::auth::Operator;
-use crate::operator::ErrorCode;
+use crate::operator::{ErrorCode, check_tags};
 use crate::twin::TwinView;
 
 pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
@@ -62,7 +62,8 @@ impl TwinJson {
 }
 
 /// A change of a twin: a merge patch of `desired`, tags to set (a string)
-/// or remove (null). Either or both; tags are changed first.
+/// or remove (null). Either or both: desired first (so a stale If-Match
+/// changes nothing), then tags, in two commits.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TwinPatchJson {
@@ -152,22 +153,27 @@ pub(super) async fn patch_twin(
             "If-Match applies to a desired change; this has none",
         ));
     }
+    // Tags are checked before anything is written.
+    let tags = match change.tags {
+        Some(tags) => {
+            let mut set = BTreeMap::new();
+            let mut remove = Vec::new();
+            for (key, value) in tags {
+                match value {
+                    Some(value) => {
+                        set.insert(key, value);
+                    }
+                    None => remove.push(key),
+                }
+            }
+            check_tags(&set)?;
+            Some((set, remove))
+        }
+        None => None,
+    };
     let by = caller(operator);
     let mut view = None;
-    if let Some(tags) = change.tags {
-        let mut set = BTreeMap::new();
-        let mut remove = Vec::new();
-        for (key, value) in tags {
-            match value {
-                Some(value) => {
-                    set.insert(key, value);
-                }
-                None => remove.push(key),
-            }
-        }
-        view = Some(state.ops.update_tags(&device_id, set, remove).await?);
-        tracing::info!(by, device_id = ?device_id, "tags changed (http)");
-    }
+    // The conditional part first: a stale If-Match changes nothing.
     if let Some(desired) = change.desired {
         let patch = desired.to_string();
         let changed = state
@@ -184,6 +190,10 @@ pub(super) async fn patch_twin(
             })?;
         tracing::info!(by, device_id = ?device_id, version = changed.twin.desired_version, "desired state changed (http)");
         view = Some(changed);
+    }
+    if let Some((set, remove)) = tags {
+        view = Some(state.ops.update_tags(&device_id, set, remove).await?);
+        tracing::info!(by, device_id = ?device_id, "tags changed (http)");
     }
     match view {
         Some(view) => Ok(with_etag(&view)),

@@ -460,12 +460,9 @@ impl Bridge {
         );
     }
 
-    /// A twin change this hub committed: its document, retained (another
-    /// hub's change is that hub's to publish).
+    /// A twin change this hub committed (another hub's change is that
+    /// hub's to publish): its document, retained.
     fn on_twin(&mut self, event: &TwinEvent) {
-        if !event.local {
-            return;
-        }
         let (view, twin) = (&event.view, &event.view.twin);
         let (topic, payload) = match event.part {
             TwinPart::Desired => (

@@ -45,6 +45,8 @@ pub enum DocError {
     KeyTooLong { len: usize, max: usize },
     #[error("a key is empty or holds a control character: {0:?}")]
     BadKey(String),
+    #[error("a string holds a NUL character (\\u0000), which documents cannot store")]
+    Nul,
 }
 
 /// Parses a merge patch: a JSON object whose keys and nesting are within
@@ -110,6 +112,7 @@ fn check_shape(map: &Doc, limits: &DocLimits, depth: usize) -> Result<(), DocErr
             });
         }
         if key.is_empty() || key.chars().any(char::is_control) {
+            // (NUL is a control character: refused here too.)
             return Err(DocError::BadKey(key.chars().take(32).collect()));
         }
         check_value(value, limits, depth)?;
@@ -120,6 +123,9 @@ fn check_shape(map: &Doc, limits: &DocLimits, depth: usize) -> Result<(), DocErr
 fn check_value(value: &Value, limits: &DocLimits, depth: usize) -> Result<(), DocError> {
     match value {
         Value::Object(inner) => check_shape(inner, limits, depth + 1),
+        // PostgreSQL's jsonb cannot hold it: one such value would fail
+        // every commit it is part of.
+        Value::String(s) if s.contains('\0') => Err(DocError::Nul),
         Value::Array(items) => {
             if depth + 1 > limits.max_depth {
                 return Err(DocError::TooDeep {
@@ -331,6 +337,11 @@ mod tests {
             parse_patch("{\"a\\u001b[2J\":1}", &limits),
             Err(DocError::BadKey(_))
         ));
+        assert!(matches!(
+            parse_patch("{\"a\":[\"x\\u0000\"]}", &limits),
+            Err(DocError::Nul)
+        ));
+        assert!(parse_patch("{\"a\":\"tab\\there\"}", &limits).is_ok());
         let big = doc(json!({"blob": "x".repeat(32 * 1024)}));
         assert!(matches!(
             check(&big, &limits),

@@ -152,12 +152,14 @@ impl Filter {
         self
     }
 
-    /// Whether some clause looks at a tag (a selector must: one device's
-    /// own report cannot choose what operators send it).
+    /// Whether some clause requires a tag's value or presence (a selector
+    /// must: one device's own report cannot choose what operators send
+    /// it). `tags.k != v` does not count: devices without the tag match it.
     pub fn names_a_tag(&self) -> bool {
-        self.clauses
-            .iter()
-            .any(|c| matches!(c.field, Field::Tag(_)))
+        self.clauses.iter().any(|c| {
+            matches!(c.field, Field::Tag(_))
+                && matches!(c.test, Test::Exists | Test::Compare(Op::Eq, _))
+        })
     }
 
     /// The clause about `online`, which only the hub's registry knows.
@@ -282,6 +284,10 @@ fn tokens(text: &str) -> Result<Vec<Token>, String> {
 
 fn field(word: &str) -> Result<Field, String> {
     let (root, rest) = word.split_once('.').unwrap_or((word, ""));
+    // Tags are one level: the rest is the key, dots and all (`k8s.io/zone`).
+    if root == "tags" && !rest.is_empty() {
+        return Ok(Field::Tag(rest.to_owned()));
+    }
     let path: Vec<String> = if rest.is_empty() {
         Vec::new()
     } else {
@@ -289,6 +295,13 @@ fn field(word: &str) -> Result<Field, String> {
     };
     if path.iter().any(String::is_empty) {
         return Err(format!("{word:?}: a path has no empty keys"));
+    }
+    // A key of digits would read an array element on PostgreSQL and a
+    // key on SQLite: neither is offered.
+    if path.iter().any(|k| k.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(format!(
+            "{word:?}: a path names object keys, not array positions"
+        ));
     }
     match (root, path.len()) {
         ("online", 0) => Ok(Field::Online),
@@ -468,7 +481,7 @@ mod tests {
         for (text, why) in [
             ("firmware = 1", "unknown field"),
             ("tags = a", "unknown field"),
-            ("tags.a.b = 1", "unknown field"),
+            ("reported.list.0 = 1", "array positions"),
             ("reported..a = 1", "empty keys"),
             ("reported.a ~ 1", "expected =, !=, <, > or exists"),
             ("reported.a < big", "compares numbers"),
@@ -494,5 +507,12 @@ mod tests {
         assert!(f.names_a_tag());
         assert_eq!(f, parse("tags.site = \"a b\"").unwrap());
         assert!(!parse("reported.site = a").unwrap().names_a_tag());
+        assert!(parse("tags.site exists").unwrap().names_a_tag());
+        // Matched by every device without the tag: not a selection.
+        assert!(!parse("tags.x != y").unwrap().names_a_tag());
+        assert_eq!(
+            parse("tags.k8s.io/zone = a").unwrap().clauses[0].field,
+            Field::Tag("k8s.io/zone".into())
+        );
     }
 }

@@ -113,7 +113,10 @@ type Slot = watch::Sender<Option<Arc<DesiredUpdate>>>;
 /// send never holds more than one) and the watchers.
 pub struct TwinHub {
     feeds: Mutex<HashMap<String, Slot>>,
+    /// Every change (watchers).
     events: broadcast::Sender<TwinEvent>,
+    /// This hub's own changes only (the MQTT bridge publishes those).
+    local: broadcast::Sender<TwinEvent>,
 }
 
 impl TwinHub {
@@ -122,6 +125,7 @@ impl TwinHub {
         Arc::new(Self {
             feeds: Mutex::new(HashMap::new()),
             events: broadcast::channel(capacity.max(1)).0,
+            local: broadcast::channel(capacity.max(1)).0,
         })
     }
 
@@ -172,14 +176,31 @@ impl TwinHub {
                 true
             });
         }
+        let event = TwinEvent { part, view, local };
+        if local && self.local.receiver_count() > 0 {
+            let _ = self.local.send(event.clone());
+        }
         if self.events.receiver_count() > 0 {
-            let _ = self.events.send(TwinEvent { part, view, local });
+            let _ = self.events.send(event);
         }
     }
 
     /// Every committed change from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<TwinEvent> {
         self.events.subscribe()
+    }
+
+    /// This hub's own committed changes from now on.
+    pub fn subscribe_local(&self) -> broadcast::Receiver<TwinEvent> {
+        self.local.subscribe()
+    }
+
+    /// Whether another hub's change of `part` of a device is of use here:
+    /// a desired change for a stream of the device on this hub, or any
+    /// change while someone watches (else it is not worth reading).
+    pub fn wants(&self, part: TwinPart, device_id: &str) -> bool {
+        self.events.receiver_count() > 0
+            || (part == TwinPart::Desired && self.feeds().contains_key(device_id))
     }
 
     /// Devices followed right now (streams of twin-aware devices).

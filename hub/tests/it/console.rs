@@ -416,7 +416,9 @@ async fn the_console_shows_twins_side_by_side_and_edits_desired_state_and_tags()
         .await;
 
     // The device page: desired, reported and delta side by side.
-    browser.goto(&format!("{console}/#/devices/twc-00001")).await;
+    browser
+        .goto(&format!("{console}/#/devices/twc-00001"))
+        .await;
     browser
         .wait_for(
             "the twin panel",
