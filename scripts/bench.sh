@@ -110,7 +110,7 @@ kill -INT "$hub_pid"; wait "$hub_pid" || true
 python3 - "$HUB_DB" "$EXTRA_DEVICES" <<'PY'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
-db.executemany("INSERT INTO devices (external_id, firmware, labels, first_seen_ms, last_seen_ms) VALUES (?, 'bench', '{}', 0, 0)",
+db.executemany("INSERT INTO devices (external_id, firmware, tags, first_seen_ms, last_seen_ms) VALUES (?, 'bench', '{}', 0, 0)",
                ((f"idle-{i:06}",) for i in range(int(sys.argv[2]))))
 db.commit()
 PY
@@ -118,3 +118,7 @@ sync; (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null || echo "(page cache not d
 rm -rf "$work"
 . scripts/start-hub.sh
 HUB_ADDR="http://$addr" DEVICES=$QDEVICES RUNS=$RUNS UNTIL_MS=$load_start_ms bench query_load
+
+section "twin (issue 20): desired round trip idle and under load, reported patches, fleet filters on both backends"
+kill -INT "$hub_pid" 2>/dev/null; wait "$hub_pid" 2>/dev/null || true
+scripts/bench-twin.sh

@@ -32,6 +32,21 @@ pub enum TwinAction {
         #[arg(long)]
         if_version: Option<u64>,
     },
+    /// Change the desired state of every device with these tags (and the
+    /// filter): `hub twin set-all --tag site=plant-7 '{"firmware": "1.4"}'`.
+    /// One JSON line per device.
+    SetAll {
+        #[command(flatten)]
+        addr: HubAddr,
+        /// key=value (repeatable, all must match; at least one).
+        #[arg(long = "tag", required = true, value_parser = super::parse_label)]
+        tags: Vec<(String, String)>,
+        /// Only the devices this fleet filter also matches.
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// The merge patch (a JSON object).
+        patch: String,
+    },
     /// Print the twin now, then every change, one JSON line each (all
     /// devices without an id).
     Watch {
@@ -104,6 +119,38 @@ pub async fn run(action: &TwinAction, out: &mut impl Write) -> anyhow::Result<()
                 .map_err(status_error)?
                 .into_inner();
             writeln!(out, "{}", safe_json(&twin_json(&twin)))?;
+        }
+        TwinAction::SetAll {
+            addr,
+            tags,
+            filter,
+            patch,
+        } => {
+            let mut client = connect(addr).await?;
+            let mut clauses = tag_clauses(tags);
+            clauses.extend(filter.clone());
+            let devices = super::list_devices(&mut client, &clauses.join(" and ")).await?;
+            anyhow::ensure!(!devices.is_empty(), "no device matches");
+            for d in devices {
+                let line = match client
+                    .update_desired(pb::UpdateDesiredRequest {
+                        device_id: d.device_id.clone(),
+                        patch_json: patch.clone(),
+                        if_version: None,
+                    })
+                    .await
+                {
+                    Ok(twin) => json!({
+                        "device_id": d.device_id,
+                        "desired_version": twin.into_inner().desired_version,
+                    }),
+                    Err(status) => json!({
+                        "device_id": d.device_id,
+                        "error": status.message(),
+                    }),
+                };
+                writeln!(out, "{}", safe_json(&line))?;
+            }
         }
         TwinAction::Watch { addr, id } => {
             let mut stream = connect(addr)

@@ -730,13 +730,25 @@ impl CommandJson {
 /// filter; at least one tag must be named (devices cannot change tags).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Selector {
+pub(super) struct Selector {
     /// Every tag must match (`labels` is the older name).
     #[serde(default, alias = "labels")]
     tags: BTreeMap<String, String>,
     /// A fleet filter, ANDed with the tags.
     #[serde(default, rename = "where")]
     filter: Option<String>,
+}
+
+impl Selector {
+    /// The core's filter: the tags and the `where` clauses.
+    pub(super) fn filter(&self) -> Result<DeviceFilter, ApiError> {
+        let mut filter = DeviceFilter::tags(&self.tags);
+        if let Some(text) = self.filter.as_deref().filter(|t| !t.is_empty()) {
+            filter = filter
+                .and(parse_filter(text).map_err(|e| ApiError::invalid(format!("where: {e}")))?);
+        }
+        Ok(filter)
+    }
 }
 
 /// A command to send: to `device_id`, or to every device `selector`
@@ -765,10 +777,23 @@ struct SentCommandsJson {
     errors: Vec<SendErrorJson>,
 }
 
+/// Why one device of a selector was not changed.
 #[derive(Serialize, ToSchema)]
-struct SendErrorJson {
+pub(super) struct SendErrorJson {
     device_id: String,
     error: ErrorDetail,
+}
+
+impl SendErrorJson {
+    pub(super) fn new(device_id: String, e: &OpError) -> Self {
+        Self {
+            device_id,
+            error: ErrorDetail {
+                code: e.code().as_str().to_owned(),
+                message: e.public_message(),
+            },
+        }
+    }
 }
 
 /// Sends a command to one device, or to every device a label selector
@@ -808,11 +833,7 @@ async fn send_command(
             (vec![CommandJson::new(rec, None)], Vec::new())
         }
         (None, Some(selector)) => {
-            let mut filter = DeviceFilter::tags(&selector.tags);
-            if let Some(text) = selector.filter.as_deref().filter(|t| !t.is_empty()) {
-                filter = filter
-                    .and(parse_filter(text).map_err(|e| ApiError::invalid(format!("where: {e}")))?);
-            }
+            let filter = selector.filter()?;
             let sent = state
                 .ops
                 .send_command_to_selector(&filter, req.name, params, ttl)
@@ -822,13 +843,7 @@ async fn send_command(
             for (device_id, result) in sent {
                 match result {
                     Ok(rec) => commands.push(CommandJson::new(rec, None)),
-                    Err(e) => errors.push(SendErrorJson {
-                        device_id,
-                        error: ErrorDetail {
-                            code: e.code().as_str().to_owned(),
-                            message: e.public_message(),
-                        },
-                    }),
+                    Err(e) => errors.push(SendErrorJson::new(device_id, &e)),
                 }
             }
             (commands, errors)

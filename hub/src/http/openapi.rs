@@ -34,7 +34,8 @@ use super::{ApiError, api};
         super::admin::unpin_device_certificate,
         super::admin::revoke_certificate,
         super::twin::get_twin,
-        super::twin::patch_twin
+        super::twin::patch_twin,
+        super::twin::desired_to_selector
     ),
     components(schemas(
         api::ErrorBody,

@@ -11,18 +11,84 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::api::{ErrorBody, caller};
+use super::api::{ErrorBody, Selector, SendErrorJson, caller};
 use super::{ApiError, ApiState};
 use crate::auth::Operator;
 use crate::operator::{ErrorCode, check_tags};
 use crate::twin::TwinView;
 
 pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
-    axum::Router::new().route("/devices/{id}/twin", get(get_twin).patch(patch_twin))
+    axum::Router::new()
+        .route("/devices/{id}/twin", get(get_twin).patch(patch_twin))
+        .route("/twins/desired", post(desired_to_selector))
+}
+
+/// One desired change for every device a selector matches.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SelectorDesiredJson {
+    selector: Selector,
+    /// A JSON merge patch (RFC 7386) of the desired document.
+    #[schema(value_type = Object)]
+    desired: serde_json::Value,
+}
+
+/// A device a selector's change reached, and its new desired version.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ChangedJson {
+    device_id: String,
+    desired_version: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct SelectorChangedJson {
+    changed: Vec<ChangedJson>,
+    /// Devices of the selector the change could not be made for.
+    errors: Vec<SendErrorJson>,
+}
+
+/// Applies one desired change to every device a selector matches (it
+/// must require a tag; at most 10,000 devices).
+#[utoipa::path(post, path = "/twins/desired", request_body = SelectorDesiredJson, responses(
+    (status = 200, body = SelectorChangedJson),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody, description = "no device matches"),
+    (status = 415, body = ErrorBody, description = "the body is not JSON"),
+    (status = 422, body = ErrorBody, description = "the JSON is not a selector's change")
+))]
+pub(super) async fn desired_to_selector(
+    State(state): State<Arc<ApiState>>,
+    operator: Option<axum::Extension<Operator>>,
+    body: Result<Json<SelectorDesiredJson>, JsonRejection>,
+) -> Result<Json<SelectorChangedJson>, ApiError> {
+    let Json(req) = body?;
+    let filter = req.selector.filter()?;
+    let results = state
+        .ops
+        .update_desired_to_selector(&filter, req.desired.to_string())
+        .await?;
+    let mut changed = Vec::new();
+    let mut errors = Vec::new();
+    for (device_id, result) in results {
+        match result {
+            Ok(view) => changed.push(ChangedJson {
+                device_id,
+                desired_version: view.twin.desired_version,
+            }),
+            Err(e) => errors.push(SendErrorJson::new(device_id, &e)),
+        }
+    }
+    tracing::info!(
+        by = caller(operator),
+        devices = changed.len(),
+        failed = errors.len(),
+        "desired state changed by selector (http)"
+    );
+    Ok(Json(SelectorChangedJson { changed, errors }))
 }
 
 /// A device's twin.

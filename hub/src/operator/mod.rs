@@ -596,8 +596,37 @@ impl Operations {
         params_json: String,
         ttl: Option<Duration>,
     ) -> Result<Vec<(String, Result<CommandRecord, OpError>)>, OpError> {
-        // Devices cannot change tags: a selector that names one cannot be
-        // joined by a device reporting something.
+        let targets = self.selector_targets(selector).await?;
+        let ops = Arc::clone(self);
+        let sending = self.tracker.spawn(async move {
+            let mut sent = Vec::with_capacity(targets.len());
+            for device_id in targets {
+                let result = ops
+                    .send_command(device_id.clone(), name.clone(), params_json.clone(), ttl)
+                    .await;
+                if let Err(OpError::Command(CommandError::Invalid(why))) = &result
+                    && sent.is_empty()
+                {
+                    return Err(OpError::Invalid(why.clone()));
+                }
+                sent.push((device_id, result));
+            }
+            Ok(sent)
+        });
+        sending.await.map_err(|e| {
+            tracing::error!(error = %e, "sending a command to a selector failed");
+            OpError::Internal("the hub failed while sending; see its log".into())
+        })?
+    }
+
+    /// The devices a selector means, in id order: it must require a tag
+    /// (devices cannot change tags, so one cannot join by reporting
+    /// something), match at least one device and at most
+    /// [`MAX_SELECTOR_DEVICES`].
+    pub(crate) async fn selector_targets(
+        &self,
+        selector: &DeviceFilter,
+    ) -> Result<Vec<String>, OpError> {
         if !selector.names_a_tag() {
             return Err(OpError::Invalid(
                 "a selector names at least one tag (tags.KEY = VALUE)".into(),
@@ -621,26 +650,7 @@ impl Operations {
         if targets.is_empty() {
             return Err(OpError::NotFound("no device matches the selector".into()));
         }
-        let ops = Arc::clone(self);
-        let sending = self.tracker.spawn(async move {
-            let mut sent = Vec::with_capacity(targets.len());
-            for device_id in targets {
-                let result = ops
-                    .send_command(device_id.clone(), name.clone(), params_json.clone(), ttl)
-                    .await;
-                if let Err(OpError::Command(CommandError::Invalid(why))) = &result
-                    && sent.is_empty()
-                {
-                    return Err(OpError::Invalid(why.clone()));
-                }
-                sent.push((device_id, result));
-            }
-            Ok(sent)
-        });
-        sending.await.map_err(|e| {
-            tracing::error!(error = %e, "sending a command to a selector failed");
-            OpError::Internal("the hub failed while sending; see its log".into())
-        })?
+        Ok(targets)
     }
 
     /// A command and its history of state changes.

@@ -80,6 +80,35 @@ impl Operations {
         self.change_twin(device_id, op).await
     }
 
+    /// Applies one merge patch to the desired document of every device
+    /// `selector` matches (the rules of [`Operations::selector_targets`]);
+    /// each device's result, in id order. A patch the limits refuse is
+    /// refused before any device is changed. The changes run on the hub's
+    /// tracker: a caller that goes away midway does not leave an arbitrary
+    /// subset changed.
+    pub async fn update_desired_to_selector(
+        self: &Arc<Self>,
+        selector: &super::DeviceFilter,
+        patch_json: String,
+    ) -> Result<Vec<(String, Result<TwinView, OpError>)>, OpError> {
+        doc::parse_patch(&patch_json, &self.twin_limits)
+            .map_err(|e| OpError::Invalid(format!("desired patch: {e}")))?;
+        let targets = self.selector_targets(selector).await?;
+        let ops = Arc::clone(self);
+        let changing = self.tracker.spawn(async move {
+            let mut changed = Vec::with_capacity(targets.len());
+            for device_id in targets {
+                let result = ops.update_desired(&device_id, &patch_json, None).await;
+                changed.push((device_id, result));
+            }
+            changed
+        });
+        changing.await.map_err(|e| {
+            tracing::error!(error = %e, "changing desired state by selector failed");
+            OpError::Internal("the hub failed while changing; see its log".into())
+        })
+    }
+
     /// Sets and removes a device's tags (operator-owned: selectors match
     /// on them).
     pub async fn update_tags(

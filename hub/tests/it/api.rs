@@ -1360,6 +1360,54 @@ async fn twins_are_read_and_changed_over_http_with_etags_and_events() {
         "not_found",
         "nobody",
     );
+    // One change for every device a selector matches (tags required).
+    hub.register_offline("tw-http-2").await;
+    api.patch(
+        "/devices/tw-http-2/twin",
+        &json!({"tags": {"rack": "r2"}}),
+        None,
+    )
+    .await;
+    let (status, done) = api
+        .post(
+            "/twins/desired",
+            &json!({"selector": {"tags": {"rack": "r2"}, "where": "desired.rate exists"},
+                    "desired": {"rate": 5}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(
+        done["changed"],
+        json!([{"device_id": "tw-http", "desired_version": 2}])
+    );
+    let (status, done) = api
+        .post(
+            "/twins/desired",
+            &json!({"selector": {"tags": {"rack": "r2"}}, "desired": {"mode": "eco"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["changed"].as_array().unwrap().len(), 2, "{done}");
+    assert_error(
+        &api.post(
+            "/twins/desired",
+            &json!({"selector": {"where": "reported.hello.firmware = test-fw/1"}, "desired": {"a": 1}}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "at least one tag",
+    );
+    assert_error(
+        &api.post(
+            "/twins/desired",
+            &json!({"selector": {"tags": {"rack": "r2"}}, "desired": [1]}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "object",
+    );
     let event = events.until("twin", |d| d["part"] == "desired").await;
     assert_eq!(
         event["twin"]["desired"],
