@@ -269,7 +269,7 @@ async fn seed(addr: &str, devices: usize) {
                 }
                 let id = format!("twin-f-{i:06}");
                 let mut dev = Device::connect(ch.clone(), &id).await;
-                let firmware = if i % 3 == 0 { "1.4" } else { "1.3" };
+                let firmware = if i.is_multiple_of(3) { "1.4" } else { "1.3" };
                 dev.report(
                     1,
                     serde_json::json!({"battery": i % 100, "firmware": firmware}),
@@ -290,7 +290,7 @@ async fn seed(addr: &str, devices: usize) {
                 })
                 .await
                 .expect("tags");
-                if i % 100 == 0 {
+                if i.is_multiple_of(100) {
                     op.update_desired(pb::UpdateDesiredRequest {
                         device_id: id,
                         patch_json: r#"{"firmware": "1.5"}"#.into(),

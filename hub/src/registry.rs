@@ -263,6 +263,19 @@ impl EndProbe {
     /// another hub's claim whose notice has not come (if devices can move)
     /// or an operator's change whose end has not come (a local one bumped
     /// the epoch).
+    /// Waits (at most `within`) until something here says why the stream
+    /// ends: a takeover's claim comes a moment after the writer fenced the
+    /// old stream's batch, an operator's end a moment after the commit.
+    pub async fn settled(&self, within: std::time::Duration) {
+        let said = |p: &Self| {
+            p.superseded.is_cancelled()
+                || EndReason::from_u8(p.ended_by.load(Ordering::Relaxed)) != EndReason::Superseded
+        };
+        if !said(self) {
+            let _ = tokio::time::timeout(within, self.superseded.cancelled()).await;
+        }
+    }
+
     pub fn fenced_because(&self) -> EndReason {
         match EndReason::from_u8(self.ended_by.load(Ordering::Relaxed)) {
             EndReason::Superseded if !self.superseded.is_cancelled() => {

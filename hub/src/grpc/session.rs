@@ -794,7 +794,7 @@ async fn ack_task(
                 Ok(permit) => {
                     waiting_since = None;
                     if slot.failed() {
-                        permit.send(Err(failure_status(&slot, &why_ended)));
+                        permit.send(Err(failure_status(&slot, &why_ended).await));
                         ended.cancel();
                         return;
                     }
@@ -860,7 +860,7 @@ async fn ack_task(
         }
     }
     let status = if slot.failed() {
-        Some(failure_status(&slot, &why_ended))
+        Some(failure_status(&slot, &why_ended).await)
     } else if undrained && finish.flush && finish.status.is_none() {
         // OK promises that every due Ack was sent: this stream's were not.
         Some(Status::unavailable(
@@ -881,9 +881,15 @@ async fn ack_task(
     }
 }
 
-/// How a stream whose batch was not written ends.
-fn failure_status(slot: &AckSlot, why_ended: &EndProbe) -> Status {
+/// How long a fenced stream waits to hear why before it guesses.
+const FENCE_REASON_WAIT: Duration = Duration::from_secs(1);
+
+/// How a stream whose batch was not written ends. A fenced one waits
+/// briefly for its cause to be said here (a takeover's claim follows the
+/// writer's fence by a moment), so it is told ABORTED, not UNAUTHENTICATED.
+async fn failure_status(slot: &AckSlot, why_ended: &EndProbe) -> Status {
     if slot.fenced() {
+        why_ended.settled(FENCE_REASON_WAIT).await;
         end_status(why_ended.fenced_because())
     } else {
         Status::unavailable("storage is unavailable; resend unacknowledged readings")
