@@ -109,7 +109,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         summary.sent, summary.acked, summary.clean_devices, summary.devices
     );
     println!(
-        "The data is in {}. To look at it, start the hub (target/release/hub serve) and open http://127.0.0.1:8080/ or, in another terminal, run\n  target/release/hub devices\n  target/release/hub query --device sim-00001 --since 10m --limit 20\n  target/release/hub query --device sim-00001 --sensor temperature --bucket 1m --agg avg,min,max",
+        "The data is in {}. To look at it, start the hub (target/release/hub serve) and open http://127.0.0.1:8080/ or, in another terminal, run\n  target/release/hub devices\n  target/release/hub query --device sim-00001 --since 10m --limit 20\n  target/release/hub query --device sim-00001 --sensor temperature --bucket 1m --agg avg,min,max\n  target/release/hub twin get sim-00001\n  target/release/hub devices --where 'in_sync = false'",
         db.display()
     );
     Ok(())
