@@ -196,6 +196,21 @@ pub struct RetainDone {
 }
 
 impl WriterMsg {
+    /// The device a Hello or a credential change names by its id.
+    fn names_device(&self) -> Option<&str> {
+        match self {
+            WriterMsg::Register { hello, .. } => Some(hello.device_id.as_str()),
+            WriterMsg::Credentials { change, .. } => match change {
+                CredentialChange::Enroll { hello, .. } => Some(hello.device_id.as_str()),
+                CredentialChange::Rotate { device_id, .. }
+                | CredentialChange::Remove { device_id }
+                | CredentialChange::PinCertificate { device_id, .. } => Some(device_id.as_str()),
+                CredentialChange::RevokeCertificate { .. } => None,
+            },
+            _ => None,
+        }
+    }
+
     fn rows(&self) -> usize {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),

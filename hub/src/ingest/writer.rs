@@ -948,6 +948,14 @@ impl Writer {
         // Read inside the transaction: committed rows only.
         let known = &mut self.known;
         let shared = tx.shared();
+        let mut batch_devices = batch_devices;
+        if shared {
+            // The rows Hellos and credential changes will lock, locked now
+            // with the others in key order: two hubs' groups then never
+            // take the same rows in opposite orders.
+            let named: Vec<&str> = group.iter().filter_map(WriterMsg::names_device).collect();
+            batch_devices.extend(tx.device_keys(&named).await?);
+        }
         let epochs = known
             .epochs_of(&mut tx, &batch_devices, &mut changes)
             .await?;

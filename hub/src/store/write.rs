@@ -642,6 +642,34 @@ impl WriteTx<'_> {
             .collect())
     }
 
+    /// The keys of the devices named (those that exist).
+    pub async fn device_keys(
+        &mut self,
+        external_ids: &[&str],
+    ) -> Result<Vec<DeviceKey>, StoreError> {
+        if external_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = match self.conn.conn() {
+            Conn::Postgres(c) => {
+                sqlx::query_scalar("SELECT id FROM devices WHERE external_id = ANY($1)")
+                    .bind(external_ids)
+                    .fetch_all(c)
+                    .await?
+            }
+            Conn::Sqlite(c) => {
+                let names = serde_json::to_string(external_ids).unwrap_or_else(|_| "[]".into());
+                sqlx::query_scalar(
+                    "SELECT id FROM devices WHERE external_id IN (SELECT value FROM json_each($1))",
+                )
+                .bind(names)
+                .fetch_all(c)
+                .await?
+            }
+        };
+        Ok(ids.into_iter().map(DeviceKey).collect())
+    }
+
     /// Stages rows already split by [`staging_part`] (`parts[p]` goes to
     /// part p).
     pub async fn insert_readings(&mut self, parts: &[Vec<RowToInsert>]) -> Result<(), StoreError> {
