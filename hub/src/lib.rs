@@ -9,6 +9,8 @@
 //! browser ══HTTP /api/v1, SSE══▶ http ─────────────────┼▶ operator ──▶ query ──▶ store (SQLite or PostgreSQL)
 //! broker  ══MQTT commands═════▶ mqtt ──────────────────┘      └──▶ commands (task) ══Command══▶ session ══▶ device
 //! committed readings, presence, command events ──▶ mqtt, http events, watchers (bounded broadcasts)
+//! twins: reported patches ride the ingest queue like batches; committed twin changes ──▶
+//!        twin::TwinHub ──▶ device streams (DesiredState), watchers, mqtt
 //! ```
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
@@ -21,6 +23,10 @@
 //! - [`ingest`]: bounded queue -> single batching writer -> acks after commit.
 //! - [`commands`]: command lifecycle; one task owns open commands and the
 //!   command log, pushes commands down device streams, enforces TTL.
+//! - [`twin`]: per-device tags, desired and reported documents (plain
+//!   rules in `twin::doc` and the fleet filter in `twin::filter`); changes
+//!   are written by the ingest writer and handed to streams and watchers
+//!   after the commit.
 //! - [`store`]: sqlx on SQLite (the default) or PostgreSQL; one writer
 //!   connection per hub, a reader pool.
 //! - [`cluster`]: several hubs on one PostgreSQL database: claims and

@@ -635,3 +635,54 @@ async fn sqlite_a_close_whose_acks_miss_the_drain_timeout_is_unavailable_not_ok(
     );
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_reported_patch_in_a_failed_commit_is_not_acked_and_applies_once_after() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
+    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
+    let (mut dev, welcome) = crate::twin::connect_twin(&hub, "dev-tw-fail", 0).await;
+    assert_eq!(welcome.reported_seq, 0);
+    dev.send(reported(1, serde_json::json!({"battery": 50})))
+        .await;
+    let ack = crate::twin::reported_through(&mut dev, 1).await;
+    let version = ack.version;
+    // The commit holding patch 2 fails: no ReportedAck for it; the stream
+    // ends UNAVAILABLE so the device resends from the true mark.
+    let mut holder = connect(&hub.db_path()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    dev.send(reported(2, serde_json::json!({"battery": 40})))
+        .await;
+    loop {
+        match dev.next().await {
+            Ok(Some(HubMsg::ReportedAck(a))) => {
+                assert!(a.seq < 2, "patch 2 acked though its commit failed: {a:?}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended OK after a failed commit"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable);
+                break;
+            }
+        }
+    }
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let (mut dev, welcome) = crate::twin::connect_twin(&hub, "dev-tw-fail", 0).await;
+    assert_eq!(
+        (welcome.reported_seq, welcome.reported_version),
+        (1, version),
+        "the true mark: patch 2 is not there"
+    );
+    dev.send(reported(2, serde_json::json!({"battery": 40})))
+        .await;
+    let ack = crate::twin::reported_through(&mut dev, 2).await;
+    assert_eq!(ack.version, version + 1, "applied once");
+    let twin = crate::twin::get_twin(&hub, "dev-tw-fail").await;
+    assert_eq!(crate::twin::parsed(&twin.reported_json)["battery"], 40);
+    drop(dev);
+    hub.assert_no_leaks().await;
+}
