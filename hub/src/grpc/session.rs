@@ -569,9 +569,20 @@ impl Reader<'_> {
             ack: Arc::clone(self.slot),
             epoch: self.epoch,
         };
-        // A full queue makes this wait: backpressure to the device.
+        let ctx = self.ctx;
+        self.queue(ctx.ingest.push(batch), claim).await
+    }
+
+    /// Waits for a push into the ingest queue (a full queue makes this
+    /// wait: backpressure to the device); gives up when the stream is
+    /// superseded or its device gone.
+    async fn queue(
+        &mut self,
+        push: impl Future<Output = Result<(), IngestError>>,
+        claim: &StreamClaim,
+    ) -> Pushed {
         tokio::select! {
-            pushed = self.ctx.ingest.push(batch) => match pushed {
+            pushed = push => match pushed {
                 Ok(()) => {
                     self.batches_pushed += 1;
                     Pushed::Queued
@@ -599,17 +610,8 @@ impl Reader<'_> {
             ack: Arc::clone(self.slot),
             epoch: self.epoch,
         };
-        tokio::select! {
-            pushed = self.ctx.ingest.push_reported(patch) => match pushed {
-                Ok(()) => {
-                    self.batches_pushed += 1;
-                    Pushed::Queued
-                }
-                Err(_) => Pushed::Closed,
-            },
-            _ = self.ended.cancelled() => Pushed::PeerGone,
-            _ = claim.superseded.cancelled() => Pushed::Superseded,
-        }
+        let ctx = self.ctx;
+        self.queue(ctx.ingest.push_reported(patch), claim).await
     }
 
     fn finish(&self, flush: bool, status: Option<Status>) -> Finish {

@@ -503,13 +503,10 @@ impl Bridge {
         }
     }
 
-    /// `{"desired": {merge patch}, "if_version": n}` on a device's
-    /// `twin/desired/set`: the gRPC path of a desired change.
-    async fn desired_from_mqtt(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
-        let device = self
-            .topics
-            .device_of_twin_set_topic(topic)
-            .ok_or_else(|| "not a twin topic".to_owned())?;
+    /// The device an incoming message's topic names (None: not one of the
+    /// door's topics), with its payload within `mqtt.max_payload_bytes`.
+    fn device_of(&self, named: Option<&str>, payload: &[u8]) -> Result<DeviceId, String> {
+        let device = named.ok_or_else(|| "not a topic this door takes".to_owned())?;
         let device = DeviceId::parse(device).map_err(|e| e.to_string())?;
         if payload.len() > self.settings.max_payload_bytes {
             return Err(format!(
@@ -518,6 +515,13 @@ impl Bridge {
                 self.settings.max_payload_bytes
             ));
         }
+        Ok(device)
+    }
+
+    /// `{"desired": {merge patch}, "if_version": n}` on a device's
+    /// `twin/desired/set`: the gRPC path of a desired change.
+    async fn desired_from_mqtt(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        let device = self.device_of(self.topics.device_of_twin_set_topic(topic), payload)?;
         let change: MqttDesired =
             serde_json::from_slice(payload).map_err(|e| format!("not a desired change: {e}"))?;
         let view = self
@@ -535,18 +539,7 @@ impl Bridge {
     }
 
     async fn command_from_mqtt(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
-        let device = self
-            .topics
-            .device_of_command_topic(topic)
-            .ok_or_else(|| "not a commands topic".to_owned())?;
-        let device = DeviceId::parse(device).map_err(|e| e.to_string())?;
-        if payload.len() > self.settings.max_payload_bytes {
-            return Err(format!(
-                "payload of {} bytes is over the limit of {} bytes",
-                payload.len(),
-                self.settings.max_payload_bytes
-            ));
-        }
+        let device = self.device_of(self.topics.device_of_command_topic(topic), payload)?;
         let cmd: MqttCommand =
             serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
         let params = match cmd.params {
