@@ -808,7 +808,7 @@ function devicePage(id) {
   loadHead();
   loadTwin();
   loadCharts().then(() => {
-    stopEvents = openEvents("device=" + enc, {
+    stopEvents = openEvents("kinds=readings,commands,presence,twin&device=" + enc, {
       open: () => {
         loadHead();
         loadTwin();

@@ -52,8 +52,8 @@ pub(super) struct EventParams {
     #[serde(default, deserialize_with = "empty_as_none")]
     sensor: Option<String>,
     /// Comma-separated kinds: readings, commands, presence, twin, stats
-    /// (default readings,commands,presence,twin; stats sends the counters
-    /// every second).
+    /// (default readings,commands,presence; stats sends the counters every
+    /// second, twin each committed twin change).
     #[serde(default, deserialize_with = "empty_as_none")]
     kinds: Option<String>,
 }
@@ -74,7 +74,8 @@ impl Kinds {
                 readings: true,
                 commands: true,
                 presence: true,
-                twin: true,
+                // Asked for by name, so a stream of older clients is as it was.
+                twin: false,
                 stats: false,
             });
         };
