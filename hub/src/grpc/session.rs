@@ -450,16 +450,8 @@ impl Reader<'_> {
                         self.pace();
                         continue;
                     }
-                    match self.push(batch, claim).await {
-                        // A takeover: the loop's next turn ends the stream.
-                        Pushed::Queued | Pushed::Superseded => {}
-                        Pushed::PeerGone => return self.finish(false, None),
-                        Pushed::Closed => {
-                            let status = Status::unavailable(
-                                "the hub is shutting down; resend unacknowledged readings",
-                            );
-                            return self.finish(true, Some(status));
-                        }
+                    if let Some(finish) = self.push(batch, claim).await {
+                        return finish;
                     }
                 }
                 Some(DeviceMsg::Hello(_)) => {
@@ -485,15 +477,8 @@ impl Reader<'_> {
                         tracing::warn!(seq = patch.seq, %why, suppressed, "reported patch rejected");
                     }
                     self.pace();
-                    match self.push_reported(patch.seq, parsed, claim).await {
-                        Pushed::Queued | Pushed::Superseded => {}
-                        Pushed::PeerGone => return self.finish(false, None),
-                        Pushed::Closed => {
-                            let status = Status::unavailable(
-                                "the hub is shutting down; resend unacknowledged reported patches",
-                            );
-                            return self.finish(true, Some(status));
-                        }
+                    if let Some(finish) = self.push_reported(patch.seq, parsed, claim).await {
+                        return finish;
                     }
                 }
                 Some(DeviceMsg::CommandReply(reply)) => {
@@ -536,7 +521,7 @@ impl Reader<'_> {
 
     /// Checks and queues a batch. A push waiting for room gives up when a
     /// newer stream takes over: the batch is not queued (nor acked).
-    async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> Pushed {
+    async fn push(&mut self, batch: pb::ReadingBatch, claim: &StreamClaim) -> Option<Finish> {
         let now = now_ms();
         let latest = now.saturating_add(self.ctx.max_clock_skew.as_millis() as i64);
         let earliest = match self.ctx.retention {
@@ -570,27 +555,31 @@ impl Reader<'_> {
             epoch: self.epoch,
         };
         let ctx = self.ctx;
-        self.queue(ctx.ingest.push(batch), claim).await
+        let closed = "the hub is shutting down; resend unacknowledged readings";
+        self.queue(ctx.ingest.push(batch), claim, closed).await
     }
 
     /// Waits for a push into the ingest queue (a full queue makes this
-    /// wait: backpressure to the device); gives up when the stream is
-    /// superseded or its device gone.
+    /// wait: backpressure to the device). How the stream ends, if it must:
+    /// the device gone, or the writer taking nothing more (`closed` says
+    /// what to resend). A newer stream taking over while it waits leaves
+    /// the item unqueued and the loop's next turn ends the stream.
     async fn queue(
         &mut self,
         push: impl Future<Output = Result<(), IngestError>>,
         claim: &StreamClaim,
-    ) -> Pushed {
+        closed: &'static str,
+    ) -> Option<Finish> {
         tokio::select! {
             pushed = push => match pushed {
                 Ok(()) => {
                     self.batches_pushed += 1;
-                    Pushed::Queued
+                    None
                 }
-                Err(_) => Pushed::Closed,
+                Err(_) => Some(self.finish(true, Some(Status::unavailable(closed)))),
             },
-            _ = self.ended.cancelled() => Pushed::PeerGone,
-            _ = claim.superseded.cancelled() => Pushed::Superseded,
+            _ = self.ended.cancelled() => Some(self.finish(false, None)),
+            _ = claim.superseded.cancelled() => None,
         }
     }
 
@@ -600,7 +589,7 @@ impl Reader<'_> {
         seq: u64,
         patch: Result<doc::Doc, String>,
         claim: &StreamClaim,
-    ) -> Pushed {
+    ) -> Option<Finish> {
         let patch = ReportedBatch {
             received: std::time::Instant::now(),
             device: self.device,
@@ -611,7 +600,9 @@ impl Reader<'_> {
             epoch: self.epoch,
         };
         let ctx = self.ctx;
-        self.queue(ctx.ingest.push_reported(patch), claim).await
+        let closed = "the hub is shutting down; resend unacknowledged reported patches";
+        self.queue(ctx.ingest.push_reported(patch), claim, closed)
+            .await
     }
 
     fn finish(&self, flush: bool, status: Option<Status>) -> Finish {
@@ -621,17 +612,6 @@ impl Reader<'_> {
             status,
         }
     }
-}
-
-/// What became of a batch the reader pushed.
-enum Pushed {
-    Queued,
-    /// A newer stream took over while it waited for room: not queued.
-    Superseded,
-    /// The ack task ended (the device vanished or stalled).
-    PeerGone,
-    /// The writer takes nothing more: the hub is stopping.
-    Closed,
 }
 
 /// How a stream that was told to end ends, by why.

@@ -58,12 +58,6 @@ pub enum Literal {
 }
 
 impl Literal {
-    fn text(&self) -> &str {
-        match self {
-            Literal::Word(s) | Literal::Text(s) => s,
-        }
-    }
-
     /// The number a bare word names, if it names one.
     pub fn number(&self) -> Option<f64> {
         match self {
@@ -83,13 +77,15 @@ impl Literal {
 
     /// The string it equals.
     pub fn string(&self) -> &str {
-        self.text()
+        match self {
+            Literal::Word(s) | Literal::Text(s) => s,
+        }
     }
 
     /// Whether a JSON value equals this literal.
     fn equals(&self, value: &Value) -> bool {
         match value {
-            Value::String(s) => s == self.text(),
+            Value::String(s) => s == self.string(),
             Value::Number(n) => self
                 .number()
                 .zip(n.as_f64())
@@ -355,7 +351,7 @@ pub fn parse(text: &str) -> Result<Filter, String> {
                     }
                 };
                 if matches!(op, Op::Lt | Op::Gt) && lit.number().is_none() {
-                    return Err(format!("{op} compares numbers, not {:?}", lit.text()));
+                    return Err(format!("{op} compares numbers, not {:?}", lit.string()));
                 }
                 Test::Compare(op, lit)
             }
