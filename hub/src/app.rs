@@ -270,6 +270,8 @@ struct Core {
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Committed twin changes: to device streams and watchers.
     twins: Arc<crate::twin::TwinHub>,
+    /// Committed alarm events, and the writer's and leader's signals.
+    alarms: Arc<crate::alarms::AlarmHub>,
 }
 
 /// A running hub. Dropping it without [`Hub::shutdown`] aborts nothing
@@ -311,6 +313,7 @@ impl Hub {
             failure: Arc::new(Failure::default()),
             fanout,
             twins: crate::twin::TwinHub::new(settings.twin.events_capacity),
+            alarms: crate::alarms::AlarmHub::new(settings.alarms.events_capacity),
             settings,
         };
         let mut components = Vec::new();
@@ -572,6 +575,16 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
         Arc::clone(&core.metrics),
         core.fanout.clone(),
         Arc::clone(&core.twins),
+        crate::ingest::alarms::AlarmWork::new(
+            Arc::clone(&core.alarms),
+            settings
+                .alarms
+                .webhooks
+                .iter()
+                .map(|w| Arc::from(w.name.as_str()))
+                .collect(),
+            settings.ingest.cached_devices,
+        ),
     );
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(writer.run(writer_stop.clone(), core.sessions_stop.clone()));
@@ -667,6 +680,7 @@ fn operations(core: &Core, storage: &Storage, commands: &CommandsPart) -> Operat
         shutdown: core.sessions_stop.clone(),
         fanout: core.fanout.clone(),
         twins: Arc::clone(&core.twins),
+        alarms: Arc::clone(&core.alarms),
         twin_limits: core.settings.twin.limits(),
         backups: Backups {
             command_store: commands.store.clone(),
@@ -767,6 +781,22 @@ fn start_jobs(core: &Core, storage: &Storage) -> Vec<Component> {
         )
         .awaited_at(Phase::Background),
     ];
+    started.push(
+        Component::new(
+            "the alarm leader",
+            tokio::spawn(
+                crate::alarms::leader::Leader {
+                    store: storage.store.clone(),
+                    ingest: storage.ingest.clone(),
+                    hub: Arc::clone(&core.alarms),
+                    settings: settings.alarms.clone(),
+                    hub_id: Arc::clone(&core.hub_id),
+                }
+                .run(core.stopping.clone()),
+            ),
+        )
+        .awaited_at(Phase::Background),
+    );
     if !settings.storage.retention.is_zero() {
         started.push(
             Component::new(

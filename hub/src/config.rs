@@ -28,6 +28,7 @@ fn is_secret_key(key: &str) -> bool {
         "auth.fleet_keys",
         "mqtt.password",
         "storage.url",
+        "alarms.webhooks",
     ]
     .iter()
     .any(|secret| key.starts_with(secret))
@@ -58,6 +59,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub commands: CommandsSettings,
     pub twin: TwinSettings,
+    pub alarms: AlarmSettings,
     pub mqtt: MqttSettings,
     pub metrics: MetricsSettings,
     pub http: HttpSettings,
@@ -82,6 +84,60 @@ impl TwinSettings {
             max_depth: self.max_depth,
             max_key_bytes: self.max_key_bytes,
         }
+    }
+}
+
+/// Alarms: history kept, how often inactivity is checked, where
+/// notifications go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlarmSettings {
+    /// Cleared alarms (and finished deliveries) older than this are
+    /// deleted (0s keeps them).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often inactivity rules are checked and the outbox is looked at.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Alarm events a watcher (SSE, MQTT, WatchAlarms) may fall behind by.
+    pub events_capacity: usize,
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Where alarm notifications are POSTed.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub name: String,
+    pub url: String,
+    /// Signs each body: `X-Hub-Signature-256: sha256=hex(HMAC-SHA256(secret, body))`.
+    pub secret: String,
+    /// One attempt's time limit.
+    #[serde(default = "webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A notification not delivered within this is given up (logged as
+    /// failed in the delivery log).
+    #[serde(default = "webhook_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+fn webhook_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn webhook_max_age() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+/// Written by hand so no secret reaches a log.
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .field("max_age", &self.max_age)
+            .finish()
     }
 }
 
@@ -690,6 +746,50 @@ impl Settings {
             "twin.events_capacity",
             "times twin.max_document_bytes must be at most 256 MiB (what a slow watcher may hold)",
         )?;
+        let a = &self.alarms;
+        check(
+            a.check_interval >= Duration::from_millis(100)
+                && a.check_interval <= Duration::from_secs(3600),
+            "alarms.check_interval",
+            "must be between 100ms and 1h",
+        )?;
+        check(
+            (1..=1 << 20).contains(&a.events_capacity),
+            "alarms.events_capacity",
+            "must be between 1 and 1048576",
+        )?;
+        let mut names = std::collections::HashSet::new();
+        for w in &a.webhooks {
+            check(
+                !w.name.is_empty()
+                    && w.name.len() <= 64
+                    && w.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+                "alarms.webhooks",
+                "a webhook name is 1 to 64 of A-Z a-z 0-9 - _ .",
+            )?;
+            check(
+                names.insert(w.name.as_str()),
+                "alarms.webhooks",
+                "webhook names must be unique",
+            )?;
+            check(
+                w.url.starts_with("http://") || w.url.starts_with("https://"),
+                "alarms.webhooks",
+                "a webhook url starts with http:// or https://",
+            )?;
+            check(
+                !w.secret.is_empty(),
+                "alarms.webhooks",
+                "a webhook needs a secret (it signs each body)",
+            )?;
+            check(
+                w.timeout >= Duration::from_millis(100) && w.timeout <= Duration::from_secs(300),
+                "alarms.webhooks",
+                "a webhook timeout is between 100ms and 5m",
+            )?;
+        }
         let s = &self.server;
         check(
             s.max_message_bytes >= 1024,
@@ -910,6 +1010,11 @@ impl Settings {
             }
         };
         mask(&mut shown.mqtt.password);
+        shown
+            .alarms
+            .webhooks
+            .iter_mut()
+            .for_each(|w| mask(&mut w.secret));
         shown.storage.url = DatabaseUrl(masked_url(shown.storage.url.as_str()));
         shown.auth.fleet_keys.values_mut().for_each(mask);
         shown

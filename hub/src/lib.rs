@@ -49,6 +49,7 @@
 //! - [`throttle`]: suppressed log lines and token buckets, so one noisy
 //!   device costs the others nothing.
 
+pub mod alarms;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -29,6 +29,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::api::{CommandJson, empty_as_none};
 use super::{ApiError, ApiState};
 use crate::domain::{CommittedBatch, Presence};
+use crate::operator::alarms::{AlarmWatch, AlarmWatchEvent};
 use crate::operator::{
     LiveEvent, ReadingsWatch, STALLED_CLIENT, TwinWatch, TwinWatchEvent, live_readings,
 };
@@ -51,9 +52,10 @@ pub(super) struct EventParams {
     /// Only this sensor's readings.
     #[serde(default, deserialize_with = "empty_as_none")]
     sensor: Option<String>,
-    /// Comma-separated kinds: readings, commands, presence, twin, stats
-    /// (default readings,commands,presence; stats sends the counters every
-    /// second, twin each committed twin change).
+    /// Comma-separated kinds: readings, commands, presence, twin, alarm,
+    /// stats (default readings,commands,presence; stats sends the counters
+    /// every second, twin each committed twin change, alarm each change of
+    /// an alarm).
     #[serde(default, deserialize_with = "empty_as_none")]
     kinds: Option<String>,
 }
@@ -64,6 +66,7 @@ struct Kinds {
     commands: bool,
     presence: bool,
     twin: bool,
+    alarm: bool,
     stats: bool,
 }
 
@@ -76,6 +79,7 @@ impl Kinds {
                 presence: true,
                 // Asked for by name, so a stream of older clients is as it was.
                 twin: false,
+                alarm: false,
                 stats: false,
             });
         };
@@ -86,10 +90,11 @@ impl Kinds {
                 "commands" => kinds.commands = true,
                 "presence" => kinds.presence = true,
                 "twin" => kinds.twin = true,
+                "alarm" => kinds.alarm = true,
                 "stats" => kinds.stats = true,
                 other => {
                     return Err(ApiError::invalid(format!(
-                        "unknown event kind {other:?} (readings, commands, presence, twin, stats)"
+                        "unknown event kind {other:?} (readings, commands, presence, twin, alarm, stats)"
                     )));
                 }
             }
@@ -125,7 +130,9 @@ pub(super) struct PresenceJson<'a> {
 /// `command` (a command, as `GET /commands/{id}` without history),
 /// `presence` (PresenceJson), `twin` (`{"part": "desired" | "reported" |
 /// "tags", "twin": TwinJson}`: a committed change and the twin after it),
-/// `resync` (`{"kind": "commands" | "presence" | "twin"}`: changes were
+/// `alarm` (`{"id", "kind": "raised" | "retriggered" | "acknowledged" |
+/// "cleared", "at_ms", "alarm"}`: as webhooks get it),
+/// `resync` (`{"kind": "commands" | "presence" | "twin" | "alarm"}`: changes were
 /// missed; read the current state again) and `stats` (as `GET /stats`).
 #[utoipa::path(get, path = "/events", params(EventParams), responses(
     (status = 200, description = "Server-Sent Events", content_type = "text/event-stream"),
@@ -149,6 +156,7 @@ pub(super) async fn events(
         true => Some(state.ops.watch_twin(&slot, None).await?.1),
         false => None,
     };
+    let mut alarms = kinds.alarm.then(|| state.ops.watch_alarms(&slot, None));
     let (tx, rx) = mpsc::channel::<Event>(STREAM_BUFFER);
     let shutdown = state.shutdown.clone();
     let ops = Arc::clone(&state.ops);
@@ -212,6 +220,16 @@ pub(super) async fn events(
                     Some(TwinWatchEvent::Change(_)) => Vec::new(),
                     Some(TwinWatchEvent::Missed(_)) => {
                         vec![json_event("resync", &serde_json::json!({ "kind": "twin" }))]
+                    }
+                    None => return,
+                },
+                event = next_alarm(&mut alarms) => match event {
+                    Some(AlarmWatchEvent::Event(e)) if device.as_ref().is_none_or(|d| *d == e.alarm.device) => {
+                        vec![json_event("alarm", &*e)]
+                    }
+                    Some(AlarmWatchEvent::Event(_)) => Vec::new(),
+                    Some(AlarmWatchEvent::Missed(_)) => {
+                        vec![json_event("resync", &serde_json::json!({ "kind": "alarm" }))]
                     }
                     None => return,
                 },
@@ -308,6 +326,13 @@ impl AllReadings {
 
 /// The next message of an optional subscription; never ready without one.
 async fn next_readings(watch: &mut Option<ReadingsWatch>) -> Option<LiveEvent> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_alarm(watch: &mut Option<AlarmWatch>) -> Option<AlarmWatchEvent> {
     match watch {
         Some(watch) => watch.next().await,
         None => std::future::pending().await,

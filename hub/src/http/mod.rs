@@ -10,6 +10,7 @@
 //! the settings allow only on loopback.
 
 mod admin;
+mod alarms;
 mod api;
 mod console;
 mod events;
@@ -105,6 +106,7 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .merge(events::routes())
         .merge(admin::routes())
         .merge(twin::routes())
+        .merge(alarms::routes())
         .route("/openapi.json", axum::routing::get(openapi::openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(

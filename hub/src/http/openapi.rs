@@ -35,7 +35,16 @@ use super::{ApiError, api};
         super::admin::revoke_certificate,
         super::twin::get_twin,
         super::twin::patch_twin,
-        super::twin::desired_to_selector
+        super::twin::desired_to_selector,
+        super::alarms::list_rules,
+        super::alarms::put_rule,
+        super::alarms::delete_rule,
+        super::alarms::list_alarms,
+        super::alarms::summary,
+        super::alarms::get_alarm,
+        super::alarms::ack_alarm,
+        super::alarms::clear_alarm,
+        super::alarms::deliveries
     ),
     components(schemas(
         api::ErrorBody,

@@ -11,6 +11,7 @@
 //! high-water mark in memory, so readings of an old and a new stream of the
 //! same device (takeover) are never stored twice.
 
+pub mod alarms;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -150,6 +151,7 @@ pub enum CredentialChange {
 
 pub(crate) enum WriterMsg {
     Batch(IngestBatch),
+    Alarm(alarms::AlarmMsg),
     Reported(ReportedBatch),
     Twin {
         op: TwinOp,
@@ -217,6 +219,7 @@ impl WriterMsg {
             WriterMsg::Register { .. }
             | WriterMsg::Credentials { .. }
             | WriterMsg::Reported(_)
+            | WriterMsg::Alarm(_)
             | WriterMsg::Twin { .. } => 1,
             WriterMsg::Retain { step, .. } => step.limit as usize,
         }
@@ -230,6 +233,9 @@ impl WriterMsg {
             WriterMsg::Reported(patch) => patch.ack.fail(),
             WriterMsg::Twin { reply, .. } => {
                 let _ = reply.send(Err(IngestError::Storage));
+            }
+            WriterMsg::Alarm(msg) => {
+                let _ = msg.reply.send(Err(IngestError::Storage));
             }
             WriterMsg::Register { reply, .. } => {
                 let _ = reply.send(Err(IngestError::Storage));
@@ -296,6 +302,14 @@ impl IngestQueue {
     /// An operator's twin change, in the writer's next commit.
     pub async fn change_twin(&self, op: TwinOp) -> Result<TwinOutcome, IngestError> {
         self.ask(|reply| WriterMsg::Twin { op, reply }).await
+    }
+
+    /// An alarm change (a rule, an operator's acknowledgement or clear,
+    /// the leader's inactivity step or webhook attempts), in the writer's
+    /// next commit.
+    pub async fn alarm(&self, op: alarms::AlarmOp) -> Result<alarms::AlarmOutcome, IngestError> {
+        self.ask(|reply| WriterMsg::Alarm(alarms::AlarmMsg { op, reply }))
+            .await
     }
 
     /// Queues a reported patch, waiting while the queue is full.

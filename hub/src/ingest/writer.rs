@@ -19,6 +19,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::alarms::{AlarmChanges, AlarmOutcome, AlarmWork};
 use super::{
     CredentialChange, IngestError, Registered, RetainDone, TwinOp, TwinOutcome, TwinStart,
     WriterMsg,
@@ -131,7 +132,16 @@ pub struct Writer {
     streams: u64,
     /// Committed twin changes go here (device streams, watchers).
     twins: Arc<TwinHub>,
+    /// Alarm rules evaluated in each group, and alarm changes.
+    alarms: AlarmWork,
+    /// When each series' `device_sensors.last_reading_ms` was last written
+    /// (committed).
+    sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
 }
+
+/// A series' `device_sensors.last_reading_ms` is written at most this
+/// often (ms): inactivity rules of one sensor are this coarse.
+const SENSOR_SEEN_EVERY: i64 = 2_000;
 
 /// The writer's copy of the staging tables, by part.
 struct Staged {
@@ -207,6 +217,7 @@ enum Outcome {
         rejected: Option<String>,
     },
     Twin(TwinOutcome),
+    Alarm(AlarmOutcome),
     /// Its session's epoch is no longer the device's: another hub (or a
     /// newer stream) claimed the device. Nothing of it is written.
     Fenced,
@@ -261,7 +272,7 @@ fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
                 }
                 Step::Run
             }
-            WriterMsg::Retain { .. } | WriterMsg::Twin { .. } => Step::Run,
+            WriterMsg::Retain { .. } | WriterMsg::Twin { .. } | WriterMsg::Alarm(_) => Step::Run,
             WriterMsg::Reported(patch) if patch.ack.failed() => Step::Skip,
             WriterMsg::Reported(patch)
                 if epochs.get(&patch.device) != Some(&patch.epoch)
@@ -298,6 +309,10 @@ struct GroupChanges {
     /// twin after the group, and the patch when it was the group's only
     /// change of that part.
     twins: Vec<(TwinPart, Arc<TwinView>, Option<Arc<str>>)>,
+    alarms: AlarmChanges,
+    /// Series whose last reading time was written, and the time.
+    seen: Vec<(DeviceKey, SensorKey)>,
+    now: i64,
 }
 
 /// A twin the group changes, read once and written once.
@@ -479,6 +494,7 @@ impl Writer {
         metrics: Arc<HubMetrics>,
         fanout: broadcast::Sender<Arc<CommittedBatch>>,
         twins: Arc<TwinHub>,
+        alarms: AlarmWork,
     ) -> Self {
         let known = Known {
             marks: HashMap::new(),
@@ -510,6 +526,8 @@ impl Writer {
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             streams: 0,
             twins,
+            alarms,
+            sensor_seen: HashMap::new(),
         }
     }
 
@@ -619,6 +637,8 @@ impl Writer {
 
     fn forget_caches(&mut self) {
         self.known.forget();
+        self.alarms.forget();
+        self.sensor_seen.clear();
         self.staged = None;
         self.merges = None;
     }
@@ -626,7 +646,18 @@ impl Writer {
     fn apply(&mut self, mut changes: GroupChanges) {
         self.row_names = std::mem::take(&mut changes.names);
         for (part, view, patch) in std::mem::take(&mut changes.twins) {
+            if part == TwinPart::Tags {
+                // Which rules apply to the device may have changed.
+                self.alarms.tags_changed();
+            }
             self.twins.committed(part, view, patch, true);
+        }
+        self.alarms.apply(std::mem::take(&mut changes.alarms));
+        for pair in std::mem::take(&mut changes.seen) {
+            self.sensor_seen.insert(pair, changes.now);
+        }
+        if self.sensor_seen.len() > self.settings.cached_devices.saturating_mul(8) {
+            self.sensor_seen.clear();
         }
         self.known.apply(changes);
     }
@@ -668,6 +699,9 @@ impl Writer {
                 }
                 (WriterMsg::Twin { reply, .. }, Outcome::Twin(outcome)) => {
                     let _ = reply.send(Ok(outcome));
+                }
+                (WriterMsg::Alarm(msg), Outcome::Alarm(outcome)) => {
+                    let _ = msg.reply.send(Ok(outcome));
                 }
                 (WriterMsg::Batch(batch), Outcome::Fenced) => {
                     HubMetrics::add(&self.metrics.fenced, 1);
@@ -978,6 +1012,7 @@ impl Writer {
                                 // caches were filled: the stored ones count.
                                 known.marks.remove(&r.device);
                                 known.device_sensors.remove(&r.device);
+                                self.alarms.forget_device(r.device);
                             }
                             // The stored mark, or the one this group's
                             // earlier batches of the device moved it to;
@@ -1089,6 +1124,13 @@ impl Writer {
                     }
                     outcomes.push(Outcome::Retained(done));
                 }
+                WriterMsg::Alarm(msg) => {
+                    let outcome = self
+                        .alarms
+                        .run(&mut tx, &msg.op, now, &mut changes.alarms)
+                        .await?;
+                    outcomes.push(Outcome::Alarm(outcome));
+                }
                 WriterMsg::Twin { op, .. } => {
                     let (TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. }) = op;
                     let outcome = match twins.of(&mut tx, *device).await? {
@@ -1135,6 +1177,25 @@ impl Writer {
                 }
             }
         }
+        // Alarm rules see the group's stored rows before they are inserted
+        // (a series this writer does not know yet is read as it was).
+        {
+            let names = &known.sensor_names;
+            let added = &changes.sensors;
+            let name_of = |key: SensorKey| -> Option<Arc<str>> {
+                names.get(&key).cloned().or_else(|| {
+                    added
+                        .iter()
+                        .find(|(_, k)| **k == key)
+                        .map(|(n, _)| Arc::from(n.as_str()))
+                })
+            };
+            let mut alarm_changes = std::mem::take(&mut changes.alarms);
+            self.alarms
+                .evaluate(&mut tx, &rows, &name_of, now, &mut alarm_changes)
+                .await?;
+            changes.alarms = alarm_changes;
+        }
         let mut parts = std::mem::take(&mut self.row_parts);
         parts.resize_with(STAGING_PARTS, Vec::new);
         parts.iter_mut().for_each(Vec::clear);
@@ -1148,6 +1209,20 @@ impl Writer {
             .flat_map(|(device, sensors)| sensors.iter().map(|s| (*device, *s)))
             .collect();
         tx.add_device_sensors(&new_pairs).await?;
+        let mut seen: Vec<(DeviceKey, SensorKey)> = rows
+            .iter()
+            .map(|r| (r.device, r.sensor))
+            .filter(|pair| {
+                self.sensor_seen
+                    .get(pair)
+                    .is_none_or(|&at| now - at >= SENSOR_SEEN_EVERY)
+            })
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        tx.sensors_seen(&seen, now).await?;
+        changes.seen = seen;
+        changes.now = now;
         let progress: Vec<DeviceProgress> = changes
             .added
             .iter()

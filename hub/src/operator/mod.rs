@@ -8,6 +8,7 @@
 //! backups.
 
 mod admin;
+pub mod alarms;
 mod live;
 mod twin;
 
@@ -360,6 +361,7 @@ pub struct OperationsParts {
     pub shutdown: CancellationToken,
     pub fanout: broadcast::Sender<Arc<CommittedBatch>>,
     pub twins: Arc<crate::twin::TwinHub>,
+    pub alarms: Arc<crate::alarms::AlarmHub>,
     pub twin_limits: crate::twin::DocLimits,
     pub backups: Backups,
     /// `server.max_watches`, `server.max_queries`.
@@ -377,6 +379,7 @@ pub struct Operations {
     shutdown: CancellationToken,
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     twins: Arc<crate::twin::TwinHub>,
+    alarms: Arc<crate::alarms::AlarmHub>,
     twin_limits: crate::twin::DocLimits,
     backups: Backups,
     budgets: live::Budgets,
@@ -394,6 +397,7 @@ impl Operations {
             shutdown: parts.shutdown,
             fanout: parts.fanout,
             twins: parts.twins,
+            alarms: parts.alarms,
             twin_limits: parts.twin_limits,
             backups: parts.backups,
             budgets: live::Budgets::new(parts.max_watches, parts.max_queries),

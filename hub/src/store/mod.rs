@@ -6,6 +6,7 @@
 //! writer task) and a small pool of reader connections ([`Store`]) for
 //! queries. On SQLite, WAL mode lets readers run beside the writer.
 
+pub mod alarms;
 pub mod backup;
 pub mod blocks;
 pub mod codec;

@@ -110,6 +110,8 @@ pub(super) enum Batched {
     Insert(usize),
     Progress,
     DeviceSensors,
+    /// When a device's sensors last stored a reading.
+    SensorSeen,
     Blocks,
 }
 
@@ -119,7 +121,7 @@ impl Batched {
         match self {
             Batched::Insert(_) => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
-            Batched::DeviceSensors => PAIR_CHUNK,
+            Batched::DeviceSensors | Batched::SensorSeen => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
         }
     }
@@ -138,7 +140,9 @@ impl Batched {
             ),
             Batched::Progress => (
                 "UPDATE devices SET acked_seq = v.column2, \
-                 reading_count = reading_count + v.column3, last_seen_ms = v.column4 \
+                 reading_count = reading_count + v.column3, last_seen_ms = v.column4, \
+                 last_reading_ms = CASE WHEN v.column3 > 0 THEN v.column4 \
+                 ELSE devices.last_reading_ms END \
                  FROM (VALUES "
                     .to_owned(),
                 4,
@@ -148,6 +152,12 @@ impl Batched {
                 "INSERT INTO device_sensors (device_id, sensor_id) VALUES ".to_owned(),
                 2,
                 " ON CONFLICT DO NOTHING",
+            ),
+            Batched::SensorSeen => (
+                "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
+                3,
+                ") AS v WHERE device_sensors.device_id = v.column1 \
+                 AND device_sensors.sensor_id = v.column2",
             ),
             Batched::Blocks => (
                 "INSERT INTO blocks (device_id, sensor_id, level, first_ts, last_ts, count, data) \
@@ -550,6 +560,19 @@ impl WriteTx<'_> {
     ) -> Result<(), StoreError> {
         self.execute_batched(Batched::DeviceSensors, pairs, |(device, sensor), out| {
             out.extend([Val::I(device.0), Val::I(sensor.0)]);
+        })
+        .await
+    }
+
+    /// Records that these series stored a reading at `now_ms` (the hub's
+    /// clock: inactivity rules of one sensor read it).
+    pub async fn sensors_seen(
+        &mut self,
+        pairs: &[(DeviceKey, SensorKey)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.execute_batched(Batched::SensorSeen, pairs, |(device, sensor), out| {
+            out.extend([Val::I(device.0), Val::I(sensor.0), Val::I(now_ms)]);
         })
         .await
     }

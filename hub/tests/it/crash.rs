@@ -58,9 +58,26 @@ impl ChildHub {
         Self::spawn(env, port)
     }
 
+    /// `start_with_env` over a settings file (`--config`).
+    pub(crate) fn start_with_config(
+        db: &TestDb,
+        port: u16,
+        config: &std::path::Path,
+        extra: &[(&'static str, &str)],
+    ) -> ChildHub {
+        let mut env = db.env();
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        Self::spawn_args(env, port, &["--config", &config.display().to_string()])
+    }
+
     fn spawn(env: Vec<(&'static str, String)>, port: u16) -> ChildHub {
+        Self::spawn_args(env, port, &[])
+    }
+
+    fn spawn_args(env: Vec<(&'static str, String)>, port: u16, args: &[&str]) -> ChildHub {
         let mut child = crate::harness::hub_process()
             .arg("serve")
+            .args(args)
             .envs(env)
             .env("HUB__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("HUB__STORAGE__COMPACT_ROWS", "3000")

@@ -162,6 +162,11 @@ impl TestDb {
     }
 
     /// A SQLite database the test prepared in `dir` (`dir/hub.db`).
+    /// The test's temp dir.
+    pub fn dir_path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn sqlite_in(dir: TempDir) -> TestDb {
         TestDb { dir, pg: None }
     }

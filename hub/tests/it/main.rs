@@ -1,6 +1,7 @@
 //! Black-box tests: a real hub on 127.0.0.1:0 with a temp SQLite file, real
 //! gRPC clients (raw streams and the device-sim library).
 
+mod alarms;
 mod api;
 mod badinput;
 mod broker;

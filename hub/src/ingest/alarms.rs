@@ -1,0 +1,482 @@
+//! The writer's part of alarms: threshold and rate rules evaluated on a
+//! group's stored rows inside its transaction, and the alarm changes
+//! others ask for (rules, acknowledgements, clears, inactivity, webhook
+//! attempts, pruning), written in the same group commit.
+//!
+//! What it keeps in memory is a cache of committed rows, like the rest of
+//! the writer: the rules (reloaded when [`AlarmHub::generation`] moves:
+//! rules or tags changed here or on another hub), which series rules apply
+//! to each device, and each series' newest evaluated ts. Series states are
+//! read from the store in every group (another hub, or an operator's clear,
+//! may have changed them).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::IngestError;
+use crate::alarms::engine::{SeriesState, Transition};
+use crate::alarms::rules::{Eval, Watch};
+use crate::alarms::{Alarm, AlarmEvent, AlarmHub, EventKind, Rule, RuleSpec};
+use crate::domain::{DeviceKey, SensorKey};
+use crate::store::alarms::{Attempt, Silent};
+use crate::store::{RowToInsert, StoreError, WriteTx};
+
+/// An alarm change for the writer's next commit.
+#[derive(Debug, Clone)]
+pub enum AlarmOp {
+    PutRule(Box<RuleSpec>),
+    DeleteRule(String),
+    Ack {
+        id: i64,
+        by: String,
+        note: String,
+    },
+    Clear {
+        id: i64,
+        by: String,
+        note: String,
+    },
+    /// The leader's inactivity decision for one rule (as it read it).
+    Inactivity {
+        rule: i64,
+        version: u64,
+        raise: Vec<Silent>,
+        /// Open alarms to clear: (device, sensor).
+        clear: Vec<(DeviceKey, String)>,
+    },
+    Attempts(Vec<Attempt>),
+    Prune {
+        cutoff_ms: i64,
+        limit: u32,
+    },
+}
+
+/// What became of an [`AlarmOp`].
+#[derive(Debug, Clone)]
+pub enum AlarmOutcome {
+    Rule(Box<Rule>),
+    /// A deleted rule (None: there was none of that name).
+    Deleted(Option<Box<Rule>>),
+    /// An acknowledged or cleared alarm after the change...
+    Changed(Box<Alarm>),
+    /// ...or as it is when there was nothing to change (None: no such
+    /// alarm).
+    Unchanged(Option<Box<Alarm>>),
+    /// How many alarms an inactivity step changed or pruning deleted.
+    Count(u64),
+}
+
+pub(crate) struct AlarmMsg {
+    pub op: AlarmOp,
+    pub reply: oneshot::Sender<Result<AlarmOutcome, IngestError>>,
+}
+
+/// A series rule in the form the evaluator uses.
+struct SeriesRule {
+    rule: Arc<Rule>,
+    sensor: Arc<str>,
+    eval: Eval,
+}
+
+pub(crate) struct AlarmWork {
+    hub: Arc<AlarmHub>,
+    webhooks: Vec<Arc<str>>,
+    /// The generation the rules were loaded at (None: not loaded).
+    generation: Option<u64>,
+    rules: Vec<Arc<Rule>>,
+    series: Vec<SeriesRule>,
+    /// The series rules (indexes into `series`) that apply to a device.
+    by_device: HashMap<DeviceKey, Arc<[usize]>>,
+    /// Each series' newest evaluated reading (committed).
+    last_ts: HashMap<(DeviceKey, SensorKey), i64>,
+    cached_devices: usize,
+}
+
+/// What a group did to alarms, applied after its commit.
+#[derive(Default)]
+pub(crate) struct AlarmChanges {
+    pub events: Vec<AlarmEvent>,
+    last_ts: Vec<((DeviceKey, SensorKey), i64)>,
+    rules_changed: bool,
+}
+
+impl AlarmWork {
+    pub fn new(hub: Arc<AlarmHub>, webhooks: Vec<Arc<str>>, cached_devices: usize) -> Self {
+        Self {
+            hub,
+            webhooks,
+            generation: None,
+            rules: Vec::new(),
+            series: Vec::new(),
+            by_device: HashMap::new(),
+            last_ts: HashMap::new(),
+            cached_devices,
+        }
+    }
+
+    /// After a failed commit: everything is read again.
+    pub fn forget(&mut self) {
+        self.generation = None;
+        self.by_device.clear();
+        self.last_ts.clear();
+    }
+
+    /// A device moved here from another hub (PostgreSQL): what this writer
+    /// remembers of its series may be old.
+    pub fn forget_device(&mut self, device: DeviceKey) {
+        self.last_ts.retain(|(d, _), _| *d != device);
+    }
+
+    /// Some device's tags changed: which rules apply to it is read again.
+    pub fn tags_changed(&self) {
+        self.hub.rules_changed();
+    }
+
+    pub fn apply(&mut self, changes: AlarmChanges) {
+        if changes.rules_changed {
+            self.hub.rules_changed();
+        }
+        self.last_ts.extend(changes.last_ts);
+        if self.last_ts.len() > self.cached_devices.saturating_mul(8) {
+            self.last_ts.clear();
+        }
+        if self.by_device.len() > self.cached_devices {
+            self.by_device.clear();
+        }
+        let deliveries = !self.webhooks.is_empty() && !changes.events.is_empty();
+        self.hub.committed(changes.events, deliveries);
+    }
+
+    /// Loads the rules when they may have changed.
+    async fn rules(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {
+        let generation = self.hub.generation();
+        if self.generation == Some(generation) {
+            return Ok(());
+        }
+        self.rules = tx.load_rules().await?.into_iter().map(Arc::new).collect();
+        self.series = self
+            .rules
+            .iter()
+            .filter_map(|rule| match rule.spec.watch() {
+                Watch::Series { sensor, eval } => Some(SeriesRule {
+                    rule: Arc::clone(rule),
+                    sensor: Arc::from(sensor),
+                    eval,
+                }),
+                Watch::Inactivity(_) => None,
+            })
+            .collect();
+        self.by_device.clear();
+        self.generation = Some(generation);
+        Ok(())
+    }
+
+    /// Evaluates the group's stored rows (before they are inserted: the
+    /// newest stored ts of a series this writer does not know is read from
+    /// the store). `sensor_names` names every sensor key in `rows`.
+    pub async fn evaluate(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        rows: &[RowToInsert],
+        sensor_names: &(dyn Fn(SensorKey) -> Option<Arc<str>> + Sync),
+        now: i64,
+        out: &mut AlarmChanges,
+    ) -> Result<(), StoreError> {
+        self.rules(tx).await?;
+        if self.series.is_empty() || rows.is_empty() {
+            return Ok(());
+        }
+        // Which rules apply to the group's devices.
+        let devices: HashSet<DeviceKey> = rows.iter().map(|r| r.device).collect();
+        let missing: Vec<DeviceKey> = devices
+            .iter()
+            .filter(|d| !self.by_device.contains_key(d))
+            .copied()
+            .collect();
+        for (device, name, tags) in tx.device_tags(&missing).await? {
+            let applies: Vec<usize> = self
+                .series
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.rule.spec.target.matches(&name, &tags))
+                .map(|(i, _)| i)
+                .collect();
+            self.by_device.insert(device, applies.into());
+        }
+        // The rows of watched series, by series, in time order.
+        let mut watched: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
+        let mut names: HashMap<SensorKey, Option<Arc<str>>> = HashMap::new();
+        for r in rows {
+            let Some(applies) = self.by_device.get(&r.device) else {
+                continue;
+            };
+            if applies.is_empty() {
+                continue;
+            }
+            let name = names
+                .entry(r.sensor)
+                .or_insert_with(|| sensor_names(r.sensor));
+            let Some(name) = name else { continue };
+            if applies.iter().any(|&i| self.series[i].sensor == *name) {
+                watched
+                    .entry((r.device, r.sensor))
+                    .or_default()
+                    .push((r.ts_ms, r.value));
+            }
+        }
+        if watched.is_empty() {
+            return Ok(());
+        }
+        let mut unknown: Vec<DeviceKey> = watched
+            .keys()
+            .filter(|k| !self.last_ts.contains_key(k))
+            .map(|(d, _)| *d)
+            .collect();
+        unknown.dedup();
+        let mut stored_ts: HashMap<(DeviceKey, SensorKey), i64> = HashMap::new();
+        for (d, s, t) in tx.latest_ts(&unknown).await? {
+            stored_ts.insert((d, s), t);
+        }
+        let mut group_devices: Vec<DeviceKey> = watched.keys().map(|(d, _)| *d).collect();
+        group_devices.dedup();
+        let mut states: HashMap<(i64, DeviceKey, SensorKey), SeriesState> = tx
+            .load_series(&group_devices)
+            .await?
+            .into_iter()
+            .map(|(r, d, s, st)| ((r, d, s), st))
+            .collect();
+        for ((device, sensor), mut points) in watched {
+            points.sort_by_key(|p| p.0);
+            let known = self
+                .last_ts
+                .get(&(device, sensor))
+                .or(stored_ts.get(&(device, sensor)))
+                .copied()
+                .unwrap_or(i64::MIN);
+            let name = names
+                .get(&sensor)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| Arc::from(""));
+            let Some(applies) = self.by_device.get(&device).cloned() else {
+                continue;
+            };
+            for &i in applies.iter() {
+                let s = &self.series[i];
+                if s.sensor != name {
+                    continue;
+                }
+                let key = (s.rule.id, device, sensor);
+                let before = states.remove(&key).unwrap_or_default();
+                let mut state = before.clone();
+                state.last_ts = state.last_ts.max(known);
+                let mut transitions = Vec::new();
+                for &(ts, v) in &points {
+                    if let Some(t) = state.step(&s.eval, ts, v) {
+                        transitions.push(t);
+                    }
+                }
+                // The stored last_ts is only a floor: this cache (or the
+                // readings themselves) knows the newest; a state is
+                // written when something else in it changed.
+                let moved = SeriesState {
+                    last_ts: before.last_ts,
+                    ..state.clone()
+                } != before;
+                if moved {
+                    tx.save_series(s.rule.id, device, sensor, &state).await?;
+                }
+                let rule = Arc::clone(&s.rule);
+                for t in transitions {
+                    self.transition(tx, &rule, device, &name, t, now, out)
+                        .await?;
+                }
+            }
+            if let Some(&(ts, _)) = points.last() {
+                out.last_ts.push(((device, sensor), ts.max(known)));
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn transition(
+        &self,
+        tx: &mut WriteTx<'_>,
+        rule: &Rule,
+        device: DeviceKey,
+        sensor: &str,
+        t: Transition,
+        now: i64,
+        out: &mut AlarmChanges,
+    ) -> Result<(), StoreError> {
+        let (alarm, kind, at) = match t {
+            Transition::Raise { since, at, value } => {
+                let name = self.device_name(tx, device).await?;
+                let alarm = tx
+                    .raise_alarm(rule, device, &name, sensor, Some(value), since, at, false)
+                    .await?;
+                let kind = match &alarm {
+                    Some(a) if a.count > 1 => EventKind::Retriggered,
+                    _ => EventKind::Raised,
+                };
+                (alarm, kind, at)
+            }
+            Transition::Retrigger { at, value } => (
+                tx.retrigger_alarm(rule.id, device, sensor, value, at)
+                    .await?,
+                EventKind::Retriggered,
+                at,
+            ),
+            Transition::Clear { at, value } => (
+                tx.clear_alarm_by_rule(rule.id, device, sensor, Some(value), at)
+                    .await?,
+                EventKind::Cleared,
+                at,
+            ),
+        };
+        if let Some(alarm) = alarm {
+            self.event(tx, alarm, kind, at, now, out).await?;
+        }
+        Ok(())
+    }
+
+    async fn device_name(
+        &self,
+        tx: &mut WriteTx<'_>,
+        device: DeviceKey,
+    ) -> Result<String, StoreError> {
+        Ok(tx
+            .device_tags(&[device])
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, name, _)| name)
+            .unwrap_or_default())
+    }
+
+    async fn event(
+        &self,
+        tx: &mut WriteTx<'_>,
+        alarm: Alarm,
+        kind: EventKind,
+        at_ms: i64,
+        now: i64,
+        out: &mut AlarmChanges,
+    ) -> Result<(), StoreError> {
+        let id = tx
+            .add_event(&alarm, kind, at_ms, &self.webhooks, now)
+            .await?;
+        out.events.push(AlarmEvent {
+            id,
+            kind,
+            at_ms,
+            alarm,
+        });
+        Ok(())
+    }
+
+    /// Carries out an operator's or the leader's change.
+    pub async fn run(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        op: &AlarmOp,
+        now: i64,
+        out: &mut AlarmChanges,
+    ) -> Result<AlarmOutcome, StoreError> {
+        Ok(match op {
+            AlarmOp::PutRule(spec) => {
+                out.rules_changed = true;
+                AlarmOutcome::Rule(Box::new(tx.put_rule(spec, now).await?))
+            }
+            AlarmOp::DeleteRule(name) => match tx.delete_rule(name, now).await? {
+                Some((rule, cleared)) => {
+                    out.rules_changed = true;
+                    for alarm in cleared {
+                        self.event(tx, alarm, EventKind::Cleared, now, now, out)
+                            .await?;
+                    }
+                    AlarmOutcome::Deleted(Some(Box::new(rule)))
+                }
+                None => AlarmOutcome::Deleted(None),
+            },
+            AlarmOp::Ack { id, by, note } => match tx.ack_alarm(*id, by, note, now).await? {
+                Some(alarm) => {
+                    self.event(tx, alarm.clone(), EventKind::Acknowledged, now, now, out)
+                        .await?;
+                    AlarmOutcome::Changed(Box::new(alarm))
+                }
+                None => AlarmOutcome::Unchanged(tx.alarm(*id).await?.map(Box::new)),
+            },
+            AlarmOp::Clear { id, by, note } => {
+                match tx.clear_alarm_by_operator(*id, by, note, now).await? {
+                    Some(alarm) => {
+                        self.event(tx, alarm.clone(), EventKind::Cleared, now, now, out)
+                            .await?;
+                        AlarmOutcome::Changed(Box::new(alarm))
+                    }
+                    None => AlarmOutcome::Unchanged(tx.alarm(*id).await?.map(Box::new)),
+                }
+            }
+            AlarmOp::Inactivity {
+                rule,
+                version,
+                raise,
+                clear,
+            } => {
+                self.rules(tx).await?;
+                // The rule as the leader read it, or nothing: a rule
+                // changed or deleted since is judged again next round.
+                let Some(rule) = self
+                    .rules
+                    .iter()
+                    .find(|r| r.id == *rule && r.version == *version)
+                    .cloned()
+                else {
+                    return Ok(AlarmOutcome::Count(0));
+                };
+                let sensor = rule.spec.sensor().to_owned();
+                let mut n = 0;
+                for s in raise {
+                    if let Some(alarm) = tx
+                        .raise_alarm(
+                            &rule,
+                            s.device,
+                            &s.device_id,
+                            &sensor,
+                            None,
+                            s.last_ms,
+                            now,
+                            true,
+                        )
+                        .await?
+                    {
+                        n += 1;
+                        self.event(tx, alarm, EventKind::Raised, now, now, out)
+                            .await?;
+                    }
+                }
+                for (device, sensor) in clear {
+                    if let Some(alarm) = tx
+                        .clear_alarm_by_rule(rule.id, *device, sensor, None, now)
+                        .await?
+                    {
+                        n += 1;
+                        self.event(tx, alarm, EventKind::Cleared, now, now, out)
+                            .await?;
+                    }
+                }
+                AlarmOutcome::Count(n)
+            }
+            AlarmOp::Attempts(attempts) => {
+                tx.record_attempts(attempts, now).await?;
+                AlarmOutcome::Count(attempts.len() as u64)
+            }
+            AlarmOp::Prune { cutoff_ms, limit } => {
+                AlarmOutcome::Count(tx.prune_alarms(*cutoff_ms, *limit).await?)
+            }
+        })
+    }
+}
