@@ -715,6 +715,7 @@ fn start_bridge(core: &Core, ops: &Arc<Operations>, commands: &CommandsPart) -> 
         core.registry.subscribe(),
         commands.commands.subscribe_local(),
         core.twins.subscribe_local(),
+        core.alarms.subscribe(),
         stop.clone(),
     ));
     Some(

@@ -3,7 +3,8 @@
 //! Out: committed readings (one message per device per commit), retained
 //! device and hub presence, command state changes, and retained twin
 //! documents (`{prefix}/devices/{id}/twin/desired` and `…/reported`, each
-//! with its version, published by the hub that committed the change). In
+//! with its version, published by the hub that committed the change), and
+//! each alarm change on `{prefix}/alarms/{device}` (as webhooks get it). In
 //! (only with `mqtt.commands = true`: whoever may publish there sends
 //! commands, so the broker's credentials and ACL are this door's auth):
 //! commands on `{prefix}/devices/+/commands` and desired changes on
@@ -32,6 +33,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::alarms::AlarmEvent;
 use crate::config::MqttSettings;
 use crate::domain::{CommandRecord, CommittedBatch, DeviceId, Presence};
 use crate::metrics::HubMetrics;
@@ -186,6 +188,7 @@ impl Bridge {
         mut presence: broadcast::Receiver<Presence>,
         mut command_events: broadcast::Receiver<CommandRecord>,
         mut twins: broadcast::Receiver<TwinEvent>,
+        mut alarms: broadcast::Receiver<Arc<AlarmEvent>>,
         stop: CancellationToken,
     ) {
         let options = match self.options() {
@@ -247,6 +250,17 @@ impl Bridge {
                     Ok(event) => self.on_twin(&event),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(changes = n, "MQTT bridge fell behind the twin changes; some were not published");
+                        self.count_dropped(n);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
+                event = alarms.recv() => match event {
+                    Ok(event) => {
+                        let topic = self.topics.alarms(&event.alarm.device);
+                        self.push(topic, event.to_json().into_bytes(), false);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(events = n, "MQTT bridge fell behind the alarm events; some were not published");
                         self.count_dropped(n);
                     }
                     Err(broadcast::error::RecvError::Closed) => {}

@@ -55,6 +55,12 @@ impl Topics {
         format!("{}/devices/{device}/twin/desired", self.prefix)
     }
 
+    /// Each change of an alarm of the device (not retained), as webhooks
+    /// get it.
+    pub fn alarms(&self, device: &str) -> String {
+        format!("{}/alarms/{device}", self.prefix)
+    }
+
     /// Retained: the reported document and its version.
     pub fn twin_reported(&self, device: &str) -> String {
         format!("{}/devices/{device}/twin/reported", self.prefix)

@@ -773,3 +773,34 @@ async fn twins_are_retained_on_mqtt_and_desired_changes_come_in_through_its_door
     assert!(retained);
     assert_eq!(desired["version"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarm_changes_are_published_per_device() {
+    let broker = TestBroker::start();
+    let prefix = unique("alarm");
+    let mut probe = Probe::connect(broker.port, &format!("{prefix}/alarms/#")).await;
+    let hub = hub_with_bridge(&prefix, broker.port).await;
+    crate::alarms::put_rule(
+        &hub.http_url(),
+        "mq-hot",
+        serde_json::json!({"severity": "minor", "threshold": {"sensor": "t", "raise": "> 5"}}),
+    )
+    .await;
+    let (mut dev, _) = RawDevice::connect(&hub, "mq-al").await;
+    let ts = now_ms() - 1_000;
+    dev.send(batch(vec![
+        reading(1, "t", ts, 9.0),
+        reading(2, "t", ts + 1, 1.0),
+    ]))
+    .await;
+    dev.ack_through(2).await;
+    let topic = format!("{prefix}/alarms/mq-al");
+    let (raised, retained) = probe.next_on(&topic).await;
+    assert!(!retained);
+    assert_eq!(raised["kind"], "raised");
+    assert_eq!(raised["alarm"]["rule"], "mq-hot");
+    let (cleared, _) = probe.next_on(&topic).await;
+    assert_eq!(cleared["kind"], "cleared");
+    assert_eq!(cleared["alarm"]["id"], raised["alarm"]["id"]);
+    assert!(cleared["id"].as_i64() > raised["id"].as_i64());
+}
