@@ -838,3 +838,75 @@ async fn a_desired_change_through_one_hub_reaches_the_device_on_another_and_a_mo
     on_a.half_close();
     assert_eq!(on_a.end_code().await, Code::Ok);
 }
+
+/// An alarm raised while a device streams to one hub is cleared by the
+/// other after the device moves: its open alarm and pending conditions are
+/// read from the database, so there is no second alarm and no missed
+/// clear; the late reading rule holds across the move. Inactivity runs on
+/// one hub (the lease holder) for the fleet: one alarm, not one per hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_follow_a_device_to_another_hub() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let fast = |s: &mut hub::Settings| s.alarms.check_interval = Duration::from_millis(200);
+    let a = spawn_hub_in(db, fast).await;
+    let b = a.spawn_peer(fast).await;
+    crate::alarms::put_rule(
+        &a.http_url(),
+        "roam-hot",
+        json!({"severity": "major", "target": {"device": "al-roam"},
+               "threshold": {"sensor": "t", "raise": "> 30", "raise_for": "30s",
+                             "clear": "< 20", "clear_for": "20s"}}),
+    )
+    .await;
+    crate::alarms::put_rule(
+        &b.http_url(),
+        "roam-quiet",
+        json!({"severity": "warning", "target": {"device": "al-quiet-2"}, "inactivity": {"after": "1s"}}),
+    )
+    .await;
+    let base = now_ms() - 3_600_000;
+    let at = |s: i64| base + s * 1_000;
+    let (mut on_a, _) = RawDevice::connect(&a, "al-roam").await;
+    on_a.send(batch(vec![
+        reading(1, "t", at(0), 35.0),
+        reading(2, "t", at(30), 35.0),
+        // The clear condition begins here, on A...
+        reading(3, "t", at(40), 10.0),
+    ]))
+    .await;
+    on_a.ack_through(3).await;
+    let alarms = crate::alarms::alarms_of(&b.http_url(), "al-roam").await;
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0]["state"], "active");
+    let (mut on_b, _) = RawDevice::connect(&b, "al-roam").await;
+    assert_eq!(on_a.end_code().await, Code::Aborted);
+    // ...and holds long enough on B. A late reading (before 40 s) and a
+    // hot one in between would have broken it had B not known.
+    on_b.send(batch(vec![
+        reading(4, "t", at(35), 99.0),
+        reading(5, "t", at(50), 10.0),
+        reading(6, "t", at(60), 10.0),
+    ]))
+    .await;
+    on_b.ack_through(6).await;
+    let alarms = crate::alarms::alarms_of(&a.http_url(), "al-roam").await;
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert_eq!(alarms[0]["state"], "cleared");
+    assert_eq!(alarms[0]["cleared_ms"], at(60));
+
+    // Inactivity: both hubs run the leader task; one holds the lease.
+    let (mut quiet, _) = RawDevice::connect(&a, "al-quiet-2").await;
+    quiet.send(batch(vec![reading(1, "t", at(0), 1.0)])).await;
+    quiet.ack_through(1).await;
+    wait_until("the inactivity alarm", async || {
+        !crate::alarms::alarms_of(&a.http_url(), "al-quiet-2")
+            .await
+            .is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let alarms = crate::alarms::alarms_of(&a.http_url(), "al-quiet-2").await;
+    assert_eq!(alarms.len(), 1, "one evaluator for the fleet: {alarms:?}");
+}
