@@ -792,6 +792,7 @@ fn start_jobs(core: &Core, storage: &Storage) -> Vec<Component> {
                     hub: Arc::clone(&core.alarms),
                     settings: settings.alarms.clone(),
                     hub_id: Arc::clone(&core.hub_id),
+                    ttl_ms: std::sync::atomic::AtomicI64::new(0),
                 }
                 .run(core.stopping.clone()),
             ),

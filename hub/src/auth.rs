@@ -65,7 +65,8 @@ pub enum AuthError {
 pub fn required_role(method: &str) -> Role {
     match method {
         "QueryReadings" | "ListDevices" | "GetHubStats" | "WatchReadings" | "GetCommand"
-        | "ListCommands" | "WatchCommand" | "GetTwin" | "WatchTwin" => Role::Read,
+        | "ListCommands" | "WatchCommand" | "GetTwin" | "WatchTwin" | "ListAlarmRules"
+        | "ListAlarms" | "WatchAlarms" => Role::Read,
         _ => Role::Admin,
     }
 }

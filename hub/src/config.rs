@@ -134,7 +134,7 @@ impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field("url", &masked_url(&self.url))
             .field("timeout", &self.timeout)
             .field("max_age", &self.max_age)
             .finish()
@@ -747,6 +747,11 @@ impl Settings {
             "times twin.max_document_bytes must be at most 256 MiB (what a slow watcher may hold)",
         )?;
         let a = &self.alarms;
+        check(
+            a.retention <= Duration::from_secs(100 * 365 * 86_400),
+            "alarms.retention",
+            "must be at most 100 years (0s keeps everything)",
+        )?;
         check(
             a.check_interval >= Duration::from_millis(100)
                 && a.check_interval <= Duration::from_secs(3600),

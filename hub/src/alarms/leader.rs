@@ -33,14 +33,28 @@ pub struct Leader {
     pub hub: Arc<AlarmHub>,
     pub settings: AlarmSettings,
     pub hub_id: Arc<str>,
+    /// The lease's time to live (ms), set by `run`.
+    pub ttl_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Leader {
     pub async fn run(self, stop: CancellationToken) {
         let sender = Sender::new(&self.settings.webhooks);
         let interval = self.settings.check_interval;
-        // The lease outlives three missed rounds.
-        let ttl = (interval.as_millis() as i64).saturating_mul(3).max(3_000);
+        // The lease outlives three missed rounds and a round of slow
+        // webhook attempts (it is renewed before each batch too).
+        let slowest = self
+            .settings
+            .webhooks
+            .iter()
+            .map(|w| w.timeout.as_millis() as i64)
+            .max()
+            .unwrap_or(0);
+        let ttl = (interval.as_millis() as i64)
+            .saturating_mul(3)
+            .max(3_000)
+            .max(slowest.saturating_mul(2) + 5_000);
+        self.ttl_ms.store(ttl, std::sync::atomic::Ordering::Relaxed);
         let mut pruned_at: Option<tokio::time::Instant> = None;
         let mut leading = false;
         loop {
@@ -108,7 +122,7 @@ impl Leader {
                 .inactivity_step(&rule, i.sensor.as_deref(), after)
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(op) = op {
+            for op in op.into_iter().flat_map(split_inactivity) {
                 self.ingest.alarm(op).await.map_err(|e| e.to_string())?;
             }
         }
@@ -168,6 +182,14 @@ impl Leader {
         }
         loop {
             let now = now_ms();
+            // Still the leader? (A long round must not outlive the lease.)
+            let ttl = self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if !matches!(
+                self.store.lease(LEASE, &self.hub_id, now, ttl).await,
+                Ok(true)
+            ) {
+                return;
+            }
             let due = match self.store.due_deliveries(now, DELIVERY_BATCH).await {
                 Ok(due) => due,
                 Err(e) => {
@@ -218,4 +240,38 @@ impl Leader {
             }
         }
     }
+}
+
+/// Alarms one inactivity op changes at most: a fleet going quiet at once
+/// is written in several short group commits, not one long one.
+const INACTIVITY_CHUNK: usize = 500;
+
+fn split_inactivity(op: AlarmOp) -> Vec<AlarmOp> {
+    let AlarmOp::Inactivity {
+        rule,
+        version,
+        raise,
+        clear,
+    } = op
+    else {
+        return vec![op];
+    };
+    let mut ops = Vec::new();
+    for chunk in raise.chunks(INACTIVITY_CHUNK) {
+        ops.push(AlarmOp::Inactivity {
+            rule,
+            version,
+            raise: chunk.to_vec(),
+            clear: Vec::new(),
+        });
+    }
+    for chunk in clear.chunks(INACTIVITY_CHUNK) {
+        ops.push(AlarmOp::Inactivity {
+            rule,
+            version,
+            raise: Vec::new(),
+            clear: chunk.to_vec(),
+        });
+    }
+    ops
 }

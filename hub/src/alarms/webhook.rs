@@ -64,8 +64,13 @@ impl Sender {
             next_ms: None,
         };
         let Some(hook) = self.hooks.get(&due.webhook) else {
-            // A webhook removed from the settings: nothing to send it to.
-            out.error = Some("no such webhook in the settings any more".into());
+            // Not in this hub's settings (removed, or another hub's): kept
+            // and looked at again in a minute, given up after a day.
+            out.error = Some("no such webhook in this hub's settings".into());
+            let age = now_ms.saturating_sub(due.created_ms);
+            if age < 86_400_000 {
+                out.next_ms = Some(now_ms + 60_000);
+            }
             return out;
         };
         let body = due.payload();

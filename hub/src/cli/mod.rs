@@ -2,6 +2,7 @@
 //! and `devices` are gRPC clients of a running hub; `demo` runs a hub and a
 //! simulated fleet in one process.
 
+mod alarm;
 pub mod certs;
 mod command;
 mod demo;
@@ -21,6 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub use crate::operator::{parse_bucket, parse_time};
+pub use alarm::{AlarmAction, run as alarm};
 pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
 use output::{BucketColumns, Format};
@@ -60,6 +62,10 @@ pub enum Command {
     /// A device's twin: get it, change its desired state, watch it.
     #[command(subcommand)]
     Twin(TwinAction),
+    /// Alarm rules and alarms: list, set and delete rules; list,
+    /// acknowledge, clear and watch alarms.
+    #[command(subcommand)]
+    Alarm(AlarmAction),
     /// Live tail of committed readings.
     Watch(WatchArgs),
     /// Show the live counters of a running hub.

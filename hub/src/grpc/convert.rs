@@ -286,6 +286,43 @@ pub fn live_readings(
         .collect()
 }
 
+/// An alarm as the Operator API sends it.
+pub fn alarm(a: &crate::alarms::Alarm) -> pb::Alarm {
+    pb::Alarm {
+        id: a.id,
+        rule_id: a.rule_id,
+        rule_version: a.rule_version,
+        rule: a.rule.clone(),
+        severity: a.severity.as_str().to_owned(),
+        device_id: a.device.clone(),
+        sensor: a.sensor.clone(),
+        state: a.state.as_str().to_owned(),
+        value: a.value,
+        last_value: a.last_value,
+        started_ms: a.started_ms,
+        raised_ms: a.raised_ms,
+        changed_ms: a.changed_ms,
+        count: a.count,
+        acked_ms: a.acked_ms,
+        acked_by: a.acked_by.clone().unwrap_or_default(),
+        ack_note: a.ack_note.clone().unwrap_or_default(),
+        cleared_ms: a.cleared_ms,
+        cleared_by: a.cleared_by.clone().unwrap_or_default(),
+        clear_note: a.clear_note.clone().unwrap_or_default(),
+    }
+}
+
+pub fn alarm_rule(r: &crate::alarms::Rule) -> pb::AlarmRule {
+    pb::AlarmRule {
+        id: r.id,
+        version: r.version,
+        name: r.spec.name.clone(),
+        rule_json: r.spec.to_json(),
+        created_ms: r.created_ms,
+        updated_ms: r.updated_ms,
+    }
+}
+
 #[cfg(test)]
 mod fuzz {
     //! Whatever bytes a device sends, decoding and validation never panic,

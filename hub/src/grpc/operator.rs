@@ -32,6 +32,155 @@ impl Operator for OperatorService {
     type WatchCommandStream = CommandStream;
     type WatchReadingsStream = LiveStream;
     type WatchTwinStream = TwinStream;
+    type WatchAlarmsStream = AnswerStream<pb::AlarmEvent>;
+
+    async fn put_alarm_rule(
+        &self,
+        request: Request<pb::PutAlarmRuleRequest>,
+    ) -> Result<Response<pb::AlarmRule>, Status> {
+        let by = caller(&request);
+        let rule = self
+            .ops
+            .put_alarm_rule_json(&request.into_inner().rule_json)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(rule = %rule.spec.name, version = rule.version, by, "alarm rule written");
+        Ok(Response::new(convert::alarm_rule(&rule)))
+    }
+
+    async fn delete_alarm_rule(
+        &self,
+        request: Request<pb::DeleteAlarmRuleRequest>,
+    ) -> Result<Response<pb::AlarmRule>, Status> {
+        let by = caller(&request);
+        let rule = self
+            .ops
+            .delete_alarm_rule(&request.into_inner().name)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(rule = %rule.spec.name, by, "alarm rule deleted");
+        Ok(Response::new(convert::alarm_rule(&rule)))
+    }
+
+    async fn list_alarm_rules(
+        &self,
+        _request: Request<pb::ListAlarmRulesRequest>,
+    ) -> Result<Response<pb::ListAlarmRulesResponse>, Status> {
+        let rules = self.ops.alarm_rules().await.map_err(convert::op_status)?;
+        Ok(Response::new(pb::ListAlarmRulesResponse {
+            rules: rules.iter().map(convert::alarm_rule).collect(),
+        }))
+    }
+
+    async fn list_alarms(
+        &self,
+        request: Request<pb::ListAlarmsRequest>,
+    ) -> Result<Response<pb::ListAlarmsResponse>, Status> {
+        use crate::alarms::{AlarmState, Severity};
+        let req = request.into_inner();
+        let mut states = Vec::new();
+        for s in &req.states {
+            match s.as_str() {
+                "open" => states.extend([AlarmState::Active, AlarmState::Acknowledged]),
+                s => states.push(AlarmState::parse(s).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "unknown state {s:?} (active, acknowledged, cleared, open)"
+                    ))
+                })?),
+            }
+        }
+        let severity = match req.severity.as_str() {
+            "" => None,
+            s => Some(Severity::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown severity {s:?} (critical, major, minor, warning)"
+                ))
+            })?),
+        };
+        let alarms = self
+            .ops
+            .alarms(crate::store::alarms::AlarmFilter {
+                states,
+                device: (!req.device_id.is_empty()).then_some(req.device_id),
+                rule: (!req.rule.is_empty()).then_some(req.rule),
+                severity,
+                before: req.before,
+                limit: req.limit,
+            })
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(pb::ListAlarmsResponse {
+            alarms: alarms.iter().map(convert::alarm).collect(),
+        }))
+    }
+
+    async fn ack_alarm(
+        &self,
+        request: Request<pb::AlarmActionRequest>,
+    ) -> Result<Response<pb::Alarm>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let alarm = self
+            .ops
+            .ack_alarm(req.id, &by, &req.note)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(convert::alarm(&alarm)))
+    }
+
+    async fn clear_alarm(
+        &self,
+        request: Request<pb::AlarmActionRequest>,
+    ) -> Result<Response<pb::Alarm>, Status> {
+        let by = caller(&request);
+        let req = request.into_inner();
+        let alarm = self
+            .ops
+            .clear_alarm(req.id, &by, &req.note)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(convert::alarm(&alarm)))
+    }
+
+    async fn watch_alarms(
+        &self,
+        request: Request<pb::WatchAlarmsRequest>,
+    ) -> Result<Response<Self::WatchAlarmsStream>, Status> {
+        use crate::operator::alarms::AlarmWatchEvent;
+        let req = request.into_inner();
+        let device = (!req.device_id.is_empty()).then_some(req.device_id);
+        let slot = self.ops.watch_slot().map_err(convert::op_status)?;
+        let mut watch = self.ops.watch_alarms(&slot, device.as_deref());
+        let stream = spawn_stream(&self.tracker, 16, move |mut tx| async move {
+            let _slot = slot;
+            let mut skipped = 0u64;
+            loop {
+                let event = tokio::select! {
+                    event = watch.next() => event,
+                    _ = tx.closed() => return,
+                };
+                let e = match event {
+                    Some(AlarmWatchEvent::Event(e)) => e,
+                    Some(AlarmWatchEvent::Missed(n)) => {
+                        skipped += n;
+                        continue;
+                    }
+                    None => return,
+                };
+                let event = pb::AlarmEvent {
+                    id: e.id,
+                    kind: e.kind.as_str().to_owned(),
+                    at_ms: e.at_ms,
+                    alarm: Some(convert::alarm(&e.alarm)),
+                    skipped: std::mem::take(&mut skipped),
+                };
+                if !tx.send(Ok(event)).await {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
 
     async fn query_readings(
         &self,

@@ -73,6 +73,11 @@ pub(crate) struct AlarmMsg {
     pub reply: oneshot::Sender<Result<AlarmOutcome, IngestError>>,
 }
 
+/// How often a writer on PostgreSQL reads the rules (and which apply to
+/// its devices) again: another hub's rule or tag change takes effect here
+/// within this.
+const RELOAD_SHARED: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A series rule in the form the evaluator uses.
 struct SeriesRule {
     rule: Arc<Rule>,
@@ -83,8 +88,10 @@ struct SeriesRule {
 pub(crate) struct AlarmWork {
     hub: Arc<AlarmHub>,
     webhooks: Vec<Arc<str>>,
-    /// The generation the rules were loaded at (None: not loaded).
+    /// The generation the rules were loaded at (None: not loaded), and
+    /// when.
     generation: Option<u64>,
+    loaded_at: Option<std::time::Instant>,
     rules: Vec<Arc<Rule>>,
     series: Vec<SeriesRule>,
     /// The series rules (indexes into `series`) that apply to a device.
@@ -108,6 +115,7 @@ impl AlarmWork {
             hub,
             webhooks,
             generation: None,
+            loaded_at: None,
             rules: Vec::new(),
             series: Vec::new(),
             by_device: HashMap::new(),
@@ -152,9 +160,13 @@ impl AlarmWork {
     /// Loads the rules when they may have changed.
     async fn rules(&mut self, tx: &mut WriteTx<'_>) -> Result<(), StoreError> {
         let generation = self.hub.generation();
-        if self.generation == Some(generation) {
+        // On PostgreSQL other hubs change rules and tags too: read again
+        // every RELOAD_SHARED.
+        let stale = tx.shared() && self.loaded_at.is_none_or(|t| t.elapsed() >= RELOAD_SHARED);
+        if self.generation == Some(generation) && !stale {
             return Ok(());
         }
+        self.loaded_at = Some(std::time::Instant::now());
         self.rules = tx.load_rules().await?.into_iter().map(Arc::new).collect();
         self.series = self
             .rules
@@ -389,11 +401,14 @@ impl AlarmWork {
         Ok(match op {
             AlarmOp::PutRule(spec) => {
                 out.rules_changed = true;
+                // Readings later in this group see the new rule.
+                self.generation = None;
                 AlarmOutcome::Rule(Box::new(tx.put_rule(spec, now).await?))
             }
             AlarmOp::DeleteRule(name) => match tx.delete_rule(name, now).await? {
                 Some((rule, cleared)) => {
                     out.rules_changed = true;
+                    self.generation = None;
                     for alarm in cleared {
                         self.event(tx, alarm, EventKind::Cleared, now, now, out)
                             .await?;

@@ -681,7 +681,10 @@ impl WriteTx<'_> {
     pub async fn prune_alarms(&mut self, cutoff: i64, limit: u32) -> Result<u64, StoreError> {
         let ids: Vec<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
             "SELECT id FROM alarms WHERE cleared_ms IS NOT NULL AND cleared_ms < $1 \
-             AND state = 'cleared' ORDER BY cleared_ms LIMIT $2",
+             AND state = 'cleared' AND NOT EXISTS (SELECT 1 FROM alarm_events e \
+             JOIN webhook_deliveries w ON w.event_id = e.id WHERE e.alarm_id = alarms.id \
+             AND w.delivered_ms IS NULL AND w.failed_ms IS NULL) \
+             ORDER BY cleared_ms LIMIT $2",
         )
         .bind(cutoff)
         .bind(i64::from(limit))
@@ -834,8 +837,9 @@ impl Store {
     /// The next time a pending delivery is due, if any.
     pub async fn next_delivery_ms(&self) -> Result<Option<i64>, StoreError> {
         Ok(with_pool!(&self.read, pool, _Db => sqlx::query_scalar(
-            "SELECT min(next_ms) FROM webhook_deliveries \
-             WHERE delivered_ms IS NULL AND failed_ms IS NULL",
+            "SELECT min(w.next_ms) FROM webhook_deliveries w \
+             JOIN alarm_events e ON e.id = w.event_id \
+             WHERE w.delivered_ms IS NULL AND w.failed_ms IS NULL",
         )
         .fetch_one(pool)
         .await?))
@@ -933,15 +937,20 @@ impl Store {
         let super::db::Pool::Postgres(pool) = &self.read else {
             return Ok(true);
         };
+        // The database's clock, not each hub's: hubs whose clocks differ
+        // still agree on when a lease ran out.
+        let _ = now;
         let got: Option<String> = sqlx::query_scalar(
-            "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3) \
+            "WITH t AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now) \
+             INSERT INTO leases (name, holder, expires_ms) SELECT $1, $2, t.now + $3 FROM t \
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms \
-             WHERE leases.holder = excluded.holder OR leases.expires_ms < $4 RETURNING holder",
+             WHERE leases.holder = excluded.holder \
+             OR leases.expires_ms < (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+             RETURNING holder",
         )
         .bind(name)
         .bind(holder)
-        .bind(now + ttl_ms)
-        .bind(now)
+        .bind(ttl_ms)
         .fetch_optional(pool)
         .await?;
         Ok(got.as_deref() == Some(holder))

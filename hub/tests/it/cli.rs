@@ -257,3 +257,75 @@ async fn twin_and_tag_commands_change_and_show_the_twin() {
         .unwrap_err();
     assert!(err.to_string().contains("where"), "{err}");
 }
+
+/// Runs `hub alarm ...` in-process; its JSON lines.
+async fn alarm_cli(args: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let mut argv = vec!["hub", "alarm"];
+    argv.extend_from_slice(args);
+    let Command::Alarm(action) = parse(&argv) else {
+        panic!("alarm args")
+    };
+    let mut out = Vec::new();
+    cli::alarm(&action, &mut out).await?;
+    Ok(String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarm_rules_and_alarms_through_the_cli() {
+    let hub = spawn_hub().await;
+    let url = hub.url();
+    let rule = alarm_cli(&[
+        "rule-set",
+        "--hub",
+        &url,
+        r#"{"name": "cli-hot", "severity": "critical", "threshold": {"sensor": "t", "raise": "> 5"}}"#,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(rule[0]["version"], 1);
+    assert_eq!(rule[0]["threshold"]["raise"], "> 5");
+    let err = alarm_cli(&["rule-set", "--hub", &url, r#"{"name": "x"}"#])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("severity"), "{err}");
+    let rules = alarm_cli(&["rules", "--hub", &url]).await.unwrap();
+    assert_eq!(rules.len(), 1);
+
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-alarm").await;
+    dev.send(batch(vec![reading(1, "t", now_ms() - 1_000, 9.0)]))
+        .await;
+    dev.ack_through(1).await;
+    let open = alarm_cli(&["list", "--hub", &url, "--state", "open"])
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0]["device_id"], "dev-alarm");
+    let id = open[0]["id"].to_string();
+    let acked = alarm_cli(&["ack", "--hub", &url, &id, "--note", "looking"])
+        .await
+        .unwrap();
+    assert_eq!(acked[0]["state"], "acknowledged");
+    assert_eq!(acked[0]["ack_note"], "looking");
+    let cleared = alarm_cli(&["clear", "--hub", &url, &id]).await.unwrap();
+    assert_eq!(cleared[0]["state"], "cleared");
+    assert!(
+        alarm_cli(&["list", "--hub", &url, "--state", "open"])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let gone = alarm_cli(&["rule-rm", "--hub", &url, "cli-hot"])
+        .await
+        .unwrap();
+    assert_eq!(gone[0]["name"], "cli-hot");
+    assert!(
+        alarm_cli(&["rules", "--hub", &url])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
