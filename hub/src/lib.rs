@@ -11,6 +11,8 @@
 //! committed readings, presence, command events ──▶ mqtt, http events, watchers (bounded broadcasts)
 //! twins: reported patches ride the ingest queue like batches; committed twin changes ──▶
 //!        twin::TwinHub ──▶ device streams (DesiredState), watchers, mqtt
+//! alarms: rules run on each group's rows in its commit ──▶ alarm events + webhook outbox
+//!        ──▶ alarms::AlarmHub (sse, mqtt, watchers); alarms::leader (inactivity, webhooks)
 //! ```
 //!
 //! - [`domain`]: plain types (DeviceId, Reading, ...); depends on nothing.
@@ -27,6 +29,10 @@
 //!   rules in `twin::doc` and the fleet filter in `twin::filter`); changes
 //!   are written by the ingest writer and handed to streams and watchers
 //!   after the commit.
+//! - [`alarms`]: rules (plain `alarms::rules`, `alarms::engine`) run on
+//!   each group's stored readings inside the writer's commit; the leader
+//!   task checks inactivity, delivers signed webhooks from the outbox and
+//!   prunes history.
 //! - [`store`]: sqlx on SQLite (the default) or PostgreSQL; one writer
 //!   connection per hub, a reader pool.
 //! - [`cluster`]: several hubs on one PostgreSQL database: claims and
