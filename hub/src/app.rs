@@ -506,7 +506,7 @@ async fn start_all(core: &Core, components: &mut Vec<Component>) -> anyhow::Resu
     let ops = Arc::new(operations(core, &storage, &commands));
     components.extend(start_bridge(core, &ops, &commands));
     components.extend(start_cluster(core, &storage.store, &commands).await?);
-    components.extend(start_jobs(core, &storage));
+    components.extend(start_jobs(core, &storage, &ops));
     let metrics_addr = match start_metrics(core, &storage).await? {
         Some((addr, component)) => {
             components.push(component);
@@ -769,7 +769,7 @@ async fn start_cluster(
 
 /// Jobs that run beside ingest: retention (its steps ride in the writer's
 /// groups, so it ends before the writer) and the periodic summary line.
-fn start_jobs(core: &Core, storage: &Storage) -> Vec<Component> {
+fn start_jobs(core: &Core, storage: &Storage, ops: &Arc<Operations>) -> Vec<Component> {
     let settings = &core.settings;
     let mut started = vec![
         Component::new(
@@ -793,6 +793,20 @@ fn start_jobs(core: &Core, storage: &Storage) -> Vec<Component> {
                     settings: settings.alarms.clone(),
                     hub_id: Arc::clone(&core.hub_id),
                     ttl_ms: std::sync::atomic::AtomicI64::new(0),
+                }
+                .run(core.stopping.clone()),
+            ),
+        )
+        .awaited_at(Phase::Background),
+    );
+    started.push(
+        Component::new(
+            "the job runner",
+            tokio::spawn(
+                crate::jobs::runner::Runner {
+                    ops: Arc::clone(ops),
+                    store: storage.store.clone(),
+                    hub_id: Arc::clone(&core.hub_id),
                 }
                 .run(core.stopping.clone()),
             ),

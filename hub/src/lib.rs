@@ -67,6 +67,7 @@ pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod mqtt;
 pub mod operator;

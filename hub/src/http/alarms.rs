@@ -39,9 +39,9 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
 /// README).
 #[derive(Serialize, ToSchema)]
 #[schema(value_type = Object)]
-pub(super) struct AnyJson(serde_json::Value);
+pub(super) struct AnyJson(pub(super) serde_json::Value);
 
-fn json<T: Serialize>(v: &T) -> Json<AnyJson> {
+pub(super) fn json<T: Serialize>(v: &T) -> Json<AnyJson> {
     Json(AnyJson(serde_json::to_value(v).unwrap_or_default()))
 }
 

@@ -14,6 +14,7 @@ mod alarms;
 mod api;
 mod console;
 mod events;
+mod jobs;
 mod openapi;
 mod serve;
 mod twin;
@@ -107,6 +108,7 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .merge(admin::routes())
         .merge(twin::routes())
         .merge(alarms::routes())
+        .merge(jobs::routes())
         .route("/openapi.json", axum::routing::get(openapi::openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(

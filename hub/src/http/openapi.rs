@@ -44,7 +44,12 @@ use super::{ApiError, api};
         super::alarms::get_alarm,
         super::alarms::ack_alarm,
         super::alarms::clear_alarm,
-        super::alarms::deliveries
+        super::alarms::deliveries,
+        super::jobs::create_job,
+        super::jobs::list_jobs,
+        super::jobs::get_job,
+        super::jobs::job_devices,
+        super::jobs::job_action
     ),
     components(schemas(
         api::ErrorBody,

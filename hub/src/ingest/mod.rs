@@ -12,6 +12,7 @@
 //! same device (takeover) are never stored twice.
 
 pub mod alarms;
+pub mod jobs;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -152,6 +153,7 @@ pub enum CredentialChange {
 pub(crate) enum WriterMsg {
     Batch(IngestBatch),
     Alarm(alarms::AlarmMsg),
+    Job(jobs::JobMsg),
     Reported(ReportedBatch),
     Twin {
         op: TwinOp,
@@ -220,6 +222,7 @@ impl WriterMsg {
             | WriterMsg::Credentials { .. }
             | WriterMsg::Reported(_)
             | WriterMsg::Alarm(_)
+            | WriterMsg::Job(_)
             | WriterMsg::Twin { .. } => 1,
             WriterMsg::Retain { step, .. } => step.limit as usize,
         }
@@ -235,6 +238,9 @@ impl WriterMsg {
                 let _ = reply.send(Err(IngestError::Storage));
             }
             WriterMsg::Alarm(msg) => {
+                let _ = msg.reply.send(Err(IngestError::Storage));
+            }
+            WriterMsg::Job(msg) => {
                 let _ = msg.reply.send(Err(IngestError::Storage));
             }
             WriterMsg::Register { reply, .. } => {
@@ -309,6 +315,12 @@ impl IngestQueue {
     /// next commit.
     pub async fn alarm(&self, op: alarms::AlarmOp) -> Result<alarms::AlarmOutcome, IngestError> {
         self.ask(|reply| WriterMsg::Alarm(alarms::AlarmMsg { op, reply }))
+            .await
+    }
+
+    /// A job change, in the writer's next commit.
+    pub async fn job(&self, op: jobs::JobOp) -> Result<jobs::JobOutcome, IngestError> {
+        self.ask(|reply| WriterMsg::Job(jobs::JobMsg { op, reply }))
             .await
     }
 

@@ -218,6 +218,7 @@ enum Outcome {
     },
     Twin(TwinOutcome),
     Alarm(AlarmOutcome),
+    Job(super::jobs::JobOutcome),
     /// Its session's epoch is no longer the device's: another hub (or a
     /// newer stream) claimed the device. Nothing of it is written.
     Fenced,
@@ -272,7 +273,10 @@ fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
                 }
                 Step::Run
             }
-            WriterMsg::Retain { .. } | WriterMsg::Twin { .. } | WriterMsg::Alarm(_) => Step::Run,
+            WriterMsg::Retain { .. }
+            | WriterMsg::Twin { .. }
+            | WriterMsg::Alarm(_)
+            | WriterMsg::Job(_) => Step::Run,
             WriterMsg::Reported(patch) if patch.ack.failed() => Step::Skip,
             WriterMsg::Reported(patch)
                 if epochs.get(&patch.device) != Some(&patch.epoch)
@@ -703,6 +707,9 @@ impl Writer {
                 (WriterMsg::Alarm(msg), Outcome::Alarm(outcome)) => {
                     let _ = msg.reply.send(Ok(outcome));
                 }
+                (WriterMsg::Job(msg), Outcome::Job(outcome)) => {
+                    let _ = msg.reply.send(Ok(outcome));
+                }
                 (WriterMsg::Batch(batch), Outcome::Fenced) => {
                     HubMetrics::add(&self.metrics.fenced, 1);
                     batch.ack.fence();
@@ -1130,6 +1137,10 @@ impl Writer {
                         .run(&mut tx, &msg.op, now, &mut changes.alarms)
                         .await?;
                     outcomes.push(Outcome::Alarm(outcome));
+                }
+                WriterMsg::Job(msg) => {
+                    let outcome = super::jobs::run(&mut tx, &msg.op, now).await?;
+                    outcomes.push(Outcome::Job(outcome));
                 }
                 WriterMsg::Twin { op, .. } => {
                     let (TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. }) = op;

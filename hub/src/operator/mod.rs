@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod alarms;
+pub mod jobs;
 mod live;
 mod twin;
 

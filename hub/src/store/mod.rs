@@ -12,6 +12,7 @@ pub mod blocks;
 pub mod codec;
 pub mod commands;
 mod db;
+pub mod jobs;
 mod partitions;
 pub mod twins;
 mod write;

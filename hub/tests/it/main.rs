@@ -13,6 +13,7 @@ mod crash;
 mod faults;
 mod harness;
 mod ingest;
+mod jobs;
 mod lifecycle;
 mod mqtt;
 mod openapi;
