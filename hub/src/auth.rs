@@ -66,7 +66,7 @@ pub fn required_role(method: &str) -> Role {
     match method {
         "QueryReadings" | "ListDevices" | "GetHubStats" | "WatchReadings" | "GetCommand"
         | "ListCommands" | "WatchCommand" | "GetTwin" | "WatchTwin" | "ListAlarmRules"
-        | "ListAlarms" | "WatchAlarms" => Role::Read,
+        | "ListAlarms" | "WatchAlarms" | "ListJobs" | "GetJob" | "ListJobDevices" => Role::Read,
         _ => Role::Admin,
     }
 }

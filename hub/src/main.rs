@@ -75,6 +75,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Command(action) => cli::command(&action, &mut std::io::stdout().lock()).await,
         Command::Twin(action) => ok(cli::twin(&action, &mut std::io::stdout().lock()).await),
         Command::Alarm(action) => ok(cli::alarm(&action, &mut std::io::stdout().lock()).await),
+        Command::Job(action) => ok(cli::job(&action, &mut std::io::stdout().lock()).await),
         Command::Demo(args) => {
             init_tracing("warn", LogFormat::Text);
             ok(cli::demo(args).await)

@@ -6,6 +6,7 @@ mod alarm;
 pub mod certs;
 mod command;
 mod demo;
+mod job;
 mod output;
 mod twin;
 
@@ -25,6 +26,7 @@ pub use crate::operator::{parse_bucket, parse_time};
 pub use alarm::{AlarmAction, run as alarm};
 pub use command::{CommandAction, run as command};
 pub use demo::{DemoArgs, demo};
+pub use job::{JobAction, run as job};
 use output::{BucketColumns, Format};
 pub use twin::{TagArgs, TwinAction, run as twin, tag};
 
@@ -66,6 +68,11 @@ pub enum Command {
     /// acknowledge, clear and watch alarms.
     #[command(subcommand)]
     Alarm(AlarmAction),
+    /// Fleet rollouts: create a job (a desired change or a command, at a
+    /// rate, with a concurrency and abort thresholds), list, show, pause,
+    /// resume, cancel.
+    #[command(subcommand)]
+    Job(JobAction),
     /// Live tail of committed readings.
     Watch(WatchArgs),
     /// Show the live counters of a running hub.

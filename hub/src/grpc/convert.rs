@@ -323,6 +323,43 @@ pub fn alarm_rule(r: &crate::alarms::Rule) -> pb::AlarmRule {
     }
 }
 
+/// A job as the Operator API sends it.
+pub fn job(j: &crate::store::jobs::Job) -> pb::Job {
+    let c = &j.counts;
+    pb::Job {
+        id: j.id,
+        name: j.name.clone(),
+        state: j.state.as_str().to_owned(),
+        reason: j.reason.clone().unwrap_or_default(),
+        total: j.total,
+        counts: Some(pb::JobCounts {
+            pending: c.pending,
+            in_progress: c.in_progress,
+            succeeded: c.succeeded,
+            failed: c.failed,
+            timed_out: c.timed_out,
+            cancelled: c.cancelled,
+        }),
+        created_ms: j.created_ms,
+        updated_ms: j.updated_ms,
+        finished_ms: j.finished_ms,
+        job_json: j.spec.to_json(),
+    }
+}
+
+pub fn job_device(d: &crate::store::jobs::JobDevice) -> pb::JobDevice {
+    pb::JobDevice {
+        device_id: d.device.clone(),
+        position: d.position,
+        state: d.state.clone(),
+        started_ms: d.started_ms,
+        finished_ms: d.finished_ms,
+        command_id: d.command_id.clone().unwrap_or_default(),
+        desired_version: d.desired_version.map(|v| v as u64),
+        detail: d.detail.clone().unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod fuzz {
     //! Whatever bytes a device sends, decoding and validation never panic,

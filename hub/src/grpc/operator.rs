@@ -34,6 +34,109 @@ impl Operator for OperatorService {
     type WatchTwinStream = TwinStream;
     type WatchAlarmsStream = AnswerStream<pb::AlarmEvent>;
 
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let by = caller(&request);
+        let job = self
+            .ops
+            .create_job_json(&request.into_inner().job_json)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(job = job.id, devices = job.total, by, "job created");
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 { 100 } else { req.limit };
+        let jobs = self
+            .ops
+            .jobs(req.active, limit)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self
+            .ops
+            .job(request.into_inner().id)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_job_devices(
+        &self,
+        request: Request<pb::ListJobDevicesRequest>,
+    ) -> Result<Response<pb::ListJobDevicesResponse>, Status> {
+        let req = request.into_inner();
+        let state = match req.state.as_str() {
+            "" => None,
+            s => Some(crate::jobs::DeviceState::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown state {s:?} (pending, in_progress, succeeded, failed, timed_out, cancelled)"
+                ))
+            })?),
+        };
+        let limit = if req.limit == 0 { 100 } else { req.limit };
+        let devices = self
+            .ops
+            .job_devices(req.id, state, req.after.unwrap_or(-1), limit)
+            .await
+            .map_err(convert::op_status)?;
+        Ok(Response::new(pb::ListJobDevicesResponse {
+            devices: devices.iter().map(convert::job_device).collect(),
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::JobActionRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let by = caller(&request);
+        let id = request.into_inner().id;
+        let job = self.ops.pause_job(id).await.map_err(convert::op_status)?;
+        tracing::info!(job = id, by, "job paused");
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::JobActionRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let by = caller(&request);
+        let id = request.into_inner().id;
+        let job = self.ops.resume_job(id).await.map_err(convert::op_status)?;
+        tracing::info!(job = id, by, "job resumed");
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::JobActionRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let by = caller(&request);
+        let id = request.into_inner().id;
+        let job = self
+            .ops
+            .cancel_job(id, &by)
+            .await
+            .map_err(convert::op_status)?;
+        tracing::info!(job = id, by, "job cancelled");
+        Ok(Response::new(convert::job(&job)))
+    }
+
     async fn put_alarm_rule(
         &self,
         request: Request<pb::PutAlarmRuleRequest>,

@@ -329,3 +329,68 @@ async fn alarm_rules_and_alarms_through_the_cli() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_through_the_cli() {
+    let hub = spawn_hub().await;
+    let url = hub.url();
+    let run = async |args: &[&str]| -> anyhow::Result<Vec<Value>> {
+        let mut argv = vec!["hub", "job"];
+        argv.extend_from_slice(args);
+        let Command::Job(action) = parse(&argv) else {
+            panic!("job args")
+        };
+        let mut out = Vec::new();
+        cli::job(&action, &mut out).await?;
+        Ok(String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect())
+    };
+    for id in ["cj-1", "cj-2"] {
+        hub.register_offline(id).await;
+        let mut ops = hub.operator().await;
+        ops.update_tags(telemetry_proto::v1::UpdateTagsRequest {
+            device_id: id.into(),
+            set: [("ring".to_owned(), "0".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    let err = run(&[
+        "create",
+        "--hub",
+        &url,
+        r#"{"name": "x", "target": {"tags": {"ring": "9"}}, "command": {"name": "ping"}}"#,
+    ])
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no device matches"), "{err}");
+    // Offline devices: the job starts them and waits (paused here first).
+    let job = run(&[
+        "create",
+        "--hub",
+        &url,
+        r#"{"name": "ring0", "target": {"tags": {"ring": "0"}}, "command": {"name": "ping"}, "rollout": {"per_minute": 1}}"#,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(job[0]["total"], 2);
+    let id = job[0]["id"].to_string();
+    let paused = run(&["pause", "--hub", &url, &id]).await.unwrap();
+    assert_eq!(paused[0]["state"], "paused");
+    let listed = run(&["list", "--hub", &url, "--active"]).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let shown = run(&["show", "--hub", &url, &id, "--devices"])
+        .await
+        .unwrap();
+    assert_eq!(shown.len(), 3, "the job and its 2 devices: {shown:?}");
+    assert_eq!(shown[1]["device_id"], "cj-1");
+    let cancelled = run(&["cancel", "--hub", &url, &id]).await.unwrap();
+    assert_eq!(cancelled[0]["state"], "cancelled");
+    assert_eq!(cancelled[0]["counts"]["cancelled"], 2, "{cancelled:?}");
+    let err = run(&["resume", "--hub", &url, &id]).await.unwrap_err();
+    assert!(err.to_string().contains("FailedPrecondition"), "{err}");
+}
