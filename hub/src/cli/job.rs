@@ -60,7 +60,7 @@ pub enum JobAction {
 }
 
 fn job_json(j: &pb::Job) -> Value {
-    let c = j.counts.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
     let spec: Value = serde_json::from_str(&j.job_json).unwrap_or(Value::Null);
     json!({
         "id": j.id, "name": j.name, "state": j.state, "reason": j.reason, "total": j.total,
