@@ -1,6 +1,7 @@
 // telemetry-hub web console: plain JavaScript over the hub's /api/v1.
-// Pages: fleet (#/, with the out-of-sync count and fleet filters), device
-// (#/devices/ID, with its twin), commands (#/commands), hub (#/hub).
+// Pages: fleet (#/, with the out-of-sync count, fleet filters and alarm
+// badges), device (#/devices/ID, with its twin and open alarms), alarms
+// (#/alarms), jobs (#/jobs), commands (#/commands), hub (#/hub).
 // Everything shown comes from the API; every failure shows as a message.
 "use strict";
 
@@ -248,6 +249,12 @@ function route() {
   if ((m = hash.match(/^#\/devices\/(.+)$/))) {
     nav = "fleet";
     leave = devicePage(decodeURIComponent(m[1]));
+  } else if (hash.startsWith("#/alarms")) {
+    nav = "alarms";
+    leave = alarmsPage();
+  } else if (hash.startsWith("#/jobs")) {
+    nav = "jobs";
+    leave = jobsPage();
   } else if (hash.startsWith("#/commands")) {
     nav = "commands";
     leave = commandsPage();
@@ -276,6 +283,7 @@ function fleetPage() {
   const rate = h("div", { class: "value", id: "readings-rate" }, "…");
   const stored = h("div", { class: "value", id: "readings-stored" }, "…");
   const unsynced = h("div", { class: "value", id: "out-of-sync-count" }, "…");
+  const alarmed = h("div", { class: "value", id: "alarmed-count" }, "…");
   const rateChartEl = h("div", { class: "chart", id: "rate-chart" });
   const search = h("input", { type: "search", placeholder: "Search id, firmware or tag", id: "device-search" });
   // A fleet filter, answered by the hub (README "Fleet filters").
@@ -289,6 +297,7 @@ function fleetPage() {
     ["last_seen_ms", "Last seen"],
     ["readings", "Readings", "num"],
     ["in_sync", "Twin"],
+    ["alarms", "Alarms"],
     ["firmware", "Firmware", "hide-narrow"],
     ["tags", "Tags", "hide-narrow"],
   ];
@@ -311,7 +320,8 @@ function fleetPage() {
       h("div", { class: "card" }, total, h("div", { class: "label" }, "devices")),
       h("div", { class: "card" }, rate, h("div", { class: "label" }, "readings/s")),
       h("div", { class: "card" }, stored, h("div", { class: "label" }, "readings stored")),
-      h("div", { class: "card" }, unsynced, h("div", { class: "label" }, "out of sync"))),
+      h("div", { class: "card" }, unsynced, h("div", { class: "label" }, "out of sync")),
+      h("div", { class: "card" }, alarmed, h("div", { class: "label" }, h("a", { href: "#/alarms" }, "devices with open alarms")))),
     h("div", { class: "panel" }, h("h2", {}, "Readings per second"), rateChartEl),
     h("div", { class: "panel" },
       h("div", { class: "toolbar" }, search, where,
@@ -323,6 +333,18 @@ function fleetPage() {
   onlyUnsynced.addEventListener("change", () => load());
 
   let devices = [];
+  let alarmsOf = new Map(); // device -> {open, severity}
+  async function loadAlarms() {
+    try {
+      const res = await api("/alarms/summary");
+      alarmsOf = new Map(res.devices.map((d) => [d.device, d]));
+      alarmed.textContent = fmtNum(alarmsOf.size);
+      for (const d of devices) d.alarms = alarmsOf.has(d.device_id) ? alarmsOf.get(d.device_id).open : 0;
+      draw();
+    } catch (e) {
+      pageError(e);
+    }
+  }
   const rateChart = makeChart(rateChartEl, "", ["readings/s"], false, 600e3);
   charts.add(rateChart);
   const xs = [];
@@ -357,6 +379,7 @@ function fleetPage() {
         h("td", { title: fmtTime(d.last_seen_ms) }, d.online ? "now" : fmtAgo(d.last_seen_ms)),
         h("td", { class: "num" }, fmtNum(d.readings)),
         h("td", {}, h("span", { class: "badge " + (d.in_sync ? "in-sync" : "out-of-sync") }, d.in_sync ? "in sync" : "out of sync")),
+        h("td", {}, alarmBadge(alarmsOf.get(d.device_id))),
         h("td", { class: "hide-narrow" }, d.firmware),
         h("td", { class: "hide-narrow" }, Object.entries(d.tags).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))))));
     if (!filtered()) {
@@ -390,12 +413,14 @@ function fleetPage() {
         after = res.next_after;
       }
       devices = all;
+      for (const d of devices) d.alarms = alarmsOf.has(d.device_id) ? alarmsOf.get(d.device_id).open : 0;
       draw();
     } catch (e) {
       pageError(e);
     }
   }
   load();
+  loadAlarms();
   const refresh = setInterval(load, 10000);
   // Devices never seen before reload the list, at most once a second.
   let reloadSoon = null;
@@ -407,8 +432,12 @@ function fleetPage() {
       }, 1000);
     }
   }
-  const stop = openEvents("kinds=presence,stats", {
+  let alarmsSoon = null;
+  const stop = openEvents("kinds=presence,stats,alarm", {
     open: load,
+    alarm: () => {
+      if (!alarmsSoon) alarmsSoon = setTimeout(() => { alarmsSoon = null; loadAlarms(); }, 300);
+    },
     presence: (p) => {
       const d = devices.find((x) => x.device_id === p.device_id);
       if (d) {
@@ -442,8 +471,204 @@ function fleetPage() {
   return () => {
     clearInterval(refresh);
     clearTimeout(reloadSoon);
+    clearTimeout(alarmsSoon);
     stop();
   };
+}
+
+const SEVERITY_RANK = { critical: 0, major: 1, minor: 2, warning: 3 };
+
+function alarmBadge(summary) {
+  if (!summary) return h("span", { class: "muted" }, "—");
+  return h("a", { href: "#/alarms?device=" + encodeURIComponent(summary.device) },
+    h("span", { class: "badge sev-" + summary.severity, "data-alarms": summary.open },
+      summary.open + " " + summary.severity));
+}
+
+// The open-alarm count in the navigation, kept up to date on every page.
+async function refreshAlarmCount() {
+  const el = document.getElementById("alarm-count");
+  try {
+    const res = await api("/alarms/summary");
+    const n = res.devices.reduce((a, d) => a + d.open, 0);
+    el.textContent = n;
+    el.hidden = n === 0;
+  } catch (e) {
+    /* shown by the page */
+  }
+}
+setInterval(refreshAlarmCount, 5000);
+refreshAlarmCount();
+
+// Alarms: filterable, live; acknowledge and clear with a note.
+function alarmsPage() {
+  const params = new URLSearchParams((location.hash.split("?")[1]) || "");
+  const stateSel = h("select", { id: "alarm-state" },
+    [["open", "open"], ["active", "active"], ["acknowledged", "acknowledged"], ["cleared", "cleared"], ["", "any state"]]
+      .map(([v, l]) => h("option", { value: v }, l)));
+  const sevSel = h("select", { id: "alarm-severity" }, h("option", { value: "" }, "any severity"),
+    ["critical", "major", "minor", "warning"].map((s) => h("option", { value: s }, s)));
+  const deviceIn = h("input", { type: "search", id: "alarm-device", placeholder: "Device id", value: params.get("device") || "" });
+  const ruleIn = h("input", { type: "search", id: "alarm-rule", placeholder: "Rule" });
+  const tbody = h("tbody", { id: "alarm-rows" });
+  const rulesBody = h("tbody", { id: "rule-rows" });
+  view.replaceChildren(
+    h("div", { class: "panel" }, h("h2", {}, "Alarms"),
+      h("div", { class: "toolbar" }, stateSel, sevSel, deviceIn, ruleIn),
+      h("table", {}, h("thead", {}, h("tr", {},
+        h("th", {}, "Severity"), h("th", {}, "Device"), h("th", {}, "Rule"), h("th", {}, "State"),
+        h("th", { class: "num" }, "Value"), h("th", {}, "Since"), h("th", { class: "num hide-narrow" }, "Count"),
+        h("th", { class: "hide-narrow" }, "Note"), h("th", {}, ""))), tbody)),
+    h("div", { class: "panel" }, h("h2", {}, "Rules"),
+      h("table", {}, h("thead", {}, h("tr", {},
+        h("th", {}, "Rule"), h("th", {}, "Severity"), h("th", {}, "Watches"), h("th", { class: "hide-narrow" }, "Target"),
+        h("th", { class: "num" }, "Version"))), rulesBody)),
+  );
+  let rows = [];
+  function watches(r) {
+    if (r.threshold) return r.threshold.sensor + " " + r.threshold.raise + (r.threshold.raise_for ? " for " + r.threshold.raise_for : "");
+    if (r.rate) return r.rate.sensor + " change/min " + r.rate.raise + " over " + r.rate.window;
+    if (r.inactivity) return "silent " + r.inactivity.after + (r.inactivity.sensor ? " (" + r.inactivity.sensor + ")" : "");
+    return "";
+  }
+  async function act(a, what) {
+    const note = prompt((what === "ack" ? "Acknowledge" : "Clear") + " alarm " + a.id + " (" + a.rule + " on " + a.device + "). Note:", "");
+    if (note === null) return;
+    try {
+      await api("/alarms/" + a.id + "/" + what, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ note }),
+      });
+      load();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  function draw() {
+    tbody.replaceChildren(...rows.map((a) => h("tr", { "data-alarm": a.id },
+      h("td", {}, h("span", { class: "badge sev-" + a.severity }, a.severity)),
+      h("td", {}, h("a", { href: "#/devices/" + encodeURIComponent(a.device) }, a.device)),
+      h("td", { title: a.sensor ? "sensor " + a.sensor : "" }, a.rule),
+      h("td", {}, h("span", { class: "badge alarm-" + a.state }, a.state)),
+      h("td", { class: "num" }, a.value === null || a.value === undefined ? "—" : fmtNum(a.value)),
+      h("td", { title: fmtTime(a.started_ms) }, fmtAgo(a.started_ms)),
+      h("td", { class: "num hide-narrow" }, a.count),
+      h("td", { class: "hide-narrow" }, a.clear_note || a.ack_note || ""),
+      h("td", {},
+        a.state === "active" ? h("button", { type: "button", class: "secondary", "data-act": "ack", onclick: () => act(a, "ack") }, "Ack") : null,
+        a.state !== "cleared" ? h("button", { type: "button", class: "secondary", "data-act": "clear", onclick: () => act(a, "clear") }, "Clear") : null))));
+  }
+  async function load() {
+    const q = new URLSearchParams({ limit: "500" });
+    if (stateSel.value) q.set("state", stateSel.value);
+    if (sevSel.value) q.set("severity", sevSel.value);
+    if (deviceIn.value.trim()) q.set("device", deviceIn.value.trim());
+    if (ruleIn.value.trim()) q.set("rule", ruleIn.value.trim());
+    try {
+      rows = (await api("/alarms?" + q)).alarms;
+      draw();
+      refreshAlarmCount();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  async function loadRules() {
+    try {
+      const rules = (await api("/alarm-rules")).rules;
+      rulesBody.replaceChildren(...rules.map((r) => h("tr", { "data-rule": r.name },
+        h("td", { title: r.description || "" }, r.name),
+        h("td", {}, h("span", { class: "badge sev-" + r.severity }, r.severity)),
+        h("td", {}, watches(r)),
+        h("td", { class: "hide-narrow" }, r.target && r.target.device ? r.target.device
+          : Object.entries((r.target && r.target.tags) || {}).map(([k, v]) => k + "=" + v).join(" ") || "every device"),
+        h("td", { class: "num" }, r.version))));
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  for (const el of [stateSel, sevSel, deviceIn, ruleIn]) el.addEventListener("change", load);
+  load();
+  loadRules();
+  let soon = null;
+  const stop = openEvents("kinds=alarm", {
+    open: load,
+    alarm: () => {
+      if (!soon) soon = setTimeout(() => { soon = null; load(); }, 200);
+    },
+    resync: load,
+  });
+  return () => {
+    clearTimeout(soon);
+    stop();
+  };
+}
+
+// Jobs: progress bars, pause / resume / cancel, and a new job from JSON.
+function jobsPage() {
+  const list = h("div", { id: "job-list" });
+  const specIn = h("textarea", { id: "job-spec", rows: 6,
+    placeholder: '{"name": "fw-1.4", "target": {"tags": {"site": "plant-7"}}, "desired": {"firmware": "1.4"},\n "rollout": {"per_minute": 60}, "concurrency": 10, "abort": {"failed_percent": 10}}' });
+  view.replaceChildren(
+    h("div", { class: "panel" }, h("h2", {}, "Jobs"), list),
+    h("div", { class: "panel" }, h("h2", {}, "New job"),
+      h("div", { class: "twin-edit" }, h("label", {}, "The job (JSON; README \"Jobs\")", specIn,
+        h("button", { type: "button", id: "job-create", onclick: () => create() }, "Create")))),
+  );
+  async function create() {
+    try {
+      await api("/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: specIn.value });
+      specIn.value = "";
+      load();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  async function act(job, what) {
+    if (what === "cancel" && !confirm("Cancel job " + job.id + " (" + job.name + ")?")) return;
+    try {
+      await api("/jobs/" + job.id + "/" + what, { method: "POST" });
+      load();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  function draw(jobs) {
+    if (!jobs.length) {
+      list.replaceChildren(h("p", { class: "muted" }, "No jobs yet."));
+      return;
+    }
+    list.replaceChildren(...jobs.map((j) => {
+      const c = j.counts;
+      const done = c.succeeded + c.failed + c.timed_out + c.cancelled;
+      const pct = (n) => (j.total ? (100 * n / j.total) : 0).toFixed(1) + "%";
+      const active = j.state === "in_progress" || j.state === "paused";
+      return h("div", { class: "job", "data-job": j.id },
+        h("div", { class: "job-head" },
+          h("strong", {}, "#" + j.id + " " + j.name), " ",
+          h("span", { class: "badge job-" + j.state }, j.state.replace("_", " ")), " ",
+          h("span", { class: "muted" }, done + " / " + j.total + " done · " + c.succeeded + " succeeded · " +
+            (c.failed + c.timed_out) + " failed · " + c.in_progress + " in progress"),
+          j.reason ? h("span", { class: "muted" }, " — " + j.reason) : null,
+          h("span", { class: "job-actions" },
+            j.state === "in_progress" ? h("button", { type: "button", class: "secondary", onclick: () => act(j, "pause") }, "Pause") : null,
+            j.state === "paused" ? h("button", { type: "button", class: "secondary", onclick: () => act(j, "resume") }, "Resume") : null,
+            active ? h("button", { type: "button", class: "secondary", onclick: () => act(j, "cancel") }, "Cancel") : null)),
+        h("div", { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": j.total, "aria-valuenow": done },
+          h("span", { class: "ok", style: "width:" + pct(c.succeeded) }),
+          h("span", { class: "bad", style: "width:" + pct(c.failed + c.timed_out) }),
+          h("span", { class: "cancelled", style: "width:" + pct(c.cancelled) }),
+          h("span", { class: "running", style: "width:" + pct(c.in_progress) })));
+    }));
+  }
+  async function load() {
+    try {
+      draw((await api("/jobs?limit=50")).jobs);
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  load();
+  const timer = setInterval(load, 1000);
+  return () => clearInterval(timer);
 }
 
 // Device: one chart per sensor (live last hour, or a longer bucketed
@@ -516,8 +741,11 @@ function devicePage(id) {
   async function loadHead() {
     try {
       const d = await api("/devices/" + enc);
+      const open = (await api("/alarms?state=open&limit=50&device=" + enc)).alarms;
       head.replaceChildren(
-        h("h2", {}, d.device_id, " ", h("span", { class: "badge " + (d.online ? "online" : "offline"), id: "device-online" }, d.online ? "online" : "offline")),
+        h("h2", {}, d.device_id, " ", h("span", { class: "badge " + (d.online ? "online" : "offline"), id: "device-online" }, d.online ? "online" : "offline"),
+          h("span", { id: "device-alarms" }, open.flatMap((a) => [" ", h("a", { href: "#/alarms?device=" + enc },
+            h("span", { class: "badge sev-" + a.severity, title: a.state + " since " + fmtTime(a.started_ms) }, a.rule + (a.sensor ? " (" + a.sensor + ")" : "")))]))),
         h("dl", { class: "kv" },
           h("dt", {}, "Firmware"), h("dd", {}, d.firmware || "—"),
           h("dt", {}, "Tags"), h("dd", {}, Object.entries(d.tags).map(([k, v]) => h("span", { class: "label-chip" }, k + "=" + v))),
@@ -808,7 +1036,8 @@ function devicePage(id) {
   loadHead();
   loadTwin();
   loadCharts().then(() => {
-    stopEvents = openEvents("kinds=readings,commands,presence,twin&device=" + enc, {
+    stopEvents = openEvents("kinds=readings,commands,presence,twin,alarm&device=" + enc, {
+      alarm: () => loadHead(),
       open: () => {
         loadHead();
         loadTwin();

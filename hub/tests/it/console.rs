@@ -462,3 +462,102 @@ async fn the_console_shows_twins_side_by_side_and_edits_desired_state_and_tags()
     );
     fleet.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_alarms_live_acknowledges_them_and_shows_job_progress() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let hub = spawn_hub().await;
+    let console = hub.http_url();
+    crate::alarms::put_rule(
+        &console,
+        "console-hot",
+        json!({"severity": "critical", "threshold": {"sensor": "t", "raise": "> 50"}}),
+    )
+    .await;
+    let (mut dev, _) = RawDevice::connect(&hub, "con-al").await;
+    browser.goto(&format!("{console}/#/alarms")).await;
+    browser
+        .wait_for(
+            "the rules table",
+            "return !!document.querySelector('#rule-rows tr[data-rule=\"console-hot\"]');",
+        )
+        .await;
+    // Raised while the page is open: it appears live.
+    dev.send(batch(vec![reading(1, "t", now_ms() - 1_000, 60.0)]))
+        .await;
+    dev.ack_through(1).await;
+    browser
+        .wait_for(
+            "the alarm row",
+            "const r = document.querySelector('#alarm-rows tr');
+             return !!r && r.textContent.includes('con-al') && r.textContent.includes('active');",
+        )
+        .await;
+    browser
+        .js("window.prompt = () => 'looking'; return true;")
+        .await;
+    browser.click("#alarm-rows button[data-act=ack]").await;
+    browser
+        .wait_for(
+            "acknowledged",
+            "const r = document.querySelector('#alarm-rows tr');
+             return !!r && r.textContent.includes('acknowledged') && r.textContent.includes('looking');",
+        )
+        .await;
+    // The fleet page shows the device's badge; the device page its alarm.
+    browser.goto(&format!("{console}/#/")).await;
+    browser
+        .wait_for(
+            "the fleet's alarm badge",
+            "const b = document.querySelector('#device-rows tr[data-device=\"con-al\"] [data-alarms]');
+             return !!b && b.textContent.includes('critical')
+                 && document.getElementById('alarmed-count').textContent === '1';",
+        )
+        .await;
+    browser.goto(&format!("{console}/#/devices/con-al")).await;
+    browser
+        .wait_for(
+            "the device's alarm badge",
+            "const b = document.getElementById('device-alarms');
+             return !!b && b.textContent.includes('console-hot');",
+        )
+        .await;
+
+    // Jobs: a job over an offline device stays in progress with its bar.
+    hub.register_offline("con-job").await;
+    hub.operator()
+        .await
+        .update_tags(pb::UpdateTagsRequest {
+            device_id: "con-job".into(),
+            set: [("ring".to_owned(), "c".to_owned())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap();
+    browser.goto(&format!("{console}/#/jobs")).await;
+    browser
+        .js(r#"document.getElementById('job-spec').value = '{"name": "console-job", "target": {"tags": {"ring": "c"}}, "command": {"name": "ping"}}'; return true;"#)
+        .await;
+    browser.click("#job-create").await;
+    browser
+        .wait_for(
+            "the job's progress bar",
+            "const j = document.querySelector('.job');
+             return !!j && j.textContent.includes('console-job') && !!j.querySelector('.progress')
+                 && j.querySelector('.progress').getAttribute('aria-valuemax') === '1';",
+        )
+        .await;
+    browser.screenshot("jobs").await;
+    assert!(
+        browser
+            .js("return document.getElementById('error').hidden;")
+            .await
+            == true,
+        "no error was shown: {}",
+        browser
+            .js("return document.getElementById('error').textContent;")
+            .await
+    );
+}
