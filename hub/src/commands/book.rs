@@ -274,6 +274,11 @@ impl CommandBook {
         Ok(rec)
     }
 
+    /// An open command by id.
+    pub fn get_open(&self, command_id: &str) -> Option<CommandRecord> {
+        self.open.get(command_id).map(|o| o.rec.clone())
+    }
+
     /// A device stream is live. An Attach of a stream older than one already
     /// seen arrived late (its takeover happened meanwhile): refused, so it
     /// cannot take the live stream's commands; its outbox just closes.
@@ -695,6 +700,7 @@ mod tests {
             ttl: Duration,
         ) -> Result<(CommandRecord, Batch), CommandError> {
             let cmd = NewCommand {
+                id: None,
                 device_id: device.into(),
                 name: "ping".into(),
                 params: String::new(),

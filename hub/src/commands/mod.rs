@@ -94,6 +94,10 @@ pub struct NewCommand {
     pub params: String,
     /// None = the default TTL.
     pub ttl: Option<Duration>,
+    /// The caller's id for it (an idempotency key, e.g. a job's): sent
+    /// again with the same id, the command is not created twice; the one
+    /// there is returned. None: a new random id.
+    pub id: Option<String>,
 }
 
 /// What goes down a device's stream.
@@ -421,7 +425,12 @@ impl CommandActor {
             Request::Written { .. } | Request::Reply { .. } | Request::Refresh { .. }
                 if self.stale => {}
             Request::Send { cmd, reply } => match self.create(cmd, batch).await {
-                Ok(rec) => batch.answers.push((reply, rec)),
+                Ok((rec, true)) => batch.answers.push((reply, rec)),
+                // Already there (sent again under its id): nothing to
+                // commit, answered now.
+                Ok((rec, false)) => {
+                    let _ = reply.send(Ok(rec));
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
@@ -503,18 +512,35 @@ impl CommandActor {
     }
 
     /// Checks a command (the core's rules, [`book::checked`]) and that its
-    /// device exists, then queues it.
+    /// device exists, then queues it; with the caller's id of a command
+    /// already there, that one. Whether it is new.
     async fn create(
         &mut self,
         cmd: NewCommand,
         batch: &mut Batch,
-    ) -> Result<CommandRecord, CommandError> {
+    ) -> Result<(CommandRecord, bool), CommandError> {
         let (params, ttl) = book::checked(&cmd, &self.settings)?;
+        if let Some(id) = &cmd.id {
+            if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+                return Err(CommandError::Invalid(
+                    "a command id is 1 to 128 bytes without control characters".into(),
+                ));
+            }
+            if let Some(rec) = self.book.get_open(id).or(self.final_record(id).await?) {
+                if rec.device_id != cmd.device_id || rec.name != cmd.name {
+                    return Err(CommandError::Invalid(format!(
+                        "command id {id:?} is taken by another command"
+                    )));
+                }
+                return Ok((rec, false));
+            }
+        }
         if self.devices.find_device(&cmd.device_id).await?.is_none() {
             return Err(CommandError::UnknownDevice(cmd.device_id));
         }
-        self.book
-            .create(cmd, params, ttl, new_command_id(), now_ms(), batch)
+        let id = cmd.id.clone().unwrap_or_else(new_command_id);
+        let rec = self.book.create(cmd, params, ttl, id, now_ms(), batch)?;
+        Ok((rec, true))
     }
 
     /// Deletes a step of old final commands when retention is due.
@@ -716,6 +742,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_sent_again_under_its_id_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (commands, stop) = actor(&dir).await;
+        let send = |id: &str, name: &str| NewCommand {
+            id: Some(id.into()),
+            device_id: "dev".into(),
+            name: name.into(),
+            params: String::new(),
+            ttl: None,
+        };
+        let first = commands.send(send("job-1-dev", "ping")).await.unwrap();
+        assert_eq!(first.command_id, "job-1-dev");
+        let again = commands.send(send("job-1-dev", "ping")).await.unwrap();
+        assert_eq!(again, first, "the one already there");
+        let listed = commands
+            .list(&crate::store::commands::CommandFilter {
+                device_id: Some("dev".into()),
+                state: None,
+                since_ms: None,
+                until_ms: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        // Final, too: still the one there. Another command cannot take it.
+        commands.cancel("job-1-dev").await.unwrap();
+        let after = commands.send(send("job-1-dev", "ping")).await.unwrap();
+        assert_eq!(after.state, CommandState::Cancelled);
+        assert!(matches!(
+            commands.send(send("job-1-dev", "reboot")).await,
+            Err(CommandError::Invalid(_))
+        ));
+        stop.cancel();
+    }
+
+    #[tokio::test]
     async fn a_late_attach_of_an_older_stream_cannot_take_the_commands() {
         let dir = tempfile::tempdir().unwrap();
         let (commands, stop) = actor(&dir).await;
@@ -725,6 +788,7 @@ mod tests {
         let mut older = commands.attach(&device, 1).await;
         let cmd = commands
             .send(NewCommand {
+                id: None,
                 device_id: "dev".into(),
                 name: "ping".into(),
                 params: String::new(),

@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 
 use super::IngestError;
 use crate::jobs::{JobSpec, JobState};
-use crate::store::jobs::{DeviceResult, Sent};
+use crate::store::jobs::{DeviceResult, Start};
 use crate::store::{StoreError, WriteTx};
 
 #[derive(Debug, Clone)]
@@ -17,11 +17,7 @@ pub enum JobOp {
     },
     Start {
         job: i64,
-        devices: Vec<String>,
-    },
-    Sent {
-        job: i64,
-        sent: Vec<Sent>,
+        starts: Vec<Start>,
     },
     Results {
         job: i64,
@@ -38,6 +34,8 @@ pub enum JobOp {
 #[derive(Debug, Clone)]
 pub enum JobOutcome {
     Created(i64),
+    /// The devices a Start claimed.
+    Started(Vec<String>),
     Done,
     /// Whether the job's state moved.
     Moved(bool),
@@ -57,13 +55,8 @@ pub(crate) async fn run(
         JobOp::Create { spec, devices } => {
             JobOutcome::Created(tx.create_job(spec, devices, now).await?)
         }
-        JobOp::Start { job, devices } => {
-            tx.start_job_devices(*job, devices, now).await?;
-            JobOutcome::Done
-        }
-        JobOp::Sent { job, sent } => {
-            tx.job_sent(*job, sent).await?;
-            JobOutcome::Done
+        JobOp::Start { job, starts } => {
+            JobOutcome::Started(tx.start_job_devices(*job, starts, now).await?)
         }
         JobOp::Results { job, results } => {
             tx.finish_job_devices(*job, results, now).await?;

@@ -8,11 +8,15 @@
 //!   ([`reported_matches`]).
 //! - Every state change is written by the ingest writer (`store::jobs`);
 //!   [`runner`] drives active jobs (one hub: on PostgreSQL the holder of the
-//!   `jobs` lease). A device is marked in progress *before* anything is
-//!   sent to it, and what was sent (the command id, the desired version)
-//!   after: a runner that finds a device in progress with nothing recorded
-//!   (a crash between the two) looks for what it sent before sending, so a
-//!   restart sends nothing twice.
+//!   `jobs` lease). A device is claimed (pending -> in progress) *before*
+//!   anything is sent to it, together with what will be sent: a command
+//!   under an id chosen then (the commands core creates a command once per
+//!   id), or the desired change that makes the version after the one read
+//!   then (sent with that `if_version`). Sending is idempotent: a runner
+//!   that finds a device in progress whose command is not there, or whose
+//!   desired version is behind, sends again, and a second copy is refused
+//!   by the id or the version. A restart, or two runners at once during a
+//!   lease handover, sends nothing twice.
 
 pub mod runner;
 
@@ -255,8 +259,8 @@ impl JobSpec {
                  max_per_minute from per_minute to 600000",
             );
         }
-        if !(1..=10_000).contains(&self.concurrency) {
-            return bad("concurrency is 1 to 10000");
+        if !(1..=1_000).contains(&self.concurrency) {
+            return bad("concurrency is 1 to 1000");
         }
         if self.timeout < Duration::from_secs(1) || self.timeout > Duration::from_secs(7 * 86_400) {
             return bad("timeout is 1s to 7d");

@@ -3,29 +3,34 @@
 //! abort thresholds, and starts the next devices as the rate and the
 //! concurrency allow. One hub does it: on PostgreSQL the holder of the
 //! `jobs` lease (on the database's clock; another hub takes over when it
-//! expires). Every decision is written through the writer before (a
-//! device started) and after (what was sent, results) the IO it stands
-//! for, so a restart resumes where the rows say, sending nothing twice.
+//! expires), and a round stops before the lease could have run out.
+//!
+//! A device is claimed with what it will be sent (a command id, or the
+//! desired version the change makes) before anything is sent, and sending
+//! is idempotent (module docs of [`super`]): whatever a crash or a lease
+//! handover interrupts, the next round sends what is missing, once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeviceState, JobState, Pacer, abort_reason, desired_holds, reported_matches};
+use super::{DeviceState, JobState, Pacer, abort_reason, reported_matches};
 use crate::domain::{CommandState, now_ms};
-use crate::ingest::jobs::JobOp;
-use crate::operator::{OpError, Operations};
+use crate::ingest::jobs::{JobOp, JobOutcome};
+use crate::operator::{ErrorCode, OpError, Operations};
 use crate::store::Store;
-use crate::store::commands::CommandFilter;
-use crate::store::jobs::{DeviceResult, Job, JobDevice, Sent};
+use crate::store::jobs::{DeviceResult, Job, JobDevice, Start};
 
 const LEASE: &str = "jobs";
-const LEASE_TTL_MS: i64 = 5_000;
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// A round stops this long before the lease it began under runs out.
+const LEASE_MARGIN: Duration = Duration::from_millis(1500);
 const TICK: Duration = Duration::from_millis(100);
-/// Devices in progress followed per job per tick.
-const FOLLOW_LIMIT: u32 = 1000;
+/// Active jobs driven per round, oldest first.
+const JOBS_PER_ROUND: u32 = 1000;
 
 pub struct Runner {
     pub ops: Arc<Operations>,
@@ -37,14 +42,15 @@ impl Runner {
     pub async fn run(self, stop: CancellationToken) {
         let mut pacers: HashMap<i64, Pacer> = HashMap::new();
         let mut leading = false;
-        let mut renewed: Option<tokio::time::Instant> = None;
+        let mut renewed = Instant::now();
+        let mut first = true;
         loop {
-            if renewed.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                renewed = Some(tokio::time::Instant::now());
+            if first || renewed.elapsed() >= Duration::from_secs(1) {
+                first = false;
+                renewed = Instant::now();
+                let ttl = LEASE_TTL.as_millis() as i64;
                 let held = matches!(
-                    self.store
-                        .lease(LEASE, &self.hub_id, now_ms(), LEASE_TTL_MS)
-                        .await,
+                    self.store.lease(LEASE, &self.hub_id, now_ms(), ttl).await,
                     Ok(true)
                 );
                 if held != leading {
@@ -55,12 +61,16 @@ impl Runner {
                 leading = held;
             }
             if leading {
-                match self.store.jobs(true, 100).await {
+                let deadline = renewed + LEASE_TTL - LEASE_MARGIN;
+                match self.store.active_jobs(JOBS_PER_ROUND).await {
                     Ok(jobs) => {
                         pacers.retain(|id, _| jobs.iter().any(|j| j.id == *id));
                         for job in jobs {
+                            if Instant::now() >= deadline {
+                                break;
+                            }
                             let pacer = pacers.entry(job.id).or_default();
-                            if let Err(e) = self.step(&job, pacer).await {
+                            if let Err(e) = self.step(&job, pacer, deadline).await {
                                 tracing::warn!(job = job.id, error = %e, "job step failed");
                             }
                         }
@@ -79,39 +89,31 @@ impl Runner {
     }
 
     /// One round of one job.
-    async fn step(&self, job: &Job, pacer: &mut Pacer) -> Result<(), OpError> {
-        let now = now_ms();
+    async fn step(&self, job: &Job, pacer: &mut Pacer, deadline: Instant) -> Result<(), OpError> {
         let spec = &job.spec;
+        let timeout = spec.timeout.as_millis() as i64;
+        // Concurrency is at most 1000 (JobSpec::check): one page.
         let following = self
-            .ops
-            .job_devices(job.id, Some(DeviceState::InProgress), -1, FOLLOW_LIMIT)
+            .store
+            .job_devices(job.id, Some(DeviceState::InProgress), -1, 1000)
             .await?;
-        let mut sent = Vec::new();
         let mut results = Vec::new();
         for d in &following {
-            if d.command_id.is_none() && d.desired_version.is_none() {
-                // Started, nothing recorded as sent: a crash (or a failed
-                // write) between the two. Look before sending.
-                match self.adopt_or_send(job, d).await {
-                    Ok(s) => sent.push(s),
-                    Err(why) => results.push(failed(&d.device, DeviceState::Failed, why)),
-                }
-                continue;
+            if Instant::now() >= deadline {
+                break;
             }
-            let started = d.started_ms.unwrap_or(now);
-            if let Some(r) = self.outcome(job, d).await {
+            if let Some(r) = self.follow(job, d).await {
                 results.push(r);
-            } else if now - started >= spec.timeout.as_millis() as i64 {
-                results.push(failed(&d.device, DeviceState::TimedOut, "timed out".into()));
+            } else if now_ms() - d.started_ms.unwrap_or(i64::MAX) >= timeout {
+                results.push(result(&d.device, DeviceState::TimedOut, "timed out".into()));
             }
         }
-        self.record(job.id, sent, results).await?;
+        self.record(job.id, results).await?;
         let job = self.ops.job(job.id).await?;
         let c = job.counts;
         if let Some(reason) = abort_reason(spec.abort.as_ref(), &c) {
             tracing::warn!(job = job.id, %reason, "job aborted");
-            self.finish(job.id, JobState::Aborted, Some(reason)).await?;
-            return Ok(());
+            return self.finish(job.id, JobState::Aborted, Some(reason)).await;
         }
         if c.pending == 0 && c.in_progress == 0 {
             let to = if c.bad() == 0 {
@@ -119,50 +121,56 @@ impl Runner {
             } else {
                 JobState::Failed
             };
-            self.finish(job.id, to, None).await?;
-            return Ok(());
+            return self.finish(job.id, to, None).await;
         }
-        if job.state != JobState::InProgress {
+        if job.state != JobState::InProgress || Instant::now() >= deadline {
             return Ok(());
         }
         let free = u64::from(spec.concurrency).saturating_sub(c.in_progress);
-        let n = pacer.take(now, spec.per_minute(c.succeeded), free.min(c.pending));
+        let n = pacer.take(now_ms(), spec.per_minute(c.succeeded), free.min(c.pending));
         if n == 0 {
             return Ok(());
         }
         let next = self
-            .ops
+            .store
             .job_devices(job.id, Some(DeviceState::Pending), -1, n as u32)
             .await?;
-        let devices: Vec<String> = next.iter().map(|d| d.device.clone()).collect();
-        // Written before anything is sent: a crash from here on finds
-        // them in progress and looks before sending again.
-        self.ops
-            .job_op(JobOp::Start {
-                job: job.id,
-                devices: devices.clone(),
-            })
-            .await?;
-        let mut sent = Vec::new();
+        let mut starts = Vec::with_capacity(next.len());
         let mut results = Vec::new();
-        for device in devices {
-            match self.send(&job, &device).await {
-                Ok(s) => sent.push(s),
-                Err(why) => results.push(failed(&device, DeviceState::Failed, why)),
+        for d in &next {
+            match self.plan_start(&job, &d.device).await {
+                Ok(s) => starts.push(s),
+                Err(why) => results.push(result(&d.device, DeviceState::Failed, why)),
             }
         }
-        self.record(job.id, sent, results).await
+        self.record(job.id, results).await?;
+        // Claimed before anything is sent: a crash from here on finds them
+        // in progress with what to send, and sends what is missing.
+        let claimed = match self
+            .ops
+            .job_op(JobOp::Start {
+                job: job.id,
+                starts: starts.clone(),
+            })
+            .await?
+        {
+            JobOutcome::Started(claimed) => claimed,
+            _ => return Ok(()),
+        };
+        let mut results = Vec::new();
+        for s in starts.iter().filter(|s| claimed.contains(&s.device)) {
+            if Instant::now() >= deadline {
+                // The next round (this hub's or the next leader's) sends.
+                break;
+            }
+            if let Err(why) = self.send(&job, s).await {
+                results.push(result(&s.device, DeviceState::Failed, why));
+            }
+        }
+        self.record(job.id, results).await
     }
 
-    async fn record(
-        &self,
-        job: i64,
-        sent: Vec<Sent>,
-        results: Vec<DeviceResult>,
-    ) -> Result<(), OpError> {
-        if !sent.is_empty() {
-            self.ops.job_op(JobOp::Sent { job, sent }).await?;
-        }
+    async fn record(&self, job: i64, results: Vec<DeviceResult>) -> Result<(), OpError> {
         if !results.is_empty() {
             self.ops.job_op(JobOp::Results { job, results }).await?;
         }
@@ -181,10 +189,101 @@ impl Runner {
         Ok(())
     }
 
-    /// A device's result, if it has one yet.
-    async fn outcome(&self, job: &Job, d: &JobDevice) -> Option<DeviceResult> {
+    /// What a device will be sent: a command under a new id, or the
+    /// desired change that makes the version after the one it has now.
+    async fn plan_start(&self, job: &Job, device: &str) -> Result<Start, String> {
+        if job.spec.command.is_some() {
+            return Ok(Start {
+                device: device.to_owned(),
+                command_id: Some(uuid::Uuid::new_v4().to_string()),
+                desired_version: None,
+            });
+        }
+        let twin = self
+            .ops
+            .get_twin(device)
+            .await
+            .map_err(|e| e.public_message())?;
+        Ok(Start {
+            device: device.to_owned(),
+            command_id: None,
+            desired_version: Some(twin.twin.desired_version + 1),
+        })
+    }
+
+    /// Sends a started device its change; a second copy is refused by the
+    /// command id or the desired version. Err: why it failed for good
+    /// (transient failures are tried again next round).
+    async fn send(&self, job: &Job, s: &Start) -> Result<(), String> {
+        let sent = if let (Some(cmd), Some(id)) = (&job.spec.command, &s.command_id) {
+            let params = cmd
+                .params
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            self.ops
+                .send_command_once(
+                    id.clone(),
+                    s.device.clone(),
+                    cmd.name.clone(),
+                    params,
+                    cmd.ttl,
+                )
+                .await
+                .map(|_| ())
+        } else {
+            let patch = job.spec.desired.clone().unwrap_or_default();
+            let base = s.desired_version.unwrap_or(1).saturating_sub(1);
+            match self
+                .ops
+                .update_desired(
+                    &s.device,
+                    &serde_json::Value::Object(patch).to_string(),
+                    Some(base),
+                )
+                .await
+            {
+                // Made before (or by someone else since): nothing to send.
+                Err(e) if e.code() == ErrorCode::FailedPrecondition => Ok(()),
+                other => other.map(|_| ()),
+            }
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::Internal
+                ) =>
+            {
+                tracing::warn!(job = job.id, device = %s.device, error = %e, "a job send failed; tried again");
+                Ok(())
+            }
+            Err(e) => Err(e.public_message()),
+        }
+    }
+
+    /// A device's result, if it has one yet; sends what a crash or a
+    /// handover left unsent.
+    async fn follow(&self, job: &Job, d: &JobDevice) -> Option<DeviceResult> {
+        let start = Start {
+            device: d.device.clone(),
+            command_id: d.command_id.clone(),
+            desired_version: d.desired_version.map(|v| v as u64),
+        };
         if let Some(id) = &d.command_id {
-            let (rec, _) = self.ops.get_command(id).await.ok()?;
+            let rec = match self.ops.get_command(id).await {
+                Ok((rec, _)) => rec,
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    // Claimed, never sent: send it now.
+                    return self
+                        .send(job, &start)
+                        .await
+                        .err()
+                        .map(|why| result(&d.device, DeviceState::Failed, why));
+                }
+                Err(_) => return None,
+            };
             let state = match rec.state {
                 CommandState::Succeeded => DeviceState::Succeeded,
                 CommandState::Failed
@@ -198,96 +297,29 @@ impl Runner {
             } else {
                 format!("{}: {}", rec.state.as_str(), rec.detail)
             };
-            return Some(failed(&d.device, state, detail));
+            return Some(result(&d.device, state, detail));
         }
         let patch = job.spec.desired.as_ref()?;
         let twin = self.ops.get_twin(&d.device).await.ok()?;
+        if twin.twin.desired_version < start.desired_version.unwrap_or(0) {
+            // Claimed, never sent: send it now.
+            return self
+                .send(job, &start)
+                .await
+                .err()
+                .map(|why| result(&d.device, DeviceState::Failed, why));
+        }
         reported_matches(patch, &twin.twin.reported).then(|| {
-            failed(
+            result(
                 &d.device,
                 DeviceState::Succeeded,
                 "reported state matches".into(),
             )
         })
     }
-
-    async fn send(&self, job: &Job, device: &str) -> Result<Sent, String> {
-        if let Some(cmd) = &job.spec.command {
-            let params = cmd
-                .params
-                .as_ref()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            let rec = self
-                .ops
-                .send_command(device.to_owned(), cmd.name.clone(), params, cmd.ttl)
-                .await
-                .map_err(|e| e.public_message())?;
-            return Ok(Sent {
-                device: device.to_owned(),
-                command_id: Some(rec.command_id),
-                desired_version: None,
-            });
-        }
-        let patch = job.spec.desired.clone().unwrap_or_default();
-        let view = self
-            .ops
-            .update_desired(device, &serde_json::Value::Object(patch).to_string(), None)
-            .await
-            .map_err(|e| e.public_message())?;
-        Ok(Sent {
-            device: device.to_owned(),
-            command_id: None,
-            desired_version: Some(view.twin.desired_version),
-        })
-    }
-
-    /// A device started whose sending was not recorded: what was sent, if
-    /// it was; else sends now.
-    async fn adopt_or_send(&self, job: &Job, d: &JobDevice) -> Result<Sent, String> {
-        let started = d.started_ms.unwrap_or(0);
-        if let Some(cmd) = &job.spec.command {
-            let sent = self
-                .ops
-                .list_commands(CommandFilter {
-                    device_id: Some(d.device.clone()),
-                    state: None,
-                    since_ms: Some(started - 1_000),
-                    until_ms: None,
-                    limit: 100,
-                })
-                .await
-                .map_err(|e| e.public_message())?;
-            if let Some(rec) = sent.into_iter().find(|r| r.name == cmd.name) {
-                tracing::info!(job = job.id, device = %d.device, command = %rec.command_id,
-                    "job resumed: the command was sent before");
-                return Ok(Sent {
-                    device: d.device.clone(),
-                    command_id: Some(rec.command_id),
-                    desired_version: None,
-                });
-            }
-        } else if let Some(patch) = &job.spec.desired {
-            let twin = self
-                .ops
-                .get_twin(&d.device)
-                .await
-                .map_err(|e| e.public_message())?;
-            if desired_holds(patch, &twin.twin.desired) {
-                tracing::info!(job = job.id, device = %d.device,
-                    "job resumed: the desired change was made before");
-                return Ok(Sent {
-                    device: d.device.clone(),
-                    command_id: None,
-                    desired_version: Some(twin.twin.desired_version),
-                });
-            }
-        }
-        self.send(job, &d.device).await
-    }
 }
 
-fn failed(device: &str, state: DeviceState, detail: String) -> DeviceResult {
+fn result(device: &str, state: DeviceState, detail: String) -> DeviceResult {
     DeviceResult {
         device: device.to_owned(),
         state,

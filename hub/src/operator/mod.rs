@@ -583,6 +583,27 @@ impl Operations {
             name,
             params: params_json,
             ttl,
+            id: None,
+        };
+        Ok(self.commands.send(cmd).await?)
+    }
+
+    /// [`Operations::send_command`] under the caller's id: the same id
+    /// again returns the command already there instead of a second one.
+    pub(crate) async fn send_command_once(
+        &self,
+        command_id: String,
+        device_id: String,
+        name: String,
+        params_json: String,
+        ttl: Option<Duration>,
+    ) -> Result<CommandRecord, OpError> {
+        let cmd = NewCommand {
+            device_id,
+            name,
+            params: params_json,
+            ttl,
+            id: Some(command_id),
         };
         Ok(self.commands.send(cmd).await?)
     }

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::db::{with_conn, with_pool};
-use super::write::WriteTx;
+use super::db::{Val, with_conn, with_pool};
+use super::write::{Batched, WriteTx};
 use super::{Store, StoreError};
 use crate::jobs::{Counts, DeviceState, JobSpec, JobState};
 
@@ -56,17 +56,27 @@ const DEVICE_COLS: &str =
 
 fn decode_job(row: JobRow, counts: Counts) -> Option<Job> {
     let (id, name, spec, state, reason, total, created_ms, updated_ms, finished_ms) = row;
+    let (Some(state), Ok(spec)) = (
+        JobState::parse(&state),
+        serde_json::from_str::<JobSpec>(&spec),
+    ) else {
+        tracing::error!(
+            job = id,
+            "a stored job cannot be read (written by another version?); it is skipped"
+        );
+        return None;
+    };
     Some(Job {
         id,
         name,
-        state: JobState::parse(&state)?,
+        state,
         reason,
         total: total as u64,
         counts,
         created_ms,
         updated_ms,
         finished_ms,
-        spec: serde_json::from_str(&spec).ok()?,
+        spec,
     })
 }
 
@@ -78,9 +88,10 @@ pub struct DeviceResult {
     pub detail: String,
 }
 
-/// What was sent to a device.
+/// A device to start, with what it will be sent: a command under this id,
+/// or the desired change that makes this version.
 #[derive(Debug, Clone)]
-pub struct Sent {
+pub struct Start {
     pub device: String,
     pub command_id: Option<String>,
     pub desired_version: Option<u64>,
@@ -104,59 +115,51 @@ impl WriteTx<'_> {
         .bind(now)
         .fetch_one(c)
         .await?);
-        for (position, device) in devices.iter().enumerate() {
-            with_conn!(self.conn.conn(), c => sqlx::query(
-                "INSERT INTO job_devices (job_id, device, position, state) \
-                 VALUES ($1, $2, $3, 'pending')",
-            )
-            .bind(id)
-            .bind(device)
-            .bind(position as i64)
-            .execute(c)
-            .await
-            .map(|_| ())?);
-        }
+        let rows: Vec<(i64, &str)> = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i as i64, d.as_str()))
+            .collect();
+        self.execute_batched(Batched::JobDevices, &rows, |(position, device), out| {
+            out.extend([
+                Val::I(id),
+                Val::T(device),
+                Val::I(*position),
+                Val::T("pending"),
+            ]);
+        })
+        .await?;
         Ok(id)
     }
 
-    /// Marks pending devices in progress (before anything is sent to them).
+    /// Claims pending devices of an in-progress job (before anything is
+    /// sent to them), with what will be sent: the command's id, or the
+    /// desired version the change will make. The devices claimed: a device
+    /// no longer pending (another runner, a cancel) is left alone.
     pub async fn start_job_devices(
         &mut self,
         job: i64,
-        devices: &[String],
+        starts: &[Start],
         now: i64,
-    ) -> Result<(), StoreError> {
-        for device in devices {
-            with_conn!(self.conn.conn(), c => sqlx::query(
-                "UPDATE job_devices SET state = 'in_progress', started_ms = $3 \
-                 WHERE job_id = $1 AND device = $2 AND state = 'pending'",
-            )
-            .bind(job)
-            .bind(device)
-            .bind(now)
-            .execute(c)
-            .await
-            .map(|_| ())?);
-        }
-        Ok(())
-    }
-
-    /// Records what was sent to devices in progress.
-    pub async fn job_sent(&mut self, job: i64, sent: &[Sent]) -> Result<(), StoreError> {
-        for s in sent {
-            with_conn!(self.conn.conn(), c => sqlx::query(
-                "UPDATE job_devices SET command_id = $3, desired_version = $4 \
-                 WHERE job_id = $1 AND device = $2 AND state = 'in_progress'",
+    ) -> Result<Vec<String>, StoreError> {
+        let mut claimed = Vec::with_capacity(starts.len());
+        for s in starts {
+            let got: Option<String> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+                "UPDATE job_devices SET state = 'in_progress', started_ms = $3, command_id = $4, \
+                 desired_version = $5 WHERE job_id = $1 AND device = $2 AND state = 'pending' \
+                 AND EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND state = 'in_progress') \
+                 RETURNING device",
             )
             .bind(job)
             .bind(&s.device)
+            .bind(now)
             .bind(s.command_id.as_deref())
             .bind(s.desired_version.map(|v| v as i64))
-            .execute(c)
-            .await
-            .map(|_| ())?);
+            .fetch_optional(c)
+            .await?);
+            claimed.extend(got);
         }
-        Ok(())
+        Ok(claimed)
     }
 
     /// Records devices' results (only of devices still in progress).
@@ -255,12 +258,26 @@ impl Store {
 
     /// Jobs, newest first; only active ones with `active`.
     pub async fn jobs(&self, active: bool, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.jobs_ordered(active, "DESC", limit).await
+    }
+
+    /// Active jobs, oldest first (the runner's round).
+    pub async fn active_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.jobs_ordered(true, "ASC", limit).await
+    }
+
+    async fn jobs_ordered(
+        &self,
+        active: bool,
+        order: &str,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
         let filter = if active {
             "WHERE state IN ('in_progress', 'paused')"
         } else {
             ""
         };
-        let sql = format!("SELECT {JOB_COLS} FROM jobs {filter} ORDER BY id DESC LIMIT $1");
+        let sql = format!("SELECT {JOB_COLS} FROM jobs {filter} ORDER BY id {order} LIMIT $1");
         let rows: Vec<JobRow> = with_pool!(&self.read, pool, _Db => sqlx::query_as(&sql)
             .bind(i64::from(limit))
             .fetch_all(pool)

@@ -113,6 +113,8 @@ pub(super) enum Batched {
     /// When a device's sensors last stored a reading.
     SensorSeen,
     Blocks,
+    /// A new job's devices.
+    JobDevices,
 }
 
 impl Batched {
@@ -121,7 +123,7 @@ impl Batched {
         match self {
             Batched::Insert(_) => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
-            Batched::DeviceSensors | Batched::SensorSeen => PAIR_CHUNK,
+            Batched::DeviceSensors | Batched::SensorSeen | Batched::JobDevices => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
         }
     }
@@ -152,6 +154,11 @@ impl Batched {
                 "INSERT INTO device_sensors (device_id, sensor_id) VALUES ".to_owned(),
                 2,
                 " ON CONFLICT DO NOTHING",
+            ),
+            Batched::JobDevices => (
+                "INSERT INTO job_devices (job_id, device, position, state) VALUES ".to_owned(),
+                4,
+                "",
             ),
             Batched::SensorSeen => (
                 "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
