@@ -403,7 +403,12 @@ impl AlarmWork {
                 out.rules_changed = true;
                 // Readings later in this group see the new rule.
                 self.generation = None;
-                AlarmOutcome::Rule(Box::new(tx.put_rule(spec, now).await?))
+                let (rule, cleared) = tx.put_rule(spec, now).await?;
+                for alarm in cleared {
+                    self.event(tx, alarm, EventKind::Cleared, now, now, out)
+                        .await?;
+                }
+                AlarmOutcome::Rule(Box::new(rule))
             }
             AlarmOp::DeleteRule(name) => match tx.delete_rule(name, now).await? {
                 Some((rule, cleared)) => {
@@ -453,8 +458,17 @@ impl AlarmWork {
                     return Ok(AlarmOutcome::Count(0));
                 };
                 let sensor = rule.spec.sensor().to_owned();
+                let after = match rule.spec.watch() {
+                    Watch::Inactivity(i) => i.after.as_millis() as i64,
+                    Watch::Series { .. } => return Ok(AlarmOutcome::Count(0)),
+                };
                 let mut n = 0;
                 for s in raise {
+                    // A reading may have come since the leader looked.
+                    let last = tx.last_reading_ms(s.device, &sensor).await?;
+                    if last.is_none_or(|last| now - last < after) {
+                        continue;
+                    }
                     if let Some(alarm) = tx
                         .raise_alarm(
                             &rule,

@@ -211,16 +211,55 @@ impl WriteTx<'_> {
     /// Creates the rule, or replaces the live rule of that name (its
     /// version goes up by one). Pending conditions of a replaced rule start
     /// over; its open alarms stay open and follow the new version.
-    pub async fn put_rule(&mut self, spec: &RuleSpec, now: i64) -> Result<Rule, StoreError> {
-        let old: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "SELECT id, version, created_ms FROM alarm_rules WHERE name = $1 AND deleted_ms IS NULL",
+    /// When what a rule watches changes (its kind, sensor or target), its
+    /// open alarms are cleared ("rule changed") and returned: nothing would
+    /// ever clear them.
+    pub async fn put_rule(
+        &mut self,
+        spec: &RuleSpec,
+        now: i64,
+    ) -> Result<(Rule, Vec<Alarm>), StoreError> {
+        let old: Option<(i64, i64, i64, String)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
+            "SELECT id, version, created_ms, spec FROM alarm_rules WHERE name = $1 AND deleted_ms IS NULL",
         )
         .bind(&spec.name)
         .fetch_optional(c)
         .await?);
         let text = spec.to_json();
+        let mut cleared = Vec::new();
         let (id, version, created_ms) = match old {
-            Some((id, version, created)) => {
+            Some((id, version, created, old_spec)) => {
+                let watched = |s: &RuleSpec| {
+                    (
+                        s.target.clone(),
+                        s.sensor().to_owned(),
+                        s.threshold.is_some(),
+                        s.rate.is_some(),
+                        s.inactivity.is_some(),
+                    )
+                };
+                let moved = serde_json::from_str::<RuleSpec>(&old_spec)
+                    .map_or(true, |old| watched(&old) != watched(spec));
+                if moved {
+                    let sql = format!(
+                        "UPDATE alarms SET state = 'cleared', cleared_ms = $2, \
+                         cleared_by = 'rule changed', changed_ms = $2 \
+                         WHERE rule_id = $1 AND state <> 'cleared' RETURNING {ALARM_COLS}"
+                    );
+                    let rows: Vec<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
+                        .bind(id)
+                        .bind(now)
+                        .fetch_all(c)
+                        .await?);
+                    cleared = rows.into_iter().map(AlarmRow::alarm).collect();
+                    with_conn!(self.conn.conn(), c => sqlx::query(
+                        "DELETE FROM alarm_series WHERE rule_id = $1",
+                    )
+                    .bind(id)
+                    .execute(c)
+                    .await
+                    .map(|_| ())?);
+                }
                 with_conn!(self.conn.conn(), c => sqlx::query(
                     "UPDATE alarm_rules SET version = $2, spec = $3, updated_ms = $4 WHERE id = $1",
                 )
@@ -255,13 +294,34 @@ impl WriteTx<'_> {
                 (id, 1, now)
             }
         };
-        Ok(Rule {
+        let rule = Rule {
             id,
             version: version as u64,
             created_ms,
             updated_ms: now,
             spec: spec.clone(),
-        })
+        };
+        Ok((rule, cleared))
+    }
+
+    /// When the device (or its sensor) last stored a reading, by the hub's
+    /// clock (its first sighting when it never did).
+    pub async fn last_reading_ms(
+        &mut self,
+        device: DeviceKey,
+        sensor: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+            "SELECT CASE WHEN $2 = '' THEN COALESCE(d.last_reading_ms, d.first_seen_ms) \
+             ELSE COALESCE((SELECT ds.last_reading_ms FROM device_sensors ds \
+               JOIN sensors n ON n.id = ds.sensor_id WHERE ds.device_id = d.id AND n.name = $2), \
+               d.last_reading_ms, d.first_seen_ms) END \
+             FROM devices d WHERE d.id = $1",
+        )
+        .bind(device.0)
+        .bind(sensor)
+        .fetch_optional(c)
+        .await?))
     }
 
     /// Deletes a live rule: its open alarms are cleared (by "rule
@@ -340,14 +400,33 @@ impl WriteTx<'_> {
             return Ok(Vec::new());
         }
         let backend = self.conn.backend();
-        let sql = format!(
-            "SELECT device_id, sensor_id, max(t) FROM (\
-             SELECT device_id, sensor_id, max(ts_ms) AS t FROM readings_recent WHERE {} \
-             GROUP BY device_id, sensor_id UNION ALL \
-             SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks WHERE {} \
-             GROUP BY device_id, sensor_id) x GROUP BY device_id, sensor_id",
-            in_ids(backend, "device_id", 1),
+        // Only the staging parts these devices stage into (they have no
+        // index: each is scanned), and the blocks (indexed by series).
+        let mut parts: Vec<usize> = devices
+            .iter()
+            .map(|d| super::write::staging_part(*d))
+            .collect();
+        parts.sort_unstable();
+        parts.dedup();
+        let mut selects: Vec<String> = parts
+            .iter()
+            .map(|p| {
+                format!(
+                    "SELECT device_id, sensor_id, max(ts_ms) AS t FROM {} WHERE {} \
+                     GROUP BY device_id, sensor_id",
+                    super::write::staging_table(*p),
+                    in_ids(backend, "device_id", 1)
+                )
+            })
+            .collect();
+        selects.push(format!(
+            "SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks WHERE {} \
+             GROUP BY device_id, sensor_id",
             in_ids(backend, "device_id", 1)
+        ));
+        let sql = format!(
+            "SELECT device_id, sensor_id, max(t) FROM ({}) x GROUP BY device_id, sensor_id",
+            selects.join(" UNION ALL ")
         );
         let keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         let rows: Vec<(i64, i64, Option<i64>)> = match self.conn.conn() {

@@ -209,7 +209,7 @@ async fn operators_acknowledge_and_clear_and_a_cleared_condition_must_hold_again
     assert_eq!(status, 404);
     // After an operator's clear the condition must hold anew: the next
     // reading above raises a new alarm (raise_for 0).
-    send_series(&mut dev, next, "p", &[(base + 4_000, 11.0)]).await;
+    let next = send_series(&mut dev, next, "p", &[(base + 4_000, 11.0)]).await;
     let alarms = alarms_of(&http, "al-ack").await;
     assert_eq!(alarms.len(), 3);
     assert_eq!(alarms[0]["state"], "active");
@@ -224,6 +224,44 @@ async fn operators_acknowledge_and_clear_and_a_cleared_condition_must_hold_again
     let alarms = alarms_of(&http, "al-ack").await;
     assert_eq!(alarms[0]["state"], "cleared");
     assert_eq!(alarms[0]["cleared_by"], "rule deleted");
+
+    // Changing what a rule watches clears its open alarms ("rule
+    // changed"); changing only its severity or hold time does not.
+    put_rule(
+        &http,
+        "over2",
+        json!({"severity": "minor", "target": {"device": "al-ack"},
+               "threshold": {"sensor": "p", "raise": ">= 10"}}),
+    )
+    .await;
+    send_series(&mut dev, next + 1, "p", &[(base + 5_000, 12.0)]).await;
+    let open = |alarms: Vec<Value>| {
+        alarms
+            .into_iter()
+            .filter(|a| a["rule"] == "over2" && a["state"] == "active")
+            .count()
+    };
+    assert_eq!(open(alarms_of(&http, "al-ack").await), 1);
+    put_rule(
+        &http,
+        "over2",
+        json!({"severity": "major", "target": {"device": "al-ack"},
+               "threshold": {"sensor": "p", "raise": ">= 10", "raise_for": "1s"}}),
+    )
+    .await;
+    assert_eq!(open(alarms_of(&http, "al-ack").await), 1);
+    let changed = put_rule(
+        &http,
+        "over2",
+        json!({"severity": "major", "target": {"device": "al-ack"},
+               "threshold": {"sensor": "q", "raise": ">= 10"}}),
+    )
+    .await;
+    assert_eq!(changed["version"], 3);
+    let alarms = alarms_of(&http, "al-ack").await;
+    assert_eq!(alarms[0]["rule"], "over2");
+    assert_eq!(alarms[0]["state"], "cleared");
+    assert_eq!(alarms[0]["cleared_by"], "rule changed");
 
     // Bad rules are refused with a reason.
     let resp = reqwest::Client::new()
