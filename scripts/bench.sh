@@ -122,3 +122,6 @@ HUB_ADDR="http://$addr" DEVICES=$QDEVICES RUNS=$RUNS UNTIL_MS=$load_start_ms ben
 section "twin (issue 20): desired round trip idle and under load, reported patches, fleet filters on both backends"
 kill -INT "$hub_pid" 2>/dev/null; wait "$hub_pid" 2>/dev/null || true
 scripts/bench-twin.sh
+
+section "alarms (issue 21): ingest with rules against without, reading-to-webhook latency, inactivity checks"
+scripts/bench-alarms.sh
