@@ -33,6 +33,9 @@
 //!   each group's stored readings inside the writer's commit; the leader
 //!   task checks inactivity, delivers signed webhooks from the outbox and
 //!   prunes history.
+//! - [`jobs`]: fleet rollouts (a desired patch or a command at a rate,
+//!   with a concurrency and abort thresholds); plain rules, and the runner
+//!   that drives them through the writer and the core.
 //! - [`store`]: sqlx on SQLite (the default) or PostgreSQL; one writer
 //!   connection per hub, a reader pool.
 //! - [`cluster`]: several hubs on one PostgreSQL database: claims and
