@@ -512,6 +512,37 @@ function alarmsPage() {
   const ruleIn = h("input", { type: "search", id: "alarm-rule", placeholder: "Rule" });
   const tbody = h("tbody", { id: "alarm-rows" });
   const rulesBody = h("tbody", { id: "rule-rows" });
+  const ruleSpecIn = h("textarea", { id: "rule-spec", rows: 4,
+    placeholder: '{"name": "hot", "severity": "major", "target": {"tags": {"site": "plant-7"}},\n "threshold": {"sensor": "temperature", "raise": "> 30", "raise_for": "1m", "clear": "< 28", "clear_for": "1m"}}' });
+  async function saveRule() {
+    let rule;
+    try {
+      rule = JSON.parse(ruleSpecIn.value);
+    } catch (e) {
+      setError("page", "The rule is not JSON: " + e.message);
+      return;
+    }
+    try {
+      await api("/alarm-rules/" + encodeURIComponent(rule.name || ""), {
+        method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(rule),
+      });
+      ruleSpecIn.value = "";
+      setError("page", null);
+      loadRules();
+    } catch (e) {
+      pageError(e);
+    }
+  }
+  async function deleteRule(name) {
+    if (!confirm("Delete rule " + name + "? Its open alarms are cleared.")) return;
+    try {
+      await api("/alarm-rules/" + encodeURIComponent(name), { method: "DELETE" });
+      loadRules();
+      load();
+    } catch (e) {
+      pageError(e);
+    }
+  }
   view.replaceChildren(
     h("div", { class: "panel" }, h("h2", {}, "Alarms"),
       h("div", { class: "toolbar" }, stateSel, sevSel, deviceIn, ruleIn),
@@ -522,7 +553,9 @@ function alarmsPage() {
     h("div", { class: "panel" }, h("h2", {}, "Rules"),
       h("table", {}, h("thead", {}, h("tr", {},
         h("th", {}, "Rule"), h("th", {}, "Severity"), h("th", {}, "Watches"), h("th", { class: "hide-narrow" }, "Target"),
-        h("th", { class: "num" }, "Version"))), rulesBody)),
+        h("th", { class: "num" }, "Version"), h("th", {}, ""))), rulesBody),
+      h("div", { class: "twin-edit" }, h("label", {}, "A rule (JSON; README \"Alarms\"): a new name creates it, an existing one replaces it", ruleSpecIn,
+        h("button", { type: "button", id: "rule-save", onclick: () => saveRule() }, "Save rule")))),
   );
   let rows = [];
   function watches(r) {
@@ -580,7 +613,14 @@ function alarmsPage() {
         h("td", {}, watches(r)),
         h("td", { class: "hide-narrow" }, r.target && r.target.device ? r.target.device
           : Object.entries((r.target && r.target.tags) || {}).map(([k, v]) => k + "=" + v).join(" ") || "every device"),
-        h("td", { class: "num" }, r.version))));
+        h("td", { class: "num" }, r.version),
+        h("td", {},
+          h("button", { type: "button", class: "secondary", "data-edit": r.name, onclick: () => {
+            const copy = Object.assign({}, r);
+            for (const k of ["id", "version", "created_ms", "updated_ms"]) delete copy[k];
+            ruleSpecIn.value = JSON.stringify(copy, null, 1);
+          } }, "Edit"),
+          h("button", { type: "button", class: "secondary", "data-delete": r.name, onclick: () => deleteRule(r.name) }, "Delete")))));
     } catch (e) {
       pageError(e);
     }

@@ -98,7 +98,18 @@ pub(crate) struct AlarmWork {
     by_device: HashMap<DeviceKey, Arc<[usize]>>,
     /// Each series' newest evaluated reading (committed).
     last_ts: HashMap<(DeviceKey, SensorKey), i64>,
+    /// The series states of devices (as the store has them, and as this
+    /// group changes them: after a failed commit all is read again). On
+    /// PostgreSQL a device's are read again after RELOAD_SHARED.
+    states: HashMap<DeviceKey, DeviceStates>,
+    /// External ids of the devices in `by_device`.
+    names: HashMap<DeviceKey, Arc<str>>,
     cached_devices: usize,
+}
+
+struct DeviceStates {
+    read_at: std::time::Instant,
+    series: HashMap<(i64, SensorKey), SeriesState>,
 }
 
 /// What a group did to alarms, applied after its commit.
@@ -120,6 +131,8 @@ impl AlarmWork {
             series: Vec::new(),
             by_device: HashMap::new(),
             last_ts: HashMap::new(),
+            states: HashMap::new(),
+            names: HashMap::new(),
             cached_devices,
         }
     }
@@ -129,12 +142,14 @@ impl AlarmWork {
         self.generation = None;
         self.by_device.clear();
         self.last_ts.clear();
+        self.states.clear();
     }
 
     /// A device moved here from another hub (PostgreSQL): what this writer
     /// remembers of its series may be old.
     pub fn forget_device(&mut self, device: DeviceKey) {
         self.last_ts.retain(|(d, _), _| *d != device);
+        self.states.remove(&device);
     }
 
     /// Some device's tags changed: which rules apply to it is read again.
@@ -152,6 +167,10 @@ impl AlarmWork {
         }
         if self.by_device.len() > self.cached_devices {
             self.by_device.clear();
+            self.names.clear();
+        }
+        if self.states.len() > self.cached_devices {
+            self.states.clear();
         }
         let deliveries = !self.webhooks.is_empty() && !changes.events.is_empty();
         self.hub.committed(changes.events, deliveries);
@@ -181,6 +200,9 @@ impl AlarmWork {
             })
             .collect();
         self.by_device.clear();
+        self.names.clear();
+        // Rule changes rewrite series states in the store.
+        self.states.clear();
         self.generation = Some(generation);
         Ok(())
     }
@@ -216,6 +238,7 @@ impl AlarmWork {
                 .map(|(i, _)| i)
                 .collect();
             self.by_device.insert(device, applies.into());
+            self.names.insert(device, Arc::from(name.as_str()));
         }
         // The rows of watched series, by series, in time order.
         let mut watched: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
@@ -253,12 +276,35 @@ impl AlarmWork {
         }
         let mut group_devices: Vec<DeviceKey> = watched.keys().map(|(d, _)| *d).collect();
         group_devices.dedup();
-        let mut states: HashMap<(i64, DeviceKey, SensorKey), SeriesState> = tx
-            .load_series(&group_devices)
-            .await?
-            .into_iter()
-            .map(|(r, d, s, st)| ((r, d, s), st))
+        let shared = tx.shared();
+        let to_read: Vec<DeviceKey> = group_devices
+            .iter()
+            .filter(|d| {
+                self.states
+                    .get(d)
+                    .is_none_or(|s| shared && s.read_at.elapsed() >= RELOAD_SHARED)
+            })
+            .copied()
             .collect();
+        if !to_read.is_empty() {
+            let read_at = std::time::Instant::now();
+            for d in &to_read {
+                self.states.insert(
+                    *d,
+                    DeviceStates {
+                        read_at,
+                        series: HashMap::new(),
+                    },
+                );
+            }
+            for (rule, d, sensor, state) in tx.load_series(&to_read).await? {
+                if let Some(ds) = self.states.get_mut(&d) {
+                    ds.series.insert((rule, sensor), state);
+                }
+            }
+        }
+        let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
+        let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
         for ((device, sensor), mut points) in watched {
             points.sort_by_key(|p| p.0);
             let known = self
@@ -275,40 +321,49 @@ impl AlarmWork {
             let Some(applies) = self.by_device.get(&device).cloned() else {
                 continue;
             };
+            let Some(ds) = self.states.get_mut(&device) else {
+                continue;
+            };
             for &i in applies.iter() {
                 let s = &self.series[i];
                 if s.sensor != name {
                     continue;
                 }
-                let key = (s.rule.id, device, sensor);
-                let before = states.remove(&key).unwrap_or_default();
-                let mut state = before.clone();
-                state.last_ts = state.last_ts.max(known);
-                let mut transitions = Vec::new();
+                let state = ds.series.entry((s.rule.id, sensor)).or_default();
+                let mut probe = state.clone();
+                probe.last_ts = probe.last_ts.max(known);
+                let mut any = false;
                 for &(ts, v) in &points {
-                    if let Some(t) = state.step(&s.eval, ts, v) {
-                        transitions.push(t);
+                    if let Some(t) = probe.step(&s.eval, ts, v) {
+                        fired.push((Arc::clone(&s.rule), device, Arc::clone(&name), t));
+                        any = true;
                     }
                 }
-                // The stored last_ts is only a floor: this cache (or the
-                // readings themselves) knows the newest; a state is
+                // The stored last_ts is only a floor (this writer's cache,
+                // or the readings themselves, know the newest): a state is
                 // written when something else in it changed.
-                let moved = SeriesState {
-                    last_ts: before.last_ts,
-                    ..state.clone()
-                } != before;
+                let moved = any
+                    || probe.raising != state.raising
+                    || probe.clearing != state.clearing
+                    || probe.open != state.open
+                    || probe.samples != state.samples;
                 if moved {
-                    tx.save_series(s.rule.id, device, sensor, &state).await?;
+                    let text = (!probe.idle()).then(|| serde_json::to_string(&probe).unwrap_or_default());
+                    writes.push((s.rule.id, device, sensor, text));
                 }
-                let rule = Arc::clone(&s.rule);
-                for t in transitions {
-                    self.transition(tx, &rule, device, &name, t, now, out)
-                        .await?;
+                *state = probe;
+                if state.idle() {
+                    ds.series.remove(&(s.rule.id, sensor));
                 }
             }
             if let Some(&(ts, _)) = points.last() {
                 out.last_ts.push(((device, sensor), ts.max(known)));
             }
+        }
+        tx.write_series(&writes).await?;
+        for (rule, device, sensor, t) in fired {
+            self.transition(tx, &rule, device, &sensor, t, now, out)
+                .await?;
         }
         Ok(())
     }
@@ -360,6 +415,9 @@ impl AlarmWork {
         tx: &mut WriteTx<'_>,
         device: DeviceKey,
     ) -> Result<String, StoreError> {
+        if let Some(name) = self.names.get(&device) {
+            return Ok(name.to_string());
+        }
         Ok(tx
             .device_tags(&[device])
             .await?
@@ -433,6 +491,8 @@ impl AlarmWork {
             AlarmOp::Clear { id, by, note } => {
                 match tx.clear_alarm_by_operator(*id, by, note, now).await? {
                     Some(alarm) => {
+                        // Its series state changed in the store.
+                        self.states.remove(&DeviceKey(alarm.device_key));
                         self.event(tx, alarm.clone(), EventKind::Cleared, now, now, out)
                             .await?;
                         AlarmOutcome::Changed(Box::new(alarm))

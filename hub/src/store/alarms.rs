@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::db::{Conn, with_conn, with_pool};
+use super::db::{Conn, Val, with_conn, with_pool};
 use super::twins::decode_tags;
-use super::write::WriteTx;
+use super::write::{Batched, WriteTx};
 use super::{Store, StoreError};
 use crate::alarms::engine::SeriesState;
 use crate::alarms::{Alarm, AlarmState, EventKind, Rule, RuleSpec, Severity};
@@ -477,6 +477,31 @@ impl WriteTx<'_> {
                 )
             })
             .collect())
+    }
+
+    /// Writes series states (Some: the state's JSON) and deletes idle
+    /// ones (None), many to a statement.
+    pub async fn write_series(
+        &mut self,
+        writes: &[(i64, DeviceKey, SensorKey, Option<String>)],
+    ) -> Result<(), StoreError> {
+        let upserts: Vec<(i64, i64, i64, &str)> = writes
+            .iter()
+            .filter_map(|(r, d, s, t)| Some((*r, d.0, s.0, t.as_deref()?)))
+            .collect();
+        let deletes: Vec<(i64, i64, i64)> = writes
+            .iter()
+            .filter(|w| w.3.is_none())
+            .map(|(r, d, s, _)| (*r, d.0, s.0))
+            .collect();
+        self.execute_batched(Batched::SeriesUpsert, &upserts, |(r, d, s, t), out| {
+            out.extend([Val::I(*r), Val::I(*d), Val::I(*s), Val::T(t)]);
+        })
+        .await?;
+        self.execute_batched(Batched::SeriesDelete, &deletes, |(r, d, s), out| {
+            out.extend([Val::I(*r), Val::I(*d), Val::I(*s)]);
+        })
+        .await
     }
 
     /// Writes a series state, or deletes it when idle.

@@ -115,6 +115,10 @@ pub(super) enum Batched {
     Blocks,
     /// A new job's devices.
     JobDevices,
+    /// Alarm series states written...
+    SeriesUpsert,
+    /// ...and deleted (idle).
+    SeriesDelete,
 }
 
 impl Batched {
@@ -123,7 +127,11 @@ impl Batched {
         match self {
             Batched::Insert(_) => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
-            Batched::DeviceSensors | Batched::SensorSeen | Batched::JobDevices => PAIR_CHUNK,
+            Batched::DeviceSensors
+            | Batched::SensorSeen
+            | Batched::JobDevices
+            | Batched::SeriesUpsert
+            | Batched::SeriesDelete => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
         }
     }
@@ -154,6 +162,16 @@ impl Batched {
                 "INSERT INTO device_sensors (device_id, sensor_id) VALUES ".to_owned(),
                 2,
                 " ON CONFLICT DO NOTHING",
+            ),
+            Batched::SeriesUpsert => (
+                "INSERT INTO alarm_series (rule_id, device_id, sensor_id, state) VALUES ".to_owned(),
+                4,
+                " ON CONFLICT (device_id, rule_id, sensor_id) DO UPDATE SET state = excluded.state",
+            ),
+            Batched::SeriesDelete => (
+                "DELETE FROM alarm_series WHERE (rule_id, device_id, sensor_id) IN (VALUES ".to_owned(),
+                3,
+                ")",
             ),
             Batched::JobDevices => (
                 "INSERT INTO job_devices (job_id, device, position, state) VALUES ".to_owned(),

@@ -910,3 +910,78 @@ async fn alarms_follow_a_device_to_another_hub() {
     let alarms = crate::alarms::alarms_of(&a.http_url(), "al-quiet-2").await;
     assert_eq!(alarms.len(), 1, "one evaluator for the fleet: {alarms:?}");
 }
+
+/// One hub drives jobs (the `jobs` lease); when it stops, another takes
+/// the job over and finishes it, and each device gets its command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_moves_to_another_hub_when_its_runner_stops() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let mut a = spawn_hub_in(db, |_| {}).await;
+    let b = a.spawn_peer(|_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stats = std::sync::Arc::new(device_sim::FleetStats::default());
+    let cfg = device_sim::FleetConfig {
+        hub: b.url(),
+        devices: 30,
+        rate_hz: 0.2,
+        id_prefix: "jmv-".into(),
+        ..Default::default()
+    };
+    let fleet = tokio::spawn(device_sim::run(cfg, stop.clone(), stats.clone()));
+    wait_until("30 devices online", async || {
+        device_sim::FleetStats::get(&stats.online) == 30
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for i in 1..=30 {
+        let resp = client
+            .patch(format!("{}/api/v1/devices/jmv-{i:05}/twin", b.http_url()))
+            .json(&json!({"tags": {"move": "yes"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+    // A is the older hub: it took the lease first.
+    let job: serde_json::Value = client
+        .post(format!("{}/api/v1/jobs", a.http_url()))
+        .json(&json!({"name": "moving", "target": {"tags": {"move": "yes"}},
+                      "command": {"name": "ping"}, "rollout": {"per_minute": 300}, "concurrency": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_i64().unwrap();
+    let url = format!("{}/api/v1/jobs/{id}", b.http_url());
+    wait_until("the job under way", async || {
+        let j: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        j["counts"]["succeeded"].as_u64().unwrap_or(0) >= 5
+    })
+    .await;
+    a.stop().await;
+    let mut done = serde_json::Value::Null;
+    wait_until_within("B finishes the job", Duration::from_secs(60), async || {
+        done = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        done["state"] != "in_progress"
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for i in 1..=30 {
+        let list: serde_json::Value = reqwest::get(format!(
+            "{}/api/v1/commands?device=jmv-{i:05}",
+            b.http_url()
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(list["commands"].as_array().unwrap().len(), 1, "jmv-{i:05}: {list}");
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, fleet).await;
+}

@@ -484,6 +484,17 @@ async fn the_console_shows_alarms_live_acknowledges_them_and_shows_job_progress(
             "return !!document.querySelector('#rule-rows tr[data-rule=\"console-hot\"]');",
         )
         .await;
+    // A rule written in the console.
+    browser
+        .js(r#"document.getElementById('rule-spec').value = '{"name": "console-cold", "severity": "minor", "threshold": {"sensor": "t", "raise": "< -40"}}'; return true;"#)
+        .await;
+    browser.click("#rule-save").await;
+    browser
+        .wait_for(
+            "the new rule",
+            "return !!document.querySelector('#rule-rows tr[data-rule=\"console-cold\"]');",
+        )
+        .await;
     // Raised while the page is open: it appears live.
     dev.send(batch(vec![reading(1, "t", now_ms() - 1_000, 60.0)]))
         .await;
