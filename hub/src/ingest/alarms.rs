@@ -243,18 +243,31 @@ impl AlarmWork {
         // The rows of watched series, by series, in time order.
         let mut watched: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
         let mut names: HashMap<SensorKey, Option<Arc<str>>> = HashMap::new();
+        // Per sensor: whether any rule watches it (decided once a group,
+        // not per row); per device: whether any rule applies to it.
+        let mut sensor_watched: HashMap<SensorKey, bool> = HashMap::new();
+        let mut last: Option<(DeviceKey, bool)> = None;
         for r in rows {
-            let Some(applies) = self.by_device.get(&r.device) else {
-                continue;
+            let device_watched = match last {
+                Some((d, w)) if d == r.device => w,
+                _ => {
+                    let w = self.by_device.get(&r.device).is_some_and(|a| !a.is_empty());
+                    last = Some((r.device, w));
+                    w
+                }
             };
-            if applies.is_empty() {
+            if !device_watched {
                 continue;
             }
-            let name = names
-                .entry(r.sensor)
-                .or_insert_with(|| sensor_names(r.sensor));
-            let Some(name) = name else { continue };
-            if applies.iter().any(|&i| self.series[i].sensor == *name) {
+            let watched_sensor = *sensor_watched.entry(r.sensor).or_insert_with(|| {
+                let name = sensor_names(r.sensor);
+                let w = name
+                    .as_ref()
+                    .is_some_and(|n| self.series.iter().any(|s| s.sensor == *n));
+                names.insert(r.sensor, name);
+                w
+            });
+            if watched_sensor {
                 watched
                     .entry((r.device, r.sensor))
                     .or_default()
@@ -303,6 +316,11 @@ impl AlarmWork {
                 }
             }
         }
+        // The series rules of each sensor name, in rule order.
+        let mut by_sensor: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, s) in self.series.iter().enumerate() {
+            by_sensor.entry(&*s.sensor).or_default().push(i);
+        }
         let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
         let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
         for ((device, sensor), mut points) in watched {
@@ -324,11 +342,13 @@ impl AlarmWork {
             let Some(ds) = self.states.get_mut(&device) else {
                 continue;
             };
-            for &i in applies.iter() {
-                let s = &self.series[i];
-                if s.sensor != name {
+            let of_sensor = by_sensor.get(&*name).map(Vec::as_slice).unwrap_or_default();
+            for &i in of_sensor {
+                // `applies` is in rule order: a device's rules, searched.
+                if applies.binary_search(&i).is_err() {
                     continue;
                 }
+                let s = &self.series[i];
                 let state = ds.series.entry((s.rule.id, sensor)).or_default();
                 let mut probe = state.clone();
                 probe.last_ts = probe.last_ts.max(known);
@@ -348,7 +368,8 @@ impl AlarmWork {
                     || probe.open != state.open
                     || probe.samples != state.samples;
                 if moved {
-                    let text = (!probe.idle()).then(|| serde_json::to_string(&probe).unwrap_or_default());
+                    let text =
+                        (!probe.idle()).then(|| serde_json::to_string(&probe).unwrap_or_default());
                     writes.push((s.rule.id, device, sensor, text));
                 }
                 *state = probe;

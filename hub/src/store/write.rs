@@ -164,12 +164,14 @@ impl Batched {
                 " ON CONFLICT DO NOTHING",
             ),
             Batched::SeriesUpsert => (
-                "INSERT INTO alarm_series (rule_id, device_id, sensor_id, state) VALUES ".to_owned(),
+                "INSERT INTO alarm_series (rule_id, device_id, sensor_id, state) VALUES "
+                    .to_owned(),
                 4,
                 " ON CONFLICT (device_id, rule_id, sensor_id) DO UPDATE SET state = excluded.state",
             ),
             Batched::SeriesDelete => (
-                "DELETE FROM alarm_series WHERE (rule_id, device_id, sensor_id) IN (VALUES ".to_owned(),
+                "DELETE FROM alarm_series WHERE (rule_id, device_id, sensor_id) IN (VALUES "
+                    .to_owned(),
                 3,
                 ")",
             ),

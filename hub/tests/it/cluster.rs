@@ -980,7 +980,11 @@ async fn a_job_moves_to_another_hub_when_its_runner_stops() {
         .json()
         .await
         .unwrap();
-        assert_eq!(list["commands"].as_array().unwrap().len(), 1, "jmv-{i:05}: {list}");
+        assert_eq!(
+            list["commands"].as_array().unwrap().len(),
+            1,
+            "jmv-{i:05}: {list}"
+        );
     }
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, fleet).await;
