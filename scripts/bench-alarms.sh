@@ -81,7 +81,7 @@ echo "-- ingest at saturation: $DEVICES devices x $RATE Hz asked, $DURATION"
 . scripts/start-hub.sh
 ingest "none (no rules)"
 kill -INT "$hub_pid"; wait "$hub_pid" || true; rm -rf "$work"
-for kind in quiet flapping; do
+for kind in ${RULESETS:-quiet flapping}; do
   . scripts/start-hub.sh
   rules "$RULES" "$kind"
   ingest "$kind ($RULES threshold rules over every device)"

@@ -324,7 +324,10 @@ impl AlarmWork {
         let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
         let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
         for ((device, sensor), mut points) in watched {
-            points.sort_by_key(|p| p.0);
+            // A device sends in time order, mostly.
+            if !points.is_sorted_by_key(|p| p.0) {
+                points.sort_by_key(|p| p.0);
+            }
             let known = self
                 .last_ts
                 .get(&(device, sensor))
@@ -349,7 +352,9 @@ impl AlarmWork {
                     continue;
                 }
                 let s = &self.series[i];
-                let state = ds.series.entry((s.rule.id, sensor)).or_default();
+                let key = (s.rule.id, sensor);
+                // An idle series has no entry (most of them, most of the time).
+                let state = ds.series.get(&key).cloned().unwrap_or_default();
                 let mut probe = state.clone();
                 probe.last_ts = probe.last_ts.max(known);
                 let mut any = false;
@@ -372,9 +377,12 @@ impl AlarmWork {
                         (!probe.idle()).then(|| serde_json::to_string(&probe).unwrap_or_default());
                     writes.push((s.rule.id, device, sensor, text));
                 }
-                *state = probe;
-                if state.idle() {
-                    ds.series.remove(&(s.rule.id, sensor));
+                if probe.idle() {
+                    if !state.idle() {
+                        ds.series.remove(&key);
+                    }
+                } else {
+                    ds.series.insert(key, probe);
                 }
             }
             if let Some(&(ts, _)) = points.last() {
