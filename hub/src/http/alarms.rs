@@ -30,8 +30,7 @@ pub(super) fn routes() -> axum::Router<Arc<ApiState>> {
         .route("/alarms", get(list_alarms))
         .route("/alarms/summary", get(summary))
         .route("/alarms/{id}", get(get_alarm))
-        .route("/alarms/{id}/ack", post(ack_alarm))
-        .route("/alarms/{id}/clear", post(clear_alarm))
+        .route("/alarms/{id}/{action}", post(alarm_action))
         .route("/webhooks/{name}/deliveries", get(deliveries))
 }
 
@@ -203,42 +202,33 @@ pub(super) struct NoteJson {
     note: String,
 }
 
-/// Acknowledges an active alarm, with a note (409 when it is cleared).
-#[utoipa::path(post, path = "/alarms/{id}/ack", request_body = NoteJson, responses(
+/// `ack` (acknowledge an active alarm; 409 when it is cleared) or `clear`
+/// (clear an open one), with a note.
+#[utoipa::path(post, path = "/alarms/{id}/{action}", request_body = NoteJson, responses(
     (status = 200, body = AnyJson),
     (status = 404, body = ErrorBody),
     (status = 409, body = ErrorBody),
 ))]
-pub(super) async fn ack_alarm(
+pub(super) async fn alarm_action(
     State(state): State<Arc<ApiState>>,
     operator: Option<axum::Extension<Operator>>,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     body: Option<Json<NoteJson>>,
 ) -> Result<Json<AnyJson>, ApiError> {
+    let id = alarm_id(&id)?;
     let note = body.map(|b| b.0).unwrap_or_default().note;
-    let alarm = state
-        .ops
-        .ack_alarm(alarm_id(&id)?, &caller(operator), &note)
-        .await?;
-    Ok(json(&alarm))
-}
-
-/// Clears an open alarm, with a note.
-#[utoipa::path(post, path = "/alarms/{id}/clear", request_body = NoteJson, responses(
-    (status = 200, body = AnyJson),
-    (status = 404, body = ErrorBody),
-))]
-pub(super) async fn clear_alarm(
-    State(state): State<Arc<ApiState>>,
-    operator: Option<axum::Extension<Operator>>,
-    Path(id): Path<String>,
-    body: Option<Json<NoteJson>>,
-) -> Result<Json<AnyJson>, ApiError> {
-    let note = body.map(|b| b.0).unwrap_or_default().note;
-    let alarm = state
-        .ops
-        .clear_alarm(alarm_id(&id)?, &caller(operator), &note)
-        .await?;
+    let by = caller(operator);
+    let alarm = match action.as_str() {
+        "ack" => state.ops.ack_alarm(id, &by, &note).await?,
+        "clear" => state.ops.clear_alarm(id, &by, &note).await?,
+        other => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no alarm action {other:?} (ack, clear)"),
+            ));
+        }
+    };
     Ok(json(&alarm))
 }
 

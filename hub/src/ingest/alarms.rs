@@ -321,6 +321,7 @@ impl AlarmWork {
         for (i, s) in self.series.iter().enumerate() {
             by_sensor.entry(&*s.sensor).or_default().push(i);
         }
+        let idle = SeriesState::default();
         let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
         let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
         for ((device, sensor), mut points) in watched {
@@ -354,7 +355,7 @@ impl AlarmWork {
                 let s = &self.series[i];
                 let key = (s.rule.id, sensor);
                 // An idle series has no entry (most of them, most of the time).
-                let state = ds.series.get(&key).cloned().unwrap_or_default();
+                let state = ds.series.get(&key).unwrap_or(&idle);
                 let mut probe = state.clone();
                 probe.last_ts = probe.last_ts.max(known);
                 let mut any = false;
@@ -377,8 +378,9 @@ impl AlarmWork {
                         (!probe.idle()).then(|| serde_json::to_string(&probe).unwrap_or_default());
                     writes.push((s.rule.id, device, sensor, text));
                 }
+                let was_idle = state.idle();
                 if probe.idle() {
-                    if !state.idle() {
+                    if !was_idle {
                         ds.series.remove(&key);
                     }
                 } else {
