@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::Eval;
+use super::rules::{Check, CmpOp, Eval};
 
 /// Samples a rate rule keeps per window (one per window/32 of time).
 pub const RATE_SAMPLES: i64 = 32;
@@ -158,6 +158,60 @@ impl SeriesState {
     }
 }
 
+/// Which values could move an idle series of one sensor, for the sensor's
+/// rules together: an idle threshold series changes only on a value its
+/// raise condition holds for, so a group whose values pass none of them
+/// (and whose series are all idle) needs no evaluation at all. A rate rule
+/// keeps samples from every value: with one, every value passes.
+#[derive(Debug, Clone, Default)]
+pub struct IdleFilter {
+    every: bool,
+    /// The lowest `>`/`>=` line and the highest `<`/`<=` line.
+    above: Option<Check>,
+    below: Option<Check>,
+    /// `==` and `!=` checks, as they are.
+    other: Vec<Check>,
+}
+
+impl IdleFilter {
+    pub fn add(&mut self, eval: &Eval) {
+        if eval.rate_window.is_some() {
+            self.every = true;
+            return;
+        }
+        let c = eval.raise;
+        // Of two lines the wider one passes every value the other does;
+        // at the same value `>=` passes more than `>`.
+        let wider = |old: &Option<Check>, lower: bool| match old {
+            None => true,
+            Some(o) if o.value == c.value => matches!(c.op, CmpOp::Ge | CmpOp::Le),
+            Some(o) => (c.value < o.value) == lower,
+        };
+        match c.op {
+            CmpOp::Gt | CmpOp::Ge => {
+                if wider(&self.above, true) {
+                    self.above = Some(c);
+                }
+            }
+            CmpOp::Lt | CmpOp::Le => {
+                if wider(&self.below, false) {
+                    self.below = Some(c);
+                }
+            }
+            CmpOp::Eq | CmpOp::Ne => self.other.push(c),
+        }
+    }
+
+    /// Whether `value` could move an idle series of one of the rules
+    /// added (false: it moves none of them).
+    pub fn passes(&self, value: f64) -> bool {
+        self.every
+            || self.above.is_some_and(|c| c.holds(value))
+            || self.below.is_some_and(|c| c.holds(value))
+            || self.other.iter().any(|c| c.holds(value))
+    }
+}
+
 /// One device (or device sensor) an inactivity rule looks at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quiet {
@@ -182,7 +236,7 @@ pub fn inactivity(now_ms: i64, after_ms: i64, q: &Quiet) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alarms::rules::{Check, CmpOp};
+    use proptest::prelude::*;
 
     fn eval(raise: &str, raise_for: i64, clear: &str, clear_for: i64) -> Eval {
         Eval {
@@ -364,5 +418,57 @@ mod tests {
         assert_eq!(inactivity(10_000, 5_000, &q(4_000, true)), None);
         assert_eq!(inactivity(10_000, 5_000, &q(9_000, true)), Some(false));
         assert_eq!(inactivity(10_000, 5_000, &q(9_000, false)), None);
+    }
+
+    fn check() -> impl Strategy<Value = Check> {
+        let op = prop_oneof![
+            Just(CmpOp::Gt),
+            Just(CmpOp::Ge),
+            Just(CmpOp::Lt),
+            Just(CmpOp::Le),
+            Just(CmpOp::Eq),
+            Just(CmpOp::Ne),
+        ];
+        // Few distinct values, so that lines and readings meet often.
+        (op, -3i32..3).prop_map(|(op, v)| Check {
+            op,
+            value: f64::from(v) / 2.0,
+        })
+    }
+
+    proptest! {
+        /// A value the filter stops leaves every idle series of its rules
+        /// idle, with no transition: skipping it changes nothing.
+        #[test]
+        fn the_idle_filter_stops_only_values_that_move_nothing(
+            raises in prop::collection::vec(check(), 1..6),
+            rate in any::<bool>(),
+            v in prop_oneof![(-8i32..8).prop_map(|v| f64::from(v) / 4.0), Just(f64::NAN)],
+        ) {
+            let evals: Vec<Eval> = raises
+                .iter()
+                .enumerate()
+                .map(|(i, &raise)| Eval {
+                    raise,
+                    raise_for: 0,
+                    clear: raise.negated(),
+                    clear_for: 0,
+                    rate_window: (rate && i == 0).then_some(60_000),
+                })
+                .collect();
+            let mut filter = IdleFilter::default();
+            for e in &evals {
+                filter.add(e);
+            }
+            let moved = evals.iter().any(|e| {
+                let mut s = SeriesState::default();
+                s.step(e, 1_000, v).is_some() || !s.idle()
+            });
+            prop_assert!(filter.passes(v) || !moved, "{evals:?} {v}");
+            // Without a rate rule it is exact: it passes what moves one.
+            if !rate {
+                prop_assert_eq!(filter.passes(v), moved, "{:?} {}", evals, v);
+            }
+        }
     }
 }

@@ -6,17 +6,18 @@
 //! What it keeps in memory is a cache of committed rows, like the rest of
 //! the writer: the rules (reloaded when [`AlarmHub::generation`] moves:
 //! rules or tags changed here or on another hub), which series rules apply
-//! to each device, and each series' newest evaluated ts. Series states are
-//! read from the store in every group (another hub, or an operator's clear,
-//! may have changed them).
+//! to each device, each series' newest evaluated ts, and the series states
+//! (read again after an operator's clear or a rule change, and on
+//! PostgreSQL every 2 s per device: another hub may have changed them).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use super::IngestError;
-use crate::alarms::engine::{SeriesState, Transition};
+use crate::alarms::engine::{IdleFilter, SeriesState, Transition};
 use crate::alarms::rules::{Eval, Watch};
 use crate::alarms::{Alarm, AlarmEvent, AlarmHub, EventKind, Rule, RuleSpec};
 use crate::domain::{DeviceKey, SensorKey};
@@ -78,6 +79,24 @@ pub(crate) struct AlarmMsg {
 /// within this.
 const RELOAD_SHARED: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The series rules of one sensor name (indexes into `series`, in rule
+/// order) and what values could move them from idle.
+#[derive(Default)]
+struct SensorRules {
+    rules: Vec<usize>,
+    filter: IdleFilter,
+}
+
+/// A sensor's name and its rules.
+type NamedRules = (Arc<str>, Arc<SensorRules>);
+
+/// A watched series in a group: its newest ts, and whether a value of it
+/// passed its sensor's filter.
+struct Seen {
+    newest: i64,
+    hot: bool,
+}
+
 /// A series rule in the form the evaluator uses.
 struct SeriesRule {
     rule: Arc<Rule>,
@@ -94,14 +113,15 @@ pub(crate) struct AlarmWork {
     loaded_at: Option<std::time::Instant>,
     rules: Vec<Arc<Rule>>,
     series: Vec<SeriesRule>,
+    by_sensor: HashMap<Arc<str>, Arc<SensorRules>>,
     /// The series rules (indexes into `series`) that apply to a device.
-    by_device: HashMap<DeviceKey, Arc<[usize]>>,
+    by_device: FxHashMap<DeviceKey, Arc<[usize]>>,
     /// Each series' newest evaluated reading (committed).
-    last_ts: HashMap<(DeviceKey, SensorKey), i64>,
+    last_ts: FxHashMap<(DeviceKey, SensorKey), i64>,
     /// The series states of devices (as the store has them, and as this
     /// group changes them: after a failed commit all is read again). On
     /// PostgreSQL a device's are read again after RELOAD_SHARED.
-    states: HashMap<DeviceKey, DeviceStates>,
+    states: FxHashMap<DeviceKey, DeviceStates>,
     /// External ids of the devices in `by_device`.
     names: HashMap<DeviceKey, Arc<str>>,
     cached_devices: usize,
@@ -129,9 +149,10 @@ impl AlarmWork {
             loaded_at: None,
             rules: Vec::new(),
             series: Vec::new(),
-            by_device: HashMap::new(),
-            last_ts: HashMap::new(),
-            states: HashMap::new(),
+            by_sensor: HashMap::new(),
+            by_device: FxHashMap::default(),
+            last_ts: FxHashMap::default(),
+            states: FxHashMap::default(),
             names: HashMap::new(),
             cached_devices,
         }
@@ -199,6 +220,16 @@ impl AlarmWork {
                 Watch::Inactivity(_) => None,
             })
             .collect();
+        let mut by_sensor: HashMap<Arc<str>, SensorRules> = HashMap::new();
+        for (i, s) in self.series.iter().enumerate() {
+            let e = by_sensor.entry(Arc::clone(&s.sensor)).or_default();
+            e.rules.push(i);
+            e.filter.add(&s.eval);
+        }
+        self.by_sensor = by_sensor
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
         self.by_device.clear();
         self.names.clear();
         // Rule changes rewrite series states in the store.
@@ -210,6 +241,11 @@ impl AlarmWork {
     /// Evaluates the group's stored rows (before they are inserted: the
     /// newest stored ts of a series this writer does not know is read from
     /// the store). `sensor_names` names every sensor key in `rows`.
+    ///
+    /// Most series are idle and most values move none of their rules: a
+    /// first pass over the rows keeps only each watched series' newest ts
+    /// and whether one of its values passes its sensor's [`IdleFilter`];
+    /// only those that do, or that have a state, are stepped through.
     pub async fn evaluate(
         &mut self,
         tx: &mut WriteTx<'_>,
@@ -222,30 +258,10 @@ impl AlarmWork {
         if self.series.is_empty() || rows.is_empty() {
             return Ok(());
         }
-        // Which rules apply to the group's devices.
-        let devices: HashSet<DeviceKey> = rows.iter().map(|r| r.device).collect();
-        let missing: Vec<DeviceKey> = devices
-            .iter()
-            .filter(|d| !self.by_device.contains_key(d))
-            .copied()
-            .collect();
-        for (device, name, tags) in tx.device_tags(&missing).await? {
-            let applies: Vec<usize> = self
-                .series
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.rule.spec.target.matches(&name, &tags))
-                .map(|(i, _)| i)
-                .collect();
-            self.by_device.insert(device, applies.into());
-            self.names.insert(device, Arc::from(name.as_str()));
-        }
-        // The rows of watched series, by series, in time order.
-        let mut watched: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
-        let mut names: HashMap<SensorKey, Option<Arc<str>>> = HashMap::new();
-        // Per sensor: whether any rule watches it (decided once a group,
-        // not per row); per device: whether any rule applies to it.
-        let mut sensor_watched: HashMap<SensorKey, bool> = HashMap::new();
+        self.applying(tx, rows).await?;
+        // Per sensor key: its name and rules (None: no rule watches it).
+        let mut sensors: FxHashMap<SensorKey, Option<NamedRules>> = FxHashMap::default();
+        let mut seen: FxHashMap<(DeviceKey, SensorKey), Seen> = FxHashMap::default();
         let mut last: Option<(DeviceKey, bool)> = None;
         for r in rows {
             let device_watched = match last {
@@ -259,72 +275,70 @@ impl AlarmWork {
             if !device_watched {
                 continue;
             }
-            let watched_sensor = *sensor_watched.entry(r.sensor).or_insert_with(|| {
-                let name = sensor_names(r.sensor);
-                let w = name
-                    .as_ref()
-                    .is_some_and(|n| self.series.iter().any(|s| s.sensor == *n));
-                names.insert(r.sensor, name);
-                w
+            let of_sensor = sensors.entry(r.sensor).or_insert_with(|| {
+                let name = sensor_names(r.sensor)?;
+                let rules = Arc::clone(self.by_sensor.get(&name)?);
+                Some((name, rules))
             });
-            if watched_sensor {
-                watched
-                    .entry((r.device, r.sensor))
-                    .or_default()
-                    .push((r.ts_ms, r.value));
-            }
+            let Some((_, rules)) = of_sensor else {
+                continue;
+            };
+            let s = seen.entry((r.device, r.sensor)).or_insert(Seen {
+                newest: i64::MIN,
+                hot: false,
+            });
+            s.newest = s.newest.max(r.ts_ms);
+            s.hot = s.hot || rules.filter.passes(r.value);
         }
-        if watched.is_empty() {
+        if seen.is_empty() {
             return Ok(());
         }
-        let mut unknown: Vec<DeviceKey> = watched
+        let mut unknown: Vec<DeviceKey> = seen
             .keys()
             .filter(|k| !self.last_ts.contains_key(k))
             .map(|(d, _)| *d)
             .collect();
+        unknown.sort_unstable();
         unknown.dedup();
-        let mut stored_ts: HashMap<(DeviceKey, SensorKey), i64> = HashMap::new();
+        let mut stored_ts: FxHashMap<(DeviceKey, SensorKey), i64> = FxHashMap::default();
         for (d, s, t) in tx.latest_ts(&unknown).await? {
             stored_ts.insert((d, s), t);
         }
-        let mut group_devices: Vec<DeviceKey> = watched.keys().map(|(d, _)| *d).collect();
+        let mut group_devices: Vec<DeviceKey> = seen.keys().map(|(d, _)| *d).collect();
+        group_devices.sort_unstable();
         group_devices.dedup();
-        let shared = tx.shared();
-        let to_read: Vec<DeviceKey> = group_devices
-            .iter()
-            .filter(|d| {
-                self.states
-                    .get(d)
-                    .is_none_or(|s| shared && s.read_at.elapsed() >= RELOAD_SHARED)
-            })
-            .copied()
-            .collect();
-        if !to_read.is_empty() {
-            let read_at = std::time::Instant::now();
-            for d in &to_read {
-                self.states.insert(
-                    *d,
-                    DeviceStates {
-                        read_at,
-                        series: HashMap::new(),
-                    },
-                );
-            }
-            for (rule, d, sensor, state) in tx.load_series(&to_read).await? {
-                if let Some(ds) = self.states.get_mut(&d) {
-                    ds.series.insert((rule, sensor), state);
-                }
+        self.read_states(tx, &group_devices).await?;
+        // The series to step through: a value passed the filter, or one of
+        // the series' rules is not idle. The others only move their ts.
+        let mut hot: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
+        for (&(device, sensor), s) in &seen {
+            let known = self
+                .last_ts
+                .get(&(device, sensor))
+                .or(stored_ts.get(&(device, sensor)))
+                .copied()
+                .unwrap_or(i64::MIN);
+            out.last_ts.push(((device, sensor), s.newest.max(known)));
+            let pending = self
+                .states
+                .get(&device)
+                .is_some_and(|ds| ds.series.keys().any(|&(_, k)| k == sensor));
+            if s.hot || pending {
+                hot.insert((device, sensor), Vec::new());
             }
         }
-        // The series rules of each sensor name, in rule order.
-        let mut by_sensor: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, s) in self.series.iter().enumerate() {
-            by_sensor.entry(&*s.sensor).or_default().push(i);
+        if hot.is_empty() {
+            return Ok(());
+        }
+        for r in rows {
+            if let Some(points) = hot.get_mut(&(r.device, r.sensor)) {
+                points.push((r.ts_ms, r.value));
+            }
         }
         let idle = SeriesState::default();
         let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
         let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
-        for ((device, sensor), mut points) in watched {
+        for ((device, sensor), mut points) in hot {
             // A device sends in time order, mostly.
             if !points.is_sorted_by_key(|p| p.0) {
                 points.sort_by_key(|p| p.0);
@@ -335,19 +349,16 @@ impl AlarmWork {
                 .or(stored_ts.get(&(device, sensor)))
                 .copied()
                 .unwrap_or(i64::MIN);
-            let name = names
-                .get(&sensor)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| Arc::from(""));
-            let Some(applies) = self.by_device.get(&device).cloned() else {
+            let Some(Some((name, of_sensor))) = sensors.get(&sensor) else {
+                continue;
+            };
+            let Some(applies) = self.by_device.get(&device) else {
                 continue;
             };
             let Some(ds) = self.states.get_mut(&device) else {
                 continue;
             };
-            let of_sensor = by_sensor.get(&*name).map(Vec::as_slice).unwrap_or_default();
-            for &i in of_sensor {
+            for &i in &of_sensor.rules {
                 // `applies` is in rule order: a device's rules, searched.
                 if applies.binary_search(&i).is_err() {
                     continue;
@@ -361,7 +372,7 @@ impl AlarmWork {
                 let mut any = false;
                 for &(ts, v) in &points {
                     if let Some(t) = probe.step(&s.eval, ts, v) {
-                        fired.push((Arc::clone(&s.rule), device, Arc::clone(&name), t));
+                        fired.push((Arc::clone(&s.rule), device, Arc::clone(name), t));
                         any = true;
                     }
                 }
@@ -387,14 +398,82 @@ impl AlarmWork {
                     ds.series.insert(key, probe);
                 }
             }
-            if let Some(&(ts, _)) = points.last() {
-                out.last_ts.push(((device, sensor), ts.max(known)));
-            }
         }
         tx.write_series(&writes).await?;
         for (rule, device, sensor, t) in fired {
             self.transition(tx, &rule, device, &sensor, t, now, out)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Which rules apply to the group's devices not yet known.
+    async fn applying(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        rows: &[RowToInsert],
+    ) -> Result<(), StoreError> {
+        let mut missing: Vec<DeviceKey> = Vec::new();
+        let mut last = None;
+        for r in rows {
+            if last != Some(r.device) && !self.by_device.contains_key(&r.device) {
+                missing.push(r.device);
+            }
+            last = Some(r.device);
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        for (device, name, tags) in tx.device_tags(&missing).await? {
+            let applies: Vec<usize> = self
+                .series
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.rule.spec.target.matches(&name, &tags))
+                .map(|(i, _)| i)
+                .collect();
+            self.by_device.insert(device, applies.into());
+            self.names.insert(device, Arc::from(name.as_str()));
+        }
+        Ok(())
+    }
+
+    /// Reads the series states of the devices this writer has none of (on
+    /// PostgreSQL, also of those read more than RELOAD_SHARED ago).
+    async fn read_states(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        devices: &[DeviceKey],
+    ) -> Result<(), StoreError> {
+        let shared = tx.shared();
+        let to_read: Vec<DeviceKey> = devices
+            .iter()
+            .filter(|d| {
+                self.states
+                    .get(d)
+                    .is_none_or(|s| shared && s.read_at.elapsed() >= RELOAD_SHARED)
+            })
+            .copied()
+            .collect();
+        if to_read.is_empty() {
+            return Ok(());
+        }
+        let read_at = std::time::Instant::now();
+        for d in &to_read {
+            self.states.insert(
+                *d,
+                DeviceStates {
+                    read_at,
+                    series: HashMap::new(),
+                },
+            );
+        }
+        for (rule, d, sensor, state) in tx.load_series(&to_read).await? {
+            if let Some(ds) = self.states.get_mut(&d) {
+                ds.series.insert((rule, sensor), state);
+            }
         }
         Ok(())
     }
