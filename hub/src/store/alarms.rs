@@ -160,6 +160,15 @@ pub struct Silent {
     pub last_ms: i64,
 }
 
+/// Locks the rows a SELECT reads until the commit, on PostgreSQL (a
+/// SQLite writer is alone).
+fn for_update(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE",
+    }
+}
+
 /// `IN (...)` over ids: json_each on SQLite, `= ANY` on PostgreSQL.
 fn in_ids(backend: Backend, column: &str, param: usize) -> String {
     match backend {
@@ -219,81 +228,82 @@ impl WriteTx<'_> {
         spec: &RuleSpec,
         now: i64,
     ) -> Result<(Rule, Vec<Alarm>), StoreError> {
-        let old: Option<(i64, i64, i64, String)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "SELECT id, version, created_ms, spec FROM alarm_rules WHERE name = $1 AND deleted_ms IS NULL",
-        )
-        .bind(&spec.name)
-        .fetch_optional(c)
-        .await?);
         let text = spec.to_json();
-        let mut cleared = Vec::new();
-        let (id, version, created_ms) = match old {
-            Some((id, version, created, old_spec)) => {
-                let watched = |s: &RuleSpec| {
-                    (
-                        s.target.clone(),
-                        s.sensor().to_owned(),
-                        s.threshold.is_some(),
-                        s.rate.is_some(),
-                        s.inactivity.is_some(),
-                    )
+        // Another hub may create or change the same rule at once
+        // (PostgreSQL): the row is locked before anything else (the lock
+        // order everywhere is rule, series states, alarms), and a
+        // concurrent create makes this one an update rather than a
+        // failed group.
+        let mut old = None;
+        // Each pass either finds the live rule or creates it, unless
+        // another hub created and deleted it in between.
+        for _ in 0..8 {
+            old = self.rule_for_update(&spec.name).await?;
+            if old.is_some() {
+                break;
+            }
+            let id: Option<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+                "INSERT INTO alarm_rules (name, version, spec, created_ms, updated_ms) \
+                 VALUES ($1, 1, $2, $3, $3) \
+                 ON CONFLICT (name) WHERE deleted_ms IS NULL DO NOTHING RETURNING id",
+            )
+            .bind(&spec.name)
+            .bind(&text)
+            .bind(now)
+            .fetch_optional(c)
+            .await?);
+            if let Some(id) = id {
+                let rule = Rule {
+                    id,
+                    version: 1,
+                    created_ms: now,
+                    updated_ms: now,
+                    spec: spec.clone(),
                 };
-                let moved = serde_json::from_str::<RuleSpec>(&old_spec)
-                    .map_or(true, |old| watched(&old) != watched(spec));
-                if moved {
-                    let sql = format!(
-                        "UPDATE alarms SET state = 'cleared', cleared_ms = $2, \
-                         cleared_by = 'rule changed', changed_ms = $2 \
-                         WHERE rule_id = $1 AND state <> 'cleared' RETURNING {ALARM_COLS}"
-                    );
-                    let rows: Vec<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
-                        .bind(id)
-                        .bind(now)
-                        .fetch_all(c)
-                        .await?);
-                    cleared = rows.into_iter().map(AlarmRow::alarm).collect();
-                    with_conn!(self.conn.conn(), c => sqlx::query(
-                        "DELETE FROM alarm_series WHERE rule_id = $1",
-                    )
-                    .bind(id)
-                    .execute(c)
-                    .await
-                    .map(|_| ())?);
-                }
-                with_conn!(self.conn.conn(), c => sqlx::query(
-                    "UPDATE alarm_rules SET version = $2, spec = $3, updated_ms = $4 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(version + 1)
-                .bind(&text)
-                .bind(now)
-                .execute(c)
-                .await
-                .map(|_| ())?);
-                with_conn!(self.conn.conn(), c => sqlx::query(
-                    "DELETE FROM alarm_series WHERE rule_id = $1 AND NOT EXISTS (SELECT 1 FROM \
-                     alarms a WHERE a.rule_id = alarm_series.rule_id \
-                     AND a.device_id = alarm_series.device_id AND a.state <> 'cleared')",
-                )
-                .bind(id)
-                .execute(c)
-                .await
-                .map(|_| ())?);
-                (id, version + 1, created)
+                return Ok((rule, Vec::new()));
             }
-            None => {
-                let id: i64 = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
-                    "INSERT INTO alarm_rules (name, version, spec, created_ms, updated_ms) \
-                     VALUES ($1, 1, $2, $3, $3) RETURNING id",
-                )
-                .bind(&spec.name)
-                .bind(&text)
-                .bind(now)
-                .fetch_one(c)
-                .await?);
-                (id, 1, now)
-            }
+        }
+        let Some((id, version, created_ms, old_spec)) = old else {
+            return Err(StoreError::Sqlx(sqlx::Error::RowNotFound));
         };
+        let watched = |s: &RuleSpec| {
+            (
+                s.target.clone(),
+                s.sensor().to_owned(),
+                s.threshold.is_some(),
+                s.rate.is_some(),
+                s.inactivity.is_some(),
+            )
+        };
+        let moved = serde_json::from_str::<RuleSpec>(&old_spec)
+            .map_or(true, |old| watched(&old) != watched(spec));
+        let cleared = if moved {
+            self.end_rule(id, "rule changed", now).await?
+        } else {
+            // Pending conditions start over; series with an open alarm
+            // keep their state (it clears the alarm).
+            with_conn!(self.conn.conn(), c => sqlx::query(
+                "DELETE FROM alarm_series WHERE rule_id = $1 AND NOT EXISTS (SELECT 1 FROM \
+                 alarms a WHERE a.rule_id = alarm_series.rule_id \
+                 AND a.device_id = alarm_series.device_id AND a.state <> 'cleared')",
+            )
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|_| ())?);
+            Vec::new()
+        };
+        let version = version + 1;
+        with_conn!(self.conn.conn(), c => sqlx::query(
+            "UPDATE alarm_rules SET version = $2, spec = $3, updated_ms = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(&text)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|_| ())?);
         let rule = Rule {
             id,
             version: version as u64,
@@ -343,24 +353,48 @@ impl WriteTx<'_> {
         let Some(rule) = row.and_then(decode_rule) else {
             return Ok(None);
         };
+        let cleared = self.end_rule(rule.id, "rule deleted", now).await?;
+        Ok(Some((rule, cleared)))
+    }
+
+    /// The live rule of that name (id, version, created_ms, spec), locked
+    /// on PostgreSQL until the commit.
+    async fn rule_for_update(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<(i64, i64, i64, String)>, StoreError> {
         let sql = format!(
-            "UPDATE alarms SET state = 'cleared', cleared_ms = $2, cleared_by = 'rule deleted', \
-             changed_ms = $2 WHERE rule_id = $1 AND state <> 'cleared' RETURNING {ALARM_COLS}"
+            "SELECT id, version, created_ms, spec FROM alarm_rules \
+             WHERE name = $1 AND deleted_ms IS NULL{}",
+            for_update(self.conn.backend())
         );
-        let rows: Vec<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
-            .bind(rule.id)
-            .bind(now)
-            .fetch_all(c)
-            .await?);
+        Ok(with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
+            .bind(name)
+            .fetch_optional(c)
+            .await?))
+    }
+
+    /// A rule's series states are dropped and its open alarms cleared
+    /// (`by`), in that order (the lock order of the evaluator, which
+    /// writes states before alarms: no deadlock with another hub's
+    /// group); the cleared alarms.
+    async fn end_rule(&mut self, rule: i64, by: &str, now: i64) -> Result<Vec<Alarm>, StoreError> {
         with_conn!(self.conn.conn(), c => sqlx::query("DELETE FROM alarm_series WHERE rule_id = $1")
-            .bind(rule.id)
+            .bind(rule)
             .execute(c)
             .await
             .map(|_| ())?);
-        Ok(Some((
-            rule,
-            rows.into_iter().map(AlarmRow::alarm).collect(),
-        )))
+        let sql = format!(
+            "UPDATE alarms SET state = 'cleared', cleared_ms = $2, cleared_by = $3, \
+             changed_ms = $2 WHERE rule_id = $1 AND state <> 'cleared' RETURNING {ALARM_COLS}"
+        );
+        let rows: Vec<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
+            .bind(rule)
+            .bind(now)
+            .bind(by)
+            .fetch_all(c)
+            .await?);
+        Ok(rows.into_iter().map(AlarmRow::alarm).collect())
     }
 
     /// Devices' external ids and tags.
@@ -676,6 +710,28 @@ impl WriteTx<'_> {
         note: &str,
         now: i64,
     ) -> Result<Option<Alarm>, StoreError> {
+        // The series state is locked before the alarm, the evaluator's
+        // order (it may be running on another hub, PostgreSQL).
+        let Some(open) = self.alarm(id).await? else {
+            return Ok(None);
+        };
+        if open.state == AlarmState::Cleared {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT s.sensor_id, s.state FROM alarm_series s JOIN sensors n ON n.id = s.sensor_id \
+             WHERE s.device_id = $1 AND s.rule_id = $2 AND n.name = $3{}",
+            match self.conn.backend() {
+                Backend::Sqlite => "",
+                Backend::Postgres => " FOR UPDATE OF s",
+            }
+        );
+        let state: Option<(i64, String)> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
+            .bind(open.device_key)
+            .bind(open.rule_id)
+            .bind(&open.sensor)
+            .fetch_optional(c)
+            .await?);
         let sql = format!(
             "UPDATE alarms SET state = 'cleared', cleared_ms = $2, cleared_by = $3, \
              clear_note = $4, changed_ms = $2 WHERE id = $1 AND state <> 'cleared' \
@@ -691,15 +747,6 @@ impl WriteTx<'_> {
         let Some(alarm) = row.map(AlarmRow::alarm) else {
             return Ok(None);
         };
-        let state: Option<(i64, String)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
-            "SELECT s.sensor_id, s.state FROM alarm_series s JOIN sensors n ON n.id = s.sensor_id \
-             WHERE s.device_id = $1 AND s.rule_id = $2 AND n.name = $3",
-        )
-        .bind(alarm.device_key)
-        .bind(alarm.rule_id)
-        .bind(&alarm.sensor)
-        .fetch_optional(c)
-        .await?);
         if let Some((sensor, text)) = state {
             let mut s: SeriesState = serde_json::from_str(&text).unwrap_or_default();
             s.operator_cleared();

@@ -36,7 +36,7 @@ pub(crate) async fn alarms_of(http: &str, device: &str) -> Vec<Value> {
     body["alarms"].as_array().unwrap().clone()
 }
 
-async fn post(http: &str, path: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn post(http: &str, path: &str, body: Value) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .post(format!("{http}/api/v1{path}"))
         .json(&body)

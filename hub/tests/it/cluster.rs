@@ -911,6 +911,88 @@ async fn alarms_follow_a_device_to_another_hub() {
     assert_eq!(alarms.len(), 1, "one evaluator for the fleet: {alarms:?}");
 }
 
+/// Operators on one hub and the evaluator on another touch the same rows
+/// (PostgreSQL): rules created at once under one name on two hubs, and
+/// clears on A of the alarms B's device keeps raising, fail no group
+/// (no unique violation, no deadlock) and lose no ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_changes_and_clears_from_two_hubs_fail_no_group() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let rule = |v: i64| {
+        json!({"severity": "minor", "target": {"device": "race-dev"},
+               "threshold": {"sensor": "t", "raise": format!("> {v}"), "clear": format!("< {v}")}})
+    };
+    let (http_a, http_b) = (a.http_url(), b.http_url());
+    for i in 0..8 {
+        let name = format!("race-{i}");
+        tokio::join!(
+            crate::alarms::put_rule(&http_a, &name, rule(30)),
+            crate::alarms::put_rule(&http_b, &name, rule(31)),
+        );
+    }
+    let rules: serde_json::Value = reqwest::get(format!("{}/api/v1/alarm-rules", a.http_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rules = rules["rules"].as_array().unwrap();
+    for i in 0..8 {
+        let named: Vec<_> = rules
+            .iter()
+            .filter(|r| r["name"] == format!("race-{i}"))
+            .collect();
+        assert_eq!(named.len(), 1, "{rules:?}");
+        assert_eq!(named[0]["version"], 2, "one create, one update: {named:?}");
+    }
+    // B's device flips the eight rules' alarms with every batch while an
+    // operator on A clears whatever is open.
+    let (mut dev, _) = RawDevice::connect(&b, "race-dev").await;
+    let base = now_ms() - 3_600_000;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clearing = {
+        let (http, stop) = (a.http_url(), stop.clone());
+        tokio::spawn(async move {
+            let mut cleared = 0;
+            while !stop.is_cancelled() {
+                for alarm in crate::alarms::alarms_of(&http, "race-dev").await {
+                    if alarm["state"] != "cleared" {
+                        let path = format!("/alarms/{}/clear", alarm["id"]);
+                        let (status, body) =
+                            crate::alarms::post(&http, &path, json!({"note": "race"})).await;
+                        assert!(status < 500, "{status}: {body}");
+                        cleared += 1;
+                    }
+                }
+            }
+            cleared
+        })
+    };
+    let mut seq = 0;
+    for round in 0..60 {
+        let readings = (0..4)
+            .map(|k| {
+                seq += 1;
+                let v = if (round + k) % 2 == 0 { 40.0 } else { 10.0 };
+                reading(seq, "t", base + seq as i64 * 10, v)
+            })
+            .collect();
+        dev.send(batch(readings)).await;
+        dev.ack_through(seq).await;
+    }
+    stop.cancel();
+    let cleared = clearing.await.unwrap();
+    assert!(cleared > 0, "the operator cleared some alarms");
+    for hub in [&a, &b] {
+        assert_eq!(hub.hub().metrics().commit_failures.load(Relaxed), 0);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// One hub drives jobs (the `jobs` lease); when it stops, another takes
 /// the job over and finishes it, and each device gets its command once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
