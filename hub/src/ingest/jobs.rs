@@ -23,6 +23,13 @@ pub enum JobOp {
         job: i64,
         results: Vec<DeviceResult>,
     },
+    /// Devices in progress were sent their change only now (a crash or a
+    /// handover came between the claim and the send): their timeout
+    /// counts from now.
+    Sent {
+        job: i64,
+        devices: Vec<String>,
+    },
     State {
         job: i64,
         from: Vec<JobState>,
@@ -60,6 +67,10 @@ pub(crate) async fn run(
         }
         JobOp::Results { job, results } => {
             tx.finish_job_devices(*job, results, now).await?;
+            JobOutcome::Done
+        }
+        JobOp::Sent { job, devices } => {
+            tx.restart_job_devices(*job, devices, now).await?;
             JobOutcome::Done
         }
         JobOp::State {

@@ -44,6 +44,7 @@ impl Runner {
         let mut leading = false;
         let mut renewed = Instant::now();
         let mut first = true;
+        let mut led_since = i64::MIN;
         loop {
             if first || renewed.elapsed() >= Duration::from_secs(1) {
                 first = false;
@@ -55,8 +56,10 @@ impl Runner {
                 );
                 if held != leading {
                     tracing::info!(leading = held, "job runner lease");
-                    // A new leader starts its pacing afresh.
+                    // A new leader starts its pacing afresh, and counts
+                    // devices' timeouts from now at the earliest.
                     pacers.clear();
+                    led_since = now_ms();
                 }
                 leading = held;
             }
@@ -70,7 +73,7 @@ impl Runner {
                                 break;
                             }
                             let pacer = pacers.entry(job.id).or_default();
-                            if let Err(e) = self.step(&job, pacer, deadline).await {
+                            if let Err(e) = self.step(&job, pacer, deadline, led_since).await {
                                 tracing::warn!(job = job.id, error = %e, "job step failed");
                             }
                         }
@@ -89,7 +92,14 @@ impl Runner {
     }
 
     /// One round of one job.
-    async fn step(&self, job: &Job, pacer: &mut Pacer, deadline: Instant) -> Result<(), OpError> {
+    /// `led_since`: when this hub took the lease (hub clock, ms).
+    async fn step(
+        &self,
+        job: &Job,
+        pacer: &mut Pacer,
+        deadline: Instant,
+        led_since: i64,
+    ) -> Result<(), OpError> {
         let spec = &job.spec;
         let timeout = spec.timeout.as_millis() as i64;
         // Concurrency is at most 1000 (JobSpec::check): one page.
@@ -98,17 +108,31 @@ impl Runner {
             .job_devices(job.id, Some(DeviceState::InProgress), -1, 1000)
             .await?;
         let mut results = Vec::new();
+        let mut sent = Vec::new();
         for d in &following {
             if Instant::now() >= deadline {
                 break;
             }
-            if let Some(r) = self.follow(job, d).await {
-                results.push(r);
-            } else if now_ms() - d.started_ms.unwrap_or(i64::MAX) >= timeout {
-                results.push(result(&d.device, DeviceState::TimedOut, "timed out".into()));
+            // Time while no hub drove the job does not count.
+            let since = d.started_ms.unwrap_or(i64::MAX).max(led_since);
+            match self.follow(job, d).await {
+                Followed::Done(r) => results.push(r),
+                Followed::Sent => sent.push(d.device.clone()),
+                Followed::Waiting if now_ms() - since >= timeout => {
+                    results.push(result(&d.device, DeviceState::TimedOut, "timed out".into()));
+                }
+                Followed::Waiting => {}
             }
         }
         self.record(job.id, results).await?;
+        if !sent.is_empty() {
+            self.ops
+                .job_op(JobOp::Sent {
+                    job: job.id,
+                    devices: sent,
+                })
+                .await?;
+        }
         let job = self.ops.job(job.id).await?;
         let c = job.counts;
         if let Some(reason) = abort_reason(spec.abort.as_ref(), &c) {
@@ -265,24 +289,29 @@ impl Runner {
 
     /// A device's result, if it has one yet; sends what a crash or a
     /// handover left unsent.
-    async fn follow(&self, job: &Job, d: &JobDevice) -> Option<DeviceResult> {
-        let start = Start {
-            device: d.device.clone(),
-            command_id: d.command_id.clone(),
-            desired_version: d.desired_version.map(|v| v as u64),
-        };
+    async fn follow(&self, job: &Job, d: &JobDevice) -> Followed {
+        match self.follow_device(job, d).await {
+            Ok(Some(r)) => Followed::Done(r),
+            Ok(None) => Followed::Waiting,
+            Err(Unsent) => match self.send(job, &start_of(d)).await {
+                Ok(()) => Followed::Sent,
+                Err(why) => Followed::Done(result(&d.device, DeviceState::Failed, why)),
+            },
+        }
+    }
+
+    /// A device's result if it has one yet (Err: its change was claimed
+    /// but never sent).
+    async fn follow_device(
+        &self,
+        job: &Job,
+        d: &JobDevice,
+    ) -> Result<Option<DeviceResult>, Unsent> {
         if let Some(id) = &d.command_id {
             let rec = match self.ops.get_command(id).await {
                 Ok((rec, _)) => rec,
-                Err(e) if e.code() == ErrorCode::NotFound => {
-                    // Claimed, never sent: send it now.
-                    return self
-                        .send(job, &start)
-                        .await
-                        .err()
-                        .map(|why| result(&d.device, DeviceState::Failed, why));
-                }
-                Err(_) => return None,
+                Err(e) if e.code() == ErrorCode::NotFound => return Err(Unsent),
+                Err(_) => return Ok(None),
             };
             let state = match rec.state {
                 CommandState::Succeeded => DeviceState::Succeeded,
@@ -290,32 +319,50 @@ impl Runner {
                 | CommandState::Rejected
                 | CommandState::Expired
                 | CommandState::Cancelled => DeviceState::Failed,
-                _ => return None,
+                _ => return Ok(None),
             };
             let detail = if rec.detail.is_empty() {
                 rec.state.as_str().to_owned()
             } else {
                 format!("{}: {}", rec.state.as_str(), rec.detail)
             };
-            return Some(result(&d.device, state, detail));
+            return Ok(Some(result(&d.device, state, detail)));
         }
-        let patch = job.spec.desired.as_ref()?;
-        let twin = self.ops.get_twin(&d.device).await.ok()?;
-        if twin.twin.desired_version < start.desired_version.unwrap_or(0) {
-            // Claimed, never sent: send it now.
-            return self
-                .send(job, &start)
-                .await
-                .err()
-                .map(|why| result(&d.device, DeviceState::Failed, why));
+        let Some(patch) = job.spec.desired.as_ref() else {
+            return Ok(None);
+        };
+        let Ok(twin) = self.ops.get_twin(&d.device).await else {
+            return Ok(None);
+        };
+        if twin.twin.desired_version < d.desired_version.unwrap_or(0) as u64 {
+            return Err(Unsent);
         }
-        reported_matches(patch, &twin.twin.reported).then(|| {
+        Ok(reported_matches(patch, &twin.twin.reported).then(|| {
             result(
                 &d.device,
                 DeviceState::Succeeded,
                 "reported state matches".into(),
             )
-        })
+        }))
+    }
+}
+
+/// A device in progress whose change was claimed but never sent.
+struct Unsent;
+
+/// What following a device in progress found.
+enum Followed {
+    Done(DeviceResult),
+    /// Its change was sent only now: its timeout starts again.
+    Sent,
+    Waiting,
+}
+
+fn start_of(d: &JobDevice) -> Start {
+    Start {
+        device: d.device.clone(),
+        command_id: d.command_id.clone(),
+        desired_version: d.desired_version.map(|v| v as u64),
     }
 }
 

@@ -162,6 +162,28 @@ impl WriteTx<'_> {
         Ok(claimed)
     }
 
+    /// Devices still in progress start their timeout again at `now`.
+    pub async fn restart_job_devices(
+        &mut self,
+        job: i64,
+        devices: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for d in devices {
+            with_conn!(self.conn.conn(), c => sqlx::query(
+                "UPDATE job_devices SET started_ms = $3 \
+                 WHERE job_id = $1 AND device = $2 AND state = 'in_progress'",
+            )
+            .bind(job)
+            .bind(d)
+            .bind(now)
+            .execute(c)
+            .await
+            .map(|_| ())?);
+        }
+        Ok(())
+    }
+
     /// Records devices' results (only of devices still in progress).
     pub async fn finish_job_devices(
         &mut self,

@@ -258,3 +258,45 @@ async fn a_job_resumes_after_a_sigkill_and_sends_nothing_twice() {
     let _ = tokio::time::timeout(WAIT, task).await;
     drop(child);
 }
+
+/// A device's timeout counts while a hub drives the job: after a restart
+/// that outlasted the timeout, a device still in progress gets its whole
+/// timeout again, not a "timed out" at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_while_no_hub_drove_a_job_does_not_time_its_devices_out() {
+    let mut hub = spawn_hub().await;
+    // Known, then offline: its command waits and never completes.
+    let (dev, _) = RawDevice::connect(&hub, "jto-1").await;
+    drop(dev);
+    tag_all(&hub.http_url(), std::iter::once("jto-1".to_owned()), "t").await;
+    let job = create_job(
+        &hub.http_url(),
+        json!({"name": "slow", "target": {"tags": {"wave": "t"}},
+               "command": {"name": "ping"}, "concurrency": 1, "timeout": "3s"}),
+    )
+    .await;
+    let id = job["id"].as_i64().unwrap();
+    wait_until("the device in progress", async || {
+        all_devices(&hub.http_url(), id).await[0]["state"] == "in_progress"
+    })
+    .await;
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    hub.restart().await;
+    let restarted = now_ms();
+    // Rounds run every 100 ms: a second is plenty for a wrong time-out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let devices = all_devices(&hub.http_url(), id).await;
+    assert_eq!(devices[0]["state"], "in_progress", "{devices:?}");
+    let job = finished(&hub.http_url(), id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let devices = all_devices(&hub.http_url(), id).await;
+    assert_eq!(devices[0]["state"], "timed_out", "{devices:?}");
+    let at = devices[0]["finished_ms"].as_i64().unwrap();
+    assert!(
+        at - restarted >= 2_900,
+        "timed out {} ms after the restart",
+        at - restarted
+    );
+    hub.stop().await;
+}
