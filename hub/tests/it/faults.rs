@@ -686,3 +686,99 @@ async fn sqlite_a_reported_patch_in_a_failed_commit_is_not_acked_and_applies_onc
     drop(dev);
     hub.assert_no_leaks().await;
 }
+
+/// Sends one reading and expects its commit to fail: no ack for it, the
+/// stream ends UNAVAILABLE.
+async fn refused(dev: &mut RawDevice, seq: u64, ts: i64, value: f64) {
+    dev.send(batch(vec![reading(seq, "temp", ts, value)])).await;
+    loop {
+        match dev.next().await {
+            Ok(Some(HubMsg::Ack(a))) => {
+                assert!(
+                    a.acked_seq < seq,
+                    "{seq} acked though its commit failed: {a:?}"
+                )
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended OK after a failed commit"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable);
+                break;
+            }
+        }
+    }
+}
+
+/// A reading that raises (then one that clears) an alarm, in a commit
+/// that fails after the rules ran (a trigger of the test's own refuses the
+/// alarm's row): no alarm, no event, no notification from it; the
+/// writer's cached series state is not left ahead of the store, so when
+/// the device sends it again the alarm is raised (cleared) exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_alarm_change_in_a_failed_commit_happens_once_when_sent_again() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
+    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
+    let http = hub.http_url();
+    crate::alarms::put_rule(
+        &http,
+        "hot",
+        serde_json::json!({"severity": "major", "target": {"device": "al-fail"},
+               "threshold": {"sensor": "temp", "raise": "> 30", "clear": "< 20"}}),
+    )
+    .await;
+    let base = now_ms() - 3_600_000;
+    let (mut dev, _) = RawDevice::connect(&hub, "al-fail").await;
+    dev.send(batch(vec![reading(1, "temp", base, 10.0)])).await;
+    dev.ack_through(1).await;
+    let mut other = connect(&hub.db_path()).await;
+    for (seq, value, state, on) in [
+        (2, 35.0, "active", "INSERT"),
+        (3, 10.0, "cleared", "UPDATE"),
+    ] {
+        let ts = base + seq as i64 * 1_000;
+        let inject = format!(
+            "CREATE TRIGGER inject BEFORE {on} ON alarms BEGIN SELECT RAISE(ABORT, 'injected'); END"
+        );
+        sqlx::query(&inject).execute(&mut other).await.unwrap();
+        refused(&mut dev, seq, ts, value).await;
+        sqlx::query("DROP TRIGGER inject")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let before = crate::alarms::alarms_of(&http, "al-fail").await;
+        let (again, welcome) = RawDevice::connect(&hub, "al-fail").await;
+        dev = again;
+        assert_eq!(welcome.acked_seq, seq - 1, "the true mark");
+        match seq {
+            2 => assert!(
+                before.is_empty(),
+                "an alarm from a failed commit: {before:?}"
+            ),
+            _ => assert_eq!(before[0]["state"], "active", "{before:?}"),
+        }
+        dev.send(batch(vec![reading(seq, "temp", ts, value)])).await;
+        dev.ack_through(seq).await;
+        let after = crate::alarms::alarms_of(&http, "al-fail").await;
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(after[0]["state"], state, "{after:?}");
+        assert_eq!(after[0]["count"], 1);
+    }
+    let id = crate::alarms::alarms_of(&http, "al-fail").await[0]["id"].clone();
+    let detail: serde_json::Value = reqwest::get(format!("{http}/api/v1/alarms/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = detail["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["raised", "cleared"], "one event each");
+    drop(dev);
+    hub.assert_no_leaks().await;
+}
