@@ -25,7 +25,12 @@ const LEASE: &str = "alarms";
 const DELIVERY_BATCH: u32 = 64;
 /// Alarms pruned per writer step.
 const PRUNE_STEP: u32 = 1000;
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// History is pruned every six checks, at most every minute.
+fn prune_every(check_interval: Duration) -> Duration {
+    check_interval
+        .saturating_mul(6)
+        .min(Duration::from_secs(60))
+}
 
 pub struct Leader {
     pub store: Store,
@@ -78,7 +83,7 @@ impl Leader {
                 }
                 self.deliver(&sender, &stop).await;
                 if self.settings.retention > Duration::ZERO
-                    && pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY)
+                    && pruned_at.is_none_or(|t| t.elapsed() >= prune_every(interval))
                 {
                     pruned_at = Some(tokio::time::Instant::now());
                     self.prune().await;

@@ -515,3 +515,83 @@ async fn alarms_and_their_webhooks_survive_a_sigkill() {
     .await;
     drop(child);
 }
+
+/// A rate rule raises and clears at the readings' times; a cleared alarm
+/// older than `alarms.retention` is pruned once its notifications are
+/// given up (never before), and an open alarm is never pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_rules_raise_and_clear_and_history_is_pruned_after_its_retention() {
+    // A webhook nobody answers: tried at 0, 1 and 3 s, then given up.
+    let closed = reserve_port();
+    let dead = format!("http://127.0.0.1:{}/hook", closed.port);
+    let hub = spawn_hub_with(|s| {
+        s.alarms.check_interval = Duration::from_millis(200);
+        s.alarms.retention = Duration::from_secs(1800);
+        s.alarms.webhooks = vec![hub::config::Webhook {
+            name: "dead".into(),
+            url: dead,
+            secret: "s".into(),
+            timeout: Duration::from_millis(200),
+            max_age: Duration::from_secs(4),
+        }];
+    })
+    .await;
+    let http = hub.http_url();
+    put_rule(
+        &http,
+        "rising",
+        json!({"severity": "warning", "target": {"device": "al-rate"},
+               "rate": {"sensor": "level", "window": "10m", "raise": "> 1", "clear": "<= 1"}}),
+    )
+    .await;
+    put_rule(
+        &http,
+        "open",
+        json!({"severity": "minor", "target": {"device": "al-open"},
+               "threshold": {"sensor": "level", "raise": "> 5"}}),
+    )
+    .await;
+    // Two hours ago: rising 2 a minute for 20 minutes, then flat.
+    let base = now_ms() - 2 * 3_600_000;
+    let points: Vec<(i64, f64)> = (0..=40)
+        .map(|i| (base + i * 60_000, 2.0 * i.min(20) as f64))
+        .collect();
+    let (mut dev, _) = RawDevice::connect(&hub, "al-rate").await;
+    send_series(&mut dev, 1, "level", &points).await;
+    let (mut open_dev, _) = RawDevice::connect(&hub, "al-open").await;
+    send_series(&mut open_dev, 1, "level", &[(base, 9.0)]).await;
+    let alarms = alarms_of(&http, "al-rate").await;
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let a = &alarms[0];
+    assert_eq!(a["state"], "cleared");
+    // Judged from half a window on (5 min); flat from minute 20, the
+    // window's change is at most 1 a minute from minute 25.
+    assert_eq!(a["raised_ms"], base + 5 * 60_000);
+    assert_eq!(a["cleared_ms"], base + 25 * 60_000);
+    // Its notifications are not given up yet: it stays through prunes
+    // (every 1.2 s here).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        alarms_of(&http, "al-rate").await.len(),
+        1,
+        "pruned while undelivered"
+    );
+    wait_until("the cleared alarm pruned", async || {
+        alarms_of(&http, "al-rate").await.is_empty()
+    })
+    .await;
+    let log: Value = reqwest::get(format!("{http}/api/v1/webhooks/dead/deliveries"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let log = log["deliveries"].as_array().unwrap();
+    assert!(
+        log.iter().filter(|d| d["failed_ms"].is_i64()).count() >= 2,
+        "given up, then pruned: {log:?}"
+    );
+    let open = alarms_of(&http, "al-open").await;
+    assert_eq!(open.len(), 1, "an open alarm is never pruned");
+    assert_eq!(open[0]["state"], "active");
+}
