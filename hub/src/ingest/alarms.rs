@@ -87,6 +87,9 @@ struct SensorRules {
     filter: IdleFilter,
 }
 
+/// A series' (ts, value) points in a group.
+type Points = Vec<(i64, f64)>;
+
 /// A sensor's name and its rules.
 type NamedRules = (Arc<str>, Arc<SensorRules>);
 
@@ -310,7 +313,9 @@ impl AlarmWork {
         self.read_states(tx, &group_devices).await?;
         // The series to step through: a value passed the filter, or one of
         // the series' rules is not idle. The others only move their ts.
-        let mut hot: BTreeMap<(DeviceKey, SensorKey), Vec<(i64, f64)>> = BTreeMap::new();
+        // Per series: its newest evaluated ts before this group, and its
+        // points.
+        let mut hot: BTreeMap<(DeviceKey, SensorKey), (i64, Points)> = BTreeMap::new();
         for (&(device, sensor), s) in &seen {
             let known = self
                 .last_ts
@@ -324,31 +329,25 @@ impl AlarmWork {
                 .get(&device)
                 .is_some_and(|ds| ds.series.keys().any(|&(_, k)| k == sensor));
             if s.hot || pending {
-                hot.insert((device, sensor), Vec::new());
+                hot.insert((device, sensor), (known, Vec::new()));
             }
         }
         if hot.is_empty() {
             return Ok(());
         }
         for r in rows {
-            if let Some(points) = hot.get_mut(&(r.device, r.sensor)) {
+            if let Some((_, points)) = hot.get_mut(&(r.device, r.sensor)) {
                 points.push((r.ts_ms, r.value));
             }
         }
         let idle = SeriesState::default();
         let mut writes: Vec<(i64, DeviceKey, SensorKey, Option<String>)> = Vec::new();
         let mut fired: Vec<(Arc<Rule>, DeviceKey, Arc<str>, Transition)> = Vec::new();
-        for ((device, sensor), mut points) in hot {
+        for ((device, sensor), (known, mut points)) in hot {
             // A device sends in time order, mostly.
             if !points.is_sorted_by_key(|p| p.0) {
                 points.sort_by_key(|p| p.0);
             }
-            let known = self
-                .last_ts
-                .get(&(device, sensor))
-                .or(stored_ts.get(&(device, sensor)))
-                .copied()
-                .unwrap_or(i64::MIN);
             let Some(Some((name, of_sensor))) = sensors.get(&sensor) else {
                 continue;
             };

@@ -685,9 +685,31 @@ impl WriteTx<'_> {
         note: &str,
         now: i64,
     ) -> Result<Option<Alarm>, StoreError> {
+        self.operator_change(
+            id,
+            "state = 'acknowledged', acked_ms = $2, acked_by = $3, ack_note = $4",
+            "state = 'active'",
+            by,
+            note,
+            now,
+        )
+        .await
+    }
+
+    /// An operator's change of one alarm (`set` and `only_if` take the
+    /// time as $2, the operator as $3, the note as $4); None when
+    /// `only_if` does not hold.
+    async fn operator_change(
+        &mut self,
+        id: i64,
+        set: &str,
+        only_if: &str,
+        by: &str,
+        note: &str,
+        now: i64,
+    ) -> Result<Option<Alarm>, StoreError> {
         let sql = format!(
-            "UPDATE alarms SET state = 'acknowledged', acked_ms = $2, acked_by = $3, \
-             ack_note = $4, changed_ms = $2 WHERE id = $1 AND state = 'active' \
+            "UPDATE alarms SET {set}, changed_ms = $2 WHERE id = $1 AND {only_if} \
              RETURNING {ALARM_COLS}"
         );
         let row: Option<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
@@ -732,19 +754,17 @@ impl WriteTx<'_> {
             .bind(&open.sensor)
             .fetch_optional(c)
             .await?);
-        let sql = format!(
-            "UPDATE alarms SET state = 'cleared', cleared_ms = $2, cleared_by = $3, \
-             clear_note = $4, changed_ms = $2 WHERE id = $1 AND state <> 'cleared' \
-             RETURNING {ALARM_COLS}"
-        );
-        let row: Option<AlarmRow> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
-            .bind(id)
-            .bind(now)
-            .bind(by)
-            .bind(note)
-            .fetch_optional(c)
-            .await?);
-        let Some(alarm) = row.map(AlarmRow::alarm) else {
+        let cleared = self
+            .operator_change(
+                id,
+                "state = 'cleared', cleared_ms = $2, cleared_by = $3, clear_note = $4",
+                "state <> 'cleared'",
+                by,
+                note,
+                now,
+            )
+            .await?;
+        let Some(alarm) = cleared else {
             return Ok(None);
         };
         if let Some((sensor, text)) = state {

@@ -46,6 +46,22 @@ pub(crate) async fn post(http: &str, path: &str, body: Value) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// The kinds of an alarm's events, oldest first.
+pub(crate) async fn history(http: &str, id: &Value) -> Vec<String> {
+    let detail: Value = reqwest::get(format!("{http}/api/v1/alarms/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    detail["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Sends (ts, value) readings of `sensor` as one batch per 5, seqs from
 /// `first`, and waits for their acks.
 async fn send_series(dev: &mut RawDevice, first: u64, sensor: &str, points: &[(i64, f64)]) -> u64 {
@@ -114,19 +130,7 @@ async fn a_threshold_with_hysteresis_raises_and_clears_exactly_once() {
     assert_eq!(a["raised_ms"], base + 100_000);
     assert_eq!(a["cleared_ms"], base + 210_000);
     assert_eq!(a["cleared_by"], "rule");
-    let detail: Value = reqwest::get(format!("{http}/api/v1/alarms/{}", a["id"]))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = detail["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["raised", "cleared"]);
+    assert_eq!(history(&http, &a["id"]).await, ["raised", "cleared"]);
 
     // Late readings (stamped before the newest evaluated one) are stored
     // but raise nothing, however hot.

@@ -766,19 +766,11 @@ async fn sqlite_an_alarm_change_in_a_failed_commit_happens_once_when_sent_again(
         assert_eq!(after[0]["count"], 1);
     }
     let id = crate::alarms::alarms_of(&http, "al-fail").await[0]["id"].clone();
-    let detail: serde_json::Value = reqwest::get(format!("{http}/api/v1/alarms/{id}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kinds: Vec<&str> = detail["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["raised", "cleared"], "one event each");
+    assert_eq!(
+        crate::alarms::history(&http, &id).await,
+        ["raised", "cleared"],
+        "one event each"
+    );
     drop(dev);
     hub.assert_no_leaks().await;
 }
