@@ -500,12 +500,25 @@ impl AlarmWork {
                 };
                 (alarm, kind, at)
             }
-            Transition::Retrigger { at, value } => (
-                tx.retrigger_alarm(rule.id, device, sensor, value, at)
-                    .await?,
-                EventKind::Retriggered,
-                at,
-            ),
+            Transition::Retrigger { at, value } => {
+                match tx
+                    .retrigger_alarm(rule.id, device, sensor, value, at)
+                    .await?
+                {
+                    Some(alarm) => (Some(alarm), EventKind::Retriggered, at),
+                    // No open alarm: an operator on another hub cleared it
+                    // since this writer read the series (PostgreSQL, within
+                    // RELOAD_SHARED). The condition held for its time anew:
+                    // a new alarm.
+                    None => {
+                        let name = self.device_name(tx, device).await?;
+                        let alarm = tx
+                            .raise_alarm(rule, device, &name, sensor, Some(value), at, at, false)
+                            .await?;
+                        (alarm, EventKind::Raised, at)
+                    }
+                }
+            }
             Transition::Clear { at, value } => (
                 tx.clear_alarm_by_rule(rule.id, device, sensor, Some(value), at)
                     .await?,
