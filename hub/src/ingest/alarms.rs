@@ -494,10 +494,7 @@ impl AlarmWork {
                 let alarm = tx
                     .raise_alarm(rule, device, &name, sensor, Some(value), since, at, false)
                     .await?;
-                let kind = match &alarm {
-                    Some(a) if a.count > 1 => EventKind::Retriggered,
-                    _ => EventKind::Raised,
-                };
+                let kind = raised_kind(alarm.as_ref());
                 (alarm, kind, at)
             }
             Transition::Retrigger { at, value } => {
@@ -515,7 +512,8 @@ impl AlarmWork {
                         let alarm = tx
                             .raise_alarm(rule, device, &name, sensor, Some(value), at, at, false)
                             .await?;
-                        (alarm, EventKind::Raised, at)
+                        let kind = raised_kind(alarm.as_ref());
+                        (alarm, kind, at)
                     }
                 }
             }
@@ -689,5 +687,13 @@ impl AlarmWork {
                 AlarmOutcome::Count(tx.prune_alarms(*cutoff_ms, *limit).await?)
             }
         })
+    }
+}
+
+/// A raise that found the series' alarm open counted a re-trigger on it.
+fn raised_kind(alarm: Option<&Alarm>) -> EventKind {
+    match alarm {
+        Some(a) if a.count > 1 => EventKind::Retriggered,
+        _ => EventKind::Raised,
     }
 }

@@ -142,6 +142,9 @@ pub struct Writer {
 /// A series' `device_sensors.last_reading_ms` is written at most this
 /// often (ms): inactivity rules of one sensor are this coarse.
 const SENSOR_SEEN_EVERY: i64 = 2_000;
+/// How often a group PostgreSQL rolled back for a conflict with another
+/// hub (a deadlock, a serialization failure) is run again before it fails.
+const GROUP_CONFLICT_RETRIES: u32 = 3;
 
 /// The writer's copy of the staging tables, by part.
 struct Staged {
@@ -605,9 +608,24 @@ impl Writer {
             return true;
         }
         let started = std::time::Instant::now();
-        let result = match self.make_room().await {
-            Ok(()) => self.write_group(group, now_ms()).await,
-            Err(e) => Err(e),
+        let mut conflicts = 0;
+        let result = loop {
+            let result = match self.make_room().await {
+                Ok(()) => self.write_group(group, now_ms()).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                // PostgreSQL rolled the group back for a conflict with
+                // another hub's transaction (a deadlock the lock order did
+                // not prevent): run it again, from what is stored.
+                Err(e) if e.is_conflict() && conflicts < GROUP_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    tracing::warn!(error = %e, attempt = conflicts, "group conflicted with another hub's; run again");
+                    self.store.abort().await;
+                    self.forget_caches();
+                }
+                result => break result,
+            }
         };
         match result {
             Ok((outcomes, changes)) => {
@@ -639,6 +657,8 @@ impl Writer {
         }
     }
 
+    /// The caches are a view of committed rows only; what a rolled-back
+    /// group put in them is dropped.
     fn forget_caches(&mut self) {
         self.known.forget();
         self.alarms.forget();

@@ -45,6 +45,7 @@ impl Runner {
         let mut renewed = Instant::now();
         let mut first = true;
         let mut led_since = i64::MIN;
+        let mut lost_at: Option<Instant> = None;
         loop {
             if first || renewed.elapsed() >= Duration::from_secs(1) {
                 first = false;
@@ -57,9 +58,14 @@ impl Runner {
                 if held != leading {
                     tracing::info!(leading = held, "job runner lease");
                     // A new leader starts its pacing afresh, and counts
-                    // devices' timeouts from now at the earliest.
+                    // devices' timeouts from now at the earliest, unless
+                    // it only missed a renewal or two (a database blip):
+                    // then nobody else drove the jobs meanwhile.
                     pacers.clear();
-                    led_since = now_ms();
+                    if held && lost_at.is_none_or(|t| t.elapsed() >= LEASE_TTL) {
+                        led_since = now_ms();
+                    }
+                    lost_at = (!held).then(Instant::now);
                 }
                 leading = held;
             }
@@ -236,9 +242,10 @@ impl Runner {
     }
 
     /// Sends a started device its change; a second copy is refused by the
-    /// command id or the desired version. Err: why it failed for good
-    /// (transient failures are tried again next round).
-    async fn send(&self, job: &Job, s: &Start) -> Result<(), String> {
+    /// command id or the desired version. Ok(true): sent now; Ok(false):
+    /// nothing sent (made before, or a transient failure: the next round
+    /// finds it unsent and tries again); Err: why it failed for good.
+    async fn send(&self, job: &Job, s: &Start) -> Result<bool, String> {
         let sent = if let (Some(cmd), Some(id)) = (&job.spec.command, &s.command_id) {
             let params = cmd
                 .params
@@ -254,7 +261,7 @@ impl Runner {
                     cmd.ttl,
                 )
                 .await
-                .map(|_| ())
+                .map(|_| true)
         } else {
             let patch = job.spec.desired.clone().unwrap_or_default();
             let base = s.desired_version.unwrap_or(1).saturating_sub(1);
@@ -268,12 +275,12 @@ impl Runner {
                 .await
             {
                 // Made before (or by someone else since): nothing to send.
-                Err(e) if e.code() == ErrorCode::FailedPrecondition => Ok(()),
-                other => other.map(|_| ()),
+                Err(e) if e.code() == ErrorCode::FailedPrecondition => Ok(false),
+                other => other.map(|_| true),
             }
         };
         match sent {
-            Ok(()) => Ok(()),
+            Ok(sent) => Ok(sent),
             Err(e)
                 if matches!(
                     e.code(),
@@ -281,7 +288,7 @@ impl Runner {
                 ) =>
             {
                 tracing::warn!(job = job.id, device = %s.device, error = %e, "a job send failed; tried again");
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e.public_message()),
         }
@@ -294,7 +301,9 @@ impl Runner {
             Ok(Some(r)) => Followed::Done(r),
             Ok(None) => Followed::Waiting,
             Err(Unsent) => match self.send(job, &start_of(d)).await {
-                Ok(()) => Followed::Sent,
+                Ok(true) => Followed::Sent,
+                // Not sent after all: its timeout goes on counting.
+                Ok(false) => Followed::Waiting,
                 Err(why) => Followed::Done(result(&d.device, DeviceState::Failed, why)),
             },
         }

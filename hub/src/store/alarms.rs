@@ -575,6 +575,7 @@ impl WriteTx<'_> {
 
     /// Raises an alarm, or, when one of the series is open already, counts
     /// a re-trigger on it (`only_new`: leaves it alone and returns None).
+    /// None too when `rule` is not the live version of the rule.
     #[allow(clippy::too_many_arguments)]
     pub async fn raise_alarm(
         &mut self,
@@ -593,10 +594,15 @@ impl WriteTx<'_> {
             "DO UPDATE SET count = alarms.count + 1, last_value = excluded.last_value, \
              changed_ms = excluded.changed_ms"
         };
+        // Only under the rule's live version: a writer whose rules are up
+        // to 2 s old (PostgreSQL, another hub changed or deleted the rule)
+        // raises nothing for what the rule no longer is.
         let sql = format!(
             "INSERT INTO alarms (rule_id, rule_version, rule_name, severity, device_id, device, \
              sensor, state, value, last_value, started_ms, raised_ms, changed_ms, count) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10, $10, 1) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10, $10, 1 \
+             WHERE EXISTS (SELECT 1 FROM alarm_rules r WHERE r.id = $1 AND r.version = $2 \
+             AND r.deleted_ms IS NULL) \
              ON CONFLICT (rule_id, device_id, sensor) WHERE state <> 'cleared' {on_conflict} \
              RETURNING {ALARM_COLS}"
         );

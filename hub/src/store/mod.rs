@@ -74,6 +74,20 @@ pub enum StoreError {
     NotOnPostgres(&'static str, &'static str),
 }
 
+impl StoreError {
+    /// PostgreSQL gave the transaction up for a conflict with another
+    /// one (a deadlock, 40P01, or a serialization failure, 40001): it was
+    /// rolled back and may simply be run again.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::Sqlx(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Read side of the store: cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -993,6 +993,70 @@ async fn rule_changes_and_clears_from_two_hubs_fail_no_group() {
     b.stop().await;
 }
 
+/// A group PostgreSQL rolls back for a deadlock is run again, not failed:
+/// a connection of the test's own holds an alarm row, the hub's group
+/// (clearing that alarm) locks the series state and waits for it, then the
+/// test's connection asks for the series state. PostgreSQL breaks the
+/// cycle by aborting the group, which waited first; the hub runs it again
+/// and the device gets its ack on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_rolled_back_for_a_deadlock_is_run_again() {
+    use sqlx::Connection;
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let mut hub = spawn_hub_in(db, |_| {}).await;
+    crate::alarms::put_rule(
+        &hub.http_url(),
+        "dl",
+        json!({"severity": "minor", "target": {"device": "dl-dev"},
+               "threshold": {"sensor": "t", "raise": "> 30", "clear": "< 20"}}),
+    )
+    .await;
+    let base = now_ms() - 3_600_000;
+    let (mut dev, _) = RawDevice::connect(&hub, "dl-dev").await;
+    dev.send(batch(vec![reading(1, "t", base, 40.0)])).await;
+    dev.ack_through(1).await;
+    let alarm = crate::alarms::alarms_of(&hub.http_url(), "dl-dev").await[0]["id"]
+        .as_i64()
+        .unwrap();
+    let url = hub.settings.storage.url.as_str().to_owned();
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("UPDATE alarms SET last_value = last_value WHERE id = $1")
+        .bind(alarm)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // Clears the alarm: the group writes the series state, then waits for
+    // the alarm row.
+    dev.send(batch(vec![reading(2, "t", base + 1_000, 10.0)]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cycle = tokio::spawn(async move {
+        let r = sqlx::query("UPDATE alarm_series SET state = state")
+            .execute(&mut other)
+            .await;
+        let _ = sqlx::query("ROLLBACK").execute(&mut other).await;
+        r.map(|_| ())
+    });
+    dev.ack_through(2).await;
+    cycle
+        .await
+        .unwrap()
+        .expect("the group was the deadlock's victim");
+    assert_eq!(hub.hub().metrics().commit_failures.load(Relaxed), 0);
+    let alarms = crate::alarms::alarms_of(&hub.http_url(), "dl-dev").await;
+    assert_eq!(alarms[0]["state"], "cleared", "{alarms:?}");
+    assert_eq!(
+        crate::alarms::history(&hub.http_url(), &alarms[0]["id"]).await,
+        ["raised", "cleared"]
+    );
+    drop(dev);
+    hub.stop().await;
+}
+
 /// One hub drives jobs (the `jobs` lease); when it stops, another takes
 /// the job over and finishes it, and each device gets its command once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
