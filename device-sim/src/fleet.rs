@@ -280,6 +280,12 @@ fn channel(url: &str, tls: Option<&TlsFiles>) -> Result<Channel, FleetError> {
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
+        // Acks are small DATA frames: h2 closes a connection whose unread
+        // small frames cost more than half its window (the hub's side of
+        // this is `server.stream_window`). A busy sim reading late must
+        // not lose every device on a connection for it.
+        .initial_stream_window_size(64 << 10)
+        .initial_connection_window_size(256 << 20)
         .keep_alive_while_idle(true)
         .connect_lazy())
 }

@@ -1016,6 +1016,8 @@ async fn start_grpc(
         .http2_keepalive_timeout(Some(server_settings.keepalive))
         .tcp_keepalive(Some(server_settings.keepalive))
         .max_concurrent_streams(server_settings.max_concurrent_streams)
+        .initial_stream_window_size(server_settings.stream_window)
+        .initial_connection_window_size(server_settings.connection_window())
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -365,6 +365,9 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     pub max_batch: u32,
     pub max_concurrent_streams: u32,
+    /// The HTTP/2 stream window: what one device may have sent that the
+    /// hub has not read yet. See [`ServerSettings::connection_window`].
+    pub stream_window: u32,
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
     pub outbound_buffer: usize,
@@ -383,6 +386,24 @@ pub struct ServerSettings {
     /// Readings answers streamed at once, over every door.
     pub max_queries: usize,
     pub tls: TlsSettings,
+}
+
+impl ServerSettings {
+    /// The HTTP/2 connection window, from the stream window: 12 × every
+    /// stream's window, at most 2^31 - 1. h2 closes a connection (GOAWAY
+    /// ENHANCE_YOUR_CALM, "too_many_data_frames") when the small DATA
+    /// frames it holds unread cost more than half the connection window
+    /// (a frame under 256 bytes counts 256 - its length). A device's
+    /// messages are small (a batch of one reading is ~40 bytes: 216 each),
+    /// so with the 1 MiB default a connection of 100 devices was closed
+    /// whenever the hub fell ~3,000 messages behind on it, and every
+    /// device on it reconnected at once. With this window, every stream
+    /// of the connection full of 40-byte messages stays under the limit;
+    /// what is held unread is bounded by the stream windows, not by this.
+    pub fn connection_window(&self) -> u32 {
+        let all = u64::from(self.stream_window) * u64::from(self.max_concurrent_streams) * 12;
+        all.clamp(1 << 20, (1 << 31) - 1) as u32
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -810,6 +831,11 @@ impl Settings {
             s.max_concurrent_streams >= 1,
             "server.max_concurrent_streams",
             "must be at least 1",
+        )?;
+        check(
+            (4096..=16 << 20).contains(&s.stream_window),
+            "server.stream_window",
+            "must be between 4096 and 16777216 bytes",
         )?;
         check(
             s.outbound_buffer >= 1,

@@ -531,6 +531,11 @@ impl RawDevice {
         }
     }
 
+    /// The stream's send side, for a task of the test's own.
+    pub fn sender(&self) -> mpsc::Sender<pb::DeviceMessage> {
+        self.tx.clone().expect("send side open")
+    }
+
     pub async fn send(&self, msg: pb::DeviceMessage) {
         self.tx
             .as_ref()

@@ -387,3 +387,36 @@ async fn sqlite_one_file_one_hub_a_second_refuses_to_start() {
     dev.send(batch(vec![reading(1, "t", now_ms(), 1.0)])).await;
     assert_eq!(dev.ack_through(1).await.0, 1);
 }
+
+/// A device whose small messages the hub reads slowly (here: paced to one
+/// reading a second) fills its HTTP/2 stream window and waits; it does
+/// not make h2 close the whole connection ("too_many_data_frames", which
+/// the 1 MiB default window let ~2,400 unread 40-byte messages trigger,
+/// taking every other device on the connection with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_read_slowly_does_not_get_its_connection_closed() {
+    let hub = spawn_hub_with(|s| s.server.max_readings_per_sec = 1).await;
+    let mut slow = RawDevice::open(hub.channel().await, hello("slow-small")).await;
+    assert!(matches!(slow.next().await, Ok(Some(HubMsg::Welcome(_)))));
+    let tx = slow.sender();
+    let base = now_ms() - 60_000;
+    let sending = tokio::spawn(async move {
+        for seq in 1..=3000u64 {
+            let msg = batch(vec![reading(seq, "t", base + seq as i64, 1.0)]);
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            // One message per DATA frame, as devices send them.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    });
+    // 6 s: past where the old window closed the connection.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+    while let Ok(next) = tokio::time::timeout_at(until, slow.next()).await {
+        match next {
+            Ok(Some(HubMsg::Ack(_))) => {}
+            other => panic!("the slow device's stream broke: {other:?}"),
+        }
+    }
+    sending.abort();
+}
