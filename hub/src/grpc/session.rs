@@ -748,6 +748,18 @@ async fn ack_task(
             break;
         }
         let news = slot.has_news();
+        // The common case, without a select round: something to send and
+        // room for it.
+        if news && let Ok(permit) = outbound.try_reserve() {
+            waiting_since = None;
+            if slot.failed() {
+                permit.send(Err(failure_status(&slot, &why_ended).await));
+                ended.cancel();
+                return;
+            }
+            send_due(&slot, permit);
+            continue;
+        }
         if !news {
             waiting_since = None;
         } else if waiting_since.is_none() {
@@ -780,11 +792,7 @@ async fn ack_task(
                         ended.cancel();
                         return;
                     }
-                    if let Some(ack) = slot.take() {
-                        permit.send(Ok(Box::new(ack_message(ack))));
-                    } else if let Some(ack) = slot.take_reported() {
-                        permit.send(Ok(Box::new(reported_ack_message(ack))));
-                    }
+                    send_due(&slot, permit);
                 }
                 Err(_) => break,
             },
@@ -860,6 +868,15 @@ async fn ack_task(
         {
             let _ = abort.send(status);
         }
+    }
+}
+
+/// Sends the Ack (or else the ReportedAck) the slot has due.
+fn send_due(slot: &AckSlot, permit: mpsc::Permit<'_, Result<Box<pb::HubMessage>, Status>>) {
+    if let Some(ack) = slot.take() {
+        permit.send(Ok(Box::new(ack_message(ack))));
+    } else if let Some(ack) = slot.take_reported() {
+        permit.send(Ok(Box::new(reported_ack_message(ack))));
     }
 }
 
