@@ -752,12 +752,9 @@ async fn ack_task(
         // room for it.
         if news && let Ok(permit) = outbound.try_reserve() {
             waiting_since = None;
-            if slot.failed() {
-                permit.send(Err(failure_status(&slot, &why_ended).await));
-                ended.cancel();
+            if send_news(&slot, permit, &why_ended, &ended).await {
                 return;
             }
-            send_due(&slot, permit);
             continue;
         }
         if !news {
@@ -787,12 +784,9 @@ async fn ack_task(
             permit = outbound.reserve(), if news => match permit {
                 Ok(permit) => {
                     waiting_since = None;
-                    if slot.failed() {
-                        permit.send(Err(failure_status(&slot, &why_ended).await));
-                        ended.cancel();
+                    if send_news(&slot, permit, &why_ended, &ended).await {
                         return;
                     }
-                    send_due(&slot, permit);
                 }
                 Err(_) => break,
             },
@@ -871,13 +865,25 @@ async fn ack_task(
     }
 }
 
-/// Sends the Ack (or else the ReportedAck) the slot has due.
-fn send_due(slot: &AckSlot, permit: mpsc::Permit<'_, Result<Box<pb::HubMessage>, Status>>) {
+/// Sends what the slot has news of: its failure (the stream ends: true,
+/// and the reader is told), or else the Ack (or else the ReportedAck) due.
+async fn send_news(
+    slot: &AckSlot,
+    permit: mpsc::Permit<'_, Result<Box<pb::HubMessage>, Status>>,
+    why_ended: &EndProbe,
+    ended: &CancellationToken,
+) -> bool {
+    if slot.failed() {
+        permit.send(Err(failure_status(slot, why_ended).await));
+        ended.cancel();
+        return true;
+    }
     if let Some(ack) = slot.take() {
         permit.send(Ok(Box::new(ack_message(ack))));
     } else if let Some(ack) = slot.take_reported() {
         permit.send(Ok(Box::new(reported_ack_message(ack))));
     }
+    false
 }
 
 /// How long a fenced stream waits to hear why before it guesses.
