@@ -596,6 +596,7 @@ impl Writer {
             }
         }
         self.commit_group(&mut group).await;
+        self.compact_everything().await;
         if let Err(e) = self.store.close().await {
             tracing::warn!(error = %e, "closing the writer connection failed");
         }
@@ -830,6 +831,29 @@ impl Writer {
         let part_run = (run / STAGING_PARTS as u64).max(1);
         if rows >= part_run && !self.compact_retry.waiting() {
             self.compact(part).await;
+        }
+    }
+
+    /// A clean stop leaves nothing staged (on SQLite, where staging is
+    /// this writer's alone): the file holds blocks only, smaller to copy
+    /// or back up, and the next start has no staged rows to read back.
+    /// A compaction that fails leaves its rows staged, as at any time.
+    async fn compact_everything(&mut self) {
+        if self.store.backend() != crate::config::Backend::Sqlite {
+            return;
+        }
+        for part in 0..STAGING_PARTS {
+            match self.staged().await {
+                Ok(staged) if staged.parts[part].is_empty() => continue,
+                Ok(_) => self.compact(part).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the staged readings to compact them");
+                    return;
+                }
+            }
+            if self.staged.is_none() {
+                return;
+            }
         }
     }
 

@@ -25,7 +25,9 @@ use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::ConnectOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous,
+};
 
 use self::db::{Connector, Pool, with_pool};
 use crate::config::{Backend, StorageSettings, Synchronous};
@@ -249,6 +251,9 @@ fn connect_options(
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
+        // Takes effect in a new database only (before its first table):
+        // free pages can then be given back at a clean stop.
+        .auto_vacuum(SqliteAutoVacuum::Incremental)
         .synchronous(synchronous)
         .busy_timeout(settings.busy_timeout)
         .foreign_keys(false)

@@ -264,7 +264,19 @@ impl StoreWriter {
         self.conn.reopened()
     }
 
-    pub async fn close(self) -> Result<(), StoreError> {
+    /// Closes the connection. On SQLite the pages compaction and merges
+    /// freed go back to the file system first, so a cleanly stopped hub
+    /// leaves a file of its data's size (databases made before incremental
+    /// auto-vacuum was set keep theirs: a no-op there).
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        if self.backend() == Backend::Sqlite {
+            let vacuum = with_conn!(self.conn.conn(), c => {
+                sqlx::query("PRAGMA incremental_vacuum").execute(c).await.map(drop)
+            });
+            if let Err(e) = vacuum {
+                tracing::warn!(error = %e, "could not give free pages back at stop");
+            }
+        }
         self.conn.close().await?;
         Ok(())
     }
