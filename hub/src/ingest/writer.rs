@@ -58,8 +58,9 @@ pub struct WriterSettings {
 }
 
 /// Staged readings beyond this many compaction runs mean compaction keeps
-/// failing: new readings are refused until it succeeds (bounded growth).
-const MAX_STAGED_RUNS: u64 = 16;
+/// failing: new readings are refused until it succeeds (bounded growth;
+/// 800,000 rows at the default `compact_rows`).
+const MAX_STAGED_RUNS: u64 = 4;
 /// Series merged per merge step: one short transaction between commits.
 const MERGES_PER_STEP: usize = 32;
 
