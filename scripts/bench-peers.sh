@@ -121,8 +121,28 @@ vm_run() {
     --data-urlencode 'query=sum(count_over_time({__name__=~"readings_.+"}[1d]))' \
     --data-urlencode "time=$(( $(date +%s) + 60 ))" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else 0)')
+  # Does it keep values exactly? One series read back against what was sent.
+  local exact
+  exact=$(python3 - "$root/$name.lp" "$port" <<'PY'
+import glob, json, sys, urllib.parse, urllib.request
+lines = open(sorted(glob.glob(f"{sys.argv[1]}/*.lp"))[0]).read().split("\n")
+tags, fields, ts = lines[0].split(" ")
+device, sensor = tags.split("=")[1], fields.split("=")[0]
+sent = {}
+for line in lines:
+    if line.startswith(f"{tags} {sensor}="):
+        _, f, t = line.split(" ")
+        sent[int(t)] = float(f.split(",")[0].split("=")[1])
+q = urllib.parse.urlencode({"match[]": f'readings_{sensor}{{device="{device}"}}'})
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/api/v1/export?{q}") as r:
+    got = json.loads(r.read().splitlines()[0])
+back = dict(zip(got["timestamps"], got["values"]))
+same = sum(1 for t, v in sent.items() if back.get(t) == v)
+print(f"{same}/{len(sent)}")
+PY
+)
   stop "$pid"
-  echo "$name victoria-metrics $(du -sb "$dir" | cut -f1) $(cat "$root/$name.lp/count") $rate $samples"
+  echo "$name victoria-metrics $(du -sb "$dir" | cut -f1) $(cat "$root/$name.lp/count") $rate $samples $exact"
 }
 
 influx_run() {
@@ -182,6 +202,8 @@ for r in rows:
     ratio = "" if store == "hub" else f"{hub[kind] / per:.2f}"
     rate = r[4] if len(r) > 4 else "(device-sim)"
     print(f"{kind:<10} {store:<17} {per:>10.2f} {ratio:>9} {rate:>16}")
-    if store == "victoria-metrics" and int(float(r[5])) != 2 * n:
-        print(f"  ! VictoriaMetrics holds {r[5]} samples, not {2 * n}")
+    if store == "victoria-metrics":
+        if int(float(r[5])) != 2 * n:
+            print(f"  ! VictoriaMetrics holds {r[5]} samples, not {2 * n}")
+        print(f"  VictoriaMetrics gave back {r[6]} values of one series exactly as sent (the hub: every value, to the bit)")
 PY

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every figure of the performance table in one run, on this machine:
 # the raw sqlx insert baseline, 1000 devices x 100 Hz (ack p50/p99, RSS,
-# bytes per reading, quantized and full precision), saturation, 10,000
+# bytes per reading, quantized and full precision), the same bytes and
+# load rates for VictoriaMetrics and InfluxDB on identical data (issue 22;
+# skipped where their packages are missing), saturation, 10,000
 # devices x 5 Hz (100 and 20 devices per HTTP/2 connection), the hub's
 # memory per idle device, the cost of 20 SSE watchers on ingest, the
 # machine's PostgreSQL taking the same rows, the hub on PostgreSQL against
@@ -23,13 +25,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   export BIN=$TARGET/debug; bench_profile=(--profile dev)
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
   cargo build -q -p hub -p device-sim
 else
   export BIN=$TARGET/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
@@ -44,6 +46,9 @@ DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=${INGEST_S}s scripts/bench-ingest.sh
 section "the same, full-precision values (noise in every bit)"
 DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$(( INGEST_S / 2 + 1 ))s EXTRA_SIM_ARGS=--full-precision \
   scripts/bench-ingest.sh | grep -E "stored|disk"
+
+section "peers: the hub, VictoriaMetrics and InfluxDB on identical data ($DEVICES_HEADLINE devices x 100 Hz, ${PEERS_S}s): bytes per reading after a clean stop, load rates"
+DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=${PEERS_S}s scripts/bench-peers.sh 2>/dev/null
 
 SAT_RATE=${SAT_RATE:-600}
 section "saturation: $DEVICES_HEADLINE devices x $SAT_RATE Hz offered, ${SAT_S}s"

@@ -724,7 +724,12 @@ mod tests {
                 sensor: SERIES.1,
                 ts_ms: 1_700_000_000_000 + seq * 1000,
                 seq,
-                value: (seq as f64).sqrt(),
+                // Noise in every mantissa bit: ~8 bytes a point encoded,
+                // so new blocks need new pages (not a page's slack).
+                value: f64::from_bits(
+                    0x3ff0_0000_0000_0000
+                        | ((seq as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 12),
+                ),
             })
             .collect();
         let mut tx = writer.begin().await.unwrap();

@@ -104,7 +104,20 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
         Backend::Sqlite => {
             let options = connect_options(&settings.path, settings)?;
             lock = Some(lock_database(&settings.path)?);
-            let writer = Connector::Sqlite(with_size_limit(options.clone(), settings.max_size_mib));
+            let page_size = page_size_of(&settings.path);
+            let mut writer_options =
+                with_size_limit(options.clone(), settings.max_size_mib, page_size);
+            if is_empty_file(&settings.path) {
+                // A new database, made by the writer's first connection:
+                // larger pages, and free pages that can be given back at a
+                // clean stop. (Set on an existing database, these would at
+                // best do nothing; a reader must not try: it could wait on
+                // the write lock.)
+                writer_options = writer_options
+                    .page_size(PAGE_SIZE)
+                    .auto_vacuum(SqliteAutoVacuum::Incremental);
+            }
+            let writer = Connector::Sqlite(writer_options);
             (writer, Connector::Sqlite(options))
         }
         Backend::Postgres => {
@@ -162,13 +175,40 @@ async fn sqlite_vacuum_into(pool: &SqlitePool, path: &Path) -> Result<(), StoreE
 
 /// `storage.max_size_mib` as SQLite's page limit on the writer's connection:
 /// past it, a commit fails with SQLITE_FULL as on a full disk.
-fn with_size_limit(options: SqliteConnectOptions, max_size_mib: u64) -> SqliteConnectOptions {
+fn with_size_limit(
+    options: SqliteConnectOptions,
+    max_size_mib: u64,
+    page_size: u64,
+) -> SqliteConnectOptions {
     if max_size_mib == 0 {
         return options;
     }
-    // The hub's databases use SQLite's default 4 KiB pages.
-    let pages = max_size_mib.saturating_mul(1024 * 1024) / 4096;
+    let pages = max_size_mib.saturating_mul(1024 * 1024) / page_size.max(512);
     options.pragma("max_page_count", pages.max(1).to_string())
+}
+
+/// The page size of new databases. Blocks are rows of up to a few KiB:
+/// 16 KiB pages hold them with little slack, where 4 KiB pages (SQLite's
+/// default, and this hub's before issue 22) left a quarter of the pages of
+/// full-precision data unused. A database keeps the page size it was made
+/// with.
+const PAGE_SIZE: u32 = 16384;
+
+fn is_empty_file(path: &Path) -> bool {
+    std::fs::metadata(path).map_or(true, |m| m.len() == 0)
+}
+
+/// The page size of the database at `path`, from its header (bytes 16-17,
+/// big-endian, 1 meaning 65536), or [`PAGE_SIZE`] for one not made yet.
+fn page_size_of(path: &Path) -> u64 {
+    use std::io::Read;
+    let mut header = [0u8; 18];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    match read.map(|()| u16::from_be_bytes([header[16], header[17]])) {
+        Ok(1) => 65536,
+        Ok(n) if n >= 512 => u64::from(n),
+        _ => u64::from(PAGE_SIZE),
+    }
 }
 
 /// Makes the database's directory (0700 when this makes it) and file
@@ -251,9 +291,6 @@ fn connect_options(
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        // Takes effect in a new database only (before its first table):
-        // free pages can then be given back at a clean stop.
-        .auto_vacuum(SqliteAutoVacuum::Incremental)
         .synchronous(synchronous)
         .busy_timeout(settings.busy_timeout)
         .foreign_keys(false)

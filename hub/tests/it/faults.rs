@@ -79,14 +79,21 @@ async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers
     let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
     store_ballast(&hub, |s| s as f64).await;
     hub.stop().await;
+    let db = hub.db_path();
+    restage_ballast(&db).await;
 
     // The limit: what the file holds now plus one MiB.
-    let db = hub.db_path();
+    let mut conn = connect(&db).await;
     let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
-        .fetch_one(&mut connect(&db).await)
+        .fetch_one(&mut conn)
         .await
         .unwrap();
-    let limit_mib = (pages as u64 * 4096).div_ceil(1 << 20) + 1;
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let limit_mib = (pages as u64 * page_size as u64).div_ceil(1 << 20) + 1;
     hub.settings.storage.max_size_mib = limit_mib;
     hub.restart().await;
 
@@ -117,21 +124,33 @@ async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_the
     if sqlite_only("storage.max_size_mib, a page limit") {
         return;
     }
-    // 40,000 full-precision readings stay staged (nothing is compacted).
+    // 40,000 full-precision readings stay staged (nothing is compacted),
+    // noise in every mantissa bit: no codec makes their blocks small.
     let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
-    let base = store_ballast(&hub, |s| (s as f64).sqrt()).await;
+    let base = store_ballast(&hub, |s| {
+        f64::from_bits(0x3ff0_0000_0000_0000 | (s.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 12))
+    })
+    .await;
     let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
     probe.send(batch(vec![reading(1, "p", base, 1.0)])).await;
     probe.ack_through(1).await;
     drop(probe);
     hub.stop().await;
+    restage_ballast(&hub.db_path()).await;
 
     // Pad the file to 20-40 pages short of a whole MiB, the limit: room
     // for small commits, none for the ~80 pages of blocks the ballast's
-    // compaction writes.
+    // compaction writes. In 4 KiB pages (the page size is changed out of
+    // WAL mode), so those figures hold.
     let db = hub.db_path();
     let mut conn = connect(&db).await;
-    for sql in ["VACUUM", "CREATE TABLE pad (b BLOB)"] {
+    for sql in [
+        "PRAGMA journal_mode = DELETE",
+        "PRAGMA page_size = 4096",
+        "VACUUM",
+        "PRAGMA journal_mode = WAL",
+        "CREATE TABLE pad (b BLOB)",
+    ] {
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
     let limit_pages = loop {
@@ -157,9 +176,9 @@ async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_the
     };
     drop(conn);
     hub.settings.storage.max_size_mib = limit_pages / 256;
-    // A part is compacted once it holds 500 rows; the cap (16 x 4000) is
-    // above what is staged, so commits go on while compactions fail.
-    hub.settings.storage.compact_rows = 4000;
+    // A part is compacted once it holds 2000 rows; the cap (4 x 16,000)
+    // is above what is staged, so commits go on while compactions fail.
+    hub.settings.storage.compact_rows = 16_000;
     hub.restart().await;
 
     // The probe's registration and reading commit; the compaction after
@@ -224,8 +243,8 @@ async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_over_its_cap_is_compacted_not_refused() {
-    // A part is compacted at 10 rows and staging is capped at 16 x 80 =
-    // 1,280 rows, far below one round of eight 1,000-reading batches: a
+    // A part is compacted at 10 rows and staging is capped at 4 x 80 =
+    // 320 rows, far below one round of eight 1,000-reading batches: a
     // healthy hub must compact its way under the cap, part after part,
     // rather than refuse the group (its devices would hear UNAVAILABLE).
     let hub = spawn_hub_with(|s| s.storage.compact_rows = 80).await;
@@ -584,6 +603,48 @@ async fn ballast_rows(db: &Path) -> (i64, i64) {
     .fetch_one(&mut connect(db).await)
     .await
     .unwrap()
+}
+
+/// What a hub stopped before it compacted would leave (a clean stop
+/// compacts every staged part): the ballast's readings moved from its
+/// blocks back to its staging part, as they were.
+async fn restage_ballast(db: &Path) {
+    let mut conn = connect(db).await;
+    let blocks: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT device_id, sensor_id, data FROM blocks WHERE device_id = \
+         (SELECT id FROM devices WHERE external_id = 'ballast')",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    for (device, sensor, data) in &blocks {
+        let part = device.rem_euclid(hub::store::STAGING_PARTS as i64);
+        let points = hub::store::codec::decode(data).unwrap();
+        for chunk in points.chunks(500) {
+            let sql = format!(
+                "INSERT INTO readings_recent_{part} (device_id, sensor_id, ts_ms, seq, value) VALUES {}",
+                vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for p in chunk {
+                q = q
+                    .bind(device)
+                    .bind(sensor)
+                    .bind(p.ts_ms)
+                    .bind(p.seq as i64)
+                    .bind(p.value);
+            }
+            q.execute(&mut *tx).await.unwrap();
+        }
+        sqlx::query("DELETE FROM blocks WHERE device_id = ?")
+            .bind(device)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(ballast_rows(db).await, (40_000, 0), "all staged again");
 }
 
 /// 40,000 readings of device "ballast" (seqs 1..=40,000, sensor "b", an

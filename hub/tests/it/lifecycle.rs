@@ -127,10 +127,11 @@ async fn sqlite_a_clean_stop_leaves_nothing_staged_and_no_free_pages() {
     // The pages staging held went back to the file system.
     let mode: i64 = db.scalar("PRAGMA auto_vacuum").await;
     let free: i64 = db.scalar("PRAGMA freelist_count").await;
+    let page: i64 = db.scalar("PRAGMA page_size").await;
     assert_eq!(
-        (mode, free),
-        (2, 0),
-        "incremental auto-vacuum, nothing free"
+        (mode, free, page),
+        (2, 0, 16384),
+        "a new database: incremental auto-vacuum, 16 KiB pages; nothing free"
     );
     hub.restart().await;
     let mut total = 0;
