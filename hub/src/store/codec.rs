@@ -128,10 +128,14 @@ pub fn encode(points: &[Point]) -> Vec<u8> {
     put_varint(&mut out, zigzag(end.seq.wrapping_sub(first.seq) as i64));
     let ts: Vec<u64> = points.iter().map(|p| p.ts_ms as u64).collect();
     let seq: Vec<u64> = points.iter().map(|p| p.seq).collect();
+    let value_kind = match digits {
+        Some(_) => ColumnKind::Decimal,
+        None => ColumnKind::Float,
+    };
     let columns = [
-        Column::plan(&ts, false),
-        Column::plan(&seq, false),
-        Column::plan(&values, digits.is_none()),
+        Column::plan(&ts, ColumnKind::Key),
+        Column::plan(&seq, ColumnKind::Key),
+        Column::plan(&values, value_kind),
     ];
     for c in &columns {
         c.put_plan(&mut out);
@@ -597,6 +601,15 @@ impl Plan {
     }
 }
 
+/// What a column holds, for the predictors worth trying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnKind {
+    /// ts or seq
+    Key,
+    Decimal,
+    Float,
+}
+
 /// A column to write: its plan and residuals.
 struct Column<'a> {
     plan: Plan,
@@ -608,10 +621,20 @@ struct Column<'a> {
 impl<'a> Column<'a> {
     /// The smallest of every predictor and coder for `xs` (XOR too when
     /// `float`).
-    fn plan(xs: &'a [u64], float: bool) -> Self {
+    fn plan(xs: &'a [u64], kind: ColumnKind) -> Self {
         let (mut residuals, mut trial) = (Vec::new(), Vec::new());
         let mut best: Option<(u64, Plan)> = None;
-        for predictor in Predictor::INTEGER {
+        let predictors: &[Predictor] = match kind {
+            // A clock and a counter only go up: an offset from the least
+            // value never wins.
+            ColumnKind::Key => &[
+                Predictor::Delta,
+                Predictor::DeltaOfDelta,
+                Predictor::DeltaOffset,
+            ],
+            ColumnKind::Decimal | ColumnKind::Float => &Predictor::INTEGER,
+        };
+        for &predictor in predictors {
             let base = predictor.residuals(xs, &mut trial);
             let (coder, cost) = Coder::best(&trial);
             if best.is_none_or(|(c, _)| cost < c) {
@@ -624,13 +647,13 @@ impl<'a> Column<'a> {
                 std::mem::swap(&mut residuals, &mut trial);
             }
         }
-        let (cost, plan) = best.expect("four predictors");
+        let (cost, plan) = best.expect("a predictor");
         let column = Column {
             plan,
             residuals,
             xs,
         };
-        if float {
+        if kind == ColumnKind::Float {
             let mut counter = BitCounter::default();
             XorState::put_all(&mut counter, xs);
             if counter.0 < cost {
@@ -850,7 +873,7 @@ impl BitSink for BitCounter {
 struct BitWriter {
     out: Vec<u8>,
     acc: u64,
-    /// Bits held in `acc` (< 8 between calls).
+    /// Bits held in `acc` (< 32 between calls).
     held: u32,
 }
 
@@ -864,6 +887,10 @@ impl BitWriter {
     }
 
     fn finish(mut self) -> Vec<u8> {
+        while self.held >= 8 {
+            self.held -= 8;
+            self.out.push((self.acc >> self.held) as u8);
+        }
         if self.held > 0 {
             self.out.push((self.acc << (8 - self.held)) as u8);
         }
@@ -872,6 +899,7 @@ impl BitWriter {
 }
 
 impl BitSink for BitWriter {
+    #[inline]
     fn put(&mut self, v: u64, n: u32) {
         if n > 32 {
             self.put(v >> 32, n - 32);
@@ -881,14 +909,16 @@ impl BitSink for BitWriter {
         if n == 0 {
             return;
         }
+        // Fewer than 32 bits are held between calls: 64 fit.
         let v = v & ((1u64 << n) - 1);
         self.acc = (self.acc << n) | v;
         self.held += n;
-        while self.held >= 8 {
-            self.held -= 8;
-            self.out.push((self.acc >> self.held) as u8);
+        if self.held >= 32 {
+            self.held -= 32;
+            let word = (self.acc >> self.held) as u32;
+            self.out.extend_from_slice(&word.to_be_bytes());
+            self.acc &= (1u64 << self.held) - 1;
         }
-        self.acc &= (1u64 << self.held) - 1;
     }
 }
 
