@@ -87,8 +87,10 @@ const V2: u8 = 2;
 const MODE_FLOAT: u8 = 0;
 /// Decimal digits tried for the decimal value mode: 10^d stays exact.
 const MAX_DIGITS: u8 = 9;
-/// Points in one block at most (the writer keeps far below).
-pub const MAX_POINTS: usize = 1 << 20;
+/// Points in one block at most (the writer keeps to 8192). A column can
+/// cost 0 bits a point, so this also bounds what a small corrupt block can
+/// decode to (1.5 MiB of points).
+pub const MAX_POINTS: usize = 1 << 16;
 
 /// Encodes points (sorted by (ts, seq) by the caller, at least one).
 pub fn encode(points: &[Point]) -> Vec<u8> {

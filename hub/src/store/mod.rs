@@ -104,20 +104,15 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
         Backend::Sqlite => {
             let options = connect_options(&settings.path, settings)?;
             lock = Some(lock_database(&settings.path)?);
-            let page_size = page_size_of(&settings.path);
-            let mut writer_options =
-                with_size_limit(options.clone(), settings.max_size_mib, page_size);
             if is_empty_file(&settings.path) {
-                // A new database, made by the writer's first connection:
-                // larger pages, and free pages that can be given back at a
-                // clean stop. (Set on an existing database, these would at
-                // best do nothing; a reader must not try: it could wait on
-                // the write lock.)
-                writer_options = writer_options
-                    .page_size(PAGE_SIZE)
-                    .auto_vacuum(SqliteAutoVacuum::Incremental);
+                create_database(&options).await?;
             }
-            let writer = Connector::Sqlite(writer_options);
+            let page_size = page_size_of(&settings.path);
+            let writer = Connector::Sqlite(with_size_limit(
+                options.clone(),
+                settings.max_size_mib,
+                page_size,
+            ));
             (writer, Connector::Sqlite(options))
         }
         Backend::Postgres => {
@@ -193,6 +188,22 @@ fn with_size_limit(
 /// full-precision data unused. A database keeps the page size it was made
 /// with.
 const PAGE_SIZE: u32 = 16384;
+
+/// Makes a new database, its schema included, on a connection of its own
+/// with larger pages and incremental auto-vacuum (free pages can then be
+/// given back at a clean stop). Both take effect only before the first
+/// table, so no later connection sets them: on an existing database
+/// `auto_vacuum` takes the write lock, and a writer reconnecting past a
+/// stuck transaction, or a reader, would wait on it.
+async fn create_database(options: &SqliteConnectOptions) -> Result<(), StoreError> {
+    let creating = options
+        .clone()
+        .page_size(PAGE_SIZE)
+        .auto_vacuum(SqliteAutoVacuum::Incremental);
+    let mut conn = Connector::Sqlite(creating).connect().await?;
+    migrate(&mut conn).await?;
+    conn.close().await
+}
 
 fn is_empty_file(path: &Path) -> bool {
     std::fs::metadata(path).map_or(true, |m| m.len() == 0)
