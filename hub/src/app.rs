@@ -813,7 +813,14 @@ fn start_jobs(core: &Core, storage: &Storage, ops: &Arc<Operations>) -> Vec<Comp
         )
         .awaited_at(Phase::Background),
     );
-    if !settings.storage.retention.is_zero() {
+    let rollups_kept: Vec<(i64, i64)> = settings
+        .storage
+        .rollups
+        .iter()
+        .filter(|r| !r.keep.is_zero())
+        .map(|r| (r.every_ms(), r.keep_ms()))
+        .collect();
+    if !settings.storage.retention.is_zero() || !rollups_kept.is_empty() {
         started.push(
             Component::new(
                 "retention",
@@ -821,6 +828,7 @@ fn start_jobs(core: &Core, storage: &Storage, ops: &Arc<Operations>) -> Vec<Comp
                     storage.ingest.clone(),
                     storage.store.clone(),
                     settings.storage.retention,
+                    rollups_kept,
                     core.stopping.clone(),
                 )),
             )

@@ -452,6 +452,31 @@ pub struct StorageSettings {
     pub retention: Duration,
     /// Where backups go (empty: `backups` beside `path`).
     pub backup_dir: PathBuf,
+    /// Aggregates kept per series and interval (`[{ every = "1m", keep =
+    /// "90d" }]`): bucket queries whose width is a multiple of `every` read
+    /// them instead of the readings.
+    pub rollups: Vec<RollupSetting>,
+}
+
+/// One rollup interval and how long its rows are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupSetting {
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// Rows older than this are deleted (0s: kept for ever).
+    #[serde(default, with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl RollupSetting {
+    pub fn every_ms(&self) -> i64 {
+        self.every.as_millis() as i64
+    }
+
+    pub fn keep_ms(&self) -> i64 {
+        self.keep.as_millis() as i64
+    }
 }
 
 /// A database URL, which may hold a password: printed masked.
@@ -963,6 +988,35 @@ impl Settings {
             "storage.compact_rows",
             "must be at least 1",
         )?;
+        check(
+            st.rollups.len() <= 8,
+            "storage.rollups",
+            "may list at most 8 intervals",
+        )?;
+        for (i, r) in st.rollups.iter().enumerate() {
+            check(
+                r.every >= Duration::from_secs(1)
+                    && r.every <= Duration::from_secs(366 * 86_400)
+                    && r.every.subsec_nanos() == 0,
+                "storage.rollups",
+                "every must be whole seconds, between 1s and 366days",
+            )?;
+            check(
+                r.keep.is_zero() || r.keep >= r.every,
+                "storage.rollups",
+                "keep must be 0s (for ever) or at least its every",
+            )?;
+            check(
+                r.keep <= Duration::from_secs(100 * 365 * 86_400),
+                "storage.rollups",
+                "keep must be at most 100 years",
+            )?;
+            check(
+                st.rollups[..i].iter().all(|o| o.every != r.every),
+                "storage.rollups",
+                "lists the same every twice",
+            )?;
+        }
         let c = &self.commands;
         check(
             (Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&c.default_ttl),

@@ -16,9 +16,10 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
-use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading};
+use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading, now_ms};
 use crate::store::blocks::{BlockCursor, BlockRow};
 use crate::store::codec::{self, BlockStats, Point};
+use crate::store::rollups::Agg;
 use crate::store::{Store, StoreError};
 
 /// Blocks read from SQLite per page.
@@ -84,7 +85,169 @@ async fn stream(
     let limit = if q.limit == 0 { u64::MAX } else { q.limit };
     match q.bucket_ms {
         None => merge_rows(store, &mut cursors, limit, out).await,
-        Some(width) => fold_buckets(store, &mut cursors, width, limit, out).await,
+        Some(width) => {
+            let plan = RollupPlan::choose(store, width, since, until, now_ms()).await?;
+            if let Some(plan) = &plan {
+                tracing::debug!(
+                    every_ms = plan.every_ms,
+                    width,
+                    "bucket query reads a rollup"
+                );
+            }
+            let mut emit = Emitter {
+                out,
+                chunk: Vec::with_capacity(CHUNK_ROWS),
+                emitted: 0,
+                limit,
+            };
+            for cursor in cursors {
+                if !fold_sensor(store, cursor, width, plan, &mut emit).await? {
+                    return Ok(());
+                }
+            }
+            emit.flush().await;
+            Ok(())
+        }
+    }
+}
+
+/// Where a bucket query reads a rollup: its interval, and the part of the
+/// query's range it answers exactly (whole intervals, inside what its
+/// retention keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RollupPlan {
+    every_ms: i64,
+    from_ms: i64,
+    until_ms: i64,
+}
+
+/// At most this many separate stretches of staged readings are read raw
+/// inside a rollup's range; past it, everything from the first one on is.
+const MAX_RAW_STRETCHES: usize = 64;
+
+impl RollupPlan {
+    /// The coarsest ready rollup whose interval divides `width`, if it
+    /// answers some of [since, until).
+    async fn choose(
+        store: &Store,
+        width: i64,
+        since: i64,
+        until: i64,
+        now: i64,
+    ) -> Result<Option<Self>, StoreError> {
+        let ready = store.ready_rollups().await?;
+        Ok(ready
+            .iter()
+            .rev()
+            .find(|r| r.every_ms > 0 && width % r.every_ms == 0)
+            .and_then(|r| Self::over(r.every_ms, r.keep_ms, since, until, now)))
+    }
+
+    fn over(every_ms: i64, keep_ms: i64, since: i64, until: i64, now: i64) -> Option<Self> {
+        let align_up = |t: i64| {
+            let start = Bucket::start_of(t, every_ms);
+            if start == t {
+                t
+            } else {
+                start.saturating_add(every_ms)
+            }
+        };
+        let mut from_ms = if since == i64::MIN {
+            i64::MIN
+        } else {
+            align_up(since)
+        };
+        if keep_ms > 0 {
+            from_ms = from_ms.max(align_up(now.saturating_sub(keep_ms)));
+        }
+        let until_ms = if until == i64::MAX {
+            i64::MAX
+        } else {
+            Bucket::start_of(until, every_ms)
+        };
+        (from_ms < until_ms).then_some(Self {
+            every_ms,
+            from_ms,
+            until_ms,
+        })
+    }
+
+    /// The stretches of [since, until) in time order, each read raw
+    /// (false) or from the rollup (true): the rollup's range but for the
+    /// intervals that hold staged readings (not in the rollup yet).
+    fn segments(&self, staged: &VecDeque<Point>, since: i64, until: i64) -> Vec<(i64, i64, bool)> {
+        let every = self.every_ms;
+        let (a, b) = (self.from_ms, self.until_ms);
+        let mut dirty: Vec<(i64, i64)> = Vec::new();
+        for p in staged.iter().filter(|p| p.ts_ms >= a && p.ts_ms < b) {
+            let start = Bucket::start_of(p.ts_ms, every);
+            let end = start.saturating_add(every);
+            match dirty.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => dirty.push((start, end)),
+            }
+        }
+        if dirty.len() > MAX_RAW_STRETCHES {
+            dirty = vec![(dirty[0].0, b)];
+        }
+        let mut out: Vec<(i64, i64, bool)> = Vec::new();
+        let mut push = |from: i64, to: i64, rollup: bool| {
+            if from >= to {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.2 == rollup && last.1 == from => last.1 = to,
+                _ => out.push((from, to, rollup)),
+            }
+        };
+        push(since, a, false);
+        let mut at = a;
+        for (start, end) in dirty {
+            push(at, start, true);
+            push(start, end, false);
+            at = end;
+        }
+        push(at, b, true);
+        push(b, until, false);
+        out
+    }
+}
+
+/// Buckets on their way to the client, in chunks, up to the limit.
+struct Emitter<'a> {
+    out: &'a mpsc::Sender<Result<QueryChunk, StoreError>>,
+    chunk: Vec<Bucket>,
+    emitted: u64,
+    limit: u64,
+}
+
+impl Emitter<'_> {
+    /// False when the query is done: the limit reached or the client gone.
+    async fn push(&mut self, bucket: Bucket) -> bool {
+        self.chunk.push(bucket);
+        self.emitted += 1;
+        if self.emitted >= self.limit {
+            self.flush().await;
+            return false;
+        }
+        if self.chunk.len() == CHUNK_ROWS {
+            return send(
+                self.out,
+                QueryChunk::Buckets(std::mem::take(&mut self.chunk)),
+            )
+            .await;
+        }
+        true
+    }
+
+    async fn flush(&mut self) {
+        if !self.chunk.is_empty() {
+            send(
+                self.out,
+                QueryChunk::Buckets(std::mem::take(&mut self.chunk)),
+            )
+            .await;
+        }
     }
 }
 
@@ -221,6 +384,31 @@ impl SensorCursor {
             && Bucket::start_of(block.first_ts, width) == Bucket::start_of(block.last_ts, width)
     }
 
+    /// A cursor over [since, until) of this one's sensor, taking this
+    /// one's staged readings before `until` (stretches are read in time
+    /// order).
+    fn stretch(&mut self, since: i64, until: i64) -> SensorCursor {
+        let end = self.staged.partition_point(|p| p.ts_ms < until);
+        let staged: VecDeque<Point> = self
+            .staged
+            .drain(..end)
+            .filter(|p| p.ts_ms >= since)
+            .collect();
+        SensorCursor {
+            device: self.device,
+            key: self.key,
+            name: self.name.clone(),
+            since,
+            until,
+            cursor: BlockCursor::START,
+            pending: VecDeque::new(),
+            exhausted: false,
+            active: Vec::new(),
+            staged,
+            emitted: None,
+        }
+    }
+
     /// Hands out `p` (the head): later copies of it are dropped.
     fn take(&mut self, p: Point) -> Item {
         self.emitted = Some(p.key());
@@ -273,81 +461,95 @@ async fn merge_rows(
     Ok(())
 }
 
-async fn fold_buckets(
+/// Folds one sensor's readings into buckets of `width`: from its blocks
+/// and staged readings, or where `plan` says so from a rollup. False when
+/// the query is done.
+async fn fold_sensor(
     store: &Store,
-    cursors: &mut [SensorCursor],
+    mut base: SensorCursor,
     width: i64,
-    limit: u64,
-    out: &mpsc::Sender<Result<QueryChunk, StoreError>>,
-) -> Result<(), StoreError> {
-    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
-    let mut emitted = 0u64;
-    'sensors: for cursor in cursors.iter_mut() {
-        let mut current: Option<Bucket> = None;
-        while let Some(item) = cursor.next_item(store, width).await? {
-            let (ts, part) = match item {
-                Item::Point(p) => (
-                    p.ts_ms,
-                    BlockStats {
-                        count: 1,
-                        last_ts: p.ts_ms,
-                        last_seq: p.seq,
-                        min: p.value,
-                        max: p.value,
-                        sum: p.value,
-                        first: p.value,
-                        last: p.value,
-                    },
-                ),
-                Item::Block(first_ts, stats) => (first_ts, stats),
-            };
-            let start = Bucket::start_of(ts, width);
-            match &mut current {
-                Some(b) if b.start_ms == start => {
-                    b.count += u64::from(part.count);
-                    b.sum += part.sum;
-                    b.min = b.min.min(part.min);
-                    b.max = b.max.max(part.max);
-                    b.last = part.last;
-                }
-                _ => {
-                    let fresh = Bucket {
-                        sensor: cursor.name.clone(),
-                        start_ms: start,
-                        count: u64::from(part.count),
-                        sum: part.sum,
-                        min: part.min,
-                        max: part.max,
-                        first: part.first,
-                        last: part.last,
-                    };
-                    if let Some(done) = current.replace(fresh) {
-                        chunk.push(done);
-                        emitted += 1;
-                        if emitted >= limit {
-                            break 'sensors;
-                        }
-                        if chunk.len() == CHUNK_ROWS
-                            && !send(out, QueryChunk::Buckets(std::mem::take(&mut chunk))).await
-                        {
-                            return Ok(());
-                        }
+    plan: Option<RollupPlan>,
+    emit: &mut Emitter<'_>,
+) -> Result<bool, StoreError> {
+    let segments = match plan {
+        Some(plan) => plan.segments(&base.staged, base.since, base.until),
+        None => vec![(base.since, base.until, false)],
+    };
+    let mut current: Option<Bucket> = None;
+    for (from, to, rollup) in segments {
+        if rollup {
+            let every = plan.map_or(width, |p| p.every_ms);
+            let mut at = from;
+            loop {
+                let page = store
+                    .rollup_page((base.device, base.key), every, at, to, ROLLUP_PAGE)
+                    .await?;
+                for (start, agg) in &page {
+                    if let Some(done) = fold(&mut current, &base.name, width, *start, agg.stats())
+                        && !emit.push(done).await
+                    {
+                        return Ok(false);
                     }
                 }
+                match page.last() {
+                    Some((start, _)) if page.len() == ROLLUP_PAGE as usize => at = start + 1,
+                    _ => break,
+                }
             }
-        }
-        if let Some(done) = current {
-            chunk.push(done);
-            emitted += 1;
-            if emitted >= limit {
-                break;
+        } else {
+            let mut cursor = base.stretch(from, to);
+            while let Some(item) = cursor.next_item(store, width).await? {
+                let (ts, part) = match item {
+                    Item::Point(p) => (p.ts_ms, Agg::of(&p).stats()),
+                    Item::Block(first_ts, stats) => (first_ts, stats),
+                };
+                if let Some(done) = fold(&mut current, &base.name, width, ts, part)
+                    && !emit.push(done).await
+                {
+                    return Ok(false);
+                }
             }
         }
     }
-    if !chunk.is_empty() {
-        send(out, QueryChunk::Buckets(chunk)).await;
+    match current {
+        Some(done) => Ok(emit.push(done).await),
+        None => Ok(true),
     }
-    Ok(())
+}
+
+/// Rollup rows read per statement.
+const ROLLUP_PAGE: u32 = 1024;
+
+/// Adds `part` (readings from `ts` on, after everything folded so far) to
+/// the current bucket; returns the bucket it completed, if any.
+fn fold(
+    current: &mut Option<Bucket>,
+    name: &str,
+    width: i64,
+    ts: i64,
+    part: BlockStats,
+) -> Option<Bucket> {
+    let start = Bucket::start_of(ts, width);
+    match current {
+        Some(b) if b.start_ms == start => {
+            b.count += u64::from(part.count);
+            b.sum += part.sum;
+            b.min = b.min.min(part.min);
+            b.max = b.max.max(part.max);
+            b.last = part.last;
+            None
+        }
+        _ => current.replace(Bucket {
+            sensor: name.to_owned(),
+            start_ms: start,
+            count: u64::from(part.count),
+            sum: part.sum,
+            min: part.min,
+            max: part.max,
+            first: part.first,
+            last: part.last,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -390,5 +592,83 @@ mod tests {
             out.push(p.seq);
         }
         assert_eq!(out, vec![1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_rollup_answers_whole_intervals_inside_what_it_keeps() {
+        let m = 60_000;
+        // Unaligned ends are read raw.
+        let p = RollupPlan::over(m, 0, 10 * m + 5, 20 * m + 7, 0).unwrap();
+        assert_eq!((p.from_ms, p.until_ms), (11 * m, 20 * m));
+        // Unbounded ends stay unbounded.
+        let p = RollupPlan::over(m, 0, i64::MIN, i64::MAX, 0).unwrap();
+        assert_eq!((p.from_ms, p.until_ms), (i64::MIN, i64::MAX));
+        // What its retention may have deleted is read raw.
+        let p = RollupPlan::over(m, 5 * m, 0, 100 * m, 100 * m - 30_000).unwrap();
+        assert_eq!(p.from_ms, 95 * m);
+        // Less than one whole interval: no rollup.
+        assert_eq!(RollupPlan::over(m, 0, 10 * m + 5, 11 * m + 5, 0), None);
+    }
+
+    #[test]
+    fn intervals_with_staged_readings_are_read_raw() {
+        let m = 60_000;
+        let plan = RollupPlan {
+            every_ms: m,
+            from_ms: 10 * m,
+            until_ms: 20 * m,
+        };
+        let staged = |ts: &[i64]| -> VecDeque<Point> {
+            ts.iter()
+                .map(|&ts_ms| Point {
+                    ts_ms,
+                    seq: 0,
+                    value: 0.0,
+                })
+                .collect()
+        };
+        let since = 10 * m - 3;
+        let until = 20 * m + 3;
+        assert_eq!(
+            plan.segments(&staged(&[]), since, until),
+            vec![
+                (since, 10 * m, false),
+                (10 * m, 20 * m, true),
+                (20 * m, until, false)
+            ]
+        );
+        // Staged readings in minutes 12 and 13 (one stretch), 19, and
+        // outside the rollup's range (read raw anyway).
+        let s = staged(&[
+            5,
+            12 * m + 1,
+            13 * m,
+            13 * m + 9,
+            19 * m + 59_999,
+            20 * m + 1,
+        ]);
+        assert_eq!(
+            plan.segments(&s, since, until),
+            vec![
+                (since, 10 * m, false),
+                (10 * m, 12 * m, true),
+                (12 * m, 14 * m, false),
+                (14 * m, 19 * m, true),
+                (19 * m, until, false),
+            ]
+        );
+        // Too many stretches: raw from the first on.
+        let many: Vec<i64> = (0..MAX_RAW_STRETCHES as i64 + 1)
+            .map(|i| 10 * m + 2 * i * 1000)
+            .collect();
+        let wide = RollupPlan {
+            every_ms: 1000,
+            from_ms: 10 * m,
+            until_ms: 20 * m,
+        };
+        assert_eq!(
+            wide.segments(&staged(&many), since, until),
+            vec![(since, until, false)]
+        );
     }
 }

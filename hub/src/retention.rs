@@ -1,7 +1,7 @@
-//! Retention: readings older than `storage.retention` are deleted in the
-//! background, a few thousand at a time, each step a small part of one of
-//! the writer's group commits (the one writer), so ingest never waits for
-//! a long delete. Final commands older than `commands.retention` are
+//! Retention: readings older than `storage.retention`, and rollup rows
+//! older than their rollup's `keep`, are deleted in the background, a few
+//! thousand at a time, each step a small part of one of the writer's group
+//! commits (the one writer), so ingest never waits for a long delete. Final commands older than `commands.retention` are
 //! deleted by the commands task the same way.
 
 use std::collections::VecDeque;
@@ -23,24 +23,92 @@ pub fn interval(retention: Duration) -> Duration {
     (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Deletes readings older than `retention` until `stop`.
-pub async fn run(ingest: IngestQueue, store: Store, retention: Duration, stop: CancellationToken) {
-    let every = interval(retention);
+/// Deletes readings older than `retention` (if not zero) and rollup rows
+/// older than their `keep` (`rollups`: (every_ms, keep_ms), keep > 0)
+/// until `stop`.
+pub async fn run(
+    ingest: IngestQueue,
+    store: Store,
+    retention: Duration,
+    rollups: Vec<(i64, i64)>,
+    stop: CancellationToken,
+) {
+    let every = rollups
+        .iter()
+        .map(|&(_, keep)| interval(Duration::from_millis(keep as u64)))
+        .chain((!retention.is_zero()).then(|| interval(retention)))
+        .min()
+        .unwrap_or(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        let cutoff = now_ms().saturating_sub(retention.as_millis() as i64);
-        match pass(&ingest, &store, cutoff, &stop).await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::debug!(deleted, "retention deleted old readings"),
+        let now = now_ms();
+        let result = match prune_rollups(&ingest, &rollups, now, &stop).await {
+            Ok(0) => Ok(()),
+            Ok(rows) => {
+                tracing::debug!(rows, "retention deleted old rollup rows");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let result = match result {
+            Ok(()) if !retention.is_zero() => {
+                let cutoff = now.saturating_sub(retention.as_millis() as i64);
+                pass(&ingest, &store, cutoff, &stop).await.map(|deleted| {
+                    if deleted > 0 {
+                        tracing::debug!(deleted, "retention deleted old readings");
+                    }
+                })
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {}
             Err(PassError::Closed) => return,
             Err(PassError::Failed(e)) => {
                 tracing::warn!(error = %e, "retention pass failed; tried again later")
             }
         }
     }
+}
+
+/// Deletes rollup rows older than their rollup's `keep`, in steps.
+async fn prune_rollups(
+    ingest: &IngestQueue,
+    rollups: &[(i64, i64)],
+    now: i64,
+    stop: &CancellationToken,
+) -> Result<u64, PassError> {
+    if rollups.is_empty() {
+        return Ok(0);
+    }
+    let cutoffs: Vec<(i64, i64)> = rollups
+        .iter()
+        // Whole intervals older than `keep` go.
+        .map(|&(every, keep)| (every, now.saturating_sub(keep).saturating_sub(every)))
+        .collect();
+    let mut deleted = 0;
+    while !stop.is_cancelled() {
+        let step = RetainStep {
+            cutoff_ms: i64::MIN,
+            limit: STEP_ROWS,
+            staged: false,
+            series: Vec::new(),
+            rollups: cutoffs.clone(),
+        };
+        let done = match ingest.retain(step).await {
+            Ok(done) => done,
+            Err(IngestError::Closed) => return Err(PassError::Closed),
+            Err(e) => return Err(PassError::Failed(e.to_string())),
+        };
+        deleted += done.rollup_rows;
+        if done.rollups_done {
+            break;
+        }
+    }
+    Ok(deleted)
 }
 
 enum PassError {
@@ -79,6 +147,7 @@ async fn pass(
             limit: STEP_ROWS,
             staged,
             series: series.iter().take(STEP_SERIES).copied().collect(),
+            rollups: Vec::new(),
         };
         let done = match ingest.retain(step).await {
             Ok(done) => done,

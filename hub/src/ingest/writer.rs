@@ -63,6 +63,9 @@ pub struct WriterSettings {
 const MAX_STAGED_RUNS: u64 = 4;
 /// Series merged per merge step: one short transaction between commits.
 const MERGES_PER_STEP: usize = 32;
+/// While batches keep coming, a rollup build step runs after a commit at
+/// most this often.
+const BUILD_EVERY_BUSY: Duration = Duration::from_millis(250);
 
 /// Waits between retries of something that failed: doubling, capped.
 #[derive(Debug)]
@@ -129,6 +132,10 @@ pub struct Writer {
     merge_retry: Backoff,
     commit_retry: Backoff,
     compact_retry: Backoff,
+    /// Rollups: whether one may still be building, and its retries.
+    building: bool,
+    build_retry: Backoff,
+    last_build: Instant,
     /// Registrations delivered so far: the next stream id.
     streams: u64,
     /// Committed twin changes go here (device streams, watchers).
@@ -532,6 +539,9 @@ impl Writer {
             merge_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            build_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            building: true,
+            last_build: Instant::now(),
             streams: 0,
             twins,
             alarms,
@@ -546,9 +556,14 @@ impl Writer {
     pub async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
         let mut group: Vec<WriterMsg> = Vec::new();
         loop {
-            // Idle: merge blocks, a step at a time, while nothing waits.
+            // Idle: merge blocks, then build rollups, a step at a time,
+            // while nothing waits.
             if self.rx.is_empty() && !stop.is_cancelled() && self.merges_due().await {
                 self.merge_step().await;
+                continue;
+            }
+            if self.rx.is_empty() && !stop.is_cancelled() && self.builds_due() {
+                self.build_step().await;
                 continue;
             }
             let first = tokio::select! {
@@ -641,6 +656,10 @@ impl Writer {
                 self.compact_if_due().await;
                 if self.merges_due().await {
                     self.merge_step().await;
+                } else if self.builds_due() && self.last_build.elapsed() >= BUILD_EVERY_BUSY {
+                    // Under steady load the writer is never idle: a build
+                    // step now and then still gets through.
+                    self.build_step().await;
                 }
                 true
             }
@@ -876,7 +895,7 @@ impl Writer {
                 .map(|b| ((b.device, b.sensor), b.level))
                 .collect();
             self.store
-                .compact(part, &blocks, rows.len() as u64)
+                .compact(part, &blocks, &rows)
                 .await
                 .map(|()| written)
         };
@@ -948,6 +967,27 @@ impl Writer {
                 self.merges = None;
                 let wait = self.merge_retry.failed();
                 tracing::error!(error = %e, retry_in = ?wait, "merging blocks failed");
+            }
+        }
+    }
+
+    /// Whether a rollup is being built (true until a step finds none).
+    fn builds_due(&self) -> bool {
+        self.building && !self.build_retry.waiting()
+    }
+
+    /// One step of building a new rollup from stored blocks.
+    async fn build_step(&mut self) {
+        self.last_build = Instant::now();
+        match self.store.build_rollup_step().await {
+            Ok(more) => {
+                self.building = more;
+                self.build_retry.succeeded();
+            }
+            Err(e) => {
+                self.store.abort().await;
+                let wait = self.build_retry.failed();
+                tracing::error!(error = %e, retry_in = ?wait, "building a rollup failed");
             }
         }
     }
@@ -1150,7 +1190,20 @@ impl Writer {
                     outcomes.push(Outcome::Credentials(found));
                 }
                 WriterMsg::Retain { step, .. } => {
-                    let mut done = RetainDone::default();
+                    let mut done = RetainDone {
+                        rollups_done: true,
+                        ..RetainDone::default()
+                    };
+                    let mut rollup_left = step.limit;
+                    for &(every_ms, cutoff_ms) in &step.rollups {
+                        let n = tx.prune_rollup(every_ms, cutoff_ms, rollup_left).await?;
+                        done.rollup_rows += n;
+                        rollup_left = rollup_left.saturating_sub(n as u32);
+                        if rollup_left == 0 {
+                            done.rollups_done = false;
+                            break;
+                        }
+                    }
                     let mut left = u64::from(step.limit);
                     if step.staged {
                         // The count of staged rows is read again.

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 use super::codec::{self, Point};
 use super::db::{Val, with_conn, with_pool};
+use super::rollups;
 use super::write::{Batched, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_table};
 use super::{Store, StoreError};
 use crate::config::Backend;
@@ -89,11 +90,7 @@ pub fn blocks_of(rows: &mut [RowToInsert]) -> Vec<NewBlock> {
     let mut points = Vec::new();
     for run in rows.chunk_by(|a, b| (a.device, a.sensor) == (b.device, b.sensor)) {
         points.clear();
-        points.extend(run.iter().map(|r| Point {
-            ts_ms: r.ts_ms,
-            seq: r.seq as u64,
-            value: r.value,
-        }));
+        points.extend(run.iter().map(RowToInsert::point));
         blocks.extend(blocks_from((run[0].device, run[0].sensor), 0, &points));
     }
     blocks
@@ -139,15 +136,20 @@ impl BlockCursor {
 
 impl WriteTx<'_> {
     /// Compaction of one staging part: inserts the blocks made of its rows
-    /// and empties its table. `staged` is how many rows the writer encoded;
-    /// if the table holds another number, nothing is changed (an error).
+    /// (`rows`, sorted as [`blocks_of`] sorts them), adds them to the
+    /// rollups and empties its table. If the table holds another number of
+    /// rows than the writer encoded, nothing is changed (an error).
     async fn compact_staged(
         &mut self,
         part: usize,
         blocks: &[NewBlock],
-        staged: u64,
+        rows: &[RowToInsert],
     ) -> Result<(), StoreError> {
+        let staged = rows.len() as u64;
         self.insert_blocks(blocks).await?;
+        let everies = self.rollup_everies().await?;
+        self.add_to_rollups(&rollups::rows_of_sorted(rows, &everies))
+            .await?;
         // No WHERE: SQLite's truncate optimisation frees the pages at once.
         // (On PostgreSQL a DELETE, not a TRUNCATE: readers keep reading.)
         let sql = format!("DELETE FROM {}", staging_table(part));
@@ -382,17 +384,17 @@ impl StoreWriter {
     }
 
     /// Compacts one staging part in one transaction (see
-    /// [`WriteTx::compact_staged`]): `blocks` are the part's `staged` rows,
+    /// [`WriteTx::compact_staged`]): `blocks` are the part's `rows`,
     /// encoded.
     pub async fn compact(
         &mut self,
         part: usize,
         blocks: &[NewBlock],
-        staged: u64,
+        rows: &[RowToInsert],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        tx.compact_staged(part, blocks, staged).await?;
+        tx.compact_staged(part, blocks, rows).await?;
         tx.commit().await
     }
 
@@ -423,6 +425,9 @@ impl StoreWriter {
             .collect();
         let blocks = blocks_of(&mut rows);
         tx.insert_blocks(&blocks).await?;
+        let everies = tx.rollup_everies().await?;
+        tx.add_to_rollups(&rollups::rows_of_sorted(&rows, &everies))
+            .await?;
         tx.commit().await?;
         Ok(blocks
             .iter()
@@ -527,7 +532,7 @@ fn not_sqlite() -> StoreError {
 
 impl StoreWriter {
     /// The SQLite connection, for the legacy conversion (SQLite only).
-    fn sqlite(&mut self) -> Result<&mut sqlx::SqliteConnection, StoreError> {
+    pub(super) fn sqlite(&mut self) -> Result<&mut sqlx::SqliteConnection, StoreError> {
         self.conn().conn().sqlite().ok_or_else(not_sqlite)
     }
 }
@@ -742,7 +747,7 @@ mod tests {
         let part = staging_part(SERIES.0);
         let mut rows = writer.staged_rows().await?.swap_remove(part);
         let blocks = blocks_of(&mut rows);
-        writer.compact(part, &blocks, rows.len() as u64).await
+        writer.compact(part, &blocks, &rows).await
     }
 
     /// Every seq stored for SERIES, staged or in blocks, sorted.

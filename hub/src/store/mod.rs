@@ -14,6 +14,7 @@ pub mod commands;
 mod db;
 pub mod jobs;
 mod partitions;
+pub mod rollups;
 pub mod twins;
 mod write;
 mod write_conn;
@@ -130,6 +131,7 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
             "stored readings converted into compressed blocks"
         );
     }
+    writer.sync_rollups(&settings.rollups).await?;
     let read = read.pool(settings.read_connections).await?;
     Ok((Store { read }, writer))
 }

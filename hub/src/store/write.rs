@@ -22,6 +22,16 @@ pub struct RowToInsert {
     pub value: f64,
 }
 
+impl RowToInsert {
+    pub fn point(&self) -> super::codec::Point {
+        super::codec::Point {
+            ts_ms: self.ts_ms,
+            seq: self.seq as u64,
+            value: self.value,
+        }
+    }
+}
+
 /// Staging is split by device into this many tables, so that a compaction
 /// encodes and truncates one of them at a time: each is a short pause
 /// between group commits instead of one long one (migration 6).
@@ -115,6 +125,8 @@ pub(super) enum Batched {
     Blocks,
     /// A new job's devices.
     JobDevices,
+    /// Aggregates added to rollups.
+    Rollups,
     /// Alarm series states written...
     SeriesUpsert,
     /// ...and deleted (idle).
@@ -131,7 +143,8 @@ impl Batched {
             | Batched::SensorSeen
             | Batched::JobDevices
             | Batched::SeriesUpsert
-            | Batched::SeriesDelete => PAIR_CHUNK,
+            | Batched::SeriesDelete
+            | Batched::Rollups => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
         }
     }
@@ -174,6 +187,28 @@ impl Batched {
                     .to_owned(),
                 3,
                 ")",
+            ),
+            Batched::Rollups => (
+                "INSERT INTO rollups (every_ms, device_id, sensor_id, start_ms, n, sum_v, min_v, \
+                 max_v, first_v, last_v, first_ts, first_seq, last_ts, last_seq) VALUES "
+                    .to_owned(),
+                14,
+                " ON CONFLICT (every_ms, device_id, sensor_id, start_ms) DO UPDATE SET \
+                 n = rollups.n + excluded.n, sum_v = rollups.sum_v + excluded.sum_v, \
+                 min_v = CASE WHEN excluded.min_v < rollups.min_v THEN excluded.min_v ELSE rollups.min_v END, \
+                 max_v = CASE WHEN excluded.max_v > rollups.max_v THEN excluded.max_v ELSE rollups.max_v END, \
+                 first_v = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
+                   THEN excluded.first_v ELSE rollups.first_v END, \
+                 first_ts = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
+                   THEN excluded.first_ts ELSE rollups.first_ts END, \
+                 first_seq = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
+                   THEN excluded.first_seq ELSE rollups.first_seq END, \
+                 last_v = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
+                   THEN excluded.last_v ELSE rollups.last_v END, \
+                 last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
+                   THEN excluded.last_ts ELSE rollups.last_ts END, \
+                 last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
+                   THEN excluded.last_seq ELSE rollups.last_seq END",
             ),
             Batched::JobDevices => (
                 "INSERT INTO job_devices (job_id, device, position, state) VALUES ".to_owned(),
@@ -522,9 +557,9 @@ impl WriteTx<'_> {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let mut devices: Vec<i64> = Vec::new();
+        let mut rows: Vec<RowToInsert> = Vec::new();
         for part in 0..STAGING_PARTS {
-            let left = limit.saturating_sub(devices.len() as u32);
+            let left = limit.saturating_sub(rows.len() as u32);
             if left == 0 {
                 break;
             }
@@ -537,23 +572,40 @@ impl WriteTx<'_> {
             };
             let sql = format!(
                 "DELETE FROM {table} WHERE {row} IN \
-                 (SELECT {row} FROM {table} WHERE ts_ms < $1 LIMIT $2) RETURNING device_id"
+                 (SELECT {row} FROM {table} WHERE ts_ms < $1 LIMIT $2) \
+                 RETURNING device_id, sensor_id, ts_ms, seq, value"
             );
-            let deleted: Vec<i64> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(&sql)
-                .bind(cutoff_ms)
-                .bind(i64::from(left))
-                .fetch_all(c)
-                .await?);
-            devices.extend(deleted);
+            let deleted: Vec<(i64, i64, i64, i64, f64)> = with_conn!(self.conn.conn(), c => {
+                sqlx::query_as(&sql)
+                    .bind(cutoff_ms)
+                    .bind(i64::from(left))
+                    .fetch_all(c)
+                    .await?
+            });
+            rows.extend(
+                deleted
+                    .into_iter()
+                    .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
+                        device: DeviceKey(device),
+                        sensor: SensorKey(sensor),
+                        ts_ms,
+                        seq,
+                        value,
+                    }),
+            );
         }
+        // They leave staging without a block: rollups count them here.
+        let everies = self.rollup_everies().await?;
+        let rollups = super::rollups::rows_of(&mut rows, &everies);
+        self.add_to_rollups(&rollups).await?;
         let mut per_device: HashMap<i64, i64> = HashMap::new();
-        for d in &devices {
-            *per_device.entry(*d).or_default() += 1;
+        for r in &rows {
+            *per_device.entry(r.device.0).or_default() += 1;
         }
         for (device, n) in per_device {
             self.subtract_readings(device, n).await?;
         }
-        Ok(devices.len() as u64)
+        Ok(rows.len() as u64)
     }
 
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {

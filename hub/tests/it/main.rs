@@ -18,6 +18,7 @@ mod lifecycle;
 mod mqtt;
 mod openapi;
 mod ops;
+mod rollups;
 mod security;
 mod stream;
 mod twin;
