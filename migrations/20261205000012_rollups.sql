@@ -13,7 +13,8 @@ CREATE TABLE rollup_defs (
     keep_ms     INTEGER NOT NULL,           -- rows older than this are deleted (0: kept)
     ready       INTEGER NOT NULL DEFAULT 0,
     next_device INTEGER NOT NULL DEFAULT -1,
-    next_sensor INTEGER NOT NULL DEFAULT -1
+    next_sensor INTEGER NOT NULL DEFAULT -1,
+    pruned_before INTEGER NOT NULL DEFAULT 0   -- rows starting before this may be gone (ingest takes no reading before 2000)
 );
 
 -- One row per (interval, series, start): start_ms is a multiple of
@@ -25,7 +26,7 @@ CREATE TABLE rollups (
     sensor_id INTEGER NOT NULL,
     start_ms  INTEGER NOT NULL,
     n         INTEGER NOT NULL,
-    sum_v     REAL    NOT NULL,
+    sum_v     REAL,                        -- NULL: NaN (+inf and -inf summed; SQLite keeps no NaN)
     min_v     REAL    NOT NULL,
     max_v     REAL    NOT NULL,
     first_v   REAL    NOT NULL,

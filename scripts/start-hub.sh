@@ -3,12 +3,14 @@
 # (the web console and its API, also on a free port). Extra
 # settings come from $HUB_ENV (e.g. "HUB__MQTT__ENABLED=true").
 # BIN: where the binaries are (target/release); HUB_DB: an existing
-# database to open instead of a new one; HUB_RUST_LOG: the log filter.
+# database to open instead of a new one; HUB_RUST_LOG: the log filter;
+# HUB_CONFIG: a settings file (for what env vars cannot say, e.g.
+# storage.rollups).
 work=$(mktemp -d)
 BIN=${BIN:-${TARGET:-target}/release}
 # shellcheck disable=SC2086
 env ${HUB_ENV:-} HUB__SERVER__LISTEN=127.0.0.1:0 HUB__HTTP__LISTEN=127.0.0.1:0 HUB__STORAGE__PATH="${HUB_DB:-$work/hub.db}" \
-  RUST_LOG="${HUB_RUST_LOG:-warn,hub::app=info}" "$BIN/hub" serve >"$work/hub.log" 2>&1 &
+  RUST_LOG="${HUB_RUST_LOG:-warn,hub::app=info}" "$BIN/hub" serve ${HUB_CONFIG:+--config "$HUB_CONFIG"} >"$work/hub.log" 2>&1 &
 hub_pid=$!
 addr=""
 for _ in $(seq 1 100); do

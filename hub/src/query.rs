@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading, now_ms};
 use crate::store::blocks::{BlockCursor, BlockRow};
 use crate::store::codec::{self, BlockStats, Point};
-use crate::store::rollups::Agg;
+use crate::store::rollups::{Agg, ReadyRollup};
 use crate::store::{Store, StoreError};
 
 /// Blocks read from SQLite per page.
@@ -140,10 +140,11 @@ impl RollupPlan {
             .iter()
             .rev()
             .find(|r| r.every_ms > 0 && width % r.every_ms == 0)
-            .and_then(|r| Self::over(r.every_ms, r.keep_ms, since, until, now)))
+            .and_then(|r| Self::over(r, since, until, now)))
     }
 
-    fn over(every_ms: i64, keep_ms: i64, since: i64, until: i64, now: i64) -> Option<Self> {
+    fn over(rollup: &ReadyRollup, since: i64, until: i64, now: i64) -> Option<Self> {
+        let every_ms = rollup.every_ms;
         let align_up = |t: i64| {
             let start = Bucket::start_of(t, every_ms);
             if start == t {
@@ -157,9 +158,11 @@ impl RollupPlan {
         } else {
             align_up(since)
         };
-        if keep_ms > 0 {
-            from_ms = from_ms.max(align_up(now.saturating_sub(keep_ms)));
+        // Whatever its retention may have deleted is read raw.
+        if rollup.keep_ms > 0 {
+            from_ms = from_ms.max(align_up(now.saturating_sub(rollup.keep_ms)));
         }
+        from_ms = from_ms.max(align_up(rollup.pruned_before));
         let until_ms = if until == i64::MAX {
             i64::MAX
         } else {
@@ -485,7 +488,7 @@ async fn fold_sensor(
                     .rollup_page((base.device, base.key), every, at, to, ROLLUP_PAGE)
                     .await?;
                 for (start, agg) in &page {
-                    if let Some(done) = fold(&mut current, &base.name, width, *start, agg.stats())
+                    if let Some(done) = fold(&mut current, &base.name, width, *start, agg)
                         && !emit.push(done).await
                     {
                         return Ok(false);
@@ -500,10 +503,10 @@ async fn fold_sensor(
             let mut cursor = base.stretch(from, to);
             while let Some(item) = cursor.next_item(store, width).await? {
                 let (ts, part) = match item {
-                    Item::Point(p) => (p.ts_ms, Agg::of(&p).stats()),
-                    Item::Block(first_ts, stats) => (first_ts, stats),
+                    Item::Point(p) => (p.ts_ms, Agg::of(&p)),
+                    Item::Block(first_ts, stats) => (first_ts, Agg::of_block(first_ts, &stats)),
                 };
-                if let Some(done) = fold(&mut current, &base.name, width, ts, part)
+                if let Some(done) = fold(&mut current, &base.name, width, ts, &part)
                     && !emit.push(done).await
                 {
                     return Ok(false);
@@ -527,12 +530,12 @@ fn fold(
     name: &str,
     width: i64,
     ts: i64,
-    part: BlockStats,
+    part: &Agg,
 ) -> Option<Bucket> {
     let start = Bucket::start_of(ts, width);
     match current {
         Some(b) if b.start_ms == start => {
-            b.count += u64::from(part.count);
+            b.count += part.count;
             b.sum += part.sum;
             b.min = b.min.min(part.min);
             b.max = b.max.max(part.max);
@@ -542,7 +545,7 @@ fn fold(
         _ => current.replace(Bucket {
             sensor: name.to_owned(),
             start_ms: start,
-            count: u64::from(part.count),
+            count: part.count,
             sum: part.sum,
             min: part.min,
             max: part.max,
@@ -597,17 +600,25 @@ mod tests {
     #[test]
     fn a_rollup_answers_whole_intervals_inside_what_it_keeps() {
         let m = 60_000;
+        let r = |keep_ms: i64, pruned_before: i64| ReadyRollup {
+            every_ms: m,
+            keep_ms,
+            pruned_before,
+        };
         // Unaligned ends are read raw.
-        let p = RollupPlan::over(m, 0, 10 * m + 5, 20 * m + 7, 0).unwrap();
+        let p = RollupPlan::over(&r(0, 0), 10 * m + 5, 20 * m + 7, 0).unwrap();
         assert_eq!((p.from_ms, p.until_ms), (11 * m, 20 * m));
-        // Unbounded ends stay unbounded.
-        let p = RollupPlan::over(m, 0, i64::MIN, i64::MAX, 0).unwrap();
-        assert_eq!((p.from_ms, p.until_ms), (i64::MIN, i64::MAX));
-        // What its retention may have deleted is read raw.
-        let p = RollupPlan::over(m, 5 * m, 0, 100 * m, 100 * m - 30_000).unwrap();
+        // Unbounded ends stay bounded by what was never pruned.
+        let p = RollupPlan::over(&r(0, 0), i64::MIN, i64::MAX, 0).unwrap();
+        assert_eq!((p.from_ms, p.until_ms), (0, i64::MAX));
+        // What its retention may have deleted is read raw: by its keep...
+        let p = RollupPlan::over(&r(5 * m, 0), 0, 100 * m, 100 * m - 30_000).unwrap();
         assert_eq!(p.from_ms, 95 * m);
+        // ...and by what a pruning with a shorter keep deleted before.
+        let p = RollupPlan::over(&r(50 * m, 97 * m + 1), 0, 100 * m, 100 * m).unwrap();
+        assert_eq!(p.from_ms, 98 * m);
         // Less than one whole interval: no rollup.
-        assert_eq!(RollupPlan::over(m, 0, 10 * m + 5, 11 * m + 5, 0), None);
+        assert_eq!(RollupPlan::over(&r(0, 0), 10 * m + 5, 11 * m + 5, 0), None);
     }
 
     #[test]

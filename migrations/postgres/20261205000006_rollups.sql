@@ -4,7 +4,8 @@ CREATE TABLE rollup_defs (
     keep_ms     BIGINT NOT NULL,
     ready       BIGINT NOT NULL DEFAULT 0,
     next_device BIGINT NOT NULL DEFAULT -1,
-    next_sensor BIGINT NOT NULL DEFAULT -1
+    next_sensor BIGINT NOT NULL DEFAULT -1,
+    pruned_before BIGINT NOT NULL DEFAULT 0
 );
 
 CREATE TABLE rollups (
@@ -13,7 +14,7 @@ CREATE TABLE rollups (
     sensor_id BIGINT NOT NULL,
     start_ms  BIGINT NOT NULL,
     n         BIGINT NOT NULL,
-    sum_v     DOUBLE PRECISION NOT NULL,
+    sum_v     DOUBLE PRECISION,
     min_v     DOUBLE PRECISION NOT NULL,
     max_v     DOUBLE PRECISION NOT NULL,
     first_v   DOUBLE PRECISION NOT NULL,

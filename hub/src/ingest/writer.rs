@@ -66,6 +66,8 @@ const MERGES_PER_STEP: usize = 32;
 /// While batches keep coming, a rollup build step runs after a commit at
 /// most this often.
 const BUILD_EVERY_BUSY: Duration = Duration::from_millis(250);
+/// How often a PostgreSQL hub looks for a rollup another hub left unbuilt.
+const BUILD_RECHECK: Duration = Duration::from_secs(60);
 
 /// Waits between retries of something that failed: doubling, capped.
 #[derive(Debug)]
@@ -971,8 +973,16 @@ impl Writer {
         }
     }
 
-    /// Whether a rollup is being built (true until a step finds none).
-    fn builds_due(&self) -> bool {
+    /// Whether a rollup is being built (true until a step finds none; on
+    /// PostgreSQL looked at again now and then: another hub may have
+    /// added one and stopped before it was built).
+    fn builds_due(&mut self) -> bool {
+        if !self.building
+            && self.store.backend() == crate::config::Backend::Postgres
+            && self.last_build.elapsed() >= BUILD_RECHECK
+        {
+            self.building = true;
+        }
         self.building && !self.build_retry.waiting()
     }
 

@@ -86,17 +86,19 @@ impl Agg {
         }
     }
 
-    /// As a bucket fold takes a block's header.
-    pub fn stats(&self) -> BlockStats {
-        BlockStats {
-            count: u32::try_from(self.count).unwrap_or(u32::MAX),
-            last_ts: self.last_key.0,
-            last_seq: self.last_key.1,
-            min: self.min,
-            max: self.max,
-            sum: self.sum,
-            first: self.first,
-            last: self.last,
+    /// A block's aggregates from its header; it starts at `first_ts`.
+    pub fn of_block(first_ts: i64, stats: &BlockStats) -> Self {
+        Self {
+            count: u64::from(stats.count),
+            sum: stats.sum,
+            min: stats.min,
+            max: stats.max,
+            first: stats.first,
+            last: stats.last,
+            // The first seq is not in the header; a bucket fold takes
+            // blocks in order and needs neither.
+            first_key: (first_ts, 0),
+            last_key: (stats.last_ts, stats.last_seq),
         }
     }
 }
@@ -159,6 +161,8 @@ pub struct ReadyRollup {
     pub every_ms: i64,
     /// 0: kept for ever.
     pub keep_ms: i64,
+    /// Rows starting before this may have been deleted.
+    pub pruned_before: i64,
 }
 
 impl WriteTx<'_> {
@@ -196,13 +200,24 @@ impl WriteTx<'_> {
     }
 
     /// Deletes up to `limit` rows of rollup `every_ms` that start before
-    /// `cutoff_ms`; how many went.
+    /// `cutoff_ms`; how many went. Queries read raw data before the
+    /// cutoff from now on (`pruned_before`), whatever `keep` says later.
     pub async fn prune_rollup(
         &mut self,
         every_ms: i64,
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        with_conn!(self.conn.conn(), c => {
+            sqlx::query(
+                "UPDATE rollup_defs SET pruned_before = $2 WHERE every_ms = $1 AND pruned_before < $2",
+            )
+            .bind(every_ms)
+            .bind(cutoff_ms)
+            .execute(c)
+            .await?
+            .rows_affected()
+        });
         Ok(with_conn!(self.conn.conn(), c => {
             sqlx::query(
                 "DELETE FROM rollups WHERE (every_ms, device_id, sensor_id, start_ms) IN \
@@ -218,22 +233,29 @@ impl WriteTx<'_> {
         }))
     }
 
-    /// Rebuilds one series' rows of rollup `every_ms` from its blocks:
-    /// blocks in (first_ts, id) order, and an interval's row written once
-    /// no later block can reach it. Returns the points decoded.
-    async fn rebuild_series(&mut self, series: Series, every_ms: i64) -> Result<usize, StoreError> {
-        with_conn!(self.conn.conn(), c => {
-            sqlx::query(
-                "DELETE FROM rollups WHERE every_ms = $1 AND device_id = $2 AND sensor_id = $3",
-            )
-            .bind(every_ms)
-            .bind(series.0.0)
-            .bind(series.1.0)
-            .execute(c)
-            .await?
-            .rows_affected()
-        });
-        let mut open: BTreeMap<i64, Agg> = BTreeMap::new();
+    /// Rebuilds one series' rows of the rollups `everies` from its
+    /// blocks: blocks in (first_ts, id) order, and an interval's row
+    /// written once no later block can reach it. Returns the points
+    /// decoded.
+    async fn rebuild_series(
+        &mut self,
+        series: Series,
+        everies: &[i64],
+    ) -> Result<usize, StoreError> {
+        for &every_ms in everies {
+            with_conn!(self.conn.conn(), c => {
+                sqlx::query(
+                    "DELETE FROM rollups WHERE every_ms = $1 AND device_id = $2 AND sensor_id = $3",
+                )
+                .bind(every_ms)
+                .bind(series.0.0)
+                .bind(series.1.0)
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
+        }
+        let mut open: Vec<BTreeMap<i64, Agg>> = vec![BTreeMap::new(); everies.len()];
         let mut done = Vec::new();
         let (mut after_ts, mut after_id) = (i64::MIN, i64::MIN);
         let mut decoded = 0usize;
@@ -242,7 +264,7 @@ impl WriteTx<'_> {
             let page: Vec<(i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
                 sqlx::query_as(
                     "SELECT id, first_ts, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 \
-                     AND (first_ts, id) > ($3, $4) ORDER BY first_ts, id LIMIT $5",
+                     AND first_ts >= $3 AND (first_ts, id) > ($3, $4) ORDER BY first_ts, id LIMIT $5",
                 )
                 .bind(series.0.0)
                 .bind(series.1.0)
@@ -254,19 +276,22 @@ impl WriteTx<'_> {
             });
             let full = page.len() as i64 == BUILD_PAGE;
             for (id, first_ts, data) in &page {
+                (after_ts, after_id) = (*first_ts, *id);
                 // Intervals ending at or before this block's first reading
                 // are complete: later blocks start later still.
-                while let Some(entry) = open.first_entry() {
-                    if entry.key().saturating_add(every_ms) > *first_ts {
-                        break;
+                for (&every_ms, open) in everies.iter().zip(&mut open) {
+                    while let Some(entry) = open.first_entry() {
+                        if entry.key().saturating_add(every_ms) > *first_ts {
+                            break;
+                        }
+                        let (start_ms, agg) = entry.remove_entry();
+                        done.push(RollupRow {
+                            every_ms,
+                            series,
+                            start_ms,
+                            agg,
+                        });
                     }
-                    let (start_ms, agg) = entry.remove_entry();
-                    done.push(RollupRow {
-                        every_ms,
-                        series,
-                        start_ms,
-                        agg,
-                    });
                 }
                 points.clear();
                 if let Err(e) = codec::decode_into(data, &mut points) {
@@ -277,11 +302,12 @@ impl WriteTx<'_> {
                 decoded += points.len();
                 for p in &points {
                     let agg = Agg::of(p);
-                    open.entry(Bucket::start_of(p.ts_ms, every_ms))
-                        .and_modify(|a| a.merge(&agg))
-                        .or_insert(agg);
+                    for (&every_ms, open) in everies.iter().zip(&mut open) {
+                        open.entry(Bucket::start_of(p.ts_ms, every_ms))
+                            .and_modify(|a| a.merge(&agg))
+                            .or_insert(agg);
+                    }
                 }
-                (after_ts, after_id) = (*first_ts, *id);
             }
             if done.len() >= 4096 || !full {
                 self.add_to_rollups(&done).await?;
@@ -291,12 +317,14 @@ impl WriteTx<'_> {
                 break;
             }
         }
-        done.extend(open.into_iter().map(|(start_ms, agg)| RollupRow {
-            every_ms,
-            series,
-            start_ms,
-            agg,
-        }));
+        for (&every_ms, open) in everies.iter().zip(open) {
+            done.extend(open.into_iter().map(|(start_ms, agg)| RollupRow {
+                every_ms,
+                series,
+                start_ms,
+                agg,
+            }));
+        }
         self.add_to_rollups(&done).await?;
         Ok(decoded)
     }
@@ -356,17 +384,24 @@ impl StoreWriter {
     pub async fn build_rollup_step(&mut self) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        let building: Option<(i64, i64, i64)> = with_conn!(tx.conn.conn(), c => {
+        // Every rollup being built at the same place goes in one pass (one
+        // added later catches up with the others first).
+        let building: Vec<(i64, i64, i64)> = with_conn!(tx.conn.conn(), c => {
             sqlx::query_as(
                 "SELECT every_ms, next_device, next_sensor FROM rollup_defs WHERE ready = 0 \
-                 ORDER BY every_ms LIMIT 1",
+                 ORDER BY next_device, next_sensor, every_ms",
             )
-            .fetch_optional(c)
+            .fetch_all(c)
             .await?
         });
-        let Some((every_ms, device, sensor)) = building else {
+        let Some(&(_, device, sensor)) = building.first() else {
             return Ok(false);
         };
+        let everies: Vec<i64> = building
+            .iter()
+            .filter(|b| (b.1, b.2) == (device, sensor))
+            .map(|b| b.0)
+            .collect();
         let series: Vec<(i64, i64)> = with_conn!(tx.conn.conn(), c => {
             sqlx::query_as(
                 "SELECT device_id, sensor_id FROM device_sensors \
@@ -385,28 +420,30 @@ impl StoreWriter {
                 break;
             }
             decoded += tx
-                .rebuild_series((DeviceKey(d), SensorKey(s)), every_ms)
+                .rebuild_series((DeviceKey(d), SensorKey(s)), &everies)
                 .await?;
             next = (d, s);
             taken += 1;
         }
         let finished = taken == series.len() && (series.len() as i64) < BUILD_SERIES;
-        with_conn!(tx.conn.conn(), c => {
-            sqlx::query(
-                "UPDATE rollup_defs SET next_device = $2, next_sensor = $3, ready = $4 \
-                 WHERE every_ms = $1",
-            )
-            .bind(every_ms)
-            .bind(next.0)
-            .bind(next.1)
-            .bind(i64::from(finished))
-            .execute(c)
-            .await?
-            .rows_affected()
-        });
+        for &every_ms in &everies {
+            with_conn!(tx.conn.conn(), c => {
+                sqlx::query(
+                    "UPDATE rollup_defs SET next_device = $2, next_sensor = $3, ready = $4 \
+                     WHERE every_ms = $1",
+                )
+                .bind(every_ms)
+                .bind(next.0)
+                .bind(next.1)
+                .bind(i64::from(finished))
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
+        }
         tx.commit().await?;
         if finished {
-            tracing::info!(every_ms, "rollup built");
+            tracing::info!(?everies, "rollups built");
         }
         Ok(true)
     }
@@ -415,16 +452,21 @@ impl StoreWriter {
 impl Store {
     /// The rollups queries may use.
     pub async fn ready_rollups(&self) -> Result<Vec<ReadyRollup>, StoreError> {
-        let rows: Vec<(i64, i64)> = with_pool!(&self.read, pool, _Db => {
+        let rows: Vec<(i64, i64, i64)> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(
-                "SELECT every_ms, keep_ms FROM rollup_defs WHERE ready = 1 ORDER BY every_ms",
+                "SELECT every_ms, keep_ms, pruned_before FROM rollup_defs WHERE ready = 1 \
+                 ORDER BY every_ms",
             )
             .fetch_all(pool)
             .await?
         });
         Ok(rows
             .into_iter()
-            .map(|(every_ms, keep_ms)| ReadyRollup { every_ms, keep_ms })
+            .map(|(every_ms, keep_ms, pruned_before)| ReadyRollup {
+                every_ms,
+                keep_ms,
+                pruned_before,
+            })
             .collect())
     }
 
@@ -438,7 +480,19 @@ impl Store {
         until_ms: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Agg)>, StoreError> {
-        type Row = (i64, i64, f64, f64, f64, f64, f64, i64, i64, i64, i64);
+        type Row = (
+            i64,
+            i64,
+            Option<f64>,
+            f64,
+            f64,
+            f64,
+            f64,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
         let rows: Vec<Row> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(
                 "SELECT start_ms, n, sum_v, min_v, max_v, first_v, last_v, first_ts, first_seq, \
@@ -462,7 +516,7 @@ impl Store {
                         start,
                         Agg {
                             count: n.max(0) as u64,
-                            sum,
+                            sum: sum.unwrap_or(f64::NAN),
                             min,
                             max,
                             first,
@@ -606,5 +660,44 @@ mod tests {
         let mut rebuilt = want.clone();
         rebuilt[0] = (1, 100_000, 10, 45.0, 0.0, 0.0, 9.0);
         assert_eq!(stored(&mut writer).await, rebuilt);
+    }
+
+    /// Finite readings can sum to +inf and -inf, and those to NaN, which
+    /// SQLite stores as NULL: compaction still succeeds and the sum reads
+    /// back as NaN, as the readings themselves fold.
+    #[tokio::test]
+    async fn sums_past_the_largest_float_do_not_stop_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        settings.rollups = vec![RollupSetting {
+            every: std::time::Duration::from_secs(60),
+            keep: std::time::Duration::ZERO,
+        }];
+        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
+        while writer.build_rollup_step().await.unwrap() {}
+        let part = super::super::write::staging_part(DeviceKey(1));
+        for (i, v) in [f64::MAX, -f64::MAX].into_iter().enumerate() {
+            let i = i as i64;
+            let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
+            parts[part] = vec![
+                row(1, 1000 + i * 10, 2 * i, v),
+                row(1, 1005 + i * 10, 2 * i + 1, v),
+            ];
+            let mut tx = writer.begin().await.unwrap();
+            tx.insert_readings(&parts).await.unwrap();
+            tx.commit().await.unwrap();
+            let mut rows = writer.staged_rows().await.unwrap().swap_remove(part);
+            let blocks = super::super::blocks::blocks_of(&mut rows);
+            writer.compact(part, &blocks, &rows).await.unwrap();
+        }
+        let page = store
+            .rollup_page((DeviceKey(1), SensorKey(1)), 60_000, 0, i64::MAX, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 1);
+        let agg = page[0].1;
+        assert!(agg.sum.is_nan(), "{agg:?}");
+        assert_eq!((agg.count, agg.min, agg.max), (4, -f64::MAX, f64::MAX));
     }
 }
