@@ -17,26 +17,19 @@ CREATE TABLE rollup_defs (
     pruned_before INTEGER NOT NULL DEFAULT 0   -- rows starting before this may be gone (ingest takes no reading before 2000)
 );
 
--- One row per (interval, series, start): start_ms is a multiple of
--- every_ms. first/last are the values of the readings with the least and
--- greatest (ts, seq), kept with those keys so late readings land right.
+-- One row per series and chunk of 32 intervals (a query of 30 days of
+-- hours reads 23 rows): each interval's count, sum, min, max, first and
+-- last, the last two with their readings' (ts, seq) so late readings land
+-- right. The writer reads, merges and writes back the chunks a
+-- compaction touches.
 CREATE TABLE rollups (
     every_ms  INTEGER NOT NULL,
     device_id INTEGER NOT NULL,
     sensor_id INTEGER NOT NULL,
-    start_ms  INTEGER NOT NULL,
-    n         INTEGER NOT NULL,
-    sum_v     REAL,                        -- NULL: NaN (+inf and -inf summed; SQLite keeps no NaN)
-    min_v     REAL    NOT NULL,
-    max_v     REAL    NOT NULL,
-    first_v   REAL    NOT NULL,
-    last_v    REAL    NOT NULL,
-    first_ts  INTEGER NOT NULL,
-    first_seq INTEGER NOT NULL,
-    last_ts   INTEGER NOT NULL,
-    last_seq  INTEGER NOT NULL,
-    PRIMARY KEY (every_ms, device_id, sensor_id, start_ms)
+    chunk_ms  INTEGER NOT NULL,  -- a multiple of 32 * every_ms
+    data      BLOB    NOT NULL,  -- hub/src/store/rollups.rs encode_chunk
+    PRIMARY KEY (every_ms, device_id, sensor_id, chunk_ms)
 ) WITHOUT ROWID;
 
 -- Their retention deletes by age.
-CREATE INDEX rollups_age ON rollups (every_ms, start_ms);
+CREATE INDEX rollups_age ON rollups (every_ms, chunk_ms);

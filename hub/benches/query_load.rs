@@ -6,6 +6,10 @@
 //! the hub and drops the page cache first); then RUNS warm runs, p50/p99.
 //! MODE=dashboard: 20 bucket queries a second (QPS) over DEVICES devices
 //! for SECONDS, the load a few open dashboards make.
+//! MODE=fleet: every one of DEVICES devices' DAYS (30) days of SENSOR as
+//! BUCKET_MS (1 h) buckets (avg/min/max), CONCURRENCY (4) queries at once:
+//! the wall time of the whole fleet, twice (the first pass cold), and the
+//! per-query p50/p99.
 //!
 //! Env: HUB_ADDR, DEVICE_PREFIX (bf-), DEVICES (100), SENSOR (temperature),
 //! UNTIL_MS (end of the day to read; default now), RUNS (20), QPS (20),
@@ -111,6 +115,50 @@ fn main() {
             ],
         };
         match std::env::var("MODE").as_deref() {
+            Ok("fleet") => {
+                let days = env_or("DAYS", 30) as i64;
+                let width = env_or("BUCKET_MS", 3_600_000) as i64;
+                let concurrency = env_or("CONCURRENCY", 4).max(1) as usize;
+                let request = |i: u64| pb::QueryReadingsRequest {
+                    since_ms: Some(until - days * DAY_MS),
+                    bucket_ms: width,
+                    ..buckets(i)
+                };
+                for pass in ["cold", "warm"] {
+                    let t = Instant::now();
+                    let mut lat = Vec::new();
+                    let mut total = 0;
+                    let mut next = 0;
+                    while next < devices {
+                        let wave: Vec<_> = (next..(next + concurrency as u64).min(devices))
+                            .map(|i| {
+                                let mut client = client.clone();
+                                let req = request(i);
+                                async move {
+                                    let t = Instant::now();
+                                    let n = query(&mut client, req).await;
+                                    (n, ms(t.elapsed()))
+                                }
+                            })
+                            .collect();
+                        for (n, l) in futures_util::future::join_all(wave).await {
+                            total += n;
+                            lat.push(l);
+                        }
+                        next += concurrency as u64;
+                    }
+                    let wall = ms(t.elapsed());
+                    assert!(total > 0, "the fleet query returned nothing: is the data loaded?");
+                    lat.sort_by(f64::total_cmp);
+                    println!(
+                        "fleet {pass}: {devices} devices x {days} days of {} ms buckets: {total} buckets in {wall:.0} ms \
+                         ({concurrency} at once; per query p50 {:.1} ms p99 {:.1} ms)",
+                        width,
+                        pct(&lat, 0.5),
+                        pct(&lat, 0.99)
+                    );
+                }
+            }
             Ok("dashboard") => {
                 let qps = env_or("QPS", 20).max(1);
                 let seconds = env_or("SECONDS", 20);

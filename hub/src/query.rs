@@ -482,10 +482,10 @@ async fn fold_sensor(
     for (from, to, rollup) in segments {
         if rollup {
             let every = plan.map_or(width, |p| p.every_ms);
-            let mut at = from;
-            loop {
-                let page = store
-                    .rollup_page((base.device, base.key), every, at, to, ROLLUP_PAGE)
+            let mut at = Some(from);
+            while let Some(since) = at {
+                let (page, next) = store
+                    .rollup_page((base.device, base.key), every, since, to, ROLLUP_PAGE)
                     .await?;
                 for (start, agg) in &page {
                     if let Some(done) = fold(&mut current, &base.name, width, *start, agg)
@@ -494,10 +494,7 @@ async fn fold_sensor(
                         return Ok(false);
                     }
                 }
-                match page.last() {
-                    Some((start, _)) if page.len() == ROLLUP_PAGE as usize => at = start + 1,
-                    _ => break,
-                }
+                at = next;
             }
         } else {
             let mut cursor = base.stretch(from, to);
@@ -520,8 +517,8 @@ async fn fold_sensor(
     }
 }
 
-/// Rollup rows read per statement.
-const ROLLUP_PAGE: u32 = 1024;
+/// Rollup chunks read per statement.
+const ROLLUP_PAGE: u32 = 64;
 
 /// Adds `part` (readings from `ts` on, after everything folded so far) to
 /// the current bucket; returns the bucket it completed, if any.

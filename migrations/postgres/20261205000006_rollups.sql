@@ -12,18 +12,9 @@ CREATE TABLE rollups (
     every_ms  BIGINT NOT NULL,
     device_id BIGINT NOT NULL,
     sensor_id BIGINT NOT NULL,
-    start_ms  BIGINT NOT NULL,
-    n         BIGINT NOT NULL,
-    sum_v     DOUBLE PRECISION,
-    min_v     DOUBLE PRECISION NOT NULL,
-    max_v     DOUBLE PRECISION NOT NULL,
-    first_v   DOUBLE PRECISION NOT NULL,
-    last_v    DOUBLE PRECISION NOT NULL,
-    first_ts  BIGINT NOT NULL,
-    first_seq BIGINT NOT NULL,
-    last_ts   BIGINT NOT NULL,
-    last_seq  BIGINT NOT NULL,
-    PRIMARY KEY (every_ms, device_id, sensor_id, start_ms)
+    chunk_ms  BIGINT NOT NULL,
+    data      BYTEA  NOT NULL,
+    PRIMARY KEY (every_ms, device_id, sensor_id, chunk_ms)
 );
 
-CREATE INDEX rollups_age ON rollups (every_ms, start_ms);
+CREATE INDEX rollups_age ON rollups (every_ms, chunk_ms);

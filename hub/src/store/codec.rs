@@ -834,7 +834,7 @@ fn unzigzag(z: u64) -> i64 {
     ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -842,7 +842,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn get_varint(mut bytes: &[u8]) -> Result<(u64, &[u8]), CodecError> {
+pub(crate) fn get_varint(mut bytes: &[u8]) -> Result<(u64, &[u8]), CodecError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let [b, rest @ ..] = bytes else {

@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 
 use super::blocks::Series;
-use super::codec::{self, BlockStats, Point};
+use super::codec::{self, BlockStats, CodecError, Point};
 use super::db::{Val, with_conn, with_pool};
 use super::write::{Batched, RowToInsert, StoreWriter, WriteTx};
 use super::{Store, StoreError};
@@ -41,6 +41,13 @@ const BUILD_SERIES: i64 = 32;
 const BUILD_POINTS: usize = 1 << 20;
 /// Blocks read per statement while building.
 const BUILD_PAGE: i64 = 256;
+/// Intervals per stored row (a chunk): a query of 30 days of hours reads
+/// 23 rows, not 720, and a row's key is paid once per 32 intervals.
+pub const CHUNK: i64 = 32;
+/// Chunks read or written per statement.
+const CHUNK_BATCH: usize = 256;
+/// The chunk format.
+const CHUNK_V1: u8 = 1;
 
 /// The aggregates of some readings of one series.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,6 +162,87 @@ pub fn rows_of(rows: &mut [RowToInsert], everies: &[i64]) -> Vec<RollupRow> {
     rows_of_sorted(rows, everies)
 }
 
+/// The start of the chunk holding the interval that starts at `start_ms`.
+pub fn chunk_of(start_ms: i64, every_ms: i64) -> i64 {
+    Bucket::start_of(start_ms, every_ms.saturating_mul(CHUNK))
+}
+
+/// A chunk's intervals (start, aggregates), in time order: version, their
+/// number, then each one's index in the chunk, count, sum, min, max, first
+/// and last (f64, little-endian) and the (ts - start, seq) of first and
+/// last, as varints.
+fn encode_chunk(chunk_ms: i64, every_ms: i64, intervals: &BTreeMap<i64, Agg>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + intervals.len() * 56);
+    out.push(CHUNK_V1);
+    codec::put_varint(&mut out, intervals.len() as u64);
+    for (&start, a) in intervals {
+        codec::put_varint(&mut out, ((start - chunk_ms) / every_ms) as u64);
+        codec::put_varint(&mut out, a.count);
+        for v in [a.sum, a.min, a.max, a.first, a.last] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for (ts, seq) in [a.first_key, a.last_key] {
+            codec::put_varint(&mut out, (ts - start) as u64);
+            codec::put_varint(&mut out, seq);
+        }
+    }
+    out
+}
+
+pub fn decode_chunk(
+    chunk_ms: i64,
+    every_ms: i64,
+    data: &[u8],
+) -> Result<BTreeMap<i64, Agg>, CodecError> {
+    let [version, rest @ ..] = data else {
+        return Err(CodecError::Truncated);
+    };
+    if *version != CHUNK_V1 {
+        return Err(CodecError::Version(*version));
+    }
+    let (n, mut rest) = codec::get_varint(rest)?;
+    if n > CHUNK as u64 {
+        return Err(CodecError::Truncated);
+    }
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let (index, r) = codec::get_varint(rest)?;
+        let (count, r) = codec::get_varint(r)?;
+        if index >= CHUNK as u64 || r.len() < 40 {
+            return Err(CodecError::Truncated);
+        }
+        let (floats, mut r) = r.split_at(40);
+        let f =
+            |i: usize| f64::from_le_bytes(floats[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let start = chunk_ms + index as i64 * every_ms;
+        let mut keys = [(0i64, 0u64); 2];
+        for key in &mut keys {
+            let (offset, r1) = codec::get_varint(r)?;
+            let (seq, r2) = codec::get_varint(r1)?;
+            if offset >= every_ms as u64 {
+                return Err(CodecError::Truncated);
+            }
+            *key = (start + offset as i64, seq);
+            r = r2;
+        }
+        rest = r;
+        out.insert(
+            start,
+            Agg {
+                count,
+                sum: f(0),
+                min: f(1),
+                max: f(2),
+                first: f(3),
+                last: f(4),
+                first_key: keys[0],
+                last_key: keys[1],
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// A rollup the database holds, as queries see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadyRollup {
@@ -176,56 +264,116 @@ impl WriteTx<'_> {
         }))
     }
 
-    /// Adds readings leaving staging to every rollup (see the module).
+    /// Adds readings leaving staging to every rollup (see the module):
+    /// the chunks they fall in are read, merged and written back.
     pub async fn add_to_rollups(&mut self, rows: &[RollupRow]) -> Result<(), StoreError> {
-        self.execute_batched(Batched::Rollups, rows, |r, out| {
+        type Key = (i64, i64, i64, i64);
+        let mut chunks: BTreeMap<Key, BTreeMap<i64, Agg>> = BTreeMap::new();
+        for r in rows {
+            let key = (
+                r.every_ms,
+                r.series.0.0,
+                r.series.1.0,
+                chunk_of(r.start_ms, r.every_ms),
+            );
+            chunks
+                .entry(key)
+                .or_default()
+                .entry(r.start_ms)
+                .and_modify(|a| a.merge(&r.agg))
+                .or_insert(r.agg);
+        }
+        let keys: Vec<Key> = chunks.keys().copied().collect();
+        let numbered = self.conn.backend() == crate::config::Backend::Postgres;
+        for batch in keys.chunks(CHUNK_BATCH) {
+            let sql = super::write::multi_row_sql(
+                "SELECT every_ms, device_id, sensor_id, chunk_ms, data FROM rollups \
+                 WHERE (every_ms, device_id, sensor_id, chunk_ms) IN (VALUES ",
+                4,
+                batch.len(),
+                ")",
+                numbered,
+            );
+            let vals: Vec<Val<'_>> = batch
+                .iter()
+                .flat_map(|k| [Val::I(k.0), Val::I(k.1), Val::I(k.2), Val::I(k.3)])
+                .collect();
+            let stored: Vec<(i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
+                use sqlx::Row;
+                let rows = super::db::bind_vals(sqlx::query(&sql), &vals).fetch_all(c).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            for (every, device, sensor, chunk_ms, data) in stored {
+                let Some(fresh) = chunks.get_mut(&(every, device, sensor, chunk_ms)) else {
+                    continue;
+                };
+                // An undecodable chunk is replaced: its intervals are lost
+                // to the rollup, not the readings to the blocks.
+                match decode_chunk(chunk_ms, every, &data) {
+                    Ok(old) => {
+                        for (start, agg) in old {
+                            fresh
+                                .entry(start)
+                                .and_modify(|a| a.merge(&agg))
+                                .or_insert(agg);
+                        }
+                    }
+                    Err(e) => tracing::error!(every, device, sensor, chunk_ms, error = %e,
+                        "a stored rollup chunk cannot be decoded; it is written anew"),
+                }
+            }
+        }
+        let encoded: Vec<(Key, Vec<u8>)> = chunks
+            .iter()
+            .map(|(k, intervals)| (*k, encode_chunk(k.3, k.0, intervals)))
+            .collect();
+        self.execute_batched(Batched::Rollups, &encoded, |(k, data), out| {
             out.extend([
-                Val::I(r.every_ms),
-                Val::I(r.series.0.0),
-                Val::I(r.series.1.0),
-                Val::I(r.start_ms),
-                Val::I(r.agg.count as i64),
-                Val::F(r.agg.sum),
-                Val::F(r.agg.min),
-                Val::F(r.agg.max),
-                Val::F(r.agg.first),
-                Val::F(r.agg.last),
-                Val::I(r.agg.first_key.0),
-                Val::I(r.agg.first_key.1 as i64),
-                Val::I(r.agg.last_key.0),
-                Val::I(r.agg.last_key.1 as i64),
+                Val::I(k.0),
+                Val::I(k.1),
+                Val::I(k.2),
+                Val::I(k.3),
+                Val::B(data),
             ]);
         })
         .await
     }
 
-    /// Deletes up to `limit` rows of rollup `every_ms` that start before
-    /// `cutoff_ms`; how many went. Queries read raw data before the
-    /// cutoff from now on (`pruned_before`), whatever `keep` says later.
+    /// Deletes up to `limit` chunks of rollup `every_ms` whose intervals
+    /// all start before `cutoff_ms`; how many went. Queries read raw data
+    /// before what was deleted from now on (`pruned_before`), whatever
+    /// `keep` says later.
     pub async fn prune_rollup(
         &mut self,
         every_ms: i64,
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        // Chunks starting before this one (holding the cutoff) end at or
+        // before the cutoff: they go.
+        let before = chunk_of(cutoff_ms, every_ms);
         with_conn!(self.conn.conn(), c => {
             sqlx::query(
                 "UPDATE rollup_defs SET pruned_before = $2 WHERE every_ms = $1 AND pruned_before < $2",
             )
             .bind(every_ms)
-            .bind(cutoff_ms)
+            .bind(before)
             .execute(c)
             .await?
             .rows_affected()
         });
         Ok(with_conn!(self.conn.conn(), c => {
             sqlx::query(
-                "DELETE FROM rollups WHERE (every_ms, device_id, sensor_id, start_ms) IN \
-                 (SELECT every_ms, device_id, sensor_id, start_ms FROM rollups \
-                  WHERE every_ms = $1 AND start_ms < $2 LIMIT $3)",
+                "DELETE FROM rollups WHERE (every_ms, device_id, sensor_id, chunk_ms) IN \
+                 (SELECT every_ms, device_id, sensor_id, chunk_ms FROM rollups \
+                  WHERE every_ms = $1 AND chunk_ms < $2 LIMIT $3)",
             )
             .bind(every_ms)
-            .bind(cutoff_ms)
+            .bind(before)
             .bind(i64::from(limit))
             .execute(c)
             .await?
@@ -470,8 +618,9 @@ impl Store {
             .collect())
     }
 
-    /// Up to `limit` rows of one series' rollup `every_ms` with
-    /// `since <= start_ms < until`, in time order.
+    /// One series' intervals of rollup `every_ms` with `since <= start <
+    /// until`, in time order, from up to `limit` chunks; and where to go on
+    /// from when there may be more.
     pub async fn rollup_page(
         &self,
         series: Series,
@@ -479,55 +628,36 @@ impl Store {
         since_ms: i64,
         until_ms: i64,
         limit: u32,
-    ) -> Result<Vec<(i64, Agg)>, StoreError> {
-        type Row = (
-            i64,
-            i64,
-            Option<f64>,
-            f64,
-            f64,
-            f64,
-            f64,
-            i64,
-            i64,
-            i64,
-            i64,
-        );
-        let rows: Vec<Row> = with_pool!(&self.read, pool, _Db => {
+    ) -> Result<(Vec<(i64, Agg)>, Option<i64>), StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(
-                "SELECT start_ms, n, sum_v, min_v, max_v, first_v, last_v, first_ts, first_seq, \
-                 last_ts, last_seq FROM rollups WHERE every_ms = $1 AND device_id = $2 \
-                 AND sensor_id = $3 AND start_ms >= $4 AND start_ms < $5 ORDER BY start_ms LIMIT $6",
+                "SELECT chunk_ms, data FROM rollups WHERE every_ms = $1 AND device_id = $2 \
+                 AND sensor_id = $3 AND chunk_ms >= $4 AND chunk_ms < $5 ORDER BY chunk_ms LIMIT $6",
             )
             .bind(every_ms)
             .bind(series.0.0)
             .bind(series.1.0)
-            .bind(since_ms)
+            .bind(chunk_of(since_ms, every_ms))
             .bind(until_ms)
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?
         });
-        Ok(rows
-            .into_iter()
-            .map(
-                |(start, n, sum, min, max, first, last, fts, fseq, lts, lseq)| {
-                    (
-                        start,
-                        Agg {
-                            count: n.max(0) as u64,
-                            sum: sum.unwrap_or(f64::NAN),
-                            min,
-                            max,
-                            first,
-                            last,
-                            first_key: (fts, fseq as u64),
-                            last_key: (lts, lseq as u64),
-                        },
-                    )
-                },
-            )
-            .collect())
+        let span = every_ms.saturating_mul(CHUNK);
+        let next = match rows.last() {
+            Some((last, _)) if rows.len() == limit as usize => Some(last.saturating_add(span)),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for (chunk_ms, data) in rows {
+            let intervals = decode_chunk(chunk_ms, every_ms, &data)?;
+            out.extend(
+                intervals
+                    .into_iter()
+                    .filter(|(start, _)| (since_ms..until_ms).contains(start)),
+            );
+        }
+        Ok((out, next))
     }
 }
 
@@ -591,15 +721,22 @@ mod tests {
         assert_eq!(forward.last, sorted[49].value);
     }
 
-    /// The rollup rows as stored, by (device, start).
+    /// The rollup's intervals as stored: (device, start, count, sum, min,
+    /// first, last).
     async fn stored(writer: &mut StoreWriter) -> Vec<(i64, i64, i64, f64, f64, f64, f64)> {
-        sqlx::query_as(
-            "SELECT device_id, start_ms, n, sum_v, min_v, first_v, last_v FROM rollups \
-             ORDER BY device_id, start_ms",
+        let rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT device_id, every_ms, chunk_ms, data FROM rollups ORDER BY device_id, chunk_ms",
         )
         .fetch_all(writer.sqlite().unwrap())
         .await
-        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        for (device, every, chunk_ms, data) in rows {
+            for (start, a) in decode_chunk(chunk_ms, every, &data).unwrap() {
+                out.push((device, start, a.count as i64, a.sum, a.min, a.first, a.last));
+            }
+        }
+        out
     }
 
     /// Readings leave staging by compaction or by retention deleting them:
@@ -662,9 +799,9 @@ mod tests {
         assert_eq!(stored(&mut writer).await, rebuilt);
     }
 
-    /// Finite readings can sum to +inf and -inf, and those to NaN, which
-    /// SQLite stores as NULL: compaction still succeeds and the sum reads
-    /// back as NaN, as the readings themselves fold.
+    /// Finite readings can sum to +inf and -inf, and those to NaN:
+    /// compaction still succeeds and the sum reads back as NaN, as the
+    /// readings themselves fold.
     #[tokio::test]
     async fn sums_past_the_largest_float_do_not_stop_compaction() {
         let dir = tempfile::tempdir().unwrap();
@@ -691,7 +828,7 @@ mod tests {
             let blocks = super::super::blocks::blocks_of(&mut rows);
             writer.compact(part, &blocks, &rows).await.unwrap();
         }
-        let page = store
+        let (page, _) = store
             .rollup_page((DeviceKey(1), SensorKey(1)), 60_000, 0, i64::MAX, 10)
             .await
             .unwrap();
@@ -699,5 +836,51 @@ mod tests {
         let agg = page[0].1;
         assert!(agg.sum.is_nan(), "{agg:?}");
         assert_eq!((agg.count, agg.min, agg.max), (4, -f64::MAX, f64::MAX));
+    }
+
+    #[test]
+    fn chunks_round_trip_and_refuse_garbage() {
+        let every = 60_000;
+        let chunk_ms = chunk_of(1_700_000_123_456, every);
+        let mut intervals = BTreeMap::new();
+        for i in [0, 5, 31] {
+            let start = chunk_ms + i * every;
+            let mut a = Agg::of(&Point {
+                ts_ms: start + 59_999,
+                seq: u64::MAX >> 1,
+                value: f64::MIN_POSITIVE,
+            });
+            a.merge(&Agg::of(&Point {
+                ts_ms: start,
+                seq: 0,
+                value: -0.0,
+            }));
+            a.sum = f64::NAN;
+            intervals.insert(start, a);
+        }
+        let data = encode_chunk(chunk_ms, every, &intervals);
+        let back = decode_chunk(chunk_ms, every, &data).unwrap();
+        assert_eq!(back.len(), 3);
+        for (start, a) in &intervals {
+            let b = back[start];
+            assert!(b.sum.is_nan());
+            assert_eq!(
+                (b.count, b.first_key, b.last_key),
+                (a.count, a.first_key, a.last_key)
+            );
+            assert_eq!(
+                (b.min.to_bits(), b.first.to_bits()),
+                (a.min.to_bits(), a.first.to_bits())
+            );
+        }
+        for cut in 0..data.len() {
+            assert!(
+                decode_chunk(chunk_ms, every, &data[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut bad = data.clone();
+        bad[0] = 9;
+        assert!(decode_chunk(chunk_ms, every, &bad).is_err());
     }
 }

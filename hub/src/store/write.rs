@@ -125,7 +125,7 @@ pub(super) enum Batched {
     Blocks,
     /// A new job's devices.
     JobDevices,
-    /// Aggregates added to rollups.
+    /// Rollup chunks written.
     Rollups,
     /// Alarm series states written...
     SeriesUpsert,
@@ -189,26 +189,10 @@ impl Batched {
                 ")",
             ),
             Batched::Rollups => (
-                "INSERT INTO rollups (every_ms, device_id, sensor_id, start_ms, n, sum_v, min_v, \
-                 max_v, first_v, last_v, first_ts, first_seq, last_ts, last_seq) VALUES "
+                "INSERT INTO rollups (every_ms, device_id, sensor_id, chunk_ms, data) VALUES "
                     .to_owned(),
-                14,
-                " ON CONFLICT (every_ms, device_id, sensor_id, start_ms) DO UPDATE SET \
-                 n = rollups.n + excluded.n, sum_v = rollups.sum_v + excluded.sum_v, \
-                 min_v = CASE WHEN excluded.min_v < rollups.min_v THEN excluded.min_v ELSE rollups.min_v END, \
-                 max_v = CASE WHEN excluded.max_v > rollups.max_v THEN excluded.max_v ELSE rollups.max_v END, \
-                 first_v = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
-                   THEN excluded.first_v ELSE rollups.first_v END, \
-                 first_ts = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
-                   THEN excluded.first_ts ELSE rollups.first_ts END, \
-                 first_seq = CASE WHEN (excluded.first_ts, excluded.first_seq) < (rollups.first_ts, rollups.first_seq) \
-                   THEN excluded.first_seq ELSE rollups.first_seq END, \
-                 last_v = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
-                   THEN excluded.last_v ELSE rollups.last_v END, \
-                 last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
-                   THEN excluded.last_ts ELSE rollups.last_ts END, \
-                 last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (rollups.last_ts, rollups.last_seq) \
-                   THEN excluded.last_seq ELSE rollups.last_seq END",
+                5,
+                " ON CONFLICT (every_ms, device_id, sensor_id, chunk_ms) DO UPDATE SET data = excluded.data",
             ),
             Batched::JobDevices => (
                 "INSERT INTO job_devices (job_id, device, position, state) VALUES ".to_owned(),
@@ -852,7 +836,13 @@ impl WriteTx<'_> {
 
 /// `head` + `n` tuples of `arity` parameters, comma-separated, + `tail`;
 /// `?` each, or `$1`, `$2`… when `numbered`.
-fn multi_row_sql(head: &str, arity: usize, n: usize, tail: &str, numbered: bool) -> String {
+pub(super) fn multi_row_sql(
+    head: &str,
+    arity: usize,
+    n: usize,
+    tail: &str,
+    numbered: bool,
+) -> String {
     use std::fmt::Write;
     let mut sql = String::with_capacity(head.len() + n * arity * 7 + tail.len());
     sql.push_str(head);
