@@ -10,7 +10,8 @@
 # SQLite, one against two hubs, failover after a SIGKILL (issue 12), and
 # queries on a backfilled database (a day of 1-minute
 # buckets, the same day raw, `hub devices` with 100,000 devices, ingest
-# with and without a dashboard load of 20 bucket queries/s).
+# with and without a dashboard load of 20 bucket queries/s), and a fleet's
+# 30 days of 1-hour buckets from blocks and from rollups.
 #
 #   scripts/bench.sh              # the full run (~15 min, 50M readings)
 #   SMOKE=1 scripts/bench.sh      # tiny sizes, debug build: CI runs this
@@ -25,13 +26,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   export BIN=$TARGET/debug; bench_profile=(--profile dev)
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; ROLLUP_DEVICES=20; ROLLUP_DAYS=2; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
   cargo build -q -p hub -p device-sim
 else
   export BIN=$TARGET/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; ROLLUP_DEVICES=1000; ROLLUP_DAYS=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
@@ -127,6 +128,9 @@ HUB_ADDR="http://$addr" DEVICES=$QDEVICES RUNS=$RUNS UNTIL_MS=$load_start_ms ben
 section "twin (issue 20): desired round trip idle and under load, reported patches, fleet filters on both backends"
 kill -INT "$hub_pid" 2>/dev/null; wait "$hub_pid" 2>/dev/null || true
 scripts/bench-twin.sh
+
+section "rollups (issue 22): $ROLLUP_DEVICES devices x $ROLLUP_DAYS days of one sensor, a reading a minute; every device's range as 1-hour buckets, from blocks and from a 1-hour rollup"
+DEVICES=$ROLLUP_DEVICES DAYS=$ROLLUP_DAYS BENCH_PROFILE="${bench_profile[*]:-}" scripts/bench-rollups.sh
 
 section "alarms (issue 21): ingest with rules against without, reading-to-webhook latency, inactivity checks"
 scripts/bench-alarms.sh
