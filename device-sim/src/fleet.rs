@@ -240,6 +240,22 @@ pub async fn run(
         );
         devices.spawn(device.run(channels[n % channels.len()].clone(), stop.clone()));
     }
+    // Steady once every device has been online for STEADY_AFTER.
+    let watch = {
+        let (stats, stop, all) = (Arc::clone(&stats), stop.clone(), cfg.devices as u64);
+        tokio::spawn(async move {
+            while FleetStats::get(&stats.online) < all {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(STEADY_AFTER) => stats.mark_steady(),
+                _ = stop.cancelled() => {}
+            }
+        })
+    };
     let mut clean = 0;
     while let Some(end) = devices.join_next().await {
         match end {
@@ -248,8 +264,13 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "device task failed"),
         }
     }
+    watch.abort();
     Ok(stats.summary(cfg.devices, clean, started.elapsed()))
 }
+
+/// How long after the last device came online the fleet counts as steady
+/// (`FleetSummary::steady_p99_ms`).
+pub const STEADY_AFTER: Duration = Duration::from_secs(10);
 
 /// One HTTP/2 connection, established on first use and re-established by
 /// tonic after a failure.

@@ -36,6 +36,11 @@ pub struct FleetStats {
     pub reports_acked: AtomicU64,
     /// Batch sent -> covering Ack received, in microseconds.
     ack_latency_us: Mutex<Histogram<u64>>,
+    /// When the fleet was steady: every device online for a while (see
+    /// `fleet::run`). Batches sent from then on are also counted in...
+    steady_since: std::sync::OnceLock<std::time::Instant>,
+    /// ...this: the ack latency without the connection ramp.
+    steady_latency_us: Mutex<Histogram<u64>>,
 }
 
 impl Default for FleetStats {
@@ -57,6 +62,10 @@ impl Default for FleetStats {
             reports_acked: AtomicU64::new(0),
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
+            steady_since: std::sync::OnceLock::new(),
+            steady_latency_us: Mutex::new(
+                Histogram::new(3).expect("3 significant figures is valid"),
+            ),
         }
     }
 }
@@ -72,19 +81,33 @@ impl FleetStats {
 
     pub fn record_ack_latency(&self, latency: Duration) {
         let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-        let mut h = self
-            .ack_latency_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let _ = h.record(us.max(1));
+        let record = |h: &Mutex<Histogram<u64>>| {
+            let _ = h
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(us.max(1));
+        };
+        record(&self.ack_latency_us);
+        let sent = std::time::Instant::now().checked_sub(latency);
+        if let (Some(since), Some(sent)) = (self.steady_since.get(), sent)
+            && sent >= *since
+        {
+            record(&self.steady_latency_us);
+        }
+    }
+
+    /// From now on batches sent count as steady too (once).
+    pub fn mark_steady(&self) {
+        let _ = self.steady_since.set(std::time::Instant::now());
     }
 
     /// Ack latency quantile in milliseconds (0 when nothing was recorded).
     pub fn ack_latency_ms(&self, quantile: f64) -> f64 {
-        let h = self
-            .ack_latency_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        Self::quantile_ms(&self.ack_latency_us, quantile)
+    }
+
+    fn quantile_ms(h: &Mutex<Histogram<u64>>, quantile: f64) -> f64 {
+        let h = h.lock().unwrap_or_else(|e| e.into_inner());
         if h.is_empty() {
             0.0
         } else {
@@ -109,6 +132,8 @@ impl FleetStats {
             clean_devices,
             ack_p50_ms: self.ack_latency_ms(0.50),
             ack_p99_ms: self.ack_latency_ms(0.99),
+            steady_p50_ms: Self::quantile_ms(&self.steady_latency_us, 0.50),
+            steady_p99_ms: Self::quantile_ms(&self.steady_latency_us, 0.99),
         }
     }
 }
@@ -132,6 +157,11 @@ pub struct FleetSummary {
     pub clean_devices: usize,
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
+    /// The same for batches sent once every device had been online for
+    /// [`crate::fleet::STEADY_AFTER`] (0 when the run never got there):
+    /// the connection ramp left out.
+    pub steady_p50_ms: f64,
+    pub steady_p99_ms: f64,
 }
 
 impl FleetSummary {
