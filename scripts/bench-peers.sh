@@ -14,6 +14,8 @@
 # 3. Each peer loads the files with 4 concurrent curl writers (its ingest
 #    rate: readings/s, over the load's wall time; both ack before fsync,
 #    the hub after), is stopped cleanly, and its data dir is measured.
+# 4. The hub's own bulk path beside those rates: device-sim uploads the
+#    same count of readings as a backlog (--backfill), 1000 a batch.
 #
 #   DEVICES=1000 RATE=100 DURATION=30s scripts/bench-peers.sh
 # BIN: built binaries to use (default: a release build).
@@ -174,6 +176,30 @@ EOF
   echo "$name influxdb $(du -sb "$dir" | cut -f1) $(cat "$root/$name.lp/count") $rate"
 }
 
+# hub_backfill: the hub's own bulk path, for the load rates: a fresh hub
+# takes DEVICES devices' backlog of DURATION at RATE Hz (the same count and
+# generator as hub_run's), uploaded in 1000-reading batches, acked after
+# fsync; prints readings/s over the load's wall time.
+hub_backfill() {
+  local db="$root/backfill.db" target t0 t1 n
+  mkdir -p "$db"
+  HUB_DB="$db/hub.db" . scripts/start-hub.sh
+  pids+=("$hub_pid")
+  target=$(python3 -c "print(int($DEVICES * $RATE * ${DURATION%s}))")
+  t0=$(date +%s.%N)
+  "$BIN/device-sim" --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" --backfill "$DURATION" \
+    --batch-max 1000 --buffer 50000 --quiet >/dev/null 2>&1 &
+  local sim=$!
+  stored() { "$BIN/hub" stats --hub "http://$addr" --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_stored"])'; }
+  while [ "$(stored)" -lt "$target" ]; do sleep 0.2; done
+  t1=$(date +%s.%N)
+  n=$(stored)
+  kill -INT "$sim"; wait "$sim" 2>/dev/null || true
+  stop "$hub_pid"
+  rm -rf "$db"
+  python3 -c "print(f'{$n / ($t1 - $t0):.0f}')"
+}
+
 results=()
 for kind in quantized full; do
   args=(); [ "$kind" = full ] && args=(--full-precision)
@@ -191,9 +217,12 @@ for kind in quantized full; do
   rm -rf "$root/$kind.lp"
 done
 
-python3 - "${results[@]}" <<'PY'
+backfill_rate=$(hub_backfill)
+
+python3 - "$backfill_rate" "${results[@]}" <<'PY'
 import sys
-rows = [r.split() for r in sys.argv[1:]]
+backfill = int(sys.argv[1])
+rows = [r.split() for r in sys.argv[2:]]
 hub = {r[0]: int(r[2]) / max(int(r[3]), 1) for r in rows if r[1] == "hub"}
 print(f"{'values':<10} {'store':<17} {'B/reading':>10} {'hub / it':>9} {'load readings/s':>16}")
 for r in rows:
@@ -206,4 +235,7 @@ for r in rows:
         if int(float(r[5])) != 2 * n:
             print(f"  ! VictoriaMetrics holds {r[5]} samples, not {2 * n}")
         print(f"  VictoriaMetrics gave back {r[6]} values of one series exactly as sent (the hub: every value, to the bit)")
+vm = [int(r[4]) for r in rows if r[1] == "victoria-metrics" and r[0] == "quantized"]
+print(f"hub bulk load (device-sim backfill, 1000-reading batches, acked after fsync): {backfill} readings/s"
+      + (f"; / VictoriaMetrics' load of the quantized set: {backfill / vm[0]:.2f}" if vm else ""))
 PY
