@@ -543,6 +543,9 @@ impl StoreWriter {
             .await?
         });
         let Some(&(_, device, sensor)) = building.first() else {
+            // Ended now: on PostgreSQL it holds the blocks lock, which an
+            // idle writer must not keep from other hubs.
+            tx.commit().await?;
             return Ok(false);
         };
         let everies: Vec<i64> = building
