@@ -414,7 +414,8 @@ impl SimDevice {
                         break;
                     }
                     self.in_flight.pop_front();
-                    self.stats.record_ack_latency(now.duration_since(sent_at));
+                    self.stats
+                        .record_ack_latency(sent_at.into_std(), now.duration_since(sent_at));
                 }
                 self.release(ack.acked_seq);
                 Ok(Vec::new())

@@ -244,15 +244,21 @@ pub async fn run(
     let watch = {
         let (stats, stop, all) = (Arc::clone(&stats), stop.clone(), cfg.devices as u64);
         tokio::spawn(async move {
-            while FleetStats::get(&stats.online) < all {
+            let mut online_since: Option<Instant> = None;
+            loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = stop.cancelled() => return,
                 }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(STEADY_AFTER) => stats.mark_steady(),
-                _ = stop.cancelled() => {}
+                if FleetStats::get(&stats.online) < all {
+                    online_since = None;
+                    continue;
+                }
+                let since = *online_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STEADY_AFTER {
+                    stats.mark_steady();
+                    return;
+                }
             }
         })
     };

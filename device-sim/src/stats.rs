@@ -79,7 +79,8 @@ impl FleetStats {
         counter.load(Ordering::Relaxed)
     }
 
-    pub fn record_ack_latency(&self, latency: Duration) {
+    /// A batch sent at `sent_at` was acked `latency` later.
+    pub fn record_ack_latency(&self, sent_at: std::time::Instant, latency: Duration) {
         let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
         let record = |h: &Mutex<Histogram<u64>>| {
             let _ = h
@@ -88,9 +89,10 @@ impl FleetStats {
                 .record(us.max(1));
         };
         record(&self.ack_latency_us);
-        let sent = std::time::Instant::now().checked_sub(latency);
-        if let (Some(since), Some(sent)) = (self.steady_since.get(), sent)
-            && sent >= *since
+        if self
+            .steady_since
+            .get()
+            .is_some_and(|since| sent_at >= *since)
         {
             record(&self.steady_latency_us);
         }

@@ -201,20 +201,26 @@ pub fn decode_chunk(
         return Err(CodecError::Version(*version));
     }
     let (n, mut rest) = codec::get_varint(rest)?;
-    if n > CHUNK as u64 {
+    if n == 0 || n > CHUNK as u64 {
         return Err(CodecError::Truncated);
     }
     let mut out = BTreeMap::new();
+    let mut next_index = 0u64;
     for _ in 0..n {
         let (index, r) = codec::get_varint(rest)?;
         let (count, r) = codec::get_varint(r)?;
-        if index >= CHUNK as u64 || r.len() < 40 {
+        // Intervals in order, each once, each of some readings.
+        if index < next_index || index >= CHUNK as u64 || count == 0 || r.len() < 40 {
             return Err(CodecError::Truncated);
         }
+        next_index = index + 1;
         let (floats, mut r) = r.split_at(40);
         let f =
             |i: usize| f64::from_le_bytes(floats[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-        let start = chunk_ms + index as i64 * every_ms;
+        let start = (index as i64)
+            .checked_mul(every_ms)
+            .and_then(|o| chunk_ms.checked_add(o))
+            .ok_or(CodecError::Truncated)?;
         let mut keys = [(0i64, 0u64); 2];
         for key in &mut keys {
             let (offset, r1) = codec::get_varint(r)?;
@@ -222,8 +228,14 @@ pub fn decode_chunk(
             if offset >= every_ms as u64 {
                 return Err(CodecError::Truncated);
             }
-            *key = (start + offset as i64, seq);
+            let ts = start
+                .checked_add(offset as i64)
+                .ok_or(CodecError::Truncated)?;
+            *key = (ts, seq);
             r = r2;
+        }
+        if keys[0] > keys[1] {
+            return Err(CodecError::Truncated);
         }
         rest = r;
         out.insert(
@@ -239,6 +251,9 @@ pub fn decode_chunk(
                 last_key: keys[1],
             },
         );
+    }
+    if !rest.is_empty() {
+        return Err(CodecError::Truncated);
     }
     Ok(out)
 }
@@ -265,7 +280,10 @@ impl WriteTx<'_> {
     }
 
     /// Adds readings leaving staging to every rollup (see the module):
-    /// the chunks they fall in are read, merged and written back.
+    /// the chunks they fall in are read, merged and written back. The
+    /// caller holds the blocks lock ([`WriteTx::lock_blocks`]): on
+    /// PostgreSQL that is what keeps two hubs from writing one chunk at
+    /// once (each would write back what it read).
     pub async fn add_to_rollups(&mut self, rows: &[RollupRow]) -> Result<(), StoreError> {
         type Key = (i64, i64, i64, i64);
         let mut chunks: BTreeMap<Key, BTreeMap<i64, Agg>> = BTreeMap::new();
@@ -284,16 +302,14 @@ impl WriteTx<'_> {
                 .or_insert(r.agg);
         }
         let keys: Vec<Key> = chunks.keys().copied().collect();
-        let numbered = self.conn.backend() == crate::config::Backend::Postgres;
-        for batch in keys.chunks(CHUNK_BATCH) {
-            let sql = super::write::multi_row_sql(
-                "SELECT every_ms, device_id, sensor_id, chunk_ms, data FROM rollups \
-                 WHERE (every_ms, device_id, sensor_id, chunk_ms) IN (VALUES ",
-                4,
-                batch.len(),
-                ")",
-                numbered,
-            );
+        let mut broken: Vec<i64> = Vec::new();
+        let mut rest = keys.as_slice();
+        while !rest.is_empty() {
+            // Powers of two (as the writer's other batches): a handful of
+            // statement texts, not one per length, in sqlx's cache.
+            let (batch, tail) = rest.split_at(super::write::chunk_len(rest.len(), CHUNK_BATCH));
+            rest = tail;
+            let sql = self.statement(Batched::RollupChunks, batch.len());
             let vals: Vec<Val<'_>> = batch
                 .iter()
                 .flat_map(|k| [Val::I(k.0), Val::I(k.1), Val::I(k.2), Val::I(k.3)])
@@ -311,8 +327,6 @@ impl WriteTx<'_> {
                 let Some(fresh) = chunks.get_mut(&(every, device, sensor, chunk_ms)) else {
                     continue;
                 };
-                // An undecodable chunk is replaced: its intervals are lost
-                // to the rollup, not the readings to the blocks.
                 match decode_chunk(chunk_ms, every, &data) {
                     Ok(old) => {
                         for (start, agg) in old {
@@ -322,10 +336,29 @@ impl WriteTx<'_> {
                                 .or_insert(agg);
                         }
                     }
-                    Err(e) => tracing::error!(every, device, sensor, chunk_ms, error = %e,
-                        "a stored rollup chunk cannot be decoded; it is written anew"),
+                    // Its intervals would undercount: the rollup is built
+                    // again from the blocks, unused until then.
+                    Err(e) => {
+                        tracing::error!(every, device, sensor, chunk_ms, error = %e,
+                            "a stored rollup chunk cannot be decoded; the rollup is built again");
+                        broken.push(every);
+                    }
                 }
             }
+        }
+        broken.sort_unstable();
+        broken.dedup();
+        for every in broken {
+            with_conn!(self.conn.conn(), c => {
+                sqlx::query(
+                    "UPDATE rollup_defs SET ready = 0, next_device = -1, next_sensor = -1 \
+                     WHERE every_ms = $1",
+                )
+                .bind(every)
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
         }
         let encoded: Vec<(Key, Vec<u8>)> = chunks
             .iter()
@@ -885,5 +918,47 @@ mod tests {
         let mut bad = data.clone();
         bad[0] = 9;
         assert!(decode_chunk(chunk_ms, every, &bad).is_err());
+    }
+
+    /// A chunk that cannot be decoded is not merged into: the rollup is
+    /// taken out of use and built again from the blocks.
+    #[tokio::test]
+    async fn an_undecodable_chunk_makes_the_rollup_build_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        settings.rollups = vec![RollupSetting {
+            every: std::time::Duration::from_secs(10),
+            keep: std::time::Duration::ZERO,
+        }];
+        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        while writer.build_rollup_step().await.unwrap() {}
+        let part = super::super::write::staging_part(DeviceKey(1));
+        sqlx::query("INSERT INTO device_sensors (device_id, sensor_id) VALUES (1, 1)")
+            .execute(writer.sqlite().unwrap())
+            .await
+            .unwrap();
+        for seqs in [0..5, 5..6] {
+            let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
+            parts[part] = seqs.map(|i| row(1, 100_000 + i * 1000, i, i as f64)).collect();
+            let mut tx = writer.begin().await.unwrap();
+            tx.insert_readings(&parts).await.unwrap();
+            tx.commit().await.unwrap();
+            let mut rows = writer.staged_rows().await.unwrap().swap_remove(part);
+            let blocks = super::super::blocks::blocks_of(&mut rows);
+            writer.compact(part, &blocks, &rows).await.unwrap();
+            // After the first compaction the chunk is damaged.
+            sqlx::query("UPDATE rollups SET data = x'0102'")
+                .execute(writer.sqlite().unwrap())
+                .await
+                .unwrap();
+        }
+        let ready: i64 = sqlx::query_scalar("SELECT ready FROM rollup_defs")
+            .fetch_one(writer.sqlite().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(ready, 0, "out of use until built again");
+        while writer.build_rollup_step().await.unwrap() {}
+        assert_eq!(stored(&mut writer).await, vec![(1, 100_000, 6, 15.0, 0.0, 0.0, 5.0)]);
     }
 }

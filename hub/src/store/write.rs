@@ -125,8 +125,10 @@ pub(super) enum Batched {
     Blocks,
     /// A new job's devices.
     JobDevices,
-    /// Rollup chunks written.
+    /// Rollup chunks written...
     Rollups,
+    /// ...and read first (by key).
+    RollupChunks,
     /// Alarm series states written...
     SeriesUpsert,
     /// ...and deleted (idle).
@@ -144,7 +146,8 @@ impl Batched {
             | Batched::JobDevices
             | Batched::SeriesUpsert
             | Batched::SeriesDelete
-            | Batched::Rollups => PAIR_CHUNK,
+            | Batched::Rollups
+            | Batched::RollupChunks => PAIR_CHUNK,
             Batched::Blocks => BLOCK_CHUNK,
         }
     }
@@ -186,6 +189,13 @@ impl Batched {
                 "DELETE FROM alarm_series WHERE (rule_id, device_id, sensor_id) IN (VALUES "
                     .to_owned(),
                 3,
+                ")",
+            ),
+            Batched::RollupChunks => (
+                "SELECT every_ms, device_id, sensor_id, chunk_ms, data FROM rollups \
+                 WHERE (every_ms, device_id, sensor_id, chunk_ms) IN (VALUES "
+                    .to_owned(),
+                4,
                 ")",
             ),
             Batched::Rollups => (
@@ -235,7 +245,7 @@ pub struct WriteTx<'c> {
 }
 
 /// How many items the next multi-row statement takes.
-fn chunk_len(remaining: usize, max: usize) -> usize {
+pub(super) fn chunk_len(remaining: usize, max: usize) -> usize {
     if remaining >= max {
         max
     } else {
@@ -802,6 +812,15 @@ impl WriteTx<'_> {
             ]);
         })
         .await
+    }
+
+    /// The text of `kind`'s statement for `n` items (made once).
+    pub(super) fn statement(&mut self, kind: Batched, n: usize) -> String {
+        let backend = self.conn.backend();
+        self.sql
+            .entry((kind, n))
+            .or_insert_with(|| kind.sql(n, backend))
+            .clone()
     }
 
     /// Runs `kind`'s statement over `items`: `kind.max()` of them at a time,
