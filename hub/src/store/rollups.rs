@@ -168,25 +168,77 @@ pub fn chunk_of(start_ms: i64, every_ms: i64) -> i64 {
 }
 
 /// A chunk's intervals (start, aggregates), in time order: version, their
-/// number, then each one's index in the chunk, count, sum, min, max, first
-/// and last (f64, little-endian) and the (ts - start, seq) of first and
-/// last, as varints.
+/// number, then each one's index in the chunk and count, its sum (f64,
+/// little-endian), its min, max, first and last (see [`put_values`]), and
+/// the (ts - start, seq) of first and last, as varints.
 fn encode_chunk(chunk_ms: i64, every_ms: i64, intervals: &BTreeMap<i64, Agg>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + intervals.len() * 56);
+    let mut out = Vec::with_capacity(2 + intervals.len() * 40);
     out.push(CHUNK_V1);
     codec::put_varint(&mut out, intervals.len() as u64);
     for (&start, a) in intervals {
         codec::put_varint(&mut out, ((start - chunk_ms) / every_ms) as u64);
         codec::put_varint(&mut out, a.count);
-        for v in [a.sum, a.min, a.max, a.first, a.last] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        out.extend_from_slice(&a.sum.to_le_bytes());
+        put_values(&mut out, [a.min, a.max, a.first, a.last]);
         for (ts, seq) in [a.first_key, a.last_key] {
             codec::put_varint(&mut out, (ts - start) as u64);
             codec::put_varint(&mut out, seq);
         }
     }
     out
+}
+
+/// Most decimal digits a value may have to be stored as a mantissa.
+const MAX_DIGITS: u8 = 6;
+/// The mark of values stored as they are.
+const RAW_VALUES: u8 = 0xff;
+
+/// Four values: when each is exactly `m / 10^d` for a small `d` (what
+/// sensors report), `d` and the mantissas as zigzag varints, a few bytes
+/// each; otherwise [`RAW_VALUES`] and the four f64s. Every bit pattern
+/// comes back as it was (each is checked by decoding it).
+fn put_values(out: &mut Vec<u8>, values: [f64; 4]) {
+    for d in 0..=MAX_DIGITS {
+        let scale = 10f64.powi(i32::from(d));
+        let mantissas = values.map(|v| (v * scale).round());
+        let exact = values
+            .iter()
+            .zip(&mantissas)
+            .all(|(v, m)| m.abs() < 9.0e15 && (*m as i64 as f64 / scale).to_bits() == v.to_bits());
+        if exact {
+            out.push(d);
+            for m in mantissas {
+                codec::put_varint(out, codec::zigzag(m as i64));
+            }
+            return;
+        }
+    }
+    out.push(RAW_VALUES);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn get_values(bytes: &[u8]) -> Result<([f64; 4], &[u8]), CodecError> {
+    let (mode, mut rest) = bytes.split_first().ok_or(CodecError::Truncated)?;
+    let mut values = [0f64; 4];
+    if *mode == RAW_VALUES {
+        for v in &mut values {
+            let (raw, r) = rest.split_first_chunk::<8>().ok_or(CodecError::Truncated)?;
+            *v = f64::from_le_bytes(*raw);
+            rest = r;
+        }
+    } else if *mode <= MAX_DIGITS {
+        let scale = 10f64.powi(i32::from(*mode));
+        for v in &mut values {
+            let (z, r) = codec::get_varint(rest)?;
+            *v = codec::unzigzag(z) as f64 / scale;
+            rest = r;
+        }
+    } else {
+        return Err(CodecError::Mode(*mode));
+    }
+    Ok((values, rest))
 }
 
 pub fn decode_chunk(
@@ -210,13 +262,12 @@ pub fn decode_chunk(
         let (index, r) = codec::get_varint(rest)?;
         let (count, r) = codec::get_varint(r)?;
         // Intervals in order, each once, each of some readings.
-        if index < next_index || index >= CHUNK as u64 || count == 0 || r.len() < 40 {
+        if index < next_index || index >= CHUNK as u64 || count == 0 {
             return Err(CodecError::Truncated);
         }
         next_index = index + 1;
-        let (floats, mut r) = r.split_at(40);
-        let f =
-            |i: usize| f64::from_le_bytes(floats[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let (sum, r) = r.split_first_chunk::<8>().ok_or(CodecError::Truncated)?;
+        let ([min, max, first, last], mut r) = get_values(r)?;
         let start = (index as i64)
             .checked_mul(every_ms)
             .and_then(|o| chunk_ms.checked_add(o))
@@ -242,11 +293,11 @@ pub fn decode_chunk(
             start,
             Agg {
                 count,
-                sum: f(0),
-                min: f(1),
-                max: f(2),
-                first: f(3),
-                last: f(4),
+                sum: f64::from_le_bytes(*sum),
+                min,
+                max,
+                first,
+                last,
                 first_key: keys[0],
                 last_key: keys[1],
             },
@@ -940,7 +991,9 @@ mod tests {
             .unwrap();
         for seqs in [0..5, 5..6] {
             let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
-            parts[part] = seqs.map(|i| row(1, 100_000 + i * 1000, i, i as f64)).collect();
+            parts[part] = seqs
+                .map(|i| row(1, 100_000 + i * 1000, i, i as f64))
+                .collect();
             let mut tx = writer.begin().await.unwrap();
             tx.insert_readings(&parts).await.unwrap();
             tx.commit().await.unwrap();
@@ -959,6 +1012,9 @@ mod tests {
             .unwrap();
         assert_eq!(ready, 0, "out of use until built again");
         while writer.build_rollup_step().await.unwrap() {}
-        assert_eq!(stored(&mut writer).await, vec![(1, 100_000, 6, 15.0, 0.0, 0.0, 5.0)]);
+        assert_eq!(
+            stored(&mut writer).await,
+            vec![(1, 100_000, 6, 15.0, 0.0, 0.0, 5.0)]
+        );
     }
 }
