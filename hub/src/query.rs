@@ -67,19 +67,7 @@ async fn stream(
             let first = staged.partition_point(|(k, _)| *k < key);
             let end = staged.partition_point(|(k, _)| *k <= key);
             let mine: VecDeque<Point> = staged.drain(first..end).map(|(_, p)| p).collect();
-            SensorCursor {
-                device: q.device,
-                key,
-                name,
-                since,
-                until,
-                cursor: BlockCursor::START,
-                pending: VecDeque::new(),
-                exhausted: false,
-                active: Vec::new(),
-                staged: mine,
-                emitted: None,
-            }
+            SensorCursor::new(q.device, key, name, since, until, mine)
         })
         .collect();
     let limit = if q.limit == 0 { u64::MAX } else { q.limit };
@@ -282,6 +270,31 @@ enum Item {
 }
 
 impl SensorCursor {
+    /// A cursor over [since, until) of one sensor, whose staged readings
+    /// there are `staged` (in (ts, seq) order); no block read yet.
+    fn new(
+        device: DeviceKey,
+        key: SensorKey,
+        name: String,
+        since: i64,
+        until: i64,
+        staged: VecDeque<Point>,
+    ) -> Self {
+        Self {
+            device,
+            key,
+            name,
+            since,
+            until,
+            cursor: BlockCursor::START,
+            pending: VecDeque::new(),
+            exhausted: false,
+            active: Vec::new(),
+            staged,
+            emitted: None,
+        }
+    }
+
     /// The earliest reading of the staged ones and the decoded blocks'
     /// (dropping any at or before the last handed out).
     fn head(&mut self) -> Option<Point> {
@@ -397,19 +410,14 @@ impl SensorCursor {
             .drain(..end)
             .filter(|p| p.ts_ms >= since)
             .collect();
-        SensorCursor {
-            device: self.device,
-            key: self.key,
-            name: self.name.clone(),
+        SensorCursor::new(
+            self.device,
+            self.key,
+            self.name.clone(),
             since,
             until,
-            cursor: BlockCursor::START,
-            pending: VecDeque::new(),
-            exhausted: false,
-            active: Vec::new(),
             staged,
-            emitted: None,
-        }
+        )
     }
 
     /// Hands out `p` (the head): later copies of it are dropped.

@@ -20,7 +20,9 @@ use std::collections::HashMap;
 use super::codec::{self, Point};
 use super::db::{Val, with_conn, with_pool};
 use super::rollups;
-use super::write::{Batched, RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_table};
+use super::write::{
+    Batched, RowToInsert, STAGING_PARTS, StagedRow, StoreWriter, WriteTx, staging_table,
+};
 use super::{Store, StoreError};
 use crate::config::Backend;
 use crate::domain::{DeviceKey, SensorKey};
@@ -347,20 +349,10 @@ impl StoreWriter {
                 "SELECT device_id, sensor_id, ts_ms, seq, value FROM {}",
                 staging_table(part)
             );
-            let rows: Vec<(i64, i64, i64, i64, f64)> = with_conn!(self.conn().conn(), c => {
+            let rows: Vec<StagedRow> = with_conn!(self.conn().conn(), c => {
                 sqlx::query_as(&sql).fetch_all(c).await?
             });
-            parts.push(
-                rows.into_iter()
-                    .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
-                        device: DeviceKey(device),
-                        sensor: SensorKey(sensor),
-                        ts_ms,
-                        seq,
-                        value,
-                    })
-                    .collect(),
-            );
+            parts.push(rows.into_iter().map(RowToInsert::from).collect());
         }
         Ok(parts)
     }
@@ -410,19 +402,10 @@ impl StoreWriter {
         );
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        let taken: Vec<(i64, i64, i64, i64, f64)> = with_conn!(tx.conn.conn(), c => {
+        let taken: Vec<StagedRow> = with_conn!(tx.conn.conn(), c => {
             sqlx::query_as(&sql).fetch_all(c).await?
         });
-        let mut rows: Vec<RowToInsert> = taken
-            .into_iter()
-            .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
-                device: DeviceKey(device),
-                sensor: SensorKey(sensor),
-                ts_ms,
-                seq,
-                value,
-            })
-            .collect();
+        let mut rows: Vec<RowToInsert> = taken.into_iter().map(RowToInsert::from).collect();
         let blocks = blocks_of(&mut rows);
         tx.insert_blocks(&blocks).await?;
         let everies = tx.rollup_everies().await?;

@@ -22,6 +22,21 @@ pub struct RowToInsert {
     pub value: f64,
 }
 
+/// A staged row as SQL returns it: (device_id, sensor_id, ts_ms, seq, value).
+pub(super) type StagedRow = (i64, i64, i64, i64, f64);
+
+impl From<StagedRow> for RowToInsert {
+    fn from((device, sensor, ts_ms, seq, value): StagedRow) -> Self {
+        Self {
+            device: DeviceKey(device),
+            sensor: SensorKey(sensor),
+            ts_ms,
+            seq,
+            value,
+        }
+    }
+}
+
 impl RowToInsert {
     pub fn point(&self) -> super::codec::Point {
         super::codec::Point {
@@ -569,24 +584,14 @@ impl WriteTx<'_> {
                  (SELECT {row} FROM {table} WHERE ts_ms < $1 LIMIT $2) \
                  RETURNING device_id, sensor_id, ts_ms, seq, value"
             );
-            let deleted: Vec<(i64, i64, i64, i64, f64)> = with_conn!(self.conn.conn(), c => {
+            let deleted: Vec<StagedRow> = with_conn!(self.conn.conn(), c => {
                 sqlx::query_as(&sql)
                     .bind(cutoff_ms)
                     .bind(i64::from(left))
                     .fetch_all(c)
                     .await?
             });
-            rows.extend(
-                deleted
-                    .into_iter()
-                    .map(|(device, sensor, ts_ms, seq, value)| RowToInsert {
-                        device: DeviceKey(device),
-                        sensor: SensorKey(sensor),
-                        ts_ms,
-                        seq,
-                        value,
-                    }),
-            );
+            rows.extend(deleted.into_iter().map(RowToInsert::from));
         }
         // They leave staging without a block: rollups count them here.
         let everies = self.rollup_everies().await?;
