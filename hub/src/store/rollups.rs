@@ -762,6 +762,41 @@ mod tests {
         }
     }
 
+    /// A new database in a temp dir with one rollup of `every_s`, built.
+    async fn open(every_s: u64) -> (tempfile::TempDir, Store, StoreWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        settings.rollups = vec![RollupSetting {
+            every: std::time::Duration::from_secs(every_s),
+            keep: std::time::Duration::ZERO,
+        }];
+        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
+        while writer.build_rollup_step().await.unwrap() {}
+        (dir, store, writer)
+    }
+
+    /// Device 1's staging part.
+    fn part() -> usize {
+        super::super::write::staging_part(DeviceKey(1))
+    }
+
+    /// Stages rows of device 1 in one commit.
+    async fn stage(writer: &mut StoreWriter, rows: &[RowToInsert]) {
+        let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
+        parts[part()] = rows.to_vec();
+        let mut tx = writer.begin().await.unwrap();
+        tx.insert_readings(&parts).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Compacts device 1's part, as the writer does.
+    async fn compact(writer: &mut StoreWriter) -> Result<(), StoreError> {
+        let mut rows = writer.staged_rows().await?.swap_remove(part());
+        let blocks = super::super::blocks::blocks_of(&mut rows);
+        writer.compact(part(), &blocks, &rows).await
+    }
+
     #[test]
     fn rows_fold_per_series_and_interval_whatever_their_order() {
         let mut rows = vec![
@@ -832,31 +867,13 @@ mod tests {
     /// those are rebuilt without them).
     #[tokio::test]
     async fn compaction_and_staged_retention_count_each_reading_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        settings.rollups = vec![RollupSetting {
-            every: std::time::Duration::from_secs(10),
-            keep: std::time::Duration::ZERO,
-        }];
-        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
-        while writer.build_rollup_step().await.unwrap() {}
-        let part = super::super::write::staging_part(DeviceKey(1));
-        let stage = async |writer: &mut StoreWriter, rows: &[RowToInsert]| {
-            let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
-            parts[part] = rows.to_vec();
-            let mut tx = writer.begin().await.unwrap();
-            tx.insert_readings(&parts).await.unwrap();
-            tx.commit().await.unwrap();
-        };
+        let (_dir, _store, mut writer) = open(10).await;
         // Device 1: 30 s of readings, compacted.
         let first: Vec<RowToInsert> = (0..30)
             .map(|i| row(1, 100_000 + i * 1000, i, i as f64))
             .collect();
         stage(&mut writer, &first).await;
-        let mut rows = writer.staged_rows().await.unwrap().swap_remove(part);
-        let blocks = super::super::blocks::blocks_of(&mut rows);
-        writer.compact(part, &blocks, &rows).await.unwrap();
+        compact(&mut writer).await.unwrap();
         // Then late ones, older than a retention cutoff: deleted staged.
         let late: Vec<RowToInsert> = (0..5)
             .map(|i| row(1, 100_500 + i * 1000, 100 + i, -1.0))
@@ -891,29 +908,15 @@ mod tests {
     /// readings themselves fold.
     #[tokio::test]
     async fn sums_past_the_largest_float_do_not_stop_compaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        settings.rollups = vec![RollupSetting {
-            every: std::time::Duration::from_secs(60),
-            keep: std::time::Duration::ZERO,
-        }];
-        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
-        while writer.build_rollup_step().await.unwrap() {}
-        let part = super::super::write::staging_part(DeviceKey(1));
+        let (_dir, store, mut writer) = open(60).await;
         for (i, v) in [f64::MAX, -f64::MAX].into_iter().enumerate() {
             let i = i as i64;
-            let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
-            parts[part] = vec![
+            let rows = [
                 row(1, 1000 + i * 10, 2 * i, v),
                 row(1, 1005 + i * 10, 2 * i + 1, v),
             ];
-            let mut tx = writer.begin().await.unwrap();
-            tx.insert_readings(&parts).await.unwrap();
-            tx.commit().await.unwrap();
-            let mut rows = writer.staged_rows().await.unwrap().swap_remove(part);
-            let blocks = super::super::blocks::blocks_of(&mut rows);
-            writer.compact(part, &blocks, &rows).await.unwrap();
+            stage(&mut writer, &rows).await;
+            compact(&mut writer).await.unwrap();
         }
         let (page, _) = store
             .rollup_page((DeviceKey(1), SensorKey(1)), 60_000, 0, i64::MAX, 10)
@@ -975,31 +978,17 @@ mod tests {
     /// taken out of use and built again from the blocks.
     #[tokio::test]
     async fn an_undecodable_chunk_makes_the_rollup_build_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        settings.rollups = vec![RollupSetting {
-            every: std::time::Duration::from_secs(10),
-            keep: std::time::Duration::ZERO,
-        }];
-        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
-        while writer.build_rollup_step().await.unwrap() {}
-        let part = super::super::write::staging_part(DeviceKey(1));
+        let (_dir, _store, mut writer) = open(10).await;
         sqlx::query("INSERT INTO device_sensors (device_id, sensor_id) VALUES (1, 1)")
             .execute(writer.sqlite().unwrap())
             .await
             .unwrap();
         for seqs in [0..5, 5..6] {
-            let mut parts = vec![Vec::new(); super::super::write::STAGING_PARTS];
-            parts[part] = seqs
+            let rows: Vec<RowToInsert> = seqs
                 .map(|i| row(1, 100_000 + i * 1000, i, i as f64))
                 .collect();
-            let mut tx = writer.begin().await.unwrap();
-            tx.insert_readings(&parts).await.unwrap();
-            tx.commit().await.unwrap();
-            let mut rows = writer.staged_rows().await.unwrap().swap_remove(part);
-            let blocks = super::super::blocks::blocks_of(&mut rows);
-            writer.compact(part, &blocks, &rows).await.unwrap();
+            stage(&mut writer, &rows).await;
+            compact(&mut writer).await.unwrap();
             // After the first compaction the chunk is damaged.
             sqlx::query("UPDATE rollups SET data = x'0102'")
                 .execute(writer.sqlite().unwrap())
@@ -1015,6 +1004,61 @@ mod tests {
         assert_eq!(
             stored(&mut writer).await,
             vec![(1, 100_000, 6, 15.0, 0.0, 0.0, 5.0)]
+        );
+    }
+
+    /// A compaction that fails (here the file may not grow: SQLITE_FULL)
+    /// changes no rollup: its readings stay staged, and are counted once
+    /// when a later compaction succeeds.
+    #[tokio::test]
+    async fn a_compaction_that_fails_leaves_the_rollup_as_it_was() {
+        let (_dir, _store, mut writer) = open(10).await;
+        let first: Vec<RowToInsert> = (0..5)
+            .map(|i| row(1, 100_000 + i * 1000, i, i as f64))
+            .collect();
+        stage(&mut writer, &first).await;
+        compact(&mut writer).await.unwrap();
+        let before = stored(&mut writer).await;
+        // Noise in every bit: its block needs new pages.
+        let more: Vec<RowToInsert> = (5..3005)
+            .map(|i| {
+                let noise = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 12;
+                row(
+                    1,
+                    100_000 + i * 10,
+                    i,
+                    f64::from_bits(0x3ff0_0000_0000_0000 | noise),
+                )
+            })
+            .collect();
+        stage(&mut writer, &more).await;
+        let db = writer.sqlite().unwrap();
+        sqlx::query("VACUUM").execute(&mut *db).await.unwrap();
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+            .execute(&mut *db)
+            .await
+            .unwrap();
+        let full = compact(&mut writer).await.unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        writer.abort().await;
+        assert_eq!(stored(&mut writer).await, before, "the rollup is as it was");
+        let staged = writer.staged_rows().await.unwrap().swap_remove(part());
+        assert_eq!(staged.len(), more.len(), "the readings are still staged");
+
+        sqlx::query("PRAGMA max_page_count = 1000000")
+            .execute(writer.sqlite().unwrap())
+            .await
+            .unwrap();
+        compact(&mut writer).await.unwrap();
+        let counted: i64 = stored(&mut writer).await.iter().map(|r| r.2).sum();
+        assert_eq!(
+            counted as usize,
+            first.len() + more.len(),
+            "each counted once"
         );
     }
 }
