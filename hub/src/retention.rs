@@ -1,8 +1,9 @@
-//! Retention: readings older than `storage.retention`, and rollup rows
+//! Retention: readings older than `storage.retention`, and rollup chunks
 //! older than their rollup's `keep`, are deleted in the background, a few
 //! thousand at a time, each step a small part of one of the writer's group
-//! commits (the one writer), so ingest never waits for a long delete. Final commands older than `commands.retention` are
-//! deleted by the commands task the same way.
+//! commits (the one writer), so ingest never waits for a long delete.
+//! Final commands older than `commands.retention` are deleted by the
+//! commands task the same way.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use crate::store::Store;
 /// step is part of one group commit, so it stays small.
 pub const STEP_ROWS: u32 = 20_000;
 pub const STEP_SERIES: usize = 512;
+/// Rollup chunks (32 intervals of a series each) deleted per step at most.
+pub const STEP_CHUNKS: u32 = 1024;
 
 /// How often a retention pass runs: a tenth of the retention, 1 s to 60 s.
 pub fn interval(retention: Duration) -> Duration {
@@ -44,27 +47,7 @@ pub async fn run(
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        let now = now_ms();
-        let result = match prune_rollups(&ingest, &rollups, now, &stop).await {
-            Ok(0) => Ok(()),
-            Ok(rows) => {
-                tracing::debug!(rows, "retention deleted old rollup rows");
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
-        let result = match result {
-            Ok(()) if !retention.is_zero() => {
-                let cutoff = now.saturating_sub(retention.as_millis() as i64);
-                pass(&ingest, &store, cutoff, &stop).await.map(|deleted| {
-                    if deleted > 0 {
-                        tracing::debug!(deleted, "retention deleted old readings");
-                    }
-                })
-            }
-            other => other,
-        };
-        match result {
+        match tick(&ingest, &store, retention, &rollups, &stop).await {
             Ok(()) => {}
             Err(PassError::Closed) => return,
             Err(PassError::Failed(e)) => {
@@ -74,7 +57,30 @@ pub async fn run(
     }
 }
 
-/// Deletes rollup rows older than their rollup's `keep`, in steps.
+/// One round: old rollup chunks, then old readings.
+async fn tick(
+    ingest: &IngestQueue,
+    store: &Store,
+    retention: Duration,
+    rollups: &[(i64, i64)],
+    stop: &CancellationToken,
+) -> Result<(), PassError> {
+    let now = now_ms();
+    let chunks = prune_rollups(ingest, rollups, now, stop).await?;
+    if chunks > 0 {
+        tracing::debug!(chunks, "retention deleted old rollup chunks");
+    }
+    if !retention.is_zero() {
+        let cutoff = now.saturating_sub(retention.as_millis() as i64);
+        let deleted = pass(ingest, store, cutoff, stop).await?;
+        if deleted > 0 {
+            tracing::debug!(deleted, "retention deleted old readings");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes rollup chunks older than their rollup's `keep`, in steps.
 async fn prune_rollups(
     ingest: &IngestQueue,
     rollups: &[(i64, i64)],
@@ -93,7 +99,7 @@ async fn prune_rollups(
     while !stop.is_cancelled() {
         let step = RetainStep {
             cutoff_ms: i64::MIN,
-            limit: STEP_ROWS,
+            limit: STEP_CHUNKS,
             staged: false,
             series: Vec::new(),
             rollups: cutoffs.clone(),
@@ -103,7 +109,7 @@ async fn prune_rollups(
             Err(IngestError::Closed) => return Err(PassError::Closed),
             Err(e) => return Err(PassError::Failed(e.to_string())),
         };
-        deleted += done.rollup_rows;
+        deleted += done.rollup_chunks;
         if done.rollups_done {
             break;
         }

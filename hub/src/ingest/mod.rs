@@ -187,7 +187,7 @@ pub struct RetainStep {
     pub staged: bool,
     /// (device, sensor) series of the clustered table.
     pub series: Vec<(DeviceKey, SensorKey)>,
-    /// Rollup rows: (every_ms, cutoff_ms) of rollups with a `keep`, rows
+    /// Rollup chunks: (every_ms, cutoff_ms) of rollups with a `keep`, chunks
     /// starting before the cutoff, at most `limit` of them in all.
     pub rollups: Vec<(i64, i64)>,
 }
@@ -200,8 +200,8 @@ pub struct RetainDone {
     pub staged_done: bool,
     /// Series at the front of the step with nothing old left.
     pub series_done: usize,
-    /// Rollup rows deleted, and whether none is left to delete.
-    pub rollup_rows: u64,
+    /// Rollup chunks deleted, and whether none is left to delete.
+    pub rollup_chunks: u64,
     pub rollups_done: bool,
 }
 

@@ -1207,7 +1207,7 @@ impl Writer {
                     let mut rollup_left = step.limit;
                     for &(every_ms, cutoff_ms) in &step.rollups {
                         let n = tx.prune_rollup(every_ms, cutoff_ms, rollup_left).await?;
-                        done.rollup_rows += n;
+                        done.rollup_chunks += n;
                         rollup_left = rollup_left.saturating_sub(n as u32);
                         if rollup_left == 0 {
                             done.rollups_done = false;
