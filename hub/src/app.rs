@@ -514,7 +514,7 @@ async fn start_all(core: &Core, components: &mut Vec<Component>) -> anyhow::Resu
         }
         None => None,
     };
-    let http_addr = match start_http(core, &ops).await? {
+    let http_addr = match start_http(core, &storage, &ops).await? {
         Some((addr, component)) => {
             components.push(component);
             Some(addr)
@@ -916,15 +916,33 @@ async fn start_metrics(
 /// shutdown begins, its event streams end with the device streams.
 async fn start_http(
     core: &Core,
+    storage: &Storage,
     ops: &Arc<Operations>,
 ) -> anyhow::Result<Option<(SocketAddr, Component)>> {
     let settings = &core.settings;
     if !settings.http.enabled {
         return Ok(None);
     }
+    let writes = crate::lines::LineWrites::new(
+        storage.ingest.clone(),
+        storage.store.clone(),
+        Arc::clone(&core.auth),
+        Arc::clone(&core.registry),
+        Arc::clone(&core.metrics),
+        FailureLimiter::new(settings.auth.max_failures_per_minute),
+        crate::lines::WriteSettings {
+            max_clock_skew: settings.ingest.max_clock_skew,
+            retention: (!settings.storage.retention.is_zero())
+                .then_some(settings.storage.retention),
+            max_readings_per_sec: settings.server.max_readings_per_sec,
+            commit_timeout: Duration::from_secs(30),
+            cached_devices: settings.ingest.cached_devices,
+        },
+    );
     let server = crate::http::start(
         &settings.http,
         Arc::clone(ops),
+        Arc::new(writes),
         Arc::clone(&core.auth),
         core.tracker.clone(),
         core.sessions_stop.clone(),

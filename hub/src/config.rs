@@ -258,6 +258,10 @@ pub struct HttpSettings {
     /// connection is closed after it.
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// A line-protocol write's body, before and after gzip (413 beyond).
+    pub write_max_bytes: usize,
+    /// Lines in one line-protocol write (413 beyond).
+    pub write_max_lines: usize,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -933,6 +937,16 @@ impl Settings {
             self.http.max_body_bytes >= 1024,
             "http.max_body_bytes",
             "must be at least 1024",
+        )?;
+        check(
+            self.http.write_max_bytes >= 1024,
+            "http.write_max_bytes",
+            "must be at least 1024",
+        )?;
+        check(
+            self.http.write_max_lines >= 1,
+            "http.write_max_lines",
+            "must be at least 1",
         )?;
         let i = &self.ingest;
         check(

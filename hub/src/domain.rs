@@ -80,6 +80,17 @@ pub struct DeviceHello {
     pub twin: Option<u64>,
 }
 
+/// How a device arrives at the writer's registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// A gRPC stream's Hello: its firmware and labels are reported state,
+    /// and the device is online from now.
+    Stream,
+    /// A line-protocol write: no Hello was said, so the device's firmware,
+    /// reported state and online mark stay as they are.
+    Write,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HelloError {
     #[error("firmware is longer than {MAX_FIRMWARE_LEN} bytes")]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! device ══Connect (bidi gRPC)══▶ grpc::session ──checked batches──▶ ingest queue (bounded)
+//! Telegraf ══POST /api/v1/write══▶ http ──▶ lines ──batches (204 after commit)──▶ ┘
 //!    ▲                (auth admits)    │                                   │
 //!    └──────── Ack (after commit) ◀── AckSlot ◀── ingest::writer (one task per hub, group commit)
 //!                                                                          │
@@ -22,6 +23,9 @@
 //! - [`grpc`]: tonic services; the only protobuf <-> domain conversion.
 //!   [`grpc::session`] runs one device stream (reader loop + ack task).
 //! - [`registry`]: one live stream per device; a newer one takes over.
+//! - [`lines`]: line-protocol writes (the HTTP door for producers without
+//!   a stream): lines to readings, then admitted, queued and answered
+//!   after the commit like a stream's batches.
 //! - [`ingest`]: bounded queue -> single batching writer -> acks after commit.
 //! - [`commands`]: command lifecycle; one task owns open commands and the
 //!   command log, pushes commands down device streams, enforces TTL.
@@ -71,6 +75,7 @@ pub mod grpc;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod lines;
 pub mod metrics;
 pub mod mqtt;
 pub mod operator;

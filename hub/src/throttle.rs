@@ -78,6 +78,23 @@ impl TokenBucket {
             Err(Duration::from_secs_f64(-self.tokens / self.rate))
         }
     }
+
+    /// Spends `n` tokens only if the bucket holds them, or is full (more
+    /// than a burst is let through from a full bucket, leaving a debt);
+    /// else spends nothing and says how long until it would.
+    pub fn try_spend_n(&mut self, n: usize) -> Result<(), Duration> {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now;
+        let needed = (n as f64).min(self.burst);
+        if self.tokens >= needed {
+            self.tokens -= n as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((needed - self.tokens) / self.rate))
+        }
+    }
 }
 
 #[cfg(test)]

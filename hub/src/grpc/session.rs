@@ -553,6 +553,7 @@ impl Reader<'_> {
             readings,
             ack: Arc::clone(self.slot),
             epoch: self.epoch,
+            assign_seqs: false,
         };
         let ctx = self.ctx;
         let closed = "the hub is shutting down; resend unacknowledged readings";

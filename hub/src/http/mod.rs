@@ -18,6 +18,7 @@ mod jobs;
 mod openapi;
 mod serve;
 mod twin;
+mod write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,11 @@ pub(crate) struct ApiState {
     /// Host names the API answers to when it is open (no operator tokens)
     /// on loopback; None: any.
     allowed_hosts: Option<Vec<String>>,
+    /// Line-protocol writes (a device door: device credentials, not
+    /// operator tokens).
+    writes: Arc<crate::lines::LineWrites>,
+    write_max_bytes: usize,
+    write_max_lines: usize,
 }
 
 /// A running HTTP server.
@@ -61,6 +67,7 @@ pub struct HttpServer {
 pub async fn start(
     settings: &HttpSettings,
     ops: Arc<Operations>,
+    writes: Arc<crate::lines::LineWrites>,
     auth: Arc<AuthPolicy>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -90,6 +97,9 @@ pub async fn start(
         shutdown,
         all_readings: Arc::default(),
         allowed_hosts,
+        writes,
+        write_max_bytes: settings.write_max_bytes,
+        write_max_lines: settings.write_max_lines,
     });
     let app = router(state, settings.max_body_bytes);
     let task = tokio::spawn(serve::serve(
@@ -103,6 +113,7 @@ pub async fn start(
 }
 
 fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
+    let writes = write::routes(Arc::clone(&state));
     let api = api::routes()
         .merge(events::routes())
         .merge(admin::routes())
@@ -120,6 +131,8 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         .nest("/api/v1", api)
         .merge(console::routes())
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Line-protocol writes take device credentials and larger bodies.
+        .merge(writes)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("an HTTP handler panicked");

@@ -51,12 +51,12 @@ pub(super) async fn serve(
     // Owned here: when this task is aborted, every connection goes too.
     let mut connections = JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors, most likely: let some close.
                     tracing::warn!(error = %e, "cannot accept an HTTP connection");
@@ -74,8 +74,13 @@ pub(super) async fn serve(
             }
             continue;
         };
+        // Handlers that need the peer's address (line-protocol writes count
+        // failed authentications per address) read it as ConnectInfo.
+        let service = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;

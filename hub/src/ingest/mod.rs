@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth::Proof;
-use crate::domain::{CheckedReading, DeviceHello, DeviceId, DeviceKey, SensorKey};
+use crate::domain::{Arrival, CheckedReading, DeviceHello, DeviceId, DeviceKey, SensorKey};
 use crate::twin::{Doc, TwinView};
 
 pub use writer::{Writer, WriterSettings};
@@ -51,6 +51,9 @@ pub struct IngestBatch {
     /// The device's session epoch when this stream registered: on
     /// PostgreSQL the batch is written only while it is still the device's.
     pub epoch: u64,
+    /// The readings carry no seq (line protocol without `seq`): the writer
+    /// gives them the seqs after the device's mark, in order.
+    pub assign_seqs: bool,
 }
 
 /// A reported patch of a device's twin, checked by its session; written
@@ -162,6 +165,7 @@ pub(crate) enum WriterMsg {
     Register {
         hello: DeviceHello,
         proof: Proof,
+        arrival: Arrival,
         reply: oneshot::Sender<Result<Registered, IngestError>>,
     },
     /// Replies whether the device was there (always true for Enroll).
@@ -299,6 +303,30 @@ impl IngestQueue {
         self.ask(|reply| WriterMsg::Register {
             hello,
             proof,
+            arrival: Arrival::Stream,
+            reply,
+        })
+        .await
+    }
+
+    /// Registers a device for a line-protocol write: like a Hello (its
+    /// credentials checked again, its epoch bumped), but its firmware and
+    /// reported state stay.
+    pub async fn register_writes(
+        &self,
+        device_id: crate::domain::DeviceId,
+        proof: Proof,
+    ) -> Result<Registered, IngestError> {
+        let hello = DeviceHello {
+            device_id,
+            firmware: String::new(),
+            labels: BTreeMap::new(),
+            twin: None,
+        };
+        self.ask(|reply| WriterMsg::Register {
+            hello,
+            proof,
+            arrival: Arrival::Write,
             reply,
         })
         .await

@@ -25,7 +25,7 @@ use super::{
     WriterMsg,
 };
 use crate::domain::{
-    CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
+    Arrival, CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
     SensorKey, Verdict, judge, now_ms,
 };
 use crate::metrics::HubMetrics;
@@ -1099,9 +1099,14 @@ impl Writer {
         known.load_sensors(&mut tx).await?;
         for (msg, step) in group.iter().zip(steps) {
             match msg {
-                WriterMsg::Register { hello, proof, .. } => {
+                WriterMsg::Register {
+                    hello,
+                    proof,
+                    arrival,
+                    ..
+                } => {
                     match tx
-                        .upsert_device(hello, now, proof, &self.settings.hub_id)
+                        .upsert_device_as(hello, now, proof, &self.settings.hub_id, *arrival)
                         .await?
                     {
                         Some(r) => {
@@ -1123,6 +1128,8 @@ impl Writer {
                             // The Hello's firmware and labels are reported
                             // state (never tags).
                             let twin = match twins.of(&mut tx, r.device).await? {
+                                // A write says no Hello.
+                                Some(_) if *arrival == Arrival::Write => None,
                                 Some(g) => {
                                     g.hello(hello, now);
                                     let t = &g.view.twin;
@@ -1288,6 +1295,7 @@ impl Writer {
                             &mut tx,
                             batch.device,
                             &batch.readings,
+                            batch.assign_seqs,
                             &mut changes,
                             &mut rows,
                         )
@@ -1442,6 +1450,7 @@ impl Known {
         tx: &mut WriteTx<'_>,
         device: DeviceKey,
         readings: &[CheckedReading],
+        assign_seqs: bool,
         changes: &mut GroupChanges,
         rows: &mut Vec<RowToInsert>,
     ) -> Result<Outcome, StoreError> {
@@ -1455,6 +1464,18 @@ impl Known {
         }
         let (mut hwm, mut stored, mut rejected, mut duplicates) = (mark, 0u32, 0u32, 0u32);
         for reading in readings {
+            // A reading without a seq takes the next after the mark.
+            let numbered;
+            let reading = match reading {
+                CheckedReading::Valid(r) if assign_seqs => {
+                    numbered = CheckedReading::Valid(crate::domain::Reading {
+                        seq: hwm.saturating_add(1),
+                        ..r.clone()
+                    });
+                    &numbered
+                }
+                _ => reading,
+            };
             match judge(&mut hwm, reading) {
                 Verdict::Duplicate => duplicates += 1,
                 Verdict::Rejected => rejected += 1,
@@ -1553,6 +1574,7 @@ mod tests {
             readings: Vec::new(),
             ack: crate::ingest::AckSlot::new(),
             epoch,
+            assign_seqs: false,
         })
     }
 
@@ -1567,6 +1589,7 @@ mod tests {
         WriterMsg::Register {
             hello,
             proof: crate::auth::Proof::Admitted,
+            arrival: Arrival::Stream,
             reply: tokio::sync::oneshot::channel().0,
         }
     }

@@ -10,7 +10,7 @@ use super::StoreError;
 use super::db::{Conn, Val, bind_vals, with_conn};
 use super::write_conn::WriteConn;
 use crate::config::Backend;
-use crate::domain::{DeviceHello, DeviceKey, Proof, SensorKey};
+use crate::domain::{Arrival, DeviceHello, DeviceKey, Proof, SensorKey};
 
 /// One row of the readings table.
 #[derive(Debug, Clone, Copy)]
@@ -344,6 +344,20 @@ impl WriteTx<'_> {
         proof: &Proof,
         hub: &str,
     ) -> Result<Option<Registration>, StoreError> {
+        self.upsert_device_as(hello, now_ms, proof, hub, Arrival::Stream)
+            .await
+    }
+
+    /// [`WriteTx::upsert_device`] for a stream's Hello or a line-protocol
+    /// write; a write leaves the firmware and the online mark as they are.
+    pub async fn upsert_device_as(
+        &mut self,
+        hello: &DeviceHello,
+        now_ms: i64,
+        proof: &Proof,
+        hub: &str,
+        arrival: Arrival,
+    ) -> Result<Option<Registration>, StoreError> {
         let (kind, hash): (i64, Option<&[u8]>) = match proof {
             Proof::Admitted => (0, None),
             Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
@@ -352,11 +366,14 @@ impl WriteTx<'_> {
         };
         let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, first_seen_ms, last_seen_ms, \
-             epoch, hub, online_since_ms) VALUES ($1, $2, $3, $3, 1, $6, $3) \
-             ON CONFLICT (external_id) DO UPDATE SET firmware = excluded.firmware, \
+             epoch, hub, online_since_ms) \
+             VALUES ($1, $2, $3, $3, 1, $6, CASE WHEN $7 THEN NULL ELSE $3 END) \
+             ON CONFLICT (external_id) DO UPDATE SET \
+             firmware = CASE WHEN $7 THEN devices.firmware ELSE excluded.firmware END, \
              last_seen_ms = excluded.last_seen_ms, \
              epoch = devices.epoch + 1, hub = excluded.hub, \
-             online_since_ms = excluded.online_since_ms \
+             online_since_ms = CASE WHEN $7 THEN devices.online_since_ms \
+               ELSE excluded.online_since_ms END \
              WHERE devices.removed_ms IS NULL AND ($4 = 0 \
                OR ($4 = 1 AND devices.token_sha256 = $5) \
                OR ($4 = 2 AND devices.token_sha256 IS NULL) \
@@ -370,6 +387,7 @@ impl WriteTx<'_> {
         .bind(kind)
         .bind(hash)
         .bind(hub)
+        .bind(arrival == Arrival::Write)
         .fetch_optional(c)
         .await?);
         let Some((id, acked, epoch)) = row else {

@@ -15,6 +15,7 @@ mod harness;
 mod ingest;
 mod jobs;
 mod lifecycle;
+mod lines;
 mod mqtt;
 mod openapi;
 mod ops;

@@ -1,0 +1,705 @@
+//! Line-protocol writes: the device door for producers that cannot hold a
+//! gRPC stream (Telegraf, Node-RED, gateways, curl). The HTTP door hands
+//! over a request's text; this module turns it into readings per device
+//! ([`parse`], plain code), then admits, registers and queues them like a
+//! stream's batches and answers only after their commit ([`LineWrites`]).
+//!
+//! Mapping: a line `measurement,device=ID,... field=value ... ts` gives one
+//! reading per numeric field, on the sensor `{measurement}_{field}` (just
+//! `{field}` when the measurement is `readings`). Other tags are ignored.
+//! Lines carry no seq: the writer numbers them after the device's mark. A
+//! line may carry an integer `seq` field beside exactly one value field:
+//! then the reading keeps it and is deduplicated as a stream's would be.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::{AuthPolicy, FailureLimiter, Presented, token_hash};
+use crate::config::DeviceAuthMode;
+use crate::domain::{CheckedReading, DeviceId, DeviceKey, MAX_SEQ, Proof, Reading, now_ms};
+use crate::ingest::{AckSlot, IngestBatch, IngestError, IngestQueue};
+use crate::metrics::HubMetrics;
+use crate::registry::SessionRegistry;
+use crate::store::Store;
+use crate::throttle::TokenBucket;
+
+/// The sensor of fields of this measurement is the field's name alone.
+pub const PLAIN_MEASUREMENT: &str = "readings";
+/// The tag that names the device.
+pub const DEVICE_TAG: &str = "device";
+/// The field that carries a reading's seq.
+pub const SEQ_FIELD: &str = "seq";
+
+/// The unit of a request's timestamps (`precision=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Nanos,
+    Micros,
+    Millis,
+    Seconds,
+    Minutes,
+    Hours,
+}
+
+impl Precision {
+    /// InfluxDB 1.x (`n`, `u`, `ms`, `s`, `m`, `h`) and 2.x (`ns`, `us`,
+    /// `ms`, `s`) spellings; absent is nanoseconds.
+    pub fn parse(raw: Option<&str>) -> Result<Self, String> {
+        Ok(match raw.unwrap_or("ns") {
+            "" | "n" | "ns" => Self::Nanos,
+            "u" | "us" | "µ" | "µs" => Self::Micros,
+            "ms" => Self::Millis,
+            "s" => Self::Seconds,
+            "m" => Self::Minutes,
+            "h" => Self::Hours,
+            other => {
+                return Err(format!(
+                    "unknown precision {other:?} (ns, us, ms, s, m or h)"
+                ));
+            }
+        })
+    }
+
+    /// A timestamp in this unit as whole milliseconds (rounded down);
+    /// None when out of range.
+    fn to_ms(self, ts: i64) -> Option<i64> {
+        match self {
+            Self::Nanos => Some(ts.div_euclid(1_000_000)),
+            Self::Micros => Some(ts.div_euclid(1_000)),
+            Self::Millis => Some(ts),
+            Self::Seconds => ts.checked_mul(1_000),
+            Self::Minutes => ts.checked_mul(60_000),
+            Self::Hours => ts.checked_mul(3_600_000),
+        }
+    }
+}
+
+/// Why a request was refused before anything was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("more than {0} lines in one write (http.write_max_lines)")]
+    TooManyLines(usize),
+}
+
+/// One device's readings of a request, in the order of its lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLines {
+    pub device_id: DeviceId,
+    /// The first line that names it (for errors about the device).
+    pub first_line: usize,
+    pub readings: Vec<Reading>,
+    /// The lines carry `seq`; else every reading's seq is 0 (the writer
+    /// numbers them).
+    pub with_seq: bool,
+}
+
+/// What a request's lines may be.
+#[derive(Debug, Clone, Copy)]
+pub struct LineRules {
+    pub precision: Precision,
+    /// The hub's clock, for lines without a timestamp.
+    pub now_ms: i64,
+    /// The same window as a stream's readings: retention's cutoff and now
+    /// plus the allowed clock skew.
+    pub earliest_ms: i64,
+    pub latest_ms: i64,
+    pub max_lines: usize,
+}
+
+/// Parses a request's lines into readings per device, in the order the
+/// devices first appear. Any bad line refuses the whole request (so a
+/// retry is safe); the error names the first, by its line number.
+pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseError> {
+    let mut devices: Vec<DeviceLines> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut lines = 0usize;
+    for (n, text) in influxdb_line_protocol::split_lines(body).enumerate() {
+        let line = n + 1;
+        let bad = |reason: String| ParseError::Line { line, reason };
+        let Some(parsed) = influxdb_line_protocol::parse_lines(text).next() else {
+            continue; // blank, or a comment
+        };
+        lines += 1;
+        if lines > rules.max_lines {
+            return Err(ParseError::TooManyLines(rules.max_lines));
+        }
+        let parsed = parsed.map_err(|e| bad(e.to_string()))?;
+        let measurement = parsed.series.measurement.as_str();
+        let device = parsed
+            .series
+            .tag_set
+            .iter()
+            .flatten()
+            .find(|(k, _)| k.as_str() == DEVICE_TAG)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| bad(format!("no {DEVICE_TAG:?} tag names the device")))?;
+        let device_id = DeviceId::parse(device).map_err(|e| bad(format!("device: {e}")))?;
+        let ts_ms = match parsed.timestamp {
+            Some(ts) => rules
+                .precision
+                .to_ms(ts)
+                .ok_or_else(|| bad("the timestamp is out of range".to_owned()))?,
+            None => rules.now_ms,
+        };
+        let seq = parsed
+            .field_set
+            .iter()
+            .find(|(k, _)| k.as_str() == SEQ_FIELD)
+            .map(|(_, v)| line_seq(v).map_err(&bad))
+            .transpose()?;
+        let values = parsed.field_set.len() - usize::from(seq.is_some());
+        if seq.is_some() && values != 1 {
+            return Err(bad(format!(
+                "a line with {SEQ_FIELD:?} carries exactly one value field (it has {values})"
+            )));
+        }
+        let slot = *index.entry(device.to_owned()).or_insert_with(|| {
+            devices.push(DeviceLines {
+                device_id,
+                first_line: line,
+                readings: Vec::new(),
+                with_seq: seq.is_some(),
+            });
+            devices.len() - 1
+        });
+        let lines_of = &mut devices[slot];
+        if lines_of.with_seq != seq.is_some() {
+            return Err(bad(format!(
+                "either every line of device {device:?} carries {SEQ_FIELD:?} or none does \
+                 (line {} {})",
+                lines_of.first_line,
+                if lines_of.with_seq {
+                    "does"
+                } else {
+                    "does not"
+                }
+            )));
+        }
+        for (field, value) in parsed
+            .field_set
+            .iter()
+            .filter(|(k, _)| k.as_str() != SEQ_FIELD)
+        {
+            let value = field_value(value)
+                .map_err(|why| bad(format!("field {:?}: {why}", field.as_str())))?;
+            let sensor = if measurement == PLAIN_MEASUREMENT {
+                field.as_str().to_owned()
+            } else {
+                format!("{measurement}_{}", field.as_str())
+            };
+            let reading = Reading {
+                seq: seq.unwrap_or(1),
+                sensor,
+                ts_ms,
+                value,
+            };
+            reading
+                .check(rules.earliest_ms, rules.latest_ms)
+                .map_err(|why| bad(format!("sensor {:?}: {why}", reading.sensor)))?;
+            lines_of.readings.push(Reading {
+                seq: seq.unwrap_or(0),
+                ..reading
+            });
+        }
+    }
+    Ok(devices)
+}
+
+/// A field as a reading's value: numbers, and booleans as 1 and 0.
+fn field_value(value: &influxdb_line_protocol::FieldValue<'_>) -> Result<f64, String> {
+    use influxdb_line_protocol::FieldValue;
+    match value {
+        FieldValue::F64(v) => Ok(*v),
+        FieldValue::I64(v) => Ok(*v as f64),
+        FieldValue::U64(v) => Ok(*v as f64),
+        FieldValue::Boolean(b) => Ok(if *b { 1.0 } else { 0.0 }),
+        FieldValue::String(_) => Err(
+            "a string is not a reading (drop it before sending, e.g. Telegraf's fieldexclude)"
+                .to_owned(),
+        ),
+    }
+}
+
+/// The `seq` field: an integer in 1..=2^63-1.
+fn line_seq(value: &influxdb_line_protocol::FieldValue<'_>) -> Result<u64, String> {
+    use influxdb_line_protocol::FieldValue;
+    let seq = match value {
+        FieldValue::I64(v) => u64::try_from(*v).ok(),
+        FieldValue::U64(v) => Some(*v),
+        FieldValue::F64(v) if v.fract() == 0.0 && *v >= 1.0 && *v <= MAX_SEQ as f64 => {
+            Some(*v as u64)
+        }
+        _ => None,
+    };
+    seq.filter(|s| (1..=MAX_SEQ).contains(s))
+        .ok_or_else(|| format!("{SEQ_FIELD:?} must be an integer from 1 to 2^63-1"))
+}
+
+/// Why a write was not (wholly) stored.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Bad credentials for the device named on `line`.
+    #[error("invalid device credentials for the device on line {line}")]
+    Unauthenticated { line: usize },
+    #[error("too many failed authentications from this address; try again in a minute")]
+    TooManyFailures,
+    /// Device auth is `tls`: this door has no client certificates.
+    #[error(
+        "devices authenticate with client certificates (auth.devices = tls); line-protocol writes need token or open device auth"
+    )]
+    CertificatesOnly,
+    #[error("device {device}: {why}")]
+    Conflict { device: String, why: &'static str },
+    #[error(
+        "device {device} is over its rate of server.max_readings_per_sec; retry after {retry_after:?}"
+    )]
+    RateLimited {
+        device: String,
+        retry_after: Duration,
+    },
+    /// Nothing of the request is known to be stored: retry it.
+    #[error("{0}; nothing was acknowledged, retry the write")]
+    Unavailable(String),
+    /// Some readings were refused by the hub's sensor limits; the rest are
+    /// stored (a retry would store them again unless the lines carry seq).
+    #[error(
+        "partial write: {refused} of {total} readings were refused (the device's or the hub's sensor limit); the others are stored"
+    )]
+    Partial { refused: u64, total: u64 },
+}
+
+/// What a stored write came to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteDone {
+    pub stored: u64,
+    /// Readings whose seq the device had sent before (lines with `seq`).
+    pub duplicates: u64,
+}
+
+/// What the door knows of a device between writes: a registration whose
+/// epoch still holds is reused, so a write costs one commit.
+struct Known {
+    token: [u8; 32],
+    device: DeviceKey,
+    epoch: u64,
+    rate: TokenBucket,
+}
+
+/// Settings of the line-protocol door.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteSettings {
+    pub max_clock_skew: Duration,
+    pub retention: Option<Duration>,
+    pub max_readings_per_sec: u32,
+    /// How long a write waits for its commit before answering 503.
+    pub commit_timeout: Duration,
+    /// Devices whose registrations are kept (a full map starts over).
+    pub cached_devices: usize,
+}
+
+/// The core of line-protocol writes, shared by its HTTP routes.
+pub struct LineWrites {
+    ingest: IngestQueue,
+    store: Store,
+    auth: Arc<AuthPolicy>,
+    registry: Arc<SessionRegistry>,
+    metrics: Arc<HubMetrics>,
+    failures: FailureLimiter,
+    settings: WriteSettings,
+    known: Mutex<HashMap<String, Known>>,
+}
+
+/// A device's batch on its way: what to wait for.
+struct Pending<'a> {
+    lines: &'a DeviceLines,
+    slot: Arc<AckSlot>,
+}
+
+impl LineWrites {
+    pub fn new(
+        ingest: IngestQueue,
+        store: Store,
+        auth: Arc<AuthPolicy>,
+        registry: Arc<SessionRegistry>,
+        metrics: Arc<HubMetrics>,
+        failures: FailureLimiter,
+        settings: WriteSettings,
+    ) -> Self {
+        Self {
+            ingest,
+            store,
+            auth,
+            registry,
+            metrics,
+            failures,
+            settings,
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The rules a request's lines are parsed by, now.
+    pub fn rules(&self, precision: Precision, max_lines: usize) -> LineRules {
+        let now = now_ms();
+        LineRules {
+            precision,
+            now_ms: now,
+            earliest_ms: self
+                .settings
+                .retention
+                .map_or(i64::MIN, |r| now.saturating_sub(r.as_millis() as i64)),
+            latest_ms: now.saturating_add(self.settings.max_clock_skew.as_millis() as i64),
+            max_lines,
+        }
+    }
+
+    /// Stores a request's readings, device by device, and answers once
+    /// every one is committed. `token` is what the request presented.
+    pub async fn write(
+        &self,
+        devices: &[DeviceLines],
+        token: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<WriteDone, WriteError> {
+        if self.auth.devices == DeviceAuthMode::Tls {
+            return Err(WriteError::CertificatesOnly);
+        }
+        let token = token.unwrap_or_default();
+        // Every device is admitted and within its rate before anything is
+        // queued: a refusal stores nothing.
+        let mut admitted = Vec::with_capacity(devices.len());
+        for lines in devices {
+            admitted.push(self.admit(lines, token, peer).await?);
+        }
+        let mut done = WriteDone::default();
+        let mut refused = 0u64;
+        let total: u64 = devices.iter().map(|d| d.readings.len() as u64).sum();
+        let mut pending = Vec::with_capacity(devices.len());
+        for (lines, (device, epoch)) in devices.iter().zip(admitted) {
+            pending.push(self.queue(lines, device, epoch).await?);
+        }
+        for p in pending {
+            let outcome = match self.settled(&p.slot).await? {
+                Some(outcome) => outcome,
+                None => {
+                    // Claimed meanwhile (a credential change, or another
+                    // registration of the device): once more, afresh.
+                    self.forget(&p.lines.device_id);
+                    let (device, epoch) = self.admit(p.lines, token, peer).await?;
+                    let again = self.queue(p.lines, device, epoch).await?;
+                    self.settled(&again.slot)
+                        .await?
+                        .ok_or(WriteError::Conflict {
+                            device: p.lines.device_id.to_string(),
+                            why: "the device was claimed by another connection while writing",
+                        })?
+                }
+            };
+            let n = p.lines.readings.len() as u64;
+            refused += u64::from(outcome.rejected);
+            done.duplicates += u64::from(outcome.duplicates);
+            done.stored += n
+                .saturating_sub(u64::from(outcome.rejected))
+                .saturating_sub(u64::from(outcome.duplicates));
+        }
+        if refused > 0 {
+            return Err(WriteError::Partial { refused, total });
+        }
+        Ok(done)
+    }
+
+    /// The device's registration for this write: its credentials checked
+    /// (again only when the token differs from the last write's), no stream
+    /// of it open here, and its rate not exceeded.
+    async fn admit(
+        &self,
+        lines: &DeviceLines,
+        token: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<(DeviceKey, u64), WriteError> {
+        let id = lines.device_id.as_str();
+        if self.registry.is_live(&lines.device_id) {
+            return Err(WriteError::Conflict {
+                device: id.to_owned(),
+                why: "it holds a gRPC stream to this hub; a device writes through one door at a time",
+            });
+        }
+        let presented = token_hash(token);
+        let n = lines.readings.len();
+        {
+            let mut known = self.lock();
+            if let Some(k) = known.get_mut(id).filter(|k| k.token == presented) {
+                let registration = (k.device, k.epoch);
+                spend(&mut k.rate, n, id)?;
+                return Ok(registration);
+            }
+        }
+        let stored = self
+            .store
+            .credentials(id, None)
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        let proof = self.auth.admit(
+            Presented {
+                device_id: id,
+                token,
+                certificate: None,
+            },
+            stored,
+        );
+        let proof = match proof {
+            Ok(proof) => proof,
+            Err(why) => {
+                tracing::debug!(device_id = id, reason = %why, "line-protocol write refused");
+                return Err(self.refuse(lines.first_line, peer));
+            }
+        };
+        self.register(lines, presented, proof, peer).await
+    }
+
+    async fn register(
+        &self,
+        lines: &DeviceLines,
+        presented: [u8; 32],
+        proof: Proof,
+        peer: Option<IpAddr>,
+    ) -> Result<(DeviceKey, u64), WriteError> {
+        let id = lines.device_id.as_str();
+        let registered = match self
+            .ingest
+            .register_writes(lines.device_id.clone(), proof)
+            .await
+        {
+            Ok(r) => r,
+            Err(IngestError::Refused) => return Err(self.refuse(lines.first_line, peer)),
+            Err(e) => return Err(WriteError::Unavailable(e.to_string())),
+        };
+        let mut known = self.lock();
+        if known.len() >= self.settings.cached_devices && !known.contains_key(id) {
+            known.clear();
+        }
+        let rate = self.settings.max_readings_per_sec;
+        let k = known.entry(id.to_owned()).or_insert_with(|| Known {
+            token: presented,
+            device: registered.device,
+            epoch: registered.epoch,
+            rate: TokenBucket::new(rate, rate),
+        });
+        k.token = presented;
+        k.device = registered.device;
+        k.epoch = registered.epoch;
+        spend(&mut k.rate, lines.readings.len(), id)?;
+        Ok((registered.device, registered.epoch))
+    }
+
+    fn refuse(&self, line: usize, peer: Option<IpAddr>) -> WriteError {
+        HubMetrics::add(&self.metrics.auth_failures, 1);
+        if !self.failures.allowed(peer) {
+            return WriteError::TooManyFailures;
+        }
+        self.failures.failed(peer);
+        WriteError::Unauthenticated { line }
+    }
+
+    async fn queue<'a>(
+        &self,
+        lines: &'a DeviceLines,
+        device: DeviceKey,
+        epoch: u64,
+    ) -> Result<Pending<'a>, WriteError> {
+        let slot = AckSlot::new();
+        let batch = IngestBatch {
+            received: std::time::Instant::now(),
+            device,
+            device_id: Arc::from(lines.device_id.as_str()),
+            readings: lines
+                .readings
+                .iter()
+                .cloned()
+                .map(CheckedReading::Valid)
+                .collect(),
+            ack: Arc::clone(&slot),
+            epoch,
+            assign_seqs: !lines.with_seq,
+        };
+        self.ingest
+            .push(batch)
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        Ok(Pending { lines, slot })
+    }
+
+    /// Waits for a batch's commit: its ack, or None when it was fenced (the
+    /// device's epoch moved on before it was written).
+    async fn settled(
+        &self,
+        slot: &AckSlot,
+    ) -> Result<Option<crate::ingest::PendingAck>, WriteError> {
+        let deadline = Instant::now() + self.settings.commit_timeout;
+        loop {
+            if slot.fenced() {
+                return Ok(None);
+            }
+            if slot.failed() {
+                return Err(WriteError::Unavailable("storage failed".to_owned()));
+            }
+            if slot.batches_done() > 0 {
+                return Ok(slot.take());
+            }
+            if tokio::time::timeout_at(deadline.into(), slot.changed())
+                .await
+                .is_err()
+            {
+                return Err(WriteError::Unavailable(
+                    "the write was not committed in time".to_owned(),
+                ));
+            }
+        }
+    }
+
+    fn forget(&self, device: &DeviceId) {
+        self.lock().remove(device.as_str());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        // Plain data: a panic elsewhere cannot leave it torn.
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Spends a device's rate for `n` readings: refused (nothing spent) unless
+/// the bucket holds them, or is full (a write larger than a second's worth
+/// is let through once, and the device then waits its debt off).
+fn spend(rate: &mut TokenBucket, n: usize, device: &str) -> Result<(), WriteError> {
+    rate.try_spend_n(n)
+        .map_err(|retry_after| WriteError::RateLimited {
+            device: device.to_owned(),
+            retry_after,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> LineRules {
+        LineRules {
+            precision: Precision::Nanos,
+            now_ms: 1_700_000_000_000,
+            earliest_ms: i64::MIN,
+            latest_ms: 1_700_000_300_000,
+            max_lines: 100,
+        }
+    }
+
+    fn line_error(body: &str) -> (usize, String) {
+        match parse(body, &rules()) {
+            Err(ParseError::Line { line, reason }) => (line, reason),
+            other => panic!("expected a line error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lines_map_to_sensors_per_device_in_order() {
+        let body = "\
+# a comment
+env,device=d1,host=gw temp=21.5,hum=40i 1700000000000000000
+
+readings,device=d2 level=true,raw=7u 1700000000001000000
+env,device=d1 temp=21.75 1700000000002000000
+";
+        let devices = parse(body, &rules()).unwrap();
+        assert_eq!(devices.len(), 2);
+        let d1 = &devices[0];
+        assert_eq!(d1.device_id.as_str(), "d1");
+        assert_eq!(d1.first_line, 2);
+        assert!(!d1.with_seq);
+        let got: Vec<(&str, i64, f64, u64)> = d1
+            .readings
+            .iter()
+            .map(|r| (r.sensor.as_str(), r.ts_ms, r.value, r.seq))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("env_temp", 1_700_000_000_000, 21.5, 0),
+                ("env_hum", 1_700_000_000_000, 40.0, 0),
+                ("env_temp", 1_700_000_000_002, 21.75, 0),
+            ]
+        );
+        let d2: Vec<(&str, f64)> = devices[1]
+            .readings
+            .iter()
+            .map(|r| (r.sensor.as_str(), r.value))
+            .collect();
+        assert_eq!(d2, vec![("level", 1.0), ("raw", 7.0)]);
+    }
+
+    #[test]
+    fn precision_and_missing_timestamps() {
+        for (p, ts, ms) in [
+            (Precision::Seconds, 1_700_000_000_i64, 1_700_000_000_000_i64),
+            (Precision::Millis, 1_700_000_000_123, 1_700_000_000_123),
+            (Precision::Micros, 1_700_000_000_123_999, 1_700_000_000_123),
+            (Precision::Minutes, 28_333_333, 1_699_999_980_000),
+        ] {
+            let r = LineRules {
+                precision: p,
+                ..rules()
+            };
+            let got = parse(&format!("m,device=d v=1 {ts}"), &r).unwrap();
+            assert_eq!(got[0].readings[0].ts_ms, ms, "{p:?}");
+        }
+        let got = parse("m,device=d v=1", &rules()).unwrap();
+        assert_eq!(got[0].readings[0].ts_ms, rules().now_ms);
+        assert_eq!(Precision::parse(Some("u")), Ok(Precision::Micros));
+        assert!(Precision::parse(Some("d")).is_err());
+    }
+
+    #[test]
+    fn seq_lines_keep_their_seq() {
+        let got = parse("m,device=d v=1,seq=7i 1\nm,device=d v=2,seq=8u 2", &rules());
+        let r = LineRules {
+            precision: Precision::Seconds,
+            ..rules()
+        };
+        assert!(got.is_err(), "1 ns is before 2000: refused");
+        let got = parse(
+            "m,device=d v=1,seq=7i 1700000000\nm,device=d v=2,seq=8u 1700000001",
+            &r,
+        )
+        .unwrap();
+        assert!(got[0].with_seq);
+        let seqs: Vec<u64> = got[0].readings.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![7, 8]);
+    }
+
+    #[test]
+    fn bad_lines_name_their_line_and_reason() {
+        let cases = [
+            ("m,device=d v=1\nm v=1", 2, "no \"device\" tag"),
+            ("m,device=d v=\"on\"", 1, "a string is not a reading"),
+            ("m,device=d v=1\n\nm,device=d v=", 3, ""),
+            ("m,device=bad/id v=1", 1, "device:"),
+            ("m,device=d a=1,b=2,seq=3i", 1, "exactly one value field"),
+            ("m,device=d a=1,seq=-3i", 1, "from 1 to 2^63-1"),
+            (
+                "m,device=d a=1,seq=3i\nm,device=d a=2",
+                2,
+                "either every line",
+            ),
+            ("m,device=d v=1 9999999999999999999", 1, ""),
+            ("m,device=d v=1 1800000000000000000", 1, "future"),
+        ];
+        for (body, line, why) in cases {
+            let (got_line, reason) = line_error(body);
+            assert_eq!(got_line, line, "{body:?}: {reason}");
+            assert!(reason.contains(why), "{body:?}: {reason}");
+        }
+        let many = "m,device=d v=1\n".repeat(101);
+        assert_eq!(parse(&many, &rules()), Err(ParseError::TooManyLines(100)));
+    }
+}
