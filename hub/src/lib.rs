@@ -55,6 +55,9 @@
 //! - [`http`]: the web console and its HTTP/JSON API (axum), another door
 //!   to [`operator`]; live events by Server-Sent Events.
 //! - [`prometheus`]: the optional `/metrics` endpoint.
+//! - [`promql`]: the Prometheus query API's plain core (series as labels,
+//!   the PromQL subset, evaluation); [`operator`] loads its samples and
+//!   [`http`] serves `/api/v1/query`, `query_range`, `series`, `labels`.
 //! - [`mqtt`]: the optional MQTT bridge: committed readings, presence and
 //!   command events out, commands in (with `mqtt.commands`, through
 //!   [`commands`]).
@@ -80,6 +83,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod operator;
 pub mod prometheus;
+pub mod promql;
 pub mod query;
 pub mod registry;
 pub mod retention;

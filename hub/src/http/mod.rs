@@ -16,6 +16,7 @@ mod console;
 mod events;
 mod jobs;
 mod openapi;
+mod prom;
 mod serve;
 mod twin;
 mod write;
@@ -114,6 +115,13 @@ pub async fn start(
 
 fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
     let writes = write::routes(Arc::clone(&state));
+    // Prometheus' query API: reads, whatever the method (Grafana POSTs).
+    let prometheus = prom::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorize_read,
+        ))
+        .with_state(Arc::clone(&state));
     let api = api::routes()
         .merge(events::routes())
         .merge(admin::routes())
@@ -128,6 +136,7 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
         ))
         .with_state(state);
     Router::new()
+        .merge(prometheus)
         .nest("/api/v1", api)
         .merge(console::routes())
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -150,20 +159,30 @@ fn router(state: Arc<ApiState>, max_body_bytes: usize) -> Router {
 /// Checks where a call comes from and the operator token for the role it
 /// needs: reads (GET, HEAD) the read role, everything else admin. The
 /// operator goes on to the handler.
-async fn authorize(
-    State(state): State<Arc<ApiState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    if let Err(refused) = check_origin(&state, &request) {
-        return refused.into_response();
-    }
+async fn authorize(state: State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let method = request.method();
     let needed = if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Role::Read
     } else {
         Role::Admin
     };
+    authorize_as(state, request, next, needed).await
+}
+
+/// [`authorize`] for routes that only read whatever their method.
+async fn authorize_read(state: State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    authorize_as(state, request, next, Role::Read).await
+}
+
+async fn authorize_as(
+    State(state): State<Arc<ApiState>>,
+    mut request: Request,
+    next: Next,
+    needed: Role,
+) -> Response {
+    if let Err(refused) = check_origin(&state, &request) {
+        return refused.into_response();
+    }
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)

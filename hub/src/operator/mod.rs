@@ -11,6 +11,7 @@ mod admin;
 pub mod alarms;
 pub mod jobs;
 mod live;
+pub mod prom;
 mod twin;
 
 pub use admin::{Backups, parse_sha256};

@@ -446,6 +446,29 @@ impl Store {
             .collect())
     }
 
+    /// Every series the hub holds readings of, of devices not removed: the
+    /// device (key, id, tags) and the sensor's name, in device id order.
+    pub async fn series_catalog(&self) -> Result<Vec<CatalogSeries>, StoreError> {
+        let rows: Vec<(i64, String, String, String)> = with_pool!(&self.read, pool, _Db => {
+            sqlx::query_as(
+                "SELECT d.id, d.external_id, d.tags, s.name FROM device_sensors ds \
+                 JOIN devices d ON d.id = ds.device_id JOIN sensors s ON s.id = ds.sensor_id \
+                 WHERE d.removed_ms IS NULL ORDER BY d.external_id, s.name",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(id, device_id, tags, sensor)| CatalogSeries {
+                device: DeviceKey(id),
+                device_id,
+                tags: twins::decode_tags(&tags),
+                sensor,
+            })
+            .collect())
+    }
+
     /// Staged readings of a device (one sensor, or all) with
     /// since <= ts_ms < until, ordered by (sensor, ts_ms, seq). A scan, once
     /// per query, of the device's staging part (about storage.compact_rows /
@@ -617,6 +640,15 @@ impl Store {
         });
         Ok(total as u64)
     }
+}
+
+/// One series of [`Store::series_catalog`].
+#[derive(Debug, Clone)]
+pub struct CatalogSeries {
+    pub device: DeviceKey,
+    pub device_id: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub sensor: String,
 }
 
 /// The devices' columns, with `online_since_ms` only while the device's

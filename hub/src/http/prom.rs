@@ -1,0 +1,325 @@
+//! The Prometheus HTTP query API (what Grafana's Prometheus data source
+//! calls): `/api/v1/query`, `query_range`, `series`, `labels`,
+//! `label/{name}/values`, `metadata` and `status/buildinfo`, GET or POST
+//! (form), under the operator read role whatever the method. Answers and
+//! errors are in Prometheus' JSON (`{"status": "error", "errorType":
+//! "bad_data", ...}`), evaluated by the core ([`crate::operator::prom`]).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use promql_parser::label::Matcher;
+use serde_json::{Value as Json, json};
+
+use super::ApiState;
+use crate::operator::OpError;
+use crate::operator::prom::PromFailure;
+use crate::promql::{self, QueryError, Steps, Value};
+
+pub(super) fn routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route("/api/v1/query", get(query).post(query))
+        .route("/api/v1/query_range", get(query_range).post(query_range))
+        .route("/api/v1/series", get(series).post(series))
+        .route("/api/v1/labels", get(labels).post(labels))
+        .route("/api/v1/label/{name}/values", get(label_values))
+        .route("/api/v1/metadata", get(metadata))
+        .route("/api/v1/status/buildinfo", get(buildinfo))
+}
+
+/// A request's parameters: the query string, then a form body.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn new(raw: Option<String>, headers: &HeaderMap, body: &Bytes) -> Self {
+        let mut pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+        let form = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if form {
+            pairs.extend(form_urlencoded::parse(body).into_owned());
+        }
+        Self(pairs)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn required(&self, name: &str) -> Result<&str, Failure> {
+        self.get(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Failure::bad(format!("invalid parameter \"{name}\": missing")))
+    }
+
+    /// The `match[]` selectors.
+    fn selectors(&self) -> Result<Vec<Vec<Matcher>>, Failure> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == "match[]")
+            .map(|(_, v)| selector(v))
+            .collect()
+    }
+}
+
+/// A `match[]` selector's matchers.
+fn selector(text: &str) -> Result<Vec<Matcher>, Failure> {
+    let bad = || Failure::bad(format!("invalid parameter \"match[]\": {text:?} is not a series selector"));
+    match promql_parser::parser::parse(text).map_err(|_| bad())? {
+        promql_parser::parser::Expr::VectorSelector(vs) => {
+            let mut m = vs.matchers.matchers;
+            if let Some(name) = vs.name {
+                m.push(Matcher::new(promql_parser::label::MatchOp::Equal, promql::NAME, &name));
+            }
+            Ok(m)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// A time parameter: Unix seconds (with a fraction) or RFC 3339.
+fn time(raw: &str, what: &str) -> Result<i64, Failure> {
+    if let Ok(secs) = raw.parse::<f64>()
+        && secs.is_finite()
+    {
+        return Ok((secs * 1000.0).round() as i64);
+    }
+    humantime::parse_rfc3339_weak(raw)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| Failure::bad(format!("invalid parameter \"{what}\": cannot parse {raw:?} to a valid timestamp")))
+}
+
+/// A step: seconds (with a fraction) or a duration (`15s`, `1m30s`).
+fn duration(raw: &str, what: &str) -> Result<i64, Failure> {
+    if let Ok(secs) = raw.parse::<f64>()
+        && secs.is_finite()
+    {
+        return Ok((secs * 1000.0).round() as i64);
+    }
+    promql_parser::util::parse_duration(raw)
+        .map(|d| d.as_millis() as i64)
+        .map_err(|_| Failure::bad(format!("invalid parameter \"{what}\": cannot parse {raw:?} to a valid duration")))
+}
+
+/// An error answer in Prometheus' form.
+struct Failure {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "bad_data",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<OpError> for Failure {
+    fn from(e: OpError) -> Self {
+        let api = super::ApiError::from(e);
+        let kind = match api.status {
+            StatusCode::BAD_REQUEST => "bad_data",
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "unavailable",
+            _ => "internal",
+        };
+        Self {
+            status: api.status,
+            kind,
+            message: api.message,
+        }
+    }
+}
+
+impl From<PromFailure> for Failure {
+    fn from(e: PromFailure) -> Self {
+        match e {
+            PromFailure::Query(QueryError::BadData(m)) => Self::bad(m),
+            PromFailure::Query(QueryError::Execution(m)) => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                kind: "execution",
+                message: m,
+            },
+            PromFailure::Op(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = json!({"status": "error", "errorType": self.kind, "error": self.message});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn success(data: Json) -> Response {
+    axum::Json(json!({"status": "success", "data": data})).into_response()
+}
+
+/// A sample as Prometheus writes it: [seconds, "value"].
+fn point(t_ms: i64, v: f64) -> Json {
+    let value = if v.is_nan() {
+        "NaN".to_owned()
+    } else if v == f64::INFINITY {
+        "+Inf".to_owned()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".to_owned()
+    } else {
+        format!("{v}")
+    };
+    json!([t_ms as f64 / 1000.0, value])
+}
+
+type Shared = State<Arc<ApiState>>;
+
+async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &headers, &body);
+        let text = p.required("query")?;
+        let at = match p.get("time").filter(|t| !t.is_empty()) {
+            Some(t) => time(t, "time")?,
+            None => crate::domain::now_ms(),
+        };
+        let (scalar, value) = state.ops.prom_query(text, Steps::instant(at)).await?;
+        Ok(match value {
+            Value::Scalar(v) if scalar => json!({"resultType": "scalar", "result": point(at, v[0])}),
+            Value::Scalar(v) => json!({"resultType": "scalar", "result": point(at, v[0])}),
+            Value::Vector(series) => json!({
+                "resultType": "vector",
+                "result": series.iter().filter_map(|s| s.values[0].map(|v| json!({
+                    "metric": s.labels, "value": point(at, v)
+                }))).collect::<Vec<_>>(),
+            }),
+        })
+    })
+    .await
+}
+
+async fn query_range(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &headers, &body);
+        let text = p.required("query")?;
+        let start = time(p.required("start")?, "start")?;
+        let end = time(p.required("end")?, "end")?;
+        let step = duration(p.required("step")?, "step")?;
+        let steps = Steps::range(start, end, step).map_err(PromFailure::from)?;
+        let times = steps.times();
+        let (_, value) = state.ops.prom_query(text, steps).await?;
+        let series: Vec<(promql::Labels, Vec<Option<f64>>)> = match value {
+            // A scalar's range is one series without labels.
+            Value::Scalar(v) => vec![(promql::Labels::new(), v.into_iter().map(Some).collect())],
+            Value::Vector(series) => series.into_iter().map(|s| (s.labels, s.values)).collect(),
+        };
+        let result: Vec<Json> = series
+            .iter()
+            .map(|(labels, values)| {
+                let points: Vec<Json> = times
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(&t, v)| v.map(|v| point(t, v)))
+                    .collect();
+                json!({"metric": labels, "values": points})
+            })
+            .collect();
+        Ok(json!({"resultType": "matrix", "result": result}))
+    })
+    .await
+}
+
+async fn series(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &headers, &body);
+        let selectors = p.selectors()?;
+        if selectors.is_empty() {
+            return Err(Failure::bad("no match[] parameter provided"));
+        }
+        Ok(json!(state.ops.prom_series(&selectors).await?))
+    })
+    .await
+}
+
+async fn labels(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &headers, &body);
+        let names: BTreeSet<String> = state
+            .ops
+            .prom_series(&p.selectors()?)
+            .await?
+            .into_iter()
+            .flat_map(|l| l.into_keys())
+            .collect();
+        Ok(json!(names))
+    })
+    .await
+}
+
+async fn label_values(State(state): Shared, Path(name): Path<String>, raw: RawQuery) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &HeaderMap::new(), &Bytes::new());
+        let values: BTreeSet<String> = state
+            .ops
+            .prom_series(&p.selectors()?)
+            .await?
+            .into_iter()
+            .filter_map(|mut l| l.remove(&name))
+            .collect();
+        Ok(json!(values))
+    })
+    .await
+}
+
+async fn metadata(State(state): Shared, raw: RawQuery) -> Response {
+    answer(async {
+        let p = Params::new(raw.0, &HeaderMap::new(), &Bytes::new());
+        let only = p.get("metric").filter(|m| !m.is_empty());
+        let names: BTreeSet<String> = state
+            .ops
+            .prom_series(&[])
+            .await?
+            .into_iter()
+            .filter_map(|mut l| l.remove(promql::NAME))
+            .filter(|n| only.is_none_or(|o| o == n))
+            .collect();
+        let data: serde_json::Map<String, Json> = names
+            .into_iter()
+            .map(|n| {
+                let help = format!("readings of the sensor {n}");
+                (n, json!([{"type": "gauge", "help": help, "unit": ""}]))
+            })
+            .collect();
+        Ok(Json::Object(data))
+    })
+    .await
+}
+
+async fn buildinfo() -> Response {
+    success(json!({
+        "version": "2.42.0",
+        "revision": concat!("telemetry-hub ", env!("CARGO_PKG_VERSION")),
+        "branch": "",
+        "buildUser": "",
+        "buildDate": "",
+        "goVersion": "",
+    }))
+}
+
+async fn answer(work: impl Future<Output = Result<Json, Failure>>) -> Response {
+    match work.await {
+        Ok(data) => success(data),
+        Err(f) => f.into_response(),
+    }
+}

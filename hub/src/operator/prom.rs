@@ -1,0 +1,114 @@
+//! The Prometheus query API's operations: the series catalogue as
+//! Prometheus labels, and queries evaluated by [`crate::promql`] over
+//! samples this module loads through the same readings queries (and
+//! budget) as every other door.
+
+use promql_parser::label::Matcher;
+
+use super::{OpError, Operations};
+use crate::domain::{ReadingQuery, StoredReading};
+use crate::promql::{self, Labels, Loaded, Query, QueryError, Steps, Value};
+use crate::query::QueryChunk;
+
+/// Samples one query may load (16 bytes each): past it the query is
+/// refused, not answered in part.
+pub const MAX_SAMPLES: usize = 20_000_000;
+
+/// Why a Prometheus query failed: the query (Prometheus' error types), or
+/// the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum PromFailure {
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Op(#[from] OpError),
+}
+
+/// A catalogued series: its labels and where its readings are.
+struct Known {
+    labels: Labels,
+    device: crate::domain::DeviceKey,
+    sensor: String,
+}
+
+impl Operations {
+    async fn prom_catalog(&self) -> Result<Vec<Known>, OpError> {
+        Ok(self
+            .store
+            .series_catalog()
+            .await?
+            .into_iter()
+            .map(|c| Known {
+                labels: promql::series_labels(&c.device_id, &c.tags, &c.sensor),
+                device: c.device,
+                sensor: c.sensor,
+            })
+            .collect())
+    }
+
+    /// The label sets of every series matching any of `selectors` (every
+    /// series when none is given).
+    pub async fn prom_series(&self, selectors: &[Vec<Matcher>]) -> Result<Vec<Labels>, OpError> {
+        Ok(self
+            .prom_catalog()
+            .await?
+            .into_iter()
+            .map(|k| k.labels)
+            .filter(|l| selectors.is_empty() || selectors.iter().any(|m| promql::matches(m, l)))
+            .collect())
+    }
+
+    /// Evaluates `query` over `steps`: whether its value is a scalar, and
+    /// the value.
+    pub async fn prom_query(&self, query: &str, steps: Steps) -> Result<(bool, Value), PromFailure> {
+        let query = Query::parse(query)?;
+        let windows = query.windows(&steps);
+        let catalog = if windows.is_empty() {
+            Vec::new()
+        } else {
+            self.prom_catalog().await?
+        };
+        let mut loaded = Vec::with_capacity(windows.len());
+        let mut samples = 0usize;
+        for window in windows {
+            let mut data = Loaded::default();
+            for k in catalog.iter().filter(|k| promql::matches(&window.matchers, &k.labels)) {
+                let points = self.series_samples(k, window.from_ms, window.to_ms).await?;
+                samples += points.len();
+                if samples > MAX_SAMPLES {
+                    return Err(QueryError::BadData(format!(
+                        "query processing would load more than {MAX_SAMPLES} samples; narrow the selectors or the range"
+                    ))
+                    .into());
+                }
+                data.series.push((k.labels.clone(), points));
+            }
+            loaded.push(data);
+        }
+        let scalar = query.is_scalar();
+        Ok((scalar, query.evaluate(&steps, loaded)?))
+    }
+
+    /// A series' readings with from <= ts <= to, in time order.
+    async fn series_samples(&self, k: &Known, from_ms: i64, to_ms: i64) -> Result<Vec<(i64, f64)>, OpError> {
+        let mut run = self.run_query(ReadingQuery {
+            device: k.device,
+            sensor: Some(k.sensor.clone()),
+            since_ms: Some(from_ms),
+            until_ms: Some(to_ms.saturating_add(1)),
+            limit: 0,
+            bucket_ms: None,
+        })?;
+        let mut points = Vec::new();
+        while let Some(chunk) = run.chunks.recv().await {
+            match chunk? {
+                QueryChunk::Rows(rows) => points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value))),
+                QueryChunk::Buckets(_) => {}
+            }
+        }
+        if !run.ended_whole().await {
+            return Err(OpError::Internal("a readings query failed; see the hub's log".into()));
+        }
+        Ok(points)
+    }
+}
