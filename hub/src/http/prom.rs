@@ -38,9 +38,10 @@ struct Params(Vec<(String, String)>);
 
 impl Params {
     fn new(raw: Option<String>, headers: &HeaderMap, body: &Bytes) -> Self {
-        let mut pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-            .into_owned()
-            .collect();
+        let mut pairs: Vec<(String, String)> =
+            form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect();
         let form = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -52,7 +53,10 @@ impl Params {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn required(&self, name: &str) -> Result<&str, Failure> {
@@ -73,12 +77,20 @@ impl Params {
 
 /// A `match[]` selector's matchers.
 fn selector(text: &str) -> Result<Vec<Matcher>, Failure> {
-    let bad = || Failure::bad(format!("invalid parameter \"match[]\": {text:?} is not a series selector"));
+    let bad = || {
+        Failure::bad(format!(
+            "invalid parameter \"match[]\": {text:?} is not a series selector"
+        ))
+    };
     match promql_parser::parser::parse(text).map_err(|_| bad())? {
         promql_parser::parser::Expr::VectorSelector(vs) => {
             let mut m = vs.matchers.matchers;
             if let Some(name) = vs.name {
-                m.push(Matcher::new(promql_parser::label::MatchOp::Equal, promql::NAME, &name));
+                m.push(Matcher::new(
+                    promql_parser::label::MatchOp::Equal,
+                    promql::NAME,
+                    &name,
+                ));
             }
             Ok(m)
         }
@@ -97,7 +109,11 @@ fn time(raw: &str, what: &str) -> Result<i64, Failure> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
-        .ok_or_else(|| Failure::bad(format!("invalid parameter \"{what}\": cannot parse {raw:?} to a valid timestamp")))
+        .ok_or_else(|| {
+            Failure::bad(format!(
+                "invalid parameter \"{what}\": cannot parse {raw:?} to a valid timestamp"
+            ))
+        })
 }
 
 /// A step: seconds (with a fraction) or a duration (`15s`, `1m30s`).
@@ -109,7 +125,11 @@ fn duration(raw: &str, what: &str) -> Result<i64, Failure> {
     }
     promql_parser::util::parse_duration(raw)
         .map(|d| d.as_millis() as i64)
-        .map_err(|_| Failure::bad(format!("invalid parameter \"{what}\": cannot parse {raw:?} to a valid duration")))
+        .map_err(|_| {
+            Failure::bad(format!(
+                "invalid parameter \"{what}\": cannot parse {raw:?} to a valid duration"
+            ))
+        })
 }
 
 /// An error answer in Prometheus' form.
@@ -194,10 +214,16 @@ async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: By
             Some(t) => time(t, "time")?,
             None => crate::domain::now_ms(),
         };
-        let (scalar, value) = state.ops.prom_query(text, Steps::instant(at)).await?;
+        let value = state.ops.prom_query(text, Steps::instant(at)).await?;
         Ok(match value {
-            Value::Scalar(v) if scalar => json!({"resultType": "scalar", "result": point(at, v[0])}),
             Value::Scalar(v) => json!({"resultType": "scalar", "result": point(at, v[0])}),
+            Value::Range(series) => json!({
+                "resultType": "matrix",
+                "result": series.iter().map(|(labels, samples)| json!({
+                    "metric": labels,
+                    "values": samples.iter().map(|&(t, v)| point(t, v)).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            }),
             Value::Vector(series) => json!({
                 "resultType": "vector",
                 "result": series.iter().filter_map(|s| s.values[0].map(|v| json!({
@@ -209,7 +235,12 @@ async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: By
     .await
 }
 
-async fn query_range(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+async fn query_range(
+    State(state): Shared,
+    raw: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(async {
         let p = Params::new(raw.0, &headers, &body);
         let text = p.required("query")?;
@@ -218,11 +249,16 @@ async fn query_range(State(state): Shared, raw: RawQuery, headers: HeaderMap, bo
         let step = duration(p.required("step")?, "step")?;
         let steps = Steps::range(start, end, step).map_err(PromFailure::from)?;
         let times = steps.times();
-        let (_, value) = state.ops.prom_query(text, steps).await?;
+        let value = state.ops.prom_query(text, steps).await?;
         let series: Vec<(promql::Labels, Vec<Option<f64>>)> = match value {
             // A scalar's range is one series without labels.
             Value::Scalar(v) => vec![(promql::Labels::new(), v.into_iter().map(Some).collect())],
             Value::Vector(series) => series.into_iter().map(|s| (s.labels, s.values)).collect(),
+            Value::Range(_) => {
+                return Err(Failure::bad(
+                    "a range vector is not the value of a range query",
+                ));
+            }
         };
         let result: Vec<Json> = series
             .iter()

@@ -58,9 +58,8 @@ impl Operations {
             .collect())
     }
 
-    /// Evaluates `query` over `steps`: whether its value is a scalar, and
-    /// the value.
-    pub async fn prom_query(&self, query: &str, steps: Steps) -> Result<(bool, Value), PromFailure> {
+    /// Evaluates `query` over `steps`.
+    pub async fn prom_query(&self, query: &str, steps: Steps) -> Result<Value, PromFailure> {
         let query = Query::parse(query)?;
         let windows = query.windows(&steps);
         let catalog = if windows.is_empty() {
@@ -72,7 +71,10 @@ impl Operations {
         let mut samples = 0usize;
         for window in windows {
             let mut data = Loaded::default();
-            for k in catalog.iter().filter(|k| promql::matches(&window.matchers, &k.labels)) {
+            for k in catalog
+                .iter()
+                .filter(|k| promql::matches(&window.matchers, &k.labels))
+            {
                 let points = self.series_samples(k, window.from_ms, window.to_ms).await?;
                 samples += points.len();
                 if samples > MAX_SAMPLES {
@@ -85,12 +87,16 @@ impl Operations {
             }
             loaded.push(data);
         }
-        let scalar = query.is_scalar();
-        Ok((scalar, query.evaluate(&steps, loaded)?))
+        Ok(query.evaluate(&steps, loaded)?)
     }
 
     /// A series' readings with from <= ts <= to, in time order.
-    async fn series_samples(&self, k: &Known, from_ms: i64, to_ms: i64) -> Result<Vec<(i64, f64)>, OpError> {
+    async fn series_samples(
+        &self,
+        k: &Known,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, f64)>, OpError> {
         let mut run = self.run_query(ReadingQuery {
             device: k.device,
             sensor: Some(k.sensor.clone()),
@@ -102,12 +108,16 @@ impl Operations {
         let mut points = Vec::new();
         while let Some(chunk) = run.chunks.recv().await {
             match chunk? {
-                QueryChunk::Rows(rows) => points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value))),
+                QueryChunk::Rows(rows) => {
+                    points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value)))
+                }
                 QueryChunk::Buckets(_) => {}
             }
         }
         if !run.ended_whole().await {
-            return Err(OpError::Internal("a readings query failed; see the hub's log".into()));
+            return Err(OpError::Internal(
+                "a readings query failed; see the hub's log".into(),
+            ));
         }
         Ok(points)
     }

@@ -21,6 +21,9 @@ pub struct Series {
 pub enum Value {
     Scalar(Vec<f64>),
     Vector(Vec<Series>),
+    /// An instant query of a range selector: each series' samples in the
+    /// range (a range query cannot have one).
+    Range(Vec<(Labels, Vec<(i64, f64)>)>),
 }
 
 struct Ctx<'a> {
@@ -29,12 +32,40 @@ struct Ctx<'a> {
     loaded: std::vec::IntoIter<Loaded>,
 }
 
-pub(super) fn evaluate(expr: &Expr, steps: &Steps, loaded: Vec<Loaded>) -> Result<Value, QueryError> {
+pub(super) fn evaluate(
+    expr: &Expr,
+    steps: &Steps,
+    loaded: Vec<Loaded>,
+) -> Result<Value, QueryError> {
     let mut ctx = Ctx {
         steps,
         times: steps.times(),
         loaded: loaded.into_iter(),
     };
+    if let Expr::MatrixSelector(m) = expr {
+        if steps.start_ms != steps.end_ms {
+            return Err(QueryError::BadData(
+                "invalid expression type \"range vector\" for range query, must be Scalar or instant Vector".into(),
+            ));
+        }
+        let end = ref_time(&m.vs, steps, steps.start_ms);
+        let start = end - ms(m.range);
+        let loaded = next_loaded(&mut ctx)?;
+        let mut out: Vec<(Labels, Vec<(i64, f64)>)> = loaded
+            .series
+            .into_iter()
+            .map(|(labels, samples)| {
+                let kept = samples
+                    .into_iter()
+                    .filter(|(t, _)| *t >= start && *t <= end)
+                    .collect();
+                (labels, kept)
+            })
+            .filter(|(_, s): &(Labels, Vec<(i64, f64)>)| !s.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        return Ok(Value::Range(out));
+    }
     let mut value = eval(expr, &mut ctx)?;
     if let Value::Vector(series) = &mut value {
         series.retain(|s| s.values.iter().any(Option::is_some));
@@ -63,6 +94,7 @@ fn eval(expr: &Expr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
                     })
                     .collect(),
             ),
+            Value::Range(_) => return Err(range_operand()),
         }),
         Expr::VectorSelector(vs) => Ok(Value::Vector(instant(vs, ctx)?)),
         Expr::Call(call) => range_function(call, ctx),
@@ -76,6 +108,12 @@ fn eval(expr: &Expr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
             Err(QueryError::BadData("not supported".into()))
         }
     }
+}
+
+fn range_operand() -> QueryError {
+    QueryError::BadData(
+        "a range vector cannot be an operand; wrap it in a function such as rate()".into(),
+    )
 }
 
 fn next_loaded(ctx: &mut Ctx<'_>) -> Result<Loaded, QueryError> {
@@ -114,17 +152,27 @@ fn range_function(call: &Call, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
     for p in &args[..args.len() - 1] {
         match eval(p, ctx)? {
             Value::Scalar(v) => params.push(v),
-            Value::Vector(_) => return Err(QueryError::BadData(format!("{name}()'s parameter must be a number"))),
+            _ => {
+                return Err(QueryError::BadData(format!(
+                    "{name}()'s parameter must be a number"
+                )));
+            }
         }
     }
     let Expr::MatrixSelector(m) = &*args[args.len() - 1] else {
-        return Err(QueryError::BadData(format!("{name}() needs a range selector")));
+        return Err(QueryError::BadData(format!(
+            "{name}() needs a range selector"
+        )));
     };
     let loaded = next_loaded(ctx)?;
     let range = ms(m.range);
     let mut out = Vec::with_capacity(loaded.series.len());
     for (mut labels, samples) in loaded.series {
-        labels.remove(NAME);
+        // Every range function drops the metric name but last_over_time
+        // (which returns a sample as it was).
+        if name != "last_over_time" {
+            labels.remove(NAME);
+        }
         let values = ctx
             .times
             .iter()
@@ -164,8 +212,12 @@ fn over_range(
         "avg_over_time" => Some(values().sum::<f64>() / w.len() as f64),
         "sum_over_time" => Some(values().sum()),
         "count_over_time" => Some(w.len() as f64),
-        "min_over_time" => Some(values().fold(f64::NAN, |m, v| if v < m || m.is_nan() { v } else { m })),
-        "max_over_time" => Some(values().fold(f64::NAN, |m, v| if v > m || m.is_nan() { v } else { m })),
+        "min_over_time" => {
+            Some(values().fold(f64::NAN, |m, v| if v < m || m.is_nan() { v } else { m }))
+        }
+        "max_over_time" => {
+            Some(values().fold(f64::NAN, |m, v| if v > m || m.is_nan() { v } else { m }))
+        }
         "last_over_time" => w.last().map(|(_, v)| *v),
         "quantile_over_time" => Some(quantile(param.unwrap_or(f64::NAN), values().collect())),
         _ => None,
@@ -207,8 +259,16 @@ fn extrapolated(
     }
     let threshold = average * 1.1;
     let mut interval = sampled;
-    interval += if to_start < threshold { to_start } else { average / 2.0 };
-    interval += if to_end < threshold { to_end } else { average / 2.0 };
+    interval += if to_start < threshold {
+        to_start
+    } else {
+        average / 2.0
+    };
+    interval += if to_end < threshold {
+        to_end
+    } else {
+        average / 2.0
+    };
     result *= interval / sampled;
     if per_second {
         result /= m.range.as_secs_f64();
@@ -279,27 +339,45 @@ fn aggregate(a: &AggregateExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> 
     let param = match &a.param {
         Some(p) => match eval(p, ctx)? {
             Value::Scalar(v) => Some(v),
-            Value::Vector(_) => return Err(QueryError::BadData(format!("{op}'s parameter must be a number"))),
+            _ => {
+                return Err(QueryError::BadData(format!(
+                    "{op}'s parameter must be a number"
+                )));
+            }
         },
         None => None,
     };
     let Value::Vector(input) = eval(&a.expr, ctx)? else {
-        return Err(QueryError::BadData(format!("{op} aggregates an instant vector, not a scalar")));
+        return Err(QueryError::BadData(format!(
+            "{op} aggregates an instant vector, not a scalar"
+        )));
     };
     let steps = ctx.times.len();
     if op == "topk" || op == "bottomk" {
         let k = param.unwrap_or_default();
-        return Ok(Value::Vector(top_k(input, &a.modifier, &k, op == "topk", steps)));
+        return Ok(Value::Vector(top_k(
+            input,
+            &a.modifier,
+            &k,
+            op == "topk",
+            steps,
+        )));
     }
     let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
     for (i, s) in input.iter().enumerate() {
-        groups.entry(group_labels(&s.labels, &a.modifier)).or_default().push(i);
+        groups
+            .entry(group_labels(&s.labels, &a.modifier))
+            .or_default()
+            .push(i);
     }
     let mut out = Vec::with_capacity(groups.len());
     for (labels, members) in groups {
         let values = (0..steps)
             .map(|step| {
-                let vals: Vec<f64> = members.iter().filter_map(|&i| input[i].values[step]).collect();
+                let vals: Vec<f64> = members
+                    .iter()
+                    .filter_map(|&i| input[i].values[step])
+                    .collect();
                 if vals.is_empty() {
                     return None;
                 }
@@ -307,8 +385,12 @@ fn aggregate(a: &AggregateExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> 
                     "sum" => vals.iter().sum(),
                     "avg" => vals.iter().sum::<f64>() / vals.len() as f64,
                     "count" => vals.len() as f64,
-                    "min" => vals.iter().fold(f64::NAN, |m, &v| if v < m || m.is_nan() { v } else { m }),
-                    _ => vals.iter().fold(f64::NAN, |m, &v| if v > m || m.is_nan() { v } else { m }),
+                    "min" => vals
+                        .iter()
+                        .fold(f64::NAN, |m, &v| if v < m || m.is_nan() { v } else { m }),
+                    _ => vals
+                        .iter()
+                        .fold(f64::NAN, |m, &v| if v > m || m.is_nan() { v } else { m }),
                 })
             })
             .collect();
@@ -328,7 +410,10 @@ fn top_k(
 ) -> Vec<Series> {
     let mut groups: BTreeMap<Labels, Vec<usize>> = BTreeMap::new();
     for (i, s) in input.iter().enumerate() {
-        groups.entry(group_labels(&s.labels, modifier)).or_default().push(i);
+        groups
+            .entry(group_labels(&s.labels, modifier))
+            .or_default()
+            .push(i);
     }
     let mut keep = vec![vec![false; steps]; input.len()];
     for members in groups.values() {
@@ -421,13 +506,23 @@ fn binary(b: &BinaryExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
                 .map(|(&x, &y)| combine(x, y, x).unwrap_or(f64::NAN))
                 .collect(),
         )),
-        (Value::Vector(v), Value::Scalar(s)) => Ok(Value::Vector(vector_scalar(v, &s, drop_name, |x, y| combine(x, y, x)))),
-        (Value::Scalar(s), Value::Vector(v)) => Ok(Value::Vector(vector_scalar(v, &s, drop_name, |x, y| combine(y, x, x)))),
+        (Value::Vector(v), Value::Scalar(s)) => {
+            Ok(Value::Vector(vector_scalar(v, &s, drop_name, |x, y| {
+                combine(x, y, x)
+            })))
+        }
+        (Value::Scalar(s), Value::Vector(v)) => {
+            Ok(Value::Vector(vector_scalar(v, &s, drop_name, |x, y| {
+                combine(y, x, x)
+            })))
+        }
+        (Value::Range(_), _) | (_, Value::Range(_)) => Err(range_operand()),
         (Value::Vector(l), Value::Vector(r)) => {
             if b.op.is_set_operator() {
                 return Ok(Value::Vector(set_operation(&op, l, r, b, ctx.times.len())));
             }
-            vector_vector(l, r, b, drop_name, ctx.times.len(), |x, y| combine(x, y, x)).map(Value::Vector)
+            vector_vector(l, r, b, drop_name, ctx.times.len(), |x, y| combine(x, y, x))
+                .map(Value::Vector)
         }
     }
 }
@@ -497,8 +592,12 @@ fn vector_vector(
             labels.remove(NAME);
         }
         match b.modifier.as_ref().and_then(|m| m.matching.as_ref()) {
-            Some(LabelModifier::Include(on)) => labels.retain(|k, _| on.labels.iter().any(|l| l == k)),
-            Some(LabelModifier::Exclude(ignoring)) => labels.retain(|k, _| !ignoring.labels.iter().any(|l| l == k)),
+            Some(LabelModifier::Include(on)) => {
+                labels.retain(|k, _| on.labels.iter().any(|l| l == k))
+            }
+            Some(LabelModifier::Exclude(ignoring)) => {
+                labels.retain(|k, _| !ignoring.labels.iter().any(|l| l == k))
+            }
             None => {}
         }
         for step in 0..steps {
@@ -529,11 +628,19 @@ fn vector_vector(
 }
 
 /// and, or, unless: step by step, by the match signature.
-fn set_operation(op: &str, l: Vec<Series>, r: Vec<Series>, b: &BinaryExpr, steps: usize) -> Vec<Series> {
+fn set_operation(
+    op: &str,
+    l: Vec<Series>,
+    r: Vec<Series>,
+    b: &BinaryExpr,
+    steps: usize,
+) -> Vec<Series> {
     let present = |side: &[Series]| {
         let mut at: HashMap<Labels, Vec<bool>> = HashMap::new();
         for s in side {
-            let e = at.entry(signature(&s.labels, b)).or_insert_with(|| vec![false; steps]);
+            let e = at
+                .entry(signature(&s.labels, b))
+                .or_insert_with(|| vec![false; steps]);
             for (p, v) in e.iter_mut().zip(&s.values) {
                 *p |= v.is_some();
             }
@@ -570,30 +677,41 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn rate_extrapolates_like_prometheus() {
         // A counter at 1/s (from 100) sampled every 10 s from t=5 s; rate
         // over [0, 60].
-        let samples: Vec<(i64, f64)> = (0..6).map(|i| (5_000 + i * 10_000, (100 + i * 10) as f64)).collect();
+        let samples: Vec<(i64, f64)> = (0..6)
+            .map(|i| (5_000 + i * 10_000, (100 + i * 10) as f64))
+            .collect();
         let q = Query::parse("rate(c[1m])").unwrap();
         let steps = Steps::instant(60_000);
         let loaded = vec![Loaded {
             series: vec![(labels(&[("__name__", "c"), ("device", "d")]), samples)],
         }];
-        let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else { panic!() };
+        let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else {
+            panic!()
+        };
         // 50 over 50 s sampled; 5 s to each edge (< 1.1 x 10 s): 60 s.
         assert_eq!(v[0].values[0], Some(1.0));
+        assert_eq!(v[0].labels, labels(&[("device", "d")]));
         // From 0 the counter is not extrapolated before its zero: 55 s.
-        let from_zero: Vec<(i64, f64)> = (0..6).map(|i| (5_000 + i * 10_000, (i * 10) as f64)).collect();
+        let from_zero: Vec<(i64, f64)> = (0..6)
+            .map(|i| (5_000 + i * 10_000, (i * 10) as f64))
+            .collect();
         let loaded = vec![Loaded {
             series: vec![(labels(&[("__name__", "c")]), from_zero)],
         }];
-        let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else { panic!() };
+        let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else {
+            panic!()
+        };
         assert!((v[0].values[0].unwrap() - 55.0 / 60.0).abs() < 1e-12);
-        assert_eq!(v[0].labels, labels(&[("device", "d")]));
     }
 
     #[test]
@@ -607,16 +725,24 @@ mod tests {
             )
         };
         let data = || Loaded {
-            series: vec![series("a", "n", 1.0), series("b", "n", 3.0), series("c", "s", 0.5)],
+            series: vec![
+                series("a", "n", 1.0),
+                series("b", "n", 3.0),
+                series("c", "s", 0.5),
+            ],
         };
-        let Value::Vector(v) = q.evaluate(&steps, vec![data(), data()]).unwrap() else { panic!() };
+        let Value::Vector(v) = q.evaluate(&steps, vec![data(), data()]).unwrap() else {
+            panic!()
+        };
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].labels, labels(&[("site", "n")]));
         // avg 2, 3, then 3 again (the 300 s sample is within the lookback at 600 s).
         assert_eq!(v[0].values, vec![Some(1.0), Some(1.0), Some(1.0)]);
         assert_eq!(v[1].values, vec![Some(0.0), Some(1.0), Some(1.0)]);
         let q = Query::parse("m > 1").unwrap();
-        let Value::Vector(v) = q.evaluate(&Steps::instant(0), vec![data()]).unwrap() else { panic!() };
+        let Value::Vector(v) = q.evaluate(&Steps::instant(0), vec![data()]).unwrap() else {
+            panic!()
+        };
         assert_eq!(v.len(), 1, "filtered, name kept");
         assert_eq!(v[0].labels["__name__"], "m");
     }

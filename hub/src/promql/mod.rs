@@ -200,14 +200,10 @@ impl Query {
     /// Parses `text` and checks it is inside the subset: anything else is
     /// refused as bad_data, never answered approximately.
     pub fn parse(text: &str) -> Result<Self, QueryError> {
-        let expr = promql_parser::parser::parse(text).map_err(|e| bad(format!("invalid parameter \"query\": {e}")))?;
+        let expr = promql_parser::parser::parse(text)
+            .map_err(|e| bad(format!("invalid parameter \"query\": {e}")))?;
         check(&expr)?;
         Ok(Self { expr })
-    }
-
-    /// Whether the query's value is a scalar (else an instant vector).
-    pub fn is_scalar(&self) -> bool {
-        is_scalar(&self.expr)
     }
 
     /// The selectors' windows over `steps`, in the order
@@ -438,8 +434,14 @@ mod tests {
         let steps = Steps::range(1_000_000, 2_000_000, 10_000).unwrap();
         let q = Query::parse("rate(m[1m] offset 30s) + n").unwrap();
         let w = q.windows(&steps);
-        assert_eq!((w[0].from_ms, w[0].to_ms), (1_000_000 - 90_000, 2_000_000 - 30_000));
-        assert_eq!((w[1].from_ms, w[1].to_ms), (1_000_000 - LOOKBACK_MS, 2_000_000));
+        assert_eq!(
+            (w[0].from_ms, w[0].to_ms),
+            (1_000_000 - 90_000, 2_000_000 - 30_000)
+        );
+        assert_eq!(
+            (w[1].from_ms, w[1].to_ms),
+            (1_000_000 - LOOKBACK_MS, 2_000_000)
+        );
         let q = Query::parse("m @ 500").unwrap();
         let w = q.windows(&steps);
         assert_eq!((w[0].from_ms, w[0].to_ms), (500_000 - LOOKBACK_MS, 500_000));

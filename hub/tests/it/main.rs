@@ -19,6 +19,7 @@ mod lines;
 mod mqtt;
 mod openapi;
 mod ops;
+mod promql;
 mod rollups;
 mod security;
 mod stream;

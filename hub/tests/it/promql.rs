@@ -1,0 +1,564 @@
+//! The Prometheus query API against Prometheus itself: the same readings
+//! go into a hub (as line protocol) and into Prometheus (backfilled with
+//! `promtool tsdb create-blocks-from openmetrics`), and a table of queries,
+//! instant and range, must give the same series, timestamps and values.
+//! Also the requests Grafana's Prometheus data source sends, replayed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const DEVICES: [(&str, &str); 4] = [
+    ("d1", "north"),
+    ("d2", "north"),
+    ("d3", "south"),
+    ("d4", "south"),
+];
+/// Three hours of samples, about every 15 s.
+const SPAN_MS: i64 = 3 * 3600 * 1000;
+
+/// Every reading: (device, sensor, ts_ms, value), each series in time order.
+fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
+    let mut out = Vec::new();
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for (i, (device, _)) in DEVICES.iter().enumerate() {
+        let shift = i as f64;
+        let mut energy = 100.0 * shift;
+        let mut t = t0 + (next() % 15_000) as i64;
+        let mut k = 0;
+        while t < t0 + SPAN_MS {
+            let x = (t - t0) as f64 / 600_000.0 + shift;
+            // Devices in disjoint bands: no ties for topk / bottomk.
+            let temp = (10.0 * shift + 20.0 + 4.0 * x.sin()) * 1000.0;
+            let hum = (45.0 + 10.0 * shift + 3.0 * (x / 2.0).cos()) * 100.0;
+            out.push((*device, "temp", t, temp.round() / 1000.0));
+            out.push((*device, "hum", t, hum.round() / 100.0));
+            // A counter, reset once on d2.
+            energy += (next() % 500) as f64 / 100.0;
+            if *device == "d2" && k == 300 {
+                energy = 1.5;
+            }
+            out.push((*device, "energy", t, (energy * 100.0).round() / 100.0));
+            k += 1;
+            t += 10_000 + (next() % 10_000) as i64;
+        }
+    }
+    out
+}
+
+/// The queries compared; `{T}` is replaced by an @ time inside the data.
+const QUERIES: &[&str] = &[
+    "temp",
+    "temp{site=\"north\"}",
+    "temp{device!=\"d1\"}",
+    "temp{device=~\"d[12]\"}",
+    "hum{device!~\"d1|d3\"}",
+    "{__name__=~\"temp|hum\", device=\"d3\"}",
+    "rate(energy[5m])",
+    "rate(energy[90s])",
+    "increase(energy[10m])",
+    "increase(energy[1h])",
+    "delta(temp[5m])",
+    "deriv(temp[10m])",
+    "avg_over_time(temp[10m])",
+    "min_over_time(temp[10m])",
+    "max_over_time(hum[7m])",
+    "sum_over_time(temp[10m])",
+    "count_over_time(temp[10m])",
+    "last_over_time(hum[10m])",
+    "quantile_over_time(0.9, temp[30m])",
+    "quantile_over_time(0.25, hum[15m])",
+    "sum(temp)",
+    "sum by (site) (temp)",
+    "avg by (site) (temp)",
+    "min without (device) (temp)",
+    "max by (site) (hum)",
+    "count(temp)",
+    "count by (site) (hum)",
+    "topk(2, temp)",
+    "bottomk(1, hum)",
+    "topk by (site) (1, temp)",
+    "temp * 2 + 1",
+    "100 - hum",
+    "temp / hum",
+    "temp - hum",
+    "temp > 35",
+    "temp > bool 35",
+    "35 < temp",
+    "temp == bool temp",
+    "temp and hum > 60",
+    "temp or energy",
+    "temp unless on(device) hum > 70",
+    "sum by (site) (rate(energy[5m]))",
+    "rate(energy[5m] offset 10m)",
+    "temp offset 5m",
+    "avg_over_time(temp[5m] @ {T})",
+    "-temp",
+    "temp % 3",
+    "temp ^ 2",
+    "2 * 3",
+    "sum(temp) / count(temp)",
+    "max(rate(energy[10m])) - min(rate(energy[10m]))",
+    "avg_over_time(temp[1h])",
+    "hum{device=\"d2\"}[3m]",
+];
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+    _port: ReservedPort,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn installed(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Prometheus on a TSDB backfilled with `openmetrics`.
+async fn prometheus(openmetrics: &str) -> Prometheus {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("data.om");
+    std::fs::write(&input, openmetrics).unwrap();
+    let tsdb = dir.path().join("tsdb");
+    let out = Command::new("promtool")
+        .args(["tsdb", "create-blocks-from", "openmetrics"])
+        .arg(&input)
+        .arg(&tsdb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global:\n  scrape_interval: 1h\n").unwrap();
+    let port = reserve_port();
+    let url = format!("http://127.0.0.1:{}", port.port);
+    let listen = format!("127.0.0.1:{}", port.port);
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", tsdb.display()))
+        .arg(format!("--web.listen-address={listen}"))
+        .arg("--storage.tsdb.retention.time=30d")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Prometheus {
+        child,
+        url,
+        _dir: dir,
+        _port: port,
+    };
+    let client = reqwest::Client::new();
+    wait_until("Prometheus is ready", async || {
+        client
+            .get(format!("{}/-/ready", p.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    p
+}
+
+async fn get(base: &str, path: &str, params: &[(&str, String)]) -> (StatusCode, Value) {
+    let res = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .query(params)
+        .send()
+        .await
+        .unwrap();
+    (res.status(), res.json().await.unwrap_or(Value::Null))
+}
+
+/// A result as (labels, [(t, value)]) per series, sorted by labels.
+fn series_of(body: &Value) -> BTreeMap<String, Vec<(f64, f64)>> {
+    let data = &body["data"];
+    let parse = |p: &Value| {
+        let t = p[0].as_f64().unwrap();
+        let v = match p[1].as_str().unwrap() {
+            "NaN" => f64::NAN,
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            s => s.parse().unwrap(),
+        };
+        (t, v)
+    };
+    match data["resultType"].as_str().unwrap() {
+        "scalar" => [("scalar".to_owned(), vec![parse(&data["result"])])].into(),
+        "vector" => data["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["metric"].to_string(), vec![parse(&s["value"])]))
+            .collect(),
+        _ => data["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let points = s["values"].as_array().unwrap().iter().map(parse).collect();
+                (s["metric"].to_string(), points)
+            })
+            .collect(),
+    }
+}
+
+fn same(a: f64, b: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// Differences between Prometheus' answer and the hub's, in words.
+fn compare(query: &str, theirs: &Value, ours: &Value) -> Vec<String> {
+    let (t, o) = (series_of(theirs), series_of(ours));
+    let mut problems = Vec::new();
+    if t.keys().ne(o.keys()) {
+        problems.push(format!(
+            "{query}: series differ\n  prometheus {:?}\n  hub        {:?}",
+            t.keys().collect::<Vec<_>>(),
+            o.keys().collect::<Vec<_>>()
+        ));
+        return problems;
+    }
+    for (labels, tp) in &t {
+        let op = &o[labels];
+        if tp.len() != op.len() {
+            problems.push(format!(
+                "{query} {labels}: {} points against {}",
+                tp.len(),
+                op.len()
+            ));
+            continue;
+        }
+        for (a, b) in tp.iter().zip(op) {
+            if a.0 != b.0 || !same(a.1, b.1) {
+                problems.push(format!("{query} {labels}: prometheus {a:?}, hub {b:?}"));
+                break;
+            }
+        }
+    }
+    problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_table_answers_as_prometheus_does() {
+    if !installed("prometheus") || !installed("promtool") {
+        assert!(
+            !require_all(),
+            "prometheus and promtool are required (HUB_TEST_REQUIRE_ALL); apt-get install prometheus"
+        );
+        skip("prometheus", "PATH (Debian package prometheus)");
+        return;
+    }
+    let t0 = (now_ms() - SPAN_MS - 3_600_000) / 60_000 * 60_000;
+    let data = readings(t0);
+
+    let mut om = String::new();
+    for metric in ["temp", "hum", "energy"] {
+        writeln!(om, "# TYPE {metric} gauge").unwrap();
+        for (device, site) in DEVICES {
+            for (_, _, t, v) in data.iter().filter(|r| r.0 == device && r.1 == metric) {
+                writeln!(
+                    om,
+                    "{metric}{{device=\"{device}\",site=\"{site}\"}} {v} {}.{:03}",
+                    t / 1000,
+                    t % 1000
+                )
+                .unwrap();
+            }
+        }
+    }
+    om.push_str("# EOF\n");
+    let prom = prometheus(&om).await;
+
+    let hub = spawn_hub().await;
+    let base = hub.http_url();
+    let client = reqwest::Client::new();
+    for (device, site) in DEVICES {
+        let lines: String = data
+            .iter()
+            .filter(|r| r.0 == device)
+            .map(|(d, s, t, v)| format!("readings,device={d} {s}={v} {t}\n"))
+            .collect();
+        let res = client
+            .post(format!("{base}/api/v1/write?precision=ms"))
+            .body(lines)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NO_CONTENT);
+        let res = client
+            .patch(format!("{base}/api/v1/devices/{device}/twin"))
+            .json(&json!({"tags": {"site": site}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{:?}", res.text().await);
+    }
+
+    let at = t0 + SPAN_MS / 2 + 12_345;
+    let start = t0 + 40 * 60_000;
+    let end = t0 + SPAN_MS + 10 * 60_000;
+    let secs = |ms: i64| format!("{}.{:03}", ms / 1000, ms % 1000);
+    let mut problems = Vec::new();
+    let mut compared = 0;
+    for q in QUERIES {
+        let q = q.replace("{T}", &secs(at));
+        let requests: Vec<(&str, Vec<(&str, String)>)> = vec![
+            (
+                "/api/v1/query",
+                vec![("query", q.clone()), ("time", secs(at))],
+            ),
+            (
+                "/api/v1/query",
+                vec![("query", q.clone()), ("time", secs(t0 + SPAN_MS + 60_000))],
+            ),
+            (
+                "/api/v1/query_range",
+                vec![
+                    ("query", q.clone()),
+                    ("start", secs(start)),
+                    ("end", secs(end)),
+                    ("step", "60".into()),
+                ],
+            ),
+            (
+                "/api/v1/query_range",
+                vec![
+                    ("query", q.clone()),
+                    ("start", secs(start + 7_000)),
+                    ("end", secs(end)),
+                    ("step", "37s".into()),
+                ],
+            ),
+        ];
+        // A range selector is the value of instant queries only.
+        let requests = if q.ends_with(']') {
+            requests[..2].to_vec()
+        } else {
+            requests
+        };
+        for (path, params) in requests {
+            let (ts, theirs) = get(&prom.url, path, &params).await;
+            let (os, ours) = get(&base, path, &params).await;
+            assert_eq!(ts, StatusCode::OK, "prometheus refused {q}: {theirs}");
+            assert_eq!(os, StatusCode::OK, "the hub refused {q}: {ours}");
+            // Every query of the table has an answer: no vacuous agreement.
+            assert!(
+                !series_of(&theirs).is_empty(),
+                "{path} {q}: Prometheus answers nothing"
+            );
+            compared += series_of(&theirs).values().map(Vec::len).sum::<usize>();
+            problems.extend(compare(&format!("{path} {q}"), &theirs, &ours));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} differences:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(compared > 20_000, "only {compared} points compared");
+
+    // What Prometheus refuses, the hub refuses the same way.
+    for q in ["sum(", "rate(temp)", "sum(temp[5m])"] {
+        let (ts, theirs) = get(&prom.url, "/api/v1/query", &[("query", q.into())]).await;
+        let (os, ours) = get(&base, "/api/v1/query", &[("query", q.into())]).await;
+        assert_eq!(
+            (ts, theirs["errorType"].clone()),
+            (StatusCode::BAD_REQUEST, json!("bad_data"))
+        );
+        assert_eq!(
+            (os, ours["errorType"].clone()),
+            (StatusCode::BAD_REQUEST, json!("bad_data")),
+            "{q}: {ours}"
+        );
+    }
+}
+
+/// The calls Grafana's Prometheus data source makes while one sets it up
+/// and opens a dashboard, replayed against a hub with operator tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafanas_requests_are_answered() {
+    let hub = spawn_hub_with(|s| {
+        s.auth.operator_tokens = vec![hub::config::OperatorToken {
+            name: "grafana".into(),
+            token: "grafana-read-token-0123".into(),
+            role: hub::config::OperatorRole::Read,
+        }];
+    })
+    .await;
+    let base = hub.http_url();
+    let t = now_ms() - 120_000;
+    let lines: String = (0..60)
+        .map(|i| format!("env,device=g-1 temp={} {}\n", 20 + i % 5, t + i * 1000))
+        .collect();
+    let client = reqwest::Client::new();
+    let res = client
+        .post(format!("{base}/api/v1/write?precision=ms"))
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let auth = "Bearer grafana-read-token-0123";
+    let now_s = now_ms() / 1000;
+    let form = |pairs: &[(&str, String)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    // Data source "Save & test": buildinfo, then a query of 1+1.
+    let r = client
+        .get(format!("{base}/api/v1/status/buildinfo"))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["data"]["version"].as_str().unwrap().starts_with("2."));
+    let post = |path: &'static str, body: String| {
+        client
+            .post(format!("{base}{path}"))
+            .header("authorization", auth)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    let r = post(
+        "/api/v1/query",
+        form(&[("query", "1+1".into()), ("time", now_s.to_string())]),
+    )
+    .await
+    .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["result"][1], json!("2"), "{body}");
+    // The query editor's metric browser.
+    let r = client
+        .get(format!(
+            "{base}/api/v1/labels?start={}&end={now_s}",
+            now_s - 3600
+        ))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"], json!(["__name__", "device"]));
+    let r = client
+        .get(format!(
+            "{base}/api/v1/label/__name__/values?start={}&end={now_s}",
+            now_s - 3600
+        ))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"], json!(["env_temp"]));
+    let r = post(
+        "/api/v1/series",
+        form(&[
+            ("match[]", "{__name__=\"env_temp\"}".into()),
+            ("start", (now_s - 3600).to_string()),
+            ("end", now_s.to_string()),
+        ]),
+    )
+    .await
+    .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["data"],
+        json!([{"__name__": "env_temp", "device": "g-1"}])
+    );
+    let r = client
+        .get(format!("{base}/api/v1/metadata"))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["env_temp"][0]["type"], json!("gauge"));
+    // A dashboard panel: query_range with a step, as a form POST.
+    let r = post(
+        "/api/v1/query_range",
+        form(&[
+            (
+                "query",
+                "avg_over_time(env_temp{device=\"g-1\"}[1m])".into(),
+            ),
+            ("start", (now_s - 300).to_string()),
+            ("end", now_s.to_string()),
+            ("step", "15".into()),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["resultType"], json!("matrix"));
+    let values = body["data"]["result"][0]["values"].as_array().unwrap();
+    assert!(!values.is_empty());
+    // Without the token, or outside the subset: Prometheus' errors.
+    let r = client
+        .get(format!("{base}/api/v1/query?query=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = post(
+        "/api/v1/query",
+        form(&[(
+            "query",
+            "label_replace(env_temp, \"a\", \"b\", \"c\", \"d\")".into(),
+        )]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errorType"], json!("bad_data"));
+    assert!(
+        body["error"].as_str().unwrap().contains("label_replace"),
+        "{body}"
+    );
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
