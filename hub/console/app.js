@@ -1160,7 +1160,12 @@ function commandsPage() {
 // Hub: the live counters.
 function hubPage() {
   const dl = h("dl", { class: "kv", id: "hub-stats" });
-  view.replaceChildren(h("div", { class: "panel" }, h("h2", {}, "Hub"), dl));
+  const grafana = h("p", { id: "grafana" },
+    "Grafana: add a Prometheus data source with this hub's URL (and an operator token as ",
+    h("code", {}, "Authorization: Bearer …"), "), then import the ",
+    h("a", { href: "/assets/grafana/telemetry-hub-fleet.json", download: "telemetry-hub-fleet.json" }, "fleet dashboard"),
+    ".");
+  view.replaceChildren(h("div", { class: "panel" }, h("h2", {}, "Hub"), dl, grafana));
   function draw(s) {
     dl.replaceChildren(...Object.entries(s).flatMap(([k, v]) => [
       h("dt", {}, k.replaceAll("_", " ")),

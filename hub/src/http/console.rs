@@ -29,6 +29,13 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../../console/vendor/uPlot.min.css"),
     ),
     (
+        // A Grafana dashboard of the fleet over the Prometheus query API;
+        // the Hub page links to it.
+        "/assets/grafana/telemetry-hub-fleet.json",
+        "application/json",
+        include_bytes!("../../console/grafana/telemetry-hub-fleet.json"),
+    ),
+    (
         "/assets/uPlot.LICENSE",
         "text/plain; charset=utf-8",
         include_bytes!("../../console/vendor/uPlot.LICENSE"),

@@ -401,6 +401,7 @@ fn aggregate(a: &AggregateExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> 
 
 /// topk / bottomk: at each step, the k highest (lowest) of each group,
 /// with their own labels.
+#[allow(clippy::needless_range_loop)] // steps index several vectors at once
 fn top_k(
     input: Vec<Series>,
     modifier: &Option<LabelModifier>,
@@ -419,7 +420,8 @@ fn top_k(
     for members in groups.values() {
         for step in 0..steps {
             let k = k.get(step).copied().unwrap_or(0.0);
-            if !(k >= 1.0) {
+            // NaN or below 1: none.
+            if k.is_nan() || k < 1.0 {
                 continue;
             }
             let mut present: Vec<(usize, f64)> = members

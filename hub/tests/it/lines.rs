@@ -54,7 +54,7 @@ fn rows(readings: &[pb::ReadingRow]) -> Vec<(String, u64, i64, f64)> {
         .iter()
         .map(|r| (r.sensor.clone(), r.seq, r.ts_ms, r.value))
         .collect();
-    rows.sort_by(|a, b| a.1.cmp(&b.1));
+    rows.sort_by_key(|r| r.1);
     rows
 }
 
@@ -155,7 +155,8 @@ async fn bad_lines_and_bodies_store_nothing_and_say_where() {
     let hub = spawn_hub().await;
     let base = hub.http_url();
     let ns = (now_ms() - 1_000) * 1_000_000;
-    let cases: Vec<(String, &[(&str, &str)], &str, StatusCode, &str)> = vec![
+    type Case = (String, &'static [(&'static str, &'static str)], &'static str, StatusCode, &'static str);
+    let cases: Vec<Case> = vec![
         (
             format!("m,device=lp-bad v=1 {ns}\nm v=2 {ns}"),
             &[],

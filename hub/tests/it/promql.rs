@@ -414,7 +414,8 @@ async fn grafanas_requests_are_answered() {
     })
     .await;
     let base = hub.http_url();
-    let t = now_ms() - 120_000;
+    // A minute of readings up to a few seconds ago.
+    let t = now_ms() - 62_000;
     let lines: String = (0..60)
         .map(|i| format!("env,device=g-1 temp={} {}\n", 20 + i % 5, t + i * 1000))
         .collect();
@@ -527,6 +528,20 @@ async fn grafanas_requests_are_answered() {
     assert_eq!(body["data"]["resultType"], json!("matrix"));
     let values = body["data"]["result"][0]["values"].as_array().unwrap();
     assert!(!values.is_empty());
+    // The fleet dashboard the console links to: every panel's query is
+    // answered, with data.
+    let r = client.get(format!("{base}/assets/grafana/telemetry-hub-fleet.json")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let dashboard: Value = r.json().await.unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert_eq!(panels.len(), 4);
+    for panel in panels {
+        let expr = panel["targets"][0]["expr"].as_str().unwrap().replace("$device", "g-1");
+        let r = post("/api/v1/query", form(&[("query", expr.clone()), ("time", now_s.to_string())])).await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], json!("success"), "{expr}: {body}");
+        assert!(!body["data"]["result"].as_array().unwrap().is_empty(), "{expr}: {body}");
+    }
     // Without the token, or outside the subset: Prometheus' errors.
     let r = client
         .get(format!("{base}/api/v1/query?query=1"))
