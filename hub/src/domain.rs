@@ -353,6 +353,9 @@ pub struct Bucket {
     pub max: f64,
     pub first: f64,
     pub last: f64,
+    /// When `first` was taken: whether the bucket's first reading lies on
+    /// its start (a closed range ending there includes it).
+    pub first_ts_ms: i64,
 }
 
 impl Bucket {

@@ -556,6 +556,7 @@ fn fold(
             max: part.max,
             first: part.first,
             last: part.last,
+            first_ts_ms: part.first_key.0,
         }),
     }
 }

@@ -71,11 +71,22 @@ impl Operations {
         let mut samples = 0usize;
         for window in windows {
             let mut data = Loaded::default();
+            let mut buckets = Vec::new();
             for k in catalog
                 .iter()
                 .filter(|k| promql::matches(&window.matchers, &k.labels))
             {
-                let points = self.series_samples(k, window.from_ms, window.to_ms).await?;
+                let points = match window.bucket_ms {
+                    Some(width) => {
+                        let aggs = self
+                            .series_buckets(k, window.from_ms, window.to_ms, width)
+                            .await?;
+                        samples += aggs.len();
+                        buckets.push(aggs);
+                        Vec::new()
+                    }
+                    None => self.series_samples(k, window.from_ms, window.to_ms).await?,
+                };
                 samples += points.len();
                 if samples > MAX_SAMPLES {
                     return Err(QueryError::BadData(format!(
@@ -85,9 +96,51 @@ impl Operations {
                 }
                 data.series.push((k.labels.clone(), points));
             }
+            if window.bucket_ms.is_some() {
+                data.buckets = Some(buckets);
+            }
             loaded.push(data);
         }
         Ok(query.evaluate(&steps, loaded)?)
+    }
+
+    /// A series' buckets of `width` from `from_ms` (a multiple of it) up to
+    /// the one starting at `to_ms`, in time order (empty ones left out).
+    async fn series_buckets(
+        &self,
+        k: &Known,
+        from_ms: i64,
+        to_ms: i64,
+        width: i64,
+    ) -> Result<Vec<promql::Agg>, OpError> {
+        let mut run = self.run_query(ReadingQuery {
+            device: k.device,
+            sensor: Some(k.sensor.clone()),
+            since_ms: Some(from_ms),
+            until_ms: Some(to_ms.saturating_add(width)),
+            limit: 0,
+            bucket_ms: Some(width),
+        })?;
+        let mut aggs = Vec::new();
+        while let Some(chunk) = run.chunks.recv().await {
+            if let QueryChunk::Buckets(buckets) = chunk? {
+                aggs.extend(buckets.into_iter().map(|b| promql::Agg {
+                    start_ms: b.start_ms,
+                    count: b.count,
+                    sum: b.sum,
+                    min: b.min,
+                    max: b.max,
+                    first: b.first,
+                    first_ts_ms: b.first_ts_ms,
+                }));
+            }
+        }
+        if !run.ended_whole().await {
+            return Err(OpError::Internal(
+                "a readings query failed; see the hub's log".into(),
+            ));
+        }
+        Ok(aggs)
     }
 
     /// A series' readings with from <= ts <= to, in time order.

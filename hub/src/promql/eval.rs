@@ -7,7 +7,7 @@ use promql_parser::parser::{
     AggregateExpr, BinaryExpr, Call, Expr, LabelModifier, MatrixSelector, VectorSelector,
 };
 
-use super::{LOOKBACK_MS, Labels, Loaded, NAME, QueryError, Steps, ms, ref_time};
+use super::{Agg, LOOKBACK_MS, Labels, Loaded, NAME, QueryError, Steps, ms, ref_time};
 
 /// A series of a vector value: a value at each step, or none.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +166,9 @@ fn range_function(call: &Call, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
     };
     let loaded = next_loaded(ctx)?;
     let range = ms(m.range);
+    if let Some(buckets) = loaded.buckets {
+        return Ok(Value::Vector(from_buckets(name, m, loaded.series, buckets, range, ctx)));
+    }
     let mut out = Vec::with_capacity(loaded.series.len());
     for (mut labels, samples) in loaded.series {
         // Every range function drops the metric name but last_over_time
@@ -190,6 +193,65 @@ fn range_function(call: &Call, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
         out.push(Series { labels, values });
     }
     Ok(Value::Vector(out))
+}
+
+/// A range function of a window loaded as buckets: the window [t - r, t]
+/// is the bucket starting at t - r plus the next bucket's first reading
+/// when it lies on t (both ends are in the range).
+fn from_buckets(
+    name: &str,
+    m: &MatrixSelector,
+    series: Vec<(Labels, Vec<(i64, f64)>)>,
+    buckets: Vec<Vec<Agg>>,
+    range: i64,
+    ctx: &Ctx<'_>,
+) -> Vec<Series> {
+    series
+        .into_iter()
+        .zip(buckets)
+        .map(|((mut labels, _), aggs)| {
+            labels.remove(NAME);
+            let at = |start: i64| {
+                aggs.binary_search_by_key(&start, |a| a.start_ms)
+                    .ok()
+                    .map(|i| aggs[i])
+            };
+            let values = ctx
+                .times
+                .iter()
+                .map(|&t| {
+                    let end = ref_time(&m.vs, ctx.steps, t);
+                    let mut total = at(end - range).unwrap_or(Agg {
+                        start_ms: end - range,
+                        count: 0,
+                        sum: 0.0,
+                        min: f64::NAN,
+                        max: f64::NAN,
+                        first: f64::NAN,
+                        first_ts_ms: 0,
+                    });
+                    if let Some(next) = at(end).filter(|n| n.count > 0 && n.first_ts_ms == end) {
+                        let v = next.first;
+                        total.count += 1;
+                        total.sum += v;
+                        total.min = if v < total.min || total.min.is_nan() { v } else { total.min };
+                        total.max = if v > total.max || total.max.is_nan() { v } else { total.max };
+                    }
+                    if total.count == 0 {
+                        return None;
+                    }
+                    Some(match name {
+                        "avg_over_time" => total.sum / total.count as f64,
+                        "sum_over_time" => total.sum,
+                        "count_over_time" => total.count as f64,
+                        "min_over_time" => total.min,
+                        _ => total.max,
+                    })
+                })
+                .collect();
+            Series { labels, values }
+        })
+        .collect()
 }
 
 fn over_range(
@@ -696,6 +758,7 @@ mod tests {
         let steps = Steps::instant(60_000);
         let loaded = vec![Loaded {
             series: vec![(labels(&[("__name__", "c"), ("device", "d")]), samples)],
+            buckets: None,
         }];
         let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else {
             panic!()
@@ -709,6 +772,7 @@ mod tests {
             .collect();
         let loaded = vec![Loaded {
             series: vec![(labels(&[("__name__", "c")]), from_zero)],
+            buckets: None,
         }];
         let Value::Vector(v) = q.evaluate(&steps, loaded).unwrap() else {
             panic!()

@@ -161,14 +161,45 @@ pub struct Window {
     pub matchers: Vec<Matcher>,
     pub from_ms: i64,
     pub to_ms: i64,
+    /// Some(width): the window is only aggregated (`avg|min|max|sum|count
+    /// _over_time` over a range equal to the step, the steps' ends on
+    /// multiples of it), so time buckets of this width, aligned to the
+    /// epoch, from `from_ms` up to `to_ms + width`, answer it exactly (the
+    /// store folds blocks from their headers and reads rollups) in place
+    /// of samples.
+    pub bucket_ms: Option<i64>,
 }
 
 /// What was loaded for a window: each matching series and its samples,
-/// in time order.
+/// in time order, or (for a window with `bucket_ms`) its buckets.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
     pub series: Vec<(Labels, Vec<(i64, f64)>)>,
+    /// Per series (same order), when loaded as buckets.
+    pub buckets: Option<Vec<Vec<Agg>>>,
 }
+
+/// The aggregates of one series over one bucket [start, start + width).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agg {
+    pub start_ms: i64,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The bucket's first reading and when it was taken.
+    pub first: f64,
+    pub first_ts_ms: i64,
+}
+
+/// Range functions a window of buckets answers.
+const BUCKET_FUNCTIONS: &[&str] = &[
+    "avg_over_time",
+    "min_over_time",
+    "max_over_time",
+    "sum_over_time",
+    "count_over_time",
+];
 
 /// A parsed query inside the answered subset.
 #[derive(Debug)]
@@ -340,8 +371,28 @@ fn collect_windows(expr: &Expr, steps: &Steps, out: &mut Vec<Window>) {
             matchers: selector_matchers(vs),
             from_ms: first.min(last).saturating_sub(before),
             to_ms: first.max(last),
+            bucket_ms: None,
         }
     };
+    // An aggregate over ranges that tile the steps: buckets.
+    if let Expr::Call(call) = expr
+        && BUCKET_FUNCTIONS.contains(&call.func.name)
+        && let [arg] = call.args.args.as_slice()
+        && let Expr::MatrixSelector(m) = &**arg
+    {
+        let range = ms(m.range);
+        let first = ref_time(&m.vs, steps, steps.start_ms);
+        let tiles = (steps.start_ms == steps.end_ms || steps.step_ms == range)
+            && m.vs.at.is_none()
+            && range > 0
+            && first.rem_euclid(range) == 0;
+        let mut w = window(&m.vs, range);
+        if tiles {
+            w.bucket_ms = Some(range);
+        }
+        out.push(w);
+        return;
+    }
     match expr {
         Expr::VectorSelector(vs) => out.push(window(vs, LOOKBACK_MS)),
         Expr::MatrixSelector(m) => out.push(window(&m.vs, ms(m.range))),
@@ -446,5 +497,15 @@ mod tests {
         let w = q.windows(&steps);
         assert_eq!((w[0].from_ms, w[0].to_ms), (500_000 - LOOKBACK_MS, 500_000));
         assert!(Steps::range(0, 20_000, 1).is_err(), "over 11,000 points");
+        // Aggregates over ranges that tile the steps read buckets.
+        let steps = Steps::range(3_600_000, 7_200_000, 60_000).unwrap();
+        let bucketed = |q: &str| Query::parse(q).unwrap().windows(&steps)[0].bucket_ms;
+        assert_eq!(bucketed("avg_over_time(m[1m])"), Some(60_000));
+        assert_eq!(bucketed("max_over_time(m[1m] offset 2m)"), Some(60_000));
+        assert_eq!(bucketed("avg_over_time(m[2m])"), None, "ranges overlap");
+        assert_eq!(bucketed("avg_over_time(m[1m] offset 1s)"), None, "not on bucket edges");
+        assert_eq!(bucketed("rate(m[1m])"), None);
+        assert_eq!(bucketed("last_over_time(m[1m])"), None);
+        assert_eq!(bucketed("avg_over_time(m[1m] @ 3600)"), None);
     }
 }

@@ -35,7 +35,9 @@ fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
     for (i, (device, _)) in DEVICES.iter().enumerate() {
         let shift = i as f64;
         let mut energy = 100.0 * shift;
-        let mut t = t0 + (next() % 15_000) as i64;
+        // d1 samples every 15 s on the dot: readings on range boundaries.
+        let on_the_dot = *device == "d1";
+        let mut t = if on_the_dot { t0 } else { t0 + (next() % 15_000) as i64 };
         let mut k = 0;
         while t < t0 + SPAN_MS {
             let x = (t - t0) as f64 / 600_000.0 + shift;
@@ -51,7 +53,7 @@ fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
             }
             out.push((*device, "energy", t, (energy * 100.0).round() / 100.0));
             k += 1;
-            t += 10_000 + (next() % 10_000) as i64;
+            t += if on_the_dot { 15_000 } else { 10_000 + (next() % 10_000) as i64 };
         }
     }
     out
@@ -111,6 +113,13 @@ const QUERIES: &[&str] = &[
     "sum(temp) / count(temp)",
     "max(rate(energy[10m])) - min(rate(energy[10m]))",
     "avg_over_time(temp[1h])",
+    // Ranges equal to the 60 s step: answered from time buckets.
+    "avg_over_time(temp[1m])",
+    "min_over_time(hum[1m])",
+    "max_over_time(temp[1m] offset 2m)",
+    "sum_over_time(energy[1m])",
+    "count_over_time(temp{device=\"d1\"}[1m])",
+    "sum by (site) (avg_over_time(hum[1m]))",
     "hum{device=\"d2\"}[3m]",
 ];
 
@@ -336,7 +345,7 @@ async fn the_query_table_answers_as_prometheus_does() {
             ),
             (
                 "/api/v1/query",
-                vec![("query", q.clone()), ("time", secs(t0 + SPAN_MS + 60_000))],
+                vec![("query", q.clone()), ("time", secs(t0 + SPAN_MS - 5 * 60_000))],
             ),
             (
                 "/api/v1/query_range",
