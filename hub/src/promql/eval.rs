@@ -796,6 +796,7 @@ mod tests {
                 series("b", "n", 3.0),
                 series("c", "s", 0.5),
             ],
+            buckets: None,
         };
         let Value::Vector(v) = q.evaluate(&steps, vec![data(), data()]).unwrap() else {
             panic!()
