@@ -5,7 +5,10 @@
 # again once storage.rollups (ROLLUPS, default [1h]) is configured and
 # built. Prints
 # the load rate, the build time and rollup bytes, and the fleet query's
-# wall time and per-query p50/p99 both ways.
+# wall time and per-query p50/p99 both ways; and the same through the
+# Prometheus query API (issue 23): query_range of every device's 30 days
+# as avg_over_time(temperature[1h]) at a 1 h step, and of one device's
+# last day (raw at a 60 s step, and 5-minute averages), best of 3.
 #
 #   scripts/bench-rollups.sh                       # 1000 devices x 30 days, a reading a minute
 #   DEVICES=50 DAYS=2 scripts/bench-rollups.sh     # what SMOKE=1 bench.sh runs
@@ -38,6 +41,31 @@ fleet() {
     SENSOR=temperature UNTIL_MS=$until_ms cargo bench -q "${bench_profile[@]}" -p hub --bench query_load 2>/dev/null
 }
 
+# prom: the Prometheus API's query_range timings, best of 3 each.
+prom() {
+  python3 - "http://$http_addr" "$until_ms" "$DAYS" <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+base, until_ms, days = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+end = until_ms // 3_600_000 * 3600
+def run(label, query, start, step):
+    best, series, points = None, 0, 0
+    for _ in range(3):
+        body = urllib.parse.urlencode({"query": query, "start": start, "end": end, "step": step}).encode()
+        t = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(base + "/api/v1/query_range", data=body), timeout=600) as r:
+            data = json.load(r)
+        took = time.perf_counter() - t
+        assert data["status"] == "success", data
+        series = len(data["data"]["result"])
+        points = sum(len(s["values"]) for s in data["data"]["result"])
+        best = took if best is None else min(best, took)
+    print(f"prom query_range {label}: {best * 1000:.0f} ms ({series} series, {points} points)")
+run(f"fleet x {days} d, avg_over_time(temperature[1h]) step 1h", "avg_over_time(temperature[1h])", end - days * 86400, 3600)
+run("1 device x 1 d, raw step 60s", 'temperature{device="fl-00001"}', end - 86400, 60)
+run("1 device x 1 d, avg_over_time(temperature[5m]) step 5m", 'avg_over_time(temperature{device="fl-00001"}[5m])', end - 86400, 300)
+PY
+}
+
 . scripts/start-hub.sh
 per_device=$(( DAYS * 86400 / STEP_S ))
 target=$(( DEVICES * per_device ))
@@ -59,6 +87,7 @@ before=$(db_bytes)
 echo "-- from blocks (no rollups)"
 . scripts/start-hub.sh
 fleet
+prom
 stop_hub
 
 echo "-- with storage.rollups = $ROLLUPS"
@@ -71,6 +100,7 @@ rows=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execut
 python3 -c "import sys; n,a,b,r=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]); print(f'rollups built from {n} stored readings in {b-a:.1f} s ({n/(b-a):.0f} readings/s): {r} rows')" \
   "$n" "$t0" "$t1" "$rows"
 fleet
+prom
 stop_hub
 after=$(db_bytes)
 python3 -c "import sys; b,a,n,r=map(int,sys.argv[1:5]); print(f'database {b/n:.2f} bytes per reading without rollups, {a/n:.2f} with ({(a-b)/max(r,1):.0f} bytes per rollup row)')" \

@@ -260,20 +260,64 @@ async fn query_range(
                 ));
             }
         };
-        let result: Vec<Json> = series
-            .iter()
-            .map(|(labels, values)| {
-                let points: Vec<Json> = times
-                    .iter()
-                    .zip(values)
-                    .filter_map(|(&t, v)| v.map(|v| point(t, v)))
-                    .collect();
-                json!({"metric": labels, "values": points})
-            })
-            .collect();
-        Ok(json!({"resultType": "matrix", "result": result}))
+        // Written straight out: a fleet's range is ~1M points.
+        let mut out = String::with_capacity(64 + times.len() * series.len() * 24);
+        out.push_str(r#"{"status":"success","data":{"resultType":"matrix","result":["#);
+        for (i, (labels, values)) in series.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(r#"{"metric":"#);
+            out.push_str(&serde_json::to_string(labels).unwrap_or_default());
+            out.push_str(r#","values":["#);
+            let mut first = true;
+            for (&t, v) in times.iter().zip(values) {
+                let Some(v) = v else { continue };
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                write_point(&mut out, t, *v);
+            }
+            out.push_str("]}");
+        }
+        out.push_str("]}}");
+        Ok(Answer::Raw(out))
     })
     .await
+}
+
+/// [`point`] written into `out`.
+fn write_point(out: &mut String, t_ms: i64, v: f64) {
+    use std::fmt::Write as _;
+    let (secs, ms) = (t_ms.div_euclid(1000), t_ms.rem_euclid(1000));
+    let _ = if ms == 0 {
+        write!(out, "[{secs},\"")
+    } else {
+        write!(out, "[{secs}.{ms:03},\"")
+    };
+    let _ = if v.is_nan() {
+        write!(out, "NaN")
+    } else if v == f64::INFINITY {
+        write!(out, "+Inf")
+    } else if v == f64::NEG_INFINITY {
+        write!(out, "-Inf")
+    } else {
+        write!(out, "{v}")
+    };
+    out.push_str("\"]");
+}
+
+/// A successful answer: its `data`, or the whole body already written.
+enum Answer {
+    Data(Json),
+    Raw(String),
+}
+
+impl From<Json> for Answer {
+    fn from(data: Json) -> Self {
+        Answer::Data(data)
+    }
 }
 
 async fn series(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
@@ -353,9 +397,12 @@ async fn buildinfo() -> Response {
     }))
 }
 
-async fn answer(work: impl Future<Output = Result<Json, Failure>>) -> Response {
-    match work.await {
-        Ok(data) => success(data),
+async fn answer<A: Into<Answer>>(work: impl Future<Output = Result<A, Failure>>) -> Response {
+    match work.await.map(Into::into) {
+        Ok(Answer::Data(data)) => success(data),
+        Ok(Answer::Raw(body)) => {
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Err(f) => f.into_response(),
     }
 }

@@ -3,6 +3,7 @@
 //! samples this module loads through the same readings queries (and
 //! budget) as every other door.
 
+use futures_util::StreamExt;
 use promql_parser::label::Matcher;
 
 use super::{OpError, Operations};
@@ -13,6 +14,8 @@ use crate::query::QueryChunk;
 /// Samples one query may load (16 bytes each): past it the query is
 /// refused, not answered in part.
 pub const MAX_SAMPLES: usize = 20_000_000;
+/// Series one query reads at once.
+const SERIES_AT_ONCE: usize = 4;
 
 /// Why a Prometheus query failed: the query (Prometheus' error types), or
 /// the hub.
@@ -23,6 +26,9 @@ pub enum PromFailure {
     #[error(transparent)]
     Op(#[from] OpError),
 }
+
+/// A series as read: its samples or its buckets.
+type SeriesRead<'k> = (&'k Known, Vec<(i64, f64)>, Option<Vec<promql::Agg>>);
 
 /// A catalogued series: its labels and where its readings are.
 struct Known {
@@ -72,21 +78,21 @@ impl Operations {
         for window in windows {
             let mut data = Loaded::default();
             let mut buckets = Vec::new();
-            for k in catalog
-                .iter()
-                .filter(|k| promql::matches(&window.matchers, &k.labels))
-            {
-                let points = match window.bucket_ms {
-                    Some(width) => {
-                        let aggs = self
-                            .series_buckets(k, window.from_ms, window.to_ms, width)
-                            .await?;
-                        samples += aggs.len();
-                        buckets.push(aggs);
-                        Vec::new()
-                    }
-                    None => self.series_samples(k, window.from_ms, window.to_ms).await?,
-                };
+            // A few series at once (each a readings query of the shared
+            // budget), in catalogue order.
+            let mut reads = Vec::new();
+            for k in &catalog {
+                if promql::matches(&window.matchers, &k.labels) {
+                    reads.push(self.read_series(k, &window));
+                }
+            }
+            let mut reads = futures_util::stream::iter(reads).buffered(SERIES_AT_ONCE);
+            while let Some(read) = reads.next().await {
+                let (k, points, aggs) = read?;
+                if let Some(aggs) = aggs {
+                    samples += aggs.len();
+                    buckets.push(aggs);
+                }
                 samples += points.len();
                 if samples > MAX_SAMPLES {
                     return Err(QueryError::BadData(format!(
@@ -102,6 +108,27 @@ impl Operations {
             loaded.push(data);
         }
         Ok(query.evaluate(&steps, loaded)?)
+    }
+
+    /// A series' samples, or its buckets for a window with `bucket_ms`.
+    async fn read_series<'k>(
+        &self,
+        k: &'k Known,
+        window: &promql::Window,
+    ) -> Result<SeriesRead<'k>, OpError> {
+        Ok(match window.bucket_ms {
+            Some(width) => {
+                let aggs = self
+                    .series_buckets(k, window.from_ms, window.to_ms, width)
+                    .await?;
+                (k, Vec::new(), Some(aggs))
+            }
+            None => (
+                k,
+                self.series_samples(k, window.from_ms, window.to_ms).await?,
+                None,
+            ),
+        })
     }
 
     /// A series' buckets of `width` from `from_ms` (a multiple of it) up to

@@ -167,7 +167,14 @@ fn range_function(call: &Call, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
     let loaded = next_loaded(ctx)?;
     let range = ms(m.range);
     if let Some(buckets) = loaded.buckets {
-        return Ok(Value::Vector(from_buckets(name, m, loaded.series, buckets, range, ctx)));
+        return Ok(Value::Vector(from_buckets(
+            name,
+            m,
+            loaded.series,
+            buckets,
+            range,
+            ctx,
+        )));
     }
     let mut out = Vec::with_capacity(loaded.series.len());
     for (mut labels, samples) in loaded.series {
@@ -234,8 +241,16 @@ fn from_buckets(
                         let v = next.first;
                         total.count += 1;
                         total.sum += v;
-                        total.min = if v < total.min || total.min.is_nan() { v } else { total.min };
-                        total.max = if v > total.max || total.max.is_nan() { v } else { total.max };
+                        total.min = if v < total.min || total.min.is_nan() {
+                            v
+                        } else {
+                            total.min
+                        };
+                        total.max = if v > total.max || total.max.is_nan() {
+                            v
+                        } else {
+                            total.max
+                        };
                     }
                     if total.count == 0 {
                         return None;

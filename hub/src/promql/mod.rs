@@ -503,7 +503,11 @@ mod tests {
         assert_eq!(bucketed("avg_over_time(m[1m])"), Some(60_000));
         assert_eq!(bucketed("max_over_time(m[1m] offset 2m)"), Some(60_000));
         assert_eq!(bucketed("avg_over_time(m[2m])"), None, "ranges overlap");
-        assert_eq!(bucketed("avg_over_time(m[1m] offset 1s)"), None, "not on bucket edges");
+        assert_eq!(
+            bucketed("avg_over_time(m[1m] offset 1s)"),
+            None,
+            "not on bucket edges"
+        );
         assert_eq!(bucketed("rate(m[1m])"), None);
         assert_eq!(bucketed("last_over_time(m[1m])"), None);
         assert_eq!(bucketed("avg_over_time(m[1m] @ 3600)"), None);

@@ -155,7 +155,13 @@ async fn bad_lines_and_bodies_store_nothing_and_say_where() {
     let hub = spawn_hub().await;
     let base = hub.http_url();
     let ns = (now_ms() - 1_000) * 1_000_000;
-    type Case = (String, &'static [(&'static str, &'static str)], &'static str, StatusCode, &'static str);
+    type Case = (
+        String,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+        StatusCode,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         (
             format!("m,device=lp-bad v=1 {ns}\nm v=2 {ns}"),

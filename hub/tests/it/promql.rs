@@ -37,7 +37,11 @@ fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
         let mut energy = 100.0 * shift;
         // d1 samples every 15 s on the dot: readings on range boundaries.
         let on_the_dot = *device == "d1";
-        let mut t = if on_the_dot { t0 } else { t0 + (next() % 15_000) as i64 };
+        let mut t = if on_the_dot {
+            t0
+        } else {
+            t0 + (next() % 15_000) as i64
+        };
         let mut k = 0;
         while t < t0 + SPAN_MS {
             let x = (t - t0) as f64 / 600_000.0 + shift;
@@ -53,7 +57,11 @@ fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
             }
             out.push((*device, "energy", t, (energy * 100.0).round() / 100.0));
             k += 1;
-            t += if on_the_dot { 15_000 } else { 10_000 + (next() % 10_000) as i64 };
+            t += if on_the_dot {
+                15_000
+            } else {
+                10_000 + (next() % 10_000) as i64
+            };
         }
     }
     out
@@ -345,7 +353,10 @@ async fn the_query_table_answers_as_prometheus_does() {
             ),
             (
                 "/api/v1/query",
-                vec![("query", q.clone()), ("time", secs(t0 + SPAN_MS - 5 * 60_000))],
+                vec![
+                    ("query", q.clone()),
+                    ("time", secs(t0 + SPAN_MS - 5 * 60_000)),
+                ],
             ),
             (
                 "/api/v1/query_range",
@@ -539,17 +550,32 @@ async fn grafanas_requests_are_answered() {
     assert!(!values.is_empty());
     // The fleet dashboard the console links to: every panel's query is
     // answered, with data.
-    let r = client.get(format!("{base}/assets/grafana/telemetry-hub-fleet.json")).send().await.unwrap();
+    let r = client
+        .get(format!("{base}/assets/grafana/telemetry-hub-fleet.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let dashboard: Value = r.json().await.unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
     assert_eq!(panels.len(), 4);
     for panel in panels {
-        let expr = panel["targets"][0]["expr"].as_str().unwrap().replace("$device", "g-1");
-        let r = post("/api/v1/query", form(&[("query", expr.clone()), ("time", now_s.to_string())])).await.unwrap();
+        let expr = panel["targets"][0]["expr"]
+            .as_str()
+            .unwrap()
+            .replace("$device", "g-1");
+        let r = post(
+            "/api/v1/query",
+            form(&[("query", expr.clone()), ("time", now_s.to_string())]),
+        )
+        .await
+        .unwrap();
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["status"], json!("success"), "{expr}: {body}");
-        assert!(!body["data"]["result"].as_array().unwrap().is_empty(), "{expr}: {body}");
+        assert!(
+            !body["data"]["result"].as_array().unwrap().is_empty(),
+            "{expr}: {body}"
+        );
     }
     // Without the token, or outside the subset: Prometheus' errors.
     let r = client
