@@ -26,13 +26,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   export BIN=$TARGET/debug; bench_profile=(--profile dev)
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; ROLLUP_DEVICES=20; ROLLUP_DAYS=2; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; ROLLUP_DEVICES=20; ROLLUP_DAYS=2; LINES_DEVICES=20; PROMQL_DEVICES=5; PROMQL_DAYS=1; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
   cargo build -q -p hub -p device-sim
 else
   export BIN=$TARGET/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
-  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; ROLLUP_DEVICES=1000; ROLLUP_DAYS=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
+  EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; ROLLUP_DEVICES=1000; ROLLUP_DAYS=30; LINES_DEVICES=1000; PROMQL_DEVICES=1000; PROMQL_DAYS=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
@@ -134,3 +134,9 @@ DEVICES=$ROLLUP_DEVICES DAYS=$ROLLUP_DAYS BENCH_PROFILE="${bench_profile[*]:-}" 
 
 section "alarms (issue 21): ingest with rules against without, reading-to-webhook latency, inactivity checks"
 scripts/bench-alarms.sh
+
+section "line protocol (issue 23): $LINES_DEVICES devices' backlog through POST /api/v1/write (plain, gzip) against gRPC backfill, the same count"
+DEVICES=$LINES_DEVICES RATE=100 SECONDS=$PEERS_S BENCH_PROFILE="${bench_profile[*]:-}" scripts/bench-lines.sh
+
+section "Prometheus query API (issue 23) against VictoriaMetrics: $PROMQL_DEVICES devices x $PROMQL_DAYS days, a reading a minute, the same queries"
+DEVICES=$PROMQL_DEVICES DAYS=$PROMQL_DAYS scripts/bench-promql-peers.sh

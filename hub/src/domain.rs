@@ -228,7 +228,16 @@ pub enum Verdict {
 
 /// Moves `mark` over one checked reading and says what to do with it.
 pub fn judge(mark: &mut u64, reading: &CheckedReading) -> Verdict {
-    let seq = reading.seq();
+    judge_seq(
+        mark,
+        reading.seq(),
+        matches!(reading, CheckedReading::Valid(_)),
+    )
+}
+
+/// [`judge`] of a reading with this seq, valid or rejected by its checks
+/// (the writer numbers line-protocol readings itself).
+pub fn judge_seq(mark: &mut u64, seq: u64, valid: bool) -> Verdict {
     if !seq_in_range(seq) {
         return Verdict::Rejected;
     }
@@ -236,9 +245,10 @@ pub fn judge(mark: &mut u64, reading: &CheckedReading) -> Verdict {
         return Verdict::Duplicate;
     }
     *mark = seq;
-    match reading {
-        CheckedReading::Valid(_) => Verdict::Store,
-        CheckedReading::Rejected { .. } => Verdict::Rejected,
+    if valid {
+        Verdict::Store
+    } else {
+        Verdict::Rejected
     }
 }
 

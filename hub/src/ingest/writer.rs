@@ -26,7 +26,7 @@ use super::{
 };
 use crate::domain::{
     Arrival, CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
-    SensorKey, Verdict, judge, now_ms,
+    SensorKey, Verdict, judge_seq, now_ms,
 };
 use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
@@ -1465,18 +1465,11 @@ impl Known {
         let (mut hwm, mut stored, mut rejected, mut duplicates) = (mark, 0u32, 0u32, 0u32);
         for reading in readings {
             // A reading without a seq takes the next after the mark.
-            let numbered;
-            let reading = match reading {
-                CheckedReading::Valid(r) if assign_seqs => {
-                    numbered = CheckedReading::Valid(crate::domain::Reading {
-                        seq: hwm.saturating_add(1),
-                        ..r.clone()
-                    });
-                    &numbered
-                }
-                _ => reading,
+            let seq = match reading {
+                CheckedReading::Valid(_) if assign_seqs => hwm.saturating_add(1),
+                _ => reading.seq(),
             };
-            match judge(&mut hwm, reading) {
+            match judge_seq(&mut hwm, seq, matches!(reading, CheckedReading::Valid(_))) {
                 Verdict::Duplicate => duplicates += 1,
                 Verdict::Rejected => rejected += 1,
                 Verdict::Store => {
@@ -1489,7 +1482,7 @@ impl Known {
                                 device,
                                 sensor,
                                 ts_ms: r.ts_ms,
-                                seq: r.seq as i64,
+                                seq: seq as i64,
                                 value: r.value,
                             });
                             stored += 1;

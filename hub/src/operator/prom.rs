@@ -4,7 +4,7 @@
 //! budget) as every other door.
 
 use futures_util::StreamExt;
-use promql_parser::label::Matcher;
+use promql_parser::label::{MatchOp, Matcher};
 
 use super::{OpError, Operations};
 use crate::domain::{ReadingQuery, StoredReading};
@@ -38,10 +38,11 @@ struct Known {
 }
 
 impl Operations {
-    async fn prom_catalog(&self) -> Result<Vec<Known>, OpError> {
+    /// The catalogue, of one device when `only` names it.
+    async fn prom_catalog(&self, only: Option<&str>) -> Result<Vec<Known>, OpError> {
         Ok(self
             .store
-            .series_catalog()
+            .series_catalog(only)
             .await?
             .into_iter()
             .map(|c| Known {
@@ -56,7 +57,7 @@ impl Operations {
     /// series when none is given).
     pub async fn prom_series(&self, selectors: &[Vec<Matcher>]) -> Result<Vec<Labels>, OpError> {
         Ok(self
-            .prom_catalog()
+            .prom_catalog(None)
             .await?
             .into_iter()
             .map(|k| k.labels)
@@ -68,10 +69,25 @@ impl Operations {
     pub async fn prom_query(&self, query: &str, steps: Steps) -> Result<Value, PromFailure> {
         let query = Query::parse(query)?;
         let windows = query.windows(&steps);
+        // Every selector names one device (a dashboard's panel): only its
+        // series are catalogued.
+        let devices: Vec<Option<&str>> = windows
+            .iter()
+            .map(|w| {
+                w.matchers
+                    .iter()
+                    .find(|m| m.name == promql::DEVICE && matches!(m.op, MatchOp::Equal))
+                    .map(|m| m.value.as_str())
+            })
+            .collect();
+        let only = match devices.first() {
+            Some(Some(first)) if devices.iter().all(|d| *d == Some(*first)) => Some(*first),
+            _ => None,
+        };
         let catalog = if windows.is_empty() {
             Vec::new()
         } else {
-            self.prom_catalog().await?
+            self.prom_catalog(only).await?
         };
         let mut loaded = Vec::with_capacity(windows.len());
         let mut samples = 0usize;

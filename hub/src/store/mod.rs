@@ -446,15 +446,21 @@ impl Store {
             .collect())
     }
 
-    /// Every series the hub holds readings of, of devices not removed: the
-    /// device (key, id, tags) and the sensor's name, in device id order.
-    pub async fn series_catalog(&self) -> Result<Vec<CatalogSeries>, StoreError> {
+    /// Every series the hub holds readings of, of devices not removed (of
+    /// the device `only` names, if given): the device (key, id, tags) and
+    /// the sensor's name, in device id order.
+    pub async fn series_catalog(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<CatalogSeries>, StoreError> {
         let rows: Vec<(i64, String, String, String)> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(
                 "SELECT d.id, d.external_id, d.tags, s.name FROM device_sensors ds \
                  JOIN devices d ON d.id = ds.device_id JOIN sensors s ON s.id = ds.sensor_id \
-                 WHERE d.removed_ms IS NULL ORDER BY d.external_id, s.name",
+                 WHERE d.removed_ms IS NULL AND ($1 IS NULL OR d.external_id = $1) \
+                 ORDER BY d.external_id, s.name",
             )
+            .bind(only)
             .fetch_all(pool)
             .await?
         });
