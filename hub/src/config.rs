@@ -262,6 +262,8 @@ pub struct HttpSettings {
     pub write_max_bytes: usize,
     /// Lines in one line-protocol write (413 beyond).
     pub write_max_lines: usize,
+    /// Readings (numeric fields) in one line-protocol write (413 beyond).
+    pub write_max_readings: usize,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -946,6 +948,11 @@ impl Settings {
         check(
             self.http.write_max_lines >= 1,
             "http.write_max_lines",
+            "must be at least 1",
+        )?;
+        check(
+            self.http.write_max_readings >= 1,
+            "http.write_max_readings",
             "must be at least 1",
         )?;
         let i = &self.ingest;

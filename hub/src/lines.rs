@@ -83,7 +83,14 @@ pub enum ParseError {
     Line { line: usize, reason: String },
     #[error("more than {0} lines in one write (http.write_max_lines)")]
     TooManyLines(usize),
+    #[error("more than {0} readings (numeric fields) in one write (http.write_max_readings)")]
+    TooManyReadings(usize),
+    #[error("more than {MAX_DEVICES_PER_WRITE} devices in one write")]
+    TooManyDevices,
 }
+
+/// Devices one write may name.
+pub const MAX_DEVICES_PER_WRITE: usize = 1000;
 
 /// One device's readings of a request, in the order of its lines.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +115,7 @@ pub struct LineRules {
     pub earliest_ms: i64,
     pub latest_ms: i64,
     pub max_lines: usize,
+    pub max_readings: usize,
 }
 
 /// Parses a request's lines into readings per device, in the order the
@@ -116,7 +124,7 @@ pub struct LineRules {
 pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseError> {
     let mut devices: Vec<DeviceLines> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
-    let mut lines = 0usize;
+    let (mut lines, mut readings) = (0usize, 0usize);
     for (n, text) in influxdb_line_protocol::split_lines(body).enumerate() {
         let line = n + 1;
         let bad = |reason: String| ParseError::Line { line, reason };
@@ -157,6 +165,9 @@ pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseErr
                 "a line with {SEQ_FIELD:?} carries exactly one value field (it has {values})"
             )));
         }
+        if !index.contains_key(device) && index.len() >= MAX_DEVICES_PER_WRITE {
+            return Err(ParseError::TooManyDevices);
+        }
         let slot = *index.entry(device.to_owned()).or_insert_with(|| {
             devices.push(DeviceLines {
                 device_id,
@@ -178,6 +189,19 @@ pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseErr
                     "does not"
                 }
             )));
+        }
+        if let (Some(seq), Some(last)) = (seq, lines_of.readings.last())
+            && seq <= last.seq
+        {
+            return Err(bad(format!(
+                "{SEQ_FIELD} {seq} does not follow {} of an earlier line of device {device:?}: \
+                 within one write a device's seqs must increase",
+                last.seq
+            )));
+        }
+        readings += values;
+        if readings > rules.max_readings {
+            return Err(ParseError::TooManyReadings(rules.max_readings));
         }
         for (field, value) in parsed
             .field_set
@@ -261,8 +285,9 @@ pub enum WriteError {
         device: String,
         retry_after: Duration,
     },
-    /// Nothing of the request is known to be stored: retry it.
-    #[error("{0}; nothing was acknowledged, retry the write")]
+    /// The write was not acknowledged: retry it (lines without `seq` that
+    /// were stored after all are then stored twice: at least once).
+    #[error("{0}; the write was not acknowledged, retry it")]
     Unavailable(String),
     /// Some readings were refused by the hub's sensor limits; the rest are
     /// stored (a retry would store them again unless the lines carry seq).
@@ -342,7 +367,7 @@ impl LineWrites {
     }
 
     /// The rules a request's lines are parsed by, now.
-    pub fn rules(&self, precision: Precision, max_lines: usize) -> LineRules {
+    pub fn rules(&self, precision: Precision, max_lines: usize, max_readings: usize) -> LineRules {
         let now = now_ms();
         LineRules {
             precision,
@@ -353,6 +378,7 @@ impl LineWrites {
                 .map_or(i64::MIN, |r| now.saturating_sub(r.as_millis() as i64)),
             latest_ms: now.saturating_add(self.settings.max_clock_skew.as_millis() as i64),
             max_lines,
+            max_readings,
         }
     }
 
@@ -592,6 +618,7 @@ mod tests {
             earliest_ms: i64::MIN,
             latest_ms: 1_700_000_300_000,
             max_lines: 100,
+            max_readings: 1000,
         }
     }
 
@@ -701,5 +728,19 @@ env,device=d1 temp=21.75 1700000000002000000
         }
         let many = "m,device=d v=1\n".repeat(101);
         assert_eq!(parse(&many, &rules()), Err(ParseError::TooManyLines(100)));
+        let wide = format!(
+            "m,device=d {}\n",
+            (0..11)
+                .map(|i| format!("f{i}=1"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(
+            parse(&wide.repeat(91), &rules()),
+            Err(ParseError::TooManyReadings(1000))
+        );
+        let (line, reason) = line_error("m,device=d v=1,seq=5i\nm,device=d v=2,seq=5i");
+        assert_eq!(line, 2);
+        assert!(reason.contains("must increase"), "{reason}");
     }
 }

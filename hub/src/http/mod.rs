@@ -55,6 +55,7 @@ pub(crate) struct ApiState {
     writes: Arc<crate::lines::LineWrites>,
     write_max_bytes: usize,
     write_max_lines: usize,
+    write_max_readings: usize,
 }
 
 /// A running HTTP server.
@@ -101,6 +102,7 @@ pub async fn start(
         writes,
         write_max_bytes: settings.write_max_bytes,
         write_max_lines: settings.write_max_lines,
+        write_max_readings: settings.write_max_readings,
     });
     let app = router(state, settings.max_body_bytes);
     let task = tokio::spawn(serve::serve(

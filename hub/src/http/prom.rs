@@ -82,7 +82,7 @@ fn selector(text: &str) -> Result<Vec<Matcher>, Failure> {
             "invalid parameter \"match[]\": {text:?} is not a series selector"
         ))
     };
-    match promql_parser::parser::parse(text).map_err(|_| bad())? {
+    match promql::parse_expr(text).map_err(|_| bad())? {
         promql_parser::parser::Expr::VectorSelector(vs) => {
             let mut m = vs.matchers.matchers;
             if let Some(name) = vs.name {
@@ -100,10 +100,14 @@ fn selector(text: &str) -> Result<Vec<Matcher>, Failure> {
 
 /// A time parameter: Unix seconds (with a fraction) or RFC 3339.
 fn time(raw: &str, what: &str) -> Result<i64, Failure> {
-    if let Ok(secs) = raw.parse::<f64>()
-        && secs.is_finite()
-    {
-        return Ok((secs * 1000.0).round() as i64);
+    if let Ok(secs) = raw.parse::<f64>() {
+        let ms = secs * 1000.0;
+        if !ms.is_finite() || ms.abs() > promql::MAX_TIME_MS as f64 {
+            return Err(Failure::bad(format!(
+                "invalid parameter \"{what}\": {raw:?} is out of range"
+            )));
+        }
+        return Ok(ms.round() as i64);
     }
     humantime::parse_rfc3339_weak(raw)
         .ok()
@@ -118,13 +122,25 @@ fn time(raw: &str, what: &str) -> Result<i64, Failure> {
 
 /// A step: seconds (with a fraction) or a duration (`15s`, `1m30s`).
 fn duration(raw: &str, what: &str) -> Result<i64, Failure> {
-    if let Ok(secs) = raw.parse::<f64>()
-        && secs.is_finite()
-    {
-        return Ok((secs * 1000.0).round() as i64);
+    let out_of_range = || {
+        Failure::bad(format!(
+            "invalid parameter \"{what}\": {raw:?} is out of range"
+        ))
+    };
+    if let Ok(secs) = raw.parse::<f64>() {
+        let ms = secs * 1000.0;
+        if !ms.is_finite() || ms.abs() > promql::MAX_TIME_MS as f64 {
+            return Err(out_of_range());
+        }
+        return Ok(ms.round() as i64);
     }
-    promql_parser::util::parse_duration(raw)
-        .map(|d| d.as_millis() as i64)
+    std::panic::catch_unwind(|| promql_parser::util::parse_duration(raw))
+        .map_err(|_| out_of_range())?
+        .map(|d| {
+            i64::try_from(d.as_millis())
+                .unwrap_or(i64::MAX)
+                .min(promql::MAX_TIME_MS)
+        })
         .map_err(|_| {
             Failure::bad(format!(
                 "invalid parameter \"{what}\": cannot parse {raw:?} to a valid duration"
@@ -214,7 +230,8 @@ async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: By
             Some(t) => time(t, "time")?,
             None => crate::domain::now_ms(),
         };
-        let value = state.ops.prom_query(text, Steps::instant(at)).await?;
+        let steps = Steps::instant(at).map_err(PromFailure::from)?;
+        let value = state.ops.prom_query(text, steps).await?;
         Ok(match value {
             Value::Scalar(v) => json!({"resultType": "scalar", "result": point(at, v[0])}),
             Value::Range(series) => json!({
@@ -261,7 +278,7 @@ async fn query_range(
             }
         };
         // Written straight out: a fleet's range is ~1M points.
-        let mut out = String::with_capacity(64 + times.len() * series.len() * 24);
+        let mut out = String::with_capacity((64 + times.len() * series.len() * 24).min(64 << 20));
         out.push_str(r#"{"status":"success","data":{"resultType":"matrix","result":["#);
         for (i, (labels, values)) in series.iter().enumerate() {
             if i > 0 {

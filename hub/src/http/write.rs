@@ -46,7 +46,16 @@ async fn write(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match stored(&state, Some(peer.ip()), params, &headers, body).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        // What became of the readings, for clients that look: lines with
+        // seq already stored are duplicates, not stored again.
+        Ok(done) => (
+            StatusCode::NO_CONTENT,
+            [
+                ("x-hub-stored", done.stored.to_string()),
+                ("x-hub-duplicates", done.duplicates.to_string()),
+            ],
+        )
+            .into_response(),
         Err(refused) => refused,
     }
 }
@@ -57,7 +66,7 @@ async fn stored(
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(), Response> {
+) -> Result<crate::lines::WriteDone, Response> {
     let Query(params) = params.map_err(|e| ApiError::from(e).into_response())?;
     if let Some(origin) = headers.get(header::ORIGIN) {
         // Writers are programs; a browser page of any site is refused.
@@ -101,7 +110,9 @@ async fn stored(
         }
     };
     let token = presented_token(headers).or(params.p);
-    let rules = state.writes.rules(precision, state.write_max_lines);
+    let rules = state
+        .writes
+        .rules(precision, state.write_max_lines, state.write_max_readings);
     let max_bytes = state.write_max_bytes;
     // Inflating and parsing a large body is CPU work: off the runtime.
     let parsed = tokio::task::spawn_blocking(move || {
@@ -134,18 +145,24 @@ async fn stored(
             "payload_too_large",
             format!("more than {n} lines in one write (http.write_max_lines)"),
         ),
+        Refused::Lines(e @ (ParseError::TooManyReadings(_) | ParseError::TooManyDevices)) => {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            )
+        }
         Refused::Lines(e @ ParseError::Line { .. }) => {
             ApiError::invalid(e.to_string()).into_response()
         }
     })?;
     if devices.is_empty() {
-        return Ok(());
+        return Ok(crate::lines::WriteDone::default());
     }
     state
         .writes
         .write(&devices, token.as_deref(), peer)
         .await
-        .map(|_| ())
         .map_err(write_error)
 }
 

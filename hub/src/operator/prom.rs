@@ -27,6 +27,18 @@ pub enum PromFailure {
     Op(#[from] OpError),
 }
 
+impl From<crate::store::StoreError> for PromFailure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Op(e.into())
+    }
+}
+
+fn too_many() -> QueryError {
+    QueryError::BadData(format!(
+        "query processing would load more than {MAX_SAMPLES} samples; narrow the selectors or the range"
+    ))
+}
+
 /// A series as read: its samples or its buckets.
 type SeriesRead<'k> = (&'k Known, Vec<(i64, f64)>, Option<Vec<promql::Agg>>);
 
@@ -111,10 +123,7 @@ impl Operations {
                 }
                 samples += points.len();
                 if samples > MAX_SAMPLES {
-                    return Err(QueryError::BadData(format!(
-                        "query processing would load more than {MAX_SAMPLES} samples; narrow the selectors or the range"
-                    ))
-                    .into());
+                    return Err(too_many().into());
                 }
                 data.series.push((k.labels.clone(), points));
             }
@@ -131,7 +140,7 @@ impl Operations {
         &self,
         k: &'k Known,
         window: &promql::Window,
-    ) -> Result<SeriesRead<'k>, OpError> {
+    ) -> Result<SeriesRead<'k>, PromFailure> {
         Ok(match window.bucket_ms {
             Some(width) => {
                 let aggs = self
@@ -141,7 +150,8 @@ impl Operations {
             }
             None => (
                 k,
-                self.series_samples(k, window.from_ms, window.to_ms).await?,
+                self.series_samples(k, window.from_ms, window.to_ms, MAX_SAMPLES)
+                    .await?,
                 None,
             ),
         })
@@ -186,13 +196,15 @@ impl Operations {
         Ok(aggs)
     }
 
-    /// A series' readings with from <= ts <= to, in time order.
+    /// A series' readings with from <= ts <= to, in time order; refused
+    /// (the read stopped) past `budget` of them.
     async fn series_samples(
         &self,
         k: &Known,
         from_ms: i64,
         to_ms: i64,
-    ) -> Result<Vec<(i64, f64)>, OpError> {
+        budget: usize,
+    ) -> Result<Vec<(i64, f64)>, PromFailure> {
         let mut run = self.run_query(ReadingQuery {
             device: k.device,
             sensor: Some(k.sensor.clone()),
@@ -205,15 +217,19 @@ impl Operations {
         while let Some(chunk) = run.chunks.recv().await {
             match chunk? {
                 QueryChunk::Rows(rows) => {
-                    points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value)))
+                    points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value)));
+                    if points.len() > budget {
+                        // Dropping the run ends its query.
+                        return Err(too_many().into());
+                    }
                 }
                 QueryChunk::Buckets(_) => {}
             }
         }
         if !run.ended_whole().await {
-            return Err(OpError::Internal(
+            return Err(PromFailure::Op(OpError::Internal(
                 "a readings query failed; see the hub's log".into(),
-            ));
+            )));
         }
         Ok(points)
     }

@@ -37,6 +37,21 @@ pub(super) fn evaluate(
     steps: &Steps,
     loaded: Vec<Loaded>,
 ) -> Result<Value, QueryError> {
+    // Every intermediate vector holds at most a window's series at every
+    // step: bounded before anything is allocated.
+    let points = loaded
+        .iter()
+        .map(|l| l.series.len())
+        .max()
+        .unwrap_or(1)
+        .max(1)
+        .saturating_mul(steps.times_len());
+    if points > super::MAX_POINTS {
+        return Err(QueryError::BadData(format!(
+            "the query would hold {points} points at once (series x steps), more than {}; narrow the selectors, the range or the resolution",
+            super::MAX_POINTS
+        )));
+    }
     let mut ctx = Ctx {
         steps,
         times: steps.times(),
@@ -49,7 +64,7 @@ pub(super) fn evaluate(
             ));
         }
         let end = ref_time(&m.vs, steps, steps.start_ms);
-        let start = end - ms(m.range);
+        let start = end.saturating_sub(ms(m.range));
         let loaded = next_loaded(&mut ctx)?;
         let mut out: Vec<(Labels, Vec<(i64, f64)>)> = loaded
             .series
@@ -135,7 +150,7 @@ fn instant(vs: &VectorSelector, ctx: &mut Ctx<'_>) -> Result<Vec<Series>, QueryE
                 let i = samples.partition_point(|(ts, _)| *ts <= at);
                 (i > 0)
                     .then(|| samples[i - 1])
-                    .filter(|(ts, _)| *ts >= at - LOOKBACK_MS)
+                    .filter(|(ts, _)| *ts >= at.saturating_sub(LOOKBACK_MS))
                     .map(|(_, v)| v)
             })
             .collect();
@@ -189,7 +204,7 @@ fn range_function(call: &Call, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
             .enumerate()
             .map(|(i, &t)| {
                 let end = ref_time(&m.vs, ctx.steps, t);
-                let start = end - range;
+                let start = end.saturating_sub(range);
                 let lo = samples.partition_point(|(ts, _)| *ts < start);
                 let hi = samples.partition_point(|(ts, _)| *ts <= end);
                 let window = &samples[lo..hi];
@@ -228,8 +243,8 @@ fn from_buckets(
                 .iter()
                 .map(|&t| {
                     let end = ref_time(&m.vs, ctx.steps, t);
-                    let mut total = at(end - range).unwrap_or(Agg {
-                        start_ms: end - range,
+                    let mut total = at(end.saturating_sub(range)).unwrap_or(Agg {
+                        start_ms: end.saturating_sub(range),
                         count: 0,
                         sum: 0.0,
                         min: f64::NAN,
@@ -324,7 +339,7 @@ fn extrapolated(
             previous = *v;
         }
     }
-    let mut to_start = (first.0 - start) as f64 / 1000.0;
+    let mut to_start = first.0.saturating_sub(start) as f64 / 1000.0;
     let to_end = (end - last.0) as f64 / 1000.0;
     let sampled = (last.0 - first.0) as f64 / 1000.0;
     let average = sampled / (w.len() - 1) as f64;
@@ -660,9 +675,15 @@ fn vector_vector(
         right.entry(signature(&s.labels, b)).or_default().push(i);
     }
     let mut out: BTreeMap<Labels, Series> = BTreeMap::new();
-    let mut left_seen: HashMap<(Labels, usize), ()> = HashMap::new();
+    // Per match group, the steps a left series matched at already.
+    let mut groups: HashMap<Labels, usize> = HashMap::new();
+    let mut left_seen: Vec<Vec<bool>> = Vec::new();
     for ls in &l {
         let sig = signature(&ls.labels, b);
+        let group = *groups.entry(sig.clone()).or_insert_with(|| {
+            left_seen.push(vec![false; steps]);
+            left_seen.len() - 1
+        });
         let Some(partners) = right.get(&sig) else {
             continue;
         };
@@ -688,18 +709,26 @@ fn vector_vector(
                     "found duplicate series for the match group {sig:?} on the right hand-side of the operation; many-to-many matching not allowed"
                 )));
             }
-            if left_seen.insert((sig.clone(), step), ()).is_some() {
+            if std::mem::replace(&mut left_seen[group][step], true) {
                 return Err(exec(format!(
                     "multiple matches for labels {sig:?}: many-to-one matching must be explicit (group_left/group_right)"
                 )));
             }
             if let Some(v) = f(x, y) {
-                out.entry(labels.clone())
-                    .or_insert_with(|| Series {
-                        labels: labels.clone(),
-                        values: vec![None; steps],
-                    })
-                    .values[step] = Some(v);
+                match out.get_mut(&labels) {
+                    Some(s) => s.values[step] = Some(v),
+                    None => {
+                        let mut values = vec![None; steps];
+                        values[step] = Some(v);
+                        out.insert(
+                            labels.clone(),
+                            Series {
+                                labels: labels.clone(),
+                                values,
+                            },
+                        );
+                    }
+                }
             }
         }
     }
@@ -770,7 +799,7 @@ mod tests {
             .map(|i| (5_000 + i * 10_000, (100 + i * 10) as f64))
             .collect();
         let q = Query::parse("rate(c[1m])").unwrap();
-        let steps = Steps::instant(60_000);
+        let steps = Steps::instant(60_000).unwrap();
         let loaded = vec![Loaded {
             series: vec![(labels(&[("__name__", "c"), ("device", "d")]), samples)],
             buckets: None,
@@ -822,7 +851,7 @@ mod tests {
         assert_eq!(v[0].values, vec![Some(1.0), Some(1.0), Some(1.0)]);
         assert_eq!(v[1].values, vec![Some(0.0), Some(1.0), Some(1.0)]);
         let q = Query::parse("m > 1").unwrap();
-        let Value::Vector(v) = q.evaluate(&Steps::instant(0), vec![data()]).unwrap() else {
+        let Value::Vector(v) = q.evaluate(&Steps::instant(0).unwrap(), vec![data()]).unwrap() else {
             panic!()
         };
         assert_eq!(v.len(), 1, "filtered, name kept");

@@ -31,6 +31,8 @@ pub const SENSOR: &str = "sensor";
 
 /// Prometheus' default lookback of an instant vector.
 pub const LOOKBACK_MS: i64 = 5 * 60 * 1000;
+/// Series x steps a query's vectors may hold (refused beyond).
+pub const MAX_POINTS: usize = 20_000_000;
 /// Points a range query may return per series (Prometheus' limit).
 pub const MAX_STEPS: usize = 11_000;
 
@@ -99,6 +101,73 @@ pub enum QueryError {
     Execution(String),
 }
 
+/// Query times are within ±2^53 ms (±285,000 years) of the epoch, so
+/// every offset and range arithmetic on them stays in range.
+pub const MAX_TIME_MS: i64 = 1 << 53;
+
+fn check_time(t: i64) -> Result<(), QueryError> {
+    if t.abs() > MAX_TIME_MS {
+        return Err(bad(format!("the time {t} ms is out of range")));
+    }
+    Ok(())
+}
+
+/// Operators and brackets a query may hold: evaluation recurses over
+/// them, so a deeper one could overflow a worker's stack.
+pub const MAX_OPERATORS: usize = 200;
+/// Bytes of query text.
+pub const MAX_QUERY_BYTES: usize = 16 * 1024;
+
+/// Refuses queries too long or too deeply built to evaluate safely:
+/// operators and brackets outside quoted strings are counted.
+fn check_size(text: &str) -> Result<(), QueryError> {
+    if text.len() > MAX_QUERY_BYTES {
+        return Err(bad(format!(
+            "the query is longer than {MAX_QUERY_BYTES} bytes"
+        )));
+    }
+    let (mut quote, mut escaped, mut operators) = (None, false, 0usize);
+    for c in text.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None if matches!(c, '"' | '\'' | '`') => quote = Some(c),
+            None if matches!(
+                c,
+                '(' | '[' | '+' | '-' | '*' | '/' | '%' | '^' | '<' | '>' | '=' | '!'
+            ) =>
+            {
+                operators += 1;
+            }
+            None => {}
+        }
+    }
+    // Keywords (and, or, unless, by, ...) count too, roughly.
+    operators += text.split_whitespace().count() / 2;
+    if operators > MAX_OPERATORS {
+        return Err(bad(format!(
+            "the query has more than {MAX_OPERATORS} operators and brackets"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses with promql-parser, which panics on some out-of-range numbers
+/// (a duration of 1e30 s): a panic is a bad query, not a failed hub.
+pub fn parse_expr(text: &str) -> Result<Expr, QueryError> {
+    check_size(text)?;
+    std::panic::catch_unwind(|| promql_parser::parser::parse(text))
+        .map_err(|_| bad("the query holds a number out of range"))?
+        .map_err(|e| bad(format!("invalid parameter \"query\": {e}")))
+}
+
 fn bad(message: impl Into<String>) -> QueryError {
     QueryError::BadData(message.into())
 }
@@ -113,15 +182,19 @@ pub struct Steps {
 }
 
 impl Steps {
-    pub fn instant(at_ms: i64) -> Self {
-        Self {
+    pub fn instant(at_ms: i64) -> Result<Self, QueryError> {
+        check_time(at_ms)?;
+        Ok(Self {
             start_ms: at_ms,
             end_ms: at_ms,
             step_ms: 1,
-        }
+        })
     }
 
     pub fn range(start_ms: i64, end_ms: i64, step_ms: i64) -> Result<Self, QueryError> {
+        for t in [start_ms, end_ms] {
+            check_time(t)?;
+        }
         if end_ms < start_ms {
             return Err(bad("end timestamp must not be before start time"));
         }
@@ -130,8 +203,8 @@ impl Steps {
                 "zero or negative query resolution step widths are not accepted. Try a positive integer",
             ));
         }
-        let steps = (end_ms - start_ms) / step_ms + 1;
-        if steps as usize > MAX_STEPS {
+        // Prometheus refuses more than 11,000 intervals (11,001 points).
+        if (end_ms - start_ms) / step_ms > MAX_STEPS as i64 {
             return Err(bad(format!(
                 "exceeded maximum resolution of {MAX_STEPS} points per timeseries. Try decreasing the query resolution (?step=XX)"
             )));
@@ -143,14 +216,14 @@ impl Steps {
         })
     }
 
+    /// How many steps there are.
+    pub fn times_len(&self) -> usize {
+        ((self.end_ms - self.start_ms) / self.step_ms.max(1) + 1) as usize
+    }
+
     pub fn times(&self) -> Vec<i64> {
-        let mut out = Vec::new();
-        let mut t = self.start_ms;
-        while t <= self.end_ms {
-            out.push(t);
-            t += self.step_ms;
-        }
-        out
+        let n = (self.end_ms - self.start_ms) / self.step_ms.max(1) + 1;
+        (0..n).map(|i| self.start_ms + i * self.step_ms).collect()
     }
 }
 
@@ -231,8 +304,7 @@ impl Query {
     /// Parses `text` and checks it is inside the subset: anything else is
     /// refused as bad_data, never answered approximately.
     pub fn parse(text: &str) -> Result<Self, QueryError> {
-        let expr = promql_parser::parser::parse(text)
-            .map_err(|e| bad(format!("invalid parameter \"query\": {e}")))?;
+        let expr = parse_expr(text)?;
         check(&expr)?;
         Ok(Self { expr })
     }

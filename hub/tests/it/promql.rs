@@ -577,6 +577,69 @@ async fn grafanas_requests_are_answered() {
             "{expr}: {body}"
         );
     }
+    // Hostile parameters are bad_data, never a crash or a hang.
+    let deep = format!("{}1", "1*".repeat(5000));
+    for (path, params) in [
+        (
+            "/api/v1/query",
+            vec![("query", "1".to_owned()), ("time", "1e300".to_owned())],
+        ),
+        (
+            "/api/v1/query_range",
+            vec![
+                ("query", "1".into()),
+                ("start", "-1e300".into()),
+                ("end", "1e300".into()),
+                ("step", "1".into()),
+            ],
+        ),
+        (
+            "/api/v1/query_range",
+            vec![
+                ("query", "1".into()),
+                ("start", "0".into()),
+                ("end", "100".into()),
+                ("step", "NaN".into()),
+            ],
+        ),
+        ("/api/v1/query", vec![("query", "env_temp[1e30]".into())]),
+        (
+            "/api/v1/query",
+            vec![("query", "rate(env_temp[1e999])".into())],
+        ),
+        ("/api/v1/query", vec![("query", deep)]),
+        (
+            "/api/v1/query",
+            vec![
+                (
+                    "query",
+                    "rate(env_temp[300000000y] offset 300000000y)".into(),
+                ),
+                ("time", "-1".into()),
+            ],
+        ),
+    ] {
+        let r = post(
+            path,
+            form(
+                &params
+                    .iter()
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+        )
+        .await
+        .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::OK,
+            "{params:?}: {status} {body}"
+        );
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(body["errorType"], json!("bad_data"), "{body}");
+        }
+    }
     // Without the token, or outside the subset: Prometheus' errors.
     let r = client
         .get(format!("{base}/api/v1/query?query=1"))
