@@ -42,9 +42,17 @@ t0=$(date +%s.%N)
 "$BIN/device-sim" --hub "http://$addr" --devices "$DEVICES" --rate "$RATE" --backfill "${SECONDS_OF_DATA}s" \
   --batch-max 1000 --buffer 50000 --quiet >/dev/null 2>&1 &
 sim=$!
-while [ "$(stored)" -lt "$target" ]; do sleep 0.2; done
+# Until all are stored, or nothing more comes for 3 s (a short backfill
+# may hold a few readings fewer than the product).
+last=-1; still=0
+while n=$(stored); [ "$n" -lt "$target" ]; do
+  if [ "$n" = "$last" ]; then still=$((still + 1)); else still=0; last=$n; fi
+  # Stalled: after some were stored, or with the simulator gone.
+  if [ "$still" -ge 15 ] && { [ "$n" -gt 0 ] || ! kill -0 "$sim" 2>/dev/null; }; then break; fi
+  sleep 0.2
+done
 t1=$(date +%s.%N)
 n=$(stored)
-kill -INT "$sim"; wait "$sim" 2>/dev/null || true
+kill -INT "$sim" 2>/dev/null || true; wait "$sim" 2>/dev/null || true
 stop "$hub_pid"; rm -rf "$work"
 python3 -c "import sys; n,a,b=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); print(f'grpc_backfill readings {n} in {b-a:.1f} s: {n/(b-a):.0f} readings/s (device-sim --backfill, 1000-reading batches)')" "$n" "$t0" "$t1"

@@ -851,7 +851,10 @@ mod tests {
         assert_eq!(v[0].values, vec![Some(1.0), Some(1.0), Some(1.0)]);
         assert_eq!(v[1].values, vec![Some(0.0), Some(1.0), Some(1.0)]);
         let q = Query::parse("m > 1").unwrap();
-        let Value::Vector(v) = q.evaluate(&Steps::instant(0).unwrap(), vec![data()]).unwrap() else {
+        let Value::Vector(v) = q
+            .evaluate(&Steps::instant(0).unwrap(), vec![data()])
+            .unwrap()
+        else {
             panic!()
         };
         assert_eq!(v.len(), 1, "filtered, name kept");
