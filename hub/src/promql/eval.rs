@@ -674,6 +674,26 @@ fn vector_vector(
     for (i, s) in r.iter().enumerate() {
         right.entry(signature(&s.labels, b)).or_default().push(i);
     }
+    // As Prometheus: at a step where the left side has samples, two right
+    // series of one match group are an error, matched or not.
+    let left_any: Vec<bool> = (0..steps)
+        .map(|step| l.iter().any(|s| s.values[step].is_some()))
+        .collect();
+    for (sig, members) in &right {
+        for (step, any) in left_any.iter().enumerate() {
+            if *any
+                && members
+                    .iter()
+                    .filter(|&&j| r[j].values[step].is_some())
+                    .count()
+                    > 1
+            {
+                return Err(exec(format!(
+                    "found duplicate series for the match group {sig:?} on the right hand-side of the operation; many-to-many matching not allowed"
+                )));
+            }
+        }
+    }
     let mut out: BTreeMap<Labels, Series> = BTreeMap::new();
     // Per match group, the steps a left series matched at already.
     let mut groups: HashMap<Labels, usize> = HashMap::new();
@@ -702,19 +722,16 @@ fn vector_vector(
         }
         for step in 0..steps {
             let Some(x) = ls.values[step] else { continue };
-            let mut found = partners.iter().filter_map(|&j| r[j].values[step]);
-            let Some(y) = found.next() else { continue };
-            if found.next().is_some() {
-                return Err(exec(format!(
-                    "found duplicate series for the match group {sig:?} on the right hand-side of the operation; many-to-many matching not allowed"
-                )));
-            }
-            if std::mem::replace(&mut left_seen[group][step], true) {
-                return Err(exec(format!(
-                    "multiple matches for labels {sig:?}: many-to-one matching must be explicit (group_left/group_right)"
-                )));
-            }
+            let Some(y) = partners.iter().find_map(|&j| r[j].values[step]) else {
+                continue;
+            };
             if let Some(v) = f(x, y) {
+                // Checked on what the operation keeps, as Prometheus does.
+                if std::mem::replace(&mut left_seen[group][step], true) {
+                    return Err(exec(format!(
+                        "multiple matches for labels {sig:?}: many-to-one matching must be explicit (group_left/group_right)"
+                    )));
+                }
                 match out.get_mut(&labels) {
                     Some(s) => s.values[step] = Some(v),
                     None => {
@@ -772,8 +789,28 @@ fn set_operation(
         "unless" => l.into_iter().map(|s| filter(s, false, &in_right)).collect(),
         _ => {
             let in_left = present(&l);
-            let mut out = l;
-            out.extend(r.into_iter().map(|s| filter(s, false, &in_left)));
+            let mut out: Vec<Series> = Vec::with_capacity(l.len() + r.len());
+            let mut at: HashMap<Labels, usize> = HashMap::new();
+            // One series per label set (Prometheus' range result merges
+            // what each step's `or` gave).
+            for s in l
+                .into_iter()
+                .chain(r.into_iter().map(|s| filter(s, false, &in_left)))
+            {
+                match at.get(&s.labels) {
+                    Some(&i) => {
+                        for (mine, theirs) in out[i].values.iter_mut().zip(s.values) {
+                            if mine.is_none() {
+                                *mine = theirs;
+                            }
+                        }
+                    }
+                    None => {
+                        at.insert(s.labels.clone(), out.len());
+                        out.push(s);
+                    }
+                }
+            }
             out
         }
     }

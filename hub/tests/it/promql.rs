@@ -121,6 +121,8 @@ const QUERIES: &[&str] = &[
     "sum(temp) / count(temp)",
     "max(rate(energy[10m])) - min(rate(energy[10m]))",
     "avg_over_time(temp[1h])",
+    "temp > 40 or temp",
+    "temp > on(site) hum",
     // Ranges equal to the 60 s step: answered from time buckets.
     "avg_over_time(temp[1m])",
     "min_over_time(hum[1m])",
@@ -344,6 +346,7 @@ async fn the_query_table_answers_as_prometheus_does() {
     let secs = |ms: i64| format!("{}.{:03}", ms / 1000, ms % 1000);
     let mut problems = Vec::new();
     let mut compared = 0;
+    let mut errors = 0;
     for q in QUERIES {
         let q = q.replace("{T}", &secs(at));
         let requests: Vec<(&str, Vec<(&str, String)>)> = vec![
@@ -386,7 +389,16 @@ async fn the_query_table_answers_as_prometheus_does() {
         for (path, params) in requests {
             let (ts, theirs) = get(&prom.url, path, &params).await;
             let (os, ours) = get(&base, path, &params).await;
-            assert_eq!(ts, StatusCode::OK, "prometheus refused {q}: {theirs}");
+            // An error of Prometheus' (many-to-many matches) is the hub's too.
+            if ts != StatusCode::OK {
+                assert_eq!(
+                    (os, &ours["errorType"]),
+                    (ts, &theirs["errorType"]),
+                    "{path} {q}: prometheus {theirs}, hub {ours}"
+                );
+                errors += 1;
+                continue;
+            }
             assert_eq!(os, StatusCode::OK, "the hub refused {q}: {ours}");
             // Every query of the table has an answer: no vacuous agreement.
             assert!(
@@ -404,6 +416,7 @@ async fn the_query_table_answers_as_prometheus_does() {
         problems.join("\n")
     );
     assert!(compared > 20_000, "only {compared} points compared");
+    assert!(errors <= 8, "{errors} of the table's requests were errors");
 
     // What Prometheus refuses, the hub refuses the same way.
     for q in ["sum(", "rate(temp)", "sum(temp[5m])"] {
