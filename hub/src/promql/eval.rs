@@ -256,16 +256,8 @@ fn from_buckets(
                         let v = next.first;
                         total.count += 1;
                         total.sum += v;
-                        total.min = if v < total.min || total.min.is_nan() {
-                            v
-                        } else {
-                            total.min
-                        };
-                        total.max = if v > total.max || total.max.is_nan() {
-                            v
-                        } else {
-                            total.max
-                        };
+                        total.min = nan_min(total.min, v);
+                        total.max = nan_max(total.max, v);
                     }
                     if total.count == 0 {
                         return None;
@@ -304,12 +296,8 @@ fn over_range(
         "avg_over_time" => Some(values().sum::<f64>() / w.len() as f64),
         "sum_over_time" => Some(values().sum()),
         "count_over_time" => Some(w.len() as f64),
-        "min_over_time" => {
-            Some(values().fold(f64::NAN, |m, v| if v < m || m.is_nan() { v } else { m }))
-        }
-        "max_over_time" => {
-            Some(values().fold(f64::NAN, |m, v| if v > m || m.is_nan() { v } else { m }))
-        }
+        "min_over_time" => Some(values().fold(f64::NAN, nan_min)),
+        "max_over_time" => Some(values().fold(f64::NAN, nan_max)),
         "last_over_time" => w.last().map(|(_, v)| *v),
         "quantile_over_time" => Some(quantile(param.unwrap_or(f64::NAN), values().collect())),
         _ => None,
@@ -409,21 +397,34 @@ fn quantile(q: f64, mut values: Vec<f64>) -> f64 {
     values[lower] * (1.0 - weight) + values[upper] * weight
 }
 
-/// The labels a grouping keeps.
+/// The labels a `by`/`on` list keeps, or all but `__name__` and a
+/// `without`/`ignoring` list; with no list, all but `__name__` or none.
+fn kept_labels(labels: &Labels, modifier: Option<&LabelModifier>, none_keeps_all: bool) -> Labels {
+    let keep = |k: &String| match modifier {
+        Some(LabelModifier::Include(on)) => on.labels.iter().any(|l| l == k),
+        Some(LabelModifier::Exclude(off)) => k != NAME && !off.labels.iter().any(|l| l == k),
+        None => none_keeps_all && k != NAME,
+    };
+    labels
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The labels a grouping keeps (none without `by` or `without`).
 fn group_labels(labels: &Labels, modifier: &Option<LabelModifier>) -> Labels {
-    match modifier {
-        None => Labels::new(),
-        Some(LabelModifier::Include(keep)) => labels
-            .iter()
-            .filter(|(k, _)| keep.labels.iter().any(|l| l == *k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        Some(LabelModifier::Exclude(drop)) => labels
-            .iter()
-            .filter(|(k, _)| *k != NAME && !drop.labels.iter().any(|l| l == *k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+    kept_labels(labels, modifier.as_ref(), false)
+}
+
+/// The lower of two values, NaN giving way (Prometheus' min).
+fn nan_min(m: f64, v: f64) -> f64 {
+    if v < m || m.is_nan() { v } else { m }
+}
+
+/// The higher of two values, NaN giving way (Prometheus' max).
+fn nan_max(m: f64, v: f64) -> f64 {
+    if v > m || m.is_nan() { v } else { m }
 }
 
 fn aggregate(a: &AggregateExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> {
@@ -477,12 +478,8 @@ fn aggregate(a: &AggregateExpr, ctx: &mut Ctx<'_>) -> Result<Value, QueryError> 
                     "sum" => vals.iter().sum(),
                     "avg" => vals.iter().sum::<f64>() / vals.len() as f64,
                     "count" => vals.len() as f64,
-                    "min" => vals
-                        .iter()
-                        .fold(f64::NAN, |m, &v| if v < m || m.is_nan() { v } else { m }),
-                    _ => vals
-                        .iter()
-                        .fold(f64::NAN, |m, &v| if v > m || m.is_nan() { v } else { m }),
+                    "min" => vals.iter().copied().fold(f64::NAN, nan_min),
+                    _ => vals.iter().copied().fold(f64::NAN, nan_max),
                 })
             })
             .collect();
@@ -640,25 +637,14 @@ fn vector_scalar(
         .collect()
 }
 
-/// The labels two sides match on.
+/// The labels two sides match on: all but `__name__` without `on` or
+/// `ignoring`.
 fn signature(labels: &Labels, b: &BinaryExpr) -> Labels {
-    match b.modifier.as_ref().and_then(|m| m.matching.as_ref()) {
-        Some(LabelModifier::Include(on)) => labels
-            .iter()
-            .filter(|(k, _)| on.labels.iter().any(|l| l == *k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        Some(LabelModifier::Exclude(ignoring)) => labels
-            .iter()
-            .filter(|(k, _)| *k != NAME && !ignoring.labels.iter().any(|l| l == *k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        None => labels
-            .iter()
-            .filter(|(k, _)| *k != NAME)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+    kept_labels(
+        labels,
+        b.modifier.as_ref().and_then(|m| m.matching.as_ref()),
+        true,
+    )
 }
 
 fn vector_vector(
