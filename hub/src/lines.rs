@@ -277,7 +277,7 @@ pub enum WriteError {
     )]
     CertificatesOnly,
     #[error("device {device}: {why}")]
-    Conflict { device: String, why: &'static str },
+    Conflict { device: String, why: String },
     #[error(
         "device {device} is over its rate of server.max_readings_per_sec; retry after {retry_after:?}"
     )]
@@ -292,7 +292,7 @@ pub enum WriteError {
     /// Some readings were refused by the hub's sensor limits; the rest are
     /// stored (a retry would store them again unless the lines carry seq).
     #[error(
-        "partial write: {refused} of {total} readings were refused (the device's or the hub's sensor limit); the others are stored"
+        "partial write: {refused} of {total} readings were refused (the device's or the hub's sensor limit, or, for lines without seq, the device's seqs are used up to 2^63-1); the others are stored"
     )]
     Partial { refused: u64, total: u64 },
 }
@@ -420,7 +420,8 @@ impl LineWrites {
                         .await?
                         .ok_or(WriteError::Conflict {
                             device: p.lines.device_id.to_string(),
-                            why: "the device was claimed by another connection while writing",
+                            why: "the device was claimed by another connection while writing"
+                                .to_owned(),
                         })?
                 }
             };
@@ -450,7 +451,9 @@ impl LineWrites {
         if self.registry.is_live(&lines.device_id) {
             return Err(WriteError::Conflict {
                 device: id.to_owned(),
-                why: "it holds a gRPC stream to this hub; a device writes through one door at a time",
+                why:
+                    "it holds a gRPC stream to this hub; a device writes through one door at a time"
+                        .to_owned(),
             });
         }
         let presented = token_hash(token);
@@ -501,6 +504,14 @@ impl LineWrites {
         {
             Ok(r) => r,
             Err(IngestError::Refused) => return Err(self.refuse(lines.first_line, peer)),
+            Err(IngestError::StreamingElsewhere(hub)) => {
+                return Err(WriteError::Conflict {
+                    device: id.to_owned(),
+                    why: format!(
+                        "it holds a gRPC stream to hub {hub}; a device writes through one door at a time"
+                    ),
+                });
+            }
             Err(e) => return Err(WriteError::Unavailable(e.to_string())),
         };
         let mut known = self.lock();

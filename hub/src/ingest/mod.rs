@@ -36,6 +36,10 @@ pub enum IngestError {
     /// was checked.
     #[error("invalid device credentials")]
     Refused,
+    /// A line-protocol write of a device that holds a gRPC stream to
+    /// another live hub (PostgreSQL): claiming it would cut that off.
+    #[error("the device holds a gRPC stream to hub {0}")]
+    StreamingElsewhere(String),
 }
 
 /// Readings of one device, in the order the device sent them. Every seq is

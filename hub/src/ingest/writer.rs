@@ -237,6 +237,8 @@ enum Outcome {
     Fenced,
     /// Its credentials changed after its Hello was checked.
     Refused,
+    /// A write's registration of a device streaming to another live hub.
+    StreamingElsewhere(String),
     /// A credential change; whether the device was there.
     Credentials(bool),
     /// What a retention step deleted.
@@ -779,6 +781,9 @@ impl Writer {
                 (WriterMsg::Register { reply, .. }, Outcome::Refused) => {
                     let _ = reply.send(Err(IngestError::Refused));
                 }
+                (WriterMsg::Register { reply, .. }, Outcome::StreamingElsewhere(hub)) => {
+                    let _ = reply.send(Err(IngestError::StreamingElsewhere(hub)));
+                }
                 (WriterMsg::Credentials { reply, .. }, Outcome::Credentials(found)) => {
                     let _ = reply.send(Ok(found));
                 }
@@ -1105,6 +1110,16 @@ impl Writer {
                     arrival,
                     ..
                 } => {
+                    // A write never claims a device streaming elsewhere.
+                    if *arrival == Arrival::Write && shared {
+                        let holder = tx
+                            .streaming_elsewhere(hello.device_id.as_str(), &self.settings.hub_id)
+                            .await?;
+                        if let Some(hub) = holder {
+                            outcomes.push(Outcome::StreamingElsewhere(hub));
+                            continue;
+                        }
+                    }
                     match tx
                         .upsert_device_as(hello, now, proof, &self.settings.hub_id, *arrival)
                         .await?

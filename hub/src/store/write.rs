@@ -371,7 +371,8 @@ impl WriteTx<'_> {
              ON CONFLICT (external_id) DO UPDATE SET \
              firmware = CASE WHEN $7 THEN devices.firmware ELSE excluded.firmware END, \
              last_seen_ms = excluded.last_seen_ms, \
-             epoch = devices.epoch + 1, hub = excluded.hub, \
+             epoch = devices.epoch + 1, \
+             hub = CASE WHEN $7 THEN devices.hub ELSE excluded.hub END, \
              online_since_ms = CASE WHEN $7 THEN devices.online_since_ms \
                ELSE excluded.online_since_ms END \
              WHERE devices.removed_ms IS NULL AND ($4 = 0 \
@@ -410,6 +411,29 @@ impl WriteTx<'_> {
             acked_seq: acked as u64,
             epoch: epoch as u64,
         }))
+    }
+
+    /// The hub holding a gRPC stream of the device, when that is a hub
+    /// other than `hub` whose heartbeat is within the lease (several
+    /// hubs on PostgreSQL; SQLite keeps no heartbeats, and this hub's own
+    /// streams are in its registry). A line-protocol write then waits:
+    /// claiming the device would cut the stream off.
+    pub async fn streaming_elsewhere(
+        &mut self,
+        device_id: &str,
+        hub: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let holder: Option<String> = with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+            "SELECT d.hub FROM devices d JOIN hubs h ON h.id = d.hub \
+             WHERE d.external_id = $1 AND d.online_since_ms IS NOT NULL \
+             AND d.hub <> $2 AND h.heartbeat_ms >= $3",
+        )
+        .bind(device_id)
+        .bind(hub)
+        .bind(super::lease_cutoff())
+        .fetch_optional(c)
+        .await?);
+        Ok(holder)
     }
 
     /// Enrolls a device with its own token (adding it, or re-adding a

@@ -1135,3 +1135,43 @@ async fn a_job_moves_to_another_hub_when_its_runner_stops() {
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, fleet).await;
 }
+
+/// A line-protocol write to one hub never claims a device streaming to
+/// another: it is refused (409, naming that hub) and the stream goes on;
+/// once the stream has ended, the write is stored after its mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_one_hub_leaves_a_stream_on_another_alone() {
+    let Some((mut a, mut b)) = two_hubs().await else {
+        return;
+    };
+    let (mut dev, _) = RawDevice::connect(&b, "both").await;
+    dev.send(readings(1..=10)).await;
+    assert_eq!(dev.ack_through(10).await.0, 10);
+
+    let line = format!("m,device=both v=1 {}", (now_ms() - 1_000) * 1_000_000);
+    let (status, json, _) = crate::lines::post(&a.http_url(), "", line.clone(), &[]).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{json}");
+    let said = crate::lines::message(&json);
+    assert!(said.contains(b.hub().hub_id()), "names the hub: {said}");
+
+    // B's stream was not fenced: it goes on writing.
+    dev.send(readings(11..=20)).await;
+    assert_eq!(dev.ack_through(20).await.0, 20);
+    dev.half_close();
+    dev.end_code().await;
+
+    // Offline now (B records it as the stream ends): the write goes in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, json, _) = crate::lines::post(&a.http_url(), "", line.clone(), &[]).await;
+        if status == reqwest::StatusCode::NO_CONTENT {
+            break;
+        }
+        assert_eq!(status, reqwest::StatusCode::CONFLICT, "{json}");
+        assert!(Instant::now() < deadline, "still refused: {json}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seqs(&a, "both").await, (1..=21).collect::<Vec<_>>());
+    a.stop().await;
+    b.stop().await;
+}
