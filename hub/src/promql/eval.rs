@@ -292,7 +292,7 @@ fn over_range(
         "rate" => extrapolated(w, start, end, m, true, true),
         "increase" => extrapolated(w, start, end, m, true, false),
         "delta" => extrapolated(w, start, end, m, false, false),
-        "deriv" => (w.len() >= 2).then(|| slope(w)),
+        "deriv" => spans_time(w).then(|| slope(w)),
         "avg_over_time" => Some(values().sum::<f64>() / w.len() as f64),
         "sum_over_time" => Some(values().sum()),
         "count_over_time" => Some(w.len() as f64),
@@ -304,6 +304,14 @@ fn over_range(
     }
 }
 
+/// Whether a window's samples are at two timestamps at least: what a
+/// change per time needs. Prometheus keeps one sample per timestamp; a
+/// hub series may hold several readings of one millisecond (other seqs),
+/// which alone span no time, as a single sample would not.
+fn spans_time(w: &[(i64, f64)]) -> bool {
+    matches!((w.first(), w.last()), (Some(a), Some(b)) if a.0 < b.0)
+}
+
 /// Prometheus' extrapolated rate, increase and delta.
 fn extrapolated(
     w: &[(i64, f64)],
@@ -313,7 +321,7 @@ fn extrapolated(
     counter: bool,
     per_second: bool,
 ) -> Option<f64> {
-    if w.len() < 2 {
+    if !spans_time(w) {
         return None;
     }
     let (first, last) = (w[0], w[w.len() - 1]);
@@ -845,6 +853,35 @@ mod tests {
             panic!()
         };
         assert!((v[0].values[0].unwrap() - 55.0 / 60.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn readings_of_one_millisecond_span_no_time() {
+        // Two seqs in one millisecond: no rate, delta or deriv (not 0/0);
+        // a second timestamp gives them one.
+        let eval = |q: &str, samples: Vec<(i64, f64)>| {
+            let loaded = vec![Loaded {
+                series: vec![(labels(&[("__name__", "c")]), samples)],
+                buckets: None,
+            }];
+            let steps = Steps::instant(60_000).unwrap();
+            let Value::Vector(v) = Query::parse(q).unwrap().evaluate(&steps, loaded).unwrap()
+            else {
+                panic!()
+            };
+            v.first().and_then(|s| s.values[0])
+        };
+        for f in ["rate", "increase", "delta", "deriv"] {
+            let q = format!("{f}(c[1m])");
+            assert_eq!(eval(&q, vec![(30_000, 1.0), (30_000, 2.0)]), None, "{q}");
+            let spread = eval(&q, vec![(30_000, 1.0), (30_000, 2.0), (40_000, 3.0)]);
+            assert!(spread.is_some_and(f64::is_finite), "{q}: {spread:?}");
+        }
+        assert_eq!(
+            eval("count_over_time(c[1m])", vec![(30_000, 1.0), (30_000, 2.0)]),
+            Some(2.0),
+            "every reading counts"
+        );
     }
 
     #[test]
