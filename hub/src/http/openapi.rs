@@ -13,7 +13,9 @@ use super::{ApiError, api};
         title = "telemetry-hub",
         description = "The hub's HTTP/JSON API: devices, their readings, commands and live events. \
             With operator tokens configured, send `Authorization: Bearer <token>`: reads need the \
-            read role, the rest admin. Errors are `{\"error\": {\"code\", \"message\"}}`."
+            read role, the rest admin. Errors are `{\"error\": {\"code\", \"message\"}}`, except \
+            on the Prometheus query API (tag prometheus: Prometheus' own JSON, for Grafana). \
+            `/write` takes line protocol with a device's token (Bearer, Token, Basic or `p=`)."
     ),
     paths(
         api::list_devices,
@@ -48,7 +50,15 @@ use super::{ApiError, api};
         super::jobs::list_jobs,
         super::jobs::get_job,
         super::jobs::job_devices,
-        super::jobs::job_action
+        super::jobs::job_action,
+        super::write::write,
+        super::prom::query,
+        super::prom::query_range,
+        super::prom::series,
+        super::prom::labels,
+        super::prom::label_values,
+        super::prom::metadata,
+        super::prom::buildinfo
     ),
     components(schemas(
         api::ErrorBody,

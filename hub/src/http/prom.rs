@@ -15,7 +15,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use promql_parser::label::Matcher;
+use serde::Serialize;
 use serde_json::{Value as Json, json};
+use utoipa::ToSchema;
 
 use super::ApiState;
 use crate::operator::OpError;
@@ -151,7 +153,7 @@ fn duration(raw: &str, what: &str) -> Result<i64, Failure> {
 /// An error answer in Prometheus' form.
 struct Failure {
     status: StatusCode,
-    kind: &'static str,
+    kind: PromErrorType,
     message: String,
 }
 
@@ -159,7 +161,7 @@ impl Failure {
     fn bad(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
-            kind: "bad_data",
+            kind: PromErrorType::BadData,
             message: message.into(),
         }
     }
@@ -169,9 +171,11 @@ impl From<OpError> for Failure {
     fn from(e: OpError) -> Self {
         let api = super::ApiError::from(e);
         let kind = match api.status {
-            StatusCode::BAD_REQUEST => "bad_data",
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "unavailable",
-            _ => "internal",
+            StatusCode::BAD_REQUEST => PromErrorType::BadData,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                PromErrorType::Unavailable
+            }
+            _ => PromErrorType::Internal,
         };
         Self {
             status: api.status,
@@ -187,7 +191,7 @@ impl From<PromFailure> for Failure {
             PromFailure::Query(QueryError::BadData(m)) => Self::bad(m),
             PromFailure::Query(QueryError::Execution(m)) => Self {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
-                kind: "execution",
+                kind: PromErrorType::Execution,
                 message: m,
             },
             PromFailure::Op(e) => e.into(),
@@ -197,13 +201,17 @@ impl From<PromFailure> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let body = json!({"status": "error", "errorType": self.kind, "error": self.message});
+        let body = PromErrorAnswer {
+            status: PromErrorStatus::Error,
+            error_type: self.kind,
+            error: self.message,
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }
 
 fn success(data: Json) -> Response {
-    axum::Json(json!({"status": "success", "data": data})).into_response()
+    axum::Json(json!({"status": PromSuccess::Success, "data": data})).into_response()
 }
 
 /// A sample as Prometheus writes it: [seconds, "value"].
@@ -222,7 +230,127 @@ fn point(t_ms: i64, v: f64) -> Json {
 
 type Shared = State<Arc<ApiState>>;
 
-async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+// The answers' forms, as the OpenAPI document gives them (`it::openapi`
+// checks real answers against it). Errors are written from
+// [`PromErrorAnswer`]; successes, whose `data` varies, with `json!`.
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum PromSuccess {
+    Success,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum PromResultType {
+    Vector,
+    Matrix,
+    Scalar,
+}
+
+/// A query's answer: `result` holds `{metric, value: [t, "v"]}` (vector),
+/// `{metric, values: [[t, "v"], ...]}` (matrix) or is `[t, "v"]` (scalar).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PromQueryData {
+    result_type: PromResultType,
+    #[schema(value_type = Vec<Value>)]
+    result: Vec<Json>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromQueryAnswer {
+    status: PromSuccess,
+    data: PromQueryData,
+}
+
+/// Label names or one label's values.
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromNamesAnswer {
+    status: PromSuccess,
+    data: Vec<String>,
+}
+
+/// The label sets of the matching series.
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromSeriesAnswer {
+    status: PromSuccess,
+    data: Vec<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromMetricMetadata {
+    r#type: String,
+    help: String,
+    unit: String,
+}
+
+/// Per metric name, what it is (every sensor is a gauge).
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromMetadataAnswer {
+    status: PromSuccess,
+    data: std::collections::BTreeMap<String, Vec<PromMetricMetadata>>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PromBuildInfo {
+    version: String,
+    revision: String,
+    branch: String,
+    build_user: String,
+    build_date: String,
+    go_version: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct PromBuildInfoAnswer {
+    status: PromSuccess,
+    data: PromBuildInfo,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum PromErrorStatus {
+    Error,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum PromErrorType {
+    BadData,
+    Execution,
+    Unavailable,
+    Internal,
+}
+
+/// Prometheus' error form.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PromErrorAnswer {
+    status: PromErrorStatus,
+    error_type: PromErrorType,
+    error: String,
+}
+
+/// Evaluates a PromQL query at one time (GET, or POST as a form).
+#[utoipa::path(method(get, post), path = "/query", tag = "prometheus",
+    params(
+        ("query" = String, Query, description = "PromQL, in the subset the README lists"),
+        ("time" = Option<String>, Query, description = "Unix seconds or RFC 3339; now by default"),
+    ),
+    responses(
+        (status = 200, body = PromQueryAnswer),
+        (status = 400, body = PromErrorAnswer, description = "bad_data: the query, a parameter, or over a limit"),
+        (status = 422, body = PromErrorAnswer, description = "execution: e.g. many-to-many matching"),
+        (status = 503, body = PromErrorAnswer, description = "unavailable: the hub is busy or its store"),
+    ))]
+pub(super) async fn query(
+    State(state): Shared,
+    raw: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(async {
         let p = Params::new(raw.0, &headers, &body);
         let text = p.required("query")?;
@@ -233,16 +361,18 @@ async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: By
         let steps = Steps::instant(at).map_err(PromFailure::from)?;
         let value = state.ops.prom_query(text, steps).await?;
         Ok(match value {
-            Value::Scalar(v) => json!({"resultType": "scalar", "result": point(at, v[0])}),
+            Value::Scalar(v) => {
+                json!({"resultType": PromResultType::Scalar, "result": point(at, v[0])})
+            }
             Value::Range(series) => json!({
-                "resultType": "matrix",
+                "resultType": PromResultType::Matrix,
                 "result": series.iter().map(|(labels, samples)| json!({
                     "metric": labels,
                     "values": samples.iter().map(|&(t, v)| point(t, v)).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             }),
             Value::Vector(series) => json!({
-                "resultType": "vector",
+                "resultType": PromResultType::Vector,
                 "result": series.iter().filter_map(|s| s.values[0].map(|v| json!({
                     "metric": s.labels, "value": point(at, v)
                 }))).collect::<Vec<_>>(),
@@ -252,7 +382,21 @@ async fn query(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: By
     .await
 }
 
-async fn query_range(
+/// Evaluates a PromQL query at every step from start to end.
+#[utoipa::path(method(get, post), path = "/query_range", tag = "prometheus",
+    params(
+        ("query" = String, Query, description = "PromQL"),
+        ("start" = String, Query, description = "Unix seconds or RFC 3339"),
+        ("end" = String, Query, description = "Unix seconds or RFC 3339"),
+        ("step" = String, Query, description = "seconds or a duration (15s, 1m); at most 11,000 steps"),
+    ),
+    responses(
+        (status = 200, body = PromQueryAnswer),
+        (status = 400, body = PromErrorAnswer, description = "bad_data: the query, a parameter, or over a limit"),
+        (status = 422, body = PromErrorAnswer, description = "execution: e.g. many-to-many matching"),
+        (status = 503, body = PromErrorAnswer, description = "unavailable: the hub is busy or its store"),
+    ))]
+pub(super) async fn query_range(
     State(state): Shared,
     raw: RawQuery,
     headers: HeaderMap,
@@ -337,7 +481,16 @@ impl From<Json> for Answer {
     }
 }
 
-async fn series(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+/// The series matching any `match[]` selector.
+#[utoipa::path(method(get, post), path = "/series", tag = "prometheus",
+    params(("match[]" = Vec<String>, Query, description = "series selectors, one at least")),
+    responses((status = 200, body = PromSeriesAnswer), (status = 400, body = PromErrorAnswer)))]
+pub(super) async fn series(
+    State(state): Shared,
+    raw: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(async {
         let p = Params::new(raw.0, &headers, &body);
         let selectors = p.selectors()?;
@@ -349,7 +502,16 @@ async fn series(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: B
     .await
 }
 
-async fn labels(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+/// The label names of the series matching `match[]` (of all without).
+#[utoipa::path(method(get, post), path = "/labels", tag = "prometheus",
+    params(("match[]" = Option<Vec<String>>, Query, description = "series selectors")),
+    responses((status = 200, body = PromNamesAnswer), (status = 400, body = PromErrorAnswer)))]
+pub(super) async fn labels(
+    State(state): Shared,
+    raw: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(async {
         let p = Params::new(raw.0, &headers, &body);
         let names: BTreeSet<String> = state
@@ -364,7 +526,18 @@ async fn labels(State(state): Shared, raw: RawQuery, headers: HeaderMap, body: B
     .await
 }
 
-async fn label_values(State(state): Shared, Path(name): Path<String>, raw: RawQuery) -> Response {
+/// One label's values among the series matching `match[]` (all without).
+#[utoipa::path(get, path = "/label/{name}/values", tag = "prometheus",
+    params(
+        ("name" = String, Path, description = "a label name; __name__ gives the metric names"),
+        ("match[]" = Option<Vec<String>>, Query, description = "series selectors"),
+    ),
+    responses((status = 200, body = PromNamesAnswer), (status = 400, body = PromErrorAnswer)))]
+pub(super) async fn label_values(
+    State(state): Shared,
+    Path(name): Path<String>,
+    raw: RawQuery,
+) -> Response {
     answer(async {
         let p = Params::new(raw.0, &HeaderMap::new(), &Bytes::new());
         let values: BTreeSet<String> = state
@@ -379,7 +552,11 @@ async fn label_values(State(state): Shared, Path(name): Path<String>, raw: RawQu
     .await
 }
 
-async fn metadata(State(state): Shared, raw: RawQuery) -> Response {
+/// Every metric (sensor) name, as a gauge.
+#[utoipa::path(get, path = "/metadata", tag = "prometheus",
+    params(("metric" = Option<String>, Query, description = "only this metric")),
+    responses((status = 200, body = PromMetadataAnswer)))]
+pub(super) async fn metadata(State(state): Shared, raw: RawQuery) -> Response {
     answer(async {
         let p = Params::new(raw.0, &HeaderMap::new(), &Bytes::new());
         let only = p.get("metric").filter(|m| !m.is_empty());
@@ -403,7 +580,10 @@ async fn metadata(State(state): Shared, raw: RawQuery) -> Response {
     .await
 }
 
-async fn buildinfo() -> Response {
+/// What Grafana probes: the Prometheus version whose API this follows.
+#[utoipa::path(get, path = "/status/buildinfo", tag = "prometheus",
+    responses((status = 200, body = PromBuildInfoAnswer)))]
+pub(super) async fn buildinfo() -> Response {
     success(json!({
         "version": "2.42.0",
         "revision": concat!("telemetry-hub ", env!("CARGO_PKG_VERSION")),

@@ -32,13 +32,41 @@ pub(super) fn routes(state: Arc<ApiState>) -> Router {
 }
 
 #[derive(Deserialize)]
-struct WriteParams {
+pub(super) struct WriteParams {
     precision: Option<String>,
     /// InfluxDB 1.x's password parameter: the device token.
     p: Option<String>,
 }
 
-async fn write(
+/// Stores InfluxDB line protocol (one device's readings per `device` tag),
+/// answered only after the commit. Also at `/write` and `/api/v2/write`.
+#[utoipa::path(post, path = "/write",
+    params(
+        ("precision" = Option<String>, Query,
+            description = "ns (default), us, ms, s, m or h (also n, u, µ)"),
+        ("p" = Option<String>, Query, description = "the device token (InfluxDB 1.x's password)"),
+        ("db" = Option<String>, Query, description = "ignored"),
+        ("bucket" = Option<String>, Query, description = "ignored"),
+    ),
+    request_body(content = String, content_type = "text/plain",
+        description = "Lines `measurement,device=<id>[,tag=v] field=v[,seq=<n>] [timestamp]`; \
+            the sensor is `{measurement}_{field}`, or the field of measurement `readings`. \
+            May be gzip (Content-Encoding)."),
+    responses(
+        (status = 204, description = "Every reading committed", headers(
+            ("x-hub-stored" = u64, description = "readings stored"),
+            ("x-hub-duplicates" = u64, description = "readings whose seq was stored already"),
+        )),
+        (status = 400, body = super::api::ErrorBody, description = "A bad line (named) or body: nothing stored"),
+        (status = 401, body = super::api::ErrorBody, description = "Not the device's or its fleet's token"),
+        (status = 403, body = super::api::ErrorBody, description = "Device auth is tls, or a browser page of another site"),
+        (status = 409, body = super::api::ErrorBody, description = "The device holds a gRPC stream"),
+        (status = 413, body = super::api::ErrorBody, description = "Over http.write_max_bytes, _lines or _readings"),
+        (status = 415, body = super::api::ErrorBody, description = "A Content-Encoding other than gzip"),
+        (status = 429, body = super::api::ErrorBody, description = "Over the device's rate; see Retry-After"),
+        (status = 503, body = super::api::ErrorBody, description = "Not acknowledged: retry"),
+    ))]
+pub(super) async fn write(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,

@@ -232,6 +232,64 @@ async fn every_json_answer_matches_the_openapi_document() {
     for (method, route, path, body) in calls {
         answer_matches(&client, &base, &doc, (method, route, path), body).await;
     }
+
+    // The Prometheus query API (its own JSON) and the write door's errors.
+    let (start, end) = ((t0 / 1000).to_string(), (t0 / 1000 + 30).to_string());
+    let range = format!("/query_range?query=a&start={start}&end={end}&step=5");
+    let prom = [
+        ("/query", "/query?query=a".to_owned()),
+        ("/query", "/query?query=rate(a[1m])".to_owned()),
+        ("/query", "/query?query=a[1m]".to_owned()),
+        ("/query", "/query?query=1%2B1".to_owned()),
+        (
+            "/query",
+            "/query?query=holt_winters(a[1m],0.5,0.5)".to_owned(),
+        ),
+        ("/query", "/query".to_owned()),
+        ("/query_range", range.clone()),
+        (
+            "/query_range",
+            format!("/query_range?query=a&start={start}&end={end}&step=0.001"),
+        ),
+        ("/series", "/series?match[]=a".to_owned()),
+        ("/series", "/series".to_owned()),
+        ("/labels", "/labels".to_owned()),
+        ("/label/{name}/values", "/label/device/values".to_owned()),
+        (
+            "/label/{name}/values",
+            "/label/__name__/values?match[]={".to_owned(),
+        ),
+        ("/metadata", "/metadata".to_owned()),
+        ("/status/buildinfo", "/status/buildinfo".to_owned()),
+    ];
+    let mut kinds = std::collections::BTreeSet::new();
+    for (route, path) in &prom {
+        let v = answer_matches(&client, &base, &doc, get(route, path), None).await;
+        kinds.insert(v["data"]["resultType"].as_str().unwrap_or("-").to_owned());
+        kinds.insert(v["errorType"].as_str().unwrap_or("-").to_owned());
+    }
+    for kind in ["vector", "matrix", "scalar", "bad_data"] {
+        assert!(
+            kinds.contains(kind),
+            "no {kind} answer was checked: {kinds:?}"
+        );
+    }
+    // A JSON string is no line: 400, naming the line.
+    let refused = answer_matches(
+        &client,
+        &base,
+        &doc,
+        (Method::POST, "/write", "/write"),
+        Some(json!("not a line")),
+    )
+    .await;
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1"),
+        "{refused}"
+    );
     assert_eq!(
         client
             .get(format!("{base}/nothing/here"))
