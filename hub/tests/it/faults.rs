@@ -471,6 +471,50 @@ async fn ten_acked_then_locked(hub: &TestHub, id: &str) -> (RawDevice, SqliteCon
     (dev, holder, now)
 }
 
+/// A line-protocol write whose commit fails is not acknowledged (503 with
+/// Retry-After) and stores nothing; the retry, once storage is back, is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_write_whose_commit_fails_is_refused_and_its_retry_stored() {
+    if sqlite_only("a file lock held by another connection") {
+        return;
+    }
+    let hub = spawn_hub_with(|s| s.storage.busy_timeout = Duration::from_millis(100)).await;
+    let base = hub.http_url();
+    let now = now_ms();
+    let line = |v: i32| format!("m,device=lp-f v={v} {}", now * 1_000_000);
+    let (status, json, _) = crate::lines::post(&base, "", line(1), &[]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{json}");
+
+    let mut holder = connect(&hub.db_path()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (status, json, retry) = crate::lines::post(&base, "", line(2), &[]).await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(
+        crate::lines::message(&json).contains("not acknowledged"),
+        "{json}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    async fn values(hub: &TestHub) -> Vec<(u64, f64)> {
+        let rows = hub.readings("lp-f").await;
+        rows.iter().map(|r| (r.seq, r.value)).collect()
+    }
+    assert_eq!(
+        values(&hub).await,
+        vec![(1, 1.0)],
+        "nothing of the refused write"
+    );
+
+    let (status, json, _) = crate::lines::post(&base, "", line(2), &[]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{json}");
+    assert_eq!(values(&hub).await, vec![(1, 1.0), (2, 2.0)]);
+    assert!(hub.stats().await.commit_failures >= 1);
+    hub.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_stats_count_failures_and_queries_still_answer_while_storage_fails() {
     if sqlite_only("a file lock held by another connection") {

@@ -15,7 +15,7 @@ use crate::crash::ChildHub;
 use crate::harness::*;
 
 /// Posts `body` to the write endpoint.
-async fn post(
+pub(crate) async fn post(
     base: &str,
     query: &str,
     body: impl Into<reqwest::Body>,
@@ -42,7 +42,7 @@ async fn post(
     (status, json, retry)
 }
 
-fn message(v: &Value) -> String {
+pub(crate) fn message(v: &Value) -> String {
     v["error"]["message"]
         .as_str()
         .unwrap_or_default()
@@ -132,6 +132,21 @@ async fn lines_become_readings_numbered_after_the_mark_or_kept_by_their_seq() {
     let got = rows(&hub.readings("lp-seq").await);
     let seqs: Vec<u64> = got.iter().map(|r| r.1).collect();
     assert_eq!(seqs, vec![10, 11, 12, 13, 14], "each seq once");
+
+    // A device whose seqs are used up takes no line without seq, and says so.
+    let last = format!("m,device=lp-end v=1,seq={}i {}", i64::MAX, t * 1_000_000);
+    let (status, body, _) = post(&base, "", last, &[]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body, _) = post(
+        &base,
+        "",
+        format!("m,device=lp-end v=2 {}", t * 1_000_000),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(message(&body).contains("used up"), "{body}");
+    assert_eq!(rows(&hub.readings("lp-end").await).len(), 1);
 
     // InfluxDB 2's path and a gzip body.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
