@@ -67,71 +67,15 @@ fn readings(t0: i64) -> Vec<(&'static str, &'static str, i64, f64)> {
     out
 }
 
-/// The queries compared; `{T}` is replaced by an @ time inside the data.
-const QUERIES: &[&str] = &[
-    "temp",
-    "temp{site=\"north\"}",
-    "temp{device!=\"d1\"}",
-    "temp{device=~\"d[12]\"}",
-    "hum{device!~\"d1|d3\"}",
-    "{__name__=~\"temp|hum\", device=\"d3\"}",
-    "rate(energy[5m])",
-    "rate(energy[90s])",
-    "increase(energy[10m])",
-    "increase(energy[1h])",
-    "delta(temp[5m])",
-    "deriv(temp[10m])",
-    "avg_over_time(temp[10m])",
-    "min_over_time(temp[10m])",
-    "max_over_time(hum[7m])",
-    "sum_over_time(temp[10m])",
-    "count_over_time(temp[10m])",
-    "last_over_time(hum[10m])",
-    "quantile_over_time(0.9, temp[30m])",
-    "quantile_over_time(0.25, hum[15m])",
-    "sum(temp)",
-    "sum by (site) (temp)",
-    "avg by (site) (temp)",
-    "min without (device) (temp)",
-    "max by (site) (hum)",
-    "count(temp)",
-    "count by (site) (hum)",
-    "topk(2, temp)",
-    "bottomk(1, hum)",
-    "topk by (site) (1, temp)",
-    "temp * 2 + 1",
-    "100 - hum",
-    "temp / hum",
-    "temp - hum",
-    "temp > 35",
-    "temp > bool 35",
-    "35 < temp",
-    "temp == bool temp",
-    "temp and hum > 60",
-    "temp or energy",
-    "temp unless on(device) hum > 70",
-    "sum by (site) (rate(energy[5m]))",
-    "rate(energy[5m] offset 10m)",
-    "temp offset 5m",
-    "avg_over_time(temp[5m] @ {T})",
-    "-temp",
-    "temp % 3",
-    "temp ^ 2",
-    "2 * 3",
-    "sum(temp) / count(temp)",
-    "max(rate(energy[10m])) - min(rate(energy[10m]))",
-    "avg_over_time(temp[1h])",
-    "temp > 40 or temp",
-    "temp > on(site) hum",
-    // Ranges equal to the 60 s step: answered from time buckets.
-    "avg_over_time(temp[1m])",
-    "min_over_time(hum[1m])",
-    "max_over_time(temp[1m] offset 2m)",
-    "sum_over_time(energy[1m])",
-    "count_over_time(temp{device=\"d1\"}[1m])",
-    "sum by (site) (avg_over_time(hum[1m]))",
-    "hum{device=\"d2\"}[3m]",
-];
+/// The queries compared (`hub/tests/promql-queries.txt`, shared with the
+/// VictoriaMetrics bench); `{T}` is replaced by an @ time inside the data.
+fn queries() -> Vec<&'static str> {
+    include_str!("../promql-queries.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
 
 struct Prometheus {
     child: Child,
@@ -347,7 +291,9 @@ async fn the_query_table_answers_as_prometheus_does() {
     let mut problems = Vec::new();
     let mut compared = 0;
     let mut errors = 0;
-    for q in QUERIES {
+    let queries = queries();
+    assert!(queries.len() >= 60, "the table: {} queries", queries.len());
+    for q in queries {
         let q = q.replace("{T}", &secs(at));
         let requests: Vec<(&str, Vec<(&str, String)>)> = vec![
             (
