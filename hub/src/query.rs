@@ -99,6 +99,71 @@ async fn stream(
     }
 }
 
+/// One sensor's readings of each of `devices` stamped in [since, until),
+/// each device's in (ts, seq) order: what [`run`] gives per series, read
+/// from one snapshot with a few statements for them all
+/// ([`Store::sensor_snapshot`]). None when they are more than `budget`
+/// (the read stops there).
+pub async fn sensor_readings(
+    store: &Store,
+    sensor: SensorKey,
+    devices: &[DeviceKey],
+    since: i64,
+    until: i64,
+    budget: usize,
+) -> Result<Option<std::collections::HashMap<DeviceKey, Vec<Point>>>, StoreError> {
+    /// Why the block reading stopped.
+    enum Stop {
+        Store(StoreError),
+        Budget,
+    }
+    impl From<StoreError> for Stop {
+        fn from(e: StoreError) -> Self {
+            Stop::Store(e)
+        }
+    }
+    let mut series: std::collections::HashMap<DeviceKey, Vec<Point>> =
+        devices.iter().map(|d| (*d, Vec::new())).collect();
+    let mut held = 0usize;
+    let mut scratch = Vec::new();
+    let staged = store
+        .sensor_snapshot(sensor, devices, since, until, |device, data| {
+            scratch.clear();
+            codec::decode_into(data, &mut scratch).map_err(StoreError::from)?;
+            let points = series.entry(device).or_default();
+            let before = points.len();
+            points.extend(
+                scratch
+                    .iter()
+                    .filter(|p| p.ts_ms >= since && p.ts_ms < until),
+            );
+            held += points.len() - before;
+            if held > budget {
+                return Err(Stop::Budget);
+            }
+            Ok(())
+        })
+        .await;
+    let staged = match staged {
+        Ok(staged) => staged,
+        Err(Stop::Store(e)) => return Err(e),
+        Err(Stop::Budget) => return Ok(None),
+    };
+    if held + staged.len() > budget {
+        return Ok(None);
+    }
+    for (device, point) in staged {
+        series.entry(device).or_default().push(point);
+    }
+    for points in series.values_mut() {
+        // Blocks of one series may overlap in time (late readings): one
+        // order, and each reading once.
+        points.sort_unstable_by_key(Point::key);
+        points.dedup_by_key(|p| p.key());
+    }
+    Ok(Some(series))
+}
+
 /// Where a bucket query reads a rollup: its interval, and the part of the
 /// query's range it answers exactly (whole intervals, inside what its
 /// retention keeps).

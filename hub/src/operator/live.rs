@@ -231,11 +231,10 @@ impl Operations {
         })
     }
 
-    /// Starts answering a checked readings query (see
-    /// [`Operations::readings_query`]) on the hub's tracker; Busy when
-    /// `server.max_queries` answers are being sent already.
-    pub fn run_query(&self, q: ReadingQuery) -> Result<QueryRun, OpError> {
-        let slot = Arc::clone(&self.budgets.queries)
+    /// A slot of `server.max_queries`, for a readings read made here
+    /// rather than by [`Operations::run_query`]; Busy when none is free.
+    pub(super) fn query_slot(&self) -> Result<OwnedSemaphorePermit, OpError> {
+        Arc::clone(&self.budgets.queries)
             .try_acquire_owned()
             .map_err(|_| {
                 OpError::Busy(format!(
@@ -243,7 +242,14 @@ impl Operations {
                      try again shortly",
                     self.budgets.max_queries
                 ))
-            })?;
+            })
+    }
+
+    /// Starts answering a checked readings query (see
+    /// [`Operations::readings_query`]) on the hub's tracker; Busy when
+    /// `server.max_queries` answers are being sent already.
+    pub fn run_query(&self, q: ReadingQuery) -> Result<QueryRun, OpError> {
+        let slot = self.query_slot()?;
         let (tx, chunks) = mpsc::channel(4);
         let store = self.store.clone();
         let task = self.tracker.spawn(async move {

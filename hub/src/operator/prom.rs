@@ -7,9 +7,11 @@ use futures_util::StreamExt;
 use promql_parser::label::{MatchOp, Matcher};
 
 use super::{OpError, Operations};
-use crate::domain::{ReadingQuery, StoredReading};
+use std::collections::{BTreeMap, HashMap};
+
+use crate::domain::{DeviceKey, ReadingQuery};
 use crate::promql::{self, Labels, Loaded, Query, QueryError, Steps, Value};
-use crate::query::QueryChunk;
+use crate::query::{self, QueryChunk};
 
 /// Samples one query may load (16 bytes each): past it the query is
 /// refused, not answered in part.
@@ -38,9 +40,6 @@ fn too_many() -> QueryError {
         "query processing would load more than {MAX_SAMPLES} samples; narrow the selectors or the range"
     ))
 }
-
-/// A series as read: its samples or its buckets.
-type SeriesRead<'k> = (&'k Known, Vec<(i64, f64)>, Option<Vec<promql::Agg>>);
 
 /// A catalogued series: its labels and where its readings are.
 struct Known {
@@ -104,68 +103,60 @@ impl Operations {
         let mut loaded = Vec::with_capacity(windows.len());
         let mut samples = 0usize;
         for window in windows {
+            let matching: Vec<&Known> = catalog
+                .iter()
+                .filter(|k| promql::matches(&window.matchers, &k.labels))
+                .collect();
             let mut data = Loaded::default();
-            let mut buckets = Vec::new();
-            // A few series at once (each a readings query of the shared
-            // budget), in catalogue order.
-            let mut reads = Vec::new();
-            for k in &catalog {
-                if promql::matches(&window.matchers, &k.labels) {
-                    reads.push(self.read_series(k, &window));
+            match window.bucket_ms {
+                None => {
+                    let budget = MAX_SAMPLES.saturating_sub(samples);
+                    let read = self
+                        .series_samples(&matching, window.from_ms, window.to_ms, budget)
+                        .await?;
+                    for (k, points) in matching.iter().zip(read) {
+                        samples += points.len();
+                        data.series.push((k.labels.clone(), points));
+                    }
+                }
+                Some(width) => {
+                    // A few series at once (each a readings query of the
+                    // shared budget), in catalogue order.
+                    let mut reads = Vec::with_capacity(matching.len());
+                    for k in &matching {
+                        reads.push(self.series_buckets(k, window.from_ms, window.to_ms, width));
+                    }
+                    let mut reads = futures_util::stream::iter(reads).buffered(SERIES_AT_ONCE);
+                    let mut buckets = Vec::with_capacity(matching.len());
+                    while let Some(read) = reads.next().await {
+                        let (k, aggs) = read?;
+                        samples += aggs.len();
+                        if samples > MAX_SAMPLES {
+                            return Err(too_many().into());
+                        }
+                        buckets.push(aggs);
+                        data.series.push((k.labels.clone(), Vec::new()));
+                    }
+                    data.buckets = Some(buckets);
                 }
             }
-            let mut reads = futures_util::stream::iter(reads).buffered(SERIES_AT_ONCE);
-            while let Some(read) = reads.next().await {
-                let (k, points, aggs) = read?;
-                if let Some(aggs) = aggs {
-                    samples += aggs.len();
-                    buckets.push(aggs);
-                }
-                samples += points.len();
-                if samples > MAX_SAMPLES {
-                    return Err(too_many().into());
-                }
-                data.series.push((k.labels.clone(), points));
-            }
-            if window.bucket_ms.is_some() {
-                data.buckets = Some(buckets);
+            if samples > MAX_SAMPLES {
+                return Err(too_many().into());
             }
             loaded.push(data);
         }
         Ok(query.evaluate(&steps, loaded)?)
     }
 
-    /// A series' samples, or its buckets for a window with `bucket_ms`.
-    async fn read_series<'k>(
-        &self,
-        k: &'k Known,
-        window: &promql::Window,
-    ) -> Result<SeriesRead<'k>, PromFailure> {
-        Ok(match window.bucket_ms {
-            Some(width) => {
-                let aggs = self
-                    .series_buckets(k, window.from_ms, window.to_ms, width)
-                    .await?;
-                (k, Vec::new(), Some(aggs))
-            }
-            None => (
-                k,
-                self.series_samples(k, window.from_ms, window.to_ms, MAX_SAMPLES)
-                    .await?,
-                None,
-            ),
-        })
-    }
-
     /// A series' buckets of `width` from `from_ms` (a multiple of it) up to
     /// the one starting at `to_ms`, in time order (empty ones left out).
-    async fn series_buckets(
+    async fn series_buckets<'k>(
         &self,
-        k: &Known,
+        k: &'k Known,
         from_ms: i64,
         to_ms: i64,
         width: i64,
-    ) -> Result<Vec<promql::Agg>, OpError> {
+    ) -> Result<(&'k Known, Vec<promql::Agg>), OpError> {
         let mut run = self.run_query(ReadingQuery {
             device: k.device,
             sensor: Some(k.sensor.clone()),
@@ -193,44 +184,53 @@ impl Operations {
                 "a readings query failed; see the hub's log".into(),
             ));
         }
-        Ok(aggs)
+        Ok((k, aggs))
     }
 
-    /// A series' readings with from <= ts <= to, in time order; refused
-    /// (the read stopped) past `budget` of them.
+    /// Each series' readings with from <= ts <= to, in time order (in
+    /// the order of `series`), read sensor by sensor: one snapshot of a
+    /// few statements for all the devices of a sensor, under one slot of
+    /// the readings budget. Refused past `budget` readings in all.
     async fn series_samples(
         &self,
-        k: &Known,
+        series: &[&Known],
         from_ms: i64,
         to_ms: i64,
         budget: usize,
-    ) -> Result<Vec<(i64, f64)>, PromFailure> {
-        let mut run = self.run_query(ReadingQuery {
-            device: k.device,
-            sensor: Some(k.sensor.clone()),
-            since_ms: Some(from_ms),
-            until_ms: Some(to_ms.saturating_add(1)),
-            limit: 0,
-            bucket_ms: None,
-        })?;
-        let mut points = Vec::new();
-        while let Some(chunk) = run.chunks.recv().await {
-            match chunk? {
-                QueryChunk::Rows(rows) => {
-                    points.extend(rows.into_iter().map(|r: StoredReading| (r.ts_ms, r.value)));
-                    if points.len() > budget {
-                        // Dropping the run ends its query.
-                        return Err(too_many().into());
-                    }
-                }
-                QueryChunk::Buckets(_) => {}
+    ) -> Result<Vec<Vec<(i64, f64)>>, PromFailure> {
+        if series.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _slot = self.query_slot()?;
+        let mut by_sensor: BTreeMap<&str, Vec<DeviceKey>> = BTreeMap::new();
+        for k in series {
+            by_sensor.entry(&k.sensor).or_default().push(k.device);
+        }
+        let mut read: HashMap<(DeviceKey, &str), Vec<(i64, f64)>> = HashMap::new();
+        let mut held = 0usize;
+        for (sensor, devices) in by_sensor {
+            let Some(key) = self.store.sensor_key(sensor).await? else {
+                continue;
+            };
+            let until = to_ms.saturating_add(1);
+            let budget = budget.saturating_sub(held);
+            let Some(points) =
+                query::sensor_readings(&self.store, key, &devices, from_ms, until, budget).await?
+            else {
+                return Err(too_many().into());
+            };
+            for (device, points) in points {
+                held += points.len();
+                let points = points.into_iter().map(|p| (p.ts_ms, p.value)).collect();
+                read.insert((device, sensor), points);
             }
         }
-        if !run.ended_whole().await {
-            return Err(PromFailure::Op(OpError::Internal(
-                "a readings query failed; see the hub's log".into(),
-            )));
-        }
-        Ok(points)
+        Ok(series
+            .iter()
+            .map(|k| {
+                read.remove(&(k.device, k.sensor.as_str()))
+                    .unwrap_or_default()
+            })
+            .collect())
     }
 }

@@ -109,6 +109,10 @@ pub struct Merged {
     pub into: Option<u8>,
 }
 
+/// Devices named in one statement of [`Store::sensor_snapshot`] (bound
+/// parameters: SQLite takes 32,766, PostgreSQL 65,535).
+const DEVICES_PER_STATEMENT: usize = 1000;
+
 /// A stored block, as a query reads it.
 #[derive(Debug)]
 pub struct BlockRow {
@@ -605,6 +609,94 @@ impl Store {
             });
         }
         Ok((blocks, next, full))
+    }
+
+    /// One sensor's readings of several devices stamped in [since, until),
+    /// all read in one snapshot (PostgreSQL: REPEATABLE READ), so each
+    /// reading is there once whatever compaction and merges do meanwhile:
+    /// a few statements for any number of devices, where a query per
+    /// series makes a dozen each. Every block that overlaps the range is
+    /// handed to `block` as it is read (not held); the staged readings are
+    /// returned, each device's in (ts, seq) order.
+    pub async fn sensor_snapshot<E: From<StoreError>>(
+        &self,
+        sensor: SensorKey,
+        devices: &[DeviceKey],
+        since_ms: i64,
+        until_ms: i64,
+        mut block: impl FnMut(DeviceKey, &[u8]) -> Result<(), E>,
+    ) -> Result<Vec<(DeviceKey, Point)>, E> {
+        use futures_util::TryStreamExt;
+        let snapshot = self.read.backend() == Backend::Postgres;
+        let list = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("${}", i + 4))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut parts: Vec<Vec<i64>> = vec![Vec::new(); STAGING_PARTS];
+        for d in devices {
+            parts[super::staging_part(*d)].push(d.0);
+        }
+        let mut staged = Vec::new();
+        with_pool!(&self.read, pool, _Db => {
+            let mut tx = pool.begin().await.map_err(StoreError::from)?;
+            if snapshot {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+            for group in devices.chunks(DEVICES_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT device_id, data FROM blocks WHERE sensor_id = $1 AND first_ts < $3 \
+                     AND last_ts >= $2 AND device_id IN ({})",
+                    list(group.len())
+                );
+                let mut query = sqlx::query_as::<_, (i64, Vec<u8>)>(&sql)
+                    .bind(sensor.0)
+                    .bind(since_ms)
+                    .bind(until_ms);
+                for d in group {
+                    query = query.bind(d.0);
+                }
+                let mut rows = query.fetch(&mut *tx);
+                while let Some((device, data)) = rows.try_next().await.map_err(StoreError::from)? {
+                    block(DeviceKey(device), &data)?;
+                }
+            }
+            for (part, keys) in parts.iter().enumerate() {
+                for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                    let sql = format!(
+                        "SELECT device_id, seq, ts_ms, value FROM {} WHERE sensor_id = $1 \
+                         AND ts_ms >= $2 AND ts_ms < $3 AND device_id IN ({}) \
+                         ORDER BY device_id, ts_ms, seq",
+                        staging_table(part),
+                        list(group.len())
+                    );
+                    let mut query = sqlx::query_as::<_, (i64, i64, i64, f64)>(&sql)
+                        .bind(sensor.0)
+                        .bind(since_ms)
+                        .bind(until_ms);
+                    for d in group {
+                        query = query.bind(*d);
+                    }
+                    let rows = query.fetch_all(&mut *tx).await.map_err(StoreError::from)?;
+                    staged.extend(rows.into_iter().map(|(device, seq, ts_ms, value)| {
+                        (
+                            DeviceKey(device),
+                            Point {
+                                ts_ms,
+                                seq: seq as u64,
+                                value,
+                            },
+                        )
+                    }));
+                }
+            }
+            tx.commit().await.map_err(StoreError::from)?;
+        });
+        Ok(staged)
     }
 
     /// Bytes and readings in blocks, for `hub stats`.

@@ -259,22 +259,31 @@ async fn the_query_table_answers_as_prometheus_does() {
     om.push_str("# EOF\n");
     let prom = prometheus(&om).await;
 
-    let hub = spawn_hub().await;
+    // Compacted often: each series is read from several blocks and the
+    // staged readings after them; d3's writes go newest first, so its
+    // blocks overlap in time.
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 1000).await;
     let base = hub.http_url();
     let client = reqwest::Client::new();
     for (device, site) in DEVICES {
-        let lines: String = data
+        let lines: Vec<String> = data
             .iter()
             .filter(|r| r.0 == device)
             .map(|(d, s, t, v)| format!("readings,device={d} {s}={v} {t}\n"))
             .collect();
-        let res = client
-            .post(format!("{base}/api/v1/write?precision=ms"))
-            .body(lines)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::NO_CONTENT);
+        let mut writes: Vec<String> = lines.chunks(700).map(|c| c.concat()).collect();
+        if device == "d3" {
+            writes.reverse();
+        }
+        for body in writes {
+            let res = client
+                .post(format!("{base}/api/v1/write?precision=ms"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::NO_CONTENT);
+        }
         let res = client
             .patch(format!("{base}/api/v1/devices/{device}/twin"))
             .json(&json!({"tags": {"site": site}}))
@@ -283,6 +292,8 @@ async fn the_query_table_answers_as_prometheus_does() {
             .unwrap();
         assert!(res.status().is_success(), "{:?}", res.text().await);
     }
+
+    assert!(hub.stats().await.compactions >= 4, "read from blocks too");
 
     let at = t0 + SPAN_MS / 2 + 12_345;
     let start = t0 + 40 * 60_000;
