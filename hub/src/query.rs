@@ -17,9 +17,11 @@ use std::collections::VecDeque;
 use tokio::sync::mpsc;
 
 use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading, now_ms};
-use crate::store::blocks::{BlockCursor, BlockRow};
+use std::collections::HashMap;
+
+use crate::store::blocks::{BlockCursor, BlockRow, RollupSpan, SnapshotItem, SnapshotRead};
 use crate::store::codec::{self, BlockStats, Point};
-use crate::store::rollups::{Agg, ReadyRollup};
+use crate::store::rollups::{self, Agg, ReadyRollup};
 use crate::store::{Store, StoreError};
 
 /// Blocks read from SQLite per page.
@@ -99,6 +101,34 @@ async fn stream(
     }
 }
 
+/// Why a snapshot read stopped early.
+enum Stop {
+    Store(StoreError),
+    /// More than the caller's budget.
+    Budget,
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+impl From<codec::CodecError> for Stop {
+    fn from(e: codec::CodecError) -> Self {
+        Stop::Store(e.into())
+    }
+}
+
+/// The snapshot read's result: None when it went over the budget.
+fn within_budget<T>(read: Result<T, Stop>) -> Result<Option<T>, StoreError> {
+    match read {
+        Ok(t) => Ok(Some(t)),
+        Err(Stop::Store(e)) => Err(e),
+        Err(Stop::Budget) => Ok(None),
+    }
+}
+
 /// One sensor's readings of each of `devices` stamped in [since, until),
 /// each device's in (ts, seq) order: what [`run`] gives per series, read
 /// from one snapshot with a few statements for them all
@@ -111,49 +141,46 @@ pub async fn sensor_readings(
     since: i64,
     until: i64,
     budget: usize,
-) -> Result<Option<std::collections::HashMap<DeviceKey, Vec<Point>>>, StoreError> {
-    /// Why the block reading stopped.
-    enum Stop {
-        Store(StoreError),
-        Budget,
-    }
-    impl From<StoreError> for Stop {
-        fn from(e: StoreError) -> Self {
-            Stop::Store(e)
-        }
-    }
-    let mut series: std::collections::HashMap<DeviceKey, Vec<Point>> =
+) -> Result<Option<HashMap<DeviceKey, Vec<Point>>>, StoreError> {
+    let mut series: HashMap<DeviceKey, Vec<Point>> =
         devices.iter().map(|d| (*d, Vec::new())).collect();
     let mut held = 0usize;
     let mut scratch = Vec::new();
-    let staged = store
-        .sensor_snapshot(sensor, devices, since, until, |device, data| {
-            scratch.clear();
-            codec::decode_into(data, &mut scratch).map_err(StoreError::from)?;
-            let points = series.entry(device).or_default();
-            let before = points.len();
-            points.extend(
-                scratch
-                    .iter()
-                    .filter(|p| p.ts_ms >= since && p.ts_ms < until),
-            );
-            held += points.len() - before;
-            if held > budget {
+    let read = SnapshotRead {
+        sensor,
+        since_ms: since,
+        until_ms: until,
+        rollup: None,
+    };
+    let done = store
+        .sensor_snapshot(&read, devices, |item| {
+            let before = held;
+            match item {
+                SnapshotItem::Staged(device, p) => {
+                    series.entry(device).or_default().push(p);
+                    held += 1;
+                }
+                SnapshotItem::Block { device, data, .. } => {
+                    scratch.clear();
+                    codec::decode_into(data, &mut scratch)?;
+                    let in_range = scratch
+                        .iter()
+                        .filter(|p| p.ts_ms >= since && p.ts_ms < until);
+                    let points = series.entry(device).or_default();
+                    let had = points.len();
+                    points.extend(in_range);
+                    held += points.len() - had;
+                }
+                SnapshotItem::Chunk { .. } => {}
+            }
+            if held > budget && held > before {
                 return Err(Stop::Budget);
             }
             Ok(())
         })
         .await;
-    let staged = match staged {
-        Ok(staged) => staged,
-        Err(Stop::Store(e)) => return Err(e),
-        Err(Stop::Budget) => return Ok(None),
-    };
-    if held + staged.len() > budget {
+    if within_budget(done)?.is_none() {
         return Ok(None);
-    }
-    for (device, point) in staged {
-        series.entry(device).or_default().push(point);
     }
     for points in series.values_mut() {
         // Blocks of one series may overlap in time (late readings): one
@@ -162,6 +189,245 @@ pub async fn sensor_readings(
         points.dedup_by_key(|p| p.key());
     }
     Ok(Some(series))
+}
+
+/// One sensor's buckets of `width` over [since, until) (`since` a multiple
+/// of it) for each of `devices`, each device's in time order, empty ones
+/// left out: what [`run`] gives per series, read from one snapshot. A
+/// ready rollup whose interval divides `width` answers where it can (its
+/// intervals plus the staged readings, which no rollup holds yet); the
+/// rest is folded from blocks, from a block's header where it lies inside
+/// one bucket and overlaps no other reading. None when the buckets are
+/// more than `budget`.
+pub async fn sensor_buckets(
+    store: &Store,
+    sensor: SensorKey,
+    devices: &[DeviceKey],
+    (since, until): (i64, i64),
+    width: i64,
+    budget: usize,
+) -> Result<Option<HashMap<DeviceKey, Vec<Bucket>>>, StoreError> {
+    let plan = RollupPlan::choose(store, width, since, until, now_ms()).await?;
+    let span = plan.map(|p| RollupSpan {
+        every_ms: p.every_ms,
+        from_ms: p.from_ms,
+        until_ms: p.until_ms,
+    });
+    let mut folds: HashMap<DeviceKey, SeriesFold> = HashMap::new();
+    let mut scratch = Vec::new();
+    let mut held = 0usize;
+    let read = SnapshotRead {
+        sensor,
+        since_ms: since,
+        until_ms: until,
+        rollup: span,
+    };
+    let range = Range {
+        since,
+        until,
+        width,
+        span,
+    };
+    let done = store
+        .sensor_snapshot(&read, devices, |item| {
+            match item {
+                SnapshotItem::Staged(device, p) => {
+                    let fold = folds.entry(device).or_default();
+                    fold.staged.push(p.ts_ms);
+                    held += fold.add(width, p.ts_ms, &Agg::of(&p));
+                }
+                SnapshotItem::Block {
+                    device,
+                    first_ts,
+                    last_ts,
+                    data,
+                } => {
+                    let fold = folds.entry(device).or_default();
+                    // The block before this one can be judged now: every
+                    // later block starts at or after this one.
+                    if let Some(before) = fold.waiting.take() {
+                        held += fold.block(&range, before, Some(first_ts), &mut scratch)?;
+                    }
+                    fold.waiting = Some(Waiting {
+                        first_ts,
+                        last_ts,
+                        data: data.to_vec(),
+                    });
+                }
+                SnapshotItem::Chunk {
+                    device,
+                    chunk_ms,
+                    data,
+                } => {
+                    let Some(s) = span else { return Ok(()) };
+                    let fold = folds.entry(device).or_default();
+                    for (start, agg) in rollups::decode_chunk(chunk_ms, s.every_ms, data)? {
+                        if start >= s.from_ms && start < s.until_ms {
+                            held += fold.add(width, start, &agg);
+                        }
+                    }
+                }
+            }
+            if held > budget {
+                return Err(Stop::Budget);
+            }
+            Ok(())
+        })
+        .await;
+    // The last block of each series.
+    let done = done.and_then(|()| {
+        for fold in folds.values_mut() {
+            if let Some(last) = fold.waiting.take() {
+                held += fold.block(&range, last, None, &mut scratch)?;
+            }
+        }
+        if held > budget {
+            return Err(Stop::Budget);
+        }
+        Ok(())
+    });
+    if within_budget(done)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(
+        folds
+            .into_iter()
+            .map(|(device, fold)| (device, fold.buckets()))
+            .collect(),
+    ))
+}
+
+/// What a bucket read covers: [since, until) in buckets of `width`, and
+/// where a rollup answers.
+struct Range {
+    since: i64,
+    until: i64,
+    width: i64,
+    span: Option<RollupSpan>,
+}
+
+impl Range {
+    /// Whether readings at `ts` are the rollup's.
+    fn in_span(&self, ts: i64) -> bool {
+        self.span
+            .is_some_and(|s| ts >= s.from_ms && ts < s.until_ms)
+    }
+}
+
+/// A block held back until the next one of its series shows whether the
+/// two overlap.
+struct Waiting {
+    first_ts: i64,
+    last_ts: i64,
+    data: Vec<u8>,
+}
+
+/// One series' buckets being folded by [`sensor_buckets`], from parts in
+/// any order (first and last go by (ts, seq)).
+#[derive(Default)]
+struct SeriesFold {
+    buckets: std::collections::BTreeMap<i64, Agg>,
+    /// The bucket being added to (a run of readings in one bucket costs
+    /// one map lookup).
+    current: Option<(i64, Agg)>,
+    /// The staged readings' timestamps, in order (read first).
+    staged: Vec<i64>,
+    /// The latest last_ts of the blocks judged so far.
+    blocks_until: Option<i64>,
+    waiting: Option<Waiting>,
+}
+
+impl SeriesFold {
+    /// Adds some readings of the bucket holding `ts`; 1 when that bucket
+    /// is new to the map.
+    fn add(&mut self, width: i64, ts: i64, agg: &Agg) -> usize {
+        let start = Bucket::start_of(ts, width);
+        match &mut self.current {
+            Some((s, a)) if *s == start => {
+                a.merge(agg);
+                0
+            }
+            current => match current.replace((start, *agg)) {
+                Some((s, a)) => self.flush(s, a),
+                None => 0,
+            },
+        }
+    }
+
+    fn flush(&mut self, start: i64, agg: Agg) -> usize {
+        match self.buckets.entry(start) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                e.get_mut().merge(&agg);
+                0
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(agg);
+                1
+            }
+        }
+    }
+
+    /// Folds a block: from its header when it lies inside one bucket and
+    /// the range, clear of the rollup's span, and no other block (before
+    /// it, or the next, starting at `next_first`) or staged reading
+    /// overlaps it; else its readings outside the span, one by one.
+    fn block(
+        &mut self,
+        range: &Range,
+        block: Waiting,
+        next_first: Option<i64>,
+        scratch: &mut Vec<Point>,
+    ) -> Result<usize, Stop> {
+        let (first, last, width) = (block.first_ts, block.last_ts, range.width);
+        let clear =
+            self.blocks_until.is_none_or(|u| u < first) && next_first.is_none_or(|n| n > last) && {
+                let i = self.staged.partition_point(|t| *t < first);
+                self.staged.get(i).is_none_or(|t| *t > last)
+            };
+        self.blocks_until = Some(self.blocks_until.map_or(last, |u| u.max(last)));
+        let clear_of_span = range
+            .span
+            .is_none_or(|s| last < s.from_ms || first >= s.until_ms);
+        if clear
+            && clear_of_span
+            && first >= range.since
+            && last < range.until
+            && Bucket::start_of(first, width) == Bucket::start_of(last, width)
+        {
+            let stats = codec::stats(&block.data)?;
+            return Ok(self.add(width, first, &Agg::of_block(first, &stats)));
+        }
+        scratch.clear();
+        codec::decode_into(&block.data, scratch)?;
+        let mut added = 0;
+        for p in scratch.iter() {
+            if p.ts_ms >= range.since && p.ts_ms < range.until && !range.in_span(p.ts_ms) {
+                added += self.add(width, p.ts_ms, &Agg::of(p));
+            }
+        }
+        Ok(added)
+    }
+
+    /// The buckets, in time order.
+    fn buckets(mut self) -> Vec<Bucket> {
+        if let Some((s, a)) = self.current.take() {
+            self.flush(s, a);
+        }
+        self.buckets
+            .into_iter()
+            .map(|(start, a)| Bucket {
+                sensor: String::new(),
+                start_ms: start,
+                count: a.count,
+                sum: a.sum,
+                min: a.min,
+                max: a.max,
+                first: a.first,
+                last: a.last,
+                first_ts_ms: a.first_key.0,
+            })
+            .collect()
+    }
 }
 
 /// Where a bucket query reads a rollup: its interval, and the part of the
@@ -752,5 +1018,184 @@ mod tests {
             wide.segments(&staged(&many), since, until),
             vec![(since, until, false)]
         );
+    }
+
+    /// A store on a temp file (with a 1-minute rollup, built), holding
+    /// three devices' readings of sensor "t": small blocks inside one
+    /// minute, long blocks, late readings in blocks overlapping them, and
+    /// staged readings inside and outside the blocks' spans.
+    async fn fleet_store(rollup: bool) -> (tempfile::TempDir, Store, i64) {
+        use crate::store::{RowToInsert, STAGING_PARTS, staging_part};
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        if rollup {
+            settings.rollups = vec![crate::config::RollupSetting {
+                every: std::time::Duration::from_secs(60),
+                keep: std::time::Duration::ZERO,
+            }];
+        }
+        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
+        while writer.build_rollup_step().await.unwrap() {}
+        let mut tx = writer.begin().await.unwrap();
+        assert_eq!(tx.sensor_key("t").await.unwrap(), SensorKey(1));
+        tx.commit().await.unwrap();
+        let m = 60_000;
+        let t0 = 1_800_000_000_000 / m * m;
+        let mut seq = [0i64; 4];
+        // (first ts, step, count) per round; each but the last compacted.
+        let rounds: [&[(i64, i64, i64)]; 5] = [
+            &[(t0 + 1_000, 1_000, 5)],
+            &[(t0 + m, 7_000, 200)],
+            &[(t0 + 3 * m + 500, 9_000, 10)],
+            &[(t0 + 40 * m + 10, 5_000, 3)],
+            &[(t0 + 10 * m + 3, 1_000, 4), (t0 + 50 * m, 2_000, 6)],
+        ];
+        for (round, runs) in rounds.iter().enumerate() {
+            let mut parts = vec![Vec::new(); STAGING_PARTS];
+            for device in 1..=3i64 {
+                for &(first, step, count) in *runs {
+                    for k in 0..count {
+                        seq[device as usize] += 1;
+                        let ts_ms = first + k * step + device;
+                        parts[staging_part(DeviceKey(device))].push(RowToInsert {
+                            device: DeviceKey(device),
+                            sensor: SensorKey(1),
+                            ts_ms,
+                            seq: seq[device as usize],
+                            value: ((ts_ms % 977) as f64 - 300.0) / 7.0 * device as f64,
+                        });
+                    }
+                }
+            }
+            let mut tx = writer.begin().await.unwrap();
+            tx.insert_readings(&parts).await.unwrap();
+            tx.commit().await.unwrap();
+            if round == rounds.len() - 1 {
+                break;
+            }
+            for (part, mut rows) in writer.staged_rows().await.unwrap().into_iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let blocks = crate::store::blocks::blocks_of(&mut rows);
+                writer.compact(part, &blocks, &rows).await.unwrap();
+            }
+        }
+        (dir, store, t0)
+    }
+
+    /// What [`run`] answers for one series.
+    async fn per_series(
+        store: &Store,
+        device: i64,
+        since: i64,
+        until: i64,
+        bucket_ms: Option<i64>,
+    ) -> Vec<QueryChunk> {
+        let (tx, mut rx) = mpsc::channel(4);
+        let q = ReadingQuery {
+            device: DeviceKey(device),
+            sensor: Some("t".into()),
+            since_ms: Some(since),
+            until_ms: Some(until),
+            limit: 0,
+            bucket_ms,
+        };
+        run(store.clone(), q, tx).await;
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            out.push(chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_snapshot_of_many_series_answers_as_each_series_query_does() {
+        let m = 60_000;
+        let devices = [DeviceKey(1), DeviceKey(2), DeviceKey(3)];
+        for rollup in [false, true] {
+            let (_dir, store, t0) = fleet_store(rollup).await;
+            for (since, until) in [
+                (t0, t0 + 60 * m),
+                (t0 + 3 * m, t0 + 45 * m + 17),
+                (t0 - 60 * m, t0 + 49 * m),
+            ] {
+                let raw = sensor_readings(&store, SensorKey(1), &devices, since, until, usize::MAX)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                for d in devices {
+                    let want: Vec<(u64, i64, u64)> = per_series(&store, d.0, since, until, None)
+                        .await
+                        .into_iter()
+                        .flat_map(|c| match c {
+                            QueryChunk::Rows(rows) => rows,
+                            QueryChunk::Buckets(_) => Vec::new(),
+                        })
+                        .map(|r| (r.seq, r.ts_ms, r.value.to_bits()))
+                        .collect();
+                    let got: Vec<(u64, i64, u64)> = raw[&d]
+                        .iter()
+                        .map(|p| (p.seq, p.ts_ms, p.value.to_bits()))
+                        .collect();
+                    assert!(!want.is_empty());
+                    assert_eq!(got, want, "raw, device {d:?}, rollup {rollup}");
+                }
+                for width in [m, 5 * m, 60 * m] {
+                    let since = Bucket::start_of(since, width);
+                    let got = sensor_buckets(
+                        &store,
+                        SensorKey(1),
+                        &devices,
+                        (since, until),
+                        width,
+                        usize::MAX,
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap();
+                    for d in devices {
+                        let want: Vec<Bucket> = per_series(&store, d.0, since, until, Some(width))
+                            .await
+                            .into_iter()
+                            .flat_map(|c| match c {
+                                QueryChunk::Buckets(b) => b,
+                                QueryChunk::Rows(_) => Vec::new(),
+                            })
+                            .collect();
+                        let got = &got[&d];
+                        assert_eq!(
+                            got.len(),
+                            want.len(),
+                            "width {width}, device {d:?}, rollup {rollup}"
+                        );
+                        for (g, w) in got.iter().zip(&want) {
+                            let same = (
+                                g.start_ms,
+                                g.count,
+                                g.min.to_bits(),
+                                g.max.to_bits(),
+                                g.first.to_bits(),
+                                g.last.to_bits(),
+                                g.first_ts_ms,
+                            ) == (
+                                w.start_ms,
+                                w.count,
+                                w.min.to_bits(),
+                                w.max.to_bits(),
+                                w.first.to_bits(),
+                                w.last.to_bits(),
+                                w.first_ts_ms,
+                            );
+                            assert!(
+                                same && (g.sum - w.sum).abs() <= 1e-9 * w.sum.abs().max(1.0),
+                                "width {width}, device {d:?}, rollup {rollup}: {g:?} against {w:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

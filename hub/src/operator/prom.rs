@@ -3,21 +3,18 @@
 //! samples this module loads through the same readings queries (and
 //! budget) as every other door.
 
-use futures_util::StreamExt;
 use promql_parser::label::{MatchOp, Matcher};
 
 use super::{OpError, Operations};
 use std::collections::{BTreeMap, HashMap};
 
-use crate::domain::{DeviceKey, ReadingQuery};
+use crate::domain::DeviceKey;
 use crate::promql::{self, Labels, Loaded, Query, QueryError, Steps, Value};
-use crate::query::{self, QueryChunk};
+use crate::query;
 
 /// Samples one query may load (16 bytes each): past it the query is
 /// refused, not answered in part.
 pub const MAX_SAMPLES: usize = 20_000_000;
-/// Series one query reads at once.
-const SERIES_AT_ONCE: usize = 4;
 
 /// Why a Prometheus query failed: the query (Prometheus' error types), or
 /// the hub.
@@ -39,6 +36,14 @@ fn too_many() -> QueryError {
     QueryError::BadData(format!(
         "query processing would load more than {MAX_SAMPLES} samples; narrow the selectors or the range"
     ))
+}
+
+/// What one window read, by (device, sensor): samples, or buckets for a
+/// window with `bucket_ms`; and how many of them.
+struct WindowRead {
+    samples: HashMap<(DeviceKey, String), Vec<(i64, f64)>>,
+    buckets: Option<HashMap<(DeviceKey, String), Vec<promql::Agg>>>,
+    held: usize,
 }
 
 /// A catalogued series: its labels and where its readings are.
@@ -107,130 +112,110 @@ impl Operations {
                 .iter()
                 .filter(|k| promql::matches(&window.matchers, &k.labels))
                 .collect();
-            let mut data = Loaded::default();
-            match window.bucket_ms {
-                None => {
-                    let budget = MAX_SAMPLES.saturating_sub(samples);
-                    let read = self
-                        .series_samples(&matching, window.from_ms, window.to_ms, budget)
-                        .await?;
-                    for (k, points) in matching.iter().zip(read) {
-                        samples += points.len();
-                        data.series.push((k.labels.clone(), points));
-                    }
-                }
-                Some(width) => {
-                    // A few series at once (each a readings query of the
-                    // shared budget), in catalogue order.
-                    let mut reads = Vec::with_capacity(matching.len());
-                    for k in &matching {
-                        reads.push(self.series_buckets(k, window.from_ms, window.to_ms, width));
-                    }
-                    let mut reads = futures_util::stream::iter(reads).buffered(SERIES_AT_ONCE);
-                    let mut buckets = Vec::with_capacity(matching.len());
-                    while let Some(read) = reads.next().await {
-                        let (k, aggs) = read?;
-                        samples += aggs.len();
-                        if samples > MAX_SAMPLES {
-                            return Err(too_many().into());
-                        }
-                        buckets.push(aggs);
-                        data.series.push((k.labels.clone(), Vec::new()));
-                    }
-                    data.buckets = Some(buckets);
-                }
-            }
-            if samples > MAX_SAMPLES {
-                return Err(too_many().into());
-            }
+            let budget = MAX_SAMPLES.saturating_sub(samples);
+            let mut read = self.load(&matching, &window, budget).await?;
+            samples += read.held;
+            let key = |k: &Known| (k.device, k.sensor.clone());
+            let data = Loaded {
+                series: matching
+                    .iter()
+                    .map(|k| {
+                        let points = read.samples.remove(&key(k)).unwrap_or_default();
+                        (k.labels.clone(), points)
+                    })
+                    .collect(),
+                buckets: read.buckets.map(|mut buckets| {
+                    matching
+                        .iter()
+                        .map(|k| buckets.remove(&key(k)).unwrap_or_default())
+                        .collect()
+                }),
+            };
             loaded.push(data);
         }
         Ok(query.evaluate(&steps, loaded)?)
     }
 
-    /// A series' buckets of `width` from `from_ms` (a multiple of it) up to
-    /// the one starting at `to_ms`, in time order (empty ones left out).
-    async fn series_buckets<'k>(
-        &self,
-        k: &'k Known,
-        from_ms: i64,
-        to_ms: i64,
-        width: i64,
-    ) -> Result<(&'k Known, Vec<promql::Agg>), OpError> {
-        let mut run = self.run_query(ReadingQuery {
-            device: k.device,
-            sensor: Some(k.sensor.clone()),
-            since_ms: Some(from_ms),
-            until_ms: Some(to_ms.saturating_add(width)),
-            limit: 0,
-            bucket_ms: Some(width),
-        })?;
-        let mut aggs = Vec::new();
-        while let Some(chunk) = run.chunks.recv().await {
-            if let QueryChunk::Buckets(buckets) = chunk? {
-                aggs.extend(buckets.into_iter().map(|b| promql::Agg {
-                    start_ms: b.start_ms,
-                    count: b.count,
-                    sum: b.sum,
-                    min: b.min,
-                    max: b.max,
-                    first: b.first,
-                    first_ts_ms: b.first_ts_ms,
-                }));
-            }
-        }
-        if !run.ended_whole().await {
-            return Err(OpError::Internal(
-                "a readings query failed; see the hub's log".into(),
-            ));
-        }
-        Ok((k, aggs))
-    }
-
-    /// Each series' readings with from <= ts <= to, in time order (in
-    /// the order of `series`), read sensor by sensor: one snapshot of a
-    /// few statements for all the devices of a sensor, under one slot of
-    /// the readings budget. Refused past `budget` readings in all.
-    async fn series_samples(
+    /// A window's series (`series`, of the catalogue), read sensor by
+    /// sensor: one snapshot of a few statements for all the devices of a
+    /// sensor ([`query::sensor_readings`], or [`query::sensor_buckets`]
+    /// for a window with `bucket_ms`), under one slot of the readings
+    /// budget. Refused past `budget` samples or buckets in all.
+    async fn load(
         &self,
         series: &[&Known],
-        from_ms: i64,
-        to_ms: i64,
+        window: &promql::Window,
         budget: usize,
-    ) -> Result<Vec<Vec<(i64, f64)>>, PromFailure> {
+    ) -> Result<WindowRead, PromFailure> {
+        let mut read = WindowRead {
+            samples: HashMap::new(),
+            buckets: window.bucket_ms.map(|_| HashMap::new()),
+            held: 0,
+        };
         if series.is_empty() {
-            return Ok(Vec::new());
+            return Ok(read);
         }
         let _slot = self.query_slot()?;
         let mut by_sensor: BTreeMap<&str, Vec<DeviceKey>> = BTreeMap::new();
         for k in series {
-            by_sensor.entry(&k.sensor).or_default().push(k.device);
+            by_sensor
+                .entry(k.sensor.as_str())
+                .or_default()
+                .push(k.device);
         }
-        let mut read: HashMap<(DeviceKey, &str), Vec<(i64, f64)>> = HashMap::new();
-        let mut held = 0usize;
         for (sensor, devices) in by_sensor {
             let Some(key) = self.store.sensor_key(sensor).await? else {
                 continue;
             };
-            let until = to_ms.saturating_add(1);
-            let budget = budget.saturating_sub(held);
-            let Some(points) =
-                query::sensor_readings(&self.store, key, &devices, from_ms, until, budget).await?
-            else {
+            let left = budget.saturating_sub(read.held);
+            match (window.bucket_ms, &mut read.buckets) {
+                (Some(width), Some(out)) => {
+                    let range = (window.from_ms, window.to_ms.saturating_add(width));
+                    let Some(buckets) =
+                        query::sensor_buckets(&self.store, key, &devices, range, width, left)
+                            .await?
+                    else {
+                        return Err(too_many().into());
+                    };
+                    for (device, buckets) in buckets {
+                        read.held += buckets.len();
+                        let aggs = buckets.into_iter().map(|b| promql::Agg {
+                            start_ms: b.start_ms,
+                            count: b.count,
+                            sum: b.sum,
+                            min: b.min,
+                            max: b.max,
+                            first: b.first,
+                            first_ts_ms: b.first_ts_ms,
+                        });
+                        out.insert((device, sensor.to_owned()), aggs.collect());
+                    }
+                }
+                _ => {
+                    let until = window.to_ms.saturating_add(1);
+                    let Some(points) = query::sensor_readings(
+                        &self.store,
+                        key,
+                        &devices,
+                        window.from_ms,
+                        until,
+                        left,
+                    )
+                    .await?
+                    else {
+                        return Err(too_many().into());
+                    };
+                    for (device, points) in points {
+                        read.held += points.len();
+                        let points = points.into_iter().map(|p| (p.ts_ms, p.value)).collect();
+                        read.samples.insert((device, sensor.to_owned()), points);
+                    }
+                }
+            }
+            if read.held > budget {
                 return Err(too_many().into());
-            };
-            for (device, points) in points {
-                held += points.len();
-                let points = points.into_iter().map(|p| (p.ts_ms, p.value)).collect();
-                read.insert((device, sensor), points);
             }
         }
-        Ok(series
-            .iter()
-            .map(|k| {
-                read.remove(&(k.device, k.sensor.as_str()))
-                    .unwrap_or_default()
-            })
-            .collect())
+        Ok(read)
     }
 }

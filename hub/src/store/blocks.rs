@@ -113,6 +113,42 @@ pub struct Merged {
 /// parameters: SQLite takes 32,766, PostgreSQL 65,535).
 const DEVICES_PER_STATEMENT: usize = 1000;
 
+/// What [`Store::sensor_snapshot`] reads: one sensor's readings stamped in
+/// [since, until), and maybe a rollup's intervals over part of it.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotRead {
+    pub sensor: SensorKey,
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub rollup: Option<RollupSpan>,
+}
+
+/// A rollup's intervals starting in [from, until) (both multiples of
+/// `every_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct RollupSpan {
+    pub every_ms: i64,
+    pub from_ms: i64,
+    pub until_ms: i64,
+}
+
+/// One thing [`Store::sensor_snapshot`] read.
+pub enum SnapshotItem<'a> {
+    Staged(DeviceKey, Point),
+    Block {
+        device: DeviceKey,
+        first_ts: i64,
+        last_ts: i64,
+        data: &'a [u8],
+    },
+    /// A rollup chunk starting at `chunk_ms` ([`rollups::decode_chunk`]).
+    Chunk {
+        device: DeviceKey,
+        chunk_ms: i64,
+        data: &'a [u8],
+    },
+}
+
 /// A stored block, as a query reads it.
 #[derive(Debug)]
 pub struct BlockRow {
@@ -615,22 +651,24 @@ impl Store {
     /// all read in one snapshot (PostgreSQL: REPEATABLE READ), so each
     /// reading is there once whatever compaction and merges do meanwhile:
     /// a few statements for any number of devices, where a query per
-    /// series makes a dozen each. Every block that overlaps the range is
-    /// handed to `block` as it is read (not held); the staged readings are
-    /// returned, each device's in (ts, seq) order.
+    /// series makes a dozen each. Each item goes to `each` as it is read
+    /// (blocks are not held): first the staged readings, each device's in
+    /// (ts, seq) order; then every block that overlaps the range, each
+    /// device's by first_ts; then, with `rollup`, its chunks over the
+    /// span, and blocks wholly inside the span are left out (the rollup
+    /// holds their readings).
     pub async fn sensor_snapshot<E: From<StoreError>>(
         &self,
-        sensor: SensorKey,
+        read: &SnapshotRead,
         devices: &[DeviceKey],
-        since_ms: i64,
-        until_ms: i64,
-        mut block: impl FnMut(DeviceKey, &[u8]) -> Result<(), E>,
-    ) -> Result<Vec<(DeviceKey, Point)>, E> {
+        mut each: impl FnMut(SnapshotItem<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         use futures_util::TryStreamExt;
         let snapshot = self.read.backend() == Backend::Postgres;
-        let list = |n: usize| -> String {
+        // Parameters $1..$first are the statement's own; the devices follow.
+        let list = |first: usize, n: usize| -> String {
             (0..n)
-                .map(|i| format!("${}", i + 4))
+                .map(|i| format!("${}", first + 1 + i))
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -638,7 +676,12 @@ impl Store {
         for d in devices {
             parts[super::staging_part(*d)].push(d.0);
         }
-        let mut staged = Vec::new();
+        let mut keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
+        keys.sort_unstable();
+        // Without a rollup, an empty span: no block is left out.
+        let (skip_from, skip_until) = read
+            .rollup
+            .map_or((i64::MAX, i64::MIN), |r| (r.from_ms, r.until_ms));
         with_pool!(&self.read, pool, _Db => {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
             if snapshot {
@@ -647,24 +690,6 @@ impl Store {
                     .await
                     .map_err(StoreError::from)?;
             }
-            for group in devices.chunks(DEVICES_PER_STATEMENT) {
-                let sql = format!(
-                    "SELECT device_id, data FROM blocks WHERE sensor_id = $1 AND first_ts < $3 \
-                     AND last_ts >= $2 AND device_id IN ({})",
-                    list(group.len())
-                );
-                let mut query = sqlx::query_as::<_, (i64, Vec<u8>)>(&sql)
-                    .bind(sensor.0)
-                    .bind(since_ms)
-                    .bind(until_ms);
-                for d in group {
-                    query = query.bind(d.0);
-                }
-                let mut rows = query.fetch(&mut *tx);
-                while let Some((device, data)) = rows.try_next().await.map_err(StoreError::from)? {
-                    block(DeviceKey(device), &data)?;
-                }
-            }
             for (part, keys) in parts.iter().enumerate() {
                 for group in keys.chunks(DEVICES_PER_STATEMENT) {
                     let sql = format!(
@@ -672,31 +697,87 @@ impl Store {
                          AND ts_ms >= $2 AND ts_ms < $3 AND device_id IN ({}) \
                          ORDER BY device_id, ts_ms, seq",
                         staging_table(part),
-                        list(group.len())
+                        list(3, group.len())
                     );
                     let mut query = sqlx::query_as::<_, (i64, i64, i64, f64)>(&sql)
-                        .bind(sensor.0)
-                        .bind(since_ms)
-                        .bind(until_ms);
+                        .bind(read.sensor.0)
+                        .bind(read.since_ms)
+                        .bind(read.until_ms);
                     for d in group {
                         query = query.bind(*d);
                     }
-                    let rows = query.fetch_all(&mut *tx).await.map_err(StoreError::from)?;
-                    staged.extend(rows.into_iter().map(|(device, seq, ts_ms, value)| {
-                        (
-                            DeviceKey(device),
-                            Point {
-                                ts_ms,
-                                seq: seq as u64,
-                                value,
-                            },
-                        )
-                    }));
+                    let mut rows = query.fetch(&mut *tx);
+                    while let Some((device, seq, ts_ms, value)) =
+                        rows.try_next().await.map_err(StoreError::from)?
+                    {
+                        let point = Point {
+                            ts_ms,
+                            seq: seq as u64,
+                            value,
+                        };
+                        each(SnapshotItem::Staged(DeviceKey(device), point))?;
+                    }
+                }
+            }
+            for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT device_id, first_ts, last_ts, data FROM blocks WHERE sensor_id = $1 \
+                     AND first_ts < $3 AND last_ts >= $2 AND NOT (first_ts >= $4 AND last_ts < $5) \
+                     AND device_id IN ({}) ORDER BY device_id, first_ts",
+                    list(5, group.len())
+                );
+                let mut query = sqlx::query_as::<_, (i64, i64, i64, Vec<u8>)>(&sql)
+                    .bind(read.sensor.0)
+                    .bind(read.since_ms)
+                    .bind(read.until_ms)
+                    .bind(skip_from)
+                    .bind(skip_until);
+                for d in group {
+                    query = query.bind(*d);
+                }
+                let mut rows = query.fetch(&mut *tx);
+                while let Some((device, first_ts, last_ts, data)) =
+                    rows.try_next().await.map_err(StoreError::from)?
+                {
+                    each(SnapshotItem::Block {
+                        device: DeviceKey(device),
+                        first_ts,
+                        last_ts,
+                        data: &data,
+                    })?;
+                }
+            }
+            if let Some(r) = read.rollup {
+                for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                    let sql = format!(
+                        "SELECT device_id, chunk_ms, data FROM rollups WHERE every_ms = $1 \
+                         AND sensor_id = $2 AND chunk_ms >= $3 AND chunk_ms < $4 \
+                         AND device_id IN ({}) ORDER BY device_id, chunk_ms",
+                        list(4, group.len())
+                    );
+                    let mut query = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(&sql)
+                        .bind(r.every_ms)
+                        .bind(read.sensor.0)
+                        .bind(rollups::chunk_of(r.from_ms, r.every_ms))
+                        .bind(r.until_ms);
+                    for d in group {
+                        query = query.bind(*d);
+                    }
+                    let mut rows = query.fetch(&mut *tx);
+                    while let Some((device, chunk_ms, data)) =
+                        rows.try_next().await.map_err(StoreError::from)?
+                    {
+                        each(SnapshotItem::Chunk {
+                            device: DeviceKey(device),
+                            chunk_ms,
+                            data: &data,
+                        })?;
+                    }
                 }
             }
             tx.commit().await.map_err(StoreError::from)?;
         });
-        Ok(staged)
+        Ok(())
     }
 
     /// Bytes and readings in blocks, for `hub stats`.

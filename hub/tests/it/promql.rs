@@ -259,135 +259,162 @@ async fn the_query_table_answers_as_prometheus_does() {
     om.push_str("# EOF\n");
     let prom = prometheus(&om).await;
 
-    // Compacted often: each series is read from several blocks and the
-    // staged readings after them; d3's writes go newest first, so its
-    // blocks overlap in time.
-    let hub = spawn_hub_with(|s| s.storage.compact_rows = 1000).await;
-    let base = hub.http_url();
-    let client = reqwest::Client::new();
-    for (device, site) in DEVICES {
-        let lines: Vec<String> = data
-            .iter()
-            .filter(|r| r.0 == device)
-            .map(|(d, s, t, v)| format!("readings,device={d} {s}={v} {t}\n"))
-            .collect();
-        let mut writes: Vec<String> = lines.chunks(700).map(|c| c.concat()).collect();
-        if device == "d3" {
-            writes.reverse();
+    for rollups in [false, true] {
+        // Compacted often: each series is read from several blocks and the
+        // staged readings after them; d3's writes go newest first, so its
+        // blocks overlap in time.
+        // With a 1-minute rollup, buckets of [1m] at a 60 s step are read
+        // from it and the staged readings; without, from blocks (whole
+        // blocks from their headers where they fit in one).
+        let hub = spawn_hub_with(|s| {
+            s.storage.compact_rows = 1000;
+            if rollups {
+                s.storage.rollups = vec![hub::config::RollupSetting {
+                    every: std::time::Duration::from_secs(60),
+                    keep: std::time::Duration::ZERO,
+                }];
+            }
+        })
+        .await;
+        if rollups {
+            let mut db = DbConn::open(&hub.settings).await;
+            wait_until("the rollup is built", async || {
+                db.scalar::<i64>("SELECT count(*) FROM rollup_defs WHERE ready = 1")
+                    .await
+                    == 1
+            })
+            .await;
         }
-        for body in writes {
+        let base = hub.http_url();
+        let client = reqwest::Client::new();
+        for (device, site) in DEVICES {
+            let lines: Vec<String> = data
+                .iter()
+                .filter(|r| r.0 == device)
+                .map(|(d, s, t, v)| format!("readings,device={d} {s}={v} {t}\n"))
+                .collect();
+            let mut writes: Vec<String> = lines.chunks(700).map(|c| c.concat()).collect();
+            if device == "d3" {
+                writes.reverse();
+            }
+            for body in writes {
+                let res = client
+                    .post(format!("{base}/api/v1/write?precision=ms"))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::NO_CONTENT);
+            }
             let res = client
-                .post(format!("{base}/api/v1/write?precision=ms"))
-                .body(body)
+                .patch(format!("{base}/api/v1/devices/{device}/twin"))
+                .json(&json!({"tags": {"site": site}}))
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(res.status(), StatusCode::NO_CONTENT);
+            assert!(res.status().is_success(), "{:?}", res.text().await);
         }
-        let res = client
-            .patch(format!("{base}/api/v1/devices/{device}/twin"))
-            .json(&json!({"tags": {"site": site}}))
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "{:?}", res.text().await);
-    }
 
-    assert!(hub.stats().await.compactions >= 4, "read from blocks too");
+        assert!(hub.stats().await.compactions >= 4, "read from blocks too");
 
-    let at = t0 + SPAN_MS / 2 + 12_345;
-    let start = t0 + 40 * 60_000;
-    let end = t0 + SPAN_MS + 10 * 60_000;
-    let secs = |ms: i64| format!("{}.{:03}", ms / 1000, ms % 1000);
-    let mut problems = Vec::new();
-    let mut compared = 0;
-    let mut errors = 0;
-    let queries = queries();
-    assert!(queries.len() >= 60, "the table: {} queries", queries.len());
-    for q in queries {
-        let q = q.replace("{T}", &secs(at));
-        let requests: Vec<(&str, Vec<(&str, String)>)> = vec![
-            (
-                "/api/v1/query",
-                vec![("query", q.clone()), ("time", secs(at))],
-            ),
-            (
-                "/api/v1/query",
-                vec![
-                    ("query", q.clone()),
-                    ("time", secs(t0 + SPAN_MS - 5 * 60_000)),
-                ],
-            ),
-            (
-                "/api/v1/query_range",
-                vec![
-                    ("query", q.clone()),
-                    ("start", secs(start)),
-                    ("end", secs(end)),
-                    ("step", "60".into()),
-                ],
-            ),
-            (
-                "/api/v1/query_range",
-                vec![
-                    ("query", q.clone()),
-                    ("start", secs(start + 7_000)),
-                    ("end", secs(end)),
-                    ("step", "37s".into()),
-                ],
-            ),
-        ];
-        // A range selector is the value of instant queries only.
-        let requests = if q.ends_with(']') {
-            requests[..2].to_vec()
-        } else {
-            requests
-        };
-        for (path, params) in requests {
-            let (ts, theirs) = get(&prom.url, path, &params).await;
-            let (os, ours) = get(&base, path, &params).await;
-            // An error of Prometheus' (many-to-many matches) is the hub's too.
-            if ts != StatusCode::OK {
-                assert_eq!(
-                    (os, &ours["errorType"]),
-                    (ts, &theirs["errorType"]),
-                    "{path} {q}: prometheus {theirs}, hub {ours}"
+        let at = t0 + SPAN_MS / 2 + 12_345;
+        let start = t0 + 40 * 60_000;
+        let end = t0 + SPAN_MS + 10 * 60_000;
+        let secs = |ms: i64| format!("{}.{:03}", ms / 1000, ms % 1000);
+        let mut problems = Vec::new();
+        let mut compared = 0;
+        let mut errors = 0;
+        let queries = queries();
+        assert!(queries.len() >= 60, "the table: {} queries", queries.len());
+        for q in queries {
+            let q = q.replace("{T}", &secs(at));
+            let requests: Vec<(&str, Vec<(&str, String)>)> = vec![
+                (
+                    "/api/v1/query",
+                    vec![("query", q.clone()), ("time", secs(at))],
+                ),
+                (
+                    "/api/v1/query",
+                    vec![
+                        ("query", q.clone()),
+                        ("time", secs(t0 + SPAN_MS - 5 * 60_000)),
+                    ],
+                ),
+                (
+                    "/api/v1/query_range",
+                    vec![
+                        ("query", q.clone()),
+                        ("start", secs(start)),
+                        ("end", secs(end)),
+                        ("step", "60".into()),
+                    ],
+                ),
+                (
+                    "/api/v1/query_range",
+                    vec![
+                        ("query", q.clone()),
+                        ("start", secs(start + 7_000)),
+                        ("end", secs(end)),
+                        ("step", "37s".into()),
+                    ],
+                ),
+            ];
+            // A range selector is the value of instant queries only.
+            let requests = if q.ends_with(']') {
+                requests[..2].to_vec()
+            } else {
+                requests
+            };
+            for (path, params) in requests {
+                let (ts, theirs) = get(&prom.url, path, &params).await;
+                let (os, ours) = get(&base, path, &params).await;
+                // An error of Prometheus' (many-to-many matches) is the hub's too.
+                if ts != StatusCode::OK {
+                    assert_eq!(
+                        (os, &ours["errorType"]),
+                        (ts, &theirs["errorType"]),
+                        "{path} {q} (rollups {rollups}): prometheus {theirs}, hub {ours}"
+                    );
+                    errors += 1;
+                    continue;
+                }
+                assert_eq!(os, StatusCode::OK, "the hub refused {q}: {ours}");
+                // Every query of the table has an answer: no vacuous agreement.
+                assert!(
+                    !series_of(&theirs).is_empty(),
+                    "{path} {q}: Prometheus answers nothing"
                 );
-                errors += 1;
-                continue;
+                compared += series_of(&theirs).values().map(Vec::len).sum::<usize>();
+                problems.extend(compare(
+                    &format!("{path} {q} (rollups {rollups})"),
+                    &theirs,
+                    &ours,
+                ));
             }
-            assert_eq!(os, StatusCode::OK, "the hub refused {q}: {ours}");
-            // Every query of the table has an answer: no vacuous agreement.
-            assert!(
-                !series_of(&theirs).is_empty(),
-                "{path} {q}: Prometheus answers nothing"
-            );
-            compared += series_of(&theirs).values().map(Vec::len).sum::<usize>();
-            problems.extend(compare(&format!("{path} {q}"), &theirs, &ours));
         }
-    }
-    assert!(
-        problems.is_empty(),
-        "{} differences:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
-    assert!(compared > 20_000, "only {compared} points compared");
-    assert!(errors <= 8, "{errors} of the table's requests were errors");
+        assert!(
+            problems.is_empty(),
+            "{} differences:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+        assert!(compared > 20_000, "only {compared} points compared");
+        assert!(errors <= 8, "{errors} of the table's requests were errors");
 
-    // What Prometheus refuses, the hub refuses the same way.
-    for q in ["sum(", "rate(temp)", "sum(temp[5m])"] {
-        let (ts, theirs) = get(&prom.url, "/api/v1/query", &[("query", q.into())]).await;
-        let (os, ours) = get(&base, "/api/v1/query", &[("query", q.into())]).await;
-        assert_eq!(
-            (ts, theirs["errorType"].clone()),
-            (StatusCode::BAD_REQUEST, json!("bad_data"))
-        );
-        assert_eq!(
-            (os, ours["errorType"].clone()),
-            (StatusCode::BAD_REQUEST, json!("bad_data")),
-            "{q}: {ours}"
-        );
+        // What Prometheus refuses, the hub refuses the same way.
+        for q in ["sum(", "rate(temp)", "sum(temp[5m])"] {
+            let (ts, theirs) = get(&prom.url, "/api/v1/query", &[("query", q.into())]).await;
+            let (os, ours) = get(&base, "/api/v1/query", &[("query", q.into())]).await;
+            assert_eq!(
+                (ts, theirs["errorType"].clone()),
+                (StatusCode::BAD_REQUEST, json!("bad_data"))
+            );
+            assert_eq!(
+                (os, ours["errorType"].clone()),
+                (StatusCode::BAD_REQUEST, json!("bad_data")),
+                "{q}: {ours}"
+            );
+        }
     }
 }
 
