@@ -150,6 +150,7 @@ pub async fn sensor_readings(
         sensor,
         since_ms: since,
         until_ms: until,
+        bucket_ms: None,
         rollup: None,
     };
     let done = store
@@ -171,7 +172,7 @@ pub async fn sensor_readings(
                     points.extend(in_range);
                     held += points.len() - had;
                 }
-                SnapshotItem::Chunk { .. } => {}
+                SnapshotItem::Chunk { .. } | SnapshotItem::StagedBucket { .. } => {}
             }
             if held > budget && held > before {
                 return Err(Stop::Budget);
@@ -220,6 +221,7 @@ pub async fn sensor_buckets(
         sensor,
         since_ms: since,
         until_ms: until,
+        bucket_ms: Some(width),
         rollup: span,
     };
     let range = Range {
@@ -231,9 +233,18 @@ pub async fn sensor_buckets(
     let done = store
         .sensor_snapshot(&read, devices, |item| {
             match item {
+                SnapshotItem::StagedBucket {
+                    device,
+                    start_ms,
+                    agg,
+                } => {
+                    let fold = folds.entry(device).or_default();
+                    fold.staged.push((agg.first_key.0, agg.last_key.0));
+                    held += fold.add(width, start_ms, &agg);
+                }
                 SnapshotItem::Staged(device, p) => {
                     let fold = folds.entry(device).or_default();
-                    fold.staged.push(p.ts_ms);
+                    fold.staged.push((p.ts_ms, p.ts_ms));
                     held += fold.add(width, p.ts_ms, &Agg::of(&p));
                 }
                 SnapshotItem::Block {
@@ -326,42 +337,28 @@ struct Waiting {
 /// any order (first and last go by (ts, seq)).
 #[derive(Default)]
 struct SeriesFold {
-    buckets: std::collections::BTreeMap<i64, Agg>,
-    /// The bucket being added to (a run of readings in one bucket costs
-    /// one map lookup).
-    current: Option<(i64, Agg)>,
-    /// The staged readings' timestamps, in order (read first).
-    staged: Vec<i64>,
+    /// Parts of buckets: (start, aggregates of some of its readings).
+    parts: Vec<(i64, Agg)>,
+    /// The staged readings' spans (first ts, last ts), in order (read
+    /// first), one per bucket or reading.
+    staged: Vec<(i64, i64)>,
     /// The latest last_ts of the blocks judged so far.
     blocks_until: Option<i64>,
     waiting: Option<Waiting>,
 }
 
 impl SeriesFold {
-    /// Adds some readings of the bucket holding `ts`; 1 when that bucket
-    /// is new to the map.
+    /// Adds some readings of the bucket holding `ts`; 1 when that makes
+    /// another part (a run of readings in one bucket makes one).
     fn add(&mut self, width: i64, ts: i64, agg: &Agg) -> usize {
         let start = Bucket::start_of(ts, width);
-        match &mut self.current {
+        match self.parts.last_mut() {
             Some((s, a)) if *s == start => {
                 a.merge(agg);
                 0
             }
-            current => match current.replace((start, *agg)) {
-                Some((s, a)) => self.flush(s, a),
-                None => 0,
-            },
-        }
-    }
-
-    fn flush(&mut self, start: i64, agg: Agg) -> usize {
-        match self.buckets.entry(start) {
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                e.get_mut().merge(&agg);
-                0
-            }
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(agg);
+            _ => {
+                self.parts.push((start, *agg));
                 1
             }
         }
@@ -381,8 +378,8 @@ impl SeriesFold {
         let (first, last, width) = (block.first_ts, block.last_ts, range.width);
         let clear =
             self.blocks_until.is_none_or(|u| u < first) && next_first.is_none_or(|n| n > last) && {
-                let i = self.staged.partition_point(|t| *t < first);
-                self.staged.get(i).is_none_or(|t| *t > last)
+                let i = self.staged.partition_point(|(_, hi)| *hi < first);
+                self.staged.get(i).is_none_or(|(lo, _)| *lo > last)
             };
         self.blocks_until = Some(self.blocks_until.map_or(last, |u| u.max(last)));
         let clear_of_span = range
@@ -410,10 +407,17 @@ impl SeriesFold {
 
     /// The buckets, in time order.
     fn buckets(mut self) -> Vec<Bucket> {
-        if let Some((s, a)) = self.current.take() {
-            self.flush(s, a);
+        // Mostly in order already (chunks, blocks and staged readings each
+        // come in time order).
+        self.parts.sort_by_key(|(start, _)| *start);
+        let mut merged: Vec<(i64, Agg)> = Vec::with_capacity(self.parts.len());
+        for (start, a) in self.parts {
+            match merged.last_mut() {
+                Some((s, m)) if *s == start => m.merge(&a),
+                _ => merged.push((start, a)),
+            }
         }
-        self.buckets
+        merged
             .into_iter()
             .map(|(start, a)| Bucket {
                 sensor: String::new(),

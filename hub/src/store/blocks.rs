@@ -109,6 +109,67 @@ pub struct Merged {
     pub into: Option<u8>,
 }
 
+/// The staged readings of one part, of the devices `$5..`, folded into
+/// buckets of width `$4` in SQL: one row per device and bucket (sqlx hands
+/// SQLite rows over one at a time, a few µs each). First and last go by
+/// (ts, seq), as in [`rollups::Agg`]. Staged readings are never before
+/// 2000, so integer division is the bucket's floor.
+fn staged_buckets_sql(part: usize, devices: usize) -> String {
+    let list = (0..devices)
+        .map(|i| format!("${}", i + 5))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "SELECT device_id, b, count(*) AS n, sum(value) AS total, min(value) AS lo, \
+         max(value) AS hi, min(ts_ms) AS first_ts, max(first_seq) AS first_seq, \
+         max(first_value) AS first_value, max(ts_ms) AS last_ts, max(last_seq) AS last_seq, \
+         max(last_value) AS last_value FROM (SELECT device_id, ts_ms / $4 AS b, ts_ms, value, \
+           first_value(seq) OVER w AS first_seq, first_value(value) OVER w AS first_value, \
+           last_value(seq) OVER w AS last_seq, last_value(value) OVER w AS last_value \
+           FROM {} WHERE sensor_id = $1 AND ts_ms >= $2 AND ts_ms < $3 AND device_id IN ({list}) \
+           WINDOW w AS (PARTITION BY device_id, ts_ms / $4 ORDER BY ts_ms, seq \
+             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) AS s \
+         GROUP BY device_id, b ORDER BY device_id, b",
+        staging_table(part)
+    )
+}
+
+/// A row of [`staged_buckets_sql`].
+#[derive(sqlx::FromRow)]
+struct StagedBucketRow {
+    device_id: i64,
+    b: i64,
+    n: i64,
+    total: f64,
+    lo: f64,
+    hi: f64,
+    first_ts: i64,
+    first_seq: i64,
+    first_value: f64,
+    last_ts: i64,
+    last_seq: i64,
+    last_value: f64,
+}
+
+impl StagedBucketRow {
+    fn item(&self, width: i64) -> SnapshotItem<'static> {
+        SnapshotItem::StagedBucket {
+            device: DeviceKey(self.device_id),
+            start_ms: self.b.saturating_mul(width),
+            agg: rollups::Agg {
+                count: self.n as u64,
+                sum: self.total,
+                min: self.lo,
+                max: self.hi,
+                first: self.first_value,
+                last: self.last_value,
+                first_key: (self.first_ts, self.first_seq as u64),
+                last_key: (self.last_ts, self.last_seq as u64),
+            },
+        }
+    }
+}
+
 /// Devices named in one statement of [`Store::sensor_snapshot`] (bound
 /// parameters: SQLite takes 32,766, PostgreSQL 65,535).
 const DEVICES_PER_STATEMENT: usize = 1000;
@@ -120,6 +181,9 @@ pub struct SnapshotRead {
     pub sensor: SensorKey,
     pub since_ms: i64,
     pub until_ms: i64,
+    /// Staged readings come folded into buckets of this width
+    /// ([`SnapshotItem::StagedBucket`]), a row per bucket, not per reading.
+    pub bucket_ms: Option<i64>,
     pub rollup: Option<RollupSpan>,
 }
 
@@ -135,6 +199,12 @@ pub struct RollupSpan {
 /// One thing [`Store::sensor_snapshot`] read.
 pub enum SnapshotItem<'a> {
     Staged(DeviceKey, Point),
+    /// The staged readings of one bucket (starting at `start_ms`).
+    StagedBucket {
+        device: DeviceKey,
+        start_ms: i64,
+        agg: rollups::Agg,
+    },
     Block {
         device: DeviceKey,
         first_ts: i64,
@@ -691,6 +761,24 @@ impl Store {
                     .map_err(StoreError::from)?;
             }
             for (part, keys) in parts.iter().enumerate() {
+                if let Some(width) = read.bucket_ms {
+                    for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                        let sql = staged_buckets_sql(part, group.len());
+                        let mut query = sqlx::query_as::<_, StagedBucketRow>(&sql)
+                            .bind(read.sensor.0)
+                            .bind(read.since_ms)
+                            .bind(read.until_ms)
+                            .bind(width);
+                        for d in group {
+                            query = query.bind(*d);
+                        }
+                        let mut rows = query.fetch(&mut *tx);
+                        while let Some(r) = rows.try_next().await.map_err(StoreError::from)? {
+                            each(r.item(width))?;
+                        }
+                    }
+                    continue;
+                }
                 for group in keys.chunks(DEVICES_PER_STATEMENT) {
                     let sql = format!(
                         "SELECT device_id, seq, ts_ms, value FROM {} WHERE sensor_id = $1 \

@@ -241,11 +241,12 @@ fn get_values(bytes: &[u8]) -> Result<([f64; 4], &[u8]), CodecError> {
     Ok((values, rest))
 }
 
+/// A chunk's intervals (start, aggregates), in time order.
 pub fn decode_chunk(
     chunk_ms: i64,
     every_ms: i64,
     data: &[u8],
-) -> Result<BTreeMap<i64, Agg>, CodecError> {
+) -> Result<Vec<(i64, Agg)>, CodecError> {
     let [version, rest @ ..] = data else {
         return Err(CodecError::Truncated);
     };
@@ -256,7 +257,7 @@ pub fn decode_chunk(
     if n == 0 || n > CHUNK as u64 {
         return Err(CodecError::Truncated);
     }
-    let mut out = BTreeMap::new();
+    let mut out = Vec::with_capacity(n as usize);
     let mut next_index = 0u64;
     for _ in 0..n {
         let (index, r) = codec::get_varint(rest)?;
@@ -289,7 +290,7 @@ pub fn decode_chunk(
             return Err(CodecError::Truncated);
         }
         rest = r;
-        out.insert(
+        out.push((
             start,
             Agg {
                 count,
@@ -301,7 +302,7 @@ pub fn decode_chunk(
                 first_key: keys[0],
                 last_key: keys[1],
             },
-        );
+        ));
     }
     if !rest.is_empty() {
         return Err(CodecError::Truncated);
@@ -949,7 +950,10 @@ mod tests {
             intervals.insert(start, a);
         }
         let data = encode_chunk(chunk_ms, every, &intervals);
-        let back = decode_chunk(chunk_ms, every, &data).unwrap();
+        let back: BTreeMap<i64, Agg> = decode_chunk(chunk_ms, every, &data)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(back.len(), 3);
         for (start, a) in &intervals {
             let b = back[start];
