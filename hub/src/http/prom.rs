@@ -448,24 +448,35 @@ pub(super) async fn query_range(
     .await
 }
 
-/// [`point`] written into `out`.
+/// [`point`] written into `out` (a fleet's range is ~1M of them: no
+/// `fmt` machinery).
 fn write_point(out: &mut String, t_ms: i64, v: f64) {
-    use std::fmt::Write as _;
-    let (secs, ms) = (t_ms.div_euclid(1000), t_ms.rem_euclid(1000));
-    let _ = if ms == 0 {
-        write!(out, "[{secs},\"")
-    } else {
-        write!(out, "[{secs}.{ms:03},\"")
-    };
-    let _ = if v.is_nan() {
-        write!(out, "NaN")
+    let mut int = itoa::Buffer::new();
+    out.push('[');
+    if t_ms < 0 {
+        out.push('-');
+    }
+    let (secs, ms) = (t_ms.unsigned_abs() / 1000, t_ms.unsigned_abs() % 1000);
+    out.push_str(int.format(secs));
+    if ms != 0 {
+        out.push('.');
+        for digit in [ms / 100, ms / 10 % 10, ms % 10] {
+            out.push(char::from(b'0' + digit as u8));
+        }
+    }
+    out.push_str(",\"");
+    if v.is_nan() {
+        out.push_str("NaN");
     } else if v == f64::INFINITY {
-        write!(out, "+Inf")
+        out.push_str("+Inf");
     } else if v == f64::NEG_INFINITY {
-        write!(out, "-Inf")
+        out.push_str("-Inf");
+    } else if v.fract() == 0.0 && v.abs() < 1e15 && !(v == 0.0 && v.is_sign_negative()) {
+        // Whole numbers as Prometheus writes them: "42", not "42.0".
+        out.push_str(int.format(v as i64));
     } else {
-        write!(out, "{v}")
-    };
+        out.push_str(ryu::Buffer::new().format_finite(v));
+    }
     out.push_str("\"]");
 }
 
@@ -601,5 +612,36 @@ async fn answer<A: Into<Answer>>(work: impl Future<Output = Result<A, Failure>>)
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(f) => f.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_written_as_prometheus_reads_them() {
+        let cases = [
+            (1_700_000_000_000, 42.0, r#"[1700000000,"42"]"#),
+            (1_700_000_000_250, -0.5, r#"[1700000000.250,"-0.5"]"#),
+            (5, 0.1, r#"[0.005,"0.1"]"#),
+            (-1_500, -0.0, r#"[-1.500,"-0.0"]"#),
+            (0, f64::NAN, r#"[0,"NaN"]"#),
+            (1_000, f64::NEG_INFINITY, r#"[1,"-Inf"]"#),
+            (1_000, 1e300, r#"[1,"1e300"]"#),
+        ];
+        for (t, v, want) in cases {
+            let mut out = String::new();
+            write_point(&mut out, t, v);
+            assert_eq!(out, want);
+            // Whatever the form, the numbers read back exactly.
+            let back: (f64, String) = serde_json::from_str(&out).unwrap();
+            assert_eq!(back.0, t as f64 / 1000.0);
+            let value: f64 = back.1.replace("Inf", "inf").parse().unwrap();
+            assert!(
+                value.to_bits() == v.to_bits() || (v.is_nan() && value.is_nan()),
+                "{out}"
+            );
+        }
     }
 }
