@@ -145,7 +145,6 @@ pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseErr
             .find(|(k, _)| k.as_str() == DEVICE_TAG)
             .map(|(_, v)| v.as_str())
             .ok_or_else(|| bad(format!("no {DEVICE_TAG:?} tag names the device")))?;
-        let device_id = DeviceId::parse(device).map_err(|e| bad(format!("device: {e}")))?;
         let ts_ms = match parsed.timestamp {
             Some(ts) => rules
                 .precision
@@ -165,18 +164,23 @@ pub fn parse(body: &str, rules: &LineRules) -> Result<Vec<DeviceLines>, ParseErr
                 "a line with {SEQ_FIELD:?} carries exactly one value field (it has {values})"
             )));
         }
-        if !index.contains_key(device) && index.len() >= MAX_DEVICES_PER_WRITE {
-            return Err(ParseError::TooManyDevices);
-        }
-        let slot = *index.entry(device.to_owned()).or_insert_with(|| {
-            devices.push(DeviceLines {
-                device_id,
-                first_line: line,
-                readings: Vec::new(),
-                with_seq: seq.is_some(),
-            });
-            devices.len() - 1
-        });
+        let slot = match index.get(device) {
+            Some(&slot) => slot,
+            None => {
+                if index.len() >= MAX_DEVICES_PER_WRITE {
+                    return Err(ParseError::TooManyDevices);
+                }
+                let device_id = DeviceId::parse(device).map_err(|e| bad(format!("device: {e}")))?;
+                devices.push(DeviceLines {
+                    device_id,
+                    first_line: line,
+                    readings: Vec::new(),
+                    with_seq: seq.is_some(),
+                });
+                index.insert(device.to_owned(), devices.len() - 1);
+                devices.len() - 1
+            }
+        };
         let lines_of = &mut devices[slot];
         if lines_of.with_seq != seq.is_some() {
             return Err(bad(format!(
@@ -339,9 +343,30 @@ pub struct LineWrites {
 }
 
 /// A device's batch on its way: what to wait for.
-struct Pending<'a> {
-    lines: &'a DeviceLines,
+struct Pending {
+    device_id: DeviceId,
+    first_line: usize,
+    readings: u64,
     slot: Arc<AckSlot>,
+}
+
+/// What [`LineWrites::admit`] checks of one device's lines.
+#[derive(Clone, Copy)]
+struct Admit<'a> {
+    device_id: &'a DeviceId,
+    first_line: usize,
+    /// Readings to spend of the device's rate.
+    readings: usize,
+}
+
+impl<'a> From<&'a DeviceLines> for Admit<'a> {
+    fn from(lines: &'a DeviceLines) -> Self {
+        Self {
+            device_id: &lines.device_id,
+            first_line: lines.first_line,
+            readings: lines.readings.len(),
+        }
+    }
 }
 
 impl LineWrites {
@@ -386,7 +411,7 @@ impl LineWrites {
     /// every one is committed. `token` is what the request presented.
     pub async fn write(
         &self,
-        devices: &[DeviceLines],
+        devices: Vec<DeviceLines>,
         token: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Result<WriteDone, WriteError> {
@@ -397,38 +422,39 @@ impl LineWrites {
         // Every device is admitted and within its rate before anything is
         // queued: a refusal stores nothing.
         let mut admitted = Vec::with_capacity(devices.len());
-        for lines in devices {
-            admitted.push(self.admit(lines, token, peer).await?);
+        for lines in &devices {
+            admitted.push(self.admit(lines.into(), token, peer).await?);
         }
         let mut done = WriteDone::default();
         let mut refused = 0u64;
         let total: u64 = devices.iter().map(|d| d.readings.len() as u64).sum();
         let mut pending = Vec::with_capacity(devices.len());
-        for (lines, (device, epoch)) in devices.iter().zip(admitted) {
+        // The readings move into the batches (no copy is kept).
+        for (lines, (device, epoch)) in devices.into_iter().zip(admitted) {
             pending.push(self.queue(lines, device, epoch).await?);
         }
         for p in pending {
-            let outcome = match self.settled(&p.slot).await? {
-                Some(outcome) => outcome,
-                None => {
-                    // Claimed meanwhile (a credential change, or another
-                    // registration of the device): once more, afresh.
-                    self.forget(&p.lines.device_id);
-                    let (device, epoch) = self.admit(p.lines, token, peer).await?;
-                    let again = self.queue(p.lines, device, epoch).await?;
-                    self.settled(&again.slot)
-                        .await?
-                        .ok_or(WriteError::Conflict {
-                            device: p.lines.device_id.to_string(),
-                            why: "the device was claimed by another connection while writing"
-                                .to_owned(),
-                        })?
-                }
+            let Some(outcome) = self.settled(&p.slot).await? else {
+                // Claimed meanwhile (a credential change, or a stream's
+                // Hello): nothing of it was written. Checked afresh, the
+                // credentials may now be refused; if not, retry.
+                self.forget(&p.device_id);
+                let again = Admit {
+                    device_id: &p.device_id,
+                    first_line: p.first_line,
+                    readings: 0,
+                };
+                self.admit(again, token, peer).await?;
+                return Err(WriteError::Unavailable(format!(
+                    "device {} was claimed meanwhile (a credential change or a new stream) \
+                     and none of its lines were stored",
+                    p.device_id
+                )));
             };
-            let n = p.lines.readings.len() as u64;
             refused += u64::from(outcome.rejected);
             done.duplicates += u64::from(outcome.duplicates);
-            done.stored += n
+            done.stored += p
+                .readings
                 .saturating_sub(u64::from(outcome.rejected))
                 .saturating_sub(u64::from(outcome.duplicates));
         }
@@ -443,12 +469,12 @@ impl LineWrites {
     /// of it open here, and its rate not exceeded.
     async fn admit(
         &self,
-        lines: &DeviceLines,
+        lines: Admit<'_>,
         token: &str,
         peer: Option<IpAddr>,
     ) -> Result<(DeviceKey, u64), WriteError> {
         let id = lines.device_id.as_str();
-        if self.registry.is_live(&lines.device_id) {
+        if self.registry.is_live(lines.device_id) {
             return Err(WriteError::Conflict {
                 device: id.to_owned(),
                 why:
@@ -457,7 +483,7 @@ impl LineWrites {
             });
         }
         let presented = token_hash(token);
-        let n = lines.readings.len();
+        let n = lines.readings;
         {
             let mut known = self.lock();
             if let Some(k) = known.get_mut(id).filter(|k| k.token == presented) {
@@ -491,7 +517,7 @@ impl LineWrites {
 
     async fn register(
         &self,
-        lines: &DeviceLines,
+        lines: Admit<'_>,
         presented: [u8; 32],
         proof: Proof,
         peer: Option<IpAddr>,
@@ -528,7 +554,7 @@ impl LineWrites {
         k.token = presented;
         k.device = registered.device;
         k.epoch = registered.epoch;
-        spend(&mut k.rate, lines.readings.len(), id)?;
+        spend(&mut k.rate, lines.readings, id)?;
         Ok((registered.device, registered.epoch))
     }
 
@@ -541,21 +567,21 @@ impl LineWrites {
         WriteError::Unauthenticated { line }
     }
 
-    async fn queue<'a>(
+    async fn queue(
         &self,
-        lines: &'a DeviceLines,
+        lines: DeviceLines,
         device: DeviceKey,
         epoch: u64,
-    ) -> Result<Pending<'a>, WriteError> {
+    ) -> Result<Pending, WriteError> {
         let slot = AckSlot::new();
+        let readings = lines.readings.len() as u64;
         let batch = IngestBatch {
             received: std::time::Instant::now(),
             device,
             device_id: Arc::from(lines.device_id.as_str()),
             readings: lines
                 .readings
-                .iter()
-                .cloned()
+                .into_iter()
                 .map(CheckedReading::Valid)
                 .collect(),
             ack: Arc::clone(&slot),
@@ -566,7 +592,12 @@ impl LineWrites {
             .push(batch)
             .await
             .map_err(|e| WriteError::Unavailable(e.to_string()))?;
-        Ok(Pending { lines, slot })
+        Ok(Pending {
+            device_id: lines.device_id,
+            first_line: lines.first_line,
+            readings,
+            slot,
+        })
     }
 
     /// Waits for a batch's commit: its ack, or None when it was fenced (the

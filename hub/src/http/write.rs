@@ -189,7 +189,7 @@ async fn stored(
     }
     state
         .writes
-        .write(&devices, token.as_deref(), peer)
+        .write(devices, token.as_deref(), peer)
         .await
         .map_err(write_error)
 }
