@@ -347,6 +347,7 @@ struct Pending {
     device_id: DeviceId,
     first_line: usize,
     readings: u64,
+    with_seq: bool,
     slot: Arc<AckSlot>,
 }
 
@@ -434,22 +435,42 @@ impl LineWrites {
             pending.push(self.queue(lines, device, epoch).await?);
         }
         for p in pending {
-            let Some(outcome) = self.settled(&p.slot).await? else {
-                // Claimed meanwhile (a credential change, or a stream's
-                // Hello): nothing of it was written. Checked afresh, the
-                // credentials may now be refused; if not, retry.
-                self.forget(&p.device_id);
-                let again = Admit {
-                    device_id: &p.device_id,
-                    first_line: p.first_line,
-                    readings: 0,
-                };
-                self.admit(again, token, peer).await?;
-                return Err(WriteError::Unavailable(format!(
-                    "device {} was claimed meanwhile (a credential change or a new stream) \
-                     and none of its lines were stored",
-                    p.device_id
-                )));
+            let outcome = match self.settled(&p.slot).await? {
+                Some(outcome) => outcome,
+                None => {
+                    // Claimed meanwhile (a credential change, or another
+                    // registration of the device): nothing of it was
+                    // written, and its readings came back. Once more,
+                    // afresh (the credentials may now be refused).
+                    self.forget(&p.device_id);
+                    let again = Admit {
+                        device_id: &p.device_id,
+                        first_line: p.first_line,
+                        readings: 0,
+                    };
+                    let (device, epoch) = self.admit(again, token, peer).await?;
+                    let readings = p.slot.take_returned();
+                    let lines = DeviceLines {
+                        device_id: p.device_id.clone(),
+                        first_line: p.first_line,
+                        readings: readings
+                            .into_iter()
+                            .filter_map(|r| match r {
+                                CheckedReading::Valid(r) => Some(r),
+                                CheckedReading::Rejected { .. } => None,
+                            })
+                            .collect(),
+                        with_seq: p.with_seq,
+                    };
+                    let again = self.queue(lines, device, epoch).await?;
+                    self.settled(&again.slot)
+                        .await?
+                        .ok_or(WriteError::Conflict {
+                            device: p.device_id.to_string(),
+                            why: "the device was claimed by another connection while writing"
+                                .to_owned(),
+                        })?
+                }
             };
             refused += u64::from(outcome.rejected);
             done.duplicates += u64::from(outcome.duplicates);
@@ -596,6 +617,7 @@ impl LineWrites {
             device_id: lines.device_id,
             first_line: lines.first_line,
             readings,
+            with_seq: lines.with_seq,
             slot,
         })
     }

@@ -151,34 +151,40 @@ pub async fn sensor_readings(
         since_ms: since,
         until_ms: until,
         bucket_ms: None,
-        rollup: None,
     };
     let done = store
-        .sensor_snapshot(&read, devices, |item| {
-            let before = held;
-            match item {
-                SnapshotItem::Staged(device, p) => {
-                    series.entry(device).or_default().push(p);
-                    held += 1;
+        .sensor_snapshot(
+            &read,
+            devices,
+            |_| None,
+            |item| {
+                let before = held;
+                match item {
+                    SnapshotItem::Staged(device, p) => {
+                        series.entry(device).or_default().push(p);
+                        held += 1;
+                    }
+                    SnapshotItem::Block { device, data, .. } => {
+                        scratch.clear();
+                        codec::decode_into(&data, &mut scratch)?;
+                        let in_range = scratch
+                            .iter()
+                            .filter(|p| p.ts_ms >= since && p.ts_ms < until);
+                        let points = series.entry(device).or_default();
+                        let had = points.len();
+                        points.extend(in_range);
+                        held += points.len() - had;
+                    }
+                    SnapshotItem::Chunk { .. }
+                    | SnapshotItem::StagedBucket { .. }
+                    | SnapshotItem::Rollup(_) => {}
                 }
-                SnapshotItem::Block { device, data, .. } => {
-                    scratch.clear();
-                    codec::decode_into(data, &mut scratch)?;
-                    let in_range = scratch
-                        .iter()
-                        .filter(|p| p.ts_ms >= since && p.ts_ms < until);
-                    let points = series.entry(device).or_default();
-                    let had = points.len();
-                    points.extend(in_range);
-                    held += points.len() - had;
+                if held > budget && held > before {
+                    return Err(Stop::Budget);
                 }
-                SnapshotItem::Chunk { .. } | SnapshotItem::StagedBucket { .. } => {}
-            }
-            if held > budget && held > before {
-                return Err(Stop::Budget);
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .await;
     if within_budget(done)?.is_none() {
         return Ok(None);
@@ -208,12 +214,8 @@ pub async fn sensor_buckets(
     width: i64,
     budget: usize,
 ) -> Result<Option<HashMap<DeviceKey, Vec<Bucket>>>, StoreError> {
-    let plan = RollupPlan::choose(store, width, since, until, now_ms()).await?;
-    let span = plan.map(|p| RollupSpan {
-        every_ms: p.every_ms,
-        from_ms: p.from_ms,
-        until_ms: p.until_ms,
-    });
+    let width = width.max(1);
+    let now = now_ms();
     let mut folds: HashMap<DeviceKey, SeriesFold> = HashMap::new();
     let mut scratch = Vec::new();
     let mut held = 0usize;
@@ -222,17 +224,26 @@ pub async fn sensor_buckets(
         since_ms: since,
         until_ms: until,
         bucket_ms: Some(width),
-        rollup: span,
     };
-    let range = Range {
+    let mut range = Range {
         since,
         until,
         width,
-        span,
+        span: None,
+    };
+    // The device whose blocks came last (they come device by device).
+    let mut last_device: Option<DeviceKey> = None;
+    let choose = |ready: &[ReadyRollup]| {
+        RollupPlan::pick(ready, width, since, until, now).map(|p| RollupSpan {
+            every_ms: p.every_ms,
+            from_ms: p.from_ms,
+            until_ms: p.until_ms,
+        })
     };
     let done = store
-        .sensor_snapshot(&read, devices, |item| {
+        .sensor_snapshot(&read, devices, choose, |item| {
             match item {
+                SnapshotItem::Rollup(span) => range.span = span,
                 SnapshotItem::StagedBucket {
                     device,
                     start_ms,
@@ -253,24 +264,40 @@ pub async fn sensor_buckets(
                     last_ts,
                     data,
                 } => {
+                    // The previous device's blocks are all in: its last one
+                    // held back can be judged.
+                    if let Some(previous) = last_device.filter(|d| *d != device)
+                        && let Some(fold) = folds.get_mut(&previous)
+                        && let Some(before) = fold.waiting.take()
+                    {
+                        held += fold.block(&range, before, None, &mut scratch)?;
+                    }
+                    last_device = Some(device);
                     let fold = folds.entry(device).or_default();
                     // The block before this one can be judged now: every
                     // later block starts at or after this one.
                     if let Some(before) = fold.waiting.take() {
                         held += fold.block(&range, before, Some(first_ts), &mut scratch)?;
                     }
-                    fold.waiting = Some(Waiting {
+                    let block = Waiting {
                         first_ts,
                         last_ts,
-                        data: data.to_vec(),
-                    });
+                        data,
+                    };
+                    // Only a block that may be folded from its header waits
+                    // for the next (is it overlapped?); others are decoded now.
+                    if range.header_candidate(first_ts, last_ts) {
+                        fold.waiting = Some(block);
+                    } else {
+                        held += fold.block(&range, block, None, &mut scratch)?;
+                    }
                 }
                 SnapshotItem::Chunk {
                     device,
                     chunk_ms,
                     data,
                 } => {
-                    let Some(s) = span else { return Ok(()) };
+                    let Some(s) = range.span else { return Ok(()) };
                     let fold = folds.entry(device).or_default();
                     for (start, agg) in rollups::decode_chunk(chunk_ms, s.every_ms, data)? {
                         if start >= s.from_ms && start < s.until_ms {
@@ -285,7 +312,7 @@ pub async fn sensor_buckets(
             Ok(())
         })
         .await;
-    // The last block of each series.
+    // The last block held back of each series.
     let done = done.and_then(|()| {
         for fold in folds.values_mut() {
             if let Some(last) = fold.waiting.take() {
@@ -322,6 +349,19 @@ impl Range {
     fn in_span(&self, ts: i64) -> bool {
         self.span
             .is_some_and(|s| ts >= s.from_ms && ts < s.until_ms)
+    }
+
+    /// Whether a block spanning [first, last] may be folded from its
+    /// header: inside the range and one bucket, clear of the rollup's span
+    /// (whether anything overlaps it is known later).
+    fn header_candidate(&self, first: i64, last: i64) -> bool {
+        let clear_of_span = self
+            .span
+            .is_none_or(|s| last < s.from_ms || first >= s.until_ms);
+        clear_of_span
+            && first >= self.since
+            && last < self.until
+            && Bucket::start_of(first, self.width) == Bucket::start_of(last, self.width)
     }
 }
 
@@ -382,15 +422,7 @@ impl SeriesFold {
                 self.staged.get(i).is_none_or(|(lo, _)| *lo > last)
             };
         self.blocks_until = Some(self.blocks_until.map_or(last, |u| u.max(last)));
-        let clear_of_span = range
-            .span
-            .is_none_or(|s| last < s.from_ms || first >= s.until_ms);
-        if clear
-            && clear_of_span
-            && first >= range.since
-            && last < range.until
-            && Bucket::start_of(first, width) == Bucket::start_of(last, width)
-        {
+        if clear && range.header_candidate(first, last) {
             let stats = codec::stats(&block.data)?;
             return Ok(self.add(width, first, &Agg::of_block(first, &stats)));
         }
@@ -459,11 +491,16 @@ impl RollupPlan {
         now: i64,
     ) -> Result<Option<Self>, StoreError> {
         let ready = store.ready_rollups().await?;
-        Ok(ready
+        Ok(Self::pick(&ready, width, since, until, now))
+    }
+
+    /// [`RollupPlan::choose`] among `ready`.
+    fn pick(ready: &[ReadyRollup], width: i64, since: i64, until: i64, now: i64) -> Option<Self> {
+        ready
             .iter()
             .rev()
             .find(|r| r.every_ms > 0 && width % r.every_ms == 0)
-            .and_then(|r| Self::over(r, since, until, now)))
+            .and_then(|r| Self::over(r, since, until, now))
     }
 
     fn over(rollup: &ReadyRollup, since: i64, until: i64, now: i64) -> Option<Self> {

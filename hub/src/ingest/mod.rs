@@ -436,6 +436,9 @@ struct AckState {
     failed: bool,
     /// Failed because another hub claimed the device.
     fenced: bool,
+    /// A fenced batch's readings, handed back (nothing of them was
+    /// written): a line-protocol write queues them again.
+    returned: Vec<CheckedReading>,
 }
 
 /// Where the writer leaves the outcome of a session's committed batches.
@@ -516,11 +519,23 @@ impl AckSlot {
     /// Called by the writer when a batch was not written because the
     /// device was claimed by another hub: the session must end.
     pub(crate) fn fence(&self) {
+        self.fence_returning(Vec::new());
+    }
+
+    /// [`AckSlot::fence`] of a batch, whose readings come back through
+    /// [`AckSlot::take_returned`].
+    pub(crate) fn fence_returning(&self, readings: Vec<CheckedReading>) {
         let mut s = self.lock();
         s.failed = true;
         s.fenced = true;
+        s.returned = readings;
         drop(s);
         self.changed.notify_one();
+    }
+
+    /// The readings of a fenced batch, once.
+    pub fn take_returned(&self) -> Vec<CheckedReading> {
+        std::mem::take(&mut self.lock().returned)
     }
 
     /// Whether the failure was a claim by another hub.

@@ -757,7 +757,7 @@ impl Writer {
                 }
                 (WriterMsg::Batch(batch), Outcome::Fenced) => {
                     HubMetrics::add(&self.metrics.fenced, 1);
-                    batch.ack.fence();
+                    batch.ack.fence_returning(batch.readings);
                 }
                 (
                     WriterMsg::Register { reply, .. },

@@ -109,16 +109,32 @@ pub struct Merged {
     pub into: Option<u8>,
 }
 
+/// Parameters `$first+1..=$first+n` (the devices of a statement).
+fn params(first: usize, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("${}", first + 1 + i))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A statement's devices, the last repeated up to a power of two: a few
+/// statement texts in all (each is prepared and cached per connection),
+/// not one per count of devices.
+fn padded(group: &[i64]) -> Vec<i64> {
+    let mut out = group.to_vec();
+    if let Some(&last) = group.last() {
+        out.resize(group.len().next_power_of_two(), last);
+    }
+    out
+}
+
 /// The staged readings of one part, of the devices `$5..`, folded into
 /// buckets of width `$4` in SQL: one row per device and bucket (sqlx hands
 /// SQLite rows over one at a time, a few µs each). First and last go by
 /// (ts, seq), as in [`rollups::Agg`]. Staged readings are never before
 /// 2000, so integer division is the bucket's floor.
 fn staged_buckets_sql(part: usize, devices: usize) -> String {
-    let list = (0..devices)
-        .map(|i| format!("${}", i + 5))
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = params(4, devices);
     format!(
         "SELECT device_id, b, count(*) AS n, sum(value) AS total, min(value) AS lo, \
          max(value) AS hi, min(ts_ms) AS first_ts, max(first_seq) AS first_seq, \
@@ -182,9 +198,9 @@ pub struct SnapshotRead {
     pub since_ms: i64,
     pub until_ms: i64,
     /// Staged readings come folded into buckets of this width
-    /// ([`SnapshotItem::StagedBucket`]), a row per bucket, not per reading.
+    /// ([`SnapshotItem::StagedBucket`]), a row per bucket, not per reading,
+    /// and a ready rollup may answer part of the range.
     pub bucket_ms: Option<i64>,
-    pub rollup: Option<RollupSpan>,
 }
 
 /// A rollup's intervals starting in [from, until) (both multiples of
@@ -198,6 +214,8 @@ pub struct RollupSpan {
 
 /// One thing [`Store::sensor_snapshot`] read.
 pub enum SnapshotItem<'a> {
+    /// First, for a bucket read: the rollup chosen (in the snapshot).
+    Rollup(Option<RollupSpan>),
     Staged(DeviceKey, Point),
     /// The staged readings of one bucket (starting at `start_ms`).
     StagedBucket {
@@ -209,7 +227,7 @@ pub enum SnapshotItem<'a> {
         device: DeviceKey,
         first_ts: i64,
         last_ts: i64,
-        data: &'a [u8],
+        data: Vec<u8>,
     },
     /// A rollup chunk starting at `chunk_ms` ([`rollups::decode_chunk`]).
     Chunk {
@@ -731,27 +749,18 @@ impl Store {
         &self,
         read: &SnapshotRead,
         devices: &[DeviceKey],
+        choose: impl FnOnce(&[rollups::ReadyRollup]) -> Option<RollupSpan>,
         mut each: impl FnMut(SnapshotItem<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         use futures_util::TryStreamExt;
         let snapshot = self.read.backend() == Backend::Postgres;
-        // Parameters $1..$first are the statement's own; the devices follow.
-        let list = |first: usize, n: usize| -> String {
-            (0..n)
-                .map(|i| format!("${}", first + 1 + i))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let mut parts: Vec<Vec<i64>> = vec![Vec::new(); STAGING_PARTS];
-        for d in devices {
-            parts[super::staging_part(*d)].push(d.0);
-        }
         let mut keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         keys.sort_unstable();
-        // Without a rollup, an empty span: no block is left out.
-        let (skip_from, skip_until) = read
-            .rollup
-            .map_or((i64::MAX, i64::MIN), |r| (r.from_ms, r.until_ms));
+        keys.dedup();
+        let mut parts: Vec<Vec<i64>> = vec![Vec::new(); STAGING_PARTS];
+        for d in &keys {
+            parts[super::staging_part(DeviceKey(*d))].push(*d);
+        }
         with_pool!(&self.read, pool, _Db => {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
             if snapshot {
@@ -760,16 +769,45 @@ impl Store {
                     .await
                     .map_err(StoreError::from)?;
             }
+            // The rollup, chosen in the snapshot: the chunks read below
+            // are the ones its definition and pruning say are whole.
+            let span = match read.bucket_ms {
+                Some(_) => {
+                    let ready: Vec<(i64, i64, i64)> = sqlx::query_as(
+                        "SELECT every_ms, keep_ms, pruned_before FROM rollup_defs \
+                         WHERE ready = 1 ORDER BY every_ms",
+                    )
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                    let ready: Vec<rollups::ReadyRollup> = ready
+                        .into_iter()
+                        .map(|(every_ms, keep_ms, pruned_before)| rollups::ReadyRollup {
+                            every_ms,
+                            keep_ms,
+                            pruned_before,
+                        })
+                        .collect();
+                    let span = choose(&ready);
+                    each(SnapshotItem::Rollup(span))?;
+                    span
+                }
+                None => None,
+            };
+            // Without a rollup, an empty span: no block is left out.
+            let (skip_from, skip_until) =
+                span.map_or((i64::MAX, i64::MIN), |r| (r.from_ms, r.until_ms));
             for (part, keys) in parts.iter().enumerate() {
                 if let Some(width) = read.bucket_ms {
                     for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                        let group = padded(group);
                         let sql = staged_buckets_sql(part, group.len());
                         let mut query = sqlx::query_as::<_, StagedBucketRow>(&sql)
                             .bind(read.sensor.0)
                             .bind(read.since_ms)
                             .bind(read.until_ms)
                             .bind(width);
-                        for d in group {
+                        for d in &group {
                             query = query.bind(*d);
                         }
                         let mut rows = query.fetch(&mut *tx);
@@ -780,18 +818,19 @@ impl Store {
                     continue;
                 }
                 for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                    let group = padded(group);
                     let sql = format!(
                         "SELECT device_id, seq, ts_ms, value FROM {} WHERE sensor_id = $1 \
                          AND ts_ms >= $2 AND ts_ms < $3 AND device_id IN ({}) \
                          ORDER BY device_id, ts_ms, seq",
                         staging_table(part),
-                        list(3, group.len())
+                        params(3, group.len())
                     );
                     let mut query = sqlx::query_as::<_, (i64, i64, i64, f64)>(&sql)
                         .bind(read.sensor.0)
                         .bind(read.since_ms)
                         .bind(read.until_ms);
-                    for d in group {
+                    for d in &group {
                         query = query.bind(*d);
                     }
                     let mut rows = query.fetch(&mut *tx);
@@ -808,11 +847,12 @@ impl Store {
                 }
             }
             for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                let group = padded(group);
                 let sql = format!(
                     "SELECT device_id, first_ts, last_ts, data FROM blocks WHERE sensor_id = $1 \
                      AND first_ts < $3 AND last_ts >= $2 AND NOT (first_ts >= $4 AND last_ts < $5) \
                      AND device_id IN ({}) ORDER BY device_id, first_ts",
-                    list(5, group.len())
+                    params(5, group.len())
                 );
                 let mut query = sqlx::query_as::<_, (i64, i64, i64, Vec<u8>)>(&sql)
                     .bind(read.sensor.0)
@@ -820,7 +860,7 @@ impl Store {
                     .bind(read.until_ms)
                     .bind(skip_from)
                     .bind(skip_until);
-                for d in group {
+                for d in &group {
                     query = query.bind(*d);
                 }
                 let mut rows = query.fetch(&mut *tx);
@@ -831,24 +871,25 @@ impl Store {
                         device: DeviceKey(device),
                         first_ts,
                         last_ts,
-                        data: &data,
+                        data,
                     })?;
                 }
             }
-            if let Some(r) = read.rollup {
+            if let Some(r) = span {
                 for group in keys.chunks(DEVICES_PER_STATEMENT) {
+                    let group = padded(group);
                     let sql = format!(
                         "SELECT device_id, chunk_ms, data FROM rollups WHERE every_ms = $1 \
                          AND sensor_id = $2 AND chunk_ms >= $3 AND chunk_ms < $4 \
                          AND device_id IN ({}) ORDER BY device_id, chunk_ms",
-                        list(4, group.len())
+                        params(4, group.len())
                     );
                     let mut query = sqlx::query_as::<_, (i64, i64, Vec<u8>)>(&sql)
                         .bind(r.every_ms)
                         .bind(read.sensor.0)
                         .bind(rollups::chunk_of(r.from_ms, r.every_ms))
                         .bind(r.until_ms);
-                    for d in group {
+                    for d in &group {
                         query = query.bind(*d);
                     }
                     let mut rows = query.fetch(&mut *tx);

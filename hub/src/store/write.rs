@@ -349,7 +349,9 @@ impl WriteTx<'_> {
     }
 
     /// [`WriteTx::upsert_device`] for a stream's Hello or a line-protocol
-    /// write; a write leaves the firmware and the online mark as they are.
+    /// write; a write leaves the firmware and the online mark as they are,
+    /// but for a mark of another hub (whose lease ran out: the writer
+    /// checked [`WriteTx::streaming_elsewhere`]), which it clears.
     pub async fn upsert_device_as(
         &mut self,
         hello: &DeviceHello,
@@ -373,8 +375,8 @@ impl WriteTx<'_> {
              last_seen_ms = excluded.last_seen_ms, \
              epoch = devices.epoch + 1, \
              hub = CASE WHEN $7 THEN devices.hub ELSE excluded.hub END, \
-             online_since_ms = CASE WHEN $7 THEN devices.online_since_ms \
-               ELSE excluded.online_since_ms END \
+             online_since_ms = CASE WHEN $7 AND devices.hub IS DISTINCT FROM $6 THEN NULL \
+               WHEN $7 THEN devices.online_since_ms ELSE excluded.online_since_ms END \
              WHERE devices.removed_ms IS NULL AND ($4 = 0 \
                OR ($4 = 1 AND devices.token_sha256 = $5) \
                OR ($4 = 2 AND devices.token_sha256 IS NULL) \

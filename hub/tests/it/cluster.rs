@@ -1172,6 +1172,24 @@ async fn a_write_to_one_hub_leaves_a_stream_on_another_alone() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seqs(&a, "both").await, (1..=21).collect::<Vec<_>>());
+
+    // A hub whose lease looks run out (its heartbeat stalled) holds nothing:
+    // the write goes in, and clears that hub's online mark, so once its
+    // heartbeat is fresh again writes are not refused for a stream it lost.
+    let (mut dev, _) = RawDevice::connect(&b, "both").await;
+    let mut db = DbConn::open(&a.settings).await;
+    let sql = format!(
+        "UPDATE hubs SET heartbeat_ms = 0 WHERE id = '{}' RETURNING 1",
+        b.hub().hub_id()
+    );
+    assert_eq!(db.scalar::<i32>(&sql).await, 1);
+    let (status, json, _) = crate::lines::post(&a.http_url(), "", line.clone(), &[]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{json}");
+    assert_eq!(dev.end_code().await, Code::Aborted, "B let go of it");
+    let online: Option<i64> = db
+        .scalar("SELECT online_since_ms FROM devices WHERE external_id = 'both'")
+        .await;
+    assert_eq!(online, None);
     a.stop().await;
     b.stop().await;
 }
