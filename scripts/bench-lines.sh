@@ -2,7 +2,8 @@
 # Line-protocol ingest (POST /api/v1/write, issue 23) against the gRPC bulk
 # path, in one run on the same count of readings: a fresh hub takes
 # DEVICES devices' backlog of SECONDS at RATE readings/s each as lines
-# (250 lines of 4 fields a request, WORKERS clients, plain then gzip), then
+# (250 lines of 4 fields a request, WORKERS then MANY_WORKERS clients, plain,
+# then gzip), then
 # a fresh hub takes the same count from device-sim --backfill in
 # 1000-reading batches. Both acked after the commit.
 #
@@ -15,6 +16,7 @@ DEVICES=${DEVICES:-1000}
 RATE=${RATE:-100}
 SECONDS_OF_DATA=${SECONDS:-30}
 WORKERS=${WORKERS:-8}
+MANY_WORKERS=${MANY_WORKERS:-64}
 . scripts/target-dir.sh
 BIN=${BIN:-$TARGET/release}
 [ "$BIN" = "$TARGET/release" ] && cargo build --release -q -p hub -p device-sim
@@ -29,9 +31,15 @@ for l in sys.stdin:
 stop() { kill -INT "$1" 2>/dev/null; wait "$1" 2>/dev/null || true; }
 stored() { "$BIN/hub" stats --hub "http://$addr" --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_stored"])'; }
 
-for gz in 0 1; do
+# A write is answered after its commit, so a client's rate is its
+# concurrency over the commit latency: WORKERS (8) writers, then
+# MANY_WORKERS (64, nearer the 1000 streams of the gRPC run), plain and
+# gzip.
+for run in "0 $WORKERS" "0 $MANY_WORKERS" "1 $MANY_WORKERS"; do
+  read -r gz workers <<<"$run"
   . scripts/start-hub.sh
-  HUB_HTTP="http://$http_addr" DEVICES=$DEVICES RATE=$RATE SECONDS=$SECONDS_OF_DATA WORKERS=$WORKERS GZIP=$gz \
+  printf '%s writers: ' "$workers"
+  HUB_HTTP="http://$http_addr" DEVICES=$DEVICES RATE=$RATE SECONDS=$SECONDS_OF_DATA WORKERS=$workers GZIP=$gz \
     "$client" --bench
   stop "$hub_pid"; rm -rf "$work"
 done
