@@ -943,12 +943,27 @@ impl<'a> BitReader<'a> {
     #[inline]
     fn peek(&self) -> u64 {
         let at = self.pos / 8;
+        let shift = (self.pos % 8) as u32;
+        // Nine whole bytes ahead (all but the stream's end): two loads,
+        // no copy of a length known only at run time.
+        if let Some((word, rest)) = self
+            .bytes
+            .get(at..)
+            .and_then(|t| t.split_first_chunk::<8>())
+            && let Some(&next) = rest.first()
+        {
+            let v = u64::from_be_bytes(*word);
+            return if shift == 0 {
+                v
+            } else {
+                (v << shift) | (u64::from(next) >> (8 - shift))
+            };
+        }
         let mut word = [0u8; 8];
         let tail = self.bytes.get(at..).unwrap_or(&[]);
         let n = tail.len().min(8);
         word[..n].copy_from_slice(&tail[..n]);
         let v = u64::from_be_bytes(word);
-        let shift = (self.pos % 8) as u32;
         if shift == 0 {
             return v;
         }
