@@ -12,16 +12,15 @@
 //! one bucket, and overlaps nothing else, from its header without decoding
 //! it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use tokio::sync::mpsc;
 
 use crate::domain::{Bucket, DeviceKey, ReadingQuery, SensorKey, StoredReading, now_ms};
-use std::collections::HashMap;
-
-use crate::store::blocks::{BlockCursor, BlockRow, RollupSpan, SnapshotItem, SnapshotRead};
+use crate::store::blocks::{BlockCursor, BlockRow};
 use crate::store::codec::{self, BlockStats, Point};
 use crate::store::rollups::{self, Agg, ReadyRollup};
+use crate::store::snapshot::{RollupSpan, SnapshotItem, SnapshotRead};
 use crate::store::{Store, StoreError};
 
 /// Blocks read from SQLite per page.
@@ -158,7 +157,6 @@ pub async fn sensor_readings(
             devices,
             |_| None,
             |item| {
-                let before = held;
                 match item {
                     SnapshotItem::Staged(device, p) => {
                         series.entry(device).or_default().push(p);
@@ -179,7 +177,7 @@ pub async fn sensor_readings(
                     | SnapshotItem::StagedBucket { .. }
                     | SnapshotItem::Rollup(_) => {}
                 }
-                if held > budget && held > before {
+                if held > budget {
                     return Err(Stop::Budget);
                 }
                 Ok(())
@@ -233,13 +231,7 @@ pub async fn sensor_buckets(
     };
     // The device whose blocks came last (they come device by device).
     let mut last_device: Option<DeviceKey> = None;
-    let choose = |ready: &[ReadyRollup]| {
-        RollupPlan::pick(ready, width, since, until, now).map(|p| RollupSpan {
-            every_ms: p.every_ms,
-            from_ms: p.from_ms,
-            until_ms: p.until_ms,
-        })
-    };
+    let choose = |ready: &[ReadyRollup]| RollupPlan::pick(ready, width, since, until, now);
     let done = store
         .sensor_snapshot(&read, devices, choose, |item| {
             match item {
@@ -451,30 +443,15 @@ impl SeriesFold {
         }
         merged
             .into_iter()
-            .map(|(start, a)| Bucket {
-                sensor: String::new(),
-                start_ms: start,
-                count: a.count,
-                sum: a.sum,
-                min: a.min,
-                max: a.max,
-                first: a.first,
-                last: a.last,
-                first_ts_ms: a.first_key.0,
-            })
+            .map(|(start, a)| bucket_of(String::new(), start, &a))
             .collect()
     }
 }
 
 /// Where a bucket query reads a rollup: its interval, and the part of the
 /// query's range it answers exactly (whole intervals, inside what its
-/// retention keeps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RollupPlan {
-    every_ms: i64,
-    from_ms: i64,
-    until_ms: i64,
-}
+/// retention keeps). The snapshot read takes it as it is.
+type RollupPlan = RollupSpan;
 
 /// At most this many separate stretches of staged readings are read raw
 /// inside a rollup's range; past it, everything from the first one on is.
@@ -919,17 +896,23 @@ fn fold(
             b.last = part.last;
             None
         }
-        _ => current.replace(Bucket {
-            sensor: name.to_owned(),
-            start_ms: start,
-            count: part.count,
-            sum: part.sum,
-            min: part.min,
-            max: part.max,
-            first: part.first,
-            last: part.last,
-            first_ts_ms: part.first_key.0,
-        }),
+        _ => current.replace(bucket_of(name.to_owned(), start, part)),
+    }
+}
+
+/// The bucket of `sensor` starting at `start` that holds the readings `a`
+/// aggregates.
+fn bucket_of(sensor: String, start: i64, a: &Agg) -> Bucket {
+    Bucket {
+        sensor,
+        start_ms: start,
+        count: a.count,
+        sum: a.sum,
+        min: a.min,
+        max: a.max,
+        first: a.first,
+        last: a.last,
+        first_ts_ms: a.first_key.0,
     }
 }
 

@@ -1,13 +1,15 @@
 //! The Prometheus query API's operations: the series catalogue as
 //! Prometheus labels, and queries evaluated by [`crate::promql`] over
-//! samples this module loads through the same readings queries (and
-//! budget) as every other door.
+//! samples or buckets this module loads sensor by sensor, each sensor's
+//! devices in one snapshot ([`crate::query::sensor_readings`],
+//! [`crate::query::sensor_buckets`]), under the readings budget every
+//! door shares.
+
+use std::collections::{BTreeMap, HashMap};
 
 use promql_parser::label::{MatchOp, Matcher};
 
 use super::{OpError, Operations};
-use std::collections::{BTreeMap, HashMap};
-
 use crate::domain::DeviceKey;
 use crate::promql::{self, Labels, Loaded, Query, QueryError, Steps, Value};
 use crate::query;

@@ -15,6 +15,7 @@ mod db;
 pub mod jobs;
 mod partitions;
 pub mod rollups;
+pub mod snapshot;
 pub mod twins;
 mod write;
 mod write_conn;
