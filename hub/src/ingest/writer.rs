@@ -25,13 +25,14 @@ use super::{
     WriterMsg,
 };
 use crate::domain::{
-    Arrival, CheckedReading, CommittedBatch, DeviceKey, DeviceReadings, LiveReading, RejectReason,
-    SensorKey, Verdict, judge_seq, now_ms,
+    Arrival, CheckedReading, CommittedBatch, DeviceHello, DeviceKey, DeviceReadings, LiveReading,
+    Proof, RejectReason, SensorKey, Verdict, judge_seq, now_ms,
 };
 use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
 use crate::store::{
-    DeviceProgress, RowToInsert, STAGING_PARTS, StoreError, StoreWriter, WriteTx, staging_part,
+    DeviceProgress, Registration, RowToInsert, STAGING_PARTS, StoreError, StoreWriter, WriteTx,
+    staging_part,
 };
 use crate::throttle::LogThrottle;
 use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
@@ -312,6 +313,56 @@ fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
         .collect()
 }
 
+/// Registers a group's stream Hellos in bulk, with their twins read,
+/// before the group's messages are gone through in order: by message
+/// index, the registrations settled. Only where order cannot matter:
+/// no credential change in the group, and one Hello of the device in it.
+/// The rest (and any Hello the bulk statements leave) are registered in
+/// their turn, one by one.
+async fn register_in_bulk(
+    tx: &mut WriteTx<'_>,
+    group: &[WriterMsg],
+    now: i64,
+    hub: &str,
+    twins: &mut GroupTwins,
+) -> Result<HashMap<usize, Registration>, StoreError> {
+    let streams = || {
+        group.iter().enumerate().filter_map(|(i, msg)| match msg {
+            WriterMsg::Register {
+                hello,
+                proof,
+                arrival: Arrival::Stream,
+                ..
+            } => Some((i, hello, proof)),
+            _ => None,
+        })
+    };
+    if streams().nth(1).is_none()
+        || group
+            .iter()
+            .any(|m| matches!(m, WriterMsg::Credentials { .. }))
+    {
+        return Ok(HashMap::new());
+    }
+    let mut named: HashMap<&str, usize> = HashMap::new();
+    for id in group.iter().filter_map(WriterMsg::names_device) {
+        *named.entry(id).or_default() += 1;
+    }
+    let (at, hellos): (Vec<usize>, Vec<(&DeviceHello, &Proof)>) = streams()
+        .filter(|(_, hello, _)| named[hello.device_id.as_str()] == 1)
+        .map(|(i, hello, proof)| (i, (hello, proof)))
+        .unzip();
+    let done = tx.register_streams(&hellos, now, hub).await?;
+    let settled: HashMap<usize, Registration> = at
+        .into_iter()
+        .zip(done)
+        .filter_map(|(i, r)| Some((i, r?)))
+        .collect();
+    let devices: Vec<DeviceKey> = settled.values().map(|r| r.device).collect();
+    twins.load(tx, &devices).await?;
+    Ok(settled)
+}
+
 /// What a group changes in the writer's memory, applied after its commit.
 #[derive(Default)]
 struct GroupChanges {
@@ -468,6 +519,31 @@ impl GroupTwins {
         }
     }
 
+    /// Reads the twins of `devices` this group has not read yet, in bulk
+    /// (the Hellos of a reconnect storm).
+    async fn load(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        devices: &[DeviceKey],
+    ) -> Result<(), StoreError> {
+        let unread: Vec<DeviceKey> = devices
+            .iter()
+            .copied()
+            .filter(|d| !self.twins.contains_key(d))
+            .collect();
+        for (device, view) in tx.load_twins(&unread).await? {
+            self.twins.insert(
+                device,
+                GroupTwin {
+                    view,
+                    dirty: false,
+                    changes: Vec::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Writes what changed and announces it; what to hand over after the
     /// commit.
     async fn save(
@@ -475,11 +551,15 @@ impl GroupTwins {
         tx: &mut WriteTx<'_>,
         hub: &str,
     ) -> Result<Vec<(TwinPart, Arc<TwinView>, Option<Arc<str>>)>, StoreError> {
+        let dirty: Vec<(DeviceKey, &crate::twin::Twin)> = self
+            .twins
+            .iter()
+            .filter(|(_, g)| g.dirty)
+            .map(|(device, g)| (*device, &g.view.twin))
+            .collect();
+        tx.save_twins(&dirty).await?;
         let mut out = Vec::new();
         for (device, g) in self.twins {
-            if g.dirty {
-                tx.save_twin(device, &g.view.twin).await?;
-            }
             if g.changes.is_empty() {
                 continue;
             }
@@ -1102,7 +1182,9 @@ impl Writer {
             .await?;
         let steps = plan(group, &epochs);
         known.load_sensors(&mut tx).await?;
-        for (msg, step) in group.iter().zip(steps) {
+        let mut settled =
+            register_in_bulk(&mut tx, group, now, &self.settings.hub_id, &mut twins).await?;
+        for (i, (msg, step)) in group.iter().zip(steps).enumerate() {
             match msg {
                 WriterMsg::Register {
                     hello,
@@ -1120,10 +1202,14 @@ impl Writer {
                             continue;
                         }
                     }
-                    match tx
-                        .upsert_device_as(hello, now, proof, &self.settings.hub_id, *arrival)
-                        .await?
-                    {
+                    let registered = match settled.remove(&i) {
+                        Some(r) => Some(r),
+                        None => {
+                            tx.upsert_device_as(hello, now, proof, &self.settings.hub_id, *arrival)
+                                .await?
+                        }
+                    };
+                    match registered {
                         Some(r) => {
                             if !shared {
                                 changes.epochs.insert(r.device, r.epoch);

@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use super::db::{Conn, Val, with_conn, with_pool};
-use super::write::WriteTx;
+use super::db::{Conn, Val, bind_vals, with_conn, with_pool};
+use super::write::{Batched, WriteTx, chunk_len};
 use super::{Store, StoreError};
 use crate::config::Backend;
 use crate::domain::DeviceKey;
@@ -44,7 +44,7 @@ impl TwinNotice {
 
 /// The twin columns, read as text on both backends, after `d.external_id,
 /// d.tags`; `t` is the twins row (NULLs when it has none yet).
-fn twin_columns(backend: Backend) -> &'static str {
+pub(super) fn twin_columns(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => {
             "t.desired, t.desired_meta, t.desired_version, t.reported, t.reported_meta, \
@@ -57,7 +57,7 @@ fn twin_columns(backend: Backend) -> &'static str {
     }
 }
 
-type TwinRow = (
+pub(super) type TwinRow = (
     i64,
     String,
     String,
@@ -150,41 +150,69 @@ impl WriteTx<'_> {
         Ok(row.map(|r| decode_row(r).1))
     }
 
-    /// Writes a device's twin (inserting its row the first time).
-    pub async fn save_twin(&mut self, device: DeviceKey, twin: &Twin) -> Result<(), StoreError> {
-        let p = |n: usize| match self.conn.backend() {
-            Backend::Sqlite => format!("${n}"),
-            Backend::Postgres => format!("${n}::jsonb"),
-        };
-        let sql = format!(
-            "INSERT INTO twins (device_id, desired, desired_meta, desired_version, reported, \
-             reported_meta, reported_version, reported_seq, in_sync) \
-             VALUES ($1, {}, {}, $4, {}, {}, $7, $8, $9) \
-             ON CONFLICT (device_id) DO UPDATE SET desired = excluded.desired, \
-             desired_meta = excluded.desired_meta, desired_version = excluded.desired_version, \
-             reported = excluded.reported, reported_meta = excluded.reported_meta, \
-             reported_version = excluded.reported_version, reported_seq = excluded.reported_seq, \
-             in_sync = excluded.in_sync",
-            p(2),
-            p(3),
-            p(5),
-            p(6)
-        );
-        let in_sync = i64::from(twin.in_sync());
-        with_conn!(self.conn.conn(), c => sqlx::query(&sql)
-            .bind(device.0)
-            .bind(doc::encode(&twin.desired))
-            .bind(doc::encode(&twin.desired_meta))
-            .bind(twin.desired_version as i64)
-            .bind(doc::encode(&twin.reported))
-            .bind(doc::encode(&twin.reported_meta))
-            .bind(twin.reported_version as i64)
-            .bind(twin.reported_seq as i64)
-            .bind(in_sync)
-            .execute(c)
-            .await
-            .map(|_| ())?);
-        Ok(())
+    /// Many devices' tags and twins, as [`WriteTx::load_twin`] (a
+    /// statement per 256): those of unknown devices are left out.
+    pub async fn load_twins(
+        &mut self,
+        devices: &[DeviceKey],
+    ) -> Result<Vec<(DeviceKey, TwinView)>, StoreError> {
+        let mut out = Vec::with_capacity(devices.len());
+        let mut rest = devices;
+        while !rest.is_empty() {
+            let (part, tail) = rest.split_at(chunk_len(rest.len(), Batched::TwinsOf.max()));
+            rest = tail;
+            let sql = self.statement(Batched::TwinsOf, part.len());
+            let vals: Vec<Val<'_>> = part.iter().map(|d| Val::I(d.0)).collect();
+            let rows: Vec<TwinRow> = with_conn!(self.conn.conn(), c => {
+                use sqlx::Row;
+                let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(c).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?,
+                            r.try_get(4)?, r.try_get(5)?, r.try_get(6)?, r.try_get(7)?,
+                            r.try_get(8)?, r.try_get(9)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            out.extend(rows.into_iter().map(decode_row));
+        }
+        Ok(out)
+    }
+
+    /// Writes devices' twins (inserting their rows the first time), a
+    /// statement per 256.
+    pub async fn save_twins(&mut self, twins: &[(DeviceKey, &Twin)]) -> Result<(), StoreError> {
+        let encoded: Vec<(i64, [String; 4], [i64; 4])> = twins
+            .iter()
+            .map(|(device, t)| {
+                (
+                    device.0,
+                    [&t.desired, &t.desired_meta, &t.reported, &t.reported_meta].map(doc::encode),
+                    [
+                        t.desired_version as i64,
+                        t.reported_version as i64,
+                        t.reported_seq as i64,
+                        i64::from(t.in_sync()),
+                    ],
+                )
+            })
+            .collect();
+        self.execute_batched(Batched::Twins, &encoded, |(device, docs, n), out| {
+            out.extend([
+                Val::I(*device),
+                Val::T(&docs[0]),
+                Val::T(&docs[1]),
+                Val::I(n[0]),
+                Val::T(&docs[2]),
+                Val::T(&docs[3]),
+                Val::I(n[1]),
+                Val::I(n[2]),
+                Val::I(n[3]),
+            ]);
+        })
+        .await
     }
 
     /// Replaces a device's tags.

@@ -127,6 +127,7 @@ const INSERT_CHUNK: usize = 1024;
 const PROGRESS_CHUNK: usize = 256;
 const PAIR_CHUNK: usize = 256;
 const BLOCK_CHUNK: usize = 256;
+const REGISTER_CHUNK: usize = 256;
 
 /// The writer's multi-row statements.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,6 +145,14 @@ pub(super) enum Batched {
     Rollups,
     /// ...and read first (by key).
     RollupChunks,
+    /// Stream Hellos of known devices, claimed in bulk...
+    Reclaim,
+    /// ...and of new ones, inserted.
+    Enter,
+    /// Twins read (by device)...
+    TwinsOf,
+    /// ...and written.
+    Twins,
     /// Alarm series states written...
     SeriesUpsert,
     /// ...and deleted (idle).
@@ -152,10 +161,11 @@ pub(super) enum Batched {
 
 impl Batched {
     /// Most items one statement takes.
-    fn max(self) -> usize {
+    pub(super) fn max(self) -> usize {
         match self {
             Batched::Insert(_) => INSERT_CHUNK,
             Batched::Progress => PROGRESS_CHUNK,
+            Batched::Reclaim | Batched::Enter | Batched::TwinsOf | Batched::Twins => REGISTER_CHUNK,
             Batched::DeviceSensors
             | Batched::SensorSeen
             | Batched::JobDevices
@@ -188,6 +198,65 @@ impl Batched {
                     .to_owned(),
                 4,
                 ") AS v WHERE devices.id = v.column1",
+            ),
+            // `upsert_device_as` for a stream, many devices at once: the
+            // same credential check, per row (kind, hash).
+            Batched::Reclaim => (
+                "UPDATE devices SET firmware = v.column2, last_seen_ms = v.column5, \
+                 epoch = devices.epoch + 1, hub = v.column6, online_since_ms = v.column5 \
+                 FROM (VALUES "
+                    .to_owned(),
+                6,
+                ") AS v WHERE devices.external_id = v.column1 AND devices.removed_ms IS NULL \
+                 AND (v.column3 = 0 \
+                   OR (v.column3 = 1 AND devices.token_sha256 = v.column4) \
+                   OR (v.column3 = 2 AND devices.token_sha256 IS NULL) \
+                   OR (v.column3 = 3 AND (devices.cert_sha256 IS NULL OR devices.cert_sha256 = v.column4) \
+                       AND NOT EXISTS (SELECT 1 FROM revoked_certs WHERE sha256 = v.column4))) \
+                 RETURNING external_id, id, acked_seq, epoch",
+            ),
+            Batched::Enter => (
+                "INSERT INTO devices (external_id, firmware, first_seen_ms, last_seen_ms, \
+                 epoch, hub, online_since_ms) VALUES "
+                    .to_owned(),
+                7,
+                " ON CONFLICT (external_id) DO NOTHING RETURNING external_id, id, acked_seq, epoch",
+            ),
+            Batched::TwinsOf => (
+                format!(
+                    "SELECT d.id, d.external_id, d.tags, {} FROM devices d \
+                     LEFT JOIN twins t ON t.device_id = d.id WHERE d.id IN (VALUES ",
+                    super::twins::twin_columns(backend)
+                ),
+                1,
+                ")",
+            ),
+            // The twins' documents are jsonb on PostgreSQL.
+            Batched::Twins => (
+                {
+                    let doc = |c: &str| match backend {
+                        Backend::Sqlite => c.to_owned(),
+                        Backend::Postgres => format!("{c}::jsonb"),
+                    };
+                    format!(
+                        "INSERT INTO twins (device_id, desired, desired_meta, desired_version, \
+                         reported, reported_meta, reported_version, reported_seq, in_sync) \
+                         SELECT v.column1, {}, {}, v.column4, {}, {}, v.column7, v.column8, \
+                         v.column9 FROM (VALUES ",
+                        doc("v.column2"),
+                        doc("v.column3"),
+                        doc("v.column5"),
+                        doc("v.column6")
+                    )
+                },
+                9,
+                // SQLite needs a WHERE to tell the upsert from a join.
+                ") AS v WHERE true ON CONFLICT (device_id) DO UPDATE SET \
+                 desired = excluded.desired, desired_meta = excluded.desired_meta, \
+                 desired_version = excluded.desired_version, reported = excluded.reported, \
+                 reported_meta = excluded.reported_meta, \
+                 reported_version = excluded.reported_version, \
+                 reported_seq = excluded.reported_seq, in_sync = excluded.in_sync",
             ),
             Batched::DeviceSensors => (
                 "INSERT INTO device_sensors (device_id, sensor_id) VALUES ".to_owned(),
@@ -257,6 +326,18 @@ pub struct WriteTx<'c> {
     pub(super) conn: &'c mut WriteConn,
     sql: &'c mut HashMap<(Batched, usize), String>,
     pub(super) partitions: &'c mut std::collections::HashSet<i64>,
+}
+
+/// How a registration checks a proof against the stored credentials: a
+/// kind (0 admitted, 1 the device's own token, 2 the fleet token, 3 a
+/// certificate) and the hash it must match.
+fn proof_check(proof: &Proof) -> (i64, Option<&[u8]>) {
+    match proof {
+        Proof::Admitted => (0, None),
+        Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
+        Proof::FleetToken => (2, None),
+        Proof::Certificate(sha256) => (3, Some(sha256.as_slice())),
+    }
 }
 
 /// How many items the next multi-row statement takes.
@@ -360,12 +441,7 @@ impl WriteTx<'_> {
         hub: &str,
         arrival: Arrival,
     ) -> Result<Option<Registration>, StoreError> {
-        let (kind, hash): (i64, Option<&[u8]>) = match proof {
-            Proof::Admitted => (0, None),
-            Proof::OwnToken(hash) => (1, Some(hash.as_slice())),
-            Proof::FleetToken => (2, None),
-            Proof::Certificate(sha256) => (3, Some(sha256.as_slice())),
-        };
+        let (kind, hash) = proof_check(proof);
         let row: Option<(i64, i64, i64)> = with_conn!(self.conn.conn(), c => sqlx::query_as(
             "INSERT INTO devices (external_id, firmware, first_seen_ms, last_seen_ms, \
              epoch, hub, online_since_ms) \
@@ -413,6 +489,139 @@ impl WriteTx<'_> {
             acked_seq: acked as u64,
             epoch: epoch as u64,
         }))
+    }
+
+    /// [`WriteTx::upsert_device_as`] for many streams' Hellos of distinct
+    /// devices, in a statement or two per 256 of them instead of one each
+    /// (a reconnect storm of 100,000 devices is 100,000 Hellos). Known
+    /// devices are claimed with the same credential check, new ones
+    /// inserted. Each Hello's registration in order, or None where the
+    /// bulk statements could not settle it (its credentials no longer
+    /// match, or another hub inserted the device meanwhile): the caller
+    /// runs `upsert_device_as` for those, which says which.
+    pub async fn register_streams(
+        &mut self,
+        hellos: &[(&DeviceHello, &Proof)],
+        now_ms: i64,
+        hub: &str,
+    ) -> Result<Vec<Option<Registration>>, StoreError> {
+        debug_assert!(
+            hellos
+                .iter()
+                .map(|(h, _)| h.device_id.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == hellos.len(),
+            "one Hello per device"
+        );
+        let mut out: Vec<Option<Registration>> = vec![None; hellos.len()];
+        let mut vals: Vec<Val<'_>> = Vec::new();
+        let mut start = 0;
+        while start < hellos.len() {
+            let n = chunk_len(hellos.len() - start, REGISTER_CHUNK);
+            let chunk = &hellos[start..start + n];
+            let at: HashMap<&str, usize> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (h, _))| (h.device_id.as_str(), start + i))
+                .collect();
+            vals.clear();
+            for (hello, proof) in chunk {
+                let (kind, hash) = proof_check(proof);
+                vals.extend([
+                    Val::T(hello.device_id.as_str()),
+                    Val::T(&hello.firmware),
+                    Val::I(kind),
+                    Val::B(hash.unwrap_or_default()),
+                    Val::I(now_ms),
+                    Val::T(hub),
+                ]);
+            }
+            let sql = self.statement(Batched::Reclaim, n);
+            self.settle(&sql, &vals, &at, &mut out).await?;
+            // The rest are new devices (or refused, or another hub's
+            // insert won: left to `upsert_device_as`).
+            let mut new: Vec<&DeviceHello> = chunk
+                .iter()
+                .map(|(h, _)| *h)
+                .filter(|h| out[at[h.device_id.as_str()]].is_none())
+                .collect();
+            // In key order: two hubs inserting the same new devices take
+            // their index entries in the same order (PostgreSQL).
+            new.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
+            let mut rest = new.as_slice();
+            while !rest.is_empty() {
+                let (part, tail) = rest.split_at(chunk_len(rest.len(), REGISTER_CHUNK));
+                rest = tail;
+                vals.clear();
+                for hello in part {
+                    vals.extend([
+                        Val::T(hello.device_id.as_str()),
+                        Val::T(&hello.firmware),
+                        Val::I(now_ms),
+                        Val::I(now_ms),
+                        Val::I(1),
+                        Val::T(hub),
+                        Val::I(now_ms),
+                    ]);
+                }
+                let sql = self.statement(Batched::Enter, part.len());
+                self.settle(&sql, &vals, &at, &mut out).await?;
+            }
+            start += n;
+        }
+        if let Conn::Postgres(c) = self.conn.conn() {
+            let claims: Vec<String> = hellos
+                .iter()
+                .zip(&out)
+                .filter_map(|((hello, _), r)| {
+                    r.map(|r| {
+                        Claim {
+                            epoch: r.epoch,
+                            hub: hub.to_owned(),
+                            device_id: hello.device_id.as_str().to_owned(),
+                        }
+                        .payload()
+                    })
+                })
+                .collect();
+            if !claims.is_empty() {
+                sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                    .bind(CLAIMS_CHANNEL)
+                    .bind(claims)
+                    .execute(c)
+                    .await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs a registration statement (rows of external_id, id, acked_seq,
+    /// epoch) and puts each row where its device's Hello is.
+    async fn settle(
+        &mut self,
+        sql: &str,
+        vals: &[Val<'_>],
+        at: &HashMap<&str, usize>,
+        out: &mut [Option<Registration>],
+    ) -> Result<(), StoreError> {
+        let rows: Vec<(String, i64, i64, i64)> = with_conn!(self.conn.conn(), c => {
+            use sqlx::Row;
+            let rows = bind_vals(sqlx::query(sql), vals).fetch_all(c).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        });
+        for (external_id, id, acked, epoch) in rows {
+            if let Some(&i) = at.get(external_id.as_str()) {
+                out[i] = Some(Registration {
+                    device: DeviceKey(id),
+                    acked_seq: acked as u64,
+                    epoch: epoch as u64,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The hub holding a gRPC stream of the device, when that is a hub
@@ -994,6 +1203,117 @@ mod tests {
             "removed"
         );
         tx.commit().await.unwrap();
+    }
+
+    /// Hellos registered in bulk come to what each would one by one:
+    /// the same credential checks, keys, marks and epochs, and new devices
+    /// inserted. And the admission reads (many to a statement) say what
+    /// one read says.
+    #[tokio::test]
+    async fn hellos_in_bulk_register_as_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
+        let hello = |id: &str| {
+            DeviceHello::new(
+                DeviceId::parse(id).unwrap(),
+                "fw".into(),
+                Default::default(),
+                "",
+            )
+            .unwrap()
+        };
+        let (a, b, c, x, r) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32], [5u8; 32]);
+        let mut tx = writer.begin().await.unwrap();
+        for id in ["d1", "d2", "d3", "d5"] {
+            tx.enroll_device(&hello(id), &a, 0, "h").await.unwrap();
+        }
+        for id in ["d4", "d6", "d7", "d8"] {
+            tx.upsert_device(&hello(id), 0, &Proof::FleetToken, "h")
+                .await
+                .unwrap();
+        }
+        tx.record_progress(
+            &[DeviceProgress {
+                device: DeviceKey(1),
+                acked_seq: 41,
+                added: 1,
+            }],
+            0,
+        )
+        .await
+        .unwrap();
+        tx.remove_device("d5", 0, "h").await.unwrap();
+        tx.pin_certificate("d6", Some(&c), "h").await.unwrap();
+        tx.pin_certificate("d7", Some(&c), "h").await.unwrap();
+        tx.revoke_certificate(&r, 0, "h").await.unwrap();
+        tx.commit().await.unwrap();
+        let cases = [
+            ("d1", Proof::OwnToken(a)),
+            ("d2", Proof::OwnToken(b)),
+            ("d3", Proof::FleetToken),
+            ("d4", Proof::FleetToken),
+            ("d5", Proof::Admitted),
+            ("d6", Proof::Certificate(c)),
+            ("d7", Proof::Certificate(x)),
+            ("d8", Proof::Certificate(r)),
+            ("n1", Proof::FleetToken),
+            ("n2", Proof::Admitted),
+        ];
+        let hellos: Vec<DeviceHello> = cases.iter().map(|(id, _)| hello(id)).collect();
+        let pairs: Vec<(&DeviceHello, &Proof)> =
+            hellos.iter().zip(cases.iter().map(|(_, p)| p)).collect();
+        let key = |r: Option<Registration>| r.map(|r| (r.device.0, r.acked_seq, r.epoch));
+        let bulk: Vec<_> = {
+            let mut tx = writer.begin().await.unwrap();
+            let done = tx.register_streams(&pairs, 5, "h").await.unwrap();
+            // Rolled back: the same Hellos go again one by one.
+            done.into_iter().map(key).collect()
+        };
+        let mut tx = writer.begin().await.unwrap();
+        let mut one_by_one = Vec::new();
+        for (hello, proof) in &pairs {
+            let r = tx
+                .upsert_device_as(hello, 5, proof, "h", Arrival::Stream)
+                .await
+                .unwrap();
+            one_by_one.push(key(r));
+        }
+        tx.commit().await.unwrap();
+        assert_eq!(bulk, one_by_one);
+        let settled: Vec<bool> = bulk.iter().map(Option::is_some).collect();
+        assert_eq!(
+            settled,
+            [
+                true, false, false, true, false, true, false, false, true, true
+            ]
+        );
+        assert_eq!(
+            bulk[0].map(|(_, mark, _)| mark),
+            Some(41),
+            "the stored mark"
+        );
+
+        let lookups: Vec<super::super::credentials::Lookup> = [
+            ("d1", None),
+            ("d5", None),
+            ("d6", Some(c)),
+            ("d8", Some(r)),
+            ("d1", Some(r)),
+            ("nobody", None),
+        ]
+        .into_iter()
+        .map(|(id, cert)| (id.to_owned(), cert))
+        .collect();
+        let many = store.credentials_of(&lookups).await.unwrap();
+        assert_eq!(many.len(), lookups.len());
+        assert_eq!(many[0].token_sha256, Some(a));
+        assert!(many[1].removed);
+        assert_eq!(many[2].cert_sha256, Some(c));
+        assert!(many[3].cert_revoked && many[4].cert_revoked && !many[2].cert_revoked);
+        assert_eq!(many[4].token_sha256, Some(a));
+        assert!(many[5].token_sha256.is_none() && !many[5].removed);
     }
 
     #[test]

@@ -625,3 +625,62 @@ async fn a_sigkill_between_reported_patches_and_their_acks_loses_and_doubles_not
     let (status, _) = hub.exit().await;
     assert!(status.success());
 }
+
+/// Hellos that arrive together are registered in bulk (a reconnect storm):
+/// each device still gets its own mark, a desired document it does not
+/// hold, and its Hello as reported state, new devices and known alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_arriving_together_register_each_device_as_alone() {
+    // One group holds them all.
+    let hub = spawn_hub_with(|s| s.ingest.max_batch_delay = Duration::from_millis(300)).await;
+    let ids: Vec<String> = (0..24).map(|i| format!("storm-{i}")).collect();
+    let connect_all = |held: u64| {
+        let ids = ids.clone();
+        let hub = &hub;
+        async move {
+            let opens = ids.iter().map(|id| async move {
+                let mut dev = RawDevice::open(hub.channel().await, hello_twin(id, held)).await;
+                match dev.next().await {
+                    Ok(Some(HubMsg::Welcome(w))) => (dev, w),
+                    other => panic!("{id}: expected Welcome, got {other:?}"),
+                }
+            });
+            futures_util::future::join_all(opens).await
+        }
+    };
+    let mut first = connect_all(0).await;
+    for (i, (dev, welcome)) in first.iter_mut().enumerate() {
+        assert_eq!(welcome.acked_seq, 0);
+        let n = i as u64 + 1;
+        let readings = (1..=n)
+            .map(|s| reading(s, "t", now_ms(), s as f64))
+            .collect();
+        dev.send(batch(readings)).await;
+    }
+    for (i, (dev, _)) in first.iter_mut().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(dev.ack_through(n).await.0, n);
+    }
+    set_desired(&hub, "storm-3", json!({"rate": 5}), None)
+        .await
+        .unwrap();
+    drop(first);
+    // Known devices now, all at once again (the held desired version 0).
+    let again = connect_all(0).await;
+    for (i, (mut dev, welcome)) in again.into_iter().enumerate() {
+        assert_eq!(welcome.acked_seq, i as u64 + 1, "{}", ids[i]);
+        if i == 3 {
+            let d = next_desired(&mut dev).await;
+            assert!(d.full && d.version == 1, "{d:?}");
+            assert_eq!(parsed(&d.json)["rate"], json!(5));
+        }
+    }
+    for id in &ids {
+        let twin = get_twin(&hub, id).await;
+        assert_eq!(
+            parsed(&twin.reported_json)["hello"]["firmware"],
+            json!("test-fw/1"),
+            "{id}"
+        );
+    }
+}
