@@ -16,7 +16,7 @@
 #   scripts/bench.sh              # the full run (~15 min, 50M readings)
 #   SMOKE=1 scripts/bench.sh      # tiny sizes, debug build: CI runs this
 #
-# Knobs: INGEST_S (60), SAT_S (30), SAT_RATE (600 Hz per device), FLEET_S (25), QDEVICES (100),
+# Knobs: INGEST_S (60), SAT_S (30), SAT_RATE (600 Hz per device), FLEET_S (25), HUGE_S (90), QDEVICES (100),
 # BACKFILL_S (126000 = 35 h at 4 readings/s per device: 50.4M readings),
 # EXTRA_DEVICES (to reach 100,000 registered), RAW_ROWS (3000000).
 set -euo pipefail
@@ -27,12 +27,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   INGEST_S=${INGEST_S:-3}; SAT_S=${SAT_S:-3}; FLEET_S=${FLEET_S:-3}; DEVICES_HEADLINE=20
   FLEET_DEVICES=200; QDEVICES=${QDEVICES:-3}; BACKFILL_S=${BACKFILL_S:-3600}
   EXTRA_DEVICES=${EXTRA_DEVICES:-1000}; RAW_ROWS=${RAW_ROWS:-20000}; PEERS_S=3; ROLLUP_DEVICES=20; ROLLUP_DAYS=2; LINES_DEVICES=20; PROMQL_DEVICES=5; PROMQL_DAYS=1; RUNS=3; DASH_S=3; SSE_DURATION=3s; PG_ROWS=20000; CLUSTER_DURATION=6s
+  HUGE_DEVICES=300; HUGE_RATE=2; HUGE_S=4
   cargo build -q -p hub -p device-sim
 else
   export BIN=$TARGET/release; bench_profile=()
   INGEST_S=${INGEST_S:-60}; SAT_S=${SAT_S:-30}; FLEET_S=${FLEET_S:-25}; DEVICES_HEADLINE=1000
   FLEET_DEVICES=10000; QDEVICES=${QDEVICES:-100}; BACKFILL_S=${BACKFILL_S:-126000}
   EXTRA_DEVICES=${EXTRA_DEVICES:-99900}; RAW_ROWS=${RAW_ROWS:-3000000}; PEERS_S=30; ROLLUP_DEVICES=1000; ROLLUP_DAYS=30; LINES_DEVICES=1000; PROMQL_DEVICES=1000; PROMQL_DAYS=30; RUNS=20; DASH_S=20; SSE_DURATION=20s; PG_ROWS=1000000; CLUSTER_DURATION=30s
+  HUGE_DEVICES=100000; HUGE_RATE=0.1; HUGE_S=${HUGE_S:-90}
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
@@ -61,6 +63,14 @@ DEVICES=$FLEET_DEVICES RATE=5 DURATION=${FLEET_S}s HUB_RUST_LOG=info scripts/ben
 section "the same over 20 HTTP/2 connections instead of one per 100 devices"
 DEVICES=$FLEET_DEVICES RATE=5 DURATION=${FLEET_S}s EXTRA_SIM_ARGS="--connections 20" \
   scripts/bench-ingest.sh | grep -E "devices|stored|ack|CPU|RSS"
+
+section "$HUGE_DEVICES devices x $HUGE_RATE Hz (one connection per 100 devices), ${HUGE_S}s"
+DEVICES=$HUGE_DEVICES RATE=$HUGE_RATE DURATION=${HUGE_S}s scripts/bench-ingest.sh |
+  grep -E "devices|stored|ack|CPU|RSS"
+if [ "${SMOKE:-0}" != 1 ]; then
+  section "the same fleet, the hub SIGKILLed and started again: all back, nothing lost"
+  DEVICES=$HUGE_DEVICES RATE=$HUGE_RATE DURATION=120s scripts/bench-storm.sh
+fi
 
 section "PostgreSQL groundwork: the same rows as multi-row INSERT, UNNEST, COPY, and as encoded blocks"
 TOTAL_ROWS=$PG_ROWS bench pg_ingest

@@ -45,6 +45,7 @@ use crate::metrics::HubMetrics;
 use crate::operator::{Backups, Operations, OperationsParts};
 use crate::registry::SessionRegistry;
 use crate::store::commands::CommandStore;
+use crate::store::credentials::CredentialReads;
 use crate::store::{self, Store};
 
 /// The tasks the hub cannot run without.
@@ -534,6 +535,8 @@ async fn start_all(core: &Core, components: &mut Vec<Component>) -> anyhow::Resu
 /// The readings database and its one writer.
 struct Storage {
     store: Store,
+    /// Device credentials for admission, read many to a statement.
+    credentials: CredentialReads,
     ingest: IngestQueue,
     writer_abort: AbortHandle,
 }
@@ -587,7 +590,18 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
         ),
     );
     let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(writer.run(writer_stop.clone(), core.sessions_stop.clone()));
+    let lookups_stop = CancellationToken::new();
+    let (credentials, lookups) = CredentialReads::new(store.clone(), lookups_stop.clone());
+    components.push(
+        Component::new("the credential reads", tokio::spawn(lookups))
+            .stopped_by(Phase::Storage, lookups_stop)
+            .awaited_at(Phase::Storage),
+    );
+    let writer = spawn_on_own_thread(
+        "hub-writer",
+        writer.run(writer_stop.clone(), core.sessions_stop.clone()),
+    )
+    .context("cannot start the ingest writer's thread")?;
     let writer_abort = writer.abort_handle();
     let supervisor = supervise(
         CriticalTask::Writer,
@@ -604,9 +618,50 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
     );
     Ok(Storage {
         store,
+        credentials,
         ingest,
         writer_abort,
     })
+}
+
+/// Runs `task` on a thread of its own, in a single-threaded runtime, and
+/// hands back the same handle `tokio::spawn` would (join, abort); the
+/// thread ends with the task. For the ingest writer: every device waits on
+/// it, and on the hub's shared runtime each of its statements' wake-ups
+/// queued behind the runnable session tasks (100,000 of them while a
+/// fleet connects), so one commit took seconds with the database idle.
+fn spawn_on_own_thread<F>(name: &str, task: F) -> std::io::Result<JoinHandle<F::Output>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (handed, handle) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = handed.send(Err(e));
+                    return;
+                }
+            };
+            let ended = CancellationToken::new();
+            let guard = ended.clone().drop_guard();
+            let _ = handed.send(Ok(runtime.spawn(async move {
+                // Dropped when the task ends, panics or is aborted.
+                let _guard = guard;
+                task.await
+            })));
+            runtime.block_on(ended.cancelled());
+        })?;
+    // The thread hands its handle over at once (or why it has none).
+    handle
+        .recv()
+        .map_err(|_| std::io::Error::other("the thread ended before it started the task"))?
 }
 
 /// The command log and the task that owns open commands.
@@ -925,7 +980,7 @@ async fn start_http(
     }
     let writes = crate::lines::LineWrites::new(
         storage.ingest.clone(),
-        storage.store.clone(),
+        storage.credentials.clone(),
         Arc::clone(&core.auth),
         Arc::clone(&core.registry),
         Arc::clone(&core.metrics),
@@ -1000,6 +1055,7 @@ async fn start_grpc(
         retention: (!settings.storage.retention.is_zero()).then_some(settings.storage.retention),
         auth: Arc::clone(&core.auth),
         store: storage.store.clone(),
+        credentials: storage.credentials.clone(),
         twins: Arc::clone(&core.twins),
         twin_limits: settings.twin.limits(),
         failures: FailureLimiter::new(settings.auth.max_failures_per_minute),

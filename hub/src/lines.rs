@@ -22,7 +22,7 @@ use crate::domain::{CheckedReading, DeviceId, DeviceKey, MAX_SEQ, Proof, Reading
 use crate::ingest::{AckSlot, IngestBatch, IngestError, IngestQueue};
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
-use crate::store::Store;
+use crate::store::credentials::CredentialReads;
 use crate::throttle::TokenBucket;
 
 /// The sensor of fields of this measurement is the field's name alone.
@@ -333,7 +333,7 @@ pub struct WriteSettings {
 /// The core of line-protocol writes, shared by its HTTP routes.
 pub struct LineWrites {
     ingest: IngestQueue,
-    store: Store,
+    credentials: CredentialReads,
     auth: Arc<AuthPolicy>,
     registry: Arc<SessionRegistry>,
     metrics: Arc<HubMetrics>,
@@ -373,7 +373,7 @@ impl<'a> From<&'a DeviceLines> for Admit<'a> {
 impl LineWrites {
     pub fn new(
         ingest: IngestQueue,
-        store: Store,
+        credentials: CredentialReads,
         auth: Arc<AuthPolicy>,
         registry: Arc<SessionRegistry>,
         metrics: Arc<HubMetrics>,
@@ -382,7 +382,7 @@ impl LineWrites {
     ) -> Self {
         Self {
             ingest,
-            store,
+            credentials,
             auth,
             registry,
             metrics,
@@ -514,8 +514,8 @@ impl LineWrites {
             }
         }
         let stored = self
-            .store
-            .credentials(id, None)
+            .credentials
+            .get(id, None)
             .await
             .map_err(|e| WriteError::Unavailable(e.to_string()))?;
         let proof = self.auth.admit(

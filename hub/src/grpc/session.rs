@@ -51,6 +51,7 @@ use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
 use crate::registry::{EndProbe, EndReason, StreamClaim};
 use crate::store::Store;
+use crate::store::credentials::CredentialReads;
 use crate::throttle::{LogThrottle, TokenBucket};
 use crate::twin::{DesiredFeed, DesiredUpdate, DocLimits, TwinHub, doc};
 
@@ -84,8 +85,10 @@ pub struct SessionContext {
     /// `storage.retention`: readings older than this are refused.
     pub retention: Option<Duration>,
     pub auth: Arc<AuthPolicy>,
-    /// Device credentials are read from here.
+    /// The database (its backend).
     pub store: Store,
+    /// Device credentials are read from here.
+    pub credentials: CredentialReads,
     /// Desired changes for twin-aware streams come from here.
     pub twins: Arc<TwinHub>,
     /// What a reported document may be.
@@ -308,8 +311,8 @@ async fn admit(
         .as_deref()
         .filter(|_| ctx.auth.devices == DeviceAuthMode::Tls);
     let stored = ctx
-        .store
-        .credentials(id, certificate.map(certificate_sha256).as_ref())
+        .credentials
+        .get(id, certificate.map(certificate_sha256).as_ref())
         .await
         .map_err(convert::store_status)?;
     let presented = Presented {

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod blocks;
 pub mod codec;
 pub mod commands;
+pub mod credentials;
 mod db;
 pub mod jobs;
 mod partitions;
@@ -33,7 +34,7 @@ use sqlx::sqlite::{
 
 use self::db::{Connector, Pool, with_pool};
 use crate::config::{Backend, StorageSettings, Synchronous};
-use crate::domain::{DeviceKey, DeviceRecord, SensorKey, StoredCredentials};
+use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{
     CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, REVOKED, Registration, RowToInsert,
@@ -76,6 +77,9 @@ pub enum StoreError {
     Corrupt(#[from] codec::CodecError),
     #[error("{0} is not possible on PostgreSQL: {1}")]
     NotOnPostgres(&'static str, &'static str),
+    /// The failure of a statement that answered several callers at once.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -377,44 +381,6 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()?
         });
         Ok(rows.into_iter().map(DeviceRow::into_record).collect())
-    }
-
-    /// What is stored of a device's credentials (default: unknown device),
-    /// and whether `certificate` (the SHA-256 of the one it presented, if
-    /// any) is revoked.
-    pub async fn credentials(
-        &self,
-        external_id: &str,
-        certificate: Option<&[u8; 32]>,
-    ) -> Result<StoredCredentials, StoreError> {
-        type Row = (Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>);
-        let row: Option<Row> = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_as(
-                "SELECT token_sha256, removed_ms, cert_sha256 FROM devices WHERE external_id = $1",
-            )
-            .bind(external_id)
-            .fetch_optional(pool)
-            .await?
-        });
-        let sha256 = |h: Option<Vec<u8>>| h.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok());
-        let mut stored = row.map_or_else(StoredCredentials::default, |(token, removed, cert)| {
-            StoredCredentials {
-                token_sha256: sha256(token),
-                removed: removed.is_some(),
-                cert_sha256: sha256(cert),
-                cert_revoked: false,
-            }
-        });
-        if let Some(certificate) = certificate {
-            let revoked: i64 = with_pool!(&self.read, pool, _Db => {
-                sqlx::query_scalar("SELECT count(*) FROM revoked_certs WHERE sha256 = $1")
-                    .bind(certificate.as_slice())
-                    .fetch_one(pool)
-                    .await?
-            });
-            stored.cert_revoked = revoked > 0;
-        }
-        Ok(stored)
     }
 
     pub async fn sensor_key(&self, name: &str) -> Result<Option<SensorKey>, StoreError> {

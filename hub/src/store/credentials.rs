@@ -1,0 +1,214 @@
+//! Device credentials for admission, read many to a statement.
+//!
+//! Every Hello and every line-protocol write reads its device's stored
+//! credentials before the writer registers it. One statement per Hello
+//! was the ramp's limit: 100,000 devices connecting at once queued for
+//! the reader pool's four connections (up to 8 s, and a warning each).
+//! [`CredentialReads`] gathers the lookups that arrive while a statement
+//! runs and answers them with the next one, up to 256 at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Val, bind_vals, with_pool};
+use super::write::chunk_len;
+use super::{Store, StoreError};
+use crate::domain::StoredCredentials;
+
+/// Most lookups one statement answers.
+const LOOKUP_CHUNK: usize = 256;
+
+/// A device id and the SHA-256 of the certificate it presented, if any.
+pub type Lookup = (String, Option<[u8; 32]>);
+
+impl Store {
+    /// What is stored of a device's credentials (default: unknown device),
+    /// and whether `certificate` (the SHA-256 of the one it presented, if
+    /// any) is revoked.
+    pub async fn credentials(
+        &self,
+        external_id: &str,
+        certificate: Option<&[u8; 32]>,
+    ) -> Result<StoredCredentials, StoreError> {
+        let mut found = self
+            .credentials_of(&[(external_id.to_owned(), certificate.copied())])
+            .await?;
+        Ok(found.pop().unwrap_or_default())
+    }
+
+    /// [`Store::credentials`] of many lookups, in their order.
+    pub async fn credentials_of(
+        &self,
+        lookups: &[Lookup],
+    ) -> Result<Vec<StoredCredentials>, StoreError> {
+        type Row = (String, Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>);
+        let sha256 = |h: Option<Vec<u8>>| h.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok());
+        let ids: Vec<&str> = lookups
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut stored: HashMap<String, StoredCredentials> = HashMap::new();
+        for chunk in chunks(&ids) {
+            let sql = in_list(
+                "SELECT external_id, token_sha256, removed_ms, cert_sha256 FROM devices \
+                 WHERE external_id IN (",
+                chunk.len(),
+                self.backend(),
+            );
+            let vals: Vec<Val<'_>> = chunk.iter().map(|id| Val::T(id)).collect();
+            let rows: Vec<Row> = with_pool!(&self.read, pool, _Db => {
+                use sqlx::Row as _;
+                let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            for (id, token, removed, cert) in rows {
+                stored.insert(
+                    id,
+                    StoredCredentials {
+                        token_sha256: sha256(token),
+                        removed: removed.is_some(),
+                        cert_sha256: sha256(cert),
+                        cert_revoked: false,
+                    },
+                );
+            }
+        }
+        let certificates: Vec<&[u8]> = lookups
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().map(|c| c.as_slice()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut revoked: HashSet<Vec<u8>> = HashSet::new();
+        for chunk in chunks(&certificates) {
+            let sql = in_list(
+                "SELECT sha256 FROM revoked_certs WHERE sha256 IN (",
+                chunk.len(),
+                self.backend(),
+            );
+            let vals: Vec<Val<'_>> = chunk.iter().map(|c| Val::B(c)).collect();
+            let rows: Vec<Vec<u8>> = with_pool!(&self.read, pool, _Db => {
+                use sqlx::Row as _;
+                let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            revoked.extend(rows);
+        }
+        Ok(lookups
+            .iter()
+            .map(|(id, certificate)| StoredCredentials {
+                cert_revoked: certificate.is_some_and(|c| revoked.contains(c.as_slice())),
+                ..stored.get(id).copied().unwrap_or_default()
+            })
+            .collect())
+    }
+}
+
+/// `items` in statements of at most [`LOOKUP_CHUNK`], the rest in powers
+/// of two (a handful of statement texts in sqlx's cache).
+fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let (chunk, rest) = items.split_at(chunk_len(items.len(), LOOKUP_CHUNK));
+        items = rest;
+        Some(chunk)
+    })
+}
+
+/// `head` followed by `n` parameters and `)`.
+fn in_list(head: &str, n: usize, backend: crate::config::Backend) -> String {
+    let numbered = backend == crate::config::Backend::Postgres;
+    let params: Vec<String> = (1..=n)
+        .map(|i| {
+            if numbered {
+                format!("${i}")
+            } else {
+                "?".into()
+            }
+        })
+        .collect();
+    format!("{head}{})", params.join(","))
+}
+
+struct Pending {
+    lookup: Lookup,
+    reply: oneshot::Sender<Result<StoredCredentials, StoreError>>,
+}
+
+/// Credential lookups, answered many to a statement by
+/// [`CredentialReads::serve`]. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialReads {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl CredentialReads {
+    /// The handle, and the task that answers it: it ends when `stop` is
+    /// cancelled or every handle is gone (lookups still waiting then fail).
+    pub fn new(
+        store: Store,
+        stop: CancellationToken,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::channel(4 * LOOKUP_CHUNK);
+        (Self { tx }, async move {
+            tokio::select! {
+                _ = Self::serve(store, rx) => {}
+                _ = stop.cancelled() => {}
+            }
+        })
+    }
+
+    /// [`Store::credentials`], gathered with the lookups of other callers.
+    pub async fn get(
+        &self,
+        device_id: &str,
+        certificate: Option<&[u8; 32]>,
+    ) -> Result<StoredCredentials, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            lookup: (device_id.to_owned(), certificate.copied()),
+            reply,
+        };
+        let gone = || StoreError::Shared(Arc::new(StoreError::Sqlx(sqlx::Error::PoolClosed)));
+        self.tx.send(pending).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    async fn serve(store: Store, mut rx: mpsc::Receiver<Pending>) {
+        let mut batch: Vec<Pending> = Vec::with_capacity(LOOKUP_CHUNK);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < LOOKUP_CHUNK {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let lookups: Vec<Lookup> = batch.iter().map(|p| p.lookup.clone()).collect();
+            match store.credentials_of(&lookups).await {
+                Ok(found) => {
+                    for (pending, stored) in batch.drain(..).zip(found) {
+                        let _ = pending.reply.send(Ok(stored));
+                    }
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    for pending in batch.drain(..) {
+                        let _ = pending.reply.send(Err(StoreError::Shared(Arc::clone(&e))));
+                    }
+                }
+            }
+        }
+    }
+}
