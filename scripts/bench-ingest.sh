@@ -55,7 +55,7 @@ print(f"devices {s['devices']} clean {s['clean_devices']}  sent {s['sent']}  ack
 print(f"stored readings/s      {s['acked'] / s['elapsed_s']:.0f}  (over {s['elapsed_s']:.1f} s incl. drain)")
 print(f"ack latency            p50 {s['ack_p50_ms']:.1f} ms   p99 {s['ack_p99_ms']:.1f} ms")
 if s.get('steady_p99_ms'):
-    print(f"ack latency, steady    p50 {s['steady_p50_ms']:.1f} ms   p99 {s['steady_p99_ms']:.1f} ms  (batches sent once every device had been online 10 s)")
+    print(f"ack latency, steady    p50 {s['steady_p50_ms']:.1f} ms   p99 {s['steady_p99_ms']:.1f} ms  (batches sent once every device had been online 10 s and two sampling periods, acked before the sim was told to stop)")
 print(f"hub CPU                {100 * (cpu1 - cpu0) / ticks / wall:.0f} % of one core")
 print(f"hub RSS                {rss_now / 1024:.0f} MiB now, {rss_peak / 1024:.0f} MiB peak")
 print(f"commits                {st['commits']}  ({st['readings_committed'] / max(st['commits'], 1):.0f} rows per commit)")

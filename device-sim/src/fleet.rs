@@ -240,7 +240,8 @@ pub async fn run(
         );
         devices.spawn(device.run(channels[n % channels.len()].clone(), stop.clone()));
     }
-    // Steady once every device has been online for STEADY_AFTER.
+    // Steady once every device has been online for `steady_after`.
+    let steady_after = steady_after(cfg.rate_hz);
     let watch = {
         let (stats, stop, all) = (Arc::clone(&stats), stop.clone(), cfg.devices as u64);
         tokio::spawn(async move {
@@ -255,11 +256,18 @@ pub async fn run(
                     continue;
                 }
                 let since = *online_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STEADY_AFTER {
+                if since.elapsed() >= steady_after {
                     stats.mark_steady();
                     return;
                 }
             }
+        })
+    };
+    let stopping = {
+        let (stats, stop) = (Arc::clone(&stats), stop.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            stats.mark_stopping();
         })
     };
     let mut clean = 0;
@@ -271,12 +279,25 @@ pub async fn run(
         }
     }
     watch.abort();
+    stopping.abort();
     Ok(stats.summary(cfg.devices, clean, started.elapsed()))
 }
 
 /// How long after the last device came online the fleet counts as steady
-/// (`FleetSummary::steady_p99_ms`).
+/// (`FleetSummary::steady_p99_ms`), at least.
 pub const STEADY_AFTER: Duration = Duration::from_secs(10);
+
+/// [`STEADY_AFTER`], or two sampling periods where that is longer: a
+/// device sends its first reading one period after it connects, so at
+/// 0.1 Hz the last devices' first batches (the ramp) would otherwise land
+/// in the steady figures' first second.
+pub fn steady_after(rate_hz: f64) -> Duration {
+    if rate_hz > 0.0 {
+        STEADY_AFTER.max(Duration::from_secs_f64((2.0 / rate_hz).min(3600.0)))
+    } else {
+        STEADY_AFTER
+    }
+}
 
 /// One HTTP/2 connection, established on first use and re-established by
 /// tonic after a failure.

@@ -165,13 +165,14 @@ async fn main() -> anyhow::Result<()> {
                 tick.tick().await;
                 let acked = FleetStats::get(&stats.acked);
                 eprintln!(
-                    "online {:>5}  sent {:>10}  acked {:>10} ({:>8.0}/s)  reconnects {}  ack p99 {:.1} ms",
+                    "online {:>5}  sent {:>10}  acked {:>10} ({:>8.0}/s)  reconnects {}  ack p99 {:.1} ms (last 5 s: {:.1} ms)",
                     FleetStats::get(&stats.online),
                     FleetStats::get(&stats.sent),
                     acked,
                     (acked - last_acked) as f64 / 5.0,
                     FleetStats::get(&stats.reconnects),
                     stats.ack_latency_ms(0.99),
+                    stats.take_recent_ms(0.99),
                 );
                 last_acked = acked;
             }

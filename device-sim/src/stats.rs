@@ -39,8 +39,13 @@ pub struct FleetStats {
     /// When the fleet was steady: every device online for a while (see
     /// `fleet::run`). Batches sent from then on are also counted in...
     steady_since: std::sync::OnceLock<std::time::Instant>,
-    /// ...this: the ack latency without the connection ramp.
+    /// ...this: the ack latency without the connection ramp, of acks
+    /// received before the fleet was told to stop (from then on its own
+    /// drain, every device waking at once, would be measured too).
     steady_latency_us: Mutex<Histogram<u64>>,
+    stopping_since: std::sync::OnceLock<std::time::Instant>,
+    /// Acks received since the last progress line (`take_recent_ms`).
+    recent_latency_us: Mutex<Histogram<u64>>,
 }
 
 impl Default for FleetStats {
@@ -63,7 +68,11 @@ impl Default for FleetStats {
             // Three significant digits, auto-resizing: cannot fail.
             ack_latency_us: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
             steady_since: std::sync::OnceLock::new(),
+            stopping_since: std::sync::OnceLock::new(),
             steady_latency_us: Mutex::new(
+                Histogram::new(3).expect("3 significant figures is valid"),
+            ),
+            recent_latency_us: Mutex::new(
                 Histogram::new(3).expect("3 significant figures is valid"),
             ),
         }
@@ -89,13 +98,20 @@ impl FleetStats {
                 .record(us.max(1));
         };
         record(&self.ack_latency_us);
+        record(&self.recent_latency_us);
         if self
             .steady_since
             .get()
             .is_some_and(|since| sent_at >= *since)
+            && self.stopping_since.get().is_none()
         {
             record(&self.steady_latency_us);
         }
+    }
+
+    /// The fleet was told to stop: acks from now on are not steady.
+    pub fn mark_stopping(&self) {
+        let _ = self.stopping_since.set(std::time::Instant::now());
     }
 
     /// From now on batches sent count as steady too (once).
@@ -106,6 +122,17 @@ impl FleetStats {
     /// Ack latency quantile in milliseconds (0 when nothing was recorded).
     pub fn ack_latency_ms(&self, quantile: f64) -> f64 {
         Self::quantile_ms(&self.ack_latency_us, quantile)
+    }
+
+    /// The ack latency quantile of the acks received since the last call
+    /// (a progress line's window), and starts a new window.
+    pub fn take_recent_ms(&self, quantile: f64) -> f64 {
+        let q = Self::quantile_ms(&self.recent_latency_us, quantile);
+        self.recent_latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
+        q
     }
 
     fn quantile_ms(h: &Mutex<Histogram<u64>>, quantile: f64) -> f64 {
@@ -160,8 +187,9 @@ pub struct FleetSummary {
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
     /// The same for batches sent once every device had been online for
-    /// [`crate::fleet::STEADY_AFTER`] (0 when the run never got there):
-    /// the connection ramp left out.
+    /// [`crate::fleet::steady_after`] and acked before the fleet was told
+    /// to stop (0 when the run never got there): the connection ramp and
+    /// the simulator's own drain left out.
     pub steady_p50_ms: f64,
     pub steady_p99_ms: f64,
 }
