@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::db::{Val, bind_vals, with_pool};
-use super::write::chunk_len;
+use super::write::{chunk_len, multi_row_sql};
 use super::{Store, StoreError};
 use crate::domain::StoredCredentials;
 
@@ -56,7 +56,7 @@ impl Store {
         for chunk in chunks(&ids) {
             let sql = in_list(
                 "SELECT external_id, token_sha256, removed_ms, cert_sha256 FROM devices \
-                 WHERE external_id IN (",
+                 WHERE external_id IN (VALUES ",
                 chunk.len(),
                 self.backend(),
             );
@@ -89,7 +89,7 @@ impl Store {
         let mut revoked: HashSet<Vec<u8>> = HashSet::new();
         for chunk in chunks(&certificates) {
             let sql = in_list(
-                "SELECT sha256 FROM revoked_certs WHERE sha256 IN (",
+                "SELECT sha256 FROM revoked_certs WHERE sha256 IN (VALUES ",
                 chunk.len(),
                 self.backend(),
             );
@@ -126,19 +126,9 @@ fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-/// `head` followed by `n` parameters and `)`.
+/// `head` followed by `n` one-value rows and `)`.
 fn in_list(head: &str, n: usize, backend: crate::config::Backend) -> String {
-    let numbered = backend == crate::config::Backend::Postgres;
-    let params: Vec<String> = (1..=n)
-        .map(|i| {
-            if numbered {
-                format!("${i}")
-            } else {
-                "?".into()
-            }
-        })
-        .collect();
-    format!("{head}{})", params.join(","))
+    multi_row_sql(head, 1, n, ")", backend == crate::config::Backend::Postgres)
 }
 
 struct Pending {
