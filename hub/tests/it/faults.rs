@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{ConnectOptions, Connection};
 use telemetry_proto::v1::{self as pb, CommandState as S, hub_message::Msg as HubMsg};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -174,7 +174,7 @@ async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_the
             .await
             .unwrap();
     };
-    drop(conn);
+    conn.close().await.unwrap();
     hub.settings.storage.max_size_mib = limit_pages / 256;
     // A part is compacted once it holds 2000 rows; the cap (4 x 16,000)
     // is above what is staged, so commits go on while compactions fail.
@@ -639,14 +639,19 @@ fn staging_and_blocks() -> Vec<String> {
 
 /// The ballast device's readings as stored: (staged rows, points in blocks).
 async fn ballast_rows(db: &Path) -> (i64, i64) {
-    sqlx::query_as(
+    let mut conn = connect(db).await;
+    let rows = sqlx::query_as(
         "SELECT (SELECT count(*) FROM readings_recent WHERE device_id = d.id), \
                 (SELECT coalesce(sum(count), 0) FROM blocks WHERE device_id = d.id) \
          FROM devices d WHERE external_id = 'ballast'",
     )
-    .fetch_one(&mut connect(db).await)
+    .fetch_one(&mut conn)
     .await
-    .unwrap()
+    .unwrap();
+    // Closed, not dropped: a dropped connection closes later, on sqlx's
+    // worker thread, and a journal-mode change next would find it open.
+    conn.close().await.unwrap();
+    rows
 }
 
 /// What a hub stopped before it compacted would leave (a clean stop
@@ -688,6 +693,7 @@ async fn restage_ballast(db: &Path) {
             .unwrap();
     }
     tx.commit().await.unwrap();
+    conn.close().await.unwrap();
     assert_eq!(ballast_rows(db).await, (40_000, 0), "all staged again");
 }
 
