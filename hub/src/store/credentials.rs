@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::db::{Val, bind_vals, with_pool};
-use super::write::{chunk_len, multi_row_sql};
+use super::write::{chunks, multi_row_sql};
 use super::{Store, StoreError};
 use crate::domain::StoredCredentials;
 
@@ -53,7 +53,7 @@ impl Store {
             .into_iter()
             .collect();
         let mut stored: HashMap<String, StoredCredentials> = HashMap::new();
-        for chunk in chunks(&ids) {
+        for chunk in chunks(&ids, LOOKUP_CHUNK) {
             let sql = in_list(
                 "SELECT external_id, token_sha256, removed_ms, cert_sha256 FROM devices \
                  WHERE external_id IN (VALUES ",
@@ -62,11 +62,10 @@ impl Store {
             );
             let vals: Vec<Val<'_>> = chunk.iter().map(|id| Val::T(id)).collect();
             let rows: Vec<Row> = with_pool!(&self.read, pool, _Db => {
-                use sqlx::Row as _;
                 let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(pool).await?;
                 rows.iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+                    .map(<Row as sqlx::FromRow<_>>::from_row)
+                    .collect::<Result<Vec<_>, _>>()?
             });
             for (id, token, removed, cert) in rows {
                 stored.insert(
@@ -87,21 +86,20 @@ impl Store {
             .into_iter()
             .collect();
         let mut revoked: HashSet<Vec<u8>> = HashSet::new();
-        for chunk in chunks(&certificates) {
+        for chunk in chunks(&certificates, LOOKUP_CHUNK) {
             let sql = in_list(
                 "SELECT sha256 FROM revoked_certs WHERE sha256 IN (VALUES ",
                 chunk.len(),
                 self.backend(),
             );
             let vals: Vec<Val<'_>> = chunk.iter().map(|c| Val::B(c)).collect();
-            let rows: Vec<Vec<u8>> = with_pool!(&self.read, pool, _Db => {
-                use sqlx::Row as _;
+            let rows: Vec<(Vec<u8>,)> = with_pool!(&self.read, pool, _Db => {
                 let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(pool).await?;
                 rows.iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+                    .map(<(Vec<u8>,) as sqlx::FromRow<_>>::from_row)
+                    .collect::<Result<Vec<_>, _>>()?
             });
-            revoked.extend(rows);
+            revoked.extend(rows.into_iter().map(|(sha256,)| sha256));
         }
         Ok(lookups
             .iter()
@@ -111,19 +109,6 @@ impl Store {
             })
             .collect())
     }
-}
-
-/// `items` in statements of at most [`LOOKUP_CHUNK`], the rest in powers
-/// of two (a handful of statement texts in sqlx's cache).
-fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        if items.is_empty() {
-            return None;
-        }
-        let (chunk, rest) = items.split_at(chunk_len(items.len(), LOOKUP_CHUNK));
-        items = rest;
-        Some(chunk)
-    })
 }
 
 /// `head` followed by `n` one-value rows and `)`.

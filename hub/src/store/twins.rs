@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::db::{Conn, Val, bind_vals, with_conn, with_pool};
-use super::write::{Batched, WriteTx, chunk_len};
+use super::write::{Batched, WriteTx, chunks};
 use super::{Store, StoreError};
 use crate::config::Backend;
 use crate::domain::DeviceKey;
@@ -57,7 +57,7 @@ pub(super) fn twin_columns(backend: Backend) -> &'static str {
     }
 }
 
-pub(super) type TwinRow = (
+type TwinRow = (
     i64,
     String,
     String,
@@ -138,16 +138,11 @@ impl WriteTx<'_> {
     /// device it changes, in key order, when the group begins). None for an
     /// unknown device.
     pub async fn load_twin(&mut self, device: DeviceKey) -> Result<Option<TwinView>, StoreError> {
-        let backend = self.conn.backend();
-        let sql = format!(
-            "SELECT d.id, d.external_id, d.tags, {} FROM devices d \
-             LEFT JOIN twins t ON t.device_id = d.id WHERE d.id = $1",
-            twin_columns(backend)
-        );
-        let row: Option<TwinRow> = with_conn!(self.conn.conn(), c => {
-            sqlx::query_as(&sql).bind(device.0).fetch_optional(c).await?
-        });
-        Ok(row.map(|r| decode_row(r).1))
+        Ok(self
+            .load_twins(&[device])
+            .await?
+            .pop()
+            .map(|(_, view)| view))
     }
 
     /// Many devices' tags and twins, as [`WriteTx::load_twin`] (a
@@ -157,24 +152,14 @@ impl WriteTx<'_> {
         devices: &[DeviceKey],
     ) -> Result<Vec<(DeviceKey, TwinView)>, StoreError> {
         let mut out = Vec::with_capacity(devices.len());
-        let mut rest = devices;
-        while !rest.is_empty() {
-            let (part, tail) = rest.split_at(chunk_len(rest.len(), Batched::TwinsOf.max()));
-            rest = tail;
+        for part in chunks(devices, Batched::TwinsOf.max()) {
             let sql = self.statement(Batched::TwinsOf, part.len());
             let vals: Vec<Val<'_>> = part.iter().map(|d| Val::I(d.0)).collect();
             let rows: Vec<TwinRow> = with_conn!(self.conn.conn(), c => {
-                use sqlx::Row;
                 let rows = bind_vals(sqlx::query(&sql), &vals).fetch_all(c).await?;
                 rows.iter()
-                    .map(|r| {
-                        Ok((
-                            r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?,
-                            r.try_get(4)?, r.try_get(5)?, r.try_get(6)?, r.try_get(7)?,
-                            r.try_get(8)?, r.try_get(9)?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+                    .map(<TwinRow as sqlx::FromRow<_>>::from_row)
+                    .collect::<Result<Vec<_>, _>>()?
             });
             out.extend(rows.into_iter().map(decode_row));
         }

@@ -349,6 +349,19 @@ pub(super) fn chunk_len(remaining: usize, max: usize) -> usize {
     }
 }
 
+/// `items` in statements of at most `max`, the rest in powers of two
+/// (see [`chunk_len`]).
+pub(super) fn chunks<T>(mut items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let (chunk, rest) = items.split_at(chunk_len(items.len(), max));
+        items = rest;
+        Some(chunk)
+    })
+}
+
 impl StoreWriter {
     pub(super) fn new(conn: WriteConn, lock: Option<std::fs::File>) -> Self {
         Self {
@@ -605,12 +618,12 @@ impl WriteTx<'_> {
         at: &HashMap<&str, usize>,
         out: &mut [Option<Registration>],
     ) -> Result<(), StoreError> {
-        let rows: Vec<(String, i64, i64, i64)> = with_conn!(self.conn.conn(), c => {
-            use sqlx::Row;
+        type Row = (String, i64, i64, i64);
+        let rows: Vec<Row> = with_conn!(self.conn.conn(), c => {
             let rows = bind_vals(sqlx::query(sql), vals).fetch_all(c).await?;
             rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
+                .map(<Row as sqlx::FromRow<_>>::from_row)
+                .collect::<Result<Vec<_>, _>>()?
         });
         for (external_id, id, acked, epoch) in rows {
             if let Some(&i) = at.get(external_id.as_str()) {
@@ -1149,14 +1162,20 @@ mod tests {
     use super::*;
     use crate::domain::DeviceId;
 
+    /// A new SQLite store in a temp dir (kept while the dir lives).
+    async fn open_temp() -> (tempfile::TempDir, crate::store::Store, StoreWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (store, writer) = crate::store::open(&settings).await.unwrap();
+        (dir, store, writer)
+    }
+
     /// A Hello checked before an operator's change must not register after
     /// it: the writer checks the proof again in the same statement.
     #[tokio::test]
     async fn a_registration_rechecks_the_credentials_it_was_admitted_with() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        let (_, mut writer) = crate::store::open(&settings).await.unwrap();
+        let (_dir, _, mut writer) = open_temp().await;
         let hello = DeviceHello::new(
             DeviceId::parse("d").unwrap(),
             String::new(),
@@ -1211,10 +1230,7 @@ mod tests {
     /// one read says.
     #[tokio::test]
     async fn hellos_in_bulk_register_as_one_by_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        let (store, mut writer) = crate::store::open(&settings).await.unwrap();
+        let (_dir, store, mut writer) = open_temp().await;
         let hello = |id: &str| {
             DeviceHello::new(
                 DeviceId::parse(id).unwrap(),
