@@ -561,9 +561,13 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
             }
         }
     })?;
+    let sidecar = store::open_sidecar(&settings.storage)
+        .await
+        .context("cannot open the ingest writer's second PostgreSQL connection")?;
     let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);
     let writer = Writer::new(
         store_writer,
+        sidecar,
         queue_rx,
         WriterSettings {
             max_batch_rows: settings.ingest.max_batch_rows,

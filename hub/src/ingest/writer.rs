@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::alarms::{AlarmChanges, AlarmOutcome, AlarmWork};
+use super::sidecar::{self, Done, Job, Sidecar};
 use super::{
     CredentialChange, IngestError, Registered, RetainDone, TwinOp, TwinOutcome, TwinStart,
     WriterMsg,
@@ -132,6 +133,10 @@ pub struct Writer {
     staged: Option<Staged>,
     /// Which series have blocks to merge (None: not loaded yet).
     merges: Option<MergePlan>,
+    /// PostgreSQL: compactions and merges run on a second connection,
+    /// beside the group commits (None: on SQLite, or that connection's
+    /// task died; the writer then does them between commits).
+    sidecar: Option<Sidecar>,
     merge_retry: Backoff,
     commit_retry: Backoff,
     compact_retry: Backoff,
@@ -586,8 +591,12 @@ impl GroupTwins {
 }
 
 impl Writer {
+    /// `sidecar`: PostgreSQL's second connection (`store::open_sidecar`);
+    /// its jobs run on the runtime this is called on.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: StoreWriter,
+        sidecar: Option<StoreWriter>,
         rx: mpsc::Receiver<WriterMsg>,
         settings: WriterSettings,
         metrics: Arc<HubMetrics>,
@@ -620,6 +629,7 @@ impl Writer {
             published: 0,
             staged: None,
             merges: None,
+            sidecar: sidecar.map(|store| Sidecar::new(store, tokio::runtime::Handle::current())),
             merge_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -642,7 +652,11 @@ impl Writer {
         loop {
             // Idle: merge blocks, then build rollups, a step at a time,
             // while nothing waits.
-            if self.rx.is_empty() && !stop.is_cancelled() && self.merges_due().await {
+            if self.rx.is_empty()
+                && !stop.is_cancelled()
+                && self.sidecar.is_none()
+                && self.merges_due().await
+            {
                 self.merge_step().await;
                 continue;
             }
@@ -652,6 +666,11 @@ impl Writer {
             }
             let first = tokio::select! {
                 msg = self.rx.recv() => msg,
+                done = sidecar::job_ended(&mut self.sidecar) => {
+                    self.block_work_done(done);
+                    self.start_block_work().await;
+                    continue;
+                }
                 _ = stop.cancelled() => None,
             };
             let Some(first) = first else { break };
@@ -696,6 +715,10 @@ impl Writer {
             }
         }
         self.commit_group(&mut group).await;
+        if let Some(sidecar) = self.sidecar.take() {
+            let done = sidecar.close().await;
+            self.block_work_done(done);
+        }
         self.compact_everything().await;
         if let Err(e) = self.store.close().await {
             tracing::warn!(error = %e, "closing the writer connection failed");
@@ -738,7 +761,7 @@ impl Writer {
                 self.publish();
                 self.commit_retry.succeeded();
                 self.compact_if_due().await;
-                if self.merges_due().await {
+                if self.sidecar.is_none() && self.merges_due().await {
                     self.merge_step().await;
                 } else if self.builds_due() && self.last_build.elapsed() >= BUILD_EVERY_BUSY {
                     // Under steady load the writer is never idle: a build
@@ -892,6 +915,14 @@ impl Writer {
                 return Ok(());
             }
             let (part, rows) = staged.fullest();
+            // A compaction running beside may make the room.
+            if let Some(sidecar) = &mut self.sidecar
+                && sidecar.is_running()
+            {
+                let done = sidecar.finished().await;
+                self.block_work_done(done);
+                continue;
+            }
             if rows == 0 || self.compact_retry.waiting() {
                 return Err(StoreError::StagingFull { staged: total });
             }
@@ -924,9 +955,18 @@ impl Writer {
                 }
             }
         }
-        let Some((part, rows)) = self.staged.as_ref().map(Staged::fullest) else {
-            return;
-        };
+        if let Some(sidecar) = &mut self.sidecar {
+            let done = sidecar.try_finished().await;
+            self.block_work_done(done);
+            self.start_block_work().await;
+        } else if let Some(part) = self.due_part() {
+            self.compact(part).await;
+        }
+    }
+
+    /// The part to compact now, if one holds a run's worth of rows.
+    fn due_part(&self) -> Option<usize> {
+        let (part, rows) = self.staged.as_ref().map(Staged::fullest)?;
         // Under load (batches already waiting) runs grow up to 4x: a longer
         // run costs little more than a short one, so throughput holds up.
         let busy = !self.rx.is_empty();
@@ -936,8 +976,73 @@ impl Writer {
             self.settings.compact_rows
         };
         let part_run = (run / STAGING_PARTS as u64).max(1);
-        if rows >= part_run && !self.compact_retry.waiting() {
-            self.compact(part).await;
+        (rows >= part_run && !self.compact_retry.waiting()).then_some(part)
+    }
+
+    /// PostgreSQL: starts the next block job on the sidecar's connection
+    /// if it is free: a due compaction first, else a merge step.
+    async fn start_block_work(&mut self) {
+        if !self.sidecar.as_ref().is_some_and(Sidecar::is_idle) {
+            return;
+        }
+        let job = if let Some(part) = self.due_part() {
+            // The part's rows are the database's to take now; the copy
+            // here only counts what waits.
+            if let Some(staged) = &mut self.staged {
+                staged.parts[part].clear();
+            }
+            tracing::debug!(part, "compacting staged readings beside the writer");
+            Job::Compact(part)
+        } else if self.merges_due().await
+            && let Some(plan) = &self.merges
+        {
+            Job::Merge(plan.next(MERGES_PER_STEP))
+        } else {
+            return;
+        };
+        if let Some(sidecar) = &mut self.sidecar {
+            sidecar.start(job);
+        }
+    }
+
+    /// Applies what a sidecar job did, as the writer does for its own
+    /// compactions and merges. None: no job ended, or its task died (the
+    /// writer then does the block work itself).
+    fn block_work_done(&mut self, done: Option<Done>) {
+        if self.sidecar.as_ref().is_some_and(|s| !s.is_alive()) {
+            self.sidecar = None;
+        }
+        match done {
+            None => {}
+            Some(Done::Compacted(Ok(blocks))) => {
+                self.compact_retry.succeeded();
+                HubMetrics::add(&self.metrics.compactions, 1);
+                if let Some(plan) = &mut self.merges {
+                    for (series, level) in &blocks {
+                        plan.add(*series, *level, 1);
+                    }
+                }
+                tracing::debug!(blocks = blocks.len(), "compacted staged readings");
+            }
+            Some(Done::Compacted(Err(e))) => {
+                // Its rows stay staged; the counts are read again.
+                self.staged = None;
+                let wait = self.compact_retry.failed();
+                HubMetrics::add(&self.metrics.compaction_failures, 1);
+                tracing::error!(error = %e, retry_in = ?wait, "compaction failed");
+            }
+            Some(Done::Merged(Ok(done))) => {
+                self.merge_retry.succeeded();
+                HubMetrics::add(&self.metrics.merges, done.len() as u64);
+                if let Some(plan) = &mut self.merges {
+                    plan.done(&done);
+                }
+            }
+            Some(Done::Merged(Err(e))) => {
+                self.merges = None;
+                let wait = self.merge_retry.failed();
+                tracing::error!(error = %e, retry_in = ?wait, "merging blocks failed");
+            }
         }
     }
 

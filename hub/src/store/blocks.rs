@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use super::codec::{self, Point};
-use super::db::{Val, with_conn, with_pool};
+use super::db::{Conn, Val, with_conn, with_pool};
 use super::rollups;
 use super::write::{
     Batched, RowToInsert, STAGING_PARTS, StagedRow, StoreWriter, WriteTx, staging_table,
@@ -394,18 +394,30 @@ impl StoreWriter {
     /// takes every committed row of it (`DELETE … RETURNING`), whichever
     /// hub staged it, and inserts their blocks. Another hub compacting the
     /// same part at once waits for the rows this one took and finds them
-    /// gone. Returns the (series, level) of the blocks written.
+    /// gone. The rows come back as one binary `COPY` stream
+    /// (`store::pg_copy`). Returns the (series, level) of the blocks written.
     pub async fn compact_taking(&mut self, part: usize) -> Result<Vec<(Series, u8)>, StoreError> {
+        use futures_util::TryStreamExt;
         let sql = format!(
-            "DELETE FROM {} RETURNING device_id, sensor_id, ts_ms, seq, value",
-            staging_table(part)
+            "COPY (DELETE FROM {} RETURNING {}) TO STDOUT (FORMAT binary)",
+            staging_table(part),
+            super::pg_copy::COLUMNS
         );
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        let taken: Vec<StagedRow> = with_conn!(tx.conn.conn(), c => {
-            sqlx::query_as(&sql).fetch_all(c).await?
-        });
-        let mut rows: Vec<RowToInsert> = taken.into_iter().map(RowToInsert::from).collect();
+        let Conn::Postgres(c) = tx.conn.conn() else {
+            return Err(StoreError::Sqlx(sqlx::Error::Protocol(
+                "compact_taking is PostgreSQL's compaction".into(),
+            )));
+        };
+        let mut data = Vec::new();
+        let mut stream = c.copy_out_raw(&sql).await?;
+        while let Some(chunk) = stream.try_next().await? {
+            data.extend_from_slice(&chunk);
+        }
+        drop(stream);
+        let mut rows = super::pg_copy::decode(&data)?;
+        drop(data);
         let blocks = blocks_of(&mut rows);
         tx.insert_blocks(&blocks).await?;
         let everies = tx.rollup_everies().await?;

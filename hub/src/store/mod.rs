@@ -15,6 +15,7 @@ pub mod credentials;
 mod db;
 pub mod jobs;
 mod partitions;
+mod pg_copy;
 pub mod rollups;
 pub mod snapshot;
 pub mod twins;
@@ -139,6 +140,20 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     writer.sync_rollups(&settings.rollups).await?;
     let read = read.pool(settings.read_connections).await?;
     Ok((Store { read }, writer))
+}
+
+/// PostgreSQL: a second writer connection, for the ingest writer's block
+/// work beside its group commits (`ingest::sidecar`); None on SQLite,
+/// where one connection writes. Open after [`open`] (the schema is made).
+pub async fn open_sidecar(settings: &StorageSettings) -> Result<Option<StoreWriter>, StoreError> {
+    match settings.backend {
+        Backend::Sqlite => Ok(None),
+        Backend::Postgres => {
+            let options = Connector::Postgres(db::postgres_options(settings.url.as_str())?);
+            let conn = WriteConn::open(options).await?;
+            Ok(Some(StoreWriter::new(conn, None)))
+        }
+    }
 }
 
 /// Brings the readings database's schema (on PostgreSQL, the one database's)
