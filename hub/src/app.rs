@@ -561,7 +561,7 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
             }
         }
     })?;
-    let sidecar = store::open_sidecar(&settings.storage)
+    let sidecar = ingest::sidecar::Sidecar::open(&settings.storage)
         .await
         .context("cannot open the ingest writer's second PostgreSQL connection")?;
     let (ingest, queue_rx) = ingest::queue(settings.ingest.queue_capacity);

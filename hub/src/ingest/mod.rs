@@ -13,7 +13,7 @@
 
 pub mod alarms;
 pub mod jobs;
-mod sidecar;
+pub(crate) mod sidecar;
 pub mod writer;
 
 use std::collections::BTreeMap;

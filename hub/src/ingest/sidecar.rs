@@ -8,19 +8,24 @@
 //! commit for as long as it took: 150-200 ms for a part of 100,000 rows,
 //! two thirds of the writer's time at saturation. The sidecar runs
 //! compactions and merge steps on a connection of its own, one job at a
-//! time, on the hub's runtime (the writer's thread stays free for
-//! commits), while the writer goes on committing groups. The writer
+//! time, on a thread of its own (a compaction's decoding and encoding
+//! would hold one of the shared runtime's workers, and its statements'
+//! wake-ups would queue behind the sessions', as the writer's did), while
+//! the writer goes on committing groups. The writer
 //! decides what to run and applies what comes back (its staging counts,
 //! the merge plan, the retry waits); see `Writer::start_block_work`.
 
+use anyhow::Context;
 use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::config::{Backend, StorageSettings};
 use crate::store::blocks::{Merged, Series};
-use crate::store::{StoreError, StoreWriter};
+use crate::store::{self, StoreError, StoreWriter};
 
 /// Work for the sidecar's connection.
-pub(super) enum Job {
+pub(crate) enum Job {
     /// Compact one staging part.
     Compact(usize),
     /// Merge these (series, level) in one transaction.
@@ -28,28 +33,74 @@ pub(super) enum Job {
 }
 
 /// What a job did.
-pub(super) enum Done {
+pub(crate) enum Done {
     /// The (series, level) of the blocks written.
     Compacted(Result<Vec<(Series, u8)>, StoreError>),
     Merged(Result<Vec<Merged>, StoreError>),
 }
 
-pub(super) struct Sidecar {
+pub(crate) struct Sidecar {
+    /// The sidecar thread's runtime: the connection was opened on it, and
+    /// jobs run on it.
     runtime: Handle,
+    /// Dropped with the sidecar: the thread then ends.
+    _thread: oneshot::Sender<()>,
     /// The connection while no job runs...
     idle: Option<StoreWriter>,
     /// ...and the job holding it otherwise (it hands it back).
     running: Option<JoinHandle<(StoreWriter, Done)>>,
+    /// The last job started was a compaction.
+    last_compacted: bool,
 }
 
 impl Sidecar {
-    /// Jobs run on `runtime`.
-    pub fn new(store: StoreWriter, runtime: Handle) -> Self {
-        Self {
+    /// PostgreSQL: starts the sidecar's thread and opens its connection
+    /// there. None on SQLite.
+    pub(crate) async fn open(settings: &StorageSettings) -> anyhow::Result<Option<Self>> {
+        if settings.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let settings = settings.clone();
+        let (opened_tx, opened) = oneshot::channel();
+        let (keep, ended) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("hub-blocks".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let store = store::open_sidecar(&settings).await;
+                    let open = matches!(store, Ok(Some(_)));
+                    let store = store
+                        .map_err(anyhow::Error::from)
+                        .and_then(|s| s.context("not a PostgreSQL store"))
+                        .map(|s| (s, Handle::current()));
+                    let _ = opened_tx.send(store);
+                    if open {
+                        // Runs the jobs until the sidecar is dropped.
+                        let _ = ended.await;
+                    }
+                });
+            })
+            .context("cannot start the block work's thread")?;
+        let (store, runtime) = opened
+            .await
+            .context("the block work's thread ended before it started")??;
+        Ok(Some(Self {
             runtime,
+            _thread: keep,
             idle: Some(store),
             running: None,
-        }
+            last_compacted: false,
+        }))
     }
 
     pub fn is_idle(&self) -> bool {
@@ -66,11 +117,16 @@ impl Sidecar {
         self.idle.is_some() || self.running.is_some()
     }
 
+    pub fn last_compacted(&self) -> bool {
+        self.last_compacted
+    }
+
     /// Starts `job` if the connection is free; false if a job runs.
     pub fn start(&mut self, job: Job) -> bool {
         let Some(mut store) = self.idle.take() else {
             return false;
         };
+        self.last_compacted = matches!(job, Job::Compact(_));
         self.running = Some(self.runtime.spawn(async move {
             let done = match job {
                 Job::Compact(part) => Done::Compacted(store.compact_taking(part).await),
@@ -112,13 +168,18 @@ impl Sidecar {
         }
     }
 
-    /// Waits for a running job, then closes the connection.
+    /// Waits for a running job, then closes the connection (on its own
+    /// runtime) and ends the thread.
     pub async fn close(mut self) -> Option<Done> {
         let done = self.finished().await;
-        if let Some(store) = self.idle.take()
-            && let Err(e) = store.close().await
-        {
-            tracing::warn!(error = %e, "closing the block work's connection failed");
+        if let Some(store) = self.idle.take() {
+            match self.runtime.spawn(store.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "closing the block work's connection failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "closing the block work's connection failed"),
+            }
         }
         done
     }

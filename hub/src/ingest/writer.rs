@@ -70,6 +70,8 @@ const MERGES_PER_STEP: usize = 32;
 const BUILD_EVERY_BUSY: Duration = Duration::from_millis(250);
 /// How often a PostgreSQL hub looks for a rollup another hub left unbuilt.
 const BUILD_RECHECK: Duration = Duration::from_secs(60);
+/// How often an idle writer looks for block work for its sidecar.
+const SIDECAR_IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// Waits between retries of something that failed: doubling, capped.
 #[derive(Debug)]
@@ -137,6 +139,8 @@ pub struct Writer {
     /// beside the group commits (None: on SQLite, or that connection's
     /// task died; the writer then does them between commits).
     sidecar: Option<Sidecar>,
+    /// The writer is stopping: no new block work is started.
+    winding_down: bool,
     merge_retry: Backoff,
     commit_retry: Backoff,
     compact_retry: Backoff,
@@ -591,12 +595,11 @@ impl GroupTwins {
 }
 
 impl Writer {
-    /// `sidecar`: PostgreSQL's second connection (`store::open_sidecar`);
-    /// its jobs run on the runtime this is called on.
+    /// `sidecar`: PostgreSQL's second connection, for block work.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: StoreWriter,
-        sidecar: Option<StoreWriter>,
+        sidecar: Option<Sidecar>,
         rx: mpsc::Receiver<WriterMsg>,
         settings: WriterSettings,
         metrics: Arc<HubMetrics>,
@@ -629,7 +632,8 @@ impl Writer {
             published: 0,
             staged: None,
             merges: None,
-            sidecar: sidecar.map(|store| Sidecar::new(store, tokio::runtime::Handle::current())),
+            sidecar,
+            winding_down: false,
             merge_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -671,6 +675,14 @@ impl Writer {
                     self.start_block_work().await;
                     continue;
                 }
+                // Idle with the sidecar free: merges left from before, or
+                // work whose retry wait is over.
+                _ = tokio::time::sleep(SIDECAR_IDLE_LOOK),
+                    if self.sidecar.as_ref().is_some_and(Sidecar::is_idle) =>
+                {
+                    self.start_block_work().await;
+                    continue;
+                }
                 _ = stop.cancelled() => None,
             };
             let Some(first) = first else { break };
@@ -707,6 +719,7 @@ impl Writer {
             }
         }
         // Drain: nothing new is accepted; what was queued is committed.
+        self.winding_down = true;
         self.rx.close();
         while let Some(msg) = self.rx.recv().await {
             group.push(msg);
@@ -730,6 +743,16 @@ impl Writer {
     async fn commit_group(&mut self, group: &mut Vec<WriterMsg>) -> bool {
         if group.is_empty() {
             return true;
+        }
+        // Retention takes the block writers' lock first: it waits for this
+        // hub's own compaction or merge here, outside any transaction,
+        // rather than on the lock (within `lock_timeout`) inside one.
+        if group.iter().any(|m| matches!(m, WriterMsg::Retain { .. }))
+            && let Some(sidecar) = &mut self.sidecar
+            && sidecar.is_running()
+        {
+            let done = sidecar.finished().await;
+            self.block_work_done(done);
         }
         let started = std::time::Instant::now();
         let mut conflicts = 0;
@@ -982,21 +1005,22 @@ impl Writer {
     /// PostgreSQL: starts the next block job on the sidecar's connection
     /// if it is free: a due compaction first, else a merge step.
     async fn start_block_work(&mut self) {
-        if !self.sidecar.as_ref().is_some_and(Sidecar::is_idle) {
+        let Some(sidecar) = &self.sidecar else { return };
+        if self.winding_down || !sidecar.is_idle() {
             return;
         }
-        let job = if let Some(part) = self.due_part() {
-            // The part's rows are the database's to take now; the copy
-            // here only counts what waits.
-            if let Some(staged) = &mut self.staged {
-                staged.parts[part].clear();
-            }
-            tracing::debug!(part, "compacting staged readings beside the writer");
-            Job::Compact(part)
+        // After a compaction a due merge step goes first, so that merges
+        // keep up while compactions are due one after the other.
+        let merge_first = sidecar.last_compacted();
+        let part = self.due_part();
+        let job = if let Some(part) = part.filter(|_| !merge_first) {
+            self.compact_job(part)
         } else if self.merges_due().await
             && let Some(plan) = &self.merges
         {
             Job::Merge(plan.next(MERGES_PER_STEP))
+        } else if let Some(part) = part {
+            self.compact_job(part)
         } else {
             return;
         };
@@ -1005,12 +1029,25 @@ impl Writer {
         }
     }
 
+    fn compact_job(&mut self, part: usize) -> Job {
+        // The part's rows are the database's to take now; the copy here
+        // only counts what waits.
+        if let Some(staged) = &mut self.staged {
+            staged.parts[part].clear();
+        }
+        tracing::debug!(part, "compacting staged readings beside the writer");
+        Job::Compact(part)
+    }
+
     /// Applies what a sidecar job did, as the writer does for its own
     /// compactions and merges. None: no job ended, or its task died (the
     /// writer then does the block work itself).
     fn block_work_done(&mut self, done: Option<Done>) {
         if self.sidecar.as_ref().is_some_and(|s| !s.is_alive()) {
             self.sidecar = None;
+            // The job's part count was cleared when it started; its rows
+            // may still be staged.
+            self.staged = None;
         }
         match done {
             None => {}

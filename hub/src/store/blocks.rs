@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use super::codec::{self, Point};
-use super::db::{Conn, Val, with_conn, with_pool};
+use super::db::{Val, with_conn, with_pool};
 use super::rollups;
 use super::write::{
     Batched, RowToInsert, STAGING_PARTS, StagedRow, StoreWriter, WriteTx, staging_table,
@@ -397,7 +397,6 @@ impl StoreWriter {
     /// gone. The rows come back as one binary `COPY` stream
     /// (`store::pg_copy`). Returns the (series, level) of the blocks written.
     pub async fn compact_taking(&mut self, part: usize) -> Result<Vec<(Series, u8)>, StoreError> {
-        use futures_util::TryStreamExt;
         let sql = format!(
             "COPY (DELETE FROM {} RETURNING {}) TO STDOUT (FORMAT binary)",
             staging_table(part),
@@ -405,19 +404,13 @@ impl StoreWriter {
         );
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        let Conn::Postgres(c) = tx.conn.conn() else {
-            return Err(StoreError::Sqlx(sqlx::Error::Protocol(
-                "compact_taking is PostgreSQL's compaction".into(),
-            )));
+        let mut rows = match super::pg_copy::copy_out(tx.conn.conn(), &sql).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tx.conn.poison();
+                return Err(e);
+            }
         };
-        let mut data = Vec::new();
-        let mut stream = c.copy_out_raw(&sql).await?;
-        while let Some(chunk) = stream.try_next().await? {
-            data.extend_from_slice(&chunk);
-        }
-        drop(stream);
-        let mut rows = super::pg_copy::decode(&data)?;
-        drop(data);
         let blocks = blocks_of(&mut rows);
         tx.insert_blocks(&blocks).await?;
         let everies = tx.rollup_everies().await?;

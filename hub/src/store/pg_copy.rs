@@ -10,7 +10,10 @@
 //! ("Binary Format"); every staging column is an 8-byte `BIGINT` or
 //! `DOUBLE PRECISION`, sent big-endian.
 
+use futures_util::TryStreamExt;
+
 use super::StoreError;
+use super::db::Conn;
 use super::write::RowToInsert;
 use crate::domain::{DeviceKey, SensorKey};
 
@@ -40,42 +43,143 @@ pub(super) fn encode(rows: &[RowToInsert], out: &mut Vec<u8>) {
     out.extend_from_slice(&(-1i16).to_be_bytes());
 }
 
-/// Reads a binary COPY stream of staged rows (as [`encode`] writes them).
-pub(super) fn decode(data: &[u8]) -> Result<Vec<RowToInsert>, StoreError> {
-    let mut input = Reader(data);
-    if input.take(SIGNATURE.len())? != SIGNATURE {
-        return Err(bad("no binary COPY signature"));
+/// Runs `COPY … FROM STDIN (FORMAT binary)` with `data` ([`encode`]d);
+/// returns the rows the server stored. After an error the caller poisons
+/// the connection (`WriteConn::poison`).
+pub(super) async fn copy_in(conn: &mut Conn, sql: &str, data: &[u8]) -> Result<u64, StoreError> {
+    let c = postgres(conn)?;
+    let mut copy = c.copy_in_raw(sql).await?;
+    // Dropped on an error, it tells the server to fail the COPY.
+    copy.send(data).await?;
+    Ok(copy.finish().await?)
+}
+
+/// Runs `COPY (…) TO STDOUT (FORMAT binary)` of staged rows and reads them
+/// as they arrive. After an error the caller poisons the connection.
+pub(super) async fn copy_out(conn: &mut Conn, sql: &str) -> Result<Vec<RowToInsert>, StoreError> {
+    let c = postgres(conn)?;
+    let mut stream = c.copy_out_raw(sql).await?;
+    let mut decoder = Decoder::default();
+    while let Some(chunk) = stream.try_next().await? {
+        decoder.feed(&chunk)?;
     }
-    let flags = input.i32()?;
-    if flags & (1 << 16) != 0 {
-        return Err(bad("rows carry OIDs"));
+    decoder.finish()
+}
+
+fn postgres(conn: &mut Conn) -> Result<&mut sqlx::PgConnection, StoreError> {
+    match conn {
+        Conn::Postgres(c) => Ok(c),
+        Conn::Sqlite(_) => Err(bad("COPY is PostgreSQL's")),
     }
-    let extension = usize::try_from(input.i32()?).map_err(|_| bad("negative extension"))?;
-    input.take(extension)?;
-    let mut rows = Vec::with_capacity(data.len() / ROW_BYTES);
-    loop {
-        match input.i16()? {
-            -1 => break,
-            FIELDS => {}
-            n => return Err(bad(&format!("a row of {n} fields"))),
-        }
-        let mut f = [0i64; FIELDS as usize];
-        for field in &mut f {
-            if input.i32()? != 8 {
-                return Err(bad("a field that is not 8 bytes"));
+}
+
+/// Reads a binary COPY stream of staged rows (as [`encode`] writes them)
+/// as its chunks arrive: a part taken by a compaction is never held twice,
+/// as bytes and as rows.
+#[derive(Default)]
+pub(super) struct Decoder {
+    /// Bytes of a unit (the header, a row) whose end has not come yet.
+    carry: Vec<u8>,
+    header_read: bool,
+    ended: bool,
+    rows: Vec<RowToInsert>,
+}
+
+/// Why a unit could not be read.
+enum Short {
+    /// Its end is in a later chunk.
+    More,
+    Bad(String),
+}
+
+impl Decoder {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let mut data = std::mem::take(&mut self.carry);
+        let input: &[u8] = if data.is_empty() {
+            chunk
+        } else {
+            data.extend_from_slice(chunk);
+            &data
+        };
+        let mut reader = Reader(input);
+        while !reader.0.is_empty() {
+            let before = reader.0;
+            let unit = if !self.header_read {
+                header(&mut reader).map(|()| self.header_read = true)
+            } else if self.ended {
+                Err(Short::Bad("data after the end".into()))
+            } else {
+                row(&mut reader).map(|row| match row {
+                    Some(row) => self.rows.push(row),
+                    None => self.ended = true,
+                })
+            };
+            match unit {
+                Ok(()) => {}
+                Err(Short::More) => {
+                    self.carry = before.to_vec();
+                    break;
+                }
+                Err(Short::Bad(what)) => return Err(bad(&what)),
             }
-            let bytes = input.take(8)?;
-            *field = i64::from_be_bytes(bytes.try_into().map_err(|_| bad("short field"))?);
         }
-        rows.push(RowToInsert {
-            device: DeviceKey(f[0]),
-            sensor: SensorKey(f[1]),
-            ts_ms: f[2],
-            seq: f[3],
-            value: f64::from_bits(f[4] as u64),
-        });
+        Ok(())
     }
-    Ok(rows)
+
+    /// The rows, once the stream ended where it should.
+    pub fn finish(self) -> Result<Vec<RowToInsert>, StoreError> {
+        if !self.ended || !self.carry.is_empty() {
+            return Err(bad("it ends early"));
+        }
+        Ok(self.rows)
+    }
+}
+
+/// A whole stream at once.
+#[cfg(test)]
+fn decode(data: &[u8]) -> Result<Vec<RowToInsert>, StoreError> {
+    let mut decoder = Decoder::default();
+    decoder.feed(data)?;
+    decoder.finish()
+}
+
+fn header(input: &mut Reader) -> Result<(), Short> {
+    if input.take(SIGNATURE.len())? != SIGNATURE {
+        return Err(Short::Bad("no binary COPY signature".into()));
+    }
+    // Bits 16-31 flag what a reader must understand (16: OIDs): none is
+    // expected. Bits 0-15 may be ignored.
+    if input.i32()? as u32 & 0xffff_0000 != 0 {
+        return Err(Short::Bad("unexpected header flags".into()));
+    }
+    let extension =
+        usize::try_from(input.i32()?).map_err(|_| Short::Bad("negative extension".into()))?;
+    input.take(extension)?;
+    Ok(())
+}
+
+/// A row, or None for the trailer.
+fn row(input: &mut Reader) -> Result<Option<RowToInsert>, Short> {
+    match input.i16()? {
+        -1 => return Ok(None),
+        FIELDS => {}
+        n => return Err(Short::Bad(format!("a row of {n} fields"))),
+    }
+    let mut f = [0i64; FIELDS as usize];
+    for field in &mut f {
+        if input.i32()? != 8 {
+            return Err(Short::Bad("a field that is not 8 bytes".into()));
+        }
+        let b = input.take(8)?;
+        *field = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    }
+    Ok(Some(RowToInsert {
+        device: DeviceKey(f[0]),
+        sensor: SensorKey(f[1]),
+        ts_ms: f[2],
+        seq: f[3],
+        value: f64::from_bits(f[4] as u64),
+    }))
 }
 
 fn bad(what: &str) -> StoreError {
@@ -87,21 +191,21 @@ fn bad(what: &str) -> StoreError {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Short> {
         if self.0.len() < n {
-            return Err(bad("it ends early"));
+            return Err(Short::More);
         }
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(head)
     }
 
-    fn i16(&mut self) -> Result<i16, StoreError> {
+    fn i16(&mut self) -> Result<i16, Short> {
         let b = self.take(2)?;
         Ok(i16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn i32(&mut self) -> Result<i32, StoreError> {
+    fn i32(&mut self) -> Result<i32, Short> {
         let b = self.take(4)?;
         Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
@@ -154,6 +258,29 @@ mod tests {
     }
 
     #[test]
+    fn rows_split_across_chunks_anywhere_decode_the_same() {
+        let rows: Vec<_> = (0..5).map(|i| row(i, i as f64 / 3.0)).collect();
+        let mut buf = Vec::new();
+        encode(&rows, &mut buf);
+        for size in [1, 2, 3, 7, 61, 62, 63, 1000] {
+            let mut decoder = Decoder::default();
+            for chunk in buf.chunks(size) {
+                decoder.feed(chunk).unwrap();
+            }
+            let back = decoder.finish().unwrap();
+            assert_eq!(back.len(), rows.len(), "chunks of {size}");
+            assert!(
+                rows.iter()
+                    .zip(&back)
+                    .all(|(a, b)| a.seq == b.seq && a.value.to_bits() == b.value.to_bits())
+            );
+        }
+        let mut more = buf.clone();
+        more.push(0);
+        assert!(decode(&more).is_err(), "data after the trailer");
+    }
+
+    #[test]
     fn damaged_streams_are_errors_not_panics() {
         let mut buf = Vec::new();
         encode(&[row(1, 2.0), row(2, 3.0)], &mut buf);
@@ -167,8 +294,11 @@ mod tests {
         let mut nulls = buf.clone();
         nulls[19 + 2..19 + 6].copy_from_slice(&(-1i32).to_be_bytes());
         assert!(decode(&nulls).is_err());
-        let mut fields = buf;
+        let mut fields = buf.clone();
         fields[19..21].copy_from_slice(&4i16.to_be_bytes());
         assert!(decode(&fields).is_err());
+        let mut flags = buf;
+        flags[11..15].copy_from_slice(&(1i32 << 16).to_be_bytes());
+        assert!(decode(&flags).is_err(), "OIDs");
     }
 }

@@ -1061,20 +1061,27 @@ impl WriteTx<'_> {
     pub async fn insert_readings(&mut self, parts: &[Vec<RowToInsert>]) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         for (part, rows) in parts.iter().enumerate() {
-            if let Conn::Postgres(c) = self.conn.conn()
-                && rows.len() >= COPY_MIN_ROWS
-            {
+            if self.conn.backend() == Backend::Postgres && rows.len() >= COPY_MIN_ROWS {
                 super::pg_copy::encode(rows, &mut buf);
                 let sql = format!(
                     "COPY {} ({}) FROM STDIN (FORMAT binary)",
                     staging_table(part),
                     super::pg_copy::COLUMNS
                 );
-                let mut copy = c.copy_in_raw(&sql).await?;
-                // Dropped on an error, it tells the server to fail the COPY.
-                copy.send(buf.as_slice()).await?;
-                copy.finish().await?;
-                continue;
+                match super::pg_copy::copy_in(self.conn.conn(), &sql, &buf).await {
+                    Ok(n) if n == rows.len() as u64 => continue,
+                    Ok(n) => {
+                        self.conn.poison();
+                        return Err(StoreError::Sqlx(sqlx::Error::Protocol(format!(
+                            "a COPY of {} staged rows stored {n}",
+                            rows.len()
+                        ))));
+                    }
+                    Err(e) => {
+                        self.conn.poison();
+                        return Err(e);
+                    }
+                }
             }
             self.execute_batched(Batched::Insert(part), rows, |r, out| {
                 out.extend([

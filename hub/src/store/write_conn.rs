@@ -30,6 +30,11 @@ pub struct WriteConn {
     unfinished: bool,
     /// Times the connection was thrown away and opened again.
     reopened: u64,
+    /// A failed `COPY` may have left the protocol out of step (sqlx's
+    /// copy-out does not read the reply that follows an error before the
+    /// data): the next [`WriteConn::abort`] replaces the connection instead
+    /// of trusting a ROLLBACK's answer on it.
+    poisoned: bool,
 }
 
 /// How long closing a broken connection may take before it is just dropped.
@@ -43,6 +48,7 @@ impl WriteConn {
             options,
             unfinished: false,
             reopened: 0,
+            poisoned: false,
         })
     }
 
@@ -90,6 +96,13 @@ impl WriteConn {
     /// already rolled back on its own, the state wanted either way; after
     /// any other failure the connection is replaced.
     pub async fn abort(&mut self) {
+        if self.poisoned {
+            tracing::warn!("a COPY failed; opening a new write connection");
+            if let Err(e) = self.reopen().await {
+                tracing::warn!(error = %e, "cannot open a new write connection; tried again before the next write");
+            }
+            return;
+        }
         if !self.unfinished {
             return;
         }
@@ -118,12 +131,20 @@ impl WriteConn {
         Ok(())
     }
 
+    /// Marks the connection untrusted after a failed `COPY`: it is replaced
+    /// at the next [`WriteConn::abort`] (every failed write is followed by
+    /// one, and every [`WriteConn::begin`] starts with one).
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
     /// Throws the connection away (closing it rolls back anything SQLite
     /// kept open) and opens a fresh one, in autocommit.
     async fn reopen(&mut self) -> Result<(), StoreError> {
         let fresh = self.options.connect().await?;
         let old = std::mem::replace(&mut self.conn, fresh);
         self.unfinished = false;
+        self.poisoned = false;
         self.reopened += 1;
         if tokio::time::timeout(CLOSE_TIMEOUT, old.close())
             .await
