@@ -94,11 +94,16 @@ drop_db "$db"
 if [ -n "${SAT_RATE:-}" ]; then
   echo "-- saturation: $DEVICES devices x $SAT_RATE Hz offered, ${SAT_DURATION:-20s}"
   echo "   one hub on SQLite"
-  RATE=$SAT_RATE DURATION=${SAT_DURATION:-20s} scripts/bench-ingest.sh | grep -E "stored|ack|CPU"
+  sat_sqlite=$(RATE=$SAT_RATE DURATION=${SAT_DURATION:-20s} scripts/bench-ingest.sh | grep -E "stored|ack|CPU")
+  echo "$sat_sqlite"
   echo "   one hub on PostgreSQL"
   db=$(fresh_db sat_one)
-  RATE=$SAT_RATE DURATION=${SAT_DURATION:-20s} PG_DB=$db scripts/bench-ingest.sh | grep -E "stored|ack|CPU"
+  sat_pg=$(RATE=$SAT_RATE DURATION=${SAT_DURATION:-20s} PG_DB=$db scripts/bench-ingest.sh | grep -E "stored|ack|CPU")
+  echo "$sat_pg"
   drop_db "$db"
+  rate_of() { sed -n 's/^stored readings\/s *\([0-9]*\).*/\1/p' <<<"$1"; }
+  python3 -c "import sys; s, p = map(float, sys.argv[1:]); print(f'   PostgreSQL / SQLite at saturation: {p / s:.2f} (target >= 0.7)')" \
+    "$(rate_of "$sat_sqlite")" "$(rate_of "$sat_pg")"
   echo "   two hubs on PostgreSQL"
   db=$(fresh_db sat_two)
   start_two "$db"

@@ -76,7 +76,7 @@ section "PostgreSQL groundwork: the same rows as multi-row INSERT, UNNEST, COPY,
 TOTAL_ROWS=$PG_ROWS bench pg_ingest
 
 section "PostgreSQL backend and several hubs: SQLite vs PostgreSQL, one vs two hubs, failover after a SIGKILL"
-DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$CLUSTER_DURATION scripts/bench-cluster.sh
+DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$CLUSTER_DURATION SAT_RATE=$SAT_RATE SAT_DURATION=$CLUSTER_DURATION scripts/bench-cluster.sh
 
 section "SSE watchers: ingest with 0 and with 20 watchers of /api/v1/events, one hub"
 DEVICES=$DEVICES_HEADLINE RATE=100 DURATION=$SSE_DURATION scripts/bench-sse.sh

@@ -41,7 +41,8 @@
 //!   with a concurrency and abort thresholds); plain rules, and the runner
 //!   that drives them through the writer and the core.
 //! - [`store`]: sqlx on SQLite (the default) or PostgreSQL; one writer
-//!   connection per hub, a reader pool.
+//!   connection per hub (on PostgreSQL a second one, the writer's sidecar,
+//!   compacts and merges beside it), a reader pool.
 //! - [`cluster`]: several hubs on one PostgreSQL database: claims and
 //!   command notices between hubs, heartbeats and presence.
 //! - [`operator`]: what an operator may ask (validation, limits, errors,
