@@ -634,7 +634,8 @@ async fn start_storage(core: &Core, components: &mut Vec<Component>) -> anyhow::
 /// it, and on the hub's shared runtime each of its statements' wake-ups
 /// queued behind the runnable session tasks (100,000 of them while a
 /// fleet connects), so one commit took seconds with the database idle.
-fn spawn_on_own_thread<F>(name: &str, task: F) -> std::io::Result<JoinHandle<F::Output>>
+/// Also for the writer's PostgreSQL sidecar (`ingest::sidecar`).
+pub(crate) fn spawn_on_own_thread<F>(name: &str, task: F) -> std::io::Result<JoinHandle<F::Output>>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,

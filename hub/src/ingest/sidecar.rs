@@ -63,34 +63,21 @@ impl Sidecar {
         let settings = settings.clone();
         let (opened_tx, opened) = oneshot::channel();
         let (keep, ended) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("hub-blocks".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = opened_tx.send(Err(anyhow::Error::from(e)));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let store = store::open_sidecar(&settings).await;
-                    let open = matches!(store, Ok(Some(_)));
-                    let store = store
-                        .map_err(anyhow::Error::from)
-                        .and_then(|s| s.context("not a PostgreSQL store"))
-                        .map(|s| (s, Handle::current()));
-                    let _ = opened_tx.send(store);
-                    if open {
-                        // Runs the jobs until the sidecar is dropped.
-                        let _ = ended.await;
-                    }
-                });
-            })
-            .context("cannot start the block work's thread")?;
+        // Detached: the thread ends once `keep` is dropped with the sidecar.
+        let _thread = crate::app::spawn_on_own_thread("hub-blocks", async move {
+            let store = store::open_sidecar(&settings).await;
+            let open = matches!(store, Ok(Some(_)));
+            let store = store
+                .map_err(anyhow::Error::from)
+                .and_then(|s| s.context("not a PostgreSQL store"))
+                .map(|s| (s, Handle::current()));
+            let _ = opened_tx.send(store);
+            if open {
+                // Jobs run on this runtime until the sidecar is dropped.
+                let _ = ended.await;
+            }
+        })
+        .context("cannot start the block work's thread")?;
         let (store, runtime) = opened
             .await
             .context("the block work's thread ended before it started")??;
