@@ -74,6 +74,8 @@ pub enum StoreError {
     StagingFull { staged: u64 },
     #[error("a staging table holds {found} readings where the writer counted {expected}")]
     StagingChanged { expected: u64, found: u64 },
+    #[error("{found} of the {expected} blocks read to be replaced were still there")]
+    BlocksChanged { expected: u64, found: u64 },
     #[error("a stored block cannot be decoded: {0}")]
     Corrupt(#[from] codec::CodecError),
     #[error("{0} is not possible on PostgreSQL: {1}")]
