@@ -230,6 +230,17 @@ impl WriterMsg {
         }
     }
 
+    /// When the hub read it from its device, for a batch or a reported
+    /// patch: the group's wait counts from there (a batch that queued
+    /// behind the last commit has waited already).
+    fn arrived(&self) -> Option<std::time::Instant> {
+        match self {
+            WriterMsg::Batch(b) => Some(b.received),
+            WriterMsg::Reported(r) => Some(r.received),
+            _ => None,
+        }
+    }
+
     fn rows(&self) -> usize {
         match self {
             WriterMsg::Batch(b) => b.readings.len(),

@@ -10,7 +10,7 @@
 //! are skipped, so nothing of it is ever committed past the gap (its device
 //! is told UNAVAILABLE and resends from the true mark).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,10 @@ pub struct WriterSettings {
 /// failing: new readings are refused until it succeeds (bounded growth;
 /// 800,000 rows at the default `compact_rows`).
 const MAX_STAGED_RUNS: u64 = 4;
+/// A part is compacted once its rows average this many per series (or
+/// staging nears its cap): blocks of one or two readings cost a row each,
+/// and merges, for almost nothing stored.
+const MIN_BLOCK_POINTS: u64 = 8;
 /// Series merged per merge step: one short transaction between commits.
 const MERGES_PER_STEP: usize = 32;
 /// While batches keep coming, a rollup build step runs after a commit at
@@ -169,29 +173,69 @@ const GROUP_CONFLICT_RETRIES: u32 = 3;
 /// The writer's copy of the staging tables, by part.
 struct Staged {
     parts: Vec<Vec<RowToInsert>>,
+    /// The distinct series of each part's rows: how many readings each
+    /// block of a compaction now would hold on average.
+    series: Vec<HashSet<(DeviceKey, SensorKey)>>,
 }
 
 impl Staged {
+    fn new(parts: Vec<Vec<RowToInsert>>) -> Self {
+        let series = parts
+            .iter()
+            .map(|rows| rows.iter().map(|r| (r.device, r.sensor)).collect())
+            .collect();
+        Self { parts, series }
+    }
+
     fn rows(&self) -> u64 {
         self.parts.iter().map(|p| p.len() as u64).sum()
     }
 
     /// Moves a commit's rows, already split by part, in.
     fn append(&mut self, committed: &mut [Vec<RowToInsert>]) {
-        for (part, rows) in self.parts.iter_mut().zip(committed) {
+        for ((part, series), rows) in self.parts.iter_mut().zip(&mut self.series).zip(committed) {
+            series.extend(rows.iter().map(|r| (r.device, r.sensor)));
             part.append(rows);
         }
     }
 
-    /// The part holding the most rows, and how many.
-    fn fullest(&self) -> (usize, u64) {
+    /// Takes a part's rows out (to compact them).
+    fn take(&mut self, part: usize) -> Vec<RowToInsert> {
+        self.series[part].clear();
+        std::mem::take(&mut self.parts[part])
+    }
+
+    /// The part holding the most rows, how many, and in how many series.
+    fn fullest(&self) -> (usize, u64, u64) {
         self.parts
             .iter()
+            .zip(&self.series)
             .enumerate()
-            .map(|(i, p)| (i, p.len() as u64))
-            .max_by_key(|&(_, n)| n)
-            .unwrap_or((0, 0))
+            .map(|(i, (p, s))| (i, p.len() as u64, s.len() as u64))
+            .max_by_key(|&(_, n, _)| n)
+            .unwrap_or((0, 0, 0))
     }
+}
+
+/// Whether the fullest staging part (`rows` in `series`) is compacted now,
+/// with `staged` rows in all parts.
+fn compaction_due(compact_rows: u64, busy: bool, rows: u64, series: u64, staged: u64) -> bool {
+    if rows == 0 {
+        return false;
+    }
+    // Under load (batches already waiting) runs grow up to 4x: a longer
+    // run costs little more than a short one, so throughput holds up.
+    let run = if busy {
+        compact_rows.saturating_mul(4)
+    } else {
+        compact_rows
+    };
+    let part_run = (run / STAGING_PARTS as u64).max(1);
+    // Young data: a part of many slow series (100,000 devices) waits until
+    // its blocks would hold a few readings each, not one or two, up to 3/4
+    // of the staging cap (the fullest part goes then).
+    let full = rows >= part_run && rows >= series.saturating_mul(MIN_BLOCK_POINTS);
+    full || staged >= compact_rows.saturating_mul(MAX_STAGED_RUNS) / 4 * 3
 }
 
 /// What the writer knows of committed rows: caches, reloaded after a failure.
@@ -687,9 +731,13 @@ impl Writer {
             };
             let Some(first) = first else { break };
             let mut rows = first.rows();
+            // `max_batch_delay` after the first of the group arrived, not
+            // after the writer took it: under load, what queued during the
+            // last commit goes out with the next one at once.
+            let arrived = first.arrived().map_or_else(Instant::now, Instant::from_std);
             group.push(first);
             self.metrics.set_uncommitted_rows(rows);
-            let deadline = Instant::now() + self.settings.max_batch_delay;
+            let deadline = arrived + self.settings.max_batch_delay;
             while rows < self.settings.max_batch_rows {
                 let next = match self.rx.try_recv() {
                     Ok(msg) => Some(msg),
@@ -937,7 +985,7 @@ impl Writer {
             if total < cap {
                 return Ok(());
             }
-            let (part, rows) = staged.fullest();
+            let (part, rows, _) = staged.fullest();
             // A compaction running beside may make the room.
             if let Some(sidecar) = &mut self.sidecar
                 && sidecar.is_running()
@@ -957,9 +1005,7 @@ impl Writer {
     async fn staged(&mut self) -> Result<&mut Staged, StoreError> {
         let staged = match self.staged.take() {
             Some(staged) => staged,
-            None => Staged {
-                parts: self.store.staged_rows().await?,
-            },
+            None => Staged::new(self.store.staged_rows().await?),
         };
         Ok(self.staged.insert(staged))
     }
@@ -989,17 +1035,18 @@ impl Writer {
 
     /// The part to compact now, if one holds a run's worth of rows.
     fn due_part(&self) -> Option<usize> {
-        let (part, rows) = self.staged.as_ref().map(Staged::fullest)?;
-        // Under load (batches already waiting) runs grow up to 4x: a longer
-        // run costs little more than a short one, so throughput holds up.
+        let staged = self.staged.as_ref()?;
+        let (part, rows, series) = staged.fullest();
         let busy = !self.rx.is_empty();
-        let run = if busy {
-            self.settings.compact_rows.saturating_mul(4)
-        } else {
-            self.settings.compact_rows
-        };
-        let part_run = (run / STAGING_PARTS as u64).max(1);
-        (rows >= part_run && !self.compact_retry.waiting()).then_some(part)
+        (!self.compact_retry.waiting()
+            && compaction_due(
+                self.settings.compact_rows,
+                busy,
+                rows,
+                series,
+                staged.rows(),
+            ))
+        .then_some(part)
     }
 
     /// PostgreSQL: starts the next block job on the sidecar's connection
@@ -1033,7 +1080,7 @@ impl Writer {
         // The part's rows are the database's to take now; the copy here
         // only counts what waits.
         if let Some(staged) = &mut self.staged {
-            staged.parts[part].clear();
+            staged.take(part);
         }
         tracing::debug!(part, "compacting staged readings beside the writer");
         Job::Compact(part)
@@ -1111,7 +1158,7 @@ impl Writer {
         let Some(staged) = &mut self.staged else {
             return;
         };
-        let mut rows = std::mem::take(&mut staged.parts[part]);
+        let mut rows = staged.take(part);
         tracing::debug!(part, staged = rows.len(), "compacting staged readings");
         let result = if self.store.backend() == crate::config::Backend::Postgres {
             // Other hubs stage into the same tables: the part is compacted
@@ -1183,8 +1230,14 @@ impl Writer {
     async fn merge_step(&mut self) {
         let Some(plan) = &self.merges else { return };
         let jobs = plan.next(MERGES_PER_STEP);
+        let started = std::time::Instant::now();
         match self.store.merge(&jobs).await {
             Ok(done) => {
+                tracing::debug!(
+                    series = done.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "merged blocks"
+                );
                 self.merge_retry.succeeded();
                 HubMetrics::add(&self.metrics.merges, done.len() as u64);
                 if let Some(plan) = &mut self.merges {
@@ -1907,6 +1960,23 @@ mod tests {
             let steps = plan(&group, &epochs);
             assert_eq!(steps[..3], [Step::Write, Step::Run, then], "case {case}");
         }
+    }
+
+    #[test]
+    fn a_part_of_young_series_waits_for_a_few_readings_each_up_to_the_cap() {
+        // 1000 devices: a run's worth (25,000 of 200,000) is due, as ever.
+        assert!(!compaction_due(200_000, false, 24_999, 500, 100_000));
+        assert!(compaction_due(200_000, false, 25_000, 500, 100_000));
+        assert!(!compaction_due(200_000, true, 25_000, 500, 100_000));
+        assert!(compaction_due(200_000, true, 100_000, 500, 400_000));
+        // 100,000 devices: 50,000 series in the part; 25,000 rows would be
+        // blocks of half a reading. It waits for 8 a series...
+        assert!(!compaction_due(200_000, false, 25_000, 50_000, 200_000));
+        assert!(!compaction_due(200_000, false, 399_999, 50_000, 599_999));
+        assert!(compaction_due(200_000, false, 400_000, 50_000, 500_000));
+        // ...or until staging holds 3/4 of its cap (4 runs).
+        assert!(compaction_due(200_000, false, 150_000, 50_000, 600_000));
+        assert!(!compaction_due(200_000, false, 0, 0, 600_000));
     }
 
     #[tokio::test(start_paused = true)]
