@@ -10,7 +10,9 @@
 //! are skipped, so nothing of it is ever committed past the gap (its device
 //! is told UNAVAILABLE and resends from the true mark).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,13 +44,14 @@ use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
 pub struct WriterSettings {
     /// Commit as soon as this many rows are waiting...
     pub max_batch_rows: usize,
-    /// ...or this long after the first of them arrived.
+    /// ...or this long after the first of them arrived from its device.
     pub max_batch_delay: Duration,
     /// Distinct sensor names the dictionary may hold.
     pub max_sensors: usize,
     /// Distinct sensors one device may use.
     pub max_sensors_per_device: usize,
-    /// Move staged readings into the clustered table once this many wait.
+    /// A staging part is encoded into blocks once it holds an eighth of
+    /// this (4x while batches wait) and 8 rows a series (see `due_part`).
     pub compact_rows: u64,
     /// This hub's id, written into the devices it claims.
     pub hub_id: Arc<str>,
@@ -64,7 +67,7 @@ pub struct WriterSettings {
 /// 800,000 rows at the default `compact_rows`).
 const MAX_STAGED_RUNS: u64 = 4;
 /// A part is compacted once its rows average this many per series (or
-/// staging nears its cap): blocks of one or two readings cost a row each,
+/// staging holds half its cap): blocks of one or two readings cost a row each,
 /// and merges, for almost nothing stored.
 const MIN_BLOCK_POINTS: u64 = 8;
 /// Series merged per merge step: one short transaction between commits.
@@ -175,7 +178,7 @@ struct Staged {
     parts: Vec<Vec<RowToInsert>>,
     /// The distinct series of each part's rows: how many readings each
     /// block of a compaction now would hold on average.
-    series: Vec<HashSet<(DeviceKey, SensorKey)>>,
+    series: Vec<FxHashSet<(DeviceKey, SensorKey)>>,
 }
 
 impl Staged {
@@ -205,24 +208,26 @@ impl Staged {
         std::mem::take(&mut self.parts[part])
     }
 
-    /// The part holding the most rows, how many, and in how many series.
-    fn fullest(&self) -> (usize, u64, u64) {
+    /// Each part: (part, rows, distinct series).
+    fn parts(&self) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
         self.parts
             .iter()
             .zip(&self.series)
             .enumerate()
             .map(|(i, (p, s))| (i, p.len() as u64, s.len() as u64))
-            .max_by_key(|&(_, n, _)| n)
-            .unwrap_or((0, 0, 0))
+    }
+
+    /// The part holding the most rows, and how many.
+    fn fullest(&self) -> (usize, u64) {
+        self.parts()
+            .map(|(i, rows, _)| (i, rows))
+            .max_by_key(|&(_, n)| n)
+            .unwrap_or((0, 0))
     }
 }
 
-/// Whether the fullest staging part (`rows` in `series`) is compacted now,
-/// with `staged` rows in all parts.
-fn compaction_due(compact_rows: u64, busy: bool, rows: u64, series: u64, staged: u64) -> bool {
-    if rows == 0 {
-        return false;
-    }
+/// Whether a staging part of `rows` in `series` is compacted now.
+fn compaction_due(compact_rows: u64, busy: bool, rows: u64, series: u64) -> bool {
     // Under load (batches already waiting) runs grow up to 4x: a longer
     // run costs little more than a short one, so throughput holds up.
     let run = if busy {
@@ -232,10 +237,9 @@ fn compaction_due(compact_rows: u64, busy: bool, rows: u64, series: u64, staged:
     };
     let part_run = (run / STAGING_PARTS as u64).max(1);
     // Young data: a part of many slow series (100,000 devices) waits until
-    // its blocks would hold a few readings each, not one or two, up to 3/4
-    // of the staging cap (the fullest part goes then).
-    let full = rows >= part_run && rows >= series.saturating_mul(MIN_BLOCK_POINTS);
-    full || staged >= compact_rows.saturating_mul(MAX_STAGED_RUNS) / 4 * 3
+    // its blocks would hold a few readings each, not one or two (see
+    // `Writer::due_part` for its limit).
+    rows > 0 && rows >= part_run && rows >= series.saturating_mul(MIN_BLOCK_POINTS)
 }
 
 /// What the writer knows of committed rows: caches, reloaded after a failure.
@@ -985,7 +989,7 @@ impl Writer {
             if total < cap {
                 return Ok(());
             }
-            let (part, rows, _) = staged.fullest();
+            let (part, rows) = staged.fullest();
             // A compaction running beside may make the room.
             if let Some(sidecar) = &mut self.sidecar
                 && sidecar.is_running()
@@ -1033,20 +1037,25 @@ impl Writer {
         }
     }
 
-    /// The part to compact now, if one holds a run's worth of rows.
+    /// The part to compact now: the fullest of those holding a run's worth
+    /// of rows and 8 a series; or, once staging holds half its cap, the
+    /// fullest part (young series then wait no longer, and the other half
+    /// is headroom for compactions that fail for a while).
     fn due_part(&self) -> Option<usize> {
         let staged = self.staged.as_ref()?;
-        let (part, rows, series) = staged.fullest();
+        if self.compact_retry.waiting() {
+            return None;
+        }
         let busy = !self.rx.is_empty();
-        (!self.compact_retry.waiting()
-            && compaction_due(
-                self.settings.compact_rows,
-                busy,
-                rows,
-                series,
-                staged.rows(),
-            ))
-        .then_some(part)
+        let compact_rows = self.settings.compact_rows;
+        let due = staged
+            .parts()
+            .filter(|&(_, rows, series)| compaction_due(compact_rows, busy, rows, series))
+            .max_by_key(|&(_, rows, _)| rows)
+            .map(|(part, _, _)| part);
+        let cap = compact_rows.saturating_mul(MAX_STAGED_RUNS);
+        let (fullest, rows) = staged.fullest();
+        due.or_else(|| (rows > 0 && staged.rows() >= cap / 2).then_some(fullest))
     }
 
     /// PostgreSQL: starts the next block job on the sidecar's connection
@@ -1963,20 +1972,19 @@ mod tests {
     }
 
     #[test]
-    fn a_part_of_young_series_waits_for_a_few_readings_each_up_to_the_cap() {
+    fn a_part_of_young_series_waits_for_a_few_readings_each() {
         // 1000 devices: a run's worth (25,000 of 200,000) is due, as ever.
-        assert!(!compaction_due(200_000, false, 24_999, 500, 100_000));
-        assert!(compaction_due(200_000, false, 25_000, 500, 100_000));
-        assert!(!compaction_due(200_000, true, 25_000, 500, 100_000));
-        assert!(compaction_due(200_000, true, 100_000, 500, 400_000));
+        assert!(!compaction_due(200_000, false, 24_999, 500));
+        assert!(compaction_due(200_000, false, 25_000, 500));
+        assert!(!compaction_due(200_000, true, 25_000, 500));
+        assert!(compaction_due(200_000, true, 100_000, 500));
         // 100,000 devices: 50,000 series in the part; 25,000 rows would be
-        // blocks of half a reading. It waits for 8 a series...
-        assert!(!compaction_due(200_000, false, 25_000, 50_000, 200_000));
-        assert!(!compaction_due(200_000, false, 399_999, 50_000, 599_999));
-        assert!(compaction_due(200_000, false, 400_000, 50_000, 500_000));
-        // ...or until staging holds 3/4 of its cap (4 runs).
-        assert!(compaction_due(200_000, false, 150_000, 50_000, 600_000));
-        assert!(!compaction_due(200_000, false, 0, 0, 600_000));
+        // blocks of half a reading. It waits for 8 a series (the writer
+        // stops waiting at half the staging cap).
+        assert!(!compaction_due(200_000, false, 25_000, 50_000));
+        assert!(!compaction_due(200_000, false, 399_999, 50_000));
+        assert!(compaction_due(200_000, false, 400_000, 50_000));
+        assert!(!compaction_due(200_000, false, 0, 0));
     }
 
     #[tokio::test(start_paused = true)]
