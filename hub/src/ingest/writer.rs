@@ -16,7 +16,6 @@ use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +41,8 @@ use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
 
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
-    /// Commit as soon as this many rows are waiting...
+    /// A group commits at most this many rows (at once if that many are
+    /// queued)...
     pub max_batch_rows: usize,
     /// ...or this long after the first of them arrived from its device.
     pub max_batch_delay: Duration,
@@ -742,21 +742,22 @@ impl Writer {
             group.push(first);
             self.metrics.set_uncommitted_rows(rows);
             let deadline = arrived + self.settings.max_batch_delay;
-            while rows < self.settings.max_batch_rows {
-                let next = match self.rx.try_recv() {
-                    Ok(msg) => Some(msg),
-                    Err(TryRecvError::Disconnected) => None,
-                    Err(TryRecvError::Empty) => tokio::select! {
-                        msg = self.rx.recv() => msg,
-                        _ = tokio::time::sleep_until(deadline) => None,
-                        _ = stop.cancelled() => None,
-                        _ = flush.cancelled() => None,
-                    },
-                };
-                let Some(msg) = next else { break };
-                rows += msg.rows();
-                group.push(msg);
-                self.metrics.set_uncommitted_rows(rows);
+            // What is queued now; then, unless that filled the group, one
+            // wait for the deadline and what came meanwhile. The writer
+            // sleeps through the arrivals instead of waking for each one
+            // (its own thread: a wake-up is a futex call on both sides, and
+            // 10k devices at 5 Hz sent 50,000 a second).
+            rows = self.take_queued(&mut group, rows);
+            if rows < self.settings.max_batch_rows
+                && Instant::now() < deadline
+                && !flush.is_cancelled()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = stop.cancelled() => {}
+                    _ = flush.cancelled() => {}
+                }
+                rows = self.take_queued(&mut group, rows);
             }
             let committed = self.commit_group(&mut group).await;
             self.metrics.set_uncommitted_rows(0);
@@ -788,6 +789,18 @@ impl Writer {
         if let Err(e) = self.store.close().await {
             tracing::warn!(error = %e, "closing the writer connection failed");
         }
+    }
+
+    /// Moves queued messages into the group until it holds
+    /// `max_batch_rows` rows or the queue is empty; returns its rows.
+    fn take_queued(&mut self, group: &mut Vec<WriterMsg>, mut rows: usize) -> usize {
+        while rows < self.settings.max_batch_rows {
+            let Ok(msg) = self.rx.try_recv() else { break };
+            rows += msg.rows();
+            group.push(msg);
+        }
+        self.metrics.set_uncommitted_rows(rows);
+        rows
     }
 
     /// Writes and commits a group, then acks it; false when the commit
