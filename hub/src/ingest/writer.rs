@@ -42,7 +42,7 @@ use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
     /// A group commits at most this many rows (at once if that many are
-    /// queued)...
+    /// queued when it starts)...
     pub max_batch_rows: usize,
     /// ...or this long after the first of them arrived from its device.
     pub max_batch_delay: Duration,
