@@ -286,15 +286,44 @@ impl WriterMsg {
 #[derive(Clone)]
 pub struct IngestQueue {
     tx: mpsc::Sender<WriterMsg>,
+    full: Arc<Notify>,
+}
+
+/// The writer's end of the queue: the messages, and a wake-up for when a
+/// sender found the queue full.
+pub(crate) struct QueueRx {
+    pub rx: mpsc::Receiver<WriterMsg>,
+    pub full: Arc<Notify>,
 }
 
 /// Creates the bounded queue and the receiver the writer drains.
-pub(crate) fn queue(capacity: usize) -> (IngestQueue, mpsc::Receiver<WriterMsg>) {
+pub(crate) fn queue(capacity: usize) -> (IngestQueue, QueueRx) {
     let (tx, rx) = mpsc::channel(capacity);
-    (IngestQueue { tx }, rx)
+    let full = Arc::new(Notify::new());
+    (
+        IngestQueue {
+            tx,
+            full: Arc::clone(&full),
+        },
+        QueueRx { rx, full },
+    )
 }
 
 impl IngestQueue {
+    /// Queues a message, waiting while the queue is full. A full queue
+    /// wakes the writer: it sleeps through a group's wait, and what is
+    /// queued is then enough to commit.
+    async fn send(&self, msg: WriterMsg) -> Result<(), IngestError> {
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                self.full.notify_one();
+                self.tx.send(msg).await.map_err(|_| IngestError::Closed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(IngestError::Closed),
+        }
+    }
+
     /// Sends the writer a request and waits for its answer, given after the
     /// commit that holds it.
     async fn ask<T>(
@@ -302,10 +331,7 @@ impl IngestQueue {
         make: impl FnOnce(oneshot::Sender<Result<T, IngestError>>) -> WriterMsg,
     ) -> Result<T, IngestError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| IngestError::Closed)?;
+        self.send(make(reply)).await?;
         answer.await.map_err(|_| IngestError::Closed)?
     }
 
@@ -376,10 +402,7 @@ impl IngestQueue {
 
     /// Queues a reported patch, waiting while the queue is full.
     pub async fn push_reported(&self, patch: ReportedBatch) -> Result<(), IngestError> {
-        self.tx
-            .send(WriterMsg::Reported(patch))
-            .await
-            .map_err(|_| IngestError::Closed)
+        self.send(WriterMsg::Reported(patch)).await
     }
 
     /// One retention step, in the writer's next commit: how many readings
@@ -390,10 +413,7 @@ impl IngestQueue {
 
     /// Queues a batch, waiting while the queue is full.
     pub async fn push(&self, batch: IngestBatch) -> Result<(), IngestError> {
-        self.tx
-            .send(WriterMsg::Batch(batch))
-            .await
-            .map_err(|_| IngestError::Closed)
+        self.send(WriterMsg::Batch(batch)).await
     }
 
     /// Messages waiting for the writer.

@@ -16,7 +16,7 @@ use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +123,8 @@ impl Backoff {
 pub struct Writer {
     store: StoreWriter,
     rx: mpsc::Receiver<WriterMsg>,
+    /// Notified by a sender that found the queue full.
+    queue_full: Arc<Notify>,
     settings: WriterSettings,
     metrics: Arc<HubMetrics>,
     known: Known,
@@ -648,7 +650,7 @@ impl Writer {
     pub(crate) fn new(
         store: StoreWriter,
         sidecar: Option<Sidecar>,
-        rx: mpsc::Receiver<WriterMsg>,
+        queue: super::QueueRx,
         settings: WriterSettings,
         metrics: Arc<HubMetrics>,
         fanout: broadcast::Sender<Arc<CommittedBatch>>,
@@ -669,7 +671,8 @@ impl Writer {
         };
         Self {
             store,
-            rx,
+            rx: queue.rx,
+            queue_full: queue.full,
             settings,
             metrics,
             known,
@@ -754,6 +757,8 @@ impl Writer {
             {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => {}
+                    // Sessions wait on a full queue: commit what it holds.
+                    _ = self.queue_full.notified() => {}
                     _ = stop.cancelled() => {}
                     _ = flush.cancelled() => {}
                 }

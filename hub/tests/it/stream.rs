@@ -1,5 +1,7 @@
 //! What a firmware author relies on: the stream's rules.
 
+use std::time::Duration;
+
 use telemetry_proto::v1::{
     self as pb, device_message::Msg as DeviceMsg, hub_message::Msg as HubMsg,
 };
@@ -276,6 +278,43 @@ async fn resume_after_a_drop_mid_batch_loses_and_duplicates_nothing() {
         (1..=250).collect::<Vec<_>>()
     );
     assert!(rows.iter().all(|r| r.value == r.seq as f64));
+}
+
+/// The writer sleeps through a group's wait, but a session that finds the
+/// queue full wakes it: a device sending flat out is acked at once, not
+/// after `max_batch_delay` (here 6 s; the Hello's own group waits it out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_committed_without_waiting_out_the_batch_delay() {
+    let hub = spawn_hub_with(|s| {
+        s.ingest.queue_capacity = 2;
+        s.ingest.max_batch_delay = Duration::from_secs(6);
+    })
+    .await;
+    let now = now_ms();
+    let (mut dev, _) = RawDevice::connect(&hub, "dev-full").await;
+    let tx = dev.tx.take().expect("send side open");
+    let flood = tokio::spawn(async move {
+        for b in 0..10u64 {
+            let readings = (1..=10)
+                .map(|i| reading(b * 10 + i, "t", now, 1.0))
+                .collect();
+            if tx.send(batch(readings)).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let started = std::time::Instant::now();
+    let (acked, rejected, duplicates) =
+        tokio::time::timeout(Duration::from_secs(3), dev.ack_through(30))
+            .await
+            .expect("batches behind a full queue are acked before the batch delay is out");
+    assert!(
+        acked >= 30 && rejected == 0 && duplicates == 0,
+        "{acked} {rejected} {duplicates}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(flood.await);
 }
 
 /// A takeover while the old stream still floods a full queue: what the old
