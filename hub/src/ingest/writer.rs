@@ -11,11 +11,10 @@
 //! is told UNAVAILABLE and resends from the true mark).
 
 use std::collections::HashMap;
-
-use rustc_hash::FxHashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashSet;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
