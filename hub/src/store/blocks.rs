@@ -349,15 +349,13 @@ impl WriteTx<'_> {
         // Powers of two: a few statement texts for the caches, not one per
         // length.
         for chunk in super::write::chunks(&blocks, DELETE_CHUNK) {
-            // The first_ts range lets PostgreSQL skip other months.
-            let ids = (3..chunk.len() + 3)
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let sql =
-                format!("DELETE FROM blocks WHERE first_ts BETWEEN $1 AND $2 AND id IN ({ids})");
-            let low = chunk.iter().map(|b| b.1).min().unwrap_or(0);
-            let high = chunk.iter().map(|b| b.1).max().unwrap_or(0);
+            // The first_ts range (the sorted chunk's ends) lets PostgreSQL
+            // skip other months.
+            let sql = format!(
+                "DELETE FROM blocks WHERE first_ts BETWEEN $1 AND $2 AND id IN ({})",
+                super::snapshot::params(2, chunk.len())
+            );
+            let (low, high) = (chunk[0].1, chunk[chunk.len() - 1].1);
             let deleted = with_conn!(self.conn.conn(), c => {
                 let mut q = sqlx::query(&sql).bind(low).bind(high);
                 for (id, _) in chunk {

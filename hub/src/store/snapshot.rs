@@ -12,7 +12,7 @@ use crate::config::Backend;
 use crate::domain::{DeviceKey, SensorKey};
 
 /// Parameters `$first+1..=$first+n` (the devices of a statement).
-fn params(first: usize, n: usize) -> String {
+pub(super) fn params(first: usize, n: usize) -> String {
     (0..n)
         .map(|i| format!("${}", first + 1 + i))
         .collect::<Vec<_>>()
