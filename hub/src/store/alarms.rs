@@ -177,6 +177,34 @@ fn in_ids(backend: Backend, column: &str, param: usize) -> String {
     }
 }
 
+/// [`WriteTx::latest_ts`]'s statement: the newest ts per series of the
+/// devices `$1` (which stage into `parts`), from those staging parts and
+/// the blocks, one part at a time (the blocks index leads with the part:
+/// see [`super::blocks::MERGE_SELECT`]).
+pub(super) fn latest_ts_sql(backend: Backend, parts: &[usize]) -> String {
+    let devices = in_ids(backend, "device_id", 1);
+    let selects: Vec<String> = parts
+        .iter()
+        .flat_map(|p| {
+            [
+                format!(
+                    "SELECT device_id, sensor_id, max(ts_ms) AS t FROM {} WHERE {devices} \
+                     GROUP BY device_id, sensor_id",
+                    super::write::staging_table(*p),
+                ),
+                format!(
+                    "SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks \
+                     WHERE device_id % 8 = {p} AND {devices} GROUP BY device_id, sensor_id"
+                ),
+            ]
+        })
+        .collect();
+    format!(
+        "SELECT device_id, sensor_id, max(t) FROM ({}) x GROUP BY device_id, sensor_id",
+        selects.join(" UNION ALL ")
+    )
+}
+
 /// Tags as SQL conditions on `d.tags`, from parameter `first` on: pairs
 /// of (key path, value) to bind.
 fn tags_sql(
@@ -435,33 +463,14 @@ impl WriteTx<'_> {
         }
         let backend = self.conn.backend();
         // Only the staging parts these devices stage into (they have no
-        // index: each is scanned), and the blocks (indexed by series).
+        // index: each is scanned), and the blocks of those parts.
         let mut parts: Vec<usize> = devices
             .iter()
             .map(|d| super::write::staging_part(*d))
             .collect();
         parts.sort_unstable();
         parts.dedup();
-        let mut selects: Vec<String> = parts
-            .iter()
-            .map(|p| {
-                format!(
-                    "SELECT device_id, sensor_id, max(ts_ms) AS t FROM {} WHERE {} \
-                     GROUP BY device_id, sensor_id",
-                    super::write::staging_table(*p),
-                    in_ids(backend, "device_id", 1)
-                )
-            })
-            .collect();
-        selects.push(format!(
-            "SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks WHERE {} \
-             GROUP BY device_id, sensor_id",
-            in_ids(backend, "device_id", 1)
-        ));
-        let sql = format!(
-            "SELECT device_id, sensor_id, max(t) FROM ({}) x GROUP BY device_id, sensor_id",
-            selects.join(" UNION ALL ")
-        );
+        let sql = latest_ts_sql(backend, &parts);
         let keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         let rows: Vec<(i64, i64, Option<i64>)> = match self.conn.conn() {
             Conn::Postgres(c) => sqlx::query_as(&sql).bind(&keys).fetch_all(c).await?,

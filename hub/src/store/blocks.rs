@@ -44,6 +44,32 @@ const MAX_MERGE_BLOCKS: i64 = 64;
 /// Blocks deleted per statement.
 const DELETE_CHUNK: usize = 512;
 
+// The statements that seek one series' blocks. The blocks index leads with
+// the device's staging part (`device_id % 8`, migration 13), so each says
+// it too, as the index does: without it the index is no use and the table
+// is scanned (`tests::queries_by_device_seek_the_part_index`).
+const _: () = assert!(STAGING_PARTS == 8, "the blocks index says device_id % 8");
+
+/// A series' blocks of one level, oldest first: what a merge reads.
+pub(super) const MERGE_SELECT: &str = "SELECT id, first_ts, data FROM blocks \
+     WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 AND level = $3 \
+     ORDER BY first_ts, id LIMIT $4";
+/// A series' blocks that start before a cutoff: what retention reads.
+pub(super) const RETAIN_SELECT: &str = "SELECT id, first_ts, level, last_ts, count, data \
+     FROM blocks WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 \
+     AND first_ts < $3 ORDER BY first_ts, id LIMIT $4";
+/// A query's blocks created since its last page that sort at or before the
+/// cursor.
+pub(super) const PAGE_BEHIND: &str = "SELECT id, first_ts, last_ts, data FROM blocks \
+     WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 AND first_ts < $4 \
+     AND last_ts >= $3 AND first_ts <= $5 AND (first_ts, id) <= ($5, $6) AND id > $7 \
+     ORDER BY first_ts, id";
+/// A query's next page of blocks after the cursor.
+pub(super) const PAGE_NEXT: &str = "SELECT id, first_ts, last_ts, data FROM blocks \
+     WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 AND first_ts < $4 \
+     AND last_ts >= $3 AND first_ts >= $5 AND (first_ts, id) > ($5, $6) \
+     ORDER BY first_ts, id LIMIT $7";
+
 pub type Series = (DeviceKey, SensorKey);
 
 /// A block to insert.
@@ -223,11 +249,7 @@ impl WriteTx<'_> {
         merged_blocks: &mut Vec<NewBlock>,
         gone: &mut Vec<(i64, i64)>,
     ) -> Result<Merged, StoreError> {
-        let sql = format!(
-            "SELECT id, first_ts, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 \
-             AND level = $3 ORDER BY first_ts, id LIMIT $4{}",
-            self.lock_rows()
-        );
+        let sql = format!("{MERGE_SELECT}{}", self.lock_rows());
         let rows: Vec<(i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => sqlx::query_as(&sql)
         .bind(series.0.0)
         .bind(series.1.0)
@@ -273,11 +295,7 @@ impl WriteTx<'_> {
         cutoff_ms: i64,
         limit: u32,
     ) -> Result<(u64, bool), StoreError> {
-        let sql = format!(
-            "SELECT id, first_ts, level, last_ts, count, data FROM blocks WHERE device_id = $1 \
-             AND sensor_id = $2 AND first_ts < $3 ORDER BY first_ts, id LIMIT $4{}",
-            self.lock_rows()
-        );
+        let sql = format!("{RETAIN_SELECT}{}", self.lock_rows());
         let rows: Vec<(i64, i64, i64, i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
             sqlx::query_as(&sql)
             .bind(device.0)
@@ -605,12 +623,7 @@ impl Store {
             }
             // Blocks created since the last page that sort at or before the
             // cursor (a merge or compaction put readings there): all of them.
-            let rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
-                "SELECT id, first_ts, last_ts, data FROM blocks \
-                 WHERE device_id = $1 AND sensor_id = $2 AND first_ts < $4 AND last_ts >= $3 \
-                 AND first_ts <= $5 AND (first_ts, id) <= ($5, $6) AND id > $7 \
-                 ORDER BY first_ts, id",
-            )
+            let rows: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(PAGE_BEHIND)
             .bind(series.0.0)
             .bind(series.1.0)
             .bind(since_ms)
@@ -620,11 +633,7 @@ impl Store {
             .bind(cursor.high)
             .fetch_all(&mut *tx)
             .await?;
-            let page: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
-                "SELECT id, first_ts, last_ts, data FROM blocks \
-                 WHERE device_id = $1 AND sensor_id = $2 AND first_ts < $4 AND last_ts >= $3 \
-                 AND first_ts >= $5 AND (first_ts, id) > ($5, $6) ORDER BY first_ts, id LIMIT $7",
-            )
+            let page: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(PAGE_NEXT)
             .bind(series.0.0)
             .bind(series.1.0)
             .bind(since_ms)
@@ -807,6 +816,56 @@ mod tests {
             .fetch_one(writer.sqlite().unwrap())
             .await
             .unwrap()
+    }
+
+    /// Every statement that seeks blocks by device names the part as the
+    /// blocks index does (migration 13): SQLite seeks the index by part,
+    /// device and sensor, never scans the table, and needs no sort for an
+    /// ORDER BY. Without the part a statement still works, on a scan.
+    #[tokio::test]
+    async fn queries_by_device_seek_the_part_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        let series = "(<expr>=? AND device_id=? AND sensor_id=?";
+        let statements = [
+            (MERGE_SELECT.to_string(), series),
+            (RETAIN_SELECT.into(), series),
+            (PAGE_BEHIND.into(), series),
+            (PAGE_NEXT.into(), series),
+            (rollups::BUILD_SELECT.into(), series),
+            (crate::store::SERIES_OLDER_THAN.into(), series),
+            (crate::store::snapshot::blocks_sql(3, 4), series),
+            (
+                crate::store::alarms::latest_ts_sql(Backend::Sqlite, &[1, 5]),
+                "(<expr>=? AND device_id=?)",
+            ),
+        ];
+        for (sql, seek) in statements {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(writer.sqlite().unwrap())
+                    .await
+                    .unwrap();
+            let plan: Vec<String> = plan.into_iter().map(|row| row.3).collect();
+            let seeks: Vec<&String> = plan
+                .iter()
+                .filter(|l| l.contains("blocks_series"))
+                .collect();
+            assert!(!seeks.is_empty(), "{sql}\n{plan:#?}");
+            for line in seeks {
+                assert!(line.contains(seek), "{sql}\n{plan:#?}");
+            }
+            let scans = plan.iter().filter(|l| {
+                let words: Vec<&str> = l.split_whitespace().take(2).collect();
+                words == ["SCAN", "blocks"] || words == ["SCAN", "b"]
+            });
+            assert_eq!(scans.count(), 0, "{sql}\n{plan:#?}");
+            // (Ties of first_ts are sorted by id apart: "FOR LAST TERM".)
+            let sorted = plan.iter().any(|l| l == "USE TEMP B-TREE FOR ORDER BY");
+            assert!(!sorted, "{sql}\n{plan:#?}");
+        }
     }
 
     /// At the size limit a compaction fails whole (SQLITE_FULL): the staged

@@ -213,6 +213,12 @@ fn with_size_limit(
 /// with.
 const PAGE_SIZE: u32 = 16384;
 
+/// The series with a block that starts before `$1`: one index seek each
+/// (the blocks index leads with the part: see [`blocks::MERGE_SELECT`]).
+const SERIES_OLDER_THAN: &str = "SELECT d.device_id, d.sensor_id FROM device_sensors d \
+     WHERE EXISTS (SELECT 1 FROM blocks b WHERE b.device_id % 8 = d.device_id % 8 \
+     AND b.device_id = d.device_id AND b.sensor_id = d.sensor_id AND b.first_ts < $1)";
+
 /// Makes a new database, its schema included, on a connection of its own
 /// with larger pages and incremental auto-vacuum (free pages can then be
 /// given back at a clean stop). Both take effect only before the first
@@ -507,11 +513,7 @@ impl Store {
         cutoff_ms: i64,
     ) -> Result<Vec<(DeviceKey, SensorKey)>, StoreError> {
         let rows: Vec<(i64, i64)> = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_as(
-                "SELECT d.device_id, d.sensor_id FROM device_sensors d WHERE EXISTS \
-                 (SELECT 1 FROM blocks b WHERE b.device_id = d.device_id \
-                  AND b.sensor_id = d.sensor_id AND b.first_ts < $1)",
-            )
+            sqlx::query_as(SERIES_OLDER_THAN)
             .bind(cutoff_ms)
             .fetch_all(pool)
             .await?

@@ -41,6 +41,11 @@ const BUILD_SERIES: i64 = 32;
 const BUILD_POINTS: usize = 1 << 20;
 /// Blocks read per statement while building.
 const BUILD_PAGE: i64 = 256;
+/// A series' blocks from (first_ts, id) on, a page of a build (the blocks
+/// index leads with the part: see [`super::blocks::MERGE_SELECT`]).
+pub(super) const BUILD_SELECT: &str = "SELECT id, first_ts, data FROM blocks \
+     WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 AND first_ts >= $3 \
+     AND (first_ts, id) > ($3, $4) ORDER BY first_ts, id LIMIT $5";
 /// Intervals per stored row (a chunk): a query of 30 days of hours reads
 /// 23 rows, not 720, and a row's key is paid once per 32 intervals.
 pub const CHUNK: i64 = 32;
@@ -495,10 +500,7 @@ impl WriteTx<'_> {
         let mut points = Vec::new();
         loop {
             let page: Vec<(i64, i64, Vec<u8>)> = with_conn!(self.conn.conn(), c => {
-                sqlx::query_as(
-                    "SELECT id, first_ts, data FROM blocks WHERE device_id = $1 AND sensor_id = $2 \
-                     AND first_ts >= $3 AND (first_ts, id) > ($3, $4) ORDER BY first_ts, id LIMIT $5",
-                )
+                sqlx::query_as(BUILD_SELECT)
                 .bind(series.0.0)
                 .bind(series.1.0)
                 .bind(after_ts)

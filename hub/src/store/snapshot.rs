@@ -52,6 +52,19 @@ fn staged_buckets_sql(part: usize, devices: usize) -> String {
     )
 }
 
+/// The blocks of the devices `$6..` (all of staging part `part`) and sensor
+/// `$1` that overlap [$2, $3), but those wholly inside [$4, $5): each
+/// device's by first_ts. The blocks index leads with the part (see
+/// [`super::blocks::MERGE_SELECT`]), so the statement names it.
+pub(super) fn blocks_sql(part: usize, devices: usize) -> String {
+    format!(
+        "SELECT device_id, first_ts, last_ts, data FROM blocks WHERE device_id % 8 = {part} \
+         AND device_id IN ({}) AND sensor_id = $1 AND first_ts < $3 AND last_ts >= $2 \
+         AND NOT (first_ts >= $4 AND last_ts < $5) ORDER BY device_id, first_ts",
+        params(5, devices)
+    )
+}
+
 /// A row of [`staged_buckets_sql`].
 #[derive(sqlx::FromRow)]
 struct StagedBucketRow {
@@ -170,6 +183,15 @@ impl Store {
         for d in &keys {
             parts[super::staging_part(DeviceKey(*d))].push(*d);
         }
+        // The blocks' statements: one part's devices each.
+        let block_groups: Vec<(usize, Vec<i64>)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(part, keys)| {
+                keys.chunks(DEVICES_PER_STATEMENT)
+                    .map(move |g| (part, padded(g)))
+            })
+            .collect();
         with_pool!(&self.read, pool, _Db => {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
             if snapshot {
@@ -255,21 +277,15 @@ impl Store {
                     }
                 }
             }
-            for group in keys.chunks(DEVICES_PER_STATEMENT) {
-                let group = padded(group);
-                let sql = format!(
-                    "SELECT device_id, first_ts, last_ts, data FROM blocks WHERE sensor_id = $1 \
-                     AND first_ts < $3 AND last_ts >= $2 AND NOT (first_ts >= $4 AND last_ts < $5) \
-                     AND device_id IN ({}) ORDER BY device_id, first_ts",
-                    params(5, group.len())
-                );
+            for (part, group) in &block_groups {
+                let sql = blocks_sql(*part, group.len());
                 let mut query = sqlx::query_as::<_, (i64, i64, i64, Vec<u8>)>(&sql)
                     .bind(read.sensor.0)
                     .bind(read.since_ms)
                     .bind(read.until_ms)
                     .bind(skip_from)
                     .bind(skip_until);
-                for d in &group {
+                for d in group {
                     query = query.bind(*d);
                 }
                 let mut rows = query.fetch(&mut *tx);
