@@ -404,22 +404,31 @@ impl Reader<'_> {
         inbound: &mut Streaming<pb::DeviceMessage>,
         claim: &StreamClaim,
     ) -> Finish {
+        // Made and registered with their tokens once, not per message
+        // (each registration locks its token; the hub's shutdown token is
+        // shared by every stream).
+        let (ctx, ended) = (self.ctx, self.ended);
+        let shutdown = ctx.shutdown.cancelled();
+        let superseded = claim.superseded.cancelled();
+        let ending = ended.cancelled();
+        tokio::pin!(shutdown, superseded, ending);
         loop {
-            let paused = self.paused_until.is_some();
+            let paused = self.paused_until;
             let next = tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     return self.finish(true, Some(Status::unavailable("the hub is shutting down")));
                 }
-                _ = claim.superseded.cancelled() => {
+                _ = &mut superseded => {
                     return self.finish(true, Some(end_status(claim.end_reason())));
                 }
-                _ = self.ended.cancelled() => return self.finish(false, None),
-                _ = tokio::time::sleep_until(self.paused_until.unwrap_or_else(Instant::now)), if paused => {
+                _ = &mut ending => return self.finish(false, None),
+                // A timer only while paused.
+                _ = pause_end(paused), if paused.is_some() => {
                     self.paused_until = None;
                     continue;
                 }
-                next = inbound.message(), if !paused => next,
+                next = inbound.message(), if paused.is_none() => next,
             };
             let message = match next {
                 Ok(Some(message)) => message,
@@ -574,7 +583,10 @@ impl Reader<'_> {
         claim: &StreamClaim,
         closed: &'static str,
     ) -> Option<Finish> {
+        // The push first: it is ready at once unless the queue is full, and
+        // then the tokens are not polled (each poll registers with them).
         tokio::select! {
+            biased;
             pushed = push => match pushed {
                 Ok(()) => {
                     self.batches_pushed += 1;
@@ -615,6 +627,13 @@ impl Reader<'_> {
             flush,
             status,
         }
+    }
+}
+
+/// Ends at `until` (a paused reader's next read).
+async fn pause_end(until: Option<Instant>) {
+    if let Some(until) = until {
+        tokio::time::sleep_until(until).await;
     }
 }
 
