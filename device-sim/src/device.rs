@@ -101,6 +101,12 @@ pub struct SimDevice {
     in_flight: VecDeque<(u64, Instant)>,
     sensor_cursor: usize,
     carry: f64,
+    /// Where in its tick period this device wakes, in [0, 1): a real
+    /// fleet's devices sample on clocks of their own, not in step with
+    /// when they connected (a fleet started at once would otherwise send
+    /// in waves: at 100k devices × 0.1 Hz, from under 1k to 25k readings
+    /// a second, every 10 s).
+    phase: f64,
     /// While backfilling: the ts (ms, fractional) of the next past reading.
     backfill_ms: Option<f64>,
     /// The last stream got as far as Welcome (resets the backoff).
@@ -117,6 +123,8 @@ pub struct SimDevice {
 impl SimDevice {
     pub fn new(cfg: DeviceConfig, stats: Arc<FleetStats>) -> Self {
         let signal = SignalGen::new(cfg.seed, cfg.index, cfg.full_precision);
+        let phase = StdRng::seed_from_u64(cfg.seed ^ cfg.index.wrapping_mul(0xD1B5_4A32_D192_ED03))
+            .random::<f64>();
         let backfill_ms = cfg
             .backfill
             .map(|past| (now_ms() - past.as_millis() as i64) as f64);
@@ -137,7 +145,10 @@ impl SimDevice {
             acked_through: 0,
             in_flight: VecDeque::new(),
             sensor_cursor: 0,
-            carry: 0.0,
+            // A slow device's first reading comes `phase` of the way into
+            // its period, not a whole period after it connects.
+            carry: phase,
+            phase,
             welcomed: false,
             commands: CommandRunner::default(),
             reboot: None,
@@ -315,7 +326,9 @@ impl SimDevice {
         drain_deadline: &mut Option<Instant>,
         max_batch: usize,
     ) -> Result<(), StreamEnd> {
-        let mut tick = tokio::time::interval(self.tick_period());
+        let period = self.tick_period();
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + period.mul_f64(self.phase), period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_sample = Instant::now();
         // Resend what the hub has not acked, right away.
