@@ -145,8 +145,8 @@ impl SimDevice {
             acked_through: 0,
             in_flight: VecDeque::new(),
             sensor_cursor: 0,
-            // A slow device's first reading comes `phase` of the way into
-            // its period, not a whole period after it connects.
+            // A slow device's first reading comes (1 - phase) of its
+            // period after it starts, not a whole period.
             carry: phase,
             phase,
             welcomed: false,

@@ -1186,14 +1186,15 @@ impl Writer {
         };
         let mut rows = staged.take(part);
         tracing::debug!(part, staged = rows.len(), "compacting staged readings");
-        let mut encoded = started;
+        // SQLite: encoded here (PostgreSQL's compaction encodes inside).
+        let mut encoded = None;
         let result = if self.store.backend() == crate::config::Backend::Postgres {
             // Other hubs stage into the same tables: the part is compacted
             // as the database holds it, not as this writer remembers it.
             self.store.compact_taking(part).await
         } else {
             let blocks = blocks::blocks_of(&mut rows);
-            encoded = std::time::Instant::now();
+            encoded = Some(started.elapsed().as_millis() as u64);
             let written = blocks
                 .iter()
                 .map(|b| ((b.device, b.sensor), b.level))
@@ -1219,7 +1220,7 @@ impl Writer {
                 tracing::debug!(
                     blocks = blocks.len(),
                     ms = started.elapsed().as_millis() as u64,
-                    encode_ms = (encoded - started).as_millis() as u64,
+                    encode_ms = encoded,
                     "compacted staged readings"
                 );
             }

@@ -178,27 +178,26 @@ fn in_ids(backend: Backend, column: &str, param: usize) -> String {
 }
 
 /// [`WriteTx::latest_ts`]'s statement: the newest ts per series of the
-/// devices `$1` (which stage into `parts`), from those staging parts and
-/// the blocks, one part at a time (the blocks index leads with the part:
-/// see [`super::blocks::MERGE_SELECT`]).
-pub(super) fn latest_ts_sql(backend: Backend, parts: &[usize]) -> String {
+/// devices `$1` (which stage into `parts`, and are in `index_parts` of the
+/// blocks index, [`super::blocks::index_part`]), from those staging parts
+/// and the blocks, one part at a time (the blocks index leads with the
+/// part: see [`super::blocks::MERGE_SELECT`]).
+pub(super) fn latest_ts_sql(backend: Backend, parts: &[usize], index_parts: &[i64]) -> String {
     let devices = in_ids(backend, "device_id", 1);
-    let selects: Vec<String> = parts
-        .iter()
-        .flat_map(|p| {
-            [
-                format!(
-                    "SELECT device_id, sensor_id, max(ts_ms) AS t FROM {} WHERE {devices} \
-                     GROUP BY device_id, sensor_id",
-                    super::write::staging_table(*p),
-                ),
-                format!(
-                    "SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks \
-                     WHERE device_id % 8 = {p} AND {devices} GROUP BY device_id, sensor_id"
-                ),
-            ]
-        })
-        .collect();
+    let staged = parts.iter().map(|p| {
+        format!(
+            "SELECT device_id, sensor_id, max(ts_ms) AS t FROM {} WHERE {devices} \
+             GROUP BY device_id, sensor_id",
+            super::write::staging_table(*p),
+        )
+    });
+    let blocks = index_parts.iter().map(|p| {
+        format!(
+            "SELECT device_id, sensor_id, max(last_ts) AS t FROM blocks \
+             WHERE device_id % 8 = {p} AND {devices} GROUP BY device_id, sensor_id"
+        )
+    });
+    let selects: Vec<String> = staged.chain(blocks).collect();
     format!(
         "SELECT device_id, sensor_id, max(t) FROM ({}) x GROUP BY device_id, sensor_id",
         selects.join(" UNION ALL ")
@@ -470,7 +469,13 @@ impl WriteTx<'_> {
             .collect();
         parts.sort_unstable();
         parts.dedup();
-        let sql = latest_ts_sql(backend, &parts);
+        let mut index_parts: Vec<i64> = devices
+            .iter()
+            .map(|d| super::blocks::index_part(d.0))
+            .collect();
+        index_parts.sort_unstable();
+        index_parts.dedup();
+        let sql = latest_ts_sql(backend, &parts, &index_parts);
         let keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         let rows: Vec<(i64, i64, Option<i64>)> = match self.conn.conn() {
             Conn::Postgres(c) => sqlx::query_as(&sql).bind(&keys).fetch_all(c).await?,

@@ -50,6 +50,15 @@ const DELETE_CHUNK: usize = 512;
 // is scanned (`tests::queries_by_device_seek_the_part_index`).
 const _: () = assert!(STAGING_PARTS == 8, "the blocks index says device_id % 8");
 
+/// A device's part in the blocks index: SQL's `device_id % 8`, which takes
+/// the dividend's sign (SQLite and PostgreSQL alike), where the staging
+/// part is `rem_euclid`. The two agree on every id the database hands out
+/// (from 1); a statement given this part as a literal agrees with the
+/// index on any id.
+pub(super) fn index_part(device: i64) -> i64 {
+    device % 8
+}
+
 /// A series' blocks of one level, oldest first: what a merge reads.
 pub(super) const MERGE_SELECT: &str = "SELECT id, first_ts, data FROM blocks \
      WHERE device_id % 8 = $1 % 8 AND device_id = $1 AND sensor_id = $2 AND level = $3 \
@@ -828,6 +837,15 @@ mod tests {
         let mut settings = crate::config::Settings::defaults().unwrap().storage;
         settings.path = dir.path().join("hub.db");
         let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        // The part a statement is given as a literal is the one SQL computes.
+        for id in [-17, -8, -3, 1, 3, 8, 9, 1_000_003] {
+            let sql_part: i64 = sqlx::query_scalar("SELECT $1 % 8")
+                .bind(id)
+                .fetch_one(writer.sqlite().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(index_part(id), sql_part, "{id}");
+        }
         let series = "(<expr>=? AND device_id=? AND sensor_id=?";
         let statements = [
             (MERGE_SELECT.to_string(), series),
@@ -838,7 +856,7 @@ mod tests {
             (crate::store::SERIES_OLDER_THAN.into(), series),
             (crate::store::snapshot::blocks_sql(3, 4), series),
             (
-                crate::store::alarms::latest_ts_sql(Backend::Sqlite, &[1, 5]),
+                crate::store::alarms::latest_ts_sql(Backend::Sqlite, &[1, 5], &[1, 5]),
                 "(<expr>=? AND device_id=?)",
             ),
         ];

@@ -52,11 +52,12 @@ fn staged_buckets_sql(part: usize, devices: usize) -> String {
     )
 }
 
-/// The blocks of the devices `$6..` (all of staging part `part`) and sensor
+/// The blocks of the devices `$6..` (all of index part `part`,
+/// [`super::blocks::index_part`]) and sensor
 /// `$1` that overlap [$2, $3), but those wholly inside [$4, $5): each
 /// device's by first_ts. The blocks index leads with the part (see
 /// [`super::blocks::MERGE_SELECT`]), so the statement names it.
-pub(super) fn blocks_sql(part: usize, devices: usize) -> String {
+pub(super) fn blocks_sql(part: i64, devices: usize) -> String {
     format!(
         "SELECT device_id, first_ts, last_ts, data FROM blocks WHERE device_id % 8 = {part} \
          AND device_id IN ({}) AND sensor_id = $1 AND first_ts < $3 AND last_ts >= $2 \
@@ -183,13 +184,20 @@ impl Store {
         for d in &keys {
             parts[super::staging_part(DeviceKey(*d))].push(*d);
         }
-        // The blocks' statements: one part's devices each.
-        let block_groups: Vec<(usize, Vec<i64>)> = parts
+        // The blocks' statements: devices of one part of the blocks index
+        // each, in device order within it.
+        let mut by_index_part: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+        for d in &keys {
+            by_index_part
+                .entry(super::blocks::index_part(*d))
+                .or_default()
+                .push(*d);
+        }
+        let block_groups: Vec<(i64, Vec<i64>)> = by_index_part
             .iter()
-            .enumerate()
             .flat_map(|(part, keys)| {
                 keys.chunks(DEVICES_PER_STATEMENT)
-                    .map(move |g| (part, padded(g)))
+                    .map(move |g| (*part, padded(g)))
             })
             .collect();
         with_pool!(&self.read, pool, _Db => {
