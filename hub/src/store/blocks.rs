@@ -773,6 +773,16 @@ mod tests {
 
     const SERIES: Series = (DeviceKey(3), SensorKey(1));
 
+    /// A new SQLite store with default settings in a temp dir (kept as
+    /// long as the dir is).
+    async fn sqlite_store() -> (tempfile::TempDir, Store, StoreWriter) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::defaults().unwrap().storage;
+        settings.path = dir.path().join("hub.db");
+        let (store, writer) = crate::store::open(&settings).await.unwrap();
+        (dir, store, writer)
+    }
+
     /// Stages `n` full-precision readings of SERIES from seq `from`.
     async fn stage(writer: &mut StoreWriter, from: i64, n: i64) {
         let mut parts = vec![Vec::new(); STAGING_PARTS];
@@ -833,10 +843,7 @@ mod tests {
     /// ORDER BY. Without the part a statement still works, on a scan.
     #[tokio::test]
     async fn queries_by_device_seek_the_part_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        let (_dir, _store, mut writer) = sqlite_store().await;
         // The part a statement is given as a literal is the one SQL computes.
         for id in [-17, -8, -3, 1, 3, 8, 9, 1_000_003] {
             let sql_part: i64 = sqlx::query_scalar("SELECT $1 % 8")
@@ -891,10 +898,7 @@ mod tests {
     /// merge needs no new pages (it frees its input's first).
     #[tokio::test]
     async fn a_compaction_at_the_size_limit_changes_nothing_and_a_merge_fits_in_its_own_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::config::Settings::defaults().unwrap().storage;
-        settings.path = dir.path().join("hub.db");
-        let (_store, mut writer) = crate::store::open(&settings).await.unwrap();
+        let (_dir, _store, mut writer) = sqlite_store().await;
         // Eight level-0 blocks (a merge is due), then 3,000 more staged.
         for run in 0..FANIN as i64 {
             stage(&mut writer, 1 + run * 500, 500).await;
