@@ -165,11 +165,23 @@ pub struct Writer {
     /// When each series' `device_sensors.last_reading_ms` was last written
     /// (committed).
     sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
+    /// SQLite: rows appended to the progress logs since they were last
+    /// folded in, and when that was (see [`Writer::fold_if_due`]).
+    logged: u64,
+    last_fold: Instant,
 }
 
 /// A series' `device_sensors.last_reading_ms` is written at most this
 /// often (ms): inactivity rules of one sensor are this coarse.
 const SENSOR_SEEN_EVERY: i64 = 2_000;
+/// SQLite: the progress logs are folded into their tables once they hold
+/// this many rows, or after this long. A fold writes every page of
+/// `devices` and `device_sensors` it touches once, however many commits
+/// the logs hold: a few MB at 100k devices, where each commit updating its
+/// devices in place wrote as much. Readers scan the logs (the views), so
+/// they stay small.
+const FOLD_ROWS: u64 = 50_000;
+const FOLD_EVERY: Duration = Duration::from_secs(5);
 /// How often a group PostgreSQL rolled back for a conflict with another
 /// hub (a deadlock, a serialization failure) is run again before it fails.
 const GROUP_CONFLICT_RETRIES: u32 = 3;
@@ -256,6 +268,11 @@ struct Known {
     sensors_loaded: bool,
     /// Committed sensors of each device seen since the last failure.
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
+    /// SQLite: the marks were cleared, so some device with rows in the
+    /// progress log may have no mark here: the next group folds the log
+    /// in first. While false, every device with log rows has its mark in
+    /// `marks`, and `devices.acked_seq` is exact for any other.
+    fold_first: bool,
     max_sensors: usize,
     max_sensors_per_device: usize,
     cached_devices: usize,
@@ -441,6 +458,10 @@ struct GroupChanges {
     /// Series whose last reading time was written, and the time.
     seen: Vec<(DeviceKey, SensorKey)>,
     now: i64,
+    /// SQLite: the group folded the progress logs in first...
+    folded: bool,
+    /// ...and appended this many rows to them.
+    logged: u64,
 }
 
 /// A twin the group changes, read once and written once.
@@ -663,6 +684,8 @@ impl Writer {
             sensor_names: HashMap::new(),
             sensors_loaded: false,
             device_sensors: HashMap::new(),
+            // The store folded the logs when it opened.
+            fold_first: false,
             max_sensors: settings.max_sensors,
             max_sensors_per_device: settings.max_sensors_per_device,
             cached_devices: settings.cached_devices,
@@ -694,6 +717,8 @@ impl Writer {
             twins,
             alarms,
             sensor_seen: HashMap::new(),
+            logged: 0,
+            last_fold: Instant::now(),
         }
     }
 
@@ -790,6 +815,11 @@ impl Writer {
             self.block_work_done(done);
         }
         self.compact_everything().await;
+        // A cleanly stopped hub leaves its marks in the tables.
+        if let Err(e) = self.store.fold_progress().await {
+            self.store.abort().await;
+            tracing::warn!(error = %e, "could not fold the progress logs in at stop (the next start does)");
+        }
         if let Err(e) = self.store.close().await {
             tracing::warn!(error = %e, "closing the writer connection failed");
         }
@@ -852,6 +882,7 @@ impl Writer {
                 self.deliver(group.drain(..).zip(outcomes));
                 self.publish();
                 self.commit_retry.succeeded();
+                self.fold_if_due().await;
                 self.compact_if_due().await;
                 if self.sidecar.is_none() && self.merges_due().await {
                     self.merge_step().await;
@@ -873,6 +904,29 @@ impl Writer {
                 self.forget_caches();
                 group.drain(..).for_each(WriterMsg::fail);
                 false
+            }
+        }
+    }
+
+    /// SQLite: folds the progress logs in once they hold `FOLD_ROWS` rows
+    /// or `FOLD_EVERY` passed. A failed fold loses nothing (the logs stay,
+    /// and the views still read them); it is tried again later.
+    async fn fold_if_due(&mut self) {
+        if self.logged == 0
+            || (self.logged < FOLD_ROWS && self.last_fold.elapsed() < FOLD_EVERY)
+        {
+            return;
+        }
+        let started = std::time::Instant::now();
+        self.last_fold = Instant::now();
+        match self.store.fold_progress().await {
+            Ok(rows) => {
+                self.logged = 0;
+                tracing::debug!(rows, ms = started.elapsed().as_millis() as u64, "folded the progress logs in");
+            }
+            Err(e) => {
+                self.store.abort().await;
+                tracing::warn!(error = %e, "folding the progress logs in failed; tried again later");
             }
         }
     }
@@ -900,6 +954,11 @@ impl Writer {
         for pair in std::mem::take(&mut changes.seen) {
             self.sensor_seen.insert(pair, changes.now);
         }
+        if changes.folded {
+            self.logged = 0;
+            self.last_fold = Instant::now();
+        }
+        self.logged += changes.logged;
         if self.sensor_seen.len() > self.settings.cached_devices.saturating_mul(8) {
             self.sensor_seen.clear();
         }
@@ -1368,10 +1427,18 @@ impl Writer {
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
         let mut tx = self.store.begin().await?;
+        let retains = group.iter().any(|m| matches!(m, WriterMsg::Retain { .. }));
         // Retention rewrites blocks: the block writers' lock comes first,
         // before any row lock (see `WriteTx::lock_blocks`).
-        if group.iter().any(|m| matches!(m, WriterMsg::Retain { .. })) {
+        if retains {
             tx.lock_blocks().await?;
+        }
+        // SQLite: marks the writer no longer holds are made exact in the
+        // tables before anything reads them; and retention subtracts from
+        // counts that hold all their readings.
+        if !tx.shared() && (self.known.fold_first || retains) {
+            tx.fold_progress().await?;
+            changes.folded = true;
         }
         // The epochs of the devices with batches here: a batch is written
         // only while its stream's epoch is still the device's.
@@ -1448,9 +1515,15 @@ impl Writer {
                                 self.alarms.forget_device(r.device);
                             }
                             // The stored mark, or the one this group's
-                            // earlier batches of the device moved it to;
-                            // never a cache that may have been cleared.
-                            let acked_seq = *changes.marks.entry(r.device).or_insert(r.acked_seq);
+                            // earlier batches of the device moved it to.
+                            // SQLite: the cached mark first; the table's
+                            // lags the progress log for exactly the devices
+                            // the cache holds (see `Known::fold_first`).
+                            let stored = match known.marks.get(&r.device) {
+                                Some(&mark) if !shared => mark,
+                                _ => r.acked_seq,
+                            };
+                            let acked_seq = *changes.marks.entry(r.device).or_insert(stored);
                             // The Hello's firmware and labels are reported
                             // state (never tags).
                             let twin = match twins.of(&mut tx, r.device).await? {
@@ -1686,6 +1759,9 @@ impl Writer {
             })
             .collect();
         tx.record_progress(&progress, now).await?;
+        if !shared {
+            changes.logged = (progress.len() + changes.seen.len()) as u64;
+        }
         changes.twins = twins.save(&mut tx, &self.settings.hub_id).await?;
         tx.commit().await?;
         self.rows = rows;
@@ -1697,6 +1773,7 @@ impl Writer {
 impl Known {
     fn forget(&mut self) {
         self.marks.clear();
+        self.fold_first = true;
         self.epochs.clear();
         self.sensors.clear();
         self.sensor_names.clear();
@@ -1706,6 +1783,9 @@ impl Known {
 
     /// Applies a committed group's changes.
     fn apply(&mut self, changes: GroupChanges) {
+        if changes.folded {
+            self.fold_first = false;
+        }
         self.marks.extend(changes.marks);
         self.epochs.extend(changes.epochs);
         for (name, key) in changes.sensors {
@@ -1719,6 +1799,7 @@ impl Known {
         // (marks and sensors are read again from the store as needed).
         if self.marks.len().max(self.epochs.len()) > self.cached_devices {
             self.marks.clear();
+            self.fold_first = true;
             self.epochs.clear();
             self.device_sensors.clear();
         }

@@ -349,11 +349,11 @@ impl WriteTx<'_> {
         sensor: &str,
     ) -> Result<Option<i64>, StoreError> {
         Ok(with_conn!(self.conn.conn(), c => sqlx::query_scalar(
-            "SELECT CASE WHEN $2 = '' THEN COALESCE(d.last_reading_ms, d.first_seen_ms) \
-             ELSE COALESCE((SELECT ds.last_reading_ms FROM device_sensors ds \
+            "SELECT CASE WHEN $2 = '' THEN COALESCE(m.last_reading_ms, d.first_seen_ms) \
+             ELSE COALESCE((SELECT ds.last_reading_ms FROM sensor_progress ds \
                JOIN sensors n ON n.id = ds.sensor_id WHERE ds.device_id = d.id AND n.name = $2), \
-               d.last_reading_ms, d.first_seen_ms) END \
-             FROM devices d WHERE d.id = $1",
+               m.last_reading_ms, d.first_seen_ms) END \
+             FROM devices d JOIN device_progress m ON m.id = d.id WHERE d.id = $1",
         )
         .bind(device.0)
         .bind(sensor)
@@ -1048,11 +1048,15 @@ impl Store {
         let backend = self.backend();
         let (from, last) = match sensor {
             Some(_) => (
-                "devices d JOIN device_sensors ds ON ds.device_id = d.id \
+                "devices d JOIN device_progress m ON m.id = d.id \
+                 JOIN sensor_progress ds ON ds.device_id = d.id \
                  JOIN sensors n ON n.id = ds.sensor_id AND n.name = $2",
-                "COALESCE(ds.last_reading_ms, d.last_reading_ms, d.first_seen_ms)",
+                "COALESCE(ds.last_reading_ms, m.last_reading_ms, d.first_seen_ms)",
             ),
-            None => ("devices d", "COALESCE(d.last_reading_ms, d.first_seen_ms)"),
+            None => (
+                "devices d JOIN device_progress m ON m.id = d.id",
+                "COALESCE(m.last_reading_ms, d.first_seen_ms)",
+            ),
         };
         let mut sql = format!(
             "SELECT d.id, d.external_id, {last} FROM {from} \
@@ -1097,12 +1101,13 @@ impl Store {
         Ok(
             with_pool!(&self.read, pool, _Db => sqlx::query_as::<_, (i64, String, i64)>(
             "SELECT a.device_id, a.sensor, CASE WHEN d.removed_ms IS NOT NULL THEN $2 \
-             WHEN a.sensor = '' THEN COALESCE(d.last_reading_ms, d.first_seen_ms) \
-             ELSE COALESCE((SELECT ds.last_reading_ms FROM device_sensors ds \
+             WHEN a.sensor = '' THEN COALESCE(m.last_reading_ms, d.first_seen_ms) \
+             ELSE COALESCE((SELECT ds.last_reading_ms FROM sensor_progress ds \
                JOIN sensors n ON n.id = ds.sensor_id \
                WHERE ds.device_id = a.device_id AND n.name = a.sensor), \
-               d.last_reading_ms, d.first_seen_ms) END \
+               m.last_reading_ms, d.first_seen_ms) END \
              FROM alarms a JOIN devices d ON d.id = a.device_id \
+             JOIN device_progress m ON m.id = d.id \
              WHERE a.rule_id = $1 AND a.state <> 'cleared'",
         )
         .bind(rule_id)

@@ -132,6 +132,12 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     let mut writer = WriteConn::open(writer).await?;
     migrate(writer.conn()).await?;
     let mut writer = StoreWriter::new(writer, lock);
+    // What a hub killed mid-run left in the progress logs: the tables are
+    // whole again before anything reads them.
+    let folded = writer.fold_progress().await?;
+    if folded > 0 {
+        tracing::info!(folded, "progress marks left in the logs folded in");
+    }
     let converted = writer.convert_legacy().await?;
     if converted > 0 {
         tracing::info!(
@@ -625,14 +631,23 @@ impl Store {
 
     /// Readings stored in total, from the per-device counters.
     pub async fn total_readings(&self) -> Result<u64, StoreError> {
+        let sql = TOTAL_READINGS[usize::from(self.read.backend() == Backend::Sqlite)];
         let total: i64 = with_pool!(&self.read, pool, _Db => {
-            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(reading_count), 0) AS BIGINT) FROM devices")
+            sqlx::query_scalar(sql)
                 .fetch_one(pool)
                 .await?
         });
         Ok(total as u64)
     }
 }
+
+/// [`Store::total_readings`]: PostgreSQL's counts, and SQLite's with what
+/// its progress log adds (a scan of the view would join every device).
+const TOTAL_READINGS: [&str; 2] = [
+    "SELECT CAST(COALESCE(SUM(reading_count), 0) AS BIGINT) FROM devices",
+    "SELECT (SELECT COALESCE(SUM(reading_count), 0) FROM devices) \
+     + (SELECT COALESCE(SUM(added), 0) FROM progress_log)",
+];
 
 /// One series of [`Store::series_catalog`].
 #[derive(Debug, Clone)]
@@ -647,13 +662,14 @@ pub struct CatalogSeries {
 /// hub has a heartbeat newer than parameter `$cutoff` (see [`lease_cutoff`]).
 fn device_select(cutoff: usize) -> String {
     format!(
-        "SELECT d.id, d.external_id, d.firmware, d.tags, d.first_seen_ms, d.last_seen_ms, \
-         d.acked_seq, d.reading_count, CASE WHEN d.online_since_ms IS NOT NULL AND EXISTS \
+        "SELECT d.id, d.external_id, d.firmware, d.tags, d.first_seen_ms, m.last_seen_ms, \
+         m.acked_seq, m.reading_count, CASE WHEN d.online_since_ms IS NOT NULL AND EXISTS \
          (SELECT 1 FROM hubs h WHERE h.id = d.hub AND h.heartbeat_ms >= ${cutoff}) \
          THEN d.online_since_ms END AS online_since_ms, COALESCE(t.in_sync, 1) AS in_sync, \
          COALESCE(t.desired_version, 0) AS desired_version, \
          COALESCE(t.reported_version, 0) AS reported_version \
-         FROM devices d LEFT JOIN twins t ON t.device_id = d.id"
+         FROM devices d JOIN device_progress m ON m.id = d.id \
+         LEFT JOIN twins t ON t.device_id = d.id"
     )
 }
 

@@ -194,6 +194,15 @@ impl Batched {
                 5,
                 "",
             ),
+            // SQLite appends marks to a log, folded in later (see
+            // `WriteTx::fold_progress`); PostgreSQL's other hubs read them
+            // in place.
+            Batched::Progress if backend == Backend::Sqlite => (
+                "INSERT INTO progress_log (device_id, acked_seq, added, seen_ms) VALUES "
+                    .to_owned(),
+                4,
+                "",
+            ),
             Batched::Progress => (
                 "UPDATE devices SET acked_seq = v.column2, \
                  reading_count = reading_count + v.column3, last_seen_ms = v.column4, \
@@ -298,6 +307,11 @@ impl Batched {
                 4,
                 "",
             ),
+            Batched::SensorSeen if backend == Backend::Sqlite => (
+                "INSERT INTO sensor_seen_log (device_id, sensor_id, seen_ms) VALUES ".to_owned(),
+                3,
+                "",
+            ),
             Batched::SensorSeen => (
                 "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
                 3,
@@ -367,6 +381,21 @@ pub(super) fn chunks<T>(mut items: &[T], max: usize) -> impl Iterator<Item = &[T
     })
 }
 
+/// SQLite: the progress logs into their tables, then emptied (see
+/// `WriteTx::fold_progress`). The views give what the logs add per device
+/// and series; Hellos move `last_seen_ms` in place, hence max().
+const FOLD_PROGRESS: [&str; 4] = [
+    "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
+     reading_count = devices.reading_count + p.added, \
+     last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
+     last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
+     FROM progress_pending p WHERE devices.id = p.device_id",
+    "DELETE FROM progress_log",
+    "UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM sensor_seen_pending s \
+     WHERE device_sensors.device_id = s.device_id AND device_sensors.sensor_id = s.sensor_id",
+    "DELETE FROM sensor_seen_log",
+];
+
 impl StoreWriter {
     pub(super) fn new(conn: WriteConn, lock: Option<std::fs::File>) -> Self {
         Self {
@@ -405,6 +434,18 @@ impl StoreWriter {
     /// transaction open on it after a failure.
     pub fn reopened(&self) -> u64 {
         self.conn.reopened()
+    }
+
+    /// SQLite: folds the progress logs in, in a transaction of its own (see
+    /// [`WriteTx::fold_progress`]); the log rows folded.
+    pub async fn fold_progress(&mut self) -> Result<u64, StoreError> {
+        if self.backend() != Backend::Sqlite {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let folded = tx.fold_progress().await?;
+        tx.commit().await?;
+        Ok(folded)
     }
 
     /// Closes the connection. On SQLite the pages compaction and merges
@@ -1115,6 +1156,28 @@ impl WriteTx<'_> {
         .await
     }
 
+    /// SQLite: folds the progress logs into `devices` and `device_sensors`
+    /// (one pass over each table, however many commits the logs hold) and
+    /// empties them; the rows folded. A no-op on PostgreSQL, which updates
+    /// the tables in place.
+    pub async fn fold_progress(&mut self) -> Result<u64, StoreError> {
+        if self.shared() {
+            return Ok(0);
+        }
+        let Some(c) = self.conn.conn().sqlite() else {
+            return Ok(0);
+        };
+        let mut folded = 0;
+        for (i, sql) in FOLD_PROGRESS.iter().enumerate() {
+            let n = sqlx::query(sql).execute(&mut *c).await?.rows_affected();
+            // The deletes say how many log rows there were.
+            if i % 2 == 1 {
+                folded += n;
+            }
+        }
+        Ok(folded)
+    }
+
     /// The text of `kind`'s statement for `n` items (made once).
     pub(super) fn statement(&mut self, kind: Batched, n: usize) -> String {
         let backend = self.conn.backend();
@@ -1254,6 +1317,85 @@ mod tests {
         tx.commit().await.unwrap();
     }
 
+    /// SQLite logs progress marks: the views (and what reads through them)
+    /// see them at once, a fold moves them into the tables exactly, with a
+    /// Hello's `last_seen_ms` and a rejected-only batch's mark kept.
+    #[tokio::test]
+    async fn logged_progress_reads_exact_and_folds_into_the_tables() {
+        let (_dir, store, mut writer) = open_temp().await;
+        let hello = DeviceHello::new(
+            DeviceId::parse("d1").unwrap(),
+            "fw".into(),
+            Default::default(),
+            "",
+        )
+        .unwrap();
+        let mut tx = writer.begin().await.unwrap();
+        let device = tx
+            .upsert_device(&hello, 1, &Proof::Admitted, "h")
+            .await
+            .unwrap()
+            .unwrap()
+            .device;
+        let sensor = tx.sensor_key("t").await.unwrap();
+        tx.add_device_sensors(&[(device, sensor)]).await.unwrap();
+        tx.commit().await.unwrap();
+        let progress = |acked_seq, added| DeviceProgress {
+            device,
+            acked_seq,
+            added,
+        };
+        // Three commits: 5 readings, 3 more, then a batch of rejects only.
+        for (p, now) in [(progress(5, 5), 10), (progress(9, 3), 20), (progress(12, 0), 30)] {
+            let mut tx = writer.begin().await.unwrap();
+            tx.record_progress(&[p], now).await.unwrap();
+            if p.added > 0 {
+                tx.sensors_seen(&[(device, sensor)], now).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+        // A Hello after them moves last_seen_ms in place.
+        let mut tx = writer.begin().await.unwrap();
+        tx.upsert_device(&hello, 40, &Proof::Admitted, "h")
+            .await
+            .unwrap()
+            .unwrap();
+        tx.commit().await.unwrap();
+        let table = |store: &crate::store::Store| {
+            let store = store.clone();
+            async move {
+                let crate::store::db::Pool::Sqlite(pool) = &store.read else {
+                    unreachable!("a SQLite store")
+                };
+                let marks: (i64, i64, i64, Option<i64>, Option<i64>, i64) = sqlx::query_as(
+                    "SELECT acked_seq, reading_count, last_seen_ms, last_reading_ms, \
+                     (SELECT last_reading_ms FROM device_sensors), \
+                     (SELECT count(*) FROM progress_log) + (SELECT count(*) FROM sensor_seen_log) \
+                     FROM devices",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                marks
+            }
+        };
+        assert_eq!(table(&store).await, (0, 0, 40, None, None, 5), "logged, not in place");
+        let exact = |d: crate::domain::DeviceRecord| (d.acked_seq, d.readings, d.last_seen_ms);
+        let before = store.find_device("d1").await.unwrap().unwrap();
+        assert_eq!(exact(before), (12, 8, 40));
+        assert_eq!(store.total_readings().await.unwrap(), 8);
+        assert_eq!(writer.fold_progress().await.unwrap(), 5);
+        assert_eq!(
+            table(&store).await,
+            (12, 8, 40, Some(20), Some(20), 0),
+            "folded: the last reading at 20, not the rejects' 30"
+        );
+        let after = store.find_device("d1").await.unwrap().unwrap();
+        assert_eq!(exact(after), (12, 8, 40));
+        assert_eq!(store.total_readings().await.unwrap(), 8);
+        assert_eq!(writer.fold_progress().await.unwrap(), 0, "nothing left");
+    }
+
     /// Hellos registered in bulk come to what each would one by one:
     /// the same credential checks, keys, marks and epochs, and new devices
     /// inserted. And the admission reads (many to a statement) say what
@@ -1295,6 +1437,9 @@ mod tests {
         tx.pin_certificate("d7", Some(&c), "h").await.unwrap();
         tx.revoke_certificate(&r, 0, "h").await.unwrap();
         tx.commit().await.unwrap();
+        // Registrations read the table's mark: the ingest writer folds the
+        // progress log in before it no longer holds a device's mark.
+        writer.fold_progress().await.unwrap();
         let cases = [
             ("d1", Proof::OwnToken(a)),
             ("d2", Proof::OwnToken(b)),

@@ -1000,8 +1000,9 @@ impl DbConn {
     /// (key, external id, mark, count) of the devices whose id starts
     /// with `prefix`.
     pub async fn devices(&mut self, prefix: &str) -> Vec<(i64, String, i64, i64)> {
-        const SQL: &str = "SELECT id, external_id, acked_seq, reading_count FROM devices \
-             WHERE substr(external_id, 1, length($1)) = $1";
+        const SQL: &str = "SELECT d.id, d.external_id, m.acked_seq, m.reading_count \
+             FROM devices d JOIN device_progress m ON m.id = d.id \
+             WHERE substr(d.external_id, 1, length($1)) = $1";
         match self {
             DbConn::Sqlite(c) => sqlx::query_as(SQL).bind(prefix).fetch_all(c).await,
             DbConn::Postgres(c) => sqlx::query_as(SQL).bind(prefix).fetch_all(c).await,
