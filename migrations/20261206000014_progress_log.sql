@@ -5,26 +5,38 @@
 -- each of its series last stored one. Updated in place, at 100k devices a
 -- commit of ~250 devices rewrote ~210 of the 592 pages of `devices` and as
 -- many of `device_sensors`: 6 MB of WAL and two thirds of the commit's
--- time, for 250 readings. Appended here they fill a page or two; the
--- writer folds the logs into the tables every few seconds (one pass over
--- each table), when the store opens, before retention and at a clean stop.
+-- time, for 250 readings. Appended here they fill a few pages; the writer
+-- folds the logs into the tables a slice of devices at a time, each slice
+-- every few seconds, and all of them when the store opens, before
+-- retention and at a clean stop.
 --
 -- The tables alone lag the logs: whatever must be exact reads the views
 -- `device_progress` and `sensor_progress` (PostgreSQL has the same views
 -- over its tables, which it still updates in place: other hubs read them).
 
+-- Keyed by (slice, n): a slice is a range of device ids (see
+-- `store::write::log_slice`), n the writer's count of log rows. A commit
+-- appends at the end of each slice; a fold takes one slice at a time, so
+-- it touches the pages of that slice's devices alone and deletes a run of
+-- the log's own pages.
 CREATE TABLE progress_log (
+    slice     INTEGER NOT NULL,
+    n         INTEGER NOT NULL,
     device_id INTEGER NOT NULL,
     acked_seq INTEGER NOT NULL,  -- the mark after the commit
     added     INTEGER NOT NULL,  -- readings the commit stored
-    seen_ms   INTEGER NOT NULL   -- the commit's clock
-);
+    seen_ms   INTEGER NOT NULL,  -- the commit's clock
+    PRIMARY KEY (slice, n)
+) WITHOUT ROWID;
 
 CREATE TABLE sensor_seen_log (
+    slice     INTEGER NOT NULL,
+    n         INTEGER NOT NULL,
     device_id INTEGER NOT NULL,
     sensor_id INTEGER NOT NULL,
-    seen_ms   INTEGER NOT NULL
-);
+    seen_ms   INTEGER NOT NULL,
+    PRIMARY KEY (slice, n)
+) WITHOUT ROWID;
 
 -- What the logs hold, one row per device (series); a mark only grows and
 -- a device's id is never reused, so max() and sum() fold them.

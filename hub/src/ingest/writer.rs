@@ -32,8 +32,8 @@ use crate::domain::{
 use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
 use crate::store::{
-    DeviceProgress, Registration, RowToInsert, STAGING_PARTS, StoreError, StoreWriter, WriteTx,
-    staging_part,
+    DeviceProgress, LOG_SLICES, Registration, RowToInsert, STAGING_PARTS, StoreError, StoreWriter,
+    WriteTx, staging_part,
 };
 use crate::throttle::LogThrottle;
 use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
@@ -165,23 +165,25 @@ pub struct Writer {
     /// When each series' `device_sensors.last_reading_ms` was last written
     /// (committed).
     sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
-    /// SQLite: rows appended to the progress logs since they were last
-    /// folded in, and when that was (see [`Writer::fold_if_due`]).
+    /// SQLite: rows in the progress logs, the slice folded in next, and
+    /// when the last one was (see [`Writer::fold_if_due`]).
     logged: u64,
+    next_slice: u8,
     last_fold: Instant,
 }
 
 /// A series' `device_sensors.last_reading_ms` is written at most this
 /// often (ms): inactivity rules of one sensor are this coarse.
 const SENSOR_SEEN_EVERY: i64 = 2_000;
-/// SQLite: the progress logs are folded into their tables once they hold
-/// this many rows, or after this long. A fold writes every page of
-/// `devices` and `device_sensors` it touches once, however many commits
-/// the logs hold: a few MB at 100k devices, where each commit updating its
-/// devices in place wrote as much. Readers scan the logs (the views), so
-/// they stay small.
-const FOLD_ROWS: u64 = 50_000;
+/// SQLite: each slice of the progress logs is folded into its tables
+/// this often (one slice at a time, in turn), and sooner while the logs
+/// hold more than `FOLD_ROWS` rows. A fold writes each page of its
+/// devices' rows once, however many commits the slice holds: at 100k
+/// devices ~20 ms and 2.5 MB a slice, where each commit updating its
+/// ~250 devices in place wrote 6 MB. Readers scan the logs (the views),
+/// so they stay small.
 const FOLD_EVERY: Duration = Duration::from_secs(5);
+const FOLD_ROWS: u64 = 100_000;
 /// How often a group PostgreSQL rolled back for a conflict with another
 /// hub (a deadlock, a serialization failure) is run again before it fails.
 const GROUP_CONFLICT_RETRIES: u32 = 3;
@@ -718,6 +720,7 @@ impl Writer {
             alarms,
             sensor_seen: HashMap::new(),
             logged: 0,
+            next_slice: 0,
             last_fold: Instant::now(),
         }
     }
@@ -816,7 +819,7 @@ impl Writer {
         }
         self.compact_everything().await;
         // A cleanly stopped hub leaves its marks in the tables.
-        if let Err(e) = self.store.fold_progress().await {
+        if let Err(e) = self.store.fold_progress(None).await {
             self.store.abort().await;
             tracing::warn!(error = %e, "could not fold the progress logs in at stop (the next start does)");
         }
@@ -908,21 +911,30 @@ impl Writer {
         }
     }
 
-    /// SQLite: folds the progress logs in once they hold `FOLD_ROWS` rows
-    /// or `FOLD_EVERY` passed. A failed fold loses nothing (the logs stay,
-    /// and the views still read them); it is tried again later.
+    /// SQLite: folds the next slice of the progress logs in, each
+    /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_ROWS`
+    /// rows. A failed fold loses nothing (the logs stay, and the views
+    /// still read them); it is tried again later.
     async fn fold_if_due(&mut self) {
         if self.logged == 0
-            || (self.logged < FOLD_ROWS && self.last_fold.elapsed() < FOLD_EVERY)
+            || (self.logged < FOLD_ROWS
+                && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
         {
             return;
         }
         let started = std::time::Instant::now();
         self.last_fold = Instant::now();
-        match self.store.fold_progress().await {
+        let slice = self.next_slice;
+        self.next_slice = (slice + 1) % LOG_SLICES;
+        match self.store.fold_progress(Some(slice)).await {
             Ok(rows) => {
-                self.logged = 0;
-                tracing::debug!(rows, ms = started.elapsed().as_millis() as u64, "folded the progress logs in");
+                self.logged = self.logged.saturating_sub(rows);
+                tracing::debug!(
+                    slice,
+                    rows,
+                    ms = started.elapsed().as_millis() as u64,
+                    "folded the progress logs in"
+                );
             }
             Err(e) => {
                 self.store.abort().await;

@@ -38,8 +38,8 @@ use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{
-    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, REVOKED, Registration, RowToInsert,
-    STAGING_PARTS, StoreWriter, WriteTx, staging_part,
+    CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, LOG_SLICES, REVOKED, Registration,
+    RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_part,
 };
 pub(crate) use write_conn::WriteConn;
 
@@ -134,7 +134,7 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     let mut writer = StoreWriter::new(writer, lock);
     // What a hub killed mid-run left in the progress logs: the tables are
     // whole again before anything reads them.
-    let folded = writer.fold_progress().await?;
+    let folded = writer.fold_progress(None).await?;
     if folded > 0 {
         tracing::info!(folded, "progress marks left in the logs folded in");
     }

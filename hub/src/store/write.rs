@@ -198,9 +198,9 @@ impl Batched {
             // `WriteTx::fold_progress`); PostgreSQL's other hubs read them
             // in place.
             Batched::Progress if backend == Backend::Sqlite => (
-                "INSERT INTO progress_log (device_id, acked_seq, added, seen_ms) VALUES "
+                "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) VALUES "
                     .to_owned(),
-                4,
+                6,
                 "",
             ),
             Batched::Progress => (
@@ -308,8 +308,9 @@ impl Batched {
                 "",
             ),
             Batched::SensorSeen if backend == Backend::Sqlite => (
-                "INSERT INTO sensor_seen_log (device_id, sensor_id, seen_ms) VALUES ".to_owned(),
-                3,
+                "INSERT INTO sensor_seen_log (slice, n, device_id, sensor_id, seen_ms) VALUES "
+                    .to_owned(),
+                5,
                 "",
             ),
             Batched::SensorSeen => (
@@ -335,6 +336,9 @@ pub struct StoreWriter {
     sql: HashMap<(Batched, usize), String>,
     /// PostgreSQL: the months of `blocks` known to have a partition.
     partitions: std::collections::HashSet<i64>,
+    /// SQLite: the last number given to a progress log row (the logs are
+    /// folded in, so empty, when the store opens).
+    log_n: i64,
     /// SQLite: the database's lock file, held while this writer lives.
     _lock: Option<std::fs::File>,
 }
@@ -343,6 +347,8 @@ pub struct StoreWriter {
 /// it is rolled back before the next one begins.
 pub struct WriteTx<'c> {
     pub(super) conn: &'c mut WriteConn,
+    /// SQLite: the last number given to a progress log row.
+    log_n: &'c mut i64,
     sql: &'c mut HashMap<(Batched, usize), String>,
     pub(super) partitions: &'c mut std::collections::HashSet<i64>,
 }
@@ -381,19 +387,35 @@ pub(super) fn chunks<T>(mut items: &[T], max: usize) -> impl Iterator<Item = &[T
     })
 }
 
-/// SQLite: the progress logs into their tables, then emptied (see
-/// `WriteTx::fold_progress`). The views give what the logs add per device
-/// and series; Hellos move `last_seen_ms` in place, hence max().
-const FOLD_PROGRESS: [&str; 4] = [
+/// SQLite: the slices of the progress logs (see [`log_slice`]).
+pub const LOG_SLICES: u8 = 8;
+
+/// SQLite: the slice of the progress logs a device's rows go to. Devices
+/// are rows of `devices` by id (and of `device_sensors` by device first),
+/// so runs of 4096 ids sit on runs of pages: folding one slice touches an
+/// eighth of each table.
+pub fn log_slice(device: DeviceKey) -> u8 {
+    (device.0 >> 12).rem_euclid(i64::from(LOG_SLICES)) as u8
+}
+
+/// SQLite: a slice of the progress logs into their tables, then deleted
+/// (see `WriteTx::fold_slice`); `{slice}` is the slice's condition. Hellos
+/// move `last_seen_ms` in place, hence max().
+const FOLD_SLICE: [&str; 4] = [
     "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
      reading_count = devices.reading_count + p.added, \
      last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
      last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
-     FROM progress_pending p WHERE devices.id = p.device_id",
-    "DELETE FROM progress_log",
-    "UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM sensor_seen_pending s \
+     FROM (SELECT device_id, max(acked_seq) AS acked_seq, sum(added) AS added, \
+       max(seen_ms) AS seen_ms, max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms \
+       FROM progress_log WHERE {slice} GROUP BY device_id) AS p \
+     WHERE devices.id = p.device_id",
+    "DELETE FROM progress_log WHERE {slice}",
+    "UPDATE device_sensors SET last_reading_ms = s.seen_ms \
+     FROM (SELECT device_id, sensor_id, max(seen_ms) AS seen_ms FROM sensor_seen_log \
+       WHERE {slice} GROUP BY device_id, sensor_id) AS s \
      WHERE device_sensors.device_id = s.device_id AND device_sensors.sensor_id = s.sensor_id",
-    "DELETE FROM sensor_seen_log",
+    "DELETE FROM sensor_seen_log WHERE {slice}",
 ];
 
 impl StoreWriter {
@@ -402,6 +424,7 @@ impl StoreWriter {
             conn,
             sql: HashMap::new(),
             partitions: std::collections::HashSet::new(),
+            log_n: 0,
             _lock: lock,
         }
     }
@@ -414,6 +437,7 @@ impl StoreWriter {
         self.conn.begin().await?;
         Ok(WriteTx {
             conn: &mut self.conn,
+            log_n: &mut self.log_n,
             sql: &mut self.sql,
             partitions: &mut self.partitions,
         })
@@ -436,14 +460,18 @@ impl StoreWriter {
         self.conn.reopened()
     }
 
-    /// SQLite: folds the progress logs in, in a transaction of its own (see
-    /// [`WriteTx::fold_progress`]); the log rows folded.
-    pub async fn fold_progress(&mut self) -> Result<u64, StoreError> {
+    /// SQLite: folds the progress logs in (`slice`, or all of them), in a
+    /// transaction of its own (see [`WriteTx::fold_progress`]); the log
+    /// rows folded.
+    pub async fn fold_progress(&mut self, slice: Option<u8>) -> Result<u64, StoreError> {
         if self.backend() != Backend::Sqlite {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
-        let folded = tx.fold_progress().await?;
+        let folded = match slice {
+            Some(slice) => tx.fold_slice(slice).await?,
+            None => tx.fold_progress().await?,
+        };
         tx.commit().await?;
         Ok(folded)
     }
@@ -973,6 +1001,24 @@ impl WriteTx<'_> {
         pairs: &[(DeviceKey, SensorKey)],
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        if !self.shared() {
+            let rows = self.numbered(pairs, |(device, _)| *device);
+            return self
+                .execute_batched(
+                    Batched::SensorSeen,
+                    &rows,
+                    |(slice, n, (device, sensor)), out| {
+                        out.extend([
+                            Val::I(i64::from(*slice)),
+                            Val::I(*n),
+                            Val::I(device.0),
+                            Val::I(sensor.0),
+                            Val::I(now_ms),
+                        ]);
+                    },
+                )
+                .await;
+        }
         self.execute_batched(Batched::SensorSeen, pairs, |(device, sensor), out| {
             out.extend([Val::I(device.0), Val::I(sensor.0), Val::I(now_ms)]);
         })
@@ -1145,6 +1191,21 @@ impl WriteTx<'_> {
         progress: &[DeviceProgress],
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        if !self.shared() {
+            let rows = self.numbered(progress, |p| p.device);
+            return self
+                .execute_batched(Batched::Progress, &rows, |(slice, n, p), out| {
+                    out.extend([
+                        Val::I(i64::from(*slice)),
+                        Val::I(*n),
+                        Val::I(p.device.0),
+                        Val::I(p.acked_seq as i64),
+                        Val::I(p.added as i64),
+                        Val::I(now_ms),
+                    ]);
+                })
+                .await;
+        }
         self.execute_batched(Batched::Progress, progress, |p, out| {
             out.extend([
                 Val::I(p.device.0),
@@ -1157,10 +1218,20 @@ impl WriteTx<'_> {
     }
 
     /// SQLite: folds the progress logs into `devices` and `device_sensors`
-    /// (one pass over each table, however many commits the logs hold) and
-    /// empties them; the rows folded. A no-op on PostgreSQL, which updates
-    /// the tables in place.
+    /// and empties them; the log rows folded. A no-op on PostgreSQL, which
+    /// updates the tables in place.
     pub async fn fold_progress(&mut self) -> Result<u64, StoreError> {
+        self.fold_where("true").await
+    }
+
+    /// SQLite: folds one slice of the progress logs in (see [`log_slice`]):
+    /// a pass over the pages of that slice's devices, however many commits
+    /// the slice holds.
+    pub async fn fold_slice(&mut self, slice: u8) -> Result<u64, StoreError> {
+        self.fold_where(&format!("slice = {slice}")).await
+    }
+
+    async fn fold_where(&mut self, cond: &str) -> Result<u64, StoreError> {
         if self.shared() {
             return Ok(0);
         }
@@ -1168,14 +1239,30 @@ impl WriteTx<'_> {
             return Ok(0);
         };
         let mut folded = 0;
-        for (i, sql) in FOLD_PROGRESS.iter().enumerate() {
-            let n = sqlx::query(sql).execute(&mut *c).await?.rows_affected();
+        for (i, sql) in FOLD_SLICE.iter().enumerate() {
+            let sql = sql.replace("{slice}", cond);
+            let n = sqlx::query(&sql).execute(&mut *c).await?.rows_affected();
             // The deletes say how many log rows there were.
             if i % 2 == 1 {
                 folded += n;
             }
         }
         Ok(folded)
+    }
+
+    /// SQLite: log rows of `items`, each with its slice and next number.
+    fn numbered<'i, T>(
+        &mut self,
+        items: &'i [T],
+        device: impl Fn(&T) -> DeviceKey,
+    ) -> Vec<(u8, i64, &'i T)> {
+        items
+            .iter()
+            .map(|item| {
+                *self.log_n += 1;
+                (log_slice(device(item)), *self.log_n, item)
+            })
+            .collect()
     }
 
     /// The text of `kind`'s statement for `n` items (made once).
@@ -1346,7 +1433,11 @@ mod tests {
             added,
         };
         // Three commits: 5 readings, 3 more, then a batch of rejects only.
-        for (p, now) in [(progress(5, 5), 10), (progress(9, 3), 20), (progress(12, 0), 30)] {
+        for (p, now) in [
+            (progress(5, 5), 10),
+            (progress(9, 3), 20),
+            (progress(12, 0), 30),
+        ] {
             let mut tx = writer.begin().await.unwrap();
             tx.record_progress(&[p], now).await.unwrap();
             if p.added > 0 {
@@ -1379,12 +1470,21 @@ mod tests {
                 marks
             }
         };
-        assert_eq!(table(&store).await, (0, 0, 40, None, None, 5), "logged, not in place");
+        assert_eq!(
+            table(&store).await,
+            (0, 0, 40, None, None, 5),
+            "logged, not in place"
+        );
         let exact = |d: crate::domain::DeviceRecord| (d.acked_seq, d.readings, d.last_seen_ms);
         let before = store.find_device("d1").await.unwrap().unwrap();
         assert_eq!(exact(before), (12, 8, 40));
         assert_eq!(store.total_readings().await.unwrap(), 8);
-        assert_eq!(writer.fold_progress().await.unwrap(), 5);
+        // Another slice holds none of it.
+        let slice = log_slice(device);
+        let other = (slice + 1) % LOG_SLICES;
+        assert_eq!(writer.fold_progress(Some(other)).await.unwrap(), 0);
+        assert_eq!(table(&store).await, (0, 0, 40, None, None, 5));
+        assert_eq!(writer.fold_progress(Some(slice)).await.unwrap(), 5);
         assert_eq!(
             table(&store).await,
             (12, 8, 40, Some(20), Some(20), 0),
@@ -1393,7 +1493,7 @@ mod tests {
         let after = store.find_device("d1").await.unwrap().unwrap();
         assert_eq!(exact(after), (12, 8, 40));
         assert_eq!(store.total_readings().await.unwrap(), 8);
-        assert_eq!(writer.fold_progress().await.unwrap(), 0, "nothing left");
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 0, "nothing left");
     }
 
     /// Hellos registered in bulk come to what each would one by one:
@@ -1439,7 +1539,7 @@ mod tests {
         tx.commit().await.unwrap();
         // Registrations read the table's mark: the ingest writer folds the
         // progress log in before it no longer holds a device's mark.
-        writer.fold_progress().await.unwrap();
+        writer.fold_progress(None).await.unwrap();
         let cases = [
             ("d1", Proof::OwnToken(a)),
             ("d2", Proof::OwnToken(b)),

@@ -342,7 +342,8 @@ async fn sqlite_the_database_is_private_and_served_by_one_process() {
         return;
     }
     let db = TestDb::new().await;
-    let data_dir = db.path().parent().unwrap().join("private");
+    // In the test's own temp dir (`path()` is that dir), not beside it.
+    let data_dir = db.path().join("private");
     let path = data_dir.join("hub.db");
     let path_text = path.display().to_string();
     let (first_port, second_port) = (reserve_port(), reserve_port());
