@@ -33,7 +33,7 @@ use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
 use crate::store::{
     DeviceProgress, LOG_SLICES, Registration, RowToInsert, STAGING_PARTS, StoreError, StoreWriter,
-    WriteTx, staging_part,
+    WriteTx, log_slice, staging_part,
 };
 use crate::throttle::LogThrottle;
 use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
@@ -165,10 +165,9 @@ pub struct Writer {
     /// When each series' `device_sensors.last_reading_ms` was last written
     /// (committed).
     sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
-    /// SQLite: rows in the progress logs, the slice folded in next, and
-    /// when the last one was (see [`Writer::fold_if_due`]).
-    logged: u64,
-    next_slice: u8,
+    /// SQLite: rows in each slice of the progress logs, and when one was
+    /// last folded in (see [`Writer::fold_if_due`]).
+    logged: [u64; LOG_SLICES as usize],
     last_fold: Instant,
 }
 
@@ -462,8 +461,8 @@ struct GroupChanges {
     now: i64,
     /// SQLite: the group folded the progress logs in first...
     folded: bool,
-    /// ...and appended this many rows to them.
-    logged: u64,
+    /// ...and appended this many rows to each slice of them.
+    logged: [u64; LOG_SLICES as usize],
 }
 
 /// A twin the group changes, read once and written once.
@@ -719,8 +718,7 @@ impl Writer {
             twins,
             alarms,
             sensor_seen: HashMap::new(),
-            logged: 0,
-            next_slice: 0,
+            logged: [0; LOG_SLICES as usize],
             last_fold: Instant::now(),
         }
     }
@@ -911,24 +909,26 @@ impl Writer {
         }
     }
 
-    /// SQLite: folds the next slice of the progress logs in, each
+    /// SQLite: folds the fullest slice of the progress logs in, each
     /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_ROWS`
-    /// rows. A failed fold loses nothing (the logs stay, and the views
-    /// still read them); it is tried again later.
+    /// rows (a fleet of fewer than 4096 devices is one slice, folded at
+    /// that pace). A failed fold loses nothing (the logs stay, and the
+    /// views still read them); it is tried again later.
     async fn fold_if_due(&mut self) {
-        if self.logged == 0
-            || (self.logged < FOLD_ROWS
-                && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
+        let total: u64 = self.logged.iter().sum();
+        if total == 0
+            || (total < FOLD_ROWS && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
         {
             return;
         }
         let started = std::time::Instant::now();
         self.last_fold = Instant::now();
-        let slice = self.next_slice;
-        self.next_slice = (slice + 1) % LOG_SLICES;
+        let slice = (0..LOG_SLICES)
+            .max_by_key(|&s| self.logged[usize::from(s)])
+            .unwrap_or(0);
         match self.store.fold_progress(Some(slice)).await {
             Ok(rows) => {
-                self.logged = self.logged.saturating_sub(rows);
+                self.logged[usize::from(slice)] = 0;
                 tracing::debug!(
                     slice,
                     rows,
@@ -967,10 +967,12 @@ impl Writer {
             self.sensor_seen.insert(pair, changes.now);
         }
         if changes.folded {
-            self.logged = 0;
+            self.logged = [0; LOG_SLICES as usize];
             self.last_fold = Instant::now();
         }
-        self.logged += changes.logged;
+        for (logged, added) in self.logged.iter_mut().zip(changes.logged) {
+            *logged += added;
+        }
         if self.sensor_seen.len() > self.settings.cached_devices.saturating_mul(8) {
             self.sensor_seen.clear();
         }
@@ -1772,7 +1774,10 @@ impl Writer {
             .collect();
         tx.record_progress(&progress, now).await?;
         if !shared {
-            changes.logged = (progress.len() + changes.seen.len()) as u64;
+            let devices = progress.iter().map(|p| p.device);
+            for device in devices.chain(changes.seen.iter().map(|(d, _)| *d)) {
+                changes.logged[usize::from(log_slice(device))] += 1;
+            }
         }
         changes.twins = twins.save(&mut tx, &self.settings.hub_id).await?;
         tx.commit().await?;

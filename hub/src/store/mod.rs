@@ -39,7 +39,7 @@ use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
 pub use write::{
     CLAIMS_CHANNEL, CREDENTIALS_CHANGED, Claim, DeviceProgress, LOG_SLICES, REVOKED, Registration,
-    RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, staging_part,
+    RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, log_slice, staging_part,
 };
 pub(crate) use write_conn::WriteConn;
 
