@@ -152,6 +152,7 @@ pub struct Writer {
     merge_retry: Backoff,
     commit_retry: Backoff,
     compact_retry: Backoff,
+    fold_retry: Backoff,
     /// Rollups: whether one may still be building, and its retries.
     building: bool,
     build_retry: Backoff,
@@ -685,8 +686,8 @@ impl Writer {
             sensor_names: HashMap::new(),
             sensors_loaded: false,
             device_sensors: HashMap::new(),
-            // The store folded the logs when it opened.
-            fold_first: false,
+            // The store folded the logs when it opened, unless that failed.
+            fold_first: store.unfolded(),
             max_sensors: settings.max_sensors,
             max_sensors_per_device: settings.max_sensors_per_device,
             cached_devices: settings.cached_devices,
@@ -711,6 +712,7 @@ impl Writer {
             merge_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             commit_retry: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
             compact_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            fold_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             build_retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             building: true,
             last_build: Instant::now(),
@@ -917,6 +919,7 @@ impl Writer {
     async fn fold_if_due(&mut self) {
         let total: u64 = self.logged.iter().sum();
         if total == 0
+            || self.fold_retry.waiting()
             || (total < FOLD_ROWS && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
         {
             return;
@@ -929,6 +932,7 @@ impl Writer {
         match self.store.fold_progress(Some(slice)).await {
             Ok(rows) => {
                 self.logged[usize::from(slice)] = 0;
+                self.fold_retry.succeeded();
                 tracing::debug!(
                     slice,
                     rows,
@@ -938,7 +942,8 @@ impl Writer {
             }
             Err(e) => {
                 self.store.abort().await;
-                tracing::warn!(error = %e, "folding the progress logs in failed; tried again later");
+                let wait = self.fold_retry.failed();
+                tracing::warn!(error = %e, retry_in = ?wait, "folding the progress logs in failed (nothing is lost: readers see the logs)");
             }
         }
     }

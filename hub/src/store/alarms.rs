@@ -348,13 +348,19 @@ impl WriteTx<'_> {
         device: DeviceKey,
         sensor: &str,
     ) -> Result<Option<i64>, StoreError> {
-        Ok(with_conn!(self.conn.conn(), c => sqlx::query_scalar(
+        // The device's slice of SQLite's progress logs alone: this runs in
+        // the writer's transaction, once per device an inactivity op raises.
+        let backend = self.conn.backend();
+        let sql = format!(
             "SELECT CASE WHEN $2 = '' THEN COALESCE(m.last_reading_ms, d.first_seen_ms) \
-             ELSE COALESCE((SELECT ds.last_reading_ms FROM sensor_progress ds \
+             ELSE COALESCE((SELECT ds.last_reading_ms FROM {sensors} ds \
                JOIN sensors n ON n.id = ds.sensor_id WHERE ds.device_id = d.id AND n.name = $2), \
                m.last_reading_ms, d.first_seen_ms) END \
-             FROM devices d JOIN device_progress m ON m.id = d.id WHERE d.id = $1",
-        )
+             FROM devices d JOIN {devices} m ON m.id = d.id WHERE d.id = $1",
+            sensors = super::sensor_progress_of(backend, "$1"),
+            devices = super::device_progress_of(backend, "$1"),
+        );
+        Ok(with_conn!(self.conn.conn(), c => sqlx::query_scalar(&sql)
         .bind(device.0)
         .bind(sensor)
         .fetch_optional(c)

@@ -133,11 +133,17 @@ pub async fn open(settings: &StorageSettings) -> Result<(Store, StoreWriter), St
     migrate(writer.conn()).await?;
     let mut writer = StoreWriter::new(writer, lock);
     // What a hub killed mid-run left in the progress logs: the tables are
-    // whole again before anything reads them.
-    let folded = writer.fold_progress(None).await?;
-    if folded > 0 {
-        tracing::info!(folded, "progress marks left in the logs folded in");
+    // whole again before the ingest writer reads them. A fold that fails
+    // (a database at its size limit) is left to the writer's first group.
+    match writer.fold_progress(None).await {
+        Ok(0) => {}
+        Ok(folded) => tracing::info!(folded, "progress marks left in the logs folded in"),
+        Err(e) => {
+            writer.abort().await;
+            tracing::warn!(error = %e, "could not fold the progress logs in at start; the first commit does");
+        }
     }
+    writer.number_log_rows().await?;
     let converted = writer.convert_legacy().await?;
     if converted > 0 {
         tracing::info!(
@@ -368,9 +374,14 @@ impl Store {
     }
 
     pub async fn find_device(&self, external_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        // The one device's slice of the progress log, not all of it.
+        let progress = device_progress_of(
+            self.backend(),
+            "(SELECT id FROM devices WHERE external_id = $1)",
+        );
         let sql = format!(
             "{} WHERE d.external_id = $1 AND d.removed_ms IS NULL",
-            device_select(2)
+            device_select_from(2, &progress)
         );
         let row: Option<DeviceRow> = with_pool!(&self.read, pool, _Db => {
             sqlx::query_as(&sql)
@@ -661,6 +672,12 @@ pub struct CatalogSeries {
 /// The devices' columns, with `online_since_ms` only while the device's
 /// hub has a heartbeat newer than parameter `$cutoff` (see [`lease_cutoff`]).
 fn device_select(cutoff: usize) -> String {
+    device_select_from(cutoff, "device_progress")
+}
+
+/// [`device_select`] with the devices' progress marks from `progress` (the
+/// view, or [`device_progress_of`] one device).
+fn device_select_from(cutoff: usize, progress: &str) -> String {
     format!(
         "SELECT d.id, d.external_id, d.firmware, d.tags, d.first_seen_ms, m.last_seen_ms, \
          m.acked_seq, m.reading_count, CASE WHEN d.online_since_ms IS NOT NULL AND EXISTS \
@@ -668,9 +685,53 @@ fn device_select(cutoff: usize) -> String {
          THEN d.online_since_ms END AS online_since_ms, COALESCE(t.in_sync, 1) AS in_sync, \
          COALESCE(t.desired_version, 0) AS desired_version, \
          COALESCE(t.reported_version, 0) AS reported_version \
-         FROM devices d JOIN device_progress m ON m.id = d.id \
+         FROM devices d JOIN {progress} m ON m.id = d.id \
          LEFT JOIN twins t ON t.device_id = d.id"
     )
+}
+
+/// The view `device_progress` for the one device whose key the SQL
+/// expression `id` gives. SQLite: the view groups its whole progress log;
+/// this reads the device's slice of it alone (a seek, see `log_slice`).
+pub(crate) fn device_progress_of(backend: Backend, id: &str) -> String {
+    match backend {
+        Backend::Postgres => "device_progress".to_owned(),
+        Backend::Sqlite => format!(
+            "(SELECT d1.id AS id, max(d1.acked_seq, COALESCE(p.acked_seq, 0)) AS acked_seq, \
+             d1.reading_count + COALESCE(p.added, 0) AS reading_count, \
+             max(d1.last_seen_ms, COALESCE(p.seen_ms, 0)) AS last_seen_ms, \
+             COALESCE(p.reading_ms, d1.last_reading_ms) AS last_reading_ms \
+             FROM devices d1 LEFT JOIN (SELECT device_id, max(acked_seq) AS acked_seq, \
+               sum(added) AS added, max(seen_ms) AS seen_ms, \
+               max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms FROM progress_log \
+               WHERE slice = {slice} AND device_id = {id} GROUP BY device_id) AS p \
+             ON p.device_id = d1.id WHERE d1.id = {id})",
+            slice = slice_sql(id)
+        ),
+    }
+}
+
+/// The view `sensor_progress` for the one device `id` gives (see
+/// [`device_progress_of`]).
+pub(crate) fn sensor_progress_of(backend: Backend, id: &str) -> String {
+    match backend {
+        Backend::Postgres => "sensor_progress".to_owned(),
+        Backend::Sqlite => format!(
+            "(SELECT ds1.device_id AS device_id, ds1.sensor_id AS sensor_id, \
+             COALESCE(s.seen_ms, ds1.last_reading_ms) AS last_reading_ms \
+             FROM device_sensors ds1 LEFT JOIN (SELECT device_id, sensor_id, \
+               max(seen_ms) AS seen_ms FROM sensor_seen_log \
+               WHERE slice = {slice} AND device_id = {id} GROUP BY device_id, sensor_id) AS s \
+             ON s.device_id = ds1.device_id AND s.sensor_id = ds1.sensor_id \
+             WHERE ds1.device_id = {id})",
+            slice = slice_sql(id)
+        ),
+    }
+}
+
+/// `log_slice` in SQL, of the device key `id` gives.
+pub(crate) fn slice_sql(id: &str) -> String {
+    format!("((({id}) >> 12) % {})", LOG_SLICES)
 }
 
 /// Heartbeats older than this (ms since the epoch) are of hubs presumed dead.

@@ -336,8 +336,7 @@ pub struct StoreWriter {
     sql: HashMap<(Batched, usize), String>,
     /// PostgreSQL: the months of `blocks` known to have a partition.
     partitions: std::collections::HashSet<i64>,
-    /// SQLite: the last number given to a progress log row (the logs are
-    /// folded in, so empty, when the store opens).
+    /// SQLite: the last number given to a progress log row.
     log_n: i64,
     /// SQLite: the database's lock file, held while this writer lives.
     _lock: Option<std::fs::File>,
@@ -474,6 +473,27 @@ impl StoreWriter {
         };
         tx.commit().await?;
         Ok(folded)
+    }
+
+    /// SQLite: numbers new progress log rows after those the logs hold
+    /// (none, unless the fold at open failed).
+    pub(super) async fn number_log_rows(&mut self) -> Result<(), StoreError> {
+        let Some(c) = self.conn.conn().sqlite() else {
+            return Ok(());
+        };
+        self.log_n = sqlx::query_scalar(
+            "SELECT max((SELECT COALESCE(max(n), 0) FROM progress_log), \
+             (SELECT COALESCE(max(n), 0) FROM sensor_seen_log))",
+        )
+        .fetch_one(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    /// SQLite: whether the progress logs hold rows (a fold at open failed):
+    /// the ingest writer then folds them in first.
+    pub fn unfolded(&self) -> bool {
+        self.log_n > 0
     }
 
     /// Closes the connection. On SQLite the pages compaction and merges
@@ -1404,9 +1424,10 @@ mod tests {
         tx.commit().await.unwrap();
     }
 
-    /// SQLite logs progress marks: the views (and what reads through them)
-    /// see them at once, a fold moves them into the tables exactly, with a
-    /// Hello's `last_seen_ms` and a rejected-only batch's mark kept.
+    /// SQLite logs progress marks: the views (and what reads through them,
+    /// the one-device reads of a slice too) see them at once; a fold moves
+    /// them into the tables exactly, one slice or all, keeping a later
+    /// Hello's `last_seen_ms` and a rejected-only batch's mark.
     #[tokio::test]
     async fn logged_progress_reads_exact_and_folds_into_the_tables() {
         let (_dir, store, mut writer) = open_temp().await;
@@ -1418,82 +1439,122 @@ mod tests {
         )
         .unwrap();
         let mut tx = writer.begin().await.unwrap();
-        let device = tx
+        let d1 = tx
             .upsert_device(&hello, 1, &Proof::Admitted, "h")
             .await
             .unwrap()
             .unwrap()
             .device;
+        // A device of another slice.
+        let d2 = DeviceKey(4097);
+        sqlx::query(
+            "INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+             VALUES (4097, 'd2', 1, 1)",
+        )
+        .execute(tx.conn.conn().sqlite().unwrap())
+        .await
+        .unwrap();
+        assert_ne!(log_slice(d1), log_slice(d2));
         let sensor = tx.sensor_key("t").await.unwrap();
-        tx.add_device_sensors(&[(device, sensor)]).await.unwrap();
+        tx.add_device_sensors(&[(d1, sensor), (d2, sensor)])
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
-        let progress = |acked_seq, added| DeviceProgress {
+        let progress = |device, acked_seq, added| DeviceProgress {
             device,
             acked_seq,
             added,
         };
-        // Three commits: 5 readings, 3 more, then a batch of rejects only.
+        // d1: 5 readings, 3 more, then a batch of rejects only; d2: 7.
         for (p, now) in [
-            (progress(5, 5), 10),
-            (progress(9, 3), 20),
-            (progress(12, 0), 30),
+            (progress(d1, 5, 5), 10),
+            (progress(d1, 9, 3), 20),
+            (progress(d2, 7, 7), 25),
+            (progress(d1, 12, 0), 30),
         ] {
             let mut tx = writer.begin().await.unwrap();
             tx.record_progress(&[p], now).await.unwrap();
             if p.added > 0 {
-                tx.sensors_seen(&[(device, sensor)], now).await.unwrap();
+                tx.sensors_seen(&[(p.device, sensor)], now).await.unwrap();
             }
             tx.commit().await.unwrap();
         }
-        // A Hello after them moves last_seen_ms in place.
-        let mut tx = writer.begin().await.unwrap();
-        tx.upsert_device(&hello, 40, &Proof::Admitted, "h")
-            .await
-            .unwrap()
-            .unwrap();
-        tx.commit().await.unwrap();
-        let table = |store: &crate::store::Store| {
+        let table = |store: &crate::store::Store, id: &'static str| {
             let store = store.clone();
             async move {
                 let crate::store::db::Pool::Sqlite(pool) = &store.read else {
                     unreachable!("a SQLite store")
                 };
-                let marks: (i64, i64, i64, Option<i64>, Option<i64>, i64) = sqlx::query_as(
+                let marks: (i64, i64, i64, Option<i64>, Option<i64>) = sqlx::query_as(
                     "SELECT acked_seq, reading_count, last_seen_ms, last_reading_ms, \
-                     (SELECT last_reading_ms FROM device_sensors), \
-                     (SELECT count(*) FROM progress_log) + (SELECT count(*) FROM sensor_seen_log) \
-                     FROM devices",
+                     (SELECT last_reading_ms FROM device_sensors WHERE device_id = d.id) \
+                     FROM devices d WHERE external_id = $1",
                 )
+                .bind(id)
                 .fetch_one(pool)
                 .await
                 .unwrap();
                 marks
             }
         };
+        let exact = |d: Option<crate::domain::DeviceRecord>| {
+            let d = d.unwrap();
+            (d.acked_seq, d.readings, d.last_seen_ms)
+        };
+        let read_last = async |writer: &mut StoreWriter, device, sensor| {
+            let mut tx = writer.begin().await.unwrap();
+            tx.last_reading_ms(device, sensor).await.unwrap()
+        };
+        assert_eq!(table(&store, "d1").await, (0, 0, 1, None, None), "logged");
+        assert_eq!(exact(store.find_device("d1").await.unwrap()), (12, 8, 30));
+        assert_eq!(exact(store.find_device("d2").await.unwrap()), (7, 7, 25));
+        let listed: Vec<_> = store
+            .list_devices("", 10, &Default::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.acked_seq, d.readings, d.last_seen_ms))
+            .collect();
+        assert_eq!(listed, [(12, 8, 30), (7, 7, 25)]);
+        assert_eq!(store.total_readings().await.unwrap(), 15);
+        // The last reading, not the rejects' commit at 30.
+        assert_eq!(read_last(&mut writer, d1, "").await, Some(20));
+        assert_eq!(read_last(&mut writer, d1, "t").await, Some(20));
+        assert_eq!(read_last(&mut writer, d2, "t").await, Some(25));
+        // A Hello after the commits moves last_seen_ms in place.
+        let mut tx = writer.begin().await.unwrap();
+        tx.upsert_device(&hello, 40, &Proof::Admitted, "h")
+            .await
+            .unwrap()
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(exact(store.find_device("d1").await.unwrap()), (12, 8, 40));
+
+        // d2's slice alone.
+        assert_eq!(writer.fold_progress(Some(log_slice(d2))).await.unwrap(), 2);
+        assert_eq!(table(&store, "d2").await, (7, 7, 25, Some(25), Some(25)));
+        assert_eq!(table(&store, "d1").await, (0, 0, 40, None, None));
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 5);
         assert_eq!(
-            table(&store).await,
-            (0, 0, 40, None, None, 5),
-            "logged, not in place"
+            table(&store, "d1").await,
+            (12, 8, 40, Some(20), Some(20)),
+            "folded: the last reading at 20, not the rejects' 30; the Hello's 40 kept"
         );
-        let exact = |d: crate::domain::DeviceRecord| (d.acked_seq, d.readings, d.last_seen_ms);
-        let before = store.find_device("d1").await.unwrap().unwrap();
-        assert_eq!(exact(before), (12, 8, 40));
-        assert_eq!(store.total_readings().await.unwrap(), 8);
-        // Another slice holds none of it.
-        let slice = log_slice(device);
-        let other = (slice + 1) % LOG_SLICES;
-        assert_eq!(writer.fold_progress(Some(other)).await.unwrap(), 0);
-        assert_eq!(table(&store).await, (0, 0, 40, None, None, 5));
-        assert_eq!(writer.fold_progress(Some(slice)).await.unwrap(), 5);
-        assert_eq!(
-            table(&store).await,
-            (12, 8, 40, Some(20), Some(20), 0),
-            "folded: the last reading at 20, not the rejects' 30"
-        );
-        let after = store.find_device("d1").await.unwrap().unwrap();
-        assert_eq!(exact(after), (12, 8, 40));
-        assert_eq!(store.total_readings().await.unwrap(), 8);
+        assert_eq!(exact(store.find_device("d1").await.unwrap()), (12, 8, 40));
+        assert_eq!(read_last(&mut writer, d1, "t").await, Some(20));
+        assert_eq!(store.total_readings().await.unwrap(), 15);
         assert_eq!(writer.fold_progress(None).await.unwrap(), 0, "nothing left");
+
+        // SQL's slice of a key is `log_slice`'s.
+        let tx = writer.begin().await.unwrap();
+        for id in [1, 4095, 4096, 4097, 8 * 4096 + 5, 9 * 4096, i64::MAX] {
+            let sql = format!("SELECT {}", crate::store::slice_sql(&id.to_string()));
+            let slice: i64 = sqlx::query_scalar(&sql)
+                .fetch_one(tx.conn.conn().sqlite().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(slice, i64::from(log_slice(DeviceKey(id))), "{id}");
+        }
     }
 
     /// Hellos registered in bulk come to what each would one by one:
