@@ -71,7 +71,9 @@ pub(super) fn staging_table(part: usize) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Registration {
     pub device: DeviceKey,
-    /// Its committed high-water mark.
+    /// Its high-water mark as `devices` holds it. On SQLite that lags
+    /// the progress log: exact only for a device the ingest writer holds
+    /// no mark of (see `ingest::writer`'s `Known::fold_first`).
     pub acked_seq: u64,
     /// Its session epoch, bumped by this Hello.
     pub epoch: u64,
@@ -967,6 +969,8 @@ impl WriteTx<'_> {
         Ok(rows.len() as u64)
     }
 
+    /// The device's mark as `devices` holds it: on SQLite exact only with
+    /// no rows of the device in the progress log (see [`Registration`]).
     pub async fn device_acked_seq(&mut self, device: DeviceKey) -> Result<u64, StoreError> {
         let acked: i64 = with_conn!(self.conn.conn(), c => {
             sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = $1")
