@@ -642,7 +642,10 @@ impl Store {
 
     /// Readings stored in total, from the per-device counters.
     pub async fn total_readings(&self) -> Result<u64, StoreError> {
-        let sql = TOTAL_READINGS[usize::from(self.read.backend() == Backend::Sqlite)];
+        let sql = match self.read.backend() {
+            Backend::Postgres => TOTAL_READINGS[0],
+            Backend::Sqlite => TOTAL_READINGS[1],
+        };
         let total: i64 = with_pool!(&self.read, pool, _Db => {
             sqlx::query_scalar(sql)
                 .fetch_one(pool)
@@ -701,12 +704,9 @@ pub(crate) fn device_progress_of(backend: Backend, id: &str) -> String {
              d1.reading_count + COALESCE(p.added, 0) AS reading_count, \
              max(d1.last_seen_ms, COALESCE(p.seen_ms, 0)) AS last_seen_ms, \
              COALESCE(p.reading_ms, d1.last_reading_ms) AS last_reading_ms \
-             FROM devices d1 LEFT JOIN (SELECT device_id, max(acked_seq) AS acked_seq, \
-               sum(added) AS added, max(seen_ms) AS seen_ms, \
-               max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms FROM progress_log \
-               WHERE slice = {slice} AND device_id = {id} GROUP BY device_id) AS p \
+             FROM devices d1 LEFT JOIN ({pending}) AS p \
              ON p.device_id = d1.id WHERE d1.id = {id})",
-            slice = slice_sql(id)
+            pending = write::progress_pending(&one_device(id))
         ),
     }
 }
@@ -719,14 +719,17 @@ pub(crate) fn sensor_progress_of(backend: Backend, id: &str) -> String {
         Backend::Sqlite => format!(
             "(SELECT ds1.device_id AS device_id, ds1.sensor_id AS sensor_id, \
              COALESCE(s.seen_ms, ds1.last_reading_ms) AS last_reading_ms \
-             FROM device_sensors ds1 LEFT JOIN (SELECT device_id, sensor_id, \
-               max(seen_ms) AS seen_ms FROM sensor_seen_log \
-               WHERE slice = {slice} AND device_id = {id} GROUP BY device_id, sensor_id) AS s \
+             FROM device_sensors ds1 LEFT JOIN ({pending}) AS s \
              ON s.device_id = ds1.device_id AND s.sensor_id = ds1.sensor_id \
              WHERE ds1.device_id = {id})",
-            slice = slice_sql(id)
+            pending = write::sensor_seen_pending(&one_device(id))
         ),
     }
+}
+
+/// The log rows of the device `id` gives: a seek on its slice.
+fn one_device(id: &str) -> String {
+    format!("slice = {} AND device_id = {id}", slice_sql(id))
 }
 
 /// `log_slice` in SQL, of the device key `id` gives.

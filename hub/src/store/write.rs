@@ -399,25 +399,49 @@ pub fn log_slice(device: DeviceKey) -> u8 {
     (device.0 >> 12).rem_euclid(i64::from(LOG_SLICES)) as u8
 }
 
-/// SQLite: a slice of the progress logs into their tables, then deleted
-/// (see `WriteTx::fold_slice`); `{slice}` is the slice's condition. Hellos
-/// move `last_seen_ms` in place, hence max().
-const FOLD_SLICE: [&str; 4] = [
-    "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
-     reading_count = devices.reading_count + p.added, \
-     last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
-     last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
-     FROM (SELECT device_id, max(acked_seq) AS acked_seq, sum(added) AS added, \
-       max(seen_ms) AS seen_ms, max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms \
-       FROM progress_log WHERE {slice} GROUP BY device_id) AS p \
-     WHERE devices.id = p.device_id",
-    "DELETE FROM progress_log WHERE {slice}",
-    "UPDATE device_sensors SET last_reading_ms = s.seen_ms \
-     FROM (SELECT device_id, sensor_id, max(seen_ms) AS seen_ms FROM sensor_seen_log \
-       WHERE {slice} GROUP BY device_id, sensor_id) AS s \
-     WHERE device_sensors.device_id = s.device_id AND device_sensors.sensor_id = s.sensor_id",
-    "DELETE FROM sensor_seen_log WHERE {slice}",
-];
+/// SQLite: what the rows of `progress_log` that `cond` picks add, per
+/// device (the view `progress_pending`, restricted: a fold's slice, or
+/// one device's rows within its slice). A mark only grows and a device's
+/// id is never reused, so max() and sum() fold them.
+pub(super) fn progress_pending(cond: &str) -> String {
+    format!(
+        "SELECT device_id, max(acked_seq) AS acked_seq, sum(added) AS added, \
+         max(seen_ms) AS seen_ms, max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms \
+         FROM progress_log WHERE {cond} GROUP BY device_id"
+    )
+}
+
+/// SQLite: the same of `sensor_seen_log`, per series (the view
+/// `sensor_seen_pending`, restricted).
+pub(super) fn sensor_seen_pending(cond: &str) -> String {
+    format!(
+        "SELECT device_id, sensor_id, max(seen_ms) AS seen_ms FROM sensor_seen_log \
+         WHERE {cond} GROUP BY device_id, sensor_id"
+    )
+}
+
+/// SQLite: the log rows `cond` picks into their tables, then deleted (see
+/// `WriteTx::fold_slice`). Hellos move `last_seen_ms` in place, hence max().
+fn fold_sql(cond: &str) -> [String; 4] {
+    [
+        format!(
+            "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
+             reading_count = devices.reading_count + p.added, \
+             last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
+             last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
+             FROM ({}) AS p WHERE devices.id = p.device_id",
+            progress_pending(cond)
+        ),
+        format!("DELETE FROM progress_log WHERE {cond}"),
+        format!(
+            "UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM ({}) AS s \
+             WHERE device_sensors.device_id = s.device_id \
+             AND device_sensors.sensor_id = s.sensor_id",
+            sensor_seen_pending(cond)
+        ),
+        format!("DELETE FROM sensor_seen_log WHERE {cond}"),
+    ]
+}
 
 impl StoreWriter {
     pub(super) fn new(conn: WriteConn, lock: Option<std::fs::File>) -> Self {
@@ -492,8 +516,9 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// SQLite: whether the progress logs hold rows (a fold at open failed):
-    /// the ingest writer then folds them in first.
+    /// SQLite, asked when the ingest writer starts: whether the progress
+    /// logs still hold rows (the fold at open failed), which it then folds
+    /// in first. (Later, the numbering has moved on and this says nothing.)
     pub fn unfolded(&self) -> bool {
         self.log_n > 0
     }
@@ -1263,9 +1288,8 @@ impl WriteTx<'_> {
             return Ok(0);
         };
         let mut folded = 0;
-        for (i, sql) in FOLD_SLICE.iter().enumerate() {
-            let sql = sql.replace("{slice}", cond);
-            let n = sqlx::query(&sql).execute(&mut *c).await?.rows_affected();
+        for (i, sql) in fold_sql(cond).iter().enumerate() {
+            let n = sqlx::query(sql).execute(&mut *c).await?.rows_affected();
             // The deletes say how many log rows there were.
             if i % 2 == 1 {
                 folded += n;
