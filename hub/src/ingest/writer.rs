@@ -33,7 +33,7 @@ use crate::metrics::HubMetrics;
 use crate::store::blocks::{self, MergePlan};
 use crate::store::{
     DeviceProgress, LOG_SLICES, Registration, RowToInsert, STAGING_PARTS, StoreError, StoreWriter,
-    WriteTx, log_slice, staging_part,
+    WriteTx, staging_part,
 };
 use crate::throttle::LogThrottle;
 use crate::twin::{self, DocLimits, TwinHub, TwinPart, TwinView, doc};
@@ -1453,9 +1453,9 @@ impl Writer {
             tx.lock_blocks().await?;
         }
         // SQLite: marks the writer no longer holds are made exact in the
-        // tables before anything reads them; and retention subtracts from
-        // counts that hold all their readings.
-        if !tx.shared() && (self.known.fold_first || retains) {
+        // tables before anything reads them. (Retention appends what it
+        // subtracts to the log: it needs no fold.)
+        if !tx.shared() && self.known.fold_first {
             tx.fold_progress().await?;
             changes.folded = true;
         }
@@ -1778,13 +1778,8 @@ impl Writer {
             })
             .collect();
         tx.record_progress(&progress, now).await?;
-        if !shared {
-            let devices = progress.iter().map(|p| p.device);
-            for device in devices.chain(changes.seen.iter().map(|(d, _)| *d)) {
-                changes.logged[usize::from(log_slice(device))] += 1;
-            }
-        }
         changes.twins = twins.save(&mut tx, &self.settings.hub_id).await?;
+        changes.logged = tx.logged();
         tx.commit().await?;
         self.rows = rows;
         self.row_parts = parts;

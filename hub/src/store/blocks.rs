@@ -769,7 +769,7 @@ impl MergePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{STAGING_PARTS, staging_part};
+    use crate::store::{DeviceProgress, STAGING_PARTS, staging_part};
 
     const SERIES: Series = (DeviceKey(3), SensorKey(1));
 
@@ -937,5 +937,101 @@ mod tests {
         assert_eq!(pragma(&mut writer, level0).await, 1, "the new run");
         let staged = writer.staged_rows().await.unwrap();
         assert!(staged.iter().all(Vec::is_empty));
+    }
+
+    /// Retention at the database's size limit, with progress marks of 2000
+    /// devices logged and not yet folded: folding them first would update
+    /// `devices` in place, growing its rows (counts, times) into pages the
+    /// database cannot have. Retention instead deletes blocks first, then
+    /// appends what it subtracted to the log, in the pages it freed. Counts
+    /// are exact before the fold and after it, and floored at 0.
+    #[tokio::test]
+    async fn retention_at_the_size_limit_logs_what_it_subtracts_and_needs_no_fold() {
+        let (_dir, store, mut writer) = sqlite_store().await;
+        sqlx::query(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000) \
+             INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+             SELECT i, 'd' || i, 1, 1 FROM c",
+        )
+        .execute(writer.sqlite().unwrap())
+        .await
+        .unwrap();
+        for run in 0..2 {
+            stage(&mut writer, run * 4000, 4000).await;
+            compact(&mut writer).await.unwrap();
+        }
+        let progress: Vec<DeviceProgress> = (1..=2000)
+            .map(|d| DeviceProgress {
+                device: DeviceKey(d),
+                acked_seq: if d == SERIES.0.0 { 8000 } else { 100_000 },
+                added: if d == SERIES.0.0 { 8000 } else { 100_000 },
+            })
+            .collect();
+        let mut tx = writer.begin().await.unwrap();
+        tx.record_progress(&progress, 1_700_000_009_000)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        // Full: no free page, none to add.
+        sqlx::query("CREATE TABLE pad (b BLOB)")
+            .execute(writer.sqlite().unwrap())
+            .await
+            .unwrap();
+        while pragma(&mut writer, "PRAGMA freelist_count").await > 0 {
+            sqlx::query("INSERT INTO pad VALUES (zeroblob(1000))")
+                .execute(writer.sqlite().unwrap())
+                .await
+                .unwrap();
+        }
+        let pages = pragma(&mut writer, "PRAGMA page_count").await;
+        pragma(&mut writer, &format!("PRAGMA max_page_count = {pages}")).await;
+        let count = async |store: &Store| {
+            store
+                .find_device(&format!("d{}", SERIES.0.0))
+                .await
+                .unwrap()
+                .unwrap()
+                .readings
+        };
+
+        // What retention would have done first (and still does after a
+        // failed commit, see `Known::fold_first`) cannot be done here.
+        let full = writer.fold_progress(None).await.unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        writer.abort().await;
+        assert_eq!(count(&store).await, 8000);
+
+        // The first run's readings are older than the cutoff.
+        let cutoff = 1_700_000_000_000 + 4000 * 1000;
+        let mut tx = writer.begin().await.unwrap();
+        let (deleted, _) = tx
+            .delete_old_readings(SERIES.0, SERIES.1, cutoff, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(tx.logged().iter().sum::<u64>(), 1, "one log row");
+        tx.commit().await.unwrap();
+        assert_eq!(deleted, 4000);
+        assert_eq!(count(&store).await, 4000, "exact before the fold");
+        assert_eq!(store.total_readings().await.unwrap(), 1999 * 100_000 + 4000);
+        assert_eq!(stored(&mut writer).await, (4000..8000).collect::<Vec<_>>());
+
+        // With room, the fold moves the exact counts into the table.
+        pragma(&mut writer, "PRAGMA max_page_count = 1000000").await;
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 2001);
+        let table = "SELECT reading_count FROM devices WHERE id = 3";
+        assert_eq!(pragma(&mut writer, table).await, 4000);
+        assert_eq!(count(&store).await, 4000);
+
+        // A count is never negative, logged or folded.
+        let mut tx = writer.begin().await.unwrap();
+        tx.subtract_readings(SERIES.0.0, 5000).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(count(&store).await, 0);
+        writer.fold_progress(None).await.unwrap();
+        assert_eq!(pragma(&mut writer, table).await, 0);
+        assert_eq!(
+            pragma(&mut writer, "SELECT acked_seq FROM devices WHERE id = 3").await,
+            8000
+        );
     }
 }

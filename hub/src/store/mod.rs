@@ -701,7 +701,7 @@ pub(crate) fn device_progress_of(backend: Backend, id: &str) -> String {
         Backend::Postgres => "device_progress".to_owned(),
         Backend::Sqlite => format!(
             "(SELECT d1.id AS id, max(d1.acked_seq, COALESCE(p.acked_seq, 0)) AS acked_seq, \
-             d1.reading_count + COALESCE(p.added, 0) AS reading_count, \
+             max(0, d1.reading_count + COALESCE(p.added, 0)) AS reading_count, \
              max(d1.last_seen_ms, COALESCE(p.seen_ms, 0)) AS last_seen_ms, \
              COALESCE(p.reading_ms, d1.last_reading_ms) AS last_reading_ms \
              FROM devices d1 LEFT JOIN ({pending}) AS p \

@@ -348,8 +348,10 @@ pub struct StoreWriter {
 /// it is rolled back before the next one begins.
 pub struct WriteTx<'c> {
     pub(super) conn: &'c mut WriteConn,
-    /// SQLite: the last number given to a progress log row.
+    /// SQLite: the last number given to a progress log row...
     log_n: &'c mut i64,
+    /// ...and the rows this transaction appended, by slice.
+    logged: [u64; LOG_SLICES as usize],
     sql: &'c mut HashMap<(Batched, usize), String>,
     pub(super) partitions: &'c mut std::collections::HashSet<i64>,
 }
@@ -426,7 +428,7 @@ fn fold_sql(cond: &str) -> [String; 4] {
     [
         format!(
             "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
-             reading_count = devices.reading_count + p.added, \
+             reading_count = max(0, devices.reading_count + p.added), \
              last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
              last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
              FROM ({}) AS p WHERE devices.id = p.device_id",
@@ -463,6 +465,7 @@ impl StoreWriter {
         Ok(WriteTx {
             conn: &mut self.conn,
             log_n: &mut self.log_n,
+            logged: [0; LOG_SLICES as usize],
             sql: &mut self.sql,
             partitions: &mut self.partitions,
         })
@@ -927,12 +930,37 @@ impl WriteTx<'_> {
         Ok(Some((DeviceKey(key), epoch as u64)))
     }
 
-    /// Keeps a device's stored count true after `n` of its readings went.
+    /// Keeps a device's stored count true after `n` of its readings went
+    /// (floored at 0). SQLite appends it to the progress log, as a row
+    /// adding `-n` and moving no mark: retention runs without folding the
+    /// logs first, which would update pages in place before its deletes
+    /// free any (at the database's size limit, the fold could fail for
+    /// want of a page, and with it the retention that makes room).
     pub(super) async fn subtract_readings(
         &mut self,
         device: i64,
         n: i64,
     ) -> Result<(), StoreError> {
+        if !self.shared() {
+            let item = [DeviceProgress {
+                device: DeviceKey(device),
+                acked_seq: 0,
+                added: 0,
+            }];
+            let rows = self.numbered(&item, |p| p.device);
+            return self
+                .execute_batched(Batched::Progress, &rows, |(slice, n_row, p), out| {
+                    out.extend([
+                        Val::I(i64::from(*slice)),
+                        Val::I(*n_row),
+                        Val::I(p.device.0),
+                        Val::I(0),
+                        Val::I(-n),
+                        Val::I(0),
+                    ]);
+                })
+                .await;
+        }
         with_conn!(self.conn.conn(), c => sqlx::query(
             "UPDATE devices SET reading_count = \
              CASE WHEN reading_count > $1 THEN reading_count - $1 ELSE 0 END WHERE id = $2",
@@ -1298,6 +1326,11 @@ impl WriteTx<'_> {
         Ok(folded)
     }
 
+    /// SQLite: the progress log rows this transaction appended, by slice.
+    pub fn logged(&self) -> [u64; LOG_SLICES as usize] {
+        self.logged
+    }
+
     /// SQLite: log rows of `items`, each with its slice and next number.
     fn numbered<'i, T>(
         &mut self,
@@ -1308,7 +1341,9 @@ impl WriteTx<'_> {
             .iter()
             .map(|item| {
                 *self.log_n += 1;
-                (log_slice(device(item)), *self.log_n, item)
+                let slice = log_slice(device(item));
+                self.logged[usize::from(slice)] += 1;
+                (slice, *self.log_n, item)
             })
             .collect()
     }
