@@ -38,7 +38,7 @@ else
   cargo build --release -q -p hub -p device-sim
 fi
 bench() { cargo bench -q "${bench_profile[@]}" -p hub --bench "$@" 2>/dev/null; }
-section() { printf '\n== %s\n' "$*"; }
+section() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
 
 section "raw sqlx insert of the same rows (baseline, no network)"
 TOTAL_ROWS=$RAW_ROWS bench raw_insert

@@ -69,6 +69,16 @@ const MAX_STAGED_RUNS: u64 = 4;
 /// staging holds half its cap): blocks of one or two readings cost a row each,
 /// and merges, for almost nothing stored.
 const MIN_BLOCK_POINTS: u64 = 8;
+/// SQLite: a part whose blocks would hold fewer readings than that (at
+/// 100k devices, ~1 each: staging at half its cap) is compacted half a
+/// run of its oldest rows at a time (12,500 by default), a commit or more
+/// between them. Its cost is per block (a row and an index entry each), so
+/// the whole part at once (~50k blocks, ~100 ms) held every ack up for as
+/// long. Splitting by age loses nothing there: each series has a reading
+/// or two in the part either way.
+fn piece_rows(compact_rows: u64) -> usize {
+    (compact_rows / STAGING_PARTS as u64 / 2).max(1) as usize
+}
 /// Series merged per merge step: one short transaction between commits.
 const MERGES_PER_STEP: usize = 32;
 /// While batches keep coming, a rollup build step runs after a commit at
@@ -221,6 +231,21 @@ impl Staged {
     fn take(&mut self, part: usize) -> Vec<RowToInsert> {
         self.series[part].clear();
         std::mem::take(&mut self.parts[part])
+    }
+
+    /// Takes a part's first `n` rows out, the oldest staged.
+    fn take_front(&mut self, part: usize, n: usize) -> Vec<RowToInsert> {
+        let n = n.min(self.parts[part].len());
+        let rest = self.parts[part].split_off(n);
+        self.series[part] = rest.iter().map(|r| (r.device, r.sensor)).collect();
+        std::mem::replace(&mut self.parts[part], rest)
+    }
+
+    /// Whether a compaction of the part now would write blocks of fewer
+    /// than `MIN_BLOCK_POINTS` readings on average (many slow series,
+    /// compacted because staging holds half its cap).
+    fn thin(&self, part: usize) -> bool {
+        (self.parts[part].len() as u64) < (self.series[part].len() as u64) * MIN_BLOCK_POINTS
     }
 
     /// Each part: (part, rows, distinct series).
@@ -1259,11 +1284,29 @@ impl Writer {
 
     async fn compact(&mut self, part: usize) {
         let started = std::time::Instant::now();
+        let sqlite = self.store.backend() == crate::config::Backend::Sqlite;
         let Some(staged) = &mut self.staged else {
             return;
         };
-        let mut rows = staged.take(part);
-        tracing::debug!(part, staged = rows.len(), "compacting staged readings");
+        // Winding down, no ack waits: the whole part, in the fewest blocks.
+        let piece_rows = piece_rows(self.settings.compact_rows);
+        let piece = sqlite
+            && !self.winding_down
+            && staged.parts[part].len() > piece_rows
+            && staged.thin(part);
+        let (mut rows, last) = if piece {
+            let rows = staged.take_front(part, piece_rows);
+            let last = rows.last().copied();
+            (rows, last)
+        } else {
+            (staged.take(part), None)
+        };
+        tracing::debug!(
+            part,
+            staged = rows.len(),
+            piece,
+            "compacting staged readings"
+        );
         // SQLite: encoded here (PostgreSQL's compaction encodes inside).
         let mut encoded = None;
         let result = if self.store.backend() == crate::config::Backend::Postgres {
@@ -1278,14 +1321,17 @@ impl Writer {
                 .map(|b| ((b.device, b.sensor), b.level))
                 .collect();
             self.store
-                .compact(part, &blocks, &rows)
+                .compact_front(part, &blocks, &rows, last.as_ref())
                 .await
                 .map(|()| written)
         };
         match result {
             Ok(blocks) => {
-                rows.clear();
-                if let Some(staged) = &mut self.staged {
+                if let Some(staged) = &mut self.staged
+                    && !piece
+                {
+                    // The part is empty: its allocation is kept.
+                    rows.clear();
                     staged.parts[part] = rows;
                 }
                 self.compact_retry.succeeded();

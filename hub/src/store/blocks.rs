@@ -176,25 +176,35 @@ impl BlockCursor {
 impl WriteTx<'_> {
     /// Compaction of one staging part: inserts the blocks made of its rows
     /// (`rows`, sorted as [`blocks_of`] sorts them), adds them to the
-    /// rollups and empties its table. If the table holds another number of
+    /// rollups and deletes them from its table: all of them, or with
+    /// `front`, the table's first `rows.len()` rows (in the order they were
+    /// staged), `front` being the last of those. If the table holds other
     /// rows than the writer encoded, nothing is changed (an error).
     async fn compact_staged(
         &mut self,
         part: usize,
         blocks: &[NewBlock],
         rows: &[RowToInsert],
+        front: Option<&RowToInsert>,
     ) -> Result<(), StoreError> {
         let staged = rows.len() as u64;
         self.insert_blocks(blocks).await?;
         let everies = self.rollup_everies().await?;
         self.add_to_rollups(&rollups::rows_of_sorted(rows, &everies))
             .await?;
-        // No WHERE: SQLite's truncate optimisation frees the pages at once.
-        // (On PostgreSQL a DELETE, not a TRUNCATE: readers keep reading.)
-        let sql = format!("DELETE FROM {}", staging_table(part));
-        let deleted = with_conn!(self.conn.conn(), c => {
-            sqlx::query(&sql).execute(c).await?.rows_affected()
-        });
+        let table = staging_table(part);
+        let deleted = match front {
+            // No WHERE: SQLite's truncate optimisation frees the pages at
+            // once. (On PostgreSQL a DELETE, not a TRUNCATE: readers keep
+            // reading.)
+            None => {
+                let sql = format!("DELETE FROM {table}");
+                with_conn!(self.conn.conn(), c => {
+                    sqlx::query(&sql).execute(c).await?.rows_affected()
+                })
+            }
+            Some(last) => self.delete_front(&table, staged, last).await?,
+        };
         if deleted != staged {
             return Err(StoreError::StagingChanged {
                 expected: staged,
@@ -202,6 +212,45 @@ impl WriteTx<'_> {
             });
         }
         Ok(())
+    }
+
+    /// SQLite: deletes the first `n` rows of a staging table, in rowid
+    /// order, which is the order they were staged in (each multi-row
+    /// insert appends at the largest rowid), if the n-th is `last`.
+    /// Returns how many went (0 if the n-th row is another). A run of the
+    /// table's first pages, freed whole: no page that stays is rewritten.
+    async fn delete_front(
+        &mut self,
+        table: &str,
+        n: u64,
+        last: &RowToInsert,
+    ) -> Result<u64, StoreError> {
+        let Some(c) = self.conn.conn().sqlite() else {
+            return Err(StoreError::NotOnPostgres(
+                "a compaction of part of a staging table",
+                "each compaction takes the whole table",
+            ));
+        };
+        let sql = format!(
+            "SELECT rowid, device_id, sensor_id, seq FROM {table} ORDER BY rowid LIMIT 1 OFFSET $1"
+        );
+        let nth: Option<(i64, i64, i64, i64)> = sqlx::query_as(&sql)
+            .bind(n.saturating_sub(1) as i64)
+            .fetch_optional(&mut *c)
+            .await?;
+        match nth {
+            Some((rowid, device, sensor, seq))
+                if (device, sensor, seq) == (last.device.0, last.sensor.0, last.seq) =>
+            {
+                let sql = format!("DELETE FROM {table} WHERE rowid <= $1");
+                Ok(sqlx::query(&sql)
+                    .bind(rowid)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected())
+            }
+            _ => Ok(0),
+        }
     }
 
     /// Inserts blocks. On PostgreSQL their months' partitions are made
@@ -405,9 +454,14 @@ impl StoreWriter {
     /// Every staged row, by part (the writer's copy of the staging tables).
     pub async fn staged_rows(&mut self) -> Result<Vec<Vec<RowToInsert>>, StoreError> {
         let mut parts = Vec::with_capacity(STAGING_PARTS);
+        // SQLite: in the order they were staged (see `WriteTx::delete_front`).
+        let order = match self.backend() {
+            Backend::Sqlite => " ORDER BY rowid",
+            Backend::Postgres => "",
+        };
         for part in 0..STAGING_PARTS {
             let sql = format!(
-                "SELECT device_id, sensor_id, ts_ms, seq, value FROM {}",
+                "SELECT device_id, sensor_id, ts_ms, seq, value FROM {}{order}",
                 staging_table(part)
             );
             let rows: Vec<StagedRow> = with_conn!(self.conn().conn(), c => {
@@ -445,9 +499,23 @@ impl StoreWriter {
         blocks: &[NewBlock],
         rows: &[RowToInsert],
     ) -> Result<(), StoreError> {
+        self.compact_front(part, blocks, rows, None).await
+    }
+
+    /// SQLite: compacts the first `rows.len()` rows a staging part holds,
+    /// `last` the last of them in staging order (see
+    /// [`WriteTx::compact_staged`]); the part's other rows stay staged.
+    /// With None, the whole part.
+    pub async fn compact_front(
+        &mut self,
+        part: usize,
+        blocks: &[NewBlock],
+        rows: &[RowToInsert],
+        last: Option<&RowToInsert>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         tx.lock_blocks().await?;
-        tx.compact_staged(part, blocks, rows).await?;
+        tx.compact_staged(part, blocks, rows, last).await?;
         tx.commit().await
     }
 
@@ -1032,6 +1100,61 @@ mod tests {
         assert_eq!(
             pragma(&mut writer, "SELECT acked_seq FROM devices WHERE id = 3").await,
             8000
+        );
+    }
+
+    /// A compaction of a part's oldest rows takes exactly those, in the
+    /// order they were staged over several commits, and leaves the rest
+    /// staged; told a wrong last row, it changes nothing.
+    #[tokio::test]
+    async fn compacting_the_front_of_a_part_takes_exactly_its_oldest_rows() {
+        let (_dir, _store, mut writer) = sqlite_store().await;
+        let part = staging_part(SERIES.0);
+        stage(&mut writer, 0, 100).await;
+        stage(&mut writer, 100, 100).await;
+        let all: Vec<u64> = (0..200).collect();
+        let staged = writer.staged_rows().await.unwrap().swap_remove(part);
+        let seqs = |rows: &[RowToInsert]| rows.iter().map(|r| r.seq as u64).collect::<Vec<_>>();
+        assert_eq!(seqs(&staged), all, "in the order staged");
+
+        let mut front = staged[..150].to_vec();
+        let last = front[149];
+        let blocks = blocks_of(&mut front);
+        writer
+            .compact_front(part, &blocks, &front, Some(&last))
+            .await
+            .unwrap();
+        assert_eq!(stored(&mut writer).await, all, "nothing lost or doubled");
+        let rest = writer.staged_rows().await.unwrap().swap_remove(part);
+        assert_eq!(seqs(&rest), (150..200).collect::<Vec<_>>());
+
+        // 20 rows whose last is not the 20th staged: refused, nothing changed.
+        let mut front = rest[..20].to_vec();
+        let blocks = blocks_of(&mut front);
+        let err = writer
+            .compact_front(part, &blocks, &front, Some(&rest[25]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::StagingChanged { .. }), "{err}");
+        writer.abort().await;
+        assert_eq!(stored(&mut writer).await, all, "nothing lost or doubled");
+        let again = writer.staged_rows().await.unwrap().swap_remove(part);
+        assert_eq!(seqs(&again), seqs(&rest));
+
+        // Rows staged after a front was taken come after the rest.
+        stage(&mut writer, 200, 10).await;
+        let staged = writer.staged_rows().await.unwrap().swap_remove(part);
+        assert_eq!(seqs(&staged), (150..210).collect::<Vec<_>>());
+        compact(&mut writer).await.unwrap();
+        let all: Vec<u64> = (0..210).collect();
+        assert_eq!(stored(&mut writer).await, all);
+        assert!(
+            writer
+                .staged_rows()
+                .await
+                .unwrap()
+                .iter()
+                .all(Vec::is_empty)
         );
     }
 }

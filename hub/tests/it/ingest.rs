@@ -26,6 +26,40 @@ pub fn small_fleet(devices: usize) -> FleetConfig {
     }
 }
 
+/// Many slow series: a part's blocks would hold a reading or two each, so
+/// once staging holds half its cap the writer compacts the fullest part a
+/// piece at a time (its oldest rows), commits going between the pieces.
+/// Every acked reading is stored once, staged or in blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_parts_are_compacted_a_piece_at_a_time_and_lose_nothing() {
+    // Runs of 20 rows a part, pieces of 10, staging capped at 640 rows
+    // (half of it: 320); 800 series, 100 a part, so a part is thin below
+    // 800 rows.
+    let hub = spawn_hub_with(|s| s.storage.compact_rows = 160).await;
+    let fleet = SimFleet::start_with(FleetConfig {
+        hub: hub.url(),
+        devices: 200,
+        rate_hz: 2.0,
+        id_prefix: "thin-".into(),
+        batch_interval: Duration::from_millis(50),
+        connections: Some(2),
+        ..FleetConfig::default()
+    })
+    .await;
+    wait_until("many compactions while the fleet streams", async || {
+        hub.stats().await.compactions > 40
+    })
+    .await;
+    let summary = fleet.finish().await;
+    assert!(summary.all_clean(), "{summary:?}");
+    assert_eq!(summary.sent, summary.acked, "{summary:?}");
+    let stats = hub.stats().await;
+    assert_eq!(stats.compaction_failures, 0);
+    assert_eq!(stats.commit_failures, 0);
+    assert_stored_exactly(&hub, "thin-", &summary).await;
+    hub.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_readings_are_stored_exactly_once_and_queried_in_order() {
     // Small compaction runs: readings are split between the staging and the
