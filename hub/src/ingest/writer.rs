@@ -297,8 +297,10 @@ struct Known {
     device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
     /// SQLite: the marks were cleared, so some device with rows in the
     /// progress log may have no mark here: the next group folds the log
-    /// in first. While false, every device with log rows has its mark in
-    /// `marks`, and `devices.acked_seq` is exact for any other.
+    /// in first (unless it is retention alone, which reads no mark). While
+    /// false, every device with log rows carrying a mark has it in `marks`
+    /// (retention's rows carry none), and `devices.acked_seq` is exact for
+    /// any other.
     fold_first: bool,
     max_sensors: usize,
     max_sensors_per_device: usize,
@@ -867,7 +869,25 @@ impl Writer {
 
     /// Writes and commits a group, then acks it; false when the commit
     /// failed (nothing of the group is acked, its sessions are told).
+    /// SQLite, while the next group must fold the progress logs in first
+    /// (after a failed commit): retention goes in a group of its own, which
+    /// folds nothing (it reads no mark, see `write_group`). At the size
+    /// limit the fold may find no page, and retention is what frees pages.
     async fn commit_group(&mut self, group: &mut Vec<WriterMsg>) -> bool {
+        let is_retain = |m: &WriterMsg| matches!(m, WriterMsg::Retain { .. });
+        if self.known.fold_first
+            && self.store.backend() == crate::config::Backend::Sqlite
+            && group.iter().any(is_retain)
+            && !group.iter().all(is_retain)
+        {
+            let (mut retains, rest): (Vec<_>, Vec<_>) = group.drain(..).partition(is_retain);
+            *group = rest;
+            self.commit_one_group(&mut retains).await;
+        }
+        self.commit_one_group(group).await
+    }
+
+    async fn commit_one_group(&mut self, group: &mut Vec<WriterMsg>) -> bool {
         if group.is_empty() {
             return true;
         }
@@ -1499,9 +1519,13 @@ impl Writer {
             tx.lock_blocks().await?;
         }
         // SQLite: marks the writer no longer holds are made exact in the
-        // tables before anything reads them. (Retention appends what it
-        // subtracts to the log: it needs no fold.)
-        if !tx.shared() && self.known.fold_first {
+        // tables before anything reads them. (Retention reads no mark and
+        // appends what it subtracts to the log: a group of retention alone
+        // folds nothing, see `commit_group`.)
+        if !tx.shared()
+            && self.known.fold_first
+            && group.iter().any(|m| !matches!(m, WriterMsg::Retain { .. }))
+        {
             tx.fold_progress().await?;
             changes.folded = true;
         }

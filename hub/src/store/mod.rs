@@ -657,10 +657,12 @@ impl Store {
 
 /// [`Store::total_readings`]: PostgreSQL's counts, and SQLite's with what
 /// its progress log adds (a scan of the view would join every device).
+/// The views floor each device's count at 0; this sum floors the total
+/// only: the two differ only where a count was already wrong.
 const TOTAL_READINGS: [&str; 2] = [
     "SELECT CAST(COALESCE(SUM(reading_count), 0) AS BIGINT) FROM devices",
-    "SELECT (SELECT COALESCE(SUM(reading_count), 0) FROM devices) \
-     + (SELECT COALESCE(SUM(added), 0) FROM progress_log)",
+    "SELECT max(0, (SELECT COALESCE(SUM(reading_count), 0) FROM devices) \
+     + (SELECT COALESCE(SUM(added), 0) FROM progress_log))",
 ];
 
 /// One series of [`Store::series_catalog`].

@@ -119,6 +119,109 @@ async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers
     hub.assert_no_leaks().await;
 }
 
+/// A database filled to its size limit, with the progress marks of 2000
+/// devices logged and not yet folded (a hub killed mid-run leaves them):
+/// folding them in updates `devices` in place, growing its rows into pages
+/// the database cannot have, so the fold at open fails and so does every
+/// group that must fold first. Retention alone makes room: its steps fold
+/// nothing (they read no mark) and delete before they log, so old readings
+/// go, and then the folds, registrations and ingest get through, with no
+/// operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_retention_alone_makes_room_at_the_size_limit() {
+    if sqlite_only("storage.max_size_mib, a page limit") {
+        return;
+    }
+    // Ballast an hour old, staged (~30 B a reading): what retention frees.
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
+    store_ballast(&hub, |s| s as f64).await;
+    hub.stop().await;
+    let db = hub.db_path();
+    restage_ballast(&db).await;
+
+    let mut conn = connect(&db).await;
+    for sql in [
+        // 2000 devices whose marks (a rejected batch's: seq 1000, no
+        // reading) are still in the log: ids 10001..=12000, log slice 2.
+        "WITH RECURSIVE c(i) AS (SELECT 10001 UNION ALL SELECT i + 1 FROM c WHERE i < 12000) \
+         INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+         SELECT i, 'f' || i, 1, 1 FROM c",
+        "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) \
+         SELECT 2, id - 10000, id, 1000, 0, 1700000000000 FROM devices WHERE id > 10000",
+        // Full to a whole MiB, in 4 KiB pages (set out of WAL mode), none
+        // free.
+        "PRAGMA journal_mode = DELETE",
+        "PRAGMA page_size = 4096",
+        "VACUUM",
+        "PRAGMA journal_mode = WAL",
+        "CREATE TABLE pad (b BLOB)",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let pages = loop {
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let free = (pages as u64).div_ceil(256) * 256 - pages as u64;
+        if free == 0 {
+            break pages as u64;
+        }
+        // A row of 3,000 bytes fills a leaf page of its own.
+        let fill = if free > 4 { (free - 3) * 4000 } else { 3000 };
+        sqlx::query("INSERT INTO pad VALUES (zeroblob(?))")
+            .bind(fill as i64)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    };
+    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(free, 0);
+    conn.close().await.unwrap();
+    hub.settings.storage.max_size_mib = pages / 256;
+    // The ballast is older than this; the probe's readings are stamped a
+    // minute ahead (within the allowed clock skew), so they stay.
+    hub.settings.storage.retention = Duration::from_secs(10);
+    hub.restart().await;
+
+    wait_until("retention deleted the ballast", async || {
+        ballast_rows(&db).await == (0, 0)
+    })
+    .await;
+    let (mut probe, _) = RawDevice::connect(&hub, "probe").await;
+    let ahead = now_ms() + 60_000;
+    probe.send(batch(vec![reading(1, "p", ahead, 1.0)])).await;
+    probe.ack_through(1).await;
+    let seqs: Vec<u64> = hub.readings("probe").await.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1]);
+    assert_eq!(hub.device("ballast").await.unwrap().readings, 0);
+    let marked = hub.device("f10001").await.unwrap();
+    assert_eq!((marked.acked_seq, marked.readings), (1000, 0));
+    assert!(hub.stats().await.storage_ok);
+    probe.half_close();
+    assert_eq!(probe.end_code().await, tonic::Code::Ok);
+    hub.stop().await;
+    let mut conn = connect(&db).await;
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM progress_log")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "folded in at the clean stop");
+    let acked: i64 = sqlx::query_scalar("SELECT acked_seq FROM devices WHERE id = 10001")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1000);
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_there_is_room() {
     if sqlite_only("storage.max_size_mib, a page limit") {
