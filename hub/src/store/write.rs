@@ -942,23 +942,9 @@ impl WriteTx<'_> {
         n: i64,
     ) -> Result<(), StoreError> {
         if !self.shared() {
-            let item = [DeviceProgress {
-                device: DeviceKey(device),
-                acked_seq: 0,
-                added: 0,
-            }];
-            let rows = self.numbered(&item, |p| p.device);
+            // No mark (0) and no time (0): max() keeps the others'.
             return self
-                .execute_batched(Batched::Progress, &rows, |(slice, n_row, p), out| {
-                    out.extend([
-                        Val::I(i64::from(*slice)),
-                        Val::I(*n_row),
-                        Val::I(p.device.0),
-                        Val::I(0),
-                        Val::I(-n),
-                        Val::I(0),
-                    ]);
-                })
+                .log_progress(&[DeviceKey(device)], 0, |&d| (d, 0, -n))
                 .await;
         }
         with_conn!(self.conn.conn(), c => sqlx::query(
@@ -1269,17 +1255,9 @@ impl WriteTx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         if !self.shared() {
-            let rows = self.numbered(progress, |p| p.device);
             return self
-                .execute_batched(Batched::Progress, &rows, |(slice, n, p), out| {
-                    out.extend([
-                        Val::I(i64::from(*slice)),
-                        Val::I(*n),
-                        Val::I(p.device.0),
-                        Val::I(p.acked_seq as i64),
-                        Val::I(p.added as i64),
-                        Val::I(now_ms),
-                    ]);
+                .log_progress(progress, now_ms, |p| {
+                    (p.device, p.acked_seq as i64, p.added as i64)
                 })
                 .await;
         }
@@ -1289,6 +1267,29 @@ impl WriteTx<'_> {
                 Val::I(p.acked_seq as i64),
                 Val::I(p.added as i64),
                 Val::I(now_ms),
+            ]);
+        })
+        .await
+    }
+
+    /// SQLite: appends a `progress_log` row per item, `row` giving its
+    /// (device, mark, readings added), stamped `seen_ms`.
+    async fn log_progress<T>(
+        &mut self,
+        items: &[T],
+        seen_ms: i64,
+        row: impl Fn(&T) -> (DeviceKey, i64, i64),
+    ) -> Result<(), StoreError> {
+        let rows = self.numbered(items, |item| row(item).0);
+        self.execute_batched(Batched::Progress, &rows, |(slice, n, item), out| {
+            let (device, acked_seq, added) = row(item);
+            out.extend([
+                Val::I(i64::from(*slice)),
+                Val::I(*n),
+                Val::I(device.0),
+                Val::I(acked_seq),
+                Val::I(added),
+                Val::I(seen_ms),
             ]);
         })
         .await

@@ -158,23 +158,7 @@ async fn sqlite_retention_alone_makes_room_at_the_size_limit() {
     ] {
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
-    let pages = loop {
-        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        let free = (pages as u64).div_ceil(256) * 256 - pages as u64;
-        if free == 0 {
-            break pages as u64;
-        }
-        // A row of 3,000 bytes fills a leaf page of its own.
-        let fill = if free > 4 { (free - 3) * 4000 } else { 3000 };
-        sqlx::query("INSERT INTO pad VALUES (zeroblob(?))")
-            .bind(fill as i64)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    };
+    let pages = pad_to_a_mib(&mut conn, 0..=0).await;
     let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
         .fetch_one(&mut conn)
         .await
@@ -256,27 +240,7 @@ async fn sqlite_a_compaction_at_the_size_limit_fails_whole_and_succeeds_once_the
     ] {
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
-    let limit_pages = loop {
-        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        let limit = (pages as u64).div_ceil(256) * 256;
-        let free = limit - pages as u64;
-        if (20..=40).contains(&free) {
-            break limit;
-        }
-        let fill = if free < 20 {
-            free + 256 - 30
-        } else {
-            free - 30
-        };
-        sqlx::query("INSERT INTO pad VALUES (zeroblob(?))")
-            .bind((fill * 4000) as i64)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    };
+    let limit_pages = pad_to_a_mib(&mut conn, 20..=40).await;
     conn.close().await.unwrap();
     hub.settings.storage.max_size_mib = limit_pages / 256;
     // A part is compacted once it holds 2000 rows; the cap (4 x 16,000)
@@ -735,6 +699,39 @@ async fn sqlite_a_registration_in_a_failed_commit_leaves_no_trace_in_live_readin
 }
 
 /// The tables that hold readings: blocks and every staging part.
+/// Pads a database of 4 KiB pages (into its table `pad`) until the pages
+/// left before the next whole MiB are within `left`; returns that MiB's
+/// page count, the limit to set.
+async fn pad_to_a_mib(conn: &mut SqliteConnection, left: std::ops::RangeInclusive<u64>) -> u64 {
+    let mid = (left.start() + left.end()) / 2;
+    loop {
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        let limit = (pages as u64).div_ceil(256) * 256;
+        let now_left = limit - pages as u64;
+        if left.contains(&now_left) {
+            return limit;
+        }
+        // A blob fills overflow pages of ~4,000 bytes (big steps, landing
+        // a few pages short of the middle); a row of 3,000 bytes fills a
+        // leaf page of its own (the last steps, a page at a time).
+        let to_fill = if now_left > left.end() + 3 {
+            (now_left - mid).saturating_sub(2).max(1) * 4000
+        } else if now_left > *left.end() {
+            3000
+        } else {
+            (now_left + 256 - mid).saturating_sub(2) * 4000
+        };
+        sqlx::query("INSERT INTO pad VALUES (zeroblob(?))")
+            .bind(to_fill as i64)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
 fn staging_and_blocks() -> Vec<String> {
     let parts = (0..hub::store::STAGING_PARTS).map(|p| format!("readings_recent_{p}"));
     std::iter::once("blocks".to_owned()).chain(parts).collect()
