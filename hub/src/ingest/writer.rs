@@ -72,10 +72,12 @@ const MIN_BLOCK_POINTS: u64 = 8;
 /// SQLite: a part whose blocks would hold fewer readings than that (at
 /// 100k devices, ~1 each: staging at half its cap) is compacted half a
 /// run of its oldest rows at a time (12,500 by default), a commit or more
-/// between them. Its cost is per block (a row and an index entry each), so
-/// the whole part at once (~50k blocks, ~100 ms) held every ack up for as
-/// long. Splitting by age loses nothing there: each series has a reading
-/// or two in the part either way.
+/// between them. The whole part at once (~50k blocks, ~110 ms) held every
+/// ack up for as long; a piece takes ~50 ms. Its cost is mostly the pages
+/// of the part's region of the blocks index, which every piece touches
+/// again, so the pieces cost about twice as much in all. Splitting by age
+/// loses nothing there: each series has a reading or two in the part
+/// either way.
 fn piece_rows(compact_rows: u64) -> usize {
     (compact_rows / STAGING_PARTS as u64 / 2).max(1) as usize
 }

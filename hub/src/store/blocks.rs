@@ -1062,8 +1062,8 @@ mod tests {
                 .readings
         };
 
-        // What retention would have done first (and still does after a
-        // failed commit, see `Known::fold_first`) cannot be done here.
+        // What retention did first before (and what a group owing a fold
+        // still does, see `Known::fold_first`) cannot be done here.
         let full = writer.fold_progress(None).await.unwrap_err();
         assert!(full.to_string().contains("full"), "{full}");
         writer.abort().await;
