@@ -27,6 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use session::SessionContext;
 
+use crate::ingest::AckSlot;
+
 use crate::operator::STALLED_CLIENT;
 
 pub struct DeviceGatewayService {
@@ -45,7 +47,7 @@ impl DeviceGatewayService {
 
 #[tonic::async_trait]
 impl DeviceGateway for DeviceGatewayService {
-    type ConnectStream = HubStream;
+    type ConnectStream = session::DeviceStream;
 
     async fn connect(
         &self,
@@ -60,23 +62,27 @@ impl DeviceGateway for DeviceGatewayService {
         let inbound = request.into_inner();
         let (outbound, rx) = mpsc::channel(self.outbound_buffer);
         let (abort, aborted) = oneshot::channel();
+        let slot = AckSlot::for_stream();
         // The session owns the stream from here; the tracker lets shutdown
         // wait for it.
         self.ctx.tracker.spawn(session::run(
             Arc::clone(&self.ctx),
             inbound,
-            outbound,
-            abort,
+            session::Outlet {
+                tx: outbound,
+                abort,
+                slot: Arc::clone(&slot),
+            },
             peer,
         ));
-        Ok(Response::new(HubStream::new(rx, aborted)))
+        Ok(Response::new(session::DeviceStream::new(rx, aborted, slot)))
     }
 }
 
-/// The hub's messages to one device: what the session queued, unless the
-/// session aborts the stream (a device that reads nothing cannot pin it).
-/// Boxed messages: a channel allocates 32 slots up front, and every device
-/// holds one for the life of its stream.
+/// The hub's messages to one device that a task queues: what the session
+/// queued, unless the session aborts the stream (a device that reads
+/// nothing cannot pin it). Boxed messages: a channel allocates 32 slots up
+/// front, and every device holds one for the life of its stream.
 pub type HubStream = CutStream<Box<pb::HubMessage>, pb::HubMessage>;
 
 /// A server stream: what its task queued, unless the task aborts it, which
@@ -109,6 +115,13 @@ impl<T, U> CutStream<T, U> {
             aborted: Some(aborted),
             map,
         }
+    }
+}
+
+impl<T, U> CutStream<T, U> {
+    /// The stream was aborted (its last item was the abort's status).
+    fn aborted_now(&self) -> bool {
+        self.messages.is_none()
     }
 }
 
@@ -231,13 +244,18 @@ mod tests {
     async fn an_aborted_stream_ends_at_once_and_drops_the_queue() {
         let (tx, rx) = mpsc::channel(4);
         let (abort, aborted) = oneshot::channel();
-        let mut stream = HubStream::new(rx, aborted);
+        let slot = AckSlot::for_stream();
+        let mut stream = session::DeviceStream::new(rx, aborted, Arc::clone(&slot));
         for _ in 0..4 {
             tx.send(Ok(Box::default())).await.unwrap();
         }
+        slot.complete(7, 0, 0);
         abort.send(Status::deadline_exceeded("stalled")).unwrap();
         let end = stream.next().await.unwrap().unwrap_err();
         assert_eq!(end.code(), tonic::Code::DeadlineExceeded);
-        assert!(stream.next().await.is_none(), "queued messages are dropped");
+        assert!(
+            stream.next().await.is_none(),
+            "queued messages and acks are dropped"
+        );
     }
 }

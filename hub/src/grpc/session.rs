@@ -1,15 +1,20 @@
-//! One device stream: a reader loop (this task) and an ack writer task.
+//! One device stream: a reader loop (this task), a task for what the hub
+//! sends besides acks, and the response stream that takes the acks.
 //!
 //! ```text
-//! inbound ──reader──▶ IngestQueue ──writer commits──▶ AckSlot ──ack task──▶ outbound
+//! inbound ──reader──▶ IngestQueue ──writer commits──▶ AckSlot ──▶ DeviceStream ──▶ device
+//!                              commands, desired ──ack task──▶ channel ──┘
 //! ```
 //! The reader validates readings and pushes them into the bounded ingest
-//! queue (waiting when it is full). The ack task sends an Ack whenever the
-//! writer has committed something of this stream, through a bounded outbound
-//! channel. When the reader ends (half-close, takeover, shutdown, bad input,
-//! vanished peer) it hands the ack task a [`Finish`]: flush the acks that are
-//! due, within `drain_timeout`, then end the stream with its status. The
-//! session counts as live until both tasks have ended.
+//! queue (waiting when it is full). The writer's commit leaves the Ack in
+//! the session's slot and wakes the response stream ([`DeviceStream`]),
+//! which takes it: an Ack costs no task wake-up or channel of its own. The
+//! ack task sends the rest (commands, desired state) through a bounded
+//! channel. When the reader ends (half-close, takeover, shutdown, bad
+//! input, vanished peer) it hands the ack task a [`Finish`]: wait for the
+//! batches still due, within `drain_timeout`, then end the stream with its
+//! status, which the stream sends after the last Acks. The session counts
+//! as live until both tasks have ended.
 //!
 //! A twin-aware device (its Hello set `twin`) also gets its desired
 //! state: the whole document after the Welcome when the version it holds
@@ -45,7 +50,7 @@ use crate::domain::{
     CheckedReading, DeviceHello, DeviceId, DeviceKey, MAX_SEQ, now_ms, seq_in_range,
 };
 use crate::ingest::{
-    AckSlot, IngestBatch, IngestError, IngestQueue, PendingAck, PendingReported, ReportedBatch,
+    AckSlot, Due, IngestBatch, IngestError, IngestQueue, PendingAck, PendingReported, ReportedBatch,
 };
 use crate::metrics::HubMetrics;
 use crate::registry::SessionRegistry;
@@ -115,12 +120,20 @@ pub struct Peer {
     pub certificate: Option<Vec<u8>>,
 }
 
+/// The session's ends of its response stream ([`DeviceStream`]).
+pub struct Outlet {
+    /// Welcome, desired state, commands and the closing status.
+    pub tx: Outbound,
+    pub abort: Abort,
+    /// Acks, which the stream takes from here itself.
+    pub slot: Arc<AckSlot>,
+}
+
 /// Runs one device stream to its end.
 pub async fn run(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,
-    outbound: Outbound,
-    abort: Abort,
+    outlet: Outlet,
     peer: Peer,
 ) {
     let _live = ctx.metrics.session_started();
@@ -143,12 +156,12 @@ pub async fn run(
                 tracing::info!(code = ?status.code(), reason = status.message(), peer = ?peer.ip,
                     suppressed, "stream refused at Hello");
             }
-            let _ = outbound.send(Err(status)).await;
+            let _ = outlet.tx.send(Err(status)).await;
             return;
         }
     };
     let span = tracing::info_span!("session", device_id = %hello.device_id);
-    run_registered(ctx, inbound, outbound, abort, hello, proof)
+    run_registered(ctx, inbound, outlet, hello, proof)
         .instrument(span)
         .await;
 }
@@ -156,11 +169,15 @@ pub async fn run(
 async fn run_registered(
     ctx: Arc<SessionContext>,
     mut inbound: Streaming<pb::DeviceMessage>,
-    outbound: Outbound,
-    abort: Abort,
+    outlet: Outlet,
     hello: DeviceHello,
     proof: Proof,
 ) {
+    let Outlet {
+        tx: outbound,
+        abort,
+        slot,
+    } = outlet;
     let device_id = hello.device_id.clone();
     let firmware = hello.firmware.clone();
     // Followed before the registration reads the twin: a change committed
@@ -238,7 +255,6 @@ async fn run_registered(
         session: claim.id(),
     };
 
-    let slot = AckSlot::new();
     let ended = CancellationToken::new();
     let (finish_tx, finish_rx) = oneshot::channel();
     let acker = ctx.tracker.spawn(
@@ -405,10 +421,13 @@ impl Reader<'_> {
         claim: &StreamClaim,
     ) -> Finish {
         // Made and registered with their tokens once, not per message
-        // (each registration locks its token; the hub's shutdown token is
-        // shared by every stream).
+        // (each registration locks its token). A poll still checks each
+        // token under its lock: the hub's shutdown is followed through a
+        // child token of this stream's own, so 10k streams do not take
+        // turns at one lock 50k times a second.
         let (ctx, ended) = (self.ctx, self.ended);
-        let shutdown = ctx.shutdown.cancelled();
+        let stopping = ctx.shutdown.child_token();
+        let shutdown = stopping.cancelled();
         let superseded = claim.superseded.cancelled();
         let ending = ended.cancelled();
         tokio::pin!(shutdown, superseded, ending);
@@ -569,6 +588,14 @@ impl Reader<'_> {
         };
         let ctx = self.ctx;
         let closed = "the hub is shutting down; resend unacknowledged readings";
+        let batch = match ctx.ingest.try_push(batch) {
+            Ok(None) => {
+                self.batches_pushed += 1;
+                return None;
+            }
+            Ok(Some(full)) => full,
+            Err(_) => return Some(self.finish(true, Some(Status::unavailable(closed)))),
+        };
         self.queue(ctx.ingest.push(batch), claim, closed).await
     }
 
@@ -737,10 +764,13 @@ struct Timeouts {
     send: Duration,
 }
 
-/// The stream's writer: Acks as the writer commits, commands as the commands
-/// task hands them over. After the reader's [`Finish`], flushes the acks that
-/// are due (bounded by the drain timeout) and ends the stream. A device that
-/// takes nothing for the send timeout is dropped.
+/// The stream's writer of everything but acks: commands as the commands
+/// task hands them over, desired state, and the closing status. (The
+/// response stream takes the acks from the slot itself, woken by the
+/// writer's commit: an ack costs no task of its own.) After the reader's
+/// [`Finish`], waits for the batches still due (bounded by the drain
+/// timeout) and ends the stream; the stream sends the last acks before
+/// the status. A device that takes nothing for the send timeout is dropped.
 async fn ack_task(
     slot: Arc<AckSlot>,
     mut link: CommandLink,
@@ -760,8 +790,6 @@ async fn ack_task(
     let mut inbox_open = true;
     // Replaced by a real deadline once the reader has finished.
     let mut deadline = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    // Since when something has waited to be sent.
-    let mut waiting_since: Option<Instant> = None;
     // The drain timeout passed with batches of this stream not yet acked.
     let mut undrained = false;
     loop {
@@ -770,28 +798,31 @@ async fn ack_task(
         {
             break;
         }
-        let news = slot.has_news();
-        // The common case, without a select round: something to send and
-        // room for it.
-        if news && let Ok(permit) = outbound.try_reserve() {
-            waiting_since = None;
-            if send_news(&slot, permit, &why_ended, &ended).await {
-                return;
+        if slot.failed() {
+            // The stream sends the acks already due, then this.
+            let status = failure_status(&slot, &why_ended).await;
+            if tokio::time::timeout(timeouts.send, outbound.send(Err(status)))
+                .await
+                .is_err()
+            {
+                drop_stalled(abort.take(), &ended, timeouts.send);
             }
-            continue;
+            ended.cancel();
+            return;
         }
-        if !news {
-            waiting_since = None;
-        } else if waiting_since.is_none() {
-            waiting_since = Some(Instant::now());
-        }
-        let stalled_at = waiting_since.map(|t| t + timeouts.send);
+        // An ack left untaken for the send timeout: the device reads nothing.
+        let stalled_at = match slot.waiting_since() {
+            Some(since) => Instant::from_std(since) + timeouts.send,
+            None => Instant::now() + timeouts.send,
+        };
         tokio::select! {
             biased;
             f = &mut finish_rx, if finish.is_none() => match f {
                 Ok(f) => {
                     deadline = Instant::now() + timeouts.drain;
                     finish = Some(f);
+                    // The last batches' completions wake this task now.
+                    slot.watch();
                 }
                 Err(_) => break,
             },
@@ -800,19 +831,15 @@ async fn ack_task(
                 undrained = true;
                 break;
             }
-            _ = tokio::time::sleep_until(stalled_at.unwrap_or(deadline)), if stalled_at.is_some() => {
-                drop_stalled(abort.take(), &ended, timeouts.send);
-                return;
-            }
-            permit = outbound.reserve(), if news => match permit {
-                Ok(permit) => {
-                    waiting_since = None;
-                    if send_news(&slot, permit, &why_ended, &ended).await {
-                        return;
-                    }
+            _ = tokio::time::sleep_until(stalled_at) => {
+                if slot
+                    .waiting_since()
+                    .is_some_and(|since| since.elapsed() >= timeouts.send)
+                {
+                    drop_stalled(abort.take(), &ended, timeouts.send);
+                    return;
                 }
-                Err(_) => break,
-            },
+            }
             update = next_desired(&mut desired), if finish.is_none() => match update {
                 Some(update) => {
                     let Some(message) = desired.as_mut().and_then(|l| l.message(&update)) else {
@@ -848,24 +875,14 @@ async fn ack_task(
                 // over, or the hub is stopping).
                 None => inbox_open = false,
             },
-            _ = slot.changed(), if !news => {}
-            _ = outbound.closed(), if !news => break,
+            // Failures; completions once watched.
+            _ = slot.changed() => {}
+            _ = outbound.closed() => break,
         }
     }
     // The reader stops at once if it is still running (peer gone, timeout).
     ended.cancel();
     let Some(finish) = finish else { return };
-    if finish.flush && !slot.failed() {
-        let last = [
-            slot.take().map(ack_message),
-            slot.take_reported().map(reported_ack_message),
-        ];
-        for message in last.into_iter().flatten() {
-            let sent =
-                tokio::time::timeout_at(deadline, outbound.send(Ok(Box::new(message)))).await;
-            undrained |= !matches!(sent, Ok(Ok(())));
-        }
-    }
     let status = if slot.failed() {
         Some(failure_status(&slot, &why_ended).await)
     } else if undrained && finish.flush && finish.status.is_none() {
@@ -876,6 +893,8 @@ async fn ack_task(
     } else {
         finish.status
     };
+    // The stream sends the acks due before this status (or before OK, when
+    // the channel closes as this task ends).
     if let Some(status) = status {
         // A short grace of its own: the status matters more than the last
         // ack. If the device does not take it, the stream ends anyway.
@@ -888,25 +907,73 @@ async fn ack_task(
     }
 }
 
-/// Sends what the slot has news of: its failure (the stream ends: true,
-/// and the reader is told), or else the Ack (or else the ReportedAck) due.
-async fn send_news(
-    slot: &AckSlot,
-    permit: mpsc::Permit<'_, Result<Box<pb::HubMessage>, Status>>,
-    why_ended: &EndProbe,
-    ended: &CancellationToken,
-) -> bool {
-    if slot.failed() {
-        permit.send(Err(failure_status(slot, why_ended).await));
-        ended.cancel();
-        return true;
+/// The hub's side of one device stream, as tonic sends it: the Acks the
+/// writer left in the session's slot (taken here, the moment the writer's
+/// completion wakes this stream), and what the session's task queued
+/// (Welcome, desired state, commands, the closing status). Queued messages
+/// go first, so the Welcome precedes every Ack; the closing status or OK
+/// waits until the Acks due are out. An abort ends the stream at once with
+/// its status and drops the rest (a device that reads nothing cannot pin
+/// it).
+pub struct DeviceStream {
+    queued: super::HubStream,
+    slot: Arc<AckSlot>,
+    /// How the stream ends, held until the acks due are sent: `Some(None)`
+    /// is OK.
+    last: Option<Option<Status>>,
+    done: bool,
+}
+
+impl DeviceStream {
+    pub fn new(
+        messages: mpsc::Receiver<Result<Box<pb::HubMessage>, Status>>,
+        aborted: oneshot::Receiver<Status>,
+        slot: Arc<AckSlot>,
+    ) -> Self {
+        Self {
+            queued: super::HubStream::new(messages, aborted),
+            slot,
+            last: None,
+            done: false,
+        }
     }
-    if let Some(ack) = slot.take() {
-        permit.send(Ok(Box::new(ack_message(ack))));
-    } else if let Some(ack) = slot.take_reported() {
-        permit.send(Ok(Box::new(reported_ack_message(ack))));
+}
+
+impl futures_util::Stream for DeviceStream {
+    type Item = Result<pb::HubMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.last.is_none() {
+            match std::pin::Pin::new(&mut self.queued).poll_next(cx) {
+                Poll::Ready(Some(Ok(message))) => return Poll::Ready(Some(Ok(message))),
+                Poll::Ready(Some(Err(status))) if self.queued.aborted_now() => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Err(status))) => self.last = Some(Some(status)),
+                Poll::Ready(None) => self.last = Some(None),
+                Poll::Pending => {}
+            }
+        }
+        match self.slot.next_due(cx.waker()) {
+            Some(Due::Ack(ack)) => Poll::Ready(Some(Ok(ack_message(ack)))),
+            Some(Due::Reported(ack)) => Poll::Ready(Some(Ok(reported_ack_message(ack)))),
+            None => match self.last.take() {
+                Some(end) => {
+                    self.done = true;
+                    Poll::Ready(end.map(Err))
+                }
+                None => Poll::Pending,
+            },
+        }
     }
-    false
 }
 
 /// How long a fenced stream waits to hear why before it guesses.

@@ -5,7 +5,7 @@
 //! single [`writer`] task drains it, writes a group of batches in one
 //! transaction, commits, and only then fills each session's [`AckSlot`]. The
 //! writer never waits on a session: acks for one device coalesce in its slot
-//! until the session's own task sends them.
+//! until the device's response stream takes them (it is woken by the slot).
 //!
 //! The writer is also the authority on duplicates: it keeps every device's
 //! high-water mark in memory, so readings of an old and a new stream of the
@@ -18,6 +18,8 @@ pub mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -416,6 +418,17 @@ impl IngestQueue {
         self.send(WriterMsg::Batch(batch)).await
     }
 
+    /// Queues a batch if the queue has room now; hands it back when the
+    /// queue is full (then [`IngestQueue::push`] waits for room). A
+    /// session's common case, without making the futures of a wait.
+    pub fn try_push(&self, batch: IngestBatch) -> Result<Option<IngestBatch>, IngestError> {
+        match self.tx.try_send(WriterMsg::Batch(batch)) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(WriterMsg::Batch(batch))) => Ok(Some(batch)),
+            Err(_) => Err(IngestError::Closed),
+        }
+    }
+
     /// Messages waiting for the writer.
     pub fn depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -471,19 +484,56 @@ struct AckState {
     /// A fenced batch's readings, handed back (nothing of them was
     /// written): a line-protocol write queues them again.
     returned: Vec<CheckedReading>,
+    /// Since when an ack has waited to be taken.
+    news_since: Option<Instant>,
+    /// The response stream waiting for the next completion.
+    stream: Option<Waker>,
+    /// Completions are told through `changed` too.
+    watched: bool,
 }
 
 /// Where the writer leaves the outcome of a session's committed batches.
 /// Several commits between two sends coalesce into one Ack.
-#[derive(Default)]
+///
+/// Two readers: the device's response stream takes the acks
+/// ([`AckSlot::next_due`], which leaves its waker for the writer's next
+/// completion), and the session's task waits on [`AckSlot::changed`] for a
+/// failure, and for completions only once it [`AckSlot::watch`]es them (a
+/// stream's slot starts unwatched: acks then wake the stream alone, not
+/// a task that has nothing to do with them).
 pub struct AckSlot {
     state: Mutex<AckState>,
     changed: Notify,
 }
 
+/// An ack due to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    Ack(PendingAck),
+    Reported(PendingReported),
+}
+
 impl AckSlot {
+    /// A slot whose every change is told through [`AckSlot::changed`].
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with_watch(true)
+    }
+
+    /// A device stream's slot: completions wake the stream that takes the
+    /// acks; [`AckSlot::changed`] tells only failures until
+    /// [`AckSlot::watch`].
+    pub fn for_stream() -> Arc<Self> {
+        Self::with_watch(false)
+    }
+
+    fn with_watch(watched: bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(AckState {
+                watched,
+                ..AckState::default()
+            }),
+            changed: Notify::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, AckState> {
@@ -491,42 +541,63 @@ impl AckSlot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wakes whoever waits for this change, after the lock is let go.
+    fn told(&self, mut s: MutexGuard<'_, AckState>, failure: bool) {
+        let stream = s.stream.take();
+        let watched = s.watched;
+        drop(s);
+        if let Some(waker) = stream {
+            waker.wake();
+        }
+        if watched || failure {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Marks news as waiting to be taken (since now, if nothing was).
+    fn news(s: &mut AckState) {
+        if s.news_since.is_none() {
+            s.news_since = Some(Instant::now());
+        }
+    }
+
     /// Called by the writer after the commit that holds a batch.
     pub(crate) fn complete(&self, acked_seq: u64, rejected: u32, duplicates: u32) {
-        {
-            let mut s = self.lock();
-            s.acked_seq = s.acked_seq.max(acked_seq);
-            s.rejected = s.rejected.saturating_add(rejected);
-            s.duplicates = s.duplicates.saturating_add(duplicates);
-            s.unsent = true;
-            s.batches_done += 1;
-        }
-        self.changed.notify_one();
+        let mut s = self.lock();
+        s.acked_seq = s.acked_seq.max(acked_seq);
+        s.rejected = s.rejected.saturating_add(rejected);
+        s.duplicates = s.duplicates.saturating_add(duplicates);
+        s.unsent = true;
+        s.batches_done += 1;
+        Self::news(&mut s);
+        self.told(s, false);
     }
 
     /// Called by the writer after the commit that holds a reported patch:
     /// the device's mark and version after it, and why it was rejected if
     /// it was.
     pub(crate) fn complete_reported(&self, seq: u64, version: u64, rejected: Option<String>) {
-        {
-            let mut s = self.lock();
-            let r = &mut s.reported;
-            r.seq = r.seq.max(seq);
-            r.version = r.version.max(version);
-            if let Some(why) = rejected {
-                r.rejected = r.rejected.saturating_add(1);
-                r.error = why;
-            }
-            r.unsent = true;
-            s.batches_done += 1;
+        let mut s = self.lock();
+        let r = &mut s.reported;
+        r.seq = r.seq.max(seq);
+        r.version = r.version.max(version);
+        if let Some(why) = rejected {
+            r.rejected = r.rejected.saturating_add(1);
+            r.error = why;
         }
-        self.changed.notify_one();
+        r.unsent = true;
+        s.batches_done += 1;
+        Self::news(&mut s);
+        self.told(s, false);
     }
 
     /// The ReportedAck to send now, if a patch was committed since the
     /// last one.
     pub fn take_reported(&self) -> Option<PendingReported> {
-        let mut s = self.lock();
+        Self::reported_of(&mut self.lock())
+    }
+
+    fn reported_of(s: &mut AckState) -> Option<PendingReported> {
         let r = &mut s.reported;
         if !r.unsent {
             return None;
@@ -539,13 +610,17 @@ impl AckSlot {
             error: std::mem::take(&mut r.error),
         };
         r.rejected = 0;
+        if !s.unsent {
+            s.news_since = None;
+        }
         Some(ack)
     }
 
     /// Called by the writer when the commit holding a batch failed.
     pub(crate) fn fail(&self) {
-        self.lock().failed = true;
-        self.changed.notify_one();
+        let mut s = self.lock();
+        s.failed = true;
+        self.told(s, true);
     }
 
     /// Called by the writer when a batch was not written because the
@@ -561,8 +636,7 @@ impl AckSlot {
         s.failed = true;
         s.fenced = true;
         s.returned = readings;
-        drop(s);
-        self.changed.notify_one();
+        self.told(s, true);
     }
 
     /// The readings of a fenced batch, once.
@@ -577,7 +651,10 @@ impl AckSlot {
 
     /// The Ack to send now, if anything was committed since the last one.
     pub fn take(&self) -> Option<PendingAck> {
-        let mut s = self.lock();
+        Self::ack_of(&mut self.lock())
+    }
+
+    fn ack_of(s: &mut AckState) -> Option<PendingAck> {
         if !s.unsent {
             return None;
         }
@@ -589,13 +666,39 @@ impl AckSlot {
         };
         s.rejected = 0;
         s.duplicates = 0;
+        if !s.reported.unsent {
+            s.news_since = None;
+        }
         Some(ack)
     }
 
-    /// True when there is an Ack to send or a failure to report.
-    pub fn has_news(&self) -> bool {
-        let s = self.lock();
-        s.unsent || s.reported.unsent || s.failed
+    /// The ack due now (the Ack before the ReportedAck); when none is,
+    /// `waker` is woken by the next completion. Checked and registered
+    /// under one lock, so no completion slips between.
+    pub fn next_due(&self, waker: &Waker) -> Option<Due> {
+        let mut s = self.lock();
+        if let Some(ack) = Self::ack_of(&mut s) {
+            return Some(Due::Ack(ack));
+        }
+        if let Some(ack) = Self::reported_of(&mut s) {
+            return Some(Due::Reported(ack));
+        }
+        match &mut s.stream {
+            Some(held) => held.clone_from(waker),
+            None => s.stream = Some(waker.clone()),
+        }
+        None
+    }
+
+    /// Since when an ack has waited to be taken, if one is waiting.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.lock().news_since
+    }
+
+    /// From now on every completion is told through [`AckSlot::changed`]
+    /// too (a closing session waits for its last batches).
+    pub fn watch(&self) {
+        self.lock().watched = true;
     }
 
     /// Batches of this session that the writer has finished (committed).

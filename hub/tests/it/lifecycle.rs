@@ -351,6 +351,86 @@ async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
     hub.assert_no_leaks().await;
 }
 
+/// The stream takes its acks from the session's slot as the writer commits
+/// (no channel fills up): a device that sends readings and never reads
+/// its acks is dropped after the send timeout all the same, the others go
+/// on, and everything it was acked is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reads_its_acks_is_dropped_after_the_send_timeout() {
+    let hub = spawn_hub_with(|s| s.server.send_timeout = Duration::from_secs(2)).await;
+    let (mut bystander, _) = RawDevice::connect(&hub, "dev-by").await;
+    // A 1 KiB stream window on a 1 MiB connection window: h2's own guard
+    // against many small unread DATA frames (half the connection window)
+    // does not end the stream first.
+    let channel = tonic::transport::Endpoint::from_shared(hub.url())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1 << 20))
+        .connect()
+        .await
+        .unwrap();
+    let mut stuck = RawDevice::open(channel, hello("dev-stuck")).await;
+    assert!(matches!(stuck.next().await, Ok(Some(HubMsg::Welcome(_)))));
+    let now = now_ms();
+    // A batch per commit (the bystander's ack marks each commit): an Ack
+    // each, ~10 bytes of window apiece, far more than the stuck stream's
+    // 1 KiB. (Sends after the hub dropped it fail; they are not counted.)
+    let to_stuck = stuck.sender();
+    let mut sent = 0;
+    for seq in 1..=400u64 {
+        if to_stuck
+            .send(batch(vec![reading(seq, "t", now, 1.0)]))
+            .await
+            .is_ok()
+        {
+            sent = seq;
+        }
+        bystander
+            .send(batch(vec![reading(seq, "t", now, 1.0)]))
+            .await;
+        bystander.ack_through(seq).await;
+    }
+    drop(to_stuck);
+    assert!(
+        sent > 120,
+        "the window filled before the test began: {sent} sent"
+    );
+    let mut seq = 400;
+    wait_until("the stuck stream dropped", async || {
+        seq += 1;
+        bystander
+            .send(batch(vec![reading(seq, "t", now, 1.0)]))
+            .await;
+        bystander.ack_through(seq).await;
+        hub.hub().metrics().live_sessions() == 1
+    })
+    .await;
+    // When it reads again, it learns why.
+    let mut acked = 0;
+    let code = loop {
+        match stuck.next().await {
+            Ok(Some(HubMsg::Ack(a))) => acked = a.acked_seq,
+            Ok(Some(other)) => panic!("only acks were due, got {other:?}"),
+            Ok(None) => break Code::Ok,
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(code, Code::DeadlineExceeded);
+    assert!(
+        (100..sent).contains(&acked),
+        "the acks before the window filled were read, not more: {acked} of {sent}"
+    );
+    let stored = hub.readings("dev-stuck").await;
+    assert!(stored.len() as u64 >= acked, "everything acked is stored");
+    assert_eq!(
+        stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=stored.len() as u64).collect::<Vec<_>>()
+    );
+    drop(bystander);
+    drop(stuck);
+    hub.assert_no_leaks().await;
+}
+
 /// `device-sim --hub A,B`: the devices that start at a hub that is not
 /// there move on to the next one, and the fleet's readings are all stored
 /// there exactly once. (Groundwork of issue 12's failover between hubs
