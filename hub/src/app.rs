@@ -19,12 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use telemetry_proto::io::BatchedWrites;
 use telemetry_proto::v1::{
     device_gateway_server::DeviceGatewayServer, operator_server::OperatorServer,
 };
 use tokio::sync::broadcast;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, timeout_at};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
@@ -1092,7 +1094,14 @@ async fn start_grpc(
         .await
         .with_context(|| format!("cannot listen on {}", server_settings.listen))?;
     let addr = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // (TCP keepalive is the incoming's: the builder's applies only when
+    // tonic binds the listener itself.) Each connection's flushes wait one
+    // scheduler round, so a commit's Acks to the devices on one connection
+    // leave in one write (`BatchedWrites`).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(server_settings.keepalive))
+        .map(|accepted| accepted.map(BatchedWrites::new));
     let mut builder = Server::builder();
     if let Some(tls) = server_tls(&server_settings.tls)? {
         builder = builder.tls_config(tls).context("server.tls")?;
@@ -1101,7 +1110,6 @@ async fn start_grpc(
     let serve = builder
         .http2_keepalive_interval(Some(server_settings.keepalive))
         .http2_keepalive_timeout(Some(server_settings.keepalive))
-        .tcp_keepalive(Some(server_settings.keepalive))
         .max_concurrent_streams(server_settings.max_concurrent_streams)
         .initial_stream_window_size(server_settings.stream_window)
         .initial_connection_window_size(server_settings.connection_window())

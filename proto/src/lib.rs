@@ -3,9 +3,11 @@
 //!
 //! Everything here is generated from `proto/telemetry/v1/telemetry.proto`;
 //! that file is the public contract and documents every field. The generated
-//! code uses [`codec::SmallBufferCodec`].
+//! code uses [`codec::SmallBufferCodec`]; both ends of a device stream move
+//! its bytes through [`io::BatchedWrites`].
 
 pub mod codec;
+pub mod io;
 
 pub mod v1 {
     tonic::include_proto!("telemetry.v1");
