@@ -334,15 +334,30 @@ impl SimDevice {
         // Resend what the hub has not acked, right away.
         self.send_unsent(tx, max_batch).await?;
         self.send_reported(tx).await?;
+        // Made once, not per turn of the loop: a turn then makes no timer
+        // entry and does not lock the fleet's one stop token (10k devices
+        // wake 50k times a second).
+        let stopped = stop.cancelled();
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let twin_timer = tokio::time::sleep_until(far);
+        let drain_timer = tokio::time::sleep_until(drain_deadline.unwrap_or(far));
+        tokio::pin!(stopped, twin_timer, drain_timer);
+        let mut twin_timer_at = None;
         loop {
             let reports_pending = self.twin.as_ref().is_some_and(|t| t.pending() > 0);
             if drain_deadline.is_some() && self.unacked.is_empty() && !reports_pending {
                 return Ok(());
             }
-            let far = Instant::now() + Duration::from_secs(3600);
             let twin_wake = self.twin.as_ref().and_then(SimTwin::next_wake);
+            if let Some(at) = twin_wake
+                && twin_timer_at != Some(at)
+            {
+                twin_timer.as_mut().reset(at);
+                twin_timer_at = Some(at);
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(twin_wake.unwrap_or(far)), if twin_wake.is_some() && drain_deadline.is_none() => {
+                _ = &mut twin_timer, if twin_wake.is_some() && drain_deadline.is_none() => {
+                    twin_timer_at = None;
                     self.twin_wake();
                     self.send_reported(tx).await?;
                 }
@@ -366,11 +381,13 @@ impl SimDevice {
                     Ok(None) => return Err(StreamEnd::Broken(Status::unavailable("hub closed the stream"))),
                     Err(status) => return Err(StreamEnd::Broken(status)),
                 },
-                _ = stop.cancelled(), if drain_deadline.is_none() => {
-                    *drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
+                _ = &mut stopped, if drain_deadline.is_none() => {
+                    let deadline = Instant::now() + self.cfg.drain_timeout;
+                    *drain_deadline = Some(deadline);
+                    drain_timer.as_mut().reset(deadline);
                     self.send_unsent(tx, max_batch).await?;
                 }
-                _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() => {
+                _ = &mut drain_timer, if drain_deadline.is_some() => {
                     return Ok(());
                 }
             }

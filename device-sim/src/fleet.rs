@@ -3,10 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
+use telemetry_proto::io::BatchedWrites;
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::device::{DeviceConfig, DeviceEnd, SimDevice};
 use crate::stats::{FleetStats, FleetSummary};
@@ -325,7 +328,6 @@ fn channel(url: &str, tls: Option<&TlsFiles>) -> Result<Channel, FleetError> {
             .map_err(|e| FleetError::Tls(e.to_string()))?;
     }
     Ok(endpoint
-        .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         // Acks are small DATA frames: h2 closes a connection whose unread
@@ -335,5 +337,25 @@ fn channel(url: &str, tls: Option<&TlsFiles>) -> Result<Channel, FleetError> {
         .initial_stream_window_size(64 << 10)
         .initial_connection_window_size(256 << 20)
         .keep_alive_while_idle(true)
-        .connect_lazy())
+        .connect_with_connector_lazy(tower::service_fn(connect)))
+}
+
+/// A connection to the hub (TLS, when asked, goes over it): the flushes of
+/// the devices sharing it wait a scheduler round, so what many of them send
+/// at once leaves in one write ([`BatchedWrites`]).
+async fn connect(uri: Uri) -> std::io::Result<TokioIo<BatchedWrites<TcpStream>>> {
+    let host = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(TokioIo::new(BatchedWrites::new(stream)))
 }
