@@ -343,7 +343,7 @@ fn channel(url: &str, tls: Option<&TlsFiles>) -> Result<Channel, FleetError> {
 /// A connection to the hub (TLS, when asked, goes over it): the flushes of
 /// the devices sharing it wait a scheduler round, so what many of them send
 /// at once leaves in one write ([`BatchedWrites`]).
-async fn connect(uri: Uri) -> std::io::Result<TokioIo<BatchedWrites<TcpStream>>> {
+async fn connect(uri: Uri) -> std::io::Result<TokioIo<BatchedWrites>> {
     let host = uri
         .host()
         .map(|h| h.trim_start_matches('[').trim_end_matches(']'))

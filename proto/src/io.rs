@@ -12,20 +12,30 @@
 //! commit woke); the next flush, one round later, writes everything
 //! buffered at once. An idle connection pays one extra poll per flush and
 //! no waiting: with nothing else queued, the yielded task runs at once.
+//!
+//! Bytes written but never flushed (a TLS alert that rustls writes just
+//! before a failed handshake drops the connection) are tried once, without
+//! waiting, when the connection is dropped.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Buffered bytes past which a write waits for the socket.
 const LIMIT: usize = 64 << 10;
 
-/// A connection whose flushes are deferred by one round (see the module).
+/// What a drained buffer keeps: a burst (a whole desired document) does
+/// not pin its size on every idle connection.
+const KEEP: usize = 4 << 10;
+
+/// A TCP connection whose flushes are deferred by one round (see the
+/// module).
 #[derive(Debug)]
-pub struct BatchedWrites<T> {
-    io: T,
+pub struct BatchedWrites {
+    io: TcpStream,
     buf: Vec<u8>,
     /// Bytes of `buf` already written to `io`.
     written: usize,
@@ -33,8 +43,8 @@ pub struct BatchedWrites<T> {
     deferred: bool,
 }
 
-impl<T> BatchedWrites<T> {
-    pub fn new(io: T) -> Self {
+impl BatchedWrites {
+    pub fn new(io: TcpStream) -> Self {
         Self {
             io,
             buf: Vec::new(),
@@ -44,16 +54,14 @@ impl<T> BatchedWrites<T> {
     }
 
     /// The connection this wraps.
-    pub fn get_ref(&self) -> &T {
+    pub fn get_ref(&self) -> &TcpStream {
         &self.io
     }
 
     fn pending(&self) -> usize {
         self.buf.len() - self.written
     }
-}
 
-impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
     /// Writes out everything buffered.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
@@ -65,9 +73,8 @@ impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
         }
         self.buf.clear();
         self.written = 0;
-        // A large burst does not keep its buffer.
-        if self.buf.capacity() > LIMIT {
-            self.buf.shrink_to(LIMIT);
+        if self.buf.capacity() > KEEP {
+            self.buf.shrink_to(KEEP);
         }
         Poll::Ready(Ok(()))
     }
@@ -81,7 +88,14 @@ impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for BatchedWrites<T> {
+impl Drop for BatchedWrites {
+    fn drop(&mut self) {
+        // Best effort, never waiting: the socket takes what it has room for.
+        let _ = self.io.try_write(&self.buf[self.written..]);
+    }
+}
+
+impl AsyncRead for BatchedWrites {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -91,7 +105,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BatchedWrites<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
+impl AsyncWrite for BatchedWrites {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -148,10 +162,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
     }
 }
 
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for BatchedWrites<T>
-{
-    type ConnectInfo = T::ConnectInfo;
+impl tonic::transport::server::Connected for BatchedWrites {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
@@ -161,13 +173,26 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     use super::*;
 
+    /// A connected loopback pair: (the batched end, the other end).
+    async fn pair() -> (BatchedWrites, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (BatchedWrites::new(client.unwrap()), accepted.unwrap().0)
+    }
+
     #[tokio::test]
     async fn bytes_arrive_whole_and_in_order_after_a_flush() {
-        let (client, mut server) = tokio::io::duplex(1 << 20);
-        let mut batched = BatchedWrites::new(client);
+        let (mut batched, mut other) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            other.read_to_end(&mut got).await.unwrap();
+            got
+        });
         let mut sent = Vec::new();
         for i in 0..5000u32 {
             let chunk = i.to_le_bytes().repeat((i % 7 + 1) as usize);
@@ -179,47 +204,52 @@ mod tests {
         }
         batched.flush().await.unwrap();
         batched.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, sent);
+        assert_eq!(reader.await.unwrap(), sent);
     }
 
     #[tokio::test]
     async fn nothing_is_written_before_a_flush_and_a_flush_waits_one_round() {
-        let (client, mut server) = tokio::io::duplex(1 << 20);
-        let mut batched = BatchedWrites::new(client);
+        let (mut batched, mut other) = pair().await;
         batched.write_all(b"first").await.unwrap();
         let mut probe = [0u8; 16];
-        let early = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            server.read(&mut probe),
-        )
-        .await;
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(50), other.read(&mut probe))
+                .await;
         assert!(early.is_err(), "bytes left before any flush");
         // The first poll of a flush yields; it completes when polled again.
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(Pin::new(&mut batched).poll_flush(&mut cx).is_pending());
         assert!(Pin::new(&mut batched).poll_flush(&mut cx).is_ready());
-        let n = server.read(&mut probe).await.unwrap();
+        let n = other.read(&mut probe).await.unwrap();
         assert_eq!(&probe[..n], b"first");
     }
 
     #[tokio::test]
+    async fn what_was_written_but_not_flushed_is_tried_when_dropped() {
+        let (mut batched, mut other) = pair().await;
+        batched.write_all(b"alert").await.unwrap();
+        drop(batched);
+        let mut got = Vec::new();
+        other.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"alert");
+    }
+
+    #[tokio::test]
     async fn a_slow_reader_holds_the_writer_at_the_limit() {
-        let (client, mut server) = tokio::io::duplex(1024);
-        let mut batched = BatchedWrites::new(client);
-        let total = 4 * LIMIT;
+        let (mut batched, mut other) = pair().await;
+        // Far more than the buffer and both sockets' buffers hold.
+        let total = 64 << 20;
         let writer = tokio::spawn(async move {
             batched.write_all(&vec![7u8; total]).await.unwrap();
             batched.flush().await.unwrap();
-            batched
+            batched.pending()
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!writer.is_finished(), "the writer buffered without bound");
         let mut got = vec![0u8; total];
-        server.read_exact(&mut got).await.unwrap();
+        other.read_exact(&mut got).await.unwrap();
         assert!(got.iter().all(|&b| b == 7));
-        writer.await.unwrap();
+        assert_eq!(writer.await.unwrap(), 0);
     }
 }

@@ -561,6 +561,11 @@ impl AckSlot {
         }
     }
 
+    /// The stream took an ack just now: what is left waits from now.
+    fn taken(s: &mut AckState) {
+        s.news_since = (s.unsent || s.reported.unsent).then(Instant::now);
+    }
+
     /// Called by the writer after the commit that holds a batch.
     pub(crate) fn complete(&self, acked_seq: u64, rejected: u32, duplicates: u32) {
         let mut s = self.lock();
@@ -610,9 +615,7 @@ impl AckSlot {
             error: std::mem::take(&mut r.error),
         };
         r.rejected = 0;
-        if !s.unsent {
-            s.news_since = None;
-        }
+        Self::taken(s);
         Some(ack)
     }
 
@@ -666,9 +669,7 @@ impl AckSlot {
         };
         s.rejected = 0;
         s.duplicates = 0;
-        if !s.reported.unsent {
-            s.news_since = None;
-        }
+        Self::taken(s);
         Some(ack)
     }
 
