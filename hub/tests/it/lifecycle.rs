@@ -306,17 +306,7 @@ async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
             ))
             .await;
     }
-    let mut seq = 0;
-    wait_until("the stuck stream dropped", async || {
-        // The bystander goes on meanwhile.
-        seq += 1;
-        bystander
-            .send(batch(vec![reading(seq, "t", now, 1.0)]))
-            .await;
-        bystander.ack_through(seq).await;
-        hub.hub().metrics().live_sessions() == 1
-    })
-    .await;
+    bystander_outlives_the_stuck(&hub, &mut bystander, 0, now).await;
     // What the hub took for it is bounded by its buffers: the rest of its
     // commands still wait in its own queue.
     let mut waiting = 0;
@@ -330,22 +320,9 @@ async fn a_device_that_reads_nothing_is_dropped_and_harms_no_one() {
         "only a handful left the queue: {waiting} waiting"
     );
     // When it reads again, it learns why.
-    let mut acked = 0;
-    let code = loop {
-        match stuck.next().await {
-            Ok(Some(HubMsg::Ack(a))) => acked = a.acked_seq,
-            Ok(Some(_)) => continue,
-            Ok(None) => break tonic::Code::Ok,
-            Err(status) => break status.code(),
-        }
-    };
-    assert_eq!(code, tonic::Code::DeadlineExceeded);
-    let stored = hub.readings("dev-stuck").await;
-    assert!(stored.len() as u64 >= acked, "everything acked is stored");
-    assert_eq!(
-        stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (1..=stored.len() as u64).collect::<Vec<_>>()
-    );
+    let (code, acked, _) = read_to_the_end(&mut stuck).await;
+    assert_eq!(code, Code::DeadlineExceeded);
+    assert_acked_is_stored(&hub, "dev-stuck", acked).await;
     drop(bystander);
     drop(stuck);
     hub.assert_no_leaks().await;
@@ -395,7 +372,31 @@ async fn a_device_that_never_reads_its_acks_is_dropped_after_the_send_timeout() 
         sent > 120,
         "the window filled before the test began: {sent} sent"
     );
-    let mut seq = 400;
+    bystander_outlives_the_stuck(&hub, &mut bystander, 400, now).await;
+    // When it reads again, it learns why.
+    let (code, acked, others) = read_to_the_end(&mut stuck).await;
+    assert_eq!(code, Code::DeadlineExceeded);
+    assert_eq!(others, 0, "only acks were due");
+    assert!(
+        (100..sent).contains(&acked),
+        "the acks before the window filled were read, not more: {acked} of {sent}"
+    );
+    assert_acked_is_stored(&hub, "dev-stuck", acked).await;
+    drop(bystander);
+    drop(stuck);
+    hub.assert_no_leaks().await;
+}
+
+/// The bystander keeps sending, each batch acked after seq `after`, until
+/// it is the only live session: the stuck stream was dropped, and no one
+/// else waited for it.
+async fn bystander_outlives_the_stuck(
+    hub: &TestHub,
+    bystander: &mut RawDevice,
+    after: u64,
+    now: i64,
+) {
+    let mut seq = after;
     wait_until("the stuck stream dropped", async || {
         seq += 1;
         bystander
@@ -405,30 +406,30 @@ async fn a_device_that_never_reads_its_acks_is_dropped_after_the_send_timeout() 
         hub.hub().metrics().live_sessions() == 1
     })
     .await;
-    // When it reads again, it learns why.
-    let mut acked = 0;
-    let code = loop {
+}
+
+/// Reads what a dropped stream still holds: how it ended, the last seq it
+/// was acked, and how many messages other than Acks came.
+async fn read_to_the_end(stuck: &mut RawDevice) -> (Code, u64, usize) {
+    let (mut acked, mut others) = (0, 0);
+    loop {
         match stuck.next().await {
             Ok(Some(HubMsg::Ack(a))) => acked = a.acked_seq,
-            Ok(Some(other)) => panic!("only acks were due, got {other:?}"),
-            Ok(None) => break Code::Ok,
-            Err(status) => break status.code(),
+            Ok(Some(_)) => others += 1,
+            Ok(None) => return (Code::Ok, acked, others),
+            Err(status) => return (status.code(), acked, others),
         }
-    };
-    assert_eq!(code, Code::DeadlineExceeded);
-    assert!(
-        (100..sent).contains(&acked),
-        "the acks before the window filled were read, not more: {acked} of {sent}"
-    );
-    let stored = hub.readings("dev-stuck").await;
+    }
+}
+
+/// Everything the device was acked is stored, seqs 1..=n without a gap.
+async fn assert_acked_is_stored(hub: &TestHub, device: &str, acked: u64) {
+    let stored = hub.readings(device).await;
     assert!(stored.len() as u64 >= acked, "everything acked is stored");
     assert_eq!(
         stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
         (1..=stored.len() as u64).collect::<Vec<_>>()
     );
-    drop(bystander);
-    drop(stuck);
-    hub.assert_no_leaks().await;
 }
 
 /// `device-sim --hub A,B`: the devices that start at a hub that is not
