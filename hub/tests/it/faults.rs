@@ -5,7 +5,7 @@
 //! one). Each ends with the same checks: nothing acked lost or stored twice,
 //! SQLite's integrity check ok, ingest back on its own, no task left over.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -67,6 +67,17 @@ async fn ride_out_failure(hub: &TestHub, fleet: &SimFleet, recover: impl AsyncFn
     .await;
 }
 
+/// A stopped hub whose database holds the ballast device's readings, all
+/// staged (nothing compacted: ~30 bytes a reading), and the database's path.
+async fn stopped_hub_with_staged_ballast() -> (TestHub, PathBuf) {
+    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
+    store_ballast(&hub, |s| s as f64).await;
+    hub.stop().await;
+    let db = hub.db_path();
+    restage_ballast(&db).await;
+    (hub, db)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers() {
     if sqlite_only("storage.max_size_mib, a page limit") {
@@ -76,11 +87,7 @@ async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers
     // to make room. Nothing is compacted: staged readings take ~30 bytes
     // each (blocks a few), so the ballast frees room and the limit is met
     // soon.
-    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
-    store_ballast(&hub, |s| s as f64).await;
-    hub.stop().await;
-    let db = hub.db_path();
-    restage_ballast(&db).await;
+    let (mut hub, db) = stopped_hub_with_staged_ballast().await;
 
     // The limit: what the file holds now plus one MiB.
     let mut conn = connect(&db).await;
@@ -133,11 +140,7 @@ async fn sqlite_retention_alone_makes_room_at_the_size_limit() {
         return;
     }
     // Ballast an hour old, staged (~30 B a reading): what retention frees.
-    let mut hub = spawn_hub_with(|s| s.storage.compact_rows = 1_000_000).await;
-    store_ballast(&hub, |s| s as f64).await;
-    hub.stop().await;
-    let db = hub.db_path();
-    restage_ballast(&db).await;
+    let (mut hub, db) = stopped_hub_with_staged_ballast().await;
 
     let mut conn = connect(&db).await;
     for sql in [
