@@ -21,7 +21,9 @@
 //! - [`auth`]: device credentials and operator roles, decided once here.
 //! - [`devices`]: enrollment, token rotation and removal of devices.
 //! - [`grpc`]: tonic services; the only protobuf <-> domain conversion.
-//!   [`grpc::session`] runs one device stream (reader loop + ack task).
+//!   [`grpc::session`] runs one device stream (reader loop + ack task for
+//!   commands, desired state and the closing status; the response stream
+//!   takes the acks from the commit itself).
 //! - [`registry`]: one live stream per device; a newer one takes over.
 //! - [`lines`]: line-protocol writes (the HTTP door for producers without
 //!   a stream): lines to readings, then admitted, queued and answered
