@@ -596,12 +596,6 @@ impl AckSlot {
         self.told(s, false);
     }
 
-    /// The ReportedAck to send now, if a patch was committed since the
-    /// last one.
-    pub fn take_reported(&self) -> Option<PendingReported> {
-        Self::reported_of(&mut self.lock())
-    }
-
     fn reported_of(s: &mut AckState) -> Option<PendingReported> {
         let r = &mut s.reported;
         if !r.unsent {
