@@ -17,9 +17,9 @@ cd "$(dirname "$0")/.."
 . scripts/target-dir.sh
 if [ "${SMOKE:-0}" = 1 ]; then
   BIN=$TARGET/debug
-  DEVICES=20; RATE=50; DURATION=3s; RULES=8; LAT_DEVICES=5; LAT_S=3; IDLE_DEVICES=500; IDLE_S=3
+  DEVICES=20; RATE=50; DURATION=3s; RULES=8; LAT_DEVICES=5; LAT_S=3; IDLE_DEVICES=500; IDLE_S=1
   RULESETS=${RULESETS:-flapping}  # one rule set is enough to keep the script working
-  cargo build -q -p hub -p device-sim
+  smoke_build
 else
   BIN=$TARGET/release
   DEVICES=${DEVICES:-1000}; RATE=${RATE:-1000}; DURATION=${DURATION:-30s}; RULES=${RULES:-100}

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 if [ "${SMOKE:-0}" = 1 ]; then
   BIN=$TARGET/debug; profile=(--profile dev)
   LOAD_DEVICES=20; LOAD_RATE=10; ROUNDS=20; REPORT_DEVICES=50; REPORT_S=3; INTERVAL_MS=500; FILTER_DEVICES=300
-  cargo build -q -p hub -p device-sim
+  smoke_build
 else
   BIN=$TARGET/release; profile=()
   LOAD_DEVICES=${LOAD_DEVICES:-1000}; LOAD_RATE=${LOAD_RATE:-100}; ROUNDS=${ROUNDS:-300}
