@@ -19,29 +19,30 @@ const ALARM_COLS: &str = "id, rule_id, rule_version, rule_name, severity, device
      sensor, state, value, last_value, started_ms, raised_ms, changed_ms, count, acked_ms, \
      acked_by, ack_note, cleared_ms, cleared_by, clear_note";
 
-#[derive(sqlx::FromRow)]
-struct AlarmRow {
-    id: i64,
-    rule_id: i64,
-    rule_version: i64,
-    rule_name: String,
-    severity: String,
-    device_id: i64,
-    device: String,
-    sensor: String,
-    state: String,
-    value: Option<f64>,
-    last_value: Option<f64>,
-    started_ms: i64,
-    raised_ms: i64,
-    changed_ms: i64,
-    count: i64,
-    acked_ms: Option<i64>,
-    acked_by: Option<String>,
-    ack_note: Option<String>,
-    cleared_ms: Option<i64>,
-    cleared_by: Option<String>,
-    clear_note: Option<String>,
+row_struct! {
+    struct AlarmRow {
+        id: i64,
+        rule_id: i64,
+        rule_version: i64,
+        rule_name: String,
+        severity: String,
+        device_id: i64,
+        device: String,
+        sensor: String,
+        state: String,
+        value: Option<f64>,
+        last_value: Option<f64>,
+        started_ms: i64,
+        raised_ms: i64,
+        changed_ms: i64,
+        count: i64,
+        acked_ms: Option<i64>,
+        acked_by: Option<String>,
+        ack_note: Option<String>,
+        cleared_ms: Option<i64>,
+        cleared_by: Option<String>,
+        clear_note: Option<String>,
+    }
 }
 
 impl AlarmRow {
@@ -100,31 +101,35 @@ pub struct AlarmFilter {
     pub limit: u32,
 }
 
-/// One row of a webhook's delivery log.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
-pub struct Delivery {
-    pub event_id: i64,
-    pub webhook: String,
-    pub attempts: i64,
-    pub next_ms: i64,
-    pub created_ms: i64,
-    pub delivered_ms: Option<i64>,
-    pub failed_ms: Option<i64>,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
+row_struct! {
+    /// One row of a webhook's delivery log.
+    #[derive(Debug, Clone, PartialEq, Serialize)]
+    pub struct Delivery {
+        pub event_id: i64,
+        pub webhook: String,
+        pub attempts: i64,
+        pub next_ms: i64,
+        pub created_ms: i64,
+        pub delivered_ms: Option<i64>,
+        pub failed_ms: Option<i64>,
+        pub last_status: Option<i64>,
+        pub last_error: Option<String>,
+    }
 }
 
-/// A delivery that is due, with its event.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DueDelivery {
-    pub event_id: i64,
-    pub webhook: String,
-    pub attempts: i64,
-    pub created_ms: i64,
-    pub kind: String,
-    pub at_ms: i64,
-    /// The alarm's JSON as of the event.
-    pub body: String,
+row_struct! {
+    /// A delivery that is due, with its event.
+    #[derive(Debug, Clone)]
+    pub struct DueDelivery {
+        pub event_id: i64,
+        pub webhook: String,
+        pub attempts: i64,
+        pub created_ms: i64,
+        pub kind: String,
+        pub at_ms: i64,
+        /// The alarm's JSON as of the event.
+        pub body: String,
+    }
 }
 
 impl DueDelivery {

@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use sqlx::QueryBuilder;
 
 use super::db::{Connector, Pool, with_conn, with_pool};
+use super::migrations::Schema;
 use super::{StoreError, WriteConn, connect_options};
 use crate::config::{Backend, StorageSettings};
 use crate::domain::{CommandRecord, CommandState, CommandTransition};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/commands");
 
 /// `data/hub.db` -> `data/hub-commands.db`.
 pub fn commands_path(readings_path: &Path) -> PathBuf {
@@ -46,9 +45,9 @@ pub async fn open(settings: &StorageSettings) -> Result<(CommandStore, CommandWr
     };
     let mut conn = WriteConn::open(options.clone()).await?;
     match conn.conn() {
-        super::db::Conn::Sqlite(c) => MIGRATOR.run(c).await?,
+        super::db::Conn::Sqlite(c) => Schema::Commands.migrator().await?.run(c).await?,
         // The commands' tables are part of the one schema (store::open).
-        super::db::Conn::Postgres(c) => super::PG_MIGRATOR.run(c).await?,
+        super::db::Conn::Postgres(c) => Schema::Postgres.migrator().await?.run(c).await?,
     }
     let read = options.pool(2).await?;
     Ok((CommandStore { read }, CommandWriter { conn }))
@@ -67,20 +66,21 @@ pub struct CommandFilter {
 const COMMAND_COLUMNS: &str = "command_id, device_id, name, params, state, detail, result, \
      attempts, created_at_ms, updated_at_ms, expires_at_ms";
 
-/// A row of [`COMMAND_COLUMNS`], decoded the same way from either backend.
-#[derive(sqlx::FromRow)]
-struct CommandRow {
-    command_id: String,
-    device_id: String,
-    name: String,
-    params: String,
-    state: String,
-    detail: String,
-    result: String,
-    attempts: i64,
-    created_at_ms: i64,
-    updated_at_ms: i64,
-    expires_at_ms: i64,
+row_struct! {
+    /// A row of [`COMMAND_COLUMNS`], decoded the same way from either backend.
+    struct CommandRow {
+        command_id: String,
+        device_id: String,
+        name: String,
+        params: String,
+        state: String,
+        detail: String,
+        result: String,
+        attempts: i64,
+        created_at_ms: i64,
+        updated_at_ms: i64,
+        expires_at_ms: i64,
+    }
 }
 
 impl CommandRow {

@@ -25,17 +25,19 @@ pub struct Job {
     pub spec: JobSpec,
 }
 
-/// One device of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
-pub struct JobDevice {
-    pub device: String,
-    pub position: i64,
-    pub state: String,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    pub command_id: Option<String>,
-    pub desired_version: Option<i64>,
-    pub detail: Option<String>,
+row_struct! {
+    /// One device of a job.
+    #[derive(Debug, Clone, PartialEq, Serialize)]
+    pub struct JobDevice {
+        pub device: String,
+        pub position: i64,
+        pub state: String,
+        pub started_ms: Option<i64>,
+        pub finished_ms: Option<i64>,
+        pub command_id: Option<String>,
+        pub desired_version: Option<i64>,
+        pub detail: Option<String>,
+    }
 }
 
 type JobRow = (

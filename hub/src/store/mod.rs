@@ -6,6 +6,33 @@
 //! writer task) and a small pool of reader connections ([`Store`]) for
 //! queries. On SQLite, WAL mode lets readers run beside the writer.
 
+/// A struct read from a query's row by column name, on either backend:
+/// what `#[derive(sqlx::FromRow)]` gives, without sqlx's proc macros
+/// (see [`migrations`] for why).
+macro_rules! row_struct {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $($(#[$field_meta:meta])* $field_vis:vis $field:ident : $ty:ty),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $($(#[$field_meta])* $field_vis $field: $ty),*
+        }
+
+        impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for $name
+        where
+            &'static str: sqlx::ColumnIndex<R>,
+            $($ty: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>),*
+        {
+            fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+                Ok(Self { $($field: row.try_get(stringify!($field))?),* })
+            }
+        }
+    };
+}
+
 pub mod alarms;
 pub mod backup;
 pub mod blocks;
@@ -14,6 +41,7 @@ pub mod commands;
 pub mod credentials;
 mod db;
 pub mod jobs;
+pub mod migrations;
 mod partitions;
 mod pg_copy;
 pub mod rollups;
@@ -34,6 +62,7 @@ use sqlx::sqlite::{
 };
 
 use self::db::{Connector, Pool, with_pool};
+use self::migrations::Schema;
 use crate::config::{Backend, StorageSettings, Synchronous};
 use crate::domain::{DeviceKey, DeviceRecord, SensorKey};
 
@@ -42,10 +71,6 @@ pub use write::{
     RowToInsert, STAGING_PARTS, StoreWriter, WriteTx, log_slice, staging_part,
 };
 pub(crate) use write_conn::WriteConn;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-/// PostgreSQL's schema: readings and the command log in one database.
-static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -175,8 +200,8 @@ pub async fn open_sidecar(settings: &StorageSettings) -> Result<Option<StoreWrit
 /// so hubs starting together do not race.
 async fn migrate(conn: &mut db::Conn) -> Result<(), StoreError> {
     match conn {
-        db::Conn::Sqlite(c) => MIGRATOR.run(c).await?,
-        db::Conn::Postgres(c) => PG_MIGRATOR.run(c).await?,
+        db::Conn::Sqlite(c) => Schema::Sqlite.migrator().await?.run(c).await?,
+        db::Conn::Postgres(c) => Schema::Postgres.migrator().await?.run(c).await?,
     }
     Ok(())
 }
@@ -744,21 +769,22 @@ fn lease_cutoff() -> i64 {
     crate::domain::now_ms().saturating_sub(crate::domain::HUB_LEASE.as_millis() as i64)
 }
 
-/// A row of [`device_select`], decoded the same way from either backend.
-#[derive(sqlx::FromRow)]
-struct DeviceRow {
-    id: i64,
-    external_id: String,
-    firmware: String,
-    tags: String,
-    first_seen_ms: i64,
-    last_seen_ms: i64,
-    acked_seq: i64,
-    reading_count: i64,
-    online_since_ms: Option<i64>,
-    in_sync: i64,
-    desired_version: i64,
-    reported_version: i64,
+row_struct! {
+    /// A row of [`device_select`], decoded the same way from either backend.
+    struct DeviceRow {
+        id: i64,
+        external_id: String,
+        firmware: String,
+        tags: String,
+        first_seen_ms: i64,
+        last_seen_ms: i64,
+        acked_seq: i64,
+        reading_count: i64,
+        online_since_ms: Option<i64>,
+        in_sync: i64,
+        desired_version: i64,
+        reported_version: i64,
+    }
 }
 
 impl DeviceRow {

@@ -66,21 +66,22 @@ pub(super) fn blocks_sql(part: i64, devices: usize) -> String {
     )
 }
 
-/// A row of [`staged_buckets_sql`].
-#[derive(sqlx::FromRow)]
-struct StagedBucketRow {
-    device_id: i64,
-    b: i64,
-    n: i64,
-    total: f64,
-    lo: f64,
-    hi: f64,
-    first_ts: i64,
-    first_seq: i64,
-    first_value: f64,
-    last_ts: i64,
-    last_seq: i64,
-    last_value: f64,
+row_struct! {
+    /// A row of [`staged_buckets_sql`].
+    struct StagedBucketRow {
+        device_id: i64,
+        b: i64,
+        n: i64,
+        total: f64,
+        lo: f64,
+        hi: f64,
+        first_ts: i64,
+        first_seq: i64,
+        first_value: f64,
+        last_ts: i64,
+        last_seq: i64,
+        last_value: f64,
+    }
 }
 
 impl StagedBucketRow {

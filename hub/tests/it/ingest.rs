@@ -445,6 +445,23 @@ async fn add_legacy_readings(
     assert_eq!(gone, None, "the old table is converted and dropped");
 }
 
+/// Some of the hub's migrations, as a source sqlx's migrator takes.
+#[derive(Debug)]
+struct OlderSchema(Vec<sqlx::migrate::Migration>);
+
+impl sqlx::migrate::MigrationSource<'static> for OlderSchema {
+    fn resolve(
+        self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>>
+                + Send,
+        >,
+    > {
+        Box::pin(std::future::ready(Ok(self.0)))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_readings_staged_by_an_older_hub_move_into_the_staging_parts() {
     use sqlx::ConnectOptions;
@@ -460,15 +477,17 @@ async fn sqlite_readings_staged_by_an_older_hub_move_into_the_staging_parts() {
         .await
         .unwrap();
     // The schema as it was before staging was split.
-    let mut older = sqlx::migrate!("../migrations");
-    older.migrations = older
-        .migrations
-        .iter()
+    let older: Vec<_> = hub::store::migrations::Schema::Sqlite
+        .migrations()
+        .into_iter()
         .filter(|m| m.version < 20261126000006)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    older.run(&mut conn).await.unwrap();
+        .collect();
+    sqlx::migrate::Migrator::new(OlderSchema(older))
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
     let base = 1_767_225_600_000i64;
     let value = |d: i64, s: i64| (d * 1000 + s) as f64 / 10.0;
     sqlx::query("INSERT INTO sensors (id, name) VALUES (1, 't')")

@@ -1,0 +1,55 @@
+//! Embeds the schemas' migrations (`migrations/`, `migrations/postgres/`,
+//! `migrations/commands/`) as `store::migrations` reads them: a table per
+//! schema of (version, description, file name, text), sorted by version.
+//! A file named other than `<version>_<description>.sql` fails the build.
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let mut out = String::new();
+    for (table, dir) in [
+        ("SQLITE", ""),
+        ("POSTGRES", "postgres"),
+        ("COMMANDS", "commands"),
+    ] {
+        let dir = root.join(dir);
+        // A directory: cargo reruns this when any file under it changes.
+        println!("cargo:rerun-if-changed={}", dir.display());
+        let mut files: Vec<(i64, String, PathBuf)> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+            .map(|entry| entry.expect("a readable directory entry").path())
+            .filter(|path| path.is_file())
+            .map(|path| {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let (version, _) = name
+                    .split_once('_')
+                    .filter(|(_, rest)| rest.ends_with(".sql"))
+                    .unwrap_or_else(|| panic!("{name}: not <version>_<description>.sql"));
+                let version = version
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: the version is not an integer"));
+                (version, name.to_owned(), path)
+            })
+            .collect();
+        files.sort();
+        writeln!(out, "pub(super) const {table}: &[(i64, &str, &str)] = &[").unwrap();
+        for (version, name, path) in files {
+            let path = path.canonicalize().expect("a migration's path");
+            writeln!(
+                out,
+                "    ({version}, {name:?}, include_str!({:?})),",
+                path.display().to_string()
+            )
+            .unwrap();
+        }
+        writeln!(out, "];").unwrap();
+    }
+    let dest =
+        Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("migrations.rs");
+    std::fs::write(dest, out).expect("writing the migrations' table");
+}
