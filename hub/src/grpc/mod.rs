@@ -258,4 +258,37 @@ mod tests {
             "queued messages and acks are dropped"
         );
     }
+
+    /// OK is said, not implied: a stream whose session vanished (a panic
+    /// drops its sender) ends INTERNAL after the acks due; one whose
+    /// session said OK ends OK after them.
+    #[tokio::test]
+    async fn a_stream_whose_session_vanishes_ends_internal_not_ok() {
+        for said_ok in [true, false] {
+            let (tx, rx) = mpsc::channel(4);
+            let (_abort, aborted) = oneshot::channel();
+            let slot = AckSlot::for_stream();
+            let mut stream = session::DeviceStream::new(rx, aborted, Arc::clone(&slot));
+            tx.send(Ok(Box::default())).await.unwrap();
+            slot.complete(7, 0, 0);
+            if said_ok {
+                tx.send(session::closed_ok()).await.unwrap();
+            }
+            drop(tx);
+            assert!(stream.next().await.unwrap().is_ok(), "the queued message");
+            let ack = stream.next().await.unwrap().unwrap();
+            assert!(
+                matches!(ack.msg, Some(pb::hub_message::Msg::Ack(ref a)) if a.acked_seq == 7),
+                "the ack due, before the end: {ack:?}"
+            );
+            match stream.next().await {
+                None if said_ok => {}
+                Some(Err(status)) if !said_ok => {
+                    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+                }
+                other => panic!("said OK: {said_ok}; ended {other:?}"),
+            }
+            assert!(stream.next().await.is_none());
+        }
+    }
 }

@@ -141,7 +141,11 @@ pub async fn run(
         Ok(Some((hello, token))) => admit(&ctx, &hello, &token, &peer)
             .await
             .map(|proof| (hello, proof)),
-        Ok(None) => return,
+        // The device ended its send side before a Hello.
+        Ok(None) => {
+            let _ = outlet.tx.send(closed_ok()).await;
+            return;
+        }
         Err(status) => Err(status),
     };
     let (hello, proof) = match checked {
@@ -893,18 +897,40 @@ async fn ack_task(
     } else {
         finish.status
     };
-    // The stream sends the acks due before this status (or before OK, when
-    // the channel closes as this task ends).
-    if let Some(status) = status {
-        // A short grace of its own: the status matters more than the last
-        // ack. If the device does not take it, the stream ends anyway.
-        let sent = tokio::time::timeout(timeouts.drain, outbound.send(Err(status.clone()))).await;
-        if sent.is_err()
-            && let Some(abort) = abort.take()
-        {
-            let _ = abort.send(status);
+    // The stream sends the acks due before this status, or before OK.
+    match status {
+        Some(status) => {
+            // A short grace of its own: the status matters more than the
+            // last ack. If the device does not take it, the stream ends
+            // anyway.
+            let sent =
+                tokio::time::timeout(timeouts.drain, outbound.send(Err(status.clone()))).await;
+            if sent.is_err()
+                && let Some(abort) = abort.take()
+            {
+                let _ = abort.send(status);
+            }
+        }
+        None => {
+            let _ = tokio::time::timeout(timeouts.drain, outbound.send(closed_ok())).await;
         }
     }
+}
+
+/// How a session says its stream ends with OK. Said, not implied by the
+/// channel closing: a channel that closes without it lost its session to
+/// a panic (the reader's, or this task's), and the device is told
+/// INTERNAL, not OK (see [`DeviceStream`]).
+pub(super) fn closed_ok() -> Result<Box<pb::HubMessage>, Status> {
+    Err(Status::ok(""))
+}
+
+/// What a device is told when its session vanished without ending its
+/// stream (a panic: a bug).
+fn vanished() -> Status {
+    Status::internal(
+        "the hub's session of this stream failed; reconnect and resend unacknowledged readings",
+    )
 }
 
 /// The hub's side of one device stream, as tonic sends it: the Acks the
@@ -912,9 +938,9 @@ async fn ack_task(
 /// completion wakes this stream), and what the session's task queued
 /// (Welcome, desired state, commands, the closing status). Queued messages
 /// go first, so the Welcome precedes every Ack; the closing status or OK
-/// waits until the Acks due are out. An abort ends the stream at once with
-/// its status and drops the rest (a device that reads nothing cannot pin
-/// it).
+/// (said explicitly: see [`closed_ok`]) waits until the Acks due are out.
+/// An abort ends the stream at once with its status and drops the rest (a
+/// device that reads nothing cannot pin it).
 pub struct DeviceStream {
     queued: super::HubStream,
     slot: Arc<AckSlot>,
@@ -957,8 +983,11 @@ impl futures_util::Stream for DeviceStream {
                     self.done = true;
                     return Poll::Ready(Some(Err(status)));
                 }
+                Poll::Ready(Some(Err(status))) if status.code() == tonic::Code::Ok => {
+                    self.last = Some(None);
+                }
                 Poll::Ready(Some(Err(status))) => self.last = Some(Some(status)),
-                Poll::Ready(None) => self.last = Some(None),
+                Poll::Ready(None) => self.last = Some(Some(vanished())),
                 Poll::Pending => {}
             }
         }
