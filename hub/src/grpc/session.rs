@@ -429,48 +429,30 @@ impl Reader<'_> {
         // token under its lock: the hub's shutdown is followed through a
         // child token of this stream's own, so 10k streams do not take
         // turns at one lock 50k times a second.
-        //
-        // A message that is already here is read before they are polled
-        // (each poll of each token takes its lock and checks its waiter:
-        // six locks a message, for every message of 10k streams). They
-        // are polled whenever the stream waits, and checked at least every
-        // STOP_CHECK messages, so a device that never pauses is stopped
-        // all the same.
         let (ctx, ended) = (self.ctx, self.ended);
         let stopping = ctx.shutdown.child_token();
         let shutdown = stopping.cancelled();
         let superseded = claim.superseded.cancelled();
         let ending = ended.cancelled();
         tokio::pin!(shutdown, superseded, ending);
-        let mut unchecked = 0u32;
         loop {
-            if unchecked >= STOP_CHECK {
-                unchecked = 0;
-                if let Some(finish) = self.stopped(&stopping, claim) {
-                    return finish;
-                }
-            }
             let paused = self.paused_until;
             let next = tokio::select! {
                 biased;
-                next = inbound.message(), if paused.is_none() => Some(next),
-                _ = &mut shutdown => None,
-                _ = &mut superseded => None,
-                _ = &mut ending => None,
+                _ = &mut shutdown => {
+                    return self.finish(true, Some(Status::unavailable("the hub is shutting down")));
+                }
+                _ = &mut superseded => {
+                    return self.finish(true, Some(end_status(claim.end_reason())));
+                }
+                _ = &mut ending => return self.finish(false, None),
                 // A timer only while paused.
                 _ = pause_end(paused), if paused.is_some() => {
                     self.paused_until = None;
                     continue;
                 }
+                next = inbound.message(), if paused.is_none() => next,
             };
-            let Some(next) = next else {
-                // A token fired: it stays cancelled, so this says how.
-                match self.stopped(&stopping, claim) {
-                    Some(finish) => return finish,
-                    None => continue,
-                }
-            };
-            unchecked += 1;
             let message = match next {
                 Ok(Some(message)) => message,
                 // The device ended its send side: the clean close.
@@ -670,22 +652,6 @@ impl Reader<'_> {
             .await
     }
 
-    /// Whether the stream was told to stop, and how it finishes: the hub's
-    /// shutdown first, then a newer stream of the device, then its own end
-    /// (the ack task's: a stalled device, a failure).
-    fn stopped(&self, stopping: &CancellationToken, claim: &StreamClaim) -> Option<Finish> {
-        if stopping.is_cancelled() {
-            let status = Status::unavailable("the hub is shutting down");
-            Some(self.finish(true, Some(status)))
-        } else if claim.superseded.is_cancelled() {
-            Some(self.finish(true, Some(end_status(claim.end_reason()))))
-        } else if self.ended.is_cancelled() {
-            Some(self.finish(false, None))
-        } else {
-            None
-        }
-    }
-
     fn finish(&self, flush: bool, status: Option<Status>) -> Finish {
         Finish {
             batches_pushed: self.batches_pushed,
@@ -701,10 +667,6 @@ async fn pause_end(until: Option<Instant>) {
         tokio::time::sleep_until(until).await;
     }
 }
-
-/// A stream's reader reads at most this many messages in a row without
-/// checking whether it was told to stop (see `Reader::read`).
-const STOP_CHECK: u32 = 32;
 
 /// How a stream that was told to end ends, by why.
 fn end_status(reason: EndReason) -> Status {
