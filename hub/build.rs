@@ -1,7 +1,8 @@
 //! Embeds the schemas' migrations (`migrations/`, `migrations/postgres/`,
 //! `migrations/commands/`) as `store::migrations` reads them: a table per
-//! schema of (version, description, file name, text), sorted by version.
-//! A file named other than `<version>_<description>.sql` fails the build.
+//! schema of (version, file name, text), sorted by version. Files not
+//! named `<version>_<description>.sql` are skipped, as sqlx skips them; a
+//! version that is not an integer fails the build.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -21,19 +22,18 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
             .map(|entry| entry.expect("a readable directory entry").path())
             .filter(|path| path.is_file())
-            .map(|path| {
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default();
-                let (version, _) = name
-                    .split_once('_')
-                    .filter(|(_, rest)| rest.ends_with(".sql"))
-                    .unwrap_or_else(|| panic!("{name}: not <version>_<description>.sql"));
+            .filter_map(|path| {
+                // As sqlx's reader: other files (an editor's swap file, a
+                // README) are not migrations.
+                let name = path.file_name()?.to_str()?.to_owned();
+                let (version, rest) = name.split_once('_')?;
+                if !rest.ends_with(".sql") {
+                    return None;
+                }
                 let version = version
                     .parse()
                     .unwrap_or_else(|_| panic!("{name}: the version is not an integer"));
-                (version, name.to_owned(), path)
+                Some((version, name, path))
             })
             .collect();
         files.sort();

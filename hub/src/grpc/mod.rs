@@ -272,7 +272,7 @@ mod tests {
             tx.send(Ok(Box::default())).await.unwrap();
             slot.complete(7, 0, 0);
             if said_ok {
-                tx.send(session::closed_ok()).await.unwrap();
+                slot.say_ok();
             }
             drop(tx);
             assert!(stream.next().await.unwrap().is_ok(), "the queued message");

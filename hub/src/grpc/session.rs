@@ -143,7 +143,7 @@ pub async fn run(
             .map(|proof| (hello, proof)),
         // The device ended its send side before a Hello.
         Ok(None) => {
-            let _ = outlet.tx.send(closed_ok()).await;
+            outlet.slot.say_ok();
             return;
         }
         Err(status) => Err(status),
@@ -911,18 +911,9 @@ async fn ack_task(
                 let _ = abort.send(status);
             }
         }
-        None => {
-            let _ = tokio::time::timeout(timeouts.drain, outbound.send(closed_ok())).await;
-        }
+        // OK as the channel closes, after what is queued and due.
+        None => slot.say_ok(),
     }
-}
-
-/// How a session says its stream ends with OK. Said, not implied by the
-/// channel closing: a channel that closes without it lost its session to
-/// a panic (the reader's, or this task's), and the device is told
-/// INTERNAL, not OK (see [`DeviceStream`]).
-pub(super) fn closed_ok() -> Result<Box<pb::HubMessage>, Status> {
-    Err(Status::ok(""))
 }
 
 /// What a device is told when its session vanished without ending its
@@ -938,9 +929,9 @@ fn vanished() -> Status {
 /// completion wakes this stream), and what the session's task queued
 /// (Welcome, desired state, commands, the closing status). Queued messages
 /// go first, so the Welcome precedes every Ack; the closing status or OK
-/// (said explicitly: see [`closed_ok`]) waits until the Acks due are out.
-/// An abort ends the stream at once with its status and drops the rest (a
-/// device that reads nothing cannot pin it).
+/// (said explicitly: see [`AckSlot::say_ok`]) waits until the Acks due are
+/// out. An abort ends the stream at once with its status and drops the
+/// rest (a device that reads nothing cannot pin it).
 pub struct DeviceStream {
     queued: super::HubStream,
     slot: Arc<AckSlot>,
@@ -983,11 +974,8 @@ impl futures_util::Stream for DeviceStream {
                     self.done = true;
                     return Poll::Ready(Some(Err(status)));
                 }
-                Poll::Ready(Some(Err(status))) if status.code() == tonic::Code::Ok => {
-                    self.last = Some(None);
-                }
                 Poll::Ready(Some(Err(status))) => self.last = Some(Some(status)),
-                Poll::Ready(None) => self.last = Some(Some(vanished())),
+                Poll::Ready(None) => self.last = Some((!self.slot.said_ok()).then(vanished)),
                 Poll::Pending => {}
             }
         }

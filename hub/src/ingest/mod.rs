@@ -490,6 +490,8 @@ struct AckState {
     stream: Option<Waker>,
     /// Completions are told through `changed` too.
     watched: bool,
+    /// The session ends its stream with OK (see [`AckSlot::say_ok`]).
+    said_ok: bool,
 }
 
 /// Where the writer leaves the outcome of a session's committed batches.
@@ -694,6 +696,19 @@ impl AckSlot {
     /// too (a closing session waits for its last batches).
     pub fn watch(&self) {
         self.lock().watched = true;
+    }
+
+    /// The session ends its device's stream with OK, once the acks due are
+    /// out. Said, not implied by its channel closing: a stream whose
+    /// channel closes without it lost its session to a panic, and ends
+    /// INTERNAL (`grpc::session::DeviceStream`).
+    pub fn say_ok(&self) {
+        self.lock().said_ok = true;
+    }
+
+    /// Whether [`AckSlot::say_ok`] was said.
+    pub fn said_ok(&self) -> bool {
+        self.lock().said_ok
     }
 
     /// Batches of this session that the writer has finished (committed).
