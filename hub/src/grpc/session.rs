@@ -836,9 +836,12 @@ async fn ack_task(
                 break;
             }
             _ = tokio::time::sleep_until(stalled_at) => {
+                // On tokio's clock, as the timer: the slot's std instant
+                // is converted, never compared with std's own now (under
+                // a paused clock the two part, and this would spin).
                 if slot
                     .waiting_since()
-                    .is_some_and(|since| since.elapsed() >= timeouts.send)
+                    .is_some_and(|since| Instant::from_std(since) + timeouts.send <= Instant::now())
                 {
                     drop_stalled(abort.take(), &ended, timeouts.send);
                     return;
