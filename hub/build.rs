@@ -1,6 +1,7 @@
 //! Embeds the schemas' migrations (`migrations/`, `migrations/postgres/`,
 //! `migrations/commands/`) as `store::migrations` reads them: a table per
-//! schema of (version, file name, text), sorted by version. Files not
+//! schema of (version, the file name after `<version>_`, text), sorted by
+//! version. Files not
 //! named `<version>_<description>.sql` are skipped, as sqlx skips them; a
 //! version that is not an integer fails the build.
 
@@ -33,16 +34,17 @@ fn main() {
                 let version = version
                     .parse()
                     .unwrap_or_else(|_| panic!("{name}: the version is not an integer"));
-                Some((version, name, path))
+                Some((version, rest.to_owned(), path))
             })
             .collect();
         files.sort();
+        // Writes to a String cannot fail.
         writeln!(out, "pub(super) const {table}: &[(i64, &str, &str)] = &[").unwrap();
-        for (version, name, path) in files {
+        for (version, rest, path) in files {
             let path = path.canonicalize().expect("a migration's path");
             writeln!(
                 out,
-                "    ({version}, {name:?}, include_str!({:?})),",
+                "    ({version}, {rest:?}, include_str!({:?})),",
                 path.display().to_string()
             )
             .unwrap();

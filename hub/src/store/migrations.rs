@@ -37,8 +37,8 @@ impl Schema {
         };
         files
             .iter()
-            .map(|&(version, name, sql)| {
-                let (_, rest) = name.split_once('_').unwrap_or((name, name));
+            // `rest`: the file name after `<version>_` (build.rs checked it).
+            .map(|&(version, rest, sql)| {
                 let kind = MigrationType::from_filename(rest);
                 let description = rest.trim_end_matches(kind.suffix()).replace('_', " ");
                 let no_tx = sql.starts_with("-- no-transaction");
