@@ -178,7 +178,7 @@ pub struct Writer {
     /// When each series' `device_sensors.last_reading_ms` was last written
     /// (committed).
     sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
-    /// SQLite: rows in each slice of the progress logs, and when one was
+    /// SQLite: marks in each slice of the progress logs, and when one was
     /// last folded in (see [`Writer::fold_if_due`]).
     logged: [u64; LOG_SLICES as usize],
     last_fold: Instant,
@@ -189,13 +189,13 @@ pub struct Writer {
 const SENSOR_SEEN_EVERY: i64 = 2_000;
 /// SQLite: each slice of the progress logs is folded into its tables
 /// this often (one slice at a time, in turn), and sooner while the logs
-/// hold more than `FOLD_ROWS` rows. A fold writes each page of its
+/// hold more than `FOLD_MARKS` marks. A fold writes each page of its
 /// devices' rows once, however many commits the slice holds: at 100k
 /// devices ~20 ms and 2.5 MB a slice, where each commit updating its
 /// ~250 devices in place wrote 6 MB. Readers scan the logs (the views),
 /// so they stay small.
 const FOLD_EVERY: Duration = Duration::from_secs(5);
-const FOLD_ROWS: u64 = 100_000;
+const FOLD_MARKS: u64 = 100_000;
 /// How often a group PostgreSQL rolled back for a conflict with another
 /// hub (a deadlock, a serialization failure) is run again before it fails.
 const GROUP_CONFLICT_RETRIES: u32 = 3;
@@ -959,7 +959,7 @@ impl Writer {
     }
 
     /// SQLite: folds the fullest slice of the progress logs in, each
-    /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_ROWS`
+    /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_MARKS`
     /// rows (a fleet of fewer than 4096 devices is one slice, folded at
     /// that pace). A failed fold loses nothing (the logs stay, and the
     /// views still read them); it is tried again later.
@@ -967,7 +967,7 @@ impl Writer {
         let total: u64 = self.logged.iter().sum();
         if total == 0
             || self.fold_retry.waiting()
-            || (total < FOLD_ROWS && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
+            || (total < FOLD_MARKS && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
         {
             return;
         }

@@ -101,6 +101,8 @@ pub enum StoreError {
     StagingChanged { expected: u64, found: u64 },
     #[error("{found} of the {expected} blocks read to be replaced were still there")]
     BlocksChanged { expected: u64, found: u64 },
+    #[error("row {n} of the SQLite {log} cannot be read (not the marks the writer writes)")]
+    LogRow { log: &'static str, n: i64 },
     #[error("a stored block cannot be decoded: {0}")]
     Corrupt(#[from] codec::CodecError),
     #[error("{0} is not possible on PostgreSQL: {1}")]
@@ -687,7 +689,7 @@ impl Store {
 const TOTAL_READINGS: [&str; 2] = [
     "SELECT CAST(COALESCE(SUM(reading_count), 0) AS BIGINT) FROM devices",
     "SELECT max(0, (SELECT COALESCE(SUM(reading_count), 0) FROM devices) \
-     + (SELECT COALESCE(SUM(added), 0) FROM progress_log))",
+     + (SELECT COALESCE(SUM(m.value ->> 2), 0) FROM progress_log l, json_each(l.marks) m))",
 ];
 
 /// One series of [`Store::series_catalog`].
@@ -733,7 +735,7 @@ pub(crate) fn device_progress_of(backend: Backend, id: &str) -> String {
              COALESCE(p.reading_ms, d1.last_reading_ms) AS last_reading_ms \
              FROM devices d1 LEFT JOIN ({pending}) AS p \
              ON p.device_id = d1.id WHERE d1.id = {id})",
-            pending = write::progress_pending(&one_device(id))
+            pending = write::progress_pending(write::LogPick::Device(id))
         ),
     }
 }
@@ -749,14 +751,9 @@ pub(crate) fn sensor_progress_of(backend: Backend, id: &str) -> String {
              FROM device_sensors ds1 LEFT JOIN ({pending}) AS s \
              ON s.device_id = ds1.device_id AND s.sensor_id = ds1.sensor_id \
              WHERE ds1.device_id = {id})",
-            pending = write::sensor_seen_pending(&one_device(id))
+            pending = write::sensor_seen_pending(write::LogPick::Device(id))
         ),
     }
-}
-
-/// The log rows of the device `id` gives: a seek on its slice.
-fn one_device(id: &str) -> String {
-    format!("slice = {} AND device_id = {id}", slice_sql(id))
 }
 
 /// `log_slice` in SQL, of the device key `id` gives.

@@ -145,6 +145,10 @@ pub(super) enum Batched {
     DeviceSensors,
     /// When a device's sensors last stored a reading.
     SensorSeen,
+    /// SQLite: a fold's marks into `devices`...
+    FoldProgress,
+    /// ...and into `device_sensors`.
+    FoldSensorSeen,
     Blocks,
     /// A new job's devices.
     JobDevices,
@@ -171,10 +175,11 @@ impl Batched {
     pub(super) fn max(self) -> usize {
         match self {
             Batched::Insert(_) => INSERT_CHUNK,
-            Batched::Progress => PROGRESS_CHUNK,
+            Batched::Progress | Batched::FoldProgress => PROGRESS_CHUNK,
             Batched::Reclaim | Batched::Enter | Batched::TwinsOf | Batched::Twins => REGISTER_CHUNK,
             Batched::DeviceSensors
             | Batched::SensorSeen
+            | Batched::FoldSensorSeen
             | Batched::JobDevices
             | Batched::SeriesUpsert
             | Batched::SeriesDelete
@@ -200,9 +205,8 @@ impl Batched {
             // `WriteTx::fold_progress`); PostgreSQL's other hubs read them
             // in place.
             Batched::Progress if backend == Backend::Sqlite => (
-                "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) VALUES "
-                    .to_owned(),
-                6,
+                "INSERT INTO progress_log (slice, n, seen_ms, marks) VALUES ".to_owned(),
+                4,
                 "",
             ),
             Batched::Progress => (
@@ -310,12 +314,30 @@ impl Batched {
                 "",
             ),
             Batched::SensorSeen if backend == Backend::Sqlite => (
-                "INSERT INTO sensor_seen_log (slice, n, device_id, sensor_id, seen_ms) VALUES "
-                    .to_owned(),
-                5,
+                "INSERT INTO sensor_seen_log (slice, n, seen_ms, marks) VALUES ".to_owned(),
+                4,
                 "",
             ),
             Batched::SensorSeen => (
+                "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
+                3,
+                ") AS v WHERE device_sensors.device_id = v.column1 \
+                 AND device_sensors.sensor_id = v.column2",
+            ),
+            // Hellos move `last_seen_ms` in place, hence max(); a device
+            // with no reading in the fold's marks has 0 for its time.
+            Batched::FoldProgress => (
+                "UPDATE devices SET acked_seq = max(devices.acked_seq, v.column2), \
+                 reading_count = max(0, devices.reading_count + v.column3), \
+                 last_seen_ms = max(devices.last_seen_ms, v.column4), \
+                 last_reading_ms = CASE WHEN v.column5 > 0 THEN v.column5 \
+                 ELSE devices.last_reading_ms END \
+                 FROM (VALUES "
+                    .to_owned(),
+                5,
+                ") AS v WHERE devices.id = v.column1",
+            ),
+            Batched::FoldSensorSeen => (
                 "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
                 3,
                 ") AS v WHERE device_sensors.device_id = v.column1 \
@@ -350,7 +372,7 @@ pub struct WriteTx<'c> {
     pub(super) conn: &'c mut WriteConn,
     /// SQLite: the last number given to a progress log row...
     log_n: &'c mut i64,
-    /// ...and the rows this transaction appended, by slice.
+    /// ...and the marks this transaction appended, by slice.
     logged: [u64; LOG_SLICES as usize],
     sql: &'c mut HashMap<(Batched, usize), String>,
     pub(super) partitions: &'c mut std::collections::HashSet<i64>,
@@ -401,48 +423,86 @@ pub fn log_slice(device: DeviceKey) -> u8 {
     (device.0 >> 12).rem_euclid(i64::from(LOG_SLICES)) as u8
 }
 
-/// SQLite: what the rows of `progress_log` that `cond` picks add, per
-/// device (the view `progress_pending`, restricted: a fold's slice, or
-/// one device's rows within its slice). A mark only grows and a device's
-/// id is never reused, so max() and sum() fold them.
-pub(super) fn progress_pending(cond: &str) -> String {
+/// SQLite: which marks of the progress logs a statement reads.
+#[derive(Clone, Copy)]
+pub(crate) enum LogPick<'a> {
+    /// All of them (the views).
+    All,
+    /// A fold's slice.
+    Slice(u8),
+    /// The marks of the one device whose key the SQL expression gives: a
+    /// seek on its slice, then its rows alone, by their text (a device's
+    /// marks begin `[<device_id>,`; seqs and counts follow a comma).
+    Device(&'a str),
+}
+
+impl LogPick<'_> {
+    /// The condition on the log's rows (`slice`, `marks`).
+    fn rows(self) -> String {
+        match self {
+            LogPick::All => "true".to_owned(),
+            LogPick::Slice(slice) => format!("slice = {slice}"),
+            LogPick::Device(id) => format!(
+                "slice = {} AND instr(marks, '[' || ({id}) || ',') > 0",
+                super::slice_sql(id)
+            ),
+        }
+    }
+
+    /// The condition on a row's marks (`m`, one of `json_each`).
+    fn marks(self) -> String {
+        match self {
+            LogPick::Device(id) => format!("m.value ->> 0 = ({id})"),
+            LogPick::All | LogPick::Slice(_) => "true".to_owned(),
+        }
+    }
+}
+
+/// SQLite: what the marks of `progress_log` that `pick` picks add, per
+/// device (the view `progress_pending`, restricted). A mark only grows and
+/// a device's id is never reused, so max() and sum() fold them.
+pub(crate) fn progress_pending(pick: LogPick) -> String {
     format!(
-        "SELECT device_id, max(acked_seq) AS acked_seq, sum(added) AS added, \
-         max(seen_ms) AS seen_ms, max(CASE WHEN added > 0 THEN seen_ms END) AS reading_ms \
-         FROM progress_log WHERE {cond} GROUP BY device_id"
+        "SELECT m.value ->> 0 AS device_id, max(m.value ->> 1) AS acked_seq, \
+         sum(m.value ->> 2) AS added, max(l.seen_ms) AS seen_ms, \
+         max(CASE WHEN m.value ->> 2 > 0 THEN l.seen_ms END) AS reading_ms \
+         FROM progress_log l, json_each(l.marks) m WHERE {} AND {} GROUP BY 1",
+        pick.rows(),
+        pick.marks()
     )
 }
 
 /// SQLite: the same of `sensor_seen_log`, per series (the view
 /// `sensor_seen_pending`, restricted).
-pub(super) fn sensor_seen_pending(cond: &str) -> String {
+pub(crate) fn sensor_seen_pending(pick: LogPick) -> String {
     format!(
-        "SELECT device_id, sensor_id, max(seen_ms) AS seen_ms FROM sensor_seen_log \
-         WHERE {cond} GROUP BY device_id, sensor_id"
+        "SELECT m.value ->> 0 AS device_id, m.value ->> 1 AS sensor_id, \
+         max(l.seen_ms) AS seen_ms FROM sensor_seen_log l, json_each(l.marks) m \
+         WHERE {} AND {} GROUP BY 1, 2",
+        pick.rows(),
+        pick.marks()
     )
 }
 
-/// SQLite: the log rows `cond` picks into their tables, then deleted (see
-/// `WriteTx::fold_slice`). Hellos move `last_seen_ms` in place, hence max().
-fn fold_sql(cond: &str) -> [String; 4] {
-    [
-        format!(
-            "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
-             reading_count = max(0, devices.reading_count + p.added), \
-             last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
-             last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
-             FROM ({}) AS p WHERE devices.id = p.device_id",
-            progress_pending(cond)
-        ),
-        format!("DELETE FROM progress_log WHERE {cond}"),
-        format!(
-            "UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM ({}) AS s \
-             WHERE device_sensors.device_id = s.device_id \
-             AND device_sensors.sensor_id = s.sensor_id",
-            sensor_seen_pending(cond)
-        ),
-        format!("DELETE FROM sensor_seen_log WHERE {cond}"),
-    ]
+/// SQLite: the numbers of a log row's marks (`[[1,2,3],[4,5,6]]`), `N`
+/// to a mark, as `log_marks` wrote them.
+fn parse_marks<const N: usize>(text: &str) -> Option<Vec<[i64; N]>> {
+    let mut numbers = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<i64>().ok());
+    let mut marks = Vec::new();
+    loop {
+        let mut mark = [0; N];
+        for (i, slot) in mark.iter_mut().enumerate() {
+            match numbers.next() {
+                Some(number) => *slot = number?,
+                None if i == 0 => return Some(marks),
+                None => return None,
+            }
+        }
+        marks.push(mark);
+    }
 }
 
 impl StoreWriter {
@@ -490,7 +550,7 @@ impl StoreWriter {
 
     /// SQLite: folds the progress logs in (`slice`, or all of them), in a
     /// transaction of its own (see [`WriteTx::fold_progress`]); the log
-    /// rows folded.
+    /// rows folded (a row: one commit's marks of one slice).
     pub async fn fold_progress(&mut self, slice: Option<u8>) -> Result<u64, StoreError> {
         if self.backend() != Backend::Sqlite {
             return Ok(0);
@@ -1065,21 +1125,10 @@ impl WriteTx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         if !self.shared() {
-            let rows = self.numbered(pairs, |(device, _)| *device);
             return self
-                .execute_batched(
-                    Batched::SensorSeen,
-                    &rows,
-                    |(slice, n, (device, sensor)), out| {
-                        out.extend([
-                            Val::I(i64::from(*slice)),
-                            Val::I(*n),
-                            Val::I(device.0),
-                            Val::I(sensor.0),
-                            Val::I(now_ms),
-                        ]);
-                    },
-                )
+                .log_marks(Batched::SensorSeen, pairs, now_ms, |(device, sensor)| {
+                    (*device, [device.0, sensor.0].into_iter())
+                })
                 .await;
         }
         self.execute_batched(Batched::SensorSeen, pairs, |(device, sensor), out| {
@@ -1272,25 +1321,59 @@ impl WriteTx<'_> {
         .await
     }
 
-    /// SQLite: appends a `progress_log` row per item, `row` giving its
-    /// (device, mark, readings added), stamped `seen_ms`.
+    /// SQLite: appends the progress log's marks of `items`, `row` giving
+    /// each one's (device, mark, readings added), stamped `seen_ms`.
     async fn log_progress<T>(
         &mut self,
         items: &[T],
         seen_ms: i64,
         row: impl Fn(&T) -> (DeviceKey, i64, i64),
     ) -> Result<(), StoreError> {
-        let rows = self.numbered(items, |item| row(item).0);
-        self.execute_batched(Batched::Progress, &rows, |(slice, n, item), out| {
+        self.log_marks(Batched::Progress, items, seen_ms, |item| {
             let (device, acked_seq, added) = row(item);
-            out.extend([
-                Val::I(i64::from(*slice)),
-                Val::I(*n),
-                Val::I(device.0),
-                Val::I(acked_seq),
-                Val::I(added),
-                Val::I(seen_ms),
-            ]);
+            (device, [device.0, acked_seq, added].into_iter())
+        })
+        .await
+    }
+
+    /// SQLite: appends to `kind`'s log a row for each slice `items` touch
+    /// (see [`log_slice`]), its marks the JSON array of the items' arrays
+    /// of numbers, `mark` giving an item's device and numbers, stamped
+    /// `seen_ms`.
+    async fn log_marks<T, N: Iterator<Item = i64>>(
+        &mut self,
+        kind: Batched,
+        items: &[T],
+        seen_ms: i64,
+        mark: impl Fn(&T) -> (DeviceKey, N),
+    ) -> Result<(), StoreError> {
+        use std::fmt::Write as _;
+        let mut marks: [String; LOG_SLICES as usize] = Default::default();
+        for item in items {
+            let (device, numbers) = mark(item);
+            let slice = usize::from(log_slice(device));
+            let text = &mut marks[slice];
+            text.push_str(if text.is_empty() { "[[" } else { ",[" });
+            for (i, number) in numbers.enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                // Writing to a String cannot fail.
+                let _ = write!(text, "{number}");
+            }
+            text.push(']');
+            self.logged[slice] += 1;
+        }
+        let mut rows = Vec::new();
+        for (slice, mut text) in (0..).zip(marks) {
+            if !text.is_empty() {
+                text.push(']');
+                *self.log_n += 1;
+                rows.push((slice, *self.log_n, text));
+            }
+        }
+        self.execute_batched(kind, &rows, |(slice, n, text), out| {
+            out.extend([Val::I(*slice), Val::I(*n), Val::I(seen_ms), Val::T(text)]);
         })
         .await
     }
@@ -1299,54 +1382,93 @@ impl WriteTx<'_> {
     /// and empties them; the log rows folded. A no-op on PostgreSQL, which
     /// updates the tables in place.
     pub async fn fold_progress(&mut self) -> Result<u64, StoreError> {
-        self.fold_where("true").await
+        self.fold_where(LogPick::All).await
     }
 
     /// SQLite: folds one slice of the progress logs in (see [`log_slice`]):
     /// a pass over the pages of that slice's devices, however many commits
     /// the slice holds.
     pub async fn fold_slice(&mut self, slice: u8) -> Result<u64, StoreError> {
-        self.fold_where(&format!("slice = {slice}")).await
+        self.fold_where(LogPick::Slice(slice)).await
     }
 
-    async fn fold_where(&mut self, cond: &str) -> Result<u64, StoreError> {
+    /// The fold of the log rows `pick` picks: read and summed here, one
+    /// update per device (series), then deleted; the log rows folded. (In
+    /// SQL, `json_each` and a sort over every mark took SQLite's thread as
+    /// long as the rows' inserts had.)
+    async fn fold_where(&mut self, pick: LogPick<'_>) -> Result<u64, StoreError> {
         if self.shared() {
             return Ok(0);
         }
+        let rows = pick.rows();
         let Some(c) = self.conn.conn().sqlite() else {
             return Ok(0);
         };
-        let mut folded = 0;
-        for (i, sql) in fold_sql(cond).iter().enumerate() {
-            let n = sqlx::query(sql).execute(&mut *c).await?.rows_affected();
-            // The deletes say how many log rows there were.
-            if i % 2 == 1 {
-                folded += n;
+        let logged: Vec<(i64, i64, String)> = sqlx::query_as(&format!(
+            "SELECT n, seen_ms, marks FROM progress_log WHERE {rows}"
+        ))
+        .fetch_all(&mut *c)
+        .await?;
+        // Per device: the mark, readings added, last seen, last reading.
+        let mut devices: HashMap<i64, [i64; 4]> = HashMap::new();
+        for (n, seen_ms, text) in &logged {
+            let marks = parse_marks::<3>(text).ok_or(StoreError::LogRow {
+                log: "progress_log",
+                n: *n,
+            })?;
+            for [device, acked_seq, added] in marks {
+                let d = devices.entry(device).or_insert([0; 4]);
+                d[0] = d[0].max(acked_seq);
+                d[1] += added;
+                d[2] = d[2].max(*seen_ms);
+                if added > 0 {
+                    d[3] = d[3].max(*seen_ms);
+                }
             }
         }
-        Ok(folded)
+        let seen: Vec<(i64, i64, String)> = sqlx::query_as(&format!(
+            "SELECT n, seen_ms, marks FROM sensor_seen_log WHERE {rows}"
+        ))
+        .fetch_all(&mut *c)
+        .await?;
+        let mut series: HashMap<(i64, i64), i64> = HashMap::new();
+        for (n, seen_ms, text) in &seen {
+            let marks = parse_marks::<2>(text).ok_or(StoreError::LogRow {
+                log: "sensor_seen_log",
+                n: *n,
+            })?;
+            for [device, sensor] in marks {
+                let s = series.entry((device, sensor)).or_insert(*seen_ms);
+                *s = (*s).max(*seen_ms);
+            }
+        }
+        // In key order: the pages of `devices` one after another.
+        let mut devices: Vec<_> = devices.into_iter().collect();
+        devices.sort_unstable_by_key(|&(device, _)| device);
+        self.execute_batched(Batched::FoldProgress, &devices, |(device, d), out| {
+            out.extend([device, &d[0], &d[1], &d[2], &d[3]].map(|&v| Val::I(v)));
+        })
+        .await?;
+        let mut series: Vec<_> = series.into_iter().collect();
+        series.sort_unstable_by_key(|&(key, _)| key);
+        self.execute_batched(Batched::FoldSensorSeen, &series, |((d, s), seen), out| {
+            out.extend([Val::I(*d), Val::I(*s), Val::I(*seen)]);
+        })
+        .await?;
+        let Some(c) = self.conn.conn().sqlite() else {
+            return Ok(0);
+        };
+        for log in ["progress_log", "sensor_seen_log"] {
+            sqlx::query(&format!("DELETE FROM {log} WHERE {rows}"))
+                .execute(&mut *c)
+                .await?;
+        }
+        Ok((logged.len() + seen.len()) as u64)
     }
 
-    /// SQLite: the progress log rows this transaction appended, by slice.
+    /// SQLite: the progress log marks this transaction appended, by slice.
     pub fn logged(&self) -> [u64; LOG_SLICES as usize] {
         self.logged
-    }
-
-    /// SQLite: log rows of `items`, each with its slice and next number.
-    fn numbered<'i, T>(
-        &mut self,
-        items: &'i [T],
-        device: impl Fn(&T) -> DeviceKey,
-    ) -> Vec<(u8, i64, &'i T)> {
-        items
-            .iter()
-            .map(|item| {
-                *self.log_n += 1;
-                let slice = log_slice(device(item));
-                self.logged[usize::from(slice)] += 1;
-                (slice, *self.log_n, item)
-            })
-            .collect()
     }
 
     /// The text of `kind`'s statement for `n` items (made once).
@@ -1619,6 +1741,129 @@ mod tests {
                 .unwrap();
             assert_eq!(slice, i64::from(log_slice(DeviceKey(id))), "{id}");
         }
+    }
+
+    /// The fold reads marks as `log_marks` and SQLite's `json_array` write
+    /// them, and refuses a row that is not whole marks.
+    #[test]
+    fn log_rows_parse_into_whole_marks() {
+        assert_eq!(
+            parse_marks::<3>("[[1,2,3],[12,-5,0],[9223372036854775807,0,-1]]"),
+            Some(vec![[1, 2, 3], [12, -5, 0], [i64::MAX, 0, -1]])
+        );
+        assert_eq!(
+            parse_marks::<2>("[[4097, 3], [5,6]]"),
+            Some(vec![[4097, 3], [5, 6]])
+        );
+        assert_eq!(parse_marks::<2>("[]"), Some(vec![]));
+        assert_eq!(parse_marks::<3>("[[1,2]]"), None, "a mark short");
+        assert_eq!(parse_marks::<2>("[[1,2-3]]"), None, "not a number");
+        assert_eq!(parse_marks::<2>("[[1,99999999999999999999]]"), None);
+    }
+
+    /// A commit's marks of one slice share a log row: the devices and
+    /// series in it read apart (ids whose digits begin one another's, a
+    /// count retention lowered), the same before the fold and after it.
+    #[tokio::test]
+    async fn marks_sharing_a_log_row_read_apart() {
+        let (_dir, store, mut writer) = open_temp().await;
+        let ids = [1, 12, 121, 4097];
+        let mut tx = writer.begin().await.unwrap();
+        for id in ids {
+            sqlx::query(
+                "INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+                 VALUES ($1, 'd' || $1, 1, 1)",
+            )
+            .bind(id)
+            .execute(tx.conn.conn().sqlite().unwrap())
+            .await
+            .unwrap();
+        }
+        let (t, h) = (
+            tx.sensor_key("t").await.unwrap(),
+            tx.sensor_key("h").await.unwrap(),
+        );
+        let pairs: Vec<_> = ids
+            .iter()
+            .flat_map(|&id| [(DeviceKey(id), t), (DeviceKey(id), h)])
+            .collect();
+        tx.add_device_sensors(&pairs).await.unwrap();
+        tx.commit().await.unwrap();
+
+        // 121 before 12 and 1: a prefix of its text is not theirs.
+        let progress: Vec<_> = [(121, 30, 3), (12, 20, 2), (1, 10, 1), (4097, 40, 4)]
+            .map(|(id, acked_seq, added)| DeviceProgress {
+                device: DeviceKey(id),
+                acked_seq,
+                added,
+            })
+            .into();
+        let mut tx = writer.begin().await.unwrap();
+        tx.record_progress(&progress, 100).await.unwrap();
+        // 12's t and 121's h only, earlier than the commit's marks.
+        tx.sensors_seen(&[(DeviceKey(12), t), (DeviceKey(121), h)], 90)
+            .await
+            .unwrap();
+        tx.subtract_readings(12, 1).await.unwrap();
+        let mut logged = [0; LOG_SLICES as usize];
+        (logged[0], logged[1]) = (3 + 2 + 1, 1);
+        assert_eq!(tx.logged(), logged, "marks: progress, series, retention's");
+        tx.commit().await.unwrap();
+        let log_rows = |table: &'static str| {
+            let store = store.clone();
+            async move {
+                let crate::store::db::Pool::Sqlite(pool) = &store.read else {
+                    unreachable!("a SQLite store")
+                };
+                let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                n
+            }
+        };
+        assert_eq!(
+            log_rows("progress_log").await,
+            3,
+            "slice 0, slice 1, retention's"
+        );
+        assert_eq!(log_rows("sensor_seen_log").await, 1);
+
+        let expect = [(1, 10, 1), (12, 20, 1), (121, 30, 3), (4097, 40, 4)];
+        let read = async |store: &crate::store::Store, writer: &mut StoreWriter| {
+            let mut got = Vec::new();
+            for (id, _, _) in expect {
+                let d = store.find_device(&format!("d{id}")).await.unwrap().unwrap();
+                let mut tx = writer.begin().await.unwrap();
+                let last = [
+                    tx.last_reading_ms(DeviceKey(id), "t").await.unwrap(),
+                    tx.last_reading_ms(DeviceKey(id), "h").await.unwrap(),
+                ];
+                got.push(((id, d.acked_seq as i64, d.readings as i64), last));
+            }
+            got
+        };
+        // A series without a time of its own has the device's.
+        let seen = |id| match id {
+            12 => [Some(90), Some(100)],
+            121 => [Some(100), Some(90)],
+            _ => [Some(100), Some(100)],
+        };
+        let want: Vec<_> = expect.iter().map(|&e| (e, seen(e.0))).collect();
+        assert_eq!(read(&store, &mut writer).await, want, "logged");
+        let listed: Vec<_> = store
+            .list_devices("", 10, &Default::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.acked_seq, d.readings))
+            .collect();
+        assert_eq!(listed, expect.map(|(_, a, n)| (a as u64, n as u64)));
+        assert_eq!(store.total_readings().await.unwrap(), 9);
+
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 4, "3 + 1 rows");
+        assert_eq!(read(&store, &mut writer).await, want, "folded");
+        assert_eq!(store.total_readings().await.unwrap(), 9);
     }
 
     /// Hellos registered in bulk come to what each would one by one:

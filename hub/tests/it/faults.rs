@@ -149,8 +149,9 @@ async fn sqlite_retention_alone_makes_room_at_the_size_limit() {
         "WITH RECURSIVE c(i) AS (SELECT 10001 UNION ALL SELECT i + 1 FROM c WHERE i < 12000) \
          INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
          SELECT i, 'f' || i, 1, 1 FROM c",
-        "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) \
-         SELECT 2, id - 10000, id, 1000, 0, 1700000000000 FROM devices WHERE id > 10000",
+        "INSERT INTO progress_log (slice, n, seen_ms, marks) \
+         SELECT 2, 1, 1700000000000, json_group_array(json_array(id, 1000, 0)) \
+         FROM devices WHERE id > 10000",
         // Full to a whole MiB, in 4 KiB pages (set out of WAL mode), none
         // free.
         "PRAGMA journal_mode = DELETE",

@@ -560,3 +560,97 @@ async fn sqlite_readings_staged_by_an_older_hub_move_into_the_staging_parts() {
     dev.ack_through(26).await;
     assert_eq!(hub.readings("old-03").await.len(), 26);
 }
+
+/// Marks an older hub left in its per-device progress logs (killed before
+/// it folded them) are kept when the logs become one row per slice and
+/// commit (migration 16 folds them into the tables first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_progress_logged_by_an_older_hub_is_kept() {
+    use sqlx::ConnectOptions;
+    if sqlite_only("an older hub's SQLite schema") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let mut conn = options
+        .clone()
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    let older: Vec<_> = hub::store::migrations::Schema::Sqlite
+        .migrations()
+        .into_iter()
+        .filter(|m| m.version < 20261207000016)
+        .collect();
+    sqlx::migrate::Migrator::new(OlderSchema(older))
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    let now = now_ms();
+    for sql in [
+        "INSERT INTO sensors (id, name) VALUES (1, 't')".to_owned(),
+        "INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms, acked_seq, \
+         reading_count) VALUES (1, 'old-1', 1, 1, 2, 2), (4097, 'old-2', 1, 1, 0, 0)"
+            .to_owned(),
+        "INSERT INTO device_sensors (device_id, sensor_id) VALUES (1, 1), (4097, 1)".to_owned(),
+        // old-1: two commits (3 and 4 readings), old-2 one of rejects only.
+        format!(
+            "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) VALUES \
+             (0, 1, 1, 5, 3, {a}), (0, 2, 1, 9, 4, {b}), (1, 3, 4097, 7, 0, {b})",
+            a = now - 2000,
+            b = now - 1000
+        ),
+        format!(
+            "INSERT INTO sensor_seen_log (slice, n, device_id, sensor_id, seen_ms) \
+             VALUES (0, 4, 1, 1, {})",
+            now - 2000
+        ),
+    ] {
+        sqlx::query(&sql).execute(&mut conn).await.unwrap();
+    }
+    drop(conn);
+
+    let hub = spawn_hub_in(TestDb::sqlite_in(dir), |_| {}).await;
+    let old1 = hub.device("old-1").await.unwrap();
+    assert_eq!((old1.acked_seq, old1.readings), (9, 9));
+    let old2 = hub.device("old-2").await.unwrap();
+    assert_eq!((old2.acked_seq, old2.readings), (7, 0));
+    let mut conn = options.connect().await.unwrap();
+    // acked_seq, reading_count, last_seen_ms, last_reading_ms, the series'.
+    type Marks = (i64, i64, i64, Option<i64>, Option<i64>);
+    let table: Vec<Marks> = sqlx::query_as(
+        "SELECT d.acked_seq, d.reading_count, d.last_seen_ms, d.last_reading_ms, \
+         ds.last_reading_ms FROM devices d JOIN device_sensors ds ON ds.device_id = d.id \
+         ORDER BY d.id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        table,
+        [
+            (9, 9, now - 1000, Some(now - 1000), Some(now - 2000)),
+            (7, 0, now - 1000, None, None)
+        ],
+        "folded into the tables"
+    );
+    let logs: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM progress_log) + (SELECT count(*) FROM sensor_seen_log)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(logs, 0);
+    // The devices carry on from their marks.
+    let (mut dev, welcome) = RawDevice::connect(&hub, "old-1").await;
+    assert_eq!(welcome.acked_seq, 9);
+    dev.send(batch(vec![reading(10, "t", now, 1.5)])).await;
+    dev.ack_through(10).await;
+    assert_eq!(hub.device("old-1").await.unwrap().readings, 10);
+    let (_, welcome) = RawDevice::connect(&hub, "old-2").await;
+    assert_eq!(welcome.acked_seq, 7);
+}
