@@ -12,24 +12,29 @@
 --   sensor_seen_log.marks [[device_id, sensor_id], ...]
 --
 -- Written without spaces: a device's marks are where the text holds
--- "[<device_id>," (see `store::one_device`).
+-- "[<device_id>," (see `store::write::LogPick`).
 
--- What the old logs hold goes into the tables first (the fold of
--- `store::write::fold_sql`, over the old views).
-UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq),
-    reading_count = max(0, devices.reading_count + p.added),
-    last_seen_ms = max(devices.last_seen_ms, p.seen_ms),
-    last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms)
-    FROM progress_pending AS p WHERE devices.id = p.device_id;
-UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM sensor_seen_pending AS s
-    WHERE device_sensors.device_id = s.device_id AND device_sensors.sensor_id = s.sensor_id;
-
+-- What the old logs hold goes into the tables (the fold of the old
+-- `store::write::fold_sql`, over the old views), by way of TEMP tables:
+-- the old logs are dropped before the tables are updated in place, so at
+-- the database's size limit the updates have the logs' pages to grow into.
+CREATE TEMP TABLE progress_folded AS SELECT * FROM progress_pending;
+CREATE TEMP TABLE sensor_seen_folded AS SELECT * FROM sensor_seen_pending;
 DROP VIEW device_progress;
 DROP VIEW sensor_progress;
 DROP VIEW progress_pending;
 DROP VIEW sensor_seen_pending;
 DROP TABLE progress_log;
 DROP TABLE sensor_seen_log;
+UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq),
+    reading_count = max(0, devices.reading_count + p.added),
+    last_seen_ms = max(devices.last_seen_ms, p.seen_ms),
+    last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms)
+    FROM temp.progress_folded AS p WHERE devices.id = p.device_id;
+UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM temp.sensor_seen_folded AS s
+    WHERE device_sensors.device_id = s.device_id AND device_sensors.sensor_id = s.sensor_id;
+DROP TABLE temp.progress_folded;
+DROP TABLE temp.sensor_seen_folded;
 
 -- Keyed by (slice, n) as before: n is the writer's count of log rows.
 CREATE TABLE progress_log (
@@ -48,16 +53,18 @@ CREATE TABLE sensor_seen_log (
     PRIMARY KEY (slice, n)
 ) WITHOUT ROWID;
 
--- What the logs hold, one row per device (series), as before.
+-- What the logs hold, one row per device (series), as before. The keys
+-- are cast to INTEGER: an expression without affinity is not indexed, and
+-- the join to `devices` below would then be a scan per device.
 CREATE VIEW progress_pending AS
-    SELECT m.value ->> 0 AS device_id, max(m.value ->> 1) AS acked_seq,
+    SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, max(m.value ->> 1) AS acked_seq,
            sum(m.value ->> 2) AS added, max(l.seen_ms) AS seen_ms,
            max(CASE WHEN m.value ->> 2 > 0 THEN l.seen_ms END) AS reading_ms
     FROM progress_log l, json_each(l.marks) m GROUP BY 1;
 
 CREATE VIEW sensor_seen_pending AS
-    SELECT m.value ->> 0 AS device_id, m.value ->> 1 AS sensor_id,
-           max(l.seen_ms) AS seen_ms
+    SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id,
+           CAST(m.value ->> 1 AS INTEGER) AS sensor_id, max(l.seen_ms) AS seen_ms
     FROM sensor_seen_log l, json_each(l.marks) m GROUP BY 1, 2;
 
 -- Unchanged (20261206000015_progress_floor, 20261206000014_progress_log).

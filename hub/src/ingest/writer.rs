@@ -960,7 +960,7 @@ impl Writer {
 
     /// SQLite: folds the fullest slice of the progress logs in, each
     /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_MARKS`
-    /// rows (a fleet of fewer than 4096 devices is one slice, folded at
+    /// marks (a fleet of fewer than 4096 devices is one slice, folded at
     /// that pace). A failed fold loses nothing (the logs stay, and the
     /// views still read them); it is tried again later.
     async fn fold_if_due(&mut self) {

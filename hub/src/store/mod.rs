@@ -101,8 +101,6 @@ pub enum StoreError {
     StagingChanged { expected: u64, found: u64 },
     #[error("{found} of the {expected} blocks read to be replaced were still there")]
     BlocksChanged { expected: u64, found: u64 },
-    #[error("row {n} of the SQLite {log} cannot be read (not the marks the writer writes)")]
-    LogRow { log: &'static str, n: i64 },
     #[error("a stored block cannot be decoded: {0}")]
     Corrupt(#[from] codec::CodecError),
     #[error("{0} is not possible on PostgreSQL: {1}")]

@@ -432,7 +432,9 @@ pub(crate) enum LogPick<'a> {
     Slice(u8),
     /// The marks of the one device whose key the SQL expression gives: a
     /// seek on its slice, then its rows alone, by their text (a device's
-    /// marks begin `[<device_id>,`; seqs and counts follow a comma).
+    /// marks begin `[<device_id>,`; seqs and counts follow a comma). The
+    /// expression is read beside `json_each`'s columns (`id`, `key`,
+    /// `value`, ...): a parameter or a subquery, not a bare column name.
     Device(&'a str),
 }
 
@@ -463,7 +465,7 @@ impl LogPick<'_> {
 /// a device's id is never reused, so max() and sum() fold them.
 pub(crate) fn progress_pending(pick: LogPick) -> String {
     format!(
-        "SELECT m.value ->> 0 AS device_id, max(m.value ->> 1) AS acked_seq, \
+        "SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, max(m.value ->> 1) AS acked_seq, \
          sum(m.value ->> 2) AS added, max(l.seen_ms) AS seen_ms, \
          max(CASE WHEN m.value ->> 2 > 0 THEN l.seen_ms END) AS reading_ms \
          FROM progress_log l, json_each(l.marks) m WHERE {} AND {} GROUP BY 1",
@@ -476,8 +478,9 @@ pub(crate) fn progress_pending(pick: LogPick) -> String {
 /// `sensor_seen_pending`, restricted).
 pub(crate) fn sensor_seen_pending(pick: LogPick) -> String {
     format!(
-        "SELECT m.value ->> 0 AS device_id, m.value ->> 1 AS sensor_id, \
-         max(l.seen_ms) AS seen_ms FROM sensor_seen_log l, json_each(l.marks) m \
+        "SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, \
+         CAST(m.value ->> 1 AS INTEGER) AS sensor_id, max(l.seen_ms) AS seen_ms \
+         FROM sensor_seen_log l, json_each(l.marks) m \
          WHERE {} AND {} GROUP BY 1, 2",
         pick.rows(),
         pick.marks()
@@ -485,24 +488,85 @@ pub(crate) fn sensor_seen_pending(pick: LogPick) -> String {
 }
 
 /// SQLite: the numbers of a log row's marks (`[[1,2,3],[4,5,6]]`), `N`
-/// to a mark, as `log_marks` wrote them.
+/// to a mark, as `log_marks` (or SQLite's `json_array`) wrote them: JSON
+/// arrays of `N` integers in an array, nothing else. None for anything
+/// else, which `WriteTx::fold_where` then folds in SQL.
 fn parse_marks<const N: usize>(text: &str) -> Option<Vec<[i64; N]>> {
-    let mut numbers = text
-        .split(|c: char| !(c.is_ascii_digit() || c == '-'))
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<i64>().ok());
+    /// Takes `token` (after any spaces) off the front of `rest`.
+    fn take(rest: &mut &str, token: &str) -> bool {
+        match rest.trim_ascii_start().strip_prefix(token) {
+            Some(after) => {
+                *rest = after;
+                true
+            }
+            None => false,
+        }
+    }
+    /// Takes an integer off the front of `rest`.
+    fn number(rest: &mut &str) -> Option<i64> {
+        let text = rest.trim_ascii_start();
+        let end = text
+            .char_indices()
+            .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-')))
+            .map_or(text.len(), |(i, _)| i);
+        let (number, after) = text.split_at(end);
+        *rest = after;
+        number.parse().ok()
+    }
+    let rest = &mut text.trim_ascii();
     let mut marks = Vec::new();
+    if !take(rest, "[") {
+        return None;
+    }
+    if take(rest, "]") {
+        return rest.is_empty().then_some(marks);
+    }
     loop {
+        if !take(rest, "[") {
+            return None;
+        }
         let mut mark = [0; N];
         for (i, slot) in mark.iter_mut().enumerate() {
-            match numbers.next() {
-                Some(number) => *slot = number?,
-                None if i == 0 => return Some(marks),
-                None => return None,
+            if i > 0 && !take(rest, ",") {
+                return None;
             }
+            *slot = number(rest)?;
+        }
+        if !take(rest, "]") {
+            return None;
         }
         marks.push(mark);
+        if take(rest, "]") {
+            return rest.is_empty().then_some(marks);
+        }
+        if !take(rest, ",") {
+            return None;
+        }
     }
+}
+
+/// SQLite: the fold in SQL of the log rows `pick` picks (see
+/// `WriteTx::fold_where`), then deleted. Hellos move `last_seen_ms` in
+/// place, hence max().
+fn fold_sql(pick: LogPick) -> [String; 4] {
+    [
+        format!(
+            "UPDATE devices SET acked_seq = max(devices.acked_seq, p.acked_seq), \
+             reading_count = max(0, devices.reading_count + p.added), \
+             last_seen_ms = max(devices.last_seen_ms, p.seen_ms), \
+             last_reading_ms = COALESCE(p.reading_ms, devices.last_reading_ms) \
+             FROM ({}) AS p WHERE devices.id = p.device_id",
+            progress_pending(pick)
+        ),
+        format!("DELETE FROM progress_log WHERE {}", pick.rows()),
+        format!(
+            "UPDATE device_sensors SET last_reading_ms = s.seen_ms FROM ({}) AS s \
+             WHERE device_sensors.device_id = s.device_id \
+             AND device_sensors.sensor_id = s.sensor_id",
+            sensor_seen_pending(pick)
+        ),
+        format!("DELETE FROM sensor_seen_log WHERE {}", pick.rows()),
+    ]
 }
 
 impl StoreWriter {
@@ -1395,7 +1459,8 @@ impl WriteTx<'_> {
     /// The fold of the log rows `pick` picks: read and summed here, one
     /// update per device (series), then deleted; the log rows folded. (In
     /// SQL, `json_each` and a sort over every mark took SQLite's thread as
-    /// long as the rows' inserts had.)
+    /// long as the rows' inserts had.) Rows that are not the marks the
+    /// writer writes are folded in SQL, as the views read them.
     async fn fold_where(&mut self, pick: LogPick<'_>) -> Result<u64, StoreError> {
         if self.shared() {
             return Ok(0);
@@ -1404,42 +1469,48 @@ impl WriteTx<'_> {
         let Some(c) = self.conn.conn().sqlite() else {
             return Ok(0);
         };
-        let logged: Vec<(i64, i64, String)> = sqlx::query_as(&format!(
-            "SELECT n, seen_ms, marks FROM progress_log WHERE {rows}"
-        ))
-        .fetch_all(&mut *c)
-        .await?;
+        let read = |log| format!("SELECT marks, seen_ms FROM {log} WHERE {rows}");
+        let logged: Vec<(String, i64)> = sqlx::query_as(&read("progress_log"))
+            .fetch_all(&mut *c)
+            .await?;
+        let seen: Vec<(String, i64)> = sqlx::query_as(&read("sensor_seen_log"))
+            .fetch_all(&mut *c)
+            .await?;
+        let folded = (logged.len() + seen.len()) as u64;
+        let parsed = logged
+            .iter()
+            .map(|(text, seen_ms)| Some((parse_marks::<3>(text)?, *seen_ms)))
+            .collect::<Option<Vec<_>>>()
+            .zip(
+                seen.iter()
+                    .map(|(text, seen_ms)| Some((parse_marks::<2>(text)?, *seen_ms)))
+                    .collect::<Option<Vec<_>>>(),
+            );
+        let Some((logged, seen)) = parsed else {
+            tracing::warn!("a progress log row is not as the writer writes it: folded in SQL");
+            for sql in fold_sql(pick) {
+                sqlx::query(&sql).execute(&mut *c).await?;
+            }
+            return Ok(folded);
+        };
         // Per device: the mark, readings added, last seen, last reading.
         let mut devices: HashMap<i64, [i64; 4]> = HashMap::new();
-        for (n, seen_ms, text) in &logged {
-            let marks = parse_marks::<3>(text).ok_or(StoreError::LogRow {
-                log: "progress_log",
-                n: *n,
-            })?;
+        for (marks, seen_ms) in logged {
             for [device, acked_seq, added] in marks {
                 let d = devices.entry(device).or_insert([0; 4]);
                 d[0] = d[0].max(acked_seq);
-                d[1] += added;
-                d[2] = d[2].max(*seen_ms);
+                d[1] = d[1].saturating_add(added);
+                d[2] = d[2].max(seen_ms);
                 if added > 0 {
-                    d[3] = d[3].max(*seen_ms);
+                    d[3] = d[3].max(seen_ms);
                 }
             }
         }
-        let seen: Vec<(i64, i64, String)> = sqlx::query_as(&format!(
-            "SELECT n, seen_ms, marks FROM sensor_seen_log WHERE {rows}"
-        ))
-        .fetch_all(&mut *c)
-        .await?;
         let mut series: HashMap<(i64, i64), i64> = HashMap::new();
-        for (n, seen_ms, text) in &seen {
-            let marks = parse_marks::<2>(text).ok_or(StoreError::LogRow {
-                log: "sensor_seen_log",
-                n: *n,
-            })?;
+        for (marks, seen_ms) in seen {
             for [device, sensor] in marks {
-                let s = series.entry((device, sensor)).or_insert(*seen_ms);
-                *s = (*s).max(*seen_ms);
+                let s = series.entry((device, sensor)).or_insert(seen_ms);
+                *s = (*s).max(seen_ms);
             }
         }
         // In key order: the pages of `devices` one after another.
@@ -1463,7 +1534,7 @@ impl WriteTx<'_> {
                 .execute(&mut *c)
                 .await?;
         }
-        Ok((logged.len() + seen.len()) as u64)
+        Ok(folded)
     }
 
     /// SQLite: the progress log marks this transaction appended, by slice.
@@ -1752,13 +1823,29 @@ mod tests {
             Some(vec![[1, 2, 3], [12, -5, 0], [i64::MAX, 0, -1]])
         );
         assert_eq!(
-            parse_marks::<2>("[[4097, 3], [5,6]]"),
+            parse_marks::<2>(" [ [4097, 3] ,[5,6]] "),
             Some(vec![[4097, 3], [5, 6]])
         );
         assert_eq!(parse_marks::<2>("[]"), Some(vec![]));
-        assert_eq!(parse_marks::<3>("[[1,2]]"), None, "a mark short");
-        assert_eq!(parse_marks::<2>("[[1,2-3]]"), None, "not a number");
-        assert_eq!(parse_marks::<2>("[[1,99999999999999999999]]"), None);
+        for bad in [
+            "[[1,2]]",
+            "[[1,2,3,4]]",
+            "[[1,2,3],[4,5]]",
+            "[[1,2,3]",
+            "[[1,2,3],]",
+            "[[1,2,3]] x",
+            "[[1,2,3]][]",
+            "[[1,2-3,4]]",
+            "[[1.5,2,3]]",
+            "[[1e3,2,3]]",
+            "[[--1,2,3]]",
+            "[[null,2,3]]",
+            "[[1,99999999999999999999,3]]",
+            "[1,2,3]",
+            "",
+        ] {
+            assert_eq!(parse_marks::<3>(bad), None, "{bad:?}");
+        }
     }
 
     /// A commit's marks of one slice share a log row: the devices and
@@ -1864,6 +1951,44 @@ mod tests {
         assert_eq!(writer.fold_progress(None).await.unwrap(), 4, "3 + 1 rows");
         assert_eq!(read(&store, &mut writer).await, want, "folded");
         assert_eq!(store.total_readings().await.unwrap(), 9);
+
+        // Marks without a reading (rejects only, retention) keep the times
+        // of the last reading, logged and folded.
+        let mut tx = writer.begin().await.unwrap();
+        let rejects = |device, acked_seq| DeviceProgress {
+            device: DeviceKey(device),
+            acked_seq,
+            added: 0,
+        };
+        tx.record_progress(&[rejects(1, 11), rejects(4097, 41)], 200)
+            .await
+            .unwrap();
+        tx.subtract_readings(121, 1).await.unwrap();
+        tx.commit().await.unwrap();
+        let expect = [(1, 11, 1), (12, 20, 1), (121, 30, 2), (4097, 41, 4)];
+        let want: Vec<_> = expect.iter().map(|&e| (e, seen(e.0))).collect();
+        assert_eq!(read(&store, &mut writer).await, want, "logged");
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 3);
+        assert_eq!(read(&store, &mut writer).await, want, "folded");
+
+        // A row the writer would not write (spaces are read; a fourth
+        // number is not): folded in SQL, as the views read it.
+        let tx = writer.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO progress_log (slice, n, seen_ms, marks) VALUES \
+             (0, 1000, 300, '[[1, 50, 2, 0]]'), (0, 1001, 310, '[ [12,60,1] ]')",
+        )
+        .execute(tx.conn.conn().sqlite().unwrap())
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let mut want = want;
+        want[0] = ((1, 50, 3), [Some(300), Some(300)]);
+        want[1] = ((12, 60, 2), [Some(90), Some(310)]);
+        assert_eq!(read(&store, &mut writer).await, want, "logged");
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 2);
+        assert_eq!(read(&store, &mut writer).await, want, "folded in SQL");
+        assert_eq!(log_rows("progress_log").await, 0);
     }
 
     /// Hellos registered in bulk come to what each would one by one:
