@@ -174,23 +174,30 @@ async fn two_hubs_racing_for_one_device_leave_exactly_one_stream_that_writes() {
     let mut next_seq = 1u64;
     for round in 0..10 {
         let device = format!("race-{round}");
-        let (first, second) = tokio::join!(
-            RawDevice::connect(&a, &device),
-            RawDevice::connect(&b, &device)
-        );
+        let open = async |hub: &TestHub| {
+            let mut dev = RawDevice::open(hub.channel().await, hello(&device)).await;
+            let welcome = dev.next().await;
+            (dev, welcome)
+        };
+        let (first, second) = tokio::join!(open(&a), open(&b));
         // Both sent a batch after their Welcome: one is written and acked,
         // the other stream ends ABORTED (told by the winner's claim, or
-        // fenced at its commit) and writes nothing.
-        let mut streams = [first.0, second.0];
-        for stream in &streams {
-            // The loser may be ended before it sends: that is a win too.
-            if let Some(tx) = &stream.tx {
+        // fenced at its commit) and writes nothing. The loser may be ended
+        // before its Welcome, or before it sends: that is a win too.
+        let mut streams = [first, second];
+        for (stream, welcome) in &streams {
+            if let (Some(tx), Ok(_)) = (&stream.tx, welcome) {
                 let _ = tx.send(readings(next_seq..=next_seq + 9)).await;
             }
         }
         let mut outcomes = Vec::new();
-        for stream in &mut streams {
-            outcomes.push(match stream.next().await {
+        for (stream, welcome) in &mut streams {
+            let next = match welcome {
+                Ok(Some(pb::hub_message::Msg::Welcome(_))) => stream.next().await,
+                Err(status) => Err(status.clone()),
+                other => panic!("{device}: expected a Welcome or an end, got {other:?}"),
+            };
+            outcomes.push(match next {
                 Ok(Some(pb::hub_message::Msg::Ack(ack))) => Ok(ack.acked_seq),
                 Err(status) => Err(status.code()),
                 other => panic!("{device}: expected an Ack or an end, got {other:?}"),

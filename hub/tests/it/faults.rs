@@ -126,6 +126,76 @@ async fn sqlite_a_database_at_its_size_limit_loses_no_acked_reading_and_recovers
     hub.assert_no_leaks().await;
 }
 
+/// An older hub, killed at the database's size limit with the marks of
+/// 2000 devices in its per-device progress logs: the upgrade's migration
+/// (16) moves them into `devices`, growing its rows, and must find pages
+/// for that in the old logs it drops first. The hub starts and every mark
+/// is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_upgrade_at_the_size_limit_keeps_the_old_logs_marks() {
+    if sqlite_only("storage.max_size_mib, a page limit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db");
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&db)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    crate::ingest::migrate_before(&mut conn, 20261207000016).await;
+    let seen_ms = now_ms();
+    for sql in [
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000) \
+         INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+         SELECT i, 'u' || i, 1, 1 FROM c"
+            .to_owned(),
+        format!(
+            "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) \
+             SELECT 0, id, id, 1000000000000 + id, 1000000 + id, {seen_ms} FROM devices"
+        ),
+        // Full to a whole MiB, none free.
+        "CREATE TABLE pad (b BLOB)".to_owned(),
+    ] {
+        sqlx::query(&sql).execute(&mut conn).await.unwrap();
+    }
+    let pages = pad_to_a_mib(&mut conn, 0..=0).await;
+    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(free, 0);
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let mut hub = spawn_hub_in(TestDb::sqlite_in(dir), |s| {
+        s.storage.max_size_mib = pages * page_size as u64 / (1 << 20);
+    })
+    .await;
+    for id in [1, 1000, 2000] {
+        let d = hub.device(&format!("u{id}")).await.unwrap();
+        assert_eq!(
+            (d.acked_seq, d.readings),
+            (1_000_000_000_000 + id, 1_000_000 + id)
+        );
+    }
+    let mut conn = connect(&db).await;
+    let (n, wrong): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE acked_seq != 1000000000000 + id \
+         OR reading_count != 1000000 + id OR last_seen_ms < ?) FROM devices",
+    )
+    .bind(seen_ms)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((n, wrong), (2000, 0), "in the table");
+    hub.stop().await;
+}
+
 /// A database filled to its size limit, with the progress marks of 2000
 /// devices logged and not yet folded (a hub killed mid-run leaves them):
 /// folding them in updates `devices` in place, growing its rows into pages

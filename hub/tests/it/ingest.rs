@@ -447,7 +447,22 @@ async fn add_legacy_readings(
 
 /// Some of the hub's migrations, as a source sqlx's migrator takes.
 #[derive(Debug)]
-struct OlderSchema(Vec<sqlx::migrate::Migration>);
+pub(crate) struct OlderSchema(pub(crate) Vec<sqlx::migrate::Migration>);
+
+/// The hub's SQLite schema before migration `version`, at `conn`.
+pub(crate) async fn migrate_before(conn: &mut sqlx::SqliteConnection, version: i64) {
+    let older: Vec<_> = hub::store::migrations::Schema::Sqlite
+        .migrations()
+        .into_iter()
+        .filter(|m| m.version < version)
+        .collect();
+    sqlx::migrate::Migrator::new(OlderSchema(older))
+        .await
+        .unwrap()
+        .run(conn)
+        .await
+        .unwrap();
+}
 
 impl sqlx::migrate::MigrationSource<'static> for OlderSchema {
     fn resolve(
@@ -579,17 +594,7 @@ async fn sqlite_progress_logged_by_an_older_hub_is_kept() {
         .connect()
         .await
         .unwrap();
-    let older: Vec<_> = hub::store::migrations::Schema::Sqlite
-        .migrations()
-        .into_iter()
-        .filter(|m| m.version < 20261207000016)
-        .collect();
-    sqlx::migrate::Migrator::new(OlderSchema(older))
-        .await
-        .unwrap()
-        .run(&mut conn)
-        .await
-        .unwrap();
+    migrate_before(&mut conn, 20261207000016).await;
     let now = now_ms();
     for sql in [
         "INSERT INTO sensors (id, name) VALUES (1, 't')".to_owned(),
