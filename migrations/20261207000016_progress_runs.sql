@@ -57,8 +57,9 @@ CREATE TABLE sensor_seen_log (
 -- are cast to INTEGER: an expression without affinity is not indexed, and
 -- the join to `devices` below would then be a scan per device.
 CREATE VIEW progress_pending AS
-    SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, max(m.value ->> 1) AS acked_seq,
-           sum(m.value ->> 2) AS added, max(l.seen_ms) AS seen_ms,
+    SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id,
+           max(CAST(m.value ->> 1 AS INTEGER)) AS acked_seq,
+           sum(CAST(m.value ->> 2 AS INTEGER)) AS added, max(l.seen_ms) AS seen_ms,
            max(CASE WHEN m.value ->> 2 > 0 THEN l.seen_ms END) AS reading_ms
     FROM progress_log l, json_each(l.marks) m GROUP BY 1;
 

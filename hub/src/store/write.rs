@@ -465,8 +465,9 @@ impl LogPick<'_> {
 /// a device's id is never reused, so max() and sum() fold them.
 pub(crate) fn progress_pending(pick: LogPick) -> String {
     format!(
-        "SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, max(m.value ->> 1) AS acked_seq, \
-         sum(m.value ->> 2) AS added, max(l.seen_ms) AS seen_ms, \
+        "SELECT CAST(m.value ->> 0 AS INTEGER) AS device_id, \
+         max(CAST(m.value ->> 1 AS INTEGER)) AS acked_seq, \
+         sum(CAST(m.value ->> 2 AS INTEGER)) AS added, max(l.seen_ms) AS seen_ms, \
          max(CASE WHEN m.value ->> 2 > 0 THEN l.seen_ms END) AS reading_ms \
          FROM progress_log l, json_each(l.marks) m WHERE {} AND {} GROUP BY 1",
         pick.rows(),
@@ -502,7 +503,8 @@ fn parse_marks<const N: usize>(text: &str) -> Option<Vec<[i64; N]>> {
             None => false,
         }
     }
-    /// Takes an integer off the front of `rest`.
+    /// Takes an integer off the front of `rest`, as JSON writes one (no
+    /// leading zero, which SQLite's JSON refuses).
     fn number(rest: &mut &str) -> Option<i64> {
         let text = rest.trim_ascii_start();
         let end = text
@@ -511,6 +513,10 @@ fn parse_marks<const N: usize>(text: &str) -> Option<Vec<[i64; N]>> {
             .map_or(text.len(), |(i, _)| i);
         let (number, after) = text.split_at(end);
         *rest = after;
+        let digits = number.strip_prefix('-').unwrap_or(number);
+        if digits.len() > 1 && digits.starts_with('0') {
+            return None;
+        }
         number.parse().ok()
     }
     let rest = &mut text.trim_ascii();
@@ -1488,6 +1494,20 @@ impl WriteTx<'_> {
             );
         let Some((logged, seen)) = parsed else {
             tracing::warn!("a progress log row is not as the writer writes it: folded in SQL");
+            // Text that is not JSON at all no reader can take either (the
+            // views fail on it): dropped, rather than failing every fold
+            // and with it every group that must fold first.
+            for log in ["progress_log", "sensor_seen_log"] {
+                let dropped = sqlx::query(&format!(
+                    "DELETE FROM {log} WHERE {rows} AND NOT json_valid(marks)"
+                ))
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if dropped > 0 {
+                    tracing::error!(log, dropped, "progress log rows that are not JSON dropped");
+                }
+            }
             for sql in fold_sql(pick) {
                 sqlx::query(&sql).execute(&mut *c).await?;
             }
@@ -1841,6 +1861,10 @@ mod tests {
             "[[--1,2,3]]",
             "[[null,2,3]]",
             "[[1,99999999999999999999,3]]",
+            "[[01,2,3]]",
+            "[[1,-02,3]]",
+            "[[1,2,3é]]",
+            "[[1,2,é]]",
             "[1,2,3]",
             "",
         ] {
@@ -1971,21 +1995,31 @@ mod tests {
         assert_eq!(writer.fold_progress(None).await.unwrap(), 3);
         assert_eq!(read(&store, &mut writer).await, want, "folded");
 
-        // A row the writer would not write (spaces are read; a fourth
-        // number is not): folded in SQL, as the views read it.
-        let tx = writer.begin().await.unwrap();
-        sqlx::query(
-            "INSERT INTO progress_log (slice, n, seen_ms, marks) VALUES \
-             (0, 1000, 300, '[[1, 50, 2, 0]]'), (0, 1001, 310, '[ [12,60,1] ]')",
-        )
-        .execute(tx.conn.conn().sqlite().unwrap())
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        // Rows the writer would not write. Spaces are read as JSON reads
+        // them, in the writer's fold.
+        let insert = async |writer: &mut StoreWriter, rows: &str| {
+            let tx = writer.begin().await.unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO progress_log (slice, n, seen_ms, marks) VALUES {rows}"
+            ))
+            .execute(tx.conn.conn().sqlite().unwrap())
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        };
+        insert(&mut writer, "(0, 1000, 310, '[ [12,60,1] ]')").await;
         let mut want = want;
-        want[0] = ((1, 50, 3), [Some(300), Some(300)]);
         want[1] = ((12, 60, 2), [Some(90), Some(310)]);
         assert_eq!(read(&store, &mut writer).await, want, "logged");
+        assert_eq!(writer.fold_progress(None).await.unwrap(), 1);
+        assert_eq!(read(&store, &mut writer).await, want, "folded");
+        // A fourth number: folded in SQL, as the views read it (the fourth
+        // ignored). Text that is not JSON (no reader can take it) is
+        // dropped by that fold, not left to fail every later one.
+        insert(&mut writer, "(0, 1001, 300, '[[1, 50, 2, 0]]')").await;
+        want[0] = ((1, 50, 3), [Some(300), Some(300)]);
+        assert_eq!(read(&store, &mut writer).await, want, "logged");
+        insert(&mut writer, "(0, 1002, 320, '[[121,99,1')").await;
         assert_eq!(writer.fold_progress(None).await.unwrap(), 2);
         assert_eq!(read(&store, &mut writer).await, want, "folded in SQL");
         assert_eq!(log_rows("progress_log").await, 0);

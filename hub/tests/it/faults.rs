@@ -138,9 +138,14 @@ async fn sqlite_an_upgrade_at_the_size_limit_keeps_the_old_logs_marks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hub.db");
+    // Incremental auto-vacuum, as the hub makes its databases (pointer map
+    // pages, root pages moved by DROP TABLE); 4 KiB pages, which
+    // `pad_to_a_mib` counts in.
     let mut conn = SqliteConnectOptions::new()
         .filename(&db)
         .create_if_missing(true)
+        .page_size(4096)
+        .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
         .connect()
         .await
         .unwrap();
@@ -154,6 +159,12 @@ async fn sqlite_an_upgrade_at_the_size_limit_keeps_the_old_logs_marks() {
         format!(
             "INSERT INTO progress_log (slice, n, device_id, acked_seq, added, seen_ms) \
              SELECT 0, id, id, 1000000000000 + id, 1000000 + id, {seen_ms} FROM devices"
+        ),
+        "INSERT INTO sensors (id, name) VALUES (1, 't')".to_owned(),
+        "INSERT INTO device_sensors (device_id, sensor_id) SELECT id, 1 FROM devices".to_owned(),
+        format!(
+            "INSERT INTO sensor_seen_log (slice, n, device_id, sensor_id, seen_ms) \
+             SELECT 0, 2000 + id, id, 1, {seen_ms} - id FROM devices"
         ),
         // Full to a whole MiB, none free.
         "CREATE TABLE pad (b BLOB)".to_owned(),
@@ -186,7 +197,10 @@ async fn sqlite_an_upgrade_at_the_size_limit_keeps_the_old_logs_marks() {
     let mut conn = connect(&db).await;
     let (n, wrong): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE acked_seq != 1000000000000 + id \
-         OR reading_count != 1000000 + id OR last_seen_ms < ?) FROM devices",
+         OR reading_count != 1000000 + id OR last_seen_ms < $1 \
+         OR last_reading_ms IS NOT $1 \
+         OR (SELECT last_reading_ms FROM device_sensors WHERE device_id = id) IS NOT $1 - id) \
+         FROM devices",
     )
     .bind(seen_ms)
     .fetch_one(&mut conn)
