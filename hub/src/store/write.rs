@@ -318,7 +318,8 @@ impl Batched {
                 4,
                 "",
             ),
-            Batched::SensorSeen => (
+            // In place: PostgreSQL's commits, and SQLite's fold.
+            Batched::SensorSeen | Batched::FoldSensorSeen => (
                 "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
                 3,
                 ") AS v WHERE device_sensors.device_id = v.column1 \
@@ -336,12 +337,6 @@ impl Batched {
                     .to_owned(),
                 5,
                 ") AS v WHERE devices.id = v.column1",
-            ),
-            Batched::FoldSensorSeen => (
-                "UPDATE device_sensors SET last_reading_ms = v.column3 FROM (VALUES ".to_owned(),
-                3,
-                ") AS v WHERE device_sensors.device_id = v.column1 \
-                 AND device_sensors.sensor_id = v.column2",
             ),
             Batched::Blocks => (
                 "INSERT INTO blocks (device_id, sensor_id, level, first_ts, last_ts, count, data) \

@@ -171,20 +171,11 @@ async fn sqlite_an_upgrade_at_the_size_limit_keeps_the_old_logs_marks() {
     ] {
         sqlx::query(&sql).execute(&mut conn).await.unwrap();
     }
-    let pages = pad_to_a_mib(&mut conn, 0..=0).await;
-    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(free, 0);
-    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let pages = full_to_a_mib(&mut conn).await;
     conn.close().await.unwrap();
 
     let mut hub = spawn_hub_in(TestDb::sqlite_in(dir), |s| {
-        s.storage.max_size_mib = pages * page_size as u64 / (1 << 20);
+        s.storage.max_size_mib = pages / 256;
     })
     .await;
     for id in [1, 1000, 2000] {
@@ -246,12 +237,7 @@ async fn sqlite_retention_alone_makes_room_at_the_size_limit() {
     ] {
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
-    let pages = pad_to_a_mib(&mut conn, 0..=0).await;
-    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(free, 0);
+    let pages = full_to_a_mib(&mut conn).await;
     conn.close().await.unwrap();
     hub.settings.storage.max_size_mib = pages / 256;
     // The ballast is older than this; the probe's readings are stamped a
@@ -786,7 +772,18 @@ async fn sqlite_a_registration_in_a_failed_commit_leaves_no_trace_in_live_readin
     );
 }
 
-/// The tables that hold readings: blocks and every staging part.
+/// Pads a database of 4 KiB pages (table `pad`) to a whole MiB with no
+/// page free; its pages.
+async fn full_to_a_mib(conn: &mut SqliteConnection) -> u64 {
+    let pages = pad_to_a_mib(conn, 0..=0).await;
+    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(free, 0);
+    pages
+}
+
 /// Pads a database of 4 KiB pages (into its table `pad`) until the pages
 /// left before the next whole MiB are within `left`; returns that MiB's
 /// page count, the limit to set.
@@ -820,6 +817,7 @@ async fn pad_to_a_mib(conn: &mut SqliteConnection, left: std::ops::RangeInclusiv
     }
 }
 
+/// The tables that hold readings: blocks and every staging part.
 fn staging_and_blocks() -> Vec<String> {
     let parts = (0..hub::store::STAGING_PARTS).map(|p| format!("readings_recent_{p}"));
     std::iter::once("blocks".to_owned()).chain(parts).collect()
