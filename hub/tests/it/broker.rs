@@ -1,10 +1,12 @@
 //! An MQTT broker of the test's own, on a free port, that can be killed and
-//! started again: Mosquitto when it is installed, else rumqttd in-process.
-//! `HUB_TEST_MQTT_BROKER=mosquitto|rumqttd` picks one; under
-//! `HUB_TEST_REQUIRE_ALL=1` (CI) the rumqttd fallback is not allowed unless
-//! asked for by name, so CI always tests against Mosquitto.
+//! started again: Mosquitto when it is installed, else a small broker of
+//! our own in-process (`embedded`). `HUB_TEST_MQTT_BROKER=mosquitto|embedded`
+//! picks one; under `HUB_TEST_REQUIRE_ALL=1` (CI) the fallback is not
+//! allowed unless asked for by name, so CI tests against Mosquitto (and runs
+//! the MQTT tests once more on the embedded broker, asked for by name).
 
-use std::net::SocketAddr;
+mod embedded;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,8 +86,8 @@ impl TestBroker {
         let choice = std::env::var("HUB_TEST_MQTT_BROKER").ok();
         let use_mosquitto = match choice.as_deref() {
             Some("mosquitto") => true,
-            Some("rumqttd") => false,
-            Some(other) => panic!("HUB_TEST_MQTT_BROKER={other}: use mosquitto or rumqttd"),
+            Some("embedded") => false,
+            Some(other) => panic!("HUB_TEST_MQTT_BROKER={other}: use mosquitto or embedded"),
             None => {
                 let installed = mosquitto_installed();
                 assert!(
@@ -134,7 +136,7 @@ impl TestBroker {
             Kind::Embedded { stop, thread } => {
                 let (tx, rx) = std::sync::mpsc::channel();
                 *stop = Some(tx);
-                *thread = Some(std::thread::spawn(move || run_rumqttd(port, rx)));
+                *thread = Some(std::thread::spawn(move || embedded::run(port, rx)));
             }
         }
         let deadline = std::time::Instant::now() + WAIT;
@@ -172,54 +174,4 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// rumqttd's v4 server on its own runtime; dropping the runtime when told
-/// to stop closes the listener and every connection. (Its router runs on a
-/// thread of its own that rumqttd cannot stop; it idles until the test
-/// process ends.)
-fn run_rumqttd(port: u16, stop: std::sync::mpsc::Receiver<()>) {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 5_000,
-        max_payload_size: 1 << 20,
-        max_inflight_count: 500,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let settings = rumqttd::ServerSettings {
-        name: format!("test-{port}"),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    let router = rumqttd::RouterConfig {
-        max_connections: 1000,
-        max_outgoing_packet_count: 500,
-        max_segment_size: 16 * 1024 * 1024,
-        max_segment_count: 10,
-        ..Default::default()
-    };
-    let router_tx = rumqttd::Router::new(0, router).spawn();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut server = rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v4::V4);
-    runtime.spawn(async move {
-        if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-            eprintln!("rumqttd: {e}");
-        }
-    });
-    // The runtime runs its tasks while this thread waits in block_on.
-    runtime.block_on(async {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let _ = stop.recv();
-            let _ = tx.send(());
-        });
-        let _ = rx.await;
-    });
-    runtime.shutdown_timeout(Duration::from_secs(1));
 }

@@ -1,5 +1,5 @@
 //! The MQTT bridge against a real broker each test starts for itself
-//! (Mosquitto, or rumqttd in-process where Mosquitto is not installed), and
+//! (Mosquitto, or a small in-process broker where it is not installed), and
 //! the live watch stream.
 
 use std::time::Duration;
