@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -144,7 +144,7 @@ pub struct Writer {
     /// ...and by staging part (inserted, then moved into `staged`).
     row_parts: Vec<Vec<RowToInsert>>,
     /// The external ids of the devices in `rows` (the last commit's).
-    row_names: HashMap<DeviceKey, Arc<str>>,
+    row_names: FxHashMap<DeviceKey, Arc<str>>,
     /// Committed readings go here after each commit (MQTT, live watchers).
     fanout: broadcast::Sender<Arc<CommittedBatch>>,
     /// Readings published to the fan-out so far (its running index).
@@ -177,7 +177,7 @@ pub struct Writer {
     alarms: AlarmWork,
     /// When each series' `device_sensors.last_reading_ms` was last written
     /// (committed).
-    sensor_seen: HashMap<(DeviceKey, SensorKey), i64>,
+    sensor_seen: FxHashMap<(DeviceKey, SensorKey), i64>,
     /// SQLite: marks in each slice of the progress logs, and when one was
     /// last folded in (see [`Writer::fold_if_due`]).
     logged: [u64; LOG_SLICES as usize],
@@ -287,16 +287,16 @@ fn compaction_due(compact_rows: u64, busy: bool, rows: u64, series: u64) -> bool
 /// What the writer knows of committed rows: caches, reloaded after a failure.
 struct Known {
     /// Committed high-water mark per device (a cache of devices.acked_seq).
-    marks: HashMap<DeviceKey, u64>,
+    marks: FxHashMap<DeviceKey, u64>,
     /// SQLite: each device's session epoch (a cache of devices.epoch; on
     /// SQLite only this writer changes it). PostgreSQL reads and locks the
     /// epochs in every group instead: other hubs change them.
-    epochs: HashMap<DeviceKey, u64>,
+    epochs: FxHashMap<DeviceKey, u64>,
     sensors: HashMap<String, SensorKey>,
-    sensor_names: HashMap<SensorKey, Arc<str>>,
+    sensor_names: FxHashMap<SensorKey, Arc<str>>,
     sensors_loaded: bool,
     /// Committed sensors of each device seen since the last failure.
-    device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
+    device_sensors: FxHashMap<DeviceKey, Vec<SensorKey>>,
     /// SQLite: the marks were cleared, so some device with rows in the
     /// progress log may have no mark here: the next group folds the log
     /// in first (unless it is retention alone, which reads no mark). While
@@ -372,7 +372,7 @@ enum Step {
 /// bumps the epoch) earlier in the group; what an older stream queued after such
 /// a change is fenced. The new stream of a Hello sends nothing before its
 /// Welcome, so every batch after it in the group is an older stream's.
-fn plan(group: &[WriterMsg], epochs: &HashMap<DeviceKey, u64>) -> Vec<Step> {
+fn plan(group: &[WriterMsg], epochs: &FxHashMap<DeviceKey, u64>) -> Vec<Step> {
     let mut bumped: std::collections::HashSet<&str> = std::collections::HashSet::new();
     group
         .iter()
@@ -431,7 +431,7 @@ async fn register_in_bulk(
     now: i64,
     hub: &str,
     twins: &mut GroupTwins,
-) -> Result<HashMap<usize, Registration>, StoreError> {
+) -> Result<FxHashMap<usize, Registration>, StoreError> {
     let streams = || {
         group.iter().enumerate().filter_map(|(i, msg)| match msg {
             WriterMsg::Register {
@@ -448,7 +448,7 @@ async fn register_in_bulk(
             .iter()
             .any(|m| matches!(m, WriterMsg::Credentials { .. }))
     {
-        return Ok(HashMap::new());
+        return Ok(FxHashMap::default());
     }
     let mut named: HashMap<&str, usize> = HashMap::new();
     for id in group.iter().filter_map(WriterMsg::names_device) {
@@ -459,7 +459,7 @@ async fn register_in_bulk(
         .map(|(i, hello, proof)| (i, (hello, proof)))
         .unzip();
     let done = tx.register_streams(&hellos, now, hub).await?;
-    let settled: HashMap<usize, Registration> = at
+    let settled: FxHashMap<usize, Registration> = at
         .into_iter()
         .zip(done)
         .filter_map(|(i, r)| Some((i, r?)))
@@ -472,15 +472,15 @@ async fn register_in_bulk(
 /// What a group changes in the writer's memory, applied after its commit.
 #[derive(Default)]
 struct GroupChanges {
-    marks: HashMap<DeviceKey, u64>,
+    marks: FxHashMap<DeviceKey, u64>,
     /// Epochs read or bumped in the group (SQLite's cache).
-    epochs: HashMap<DeviceKey, u64>,
+    epochs: FxHashMap<DeviceKey, u64>,
     sensors: HashMap<String, SensorKey>,
-    device_sensors: HashMap<DeviceKey, Vec<SensorKey>>,
+    device_sensors: FxHashMap<DeviceKey, Vec<SensorKey>>,
     /// The external id of each device with readings in the group.
-    names: HashMap<DeviceKey, Arc<str>>,
+    names: FxHashMap<DeviceKey, Arc<str>>,
     /// Readings added per device.
-    added: HashMap<DeviceKey, u64>,
+    added: FxHashMap<DeviceKey, u64>,
     /// Twin changes to hand over after the commit, in order: the part, the
     /// twin after the group, and the patch when it was the group's only
     /// change of that part.
@@ -603,7 +603,7 @@ impl GroupTwin {
 /// The twins a group changes, by device.
 #[derive(Default)]
 struct GroupTwins {
-    twins: HashMap<DeviceKey, GroupTwin>,
+    twins: FxHashMap<DeviceKey, GroupTwin>,
 }
 
 impl GroupTwins {
@@ -709,12 +709,12 @@ impl Writer {
         alarms: AlarmWork,
     ) -> Self {
         let known = Known {
-            marks: HashMap::new(),
-            epochs: HashMap::new(),
+            marks: FxHashMap::default(),
+            epochs: FxHashMap::default(),
             sensors: HashMap::new(),
-            sensor_names: HashMap::new(),
+            sensor_names: FxHashMap::default(),
             sensors_loaded: false,
-            device_sensors: HashMap::new(),
+            device_sensors: FxHashMap::default(),
             // The store folded the logs when it opened, unless that failed.
             fold_first: store.unfolded(),
             max_sensors: settings.max_sensors,
@@ -731,7 +731,7 @@ impl Writer {
             known,
             rows: Vec::new(),
             row_parts: Vec::new(),
-            row_names: HashMap::new(),
+            row_names: FxHashMap::default(),
             fanout,
             published: 0,
             staged: None,
@@ -748,7 +748,7 @@ impl Writer {
             streams: 0,
             twins,
             alarms,
-            sensor_seen: HashMap::new(),
+            sensor_seen: FxHashMap::default(),
             logged: [0; LOG_SLICES as usize],
             last_fold: Instant::now(),
         }
@@ -1470,7 +1470,7 @@ impl Writer {
         }
         let unknown: Arc<str> = Arc::from("");
         let mut devices: Vec<DeviceReadings> = Vec::new();
-        let mut slots: HashMap<DeviceKey, usize> = HashMap::new();
+        let mut slots: FxHashMap<DeviceKey, usize> = FxHashMap::default();
         for r in &self.rows {
             let slot = *slots.entry(r.device).or_insert_with(|| {
                 devices.push(DeviceReadings {
@@ -1903,11 +1903,11 @@ impl Known {
         tx: &mut WriteTx<'_>,
         devices: &[DeviceKey],
         changes: &mut GroupChanges,
-    ) -> Result<HashMap<DeviceKey, u64>, StoreError> {
+    ) -> Result<FxHashMap<DeviceKey, u64>, StoreError> {
         if tx.shared() {
             return tx.lock_epochs(devices).await;
         }
-        let mut epochs = HashMap::with_capacity(devices.len());
+        let mut epochs = FxHashMap::with_capacity_and_hasher(devices.len(), Default::default());
         let mut missing = Vec::new();
         for device in devices {
             match self.epochs.get(device) {
@@ -2096,7 +2096,8 @@ mod tests {
 
     #[test]
     fn a_group_writes_only_batches_of_the_devices_current_streams() {
-        let epochs: HashMap<DeviceKey, u64> = [(DeviceKey(1), 5), (DeviceKey(2), 7)].into();
+        let epochs: FxHashMap<DeviceKey, u64> =
+            [(DeviceKey(1), 5), (DeviceKey(2), 7)].into_iter().collect();
         let failed = batch(2, "b", 7);
         if let WriterMsg::Batch(b) = &failed {
             b.ack.fail();
@@ -2119,7 +2120,8 @@ mod tests {
 
     #[test]
     fn credential_changes_that_bump_the_epoch_fence_what_follows() {
-        let epochs: HashMap<DeviceKey, u64> = [(DeviceKey(1), 5), (DeviceKey(2), 5)].into();
+        let epochs: FxHashMap<DeviceKey, u64> =
+            [(DeviceKey(1), 5), (DeviceKey(2), 5)].into_iter().collect();
         let cases = [
             (
                 change(CredentialChange::Rotate {

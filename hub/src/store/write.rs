@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use super::StoreError;
 use super::db::{Conn, Val, bind_vals, with_conn};
 use super::write_conn::WriteConn;
@@ -352,7 +354,7 @@ impl Batched {
 
 pub struct StoreWriter {
     conn: WriteConn,
-    sql: HashMap<(Batched, usize), String>,
+    sql: FxHashMap<(Batched, usize), String>,
     /// PostgreSQL: the months of `blocks` known to have a partition.
     partitions: std::collections::HashSet<i64>,
     /// SQLite: the last number given to a progress log row.
@@ -369,7 +371,7 @@ pub struct WriteTx<'c> {
     log_n: &'c mut i64,
     /// ...and the marks this transaction appended, by slice.
     logged: [u64; LOG_SLICES as usize],
-    sql: &'c mut HashMap<(Batched, usize), String>,
+    sql: &'c mut FxHashMap<(Batched, usize), String>,
     pub(super) partitions: &'c mut std::collections::HashSet<i64>,
 }
 
@@ -574,7 +576,7 @@ impl StoreWriter {
     pub(super) fn new(conn: WriteConn, lock: Option<std::fs::File>) -> Self {
         Self {
             conn,
-            sql: HashMap::new(),
+            sql: FxHashMap::default(),
             partitions: std::collections::HashSet::new(),
             log_n: 0,
             _lock: lock,
@@ -1123,7 +1125,7 @@ impl WriteTx<'_> {
         let everies = self.rollup_everies().await?;
         let rollups = super::rollups::rows_of(&mut rows, &everies);
         self.add_to_rollups(&rollups).await?;
-        let mut per_device: HashMap<i64, i64> = HashMap::new();
+        let mut per_device: FxHashMap<i64, i64> = FxHashMap::default();
         for r in &rows {
             *per_device.entry(r.device.0).or_default() += 1;
         }
@@ -1258,12 +1260,12 @@ impl WriteTx<'_> {
     pub async fn lock_epochs(
         &mut self,
         devices: &[DeviceKey],
-    ) -> Result<HashMap<DeviceKey, u64>, StoreError> {
+    ) -> Result<FxHashMap<DeviceKey, u64>, StoreError> {
         let mut keys: Vec<i64> = devices.iter().map(|d| d.0).collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Default::default());
         }
         let rows: Vec<(i64, i64)> = match self.conn.conn() {
             Conn::Postgres(c) => {
@@ -1509,7 +1511,7 @@ impl WriteTx<'_> {
             return Ok(folded);
         };
         // Per device: the mark, readings added, last seen, last reading.
-        let mut devices: HashMap<i64, [i64; 4]> = HashMap::new();
+        let mut devices: FxHashMap<i64, [i64; 4]> = FxHashMap::default();
         for (marks, seen_ms) in logged {
             for [device, acked_seq, added] in marks {
                 let d = devices.entry(device).or_insert([0; 4]);
@@ -1521,7 +1523,7 @@ impl WriteTx<'_> {
                 }
             }
         }
-        let mut series: HashMap<(i64, i64), i64> = HashMap::new();
+        let mut series: FxHashMap<(i64, i64), i64> = FxHashMap::default();
         for (marks, seen_ms) in seen {
             for [device, sensor] in marks {
                 let s = series.entry((device, sensor)).or_insert(seen_ms);
