@@ -1129,6 +1129,11 @@ impl WriteTx<'_> {
         for r in &rows {
             *per_device.entry(r.device.0).or_default() += 1;
         }
+        // In key order, as every other writer of `devices` rows locks them
+        // (on PostgreSQL another hub's group must not meet these in the
+        // opposite order).
+        let mut per_device: Vec<(i64, i64)> = per_device.into_iter().collect();
+        per_device.sort_unstable();
         for (device, n) in per_device {
             self.subtract_readings(device, n).await?;
         }

@@ -984,6 +984,92 @@ async fn sqlite_a_reported_patch_in_a_failed_commit_is_not_acked_and_applies_onc
     hub.assert_no_leaks().await;
 }
 
+/// A batch whose staging write fails inside the commit (a trigger of the
+/// test's own refuses the value 666 in every staging part: on PostgreSQL
+/// that fails the writer's binary COPY, on SQLite its INSERT): no ack for
+/// it and its stream ends UNAVAILABLE; another device's readings go on
+/// being stored; once the fault is gone the device finds its true mark
+/// and its resend is stored once. Runs on both backends (the suite's
+/// PostgreSQL pass included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
+    let hub = spawn_hub().await;
+    let now = now_ms();
+    let (mut a, _) = RawDevice::connect(&hub, "stage-fail-a").await;
+    let (mut b, _) = RawDevice::connect(&hub, "stage-fail-b").await;
+    a.send(batch(
+        (1..=5)
+            .map(|s| reading(s, "t", now + s as i64, 1.0))
+            .collect(),
+    ))
+    .await;
+    a.ack_through(5).await;
+    b.send(batch(
+        (1..=3)
+            .map(|s| reading(s, "t", now + s as i64, 2.0))
+            .collect(),
+    ))
+    .await;
+    b.ack_through(3).await;
+
+    let mut db = DbConn::open(&hub.settings).await;
+    let parts = 0..8;
+    if db.is_postgres() {
+        db.execute(
+            "CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.value = 666 THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$",
+        )
+        .await;
+        for p in parts.clone() {
+            db.execute(&format!(
+                "CREATE TRIGGER inject BEFORE INSERT ON readings_recent_{p} \
+                 FOR EACH ROW EXECUTE FUNCTION inject()"
+            ))
+            .await;
+        }
+    } else {
+        for p in parts.clone() {
+            db.execute(&format!(
+                "CREATE TRIGGER inject_{p} BEFORE INSERT ON readings_recent_{p} \
+                 WHEN NEW.value = 666 BEGIN SELECT RAISE(ABORT, 'injected'); END"
+            ))
+            .await;
+        }
+    }
+    let failures = hub.stats().await.commit_failures;
+    refused(&mut a, 6, now + 6, 666.0).await;
+    assert!(hub.stats().await.commit_failures > failures);
+    // The writer goes on: another device's next batch is stored and acked.
+    b.send(batch(vec![reading(4, "t", now + 4, 2.0)])).await;
+    b.ack_through(4).await;
+
+    for p in parts {
+        db.execute(&if db.is_postgres() {
+            format!("DROP TRIGGER inject ON readings_recent_{p}")
+        } else {
+            format!("DROP TRIGGER inject_{p}")
+        })
+        .await;
+    }
+    let (mut a, welcome) = RawDevice::connect(&hub, "stage-fail-a").await;
+    assert_eq!(welcome.acked_seq, 5, "the true mark: 6 was never stored");
+    a.send(batch(vec![reading(6, "t", now + 6, 666.0)])).await;
+    a.ack_through(6).await;
+
+    let stored = |rows: Vec<pb::ReadingRow>| -> Vec<(u64, f64)> {
+        let mut v: Vec<(u64, f64)> = rows.iter().map(|r| (r.seq, r.value)).collect();
+        v.sort_by_key(|r| r.0);
+        v
+    };
+    let mut want_a: Vec<(u64, f64)> = (1..=5).map(|s| (s, 1.0)).collect();
+    want_a.push((6, 666.0));
+    assert_eq!(stored(hub.readings("stage-fail-a").await), want_a);
+    let want_b: Vec<(u64, f64)> = (1..=4).map(|s| (s, 2.0)).collect();
+    assert_eq!(stored(hub.readings("stage-fail-b").await), want_b);
+    drop((a, b));
+    hub.assert_no_leaks().await;
+}
+
 /// Sends one reading and expects its commit to fail: no ack for it, the
 /// stream ends UNAVAILABLE.
 async fn refused(dev: &mut RawDevice, seq: u64, ts: i64, value: f64) {

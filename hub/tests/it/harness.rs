@@ -1010,6 +1010,19 @@ impl DbConn {
         .unwrap()
     }
 
+    /// Runs a statement of the test's own (DDL, fault injection).
+    pub async fn execute(&mut self, sql: &str) {
+        match self {
+            DbConn::Sqlite(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
+            DbConn::Postgres(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, DbConn::Postgres(_))
+    }
+
     /// A query's one value.
     pub async fn scalar<T>(&mut self, sql: &str) -> T
     where

@@ -1,9 +1,12 @@
 //! A small MQTT 3.1.1 broker in the test process, for machines without
-//! Mosquitto: QoS 0, 1 and 2, retained messages, wills, `+`/`#` filters and
-//! `$share/<group>/` subscriptions (one member of a group gets each
-//! message, in turn). Packets are framed with rumqttc's codec, the crate
-//! the hub speaks MQTT with. No persistence and no TLS: a restart starts
-//! empty, as the tests' Mosquitto does (`persistence false`).
+//! Mosquitto: QoS 0, 1 and 2 (a QoS 2 message is routed at its PUBREL,
+//! once), retained messages, wills (also on a takeover, as Mosquitto),
+//! `+`/`#` filters and `$share/<group>/` subscriptions (one member of a
+//! group gets each message, in turn). Packets are framed with rumqttc's
+//! codec, the crate the hub speaks MQTT with. No persistence and no TLS: a
+//! restart starts empty, as the tests' Mosquitto does (`persistence
+//! false`). Unlike Mosquitto, a connection writes to its client inline: a
+//! client that stops reading stalls only its own connection.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,11 +21,13 @@ use rumqttc::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Larger than any payload the hub is configured to send in the tests.
 const MAX_PACKET: usize = 16 << 20;
+/// A connection that sends no CONNECT within this is dropped.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// Messages queued for one client; past that its messages are dropped
 /// (and said so), as Mosquitto does past `max_queued_messages`.
 const QUEUE: usize = 10_000;
@@ -89,6 +94,9 @@ struct Client {
     /// Which connection holds the client id now (a newer one takes it over).
     conn: u64,
     outbox: mpsc::Sender<Publish>,
+    /// Dropped when a newer connection takes the id: the old one ends at
+    /// once, whatever its outbox still holds.
+    _held: oneshot::Sender<()>,
     subscriptions: Vec<Subscription>,
 }
 
@@ -104,19 +112,27 @@ struct Router {
 
 impl Router {
     /// Registers a connection under `id`; a connection that held it before
-    /// loses its outbox, which ends it (MQTT's session takeover).
-    fn connect(&mut self, id: &str, outbox: mpsc::Sender<Publish>) -> u64 {
+    /// is told to end (MQTT's session takeover). The receiver resolves when
+    /// this connection is taken over in turn.
+    fn connect(&mut self, id: &str, outbox: mpsc::Sender<Publish>) -> (u64, oneshot::Receiver<()>) {
         self.next_conn += 1;
         let conn = self.next_conn;
+        let (held, taken) = oneshot::channel();
         self.clients.insert(
             id.to_string(),
             Client {
                 conn,
                 outbox,
+                _held: held,
                 subscriptions: Vec::new(),
             },
         );
-        conn
+        (conn, taken)
+    }
+
+    /// The client `id` while connection `conn` still holds it.
+    fn holding(&mut self, id: &str, conn: u64) -> Option<&mut Client> {
+        self.clients.get_mut(id).filter(|c| c.conn == conn)
     }
 
     fn disconnect(&mut self, id: &str, conn: u64) {
@@ -127,8 +143,8 @@ impl Router {
 
     /// Adds the subscriptions and queues the retained messages they match
     /// (a shared subscription gets none, as in MQTT 5 and Mosquitto).
-    fn subscribe(&mut self, id: &str, subscriptions: Vec<Subscription>) {
-        let Some(client) = self.clients.get_mut(id) else {
+    fn subscribe(&mut self, id: &str, conn: u64, subscriptions: Vec<Subscription>) {
+        let Some(client) = self.clients.get_mut(id).filter(|c| c.conn == conn) else {
             return;
         };
         for sub in subscriptions {
@@ -148,8 +164,8 @@ impl Router {
         }
     }
 
-    fn unsubscribe(&mut self, id: &str, paths: &[String]) {
-        if let Some(client) = self.clients.get_mut(id) {
+    fn unsubscribe(&mut self, id: &str, conn: u64, paths: &[String]) {
+        if let Some(client) = self.holding(id, conn) {
             for path in paths {
                 let gone = Subscription::parse(path, QoS::AtMostOnce);
                 client
@@ -168,7 +184,9 @@ impl Router {
             if message.payload.is_empty() {
                 self.retained.remove(&message.topic);
             } else {
-                self.retained.insert(message.topic.clone(), message.clone());
+                let mut kept = message.clone();
+                kept.dup = false;
+                self.retained.insert(message.topic.clone(), kept);
             }
         }
         let mut groups: BTreeMap<(String, String), Vec<(&String, QoS)>> = BTreeMap::new();
@@ -273,7 +291,8 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
     let peer = socket.peer_addr().map(|a| a.port()).unwrap_or_default();
     let (mut reader, mut writer) = socket.into_split();
     let mut input = BytesMut::with_capacity(4096);
-    let Some(Packet::Connect(connect)) = read_packet(&mut reader, &mut input).await else {
+    let first = tokio::time::timeout(CONNECT_WAIT, read_packet(&mut reader, &mut input)).await;
+    let Ok(Some(Packet::Connect(connect))) = first else {
         return;
     };
     let (outbox, mut routed) = mpsc::channel(QUEUE);
@@ -282,7 +301,7 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
     } else {
         connect.client_id.clone()
     };
-    let conn = router.lock().unwrap().connect(&id, outbox);
+    let (conn, mut taken) = router.lock().unwrap().connect(&id, outbox);
     let mut output = BytesMut::new();
     let ack = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
     if send(&mut writer, &mut output, &ack).await.is_err() {
@@ -294,23 +313,28 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let mut heard = Instant::now();
     let mut next_pkid: u16 = 0;
+    // QoS 2 messages received, routed when their PUBREL comes.
+    let mut held: HashMap<u16, Publish> = HashMap::new();
     let clean = loop {
         let quiet_until = heard + patience.unwrap_or(Duration::from_secs(86_400));
         let reply = tokio::select! {
+            biased;
+            // Taken over by a newer connection with the same id: Mosquitto
+            // ends this one at once and publishes its will.
+            _ = &mut taken => break false,
             packet = read_packet(&mut reader, &mut input) => {
                 heard = Instant::now();
                 match packet {
                     None => break false,
                     Some(Packet::Disconnect) => break true,
-                    Some(packet) => match incoming(&router, &id, packet) {
+                    Some(packet) => match incoming(&router, &id, conn, &mut held, packet) {
                         Ok(reply) => reply,
                         Err(()) => break false,
                     },
                 }
             }
             message = routed.recv() => match message {
-                // Taken over by a newer connection with the same id.
-                None => break true,
+                None => break false,
                 Some(mut message) => {
                     if message.qos != QoS::AtMostOnce {
                         next_pkid = next_pkid.checked_add(1).unwrap_or(1);
@@ -338,17 +362,36 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
 
 /// What one packet from a client does; the reply to send, if any. Err: a
 /// packet a client must not send (a second CONNECT, a server's packet).
-fn incoming(router: &Mutex<Router>, id: &str, packet: Packet) -> Result<Option<Packet>, ()> {
+fn incoming(
+    router: &Mutex<Router>,
+    id: &str,
+    conn: u64,
+    held: &mut HashMap<u16, Publish>,
+    packet: Packet,
+) -> Result<Option<Packet>, ()> {
     Ok(match packet {
-        Packet::Publish(message) => {
-            router.lock().unwrap().publish(&message);
-            match message.qos {
-                QoS::AtMostOnce => None,
-                QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(message.pkid))),
-                QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(message.pkid))),
+        Packet::Publish(message) => match message.qos {
+            QoS::AtMostOnce => {
+                router.lock().unwrap().publish(&message);
+                None
             }
+            QoS::AtLeastOnce => {
+                router.lock().unwrap().publish(&message);
+                Some(Packet::PubAck(PubAck::new(message.pkid)))
+            }
+            // Held until PUBREL: a resent PUBLISH replaces it, not doubles it.
+            QoS::ExactlyOnce => {
+                let pkid = message.pkid;
+                held.insert(pkid, message);
+                Some(Packet::PubRec(PubRec::new(pkid)))
+            }
+        },
+        Packet::PubRel(rel) => {
+            if let Some(message) = held.remove(&rel.pkid) {
+                router.lock().unwrap().publish(&message);
+            }
+            Some(Packet::PubComp(PubComp::new(rel.pkid)))
         }
-        Packet::PubRel(rel) => Some(Packet::PubComp(PubComp::new(rel.pkid))),
         Packet::PubRec(rec) => Some(Packet::PubRel(PubRel::new(rec.pkid))),
         Packet::PubAck(_) | Packet::PubComp(_) => None,
         Packet::Subscribe(subscribe) => {
@@ -364,11 +407,14 @@ fn incoming(router: &Mutex<Router>, id: &str, packet: Packet) -> Result<Option<P
                 .collect();
             // The SubAck goes out before the retained messages queued here:
             // they wait in the outbox until this reply is written.
-            router.lock().unwrap().subscribe(id, subscriptions);
+            router.lock().unwrap().subscribe(id, conn, subscriptions);
             Some(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
         }
         Packet::Unsubscribe(unsubscribe) => {
-            router.lock().unwrap().unsubscribe(id, &unsubscribe.topics);
+            router
+                .lock()
+                .unwrap()
+                .unsubscribe(id, conn, &unsubscribe.topics);
             Some(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
         }
         Packet::PingReq => Some(Packet::PingResp),
@@ -415,9 +461,10 @@ fn filters_match_as_mqtt_says() {
 fn a_shared_group_gets_each_message_once_in_turn_and_no_retained() {
     let mut router = Router::default();
     let mut outboxes = Vec::new();
+    let mut conns = HashMap::new();
     for id in ["a", "b", "plain"] {
         let (tx, rx) = mpsc::channel(16);
-        router.connect(id, tx);
+        conns.insert(id, router.connect(id, tx));
         outboxes.push(rx);
     }
     router.publish(&{
@@ -426,12 +473,19 @@ fn a_shared_group_gets_each_message_once_in_turn_and_no_retained() {
         m
     });
     for id in ["a", "b"] {
+        let conn = conns[id].0;
         router.subscribe(
             id,
+            conn,
             vec![Subscription::parse("$share/g/t/+", QoS::AtLeastOnce)],
         );
     }
-    router.subscribe("plain", vec![Subscription::parse("t/#", QoS::AtMostOnce)]);
+    let plain = conns["plain"].0;
+    router.subscribe(
+        "plain",
+        plain,
+        vec![Subscription::parse("t/#", QoS::AtMostOnce)],
+    );
     let kept = outboxes[2]
         .try_recv()
         .expect("a plain subscriber gets the retained");
@@ -447,5 +501,39 @@ fn a_shared_group_gets_each_message_once_in_turn_and_no_retained() {
         got,
         vec![2, 2, 4],
         "each shared member half, the plain one all"
+    );
+}
+
+#[test]
+fn a_takeover_ends_the_old_connection_and_its_late_subscribe_is_ignored() {
+    let mut router = Router::default();
+    let (old_tx, _old_rx) = mpsc::channel(16);
+    let (old, mut old_taken) = router.connect("x", old_tx);
+    let (new_tx, mut new_rx) = mpsc::channel(16);
+    let (new, mut new_taken) = router.connect("x", new_tx);
+    assert_eq!(
+        old_taken.try_recv(),
+        Err(oneshot::error::TryRecvError::Closed)
+    );
+    assert_eq!(
+        new_taken.try_recv(),
+        Err(oneshot::error::TryRecvError::Empty)
+    );
+    router.subscribe(
+        "x",
+        old,
+        vec![Subscription::parse("old/#", QoS::AtMostOnce)],
+    );
+    router.subscribe(
+        "x",
+        new,
+        vec![Subscription::parse("new/#", QoS::AtMostOnce)],
+    );
+    router.publish(&Publish::new("old/t", QoS::AtMostOnce, "no"));
+    router.publish(&Publish::new("new/t", QoS::AtMostOnce, "yes"));
+    assert_eq!(new_rx.try_recv().map(|m| m.topic).as_deref(), Ok("new/t"));
+    assert!(
+        new_rx.try_recv().is_err(),
+        "nothing from the old one's filter"
     );
 }
