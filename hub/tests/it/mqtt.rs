@@ -28,6 +28,10 @@ struct Probe {
 
 impl Probe {
     async fn connect(port: u16, filter: &str) -> Probe {
+        Self::connect_at(port, filter, QoS::AtLeastOnce).await
+    }
+
+    async fn connect_at(port: u16, filter: &str, qos: QoS) -> Probe {
         let mut options = MqttOptions::new(unique("probe"), "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
@@ -47,7 +51,7 @@ impl Probe {
                 }
             }
         });
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        client.subscribe(filter, qos).await.unwrap();
         tokio::time::timeout(WAIT, subscribed.recv())
             .await
             .expect("SubAck from the broker");
@@ -213,6 +217,47 @@ async fn committed_readings_and_presence_reach_mqtt() {
     let mut after = Probe::connect(broker.port, &status_topic).await;
     let (value, retained) = after.next_on(&status_topic).await;
     assert_eq!((value, retained), (json!("offline"), true));
+}
+
+/// The bridge at QoS 2 (`mqtt.qos = 2`) to a probe subscribed at QoS 2:
+/// both legs run the four-packet handshake, and each committed batch
+/// arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_qos_2_each_committed_batch_reaches_mqtt_once() {
+    let broker = TestBroker::start();
+    let prefix = unique("qos2");
+    let mut probe = Probe::connect_at(broker.port, &format!("{prefix}/#"), QoS::ExactlyOnce).await;
+    let (port, topic_prefix) = (broker.port, prefix.clone());
+    let hub = spawn_hub_with(move |s| {
+        s.mqtt.enabled = true;
+        s.mqtt.url = format!("mqtt://127.0.0.1:{port}");
+        s.mqtt.client_id = unique("hub");
+        s.mqtt.topic_prefix = topic_prefix;
+        s.mqtt.qos = 2;
+    })
+    .await;
+    probe.next_on(&hub_status(&hub, &prefix)).await;
+    let (mut dev, _) = RawDevice::connect(&hub, "mq-q2").await;
+    let topic = format!("{prefix}/devices/mq-q2/readings");
+    for seq in 1..=3u64 {
+        let ts = 1_767_225_600_000 + seq as i64;
+        dev.send(batch(vec![reading(seq, "t", ts, seq as f64)]))
+            .await;
+        dev.ack_through(seq).await;
+        let (msg, _) = probe.next_on(&topic).await;
+        assert_eq!(msg["readings"][0]["seq"], seq, "{msg}");
+    }
+    let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some((t, payload, _))) = tokio::time::timeout_at(quiet, probe.rx.recv()).await {
+        assert_ne!(
+            t,
+            topic,
+            "delivered twice: {}",
+            String::from_utf8_lossy(&payload)
+        );
+    }
+    drop(dev);
+    hub.assert_no_leaks().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
