@@ -1129,9 +1129,10 @@ impl WriteTx<'_> {
         for r in &rows {
             *per_device.entry(r.device.0).or_default() += 1;
         }
-        // In key order, as every other writer of `devices` rows locks them
-        // (on PostgreSQL another hub's group must not meet these in the
-        // opposite order).
+        // In key order, as the group locked its devices (PostgreSQL): a
+        // deadlock with another hub stays possible for devices outside the
+        // group's batches, and is retried as a conflict, but the updates
+        // no longer come in an order of their own.
         let mut per_device: Vec<(i64, i64)> = per_device.into_iter().collect();
         per_device.sort_unstable();
         for (device, n) in per_device {

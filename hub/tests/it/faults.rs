@@ -985,28 +985,36 @@ async fn sqlite_a_reported_patch_in_a_failed_commit_is_not_acked_and_applies_onc
 }
 
 /// A batch whose staging write fails inside the commit (a trigger of the
-/// test's own refuses the value 666 in every staging part: on PostgreSQL
-/// that fails the writer's binary COPY, on SQLite its INSERT): no ack for
-/// it and its stream ends UNAVAILABLE; another device's readings go on
-/// being stored; once the fault is gone the device finds its true mark
-/// and its resend is stored once. Runs on both backends (the suite's
-/// PostgreSQL pass included).
+/// test's own refuses the value 666 in every staging part) is not acked
+/// and its stream ends UNAVAILABLE: first a one-reading batch (PostgreSQL
+/// stages it with a multi-row INSERT), then one of 70 readings in one part
+/// (PostgreSQL's binary COPY, from 64 rows; a failed COPY leaves the
+/// connection to be replaced). Another device's readings go on being
+/// stored; once the fault is gone the device finds its true mark and its
+/// resend is stored once, each seq exactly once in the database. On both
+/// backends (SQLite: INSERTs; the suite's PostgreSQL pass: both paths).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
     let hub = spawn_hub().await;
     let now = now_ms();
     let (mut a, _) = RawDevice::connect(&hub, "stage-fail-a").await;
     let (mut b, _) = RawDevice::connect(&hub, "stage-fail-b").await;
+    let value = |s: u64, last: u64| if s == last { 666.0 } else { 1.0 };
+    let readings = |seqs: std::ops::RangeInclusive<u64>| -> Vec<pb::Reading> {
+        let last = *seqs.end();
+        seqs.map(|s| reading(s, "temp", now + s as i64, value(s, last)))
+            .collect()
+    };
     a.send(batch(
         (1..=5)
-            .map(|s| reading(s, "t", now + s as i64, 1.0))
+            .map(|s| reading(s, "temp", now + s as i64, 1.0))
             .collect(),
     ))
     .await;
     a.ack_through(5).await;
     b.send(batch(
         (1..=3)
-            .map(|s| reading(s, "t", now + s as i64, 2.0))
+            .map(|s| reading(s, "temp", now + s as i64, 2.0))
             .collect(),
     ))
     .await;
@@ -1036,11 +1044,16 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
             .await;
         }
     }
-    let failures = hub.stats().await.commit_failures;
-    refused(&mut a, 6, now + 6, 666.0).await;
-    assert!(hub.stats().await.commit_failures > failures);
+    for last in [6, 75] {
+        let failures = hub.stats().await.commit_failures;
+        refused_batch(&mut a, readings(6..=last)).await;
+        assert!(hub.stats().await.commit_failures > failures);
+        let (again, welcome) = RawDevice::connect(&hub, "stage-fail-a").await;
+        assert_eq!(welcome.acked_seq, 5, "the true mark: nothing of 6..={last}");
+        a = again;
+    }
     // The writer goes on: another device's next batch is stored and acked.
-    b.send(batch(vec![reading(4, "t", now + 4, 2.0)])).await;
+    b.send(batch(vec![reading(4, "temp", now + 4, 2.0)])).await;
     b.ack_through(4).await;
 
     for p in parts {
@@ -1051,21 +1064,22 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
         })
         .await;
     }
-    let (mut a, welcome) = RawDevice::connect(&hub, "stage-fail-a").await;
-    assert_eq!(welcome.acked_seq, 5, "the true mark: 6 was never stored");
-    a.send(batch(vec![reading(6, "t", now + 6, 666.0)])).await;
-    a.ack_through(6).await;
+    a.send(batch(readings(6..=75))).await;
+    a.ack_through(75).await;
 
-    let stored = |rows: Vec<pb::ReadingRow>| -> Vec<(u64, f64)> {
-        let mut v: Vec<(u64, f64)> = rows.iter().map(|r| (r.seq, r.value)).collect();
-        v.sort_by_key(|r| r.0);
-        v
-    };
-    let mut want_a: Vec<(u64, f64)> = (1..=5).map(|s| (s, 1.0)).collect();
-    want_a.push((6, 666.0));
-    assert_eq!(stored(hub.readings("stage-fail-a").await), want_a);
-    let want_b: Vec<(u64, f64)> = (1..=4).map(|s| (s, 2.0)).collect();
-    assert_eq!(stored(hub.readings("stage-fail-b").await), want_b);
+    let rows = hub.readings("stage-fail-a").await;
+    let got: Vec<(u64, f64)> = rows.iter().map(|r| (r.seq, r.value)).collect();
+    let want: Vec<(u64, f64)> = (1..=75).map(|s| (s, value(s, 75))).collect();
+    assert_eq!(got, want);
+    // In the database itself (a read deduplicates): each seq once.
+    for (prefix, n) in [("stage-fail-a", 75), ("stage-fail-b", 4)] {
+        let devices = db.devices(prefix).await;
+        let (key, _, mark, count) = devices[0];
+        assert_eq!((mark, count), (n, n), "{prefix}");
+        let mut seqs = db.stored_seqs(key).await;
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=n).collect::<Vec<i64>>(), "{prefix}");
+    }
     drop((a, b));
     hub.assert_no_leaks().await;
 }
@@ -1073,7 +1087,14 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
 /// Sends one reading and expects its commit to fail: no ack for it, the
 /// stream ends UNAVAILABLE.
 async fn refused(dev: &mut RawDevice, seq: u64, ts: i64, value: f64) {
-    dev.send(batch(vec![reading(seq, "temp", ts, value)])).await;
+    refused_batch(dev, vec![reading(seq, "temp", ts, value)]).await;
+}
+
+/// Sends a batch and expects its commit to fail: no ack for any of it
+/// (nothing at or past its first seq), the stream ends UNAVAILABLE.
+async fn refused_batch(dev: &mut RawDevice, readings: Vec<pb::Reading>) {
+    let seq = readings.first().map_or(0, |r| r.seq);
+    dev.send(batch(readings)).await;
     loop {
         match dev.next().await {
             Ok(Some(HubMsg::Ack(a))) => {

@@ -22,7 +22,8 @@ fn unique(name: &str) -> String {
 /// A plain MQTT client that records what it receives.
 struct Probe {
     client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    /// Topic, payload, retain flag, and the QoS it was delivered at.
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>, bool, QoS)>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,7 +42,7 @@ impl Probe {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send((p.topic, p.payload.to_vec(), p.retain));
+                        let _ = tx.send((p.topic, p.payload.to_vec(), p.retain, p.qos));
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(());
@@ -60,16 +61,22 @@ impl Probe {
 
     /// The next message whose topic is `topic` (others are skipped).
     async fn next_on(&mut self, topic: &str) -> (Value, bool) {
+        let (value, retain, _) = self.next_at(topic).await;
+        (value, retain)
+    }
+
+    /// The same, with the QoS it was delivered at.
+    async fn next_at(&mut self, topic: &str) -> (Value, bool, QoS) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (t, payload, retain) = tokio::time::timeout_at(deadline, self.rx.recv())
+            let (t, payload, retain, qos) = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
                 .unwrap_or_else(|_| panic!("no message on {topic}"))
                 .unwrap();
             if t == topic {
                 let value = serde_json::from_slice(&payload)
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into()));
-                return (value, retain);
+                return (value, retain, qos);
             }
         }
     }
@@ -244,11 +251,12 @@ async fn at_qos_2_each_committed_batch_reaches_mqtt_once() {
         dev.send(batch(vec![reading(seq, "t", ts, seq as f64)]))
             .await;
         dev.ack_through(seq).await;
-        let (msg, _) = probe.next_on(&topic).await;
+        let (msg, _, qos) = probe.next_at(&topic).await;
         assert_eq!(msg["readings"][0]["seq"], seq, "{msg}");
+        assert_eq!(qos, QoS::ExactlyOnce, "delivered at QoS 2 end to end");
     }
     let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Some((t, payload, _))) = tokio::time::timeout_at(quiet, probe.rx.recv()).await {
+    while let Ok(Some((t, payload, ..))) = tokio::time::timeout_at(quiet, probe.rx.recv()).await {
         assert_ne!(
             t,
             topic,

@@ -97,6 +97,8 @@ struct Client {
     /// Dropped when a newer connection takes the id: the old one ends at
     /// once, whatever its outbox still holds.
     _held: oneshot::Sender<()>,
+    /// Published when the connection is lost or taken over.
+    will: Option<Publish>,
     subscriptions: Vec<Subscription>,
 }
 
@@ -112,21 +114,30 @@ struct Router {
 
 impl Router {
     /// Registers a connection under `id`; a connection that held it before
-    /// is told to end (MQTT's session takeover). The receiver resolves when
-    /// this connection is taken over in turn.
-    fn connect(&mut self, id: &str, outbox: mpsc::Sender<Publish>) -> (u64, oneshot::Receiver<()>) {
+    /// is told to end and its will goes out now, before this one's CONNACK
+    /// (MQTT's session takeover, as Mosquitto does it). The receiver
+    /// resolves when this connection is taken over in turn.
+    fn connect(
+        &mut self,
+        id: &str,
+        outbox: mpsc::Sender<Publish>,
+        will: Option<Publish>,
+    ) -> (u64, oneshot::Receiver<()>) {
         self.next_conn += 1;
         let conn = self.next_conn;
         let (held, taken) = oneshot::channel();
-        self.clients.insert(
-            id.to_string(),
-            Client {
-                conn,
-                outbox,
-                _held: held,
-                subscriptions: Vec::new(),
-            },
-        );
+        let client = Client {
+            conn,
+            outbox,
+            _held: held,
+            will,
+            subscriptions: Vec::new(),
+        };
+        if let Some(old) = self.clients.insert(id.to_string(), client)
+            && let Some(will) = old.will
+        {
+            self.publish(&will);
+        }
         (conn, taken)
     }
 
@@ -135,9 +146,17 @@ impl Router {
         self.clients.get_mut(id).filter(|c| c.conn == conn)
     }
 
-    fn disconnect(&mut self, id: &str, conn: u64) {
-        if self.clients.get(id).is_some_and(|c| c.conn == conn) {
-            self.clients.remove(id);
+    /// Connection `conn` of `id` ended; `lost` (no DISCONNECT) publishes
+    /// its will. A connection taken over no longer holds the id: nothing
+    /// here (its will went out at the takeover).
+    fn disconnect(&mut self, id: &str, conn: u64, lost: bool) {
+        if self.holding(id, conn).is_none() {
+            return;
+        }
+        if let Some(client) = self.clients.remove(id)
+            && let (true, Some(will)) = (lost, client.will)
+        {
+            self.publish(&will);
         }
     }
 
@@ -301,11 +320,16 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
     } else {
         connect.client_id.clone()
     };
-    let (conn, mut taken) = router.lock().unwrap().connect(&id, outbox);
+    let will = connect.last_will.map(|will| {
+        let mut message = Publish::from_bytes(will.topic, will.qos, will.message);
+        message.retain = will.retain;
+        message
+    });
+    let (conn, mut taken) = router.lock().unwrap().connect(&id, outbox, will);
     let mut output = BytesMut::new();
     let ack = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
     if send(&mut writer, &mut output, &ack).await.is_err() {
-        router.lock().unwrap().disconnect(&id, conn);
+        router.lock().unwrap().disconnect(&id, conn, true);
         return;
     }
     // MQTT: silent for one and a half keep-alives means gone.
@@ -315,26 +339,25 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
     let mut next_pkid: u16 = 0;
     // QoS 2 messages received, routed when their PUBREL comes.
     let mut held: HashMap<u16, Publish> = HashMap::new();
-    let clean = loop {
+    let lost = loop {
         let quiet_until = heard + patience.unwrap_or(Duration::from_secs(86_400));
         let reply = tokio::select! {
-            biased;
-            // Taken over by a newer connection with the same id: Mosquitto
-            // ends this one at once and publishes its will.
-            _ = &mut taken => break false,
+            // Taken over by a newer connection with the same id: this one
+            // ends (its will went out at the takeover).
+            _ = &mut taken => break true,
             packet = read_packet(&mut reader, &mut input) => {
                 heard = Instant::now();
                 match packet {
-                    None => break false,
-                    Some(Packet::Disconnect) => break true,
+                    None => break true,
+                    Some(Packet::Disconnect) => break false,
                     Some(packet) => match incoming(&router, &id, conn, &mut held, packet) {
                         Ok(reply) => reply,
-                        Err(()) => break false,
+                        Err(()) => break true,
                     },
                 }
             }
             message = routed.recv() => match message {
-                None => break false,
+                None => break true,
                 Some(mut message) => {
                     if message.qos != QoS::AtMostOnce {
                         next_pkid = next_pkid.checked_add(1).unwrap_or(1);
@@ -343,21 +366,15 @@ async fn serve(socket: TcpStream, router: Arc<Mutex<Router>>) {
                     Some(Packet::Publish(message))
                 }
             },
-            _ = tokio::time::sleep_until(quiet_until) => break false,
+            _ = tokio::time::sleep_until(quiet_until) => break true,
         };
         if let Some(reply) = reply
             && send(&mut writer, &mut output, &reply).await.is_err()
         {
-            break false;
+            break true;
         }
     };
-    let mut router = router.lock().unwrap();
-    router.disconnect(&id, conn);
-    if let (false, Some(will)) = (clean, connect.last_will) {
-        let mut message = Publish::from_bytes(will.topic, will.qos, will.message);
-        message.retain = will.retain;
-        router.publish(&message);
-    }
+    router.lock().unwrap().disconnect(&id, conn, lost);
 }
 
 /// What one packet from a client does; the reply to send, if any. Err: a
@@ -464,7 +481,7 @@ fn a_shared_group_gets_each_message_once_in_turn_and_no_retained() {
     let mut conns = HashMap::new();
     for id in ["a", "b", "plain"] {
         let (tx, rx) = mpsc::channel(16);
-        conns.insert(id, router.connect(id, tx));
+        conns.insert(id, router.connect(id, tx, None));
         outboxes.push(rx);
     }
     router.publish(&{
@@ -505,12 +522,27 @@ fn a_shared_group_gets_each_message_once_in_turn_and_no_retained() {
 }
 
 #[test]
-fn a_takeover_ends_the_old_connection_and_its_late_subscribe_is_ignored() {
+fn a_takeover_ends_the_old_connection_publishes_its_will_once_and_ignores_its_late_subscribe() {
     let mut router = Router::default();
     let (old_tx, _old_rx) = mpsc::channel(16);
-    let (old, mut old_taken) = router.connect("x", old_tx);
+    let (watch_tx, mut watch_rx) = mpsc::channel(16);
+    let (watcher, _) = router.connect("watcher", watch_tx, None);
+    router.subscribe(
+        "watcher",
+        watcher,
+        vec![Subscription::parse("x/status", QoS::AtMostOnce)],
+    );
+    let will = Publish::new("x/status", QoS::AtMostOnce, "offline");
+    let (old, mut old_taken) = router.connect("x", old_tx, Some(will.clone()));
     let (new_tx, mut new_rx) = mpsc::channel(16);
-    let (new, mut new_taken) = router.connect("x", new_tx);
+    let (new, mut new_taken) = router.connect("x", new_tx, Some(will));
+    let told = watch_rx
+        .try_recv()
+        .expect("the old connection's will, at the takeover");
+    assert_eq!(&told.payload[..], b"offline");
+    // The old connection ending later publishes nothing more.
+    router.disconnect("x", old, true);
+    assert!(watch_rx.try_recv().is_err(), "one will, not two");
     assert_eq!(
         old_taken.try_recv(),
         Err(oneshot::error::TryRecvError::Closed)
