@@ -1021,28 +1021,8 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
     b.ack_through(3).await;
 
     let mut db = DbConn::open(&hub.settings).await;
-    let parts = 0..8;
-    if db.is_postgres() {
-        db.execute(
-            "CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.value = 666 THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$",
-        )
-        .await;
-        for p in parts.clone() {
-            db.execute(&format!(
-                "CREATE TRIGGER inject BEFORE INSERT ON readings_recent_{p} \
-                 FOR EACH ROW EXECUTE FUNCTION inject()"
-            ))
-            .await;
-        }
-    } else {
-        for p in parts.clone() {
-            db.execute(&format!(
-                "CREATE TRIGGER inject_{p} BEFORE INSERT ON readings_recent_{p} \
-                 WHEN NEW.value = 666 BEGIN SELECT RAISE(ABORT, 'injected'); END"
-            ))
-            .await;
-        }
+    for sql in staging_fault(db.is_postgres(), true) {
+        db.execute(&sql).await;
     }
     for last in [6, 75] {
         let failures = hub.stats().await.commit_failures;
@@ -1056,13 +1036,8 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
     b.send(batch(vec![reading(4, "temp", now + 4, 2.0)])).await;
     b.ack_through(4).await;
 
-    for p in parts {
-        db.execute(&if db.is_postgres() {
-            format!("DROP TRIGGER inject ON readings_recent_{p}")
-        } else {
-            format!("DROP TRIGGER inject_{p}")
-        })
-        .await;
+    for sql in staging_fault(db.is_postgres(), false) {
+        db.execute(&sql).await;
     }
     a.send(batch(readings(6..=75))).await;
     a.ack_through(75).await;
@@ -1082,6 +1057,38 @@ async fn a_failed_staging_write_is_not_acked_and_its_resend_is_stored_once() {
     }
     drop((a, b));
     hub.assert_no_leaks().await;
+}
+
+/// The statements that install (or remove) a trigger on every staging part
+/// refusing the value 666.
+fn staging_fault(postgres: bool, install: bool) -> Vec<String> {
+    let parts = 0..8;
+    match (postgres, install) {
+        (true, true) => std::iter::once(
+            "CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.value = 666 THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$"
+                .to_owned(),
+        )
+        .chain(parts.map(|p| {
+            format!(
+                "CREATE TRIGGER inject BEFORE INSERT ON readings_recent_{p} \
+                 FOR EACH ROW EXECUTE FUNCTION inject()"
+            )
+        }))
+        .collect(),
+        (true, false) => parts
+            .map(|p| format!("DROP TRIGGER inject ON readings_recent_{p}"))
+            .collect(),
+        (false, true) => parts
+            .map(|p| {
+                format!(
+                    "CREATE TRIGGER inject_{p} BEFORE INSERT ON readings_recent_{p} \
+                     WHEN NEW.value = 666 BEGIN SELECT RAISE(ABORT, 'injected'); END"
+                )
+            })
+            .collect(),
+        (false, false) => parts.map(|p| format!("DROP TRIGGER inject_{p}")).collect(),
+    }
 }
 
 /// Sends one reading and expects its commit to fail: no ack for it, the

@@ -163,6 +163,8 @@ impl Router {
     /// Adds the subscriptions and queues the retained messages they match
     /// (a shared subscription gets none, as in MQTT 5 and Mosquitto).
     fn subscribe(&mut self, id: &str, conn: u64, subscriptions: Vec<Subscription>) {
+        // Not `holding`: that borrows all of self, and `retained` is read
+        // below while the client is borrowed.
         let Some(client) = self.clients.get_mut(id).filter(|c| c.conn == conn) else {
             return;
         };
