@@ -196,6 +196,15 @@ const SENSOR_SEEN_EVERY: i64 = 2_000;
 /// so they stay small.
 const FOLD_EVERY: Duration = Duration::from_secs(5);
 const FOLD_MARKS: u64 = 100_000;
+
+/// SQLite: how long after a fold the next one waits: `FOLD_EVERY / 8`
+/// while at most 8 slices hold marks (a fleet of up to 32,768 devices, the
+/// pace before there were 32 slices), so that each slice of a bigger fleet
+/// is still folded about every `FOLD_EVERY`, in more, shorter folds.
+fn fold_pace(logged: &[u64]) -> Duration {
+    let active = logged.iter().filter(|&&marks| marks > 0).count();
+    FOLD_EVERY / (active.max(8) as u32)
+}
 /// How often a group PostgreSQL rolled back for a conflict with another
 /// hub (a deadlock, a serialization failure) is run again before it fails.
 const GROUP_CONFLICT_RETRIES: u32 = 3;
@@ -958,16 +967,15 @@ impl Writer {
         }
     }
 
-    /// SQLite: folds the fullest slice of the progress logs in, each
-    /// `FOLD_EVERY / LOG_SLICES`, or at once while they hold `FOLD_MARKS`
-    /// marks (a fleet of fewer than 4096 devices is one slice, folded at
-    /// that pace). A failed fold loses nothing (the logs stay, and the
-    /// views still read them); it is tried again later.
+    /// SQLite: folds the fullest slice of the progress logs in, one each
+    /// `fold_pace`, or at once while they hold `FOLD_MARKS` marks. A
+    /// failed fold loses nothing (the logs stay, and the views still read
+    /// them); it is tried again later.
     async fn fold_if_due(&mut self) {
         let total: u64 = self.logged.iter().sum();
         if total == 0
             || self.fold_retry.waiting()
-            || (total < FOLD_MARKS && self.last_fold.elapsed() < FOLD_EVERY / u32::from(LOG_SLICES))
+            || (total < FOLD_MARKS && self.last_fold.elapsed() < fold_pace(&self.logged))
         {
             return;
         }
@@ -1565,6 +1573,24 @@ impl Writer {
             .await?;
         let steps = plan(group, &epochs);
         known.load_sensors(&mut tx).await?;
+        known.load_device_sensors(&mut tx, group).await?;
+        // The twins that reported state and twin changes use, read in bulk
+        // too: a device's first report follows its Welcome in a later
+        // group, and a read per report held a storm of 100k up.
+        let mut twin_devices: Vec<DeviceKey> = group
+            .iter()
+            .filter_map(|msg| match msg {
+                WriterMsg::Reported(patch) => Some(patch.device),
+                WriterMsg::Twin {
+                    op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
+                    ..
+                } => Some(*device),
+                _ => None,
+            })
+            .collect();
+        twin_devices.sort_unstable();
+        twin_devices.dedup();
+        twins.load(&mut tx, &twin_devices).await?;
         let mut settled =
             register_in_bulk(&mut tx, group, now, &self.settings.hub_id, &mut twins).await?;
         for (i, (msg, step)) in group.iter().zip(steps).enumerate() {
@@ -1939,6 +1965,39 @@ impl Known {
         Ok(())
     }
 
+    /// The sensors of the group's batches' devices that the cache does not
+    /// hold, read in one statement before the group adds any. One read per
+    /// device held a storm of new devices up: at 100k devices the writer
+    /// waited on 100k round trips to SQLite's thread while their first
+    /// batches queued.
+    async fn load_device_sensors(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        group: &[WriterMsg],
+    ) -> Result<(), StoreError> {
+        let mut missing: Vec<DeviceKey> = group
+            .iter()
+            .filter_map(|msg| match msg {
+                WriterMsg::Batch(batch) => Some(batch.device),
+                _ => None,
+            })
+            .filter(|device| !self.device_sensors.contains_key(device))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let pairs = tx.device_sensors(&missing).await?;
+        for device in missing {
+            self.device_sensors.insert(device, Vec::new());
+        }
+        for (device, sensor) in pairs {
+            self.device_sensors.entry(device).or_default().push(sensor);
+        }
+        Ok(())
+    }
+
     /// Sorts one batch out against its device's mark: rows to insert,
     /// duplicates and rejections. Changes go to `changes` only.
     async fn write_batch(
@@ -1955,8 +2014,11 @@ impl Known {
             None => tx.device_acked_seq(device).await?,
         };
         if let std::collections::hash_map::Entry::Vacant(slot) = self.device_sensors.entry(device) {
-            // Read before this group adds any: committed rows only.
-            slot.insert(tx.device_sensors(device).await?);
+            // Read before this group adds any: committed rows only. (The
+            // group's devices were read in bulk: this is a device whose
+            // entry a Hello in the group dropped.)
+            let pairs = tx.device_sensors(&[device]).await?;
+            slot.insert(pairs.into_iter().map(|(_, sensor)| sensor).collect());
         }
         let (mut hwm, mut stored, mut rejected, mut duplicates) = (mark, 0u32, 0u32, 0u32);
         for reading in readings {
@@ -2054,6 +2116,22 @@ impl Known {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_slice_is_folded_about_every_fold_every() {
+        let mut logged = [0u64; LOG_SLICES as usize];
+        // Up to 8 slices with marks (32,768 devices): one fold each 625 ms.
+        assert_eq!(fold_pace(&logged), FOLD_EVERY / 8);
+        logged[..3].fill(10);
+        assert_eq!(fold_pace(&logged), FOLD_EVERY / 8);
+        // 100k devices hold 25 runs of ids: one fold each 200 ms.
+        logged[..25].fill(10);
+        assert_eq!(fold_pace(&logged), FOLD_EVERY / 25);
+        assert!(
+            DeviceKey(40_961).0 >> 12 == 10 && crate::store::log_slice(DeviceKey(40_961)) == 10
+        );
+        assert_eq!(crate::store::log_slice(DeviceKey(32 * 4096 + 5)), 0);
+    }
 
     fn batch(device: i64, name: &str, epoch: u64) -> WriterMsg {
         WriterMsg::Batch(crate::ingest::IngestBatch {

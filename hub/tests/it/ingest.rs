@@ -659,3 +659,77 @@ async fn sqlite_progress_logged_by_an_older_hub_is_kept() {
     let (_, welcome) = RawDevice::connect(&hub, "old-2").await;
     assert_eq!(welcome.acked_seq, 7);
 }
+
+/// Marks an older hub logged under 8 slices (killed before it folded them)
+/// are folded into the tables by migration 17, before anything reads a
+/// device's marks from its new slice; and a device past 32,768 ids has its
+/// marks read from the slice the writer logs it to ((id >> 12) % 32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_progress_logged_under_eight_slices_is_kept() {
+    use sqlx::ConnectOptions;
+    if sqlite_only("an older hub's SQLite schema") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let mut conn = options
+        .clone()
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    migrate_before(&mut conn, 20261207000017).await;
+    let now = now_ms();
+    // Id 40961 is in run 10: slice 2 of 8, slice 10 of 32.
+    for sql in [
+        "INSERT INTO sensors (id, name) VALUES (1, 't')".to_owned(),
+        "INSERT INTO devices (id, external_id, first_seen_ms, last_seen_ms) \
+         VALUES (40961, 'far', 1, 1)"
+            .to_owned(),
+        "INSERT INTO device_sensors (device_id, sensor_id) VALUES (40961, 1)".to_owned(),
+        format!(
+            "INSERT INTO progress_log (slice, n, seen_ms, marks) VALUES \
+             (2, 1, {a}, '[[40961,4,4]]'), (2, 2, {b}, '[[40961,6,2]]')",
+            a = now - 2000,
+            b = now - 1000
+        ),
+        format!(
+            "INSERT INTO sensor_seen_log (slice, n, seen_ms, marks) \
+             VALUES (2, 3, {}, '[[40961,1]]')",
+            now - 2000
+        ),
+    ] {
+        sqlx::query(&sql).execute(&mut conn).await.unwrap();
+    }
+    migrate_before(&mut conn, i64::MAX).await;
+    type Marks = (i64, i64, i64, Option<i64>, Option<i64>);
+    let marks = "SELECT d.acked_seq, d.reading_count, d.last_seen_ms, d.last_reading_ms, \
+         ds.last_reading_ms FROM devices d JOIN device_sensors ds ON ds.device_id = d.id";
+    let table: Marks = sqlx::query_as(marks).fetch_one(&mut conn).await.unwrap();
+    assert_eq!(
+        table,
+        (6, 6, now - 1000, Some(now - 1000), Some(now - 2000)),
+        "folded into the tables by the migration"
+    );
+    let logs: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM progress_log) + (SELECT count(*) FROM sensor_seen_log)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(logs, 0);
+    drop(conn);
+
+    let hub = spawn_hub_in(TestDb::sqlite_in(dir), |_| {}).await;
+    let (mut dev, welcome) = RawDevice::connect(&hub, "far").await;
+    assert_eq!(welcome.acked_seq, 6);
+    dev.send(batch(vec![reading(7, "t", now, 1.5)])).await;
+    dev.ack_through(7).await;
+    // Logged to slice 10: read from there, or from the table once that
+    // slice is folded (and again on the next Welcome).
+    assert_eq!(hub.device("far").await.unwrap().readings, 7);
+    drop(dev);
+    let (_, welcome) = RawDevice::connect(&hub, "far").await;
+    assert_eq!(welcome.acked_seq, 7);
+}
