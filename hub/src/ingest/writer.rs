@@ -1576,21 +1576,29 @@ impl Writer {
         known.load_device_sensors(&mut tx, group).await?;
         // The twins that reported state and twin changes use, read in bulk
         // too: a device's first report follows its Welcome in a later
-        // group, and a read per report held a storm of 100k up.
-        let mut twin_devices: Vec<DeviceKey> = group
+        // group, and a read per report held a storm of 100k up. Not in a
+        // group with a credential change: an enrollment rewrites the tags
+        // a later twin change of the group must start from (as
+        // `register_in_bulk`).
+        if !group
             .iter()
-            .filter_map(|msg| match msg {
-                WriterMsg::Reported(patch) => Some(patch.device),
-                WriterMsg::Twin {
-                    op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
-                    ..
-                } => Some(*device),
-                _ => None,
-            })
-            .collect();
-        twin_devices.sort_unstable();
-        twin_devices.dedup();
-        twins.load(&mut tx, &twin_devices).await?;
+            .any(|m| matches!(m, WriterMsg::Credentials { .. }))
+        {
+            let mut twin_devices: Vec<DeviceKey> = group
+                .iter()
+                .filter_map(|msg| match msg {
+                    WriterMsg::Reported(patch) => Some(patch.device),
+                    WriterMsg::Twin {
+                        op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
+                        ..
+                    } => Some(*device),
+                    _ => None,
+                })
+                .collect();
+            twin_devices.sort_unstable();
+            twin_devices.dedup();
+            twins.load(&mut tx, &twin_devices).await?;
+        }
         let mut settled =
             register_in_bulk(&mut tx, group, now, &self.settings.hub_id, &mut twins).await?;
         for (i, (msg, step)) in group.iter().zip(steps).enumerate() {
