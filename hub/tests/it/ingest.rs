@@ -450,6 +450,28 @@ async fn add_legacy_readings(
 pub(crate) struct OlderSchema(pub(crate) Vec<sqlx::migrate::Migration>);
 
 /// The hub's SQLite schema before migration `version`, at `conn`.
+/// What an older hub left: a SQLite database in a temp dir with the
+/// migrations before `version`, a connection to it, and how to open more.
+async fn older_database(
+    version: i64,
+) -> (
+    tempfile::TempDir,
+    sqlx::sqlite::SqliteConnectOptions,
+    sqlx::SqliteConnection,
+) {
+    use sqlx::ConnectOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.path().join("hub.db"));
+    let mut conn = options
+        .clone()
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    migrate_before(&mut conn, version).await;
+    (dir, options, conn)
+}
+
 pub(crate) async fn migrate_before(conn: &mut sqlx::SqliteConnection, version: i64) {
     let older: Vec<_> = hub::store::migrations::Schema::Sqlite
         .migrations()
@@ -585,16 +607,7 @@ async fn sqlite_progress_logged_by_an_older_hub_is_kept() {
     if sqlite_only("an older hub's SQLite schema") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hub.db");
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
-    let mut conn = options
-        .clone()
-        .create_if_missing(true)
-        .connect()
-        .await
-        .unwrap();
-    migrate_before(&mut conn, 20261207000016).await;
+    let (dir, options, mut conn) = older_database(20261207000016).await;
     let now = now_ms();
     for sql in [
         "INSERT INTO sensors (id, name) VALUES (1, 't')".to_owned(),
@@ -667,20 +680,10 @@ async fn sqlite_progress_logged_by_an_older_hub_is_kept() {
 /// has its marks read from the slice the writer logs it to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_progress_logged_under_eight_slices_is_kept() {
-    use sqlx::ConnectOptions;
     if sqlite_only("an older hub's SQLite schema") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("hub.db");
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
-    let mut conn = options
-        .clone()
-        .create_if_missing(true)
-        .connect()
-        .await
-        .unwrap();
-    migrate_before(&mut conn, 20261207000017).await;
+    let (dir, _, mut conn) = older_database(20261207000017).await;
     let (a, b) = (now_ms() - 2000, now_ms() - 1000);
     // Id 40961 is in run 10 (slice 2 of 8, 10 of 32); 1 in run 0 (0 and
     // 0); 32769 in run 8 (0 of 8, 8 of 32).
