@@ -430,6 +430,15 @@ fn plan(group: &[WriterMsg], epochs: &FxHashMap<DeviceKey, u64>) -> Vec<Step> {
         .collect()
 }
 
+/// Whether the group changes a device's credentials: an enrollment
+/// rewrites the device and its tags, so what the group reads in bulk ahead
+/// of its messages would be read too early.
+fn changes_credentials(group: &[WriterMsg]) -> bool {
+    group
+        .iter()
+        .any(|m| matches!(m, WriterMsg::Credentials { .. }))
+}
+
 /// Registers a group's stream Hellos in bulk, with their twins read,
 /// before the group's messages are gone through in order: by message
 /// index, the registrations settled. Only where order cannot matter:
@@ -454,11 +463,7 @@ async fn register_in_bulk(
             _ => None,
         })
     };
-    if streams().nth(1).is_none()
-        || group
-            .iter()
-            .any(|m| matches!(m, WriterMsg::Credentials { .. }))
-    {
+    if streams().nth(1).is_none() || changes_credentials(group) {
         return Ok(FxHashMap::default());
     }
     let mut named: HashMap<&str, usize> = HashMap::new();
@@ -663,6 +668,35 @@ impl GroupTwins {
             );
         }
         Ok(())
+    }
+
+    /// Reads the twins the group's reported state and twin changes use,
+    /// in bulk: a device's first report follows its Welcome in a later
+    /// group, and a read per report held a storm of 100k up. Not in a
+    /// group that changes credentials (see [`changes_credentials`]): a
+    /// later twin change must start from the tags an enrollment wrote.
+    async fn load_for_group(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        group: &[WriterMsg],
+    ) -> Result<(), StoreError> {
+        if changes_credentials(group) {
+            return Ok(());
+        }
+        let mut devices: Vec<DeviceKey> = group
+            .iter()
+            .filter_map(|msg| match msg {
+                WriterMsg::Reported(patch) => Some(patch.device),
+                WriterMsg::Twin {
+                    op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
+                    ..
+                } => Some(*device),
+                _ => None,
+            })
+            .collect();
+        devices.sort_unstable();
+        devices.dedup();
+        self.load(tx, &devices).await
     }
 
     /// Writes what changed and announces it; what to hand over after the
@@ -1576,31 +1610,7 @@ impl Writer {
         let steps = plan(group, &epochs);
         known.load_sensors(&mut tx).await?;
         known.load_device_sensors(&mut tx, group).await?;
-        // The twins that reported state and twin changes use, read in bulk
-        // too: a device's first report follows its Welcome in a later
-        // group, and a read per report held a storm of 100k up. Not in a
-        // group with a credential change: an enrollment rewrites the tags
-        // a later twin change of the group must start from (as
-        // `register_in_bulk`).
-        if !group
-            .iter()
-            .any(|m| matches!(m, WriterMsg::Credentials { .. }))
-        {
-            let mut twin_devices: Vec<DeviceKey> = group
-                .iter()
-                .filter_map(|msg| match msg {
-                    WriterMsg::Reported(patch) => Some(patch.device),
-                    WriterMsg::Twin {
-                        op: TwinOp::Desired { device, .. } | TwinOp::Tags { device, .. },
-                        ..
-                    } => Some(*device),
-                    _ => None,
-                })
-                .collect();
-            twin_devices.sort_unstable();
-            twin_devices.dedup();
-            twins.load(&mut tx, &twin_devices).await?;
-        }
+        twins.load_for_group(&mut tx, group).await?;
         let mut settled =
             register_in_bulk(&mut tx, group, now, &self.settings.hub_id, &mut twins).await?;
         for (i, (msg, step)) in group.iter().zip(steps).enumerate() {
