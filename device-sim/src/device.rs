@@ -326,10 +326,8 @@ impl SimDevice {
         drain_deadline: &mut Option<Instant>,
         max_batch: usize,
     ) -> Result<(), StreamEnd> {
-        let period = self.tick_period();
-        let mut tick =
-            tokio::time::interval_at(Instant::now() + period.mul_f64(self.phase), period);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut period = self.tick_period();
+        let mut tick = self.ticks(period);
         let mut last_sample = Instant::now();
         // Resend what the hub has not acked, right away.
         self.send_unsent(tx, max_batch).await?;
@@ -344,6 +342,13 @@ impl SimDevice {
         tokio::pin!(stopped, twin_timer, drain_timer);
         let mut twin_timer_at = None;
         loop {
+            // A command or the twin can change the rate, and a backfill's
+            // end the period: the ticks follow.
+            let rate = self.cfg.rate_hz;
+            if self.tick_period() != period {
+                period = self.tick_period();
+                tick = self.ticks(period);
+            }
             let reports_pending = self.twin.as_ref().is_some_and(|t| t.pending() > 0);
             if drain_deadline.is_some() && self.unacked.is_empty() && !reports_pending {
                 return Ok(());
@@ -359,6 +364,9 @@ impl SimDevice {
                 _ = &mut twin_timer, if twin_wake.is_some() && drain_deadline.is_none() => {
                     twin_timer_at = None;
                     self.twin_wake();
+                    if self.rate_changed_from(rate, &mut last_sample) {
+                        self.send_unsent(tx, max_batch).await?;
+                    }
                     self.send_reported(tx).await?;
                 }
                 _ = tick.tick(), if drain_deadline.is_none() => {
@@ -369,7 +377,11 @@ impl SimDevice {
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
-                        for reply in self.on_message(msg).map_err(StreamEnd::Broken)? {
+                        let replies = self.on_message(msg).map_err(StreamEnd::Broken)?;
+                        if self.rate_changed_from(rate, &mut last_sample) {
+                            self.send_unsent(tx, max_batch).await?;
+                        }
+                        for reply in replies {
                             let reply = pb::DeviceMessage { msg: Some(DeviceMsg::CommandReply(reply)) };
                             tx.send(reply).await.map_err(|_| StreamEnd::Broken(Status::unavailable("send side closed")))?;
                         }
@@ -538,15 +550,46 @@ impl SimDevice {
 
     /// How often the device wakes to sample and send: every batch
     /// interval, or, for a device sampling less often than that, once per
-    /// reading (up to a second apart). Its messages are the same either way
-    /// (a batch interval without a new reading sends nothing); a fleet of
-    /// slow devices just wakes half as often at 5 Hz.
+    /// reading. Its messages are the same either way (a batch interval
+    /// without a new reading sends nothing); a fleet of slow devices just
+    /// wakes less: at 0.1 Hz once in 10 s, not ten times (100k devices
+    /// woke 100k times a second for 10k readings). A device that does not
+    /// sample wakes hourly; a new rate resets the ticks (see `pump`).
     fn tick_period(&self) -> Duration {
-        if self.backfill_ms.is_some() || self.cfg.rate_hz <= 0.0 {
+        if self.backfill_ms.is_some() {
             return self.cfg.batch_interval;
         }
-        let per_reading = Duration::from_secs_f64((1.0 / self.cfg.rate_hz).min(1.0));
+        if self.cfg.rate_hz <= 0.0 {
+            return Duration::from_secs(3600);
+        }
+        let per_reading = Duration::from_secs_f64((1.0 / self.cfg.rate_hz).min(3600.0));
         self.cfg.batch_interval.max(per_reading)
+    }
+
+    /// Ticks every `period` from now, first at the device's own phase: a
+    /// device whose carry starts at `phase` has its first reading due
+    /// (1 - phase) of a reading period in.
+    fn ticks(&self, period: Duration) -> tokio::time::Interval {
+        let first = Instant::now() + period.mul_f64(1.0 - self.phase);
+        let mut tick = tokio::time::interval_at(first, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick
+    }
+
+    /// After a message or the twin set a new rate: the time since the last
+    /// sample is sampled at the rate it was spent at, so a device going
+    /// from 0.1 to 100 Hz does not owe the new rate for the last 10 s.
+    /// True when it did (what it sampled is for sending now).
+    fn rate_changed_from(&mut self, rate_before: f64, last_sample: &mut Instant) -> bool {
+        if self.cfg.rate_hz == rate_before || self.backfill_ms.is_some() {
+            return false;
+        }
+        let now = Instant::now();
+        let new_rate = std::mem::replace(&mut self.cfg.rate_hz, rate_before);
+        self.sample(now.duration_since(*last_sample));
+        self.cfg.rate_hz = new_rate;
+        *last_sample = now;
+        true
     }
 
     /// Takes the samples due over `elapsed`, spread evenly in time; while
@@ -557,7 +600,9 @@ impl SimDevice {
             return;
         }
         let due = self.cfg.rate_hz * elapsed.as_secs_f64() + self.carry;
-        let n = due.floor() as u64;
+        // Ticks a reading period apart owe one reading each: a rounding
+        // below the whole must not skip one (the carry keeps the sum).
+        let n = (due + 1e-9).floor() as u64;
         self.carry = due - n as f64;
         if n == 0 || self.active.is_empty() {
             return;
