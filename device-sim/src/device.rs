@@ -729,3 +729,74 @@ fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(rate_hz: f64) -> SimDevice {
+        SimDevice::new(
+            DeviceConfig {
+                device_id: "t-1".into(),
+                token: String::new(),
+                index: 1,
+                seed: 7,
+                rate_hz,
+                sensors: vec!["a".into(), "b".into()],
+                batch_max: 100,
+                batch_interval: Duration::from_millis(100),
+                buffer: 10_000,
+                drain_timeout: Duration::from_secs(1),
+                firmware: "t".into(),
+                full_precision: false,
+                backfill: None,
+                twin: false,
+                twin_apply_delay: Duration::ZERO,
+            },
+            Arc::new(FleetStats::default()),
+        )
+    }
+
+    #[test]
+    fn a_device_wakes_once_per_reading_or_batch_interval() {
+        let secs = |hz| device(hz).tick_period().as_secs_f64();
+        assert_eq!(secs(0.1), 10.0);
+        assert_eq!(secs(5.0), 0.2);
+        assert_eq!(secs(100.0), 0.1);
+        assert_eq!(secs(0.0), 3600.0);
+    }
+
+    #[test]
+    fn readings_a_period_apart_come_one_a_tick() {
+        let mut d = device(0.1);
+        let period = d.tick_period();
+        // The first tick comes (1 - phase) of a period in.
+        d.sample(period.mul_f64(1.0 - d.phase));
+        assert_eq!(d.unacked.len(), 1);
+        for n in 2..=50 {
+            d.sample(period);
+            assert_eq!(d.unacked.len(), n);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_before_a_rate_change_is_sampled_at_the_old_rate() {
+        let mut d = device(0.1);
+        d.carry = 0.0;
+        let mut last_sample = Instant::now();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        // Nothing changed: nothing sampled.
+        assert!(!d.rate_changed_from(0.1, &mut last_sample));
+        assert!(d.unacked.is_empty());
+        // 9 s at 0.1 Hz owe no reading; at 100 Hz they would owe 900.
+        d.cfg.rate_hz = 100.0;
+        assert!(d.rate_changed_from(0.1, &mut last_sample));
+        assert!(d.unacked.is_empty());
+        assert_eq!(d.cfg.rate_hz, 100.0);
+        assert_eq!(last_sample, Instant::now());
+        // From here on the new rate counts.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.sample(Instant::now().duration_since(last_sample));
+        assert_eq!(d.unacked.len(), 100);
+    }
+}
