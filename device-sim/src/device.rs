@@ -87,7 +87,7 @@ pub struct SimDevice {
     cfg: DeviceConfig,
     signal: SignalGen,
     /// Sampled and not yet acked, in seq order.
-    unacked: VecDeque<pb::Reading>,
+    unacked: VecDeque<Sample>,
     /// How many of `unacked` have been sent on the current stream.
     sent_on_stream: usize,
     next_seq: u64,
@@ -115,7 +115,8 @@ pub struct SimDevice {
     /// Set by a reboot command: end the stream after the replies.
     reboot: Option<Duration>,
     /// The sensors sampled (the twin can switch some off).
-    active: Vec<String>,
+    /// (as indexes into `cfg.sensors`)
+    active: Vec<usize>,
     twin: Option<SimTwin>,
     stats: Arc<FleetStats>,
 }
@@ -133,7 +134,7 @@ impl SimDevice {
             .then(|| SimTwin::new(&cfg.firmware, cfg.twin_apply_delay));
         Self {
             backfill_ms,
-            active: cfg.sensors.clone(),
+            active: (0..cfg.sensors.len()).collect(),
             twin,
             cfg,
             signal,
@@ -507,12 +508,8 @@ impl SimDevice {
             self.cfg.rate_hz = hz;
         }
         if let Some(disabled) = effects.disabled {
-            self.active = self
-                .cfg
-                .sensors
-                .iter()
-                .filter(|s| !disabled.contains(s))
-                .cloned()
+            self.active = (0..self.cfg.sensors.len())
+                .filter(|&i| !disabled.contains(&self.cfg.sensors[i]))
                 .collect();
         }
     }
@@ -615,17 +612,22 @@ impl SimDevice {
                 return;
             }
             let ts_ms = now_ms - span_ms + (span_ms * (i as i64 + 1)) / n as i64;
-            let sensor = &self.active[self.sensor_cursor % self.active.len()];
-            self.sensor_cursor += 1;
-            let value = self.signal.sample(sensor, ts_ms);
-            self.unacked.push_back(pb::Reading {
-                seq: self.next_seq,
-                sensor: sensor.clone(),
-                ts_ms,
-                value,
-            });
-            self.next_seq += 1;
+            self.push_sample(ts_ms);
         }
+    }
+
+    /// Samples the next active sensor (in turn) at `ts_ms`.
+    fn push_sample(&mut self, ts_ms: i64) {
+        let sensor = self.active[self.sensor_cursor % self.active.len()];
+        self.sensor_cursor += 1;
+        let value = self.signal.sample(&self.cfg.sensors[sensor], ts_ms);
+        self.unacked.push_back(Sample {
+            seq: self.next_seq,
+            sensor,
+            ts_ms,
+            value,
+        });
+        self.next_seq += 1;
     }
 
     /// Past readings, `rate_hz` apart, until the buffer is full or the
@@ -641,16 +643,7 @@ impl SimDevice {
                 self.backfill_ms = None;
                 return;
             }
-            let sensor = &self.active[self.sensor_cursor % self.active.len()];
-            self.sensor_cursor += 1;
-            let value = self.signal.sample(sensor, ts as i64);
-            self.unacked.push_back(pb::Reading {
-                seq: self.next_seq,
-                sensor: sensor.clone(),
-                ts_ms: ts as i64,
-                value,
-            });
-            self.next_seq += 1;
+            self.push_sample(ts as i64);
             ts += step;
         }
         self.backfill_ms = Some(ts);
@@ -670,7 +663,12 @@ impl SimDevice {
             let readings: Vec<pb::Reading> = self
                 .unacked
                 .range(self.sent_on_stream..end)
-                .cloned()
+                .map(|r| pb::Reading {
+                    seq: r.seq,
+                    sensor: self.cfg.sensors[r.sensor].clone(),
+                    ts_ms: r.ts_ms,
+                    value: r.value,
+                })
                 .collect();
             let last = readings.last().map_or(0, |r| r.seq);
             let fresh = readings
@@ -690,6 +688,17 @@ impl SimDevice {
         }
         Ok(())
     }
+}
+
+/// A reading kept until it is acked: its sensor by index, so a fleet
+/// sampling a million readings a second does not allocate a name for each
+/// one twice (here and in the message).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    seq: u64,
+    sensor: usize,
+    ts_ms: i64,
+    value: f64,
 }
 
 /// Exponential backoff with full jitter.
