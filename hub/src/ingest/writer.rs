@@ -1927,8 +1927,15 @@ impl Known {
             self.sensor_names.insert(key, Arc::from(name.as_str()));
             self.sensors.insert(name, key);
         }
+        // Only onto a device's committed sensors: an entry a Hello in the
+        // group dropped (PostgreSQL: another hub may have added some) is
+        // read again when next needed, and this group's are stored by then.
+        // Extending nothing would leave the device with only the group's
+        // new sensors, and its per-device limit would count too few.
         for (device, added) in changes.device_sensors {
-            self.device_sensors.entry(device).or_default().extend(added);
+            if let Some(sensors) = self.device_sensors.get_mut(&device) {
+                sensors.extend(added);
+            }
         }
         // A cache, not the truth: past this many devices it starts over
         // (marks and sensors are read again from the store as needed).
@@ -2183,6 +2190,39 @@ mod tests {
 
     fn id(name: &str) -> crate::domain::DeviceId {
         crate::domain::DeviceId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_devices_sensors_dropped_in_a_group_are_not_replaced_by_the_groups_new_ones() {
+        let mut known = Known {
+            marks: FxHashMap::default(),
+            epochs: FxHashMap::default(),
+            sensors: HashMap::new(),
+            sensor_names: FxHashMap::default(),
+            sensors_loaded: true,
+            device_sensors: [(DeviceKey(1), vec![SensorKey(10)])].into_iter().collect(),
+            fold_first: false,
+            max_sensors: 100,
+            max_sensors_per_device: 4,
+            cached_devices: 1000,
+            limit_log: LogThrottle::new(Duration::from_secs(10)),
+        };
+        // Device 2's batch added sensor 12, then a Hello of device 2 in the
+        // same group dropped its entry (its committed sensors, say 11, are
+        // not known here); device 1's batch added 13.
+        let mut changes = GroupChanges::default();
+        changes
+            .device_sensors
+            .insert(DeviceKey(1), vec![SensorKey(13)]);
+        changes
+            .device_sensors
+            .insert(DeviceKey(2), vec![SensorKey(12)]);
+        known.apply(changes);
+        assert_eq!(
+            known.device_sensors[&DeviceKey(1)],
+            [SensorKey(10), SensorKey(13)]
+        );
+        assert!(!known.device_sensors.contains_key(&DeviceKey(2)));
     }
 
     #[test]
