@@ -100,13 +100,12 @@ pub struct SimDevice {
     /// (last seq of a batch, when it was sent) for ack latency.
     in_flight: VecDeque<(u64, Instant)>,
     sensor_cursor: usize,
+    /// The fraction of a reading owed, in [0, 1). It starts at the
+    /// device's own phase: a real fleet's devices sample on clocks of
+    /// their own, not in step with when they connected (a fleet started
+    /// at once would otherwise send in waves: at 100k devices × 0.1 Hz,
+    /// from under 1k to 25k readings a second, every 10 s).
     carry: f64,
-    /// Where in its tick period this device wakes, in [0, 1): a real
-    /// fleet's devices sample on clocks of their own, not in step with
-    /// when they connected (a fleet started at once would otherwise send
-    /// in waves: at 100k devices × 0.1 Hz, from under 1k to 25k readings
-    /// a second, every 10 s).
-    phase: f64,
     /// While backfilling: the ts (ms, fractional) of the next past reading.
     backfill_ms: Option<f64>,
     /// The last stream got as far as Welcome (resets the backoff).
@@ -149,7 +148,6 @@ impl SimDevice {
             // A slow device's first reading comes (1 - phase) of its
             // period after it starts, not a whole period.
             carry: phase,
-            phase,
             welcomed: false,
             commands: CommandRunner::default(),
             reboot: None,
@@ -379,7 +377,8 @@ impl SimDevice {
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
                         let replies = self.on_message(msg).map_err(StreamEnd::Broken)?;
-                        if self.rate_changed_from(rate, &mut last_sample) {
+                        // Draining: nothing more is sampled.
+                        if drain_deadline.is_none() && self.rate_changed_from(rate, &mut last_sample) {
                             self.send_unsent(tx, max_batch).await?;
                         }
                         for reply in replies {
@@ -563,11 +562,13 @@ impl SimDevice {
         self.cfg.batch_interval.max(per_reading)
     }
 
-    /// Ticks every `period` from now, first at the device's own phase: a
-    /// device whose carry starts at `phase` has its first reading due
-    /// (1 - phase) of a reading period in.
+    /// Ticks every `period` from now, the first when the next reading is
+    /// due: (1 - carry) of a reading period in. A new device's carry is its
+    /// phase; after a reconnect or a rate change it is whatever the last
+    /// sampling left (a first tick at the phase instead would come before
+    /// the reading is due, and every reading after it a period late).
     fn ticks(&self, period: Duration) -> tokio::time::Interval {
-        let first = Instant::now() + period.mul_f64(1.0 - self.phase);
+        let first = Instant::now() + period.mul_f64((1.0 - self.carry).clamp(0.0, 1.0));
         let mut tick = tokio::time::interval_at(first, period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tick
@@ -780,11 +781,34 @@ mod tests {
         let mut d = device(0.1);
         let period = d.tick_period();
         // The first tick comes (1 - phase) of a period in.
-        d.sample(period.mul_f64(1.0 - d.phase));
+        d.sample(period.mul_f64(1.0 - d.carry));
         assert_eq!(d.unacked.len(), 1);
         for n in 2..=50 {
             d.sample(period);
             assert_eq!(d.unacked.len(), n);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_tick_of_a_stream_comes_when_a_reading_is_due() {
+        // A new device (carry = its phase), and after a reconnect whatever
+        // the last sampling left.
+        let mut d = device(0.1);
+        let period = d.tick_period();
+        for carry in [d.carry, 0.0, 0.3, 0.95] {
+            d.carry = carry;
+            let before = d.unacked.len();
+            let start = Instant::now();
+            let mut tick = d.ticks(period);
+            tick.tick().await;
+            let waited = Instant::now().duration_since(start);
+            d.sample(waited);
+            assert_eq!(d.unacked.len(), before + 1, "carry {carry}");
+            assert!(waited <= period.mul_f64(1.0 - carry) + Duration::from_millis(2));
+            // And one a period from then on.
+            tick.tick().await;
+            d.sample(period);
+            assert_eq!(d.unacked.len(), before + 2, "carry {carry}");
         }
     }
 
