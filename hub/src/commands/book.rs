@@ -26,7 +26,12 @@ struct Open {
     rec: CommandRecord,
     /// The session it was last pushed to; None = push it (again).
     pushed_to: Option<u64>,
-    pushed_at: Option<Instant>,
+    /// When that session wrote it to its stream (None: still in the
+    /// session's outbox). The ack timeout runs from the write: a push
+    /// waiting in an outbox behind a slow stream is not pushed again, so
+    /// an outbox never holds a command twice, and no write goes past
+    /// `max_attempts` (pushed twice, both copies were written).
+    written_at: Option<Instant>,
     /// Shared with the copies waiting in device outboxes.
     withdrawn: Arc<AtomicBool>,
 }
@@ -36,7 +41,7 @@ impl Open {
         Self {
             rec,
             pushed_to: None,
-            pushed_at: None,
+            written_at: None,
             withdrawn: Arc::default(),
         }
     }
@@ -44,7 +49,7 @@ impl Open {
     /// Not on any stream now: it is pushed again at the next chance.
     fn unpush(&mut self) {
         self.pushed_to = None;
-        self.pushed_at = None;
+        self.written_at = None;
     }
 }
 
@@ -318,14 +323,15 @@ impl CommandBook {
     }
 
     /// The session wrote the command to its stream: one more attempt, and
-    /// SENT if it was QUEUED. Nothing if that session is not the device's
-    /// live one any more.
+    /// SENT if it was QUEUED; its ack timeout starts. Nothing if that
+    /// session is not the device's live one any more.
     pub fn written(
         &mut self,
         device: &str,
         session: u64,
         command_id: &str,
         now: i64,
+        instant: Instant,
         batch: &mut Batch,
     ) {
         let linked = self
@@ -340,6 +346,7 @@ impl CommandBook {
             return;
         }
         let expected = Expected::of(&open.rec);
+        open.written_at = Some(instant);
         open.rec.attempts += 1;
         open.rec.updated_at_ms = now;
         let mut transitions = Vec::new();
@@ -481,7 +488,7 @@ impl CommandBook {
                 continue;
             }
             let timed_out = open
-                .pushed_at
+                .written_at
                 .is_some_and(|at| instant.saturating_duration_since(at) >= self.ack_timeout);
             if timed_out {
                 // Send it again (if attempts are left, see below).
@@ -535,7 +542,7 @@ impl CommandBook {
                 + Duration::from_millis(open.rec.expires_at_ms.saturating_sub(now).max(0) as u64);
             next = next.min(expires);
             if open.rec.state == CommandState::Sent
-                && let Some(at) = open.pushed_at
+                && let Some(at) = open.written_at
             {
                 next = next.min(at + self.ack_timeout);
             }
@@ -610,7 +617,7 @@ impl CommandBook {
 
     /// Pushes open commands to attached devices, oldest first, as far as
     /// each device's outbox has room. Expired ones never go out.
-    pub fn dispatch(&mut self, now: i64, instant: Instant) {
+    pub fn dispatch(&mut self, now: i64) {
         // Nothing to push: skip the walk over every attached device's
         // queue (100,000 of them at a fleet's size, on each wake of the
         // commands task). Detached empty queues go at detach meanwhile.
@@ -641,10 +648,7 @@ impl CommandBook {
                     withdrawn: Arc::clone(&open.withdrawn),
                 };
                 match outbox.try_send(Box::new(cmd)) {
-                    Ok(()) => {
-                        open.pushed_to = Some(*session);
-                        open.pushed_at = Some(instant);
-                    }
+                    Ok(()) => open.pushed_to = Some(*session),
                     Err(mpsc::error::TrySendError::Full(_)) => break,
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         closed = true;
@@ -736,7 +740,7 @@ mod tests {
         }
 
         fn dispatch(&mut self) {
-            self.book.dispatch(self.now, self.instant());
+            self.book.dispatch(self.now);
         }
     }
 
@@ -778,7 +782,8 @@ mod tests {
         assert!(outbox.try_recv().is_err());
 
         let mut batch = Batch::default();
-        w.book.written("d", 1, &first.command_id, w.now, &mut batch);
+        w.book
+            .written("d", 1, &first.command_id, w.now, w.instant(), &mut batch);
         assert_eq!(
             states(&batch),
             [(first.command_id.clone(), CommandState::Sent)]
@@ -840,6 +845,51 @@ mod tests {
         assert!(batch.is_empty());
     }
 
+    /// Found by the property test below: a SENT command pushed to a new
+    /// stream and still in its outbox when the ack timeout passed was
+    /// pushed again, both copies were written, and it went out three times
+    /// of two.
+    #[test]
+    fn a_push_waiting_in_the_outbox_is_not_pushed_again_and_attempts_stay_within_the_cap() {
+        let mut w = World::new();
+        let (cmd, _) = w.send("d", Duration::from_secs(600)).unwrap();
+        let (tx, mut first) = mpsc::channel(4);
+        w.book.attach("d".into(), 1, tx);
+        w.dispatch();
+        assert_eq!(first.try_recv().unwrap().command_id, cmd.command_id);
+        let mut batch = Batch::default();
+        w.book
+            .written("d", 1, &cmd.command_id, w.now, w.instant(), &mut batch);
+        assert_eq!(batch.updates[0].0.attempts, 1);
+        // A new stream takes over; it is slow: nothing written for two
+        // ack timeouts.
+        let (tx, mut second) = mpsc::channel(4);
+        w.book.attach("d".into(), 2, tx);
+        w.dispatch();
+        for _ in 0..2 {
+            w.now += ACK.as_millis() as i64;
+            assert!(w.timers().is_empty());
+            w.dispatch();
+        }
+        assert_eq!(second.try_recv().unwrap().command_id, cmd.command_id);
+        assert!(second.try_recv().is_err(), "one copy in the outbox");
+        let mut batch = Batch::default();
+        w.book
+            .written("d", 2, &cmd.command_id, w.now, w.instant(), &mut batch);
+        assert_eq!(batch.updates[0].0.attempts, 2);
+        // The ack timeout runs from the write; then, out of attempts, it
+        // fails.
+        w.now += ACK.as_millis() as i64 - 1;
+        assert!(w.timers().is_empty(), "within the ack timeout of the write");
+        w.now += 1;
+        assert_eq!(
+            states(&w.timers()),
+            [(cmd.command_id.clone(), CommandState::Failed)]
+        );
+        w.dispatch();
+        assert!(second.try_recv().is_err());
+    }
+
     #[test]
     fn a_silent_device_gets_its_attempts_then_the_command_fails() {
         let mut w = World::new();
@@ -854,7 +904,8 @@ mod tests {
                 "attempt {attempt}"
             );
             let mut batch = Batch::default();
-            w.book.written("d", 1, &cmd.command_id, w.now, &mut batch);
+            w.book
+                .written("d", 1, &cmd.command_id, w.now, w.instant(), &mut batch);
             assert_eq!(batch.updates[0].0.attempts, attempt);
             assert!(w.timers().is_empty(), "within the ack timeout");
             w.now += ACK.as_millis() as i64;
@@ -912,7 +963,8 @@ mod tests {
         );
         // A write reported by a stream that is no longer the device's.
         let mut batch = Batch::default();
-        w.book.written("d", 1, &cmd.command_id, w.now, &mut batch);
+        w.book
+            .written("d", 1, &cmd.command_id, w.now, w.instant(), &mut batch);
         assert!(batch.is_empty());
     }
 
@@ -1050,7 +1102,7 @@ mod tests {
                     Event::Dispatch => w.dispatch(),
                     Event::Written(i) => if i < handed.len() {
                         let (s, id) = handed.remove(i);
-                        w.book.written("d", s, &id, w.now, &mut batch);
+                        w.book.written("d", s, &id, w.now, w.instant(), &mut batch);
                     },
                     Event::Reply(i, r) => if let Some(id) = ids.get(i) {
                         let status = [ReplyStatus::Received, ReplyStatus::Succeeded,

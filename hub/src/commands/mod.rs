@@ -378,7 +378,7 @@ impl CommandActor {
             self.book.check_timers(now_ms(), Instant::now(), &mut batch);
             self.commit(batch).await;
             self.resync_if_due().await;
-            self.book.dispatch(now_ms(), Instant::now());
+            self.book.dispatch(now_ms());
             self.retain().await;
         }
         if let Err(e) = self.writer.close().await {
@@ -499,9 +499,14 @@ impl CommandActor {
                 device,
                 session,
                 command_id,
-            } => self
-                .book
-                .written(&device, session, &command_id, now_ms(), batch),
+            } => self.book.written(
+                &device,
+                session,
+                &command_id,
+                now_ms(),
+                Instant::now(),
+                batch,
+            ),
             Request::Reply { device, reply } => self.book.on_reply(&device, reply, now_ms(), batch),
         }
     }
