@@ -804,6 +804,11 @@ impl Writer {
     /// hub began to shut down) a group is committed at once, without
     /// waiting for more rows: closing streams wait for those acks.
     pub async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
+        // PostgreSQL: the connection opened at start-up answers through the
+        // shared runtime's reactor; one opened here, through this thread's.
+        if let Err(e) = self.store.open_here().await {
+            tracing::warn!(error = %e, "cannot open the write connection on the writer's thread; the one from start-up is used");
+        }
         let mut group: Vec<WriterMsg> = Vec::new();
         loop {
             // Idle: merge blocks, then build rollups, a step at a time,

@@ -612,6 +612,12 @@ impl StoreWriter {
         self.conn.backend()
     }
 
+    /// PostgreSQL: opens the write connection again on the runtime this
+    /// runs on (see [`WriteConn::open_here`]).
+    pub async fn open_here(&mut self) -> Result<(), StoreError> {
+        self.conn.open_here().await
+    }
+
     /// Times the write connection was replaced because SQLite still held a
     /// transaction open on it after a failure.
     pub fn reopened(&self) -> u64 {

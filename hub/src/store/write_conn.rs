@@ -141,11 +141,16 @@ impl WriteConn {
     /// Throws the connection away (closing it rolls back anything SQLite
     /// kept open) and opens a fresh one, in autocommit.
     async fn reopen(&mut self) -> Result<(), StoreError> {
+        self.replace().await?;
+        self.reopened += 1;
+        Ok(())
+    }
+
+    async fn replace(&mut self) -> Result<(), StoreError> {
         let fresh = self.options.connect().await?;
         let old = std::mem::replace(&mut self.conn, fresh);
         self.unfinished = false;
         self.poisoned = false;
-        self.reopened += 1;
         if tokio::time::timeout(CLOSE_TIMEOUT, old.close())
             .await
             .is_err()
@@ -153,6 +158,20 @@ impl WriteConn {
             tracing::warn!("closing the old write connection timed out");
         }
         Ok(())
+    }
+
+    /// PostgreSQL: opens the connection again on the runtime this runs on.
+    /// A socket's readiness comes from the reactor of the runtime that
+    /// opened it: the writer's connection, opened at start-up on the hub's
+    /// shared runtime, had each reply's wake-up go through that runtime's
+    /// I/O driver, which its busy workers poll between session tasks. The
+    /// old connection stays if a new one cannot be opened. SQLite's
+    /// connection runs on a thread of its own and needs none of this.
+    pub async fn open_here(&mut self) -> Result<(), StoreError> {
+        if self.backend() != Backend::Postgres {
+            return Ok(());
+        }
+        self.replace().await
     }
 
     pub async fn close(self) -> Result<(), StoreError> {
