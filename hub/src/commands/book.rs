@@ -232,8 +232,14 @@ impl CommandBook {
     }
 
     /// Forgets every open command (nothing is pushed or timed out until
-    /// they are known again); links to live streams are kept.
+    /// they are known again); links to live streams are kept. Copies
+    /// waiting in outboxes are withdrawn: the commands known again are
+    /// pushed afresh, and a stale copy written beside the new one would
+    /// count an attempt twice.
     pub fn clear(&mut self) {
+        for open in self.open.values() {
+            open.withdrawn.store(true, Ordering::Relaxed);
+        }
         self.open.clear();
         for q in self.queues.values_mut() {
             q.order.clear();
@@ -888,6 +894,35 @@ mod tests {
         );
         w.dispatch();
         assert!(second.try_recv().is_err());
+    }
+
+    /// A reload of the log (after a failed commit) pushes the open
+    /// commands again: the copies already in outboxes are withdrawn, so a
+    /// stream writes each command once.
+    #[test]
+    fn a_reload_withdraws_the_copies_waiting_in_outboxes() {
+        let mut w = World::new();
+        let (cmd, _) = w.send("d", Duration::from_secs(600)).unwrap();
+        let (tx, mut outbox) = mpsc::channel(4);
+        w.book.attach("d".into(), 1, tx);
+        w.dispatch();
+        w.book.replace_all(vec![cmd.clone()]);
+        w.dispatch();
+        let copies: Vec<Box<DeviceCommand>> =
+            std::iter::from_fn(|| outbox.try_recv().ok()).collect();
+        let wanted: Vec<bool> = copies
+            .iter()
+            .map(|c| !c.withdrawn.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(
+            wanted,
+            [false, true],
+            "the old copy withdrawn, the new one not"
+        );
+        let mut batch = Batch::default();
+        w.book
+            .written("d", 1, &cmd.command_id, w.now, w.instant(), &mut batch);
+        assert_eq!(batch.updates[0].0.attempts, 1);
     }
 
     #[test]

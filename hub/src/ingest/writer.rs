@@ -88,6 +88,8 @@ const MERGES_PER_STEP: usize = 32;
 const BUILD_EVERY_BUSY: Duration = Duration::from_millis(250);
 /// How often a PostgreSQL hub looks for a rollup another hub left unbuilt.
 const BUILD_RECHECK: Duration = Duration::from_secs(60);
+/// How long the writer tries to open its connection on its own thread.
+const OPEN_HERE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an idle writer looks for block work for its sidecar.
 const SIDECAR_IDLE_LOOK: Duration = Duration::from_secs(1);
 
@@ -806,8 +808,18 @@ impl Writer {
     pub async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
         // PostgreSQL: the connection opened at start-up answers through the
         // shared runtime's reactor; one opened here, through this thread's.
-        if let Err(e) = self.store.open_here().await {
-            tracing::warn!(error = %e, "cannot open the write connection on the writer's thread; the one from start-up is used");
+        // Bounded: a database gone right after start-up must not keep the
+        // writer from its queue (the old connection stays until swapped).
+        match tokio::time::timeout(OPEN_HERE_TIMEOUT, self.store.open_here()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot open the write connection on the writer's thread; the one from start-up is used");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "opening the write connection on the writer's thread timed out; the one from start-up is used"
+                );
+            }
         }
         let mut group: Vec<WriterMsg> = Vec::new();
         loop {
