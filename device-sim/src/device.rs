@@ -113,8 +113,8 @@ pub struct SimDevice {
     commands: CommandRunner,
     /// Set by a reboot command: end the stream after the replies.
     reboot: Option<Duration>,
-    /// The sensors sampled (the twin can switch some off).
-    /// (as indexes into `cfg.sensors`)
+    /// The sensors sampled, as indexes into `cfg.sensors` (the twin can
+    /// switch some off).
     active: Vec<usize>,
     twin: Option<SimTwin>,
     stats: Arc<FleetStats>,
@@ -344,8 +344,9 @@ impl SimDevice {
             // A command or the twin can change the rate, and a backfill's
             // end the period: the ticks follow.
             let rate = self.cfg.rate_hz;
-            if self.tick_period() != period {
-                period = self.tick_period();
+            let now_period = self.tick_period();
+            if now_period != period {
+                period = now_period;
                 tick = self.ticks(period);
             }
             let reports_pending = self.twin.as_ref().is_some_and(|t| t.pending() > 0);
